@@ -1,0 +1,1 @@
+"""Command-line front ends: the `ds01hub` admin command and the SSH users' commands."""

@@ -1,0 +1,1 @@
+"""ipywidgets wizards for notebooks: project init, image builder, quota panel."""
