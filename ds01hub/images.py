@@ -41,6 +41,8 @@ __all__ = [
     "TEMPLATES",
     "BuildEvent",
     "ImageError",
+    "ImageInUseError",
+    "ImageNotFoundError",
     "ImageSpec",
     "ImageTemplate",
     "UserImage",
@@ -82,6 +84,14 @@ _STEP_RE = re.compile(r"^Step (\d+)/(\d+) :")
 
 class ImageError(ValueError):
     """An image request cannot be honoured; the message names the problem and the fix."""
+
+
+class ImageNotFoundError(ImageError):
+    """The user has no such image (or it is not theirs: the two are not told apart)."""
+
+
+class ImageInUseError(ImageError):
+    """The image cannot be removed now (a container uses it)."""
 
 
 @dataclass(frozen=True)
@@ -513,8 +523,8 @@ def _user_image(image, tag: str, labels: Mapping[str, str]) -> UserImage:
 def delete_user_image(client, user: str, name: str) -> str:
     """Remove ``user``'s image ``name`` (its tag); return the removed tag.
 
-    Refuses (:class:`ImageError`) an image that is not theirs or does not exist, and one a
-    container still uses (Docker's conflict, with the fix in the message).
+    Refuses an image that does not exist or is not theirs (:class:`ImageNotFoundError`) and one
+    a container still uses (:class:`ImageInUseError`, with the fix in the message).
     """
     import docker.errors
 
@@ -522,14 +532,14 @@ def delete_user_image(client, user: str, name: str) -> str:
     try:
         image = client.images.get(tag)
     except docker.errors.ImageNotFound:
-        raise ImageError(f"you have no image called {name!r} ({tag})") from None
+        raise ImageNotFoundError(f"you have no image called {name!r} ({tag})") from None
     if (image.labels or {}).get(f"{LABEL_PREFIX}user") != user:
-        raise ImageError(f"image {tag} was not built by {user} through ds01: not removed")
+        raise ImageNotFoundError(f"you have no image called {name!r} built through ds01 ({tag})")
     try:
         client.images.remove(tag)
     except docker.errors.APIError as error:
         if error.status_code == 409:
-            raise ImageError(
+            raise ImageInUseError(
                 f"image {tag} is used by a container: stop and remove that container first "
                 f"({error.explanation})"
             ) from None

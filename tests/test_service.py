@@ -1,0 +1,252 @@
+"""The ds01 hub service over real HTTP: a real JupyterHub + configurable-http-proxy start it as a
+managed service, and real user tokens (made by the hub) are used against it."""
+
+import json
+import secrets
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+import requests
+
+from ds01hub.service import configure_hub
+
+pytestmark = [pytest.mark.e2e]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServiceHub:
+    """A JupyterHub with the ds01 service, driven by an admin service token."""
+
+    def __init__(self, directory, base_image: str = ""):
+        self.directory = directory
+        self.port, self.hub_port, self.api_port, self.service_port = (
+            _free_port() for _ in range(4)
+        )
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.admin_token = secrets.token_hex(16)
+        self.base_image = base_image
+        self.process = None
+
+    def config(self) -> str:
+        args = [f"--DS01Service.base_image={self.base_image}"] if self.base_image else []
+        args.append("--DS01Service.ca_bundle=/etc/ssl/certs/ca-certificates.crt")
+        return f"""
+import sys
+from ds01hub.service import configure_hub
+c.JupyterHub.bind_url = "{self.url}"
+c.JupyterHub.hub_bind_url = "http://127.0.0.1:{self.hub_port}"
+c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:{self.api_port}"
+c.JupyterHub.authenticator_class = "dummy"
+c.DummyAuthenticator.password = "pw"
+c.Authenticator.allow_all = True
+c.JupyterHub.db_url = "sqlite:///{self.directory}/hub.sqlite"
+c.JupyterHub.cookie_secret_file = "{self.directory}/cookie_secret"
+c.ConfigurableHTTPProxy.pid_file = "{self.directory}/proxy.pid"
+c.JupyterHub.services = [{{"name": "test-admin", "api_token": "{self.admin_token}"}}]
+c.JupyterHub.load_roles = [{{"name": "test-admin", "services": ["test-admin"],
+    "scopes": ["admin:users", "tokens", "admin:servers"]}}]
+configure_hub(c, url="http://127.0.0.1:{self.service_port}", service_args={args!r})
+"""
+
+    def start(self) -> "ServiceHub":
+        config = self.directory / "jupyterhub_config.py"
+        config.write_text(self.config())
+        log = open(self.directory / "hub.log", "wb")  # noqa: SIM115 - closed with the process
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "jupyterhub", "-f", str(config)],
+            cwd=self.directory,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.log()
+            try:
+                if self.service_get("api/templates", self.admin_token).status_code in (200, 403):
+                    return self
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.3)
+        raise AssertionError("hub/service did not come up:\n" + self.log())
+
+    def log(self) -> str:
+        return (self.directory / "hub.log").read_text(errors="replace")[-5000:]
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(20)
+
+    def api(self, method: str, path: str, **kw) -> requests.Response:
+        headers = {"Authorization": f"token {self.admin_token}"}
+        return requests.request(method, f"{self.url}/hub/api{path}", headers=headers, **kw)
+
+    def create_user(self, name: str) -> None:
+        assert self.api("POST", f"/users/{name}").status_code in (201, 409)
+
+    def token_for(self, name: str, scopes: list[str] | None = None) -> str:
+        body = {"note": "test"} | ({"scopes": scopes} if scopes is not None else {})
+        response = self.api("POST", f"/users/{name}/tokens", json=body)
+        assert response.status_code == 201, response.text
+        return response.json()["token"]
+
+    def service_request(self, method: str, path: str, token: str | None, **kw):
+        headers = {"Authorization": f"token {token}"} if token else {}
+        return requests.request(
+            method,
+            f"{self.url}/services/ds01/{path}",
+            headers=headers,
+            allow_redirects=False,
+            timeout=30,
+            **kw,
+        )
+
+    def service_get(self, path: str, token: str | None) -> requests.Response:
+        return self.service_request("GET", path, token)
+
+
+@pytest.fixture(scope="module")
+def service_hub(tmp_path_factory):
+    hub = ServiceHub(tmp_path_factory.mktemp("service-hub")).start()
+    yield hub
+    hub.stop()
+
+
+@pytest.fixture(scope="module")
+def users(service_hub):
+    names = [f"svc{uuid.uuid4().hex[:6]}", f"svc{uuid.uuid4().hex[:6]}"]
+    for name in names:
+        service_hub.create_user(name)
+    return {name: service_hub.token_for(name) for name in names}
+
+
+def test_configure_hub_grants_access_scope_to_users_and_server_tokens():
+    from traitlets.config import Config
+
+    c = Config()
+    c.JupyterHub.load_roles = [{"name": "user", "scopes": ["self", "read:hub"]}]
+    configure_hub(c, url="http://172.17.0.1:10101")
+    roles = {r["name"]: r for r in c.JupyterHub.load_roles}
+    assert roles["user"]["scopes"] == ["self", "read:hub", "access:services!service=ds01"]
+    assert "access:services!service=ds01" in roles["server"]["scopes"]
+    assert "access:servers!server" in roles["server"]["scopes"]
+    assert roles["ds01-service"]["services"] == ["ds01"]
+    [service] = c.JupyterHub.services
+    assert service["url"] == "http://172.17.0.1:10101"
+    assert service["command"][1:3] == ["-m", "ds01hub.service"]
+    assert c.Spawner.environment["DS01_SERVICE_URL"] == "http://172.17.0.1:10101/services/ds01/"
+
+
+def test_no_token_is_refused_and_browser_is_sent_to_login(service_hub):
+    response = service_hub.service_get("api/images", None)
+    assert response.status_code == 403
+    assert "token" in response.json()["error"]
+    index = service_hub.service_get("", None)
+    assert index.status_code == 302
+    assert "/hub/api/oauth2/authorize" in index.headers["Location"]
+
+
+def test_bad_token_and_token_without_service_scope_are_refused(service_hub, users):
+    assert service_hub.service_get("api/me", "not-a-token").status_code == 403
+    name = next(iter(users))
+    narrow = service_hub.token_for(name, scopes=["read:users!user"])
+    assert service_hub.service_get("api/me", narrow).status_code == 403
+
+
+def test_service_tokens_are_refused(service_hub):
+    # The admin *service* token may reach the hub, but the ds01 service acts for users only.
+    assert service_hub.service_get("api/me", service_hub.admin_token).status_code == 403
+
+
+def test_me_and_templates(service_hub, users):
+    name, token = next(iter(users.items()))
+    assert service_hub.service_get("api/me", token).json()["name"] == name
+    templates = service_hub.service_get("api/templates", token).json()
+    assert [t["key"] for t in templates] == ["general", "cv", "nlp", "rl", "custom"]
+
+
+def test_build_requests_are_validated(service_hub, users):
+    token = next(iter(users.values()))
+    bad = service_hub.service_request(
+        "POST", "api/builds", token, json={"name": "x", "pip_packages": ["six; id"]}
+    )
+    assert bad.status_code == 400
+    assert "invalid pip package 'six; id'" in bad.json()["error"]
+    unknown = service_hub.service_request(
+        "POST", "api/builds", token, json={"name": "x", "base": "ubuntu"}
+    )
+    assert unknown.status_code == 400 and "base" in unknown.json()["error"]
+    not_json = service_hub.service_request("POST", "api/builds", token, data=b"{")
+    assert not_json.status_code == 400
+
+
+def test_unknown_and_foreign_builds_and_images_are_not_found(service_hub, users):
+    (_, alice), (_, bob) = users.items()
+    assert service_hub.service_get(f"api/builds/{uuid.uuid4().hex}", alice).status_code == 404
+    assert service_hub.service_request("DELETE", "api/images/nope", bob).status_code == 404
+    assert service_hub.service_request("DELETE", "api/images/Bad!", bob).status_code == 400
+
+
+def test_quota_and_containers_answer_for_the_token_owner(service_hub, users):
+    name, token = next(iter(users.items()))
+    quota = service_hub.service_get("api/quota", token)
+    assert quota.status_code == 200, quota.text
+    assert quota.json()["user"] == name
+    containers = service_hub.service_get("api/containers", token)
+    assert containers.status_code == 200 and containers.json() == []
+
+
+@pytest.mark.docker
+def test_build_stream_list_and_only_the_owner_sees_or_deletes(
+    docker_client, singleuser_image, tmp_path
+):
+    service_hub = ServiceHub(tmp_path, base_image=singleuser_image).start()
+    alice, bob = f"b{uuid.uuid4().hex[:6]}", f"b{uuid.uuid4().hex[:6]}"
+    for name in (alice, bob):
+        service_hub.create_user(name)
+    alice_token, bob_token = service_hub.token_for(alice), service_hub.token_for(bob)
+    response = service_hub.service_request(
+        "POST",
+        "api/builds",
+        alice_token,
+        json={"name": "tiny", "template": "custom", "pip_packages": "six"},
+    )
+    assert response.status_code == 202, response.text
+    build = response.json()
+    assert build["tag"] == f"ds01-{alice}/tiny:latest"
+    try:
+        # A second build while the first runs is refused.
+        again = service_hub.service_request("POST", "api/builds", alice_token, json={"name": "b"})
+        assert again.status_code == 409
+        # Bob cannot see Alice's build, not even that it exists.
+        assert service_hub.service_get(f"api/builds/{build['id']}", bob_token).status_code == 404
+        stream = service_hub.service_request(
+            "GET", f"api/builds/{build['id']}/stream", alice_token, stream=True
+        )
+        events = [json.loads(line) for line in stream.iter_lines() if line]
+        assert events[-1]["kind"] == "done", events[-10:]
+        assert any(e["kind"] == "step" for e in events)
+        status = service_hub.service_get(f"api/builds/{build['id']}?since=1000", alice_token)
+        assert status.json()["status"] == "done" and status.json()["events"] == []
+        mine = service_hub.service_get("api/images", alice_token).json()
+        assert [i["tag"] for i in mine] == [f"ds01-{alice}/tiny:latest"]
+        assert service_hub.service_get("api/images", bob_token).json() == []
+        refused = service_hub.service_request("DELETE", "api/images/tiny", bob_token)
+        assert refused.status_code == 404
+        deleted = service_hub.service_request("DELETE", "api/images/tiny", alice_token)
+        assert deleted.status_code == 200
+        assert service_hub.service_get("api/images", alice_token).json() == []
+    finally:
+        service_hub.stop()
+        for image in docker_client.images.list(filters={"label": f"ds01.image.user={alice}"}):
+            docker_client.images.remove(image.id, force=True)
