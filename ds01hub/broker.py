@@ -1,0 +1,706 @@
+"""The ds01 broker: a JupyterHub managed service on a unix socket that acts for the SSH user
+who connects, and only for them.
+
+Why: SSH users on the host should need no token and no docker group (root-equivalent). The
+broker learns who is calling from the kernel (SO_PEERCRED on the unix socket: uid -> passwd
+name -> hub user), never from anything the client sends. Root and members of the admin groups
+may act for another user with an explicit `?user=NAME`.
+
+Protocol: HTTP/1.1 with JSON over the unix socket. Long work (waiting for a server/GPU, image
+builds) streams newline-delimited JSON events. `container-run` upgrades its connection
+(`Upgrade: ds01-exec`, answered with 101) and the broker relays raw bytes between it and a
+docker exec session, so the shell runs in the container while the user never touches Docker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import json
+import logging
+import os
+import pwd
+import socket
+import struct
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tornado import web
+from tornado.httpserver import HTTPServer
+from tornado.iostream import IOStream, StreamClosedError
+from tornado.netutil import bind_unix_socket
+from traitlets import Bool, Float, Integer, List, Unicode, default
+from traitlets.config import Application
+
+from .hubclient import HubClient
+from .operations import OperationError, OperationsContext, UserOperations, validate_name
+
+log = logging.getLogger("ds01hub.broker")
+
+EXEC_UPGRADE = "ds01-exec"
+API_PREFIX = "/v1"
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is on the other end of the socket (from the kernel) and whom they act for."""
+
+    uid: int
+    unix_name: str
+    admin: bool
+    user: str  # the hub user the request acts for
+
+
+def peer_uid(sock: socket.socket) -> int:
+    """The connecting process's uid, as the kernel recorded it at connect time."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid
+
+
+def unix_groups(name: str, gid: int) -> set[str]:
+    """Names of every group the Unix user belongs to (primary and supplementary)."""
+    names = set()
+    for group_id in os.getgrouplist(name, gid):
+        try:
+            names.add(grp.getgrgid(group_id).gr_name)
+        except KeyError:
+            continue
+    return names
+
+
+def resolve_caller(
+    uid: int,
+    requested_user: str | None,
+    admin_groups: set[str],
+    min_uid: int,
+    normalize: Callable[[str], str],
+    lookup_uid: Callable[[int], Any] = pwd.getpwuid,
+    lookup_name: Callable[[str], Any] = pwd.getpwnam,
+    groups_of: Callable[[str, int], set[str]] = unix_groups,
+) -> Caller:
+    """Decide whom a connection may act for (deny by default).
+
+    - an unknown uid is refused;
+    - a system account below `min_uid` (other than root) is refused;
+    - root and members of `admin_groups` may name another Unix user; nobody else may;
+    - root must name a user (root is not a hub user).
+    """
+    try:
+        entry = lookup_uid(uid)
+    except KeyError:
+        raise OperationError(f"uid {uid} has no account on this host", status=403) from None
+    name = entry.pw_name
+    admin = uid == 0 or bool(groups_of(name, entry.pw_gid) & admin_groups)
+    if uid != 0 and uid < min_uid:
+        raise OperationError(
+            f"system account {name!r} (uid {uid}) may not use ds01 containers", status=403
+        )
+    target = normalize(name)
+    if requested_user and normalize(requested_user) != target:
+        if not admin:
+            raise OperationError(
+                f"only admins can act for another user ({requested_user!r})",
+                hint="leave out --user to act for yourself",
+                status=403,
+            )
+        try:
+            lookup_name(requested_user)
+        except KeyError:
+            raise OperationError(
+                f"no Unix user named {requested_user!r} on this host", status=404
+            ) from None
+        target = normalize(requested_user)
+    elif uid == 0:
+        raise OperationError("root acts for users, not as one", hint="pass --user NAME", status=400)
+    return Caller(uid=uid, unix_name=name, admin=admin, user=target)
+
+
+class BrokerHandler(web.RequestHandler):
+    """Base: identify the caller from the socket before anything else; JSON errors."""
+
+    caller: Caller
+
+    @property
+    def broker(self) -> Broker:
+        return self.settings["broker"]
+
+    def prepare(self) -> None:
+        sock = self.request.connection.stream.socket  # type: ignore[attr-defined]
+        try:
+            uid = peer_uid(sock)
+            self.caller = self.broker.resolve(uid, self.get_query_argument("user", None))
+        except OperationError as e:
+            self.send_operation_error(e)
+            return
+        log.info(
+            "%s %s by uid %s for %s", self.request.method, self.request.path, uid, self.caller.user
+        )
+
+    def ops(self) -> UserOperations:
+        return UserOperations(self.broker.context, self.caller.user)
+
+    def json_body(self) -> dict[str, Any]:
+        if not self.request.body:
+            return {}
+        try:
+            body = json.loads(self.request.body)
+        except ValueError:
+            raise OperationError("request body is not JSON") from None
+        if not isinstance(body, dict):
+            raise OperationError("request body must be a JSON object")
+        return body
+
+    def send_operation_error(self, error: OperationError) -> None:
+        self.set_status(error.status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(error.to_json()))
+
+    def reply(self, data: Any) -> None:
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(data, default=str))
+
+    async def stream_events(self, events) -> None:
+        """Send an async iterator of events as newline-delimited JSON; an error mid-way is sent
+        as a final `{"event": "error", ...}` line (the status line has gone already)."""
+        self.set_header("Content-Type", "application/x-ndjson")
+        try:
+            async for event in events:
+                self.write(json.dumps(event, default=str) + "\n")
+                await self.flush()
+        except OperationError as e:
+            self.write(json.dumps({"event": "error", **e.to_json()}) + "\n")
+        except StreamClosedError:
+            return
+        self.finish()
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, OperationError):
+            self.send_operation_error(exc)
+            return
+        message = self._reason if status_code < 500 else "internal error in the ds01 broker"
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({"error": message, "hint": None, "status": status_code}))
+
+    def log_exception(self, typ, value, tb) -> None:
+        if isinstance(value, OperationError):
+            log.info("refused: %s", value.message)
+        else:
+            super().log_exception(typ, value, tb)
+
+
+class WhoAmIHandler(BrokerHandler):
+    def get(self) -> None:
+        self.reply({"user": self.caller.user, "uid": self.caller.uid, "admin": self.caller.admin})
+
+
+class ContainersHandler(BrokerHandler):
+    async def get(self) -> None:
+        show_all = self.get_query_argument("all", "0") not in ("0", "false")
+        self.reply(await self.ops().list_containers(include_stopped=show_all))
+
+
+class ContainerHandler(BrokerHandler):
+    async def get(self, project: str) -> None:
+        self.reply(await self.ops().describe(project))
+
+    async def delete(self, project: str) -> None:
+        force = self.get_query_argument("force", "0") not in ("0", "false")
+        self.reply(await self.ops().remove(project, force=force))
+
+
+class StartHandler(BrokerHandler):
+    async def post(self, project: str) -> None:
+        body = self.json_body()
+        options = body.get("options") or {}
+        if not isinstance(options, dict):
+            raise OperationError("options must be a JSON object")
+        validate_name(project)
+        await self.stream_events(
+            self.ops().start(project, options, create=bool(body.get("create")))
+        )
+
+
+class StopHandler(BrokerHandler):
+    async def post(self, project: str) -> None:
+        body = self.json_body()
+        timeout = body.get("timeout")
+        if timeout is not None and (not isinstance(timeout, int | float) or timeout < 0):
+            raise OperationError("timeout must be a number of seconds >= 0")
+        force = bool(body.get("force"))
+        self.reply(await self.ops().stop(project, timeout=timeout, force=force))
+
+
+class CleanupHandler(BrokerHandler):
+    async def post(self) -> None:
+        include_running = bool(self.json_body().get("all"))
+        self.reply(await self.ops().cleanup(include_running=include_running))
+
+
+class StatsHandler(BrokerHandler):
+    async def get(self) -> None:
+        self.reply(await self.ops().stats())
+
+
+class QuotaHandler(BrokerHandler):
+    async def get(self) -> None:
+        self.reply(await self.ops().quota())
+
+
+class ImagesHandler(BrokerHandler):
+    """The caller's images (ds01hub.images): list, and build with streamed progress."""
+
+    async def get(self) -> None:
+        self.reply(await self.broker.images.list(self.caller.user))
+
+    async def post(self) -> None:
+        body = self.json_body()
+        await self.stream_events(self.broker.images.build(self.caller.user, body))
+
+
+class ImageTemplatesHandler(BrokerHandler):
+    def get(self) -> None:
+        self.reply(self.broker.images.templates())
+
+
+class ImageHandler(BrokerHandler):
+    async def delete(self, name: str) -> None:
+        self.reply(await self.broker.images.delete(self.caller.user, name))
+
+
+class ExecHandler(BrokerHandler):
+    """Upgrade the connection and relay it to a docker exec session in the user's container."""
+
+    async def post(self, project: str) -> None:
+        if self.request.headers.get("Upgrade", "").lower() != EXEC_UPGRADE:
+            raise OperationError(f"exec needs `Upgrade: {EXEC_UPGRADE}`")
+        body = self.json_body()
+        command = body.get("command")
+        if command is not None and not (
+            isinstance(command, list) and all(isinstance(c, str) for c in command)
+        ):
+            raise OperationError("command must be a list of strings")
+        tty = bool(body.get("tty", True))
+        created = await self.ops().exec_create(project, command, tty, body.get("env") or {})
+        docker_stream = await self.broker.open_exec_stream(created["exec_id"], tty)
+        if body.get("rows") and body.get("cols"):
+            await self.broker.resize_exec(created["exec_id"], body["rows"], body["cols"])
+        self.set_status(101)
+        self.set_header("Upgrade", EXEC_UPGRADE)
+        self.set_header("Connection", "Upgrade")
+        self.set_header("X-DS01-Exec-Id", created["exec_id"])
+        self.finish()
+        client_stream = self.detach()
+        await relay(client_stream, docker_stream)
+
+
+class ExecSessionHandler(BrokerHandler):
+    """Resize a running exec or read its exit code; only for execs in the caller's containers."""
+
+    async def get(self, exec_id: str) -> None:
+        info = await self.ops().owns_exec(exec_id)
+        self.reply({"running": info.get("Running"), "exit_code": info.get("ExitCode")})
+
+    async def post(self, exec_id: str) -> None:
+        body = self.json_body()
+        await self.ops().owns_exec(exec_id)
+        try:
+            rows, cols = int(body["rows"]), int(body["cols"])
+        except (KeyError, TypeError, ValueError):
+            raise OperationError("resize needs integer rows and cols") from None
+        await self.broker.resize_exec(exec_id, rows, cols)
+        self.reply({"rows": rows, "cols": cols})
+
+
+async def pump(source: IOStream, sink: IOStream) -> None:
+    """Copy bytes until the source closes, then half-close the sink's writing side."""
+    try:
+        while True:
+            chunk = await source.read_bytes(65536, partial=True)
+            await sink.write(chunk)
+    except StreamClosedError:
+        pass
+    finally:
+        if not sink.closed():
+            try:
+                sink.socket.shutdown(socket.SHUT_WR)
+            except OSError:
+                sink.close()
+
+
+async def relay(client: IOStream, container: IOStream) -> None:
+    """Both directions until the container side ends (the shell exited) or the client leaves."""
+    to_container = asyncio.ensure_future(pump(client, container))
+    to_client = asyncio.ensure_future(pump(container, client))
+    await asyncio.wait([to_container, to_client], return_when=asyncio.FIRST_COMPLETED)
+    if not to_client.done():
+        # the client closed its side (end of input, or it went away): the container got EOF on
+        # stdin; let what the shell still prints reach the client, then finish
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(to_client, timeout=30)
+    client.close()
+    container.close()
+    await asyncio.gather(to_container, to_client, return_exceptions=True)
+
+
+class BrokerImages:
+    """Image builds for SSH users through ds01hub.images (the notebook wizard's code): only in
+    the caller's own namespace, one build per user at a time, a few at once overall."""
+
+    def __init__(self, broker: Broker, docker_client: Any):
+        self.broker = broker
+        self.docker = docker_client
+        self.building: set[str] = set()
+        self.slots = asyncio.Semaphore(max(1, broker.max_concurrent_builds))
+
+    def templates(self) -> list[dict[str, Any]]:
+        from . import images
+
+        return [t.to_dict() for t in images.list_templates()]
+
+    async def list(self, user: str) -> list[dict[str, Any]]:
+        from . import images
+
+        found = await asyncio.to_thread(images.list_user_images, self.docker, user)
+        return [i.to_dict() for i in found]
+
+    async def delete(self, user: str, name: str) -> dict[str, Any]:
+        from . import images
+
+        try:
+            tag = await asyncio.to_thread(images.delete_user_image, self.docker, user, name)
+        except images.ImageError as e:
+            raise OperationError(str(e), status=_image_error_status(e)) from None
+        return {"deleted": tag, "tag": tag}
+
+    def spec(self, user: str, body: dict[str, Any]):
+        from . import images
+
+        unknown = sorted(set(body) - {"name", "template", "pip_packages", "apt_packages"})
+        if unknown:
+            raise OperationError(f"unknown field(s) {', '.join(unknown)}")
+        try:
+            return images.ImageSpec(
+                user=user,
+                name=str(body.get("name") or ""),
+                template=str(body.get("template") or "custom"),
+                pip_packages=images.parse_package_list(body.get("pip_packages")),
+                apt_packages=images.parse_package_list(body.get("apt_packages")),
+            ).validated()
+        except images.ImageError as e:
+            raise OperationError(str(e)) from None
+
+    async def build(self, user: str, body: dict[str, Any]):
+        """Yield the build's events (ds01hub.images.BuildEvent dicts); the last is done/error."""
+        from . import images
+
+        spec = self.spec(user, body)
+        limit = self.broker.max_images_per_user
+        existing = await self.list(user)
+        if limit and spec.name not in {i["name"] for i in existing} and len(existing) >= limit:
+            raise OperationError(
+                f"you already have {len(existing)} images, the limit is {limit}",
+                hint="delete one you no longer need with image-delete NAME",
+                status=409,
+            )
+        if user in self.building:
+            raise OperationError("one of your builds is still running", status=409)
+        if not self.broker.base_image:
+            raise OperationError("no base image configured (Broker.base_image)", status=503)
+        self.building.add(user)
+        try:
+            async with self.slots:
+                queue: asyncio.Queue = asyncio.Queue()
+                loop = asyncio.get_running_loop()
+                ca = Path(self.broker.ca_bundle) if self.broker.ca_bundle else None
+
+                def work() -> None:
+                    try:
+                        for event in images.build_image(
+                            self.docker,
+                            spec,
+                            self.broker.base_image,
+                            ca_bundle=ca,
+                            memory_limit=self.broker.build_memory_limit or None,
+                        ):
+                            loop.call_soon_threadsafe(queue.put_nowait, event.to_dict())
+                    except images.ImageError as e:
+                        error = images.BuildEvent("error", str(e)).to_dict()
+                        loop.call_soon_threadsafe(queue.put_nowait, error)
+                    finally:
+                        loop.call_soon_threadsafe(queue.put_nowait, None)
+
+                worker = loop.run_in_executor(None, work)
+                while (event := await queue.get()) is not None:
+                    if event.get("kind") == "error":
+                        raise OperationError(f"build failed: {event.get('text')}", status=422)
+                    yield event
+                await worker
+        finally:
+            self.building.discard(user)
+
+
+def _image_error_status(error: Exception) -> int:
+    from . import images
+
+    if isinstance(error, images.ImageNotFoundError):
+        return 404
+    return 409 if isinstance(error, images.ImageInUseError) else 400
+
+
+def docker_socket_path() -> str:
+    """The Docker engine's unix socket from DOCKER_HOST (unix://...), else the default."""
+    host = os.environ.get("DOCKER_HOST", "")
+    return host[len("unix://") :] if host.startswith("unix://") else "/var/run/docker.sock"
+
+
+class Broker(Application):
+    """Run the ds01 broker as a JupyterHub managed service."""
+
+    name = "ds01hub-broker"
+    description = __doc__
+
+    socket_path = Unicode(
+        "/run/ds01hub/broker.sock",
+        help="""Unix socket the broker listens on. The users' commands find it here (or in
+        $DS01HUB_BROKER_SOCKET). Its directory is created mode 0755.""",
+    ).tag(config=True)
+
+    socket_mode = Integer(
+        0o666,
+        help="""Permissions of the socket. Anyone may connect: every request is identified by
+        the kernel (SO_PEERCRED) and can only act for its own user.""",
+    ).tag(config=True)
+
+    admin_groups = List(
+        Unicode(),
+        default_value=["ds01-admin"],
+        help="Unix groups whose members (like root) may act for any user with --user.",
+    ).tag(config=True)
+
+    min_uid = Integer(
+        1000,
+        help="Lowest uid served (system accounts below it are refused; root acts only with "
+        "--user).",
+    ).tag(config=True)
+
+    lowercase_usernames = Bool(
+        True,
+        help="Map Unix names to hub names in lower case, as JupyterHub's authenticators do.",
+    ).tag(config=True)
+
+    auto_create_users = Bool(
+        True,
+        help="""Create the hub user on a Unix user's first command (needs the admin:users
+        scope). Off: users must log in to the hub once first.""",
+    ).tag(config=True)
+
+    hub_api_url = Unicode(
+        help="The hub's REST API; JupyterHub gives managed services $JUPYTERHUB_API_URL.",
+    ).tag(config=True)
+
+    api_token = Unicode(
+        help="The service's token; JupyterHub gives managed services $JUPYTERHUB_API_TOKEN.",
+    ).tag(config=True)
+
+    limits_path = Unicode(
+        "",
+        help="resource-limits.yaml (default: $DS01HUB_LIMITS or "
+        "/etc/ds01hub/resource-limits.yaml); used for GPU hold times, quotas and stats.",
+    ).tag(config=True)
+
+    docker_socket = Unicode(
+        help="The Docker engine's unix socket (default from $DOCKER_HOST).",
+    ).tag(config=True)
+
+    spawn_timeout = Float(
+        900.0,
+        help="Longest a start may wait for the hub (e.g. for a GPU) before the command gives up.",
+    ).tag(config=True)
+
+    base_image = Unicode(
+        help="Image that users' images are built FROM (default $DS01HUB_SINGLEUSER_IMAGE), as "
+        "for the ds01 service: the admin's choice, never the user's.",
+    ).tag(config=True)
+
+    ca_bundle = Unicode(
+        "",
+        help="PEM CA bundle trusted inside image builds (sites behind a TLS-intercepting proxy).",
+    ).tag(config=True)
+
+    max_images_per_user = Integer(10, help="Images one user may keep (0 = no limit).").tag(
+        config=True
+    )
+
+    max_concurrent_builds = Integer(2, help="Image builds running at once (all users).").tag(
+        config=True
+    )
+
+    build_memory_limit = Integer(
+        4 * 1024**3, help="Memory (bytes) for each build step's container (0 = unlimited)."
+    ).tag(config=True)
+
+    aliases = {
+        "socket": "Broker.socket_path",
+        "base-image": "Broker.base_image",
+        "ca-bundle": "Broker.ca_bundle",
+        "limits": "Broker.limits_path",
+        "log-level": "Application.log_level",
+    }
+
+    @default("hub_api_url")
+    def _hub_api_url_default(self) -> str:
+        return os.environ.get("JUPYTERHUB_API_URL", "http://127.0.0.1:8081/hub/api")
+
+    @default("api_token")
+    def _api_token_default(self) -> str:
+        return os.environ.get("JUPYTERHUB_API_TOKEN", "")
+
+    @default("base_image")
+    def _base_image_default(self) -> str:
+        return os.environ.get("DS01HUB_SINGLEUSER_IMAGE", "")
+
+    @default("docker_socket")
+    def _docker_socket_default(self) -> str:
+        return docker_socket_path()
+
+    context: OperationsContext
+    docker: Any
+    images: BrokerImages
+
+    def resolve(self, uid: int, requested_user: str | None) -> Caller:
+        return resolve_caller(
+            uid,
+            requested_user,
+            admin_groups=set(self.admin_groups),
+            min_uid=self.min_uid,
+            normalize=self.normalize_username,
+        )
+
+    def normalize_username(self, name: str) -> str:
+        return name.lower() if self.lowercase_usernames else name
+
+    def make_context(self) -> OperationsContext:
+        import docker
+
+        self.docker = docker.DockerClient(base_url=f"unix://{self.docker_socket}")
+        limits_for, utilization = self._limits_and_gpus()
+        return OperationsContext(
+            hub=HubClient(self.hub_api_url, self.api_token),
+            docker=self.docker,
+            limits_for=limits_for,
+            gpu_utilization=utilization,
+            auto_create_users=self.auto_create_users,
+            spawn_timeout=self.spawn_timeout,
+        )
+
+    def _limits_and_gpus(self):
+        """Limits and GPU utilisation from the lab's YAML; the broker still lists, starts and
+        stops without them (the spawner enforces limits), so a missing file only logs."""
+        try:
+            from .inventory import load_inventory
+            from .limits import LimitsStore, default_limits_path
+
+            store = LimitsStore(self.limits_path or default_limits_path())
+        except Exception as e:
+            self.log.warning("limits unavailable (%s): no hold times or quotas shown", e)
+            return None, None
+
+        def limits_for(user: str, groups) -> Any:
+            store.reload()
+            return store.current.resolve(user, groups)
+
+        try:
+            inventory = load_inventory(store.current.gpu_allocation)
+        except Exception as e:
+            self.log.warning("GPU inventory unavailable (%s): no GPU utilisation shown", e)
+            return limits_for, None
+        return limits_for, inventory.utilization
+
+    async def open_exec_stream(self, exec_id: str, tty: bool) -> IOStream:
+        """Start a docker exec and hijack its connection (Docker's own `Upgrade: tcp`), so its
+        bytes can be relayed; any bytes after the response head stay in the stream's buffer."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        stream = IOStream(sock)
+        await stream.connect(self.docker_socket)
+        body = json.dumps({"Detach": False, "Tty": tty}).encode()
+        version = self.docker.api._version
+        head = (
+            f"POST /v{version}/exec/{exec_id}/start HTTP/1.1\r\nHost: docker\r\n"
+            "Content-Type: application/json\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        await stream.write(head + body)
+        response = await stream.read_until(b"\r\n\r\n", max_bytes=65536)
+        status = response.split(b"\r\n", 1)[0]
+        if b" 101 " not in status and b" 200 " not in status:
+            stream.close()
+            raise OperationError(
+                f"docker refused the exec: {status.decode(errors='replace')}", status=502
+            )
+        return stream
+
+    async def resize_exec(self, exec_id: str, rows: int, cols: int) -> None:
+        try:
+            await asyncio.to_thread(self.docker.api.exec_resize, exec_id, height=rows, width=cols)
+        except Exception as e:  # the shell may have just exited
+            self.log.debug("resize of %s failed: %s", exec_id, e)
+
+    def make_app(self) -> web.Application:
+        p = API_PREFIX
+        name = r"([^/]+)"
+        return web.Application(
+            [
+                (f"{p}/whoami", WhoAmIHandler),
+                (f"{p}/containers", ContainersHandler),
+                (f"{p}/containers/{name}", ContainerHandler),
+                (f"{p}/containers/{name}/start", StartHandler),
+                (f"{p}/containers/{name}/stop", StopHandler),
+                (f"{p}/containers/{name}/exec", ExecHandler),
+                (f"{p}/exec/([0-9a-f]+)", ExecSessionHandler),
+                (f"{p}/cleanup", CleanupHandler),
+                (f"{p}/stats", StatsHandler),
+                (f"{p}/quota", QuotaHandler),
+                (f"{p}/images", ImagesHandler),
+                (f"{p}/images/templates", ImageTemplatesHandler),
+                (f"{p}/images/{name}", ImageHandler),
+            ],
+            broker=self,
+        )
+
+    def listen(self) -> HTTPServer:
+        """Bind the socket (replacing a stale one) and serve the app on it."""
+        directory = os.path.dirname(self.socket_path)
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+        sock = bind_unix_socket(self.socket_path, mode=self.socket_mode)
+        server = HTTPServer(self.make_app())
+        server.add_socket(sock)
+        return server
+
+    def start(self) -> None:
+        logging.basicConfig(
+            level=self.log_level, format="[%(levelname)s %(asctime)s %(name)s] %(message)s"
+        )
+        if not self.api_token:
+            self.log.critical("no JUPYTERHUB_API_TOKEN: run the broker as a JupyterHub service")
+            sys.exit(1)
+        self.context = self.make_context()
+        self.images = BrokerImages(self, self.docker)
+
+        async def serve() -> None:
+            self.listen()
+            self.log.info("ds01 broker listening on %s for %s", self.socket_path, self.hub_api_url)
+            await asyncio.Event().wait()
+
+        asyncio.run(serve())
+
+
+main = Broker.launch_instance
+
+if __name__ == "__main__":
+    main()

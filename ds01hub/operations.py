@@ -1,0 +1,568 @@
+"""The users' container actions, shared by the broker (SSH users) and the hub-side service.
+
+Every action is scoped to one user fixed at construction: containers are found by the labels
+`ds01.managed=true` + `ds01.user=<user>` + `ds01.project=<project>`, never by a name the client
+sends, so no request can reach another user's container. Starting and stopping go through the
+JupyterHub REST API (`HubClient`) with the spawn `user_options`, so quotas and the GPU allocator
+run the same code as in the browser. Docker is read (and used for exec, stats, removal of the
+user's own stopped containers) through a docker-py client.
+
+The pure half (names, views, stats arithmetic) sits at the top and is unit-tested on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from .hubclient import HubClient, HubError
+
+#: Container (project) names the users' commands accept.
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+NAME_RULE = (
+    "use lowercase letters, digits, '-' and '_' (starting with a letter or digit, "
+    "at most 63 characters)"
+)
+
+#: The project name shown for the user's default (unnamed) hub server, as in `ds01hub.labels`.
+DEFAULT_PROJECT = "default"
+
+#: The spawn `user_options` keys (docs/architecture.md "Spawn options"), as the browser's form.
+SPAWN_OPTION_KEYS = ("image", "gpus", "mig", "profile")
+
+MANAGED_LABEL = "ds01.managed"
+USER_LABEL = "ds01.user"
+PROJECT_LABEL = "ds01.project"
+GPUS_LABEL = "ds01.gpus"
+IMAGE_LABEL = "ds01.image"
+
+
+class OperationError(Exception):
+    """A user action failed: `message` says what, `hint` how to fix it; `status` is HTTP-like
+    (400 bad input, 403 refused, 404 no such container, 409 conflict/over quota, 502 hub)."""
+
+    def __init__(self, message: str, hint: str | None = None, status: int = 400):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.status = status
+
+    def to_json(self) -> dict[str, Any]:
+        return {"error": self.message, "hint": self.hint, "status": self.status}
+
+
+def suggest_name(name: str) -> str:
+    """A valid name close to a rejected one (`My Project.v2` -> `my-project-v2`)."""
+    cleaned = re.sub(r"[^a-z0-9_-]+", "-", name.lower()).strip("-_")
+    return cleaned[:63] or "my-project"
+
+
+def validate_name(name: str, what: str = "container name") -> str:
+    """Return `name` if the commands accept it, else raise an OperationError that names the rule
+    and suggests a valid spelling."""
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise OperationError(
+            f"bad {what} {name!r}: {NAME_RULE}",
+            hint=f"for example {suggest_name(str(name))!r}",
+            status=400,
+        )
+    return name
+
+
+def project_to_server(project: str) -> str:
+    """Hub server name of a project: the default project is the user's unnamed server."""
+    return "" if project == DEFAULT_PROJECT else project
+
+
+def server_to_project(server: str) -> str:
+    return server or DEFAULT_PROJECT
+
+
+def spawn_options(requested: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Keep the known spawn keys that were given; refuse unknown ones. None = reuse the last."""
+    unknown = sorted(set(requested) - set(SPAWN_OPTION_KEYS))
+    if unknown:
+        raise OperationError(
+            f"unknown spawn option(s) {', '.join(unknown)}",
+            hint=f"known options: {', '.join(SPAWN_OPTION_KEYS)}",
+        )
+    options = {k: v for k, v in requested.items() if v is not None}
+    if "gpus" in options and "mig" in options:
+        raise OperationError(
+            "ask for whole GPUs (--gpus) or a MIG slice (--mig), not both",
+            hint="drop one of the two options",
+        )
+    return options or None
+
+
+def parse_time(value: str | None) -> datetime | None:
+    """Docker/hub ISO-8601 timestamps (nanoseconds, `Z`, Docker's zero time) -> aware datetime."""
+    if not value or value.startswith("0001-01-01"):
+        return None
+    text = value.rstrip("Z").replace("+00:00", "")
+    if "." in text:
+        whole, frac = text.split(".", 1)
+        text = f"{whole}.{frac[:6]}"
+    return datetime.fromisoformat(text).replace(tzinfo=UTC)
+
+
+def isoformat(value: datetime | None) -> str | None:
+    return value.isoformat().replace("+00:00", "Z") if value else None
+
+
+def container_state(docker_status: str | None, hub_pending: str | None) -> str:
+    """One word for the user: starting / stopping (hub transition), running, or stopped."""
+    if hub_pending == "spawn":
+        return "starting"
+    if hub_pending == "stop":
+        return "stopping"
+    if docker_status in ("running", "restarting", "paused"):
+        return "running"
+    return "stopped"
+
+
+def slot_list(label: str | None) -> list[str]:
+    return [s for s in (label or "").split(",") if s]
+
+
+def container_view(
+    attrs: Mapping[str, Any] | None,
+    server: Mapping[str, Any] | None,
+    project: str,
+    now: datetime,
+    gpu_hold_after_stop: float | None,
+) -> dict[str, Any]:
+    """What `container-list` shows for one project, from its Docker inspect data and its hub
+    server model (either may be missing: a server still spawning has no container yet)."""
+    attrs = attrs or {}
+    server = server or {}
+    labels = (attrs.get("Config") or {}).get("Labels") or {}
+    docker_state = attrs.get("State") or {}
+    state = container_state(docker_state.get("Status"), server.get("pending"))
+    started = parse_time(docker_state.get("StartedAt"))
+    finished = parse_time(docker_state.get("FinishedAt"))
+    running = state in ("running", "stopping")
+    gpus = slot_list(labels.get(GPUS_LABEL))
+    held_until = None
+    if gpus and not running and finished and gpu_hold_after_stop is not None:
+        until = finished + timedelta(seconds=gpu_hold_after_stop)
+        held_until = until if until > now else None
+    last_activity = parse_time(server.get("last_activity"))
+    return {
+        "project": project,
+        "container": (attrs.get("Name") or "").lstrip("/") or None,
+        "id": (attrs.get("Id") or "")[:12] or None,
+        "state": state,
+        "image": labels.get(IMAGE_LABEL) or (attrs.get("Config") or {}).get("Image"),
+        "gpus": gpus,
+        "gpus_released": bool(gpus) and not running and held_until is None,
+        "started_at": isoformat(started),
+        "finished_at": isoformat(finished),
+        "uptime_s": (now - started).total_seconds() if running and started else None,
+        "stopped_for_s": (now - finished).total_seconds() if not running and finished else None,
+        "idle_s": (now - last_activity).total_seconds() if running and last_activity else None,
+        "held_until": isoformat(held_until),
+        "url": server.get("url") if server.get("ready") else None,
+    }
+
+
+def cpu_percent(stats: Mapping[str, Any]) -> float | None:
+    """CPU use from one `docker stats` sample, in percent of one core (400% = four cores)."""
+    cpu, pre = stats.get("cpu_stats") or {}, stats.get("precpu_stats") or {}
+    try:
+        cpu_delta = cpu["cpu_usage"]["total_usage"] - pre["cpu_usage"]["total_usage"]
+        system_delta = cpu["system_cpu_usage"] - pre["system_cpu_usage"]
+        cores = cpu.get("online_cpus") or len(cpu["cpu_usage"].get("percpu_usage") or []) or 1
+    except (KeyError, TypeError):
+        return None
+    if system_delta <= 0:
+        return 0.0
+    return cpu_delta / system_delta * cores * 100.0
+
+
+def memory_used(stats: Mapping[str, Any]) -> int | None:
+    """Memory in use without the page cache, as `docker stats` shows it."""
+    mem = stats.get("memory_stats") or {}
+    if "usage" not in mem:
+        return None
+    detail = mem.get("stats") or {}
+    cache = detail.get("inactive_file", detail.get("total_inactive_file", detail.get("cache", 0)))
+    return max(0, int(mem["usage"]) - int(cache))
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class OperationsContext:
+    """What the hub side hands every user's operations: the hub client (a service token), a
+    docker-py client, and resolvers for limits and GPU utilisation (None where unavailable)."""
+
+    hub: HubClient
+    docker: Any
+    limits_for: Callable[[str, Iterable[str]], Any] | None = None
+    gpu_utilization: Callable[[str], int | None] | None = None
+    auto_create_users: bool = True
+    clock: Callable[[], datetime] = utcnow
+    spawn_timeout: float = 900.0
+
+
+class UserOperations:
+    """Everything one user may do to their own containers."""
+
+    def __init__(self, ctx: OperationsContext, user: str):
+        self.ctx = ctx
+        self.user = user
+
+    # ---- reading -------------------------------------------------------------------------
+
+    async def _hub_user(self) -> dict[str, Any]:
+        model = await self._hub(self.ctx.hub.get_user(self.user))
+        if model is None:
+            if not self.ctx.auto_create_users:
+                raise OperationError(
+                    f"user {self.user!r} is not known to the hub",
+                    hint="log in to JupyterHub once in a browser, or ask an admin to add you",
+                    status=403,
+                )
+            await self._hub(self.ctx.hub.create_user(self.user))
+            model = await self._hub(self.ctx.hub.get_user(self.user)) or {}
+        return model
+
+    async def _hub(self, awaitable):
+        try:
+            return await awaitable
+        except HubError as e:
+            raise OperationError(f"the hub said: {e.message}", status=_hub_status(e)) from None
+
+    def _containers(self, project: str | None = None) -> list[dict[str, Any]]:
+        """Inspect data of this user's managed containers (optionally one project's)."""
+        labels = [f"{MANAGED_LABEL}=true", f"{USER_LABEL}={self.user}"]
+        if project is not None:
+            labels.append(f"{PROJECT_LABEL}={project}")
+        api = self.ctx.docker.api
+        found = []
+        for summary in api.containers(all=True, filters={"label": labels}):
+            # the label filter already did the work; re-check so a broken filter never leaks
+            summary_labels = summary.get("Labels") or {}
+            if summary_labels.get(USER_LABEL) != self.user:
+                continue
+            try:
+                found.append(api.inspect_container(summary["Id"]))
+            except Exception as e:  # removed between list and inspect
+                if getattr(e, "status_code", None) != 404:
+                    raise
+        return found
+
+    def _hold_after_stop(self, groups: Iterable[str]) -> float | None:
+        limits = self.limits(groups)
+        return getattr(limits, "gpu_hold_after_stop", None) if limits else None
+
+    def limits(self, groups: Iterable[str] = ()) -> Any:
+        return self.ctx.limits_for(self.user, tuple(groups)) if self.ctx.limits_for else None
+
+    async def list_containers(self, include_stopped: bool = True) -> list[dict[str, Any]]:
+        """This user's containers (and servers still spawning), sorted by project."""
+        model, containers = await asyncio.gather(
+            self._hub_user(), asyncio.to_thread(self._containers)
+        )
+        servers = model.get("servers") or {}
+        hold = self._hold_after_stop(model.get("groups") or ())
+        now = self.ctx.clock()
+        views = {}
+        for attrs in containers:
+            labels = attrs["Config"].get("Labels") or {}
+            project = labels.get(PROJECT_LABEL) or DEFAULT_PROJECT
+            server = servers.get(project_to_server(project))
+            views[project] = container_view(attrs, server, project, now, hold)
+        for name, server in servers.items():
+            project = server_to_project(name)
+            if project not in views and server.get("pending"):
+                views[project] = container_view(None, server, project, now, hold)
+        rows = [views[p] for p in sorted(views)]
+        if not include_stopped:
+            rows = [r for r in rows if r["state"] != "stopped"]
+        return rows
+
+    async def describe(self, project: str) -> dict[str, Any]:
+        """One container's view plus its process count (what `container-stop` shows first)."""
+        validate_name(project)
+        rows = [r for r in await self.list_containers() if r["project"] == project]
+        if not rows:
+            raise self._no_such(project)
+        view = rows[0]
+        view["processes"] = None
+        if view["state"] == "running":
+            attrs = await self._owned(project)
+            view["processes"] = await asyncio.to_thread(self._process_count, attrs["Id"])
+        return view
+
+    def _process_count(self, container_id: str) -> int | None:
+        try:
+            top = self.ctx.docker.api.top(container_id, ps_args="-e")
+        except Exception:
+            return None
+        return len(top.get("Processes") or [])
+
+    async def _owned(self, project: str) -> dict[str, Any]:
+        """The inspect data of this user's container for `project`, or a 404 error."""
+        validate_name(project)
+        found = await asyncio.to_thread(self._containers, project)
+        if not found:
+            raise self._no_such(project)
+        return found[0]
+
+    def _no_such(self, project: str) -> OperationError:
+        return OperationError(
+            f"you have no container named {project!r}",
+            hint="see your containers with `container-list --all`; "
+            f"create one with `container-create {project}`",
+            status=404,
+        )
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    async def start(
+        self, project: str, options: Mapping[str, Any] | None = None, create: bool = False
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Start (or with `create`, create) a container through the hub; yields progress events
+        `{"event": "progress", ...}` and finally `{"event": "ready", "container": view}`."""
+        validate_name(project)
+        spawn = spawn_options(options or {})
+        model = await self._hub_user()
+        server_name = project_to_server(project)
+        server = (model.get("servers") or {}).get(server_name)
+        exists = bool(await asyncio.to_thread(self._containers, project)) or bool(
+            server and (server.get("pending") or server.get("ready"))
+        )
+        if create and exists:
+            raise OperationError(
+                f"you already have a container named {project!r}",
+                hint=f"start it with `container-start {project}`, or pick another name",
+                status=409,
+            )
+        if not create and not exists:
+            raise self._no_such(project)
+        if server and server.get("ready"):
+            yield {"event": "ready", "container": await self.describe(project)}
+            return
+        yield {"event": "progress", "progress": 0, "message": f"asking the hub to start {project}"}
+        try:
+            status = await self.ctx.hub.start_server(self.user, server_name, spawn)
+        except HubError as e:
+            raise OperationError(
+                f"could not start {project!r}: {e.message}", status=_hub_status(e)
+            ) from None
+        if status == 202:
+            async for event in self._progress(project, server_name):
+                yield event
+        yield {"event": "ready", "container": await self.describe(project)}
+
+    async def _progress(self, project: str, server_name: str) -> AsyncIterator[dict[str, Any]]:
+        try:
+            async for event in self.ctx.hub.progress(
+                self.user, server_name, timeout=self.ctx.spawn_timeout
+            ):
+                if event.get("failed"):
+                    message = str(event.get("message") or "spawn failed")
+                    raise OperationError(
+                        f"could not start {project!r}: {message}",
+                        hint="see your quota with `container-stats`; stopped containers "
+                        "keep their GPUs for a while: `container-list --all`",
+                        status=409,
+                    )
+                if event.get("ready"):
+                    return
+                yield {
+                    "event": "progress",
+                    "progress": event.get("progress"),
+                    "message": event.get("message", ""),
+                }
+        except HubError as e:
+            raise OperationError(
+                f"could not follow the start of {project!r}: {e.message}", status=_hub_status(e)
+            ) from None
+
+    async def stop(
+        self, project: str, timeout: float | None = None, force: bool = False
+    ) -> dict[str, Any]:
+        """Stop a container. With `timeout`/`force` Docker stops (or kills) it first, so the
+        user's choice applies; the hub is always told, so its records and the GPU hold follow."""
+        attrs = await self._owned(project)
+        container_id = attrs["Id"]
+        if force:
+            await asyncio.to_thread(self._kill, container_id)
+        elif timeout is not None:
+            await asyncio.to_thread(self.ctx.docker.api.stop, container_id, timeout=int(timeout))
+        model = await self._hub_user()
+        server_name = project_to_server(project)
+        server = (model.get("servers") or {}).get(server_name)
+        if server and (server.get("ready") or server.get("pending")):
+            await self._hub(self.ctx.hub.stop_server(self.user, server_name))
+        elif (attrs.get("State") or {}).get("Running") and not force and timeout is None:
+            # running but unknown to the hub (e.g. the hub's database was reset): stop directly
+            await asyncio.to_thread(self.ctx.docker.api.stop, container_id)
+        await self._wait_stopped(container_id)
+        return await self.describe(project)
+
+    def _kill(self, container_id: str) -> None:
+        try:
+            self.ctx.docker.api.kill(container_id)
+        except Exception as e:
+            if getattr(e, "status_code", None) != 409:  # 409: not running
+                raise
+
+    async def _wait_stopped(self, container_id: str, timeout: float = 60.0) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while asyncio.get_running_loop().time() < deadline:
+            state = (await asyncio.to_thread(self.ctx.docker.api.inspect_container, container_id))[
+                "State"
+            ]
+            if not state.get("Running"):
+                return
+            await asyncio.sleep(0.5)
+
+    async def remove(self, project: str, force: bool = False) -> dict[str, Any]:
+        """Remove a container (its GPUs are released with it). A running one needs `force`."""
+        attrs = await self._owned(project)
+        if (attrs.get("State") or {}).get("Running"):
+            if not force:
+                raise OperationError(
+                    f"{project!r} is running",
+                    hint=f"stop it first with `container-stop {project}`, or pass --force",
+                    status=409,
+                )
+            await self.stop(project)
+        server_name = project_to_server(project)
+        model = await self._hub_user()
+        if server_name and server_name in (model.get("servers") or {}):
+            await self._hub(self.ctx.hub.delete_server(self.user, server_name))
+        await asyncio.to_thread(self._remove_container, attrs["Id"])
+        return {"project": project, "container": attrs["Name"].lstrip("/"), "removed": True}
+
+    def _remove_container(self, container_id: str) -> None:
+        try:
+            self.ctx.docker.api.remove_container(container_id, v=False, force=False)
+        except Exception as e:
+            if getattr(e, "status_code", None) != 404:  # already gone (spawner removed it)
+                raise
+
+    async def cleanup(self, include_running: bool = False) -> list[dict[str, Any]]:
+        """Remove stopped containers (with `include_running`, stop and remove all of them)."""
+        removed = []
+        for row in await self.list_containers():
+            if row["state"] == "stopped" or include_running:
+                if row["id"] is None:  # still spawning: nothing to remove yet
+                    continue
+                removed.append(await self.remove(row["project"], force=include_running))
+        return removed
+
+    # ---- inside containers ---------------------------------------------------------------
+
+    async def exec_create(
+        self, project: str, command: list[str] | None, tty: bool, env: Mapping[str, str]
+    ) -> dict[str, Any]:
+        """Create an exec in the user's running container, as the container's user."""
+        attrs = await self._owned(project)
+        if not (attrs.get("State") or {}).get("Running"):
+            raise OperationError(
+                f"{project!r} is not running",
+                hint=f"start it with `container-start {project}`",
+                status=409,
+            )
+        config = attrs.get("Config") or {}
+        shell = command or ["/bin/bash", "-l"]
+        created = await asyncio.to_thread(
+            self.ctx.docker.api.exec_create,
+            attrs["Id"],
+            shell,
+            stdin=True,
+            tty=tty,
+            user=config.get("User") or "",
+            environment={k: v for k, v in env.items() if k in ("TERM", "LANG", "COLORTERM")},
+            workdir=config.get("WorkingDir") or None,
+        )
+        return {"exec_id": created["Id"], "container_id": attrs["Id"]}
+
+    async def owns_exec(self, exec_id: str) -> dict[str, Any]:
+        """The exec's inspect data if it runs in one of this user's containers, else 404."""
+        try:
+            info = await asyncio.to_thread(self.ctx.docker.api.exec_inspect, exec_id)
+        except Exception:
+            info = None
+        owned = {a["Id"] for a in await asyncio.to_thread(self._containers)}
+        if not info or info.get("ContainerID") not in owned:
+            raise OperationError("no such exec session", status=404)
+        return info
+
+    # ---- usage ---------------------------------------------------------------------------
+
+    async def stats(self) -> list[dict[str, Any]]:
+        """CPU, memory and GPU use of each running container against its limits."""
+        containers = [
+            a for a in await asyncio.to_thread(self._containers) if a["State"].get("Running")
+        ]
+        samples = await asyncio.gather(
+            *(
+                asyncio.to_thread(self.ctx.docker.api.stats, a["Id"], stream=False)
+                for a in containers
+            )
+        )
+        rows = []
+        for attrs, sample in zip(containers, samples, strict=True):
+            labels = attrs["Config"].get("Labels") or {}
+            host = attrs.get("HostConfig") or {}
+            gpus = slot_list(labels.get(GPUS_LABEL))
+            util = self.ctx.gpu_utilization
+            rows.append(
+                {
+                    "project": labels.get(PROJECT_LABEL) or DEFAULT_PROJECT,
+                    "container": attrs["Name"].lstrip("/"),
+                    "cpu_percent": cpu_percent(sample),
+                    "cpu_limit_percent": (host.get("NanoCpus") or 0) / 1e7 or None,
+                    "memory_bytes": memory_used(sample),
+                    "memory_limit_bytes": host.get("Memory") or None,
+                    "pids": (sample.get("pids_stats") or {}).get("current"),
+                    "pids_limit": host.get("PidsLimit") or None,
+                    "gpus": [
+                        {"slot": s, "utilization_percent": util(s) if util else None} for s in gpus
+                    ],
+                }
+            )
+        return rows
+
+    async def quota(self) -> dict[str, Any]:
+        """The user's limits and how much of them is in use now."""
+        model = await self._hub_user()
+        rows = await self.list_containers()
+        limits = self.limits(model.get("groups") or ())
+        gpus_held = sum(len(r["gpus"]) for r in rows if r["gpus"] and not r["gpus_released"])
+        keys = (
+            "group",
+            "max_gpus",
+            "max_gpus_per_container",
+            "max_cpus",
+            "memory",
+            "max_containers_per_user",
+            "idle_timeout",
+            "gpu_hold_after_stop",
+            "allowed_images",
+        )
+        return {
+            "user": self.user,
+            "groups": model.get("groups") or [],
+            "limits": {k: getattr(limits, k, None) for k in keys} if limits else None,
+            "containers": len(rows),
+            "running": sum(1 for r in rows if r["state"] != "stopped"),
+            "gpus_held": gpus_held,
+        }
+
+
+def _hub_status(error: HubError) -> int:
+    """Hub failures keep their 4xx meaning; anything else is the hub's fault (502)."""
+    return error.status if 400 <= error.status < 500 else 502
