@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from . import labels
 from .hubclient import HubClient, HubError
 
 #: Container (project) names the users' commands accept.
@@ -28,17 +29,11 @@ NAME_RULE = (
     "at most 63 characters)"
 )
 
-#: The project name shown for the user's default (unnamed) hub server, as in `ds01hub.labels`.
-DEFAULT_PROJECT = "default"
+#: The project name shown for the user's default (unnamed) hub server.
+DEFAULT_PROJECT = labels.DEFAULT_PROJECT
 
 #: The spawn `user_options` keys (docs/architecture.md "Spawn options"), as the browser's form.
 SPAWN_OPTION_KEYS = ("image", "gpus", "mig", "profile")
-
-MANAGED_LABEL = "ds01.managed"
-USER_LABEL = "ds01.user"
-PROJECT_LABEL = "ds01.project"
-GPUS_LABEL = "ds01.gpus"
-IMAGE_LABEL = "ds01.image"
 
 
 class OperationError(Exception):
@@ -99,17 +94,6 @@ def spawn_options(requested: Mapping[str, Any]) -> dict[str, Any] | None:
     return options or None
 
 
-def parse_time(value: str | None) -> datetime | None:
-    """Docker/hub ISO-8601 timestamps (nanoseconds, `Z`, Docker's zero time) -> aware datetime."""
-    if not value or value.startswith("0001-01-01"):
-        return None
-    text = value.rstrip("Z").replace("+00:00", "")
-    if "." in text:
-        whole, frac = text.split(".", 1)
-        text = f"{whole}.{frac[:6]}"
-    return datetime.fromisoformat(text).replace(tzinfo=UTC)
-
-
 def isoformat(value: datetime | None) -> str | None:
     return value.isoformat().replace("+00:00", "Z") if value else None
 
@@ -125,10 +109,6 @@ def container_state(docker_status: str | None, hub_pending: str | None) -> str:
     return "stopped"
 
 
-def slot_list(label: str | None) -> list[str]:
-    return [s for s in (label or "").split(",") if s]
-
-
 def container_view(
     attrs: Mapping[str, Any] | None,
     server: Mapping[str, Any] | None,
@@ -138,26 +118,25 @@ def container_view(
 ) -> dict[str, Any]:
     """What `container-list` shows for one project, from its Docker inspect data and its hub
     server model (either may be missing: a server still spawning has no container yet)."""
-    attrs = attrs or {}
+    record = labels.ContainerRecord.from_docker(attrs) if attrs else None
     server = server or {}
-    labels = (attrs.get("Config") or {}).get("Labels") or {}
-    docker_state = attrs.get("State") or {}
-    state = container_state(docker_state.get("Status"), server.get("pending"))
-    started = parse_time(docker_state.get("StartedAt"))
-    finished = parse_time(docker_state.get("FinishedAt"))
+    state = container_state(record.state if record else None, server.get("pending"))
+    started = labels.parse_docker_time(((attrs or {}).get("State") or {}).get("StartedAt"))
+    finished = record.finished_at if record else None
     running = state in ("running", "stopping")
-    gpus = slot_list(labels.get(GPUS_LABEL))
+    gpus = list(record.gpus) if record else []
     held_until = None
     if gpus and not running and finished and gpu_hold_after_stop is not None:
         until = finished + timedelta(seconds=gpu_hold_after_stop)
         held_until = until if until > now else None
-    last_activity = parse_time(server.get("last_activity"))
+    last_activity = labels.parse_docker_time(server.get("last_activity"))
     return {
         "project": project,
-        "container": (attrs.get("Name") or "").lstrip("/") or None,
-        "id": (attrs.get("Id") or "")[:12] or None,
+        "container": record.name if record else None,
+        "id": record.id[:12] if record else None,
         "state": state,
-        "image": labels.get(IMAGE_LABEL) or (attrs.get("Config") or {}).get("Image"),
+        "image": (record.image if record else None)
+        or (server.get("user_options") or {}).get("image"),
         "gpus": gpus,
         "gpus_released": bool(gpus) and not running and held_until is None,
         "started_at": isoformat(started),
@@ -242,15 +221,15 @@ class UserOperations:
 
     def _containers(self, project: str | None = None) -> list[dict[str, Any]]:
         """Inspect data of this user's managed containers (optionally one project's)."""
-        labels = [f"{MANAGED_LABEL}=true", f"{USER_LABEL}={self.user}"]
+        wanted = [f"{labels.MANAGED}=true", f"{labels.USER}={self.user}"]
         if project is not None:
-            labels.append(f"{PROJECT_LABEL}={project}")
+            wanted.append(f"{labels.PROJECT}={project}")
         api = self.ctx.docker.api
         found = []
-        for summary in api.containers(all=True, filters={"label": labels}):
+        for summary in api.containers(all=True, filters={"label": wanted}):
             # the label filter already did the work; re-check so a broken filter never leaks
-            summary_labels = summary.get("Labels") or {}
-            if summary_labels.get(USER_LABEL) != self.user:
+            record = labels.ContainerRecord.from_docker(summary)
+            if record is None or record.user != self.user:
                 continue
             try:
                 found.append(api.inspect_container(summary["Id"]))
@@ -276,8 +255,7 @@ class UserOperations:
         now = self.ctx.clock()
         views = {}
         for attrs in containers:
-            labels = attrs["Config"].get("Labels") or {}
-            project = labels.get(PROJECT_LABEL) or DEFAULT_PROJECT
+            project = labels.ContainerRecord.from_docker(attrs).project
             server = servers.get(project_to_server(project))
             views[project] = container_view(attrs, server, project, now, hold)
         for name, server in servers.items():
@@ -515,14 +493,13 @@ class UserOperations:
         )
         rows = []
         for attrs, sample in zip(containers, samples, strict=True):
-            labels = attrs["Config"].get("Labels") or {}
+            record = labels.ContainerRecord.from_docker(attrs)
             host = attrs.get("HostConfig") or {}
-            gpus = slot_list(labels.get(GPUS_LABEL))
             util = self.ctx.gpu_utilization
             rows.append(
                 {
-                    "project": labels.get(PROJECT_LABEL) or DEFAULT_PROJECT,
-                    "container": attrs["Name"].lstrip("/"),
+                    "project": record.project,
+                    "container": record.name,
                     "cpu_percent": cpu_percent(sample),
                     "cpu_limit_percent": (host.get("NanoCpus") or 0) / 1e7 or None,
                     "memory_bytes": memory_used(sample),
@@ -530,7 +507,8 @@ class UserOperations:
                     "pids": (sample.get("pids_stats") or {}).get("current"),
                     "pids_limit": host.get("PidsLimit") or None,
                     "gpus": [
-                        {"slot": s, "utilization_percent": util(s) if util else None} for s in gpus
+                        {"slot": s, "utilization_percent": util(s) if util else None}
+                        for s in record.gpus
                     ],
                 }
             )

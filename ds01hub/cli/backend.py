@@ -218,7 +218,7 @@ def read_response_head(sock: socket.socket) -> tuple[int, dict[str, str], bytes]
 
 def server_view(server: dict[str, Any], project: str, now: datetime) -> dict[str, Any]:
     """What the hub alone knows of a server (remote use): state, image asked for, times."""
-    from ..operations import parse_time
+    from ..labels import parse_docker_time as parse_time
 
     pending = server.get("pending")
     state = {"spawn": "starting", "stop": "stopping"}.get(

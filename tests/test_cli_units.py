@@ -1,0 +1,477 @@
+"""Fast unit tests of the users' commands: parsing, names, formatting, the pure halves of the
+hub client, the broker's identity rules and the container views. No Docker, no hub."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import tomllib
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from ds01hub import broker, operations
+from ds01hub.cli import backend as backends
+from ds01hub.cli import output, user
+from ds01hub.cli.terminal import FrameDecoder
+from ds01hub.hubclient import hub_error_message, parse_sse, server_path
+
+REPO = Path(__file__).resolve().parents[1]
+NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
+
+
+class FakeTTY(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def run(name: str, argv: list[str], backend=None, stdin: io.StringIO | None = None):
+    """Run one command with captured streams; returns (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    code = user.run_command(
+        user.COMMANDS[name],
+        argv,
+        stdout=out,
+        stderr=err,
+        stdin=stdin or io.StringIO(""),
+        make_backend=lambda _act_for: backend,
+    )
+    return code, out.getvalue(), err.getvalue()
+
+
+# ---- names -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["a", "my-project", "proj_2", "0abc", "x" * 63])
+def test_valid_names_are_accepted(name):
+    assert operations.validate_name(name) == name
+
+
+@pytest.mark.parametrize(
+    "name", ["", "Proj", "my project", "a.b", "proj._.bob", "-x", "_x", "x" * 64, "é", "a/b"]
+)
+def test_bad_names_are_refused_with_the_rule_and_a_suggestion(name):
+    with pytest.raises(operations.OperationError) as info:
+        operations.validate_name(name)
+    assert "lowercase letters, digits, '-' and '_'" in info.value.message
+    suggestion = info.value.hint.split("'")[1]
+    assert operations.NAME_RE.match(suggestion)
+
+
+def test_bad_name_on_the_command_line_exits_2_and_says_why(capsys):
+    with pytest.raises(SystemExit) as info:
+        user.build_parser(user.COMMANDS["container-stop"]).parse_args(["My.Proj"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "bad container name 'My.Proj'" in err and "'my-proj'" in err
+
+
+def test_other_users_container_name_is_not_a_valid_name():
+    # the `{project}._.{user}` docker name of someone else's container never passes
+    with pytest.raises(operations.OperationError):
+        operations.validate_name("thesis._.bob")
+
+
+# ---- spawn options ---------------------------------------------------------------------------
+
+
+def test_spawn_options_keep_known_keys_and_reuse_when_empty():
+    assert operations.spawn_options({}) is None
+    assert operations.spawn_options({"image": "x", "gpus": None}) == {"image": "x"}
+    with pytest.raises(operations.OperationError, match="unknown spawn option"):
+        operations.spawn_options({"privileged": True})
+    with pytest.raises(operations.OperationError, match="not both"):
+        operations.spawn_options({"gpus": 1, "mig": "1g.10gb"})
+
+
+def test_gpus_and_mig_are_mutually_exclusive_on_the_command_line(capsys):
+    parser = user.build_parser(user.COMMANDS["container-create"])
+    args = parser.parse_args(["p", "--gpus", "2", "--image", "img"])
+    assert user.spawn_options_from(args) == {"gpus": 2, "image": "img"}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["p", "--gpus", "1", "--mig", "1g.10gb"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["p", "--gpus", "-1"])
+
+
+def test_project_and_server_names_map_both_ways():
+    assert operations.project_to_server("default") == ""
+    assert operations.project_to_server("thesis") == "thesis"
+    assert operations.server_to_project("") == "default"
+
+
+# ---- output ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (None, "-"),
+        (5, "5s"),
+        (65, "1m 5s"),
+        (3600 * 3 + 60 * 12, "3h 12m"),
+        (86400 * 2 + 3600, "2d 1h"),
+    ],
+)
+def test_format_duration(seconds, text):
+    assert output.format_duration(seconds) == text
+
+
+def test_format_bytes():
+    assert output.format_bytes(None) == "-"
+    assert output.format_bytes(512) == "512B"
+    assert output.format_bytes(1.5 * 2**30) == "1.5G"
+    assert output.format_bytes(32 * 2**30) == "32G"
+
+
+def test_table_aligns_and_colours_only_when_asked():
+    rows = [{"a": "x", "b": ["0", "1"]}, {"a": "longer", "b": None}]
+    cols = (output.Column("A", "a"), output.Column("B", "b", lambda v: "green"))
+    plain = output.render_table(rows, cols, colour=False)
+    assert plain.splitlines() == ["A       B", "x       0,1", "longer  -"]
+    assert "\033[" not in plain
+    assert "\033[32m" in output.render_table(rows, cols, colour=True)
+
+
+def test_colour_only_on_a_tty(monkeypatch):
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setenv("TERM", "xterm")
+    assert output.use_colour(FakeTTY())
+    assert not output.use_colour(io.StringIO())
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert not output.use_colour(FakeTTY())
+
+
+# ---- commands with a scripted backend ---------------------------------------------------------
+
+
+class ScriptedBackend:
+    """Records calls; answers like the broker would. A test double for the transport only."""
+
+    def __init__(self, containers=None):
+        self.calls = []
+        self.containers = containers or []
+
+    def list_containers(self, include_stopped):
+        self.calls.append(("list", include_stopped))
+        return [c for c in self.containers if include_stopped or c["state"] != "stopped"]
+
+    def describe(self, project):
+        self.calls.append(("describe", project))
+        for c in self.containers:
+            if c["project"] == project:
+                return {**c, "processes": 7}
+        raise output.CliError(f"you have no container named {project!r}")
+
+    def stop(self, project, timeout, force):
+        self.calls.append(("stop", project, timeout, force))
+        return {"project": project, "state": "stopped", "held_until": None}
+
+    def start(self, project, options, create):
+        self.calls.append(("start", project, options, create))
+        yield {"event": "progress", "progress": 50, "message": "waiting for a GPU"}
+        yield {"event": "ready", "container": {"project": project, "gpus": ["0"]}}
+
+
+def view(project, state="running", **extra):
+    base = {
+        "project": project,
+        "state": state,
+        "image": "ds01/singleuser",
+        "gpus": [],
+        "gpus_released": False,
+        "uptime_s": 3700 if state == "running" else None,
+        "stopped_for_s": None if state == "running" else 120,
+        "idle_s": 60 if state == "running" else None,
+        "held_until": None,
+        "id": "abc",
+    }
+    return {**base, **extra}
+
+
+def test_container_list_table_and_json():
+    backend = ScriptedBackend(
+        [
+            view("thesis", gpus=["0:1"]),
+            view("old", "stopped", gpus=["1"], held_until="2026-11-23T10:00:00Z"),
+        ]
+    )
+    code, out, _ = run("container-list", ["--all"], backend)
+    assert code == 0
+    header, *lines = out.splitlines()
+    assert header.split() == [
+        "PROJECT",
+        "STATE",
+        "IMAGE",
+        "GPUS",
+        "UPTIME",
+        "IDLE",
+        "HELD",
+        "UNTIL",
+    ]
+    assert "thesis" in lines[0] and "up 1h 1m" in lines[0] and "0:1" in lines[0]
+    assert "stopped 2m 0s" in lines[1] and "2026-11-23 10:00 UTC" in lines[1]
+    code, out, _ = run("container-list", ["--json"], backend)
+    assert code == 0 and [r["project"] for r in json.loads(out)] == ["thesis"]
+    assert backend.calls[-1] == ("list", False)
+
+
+def test_container_stop_refuses_to_prompt_without_a_tty():
+    backend = ScriptedBackend([view("thesis")])
+    code, out, err = run("container-stop", ["thesis"], backend)
+    assert code == 2
+    assert "not asking without a terminal" in err and "-y" in err
+    assert "up 1h 1m, 7 processes" in err
+    assert not any(c[0] == "stop" for c in backend.calls)
+
+
+def test_container_stop_asks_on_a_tty_and_honours_no():
+    backend = ScriptedBackend([view("thesis")])
+    code, _, err = run("container-stop", ["thesis"], backend, stdin=FakeTTY("n\n"))
+    assert code == 1 and "Not stopped" in err
+    assert not any(c[0] == "stop" for c in backend.calls)
+    code, out, _ = run(
+        "container-stop", ["thesis", "--timeout", "5"], backend, stdin=FakeTTY("y\n")
+    )
+    assert code == 0 and "thesis stopped" in out
+    assert ("stop", "thesis", 5.0, False) in backend.calls
+
+
+def test_container_stop_with_yes_needs_no_terminal():
+    backend = ScriptedBackend([view("thesis")])
+    code, _, _ = run("container-stop", ["thesis", "-y", "--force"], backend)
+    assert code == 0 and ("stop", "thesis", None, True) in backend.calls
+
+
+def test_container_create_shows_progress_on_stderr_and_result_on_stdout():
+    backend = ScriptedBackend()
+    code, out, err = run("container-create", ["thesis", "--gpus", "1"], backend)
+    assert code == 0
+    assert "[ 50%] waiting for a GPU" in err
+    assert "thesis created and started" in out and "GPUs: 0" in out
+    assert backend.calls == [("start", "thesis", {"gpus": 1}, True)]
+
+
+def test_container_create_without_a_name_is_a_usage_error():
+    code, _, err = run("container-create", [], ScriptedBackend())
+    assert code == 2 and "needs a NAME" in err
+
+
+def test_failure_from_the_backend_exits_1_with_hint():
+    class Refusing(ScriptedBackend):
+        def start(self, project, options, create):
+            raise output.CliError("over quota: 2 of 2 GPUs in use", hint="stop a container")
+
+    code, _, err = run("container-create", ["thesis", "--gpus", "3"], Refusing())
+    assert code == 1 and "error: over quota" in err and "hint: stop a container" in err
+
+
+def test_container_exit_explains_exit_versus_stop():
+    code, out, _ = run("container-exit", [], None)
+    assert code == 0 and "keeps running" in out and "container-stop NAME" in out
+
+
+def test_dispatcher_runs_the_same_commands(capsys):
+    assert user.container(["--help"]) == 0
+    assert "create" in capsys.readouterr().out
+    assert user.container(["bogus"]) == 2
+    with pytest.raises(SystemExit) as info:
+        user.container(["stop", "--help"])
+    assert info.value.code == 0
+    assert "usage: container stop" in capsys.readouterr().out
+
+
+def test_console_scripts_table_matches_the_commands():
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    for name in user.COMMANDS:
+        target = scripts[name]
+        module, _, function = target.partition(":")
+        assert module == "ds01hub.cli.user"
+        assert getattr(user, function).__doc__ == user.COMMANDS[name].help
+    assert scripts["container"] == "ds01hub.cli.user:container"
+    assert scripts["image"] == "ds01hub.cli.user:image"
+
+
+# ---- hub client (pure parts) -----------------------------------------------------------------
+
+
+def test_server_paths_escape_names():
+    assert server_path("alice") == "/users/alice/server"
+    assert server_path("alice", "thesis") == "/users/alice/servers/thesis"
+    assert server_path("a/b", "x y") == "/users/a%2Fb/servers/x%20y"
+
+
+def test_parse_sse_keeps_partial_events_and_skips_keepalives():
+    events, rest = parse_sse('data: {"progress": 10}\n\n\n\ndata: {"progr')
+    assert events == [{"progress": 10}] and rest == 'data: {"progr'
+    events, rest = parse_sse(rest + 'ess": 100, "ready": true}\n\n')
+    assert events == [{"progress": 100, "ready": True}] and rest == ""
+
+
+def test_hub_error_message():
+    assert hub_error_message(b'{"status": 400, "message": "nope"}', "x") == "nope"
+    assert hub_error_message(b"<html>", "fallback") == "fallback"
+
+
+# ---- broker identity ----------------------------------------------------------------------------
+
+
+def accounts(uid_to_name: dict[int, str], groups: dict[str, set[str]]):
+    def lookup_uid(uid):
+        if uid not in uid_to_name:
+            raise KeyError(uid)
+        return SimpleNamespace(pw_name=uid_to_name[uid], pw_gid=uid)
+
+    def lookup_name(name):
+        if name not in uid_to_name.values():
+            raise KeyError(name)
+        return SimpleNamespace(pw_name=name)
+
+    return {
+        "lookup_uid": lookup_uid,
+        "lookup_name": lookup_name,
+        "groups_of": lambda name, gid: groups.get(name, set()),
+    }
+
+
+ACCOUNTS = accounts(
+    {0: "root", 5: "daemon", 1001: "Alice", 1002: "bob", 1003: "carol"},
+    {"carol": {"ds01-admin"}},
+)
+
+
+def resolve(uid, requested=None):
+    return broker.resolve_caller(uid, requested, {"ds01-admin"}, 1000, str.lower, **ACCOUNTS)
+
+
+def test_a_user_acts_for_themselves_only():
+    assert resolve(1002).user == "bob"
+    assert resolve(1001).user == "alice"  # hub names are lower case
+    assert resolve(1002, "bob").user == "bob"
+    with pytest.raises(operations.OperationError) as info:
+        resolve(1002, "alice")
+    assert info.value.status == 403 and "only admins" in info.value.message
+
+
+def test_admins_and_root_may_act_for_another_user():
+    assert resolve(1003, "bob") == broker.Caller(1003, "carol", True, "bob")
+    assert resolve(0, "bob").user == "bob"
+    with pytest.raises(operations.OperationError, match="root acts for users"):
+        resolve(0)
+    with pytest.raises(operations.OperationError, match="no Unix user"):
+        resolve(1003, "mallory")
+
+
+def test_unknown_and_system_uids_are_refused():
+    with pytest.raises(operations.OperationError, match="no account"):
+        resolve(4242)
+    with pytest.raises(operations.OperationError, match="system account"):
+        resolve(5)
+
+
+# ---- views and stats ---------------------------------------------------------------------------
+
+
+def inspect_doc(status="running", gpus="0", finished="0001-01-01T00:00:00Z"):
+    return {
+        "Id": "0123456789abcdef",
+        "Name": "/thesis._.alice",
+        "Config": {
+            "Image": "img",
+            "Labels": {
+                "ds01.managed": "true",
+                "ds01.user": "alice",
+                "ds01.project": "thesis",
+                "ds01.gpus": gpus,
+                "ds01.image": "ds01/singleuser:1",
+            },
+        },
+        "State": {
+            "Status": status,
+            "StartedAt": (NOW - timedelta(hours=2)).isoformat(),
+            "FinishedAt": finished,
+        },
+    }
+
+
+def test_running_view_has_uptime_and_idle():
+    server = {"ready": True, "last_activity": (NOW - timedelta(minutes=5)).isoformat(), "url": "/u"}
+    row = operations.container_view(inspect_doc(), server, "thesis", NOW, 3600)
+    assert row["state"] == "running" and row["gpus"] == ["0"]
+    assert row["uptime_s"] == 7200 and row["idle_s"] == 300
+    assert row["held_until"] is None and row["container"] == "thesis._.alice"
+    assert row["image"] == "ds01/singleuser:1" and row["id"] == "0123456789ab"
+
+
+def test_stopped_view_holds_gpus_until_the_hold_expires():
+    finished = (NOW - timedelta(minutes=30)).isoformat()
+    row = operations.container_view(
+        inspect_doc("exited", finished=finished), None, "thesis", NOW, 3600
+    )
+    assert row["state"] == "stopped" and row["stopped_for_s"] == 1800
+    assert row["held_until"] == "2026-11-22T12:30:00Z" and not row["gpus_released"]
+    row = operations.container_view(
+        inspect_doc("exited", finished=finished), None, "thesis", NOW, 600
+    )
+    assert row["held_until"] is None and row["gpus_released"]
+
+
+def test_spawning_server_without_container_shows_starting():
+    row = operations.container_view(None, {"pending": "spawn"}, "thesis", NOW, 60)
+    assert row["state"] == "starting" and row["id"] is None
+
+
+def test_cpu_and_memory_from_a_docker_stats_sample():
+    sample = {
+        "cpu_stats": {
+            "cpu_usage": {"total_usage": 3_000},
+            "system_cpu_usage": 10_000,
+            "online_cpus": 4,
+        },
+        "precpu_stats": {"cpu_usage": {"total_usage": 1_000}, "system_cpu_usage": 6_000},
+        "memory_stats": {"usage": 500, "stats": {"inactive_file": 100}},
+    }
+    assert operations.cpu_percent(sample) == pytest.approx(200.0)
+    assert operations.memory_used(sample) == 400
+    assert operations.cpu_percent({}) is None
+
+
+# ---- transport details ---------------------------------------------------------------------------
+
+
+def test_frame_decoder_splits_stdout_and_stderr_across_chunks():
+    frames = struct.pack(">BxxxI", 1, 3) + b"out" + struct.pack(">BxxxI", 2, 3) + b"err"
+    decoder = FrameDecoder()
+    got = (
+        list(decoder.feed(frames[:5]))
+        + list(decoder.feed(frames[5:12]))
+        + list(decoder.feed(frames[12:]))
+    )
+    assert got == [(1, b"out"), (2, b"err")]
+
+
+def test_backend_choice_broker_by_default_hub_with_url_and_token(tmp_path):
+    chosen = backends.connect(env={"DS01HUB_BROKER_SOCKET": "/nonexistent.sock"})
+    assert isinstance(chosen, backends.BrokerBackend) and chosen.socket_path == "/nonexistent.sock"
+    with pytest.raises(output.CliError, match="no API token"):
+        backends.connect(env={"DS01HUB_HUB_URL": "http://hub:8000", "HOME": str(tmp_path)})
+    token_file = tmp_path / "token"
+    token_file.write_text("secret\n")
+    token_file.chmod(0o644)
+    env = {"DS01HUB_HUB_URL": "http://hub:8000", "DS01HUB_TOKEN_FILE": str(token_file)}
+    with pytest.raises(output.CliError, match="readable by others"):
+        backends.connect(env=env)
+    token_file.chmod(0o600)
+    chosen = backends.connect(env=env)
+    assert isinstance(chosen, backends.HubBackend)
+    assert chosen.api_url == "http://hub:8000/hub/api" and chosen.token == "secret"
+
+
+def test_broker_errors_map_to_exit_codes():
+    assert backends.error_from_reply(400, {"error": "bad name", "hint": "h"}).code == 2
+    err = backends.error_from_reply(409, {"error": "over quota", "hint": None})
+    assert err.code == 1 and err.message == "over quota"
+    assert "HTTP 502" in backends.error_from_reply(502, None).message
