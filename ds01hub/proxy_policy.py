@@ -1,0 +1,1164 @@
+"""The Docker socket filter proxy's policy: pure allow/deny decisions on plain data.
+
+Nothing here touches a socket, a file or Docker. The proxy edge (`ds01hub.proxy`) parses a
+request, asks this module what it needs to know (which container a reference names, where a
+bind mount really points), gathers those facts from the upstream engine and the file system,
+and asks again for the decision. A decision is either a `Forward` -- the exact request to send
+upstream, rebuilt from what was checked, so the proxy never decides on one string and forwards
+another -- or a `Denied` exception carrying the HTTP status and the message the docker CLI
+prints.
+
+The model, for callers who are not admins:
+
+- Deny by default. Only the endpoints in `classify` are reachable; everything else is 403.
+- A container is the caller's iff it carries ``ds01.managed=true`` and ``ds01.user=<caller>``.
+  Unlabelled containers are invisible (404), other users' containers are refused (403
+  "Permission denied: container owned by <owner>"). References are resolved by the upstream
+  engine (exact id, exact name, unique id prefix -- as Docker itself would) and forwarded as
+  the resolved full id.
+- Requests are parsed the way the engine parses them and rebuilt canonically: decoded,
+  dot-free, single-slash paths; no duplicate single-valued query parameters; JSON bodies whose
+  object keys must be the exact canonical field names (Go's decoder matches keys
+  case-insensitively, so ``"hostconfig"`` would otherwise slip past a checker that reads
+  ``"HostConfig"``), re-serialised from what was checked.
+- Create is rebuilt from an allow-list of fields. Ownership labels are forced, the user's limits
+  applied, and anything that reaches the host (privileged, capabilities, devices, host
+  namespaces, binds outside the user's home/workspace, sockets, unconfined security options,
+  sysctls, other users' containers as namespaces or volume sources) is refused.
+- Containers with host bind mounts run as the caller's uid:gid with ``no-new-privileges``
+  (always forced): a root process in such a container could otherwise leave a set-uid root
+  binary in the user's home -- root on the host. For the same reason ``docker cp`` into such a
+  container (the engine extracts as root) and ``exec --user`` other than the caller are refused.
+- Image tags a user creates (build, tag, pull over an existing local image) must be in the
+  user's own namespace ``ds01-<user>/`` (`ds01hub.images.image_repository`): retagging a shared
+  image would run the attacker's code in everyone's containers.
+- BuildKit (``/session``, ``/grpc``, ``version=2``) is refused: its gRPC API would bypass the
+  tag and network checks. Legacy builds (``DOCKER_BUILDKIT=0 docker build``) are allowed with
+  the network limited to bridge/none, no remote contexts, and the user's memory/CPU limits.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import posixpath
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+from urllib.parse import parse_qsl, quote, urlencode
+
+from ds01hub.images import image_repository
+
+MANAGED_LABEL = "ds01.managed"
+USER_LABEL = "ds01.user"
+# Labels a user may set on their own containers; every other ds01.* / aime.mlc.* label is
+# the system's (GPU holdings, priority, group) and is dropped from a user's create request.
+USER_SETTABLE_LABELS = frozenset({"ds01.project", "ds01.test"})
+RESERVED_LABEL_PREFIXES = ("ds01.", "aime.mlc.")
+MIN_API_VERSION = (1, 24)  # older versions accept HostConfig at start: a create-check bypass
+MAX_JSON_BODY = 4 * 1024 * 1024
+GPU_HINT = (
+    "GPUs are handed out by the ds01hub allocator: use `container-create NAME --gpus N` "
+    "(or --mig PROFILE) instead of docker --gpus/--device"
+)
+
+
+class Denied(Exception):  # noqa: N818 -- reads as a decision: raise Denied(403, "...")
+    """A refused request: `status` and `message` go back to the client as Docker's JSON error."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def forbid(message: str) -> Denied:
+    return Denied(403, message)
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is on the other end of the socket (from SO_PEERCRED and the password database)."""
+
+    uid: int
+    gid: int
+    user: str
+    home: str
+    groups: tuple[str, ...] = ()
+    admin: bool = False
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Site policy. `bind_roots` are templates with ``{user}`` and ``{home}``."""
+
+    bind_roots: tuple[str, ...] = ("{home}", "/workspace/{user}")
+    allowed_networks: tuple[str, ...] = ("default", "bridge", "none")
+    min_host_port: int = 1024
+
+
+@dataclass(frozen=True)
+class UserLimits:
+    """The caller's limits as the proxy applies them (API-form HostConfig entries)."""
+
+    host_config: Mapping[str, Any] = field(default_factory=dict)
+    allowed_images: tuple[str, ...] | None = None
+    max_containers: int | None = None
+
+
+@dataclass(frozen=True)
+class ContainerFacts:
+    """What the upstream engine says about a container (``GET /containers/{ref}/json``)."""
+
+    id: str
+    name: str
+    labels: Mapping[str, str]
+    has_host_binds: bool = False
+
+    @property
+    def owner(self) -> str | None:
+        if self.labels.get(MANAGED_LABEL) != "true":
+            return None
+        return self.labels.get(USER_LABEL) or None
+
+    @classmethod
+    def from_inspect(cls, data: Mapping[str, Any]) -> ContainerFacts:
+        config = data.get("Config") or {}
+        mounts = data.get("Mounts") or []
+        return cls(
+            id=data["Id"],
+            name=str(data.get("Name", "")).lstrip("/"),
+            labels=dict(config.get("Labels") or {}),
+            has_host_binds=any(m.get("Type") == "bind" for m in mounts),
+        )
+
+
+@dataclass(frozen=True)
+class PathFacts:
+    """Where a host path really points (symlinks resolved) and whether it is a socket."""
+
+    real: str
+    is_socket: bool = False
+
+
+# --------------------------------------------------------------------------------------------
+# Request targets
+
+
+@dataclass(frozen=True)
+class Target:
+    """A request target parsed like the engine parses it, rebuilt canonically by `render`."""
+
+    method: str
+    version: str | None
+    segments: tuple[str, ...]
+    query: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def path(self) -> str:
+        return "/" + "/".join(self.segments)
+
+    def render(self) -> str:
+        prefix = f"/v{self.version}" if self.version is not None else ""
+        path = prefix + "/" + "/".join(quote(s, safe="-._~:@+") for s in self.segments)
+        return path + ("?" + urlencode(self.query, quote_via=quote) if self.query else "")
+
+    def param(self, key: str, default: str | None = None) -> str | None:
+        """A single-valued query parameter; a repeated one is refused (Go reads the first)."""
+        values = self.params(key)
+        if len(values) > 1:
+            raise Denied(400, f"query parameter {key!r} given more than once")
+        return values[0] if values else default
+
+    def params(self, key: str) -> list[str]:
+        return [v for k, v in self.query if k == key]
+
+    def with_query(self, **changes: str | list[str] | None) -> Target:
+        """This target with the named parameters replaced (None removes them)."""
+        kept = [(k, v) for k, v in self.query if k not in changes]
+        for key, value in changes.items():
+            if value is None:
+                continue
+            kept += [(key, v) for v in ([value] if isinstance(value, str) else value)]
+        return Target(self.method, self.version, self.segments, tuple(kept))
+
+    def with_segment(self, index: int, value: str) -> Target:
+        segments = list(self.segments)
+        segments[index] = value
+        return Target(self.method, self.version, tuple(segments), self.query)
+
+
+_VERSION = re.compile(r"^v([0-9.]+)$")
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_TOKEN = re.compile(r"^[A-Z]+$")
+
+
+def _decode(text: str, what: str) -> str:
+    if _BAD_ESCAPE.search(text):
+        raise Denied(400, f"invalid %-escape in request {what}")
+    try:
+        raw = bytes(_percent_bytes(text))
+        decoded = raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise Denied(400, f"non-ASCII request {what}") from None
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in decoded):
+        raise Denied(400, f"control character in request {what}")
+    return decoded
+
+
+def _percent_bytes(text: str) -> Iterable[int]:
+    i = 0
+    while i < len(text):
+        if text[i] == "%":
+            yield int(text[i + 1 : i + 3], 16)
+            i += 3
+        else:
+            yield ord(text[i])
+            i += 1
+
+
+def parse_target(method: str, raw_target: str) -> Target:
+    """Parse an origin-form target: decode, collapse slashes and dot segments, split the query.
+
+    Absolute-form targets, fragments, bad escapes, control characters, ``;`` in the query (Go
+    drops such pairs, Python would keep them) and dot segments above the root are refused.
+    """
+    if not _TOKEN.match(method):
+        raise Denied(400, f"invalid method {method!r}")
+    if not raw_target.startswith("/") or "#" in raw_target:
+        raise Denied(400, "request target must be an absolute path")
+    raw_path, _, raw_query = raw_target.partition("?")
+    path = _decode(raw_path, "path")
+    segments: list[str] = []
+    for part in path.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not segments:
+                raise Denied(400, "request path climbs above the root")
+            segments.pop()
+            continue
+        segments.append(part)
+    version = None
+    if segments and (match := _VERSION.match(segments[0])):
+        version = match.group(1)
+        segments = segments[1:]
+    if ";" in raw_query:
+        raise Denied(400, "';' is not a query separator")
+    _decode(raw_query.replace("+", " "), "query")
+    query = tuple(parse_qsl(raw_query, keep_blank_values=True))
+    return Target(method, version, tuple(segments), query)
+
+
+def check_api_version(target: Target) -> None:
+    if target.version is None:
+        return
+    try:
+        parts = tuple(int(p) for p in target.version.split("."))
+    except ValueError:
+        raise Denied(400, f"malformed API version {target.version!r}") from None
+    if parts < MIN_API_VERSION:
+        oldest = ".".join(map(str, MIN_API_VERSION))
+        raise Denied(400, f"API version {target.version} is too old; use {oldest} or newer")
+
+
+# --------------------------------------------------------------------------------------------
+# Routes
+
+
+class Kind(Enum):
+    PUBLIC = "public"
+    LIST_CONTAINERS = "list-containers"
+    EVENTS = "events"
+    CREATE = "create"
+    CONTAINER = "container"
+    EXEC = "exec"
+    IMAGE_READ = "image-read"
+    IMAGE_PULL = "image-pull"
+    IMAGE_TAG = "image-tag"
+    IMAGE_DELETE = "image-delete"
+    BUILD = "build"
+
+
+@dataclass(frozen=True)
+class Route:
+    kind: Kind
+    action: str = ""
+    ref: str | None = None  # container ref, exec id or image name
+
+
+PUBLIC_ENDPOINTS = {
+    ("GET", "_ping"),
+    ("HEAD", "_ping"),
+    ("GET", "version"),
+    ("GET", "info"),
+    ("GET", "images/json"),
+}
+CONTAINER_ACTIONS = {
+    ("GET", "json"),
+    ("GET", "logs"),
+    ("GET", "stats"),
+    ("GET", "top"),
+    ("GET", "changes"),
+    ("GET", "export"),
+    ("GET", "archive"),
+    ("HEAD", "archive"),
+    ("PUT", "archive"),
+    ("GET", "attach/ws"),
+    ("POST", "attach"),
+    ("POST", "start"),
+    ("POST", "stop"),
+    ("POST", "restart"),
+    ("POST", "kill"),
+    ("POST", "pause"),
+    ("POST", "unpause"),
+    ("POST", "wait"),
+    ("POST", "resize"),
+    ("POST", "exec"),
+    ("POST", "rename"),
+    ("DELETE", ""),
+}
+EXEC_ACTIONS = {("GET", "json"), ("POST", "start"), ("POST", "resize")}
+IMAGE_READ_ACTIONS = {("GET", "json"), ("GET", "history")}
+
+
+def classify(target: Target) -> Route:
+    """Which allowed endpoint this is, or `Denied` (deny by default)."""
+    method, segs = target.method, target.segments
+    joined = "/".join(segs)
+    if (method, joined) in PUBLIC_ENDPOINTS:
+        return Route(Kind.PUBLIC)
+    if (method, joined) == ("GET", "containers/json"):
+        return Route(Kind.LIST_CONTAINERS)
+    if (method, joined) == ("GET", "events"):
+        return Route(Kind.EVENTS)
+    if (method, joined) == ("POST", "containers/create"):
+        return Route(Kind.CREATE)
+    if (method, joined) == ("POST", "build"):
+        return Route(Kind.BUILD)
+    if (method, joined) == ("POST", "images/create"):
+        return Route(Kind.IMAGE_PULL)
+    if len(segs) >= 2 and segs[0] == "containers":
+        action = "/".join(segs[2:])
+        if (method, action) in CONTAINER_ACTIONS:
+            return Route(Kind.CONTAINER, action, segs[1])
+    if len(segs) >= 3 and segs[0] == "exec" and (method, "/".join(segs[2:])) in EXEC_ACTIONS:
+        return Route(Kind.EXEC, "/".join(segs[2:]), segs[1])
+    if len(segs) >= 2 and segs[0] == "images":
+        return _classify_image(method, segs)
+    raise forbid(f"Permission denied: {method} /{joined} is not available through the ds01 proxy")
+
+
+def _classify_image(method: str, segs: tuple[str, ...]) -> Route:
+    # Image names contain slashes: /images/{name:.*}/json, DELETE /images/{name:.*}
+    if method == "DELETE":
+        return Route(Kind.IMAGE_DELETE, "", "/".join(segs[1:]))
+    name, action = "/".join(segs[1:-1]), segs[-1]
+    if name and (method, action) in IMAGE_READ_ACTIONS:
+        return Route(Kind.IMAGE_READ, action, name)
+    if name and (method, action) == ("POST", "tag"):
+        return Route(Kind.IMAGE_TAG, action, name)
+    path = "/".join(segs)
+    raise forbid(f"Permission denied: {method} /{path} is not available through the ds01 proxy")
+
+
+# --------------------------------------------------------------------------------------------
+# Ownership
+
+
+def check_owner(caller: Caller, ref: str, facts: ContainerFacts | None) -> ContainerFacts:
+    """The container if it is the caller's; 404 when unknown or unmanaged, 403 when another's."""
+    if facts is None or facts.owner is None:
+        raise Denied(404, f"No such container: {ref}")
+    if facts.owner != caller.user:
+        raise forbid(f"Permission denied: container owned by {facts.owner}")
+    return facts
+
+
+def owned_labels(user: str) -> dict[str, str]:
+    return {MANAGED_LABEL: "true", USER_LABEL: user}
+
+
+def is_owned(labels: Mapping[str, str] | None, user: str) -> bool:
+    labels = labels or {}
+    return labels.get(MANAGED_LABEL) == "true" and labels.get(USER_LABEL) == user
+
+
+def filter_owned_containers(listing: list[Mapping[str, Any]], user: str) -> list[Any]:
+    """The response of ``GET /containers/json`` reduced to the caller's containers."""
+    return [c for c in listing if is_owned(c.get("Labels"), user)]
+
+
+def owner_filters(raw: str | None, user: str, extra: Mapping[str, list[str]] = ()) -> str:
+    """The ``filters`` query value with the ownership label filters added (ANDed upstream)."""
+    filters: dict[str, list[str]] = {}
+    if raw:
+        try:
+            parsed = json.loads(raw)
+        except ValueError:
+            raise Denied(400, "filters is not valid JSON") from None
+        if not isinstance(parsed, dict):
+            raise Denied(400, "filters must be a JSON object")
+        for key, values in parsed.items():
+            # both the current {"k": ["v"]} and the legacy {"k": {"v": true}} forms
+            if isinstance(values, dict):
+                values = [v for v, on in values.items() if on]
+            if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+                raise Denied(400, f"filters[{key!r}] must be a list of strings")
+            filters[str(key)] = list(values)
+    labels = filters.setdefault("label", [])
+    labels += [f"{k}={v}" for k, v in owned_labels(user).items()]
+    for key, values in dict(extra).items():
+        filters[key] = list(values)
+    return json.dumps(filters, separators=(",", ":"))
+
+
+def check_container_name(caller: Caller, name: str | None) -> None:
+    """Names in the hub's ``{project}._.{user}`` form must end in the caller's own user part.
+
+    The spawner finds a user's server container by that name: a container called
+    ``default._.alice`` made by bob would be started as alice's notebook.
+    """
+    if name and "._." in name and name.lstrip("/").rsplit("._.", 1)[1] != caller.user:
+        raise forbid(
+            f"Permission denied: container names ending in '._.<user>' are reserved "
+            f"for that user; yours must end in '._.{caller.user}'"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Strict JSON
+
+
+def parse_json_body(body: bytes, what: str) -> Any:
+    """Parse a request body, refusing duplicate keys (Go keeps the last, merging objects)."""
+    if len(body) > MAX_JSON_BODY:
+        raise Denied(413, f"{what} body is larger than {MAX_JSON_BODY} bytes")
+    if not body.strip():
+        return {}
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: set[str] = set()
+        for key, _ in pairs:
+            folded = key.casefold()
+            if folded in seen:
+                raise Denied(400, f"{what}: key {key!r} appears more than once")
+            seen.add(folded)
+        return dict(pairs)
+
+    try:
+        value = json.loads(body, object_pairs_hook=unique)
+    except (ValueError, RecursionError) as error:
+        if isinstance(error, Denied):
+            raise
+        raise Denied(400, f"{what} body is not valid JSON: {error}") from None
+    return {} if value is None else value
+
+
+def is_empty(value: Any) -> bool:
+    """Docker's zero value: what leaving the field out means."""
+    if value is None or value is False or value == 0 or value == "":
+        return True
+    if isinstance(value, dict):
+        return all(is_empty(v) for v in value.values())
+    if isinstance(value, list):
+        return all(is_empty(v) for v in value)
+    return False
+
+
+Check = Callable[[Any], Any]
+
+
+def accept(value: Any) -> Any:
+    return value
+
+
+def strict_object(what: str, value: Any, checks: Mapping[str, Check]) -> dict[str, Any]:
+    """Keep only known fields (exact spelling), each passed through its check.
+
+    Unknown fields with a zero value are dropped (newer clients send many); unknown fields with
+    a value are refused -- deny by default.
+    """
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise Denied(400, f"{what} must be a JSON object")
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        if key in checks:
+            checked = checks[key](item)
+            if not is_empty(checked) or isinstance(checked, bool):
+                out[key] = checked
+        elif not is_empty(item):
+            raise forbid(f"Permission denied: {what}.{key} is not allowed through the ds01 proxy")
+    return out
+
+
+def must_be_empty(what: str, hint: str = "") -> Check:
+    def check(value: Any) -> Any:
+        if not is_empty(value):
+            raise forbid(
+                f"Permission denied: {what} is not allowed" + (f" ({hint})" if hint else "")
+            )
+        return None
+
+    return check
+
+
+def one_of(what: str, allowed: Iterable[Any]) -> Check:
+    allowed = tuple(allowed)
+
+    def check(value: Any) -> Any:
+        if value not in allowed:
+            shown = ", ".join(repr(a) for a in allowed)
+            raise forbid(f"Permission denied: {what}={value!r} is not allowed (allowed: {shown})")
+        return value
+
+    return check
+
+
+def of_type(what: str, *types: type) -> Check:
+    def check(value: Any) -> Any:
+        if value is not None and not isinstance(value, types):
+            raise Denied(400, f"{what} has the wrong type ({type(value).__name__})")
+        return value
+
+    return check
+
+
+def int_range(what: str, low: int | None = None, high: int | None = None) -> Check:
+    def check(value: Any) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise Denied(400, f"{what} must be an integer")
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise forbid(f"Permission denied: {what}={value} is outside {low}..{high}")
+        return value
+
+    return check
+
+
+# --------------------------------------------------------------------------------------------
+# Container create
+
+
+CONTAINER_NAMESPACE_FIELDS = ("NetworkMode", "PidMode", "IpcMode")
+
+
+@dataclass(frozen=True)
+class CreateNeeds:
+    """What the edge must look up before `check_create` can decide."""
+
+    containers: tuple[str, ...]  # references to other containers (namespaces, volumes-from)
+    paths: tuple[str, ...]  # host paths: bind sources and the caller's bind roots
+
+
+@dataclass(frozen=True)
+class CreateFacts:
+    containers: Mapping[str, ContainerFacts | None] = field(default_factory=dict)
+    paths: Mapping[str, PathFacts] = field(default_factory=dict)
+    existing_containers: int = 0
+    limits: UserLimits | None = None
+
+
+def bind_roots(caller: Caller, settings: Settings) -> tuple[str, ...]:
+    return tuple(
+        posixpath.normpath(t.format(user=caller.user, home=caller.home))
+        for t in settings.bind_roots
+    )
+
+
+def create_needs(caller: Caller, body: Mapping[str, Any], settings: Settings) -> CreateNeeds:
+    host = body.get("HostConfig") if isinstance(body.get("HostConfig"), dict) else {}
+    refs: list[str] = []
+    for key in CONTAINER_NAMESPACE_FIELDS:
+        mode = host.get(key)
+        if isinstance(mode, str) and mode.startswith("container:"):
+            refs.append(mode.split(":", 1)[1])
+    for source in host.get("VolumesFrom") or []:
+        if isinstance(source, str):
+            refs.append(source.split(":", 1)[0])
+    paths = [src for src, _ in _bind_sources(host)] + list(bind_roots(caller, settings))
+    return CreateNeeds(tuple(dict.fromkeys(refs)), tuple(dict.fromkeys(paths)))
+
+
+def _bind_sources(host: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(host path, where it came from) for every bind in Binds and Mounts."""
+    found = []
+    for bind in host.get("Binds") or []:
+        if isinstance(bind, str) and bind.startswith("/"):
+            found.append((bind.split(":", 1)[0], f"bind {bind}"))
+    for mount in host.get("Mounts") or []:
+        if isinstance(mount, dict) and mount.get("Type") == "bind":
+            found.append((str(mount.get("Source", "")), f"mount {mount.get('Source')}"))
+    return found
+
+
+BIND_MODES = frozenset({"ro", "rw", "nocopy", "private", "rprivate", "slave", "rslave"})
+PROPAGATIONS = ("", "private", "rprivate", "slave", "rslave")
+RESTART_POLICIES = ("", "no", "always", "unless-stopped", "on-failure")
+LOG_DRIVERS = ("", "json-file", "local")
+LOG_OPTIONS = frozenset({"max-size", "max-file", "compress", "mode", "max-buffer-size"})
+CONFIG_ACCEPTED = [
+    "Hostname",
+    "Domainname",
+    "AttachStdin",
+    "AttachStdout",
+    "AttachStderr",
+    "Tty",
+    "OpenStdin",
+    "StdinOnce",
+    "Cmd",
+    "Entrypoint",
+    "Shell",
+    "ArgsEscaped",
+    "WorkingDir",
+    "MacAddress",
+    "StopSignal",
+    "StopTimeout",
+    "Healthcheck",
+    "ExposedPorts",
+    "Volumes",
+    "OnBuild",
+    "NetworkDisabled",
+]
+HOST_ACCEPTED = [
+    "AutoRemove",
+    "ConsoleSize",
+    "Init",
+    "ReadonlyRootfs",
+    "PublishAllPorts",
+    "Dns",
+    "DnsOptions",
+    "DnsSearch",
+    "ExtraHosts",
+    "Tmpfs",
+    "CapDrop",
+    "CpusetCpus",
+    "CpusetMems",
+    "MemoryReservation",
+    "MemorySwappiness",
+    "ContainerIDFile",
+]
+HOST_FORBIDDEN = {
+    "Privileged": "privileged containers",
+    "CapAdd": "adding capabilities",
+    "Devices": f"host devices ({GPU_HINT})",
+    "DeviceRequests": f"device requests ({GPU_HINT})",
+    "DeviceCgroupRules": "device cgroup rules",
+    "Sysctls": "sysctls",
+    "Links": "legacy links",
+    "GroupAdd": "extra groups",
+    "CgroupParent": "a cgroup parent (it would escape your limits)",
+    "Ulimits": "ulimits",
+    "StorageOpt": "storage options",
+    "OomKillDisable": "disabling the OOM killer",
+    "KernelMemory": "kernel memory settings",
+    "KernelMemoryTCP": "kernel memory settings",
+    "CpuRealtimePeriod": "realtime scheduling",
+    "CpuRealtimeRuntime": "realtime scheduling",
+    "MaskedPaths": "changing masked paths",
+    "ReadonlyPaths": "changing read-only paths",
+    "VolumeDriver": "volume drivers",
+    "Cgroup": "cgroup modes",
+}
+
+
+class CreateCheck:
+    """One create request's check: construct with the caller and facts, call `run(body)`."""
+
+    def __init__(self, caller: Caller, settings: Settings, facts: CreateFacts):
+        self.caller = caller
+        self.settings = settings
+        self.facts = facts
+        self.limits = facts.limits or UserLimits()
+        self.roots = [
+            facts.paths[r].real if r in facts.paths else r for r in bind_roots(caller, settings)
+        ]
+        self.host_binds = False
+
+    def run(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        limit = self.limits.max_containers
+        if limit is not None and self.facts.existing_containers >= limit:
+            raise forbid(
+                f"Permission denied: you already have {self.facts.existing_containers} "
+                f"containers (limit {limit}); remove one first"
+            )
+        checks: dict[str, Check] = {key: accept for key in CONFIG_ACCEPTED}
+        checks |= {
+            "Image": self.image,
+            "Env": of_type("Env", list),
+            "Labels": self.labels,
+            "User": accept,
+            "HostConfig": self.host_config,
+            "NetworkingConfig": self.networking,
+        }
+        out = strict_object("create", body, checks)
+        out["Labels"] = self.labels(body.get("Labels"))
+        out["Env"] = self.env(out.get("Env"))
+        out["HostConfig"] = self.host_config(body.get("HostConfig"))
+        out["User"] = self.user(out.get("User"))
+        return out
+
+    def image(self, value: Any) -> Any:
+        allowed = self.limits.allowed_images
+        if not isinstance(value, str) or not value:
+            raise Denied(400, "create: Image is required")
+        if allowed is not None and not any(fnmatch.fnmatchcase(value, p) for p in allowed):
+            raise forbid(
+                f"Permission denied: image {value!r} is not in your allowed images "
+                f"({', '.join(allowed)})"
+            )
+        return value
+
+    def labels(self, value: Any) -> dict[str, str]:
+        if value is not None and not isinstance(value, dict):
+            raise Denied(400, "create: Labels must be an object")
+        kept = {
+            k: str(v)
+            for k, v in (value or {}).items()
+            if k in USER_SETTABLE_LABELS or not k.startswith(RESERVED_LABEL_PREFIXES)
+        }
+        kept |= owned_labels(self.caller.user)
+        kept |= {"aime.mlc.USER": self.caller.user, "aime.mlc.DS01_MANAGED": "true"}
+        return kept
+
+    def env(self, value: Any) -> list[str]:
+        """Hide GPUs from the NVIDIA runtime: images such as nvidia/cuda set
+        NVIDIA_VISIBLE_DEVICES=all, which a default nvidia runtime would honour."""
+        kept = [e for e in value or [] if not str(e).startswith("NVIDIA_VISIBLE_DEVICES=")]
+        return kept + ["NVIDIA_VISIBLE_DEVICES=void"]
+
+    def user(self, value: Any) -> str | None:
+        """With host binds the container runs as the caller, exactly (see module docstring)."""
+        if not self.host_binds:
+            return value
+        own = f"{self.caller.uid}:{self.caller.gid}"
+        if value in (None, "", str(self.caller.uid), own, self.caller.user):
+            return own
+        raise forbid(
+            f"Permission denied: containers with host bind mounts run as you "
+            f"({own}); --user {value} is not allowed"
+        )
+
+    def host_config(self, value: Any) -> dict[str, Any]:
+        checks: dict[str, Check] = {key: accept for key in HOST_ACCEPTED}
+        checks |= {key: must_be_empty(what) for key, what in HOST_FORBIDDEN.items()}
+        checks |= {
+            "Binds": self.binds,
+            "Mounts": self.mounts,
+            "VolumesFrom": self.volumes_from,
+            "NetworkMode": self.network_mode,
+            "PidMode": self.namespace("PidMode", ("",)),
+            "IpcMode": self.namespace("IpcMode", ("", "none", "private", "shareable")),
+            "UTSMode": one_of("UTSMode", ("",)),
+            "UsernsMode": one_of("UsernsMode", ("",)),
+            "CgroupnsMode": one_of("CgroupnsMode", ("", "private")),
+            "SecurityOpt": self.security_opt,
+            "Runtime": one_of("Runtime", ("", "runc")),
+            "Isolation": one_of("Isolation", ("", "default")),
+            "PortBindings": self.port_bindings,
+            "RestartPolicy": self.restart_policy,
+            "LogConfig": self.log_config,
+            "OomScoreAdj": int_range("OomScoreAdj", 0, 1000),
+            "CpuShares": int_range("CpuShares", 0, 1024),
+            "BlkioWeight": int_range("BlkioWeight", 0, 0),
+            "ShmSize": int_range("ShmSize", 0),
+            "Memory": int_range("Memory", 0),
+            "MemorySwap": int_range("MemorySwap", -1),
+            "NanoCpus": int_range("NanoCpus", 0),
+            "CpuPeriod": int_range("CpuPeriod", 0),
+            "CpuQuota": int_range("CpuQuota", 0),
+            "PidsLimit": int_range("PidsLimit", -1),
+        }
+        for blkio in (
+            "BlkioWeightDevice",
+            "BlkioDeviceReadBps",
+            "BlkioDeviceWriteBps",
+            "BlkioDeviceReadIOps",
+            "BlkioDeviceWriteIOps",
+        ):
+            checks[blkio] = must_be_empty(blkio)
+        # host binds decide the user: find them before the rest (the order of keys is the client's)
+        self.host_binds = bool(_bind_sources(value)) if isinstance(value, dict) else False
+        out = strict_object("HostConfig", value, checks)
+        opts = [o for o in out.get("SecurityOpt", []) if not o.startswith("no-new-privileges")]
+        out["SecurityOpt"] = opts + ["no-new-privileges:true"]
+        return self.apply_limits(out)
+
+    def apply_limits(self, host: dict[str, Any]) -> dict[str, Any]:
+        """The user's limits win over larger (or missing) requests; smaller requests stay."""
+        limits = dict(self.limits.host_config)
+        if "NanoCpus" in limits and (host.get("CpuQuota") or host.get("CpuPeriod")):
+            raise forbid(
+                "Permission denied: use --cpus (CPU quota/period would bypass your CPU limit)"
+            )
+        for key in ("Memory", "NanoCpus", "PidsLimit", "ShmSize"):
+            if key in limits:
+                asked = host.get(key)
+                host[key] = (
+                    asked if isinstance(asked, int) and 0 < asked <= limits[key] else (limits[key])
+                )
+        if "Memory" in limits:
+            host["MemorySwap"] = host["Memory"]  # no swap beyond the memory limit
+        for key, value in limits.items():
+            if key not in ("Memory", "NanoCpus", "PidsLimit", "ShmSize", "MemorySwap"):
+                host[key] = value  # admin-chosen settings (IpcMode, CgroupParent)
+        host.setdefault("NetworkMode", "default")
+        return host
+
+    def check_path(self, source: str, where: str) -> str:
+        facts = self.facts.paths.get(source)
+        if facts is None:
+            raise Denied(500, f"proxy error: {where} was not resolved")
+        if facts.is_socket:
+            raise forbid(f"Permission denied: {where}: binding sockets is not allowed")
+        real = facts.real
+        if not any(real == root or real.startswith(root.rstrip("/") + "/") for root in self.roots):
+            raise forbid(
+                f"Permission denied: {where}: bind mounts must be inside " + " or ".join(self.roots)
+            )
+        return real
+
+    def binds(self, value: Any) -> list[str]:
+        out = []
+        for bind in of_type("Binds", list)(value) or []:
+            if not isinstance(bind, str):
+                raise Denied(400, "Binds entries must be strings")
+            parts = bind.split(":")
+            if len(parts) == 1:
+                out.append(bind)  # anonymous volume at a container path
+                continue
+            if len(parts) > 3:
+                raise Denied(400, f"malformed bind {bind!r}")
+            source, target = parts[0], parts[1]
+            modes = parts[2].split(",") if len(parts) == 3 else []
+            if bad := [m for m in modes if m not in BIND_MODES]:
+                raise forbid(f"Permission denied: bind option {','.join(bad)} is not allowed")
+            if not source.startswith("/"):
+                raise forbid(
+                    f"Permission denied: named volume {source!r}: named volumes are "
+                    "not available through the ds01 proxy; bind a directory of your "
+                    "home or workspace instead"
+                )
+            real = self.check_path(source, f"bind {bind}")
+            out.append(":".join([real, target, *([parts[2]] if modes else [])]))
+        return out
+
+    def mounts(self, value: Any) -> list[dict[str, Any]]:
+        return [self.mount(m) for m in of_type("Mounts", list)(value) or []]
+
+    def mount(self, value: Any) -> dict[str, Any]:
+        common: dict[str, Check] = {
+            "Type": one_of("Mounts.Type", ("bind", "volume", "tmpfs")),
+            "Target": of_type("Mounts.Target", str),
+            "Source": of_type("Mounts.Source", str),
+            "ReadOnly": of_type("Mounts.ReadOnly", bool),
+            "Consistency": accept,
+            "BindOptions": lambda v: strict_object(
+                "Mounts.BindOptions",
+                v,
+                {
+                    "Propagation": one_of("Mounts.BindOptions.Propagation", PROPAGATIONS),
+                    "NonRecursive": of_type("NonRecursive", bool),
+                },
+            ),
+            "VolumeOptions": lambda v: strict_object(
+                "Mounts.VolumeOptions",
+                v,
+                {
+                    "NoCopy": of_type("NoCopy", bool),
+                    "Labels": of_type("Labels", dict),
+                },
+            ),
+            "TmpfsOptions": lambda v: strict_object(
+                "Mounts.TmpfsOptions",
+                v,
+                {
+                    "SizeBytes": int_range("SizeBytes", 0),
+                    "Mode": int_range("Mode", 0, 0o7777),
+                },
+            ),
+        }
+        out = strict_object("Mounts", value, common)
+        kind, source = out.get("Type"), out.get("Source", "")
+        if kind == "bind":
+            out["Source"] = self.check_path(source, f"mount {source}")
+        elif kind == "volume" and source:
+            raise forbid(
+                f"Permission denied: named volume {source!r}: named volumes are not "
+                "available through the ds01 proxy"
+            )
+        elif kind is None:
+            raise Denied(400, "Mounts entries need a Type")
+        return out
+
+    def own_container(self, ref: str, what: str) -> str:
+        facts = self.facts.containers.get(ref)
+        if facts is None or facts.owner is None:
+            raise Denied(404, f"{what}: No such container: {ref}")
+        if facts.owner != self.caller.user:
+            raise forbid(f"Permission denied: {what}: container owned by {facts.owner}")
+        return facts.id
+
+    def namespace(self, key: str, plain: tuple[str, ...]) -> Check:
+        def check(value: Any) -> Any:
+            value = value or ""
+            if isinstance(value, str) and value.startswith("container:"):
+                return "container:" + self.own_container(value.split(":", 1)[1], key)
+            return one_of(key, plain + ("container:<your own container>",))(value)
+
+        return check
+
+    def network_mode(self, value: Any) -> Any:
+        allowed = ("",) + self.settings.allowed_networks
+        return self.namespace("NetworkMode", allowed)(value)
+
+    def volumes_from(self, value: Any) -> list[str]:
+        out = []
+        for entry in of_type("VolumesFrom", list)(value) or []:
+            ref, sep, mode = str(entry).partition(":")
+            if mode not in ("", "ro", "rw"):
+                raise Denied(400, f"VolumesFrom mode {mode!r} must be ro or rw")
+            out.append(self.own_container(ref, "VolumesFrom") + sep + mode)
+        return out
+
+    def security_opt(self, value: Any) -> list[str]:
+        opts = of_type("SecurityOpt", list)(value) or []
+        for opt in opts:
+            if not re.fullmatch(r"no-new-privileges([:=]true)?", str(opt)):
+                raise forbid(
+                    f"Permission denied: security option {opt!r} is not allowed "
+                    "(only no-new-privileges)"
+                )
+        return list(opts)
+
+    def port_bindings(self, value: Any) -> Any:
+        for port, bindings in (of_type("PortBindings", dict)(value) or {}).items():
+            for binding in bindings or []:
+                host_port = str((binding or {}).get("HostPort") or "")
+                low = host_port.split("-")[0]
+                if low and (not low.isdigit() or int(low) < self.settings.min_host_port):
+                    raise forbid(
+                        f"Permission denied: publishing {port} on host port "
+                        f"{host_port}: host ports below "
+                        f"{self.settings.min_host_port} are reserved"
+                    )
+        return value
+
+    def restart_policy(self, value: Any) -> Any:
+        return strict_object(
+            "RestartPolicy",
+            value,
+            {
+                "Name": one_of("RestartPolicy.Name", RESTART_POLICIES),
+                "MaximumRetryCount": int_range("MaximumRetryCount", 0),
+            },
+        )
+
+    def log_config(self, value: Any) -> Any:
+        out = strict_object(
+            "LogConfig",
+            value,
+            {
+                "Type": one_of("LogConfig.Type", LOG_DRIVERS),
+                "Config": of_type("LogConfig.Config", dict),
+            },
+        )
+        if bad := set(out.get("Config") or {}) - LOG_OPTIONS:
+            raise forbid(f"Permission denied: log options {', '.join(sorted(bad))} are not allowed")
+        return out
+
+    def networking(self, value: Any) -> Any:
+        config = strict_object("NetworkingConfig", value, {"EndpointsConfig": accept})
+        endpoints = of_type("EndpointsConfig", dict)(config.get("EndpointsConfig")) or {}
+        for name, endpoint in endpoints.items():
+            if name not in self.settings.allowed_networks:
+                raise forbid(
+                    f"Permission denied: network {name!r} is not allowed (allowed: "
+                    f"{', '.join(self.settings.allowed_networks)})"
+                )
+            strict_object(f"EndpointsConfig.{name}", endpoint, {})
+        return {"EndpointsConfig": {name: {} for name in endpoints}} if endpoints else {}
+
+
+def check_create(
+    caller: Caller, target: Target, body: Any, facts: CreateFacts, settings: Settings = Settings()
+) -> tuple[Target, bytes]:
+    """The create request to forward: labels forced, limits applied, dangerous options refused."""
+    if not isinstance(body, dict):
+        raise Denied(400, "create body must be a JSON object")
+    check_container_name(caller, target.param("name"))
+    checked = CreateCheck(caller, settings, facts).run(body)
+    return target, json.dumps(checked, separators=(",", ":")).encode()
+
+
+# --------------------------------------------------------------------------------------------
+# Actions on existing containers and exec instances
+
+
+def check_container_action(
+    caller: Caller, route: Route, target: Target, facts: ContainerFacts | None, body: bytes
+) -> tuple[Target, bytes | None]:
+    """The request to forward for an action on a container, addressed by its full id.
+
+    `body` is only inspected where it matters (exec create, start); None in the result means
+    "stream the client's body through unchanged".
+    """
+    ref = route.ref or ""
+    owned = check_owner(caller, ref, facts)
+    resolved = target.with_segment(1, owned.id)
+    method, action = target.method, route.action
+    if (method, action) == ("DELETE", "") and target.param("link") not in (None, "", "0", "false"):
+        raise forbid("Permission denied: removing links is not allowed")
+    if action == "rename":
+        check_container_name(caller, target.param("name"))
+    if (method, action) == ("PUT", "archive") and owned.has_host_binds:
+        raise forbid(
+            "Permission denied: docker cp into a container with host bind mounts is "
+            "refused (the engine would write the files as root into your home); copy "
+            "them into your home directory on the host instead"
+        )
+    if action == "start":
+        if parse_json_body(body, "start"):
+            raise forbid("Permission denied: a start request must not carry a HostConfig")
+        return resolved, b""
+    if action == "exec":
+        return resolved, check_exec_create(caller, owned, body)
+    return resolved, None
+
+
+def check_exec_create(caller: Caller, container: ContainerFacts, body: bytes) -> bytes:
+    config = parse_json_body(body, "exec")
+    checked = strict_object(
+        "exec",
+        config,
+        {
+            key: accept
+            for key in (
+                "AttachStdin",
+                "AttachStdout",
+                "AttachStderr",
+                "Tty",
+                "ConsoleSize",
+                "DetachKeys",
+                "Detach",
+                "Env",
+                "Cmd",
+                "WorkingDir",
+            )
+        }
+        | {"Privileged": must_be_empty("privileged exec"), "User": accept},
+    )
+    user = checked.get("User")
+    if container.has_host_binds and user not in (
+        None,
+        "",
+        str(caller.uid),
+        f"{caller.uid}:{caller.gid}",
+        caller.user,
+    ):
+        raise forbid(
+            f"Permission denied: exec --user {user} in a container with host bind "
+            f"mounts is not allowed (it runs as you, {caller.uid}:{caller.gid})"
+        )
+    return json.dumps(checked, separators=(",", ":")).encode()
+
+
+def check_list(caller: Caller, target: Target) -> Target:
+    return target.with_query(filters=owner_filters(target.param("filters"), caller.user))
+
+
+def check_events(caller: Caller, target: Target) -> Target:
+    filters = owner_filters(target.param("filters"), caller.user, {"type": ["container"]})
+    return target.with_query(filters=filters)
+
+
+# --------------------------------------------------------------------------------------------
+# Images and builds
+
+
+def in_user_namespace(caller: Caller, reference: str) -> bool:
+    repository = reference.split("@", 1)[0]
+    return repository.startswith(image_repository(caller.user) + "/")
+
+
+def check_image_tag(caller: Caller, target: Target) -> Target:
+    repo = target.param("repo") or ""
+    if not in_user_namespace(caller, repo):
+        raise forbid(
+            f"Permission denied: you may only tag images as {image_repository(caller.user)}/NAME"
+        )
+    return target
+
+
+def check_image_delete(caller: Caller, route: Route) -> None:
+    if not in_user_namespace(caller, route.ref or ""):
+        raise forbid(
+            f"Permission denied: you may only remove your own images "
+            f"({image_repository(caller.user)}/NAME:TAG, by name)"
+        )
+
+
+def pull_reference(target: Target) -> str:
+    """The local reference a pull would (re)write; refuses imports and all-tags pulls."""
+    if target.param("fromSrc") is not None or target.param("repo") is not None:
+        raise forbid("Permission denied: docker import is not available through the ds01 proxy")
+    image, tag = target.param("fromImage") or "", target.param("tag") or ""
+    if not image:
+        raise Denied(400, "fromImage is required")
+    if not tag and ":" not in image.rsplit("/", 1)[-1] and "@" not in image:
+        raise forbid("Permission denied: pulling all tags is not allowed; name a tag")
+    if not tag:
+        return image
+    return f"{image}@{tag}" if ":" in tag else f"{image}:{tag}"
+
+
+def check_pull(caller: Caller, reference: str, exists_locally: bool) -> None:
+    """A pull must not replace a local image others use (a registry copy could be anyone's)."""
+    if exists_locally and "@" not in reference and not in_user_namespace(caller, reference):
+        raise forbid(
+            f"Permission denied: image {reference} already exists on this host; "
+            "pulling would replace it for everyone -- ask an admin to update it"
+        )
+
+
+BUILD_NETWORKS = ("", "default", "bridge", "none")
+BUILD_FORBIDDEN = ("remote", "cgroupparent", "session", "outputs", "ulimits", "isolation", "squash")
+
+
+def check_build(caller: Caller, target: Target, limits: UserLimits | None) -> Target:
+    """Legacy builds only; tags in the user's namespace; the user's memory/CPU limits."""
+    if target.param("version") not in (None, "", "1"):
+        raise forbid(
+            "Permission denied: BuildKit builds are not available through the ds01 "
+            "proxy; run DOCKER_BUILDKIT=0 docker build, or image-create"
+        )
+    for key in BUILD_FORBIDDEN:
+        value = target.param(key)
+        if value not in (None, "", "[]", "null", "0", "false"):
+            raise forbid(f"Permission denied: build option {key} is not allowed")
+    network = target.param("networkmode") or ""
+    if network not in BUILD_NETWORKS:
+        raise forbid(
+            f"Permission denied: build network {network!r} is not allowed "
+            f"(allowed: {', '.join(repr(n) for n in BUILD_NETWORKS)})"
+        )
+    for tag in target.params("t"):
+        if not in_user_namespace(caller, tag):
+            raise forbid(
+                f"Permission denied: build tags must be "
+                f"{image_repository(caller.user)}/NAME[:TAG] (got {tag!r})"
+            )
+    host = dict((limits or UserLimits()).host_config)
+    changes: dict[str, str | None] = {}
+    if "Memory" in host:
+        changes |= {"memory": str(host["Memory"]), "memswap": str(host["Memory"])}
+    if "NanoCpus" in host:
+        changes |= {"cpuperiod": "100000", "cpuquota": str(host["NanoCpus"] // 10000)}
+    if "ShmSize" in host:
+        changes["shmsize"] = str(host["ShmSize"])
+    return target.with_query(**changes) if changes else target
