@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ds01hub import proxy
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ds01hub",
         description="ds01hub administration: limits, GPUs, allocations, the socket proxy.",
     )
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    proxy.register(subparsers)
     return parser
 
 
