@@ -194,6 +194,17 @@ class BrokerHandler(web.RequestHandler):
             super().log_exception(typ, value, tb)
 
 
+class NotFoundHandler(BrokerHandler):
+    """Unknown paths answer JSON too (after the caller is identified, like everything else)."""
+
+    def prepare(self) -> None:
+        super().prepare()
+        if not self._finished:
+            self.send_operation_error(
+                OperationError(f"no such endpoint {self.request.path}", status=404)
+            )
+
+
 class WhoAmIHandler(BrokerHandler):
     def get(self) -> None:
         self.reply({"user": self.caller.user, "uid": self.caller.uid, "admin": self.caller.admin})
@@ -671,6 +682,7 @@ class Broker(Application):
                 (f"{p}/images/{name}", ImageHandler),
             ],
             broker=self,
+            default_handler_class=NotFoundHandler,
         )
 
     def listen(self) -> HTTPServer:
@@ -698,6 +710,46 @@ class Broker(Application):
             await asyncio.Event().wait()
 
         asyncio.run(serve())
+
+
+SERVICE_NAME = "ds01-broker"
+
+
+def service_scopes(auto_create_users: bool = True) -> list[str]:
+    """Least privilege: start/stop/delete and read servers, read users (groups, activity) and,
+    only when the broker creates hub users on first use, `admin:users`."""
+    return ["servers", "read:users"] + (["admin:users"] if auto_create_users else [])
+
+
+def configure_hub(
+    c,
+    *,
+    socket_path: str = "/run/ds01hub/broker.sock",
+    broker_args: list[str] | tuple[str, ...] = (),
+    environment: dict[str, str] | None = None,
+    auto_create_users: bool = True,
+) -> None:
+    """Register the broker in a JupyterHub config `c` (call from jupyterhub_config.py): the
+    managed service (`python -m ds01hub.broker`), its role, and named servers (one per
+    project), which the users' commands rely on."""
+    args = [f"--Broker.socket_path={socket_path}", *broker_args]
+    if not auto_create_users:
+        args.append("--Broker.auto_create_users=False")
+    service = {
+        "name": SERVICE_NAME,
+        "command": [sys.executable, "-m", "ds01hub.broker", *args],
+        "environment": dict(environment or {}),
+    }
+    services = c.JupyterHub.services if isinstance(c.JupyterHub.services, list) else []
+    c.JupyterHub.services = [s for s in services if s.get("name") != SERVICE_NAME] + [service]
+    roles = c.JupyterHub.load_roles if isinstance(c.JupyterHub.load_roles, list) else []
+    role = {
+        "name": SERVICE_NAME,
+        "services": [SERVICE_NAME],
+        "scopes": service_scopes(auto_create_users),
+    }
+    c.JupyterHub.load_roles = [r for r in roles if r.get("name") != SERVICE_NAME] + [role]
+    c.JupyterHub.allow_named_servers = True
 
 
 main = Broker.launch_instance

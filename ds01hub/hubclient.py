@@ -2,7 +2,9 @@
 
 Both the broker (acting for a user with its service token) and the remote CLI (with the user's
 own token) go through the hub, so quotas and GPU allocation run the same code as the browser.
-Built on tornado's AsyncHTTPClient, which JupyterHub already depends on.
+Built on tornado's AsyncHTTPClient, which JupyterHub already depends on. Tornado is imported
+where it is used, so the host CLI (which only needs `HubError` and the pure helpers here when it
+talks to the broker) runs on the standard library alone.
 """
 
 from __future__ import annotations
@@ -10,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
 
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
+if TYPE_CHECKING:
+    from tornado.httpclient import HTTPRequest, HTTPResponse
 
 
 class HubError(Exception):
@@ -66,9 +69,13 @@ class HubClient:
         self.api_url = api_url.rstrip("/")
         self.token = token
         self.request_timeout = request_timeout
+        from tornado.httpclient import AsyncHTTPClient
+
         self.http = AsyncHTTPClient()
 
     def _request(self, method: str, path: str, body: Any = None, **kw: Any) -> HTTPRequest:
+        from tornado.httpclient import HTTPRequest
+
         payload = None if body is None else json.dumps(body)
         if payload is None and method in ("POST", "PUT", "PATCH"):
             payload = ""
@@ -83,6 +90,8 @@ class HubClient:
         )
 
     async def _fetch(self, req: HTTPRequest) -> HTTPResponse:
+        from tornado.httpclient import HTTPClientError
+
         try:
             return await self.http.fetch(req)
         except HTTPClientError as e:

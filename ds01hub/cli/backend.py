@@ -40,6 +40,14 @@ def error_from_reply(status: int, body: Any) -> CliError:
     return CliError(message, hint, EXIT_USAGE if status == 400 else EXIT_FAILURE)
 
 
+def decode_json(data: bytes) -> Any:
+    """A reply body as JSON; None when empty or not JSON (then the status code speaks)."""
+    try:
+        return json.loads(data) if data else None
+    except ValueError:
+        return None
+
+
 class UnixHTTPConnection(http.client.HTTPConnection):
     """http.client over a unix socket (the broker)."""
 
@@ -91,7 +99,7 @@ class BrokerBackend:
             data = response.read()
         finally:
             conn.close()
-        decoded = json.loads(data) if data else None
+        decoded = decode_json(data)
         if response.status >= 400:
             raise error_from_reply(response.status, decoded)
         return decoded
@@ -101,8 +109,7 @@ class BrokerBackend:
         conn, response = self._open(method, self._path(path), body, timeout=None)
         try:
             if response.status >= 400:
-                data = response.read()
-                raise error_from_reply(response.status, json.loads(data) if data else None)
+                raise error_from_reply(response.status, decode_json(response.read()))
             while line := response.readline():
                 if not line.strip():
                     continue
@@ -173,11 +180,7 @@ class BrokerBackend:
         status, headers, rest = read_response_head(sock)
         if status != 101:
             sock.close()
-            try:
-                reply = json.loads(rest.decode() or "null")
-            except ValueError:
-                reply = None
-            raise error_from_reply(status, reply)
+            raise error_from_reply(status, decode_json(rest))
         sock.settimeout(None)
         return sock, headers.get("x-ds01-exec-id", ""), rest
 

@@ -590,9 +590,8 @@ def run_image_create(ctx: Context) -> int:
 
 
 def split_packages(values: Iterable[str]) -> list[str]:
-    from ..images import parse_package_list
-
-    return list(parse_package_list(",".join(values).replace(",", "\n")))
+    """`--pip a,b --pip c` -> ["a", "b", "c"]; the broker validates each (ds01hub.images)."""
+    return [p.strip() for value in values for p in value.split(",") if p.strip()]
 
 
 def guided_image(ctx: Context) -> None:

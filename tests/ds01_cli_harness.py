@@ -1,0 +1,133 @@
+"""Helpers for the CLI and broker tests: real Unix users, the users' commands run as them, and
+the broker as its own process.
+
+The commands run under `/usr/bin/python3` with the dev venv's site-packages added: the venv's
+interpreter lives under /root (mode 0700), which the test users cannot enter, just as a real
+deployment installs ds01hub where every user can run it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import secrets
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SITE_PACKAGES = sysconfig.get_paths()["purelib"]
+USER_PYTHON = "/usr/bin/python3"
+LAUNCHER = (
+    "import site, sys; site.addsitedir(sys.argv.pop(1)); "
+    "from ds01hub.cli.user import entry; sys.exit(entry(sys.argv[1])(sys.argv[2:]))"
+)
+
+
+@dataclass(frozen=True)
+class UnixUser:
+    name: str
+    uid: int
+    gid: int
+    home: str
+
+
+@contextlib.contextmanager
+def unix_user(prefix: str = "d01t"):
+    """A fresh Unix user (removed with its home at the end, even on failure)."""
+    name = f"{prefix}{secrets.token_hex(3)}"
+    home = f"/tmp/{name}-home"
+    subprocess.run(
+        ["useradd", "--create-home", "--home-dir", home, "--shell", "/bin/bash", name],
+        check=True,
+    )
+    try:
+        entry = pwd.getpwnam(name)
+        yield UnixUser(name, entry.pw_uid, entry.pw_gid, home)
+    finally:
+        subprocess.run(["userdel", "--remove", name], check=False, capture_output=True)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def user_env(home: str, socket_path: str, **extra: str) -> dict[str, str]:
+    env = {
+        "HOME": home,
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "LANG": "C.UTF-8",
+        "DS01HUB_BROKER_SOCKET": socket_path,
+    }
+    env.update(extra)
+    return env
+
+
+def command_line(command: str, *args: str) -> list[str]:
+    return [USER_PYTHON, "-c", LAUNCHER, SITE_PACKAGES, command, *args]
+
+
+def run_as(
+    user: UnixUser | int,
+    socket_path: str,
+    command: str,
+    *args: str,
+    input: str | None = None,
+    timeout: float = 300,
+) -> subprocess.CompletedProcess:
+    """Run one of the users' commands as `user` (a UnixUser, or a bare uid with no account)."""
+    uid, gid, home = (
+        (user.uid, user.gid, user.home) if isinstance(user, UnixUser) else (user, user, "/tmp")
+    )
+    return subprocess.run(
+        command_line(command, *args),
+        user=uid,
+        group=gid,
+        extra_groups=[],
+        env=user_env(home, socket_path),
+        input=input if input is not None else "",
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd="/tmp",
+    )
+
+
+class BrokerProcess:
+    """`python -m ds01hub.broker` on a socket in a fresh 0755 directory (for tests that do not
+    need the hub to start it)."""
+
+    def __init__(self, hub_api_url: str, token: str, *extra_args: str):
+        self.directory = tempfile.mkdtemp(prefix="ds01t-broker-")
+        os.chmod(self.directory, 0o755)
+        self.socket_path = os.path.join(self.directory, "broker.sock")
+        self.log_path = Path(self.directory) / "broker.log"
+        args = [
+            f"--Broker.socket_path={self.socket_path}",
+            f"--Broker.hub_api_url={hub_api_url}",
+            f"--Broker.api_token={token}",
+            *extra_args,
+        ]
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "ds01hub.broker", *args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.directory,
+            )
+        deadline = time.monotonic() + 30
+        while not os.path.exists(self.socket_path):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"broker did not start:\n{self.log()}")
+            time.sleep(0.1)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-5000:]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+        shutil.rmtree(self.directory, ignore_errors=True)
