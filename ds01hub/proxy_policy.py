@@ -46,6 +46,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import PurePosixPath
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode
 
@@ -462,7 +463,7 @@ def is_empty(value: Any) -> bool:
     if value is None or value is False or value == 0 or value == "":
         return True
     if isinstance(value, dict):
-        return all(is_empty(v) for v in value.values())
+        return not value  # a key is data (a volume path, a port, a network name)
     if isinstance(value, list):
         return all(is_empty(v) for v in value)
     return False
@@ -675,9 +676,11 @@ class CreateCheck:
         self.settings = settings
         self.facts = facts
         self.limits = facts.limits or UserLimits()
-        self.roots = [
+        # a root of "/" or "/srv" (a service account's home) would open far too much
+        resolved = [
             facts.paths[r].real if r in facts.paths else r for r in bind_roots(caller, settings)
         ]
+        self.roots = [r for r in resolved if len(PurePosixPath(r).parts) > 2]
         self.host_binds = False
 
     def run(self, body: Mapping[str, Any]) -> dict[str, Any]:
@@ -687,21 +690,17 @@ class CreateCheck:
                 f"Permission denied: you already have {self.facts.existing_containers} "
                 f"containers (limit {limit}); remove one first"
             )
-        checks: dict[str, Check] = {key: accept for key in CONFIG_ACCEPTED}
-        checks |= {
-            "Image": self.image,
-            "Env": of_type("Env", list),
-            "Labels": self.labels,
-            "User": accept,
-            "HostConfig": self.host_config,
-            "NetworkingConfig": self.networking,
-        }
+        later = ("Image", "Env", "Labels", "User", "HostConfig")
+        checks: dict[str, Check] = {key: accept for key in (*CONFIG_ACCEPTED, *later)}
+        checks["NetworkingConfig"] = self.networking
         out = strict_object("create", body, checks)
-        out["Labels"] = self.labels(body.get("Labels"))
-        out["Env"] = self.env(out.get("Env"))
-        out["HostConfig"] = self.host_config(body.get("HostConfig"))
+        # HostConfig first: whether it binds host paths decides the container's user
+        out["HostConfig"] = self.host_config(out.get("HostConfig"))
+        out["Image"] = self.image(out.get("Image"))
+        out["Labels"] = self.labels(out.get("Labels"))
+        out["Env"] = self.env(of_type("Env", list)(out.get("Env")))
         out["User"] = self.user(out.get("User"))
-        return out
+        return {k: v for k, v in out.items() if v is not None}
 
     def image(self, value: Any) -> Any:
         allowed = self.limits.allowed_images
@@ -1127,7 +1126,16 @@ def check_pull(caller: Caller, reference: str, exists_locally: bool) -> None:
 
 
 BUILD_NETWORKS = ("", "default", "bridge", "none")
-BUILD_FORBIDDEN = ("remote", "cgroupparent", "session", "outputs", "ulimits", "isolation", "squash")
+BUILD_FORBIDDEN = (
+    "pull",  # would replace the (shared) local base image with the registry's
+    "remote",  # the engine would fetch a context from anywhere, as root
+    "cgroupparent",
+    "session",
+    "outputs",
+    "ulimits",
+    "isolation",
+    "squash",
+)
 
 
 def check_build(caller: Caller, target: Target, limits: UserLimits | None) -> Target:
