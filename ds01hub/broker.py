@@ -36,6 +36,14 @@ from tornado.netutil import bind_unix_socket
 from traitlets import Bool, Float, Integer, List, Unicode, default
 from traitlets.config import Application
 
+from .cli.terminal import (
+    INPUT_DATA,
+    INPUT_EOF,
+    INPUT_HEADER,
+    INPUT_RESIZE,
+    MAX_INPUT_FRAME,
+    decode_input_header,
+)
 from .hubclient import HubClient
 from .operations import OperationError, OperationsContext, UserOperations, validate_name
 
@@ -307,56 +315,71 @@ class ExecHandler(BrokerHandler):
         self.set_header("X-DS01-Exec-Id", created["exec_id"])
         self.finish()
         client_stream = self.detach()
-        await relay(client_stream, docker_stream)
+        exec_id = created["exec_id"]
+
+        async def resize(rows: int, cols: int) -> None:
+            await self.broker.resize_exec(exec_id, rows, cols)
+
+        await relay(client_stream, docker_stream, resize)
 
 
 class ExecSessionHandler(BrokerHandler):
-    """Resize a running exec or read its exit code; only for execs in the caller's containers."""
+    """An exec's exit code, once it ended; only for execs in the caller's containers."""
 
     async def get(self, exec_id: str) -> None:
         info = await self.ops().owns_exec(exec_id)
         self.reply({"running": info.get("Running"), "exit_code": info.get("ExitCode")})
 
-    async def post(self, exec_id: str) -> None:
-        body = self.json_body()
-        await self.ops().owns_exec(exec_id)
-        try:
-            rows, cols = int(body["rows"]), int(body["cols"])
-        except (KeyError, TypeError, ValueError):
-            raise OperationError("resize needs integer rows and cols") from None
-        await self.broker.resize_exec(exec_id, rows, cols)
-        self.reply({"rows": rows, "cols": cols})
+
+async def pump_output(container: IOStream, client: IOStream) -> None:
+    """The container's output to the client, byte for byte, until the exec ends."""
+    with contextlib.suppress(StreamClosedError):
+        while True:
+            await client.write(await container.read_bytes(65536, partial=True))
 
 
-async def pump(source: IOStream, sink: IOStream) -> None:
-    """Copy bytes until the source closes, then half-close the sink's writing side."""
+async def pump_input(client: IOStream, container: IOStream, resize: Callable) -> None:
+    """The client's framed input (ds01hub.cli.terminal): data to the container's stdin, end of
+    input as a half-close (so `sh < script` ends), window sizes as exec resizes. Framing is
+    needed because tornado streams cannot half-close."""
     try:
         while True:
-            chunk = await source.read_bytes(65536, partial=True)
-            await sink.write(chunk)
+            kind, size = decode_input_header(await client.read_bytes(INPUT_HEADER.size))
+            if size > MAX_INPUT_FRAME:
+                break
+            payload = await client.read_bytes(size) if size else b""
+            if kind == INPUT_DATA:
+                await container.write(payload)
+            elif kind == INPUT_EOF:
+                _close_input(container)
+            elif kind == INPUT_RESIZE and size == 4:
+                await resize(*struct.unpack(">HH", payload))
     except StreamClosedError:
         pass
-    finally:
-        if not sink.closed():
-            try:
-                sink.socket.shutdown(socket.SHUT_WR)
-            except OSError:
-                sink.close()
+    # the client left (or broke the protocol): end the shell's input as a terminal hang-up would
+    _close_input(container)
 
 
-async def relay(client: IOStream, container: IOStream) -> None:
-    """Both directions until the container side ends (the shell exited) or the client leaves."""
-    to_container = asyncio.ensure_future(pump(client, container))
-    to_client = asyncio.ensure_future(pump(container, client))
-    await asyncio.wait([to_container, to_client], return_when=asyncio.FIRST_COMPLETED)
-    if not to_client.done():
-        # the client closed its side (end of input, or it went away): the container got EOF on
-        # stdin; let what the shell still prints reach the client, then finish
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(to_client, timeout=30)
-    client.close()
+def _close_input(container: IOStream) -> None:
+    if not container.closed():
+        try:
+            container.socket.shutdown(socket.SHUT_WR)
+        except OSError:
+            container.close()
+
+
+async def relay(client: IOStream, container: IOStream, resize: Callable) -> None:
+    """Both directions until the exec ends (Docker closes its side), then close both."""
+    from_client = asyncio.ensure_future(pump_input(client, container, resize))
+    await pump_output(container, client)
     container.close()
-    await asyncio.gather(to_container, to_client, return_exceptions=True)
+    # a graceful end: half-close, let the client read the rest and hang up (closing at once
+    # with its last input unread would reset the connection and lose output)
+    _close_input(client)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(from_client), timeout=10)
+    client.close()
+    await asyncio.gather(from_client, return_exceptions=True)
 
 
 class BrokerImages:

@@ -32,6 +32,9 @@ NAME_RULE = (
 #: The project name shown for the user's default (unnamed) hub server.
 DEFAULT_PROJECT = labels.DEFAULT_PROJECT
 
+#: What `container-run` starts without a command: bash if the image has it, else sh.
+LOGIN_SHELL = ["/bin/sh", "-c", "if [ -x /bin/bash ]; then exec /bin/bash -l; fi; exec /bin/sh -l"]
+
 #: The spawn `user_options` keys (docs/architecture.md "Spawn options"), as the browser's form.
 SPAWN_OPTION_KEYS = ("image", "gpus", "mig", "profile")
 
@@ -454,7 +457,7 @@ class UserOperations:
                 status=409,
             )
         config = attrs.get("Config") or {}
-        shell = command or ["/bin/bash", "-l"]
+        shell = command or LOGIN_SHELL
         created = await asyncio.to_thread(
             self.ctx.docker.api.exec_create,
             attrs["Id"],

@@ -131,3 +131,60 @@ class BrokerProcess:
             self.process.terminate()
             self.process.wait(10)
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+BUSYBOX_IMAGE = "ds01hub-test/cli-busybox:1"
+BUSYBOX_APPLETS = ("sh", "hostname", "touch", "ls", "sleep", "cat", "id", "echo", "pwd", "true")
+
+
+def busybox_image(client) -> str:
+    """A tiny image with the host's static busybox (sh, hostname, ls, ...), built once."""
+    import io
+    import tarfile
+
+    import docker.errors
+
+    try:
+        client.images.get(BUSYBOX_IMAGE)
+        return BUSYBOX_IMAGE
+    except docker.errors.ImageNotFound:
+        pass
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        archive.add(shutil.which("busybox"), arcname="bin/busybox")
+        for applet in BUSYBOX_APPLETS:
+            link = tarfile.TarInfo(f"bin/{applet}")
+            link.type, link.linkname = tarfile.SYMTYPE, "busybox"
+            archive.addfile(link)
+        for directory in ("tmp", "etc", "root"):
+            info = tarfile.TarInfo(directory)
+            info.type, info.mode = tarfile.DIRTYPE, 0o1777 if directory == "tmp" else 0o755
+            archive.addfile(info)
+    repository, tag = BUSYBOX_IMAGE.split(":")
+    client.api.import_image_from_data(
+        buffer.getvalue(), repository=repository, tag=tag, changes=['LABEL ds01.test="1"']
+    )
+    return BUSYBOX_IMAGE
+
+
+def managed_container(client, user: str, project: str, image: str, test_id: str, gpus: str = ""):
+    """A running container labelled as the spawner labels its containers (ds01hub.labels), for
+    tests of the broker's Docker side before/without a spawn."""
+    from ds01hub import labels
+
+    container_labels = labels.container_labels(
+        user=user,
+        project=project,
+        group=None,
+        priority=0,
+        gpus=[g for g in gpus.split(",") if g],
+        image=image,
+    )
+    container_labels.update({"ds01.test": "1", "ds01.test.cli": test_id})
+    return client.containers.run(
+        image,
+        ["sleep", "100000"],
+        name=labels.container_name(user, project) + f"-{test_id}",
+        labels=container_labels,
+        detach=True,
+    )

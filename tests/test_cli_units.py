@@ -475,3 +475,17 @@ def test_broker_errors_map_to_exit_codes():
     err = backends.error_from_reply(409, {"error": "over quota", "hint": None})
     assert err.code == 1 and err.message == "over quota"
     assert "HTTP 502" in backends.error_from_reply(502, None).message
+
+
+def test_input_frames_round_trip():
+    from ds01hub.cli import terminal
+
+    frame = terminal.encode_input(terminal.INPUT_DATA, b"ls\n")
+    kind, size = terminal.decode_input_header(frame[: terminal.INPUT_HEADER.size])
+    assert (kind, size) == (terminal.INPUT_DATA, 3) and frame[
+        terminal.INPUT_HEADER.size :
+    ] == b"ls\n"
+    resize = terminal.encode_resize(50, 200)
+    assert terminal.decode_input_header(resize[:5]) == (terminal.INPUT_RESIZE, 4)
+    assert struct.unpack(">HH", resize[5:]) == (50, 200)
+    assert terminal.encode_input(terminal.INPUT_EOF) == b"\x01\x00\x00\x00\x00"

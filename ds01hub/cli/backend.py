@@ -184,9 +184,6 @@ class BrokerBackend:
         sock.settimeout(None)
         return sock, headers.get("x-ds01-exec-id", ""), rest
 
-    def resize_exec(self, exec_id: str, rows: int, cols: int) -> None:
-        self.call("POST", f"/exec/{exec_id}", {"rows": rows, "cols": cols})
-
     def exec_status(self, exec_id: str) -> dict[str, Any]:
         return self.call("GET", f"/exec/{exec_id}")
 

@@ -1,8 +1,9 @@
 """`container-run`'s side of a shell in a container: relay the terminal over the broker socket.
 
-With a terminal, stdin goes raw and the window size follows SIGWINCH (sent to the broker, which
-resizes the docker exec). Without one (a script piped in), Docker multiplexes stdout and stderr
-into frames, which `FrameDecoder` splits again.
+Output comes back as Docker sends it: raw bytes with a terminal, or (without one, e.g. a script
+piped in) stdout and stderr multiplexed into frames, which `FrameDecoder` splits again.
+Input goes to the broker in small frames (`encode_input`): data, end of input, and window sizes
+(SIGWINCH), so the end of a piped script reaches the shell as EOF while its output still flows.
 """
 
 from __future__ import annotations
@@ -16,7 +17,25 @@ import struct
 import sys
 import termios
 import tty
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+
+#: Input frames, client -> broker: kind (1 byte), payload size (4 bytes, big-endian), payload.
+INPUT_HEADER = struct.Struct(">BI")
+INPUT_DATA, INPUT_EOF, INPUT_RESIZE = 0, 1, 2
+MAX_INPUT_FRAME = 1 << 20
+
+
+def encode_input(kind: int, payload: bytes = b"") -> bytes:
+    return INPUT_HEADER.pack(kind, len(payload)) + payload
+
+
+def encode_resize(rows: int, cols: int) -> bytes:
+    return encode_input(INPUT_RESIZE, struct.pack(">HH", min(rows, 65535), min(cols, 65535)))
+
+
+def decode_input_header(header: bytes) -> tuple[int, int]:
+    kind, size = INPUT_HEADER.unpack(header)
+    return kind, size
 
 
 class FrameDecoder:
@@ -63,12 +82,11 @@ def relay_terminal(
     sock: socket.socket,
     initial: bytes,
     interactive: bool,
-    on_resize: Callable[[int, int], None] | None = None,
     stdin_fd: int | None = None,
     stdout_fd: int | None = None,
     stderr_fd: int | None = None,
 ) -> None:
-    """Copy stdin to the socket and the socket to stdout until the remote side ends."""
+    """Copy stdin to the broker and its output to stdout until the exec ends."""
     stdin_fd = sys.stdin.fileno() if stdin_fd is None else stdin_fd
     stdout_fd = sys.stdout.fileno() if stdout_fd is None else stdout_fd
     stderr_fd = sys.stderr.fileno() if stderr_fd is None else stderr_fd
@@ -76,13 +94,21 @@ def relay_terminal(
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     previous = None
-    if interactive and on_resize:
+    if interactive:
 
         def on_winch(_signum, _frame):
             with contextlib.suppress(OSError):
                 os.write(wake_w, b"w")
 
         previous = signal.signal(signal.SIGWINCH, on_winch)
+
+    def send(frame: bytes) -> bool:
+        """False once the broker has closed (the exec ended): output may still be queued."""
+        try:
+            sock.sendall(frame)
+            return True
+        except (BrokenPipeError, ConnectionResetError):
+            return False
 
     def emit(data: bytes) -> None:
         if decoder is None:
@@ -101,20 +127,19 @@ def relay_terminal(
                 ready, _, _ = select.select(watched, [], [])
                 if wake_r in ready:
                     os.read(wake_r, 1024)
-                    if on_resize:
-                        on_resize(*terminal_size(stdin_fd))
+                    send(encode_resize(*terminal_size(stdin_fd)))
                 if sock in ready:
-                    data = sock.recv(65536)
+                    try:
+                        data = sock.recv(65536)
+                    except ConnectionResetError:
+                        return
                     if not data:
                         return
                     emit(data)
                 if reading_stdin and stdin_fd in ready:
                     data = os.read(stdin_fd, 65536)
-                    if data:
-                        sock.sendall(data)
-                    else:
-                        reading_stdin = False
-                        sock.shutdown(socket.SHUT_WR)
+                    reading_stdin = send(encode_input(INPUT_DATA if data else INPUT_EOF, data))
+                    reading_stdin = reading_stdin and bool(data)
     finally:
         if previous is not None:
             signal.signal(signal.SIGWINCH, previous)

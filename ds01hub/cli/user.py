@@ -387,7 +387,6 @@ def run_run(ctx: Context) -> int:
         sock,
         initial,
         interactive,
-        on_resize=lambda r, c: backend.resize_exec(exec_id, r, c),
         stdin_fd=ctx.stdin.fileno(),
         stdout_fd=ctx.stdout.fileno(),
         stderr_fd=ctx.stderr.fileno(),

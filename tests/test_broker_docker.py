@@ -1,0 +1,251 @@
+"""The broker's Docker side with a real hub, real containers and real Unix users.
+
+The hub runs the broker as a managed service (ds01hub.broker.configure_hub); containers are
+created here with the spawner's labels (ds01hub.labels), so listing, shells, stop and removal
+are exercised without a spawn. Two users must not see, stop, exec into or remove each other's
+containers through any command.
+"""
+
+from __future__ import annotations
+
+import os
+import pty
+import secrets
+import select
+import subprocess
+import time
+
+import docker
+import pytest
+from ds01_cli_harness import (
+    busybox_image,
+    command_line,
+    managed_container,
+    run_as,
+    unix_user,
+    user_env,
+)
+from ds01_service_hub import ServiceHub
+
+pytestmark = [pytest.mark.docker, pytest.mark.e2e, pytest.mark.root]
+
+if os.geteuid() != 0:  # pragma: no cover
+    pytest.skip("needs root to create Unix users", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def client():
+    return docker.from_env()
+
+
+@pytest.fixture(scope="module")
+def test_id():
+    return secrets.token_hex(3)
+
+
+@pytest.fixture(scope="module")
+def users():
+    with unix_user() as alice, unix_user() as bob:
+        yield alice, bob
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("brokerhub")
+    socket_dir = f"/tmp/ds01t-sock-{secrets.token_hex(3)}"
+    os.makedirs(socket_dir, mode=0o755)
+    os.chmod(socket_dir, 0o755)
+    socket_path = f"{socket_dir}/broker.sock"
+    extra = f"""
+from ds01hub.broker import configure_hub as configure_broker
+configure_broker(c, socket_path={socket_path!r})
+"""
+    hub = ServiceHub(directory, extra_config=extra).start()
+    deadline = time.monotonic() + 30
+    while not os.path.exists(socket_path):
+        assert time.monotonic() < deadline, hub.log()
+        time.sleep(0.2)
+    hub.socket_path = socket_path
+    yield hub
+    hub.stop()
+    subprocess.run(["rm", "-rf", socket_dir], check=False)
+
+
+@pytest.fixture(scope="module")
+def containers(client, users, test_id):
+    image = busybox_image(client)
+    alice, bob = users
+    made = {
+        alice.name: managed_container(client, alice.name, "work", image, test_id),
+        bob.name: managed_container(client, bob.name, "work", image, test_id),
+    }
+    yield made
+    for container in client.containers.list(
+        all=True, filters={"label": f"ds01.test.cli={test_id}"}
+    ):
+        container.remove(force=True)
+
+
+def as_user(hub, person, command, *args, **kw):
+    return run_as(person, hub.socket_path, command, *args, **kw)
+
+
+def test_each_user_lists_only_their_own_containers(hub, users, containers):
+    import json
+
+    alice, bob = users
+    for person in (alice, bob):
+        result = as_user(hub, person, "container-list", "--json")
+        assert result.returncode == 0, result.stderr + hub.log()
+        rows = json.loads(result.stdout)
+        assert [(r["project"], r["state"]) for r in rows] == [("work", "running")]
+        assert rows[0]["id"] == containers[person.name].id[:12]
+        assert rows[0]["uptime_s"] >= 0
+    table = as_user(hub, alice, "container-list")
+    assert "work" in table.stdout and "running" in table.stdout
+    assert bob.name not in table.stdout
+
+
+def test_a_command_runs_inside_the_users_container(hub, users, containers):
+    alice, _ = users
+    result = as_user(hub, alice, "container-run", "work", "--", "hostname")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == containers[alice.name].id[:12]
+    # the exit status of the command comes back
+    result = as_user(hub, alice, "container-run", "work", "--", "sh", "-c", "echo oops >&2; exit 3")
+    assert result.returncode == 3 and "oops" in result.stderr
+
+
+def test_input_is_relayed_and_files_land_in_the_container(hub, users, containers, client):
+    alice, bob = users
+    script = "touch /tmp/made-by-alice\necho done\n"
+    result = as_user(hub, alice, "container-run", "work", "--", "sh", input=script)
+    assert result.returncode == 0 and result.stdout.strip() == "done", result.stderr
+    listing = containers[alice.name].exec_run(["ls", "/tmp"]).output.decode()
+    assert "made-by-alice" in listing
+    assert "made-by-alice" not in containers[bob.name].exec_run(["ls", "/tmp"]).output.decode()
+
+
+def test_interactive_shell_through_a_pty(hub, users, containers, client):
+    """A person at a terminal: typing `hostname` shows the container's id; leaving the shell
+    leaves the container running."""
+    alice, _ = users
+    master, slave = pty.openpty()
+    process = subprocess.Popen(
+        command_line("container-run", "work"),
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        user=alice.uid,
+        group=alice.gid,
+        extra_groups=[],
+        env=user_env(alice.home, hub.socket_path, TERM="xterm"),
+        start_new_session=True,
+        cwd="/tmp",
+    )
+    os.close(slave)
+    try:
+        seen = read_until(master, b"#", timeout=30)  # busybox sh prompt
+        os.write(master, b"hostname; echo $((6 * 7))\r")
+        seen += read_until(master, b"42", timeout=30)
+        assert containers[alice.name].id[:12].encode() in seen, seen
+        os.write(master, b"exit\r")
+        seen += read_until(master, b"still running", timeout=30)
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        os.close(master)
+    containers[alice.name].reload()
+    assert containers[alice.name].status == "running"
+
+
+def read_until(fd: int, marker: bytes, timeout: float) -> bytes:
+    data = b""
+    deadline = time.monotonic() + timeout
+    while marker not in data:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(f"did not see {marker!r} in {data!r}")
+        ready, _, _ = select.select([fd], [], [], remaining)
+        if ready:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            data += chunk
+    return data
+
+
+def test_no_command_reaches_another_users_container(hub, users, containers, client):
+    alice, bob = users
+    bobs = containers[bob.name]
+    other_names = [bobs.name, f"work._.{bob.name}", bobs.id[:12]]
+    for name in other_names:
+        for command, extra in (
+            ("container-stop", ["-y"]),
+            ("container-remove", ["-y", "--force"]),
+            ("container-run", ["--", "hostname"]),
+            ("container-start", []),
+        ):
+            result = as_user(hub, alice, command, name, *extra)
+            assert result.returncode != 0, (command, name, result.stdout)
+    for command, extra in (
+        ("container-stop", ["work", "-y"]),
+        ("container-remove", ["work", "-y"]),
+        ("container-run", ["work", "--", "hostname"]),
+        ("container-list", []),
+        ("container-stats", []),
+        ("container-cleanup", ["--all", "-y"]),
+    ):
+        result = as_user(hub, alice, command, "--user", bob.name, *extra)
+        assert result.returncode == 1 and "only admins" in result.stderr, (command, result.stderr)
+    bobs.reload()
+    assert bobs.status == "running"
+
+
+def test_stats_report_cpu_and_memory(hub, users, containers):
+    import json
+
+    alice, _ = users
+    result = as_user(hub, alice, "container-stats", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert [r["project"] for r in rows] == ["work"]
+    assert rows[0]["memory_bytes"] > 0 and rows[0]["cpu_percent"] is not None
+
+
+def test_stop_asks_without_a_terminal_then_stops_with_yes(hub, users, containers):
+    alice, bob = users
+    result = as_user(hub, alice, "container-stop", "work")
+    assert result.returncode == 2 and "pass -y" in result.stderr
+    assert "processes" in result.stderr  # uptime and process count shown before asking
+    result = as_user(hub, alice, "container-stop", "work", "-y", "--timeout", "1")
+    assert result.returncode == 0, result.stderr
+    containers[alice.name].reload()
+    containers[bob.name].reload()
+    assert containers[alice.name].status == "exited"
+    assert containers[bob.name].status == "running"
+    result = as_user(hub, alice, "container-run", "work", "--", "hostname")
+    assert result.returncode != 0
+
+
+def test_cleanup_removes_only_own_stopped_containers(hub, users, containers, client):
+    alice, bob = users
+    result = as_user(hub, alice, "container-cleanup", "-y", "--json")
+    assert result.returncode == 0, result.stderr
+    with pytest.raises(docker.errors.NotFound):
+        client.containers.get(containers[alice.name].id)
+    assert client.containers.get(containers[bob.name].id).status == "running"
+    result = as_user(hub, alice, "container-list", "--all", "--json")
+    assert result.stdout.strip() == "[]"
+
+
+def test_bad_names_and_unknown_containers_are_clear(hub, users):
+    alice, _ = users
+    result = as_user(hub, alice, "container-stop", "Work!", "-y")
+    assert result.returncode == 2 and "lowercase letters, digits" in result.stderr
+    result = as_user(hub, alice, "container-stop", "nothing-here", "-y")
+    assert result.returncode == 1 and "no container named 'nothing-here'" in result.stderr
