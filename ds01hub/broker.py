@@ -579,6 +579,12 @@ class Broker(Application):
         4 * 1024**3, help="Memory (bytes) for each build step's container (0 = unlimited)."
     ).tag(config=True)
 
+    inspect_workers = Integer(
+        8,
+        help="Docker inspect calls run at once when listing (the list API lacks start/stop "
+        "times); see bench/container_list.py.",
+    ).tag(config=True)
+
     aliases = {
         "socket": "Broker.socket_path",
         "base-image": "Broker.base_image",
@@ -631,6 +637,7 @@ class Broker(Application):
             gpu_utilization=utilization,
             auto_create_users=self.auto_create_users,
             spawn_timeout=self.spawn_timeout,
+            inspect_workers=self.inspect_workers,
         )
 
     def _limits_and_gpus(self):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -192,6 +193,7 @@ class OperationsContext:
     auto_create_users: bool = True
     clock: Callable[[], datetime] = utcnow
     spawn_timeout: float = 900.0
+    inspect_workers: int = 8
 
 
 class UserOperations:
@@ -228,18 +230,28 @@ class UserOperations:
         if project is not None:
             wanted.append(f"{labels.PROJECT}={project}")
         api = self.ctx.docker.api
-        found = []
+        ids = []
         for summary in api.containers(all=True, filters={"label": wanted}):
             # the label filter already did the work; re-check so a broken filter never leaks
             record = labels.ContainerRecord.from_docker(summary)
-            if record is None or record.user != self.user:
-                continue
-            try:
-                found.append(api.inspect_container(summary["Id"]))
-            except Exception as e:  # removed between list and inspect
-                if getattr(e, "status_code", None) != 404:
-                    raise
-        return found
+            if record is not None and record.user == self.user:
+                ids.append(summary["Id"])
+        if len(ids) <= 1 or self.ctx.inspect_workers <= 1:
+            inspected = [self._inspect(i) for i in ids]
+        else:
+            # the list API lacks start/finish times: inspect each, a few at a time
+            workers = min(self.ctx.inspect_workers, len(ids))
+            with ThreadPoolExecutor(workers, thread_name_prefix="ds01-inspect") as pool:
+                inspected = list(pool.map(self._inspect, ids))
+        return [attrs for attrs in inspected if attrs is not None]
+
+    def _inspect(self, container_id: str) -> dict[str, Any] | None:
+        try:
+            return self.ctx.docker.api.inspect_container(container_id)
+        except Exception as e:  # removed between list and inspect
+            if getattr(e, "status_code", None) != 404:
+                raise
+            return None
 
     def _hold_after_stop(self, groups: Iterable[str]) -> float | None:
         limits = self.limits(groups)

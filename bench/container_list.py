@@ -1,0 +1,223 @@
+"""`container-list` latency with 200 containers, side by side.
+
+    sudo .venv/bin/python bench/container_list.py [--containers 200] [--running 10] [--runs 10]
+
+Starts a real JupyterHub (+ configurable-http-proxy) with the ds01 broker as its managed
+service and two real Unix users: one owning N containers (a few running, the rest stopped),
+one owning 3 of them (the usual case: many containers on the host, few of them yours). Then
+times, for each user, over --runs runs:
+
+  cli            `container-list --all` run as the user (process start, broker, hub, Docker)
+  broker         the broker's /v1/containers over its unix socket (no process start)
+  operations/1   UserOperations.list_containers in-process, inspecting one container at a time
+  operations/8   the same with 8 inspects at once (the broker's default)
+  docker-list    Docker's list call alone (label filter, no inspect): the floor
+
+Everything it creates (containers, user, hub) is removed at the end. Needs root (useradd).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import secrets
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import docker
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from ds01_cli_harness import busybox_image, command_line, unix_user, user_env  # noqa: E402
+
+from ds01hub import labels  # noqa: E402
+from ds01hub.cli.backend import BrokerBackend  # noqa: E402
+from ds01hub.hubclient import HubClient  # noqa: E402
+from ds01hub.operations import OperationsContext, UserOperations  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class BenchHub:
+    """A JupyterHub with the broker, an admin token for setup, in a temporary directory."""
+
+    def __init__(self) -> None:
+        self.directory = Path(tempfile.mkdtemp(prefix="ds01-bench-"))
+        self.directory.chmod(0o755)
+        self.socket_path = str(self.directory / "broker.sock")
+        self.token = secrets.token_hex(16)
+        self.url = f"http://127.0.0.1:{free_port()}"
+        config = f"""
+from ds01hub.broker import configure_hub
+c.JupyterHub.bind_url = "{self.url}"
+c.JupyterHub.hub_bind_url = "http://127.0.0.1:{free_port()}"
+c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:{free_port()}"
+c.JupyterHub.authenticator_class = "dummy"
+c.Authenticator.allow_all = True
+c.JupyterHub.db_url = "sqlite:///{self.directory}/hub.sqlite"
+c.JupyterHub.cookie_secret_file = "{self.directory}/cookie_secret"
+c.ConfigurableHTTPProxy.pid_file = "{self.directory}/proxy.pid"
+c.JupyterHub.services = [{{"name": "bench-admin", "api_token": "{self.token}"}}]
+c.JupyterHub.load_roles = [{{"name": "bench-admin", "services": ["bench-admin"],
+    "scopes": ["admin:users", "admin:servers"]}}]
+configure_hub(c, socket_path="{self.socket_path}")
+"""
+        (self.directory / "jupyterhub_config.py").write_text(config)
+        self.log = open(self.directory / "hub.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "jupyterhub", "-f", "jupyterhub_config.py"],
+            cwd=self.directory,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 60
+        while not os.path.exists(self.socket_path):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit((self.directory / "hub.log").read_text()[-3000:])
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(20)
+        self.log.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def make_containers(client, user: str, image: str, count: int, running: int, tag: str) -> None:
+    for i in range(count):
+        project = f"p{i:03d}"
+        container_labels = labels.container_labels(
+            user=user, project=project, group=None, priority=0, gpus=[], image=image
+        )
+        container_labels.update({"ds01.test": "1", "ds01.bench": tag})
+        kwargs = dict(
+            name=f"{labels.container_name(user, project)}-{tag}",
+            labels=container_labels,
+            command=["sleep", "100000"],
+        )
+        if i < running:
+            client.containers.run(image, detach=True, **kwargs)
+        else:
+            client.containers.create(image, **kwargs)
+
+
+def timed(function, runs: int) -> list[float]:
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        function()
+        samples.append((time.perf_counter() - start) * 1000)
+    return samples
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--containers", type=int, default=200)
+    parser.add_argument("--running", type=int, default=10)
+    parser.add_argument("--runs", type=int, default=10)
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("run as root: the benchmark creates a Unix user")
+
+    client = docker.from_env()
+    image = busybox_image(client)
+    tag = secrets.token_hex(3)
+    hub = BenchHub()
+    try:
+        with unix_user("d01b") as heavy, unix_user("d01b") as light:
+            make_containers(client, heavy.name, image, args.containers, args.running, tag)
+            make_containers(client, light.name, image, 3, 1, tag)
+            results = {
+                f"{args.containers} yours": measure(hub, client, heavy, args.runs, args.containers),
+                "3 yours": measure(hub, client, light, args.runs, 3),
+            }
+    finally:
+        for c in client.containers.list(all=True, filters={"label": f"ds01.bench={tag}"}):
+            c.remove(force=True)
+        hub.stop()
+    print_table(results, args)
+
+
+def measure(hub: BenchHub, client, person, runs: int, expected: int) -> dict[str, list[float]]:
+    def cli() -> None:
+        result = subprocess.run(
+            command_line("container-list", "--all", "--json"),
+            user=person.uid,
+            group=person.gid,
+            extra_groups=[],
+            env=user_env(person.home, hub.socket_path),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert result.stdout.count('"project"') == expected, result.stderr
+
+    broker = BrokerBackend(hub.socket_path, act_for=person.name)
+
+    def via_broker() -> None:
+        assert len(broker.list_containers(include_stopped=True)) == expected
+
+    def operations(workers: int):
+        loop = asyncio.new_event_loop()
+
+        async def make() -> UserOperations:
+            context = OperationsContext(
+                hub=HubClient(f"{hub.url}/hub/api", hub.token),
+                docker=client,
+                inspect_workers=workers,
+            )
+            return UserOperations(context, person.name)
+
+        ops = loop.run_until_complete(make())
+
+        def run() -> None:
+            rows = loop.run_until_complete(ops.list_containers(include_stopped=True))
+            assert len(rows) == expected
+
+        return run
+
+    wanted = {"label": [f"{labels.MANAGED}=true", f"{labels.USER}={person.name}"]}
+
+    def docker_list() -> None:
+        assert len(client.api.containers(all=True, filters=wanted)) == expected
+
+    via_broker()  # first call creates the hub user; not timed
+    return {
+        "cli": timed(cli, runs),
+        "broker": timed(via_broker, runs),
+        "operations/1": timed(operations(1), runs),
+        "operations/8": timed(operations(8), runs),
+        "docker-list": timed(docker_list, runs),
+    }
+
+
+def print_table(results: dict[str, dict[str, list[float]]], args: argparse.Namespace) -> None:
+    total = args.containers + 3
+    print(
+        f"container-list --all: {total} containers on the host ({args.running + 1} running), "
+        f"{args.runs} runs each, {os.cpu_count()} CPUs; milliseconds, median (p95)"
+    )
+    scenarios = list(results)
+    print(f"{'path':14}" + "".join(f"{name:>18}" for name in scenarios))
+    for path in results[scenarios[0]]:
+        cells = []
+        for name in scenarios:
+            samples = sorted(results[name][path])
+            p95 = samples[min(len(samples) - 1, round(0.95 * (len(samples) - 1)))]
+            cells.append(f"{statistics.median(samples):8.0f} ({p95:5.0f})")
+        print(f"{path:14}" + "".join(f"{c:>18}" for c in cells))
+
+
+if __name__ == "__main__":
+    main()
