@@ -18,6 +18,7 @@ import time
 import docker
 import pytest
 from ds01_cli_harness import (
+    BUSYBOX_IMAGE,
     busybox_image,
     command_line,
     managed_container,
@@ -50,15 +51,17 @@ def users():
 
 
 @pytest.fixture(scope="module")
-def hub(tmp_path_factory):
+def hub(tmp_path_factory, client):
+    busybox_image(client)  # the base of users' image builds here
     directory = tmp_path_factory.mktemp("brokerhub")
     socket_dir = f"/tmp/ds01t-sock-{secrets.token_hex(3)}"
     os.makedirs(socket_dir, mode=0o755)
     os.chmod(socket_dir, 0o755)
     socket_path = f"{socket_dir}/broker.sock"
+    broker_args = [f"--Broker.base_image={BUSYBOX_IMAGE}", "--Broker.max_images_per_user=1"]
     extra = f"""
 from ds01hub.broker import configure_hub as configure_broker
-configure_broker(c, socket_path={socket_path!r})
+configure_broker(c, socket_path={socket_path!r}, broker_args={broker_args!r})
 """
     hub = ServiceHub(directory, extra_config=extra).start()
     deadline = time.monotonic() + 30
@@ -249,3 +252,54 @@ def test_bad_names_and_unknown_containers_are_clear(hub, users):
     assert result.returncode == 2 and "lowercase letters, digits" in result.stderr
     result = as_user(hub, alice, "container-stop", "nothing-here", "-y")
     assert result.returncode == 1 and "no container named 'nothing-here'" in result.stderr
+
+
+def test_images_are_built_listed_and_deleted_in_the_users_namespace(hub, users, client):
+    import json
+
+    alice, bob = users
+    tag = f"ds01-{alice.name}/mini:latest"
+    try:
+        result = as_user(hub, alice, "image-create", "mini", "--template", "custom", "--json")
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["tag"] == tag
+        assert client.images.get(tag).labels["ds01.image.user"] == alice.name
+        listed = json.loads(as_user(hub, alice, "image-list", "--json").stdout)
+        assert [i["tag"] for i in listed] == [tag]
+        assert json.loads(as_user(hub, bob, "image-list", "--json").stdout) == []
+        # bob cannot delete or update alice's image: his names live in his own namespace
+        result = as_user(hub, bob, "image-delete", "mini", "-y")
+        assert result.returncode == 1 and "no image called 'mini'" in result.stderr
+        result = as_user(hub, bob, "image-update", "mini")
+        assert result.returncode == 1 and "no image called 'mini'" in result.stderr
+        client.images.get(tag)
+        # the image quota (1 here) is enforced with a clear message
+        result = as_user(hub, alice, "image-create", "second", "--template", "custom")
+        assert result.returncode == 1 and "the limit is 1" in result.stderr
+        result = as_user(hub, alice, "image-update", "mini")
+        assert result.returncode == 0, result.stderr
+        result = as_user(hub, alice, "image-create", "Bad Name")
+        assert result.returncode == 2 and "Bad Name" in result.stderr
+        result = as_user(hub, alice, "image-delete", "mini", "-y")
+        assert result.returncode == 0, result.stderr
+        with pytest.raises(docker.errors.ImageNotFound):
+            client.images.get(tag)
+    finally:
+        for image in client.images.list(name=f"ds01-{alice.name}/mini"):
+            client.images.remove(image.id, force=True)
+
+
+def test_project_init_creates_the_layout_in_the_users_home(hub, users):
+    import json
+
+    alice, _ = users
+    result = as_user(hub, alice, "project-init", "thesis", "--use-case", "cv", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)["project"]
+    root = f"{alice.home}/thesis"
+    assert report["path"] == root and report["git_initialized"]
+    for path in ("README.md", ".gitignore", "data/images", "notebooks", ".git"):
+        assert os.path.exists(f"{root}/{path}"), path
+    assert os.stat(f"{root}/README.md").st_uid == alice.uid
+    result = as_user(hub, alice, "project-init", "--guided")
+    assert result.returncode == 2 and "needs a terminal" in result.stderr
