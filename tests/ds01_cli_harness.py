@@ -133,8 +133,21 @@ class BrokerProcess:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-BUSYBOX_IMAGE = "ds01hub-test/cli-busybox:1"
-BUSYBOX_APPLETS = ("sh", "hostname", "touch", "ls", "sleep", "cat", "id", "echo", "pwd", "true")
+BUSYBOX_IMAGE = "ds01hub-test/cli-busybox:2"
+BUSYBOX_APPLETS = (
+    "sh",
+    "hostname",
+    "touch",
+    "ls",
+    "sleep",
+    "cat",
+    "id",
+    "echo",
+    "pwd",
+    "true",
+    "stty",
+    "ps",
+)
 
 
 def busybox_image(client) -> str:
@@ -188,3 +201,94 @@ def managed_container(client, user: str, project: str, image: str, test_id: str,
         labels=container_labels,
         detach=True,
     )
+
+
+class PtySession:
+    """One of the users' commands run as `user` on a real pseudo-terminal that is its
+    controlling terminal (so window-size changes deliver SIGWINCH), like a person over SSH."""
+
+    def __init__(
+        self,
+        user: UnixUser,
+        socket_path: str,
+        command: str,
+        *args: str,
+        rows: int = 24,
+        cols: int = 80,
+    ):
+        import fcntl
+        import pty
+        import termios
+
+        self.master, slave = pty.openpty()
+        self.resize(rows, cols)
+
+        def take_terminal() -> None:
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+        self.process = subprocess.Popen(
+            command_line(command, *args),
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            user=user.uid,
+            group=user.gid,
+            extra_groups=[],
+            env=user_env(user.home, socket_path, TERM="xterm"),
+            start_new_session=True,
+            preexec_fn=take_terminal,
+            cwd="/tmp",
+        )
+        os.close(slave)
+        self.seen = b""
+
+    def resize(self, rows: int, cols: int) -> None:
+        import fcntl
+        import struct
+        import termios
+
+        fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+    def send(self, text: str) -> None:
+        os.write(self.master, text.encode())
+
+    def expect(self, marker: str, timeout: float = 30) -> str:
+        """Read until `marker` appears in the output since the last expect; return that part."""
+        import select
+
+        wanted = marker.encode()
+        data = b""
+        deadline = time.monotonic() + timeout
+        while wanted not in data:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"did not see {marker!r} in {data!r}")
+            ready, _, _ = select.select([self.master], [], [], remaining)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(self.master, 4096)
+            except OSError:  # the command ended and the terminal closed
+                break
+            if not chunk:
+                break
+            data += chunk
+        self.seen += data
+        if wanted not in data:
+            raise AssertionError(f"did not see {marker!r} in {data!r}")
+        return data.decode(errors="replace")
+
+    def wait(self, timeout: float = 30) -> int:
+        return self.process.wait(timeout)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+        os.close(self.master)
+
+    def __enter__(self) -> PtySession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

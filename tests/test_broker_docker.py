@@ -9,9 +9,7 @@ containers through any command.
 from __future__ import annotations
 
 import os
-import pty
 import secrets
-import select
 import subprocess
 import time
 
@@ -19,12 +17,11 @@ import docker
 import pytest
 from ds01_cli_harness import (
     BUSYBOX_IMAGE,
+    PtySession,
     busybox_image,
-    command_line,
     managed_container,
     run_as,
     unix_user,
-    user_env,
 )
 from ds01_service_hub import ServiceHub
 
@@ -130,56 +127,33 @@ def test_input_is_relayed_and_files_land_in_the_container(hub, users, containers
 
 
 def test_interactive_shell_through_a_pty(hub, users, containers, client):
-    """A person at a terminal: typing `hostname` shows the container's id; leaving the shell
-    leaves the container running."""
+    """A person at a terminal: typing `hostname` shows the container's id, the window size
+    follows the terminal, and leaving the shell leaves the container running."""
     alice, _ = users
-    master, slave = pty.openpty()
-    process = subprocess.Popen(
-        command_line("container-run", "work"),
-        stdin=slave,
-        stdout=slave,
-        stderr=slave,
-        user=alice.uid,
-        group=alice.gid,
-        extra_groups=[],
-        env=user_env(alice.home, hub.socket_path, TERM="xterm"),
-        start_new_session=True,
-        cwd="/tmp",
-    )
-    os.close(slave)
-    try:
-        seen = read_until(master, b"#", timeout=30)  # busybox sh prompt
-        os.write(master, b"hostname; echo $((6 * 7))\r")
-        seen += read_until(master, b"42", timeout=30)
-        assert containers[alice.name].id[:12].encode() in seen, seen
-        os.write(master, b"exit\r")
-        seen += read_until(master, b"still running", timeout=30)
-        assert process.wait(30) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-        os.close(master)
+    with PtySession(alice, hub.socket_path, "container-run", "work", rows=40, cols=100) as term:
+        term.expect("#")  # busybox sh prompt
+        term.send("hostname; echo $((6 * 7))\r")
+        assert containers[alice.name].id[:12] in term.expect("42")
+        term.send("stty size\r")
+        assert "40 100" in term.expect("40 100")
+        term.resize(30, 90)
+        time.sleep(0.5)
+        term.send("stty size\r")
+        assert "30 90" in term.expect("30 90")
+        term.send("exit\r")
+        assert "still running" in term.expect("still running")
+        assert term.wait() == 0
     containers[alice.name].reload()
     assert containers[alice.name].status == "running"
 
 
-def read_until(fd: int, marker: bytes, timeout: float) -> bytes:
-    data = b""
-    deadline = time.monotonic() + timeout
-    while marker not in data:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise AssertionError(f"did not see {marker!r} in {data!r}")
-        ready, _, _ = select.select([fd], [], [], remaining)
-        if ready:
-            try:
-                chunk = os.read(fd, 4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            data += chunk
-    return data
+def test_user_setup_walks_through_and_ends_with_how_to_connect(hub, users, containers):
+    alice, _ = users
+    with PtySession(alice, hub.socket_path, "user-setup") as term:
+        assert alice.name in term.expect("Set up a project now?")
+        term.send("n\r")
+        assert "VS Code" in term.expect("Browser:")
+        assert term.wait() == 0
 
 
 def test_no_command_reaches_another_users_container(hub, users, containers, client):
