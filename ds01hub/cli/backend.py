@@ -284,8 +284,18 @@ class HubBackend:
         return {"user": model.get("name"), "admin": bool(model.get("admin")), "uid": None}
 
     def _servers(self) -> dict[str, Any]:
-        model = self._run(self.client.get_user(self.user())) or {}
-        return model.get("servers") or {}
+        """The user's servers; the default one only once it has run (the hub always lists it)."""
+        model = self._run(self.client.get_user(self.user()))
+        if model is None:
+            raise CliError(
+                f"the hub said: no user {self.user()!r} that this token may see",
+                hint="a token acts for its own user; leave out --user",
+            )
+        servers = dict(model.get("servers") or {})
+        default = servers.get("")
+        if default is not None and not (default.get("last_activity") or default.get("pending")):
+            del servers[""]
+        return servers
 
     def list_containers(self, include_stopped: bool) -> list[dict[str, Any]]:
         now = datetime.now(UTC)
@@ -298,7 +308,10 @@ class HubBackend:
     def describe(self, project: str) -> dict[str, Any]:
         server = self._servers().get(project_to_server(project))
         if server is None:
-            raise CliError(f"you have no container named {project!r}")
+            raise CliError(
+                f"you have no container named {project!r}",
+                hint="see your containers with `container-list --all`",
+            )
         view = server_view(server, project, datetime.now(UTC))
         view["processes"] = None
         return view
@@ -311,6 +324,17 @@ class HubBackend:
         except OperationError as e:
             raise CliError(e.message, e.hint, EXIT_USAGE) from None
         user, server = self.user(), project_to_server(project)
+        known = self._servers().get(server)
+        if create and known is not None:
+            raise CliError(
+                f"you already have a container named {project!r}",
+                hint=f"start it with `container-start {project}`, or pick another name",
+            )
+        if not create and known is None:
+            raise CliError(
+                f"you have no container named {project!r}",
+                hint=f"create one with `container-create {project}`",
+            )
         if self._run(self.client.start_server(user, server, spawn)) == 202:
             events = self.client.progress(user, server)
             while True:
