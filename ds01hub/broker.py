@@ -320,7 +320,15 @@ class ExecHandler(BrokerHandler):
         async def resize(rows: int, cols: int) -> None:
             await self.broker.resize_exec(exec_id, rows, cols)
 
-        await relay(client_stream, docker_stream, resize)
+        ops = self.ops()
+        activity = ActivityReporter(
+            lambda: ops.record_activity(project), self.broker.activity_interval
+        )
+        await ops.record_activity(project)
+        try:
+            await relay(client_stream, docker_stream, resize, activity.touch)
+        finally:
+            activity.stop()
 
 
 class ExecSessionHandler(BrokerHandler):
@@ -331,14 +339,42 @@ class ExecSessionHandler(BrokerHandler):
         self.reply({"running": info.get("Running"), "exit_code": info.get("ExitCode")})
 
 
-async def pump_output(container: IOStream, client: IOStream) -> None:
+class ActivityReporter:
+    """Reports a shell's use to the hub at most once per `interval` while bytes flow, so a
+    user typing in `container-run` counts as active and an abandoned shell does not."""
+
+    def __init__(self, report: Callable, interval: float):
+        self.report = report
+        self.interval = interval
+        self.active = False
+        self.task = asyncio.ensure_future(self._loop()) if interval > 0 else None
+
+    def touch(self) -> None:
+        self.active = True
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            if self.active:
+                self.active = False
+                await self.report()
+
+    def stop(self) -> None:
+        if self.task:
+            self.task.cancel()
+
+
+async def pump_output(container: IOStream, client: IOStream, touch: Callable) -> None:
     """The container's output to the client, byte for byte, until the exec ends."""
     with contextlib.suppress(StreamClosedError):
         while True:
             await client.write(await container.read_bytes(65536, partial=True))
+            touch()
 
 
-async def pump_input(client: IOStream, container: IOStream, resize: Callable) -> None:
+async def pump_input(
+    client: IOStream, container: IOStream, resize: Callable, touch: Callable
+) -> None:
     """The client's framed input (ds01hub.cli.terminal): data to the container's stdin, end of
     input as a half-close (so `sh < script` ends), window sizes as exec resizes. Framing is
     needed because tornado streams cannot half-close."""
@@ -350,6 +386,7 @@ async def pump_input(client: IOStream, container: IOStream, resize: Callable) ->
             payload = await client.read_bytes(size) if size else b""
             if kind == INPUT_DATA:
                 await container.write(payload)
+                touch()
             elif kind == INPUT_EOF:
                 _close_input(container)
             elif kind == INPUT_RESIZE and size == 4:
@@ -368,10 +405,12 @@ def _close_input(container: IOStream) -> None:
             container.close()
 
 
-async def relay(client: IOStream, container: IOStream, resize: Callable) -> None:
+async def relay(
+    client: IOStream, container: IOStream, resize: Callable, touch: Callable = lambda: None
+) -> None:
     """Both directions until the exec ends (Docker closes its side), then close both."""
-    from_client = asyncio.ensure_future(pump_input(client, container, resize))
-    await pump_output(container, client)
+    from_client = asyncio.ensure_future(pump_input(client, container, resize, touch))
+    await pump_output(container, client, touch)
     container.close()
     # a graceful end: half-close, let the client read the rest and hang up (closing at once
     # with its last input unread would reset the connection and lose output)
@@ -585,6 +624,12 @@ class Broker(Application):
         "times); see bench/container_list.py.",
     ).tag(config=True)
 
+    activity_interval = Float(
+        300.0,
+        help="While a `container-run` shell is in use, report activity to the hub this often "
+        "(seconds), so the idle culler leaves it alone. 0 = never.",
+    ).tag(config=True)
+
     aliases = {
         "socket": "Broker.socket_path",
         "base-image": "Broker.base_image",
@@ -746,9 +791,11 @@ SERVICE_NAME = "ds01-broker"
 
 
 def service_scopes(auto_create_users: bool = True) -> list[str]:
-    """Least privilege: start/stop/delete and read servers, read users (groups, activity) and,
-    only when the broker creates hub users on first use, `admin:users`."""
-    return ["servers", "read:users"] + (["admin:users"] if auto_create_users else [])
+    """Least privilege: start/stop/delete and read servers, read users (groups, activity),
+    report activity of shells, and, only when the broker creates hub users on first use,
+    `admin:users`."""
+    scopes = ["servers", "read:users", "users:activity"]
+    return scopes + (["admin:users"] if auto_create_users else [])
 
 
 def configure_hub(

@@ -140,6 +140,12 @@ class HubClient:
         """Stop and forget a named server (the default server cannot be deleted, only stopped)."""
         await self.request("DELETE", server_path(user, server), body={"remove": True})
 
+    async def record_activity(self, user: str, server: str, when: str) -> None:
+        """Tell the hub the user was active on a server (ISO-8601 UTC `when`), as a single-user
+        server's activity reports do: the idle culler and `container-list`'s IDLE use it."""
+        body = {"last_activity": when, "servers": {server: {"last_activity": when}}}
+        await self.request("POST", f"/users/{quote(user, safe='')}/activity", body=body)
+
     async def progress(
         self, user: str, server: str = "", timeout: float = 900.0
     ) -> AsyncIterator[dict[str, Any]]:

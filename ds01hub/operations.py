@@ -13,6 +13,7 @@ The pure half (names, views, stats arithmetic) sits at the top and is unit-teste
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -481,6 +482,13 @@ class UserOperations:
             workdir=config.get("WorkingDir") or None,
         )
         return {"exec_id": created["Id"], "container_id": attrs["Id"]}
+
+    async def record_activity(self, project: str) -> None:
+        """A shell in the container is in use: keep the idle culler off it (best effort)."""
+        when = isoformat(self.ctx.clock())
+        # the hub may not know the server (started outside it): then there is nothing to keep
+        with contextlib.suppress(HubError):
+            await self.ctx.hub.record_activity(self.user, project_to_server(project), when)
 
     async def owns_exec(self, exec_id: str) -> dict[str, Any]:
         """The exec's inspect data if it runs in one of this user's containers, else 404."""
