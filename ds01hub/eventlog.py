@@ -1,0 +1,255 @@
+"""The allocation event log: an embedded SQLite file that several processes append to.
+
+Docker labels say who holds what *now*; this log says what happened (allocate, hold, release,
+expire, reclaim, cull, spawn-failure: who, which slot, when, why) so that admins get
+GPU-hours per user and group and the admin page a history. SQLite in WAL mode lets the hub,
+the broker and the culler write concurrently; each call opens its own short connection, so an
+`EventLog` is safe to share between threads and to use after fork.
+
+A GPU interval opens at `allocate` and closes at `release`, `expire` or `reclaim` of the same
+(container, slot); `hold` (the container stopped but keeps the slot) does not close it: a held
+GPU is unavailable to others, so it counts as used.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+__all__ = ["KINDS", "Event", "EventLog", "OpenAllocation"]
+
+KINDS = ("allocate", "hold", "release", "expire", "reclaim", "cull", "spawn-failure")
+OPENS = "allocate"
+CLOSES = frozenset({"release", "expire", "reclaim"})
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts REAL NOT NULL,
+    kind TEXT NOT NULL,
+    user TEXT NOT NULL,
+    grp TEXT,
+    slot TEXT,
+    container TEXT,
+    reason TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS events_ts ON events (ts);
+CREATE INDEX IF NOT EXISTS events_user ON events (user, ts);
+-- The GPU intervals not yet closed, kept in step with `events` in the same transaction so
+-- that finding them never scans the history.
+CREATE TABLE IF NOT EXISTS open_allocations (
+    container TEXT NOT NULL,
+    slot TEXT NOT NULL,
+    user TEXT NOT NULL,
+    grp TEXT,
+    since REAL NOT NULL,
+    last_kind TEXT NOT NULL,
+    PRIMARY KEY (container, slot)
+);
+"""
+
+
+@dataclass(frozen=True)
+class Event:
+    id: int
+    at: datetime
+    kind: str
+    user: str
+    group: str | None
+    slot: str | None
+    container: str | None
+    reason: str
+
+    def to_dict(self) -> dict:
+        return {
+            "id": self.id,
+            "at": self.at.isoformat(),
+            "kind": self.kind,
+            "user": self.user,
+            "group": self.group,
+            "slot": self.slot,
+            "container": self.container,
+            "reason": self.reason,
+        }
+
+
+@dataclass(frozen=True)
+class OpenAllocation:
+    container: str
+    slot: str
+    user: str
+    group: str | None
+    since: datetime
+    last_kind: str
+
+
+def _epoch(moment: datetime | None) -> float | None:
+    if moment is None:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+def _moment(epoch: float) -> datetime:
+    return datetime.fromtimestamp(epoch, UTC)
+
+
+class EventLog:
+    """Append-only accounting log in one SQLite file (created with its directory on first use)."""
+
+    def __init__(self, path: str | os.PathLike, timeout: float = 30.0):
+        self.path = Path(path)
+        self.timeout = timeout
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript(_SCHEMA)
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
+        try:
+            db.execute("PRAGMA synchronous = NORMAL")
+            yield db
+        finally:
+            db.close()
+
+    def record(
+        self,
+        kind: str,
+        user: str,
+        slot: str | None = None,
+        container: str | None = None,
+        group: str | None = None,
+        reason: str = "",
+        at: datetime | None = None,
+    ) -> None:
+        """Append one event; allocate/hold/release/expire/reclaim also move the open intervals."""
+        if kind not in KINDS:
+            raise ValueError(f"unknown event kind {kind!r}; use one of {', '.join(KINDS)}")
+        ts = _epoch(at) if at is not None else time.time()
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute(
+                    "INSERT INTO events (ts, kind, user, grp, slot, container, reason)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (ts, kind, user, group, slot, container, reason),
+                )
+                if slot is not None and container is not None:
+                    self._move_interval(db, kind, user, group, slot, container, ts)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+    @staticmethod
+    def _move_interval(
+        db: sqlite3.Connection,
+        kind: str,
+        user: str,
+        group: str | None,
+        slot: str,
+        container: str,
+        ts: float,
+    ) -> None:
+        if kind == OPENS:
+            # A restart within the hold re-allocates an open interval: it continues.
+            db.execute(
+                "INSERT INTO open_allocations (container, slot, user, grp, since, last_kind)"
+                " VALUES (?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (container, slot) DO UPDATE SET last_kind = excluded.last_kind",
+                (container, slot, user, group, ts, kind),
+            )
+        elif kind == "hold":
+            db.execute(
+                "UPDATE open_allocations SET last_kind = ? WHERE container = ? AND slot = ?",
+                (kind, container, slot),
+            )
+        elif kind in CLOSES:
+            db.execute(
+                "DELETE FROM open_allocations WHERE container = ? AND slot = ?", (container, slot)
+            )
+
+    def events(
+        self,
+        since: datetime | None = None,
+        *,
+        user: str | None = None,
+        kind: str | None = None,
+        limit: int | None = None,
+    ) -> list[Event]:
+        """Events oldest first (the newest `limit` when given)."""
+        clauses, params = [], []
+        if since is not None:
+            clauses.append("ts >= ?")
+            params.append(_epoch(since))
+        if user is not None:
+            clauses.append("user = ?")
+            params.append(user)
+        if kind is not None:
+            clauses.append("kind = ?")
+            params.append(kind)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        query = f"SELECT id, ts, kind, user, grp, slot, container, reason FROM events {where}"
+        if limit is not None:
+            query = f"SELECT * FROM ({query} ORDER BY id DESC LIMIT ?) ORDER BY id"
+            params.append(int(limit))
+        else:
+            query += " ORDER BY id"
+        with self._connect() as db:
+            rows = db.execute(query, params).fetchall()
+        return [Event(r[0], _moment(r[1]), r[2], r[3], r[4], r[5], r[6], r[7]) for r in rows]
+
+    def open_allocations(self) -> list[OpenAllocation]:
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT container, slot, user, grp, since, last_kind FROM open_allocations"
+            ).fetchall()
+        return [OpenAllocation(r[0], r[1], r[2], r[3], _moment(r[4]), r[5]) for r in rows]
+
+    def gpu_hours(
+        self,
+        by: str = "user",
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> dict[str, float]:
+        """Slot-hours per user or group (`(no group)` for none), intervals clipped to
+        [since, until]; intervals still open count up to `until` (default: now)."""
+        if by not in ("user", "group"):
+            raise ValueError("by must be 'user' or 'group'")
+        start = _epoch(since) if since is not None else float("-inf")
+        end = _epoch(until) if until is not None else time.time()
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT ts, kind, user, grp, slot, container FROM events"
+                " WHERE slot IS NOT NULL AND container IS NOT NULL AND ts <= ?"
+                " AND kind IN ('allocate', 'release', 'expire', 'reclaim') ORDER BY id",
+                (end,),
+            ).fetchall()
+        opened: dict[tuple[str, str], tuple[float, str]] = {}
+        totals: dict[str, float] = {}
+
+        def add(key: str, begin: float, finish: float) -> None:
+            seconds = min(finish, end) - max(begin, start)
+            if seconds > 0:
+                totals[key] = totals.get(key, 0.0) + seconds / 3600.0
+
+        for ts, kind, user, grp, slot, container in rows:
+            key = user if by == "user" else (grp or "(no group)")
+            interval = (container, slot)
+            if kind == OPENS:
+                opened.setdefault(interval, (ts, key))
+            elif interval in opened:
+                begin, owner = opened.pop(interval)
+                add(owner, begin, ts)
+        for begin, owner in opened.values():
+            add(owner, begin, end)
+        return totals
