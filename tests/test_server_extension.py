@@ -3,36 +3,17 @@ servers (local processes) that load the extension from the shipped jupyter-confi
 carry real hub tokens; forwarded requests reach the real ds01 service."""
 
 import uuid
-from pathlib import Path
 
 import pytest
 import requests
-from ds01_service_hub import ServiceHub, _free_port
+from ds01_service_hub import local_servers_hub
 
 pytestmark = [pytest.mark.e2e]
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("ext-hub")
-    closed_port = _free_port()
-    extra = f"""
-c.JupyterHub.spawner_class = "simple"
-c.SimpleLocalProcessSpawner.home_dir_template = "{directory}/homes/{{username}}"
-c.Spawner.cmd = [sys.executable, "-m", "jupyterhub.singleuser"]
-c.Spawner.args = ["--allow-root"]  # this test machine runs everything as root
-c.Spawner.default_url = "/lab"
-c.Spawner.http_timeout = 60
-c.Spawner.environment["JUPYTER_CONFIG_PATH"] = "{REPO}/jupyter-config"
-_service_url = c.Spawner.environment["DS01_SERVICE_URL"]
-c.Spawner.environment["DS01_SERVICE_URL"] = lambda spawner: (
-    "http://127.0.0.1:{closed_port}/services/ds01/"
-    if spawner.user.name.startswith("down") else _service_url
-)
-"""
-    hub = ServiceHub(directory, extra_config=extra).start()
+    hub = local_servers_hub(tmp_path_factory.mktemp("ext-hub")).start()
     yield hub
     hub.stop()
 

@@ -1,0 +1,73 @@
+"""Small shared pieces of the ds01 widgets: message boxes and human-readable numbers."""
+
+from __future__ import annotations
+
+import html
+
+from .client import Ds01Error
+
+_BOX = (
+    "<div class='ds01-{kind}' style='border-left:4px solid {colour};padding:6px 10px;"
+    "margin:4px 0;background:{background}'>{body}</div>"
+)
+_STYLES = {
+    "error": ("#c62828", "#fdecea"),
+    "ok": ("#2e7d32", "#edf7ed"),
+    "info": ("#1565c0", "#e8f1fb"),
+}
+
+
+def box(kind: str, text: str, detail: str | None = None) -> str:
+    """An HTML message box (``kind``: error, ok or info); ``text`` is escaped."""
+    colour, background = _STYLES[kind]
+    body = f"<b>{html.escape(text, quote=False)}</b>"
+    if detail:
+        body += f"<br><span>{html.escape(detail, quote=False)}</span>"
+    return _BOX.format(kind=kind, colour=colour, background=background, body=body)
+
+
+def error_box(error: Exception) -> str:
+    """A readable box for any failure; unreachable services say so plainly."""
+    if isinstance(error, Ds01Error):
+        title = error.message
+        if error.unreachable and "not reachable" not in title and "did not answer" not in title:
+            title = f"The ds01 service is not available right now: {title}"
+        return box("error", title, error.hint)
+    return box("error", str(error))
+
+
+def human_bytes(value: int | None) -> str:
+    if value is None:
+        return "no limit"
+    size = float(value)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if size == int(size) else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{value} B"
+
+
+def human_seconds(value: float | None) -> str:
+    if value is None:
+        return "never"
+    seconds = int(value)
+    if seconds and seconds % 86400 == 0:
+        return f"{seconds // 86400}d"
+    if seconds >= 3600:
+        hours, rest = divmod(seconds, 3600)
+        return f"{hours}h{rest // 60:02d}m" if rest else f"{hours}h"
+    return f"{seconds // 60}m" if seconds >= 60 else f"{seconds}s"
+
+
+def table(headers: list[str], rows: list[list[object]], css_class: str) -> str:
+    """A plain HTML table (cells escaped)."""
+    head = "".join(
+        f"<th style='text-align:left;padding:2px 8px'>{html.escape(h)}</th>" for h in headers
+    )
+    body = "".join(
+        "<tr>"
+        + "".join(f"<td style='padding:2px 8px'>{html.escape(str(c))}</td>" for c in row)
+        + "</tr>"
+        for row in rows
+    )
+    return f"<table class='{css_class}'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"

@@ -1,0 +1,81 @@
+"""``QuotaPanel``: the user's limits, the GPUs they hold and their containers, at a glance."""
+
+from __future__ import annotations
+
+import html
+
+import ipywidgets as w
+
+from .client import Ds01Client, Ds01Error
+from .common import error_box, human_bytes, human_seconds, table
+
+
+class QuotaPanel(w.VBox):
+    """Shows what ``GET api/quota`` and ``GET api/containers`` say; ``Refresh`` asks again."""
+
+    def __init__(self, client: Ds01Client | None = None):
+        self._client = client
+        self.limits_html = w.HTML()
+        self.containers_html = w.HTML()
+        self.refresh_button = w.Button(description="Refresh", icon="refresh")
+        self.refresh_button.on_click(lambda _: self.refresh())
+        super().__init__(
+            [
+                w.HTML("<h3 style='margin:4px 0'>My resources</h3>"),
+                self.limits_html,
+                self.containers_html,
+                self.refresh_button,
+            ]
+        )
+        self.add_class("ds01-quota-panel")
+        self.refresh()
+
+    @property
+    def client(self) -> Ds01Client:
+        if self._client is None:
+            self._client = Ds01Client.discover()
+        return self._client
+
+    def refresh(self) -> None:
+        try:
+            quota = self.client.get("api/quota")
+            containers = self.client.get("api/containers")
+        except Ds01Error as error:
+            self.limits_html.value = error_box(error)
+            self.containers_html.value = ""
+            return
+        self.limits_html.value = limits_table(quota)
+        self.containers_html.value = containers_table(containers)
+
+
+def limits_table(quota: dict) -> str:
+    """The limits next to current use (pure, for tests)."""
+    limits = quota.get("limits")
+    if not limits:
+        return "<i>No resource limits are configured for you.</i>"
+    cap = limits.get("max_containers_per_user")
+    rows = [
+        ["GPUs", f"{quota.get('gpus_held', 0)} held", limits.get("max_gpus")],
+        ["GPUs per container", "", limits.get("max_gpus_per_container")],
+        ["CPUs per container", "", limits.get("max_cpus") or "no limit"],
+        ["Memory per container", "", human_bytes(limits.get("memory"))],
+        [
+            "Containers",
+            f"{quota.get('running', 0)} running, {quota.get('containers', 0)} total",
+            cap if cap is not None else "no limit",
+        ],
+        ["Idle containers stopped after", "", human_seconds(limits.get("idle_timeout"))],
+        ["GPUs kept after stop", "", human_seconds(limits.get("gpu_hold_after_stop"))],
+    ]
+    group = html.escape(str(limits.get("group") or "none"))
+    return f"<div>Group: <b>{group}</b></div>" + table(["", "in use", "limit"], rows, "ds01-limits")
+
+
+def containers_table(containers: list[dict]) -> str:
+    if not containers:
+        return "<i>You have no containers.</i>"
+    rows = [
+        [c.get("project"), c.get("state"), ", ".join(c.get("gpus") or []) or "-", c.get("image")]
+        for c in containers
+    ]
+    return table(["project", "state", "GPUs", "image"], rows, "ds01-containers")
