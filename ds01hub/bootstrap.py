@@ -1,0 +1,636 @@
+"""Bring a host up for ds01hub: packages, the Docker engine, the virtualenv and the images.
+
+One implementation for ``make demo``, ``make test``, the test fixtures and admins
+(``ds01hub bootstrap ...``). Every step checks first and does nothing when its result is
+already there, so a second run is fast, and an engine that already answers is reused (never
+stopped or restarted).
+
+This module uses only the standard library and the ``docker`` command line, so it also runs
+before the virtualenv exists: ``python3 -m ds01hub.bootstrap host`` from a source checkout.
+
+Images (no registry is needed):
+
+* the **base image** is a Debian rootfs made with ``mmdebstrap --variant=minbase`` and
+  ``docker import``;
+* the **single-user image** adds a virtualenv with jupyterhub-singleuser, jupyter-server,
+  JupyterLab, ipywidgets and this project's own wheel (with its ``singleuser`` extra), so the
+  ds01 server extension is really loaded. The dependencies are one layer and the project wheel
+  the last, so a source change rebuilds only the last layer.
+
+Both are tagged by a hash of their inputs (``ds01hub/base:<hash>``,
+``ds01hub/singleuser:<hash>``) plus the alias ``:latest``, and reused when the tag exists.
+
+Sites behind a TLS-intercepting proxy (common on university networks) pass their CA bundle with
+``--ca-bundle``: it is copied into the single-user image and PIP_CERT, SSL_CERT_FILE and
+REQUESTS_CA_BUNDLE point at it, for the build and for users' own ``pip install`` later.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+SIMULATED_GPU_BIN = Path("/usr/local/lib/ds01hub/simulated-gpu-bin")
+GPU_HOOK_NAME = "nvidia-container-runtime-hook"
+SIMULATED_GPU_HOOK = """#!/bin/sh
+# ds01hub SIMULATED GPU hook: lets `docker run --gpus` start on a machine without NVIDIA GPUs.
+# Installed by ds01hub.bootstrap only where no real nvidia-container-runtime-hook exists.
+# Containers see NVIDIA_VISIBLE_DEVICES but get no device: for demos and tests only.
+cat >/dev/null
+exit 0
+"""
+DOCKERD_LOG = Path("/var/log/ds01hub-dockerd.log")
+LOCK_FILE = Path("/tmp/ds01hub-bootstrap.lock")
+HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+
+#: Debian packages for the host; the test tools drive a real browser and real terminals.
+HOST_PACKAGES = ("docker.io", "mmdebstrap", "python3-venv", "git", "ca-certificates")
+TEST_TOOL_PACKAGES = ("chromium", "tmux")
+PROXY_COMMAND = "configurable-http-proxy"
+
+BASE_REPOSITORY = "ds01hub/base"
+SINGLEUSER_REPOSITORY = "ds01hub/singleuser"
+ALIAS_TAG = "latest"
+DEBIAN_SUITE = "bookworm"
+BASE_PACKAGES = (
+    "python3",
+    "python3-venv",
+    "python3-pip",
+    "ca-certificates",
+    "git",
+    "tini",
+    "procps",
+    "less",
+    "curl",
+)
+#: The hub's own version when it is installed here (hub and single-user must match).
+DEFAULT_JUPYTERHUB_VERSION = "6.1.1"
+SINGLEUSER_EXTRA_REQUIREMENTS = ("jupyterlab",)
+CA_BUNDLE_IN_IMAGE = "/etc/ds01hub/ca-bundle.crt"
+SYSTEM_CA_BUNDLE_IN_IMAGE = "/etc/ssl/certs/ca-certificates.crt"
+
+
+class BootstrapError(RuntimeError):
+    """A step could not be done; the message says what failed and what to do about it."""
+
+
+# --------------------------------------------------------------------------------------------
+# pure helpers
+
+
+def hash_inputs(parts: Iterable[tuple[str, bytes]], length: int = 12) -> str:
+    """A short, stable digest of named inputs (names are part of it: a rename is a change)."""
+    digest = hashlib.sha256()
+    for name, content in sorted(parts):
+        digest.update(name.encode() + b"\0" + str(len(content)).encode() + b"\0")
+        digest.update(content)
+    return digest.hexdigest()[:length]
+
+
+def base_image_recipe(
+    suite: str = DEBIAN_SUITE, packages: Sequence[str] = BASE_PACKAGES, mirror: str | None = None
+) -> dict:
+    """Everything that decides what the base image contains."""
+    return {
+        "suite": suite,
+        "variant": "minbase",
+        "packages": sorted(set(packages)),
+        "mirror": mirror or "",
+    }
+
+
+def base_image_tag(recipe: dict) -> str:
+    content = json.dumps(recipe, sort_keys=True).encode()
+    return f"{BASE_REPOSITORY}:{hash_inputs([('recipe', content)])}"
+
+
+def mmdebstrap_command(recipe: dict, output: Path) -> list[str]:
+    command = [
+        "mmdebstrap",
+        "--quiet",
+        f"--variant={recipe['variant']}",
+        "--include=" + ",".join(recipe["packages"]),
+        "--dpkgopt=path-exclude=/usr/share/man/*",
+        "--dpkgopt=path-exclude=/usr/share/doc/*",
+        "--dpkgopt=path-include=/usr/share/doc/*/copyright",
+        recipe["suite"],
+        str(output),
+    ]
+    if recipe["mirror"]:
+        command.append(recipe["mirror"])
+    return command
+
+
+def project_requirements(pyproject: dict, jupyterhub_version: str) -> list[str]:
+    """What the single-user image installs before the project wheel: the project's own
+    dependencies and its ``singleuser`` extra, with jupyterhub pinned to the hub's version."""
+    project = pyproject["project"]
+    requirements = [f"jupyterhub=={jupyterhub_version}", *SINGLEUSER_EXTRA_REQUIREMENTS]
+    extras = project.get("optional-dependencies", {}).get("singleuser", [])
+    for requirement in [*project.get("dependencies", []), *extras]:
+        if not requirement.replace(" ", "").lower().startswith("jupyterhub"):
+            requirements.append(requirement)
+    return requirements
+
+
+def package_source_roots(pyproject: dict) -> list[str]:
+    """The folders and files the project wheel is built from (not docs, tests or config)."""
+    setuptools = pyproject.get("tool", {}).get("setuptools", {})
+    roots = set(setuptools.get("package-dir", {}).values())
+    for sources in setuptools.get("data-files", {}).values():
+        roots.update(sources)
+    return sorted(roots | {"pyproject.toml"})
+
+
+def source_files(source: Path, roots: Iterable[str]) -> list[Path]:
+    """The files under ``roots`` that go into the wheel (no caches or compiled files)."""
+    files: list[Path] = []
+    for root in roots:
+        path = source / root
+        candidates = [path] if path.is_file() else sorted(path.rglob("*"))
+        for candidate in candidates:
+            relative = candidate.relative_to(source)
+            if candidate.is_file() and not _is_build_debris(relative):
+                files.append(relative)
+    return sorted(files)
+
+
+def _is_build_debris(relative: Path) -> bool:
+    return any(
+        part == "__pycache__" or part.endswith(".egg-info") for part in relative.parts
+    ) or relative.suffix in {".pyc", ".pyo"}
+
+
+def dockerd_path(real_hook_found: bool, current_path: str) -> str:
+    """dockerd's PATH: the simulated GPU hook first, unless a real NVIDIA hook exists."""
+    if real_hook_found:
+        return current_path
+    return f"{SIMULATED_GPU_BIN}:{current_path}"
+
+
+# --------------------------------------------------------------------------------------------
+# running things
+
+
+def say(message: str) -> None:
+    print(f"[ds01hub bootstrap] {message}", file=sys.stderr, flush=True)
+
+
+def run(command: Sequence[str], **kwargs) -> subprocess.CompletedProcess:
+    """Run a command, its output going to ours; a failure names the command."""
+    say("$ " + " ".join(command))
+    try:
+        return subprocess.run(command, check=True, **kwargs)
+    except FileNotFoundError as error:
+        raise BootstrapError(f"{command[0]} is not installed ({error})") from error
+    except subprocess.CalledProcessError as error:
+        raise BootstrapError(
+            f"`{' '.join(command)}` failed with exit status {error.returncode}"
+        ) from error
+
+
+@contextlib.contextmanager
+def exclusive(lock_file: Path = LOCK_FILE) -> Iterator[None]:
+    """One bootstrap at a time on this host (several test sessions may start together)."""
+    with open(lock_file, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# --------------------------------------------------------------------------------------------
+# host: packages, configurable-http-proxy, the Docker engine
+
+
+def missing_packages(names: Iterable[str]) -> list[str]:
+    missing = []
+    for name in names:
+        status = subprocess.run(
+            ["dpkg-query", "-W", "-f=${Status}", name], capture_output=True, text=True
+        )
+        if status.returncode != 0 or "install ok installed" not in status.stdout:
+            missing.append(name)
+    return missing
+
+
+def ensure_packages(names: Iterable[str]) -> list[str]:
+    """Install the Debian packages that are missing; returns what was installed."""
+    missing = missing_packages(names)
+    if not missing:
+        return []
+    if os.geteuid() != 0:
+        raise BootstrapError(
+            f"missing Debian packages {', '.join(missing)}: run as root or install them"
+        )
+    env = os.environ | {"DEBIAN_FRONTEND": "noninteractive"}
+    run(["apt-get", "update", "-q"], env=env, stdin=subprocess.DEVNULL)
+    run(
+        ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing],
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
+    return missing
+
+
+def ensure_proxy_command() -> str:
+    """configurable-http-proxy (JupyterHub's proxy), from npm when it is not on PATH."""
+    found = shutil.which(PROXY_COMMAND)
+    if found:
+        return found
+    ensure_packages(["nodejs", "npm"])
+    run(["npm", "install", "--global", "--no-fund", "--no-audit", PROXY_COMMAND])
+    found = shutil.which(PROXY_COMMAND)
+    if not found:
+        raise BootstrapError(f"npm installed {PROXY_COMMAND} but it is not on PATH")
+    return found
+
+
+def docker_answers(timeout: float = 20) -> bool:
+    try:
+        result = subprocess.run(
+            ["docker", "info", "--format", "{{.ServerVersion}}"],
+            capture_output=True,
+            timeout=timeout,
+        )
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return False
+    return result.returncode == 0
+
+
+def real_gpu_hook() -> str | None:
+    """An installed NVIDIA container runtime hook, ignoring our simulated one."""
+    directories = [
+        entry
+        for entry in os.environ.get("PATH", "").split(os.pathsep)
+        if entry and Path(entry) != SIMULATED_GPU_BIN
+    ]
+    directories += ["/usr/bin", "/usr/local/bin"]
+    return shutil.which(GPU_HOOK_NAME, path=os.pathsep.join(directories))
+
+
+def install_simulated_gpu_hook(directory: Path = SIMULATED_GPU_BIN) -> Path:
+    """The SIMULATED hook: Docker registers its 'nvidia' device driver when a binary of this
+    name is on dockerd's PATH, so GPU device requests start on machines without NVIDIA GPUs."""
+    hook = directory / GPU_HOOK_NAME
+    if not hook.exists() or hook.read_text() != SIMULATED_GPU_HOOK:
+        directory.mkdir(parents=True, exist_ok=True)
+        hook.write_text(SIMULATED_GPU_HOOK)
+        hook.chmod(0o755)
+        say(f"installed the SIMULATED GPU hook {hook}")
+    return hook
+
+
+def start_dockerd(log_path: Path = DOCKERD_LOG, timeout: float = 90) -> None:
+    """Start dockerd in its own session (it outlives us), logging to ``log_path``."""
+    real_hook = real_gpu_hook()
+    if not real_hook:
+        install_simulated_gpu_hook()
+    env = os.environ | {"PATH": dockerd_path(bool(real_hook), os.environ.get("PATH", ""))}
+    say(f"starting dockerd (log: {log_path})")
+    with open(log_path, "ab") as log:
+        subprocess.Popen(
+            ["dockerd"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if docker_answers(timeout=5):
+            return
+        time.sleep(1)
+    tail = log_path.read_text(errors="replace")[-3000:] if log_path.exists() else ""
+    raise BootstrapError(f"dockerd did not answer within {timeout:.0f}s; {log_path} ends:\n{tail}")
+
+
+def ensure_docker_engine() -> str:
+    """Reuse an engine that answers; otherwise install docker.io if needed and start dockerd.
+    Returns 'running' or 'started'."""
+    if docker_answers():
+        return "running"
+    ensure_packages(["docker.io"])
+    if docker_answers():  # the package's service may have started it
+        return "running"
+    start_dockerd()
+    return "started"
+
+
+def ensure_host(test_tools: bool = False) -> dict:
+    """Debian packages, configurable-http-proxy and a running Docker engine."""
+    packages = [*HOST_PACKAGES, *(TEST_TOOL_PACKAGES if test_tools else ())]
+    installed = ensure_packages(packages)
+    proxy = ensure_proxy_command()
+    engine = ensure_docker_engine()
+    return {"installed_packages": installed, "proxy": proxy, "docker_engine": engine}
+
+
+# --------------------------------------------------------------------------------------------
+# the virtualenv
+
+
+def ensure_venv(source: Path, venv: Path, extras: str = "test") -> str:
+    """A virtualenv with this project installed editable; reinstalled when pyproject changes."""
+    stamp = venv / ".ds01hub-installed"
+    wanted = hash_inputs(
+        [("pyproject", (source / "pyproject.toml").read_bytes()), ("x", extras.encode())]
+    )
+    if stamp.exists() and stamp.read_text().strip() == wanted and (venv / "bin/python").exists():
+        return "up to date"
+    if not (venv / "bin/python").exists():
+        run([sys.executable if _has_venv_module() else "python3", "-m", "venv", str(venv)])
+    target = f"{source}[{extras}]" if extras else str(source)
+    run([str(venv / "bin/pip"), "install", "--quiet", "--upgrade", "pip"])
+    run([str(venv / "bin/pip"), "install", "--quiet", "-e", target])
+    stamp.write_text(wanted + "\n")
+    return "installed"
+
+
+def _has_venv_module() -> bool:
+    return subprocess.run([sys.executable, "-c", "import ensurepip, venv"]).returncode == 0
+
+
+# --------------------------------------------------------------------------------------------
+# images
+
+
+@dataclass
+class ImageResult:
+    tag: str
+    alias: str
+    built: bool
+    inputs: dict = field(default_factory=dict)
+
+
+def image_exists(tag: str) -> bool:
+    result = subprocess.run(["docker", "image", "inspect", tag], capture_output=True)
+    return result.returncode == 0
+
+
+def tag_alias(tag: str) -> str:
+    alias = f"{tag.rsplit(':', 1)[0]}:{ALIAS_TAG}"
+    run(["docker", "tag", tag, alias], stdout=subprocess.DEVNULL)
+    return alias
+
+
+def ensure_base_image(mirror: str | None = None) -> ImageResult:
+    """The Debian base image (mmdebstrap + docker import), reused when its tag exists."""
+    recipe = base_image_recipe(mirror=mirror)
+    tag = base_image_tag(recipe)
+    with exclusive():
+        if image_exists(tag):
+            return ImageResult(tag, tag_alias(tag), built=False, inputs=recipe)
+        ensure_packages(["mmdebstrap"])
+        with tempfile.TemporaryDirectory(prefix="ds01hub-base-") as directory:
+            rootfs = Path(directory) / "rootfs.tar"
+            run(mmdebstrap_command(recipe, rootfs))
+            run(
+                [
+                    "docker",
+                    "import",
+                    "--change",
+                    "ENV LANG=C.UTF-8",
+                    "--change",
+                    'CMD ["/bin/bash"]',
+                    str(rootfs),
+                    tag,
+                ],
+                stdout=subprocess.DEVNULL,
+            )
+        return ImageResult(tag, tag_alias(tag), built=True, inputs=recipe)
+
+
+def find_source(start: Path | None = None) -> Path:
+    """The source checkout this module belongs to (needed to build the project wheel)."""
+    candidate = (start or Path(__file__)).resolve()
+    for directory in [candidate, *candidate.parents]:
+        if (directory / "pyproject.toml").is_file() and (directory / "ds01hub").is_dir():
+            return directory
+    raise BootstrapError(
+        "no ds01hub source checkout found: building the single-user image needs one "
+        "(pass --source DIR)"
+    )
+
+
+def jupyterhub_version() -> str:
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        return version("jupyterhub")
+    except PackageNotFoundError:
+        return DEFAULT_JUPYTERHUB_VERSION
+
+
+@dataclass(frozen=True)
+class SingleuserInputs:
+    """What decides the single-user image: its tag is the hash of all of it."""
+
+    base_image: str
+    dockerfile: bytes
+    requirements: list[str]
+    ca_bundle: bytes | None
+    files: dict[str, bytes]  # package source, relative path -> content
+
+    def tag(self) -> str:
+        parts = [
+            ("base", self.base_image.encode()),
+            ("dockerfile", self.dockerfile),
+            ("requirements", "\n".join(self.requirements).encode()),
+            ("ca-bundle", self.ca_bundle or b""),
+            *((f"src/{name}", content) for name, content in self.files.items()),
+        ]
+        return f"{SINGLEUSER_REPOSITORY}:{hash_inputs(parts)}"
+
+
+def singleuser_context_dir(source: Path) -> Path:
+    return source / "config" / "images" / "singleuser"
+
+
+def collect_singleuser_inputs(
+    source: Path, base_image: str, ca_bundle: Path | None
+) -> SingleuserInputs:
+    pyproject_bytes = (source / "pyproject.toml").read_bytes()
+    pyproject = tomllib.loads(pyproject_bytes.decode())
+    if ca_bundle is not None and not ca_bundle.is_file():
+        raise BootstrapError(f"--ca-bundle {ca_bundle}: no such file (give a PEM bundle or 'none')")
+    files = {
+        str(relative): (source / relative).read_bytes()
+        for relative in source_files(source, package_source_roots(pyproject))
+    }
+    return SingleuserInputs(
+        base_image=base_image,
+        dockerfile=(singleuser_context_dir(source) / "Dockerfile").read_bytes(),
+        requirements=project_requirements(pyproject, jupyterhub_version()),
+        ca_bundle=ca_bundle.read_bytes() if ca_bundle else None,
+        files=files,
+    )
+
+
+def write_build_context(inputs: SingleuserInputs, source: Path, context: Path) -> None:
+    """The docker build context: Dockerfile, requirements, CA bundle and the project wheel,
+    built from a copy of exactly the hashed sources (the work tree may change meanwhile)."""
+    (context / "Dockerfile").write_bytes(inputs.dockerfile)
+    (context / "requirements.txt").write_text("\n".join(inputs.requirements) + "\n")
+    (context / "ca-bundle.crt").write_bytes(inputs.ca_bundle or b"")
+    project = context / "project"
+    for name, content in inputs.files.items():
+        target = project / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(content)
+    readme = source / "README.md"
+    (project / "README.md").write_bytes(readme.read_bytes() if readme.exists() else b"")
+    run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "-w",
+            str(context / "wheels"),
+            str(project),
+        ],
+    )
+    shutil.rmtree(project)
+
+
+def ensure_singleuser_image(
+    base_image: str, ca_bundle: Path | None = HOST_CA_BUNDLE, source: Path | None = None
+) -> ImageResult:
+    """The single-user image on ``base_image``, reused when its tag exists."""
+    source = source or find_source()
+    inputs = collect_singleuser_inputs(source, base_image, ca_bundle)
+    tag = inputs.tag()
+    summary = {
+        "base_image": base_image,
+        "requirements": inputs.requirements,
+        "ca_bundle": str(ca_bundle) if ca_bundle else None,
+        "source_files": len(inputs.files),
+    }
+    with exclusive():
+        if image_exists(tag):
+            return ImageResult(tag, tag_alias(tag), built=False, inputs=summary)
+        with tempfile.TemporaryDirectory(prefix="ds01hub-singleuser-") as directory:
+            context = Path(directory)
+            write_build_context(inputs, source, context)
+            ca_path = CA_BUNDLE_IN_IMAGE if inputs.ca_bundle else SYSTEM_CA_BUNDLE_IN_IMAGE
+            run(
+                [
+                    "docker",
+                    "build",
+                    "--build-arg",
+                    f"BASE_IMAGE={base_image}",
+                    "--build-arg",
+                    f"CA_BUNDLE={ca_path}",
+                    "--tag",
+                    tag,
+                    str(context),
+                ],
+                env=os.environ | {"DOCKER_BUILDKIT": "0"},
+                stdout=sys.stderr,
+            )
+        return ImageResult(tag, tag_alias(tag), built=True, inputs=summary)
+
+
+def ensure_images(
+    ca_bundle: Path | None = HOST_CA_BUNDLE, source: Path | None = None, mirror: str | None = None
+) -> dict[str, ImageResult]:
+    base = ensure_base_image(mirror=mirror)
+    singleuser = ensure_singleuser_image(base.tag, ca_bundle=ca_bundle, source=source)
+    return {"base": base, "singleuser": singleuser}
+
+
+# --------------------------------------------------------------------------------------------
+# command line: `ds01hub bootstrap` and `python3 -m ds01hub.bootstrap`
+
+
+def _ca_bundle_argument(value: str) -> Path | None:
+    return None if value.lower() == "none" else Path(value)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "step",
+        choices=("host", "venv", "images", "all"),
+        help="host: Debian packages, configurable-http-proxy, the Docker engine; venv: the "
+        "virtualenv with this project; images: base + single-user image; all: every step",
+    )
+    parser.add_argument(
+        "--ca-bundle",
+        type=_ca_bundle_argument,
+        default=HOST_CA_BUNDLE,
+        metavar="PEM|none",
+        help="CA bundle copied into the single-user image for pip/HTTPS (sites behind a "
+        "TLS-intercepting proxy need their site bundle); 'none' keeps the image's own "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
+        "--test-tools",
+        action="store_true",
+        help="also install what the browser and terminal tests drive (chromium, tmux)",
+    )
+    parser.add_argument("--source", type=Path, help="source checkout (default: this one)")
+    parser.add_argument("--venv", type=Path, help="virtualenv path (default: SOURCE/.venv)")
+    parser.add_argument("--debian-mirror", help="Debian mirror for the base image")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.set_defaults(handler=run_command)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    result: dict = {}
+    try:
+        if args.step in ("host", "all"):
+            result["host"] = ensure_host(test_tools=args.test_tools)
+        if args.step in ("venv", "all"):
+            source = args.source or find_source()
+            result["venv"] = ensure_venv(source, args.venv or source / ".venv")
+        if args.step in ("images", "all"):
+            images = ensure_images(args.ca_bundle, args.source, args.debian_mirror)
+            result["images"] = {name: asdict(image) for name, image in images.items()}
+    except BootstrapError as error:
+        print(f"ds01hub bootstrap: {error}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for name, image in result.get("images", {}).items():
+            state = "built" if image["built"] else "reused"
+            print(f"{name} image: {image['tag']} ({state}), alias {image['alias']}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "bootstrap",
+        help="install/start what ds01hub needs and build its images (idempotent)",
+        description=__doc__.split("\n\n")[0],
+    )
+    add_arguments(parser)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python3 -m ds01hub.bootstrap", description=__doc__)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

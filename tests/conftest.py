@@ -1,0 +1,65 @@
+"""Session fixtures of the ds01hub test suite (docs/architecture.md, "Test harness").
+
+Unmarked tests are fast unit tests and use none of these. ``docker``/``e2e`` tests get a real
+Docker engine (started by ds01hub.bootstrap when none answers, with the SIMULATED GPU hook),
+real images (built once, tagged by a hash of their inputs, reused) and real JupyterHubs.
+"""
+
+from __future__ import annotations
+
+import pytest
+from harness import HubFactory, docker_bridge_ip
+
+from ds01hub import bootstrap
+
+# -- foundation: engine, images, hubs ----------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def docker_client():
+    """A docker-py client of a running engine (reused when one answers, else started)."""
+    import docker
+
+    bootstrap.ensure_docker_engine()
+    client = docker.from_env(timeout=300)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def base_image(docker_client) -> str:
+    """Tag of the Debian base image (mmdebstrap + docker import)."""
+    return bootstrap.ensure_base_image().tag
+
+
+@pytest.fixture(scope="session")
+def singleuser_image(base_image) -> str:
+    """Tag of the single-user image with this checkout's wheel (the ds01 extension loaded)."""
+    ca_bundle = bootstrap.HOST_CA_BUNDLE if bootstrap.HOST_CA_BUNDLE.exists() else None
+    return bootstrap.ensure_singleuser_image(base_image, ca_bundle=ca_bundle).tag
+
+
+@pytest.fixture(scope="session")
+def hub_factory(docker_client, singleuser_image, tmp_path_factory):
+    """Start real JupyterHubs: ``hub_factory(extra_config="...", spawner="docker")`` -> Hub.
+
+    ``extra_config`` is config-file text run after the defaults (``c`` is the config);
+    ``spawner`` is any ``JupyterHub.spawner_class`` ("docker", "ds01", "simple", ...).
+    Every hub is stopped, and its containers removed, at the end of the session; use
+    ``with hub_factory(...) as hub:`` to stop one sooner.
+    """
+    factory = HubFactory(
+        base_directory=tmp_path_factory.mktemp("hubs"),
+        hub_ip=docker_bridge_ip(docker_client),
+        image=singleuser_image,
+        docker_client=docker_client,
+    )
+    yield factory
+    factory.stop_all()
+
+
+@pytest.fixture(scope="session")
+def hub(hub_factory):
+    """A shared default hub (DockerSpawner with the single-user image). Use fresh user names
+    (``harness.unique_name``) so tests do not see each other's servers."""
+    return hub_factory()

@@ -1,0 +1,15 @@
+"""Names and labels that keep concurrent test sessions (and engineers) apart."""
+
+from __future__ import annotations
+
+import secrets
+
+#: Every container a test makes carries this label (value "1"); teardown removes them.
+TEST_LABEL = "ds01.test"
+#: Which hub made a container (its id), so a hub's teardown removes only its own.
+HUB_LABEL = "ds01.test.hub"
+
+
+def unique_name(prefix: str = "u") -> str:
+    """A fresh name valid as a JupyterHub user, a Unix user and a Docker name part."""
+    return f"{prefix}{secrets.token_hex(3)}"
