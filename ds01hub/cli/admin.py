@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from ds01hub import proxy
+from ds01hub.cli import core_commands
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     proxy.register(subparsers)
+    core_commands.register(subparsers)
     return parser
 
 

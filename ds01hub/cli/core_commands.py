@@ -1,0 +1,301 @@
+"""Admin sub-commands over the core library: `limits`, `check-config`, `gpus`, `status`.
+
+    ds01hub limits USER [--group G ...] [--json | --docker-args]
+    ds01hub check-config [FILE] [--json]          exit 0 valid, 1 invalid
+    ds01hub gpus [--json]                         the GPU inventory (NVML or simulated)
+    ds01hub status [--json]                       slots -> user, container, state, held until
+
+Each takes `--limits FILE` (default: $DS01HUB_LIMITS, else /etc/ds01hub/resource-limits.yaml).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from ds01hub.cli.output import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    CliError,
+    Column,
+    paint,
+    print_error,
+    print_json,
+    render_table,
+    use_colour,
+)
+from ds01hub.limits import (
+    ENV_LIMITS,
+    LimitsConfig,
+    LimitsError,
+    default_limits_path,
+    load_limits,
+    parse_limits,
+)
+
+__all__ = ["register"]
+
+ENV_STATE_DIR = "DS01HUB_STATE_DIR"
+DEFAULT_STATE_DIR = Path("/var/lib/ds01hub")
+
+
+def default_state_dir() -> Path:
+    """`$DS01HUB_STATE_DIR` when set, else /var/lib/ds01hub (reservations, event log)."""
+    return Path(os.environ.get(ENV_STATE_DIR) or DEFAULT_STATE_DIR)
+
+
+def _limits_option() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument(
+        "--limits",
+        metavar="FILE",
+        type=Path,
+        help=f"the resource-limits YAML (default: ${ENV_LIMITS}, else {default_limits_path()})",
+    )
+    return parent
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the core sub-commands to the `ds01hub` parser."""
+    common = _limits_option()
+    limits = subparsers.add_parser(
+        "limits",
+        parents=[common],
+        help="show a user's resolved limits",
+        description="Resolve a user's limits: user_overrides > group > defaults.",
+    )
+    limits.add_argument("user", metavar="USER")
+    limits.add_argument(
+        "--group",
+        action="append",
+        default=[],
+        metavar="G",
+        help="a group the user belongs to besides the YAML members lists (repeatable)",
+    )
+    form = limits.add_mutually_exclusive_group()
+    form.add_argument("--json", action="store_true", help="print JSON")
+    form.add_argument("--docker-args", action="store_true", help="print docker run arguments")
+    limits.set_defaults(handler=_guard(cmd_limits))
+
+    check = subparsers.add_parser(
+        "check-config",
+        help="validate a limits file (exit 0 valid, 1 invalid)",
+        description="Validate a resource-limits YAML; every problem is listed with its fix.",
+    )
+    check.add_argument("file", nargs="?", type=Path, metavar="FILE", help="default: --limits")
+    check.add_argument("--limits", type=Path, metavar="FILE", help=argparse.SUPPRESS)
+    check.add_argument("--json", action="store_true", help="print JSON")
+    check.set_defaults(handler=_guard(cmd_check_config))
+
+    gpus = subparsers.add_parser(
+        "gpus",
+        parents=[common],
+        help="show the GPU inventory",
+        description="GPUs and slots (whole GPUs, MIG instances) from NVML, or the simulated "
+        "inventory declared in gpu_allocation.simulate.",
+    )
+    gpus.add_argument("--json", action="store_true", help="print JSON")
+    gpus.set_defaults(handler=_guard(cmd_gpus))
+
+    status = subparsers.add_parser(
+        "status",
+        parents=[common],
+        help="show who holds which GPU slot",
+        description="Each slot with its holder: user, container, state, held until.",
+    )
+    status.add_argument(
+        "--state-dir",
+        type=Path,
+        metavar="DIR",
+        help=f"allocator state directory (default: ${ENV_STATE_DIR}, else {DEFAULT_STATE_DIR})",
+    )
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.set_defaults(handler=_guard(cmd_status))
+
+
+def _guard(handler):
+    """Turn CliError into a message and an exit code, so every command fails the same way."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return handler(args)
+        except CliError as error:
+            print_error(error)
+            return error.code
+
+    return run
+
+
+def _load_config(args: argparse.Namespace, required: bool = True) -> LimitsConfig:
+    """The limits named by --limits / env / default. When not `required` and no file was
+    named and the default does not exist, the built-in defaults (no simulated GPUs)."""
+    path = args.limits or default_limits_path()
+    explicit = args.limits is not None or os.environ.get(ENV_LIMITS)
+    if not required and not explicit and not Path(path).exists():
+        return parse_limits({}, file="(built-in defaults)")
+    try:
+        return load_limits(path)
+    except LimitsError as error:
+        raise CliError(str(error), hint=f"run: ds01hub check-config {path}") from None
+
+
+def cmd_limits(args: argparse.Namespace) -> int:
+    config = _load_config(args)
+    resolved = config.resolve(args.user, args.group)
+    if args.json:
+        print_json(resolved.to_dict())
+    elif args.docker_args:
+        print(" ".join(resolved.docker_args()))
+    else:
+        rows = resolved.display_rows()
+        width = max(len(label) for label, _ in rows) + 2
+        colour = use_colour(sys.stdout)
+        for label, text in rows:
+            print(paint(f"{label + ':':<{width}}", "bold", colour) + text)
+    return EXIT_OK
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    path = args.file or args.limits or default_limits_path()
+    colour = use_colour(sys.stdout)
+    try:
+        config = load_limits(path)
+    except LimitsError as error:
+        if args.json:
+            print_json(
+                {
+                    "file": str(path),
+                    "valid": False,
+                    "problems": [vars(p) for p in error.problems],
+                }
+            )
+        else:
+            print(f"{paint('INVALID', 'red', colour)} {path}")
+            for problem in error.problems:
+                print(f"  - {problem}")
+        return EXIT_FAILURE
+    if args.json:
+        print_json({"file": str(path), "valid": True, "warnings": list(config.warnings)})
+        return EXIT_OK
+    summary = (
+        f"{len(config.groups)} group(s), {len(config.user_overrides)} user override(s), "
+        f"strategy {config.gpu_allocation.strategy}"
+    )
+    if config.gpu_allocation.simulate:
+        summary += f", {len(config.gpu_allocation.simulate.gpus)} SIMULATED GPU(s)"
+    print(f"{paint('OK', 'green', colour)} {path}: {summary}")
+    for warning in config.warnings:
+        print(f"  {paint('warning:', 'yellow', colour)} {warning}")
+    return EXIT_OK
+
+
+def cmd_gpus(args: argparse.Namespace) -> int:
+    from ds01hub.inventory import load_inventory
+
+    config = _load_config(args, required=False)
+    inventory = load_inventory(config.gpu_allocation)
+    try:
+        if args.json:
+            print_json(inventory.to_dict())
+            return EXIT_OK
+        print(_inventory_text(inventory))
+    finally:
+        inventory.close()
+    return EXIT_OK
+
+
+def _inventory_text(inventory: Any) -> str:
+    source = "SIMULATED" if inventory.simulated else "NVML"
+    head = f"{source} inventory: {len(inventory.gpus)} GPU(s), {len(inventory.slots)} slot(s)"
+    if inventory.driver_version:
+        head += f", driver {inventory.driver_version}"
+    lines = [head]
+    if inventory.reason:
+        lines.append(f"note: {inventory.reason}")
+    if inventory.slots:
+        rows = [
+            {
+                "slot": s.id,
+                "kind": s.profile or "whole GPU",
+                "name": s.name + (" (simulated)" if s.simulated else ""),
+                "memory": f"{s.memory_mb} MiB",
+                "util": _percent(inventory.utilization(s.id)),
+                "procs": len(inventory.processes(s.id)),
+                "uuid": s.uuid,
+            }
+            for s in inventory.slots
+        ]
+        columns = [
+            Column("SLOT", "slot"),
+            Column("KIND", "kind"),
+            Column("NAME", "name"),
+            Column("MEMORY", "memory"),
+            Column("UTIL", "util"),
+            Column("PROCS", "procs"),
+            Column("UUID", "uuid"),
+        ]
+        lines.append(render_table(rows, columns, colour=use_colour(sys.stdout)))
+    return "\n".join(lines)
+
+
+def _percent(value: int | None) -> str:
+    return "-" if value is None else f"{value}%"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import docker
+
+    from ds01hub.allocation_state import GpuAllocator
+    from ds01hub.inventory import load_inventory
+
+    config = _load_config(args, required=False)
+    try:
+        client = docker.from_env()
+        client.ping()
+    except docker.errors.DockerException as error:
+        raise CliError(
+            f"cannot reach the Docker engine: {error}",
+            hint="run as root or a member of the docker group; check that dockerd runs",
+        ) from None
+    inventory = load_inventory(config.gpu_allocation)
+    state_dir = args.state_dir or default_state_dir()
+    allocator = GpuAllocator(client, inventory, state_dir, None, limits=config)
+    rows = [row.to_dict() for row in allocator.status()]
+    inventory.close()
+    if args.json:
+        print_json(
+            {
+                "simulated": inventory.simulated,
+                "reason": inventory.reason,
+                "slots": rows,
+            }
+        )
+        return EXIT_OK
+    colour = use_colour(sys.stdout)
+    if inventory.simulated:
+        print("SIMULATED GPUs (gpu_allocation.simulate)")
+    if not rows:
+        print(f"no GPU slots: {inventory.reason or 'none found'}")
+        return EXIT_OK
+    for row in rows:
+        row["kind"] = row["profile"] or "whole GPU"
+        row["state"] = row["state"] or "free"
+    columns = [
+        Column("SLOT", "slot"),
+        Column("KIND", "kind"),
+        Column("USER", "user"),
+        Column("CONTAINER", "container"),
+        Column("STATE", "state", colour_of=_state_colour),
+        Column("HELD UNTIL", "held_until"),
+    ]
+    print(render_table(rows, columns, colour=colour))
+    return EXIT_OK
+
+
+def _state_colour(state: str | None) -> str | None:
+    return {"free": "green", "running": "blue", "stopped": "yellow", "reserved": "grey"}.get(
+        state or ""
+    )
