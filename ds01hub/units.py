@@ -42,7 +42,7 @@ def parse_size(value: str | int | float) -> int:
         raise UnitError(f"{value!r} is not a size; use {SIZE_FORMS}")
     if isinstance(value, int | float):
         if value < 0 or math.isnan(value) or math.isinf(value):
-            raise UnitError(f"{value!r} is not a size; sizes are not negative")
+            raise UnitError(f"{value!r} is not a size (negative); use {SIZE_FORMS}")
         return int(value)
     if not isinstance(value, str):
         raise UnitError(f"{value!r} is not a size; use {SIZE_FORMS}")
@@ -73,7 +73,7 @@ def parse_duration(value: str | int | float) -> float:
         raise UnitError(f"{value!r} is not a duration; use {DURATION_FORMS}")
     if isinstance(value, int | float):
         if value < 0 or math.isnan(value) or math.isinf(value):
-            raise UnitError(f"{value!r} is not a duration; durations are not negative")
+            raise UnitError(f"{value!r} is not a duration (negative); use {DURATION_FORMS}")
         return float(value)
     if not isinstance(value, str) or not _DURATION_RE.match(value):
         raise UnitError(f"{value!r} is not a duration; use {DURATION_FORMS}")
