@@ -568,25 +568,54 @@ def configure_hub(
         "oauth_no_confirm": True,
         "environment": dict(environment or {}),
     }
-    c.JupyterHub.services = [
-        s for s in _as_list(c.JupyterHub.services) if s.get("name") != SERVICE_NAME
-    ] + [service]
-    roles = _as_list(c.JupyterHub.load_roles)
-    roles.append(
+    _set_service(c, service)
+    _add_roles(
+        c,
+        [
+            {
+                "name": "ds01-service",
+                "services": [SERVICE_NAME],
+                "scopes": ["read:users", "read:users:groups", "read:servers", "servers"],
+            }
+        ],
         {
-            "name": "ds01-service",
-            "services": [SERVICE_NAME],
-            "scopes": ["read:users", "read:users:groups", "read:servers", "servers"],
-        }
+            "user": ["self"],
+            "server": ["users:activity!user", "access:servers!server"],
+        },
     )
-    _merge_role(roles, "user", ["self"], [ACCESS_SCOPE])
-    _merge_role(roles, "server", ["users:activity!user", "access:servers!server"], [ACCESS_SCOPE])
-    c.JupyterHub.load_roles = roles
     reach = (container_url or url).rstrip("/")
     if not reach.endswith(prefix.rstrip("/")):
         reach += prefix.rstrip("/")
-    env = c.Spawner.environment if isinstance(c.Spawner.environment, dict) else {}
-    c.Spawner.environment = {**env, "DS01_SERVICE_URL": reach + "/"}
+    c.Spawner.environment.update({"DS01_SERVICE_URL": reach + "/"})
+
+
+# A config file loaded with load_subconfig() starts from an empty config, where list and dict
+# values are LazyConfigValues: append/extend/update on them merge with the parent file's values
+# instead of replacing them. Where the value is a real list (one file), it is merged here.
+
+
+def _set_service(c, service: dict) -> None:
+    services = c.JupyterHub.services
+    if isinstance(services, list):
+        c.JupyterHub.services = [s for s in services if s.get("name") != SERVICE_NAME] + [service]
+    else:
+        services.append(service)
+
+
+def _add_roles(c, new_roles: list[dict], extend: dict[str, list[str]]) -> None:
+    """Add ``new_roles`` and ``ACCESS_SCOPE`` to the roles named in ``extend`` (whose default
+    scopes are given, since redefining a role replaces its scopes)."""
+    roles = c.JupyterHub.load_roles
+    if not isinstance(roles, list):
+        roles.extend(new_roles)
+        roles.extend(
+            {"name": name, "scopes": [*defaults, ACCESS_SCOPE]} for name, defaults in extend.items()
+        )
+        return
+    roles = _as_list(roles) + new_roles
+    for name, defaults in extend.items():
+        _merge_role(roles, name, defaults, [ACCESS_SCOPE])
+    c.JupyterHub.load_roles = roles
 
 
 def _as_list(value) -> list:

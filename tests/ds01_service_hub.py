@@ -133,19 +133,22 @@ def local_servers_hub(directory: Path) -> ServiceHub:
     """A hub whose users get local single-user servers that load the ds01 extension from the
     shipped ``jupyter-config`` file. Users whose name starts with ``down`` get a service URL
     where nothing listens (for the 'service unreachable' paths)."""
+    hub = ServiceHub(directory)
     closed_port = _free_port()
-    extra = f"""
+    hub.extra_config = f"""
 c.JupyterHub.spawner_class = "simple"
 c.SimpleLocalProcessSpawner.home_dir_template = "{directory}/homes/{{username}}"
 c.Spawner.cmd = [sys.executable, "-m", "jupyterhub.singleuser"]
 c.Spawner.args = ["--allow-root"]  # this test machine runs everything as root
 c.Spawner.default_url = "/lab"
 c.Spawner.http_timeout = 60
-c.Spawner.environment["JUPYTER_CONFIG_PATH"] = "{REPO}/jupyter-config"
-_service_url = c.Spawner.environment["DS01_SERVICE_URL"]
-c.Spawner.environment["DS01_SERVICE_URL"] = lambda spawner: (
-    "http://127.0.0.1:{closed_port}/services/ds01/"
-    if spawner.user.name.startswith("down") else _service_url
-)
+c.Spawner.environment = {{
+    "JUPYTER_CONFIG_PATH": "{REPO}/jupyter-config",
+    "DS01_SERVICE_URL": lambda spawner: (
+        "http://127.0.0.1:{closed_port}/services/ds01/"
+        if spawner.user.name.startswith("down")
+        else "http://127.0.0.1:{hub.service_port}/services/ds01/"
+    ),
+}}
 """
-    return ServiceHub(directory, extra_config=extra)
+    return hub

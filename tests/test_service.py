@@ -38,10 +38,31 @@ def test_configure_hub_grants_access_scope_to_users_and_server_tokens():
     assert "access:services!service=ds01" in roles["server"]["scopes"]
     assert "access:servers!server" in roles["server"]["scopes"]
     assert roles["ds01-service"]["services"] == ["ds01"]
-    [service] = c.JupyterHub.services
+    [service] = c.JupyterHub.services.get_value([])
     assert service["url"] == "http://172.17.0.1:10101"
     assert service["command"][1:3] == ["-m", "ds01hub.service"]
-    assert c.Spawner.environment["DS01_SERVICE_URL"] == "http://172.17.0.1:10101/services/ds01/"
+    environment = c.Spawner.environment.get_value({})
+    assert environment["DS01_SERVICE_URL"] == "http://172.17.0.1:10101/services/ds01/"
+
+
+def test_configure_hub_in_a_subconfig_merges_instead_of_replacing():
+    """In a file loaded with load_subconfig(), values are lazy: the parent's roles, services
+    and environment must survive."""
+    from traitlets.config import Config
+
+    parent = Config()
+    parent.JupyterHub.services = [{"name": "admin-svc", "api_token": "x"}]
+    parent.JupyterHub.load_roles = [{"name": "admin", "services": ["admin-svc"]}]
+    parent.Spawner.environment = {"KEEP": "1"}
+    sub = Config()
+    configure_hub(sub, url="http://172.17.0.1:10101")
+    parent.merge(sub)
+    services = parent.JupyterHub.services
+    assert [s["name"] for s in services] == ["admin-svc", "ds01"]
+    names = [r["name"] for r in parent.JupyterHub.load_roles]
+    assert names == ["admin", "ds01-service", "user", "server"]
+    assert parent.Spawner.environment["KEEP"] == "1"
+    assert parent.Spawner.environment["DS01_SERVICE_URL"].endswith(":10101/services/ds01/")
 
 
 def test_no_token_is_refused_and_browser_is_sent_to_login(service_hub):
