@@ -28,7 +28,7 @@ import json
 import os
 import socket
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -51,15 +51,17 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def docker_lister(client: Any) -> Callable[[], list[dict]]:
+def docker_lister(client: Any, extra_labels: Sequence[str] = ()) -> Callable[[], list[dict]]:
     """Managed containers as Docker documents: list entries for running ones, inspect
-    documents for the others that carry GPUs (only inspect has `State.FinishedAt`)."""
+    documents for the others that carry GPUs (only inspect has `State.FinishedAt`).
+    `extra_labels` narrows the listing (tests on a shared engine)."""
+    filters = {"label": [labels.MANAGED_FILTER["label"], *extra_labels]}
 
     def list_managed() -> list[dict]:
         import docker.errors
 
         documents = []
-        for entry in client.api.containers(all=True, filters=labels.MANAGED_FILTER):
+        for entry in client.api.containers(all=True, filters=filters):
             gpus = (entry.get("Labels") or {}).get(labels.GPUS)
             if entry.get("State") in labels.RUNNING_STATES or not gpus:
                 documents.append(entry)
@@ -309,8 +311,9 @@ class GpuAllocator:
             self._write(self._reservations_path, reservations)
             if decision.reclaimed:
                 self._revoke(decision, request, revoked, records, now)
-            self._log_decision(decision, request, limits)
+            # Sweep what existed before this decision, then log it (its new intervals are live).
             self._sweep(records, holdings, now)
+            self._log_decision(decision, request, limits, now)
         return decision
 
     def _revoke(
@@ -332,7 +335,7 @@ class GpuAllocator:
         self._write(self._revoked_path, revoked)
 
     def _log_decision(
-        self, decision: Decision, request: GpuRequest, limits: ResolvedLimits
+        self, decision: Decision, request: GpuRequest, limits: ResolvedLimits, now: datetime
     ) -> None:
         if self.eventlog is None:
             return
@@ -346,6 +349,7 @@ class GpuAllocator:
                 reason=f"taken by {request.user} ({request.container}, priority "
                 f"{request.priority or limits.priority} > {holding.priority}) while "
                 f"{holding.state}",
+                at=now,
             )
         for slot in decision.granted:
             self.eventlog.record(
@@ -355,6 +359,7 @@ class GpuAllocator:
                 container=request.container,
                 group=limits.group,
                 reason=f"priority {request.priority or limits.priority}",
+                at=now,
             )
 
     def _sweep(
@@ -389,6 +394,7 @@ class GpuAllocator:
                 container=interval.container,
                 group=interval.group,
                 reason=reason,
+                at=now,
             )
 
     def commit(self, container_name: str) -> None:
@@ -416,6 +422,7 @@ class GpuAllocator:
                         container=container_name,
                         group=interval.group,
                         reason=reason,
+                        at=self.clock(),
                     )
 
     def sweep(self) -> None:
