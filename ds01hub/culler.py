@@ -1,0 +1,637 @@
+"""GPU-aware idle culling, in the spirit of jupyterhub-idle-culler.
+
+A server is culled (stopped through the Hub REST API, its container kept: the GPU hold and the
+container hold then run their course, see `ds01hub.lifecycle`) only when *all* of these hold:
+
+- no JupyterHub activity (the server's `last_activity`, fed by the proxy, the single-user
+  server's activity reports and `container-run` shells) for the user's `idle_timeout`;
+- no GPU activity: NVML utilisation of each of the container's slots under `gpu_threshold` in
+  every one of several samples, and no compute process of the container on them (NVML pids are
+  mapped to containers through `/proc/<pid>/cgroup`);
+- CPU (one `docker stats` sample, percent of one core) under `cpu_threshold`.
+
+So a long training run with no browser open is never culled, and a missing signal (stats
+unavailable) counts as activity: the culler never stops what it cannot see is idle. A null
+`idle_timeout` means never. `max_runtime` (when set) stops a server after that long regardless.
+
+Users are warned `warn_before` ahead: the warning is kept in `state_dir/cull-warnings.json`
+(the CLI shows it on the user's next command via `pending_warnings`) and written into the
+container (`/tmp/ds01hub/cull-warning.txt`, for the notebook and terminals); a server is culled
+only after its warning has stood for the lead time. Every cull is a `cull` event whose reason
+starts with its code (`idle:`, `max_runtime:`), which the metrics count by.
+
+The module has two halves: `decide` (pure, on plain data and an injected `now`) and `Culler`,
+the thin loop that gathers the data from the hub, Docker and NVML and acts on the verdicts.
+`CullerService` runs it as a JupyterHub managed service that also serves the admin page and
+the Prometheus metrics (see `configure_hub`); `ds01hub cull [--once] [--dry-run]` runs it from
+the command line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import os
+import re
+import tarfile
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "CullPolicy",
+    "CullWarning",
+    "Culler",
+    "ServerActivity",
+    "Verdict",
+    "decide",
+    "pending_warnings",
+]
+
+WARNINGS_FILE = "cull-warnings.json"
+CONTAINER_WARNING_PATH = "/tmp/ds01hub/cull-warning.txt"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _duration(seconds: float) -> str:
+    """3725 -> '1h 2m'; 45 -> '45s' (for reasons people read)."""
+    seconds = int(max(0, seconds))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = (
+        [f"{days}d"] * bool(days) + [f"{hours}h"] * bool(hours) + [f"{minutes}m"] * bool(minutes)
+    )
+    return " ".join(parts[:2]) or f"{secs}s"
+
+
+# -- the decision (pure) -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CullPolicy:
+    """The user's limits that matter here plus the culler's thresholds."""
+
+    idle_timeout: float | None  # seconds; None = never culled for idleness
+    max_runtime: float | None = None  # seconds; None = no limit
+    warn_before: float = 600.0  # lead time of the warning; 0 = cull without one
+    gpu_threshold: float = 5.0  # percent utilisation; at or above = busy
+    cpu_threshold: float = 10.0  # percent of one core; at or above = busy
+
+
+@dataclass(frozen=True)
+class ServerActivity:
+    """What the culler knows about one running server and its container.
+
+    `gpu_samples`: slot -> utilisation samples (None where NVML has none: MIG devices);
+    `gpu_processes`: slot -> pids of *this container's* compute processes there;
+    `cpu_percent`: None when unknown (not sampled or stats failed).
+    """
+
+    user: str
+    server: str
+    container: str
+    container_id: str = ""
+    group: str | None = None
+    started: datetime | None = None
+    last_activity: datetime | None = None
+    gpu_samples: Mapping[str, tuple[int | None, ...]] = field(default_factory=dict)
+    gpu_processes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    cpu_percent: float | None = None
+
+    @property
+    def idle_since(self) -> datetime | None:
+        """The last moment the hub saw the server used (or its start, if never used)."""
+        moments = [m for m in (self.last_activity, self.started) if m is not None]
+        return max(moments) if moments else None
+
+
+@dataclass(frozen=True)
+class CullWarning:
+    """A pending cull that the user has been told about."""
+
+    user: str
+    server: str
+    container: str
+    code: str  # "idle" | "max_runtime"
+    reason: str
+    since: datetime  # start of the idle period (or the server's start, for max_runtime)
+    warned_at: datetime
+    cull_at: datetime
+
+    def message(self) -> str:
+        project = self.server or "default"
+        return (
+            f"Your container {project!r} will be stopped at {self.cull_at:%Y-%m-%d %H:%M} UTC "
+            f"({self.reason}). Use it (open it in the browser or run a command in it) to keep "
+            "it running; your files are kept either way."
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key in ("since", "warned_at", "cull_at"):
+            data[key] = data[key].isoformat()
+        data["message"] = self.message()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CullWarning:
+        times = {k: datetime.fromisoformat(data[k]) for k in ("since", "warned_at", "cull_at")}
+        plain = {k: data[k] for k in ("user", "server", "container", "code", "reason")}
+        return cls(**plain, **times)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """`action`: keep, warn or cull; `code` says why in one word (active, busy, never,
+    warned, idle, max_runtime, unknown); `warning`: the warning in force after this pass."""
+
+    action: str
+    code: str
+    reason: str
+    warning: CullWarning | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "action": self.action,
+            "code": self.code,
+            "reason": self.reason,
+            "cull_at": self.warning.cull_at.isoformat() if self.warning else None,
+        }
+
+
+def busy_signals(activity: ServerActivity, policy: CullPolicy) -> list[str]:
+    """Why the container is not idle, from its GPU and CPU signals ([] = idle)."""
+    signals = []
+    for slot, samples in sorted(activity.gpu_samples.items()):
+        known = [s for s in samples if s is not None]
+        if known and max(known) >= policy.gpu_threshold:
+            signals.append(f"GPU {slot} at {max(known)}%")
+    for slot, pids in sorted(activity.gpu_processes.items()):
+        if pids:
+            signals.append(f"{len(pids)} compute process(es) on GPU {slot}")
+    if activity.cpu_percent is None:
+        signals.append("CPU use unknown")
+    elif activity.cpu_percent >= policy.cpu_threshold:
+        signals.append(f"CPU at {activity.cpu_percent:.0f}%")
+    return signals
+
+
+def idle_description(activity: ServerActivity, policy: CullPolicy, now: datetime) -> str:
+    idle_for = (now - activity.idle_since).total_seconds() if activity.idle_since else 0
+    slots = sorted(set(activity.gpu_samples) | set(activity.gpu_processes))
+    parts = [f"no hub activity for {_duration(idle_for)}"]
+    if slots:
+        parts.append(
+            f"GPU {','.join(slots)} under {policy.gpu_threshold:g}% with no compute processes"
+        )
+    if activity.cpu_percent is not None:
+        parts.append(f"CPU {activity.cpu_percent:.1f}% < {policy.cpu_threshold:g}%")
+    return ", ".join(parts) + f" (idle_timeout {_duration(policy.idle_timeout or 0)})"
+
+
+def needs_sampling(activity: ServerActivity, policy: CullPolicy, now: datetime) -> bool:
+    """True when the hub signal alone no longer protects the server, so GPU and CPU must be
+    sampled (sampling is slow; most servers are skipped here)."""
+    if policy.idle_timeout is None or activity.idle_since is None:
+        return False
+    lead = max(policy.warn_before, 0.0)
+    return now >= activity.idle_since + timedelta(seconds=max(policy.idle_timeout - lead, 0))
+
+
+def _warn_or_cull(
+    activity: ServerActivity,
+    code: str,
+    reason: str,
+    since: datetime,
+    due: datetime,
+    policy: CullPolicy,
+    now: datetime,
+    warning: CullWarning | None,
+) -> Verdict:
+    """Warn first (once per idle period), cull once the warning has stood its lead time."""
+    if policy.warn_before <= 0:
+        if now >= due:
+            return Verdict("cull", code, reason)
+        return Verdict("keep", "active", f"{code} due at {due:%Y-%m-%d %H:%M} UTC")
+    current = warning if warning and (warning.code, warning.since) == (code, since) else None
+    if current is None:
+        cull_at = max(due, now + timedelta(seconds=policy.warn_before))
+        new = CullWarning(
+            activity.user, activity.server, activity.container, code, reason, since, now, cull_at
+        )
+        return Verdict("warn", code, reason, new)
+    if now >= current.cull_at:
+        return Verdict("cull", code, reason)
+    return Verdict(
+        "keep", "warned", f"warned; stopping at {current.cull_at:%Y-%m-%d %H:%M} UTC", current
+    )
+
+
+def decide(
+    activity: ServerActivity,
+    policy: CullPolicy,
+    now: datetime,
+    warning: CullWarning | None = None,
+) -> Verdict:
+    """Keep, warn or cull one running server. `warning` is the one given earlier, if any."""
+    if policy.max_runtime is not None and activity.started is not None:
+        due = activity.started + timedelta(seconds=policy.max_runtime)
+        if now >= due - timedelta(seconds=max(policy.warn_before, 0)):
+            reason = (
+                f"running for {_duration((now - activity.started).total_seconds())} "
+                f"(max_runtime {_duration(policy.max_runtime)})"
+            )
+            return _warn_or_cull(
+                activity, "max_runtime", reason, activity.started, due, policy, now, warning
+            )
+    if policy.idle_timeout is None:
+        return Verdict("keep", "never", "idle_timeout is null: never culled")
+    since = activity.idle_since
+    if since is None:
+        return Verdict("keep", "unknown", "the hub reports no start or activity time")
+    if not needs_sampling(activity, policy, now):
+        ago = _duration((now - since).total_seconds())
+        return Verdict("keep", "active", f"hub activity {ago} ago")
+    busy = busy_signals(activity, policy)
+    if busy:
+        return Verdict("keep", "busy", "busy: " + ", ".join(busy))
+    due = since + timedelta(seconds=policy.idle_timeout)
+    reason = idle_description(activity, policy, now)
+    return _warn_or_cull(activity, "idle", reason, since, due, policy, now, warning)
+
+
+# -- warnings: the state the CLI and the notebook read ----------------------------------------
+
+
+def default_state_dir() -> Path:
+    """`$DS01HUB_STATE_DIR`, else /var/lib/ds01hub (shared with the allocator)."""
+    return Path(os.environ.get("DS01HUB_STATE_DIR") or "/var/lib/ds01hub")
+
+
+class WarningStore:
+    """The pending cull warnings, one JSON file written atomically by the culler only."""
+
+    def __init__(self, state_dir: str | os.PathLike):
+        self.path = Path(state_dir) / WARNINGS_FILE
+
+    def load(self) -> dict[str, CullWarning]:
+        """Container name -> warning; a missing or damaged file is no warnings."""
+        try:
+            entries = json.loads(self.path.read_text())
+            return {e["container"]: CullWarning.from_dict(e) for e in entries}
+        except (OSError, ValueError, KeyError, TypeError):
+            return {}
+
+    def save(self, warnings: Iterable[CullWarning]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        data = [w.to_dict() for w in sorted(warnings, key=lambda w: (w.user, w.server))]
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.chmod(0o644)
+        os.replace(tmp, self.path)
+
+
+def pending_warnings(user: str, state_dir: str | os.PathLike | None = None) -> list[CullWarning]:
+    """The user's containers that the culler has warned will be stopped (soonest first).
+    For the CLI to show on the user's next command: `w.message()` is the sentence to print."""
+    store = WarningStore(state_dir if state_dir is not None else default_state_dir())
+    return sorted((w for w in store.load().values() if w.user == user), key=lambda w: w.cull_at)
+
+
+# -- the loop's edges: /proc, Docker, NVML, the hub -------------------------------------------
+
+_CONTAINER_ID = re.compile(r"[0-9a-f]{64}")
+
+
+def container_id_in_cgroup(text: str) -> str | None:
+    """The Docker container id in a /proc/<pid>/cgroup file (cgroup v1 `/docker/<id>`, v2
+    `docker-<id>.scope` both carry the 64-hex id), None for a host process."""
+    match = _CONTAINER_ID.search(text)
+    return match.group(0) if match else None
+
+
+def container_of_pid(pid: int, proc_root: str | os.PathLike = "/proc") -> str | None:
+    try:
+        return container_id_in_cgroup((Path(proc_root) / str(pid) / "cgroup").read_text())
+    except OSError:  # the process ended meanwhile, or is not visible here
+        return None
+
+
+def warning_archive(text: str) -> bytes:
+    """A tar of `ds01hub/cull-warning.txt` to unpack into the container's /tmp."""
+    buffer = io.BytesIO()
+    payload = text.encode()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        folder = tarfile.TarInfo("ds01hub")
+        folder.type, folder.mode = tarfile.DIRTYPE, 0o755
+        tar.addfile(folder)
+        entry = tarfile.TarInfo("ds01hub/cull-warning.txt")
+        entry.size, entry.mode = len(payload), 0o644
+        tar.addfile(entry, io.BytesIO(payload))
+    return buffer.getvalue()
+
+
+@dataclass(frozen=True)
+class ServerReport:
+    """One line of a pass's report: a server and what the culler decided for it."""
+
+    user: str
+    server: str
+    container: str
+    verdict: Verdict
+
+    def to_dict(self) -> dict[str, Any]:
+        project = self.server or "default"
+        return {"user": self.user, "project": project, "container": self.container} | (
+            self.verdict.to_dict()
+        )
+
+
+@dataclass
+class PassReport:
+    """What one pass decided (and, unless a dry run, did)."""
+
+    at: datetime
+    dry_run: bool
+    servers: list[ServerReport] = field(default_factory=list)
+    lifecycle: list[Any] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "at": self.at.isoformat(),
+            "dry_run": self.dry_run,
+            "servers": [s.to_dict() for s in self.servers],
+            "lifecycle": [a.to_dict() for a in self.lifecycle],
+            "errors": list(self.errors),
+        }
+
+
+class Culler:
+    """The thin loop: gather activity from the hub, Docker and NVML, `decide`, act.
+
+    `hub` is a `HubClient` whose token has `list:users`, `read:users:activity`,
+    `read:users:groups`, `read:servers` and `servers` (see `configure_hub`); `inventory` the
+    GPU inventory (real or SIMULATED NVML); `limits` a `LimitsStore` (reloaded each pass) or a
+    fixed `LimitsConfig`; `lifecycle` an optional `ds01hub.lifecycle.Lifecycle` run after the
+    servers. `clock` gives `now` (tests inject it).
+    """
+
+    def __init__(
+        self,
+        hub: Any,
+        docker_client: Any,
+        inventory: Any,
+        limits: Any,
+        *,
+        eventlog: Any = None,
+        state_dir: str | os.PathLike | None = None,
+        lifecycle: Any = None,
+        warn_before: float = 600.0,
+        gpu_threshold: float = 5.0,
+        cpu_threshold: float = 10.0,
+        gpu_samples: int = 3,
+        gpu_sample_interval: float = 1.0,
+        notify_containers: bool = True,
+        proc_root: str | os.PathLike = "/proc",
+        clock: Callable[[], datetime] = utcnow,
+        log: logging.Logger | None = None,
+    ):
+        self.hub = hub
+        self.docker = docker_client
+        self.inventory = inventory
+        self.limits = limits
+        self.eventlog = eventlog
+        self.warnings = WarningStore(state_dir if state_dir is not None else default_state_dir())
+        self.lifecycle = lifecycle
+        self.warn_before = warn_before
+        self.gpu_threshold = gpu_threshold
+        self.cpu_threshold = cpu_threshold
+        self.gpu_samples = max(1, gpu_samples)
+        self.gpu_sample_interval = gpu_sample_interval
+        self.notify_containers = notify_containers
+        self.proc_root = proc_root
+        self.clock = clock
+        self.log = log or logging.getLogger("ds01hub.culler")
+
+    # -- gathering ----------------------------------------------------------------------------
+
+    async def hub_users(self, page: int = 200) -> list[dict]:
+        """Users with at least one active server, with their servers and groups."""
+        users: list[dict] = []
+        offset = 0
+        while True:
+            params = {"state": "active", "offset": str(offset), "limit": str(page)}
+            batch = await self.hub.request("GET", "/users", params=params) or []
+            users += batch
+            if len(batch) < page:
+                return users
+            offset += page
+
+    def running_records(self) -> dict[tuple[str, str], Any]:
+        """(user, hub server name) -> the running managed container."""
+        from ds01hub import labels
+
+        filters = dict(labels.MANAGED_FILTER, status="running")
+        records = {}
+        for entry in self.docker.api.containers(filters=filters):
+            record = labels.ContainerRecord.from_docker(entry)
+            if record is not None:
+                server = "" if record.project == labels.DEFAULT_PROJECT else record.project
+                records[(record.user, server)] = record
+        return records
+
+    def policy_for(self, user: str, groups: Iterable[str]) -> CullPolicy:
+        resolved = self.limits.resolve(user, list(groups))
+        return CullPolicy(
+            idle_timeout=resolved.idle_timeout,
+            max_runtime=resolved.max_runtime,
+            warn_before=self.warn_before,
+            gpu_threshold=self.gpu_threshold,
+            cpu_threshold=self.cpu_threshold,
+        )
+
+    def cpu_percent(self, container_id: str) -> float | None:
+        """One `docker stats` sample (Docker averages over about a second); None on failure."""
+        from ds01hub.operations import cpu_percent
+
+        try:
+            return cpu_percent(self.docker.api.stats(container_id, stream=False))
+        except Exception as error:
+            self.log.warning("no CPU stats for %s: %s", container_id[:12], error)
+            return None
+
+    async def gpu_activity(
+        self, containers: Mapping[str, tuple[str, ...]]
+    ) -> tuple[dict[str, dict], dict[str, dict]]:
+        """Sample NVML `gpu_samples` times: per container id, slot -> utilisation samples and
+        slot -> pids of that container computing on the slot."""
+        samples: dict[str, dict[str, list]] = {cid: {} for cid in containers}
+        processes: dict[str, dict[str, set]] = {cid: {} for cid in containers}
+        for index in range(self.gpu_samples):
+            if index:
+                await asyncio.sleep(self.gpu_sample_interval)
+            for cid, slots in containers.items():
+                for slot in slots:
+                    samples[cid].setdefault(slot, []).append(self.inventory.utilization(slot))
+                    mine = {
+                        pid
+                        for pid in self.inventory.processes(slot)
+                        if container_of_pid(pid, self.proc_root) == cid
+                    }
+                    processes[cid].setdefault(slot, set()).update(mine)
+        return (
+            {cid: {s: tuple(v) for s, v in slots.items()} for cid, slots in samples.items()},
+            {
+                cid: {s: tuple(sorted(v)) for s, v in slots.items()}
+                for cid, slots in processes.items()
+            },
+        )
+
+    # -- one pass -----------------------------------------------------------------------------
+
+    async def run_once(self, dry_run: bool = False) -> PassReport:
+        """Decide for every running server; unless `dry_run`, warn, cull, run the lifecycle
+        pass and save the warnings."""
+        now = self.clock()
+        report = PassReport(now, dry_run)
+        if hasattr(self.limits, "reload"):
+            self.limits.reload()
+        users = await self.hub_users()
+        records = await asyncio.to_thread(self.running_records)
+        previous = self.warnings.load()
+        candidates: list[tuple[ServerActivity, CullPolicy]] = []
+        for user in users:
+            for server, model in (user.get("servers") or {}).items():
+                record = records.get((user["name"], server))
+                if record is None or not model.get("ready") or model.get("pending"):
+                    continue  # not ours, or starting/stopping: leave it to the hub
+                activity = ServerActivity(
+                    user=user["name"],
+                    server=server,
+                    container=record.name,
+                    container_id=record.id,
+                    group=record.group,
+                    started=_parse_time(model.get("started")),
+                    last_activity=_parse_time(model.get("last_activity")),
+                )
+                candidates.append((activity, self.policy_for(user["name"], user.get("groups", []))))
+        candidates = await self._sample(candidates, now)
+        kept: list[CullWarning] = []
+        for activity, policy in candidates:
+            verdict = decide(activity, policy, now, previous.get(activity.container))
+            report.servers.append(
+                ServerReport(activity.user, activity.server, activity.container, verdict)
+            )
+            if dry_run:
+                continue
+            try:
+                await self._act(activity, verdict, previous.get(activity.container))
+            except Exception as error:  # one server's failure must not stop the pass
+                report.errors.append(f"{activity.container}: {error}")
+                self.log.exception("acting on %s failed", activity.container)
+                if verdict.action == "cull":
+                    verdict = replace(verdict, warning=previous.get(activity.container))
+            if verdict.warning is not None and verdict.action != "cull":
+                kept.append(verdict.warning)
+        if self.lifecycle is not None:
+            report.lifecycle = await asyncio.to_thread(self.lifecycle.run_once, dry_run)
+        if not dry_run:
+            self.warnings.save(kept)
+        return report
+
+    async def _sample(
+        self, candidates: list[tuple[ServerActivity, CullPolicy]], now: datetime
+    ) -> list[tuple[ServerActivity, CullPolicy]]:
+        """Add GPU and CPU signals to the servers the hub signal no longer protects."""
+        due = [i for i, (a, p) in enumerate(candidates) if needs_sampling(a, p, now)]
+        if not due:
+            return candidates
+        targets = {candidates[i][0].container_id: candidates[i][0] for i in due}
+        gpu_slots = await asyncio.to_thread(self._slots_of, list(targets))
+        cpu_task = asyncio.gather(*(asyncio.to_thread(self.cpu_percent, cid) for cid in targets))
+        samples, processes = await self.gpu_activity(gpu_slots)
+        cpu = dict(zip(targets, await cpu_task, strict=True))
+        sampled = list(candidates)
+        for i in due:
+            activity, policy = candidates[i]
+            cid = activity.container_id
+            sampled[i] = (
+                replace(
+                    activity,
+                    gpu_samples=samples.get(cid, {}),
+                    gpu_processes=processes.get(cid, {}),
+                    cpu_percent=cpu[cid],
+                ),
+                policy,
+            )
+        return sampled
+
+    def _slots_of(self, container_ids: list[str]) -> dict[str, tuple[str, ...]]:
+        """The slots each container holds (its `ds01.gpus` label), known to the inventory."""
+        from ds01hub import labels
+
+        slots = {}
+        for cid in container_ids:
+            record = labels.ContainerRecord.from_docker(self.docker.api.inspect_container(cid))
+            held = record.gpus if record else ()
+            slots[cid] = tuple(s for s in held if self.inventory.has_slot(s))
+        return slots
+
+    async def _act(
+        self, activity: ServerActivity, verdict: Verdict, previous: CullWarning | None
+    ) -> None:
+        if verdict.action == "warn":
+            self.log.info("warning %s: %s", activity.container, verdict.warning.message())
+            await self._notify(activity.container_id, verdict.warning.message() + "\n")
+        elif verdict.action == "cull":
+            self.log.info("culling %s: %s", activity.container, verdict.reason)
+            await self.hub.stop_server(activity.user, activity.server)
+            if self.eventlog is not None:
+                self.eventlog.record(
+                    "cull",
+                    activity.user,
+                    container=activity.container,
+                    group=activity.group,
+                    reason=f"{verdict.code}: {verdict.reason}",
+                )
+        elif previous is not None and verdict.warning is None:
+            await self._notify(activity.container_id, "")  # the warning no longer applies
+
+    async def _notify(self, container_id: str, text: str) -> None:
+        """Best effort: write (or empty) the warning file inside the container."""
+        if not self.notify_containers:
+            return
+        folder = str(Path(CONTAINER_WARNING_PATH).parent.parent)
+        try:
+            await asyncio.to_thread(
+                self.docker.api.put_archive, container_id, folder, warning_archive(text)
+            )
+        except Exception as error:
+            self.log.warning("could not write the warning into %s: %s", container_id[:12], error)
+
+    async def run_forever(self, interval: float, dry_run: bool = False) -> None:
+        """A pass every `interval` seconds; a failed pass is logged and the loop goes on."""
+        while True:
+            try:
+                report = await self.run_once(dry_run)
+                for line in report.servers:
+                    if line.verdict.action != "keep":
+                        self.log.info("%s", line.to_dict())
+            except Exception:
+                self.log.exception("cull pass failed")
+            await asyncio.sleep(interval)
+
+
+def _parse_time(value: Any) -> datetime | None:
+    from ds01hub.labels import parse_docker_time
+
+    return parse_docker_time(value)
