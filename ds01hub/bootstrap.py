@@ -34,6 +34,8 @@ import hashlib
 import json
 import os
 import shutil
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -330,6 +332,36 @@ def ensure_docker_engine() -> str:
         return "running"
     start_dockerd()
     return "started"
+
+
+SIOCGIFADDR = 0x8915  # Linux ioctl: an interface's IPv4 address
+
+
+def interface_ipv4(interface: str) -> str:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        request = struct.pack("256s", interface.encode()[:15])
+        return socket.inet_ntoa(fcntl.ioctl(sock.fileno(), SIOCGIFADDR, request)[20:24])
+
+
+def docker_bridge_ip(network: str = "bridge") -> str:
+    """The host's address on Docker's default bridge: containers reach the hub there. Docker's
+    default bridge often records no gateway, so the bridge interface itself is asked."""
+    result = subprocess.run(
+        ["docker", "network", "inspect", network, "--format", "{{json .}}"],
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0:
+        raise BootstrapError(f"docker network inspect {network}: {result.stderr.strip()}")
+    attrs = json.loads(result.stdout)
+    for config in (attrs.get("IPAM") or {}).get("Config") or []:
+        if config.get("Gateway"):
+            return config["Gateway"]
+    interface = (attrs.get("Options") or {}).get("com.docker.network.bridge.name", "docker0")
+    try:
+        return interface_ipv4(interface)
+    except OSError as error:
+        raise BootstrapError(f"no IPv4 address on Docker's bridge {interface}: {error}") from error
 
 
 def ensure_host(test_tools: bool = False) -> dict:

@@ -8,7 +8,7 @@ real images (built once, tagged by a hash of their inputs, reused) and real Jupy
 from __future__ import annotations
 
 import pytest
-from harness import HubFactory, docker_bridge_ip
+from harness import HubFactory
 
 from ds01hub import bootstrap
 
@@ -50,7 +50,7 @@ def hub_factory(docker_client, singleuser_image, tmp_path_factory):
     """
     factory = HubFactory(
         base_directory=tmp_path_factory.mktemp("hubs"),
-        hub_ip=docker_bridge_ip(docker_client),
+        hub_ip=bootstrap.docker_bridge_ip(),
         image=singleuser_image,
         docker_client=docker_client,
     )

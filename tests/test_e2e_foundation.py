@@ -3,8 +3,17 @@ which answers through the proxy with the user's token, and is gone after stop.""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
-from harness import TEST_LABEL, unique_name
+import requests
+from harness import TEST_LABEL, free_port, unique_name
+
+from ds01hub import bootstrap
 
 pytestmark = [pytest.mark.e2e, pytest.mark.docker]
 
@@ -76,3 +85,67 @@ def test_the_server_extension_is_loaded_in_the_image(docker_client, singleuser_i
         "\x1b[0m", ""
     )
     assert "ds01hub.server_extension  OK" in output.replace("\x1b[32m", "").replace("\x1b[0m", "")
+
+
+def test_the_demo_logs_a_user_in_and_gives_a_running_server(
+    docker_client, singleuser_image, tmp_path
+):
+    """`ds01hub demo start` as `make demo` runs it (on free ports, its own state directory):
+    a demo user logs in through the form, gets a server, and `demo stop` removes it."""
+    state = tmp_path / "demo"
+    state.mkdir()
+    labels = {TEST_LABEL: "1", "ds01.test.foundation": "demo"}
+    (state / "local_config.py").write_text(
+        f"c.DockerSpawner.prefix = {unique_name('ds01demotest')!r}\n"
+        f"c.DockerSpawner.extra_create_kwargs = {{'labels': {labels!r}}}\n"
+    )
+    port = free_port()
+    ports = ["--port", str(port), "--hub-port", str(free_port(bootstrap.docker_bridge_ip()))]
+    ports += ["--proxy-api-port", str(free_port())]
+    demo_command = [str(Path(sys.executable).with_name("ds01hub")), "demo"]
+    common = ["--state-dir", str(state), "--json"]
+    started = subprocess.run(
+        [*demo_command, "start", *common, *ports, "--image", singleuser_image],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    try:
+        assert started.returncode == 0, started.stderr
+        result = json.loads(started.stdout)
+        assert result["gpu_inventory"] == "simulated"  # this machine has no NVIDIA GPU
+        assert {user["name"] for user in result["users"]} == {"alice", "bob", "carol", "dave"}
+        url = result["url"]
+
+        session = requests.Session()
+        session.get(f"{url}/hub/login", timeout=30)
+        form = {"username": "alice", "password": "wrong", "_xsrf": session.cookies["_xsrf"]}
+        refused = session.post(f"{url}/hub/login", data=form, allow_redirects=False, timeout=30)
+        assert refused.status_code == 403
+        form["password"] = result["password"]
+        login = session.post(f"{url}/hub/login", data=form, allow_redirects=False, timeout=30)
+        assert login.status_code == 302, login.text
+        session.get(f"{url}/hub/spawn/alice", allow_redirects=False, timeout=60)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            alice = session.get(f"{url}/hub/api/users/alice", timeout=30).json()
+            if alice["servers"].get("", {}).get("ready"):
+                break
+            time.sleep(1)
+        lab = session.get(f"{url}/user/alice/lab", timeout=60)  # through the OAuth dance
+        assert lab.status_code == 200 and "JupyterLab" in lab.text
+        assert session.get(f"{url}/user/alice/api/status", timeout=30).status_code == 200
+        (container,) = docker_client.containers.list(filters={"label": "ds01.test.foundation=demo"})
+        assert container.attrs["Config"]["Image"] == singleuser_image
+    finally:
+        stopped = subprocess.run(
+            [*demo_command, "stop", *common], capture_output=True, text=True, timeout=120
+        )
+        for leftover in docker_client.containers.list(
+            all=True, filters={"label": "ds01.test.foundation=demo"}
+        ):
+            leftover.remove(force=True)
+    assert stopped.returncode == 0, stopped.stderr
+    assert json.loads(stopped.stdout)["state"] == "stopped"
+    status = subprocess.run([*demo_command, "status", *common], capture_output=True, text=True)
+    assert json.loads(status.stdout)["state"] == "not running"

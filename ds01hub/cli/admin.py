@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ds01hub import proxy
+from ds01hub import bootstrap, demo, proxy
 from ds01hub.cli import core_commands
 
 
@@ -17,6 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     proxy.register(subparsers)
     core_commands.register(subparsers)
+    bootstrap.register(subparsers)
+    demo.register(subparsers)
     return parser
 
 

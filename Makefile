@@ -1,0 +1,62 @@
+# ds01hub: the two commands of the README, for a fresh Debian 12 machine as root.
+#
+#   make demo       install what is missing, build the images, start the demo hub on :8000
+#   make demo-stop  stop the demo hub
+#   make test       the same setup, then fast unit tests, then the Docker/e2e/browser tests
+#
+# The work is done by ds01hub/bootstrap.py (stdlib only, so it runs before the venv exists);
+# every step skips what is already there. Sites behind a TLS-intercepting proxy set
+# CA_BUNDLE=/path/to/site-bundle.pem (copied into the single-user image).
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+
+VENV ?= .venv
+CA_BUNDLE ?= /etc/ssl/certs/ca-certificates.crt
+PYTEST_ARGS ?=
+SLOW_MARKERS := docker or e2e or browser or root
+# pytest exit 5 means "no tests collected": not a failure for a marker selection.
+PYTEST := run_pytest() { $(VENV)/bin/pytest "$$@" || { rc=$$?; [ $$rc -eq 5 ] || return $$rc; }; }; run_pytest
+
+.PHONY: demo demo-stop demo-status test test-unit test-slow python3 host host-test venv images lint
+
+demo: host venv images
+	$(VENV)/bin/ds01hub demo start
+
+demo-stop:
+	@if [ -x $(VENV)/bin/ds01hub ]; then $(VENV)/bin/ds01hub demo stop; else echo "no demo here"; fi
+
+demo-status:
+	$(VENV)/bin/ds01hub demo status
+
+test: host-test venv images
+	@unit=0; slow=0; \
+	$(MAKE) --no-print-directory test-unit || unit=$$?; \
+	$(MAKE) --no-print-directory test-slow || slow=$$?; \
+	echo "unit tests: exit $$unit; docker/e2e/browser tests: exit $$slow"; \
+	[ $$unit -eq 0 ] && [ $$slow -eq 0 ]
+
+test-unit:
+	$(PYTEST) -m "not ($(SLOW_MARKERS))" -q -ra $(PYTEST_ARGS)
+
+test-slow:
+	$(PYTEST) -m "$(SLOW_MARKERS)" -q -ra --durations=15 $(PYTEST_ARGS)
+
+lint:
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+python3:
+	@command -v python3 >/dev/null || { apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3; }
+
+host: python3
+	python3 -m ds01hub.bootstrap host
+
+host-test: python3
+	python3 -m ds01hub.bootstrap host --test-tools
+
+venv: python3
+	python3 -m ds01hub.bootstrap venv
+
+images:
+	$(VENV)/bin/ds01hub bootstrap images --ca-bundle $(CA_BUNDLE)

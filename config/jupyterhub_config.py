@@ -1,0 +1,52 @@
+"""ds01hub's JupyterHub configuration: a lab's deployment and `make demo` use this one file.
+
+Run with ``jupyterhub -f config/jupyterhub_config.py``. Site settings come from the environment
+(or from a small file that sets them and then ``load_subconfig``s this one, as the demo does):
+
+  DS01HUB_STATE_DIR       hub database, cookie secret, pid files (default /var/lib/ds01hub)
+  DS01HUB_BIND_URL        the public URL of the proxy (default http://127.0.0.1:8000)
+  DS01HUB_HUB_PORT        the hub's own port, on the Docker bridge address (default 8081)
+  DS01HUB_PROXY_API_PORT  configurable-http-proxy's API port, loopback only (default 8001)
+  DS01HUB_IMAGE           the single-user image (default ds01hub/singleuser:latest, built by
+                          `ds01hub bootstrap images`)
+  DS01HUB_LIMITS          the resource-limits YAML (default /etc/ds01hub/resource-limits.yaml;
+                          config/resource-limits.yaml is the example)
+
+Each part of ds01hub adds its own small section below.
+"""
+
+import os
+from pathlib import Path
+
+from ds01hub.bootstrap import docker_bridge_ip
+
+c = get_config()  # noqa: F821
+
+# -- foundation: state, addresses ------------------------------------------------------------
+state_dir = Path(os.environ.get("DS01HUB_STATE_DIR", "/var/lib/ds01hub"))
+state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+c.JupyterHub.db_url = f"sqlite:///{state_dir / 'jupyterhub.sqlite'}"
+c.JupyterHub.cookie_secret_file = str(state_dir / "jupyterhub_cookie_secret")
+c.JupyterHub.pid_file = str(state_dir / "jupyterhub.pid")
+c.ConfigurableHTTPProxy.pid_file = str(state_dir / "proxy.pid")
+
+c.JupyterHub.bind_url = os.environ.get("DS01HUB_BIND_URL", "http://127.0.0.1:8000")
+c.ConfigurableHTTPProxy.api_url = (
+    f"http://127.0.0.1:{os.environ.get('DS01HUB_PROXY_API_PORT', '8001')}"
+)
+# Containers reach the hub API on the Docker bridge address (found at start, not hard-coded);
+# binding there rather than 0.0.0.0 keeps the hub's own port off every other network.
+_hub_url = f"http://{docker_bridge_ip()}:{os.environ.get('DS01HUB_HUB_PORT', '8081')}"
+c.JupyterHub.hub_bind_url = _hub_url
+c.JupyterHub.hub_connect_url = _hub_url
+
+# -- foundation: servers are containers; named servers are a user's projects -----------------
+# The spawner: "docker" is plain DockerSpawner; DS01Spawner ("ds01") adds limits and GPUs.
+c.JupyterHub.spawner_class = "docker"
+c.DockerSpawner.image = os.environ.get("DS01HUB_IMAGE", "ds01hub/singleuser:latest")
+c.DockerSpawner.network_name = "bridge"
+c.DockerSpawner.notebook_dir = "/workspace"
+c.JupyterHub.allow_named_servers = True
+c.Spawner.default_url = "/lab"
+c.Spawner.start_timeout = 180
+c.Spawner.http_timeout = 120
