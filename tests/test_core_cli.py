@@ -1,0 +1,136 @@
+"""`ds01hub limits | check-config | gpus | status`, run as the installed command."""
+
+import json
+import os
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from ds01hub import labels
+
+FIXTURES = Path(__file__).parent / "fixtures"
+REPO = Path(__file__).parent.parent
+DS01HUB = shutil.which("ds01hub") or str(Path(__file__).parents[1] / ".venv/bin/ds01hub")
+
+
+def run(*args, env=None):
+    environment = {k: v for k, v in os.environ.items() if k != "DS01HUB_LIMITS"}
+    environment.update(env or {})
+    return subprocess.run(
+        [DS01HUB, *map(str, args)], capture_output=True, text=True, env=environment, timeout=60
+    )
+
+
+def test_limits_prints_the_resolved_table():
+    result = run("limits", "henry", "--limits", FIXTURES / "limits-thesis-override.yaml")
+    assert result.returncode == 0, result.stderr
+    lines = dict(line.split(":", 1) for line in result.stdout.splitlines())
+    fields = {k.strip(): v.strip() for k, v in lines.items()}
+    for label in (
+        "User",
+        "Group",
+        "Priority",
+        "Max GPUs",
+        "Max CPUs",
+        "Memory",
+        "Shared Memory",
+        "Max Containers",
+        "Idle Timeout",
+        "GPU Hold After Stop",
+        "Container Hold After Stop",
+    ):
+        assert label in fields
+    assert fields["Priority"] == "100" and fields["Memory"] == "96g"
+    assert fields["GPU Hold After Stop"] == "3d" and fields["Reason"].startswith("Thesis")
+    assert "\x1b[" not in result.stdout  # no colour when not a TTY
+
+
+def test_limits_json_and_docker_args_and_groups_from_the_caller():
+    config = FIXTURES / "limits-university.yaml"
+    as_json = json.loads(
+        run("limits", "zoe", "--group", "faculty", "--limits", config, "--json").stdout
+    )
+    assert as_json["group"] == "faculty" and as_json["idle_timeout"] is None
+    assert as_json["memory"] == 128 << 30
+    args = run("limits", "ana", "--docker-args", "--limits", config).stdout.split()
+    assert args == ["--cpus=4", "--memory=16g", "--memory-swap=16g", "--shm-size=4g"]
+
+
+def test_limits_file_from_the_environment():
+    env = {"DS01HUB_LIMITS": str(FIXTURES / "limits-small-lab.yaml")}
+    result = run("limits", "s07", "--json", env=env)
+    assert json.loads(result.stdout)["group"] == "students"
+
+
+def test_check_config_exit_codes_and_messages():
+    good = run("check-config", FIXTURES / "limits-ds01-production.yaml")
+    assert good.returncode == 0 and good.stdout.startswith("OK ")
+    assert "storage_workspace: DS01 key accepted but not enforced" in good.stdout
+    bad = run("check-config", FIXTURES / "limits-broken.yaml")
+    assert bad.returncode == 1
+    assert (
+        "defaults.memroy: unknown key (found 'memroy'). Fix: did you mean 'memory'?" in bad.stdout
+    )
+    report = json.loads(run("check-config", FIXTURES / "limits-broken.yaml", "--json").stdout)
+    assert report["valid"] is False and len(report["problems"]) == 7
+    missing = run("check-config", "/nonexistent/limits.yaml")
+    assert missing.returncode == 1 and "file not found" in missing.stdout
+
+
+def test_broken_limits_fail_other_commands_with_a_hint():
+    result = run("limits", "x", "--limits", FIXTURES / "limits-broken.yaml")
+    assert result.returncode == 1
+    assert "7 problems" in result.stderr and "ds01hub check-config" in result.stderr
+
+
+def test_usage_errors_exit_2():
+    assert run("limits").returncode == 2
+    assert run("limits", "x", "--json", "--docker-args").returncode == 2
+
+
+def test_gpus_shows_the_simulated_inventory():
+    config = REPO / "config" / "resource-limits.yaml"
+    data = json.loads(run("gpus", "--json", "--limits", config).stdout)
+    assert data["simulated"] is True
+    assert [s["id"] for s in data["slots"]] == ["0", "1", "2:0", "2:1", "2:2"]
+    assert {s["profile"] for s in data["slots"][2:]} == {"2g.20gb"}
+    text = run("gpus", "--limits", config).stdout
+    assert text.startswith("SIMULATED inventory: 3 GPU(s), 5 slot(s)")
+    assert "2:1   2g.20gb" in text and "(simulated)" in text
+
+
+def test_gpus_without_nvidia_and_without_a_limits_file_says_why(tmp_path):
+    result = run("gpus", "--json", env={"DS01HUB_LIMITS": ""})
+    assert result.returncode == 0
+    data = json.loads(result.stdout)
+    if not data["gpus"]:
+        assert data["reason"].startswith("NVML unavailable")
+
+
+@pytest.mark.docker
+def test_status_shows_who_holds_which_slot(tmp_path, docker_client, base_image):
+    config = tmp_path / "limits.yaml"
+    config.write_text("gpu_allocation:\n  simulate: {gpus: 8, seed: status-test}\n")
+    name = f"status-{uuid.uuid4().hex[:8]}._.grace"
+    container_labels = labels.container_labels(
+        user="grace", project="status", group=None, priority=10, gpus=["7"]
+    )
+    container_labels["ds01.test"] = "1"
+    container = docker_client.containers.create(
+        base_image, ["sleep", "60"], name=name, labels=container_labels
+    )
+    try:
+        result = run("status", "--json", "--limits", config, "--state-dir", tmp_path / "state")
+        assert result.returncode == 0, result.stderr
+        rows = {row["slot"]: row for row in json.loads(result.stdout)["slots"]}
+        assert len(rows) == 8
+        assert rows["7"]["user"] == "grace" and rows["7"]["container"] == name
+        assert rows["7"]["state"] == "stopped" and rows["7"]["held_until"]
+        text = run("status", "--limits", config, "--state-dir", tmp_path / "state").stdout
+        assert text.startswith("SIMULATED GPUs")
+        assert any(line.startswith("7 ") and "grace" in line for line in text.splitlines())
+    finally:
+        container.remove(force=True)
