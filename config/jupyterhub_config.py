@@ -50,3 +50,15 @@ c.JupyterHub.allow_named_servers = True
 c.Spawner.default_url = "/lab"
 c.Spawner.start_timeout = 180
 c.Spawner.http_timeout = 120
+
+# -- cli: the ds01 broker, through which SSH users' commands (container-*, image-*) act ------
+# A managed service on a unix socket: the kernel (SO_PEERCRED) says who is calling, so users
+# need no token and no docker group. Services get a bare environment: pass on what it reads.
+from ds01hub.broker import configure_hub as configure_broker  # noqa: E402
+
+configure_broker(
+    c,
+    socket_path=os.environ.get("DS01HUB_BROKER_SOCKET", "/run/ds01hub/broker.sock"),
+    broker_args=[f"--Broker.base_image={c.DockerSpawner.image}"],
+    environment={k: os.environ[k] for k in ("DS01HUB_LIMITS", "DOCKER_HOST") if k in os.environ},
+)

@@ -817,16 +817,25 @@ def configure_hub(
         "command": [sys.executable, "-m", "ds01hub.broker", *args],
         "environment": dict(environment or {}),
     }
-    services = c.JupyterHub.services if isinstance(c.JupyterHub.services, list) else []
-    c.JupyterHub.services = [s for s in services if s.get("name") != SERVICE_NAME] + [service]
-    roles = c.JupyterHub.load_roles if isinstance(c.JupyterHub.load_roles, list) else []
     role = {
         "name": SERVICE_NAME,
         "services": [SERVICE_NAME],
         "scopes": service_scopes(auto_create_users),
     }
-    c.JupyterHub.load_roles = [r for r in roles if r.get("name") != SERVICE_NAME] + [role]
+    _replace_named(c.JupyterHub, "services", service)
+    _replace_named(c.JupyterHub, "load_roles", role)
     c.JupyterHub.allow_named_servers = True
+
+
+def _replace_named(section, key: str, entry: dict) -> None:
+    """Add `entry` to a list of named dicts in a config section, replacing one of the same
+    name. In a file loaded with load_subconfig the value is a LazyConfigValue: appending to it
+    merges with the parent file's list instead of replacing it."""
+    current = section[key]
+    if isinstance(current, list):
+        section[key] = [e for e in current if e.get("name") != entry["name"]] + [entry]
+    else:
+        current.append(entry)
 
 
 main = Broker.launch_instance
