@@ -130,6 +130,8 @@ class GpuAllocator:
         self._lock_path = self.state_dir / "allocator.lock"
         self._reservations_path = self.state_dir / "reservations.json"
         self._revoked_path = self.state_dir / "revoked.json"
+        self._hold_cache: tuple[LimitsConfig | None, dict] = (None, {})
+        self._parsed: dict[tuple, ContainerRecord | None] = {}
 
     # -- configuration ------------------------------------------------------------------------
 
@@ -182,10 +184,39 @@ class GpuAllocator:
         parsed = (ContainerRecord.from_docker(doc) for doc in self._list())
         return [record for record in parsed if record is not None]
 
-    @staticmethod
-    def _hold_of(
-        record: ContainerRecord, config: LimitsConfig, cache: dict[tuple, float | None]
-    ) -> float | None:
+    def _gpu_records(self) -> list[ContainerRecord]:
+        """Managed containers whose labels name GPU slots (the only ones that can hold any);
+        the label is looked at before the full parse, which most containers then skip."""
+        records = []
+        parsed: dict[tuple, ContainerRecord | None] = {}
+        for doc in self._list():
+            config = doc.get("Config")
+            found = config.get("Labels") if config is not None else doc.get("Labels")
+            if not (found and found.get(labels.GPUS)):
+                continue
+            # A container's labels never change; its state and FinishedAt may: those key the
+            # cache of parsed records, so an unchanged container is not parsed again.
+            state = doc.get("State")
+            key = (
+                doc.get("Id"),
+                str(state.get("Status")) + str(state.get("FinishedAt"))
+                if isinstance(state, Mapping)
+                else state,
+            )
+            record = (
+                self._parsed.get(key) if key in self._parsed else ContainerRecord.from_docker(doc)
+            )
+            parsed[key] = record
+            if record is not None:
+                records.append(record)
+        self._parsed = parsed
+        return records
+
+    def _hold_of(self, record: ContainerRecord, config: LimitsConfig) -> float | None:
+        """The user's gpu_hold_after_stop, cached per (user, group) while `config` is in force."""
+        if self._hold_cache[0] is not config:
+            self._hold_cache = (config, {})
+        cache = self._hold_cache[1]
         key = (record.user, record.group)
         if key not in cache:
             groups = [record.group] if record.group else []
@@ -196,7 +227,6 @@ class GpuAllocator:
         self, records: list[ContainerRecord], now: datetime, revoked: Mapping[str, Any]
     ) -> list[Holding]:
         config = self.config
-        holds: dict[tuple, float | None] = {}
         holdings = []
         for record in records:
             if not record.gpus:
@@ -205,7 +235,7 @@ class GpuAllocator:
             if record.running:
                 state, until = "running", None
             else:
-                hold = self._hold_of(record, config, holds)
+                hold = self._hold_of(record, config)
                 if record.finished_at is None:
                     until = None  # never finished (or unknown): held until removed
                 elif hold is None:
@@ -232,7 +262,7 @@ class GpuAllocator:
         return holdings
 
     def _snapshot(self, now: datetime) -> tuple[list[ContainerRecord], list[Holding], dict]:
-        records = self.records()
+        records = self._gpu_records()
         revoked = self._read(self._revoked_path)
         holdings = self._label_holdings(records, now, revoked)
         labelled = {(h.container, h.slot_id) for h in holdings}

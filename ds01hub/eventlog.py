@@ -3,8 +3,8 @@
 Docker labels say who holds what *now*; this log says what happened (allocate, hold, release,
 expire, reclaim, cull, spawn-failure: who, which slot, when, why) so that admins get
 GPU-hours per user and group and the admin page a history. SQLite in WAL mode lets the hub,
-the broker and the culler write concurrently; each call opens its own short connection, so an
-`EventLog` is safe to share between threads and to use after fork.
+the broker and the culler write concurrently; each thread (and each forked process) uses its
+own connection, so an `EventLog` is safe to share between threads and to use after fork.
 
 A GPU interval opens at `allocate` and closes at `release`, `expire` or `reclaim` of the same
 (container, slot); `hold` (the container stopped but keeps the slot) does not close it: a held
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -108,17 +109,29 @@ class EventLog:
         self.path = Path(path)
         self.timeout = timeout
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._connections: dict[tuple[int, int], sqlite3.Connection] = {}
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(_SCHEMA)
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
-        try:
+        """This thread's connection, kept open: closing the last connection makes SQLite
+        checkpoint the WAL, milliseconds per event. A forked child opens its own."""
+        key = (os.getpid(), threading.get_ident())
+        db = self._connections.get(key)
+        if db is None:
+            db = sqlite3.connect(
+                self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False
+            )
             db.execute("PRAGMA synchronous = NORMAL")
-            yield db
-        finally:
+            self._connections[key] = db
+        yield db
+
+    def close(self) -> None:
+        """Close this thread's connection (others close when their threads' objects go)."""
+        db = self._connections.pop((os.getpid(), threading.get_ident()), None)
+        if db is not None:
             db.close()
 
     def record(
