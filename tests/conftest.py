@@ -63,3 +63,16 @@ def hub(hub_factory):
     """A shared default hub (DockerSpawner with the single-user image). Use fresh user names
     (``harness.unique_name``) so tests do not see each other's servers."""
     return hub_factory()
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """A real headless Chromium (Playwright, Debian's /usr/bin/chromium); open a fresh
+    ``chromium.new_context()`` per test so cookies do not leak between tests."""
+    from harness.browser import launch_chromium
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = launch_chromium(playwright)
+        yield browser
+        browser.close()

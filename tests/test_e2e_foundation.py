@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 from harness import TEST_LABEL, free_port, unique_name
+from harness.browser import log_in
 
 from ds01hub import bootstrap
 
@@ -149,3 +150,22 @@ def test_the_demo_logs_a_user_in_and_gives_a_running_server(
     assert json.loads(stopped.stdout)["state"] == "stopped"
     status = subprocess.run([*demo_command, "status", *common], capture_output=True, text=True)
     assert json.loads(status.stdout)["state"] == "not running"
+
+
+@pytest.mark.browser
+def test_a_user_logs_in_with_a_browser_and_gets_jupyterlab(hub, chromium):
+    user = unique_name("web")
+    hub.create_user(user)
+    context = chromium.new_context()
+    try:
+        page = context.new_page()
+        log_in(page, hub.hub_url, user, "wrong password")
+        assert page.locator("text=Invalid username or password").is_visible()
+        log_in(page, hub.hub_url, user, hub.password)
+        # no options form: the hub spawns at once and sends the browser on to JupyterLab
+        page.wait_for_url(f"**/user/{user}/lab**", timeout=180_000)
+        page.wait_for_selector("#jp-main-dock-panel", timeout=120_000)
+        assert hub.server(user)["ready"]
+    finally:
+        context.close()
+        hub.stop_server(user)

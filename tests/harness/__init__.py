@@ -6,13 +6,14 @@ also use them directly (``from harness import Hub, unique_name``).
 
 from harness.hub import Hub, HubError, HubFactory
 from harness.naming import TEST_LABEL, unique_name
-from harness.net import free_port
+from harness.net import docker_bridge_ip, free_port
 
 __all__ = [
     "TEST_LABEL",
     "Hub",
     "HubError",
     "HubFactory",
+    "docker_bridge_ip",
     "free_port",
     "unique_name",
 ]

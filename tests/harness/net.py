@@ -1,8 +1,10 @@
-"""Ports for test processes."""
+"""Ports and addresses for test processes."""
 
 from __future__ import annotations
 
 import socket
+
+from ds01hub import bootstrap
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -10,3 +12,10 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def docker_bridge_ip(docker_client=None) -> str:
+    """The host's address on Docker's default bridge, where containers reach the hub
+    (``ds01hub.bootstrap.docker_bridge_ip``; a docker client argument is accepted and unused)."""
+    del docker_client
+    return bootstrap.docker_bridge_ip()
