@@ -120,13 +120,14 @@ def removals_due(
     return actions
 
 
-def stopped_records(client: Any) -> list[ContainerRecord]:
+def stopped_records(client: Any, extra_labels: Iterable[str] = ()) -> list[ContainerRecord]:
     """Managed containers that are not running, from inspect documents (the list API has no
-    `FinishedAt`)."""
+    `FinishedAt`); `extra_labels` (`key=value`) narrows the listing."""
     import docker.errors
 
     records = []
-    for entry in client.api.containers(all=True, filters=labels.MANAGED_FILTER):
+    filters = {"label": [labels.MANAGED_FILTER["label"], *extra_labels]}
+    for entry in client.api.containers(all=True, filters=filters):
         if entry.get("State") in labels.RUNNING_STATES:
             continue
         with contextlib.suppress(docker.errors.NotFound):  # removed meanwhile
@@ -146,8 +147,11 @@ class Lifecycle:
         allocator: Any,
         limits: LimitsStore | LimitsConfig,
         eventlog: Any = None,
+        *,
+        extra_labels: Iterable[str] = (),
     ):
         self.docker = docker_client
+        self.extra_labels = list(extra_labels)
         self.allocator = allocator
         self.limits = limits
         self.eventlog = eventlog
@@ -171,7 +175,7 @@ class Lifecycle:
     def plan(self, now: datetime | None = None) -> list[LifecycleAction]:
         """What a pass would do now: expiries not yet recorded, then removals."""
         now = now or self.allocator.clock()
-        records = stopped_records(self.docker)
+        records = stopped_records(self.docker, self.extra_labels)
         resolve = self._resolver()
         expiries = expired_holds(records, lambda r: resolve(r).gpu_hold_after_stop, now)
         if self.eventlog is not None:

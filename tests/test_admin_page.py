@@ -1,0 +1,108 @@
+"""The admin page model and HTML, on a real allocator and event log (Docker replaced by a
+recorded container list, NVML by the SIMULATED one)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from ds01hub import labels
+from ds01hub.admin_page import overview, render_page, week_start
+from ds01hub.allocation_state import GpuAllocator
+from ds01hub.eventlog import EventLog
+from ds01hub.inventory import discover
+from ds01hub.limits import SimulatedGpuSpec, parse_limits
+from ds01hub.simulated_nvml import SimulatedNvml
+
+NOW = datetime(2026, 3, 4, 12, 0, tzinfo=UTC)  # a Wednesday
+LIMITS = parse_limits({"defaults": {"gpu_hold_after_stop": "1h", "max_gpus": 4}})
+
+
+def doc(name, user, gpus, group, state="running", stopped_ago=None):
+    finished = NOW - stopped_ago if stopped_ago else None
+    return {
+        "Id": f"id-{name}",
+        "Name": f"/{name}",
+        "Config": {
+            "Labels": labels.container_labels(
+                user=user, project=name, group=group, priority=10, gpus=gpus
+            )
+        },
+        "State": {
+            "Status": state,
+            "FinishedAt": finished.isoformat() if finished else "0001-01-01T00:00:00Z",
+        },
+    }
+
+
+def machine(tmp_path, docs):
+    nvml = SimulatedNvml([SimulatedGpuSpec(), SimulatedGpuSpec(mig=("2g.20gb",) * 2)])
+    nvml.nvmlInit()
+    inventory = discover(nvml, simulated=True)
+    log = EventLog(tmp_path / "events.sqlite")
+    allocator = GpuAllocator(
+        None,
+        inventory,
+        tmp_path / "state",
+        log,
+        clock=lambda: NOW,
+        limits=LIMITS,
+        container_lister=lambda: list(docs),
+    )
+    return nvml, inventory, log, allocator
+
+
+def test_week_starts_monday_midnight_utc():
+    assert week_start(NOW) == datetime(2026, 3, 2, tzinfo=UTC)
+    assert week_start(datetime(2026, 3, 2, 0, 0, tzinfo=UTC)) == datetime(2026, 3, 2, tzinfo=UTC)
+
+
+def test_overview_has_every_slot_holder_state_utilisation_and_usage(tmp_path):
+    docs = [
+        doc("train", "alice", ["0"], "students"),
+        doc("paused", "bob", ["1:0"], "staff", state="exited", stopped_ago=timedelta(minutes=20)),
+    ]
+    nvml, inventory, log, allocator = machine(tmp_path, docs)
+    nvml.set_utilization("0", 88)
+    # alice: 10 h last week (closed), 2 h this week (closed); bob: 1 h this week, still open
+    last_week = NOW - timedelta(days=8)
+    log.record("allocate", "alice", "0", "old", "students", at=last_week)
+    log.record("release", "alice", "0", "old", "students", at=last_week + timedelta(hours=10))
+    log.record("allocate", "alice", "0", "train", "students", at=NOW - timedelta(hours=3))
+    log.record("release", "alice", "0", "train", "students", at=NOW - timedelta(hours=1))
+    log.record("allocate", "bob", "1:0", "paused", "staff", at=NOW - timedelta(hours=1))
+
+    model = overview(allocator.status(), inventory, log, NOW, config_error=None)
+
+    slots = {row["slot"]: row for row in model["slots"]}
+    assert set(slots) == {"0", "1:0", "1:1"}
+    assert slots["0"]["user"] == "alice" and slots["0"]["group"] == "students"
+    assert (slots["0"]["state"], slots["0"]["utilization"]) == ("running", 88)
+    assert slots["1:0"]["state"] == "stopped" and slots["1:0"]["kind"] == "2g.20gb"
+    assert slots["1:0"]["held_until"] == (NOW + timedelta(minutes=40)).isoformat()
+    assert slots["1:1"]["state"] == "free" and slots["1:1"]["user"] is None
+    users = {row["name"]: row for row in model["usage"]["user"]}
+    assert users["alice"] == {"name": "alice", "week": 2.0, "total": 12.0}
+    assert users["bob"] == {"name": "bob", "week": 1.0, "total": 1.0}
+    groups = {row["name"]: row for row in model["usage"]["group"]}
+    assert groups["students"]["total"] == 12.0 and groups["staff"]["week"] == 1.0
+    assert model["usage"]["user"][0]["name"] == "alice"  # biggest user first
+    assert model["simulated"] is True and model["config_error"] is None
+
+
+def test_the_page_escapes_names_and_shows_a_config_error(tmp_path):
+    evil = "<script>alert(1)</script>"
+    nvml, inventory, log, allocator = machine(tmp_path, [doc("x", evil, ["0"], "g")])
+    model = overview(allocator.status(), inventory, log, NOW, config_error="line 3: <bad> key")
+    page = render_page(model)
+    assert "<script>" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert 'id="config-error"' in page and "line 3: &lt;bad&gt; key" in page
+    assert 'id="slots"' in page and "SIMULATED" in page
+
+
+def test_an_empty_machine_renders_none_rows(tmp_path):
+    _, inventory, log, allocator = machine(tmp_path, [])
+    page = render_page(overview(allocator.status(), inventory, None, NOW))
+    assert page.count('<td class="state-free">free</td>') == 3
+    assert '<td colspan="3" class="note">none</td>' in page
+    assert "config-error" not in page
