@@ -664,8 +664,8 @@ class LimitsConfig:
                 return self.default_group, "in no configured group: default_group"
             return None, "in no configured group: defaults apply"
         if len(candidates) == 1:
-            how = "YAML members list" if user in self.groups[candidates[0]].members else "caller groups"
-            return candidates[0], how
+            listed = user in self.groups[candidates[0]].members
+            return candidates[0], "YAML members list" if listed else "caller groups"
         best = max(candidates, key=self.group_priority)  # max() keeps the first among equals
         listing = ", ".join(f"{g} ({self.group_priority(g)})" for g in candidates)
         return best, f"highest priority of {listing}; ties go to the first listed"
