@@ -134,3 +134,31 @@ def test_status_shows_who_holds_which_slot(tmp_path, docker_client, base_image):
         assert any(line.startswith("7 ") and "grace" in line for line in text.splitlines())
     finally:
         container.remove(force=True)
+
+
+def test_usage_reports_gpu_hours_from_the_event_log(tmp_path):
+    from datetime import UTC, datetime, timedelta
+
+    from ds01hub.eventlog import EventLog
+
+    start = datetime.now(UTC) - timedelta(hours=10)
+    log = EventLog(tmp_path / "events.db")
+    log.record("allocate", "alice", slot="0", container="a", group="lab", at=start)
+    log.record(
+        "release", "alice", slot="0", container="a", group="lab", at=start + timedelta(hours=3)
+    )
+    log.record("allocate", "bob", slot="1", container="b", group="lab", at=start)
+    log.record(
+        "release", "bob", slot="1", container="b", group="lab", at=start + timedelta(hours=1)
+    )
+    data = json.loads(run("usage", "--state-dir", tmp_path, "--json").stdout)
+    assert data["gpu_hours"] == {"alice": 3.0, "bob": 1.0}
+    by_group = json.loads(run("usage", "--by", "group", "--state-dir", tmp_path, "--json").stdout)
+    assert by_group["gpu_hours"] == {"lab": 4.0}
+    text = run("usage", "--state-dir", tmp_path).stdout.splitlines()
+    assert text[0].split() == ["USER", "GPU-HOURS"] and text[1].split() == ["alice", "3.00"]
+    future = run("usage", "--since", "2999-01-01", "--state-dir", tmp_path)
+    assert future.returncode == 0 and future.stdout.startswith("no GPU time recorded")
+    assert run("usage", "--since", "yesterday", "--state-dir", tmp_path).returncode == 2
+    missing = run("usage", "--state-dir", tmp_path / "nowhere")
+    assert missing.returncode == 1 and "no event log" in missing.stderr

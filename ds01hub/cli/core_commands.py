@@ -4,6 +4,7 @@
     ds01hub check-config [FILE] [--json]          exit 0 valid, 1 invalid
     ds01hub gpus [--json]                         the GPU inventory (NVML or simulated)
     ds01hub status [--json]                       slots -> user, container, state, held until
+    ds01hub usage [--by user|group] [--since DATE] [--json]   GPU-hours from the event log
 
 Each takes `--limits FILE` (default: $DS01HUB_LIMITS, else /etc/ds01hub/resource-limits.yaml).
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +116,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(handler=_guard(cmd_status))
+
+    usage = subparsers.add_parser(
+        "usage",
+        help="GPU-hours per user or group from the event log",
+        description="GPU slot-hours (held time included) per user or group, from the allocation "
+        "event log (state directory's events.db).",
+    )
+    usage.add_argument("--by", choices=("user", "group"), default="user")
+    usage.add_argument(
+        "--since", metavar="DATE", type=_parse_date, help="only time from DATE (2026-01-31)"
+    )
+    usage.add_argument(
+        "--state-dir",
+        type=Path,
+        metavar="DIR",
+        help=f"allocator state directory (default: ${ENV_STATE_DIR}, else {DEFAULT_STATE_DIR})",
+    )
+    usage.add_argument("--json", action="store_true", help="print JSON")
+    usage.set_defaults(handler=_guard(cmd_usage))
+
+
+def _parse_date(text: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a date; use YYYY-MM-DD or YYYY-MM-DDTHH:MM"
+        ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _guard(handler):
@@ -299,3 +330,26 @@ def _state_colour(state: str | None) -> str | None:
     return {"free": "green", "running": "blue", "stopped": "yellow", "reserved": "grey"}.get(
         state or ""
     )
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    from ds01hub.eventlog import EventLog
+
+    path = (args.state_dir or default_state_dir()) / "events.db"
+    if not path.exists():
+        raise CliError(
+            f"no event log at {path}",
+            hint="the hub writes it on the first GPU allocation; check --state-dir",
+        )
+    hours = EventLog(path).gpu_hours(by=args.by, since=args.since)
+    ranked = sorted(hours.items(), key=lambda item: (-item[1], item[0]))
+    if args.json:
+        print_json({"by": args.by, "since": args.since, "gpu_hours": dict(ranked)})
+        return EXIT_OK
+    if not ranked:
+        print("no GPU time recorded" + (f" since {args.since:%Y-%m-%d}" if args.since else ""))
+        return EXIT_OK
+    rows = [{"who": who, "hours": f"{value:.2f}"} for who, value in ranked]
+    columns = [Column(args.by.upper(), "who"), Column("GPU-HOURS", "hours")]
+    print(render_table(rows, columns, colour=use_colour(sys.stdout)))
+    return EXIT_OK
