@@ -299,6 +299,11 @@ class GpuAllocator:
             for slot in self.inventory.slots
         ]
 
+    def revocations(self) -> dict[str, dict]:
+        """Container id -> {name, slots, by, by_container, at}: GPUs taken by a higher
+        priority from stopped containers (for `ds01hub status`, container lists, the spawner)."""
+        return self._read(self._revoked_path)
+
     def revoked(self, container: str) -> list[str]:
         """Slots taken from this container (by name or id) by a higher-priority request."""
         lost = []

@@ -185,6 +185,8 @@ def test_priority_reclaim_revokes_the_stopped_containers_slot(tmp_path):
     assert decision.granted == ("0",)
     assert [(h.user, h.container) for h in decision.reclaimed] == [("alice", "a")]
     assert machine.allocator.revoked("a") == ["0"] == machine.allocator.revoked("id-a")
+    entry = machine.allocator.revocations()["id-a"]
+    assert (entry["name"], entry["by"], entry["by_container"]) == ("a", "boss", "boss-box")
     machine.docs.append(doc("boss-box", "boss", ["0"], group="staff", priority=90))
     machine.allocator.commit("boss-box")
     assert by_slot(machine.allocator)["0"] == ("boss", "boss-box", "running")  # not alice's

@@ -129,6 +129,7 @@ def test_status_shows_who_holds_which_slot(tmp_path, docker_client, base_image):
         assert len(rows) == 8
         assert rows["7"]["user"] == "grace" and rows["7"]["container"] == name
         assert rows["7"]["state"] == "stopped" and rows["7"]["held_until"]
+        assert json.loads(result.stdout)["revoked"] == []
         text = run("status", "--limits", config, "--state-dir", tmp_path / "state").stdout
         assert text.startswith("SIMULATED GPUs")
         assert any(line.startswith("7 ") and "grace" in line for line in text.splitlines())

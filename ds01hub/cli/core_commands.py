@@ -295,6 +295,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     state_dir = args.state_dir or default_state_dir()
     allocator = GpuAllocator(client, inventory, state_dir, None, limits=config)
     rows = [row.to_dict() for row in allocator.status()]
+    revoked = [{"container_id": cid, **entry} for cid, entry in allocator.revocations().items()]
     inventory.close()
     if args.json:
         print_json(
@@ -302,6 +303,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "simulated": inventory.simulated,
                 "reason": inventory.reason,
                 "slots": rows,
+                "revoked": revoked,
             }
         )
         return EXIT_OK
@@ -323,6 +325,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         Column("HELD UNTIL", "held_until"),
     ]
     print(render_table(rows, columns, colour=colour))
+    for entry in revoked:
+        print(
+            f"reclaimed: {entry.get('name')} lost slot(s) {', '.join(entry.get('slots', []))} "
+            f"to {entry.get('by')} ({entry.get('by_container')}) at {entry.get('at')}"
+        )
     return EXIT_OK
 
 
