@@ -41,6 +41,7 @@ log = logging.getLogger("ds01hub.proxy")
 
 MAX_HEAD = 64 * 1024
 READ_SIZE = 256 * 1024
+DRAIN_SECONDS = 30  # how long a refused upload may keep sending before we hang up
 # Content types a user's request may carry. Go's ParseForm merges an urlencoded *body* into
 # the query parameters the engine reads (body first), which would bypass every query check.
 USER_CONTENT_TYPES = (
@@ -294,6 +295,39 @@ def dechunk(data: bytes) -> bytes:
         pos = end + 4 + size
 
 
+class Discard:
+    """A sink that forgets what it is given (draining a refused request's body)."""
+
+    async def write(self, data: bytes) -> None:
+        pass
+
+
+class RequestBody:
+    """The client's request body, read at most once: parsed, streamed on, or drained."""
+
+    def __init__(self, client: Stream, framing: Framing):
+        self.client = client
+        self.framing = framing
+        self.consumed = framing.kind == "none"
+
+    async def read(self, limit: int) -> bytes:
+        self.consumed = True
+        return await read_body(self.client, self.framing, limit)
+
+    async def relay(self, upstream: Stream) -> None:
+        self.consumed = True
+        await relay_body(self.client, upstream, self.framing)
+
+    async def drain(self) -> None:
+        """Swallow an unread body so the client can read our refusal (not a broken pipe)."""
+        if not self.consumed:
+            self.consumed = True
+            with contextlib.suppress(HttpError, ConnectionError, OSError):
+                await asyncio.wait_for(
+                    relay_body(self.client, Discard(), self.framing), DRAIN_SECONDS
+                )
+
+
 async def splice(client: Stream, upstream: Stream) -> None:
     """Two-way copy after a hijack; a half-close from the client is passed on (stdin EOF)."""
 
@@ -485,7 +519,7 @@ class Proxy:
             return False
         try:
             request = parse_head(head, request=True)
-            framing = request_framing(request)
+            body = RequestBody(client, request_framing(request))
         except HttpError as error:
             await send_error(client, 400, str(error))
             return False
@@ -493,7 +527,7 @@ class Proxy:
         try:
             if caller is None:
                 raise policy.forbid(f"Permission denied: uid {uid} has no account on this host")
-            plan = await self.plan(caller, request, framing, client)
+            plan = await self.plan(caller, request, body)
         except Denied as denial:
             who = caller.user if caller else f"uid {uid}"
             log.warning(
@@ -504,16 +538,15 @@ class Proxy:
                 denial.status,
                 denial.message,
             )
-            await send_error(client, denial.status, denial.message)
+            await send_error(client, denial.status, denial.message, method)
+            await body.drain()
             return False
         except HttpError as error:
             await send_error(client, 400, str(error))
             return False
-        return await self.forward(client, request, framing, plan)
+        return await self.forward(client, request, body, plan)
 
-    async def plan(
-        self, caller: Caller, request: Message, framing: Framing, client: Stream
-    ) -> Plan:
+    async def plan(self, caller: Caller, request: Message, body: RequestBody) -> Plan:
         method, raw_target = request.start[0], request.start[1]
         if caller.admin:
             return Plan(raw_target, None)
@@ -525,9 +558,6 @@ class Proxy:
         policy.check_api_version(target)
         route = policy.classify(target)
 
-        async def body() -> bytes:
-            return await read_body(client, framing, policy.MAX_JSON_BODY)
-
         match route.kind:
             case Kind.PUBLIC | Kind.IMAGE_READ:
                 return Plan(target.render(), None)
@@ -536,10 +566,11 @@ class Proxy:
             case Kind.EVENTS:
                 return Plan(policy.check_events(caller, target).render(), None)
             case Kind.CREATE:
-                return await self.plan_create(caller, target, await body())
+                return await self.plan_create(caller, target, await body.read(policy.MAX_JSON_BODY))
             case Kind.CONTAINER:
                 facts = await self.upstream.container(route.ref or "")
-                data = await body() if route.action in ("exec", "start") else b""
+                inspected = route.action in ("exec", "start")
+                data = await body.read(policy.MAX_JSON_BODY) if inspected else b""
                 checked, new_body = policy.check_container_action(
                     caller, route, target, facts, data
                 )
@@ -589,7 +620,9 @@ class Proxy:
         policy.check_owner(caller, container_id, await self.upstream.container(container_id))
         return Plan(target.with_segment(1, exec_id).render(), None)
 
-    async def forward(self, client: Stream, request: Message, framing: Framing, plan: Plan) -> bool:
+    async def forward(
+        self, client: Stream, request: Message, body: RequestBody, plan: Plan
+    ) -> bool:
         upstream = await self.upstream.connect()
         try:
             start = (request.start[0], plan.target, "HTTP/1.1")
@@ -600,7 +633,7 @@ class Proxy:
                 await upstream.write(plan.body)
             else:
                 await upstream.write(head.render())
-                await relay_body(client, upstream, framing)
+                await body.relay(upstream)
             return await self.relay_response(client, upstream, request, plan)
         finally:
             upstream.close()
@@ -644,7 +677,8 @@ class Proxy:
         return not closing
 
 
-async def send_error(client: Stream, status: int, message: str) -> None:
+async def send_error(client: Stream, status: int, message: str, method: str = "GET") -> None:
+    """Docker's error shape: the CLI prints `message`. (HEAD answers carry no body.)"""
     body = json.dumps({"message": message}).encode()
     reason = {
         400: "Bad Request",
@@ -658,7 +692,7 @@ async def send_error(client: Stream, status: int, message: str) -> None:
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     )
     with contextlib.suppress(ConnectionError, OSError):
-        await client.write(head.encode() + body)
+        await client.write(head.encode() + (b"" if method == "HEAD" else body))
 
 
 # --------------------------------------------------------------------------------------------

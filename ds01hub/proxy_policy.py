@@ -321,6 +321,16 @@ CONTAINER_ACTIONS = {
     ("POST", "rename"),
     ("DELETE", ""),
 }
+HIDDEN_OBJECTS = {
+    "networks": "network",
+    "volumes": "volume",
+    "plugins": "plugin",
+    "secrets": "secret",
+    "configs": "config",
+    "nodes": "node",
+    "services": "service",
+    "tasks": "task",
+}
 EXEC_ACTIONS = {("GET", "json"), ("POST", "start"), ("POST", "resize")}
 IMAGE_READ_ACTIONS = {("GET", "json"), ("GET", "history")}
 
@@ -349,6 +359,10 @@ def classify(target: Target) -> Route:
         return Route(Kind.EXEC, "/".join(segs[2:]), segs[1])
     if len(segs) >= 2 and segs[0] == "images":
         return _classify_image(method, segs)
+    if method == "GET" and len(segs) in (2, 3) and segs[0] in HIDDEN_OBJECTS:
+        # `docker inspect NAME` tries every object type in turn and reports the first error
+        # that is not "not found": answer like an engine with no such objects at all
+        raise Denied(404, f"No such {HIDDEN_OBJECTS[segs[0]]}: {segs[1]}")
     raise forbid(f"Permission denied: {method} /{joined} is not available through the ds01 proxy")
 
 

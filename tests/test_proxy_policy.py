@@ -575,3 +575,9 @@ def test_map_fields_with_empty_values_are_kept():
     body["ExposedPorts"] = {"80/tcp": {}}
     out = create(body)
     assert out["Volumes"] == {"/data": {}} and out["ExposedPorts"] == {"80/tcp": {}}
+
+
+def test_inspecting_other_object_types_answers_not_found():
+    # so that `docker inspect NAME` ends with "No such container" rather than a 403
+    for path in ["/networks/abc", "/volumes/abc", "/plugins/abc/json", "/services/abc"]:
+        assert "No such" in denied(policy.classify, target(path), status=404)

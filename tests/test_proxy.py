@@ -1,0 +1,770 @@
+"""The socket proxy end to end: the real docker CLI, run as two real Unix users, through a real
+`ds01hub proxy` in front of the real engine -- plus raw HTTP attacks from those users.
+
+The framing tests at the top are fast; the rest need root (useradd, su) and a Docker engine.
+Test containers use a 2 MB image made from the static busybox binary (`docker import`): no
+registry, built in well under a second, tagged ``ds01hub-test/busybox:latest``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import secrets
+import shlex
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from ds01hub.proxy import ChunkScanner, HttpError, parse_head, request_framing
+
+# --------------------------------------------------------------------------- framing (fast)
+
+
+def test_chunk_scanner_finds_the_end_across_reads():
+    body = b"5\r\nhello\r\n3\r\nabc\r\n0\r\n\r\nNEXT"
+    scanner = ChunkScanner()
+    used = 0
+    for step in (4, 9, 3, 20):  # feed in odd pieces, as a socket would
+        part = body[used : used + step]
+        n = scanner.scan(part) if part else 0
+        used += n
+        if scanner.done:
+            break
+    while not scanner.done:
+        used += scanner.scan(body[used:])
+    assert body[used:] == b"NEXT"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"5;ext=1\r\nhello\r\n0\r\n\r\n",
+        b"+5\r\nhello\r\n0\r\n\r\n",
+        b"5\r\nhelloXX0\r\n\r\n",
+        b"0\r\nX-Trailer: 1\r\n\r\n",
+    ],
+)
+def test_chunk_scanner_refuses_what_the_engine_might_read_differently(body):
+    with pytest.raises(HttpError):
+        scanner = ChunkScanner()
+        pos = 0
+        while not scanner.done:
+            step = scanner.scan(body[pos:])
+            assert step, "scanner stalled"
+            pos += step
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        "Content-Length: 5\r\nTransfer-Encoding: chunked",
+        "Content-Length: 5\r\nContent-Length: 6",
+        "Transfer-Encoding: gzip, chunked",
+        "Content-Length: -1",
+        "Content-Length: 5,5",
+    ],
+)
+def test_ambiguous_request_framing_is_refused(headers):
+    head = f"POST /x HTTP/1.1\r\nHost: d\r\n{headers}\r\n\r\n".encode()
+    with pytest.raises(HttpError):
+        request_framing(parse_head(head, request=True))
+
+
+def test_obsolete_line_folding_is_refused():
+    with pytest.raises(HttpError):
+        parse_head(b"GET /x HTTP/1.1\r\nHost: d\r\n X-Folded: 1\r\n\r\n", request=True)
+
+
+# --------------------------------------------------------------------------- real engine
+
+DOCKER = shutil.which("docker") or "/usr/local/bin/docker"
+IMAGE = "ds01hub-test/busybox:latest"
+RUN = secrets.token_hex(3)
+
+
+def _docker_ok() -> bool:
+    try:
+        return subprocess.run([DOCKER, "version"], capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def _need_root_and_docker():
+    if os.geteuid() != 0:
+        pytest.skip("needs root: creates Unix users and runs the docker CLI as them")
+    if not _docker_ok():
+        pytest.skip("needs a running Docker engine and the docker CLI")
+
+
+def admin_docker(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """The engine directly, as root (set-up and verification, never through the proxy)."""
+    env = {k: v for k, v in os.environ.items() if k != "DOCKER_HOST"}
+    return subprocess.run(
+        [DOCKER, *args], capture_output=True, text=True, check=check, env=env, timeout=120
+    )
+
+
+@pytest.fixture(scope="module")
+def busybox_image():
+    _need_root_and_docker()
+    if admin_docker("image", "inspect", IMAGE, check=False).returncode == 0:
+        return IMAGE
+    busybox = shutil.which("busybox")
+    if not busybox:
+        pytest.skip("needs /bin/busybox (apt-get install busybox-static) for the test image")
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = Path(tmp, "rootfs.tar")
+        with tarfile.open(archive, "w") as tar:
+            tar.add(busybox, "bin/busybox")
+            for tool in ("sh", "sleep", "echo", "cat", "id", "ls", "true", "tty", "hostname"):
+                link = tarfile.TarInfo(f"bin/{tool}")
+                link.type, link.linkname = tarfile.SYMTYPE, "busybox"
+                tar.addfile(link)
+        admin_docker(
+            "import", "-c", "LABEL ds01.test=1", "-c", 'CMD ["/bin/sh"]', str(archive), IMAGE
+        )
+    return IMAGE
+
+
+@pytest.fixture(scope="module")
+def users(busybox_image):
+    """Two real Unix users (removed at teardown with everything they made)."""
+    names = [f"pxa{RUN}", f"pxb{RUN}"]
+    for name in names:
+        subprocess.run(["useradd", "-m", "-s", "/bin/sh", name], check=True)
+    yield names
+    for name in names:
+        ids = admin_docker("ps", "-aq", "--filter", f"label=ds01.user={name}").stdout.split()
+        if ids:
+            admin_docker("rm", "-f", *ids, check=False)
+        images = admin_docker("images", "-q", f"ds01-{name}/*").stdout.split()
+        if images:
+            admin_docker("rmi", "-f", *set(images), check=False)
+        subprocess.run(["userdel", "-r", name], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def proxy(users):
+    """A real `ds01hub proxy` on a socket every user can reach; yields (socket, log path)."""
+    directory = Path(tempfile.mkdtemp(prefix="ds01proxy-"))
+    directory.chmod(0o755)
+    sock = directory / "docker.sock"
+    log = directory / "proxy.log"
+    command = [
+        sys.executable,
+        "-c",
+        "import sys; from ds01hub.cli.admin import main; sys.exit(main(sys.argv[1:]))",
+        "proxy",
+        "--listen",
+        str(sock),
+        "--upstream",
+        "/var/run/docker.sock",
+    ]
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 20
+    while not sock.exists():
+        assert process.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, "proxy did not start"
+        time.sleep(0.05)
+    assert oct(sock.stat().st_mode & 0o777) == "0o666"
+    yield sock, log
+    process.terminate()
+    process.wait(timeout=10)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def as_user(proxy, user: str, command: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run a shell command line as `user` with DOCKER_HOST pointing at the proxy."""
+    sock, _ = proxy
+    line = f"export DOCKER_HOST=unix://{sock}; {command}"
+    return subprocess.run(
+        ["su", "-s", "/bin/sh", user, "-c", line], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def docker_as(proxy, user: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return as_user(proxy, user, shlex.join([DOCKER, *args]), timeout)
+
+
+RAW_CLIENT = r"""
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(20)
+s.connect(sys.argv[1])
+s.sendall(sys.stdin.buffer.read())
+data = b""
+while chunk := s.recv(65536):
+    data += chunk
+sys.stdout.buffer.write(data)
+"""
+
+
+def raw_as(proxy, user: str | int, request: bytes) -> tuple[int, object]:
+    """Send raw bytes as `user` (a name, or a bare uid) and parse the one response."""
+    sock, _ = proxy
+    uid = user if isinstance(user, int) else pwd.getpwnam(user).pw_uid
+    gid = uid if isinstance(user, int) else pwd.getpwnam(user).pw_gid
+    result = subprocess.run(
+        ["/usr/bin/python3", "-c", RAW_CLIENT, str(sock)],
+        input=request,
+        capture_output=True,
+        user=uid,
+        group=gid,
+        extra_groups=[],
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    head, _, body = result.stdout.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    if b"chunked" in head.lower():
+        body = _dechunk(body)
+    try:
+        return status, json.loads(body)
+    except ValueError:
+        return status, body
+
+
+def _dechunk(data: bytes) -> bytes:
+    out = b""
+    while data:
+        size_line, _, rest = data.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            break
+        out, data = out + rest[:size], rest[size + 2 :]
+    return out
+
+
+def http(
+    method: str,
+    path: str,
+    body: object = None,
+    *,
+    chunked: bool = False,
+    headers: dict[str, str] | None = None,
+) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: docker", "Connection: close"]
+    data = b""
+    if body is not None:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        lines.append("Content-Type: application/json")
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    if chunked:
+        lines.append("Transfer-Encoding: chunked")
+        half = len(data) // 2
+        parts = [p for p in (data[:half], data[half:]) if p]
+        data = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in parts) + b"0\r\n\r\n"
+    elif body is not None:
+        lines.append(f"Content-Length: {len(data)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + data
+
+
+def run_detached(proxy, user: str, name: str, *extra: str) -> str:
+    result = docker_as(
+        proxy,
+        user,
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--label",
+        "ds01.test=1",
+        *extra,
+        IMAGE,
+        "sh",
+        "-c",
+        "while true; do echo tick; sleep 0.2; done",
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def world(proxy, users):
+    """alice and bob each with a running container; an unlabelled one made by root."""
+    alice, bob = users
+    alice_id = run_detached(proxy, alice, f"web-{alice}")
+    bob_id = run_detached(proxy, bob, f"web-{bob}")
+    loose = admin_docker(
+        "run",
+        "-d",
+        "--name",
+        f"loose-{RUN}",
+        "--label",
+        "ds01.test=1",
+        "--label",
+        f"ds01.user={alice}",
+        IMAGE,
+        "sleep",
+        "600",
+    ).stdout.strip()
+    yield {"alice": alice, "bob": bob, "alice_id": alice_id, "bob_id": bob_id, "loose": loose}
+    admin_docker("rm", "-f", loose, check=False)
+
+
+def still_running(cid: str) -> bool:
+    return admin_docker("inspect", "-f", "{{.State.Running}}", cid).stdout.strip() == "true"
+
+
+# --------------------------------------------------------------------------- what users may do
+
+
+@pytest.mark.docker
+@pytest.mark.root
+def test_ps_shows_only_own_managed_containers(proxy, world):
+    for user, own, other in [("alice", "alice_id", "bob_id"), ("bob", "bob_id", "alice_id")]:
+        listed = docker_as(proxy, world[user], "ps", "-a", "--no-trunc", "-q")
+        assert listed.returncode == 0, listed.stderr
+        ids = listed.stdout.split()
+        assert world[own] in ids
+        assert world[other] not in ids and world["loose"] not in ids
+
+
+@pytest.mark.docker
+@pytest.mark.root
+def test_unlabelled_containers_are_invisible(proxy, world):
+    # root's container claims ds01.user=alice but lacks ds01.managed=true: not hers
+    result = docker_as(proxy, world["alice"], "inspect", world["loose"])
+    assert result.returncode != 0
+    assert f"No such object: {world['loose']}" in result.stderr  # as if it did not exist
+    result = docker_as(proxy, world["alice"], "container", "inspect", f"loose-{RUN}")
+    assert result.returncode != 0
+    assert f"No such container: loose-{RUN}" in result.stderr
+
+
+@pytest.mark.docker
+@pytest.mark.root
+def test_created_containers_carry_forced_labels(proxy, world):
+    alice = world["alice"]
+    result = docker_as(
+        proxy,
+        alice,
+        "create",
+        "--label",
+        "ds01.test=1",
+        "--label",
+        f"ds01.user={world['bob']}",
+        "--label",
+        "ds01.gpus=0",
+        IMAGE,
+        "true",
+    )
+    assert result.returncode == 0, result.stderr
+    labels = json.loads(
+        admin_docker("inspect", "-f", "{{json .Config.Labels}}", result.stdout.strip()).stdout
+    )
+    assert labels["ds01.user"] == alice and labels["ds01.managed"] == "true"
+    assert "ds01.gpus" not in labels
+    admin_docker("rm", result.stdout.strip())
+
+
+@pytest.mark.docker
+@pytest.mark.root
+def test_everything_a_user_may_do_on_their_own_container(proxy, world):
+    alice, name = world["alice"], f"own-{world['alice']}"
+    run_detached(proxy, alice, name)
+    steps = [
+        ("inspect", "-f", "{{.State.Running}}", name),
+        ("logs", "--tail", "1", name),
+        ("top", name),
+        ("stats", "--no-stream", name),
+        ("exec", name, "echo", "exec-works"),
+        ("cp", f"{name}:/bin/busybox", "/tmp/." + name),
+        ("pause", name),
+        ("unpause", name),
+        ("restart", "-t", "0", name),
+        ("kill", name),
+        ("start", name),
+        ("stop", "-t", "0", name),
+        ("rename", name, name + "-2"),
+        ("rm", "-f", name + "-2"),
+    ]
+    for step in steps:
+        result = docker_as(proxy, alice, *step)
+        assert result.returncode == 0, (step, result.stderr)
+        if step[0] == "exec":
+            assert result.stdout.strip() == "exec-works"
+
+
+@pytest.mark.docker
+@pytest.mark.root
+def test_streams_logs_follow_exec_tty_attach_and_stdin(proxy, world):
+    alice, name = world["alice"], f"web-{world['alice']}"
+    follow = as_user(proxy, alice, f"timeout 2 {DOCKER} logs -f --tail 0 {name}")
+    assert follow.stdout.count("tick") >= 3  # lines kept arriving while following
+    tty = as_user(
+        proxy,
+        alice,
+        f"script -qec '{DOCKER} exec -it {name} sh -c \"test -t 0 && echo a-tty\"' /dev/null",
+    )
+    assert "a-tty" in tty.stdout, tty.stderr
+    piped = as_user(proxy, alice, f"echo through-stdin | {DOCKER} exec -i {name} cat")
+    assert piped.stdout.strip() == "through-stdin", piped.stderr
+    attach = as_user(proxy, alice, f"timeout -s KILL 2 {DOCKER} attach --no-stdin {name}")
+    assert "tick" in attach.stdout
+    run = as_user(proxy, alice, f"{DOCKER} run --rm --label ds01.test=1 {IMAGE} echo ran")
+    assert run.stdout.strip() == "ran", run.stderr
+
+
+@pytest.mark.docker
+@pytest.mark.root
+def test_bind_mounts_of_home_run_as_the_user(proxy, world):
+    alice = world["alice"]
+    home = pwd.getpwnam(alice).pw_dir
+    result = docker_as(
+        proxy,
+        alice,
+        "run",
+        "--rm",
+        "--label",
+        "ds01.test=1",
+        "-v",
+        f"{home}:/h",
+        IMAGE,
+        "sh",
+        "-c",
+        "id -u; touch /h/made-in-container",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(pwd.getpwnam(alice).pw_uid)
+    assert Path(home, "made-in-container").stat().st_uid == pwd.getpwnam(alice).pw_uid
+
+
+@pytest.mark.docker
+@pytest.mark.root
+def test_legacy_build_in_own_namespace_only(proxy, world, tmp_path):
+    alice = world["alice"]
+    context = Path(tempfile.mkdtemp(prefix="ds01ctx-"))
+    context.chmod(0o755)
+    (context / "Dockerfile").write_text(f"FROM {IMAGE}\nRUN echo built > /built\n")
+    (context / "Dockerfile").chmod(0o644)
+    try:
+        ok = as_user(proxy, alice, f"cd {context} && {DOCKER} build -q -t ds01-{alice}/img:1 .")
+        assert ok.returncode == 0, ok.stderr
+        poison = as_user(proxy, alice, f"cd {context} && {DOCKER} build -q -t {IMAGE} .")
+        assert poison.returncode != 0 and "build tags must be" in poison.stderr
+        host = as_user(
+            proxy, alice, f"cd {context} && {DOCKER} build -q --network host -t ds01-{alice}/i ."
+        )
+        assert host.returncode != 0 and "build network" in host.stderr
+    finally:
+        shutil.rmtree(context)
+
+
+# --------------------------------------------------------------------------- what is refused
+
+
+OTHER_USER_OPERATIONS = [
+    ("inspect", "{ref}"),
+    ("logs", "{ref}"),
+    ("top", "{ref}"),
+    ("stats", "--no-stream", "{ref}"),
+    ("exec", "{ref}", "true"),
+    ("stop", "-t", "0", "{ref}"),
+    ("start", "{ref}"),
+    ("restart", "{ref}"),
+    ("kill", "{ref}"),
+    ("pause", "{ref}"),
+    ("rename", "{ref}", "stolen"),
+    ("rm", "-f", "{ref}"),
+    ("cp", "{ref}:/bin/sh", "/tmp/x"),
+    ("wait", "{ref}"),
+    ("attach", "--no-stdin", "{ref}"),
+]
+
+
+@pytest.mark.docker
+@pytest.mark.root
+@pytest.mark.parametrize("how", ["name", "full id", "id prefix"])
+@pytest.mark.parametrize("operation", OTHER_USER_OPERATIONS, ids=lambda o: o[0])
+def test_other_users_container_is_refused(proxy, world, operation, how):
+    alice, bob = world["alice"], world["bob"]
+    ref = {
+        "name": f"web-{alice}",
+        "full id": world["alice_id"],
+        "id prefix": world["alice_id"][:10],
+    }[how]
+    args = [a.format(ref=ref) for a in operation]
+    result = docker_as(proxy, bob, *args, timeout=30)
+    assert result.returncode != 0
+    assert f"Permission denied: container owned by {alice}" in result.stderr
+    assert still_running(world["alice_id"])
+
+
+@pytest.mark.docker
+@pytest.mark.root
+def test_a_name_that_is_a_prefix_of_another_users_id(proxy, world):
+    """Docker resolves an exact name before an id prefix; so must the proxy's decision."""
+    alice, bob = world["alice"], world["bob"]
+    prefix = world["alice_id"][:12]
+    decoy = run_detached(proxy, bob, prefix)
+    stopped = docker_as(proxy, bob, "stop", "-t", "0", prefix)
+    assert stopped.returncode == 0, stopped.stderr
+    assert not still_running(decoy) and still_running(world["alice_id"])
+    # and alice, using the same string, reaches bob's container, which she may not touch
+    result = docker_as(proxy, alice, "inspect", prefix)
+    assert f"container owned by {bob}" in result.stderr
+    admin_docker("rm", "-f", decoy)
+
+
+@pytest.mark.docker
+@pytest.mark.root
+def test_exec_ids_of_other_users_are_refused(proxy, world):
+    alice, bob = world["alice"], world["bob"]
+    status, created = raw_as(
+        proxy, alice, http("POST", f"/v1.41/containers/{world['alice_id']}/exec", {"Cmd": ["true"]})
+    )
+    assert status == 201, created
+    exec_id = created["Id"]
+    for method, path, body in [
+        ("GET", f"/v1.41/exec/{exec_id}/json", None),
+        ("POST", f"/v1.41/exec/{exec_id}/start", {"Detach": True}),
+        ("POST", f"/v1.41/exec/{exec_id}/resize?h=10&w=10", None),
+        ("POST", f"/exec/{exec_id}/start", {"Detach": True}),
+    ]:
+        status, answer = raw_as(proxy, bob, http(method, path, body))
+        assert status == 403, (path, answer)
+        assert answer["message"] == f"Permission denied: container owned by {alice}"
+    status, answer = raw_as(proxy, alice, http("GET", f"/v1.41/exec/{exec_id}/json"))
+    assert status == 200 and answer["ContainerID"] == world["alice_id"]
+
+
+CREATE_REFUSALS = [
+    (["--privileged"], "privileged"),
+    (["--cap-add", "SYS_ADMIN"], "capabilities"),
+    (["--device", "/dev/null"], "devices"),
+    (["--gpus", "all"], "container-create"),
+    (["--pid", "host"], "PidMode"),
+    (["--ipc", "host"], "IpcMode"),
+    (["--network", "host"], "NetworkMode"),
+    (["--uts", "host"], "UTSMode"),
+    (["--userns", "host"], "UsernsMode"),
+    (["-v", "/etc:/x"], "bind mounts must be inside"),
+    (["-v", "/var/run/docker.sock:/var/run/docker.sock"], "binding sockets"),
+    (["--mount", "type=bind,src=/,dst=/host"], "bind mounts must be inside"),
+    (["-v", "somevolume:/x"], "named volume"),
+    (["--security-opt", "seccomp=unconfined"], "security option"),
+    (["--security-opt", "apparmor=unconfined"], "security option"),
+    (["--sysctl", "net.ipv4.ip_forward=1"], "sysctls"),
+    (["--cgroup-parent", "/"], "cgroup parent"),
+    (["--runtime", "nvidia"], "Runtime"),
+    (["--log-driver", "syslog"], "LogConfig.Type"),
+    (["-p", "80:80"], "reserved"),
+    (["--name", "default._.someoneelse"], "reserved"),
+]
+
+
+@pytest.mark.docker
+@pytest.mark.root
+@pytest.mark.parametrize(
+    ("flags", "why"), CREATE_REFUSALS, ids=lambda v: " ".join(v) if isinstance(v, list) else ""
+)
+def test_dangerous_create_options_are_refused(proxy, world, flags, why):
+    bob = world["bob"]
+    before = admin_docker("ps", "-aq", "--filter", f"label=ds01.user={bob}").stdout.split()
+    result = docker_as(proxy, bob, "create", "--label", "ds01.test=1", *flags, IMAGE, "true")
+    assert result.returncode != 0
+    assert "Permission denied" in result.stderr and why in result.stderr, result.stderr
+    after = admin_docker("ps", "-aq", "--filter", f"label=ds01.user={bob}").stdout.split()
+    assert after == before
+
+
+@pytest.mark.docker
+@pytest.mark.root
+@pytest.mark.parametrize(
+    "flag", ["--volumes-from", "--network container:", "--pid container:", "--ipc container:"]
+)
+def test_other_users_containers_as_namespaces_or_volumes_are_refused(proxy, world, flag):
+    bob, alice_id = world["bob"], world["alice_id"]
+    args = (
+        [flag, alice_id]
+        if flag == "--volumes-from"
+        else [flag.split()[0], flag.split()[1] + alice_id]
+    )
+    result = docker_as(proxy, bob, "create", "--label", "ds01.test=1", *args, IMAGE, "true")
+    assert result.returncode != 0
+    assert f"container owned by {world['alice']}" in result.stderr
+
+
+@pytest.mark.docker
+@pytest.mark.root
+def test_a_bind_of_home_cannot_run_as_root(proxy, world):
+    alice = world["alice"]
+    home = pwd.getpwnam(alice).pw_dir
+    result = docker_as(
+        proxy,
+        alice,
+        "create",
+        "--label",
+        "ds01.test=1",
+        "-u",
+        "0",
+        "-v",
+        f"{home}:/h",
+        IMAGE,
+        "true",
+    )
+    assert result.returncode != 0 and "run as you" in result.stderr
+
+
+@pytest.mark.docker
+@pytest.mark.root
+def test_raw_path_spellings_of_another_users_container(proxy, world):
+    alice_id, bob = world["alice_id"], world["bob"]
+    spellings = [
+        f"/v1.41/containers/{alice_id}/json",
+        f"/containers/{alice_id}/json",
+        f"/v1.40/containers/{alice_id}/json",
+        f"//v1.41//containers//{alice_id}//json",
+        f"/v1.41/containers/%{ord(alice_id[0]):02x}{alice_id[1:]}/json",
+        f"/v1.41/containers/x/../{alice_id}/json",
+        f"/v1.41/./containers/{alice_id[:8]}/json",
+    ]
+    for path in spellings:
+        status, answer = raw_as(proxy, bob, http("GET", path))
+        assert status == 403, (path, answer)
+        assert answer["message"] == f"Permission denied: container owned by {world['alice']}"
+    for method, path in [
+        ("POST", f"/v1.41/containers/{alice_id}/stop"),
+        ("POST", f"/v1.41/containers/{alice_id}/kill"),
+        ("HEAD", f"/v1.41/containers/{alice_id}/archive?path=/tmp"),
+        ("PUT", f"/v1.41/containers/{alice_id}/archive?path=/tmp"),
+    ]:
+        # (docker cp INTO a container stats with HEAD first, which cannot carry a message)
+        status, _ = raw_as(proxy, bob, http(method, path, b"x" * 1024 if method == "PUT" else None))
+        assert status == 403, (method, path)
+    status, _ = raw_as(proxy, bob, http("POST", f"/v1.20/containers/{alice_id}/stop"))
+    assert status == 400  # API versions before 1.24 are refused outright
+    assert still_running(alice_id)
+
+
+@pytest.mark.docker
+@pytest.mark.root
+def test_raw_create_tricks(proxy, world):
+    bob = world["bob"]
+    labels = {"ds01.test": "1"}
+    tricks = [
+        {"Image": IMAGE, "Labels": labels, "Privileged": True},  # top-level HostConfig field
+        {"Image": IMAGE, "Labels": labels, "hostconfig": {"Privileged": True}},
+        {"Image": IMAGE, "Labels": labels, "HostConfig": {"privileged": True}},
+        {"Image": IMAGE, "Labels": labels, "HostConfig": {"Binds": ["/:/host"]}},
+        {
+            "Image": IMAGE,
+            "Labels": labels,
+            "HostConfig": {"Mounts": [{"type": "bind", "source": "/", "target": "/host"}]},
+        },
+    ]
+    for body in tricks:
+        for chunked in (False, True):
+            status, answer = raw_as(
+                proxy, bob, http("POST", "/v1.41/containers/create", body, chunked=chunked)
+            )
+            assert status == 403, (body, answer)
+    duplicate = b'{"Image":"%s","HostConfig":{},"HostConfig":{"Privileged":true}}' % IMAGE.encode()
+    status, _ = raw_as(proxy, bob, http("POST", "/v1.41/containers/create", duplicate))
+    assert status == 400
+    # a chunked, label-spoofing but otherwise fine create goes through with the labels forced
+    spoof = {
+        "Image": IMAGE,
+        "Cmd": ["true"],
+        "Labels": {"ds01.test": "1", "ds01.user": world["alice"]},
+    }
+    status, answer = raw_as(proxy, bob, http("POST", "/containers/create", spoof, chunked=True))
+    assert status == 201, answer
+    labels = json.loads(
+        admin_docker("inspect", "-f", "{{json .Config.Labels}}", answer["Id"]).stdout
+    )
+    assert labels["ds01.user"] == bob
+    admin_docker("rm", answer["Id"])
+
+
+@pytest.mark.docker
+@pytest.mark.root
+def test_raw_request_smuggling_and_form_bodies(proxy, world):
+    bob = world["bob"]
+    own = world["bob_id"]
+    form = http(
+        "POST",
+        f"/v1.41/containers/{own}/rename?name=fine",
+        b"name=default._.x",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    form = form.replace(b"Content-Type: application/json\r\n", b"")
+    status, answer = raw_as(proxy, bob, form)
+    assert status == 400 and "Content-Type" in answer["message"]
+    smuggle = (
+        b"POST /v1.41/containers/create HTTP/1.1\r\nHost: d\r\nContent-Length: 4\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    )
+    status, _ = raw_as(proxy, bob, smuggle)
+    assert status == 400
+    status, answer = raw_as(
+        proxy, bob, http("POST", f"/v1.41/containers/{own}/start", {"Privileged": True})
+    )
+    assert status == 403 and "must not carry" in answer["message"]
+
+
+@pytest.mark.docker
+@pytest.mark.root
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/v1.41/volumes"),
+        ("POST", "/v1.41/volumes/create"),
+        ("GET", "/v1.41/networks"),
+        ("POST", "/v1.41/swarm/init"),
+        ("GET", "/v1.41/plugins"),
+        ("GET", "/v1.41/system/df"),
+        ("POST", "/v1.41/containers/prune"),
+        ("POST", "/v1.41/images/load"),
+        ("POST", "/session"),
+        ("POST", "/v1.41/containers/{own}/update"),
+        ("POST", "/v1.41/commit?container={own}"),
+    ],
+)
+def test_unknown_endpoints_are_refused_for_users(proxy, world, method, path):
+    status, answer = raw_as(proxy, world["bob"], http(method, path.format(own=world["bob_id"]), {}))
+    assert status == 403, answer
+    assert "not available through the ds01 proxy" in answer["message"]
+
+
+@pytest.mark.docker
+@pytest.mark.root
+def test_a_uid_without_an_account_is_refused(proxy, world):
+    status, answer = raw_as(proxy, 54321, http("GET", "/v1.41/_ping"))
+    assert status == 403 and "no account" in answer["message"]
+
+
+@pytest.mark.docker
+@pytest.mark.root
+def test_root_has_full_access(proxy, world):
+    sock, _ = proxy
+    env = dict(os.environ, DOCKER_HOST=f"unix://{sock}")
+    result = subprocess.run(
+        [DOCKER, "ps", "-aq", "--no-trunc"], capture_output=True, text=True, env=env, check=True
+    )
+    ids = result.stdout.split()
+    assert {world["alice_id"], world["bob_id"], world["loose"]} <= set(ids)
+
+
+@pytest.mark.docker
+@pytest.mark.root
+def test_denials_are_logged_with_user_method_path_and_reason(proxy, world):
+    _, log = proxy
+    docker_as(proxy, world["bob"], "inspect", world["alice_id"])
+    time.sleep(0.2)
+    lines = [
+        line
+        for line in log.read_text().splitlines()
+        if f"denied user={world['bob']} method=GET" in line and world["alice_id"] in line
+    ]
+    assert lines and lines[-1].endswith(f"container owned by {world['alice']}")
