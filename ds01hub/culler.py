@@ -42,7 +42,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from traitlets import Bool, Float, Integer, Unicode
+from traitlets import Bool, Float, Integer, List, Unicode
 from traitlets.config import Application
 
 __all__ = [
@@ -768,6 +768,12 @@ class CullerService(Application):
         "/var/lib/ds01hub); the same directory as the spawner's.",
     ).tag(config=True)
 
+    extra_labels = List(
+        Unicode(),
+        help="Only containers with these labels too (`key=value`): one hub of several on an "
+        "engine. Default: every ds01-managed container.",
+    ).tag(config=True)
+
     aliases = {
         "interval": "CullerService.interval",
         "warn-before": "CullerService.warn_before",
@@ -793,6 +799,7 @@ class CullerService(Application):
             self.limits_path or default_limits_path(),
             self.state_dir or default_state_dir(),
             remove_stopped=self.remove_stopped,
+            extra_labels=self.extra_labels,
             warn_before=self.warn_before,
             gpu_threshold=self.gpu_threshold,
             cpu_threshold=self.cpu_threshold,
@@ -898,6 +905,13 @@ def register(subparsers: Any) -> None:
         "--warn-before", type=float, default=600.0, help="warning lead time in seconds"
     )
     parser.add_argument("--keep-stopped", action="store_true", help="skip the lifecycle pass")
+    parser.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="only containers that also carry this label (repeatable)",
+    )
     parser.set_defaults(handler=cmd_cull)
 
 
@@ -959,6 +973,7 @@ def _cli_components(args: Any) -> Components:
             args.limits or default_limits_path(),
             args.state_dir or default_state_dir(),
             remove_stopped=not args.keep_stopped,
+            extra_labels=args.label,
             warn_before=args.warn_before,
         )
     except LimitsError as error:
