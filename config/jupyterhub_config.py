@@ -62,3 +62,19 @@ configure_broker(
     broker_args=[f"--Broker.base_image={c.DockerSpawner.image}"],
     environment={k: os.environ[k] for k in ("DS01HUB_LIMITS", "DOCKER_HOST") if k in os.environ},
 )
+
+# -- notebook: the ds01 service behind the notebook widgets (quota, containers, image builds) --
+# A managed service: the only part that builds images or reads Docker for a notebook; single-user
+# servers reach it on the Docker bridge address with their own token ($DS01_SERVICE_URL is set
+# for them). DS01HUB_SERVICE_PORT (default 10101); DS01HUB_CA_BUNDLE: a PEM bundle trusted in
+# image builds (sites behind a TLS-intercepting proxy, e.g. /etc/ssl/certs/ca-certificates.crt).
+from ds01hub.service import configure_hub as configure_ds01_service  # noqa: E402
+
+_ca_bundle = os.environ.get("DS01HUB_CA_BUNDLE", "")
+configure_ds01_service(
+    c,
+    url=f"http://{docker_bridge_ip()}:{os.environ.get('DS01HUB_SERVICE_PORT', '10101')}",
+    service_args=[f"--DS01Service.base_image={c.DockerSpawner.image}"]
+    + ([f"--DS01Service.ca_bundle={_ca_bundle}"] if _ca_bundle else []),
+    environment={k: os.environ[k] for k in ("DS01HUB_LIMITS", "DOCKER_HOST") if k in os.environ},
+)
