@@ -51,6 +51,7 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode
 
 from ds01hub.images import image_repository
+from ds01hub.labels import NAME_SEPARATOR, escape_name
 
 MANAGED_LABEL = "ds01.managed"
 USER_LABEL = "ds01.user"
@@ -436,10 +437,13 @@ def check_container_name(caller: Caller, name: str | None) -> None:
     The spawner finds a user's server container by that name: a container called
     ``default._.alice`` made by bob would be started as alice's notebook.
     """
-    if name and "._." in name and name.lstrip("/").rsplit("._.", 1)[1] != caller.user:
+    if not name or NAME_SEPARATOR not in name:
+        return
+    own = escape_name(caller.user)
+    if name.lstrip("/").rsplit(NAME_SEPARATOR, 1)[1] != own:
         raise forbid(
-            f"Permission denied: container names ending in '._.<user>' are reserved "
-            f"for that user; yours must end in '._.{caller.user}'"
+            f"Permission denied: container names ending in '{NAME_SEPARATOR}<user>' are "
+            f"reserved for that user; yours must end in '{NAME_SEPARATOR}{own}'"
         )
 
 

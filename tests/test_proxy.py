@@ -2,8 +2,8 @@
 `ds01hub proxy` in front of the real engine -- plus raw HTTP attacks from those users.
 
 The framing tests at the top are fast; the rest need root (useradd, su) and a Docker engine.
-Test containers use a 2 MB image made from the static busybox binary (`docker import`): no
-registry, built in well under a second, tagged ``ds01hub-test/busybox:latest``.
+Test containers use the CLI harness's 2 MB image made from the static busybox binary
+(`docker import`): no registry, built in well under a second.
 """
 
 from __future__ import annotations
@@ -16,12 +16,13 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
+from ds01_cli_harness import BUSYBOX_IMAGE
+from ds01_cli_harness import busybox_image as shared_busybox_image
 
 from ds01hub.proxy import ChunkScanner, HttpError, parse_head, request_framing
 
@@ -86,7 +87,7 @@ def test_obsolete_line_folding_is_refused():
 # --------------------------------------------------------------------------- real engine
 
 DOCKER = shutil.which("docker") or "/usr/local/bin/docker"
-IMAGE = "ds01hub-test/busybox:latest"
+IMAGE = BUSYBOX_IMAGE
 RUN = secrets.token_hex(3)
 
 
@@ -115,23 +116,11 @@ def admin_docker(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def busybox_image():
     _need_root_and_docker()
-    if admin_docker("image", "inspect", IMAGE, check=False).returncode == 0:
-        return IMAGE
-    busybox = shutil.which("busybox")
-    if not busybox:
+    if not shutil.which("busybox"):
         pytest.skip("needs /bin/busybox (apt-get install busybox-static) for the test image")
-    with tempfile.TemporaryDirectory() as tmp:
-        archive = Path(tmp, "rootfs.tar")
-        with tarfile.open(archive, "w") as tar:
-            tar.add(busybox, "bin/busybox")
-            for tool in ("sh", "sleep", "echo", "cat", "id", "ls", "true", "tty", "hostname"):
-                link = tarfile.TarInfo(f"bin/{tool}")
-                link.type, link.linkname = tarfile.SYMTYPE, "busybox"
-                tar.addfile(link)
-        admin_docker(
-            "import", "-c", "LABEL ds01.test=1", "-c", 'CMD ["/bin/sh"]', str(archive), IMAGE
-        )
-    return IMAGE
+    import docker
+
+    return shared_busybox_image(docker.from_env())
 
 
 @pytest.fixture(scope="module")
