@@ -277,3 +277,23 @@ def test_project_init_creates_the_layout_in_the_users_home(hub, users):
     assert os.stat(f"{root}/README.md").st_uid == alice.uid
     result = as_user(hub, alice, "project-init", "--guided")
     assert result.returncode == 2 and "needs a terminal" in result.stderr
+
+
+def test_guided_image_create_in_a_terminal(hub, users, client):
+    _, bob = users
+    try:
+        with PtySession(bob, hub.socket_path, "image-create", "--guided") as term:
+            assert "cv" in term.expect("Template:")  # the templates are listed first
+            term.send("custom\r")
+            term.expect("Image name:")
+            term.send("tools\r")
+            term.expect("Extra pip packages")
+            term.send("\r")
+            term.expect("Extra Debian packages")
+            term.send("\r")
+            assert f"ds01-{bob.name}/tools:latest" in term.expect("Built", timeout=120)
+            assert term.wait() == 0
+        assert client.images.get(f"ds01-{bob.name}/tools:latest")
+    finally:
+        for image in client.images.list(name=f"ds01-{bob.name}/tools"):
+            client.images.remove(image.id, force=True)
