@@ -1,0 +1,234 @@
+"""The ds01-ops service under a real JupyterHub: the admin page, its JSON and the Prometheus
+metrics over real HTTP (OAuth login, tokens), once in headless Chromium; real containers hold
+SIMULATED GPU slots, the event log holds a known history."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import requests
+from harness import TEST_LABEL, free_port, unique_name
+from prometheus_client.parser import text_string_to_metric_families
+
+from ds01hub import labels
+from ds01hub.admin_page import week_start
+from ds01hub.culler import EVENTLOG_FILE, SERVICE_NAME
+from ds01hub.eventlog import EventLog
+
+pytestmark = [pytest.mark.e2e, pytest.mark.docker]
+
+LIMITS_YAML = """\
+defaults: {gpu_hold_after_stop: 1h, max_gpus: 4}
+gpu_allocation:
+  simulate:
+    seed: ds01-admin-page-test
+    gpus:
+      - {name: NVIDIA A100-SXM4-80GB, memory: 80g, count: 2}
+      - {name: NVIDIA A100-SXM4-80GB, memory: 80g, mig: [2g.20gb, 2g.20gb]}
+"""
+
+SERVICE_CONFIG = """
+from ds01hub.culler import configure_hub as configure_ops
+configure_ops(c, url={url!r}, service_args={args!r})
+# a role that lets its group reach the service without making anyone an admin
+c.JupyterHub.load_groups = {{"opsviewers": {{"users": []}}}}
+c.JupyterHub.load_roles.append(
+    {{"name": "ops-viewer", "groups": ["opsviewers"],
+      "scopes": ["access:services!service=ds01-ops"]}}
+)
+"""
+
+
+def hours_between(start: datetime, end: datetime, window_start: datetime) -> float:
+    return max(0.0, (end - max(start, window_start)).total_seconds()) / 3600
+
+
+@pytest.fixture(scope="module")
+def ops(hub_factory, docker_client, base_image, tmp_path_factory):
+    """A hub with the ds01-ops service; alice runs on GPU 0, bob's stopped container holds
+    MIG slot 2:0; the event log has alice's usage (last week and this week) and one cull."""
+    directory = tmp_path_factory.mktemp("ops")
+    limits, state = directory / "limits.yaml", directory / "state"
+    limits.write_text(LIMITS_YAML)
+    run = f"ds01.test.adminpage={uuid.uuid4().hex[:8]}"
+    key, _, value = run.partition("=")
+    alice, bob, admin, student = (unique_name(p) for p in ("ali", "bob", "adm", "stu"))
+
+    def start(user, group, slots, command):
+        managed = labels.container_labels(
+            user=user, project="work", group=group, priority=10, gpus=slots
+        )
+        return docker_client.containers.run(
+            base_image,
+            command,
+            name=f"work._.{user}",
+            labels={**managed, TEST_LABEL: "1", key: value},
+            detach=True,
+        )
+
+    start(alice, "students", ["0"], ["sleep", "infinity"])
+    stopped = start(bob, "staff", ["2:0"], ["true"])
+    stopped.wait(timeout=60)
+    stopped.reload()
+    finished = labels.parse_docker_time(stopped.attrs["State"]["FinishedAt"])
+
+    now = datetime.now(UTC)
+    log = EventLog(state / EVENTLOG_FILE)
+    last_week = week_start(now) - timedelta(days=2)
+    log.record("allocate", alice, "0", "old._.x", "students", at=last_week)
+    log.record("release", alice, "0", "old._.x", "students", at=last_week + timedelta(hours=6))
+    this_week = (now - timedelta(minutes=90), now - timedelta(minutes=30))
+    log.record("allocate", alice, "0", "new._.x", "students", at=this_week[0])
+    log.record("release", alice, "0", "new._.x", "students", at=this_week[1])
+    log.record("cull", bob, container="work._.x", group="staff", reason="idle: no hub activity")
+
+    port = free_port()
+    args = [
+        f"--CullerService.limits_path={limits}",
+        f"--CullerService.state_dir={state}",
+        f"--CullerService.extra_labels={[run]!r}",
+        "--CullerService.interval=3600",
+        "--CullerService.remove_stopped=False",
+    ]
+    hub = hub_factory(extra_config=SERVICE_CONFIG.format(url=f"http://127.0.0.1:{port}", args=args))
+    hub.create_user(admin, admin=True)
+    hub.create_user(student, groups=["opsviewers"])
+    base = f"{hub.url}/services/{SERVICE_NAME}/"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            response = requests.get(base + "api/overview", timeout=5)
+            if response.status_code == 403:
+                break
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    else:
+        raise AssertionError("the ds01-ops service did not come up:\n" + hub.log())
+    info = dict(
+        hub=hub,
+        base=base,
+        limits=limits,
+        alice=alice,
+        bob=bob,
+        admin=admin,
+        student=student,
+        held_until=finished + timedelta(hours=1),
+        alice_week=hours_between(*this_week, week_start(now)),
+    )
+    yield info
+    for container in docker_client.containers.list(all=True, filters={"label": run}):
+        container.remove(force=True)
+
+
+def get(ops, path, token=None, **kw):
+    headers = {"Authorization": f"token {token}"} if token else {}
+    return requests.get(ops["base"] + path, headers=headers, timeout=30, **kw)
+
+
+def test_the_overview_shows_every_slot_its_holder_and_gpu_hours(ops):
+    hub = ops["hub"]
+    response = get(ops, "api/overview", hub.token_for(ops["admin"]))
+    assert response.status_code == 200, response.text
+    model = response.json()
+    slots = {row["slot"]: row for row in model["slots"]}
+    assert set(slots) == {"0", "1", "2:0", "2:1"}
+    assert (slots["0"]["user"], slots["0"]["group"], slots["0"]["state"]) == (
+        ops["alice"],
+        "students",
+        "running",
+    )
+    assert slots["0"]["utilization"] == 0  # SIMULATED GPU, nothing running on it
+    assert (slots["2:0"]["user"], slots["2:0"]["state"]) == (ops["bob"], "stopped")
+    assert slots["2:0"]["kind"] == "2g.20gb" and slots["2:0"]["utilization"] is None
+    assert datetime.fromisoformat(slots["2:0"]["held_until"]) == ops["held_until"]
+    assert slots["1"]["state"] == slots["2:1"]["state"] == "free"
+    users = {row["name"]: row for row in model["usage"]["user"]}
+    assert users[ops["alice"]]["week"] == pytest.approx(ops["alice_week"], abs=0.01)
+    assert users[ops["alice"]]["total"] == pytest.approx(6 + ops["alice_week"], abs=0.01)
+    assert model["simulated"] is True and model["config_error"] is None
+
+
+def test_the_page_is_for_admins_only(ops):
+    hub = ops["hub"]
+    assert get(ops, "api/overview").status_code == 403
+    student_token = hub.token_for(ops["student"])
+    # the student may reach the service (a role grants it) but is no admin: refused all the same
+    scopes = hub.api("GET", "/user", token=student_token).json()["scopes"]
+    assert f"access:services!service={SERVICE_NAME}" in scopes
+    assert get(ops, "api/overview", student_token).status_code == 403
+    session = hub.login(ops["student"])
+    assert session.get(ops["base"], timeout=30).status_code == 403
+    session = hub.login(ops["admin"])
+    page = session.get(ops["base"], timeout=30)  # through the hub's OAuth redirects
+    assert page.status_code == 200, page.text[:500]
+    row = re.search(r"<tr><td>0</td>(.*?)</tr>", page.text).group(1)
+    assert ops["alice"] in row and "running" in row
+    assert page.headers["Content-Security-Policy"].startswith("default-src 'none'")
+
+
+def test_metrics_count_slots_by_group_and_culls_by_reason(ops):
+    hub = ops["hub"]
+    assert get(ops, "metrics", hub.token_for(ops["student"])).status_code == 403
+    response = get(ops, "metrics", hub.token_for(ops["admin"], scopes=["read:metrics"]))
+    assert response.status_code == 200, response.text
+    values = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(response.text)
+        for s in family.samples
+    }
+    assert values[("ds01_gpu_slots", (("kind", "gpu"),))] == 2
+    assert values[("ds01_gpu_slots", (("kind", "2g.20gb"),))] == 2
+    assert values[("ds01_gpu_slots_free", ())] == 2
+    assert values[("ds01_gpu_slots_allocated", (("group", "students"),))] == 1
+    assert values[("ds01_gpu_slots_held", (("group", "staff"),))] == 1
+    assert values[("ds01_culls_total", (("reason", "idle"),))] == 1
+    assert values[("ds01_culls_total", (("reason", "max_runtime"),))] == 0
+    assert values[("ds01_gpu_hours_total", (("group", "students"),))] == pytest.approx(
+        6 + ops["alice_week"], abs=0.01
+    )
+
+
+def test_a_broken_limits_file_is_shown_and_the_last_good_one_kept(ops):
+    token = ops["hub"].token_for(ops["admin"])
+    good = ops["limits"].read_text()
+    try:
+        ops["limits"].write_text(good + "defaults: [oops\n")
+        model = get(ops, "api/overview", token).json()
+        assert (
+            model["config_error"] and "keeping the last good configuration" in model["config_error"]
+        )
+        assert len(model["slots"]) == 4  # still served from the last good file
+    finally:
+        ops["limits"].write_text(good)
+    assert get(ops, "api/overview", token).json()["config_error"] is None
+
+
+@pytest.mark.browser
+def test_an_admin_sees_the_slot_table_in_chromium(ops, chromium):
+    from harness.browser import log_in
+
+    hub = ops["hub"]
+    context = chromium.new_context()
+    try:
+        page = context.new_page()
+        log_in(page, hub.hub_url, ops["admin"], hub.password)
+        page.wait_for_url(re.compile(r".*/(hub|user)/.*"))
+        page.goto(ops["base"])
+        page.wait_for_selector("#slots")
+        assert page.title() == "ds01 GPUs"
+        rows = page.locator("#slots tbody tr")
+        assert rows.count() == 4
+        first = rows.nth(0).inner_text()
+        assert ops["alice"] in first and "running" in first
+        stopped = page.locator("#slots tbody tr", has_text="2:0").inner_text()
+        assert ops["bob"] in stopped and "stopped" in stopped
+        usage = page.locator("#usage-user tbody tr", has_text=ops["alice"]).inner_text()
+        assert f"{6 + ops['alice_week']:.2f}" in usage
+        assert page.locator("#config-error").count() == 0
+    finally:
+        context.close()
