@@ -526,6 +526,19 @@ def _image_error_status(error: Exception) -> int:
     return 409 if isinstance(error, images.ImageInUseError) else 400
 
 
+def socket_is_live(path: str) -> bool:
+    """Whether something accepts connections on the unix socket `path` (a stale file does not)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
 def docker_socket_path() -> str:
     """The Docker engine's unix socket from DOCKER_HOST (unix://...), else the default."""
     host = os.environ.get("DOCKER_HOST", "")
@@ -761,9 +774,16 @@ class Broker(Application):
         )
 
     def listen(self) -> HTTPServer:
-        """Bind the socket (replacing a stale one) and serve the app on it."""
+        """Bind the socket (replacing a stale one, never a live one) and serve the app on it."""
         directory = os.path.dirname(self.socket_path)
         os.makedirs(directory, mode=0o755, exist_ok=True)
+        if socket_is_live(self.socket_path):
+            self.log.critical(
+                "another ds01 broker is listening on %s: not taking it over "
+                "(give this hub its own Broker.socket_path)",
+                self.socket_path,
+            )
+            sys.exit(1)
         sock = bind_unix_socket(self.socket_path, mode=self.socket_mode)
         server = HTTPServer(self.make_app())
         server.add_socket(sock)

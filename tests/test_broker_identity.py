@@ -132,3 +132,25 @@ def test_unreachable_hub_is_a_clear_failure(broker, users):
     result = run_as(alice, broker.socket_path, "container-list")
     assert result.returncode == 1
     assert "cannot reach the hub" in result.stderr
+
+
+def test_a_second_broker_does_not_take_over_a_live_socket(broker):
+    import subprocess as sp
+    import sys
+
+    result = sp.run(
+        [
+            sys.executable,
+            "-m",
+            "ds01hub.broker",
+            f"--Broker.socket_path={broker.socket_path}",
+            "--Broker.api_token=unused",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "another ds01 broker is listening" in result.stderr
+    code, reply, _ = call_as(0, 0, "/root", broker.socket_path, "/whoami", act_for="root")
+    assert code == 2  # the first broker still answers (root may not act as root)
