@@ -1,0 +1,151 @@
+"""What one spawn's container looks like, pure: limits + choice + GPU slots -> Docker arguments.
+
+`ContainerPlan` holds the labels, environment and docker-py host-config keywords that the
+spawner adds to DockerSpawner's own; `recreate_reason` compares a plan with an existing
+(stopped) container, because device requests, limits and the image are fixed when a container
+is created: a restart whose GPUs or limits changed must create the container anew.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ds01hub import labels
+from ds01hub.inventory import Slot
+from ds01hub.limits import ResolvedLimits
+
+from .options import SpawnChoice, normalize_image
+
+__all__ = ["ContainerPlan", "device_requests", "gpu_environment", "recreate_reason"]
+
+#: docker-py host-config keyword -> the HostConfig field `docker inspect` shows.
+_HOST_FIELDS = {
+    "nano_cpus": "NanoCpus",
+    "mem_limit": "Memory",
+    "memswap_limit": "MemorySwap",
+    "shm_size": "ShmSize",
+    "ipc_mode": "IpcMode",
+    "pids_limit": "PidsLimit",
+    "cgroup_parent": "CgroupParent",
+}
+
+
+def device_requests(slots: Sequence[Slot]) -> list[dict[str, Any]]:
+    """One NVIDIA device request naming the slots' UUIDs (MIG-... for MIG instances)."""
+    if not slots:
+        return []
+    return [{"driver": "nvidia", "device_ids": [s.uuid for s in slots], "capabilities": [["gpu"]]}]
+
+
+def gpu_environment(slots: Sequence[Slot], simulated: bool) -> dict[str, str]:
+    """The container sees exactly its slots. Without GPUs, `NVIDIA_VISIBLE_DEVICES=void` keeps
+    an image whose ENV says `all` from getting every GPU where nvidia is the default runtime."""
+    if not slots:
+        return {"NVIDIA_VISIBLE_DEVICES": "void", "CUDA_VISIBLE_DEVICES": "", "DS01_GPUS": ""}
+    uuids = ",".join(s.uuid for s in slots)
+    env = {
+        "NVIDIA_VISIBLE_DEVICES": uuids,
+        "CUDA_VISIBLE_DEVICES": uuids,
+        "DS01_GPUS": labels.format_slot_list([s.id for s in slots]),
+        "DS01_GPU_PROFILES": ",".join(s.profile or "full" for s in slots),
+    }
+    if simulated:
+        env["DS01_GPUS_SIMULATED"] = "1"
+    return env
+
+
+@dataclass(frozen=True)
+class ContainerPlan:
+    """The ds01 part of one container's create call."""
+
+    user: str
+    project: str | None
+    limits: ResolvedLimits
+    choice: SpawnChoice
+    slots: tuple[Slot, ...] = ()
+    simulated: bool = False
+    run_as: tuple[int, int] | None = None
+    workspace: tuple[str, str] | None = None  # (host directory, mount point)
+    extra_labels: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def slot_ids(self) -> tuple[str, ...]:
+        return tuple(s.id for s in self.slots)
+
+    def labels(self) -> dict[str, str]:
+        return {
+            **self.extra_labels,
+            **labels.container_labels(
+                user=self.user,
+                project=self.project,
+                group=self.limits.group,
+                priority=self.limits.priority,
+                gpus=self.slot_ids,
+                gpu_uuids=[s.uuid for s in self.slots],
+                image=self.choice.image,
+            ),
+        }
+
+    def environment(self) -> dict[str, str]:
+        env = gpu_environment(self.slots, self.simulated)
+        if self.choice.max_cpus is not None:
+            env["CPU_LIMIT"] = f"{self.choice.max_cpus:g}"
+        if self.choice.memory is not None:
+            env["MEM_LIMIT"] = str(self.choice.memory)
+        if self.run_as and self.workspace:
+            env["HOME"] = self.workspace[1]
+        return env
+
+    def host_config(self) -> dict[str, Any]:
+        """docker-py keywords: the limits (choice's cpu/memory, which may be lower), the GPUs,
+        the workspace bind."""
+        config = self.limits.host_config()
+        config.pop("nano_cpus", None)
+        config.pop("mem_limit", None)
+        config.pop("memswap_limit", None)
+        if self.choice.max_cpus is not None:
+            config["nano_cpus"] = int(round(self.choice.max_cpus * 1e9))
+        if self.choice.memory is not None:
+            config["mem_limit"] = config["memswap_limit"] = self.choice.memory
+        config["device_requests"] = device_requests(self.slots)
+        if self.workspace:
+            host, mount = self.workspace
+            config["binds"] = {host: {"bind": mount, "mode": "rw"}}
+        return config
+
+    def create_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"labels": self.labels()}
+        if self.run_as:
+            kwargs["user"] = f"{self.run_as[0]}:{self.run_as[1]}"
+        return kwargs
+
+
+def _expected_host_fields(plan: ContainerPlan) -> dict[str, Any]:
+    config = plan.host_config()
+    return {_HOST_FIELDS[k]: v for k, v in config.items() if k in _HOST_FIELDS}
+
+
+def recreate_reason(attrs: Mapping[str, Any], plan: ContainerPlan) -> str | None:
+    """Why an existing container cannot be restarted as it is for `plan` (None = it can)."""
+    record = labels.ContainerRecord.from_docker(attrs)
+    if record is None:
+        return "it does not carry ds01 labels"
+    if record.gpus != plan.slot_ids:
+        old = ",".join(record.gpus) or "none"
+        return f"its GPU slots changed ({old} -> {','.join(plan.slot_ids) or 'none'})"
+    image = (attrs.get("Config") or {}).get("Image", "")
+    if normalize_image(image) != normalize_image(plan.choice.image):
+        return f"the image changed ({image} -> {plan.choice.image})"
+    host = attrs.get("HostConfig") or {}
+    for key, wanted in _expected_host_fields(plan).items():
+        if host.get(key) != wanted:
+            return f"the limits changed ({key} {host.get(key)!r} -> {wanted!r})"
+    if plan.run_as and (attrs.get("Config") or {}).get("User") != plan.create_kwargs()["user"]:
+        return "the user id it runs as changed"
+    if plan.workspace and not any(
+        bind.split(":")[:2] == list(plan.workspace) for bind in host.get("Binds") or []
+    ):
+        return "its workspace mount changed"
+    return None

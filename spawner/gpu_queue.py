@@ -1,0 +1,147 @@
+"""The hub's wait queue for GPUs: concurrent spawns ask in priority order, then arrival order.
+
+All spawns of one hub run in one process (one asyncio loop), so one `GpuQueue` per hub orders
+them. Every attempt to allocate goes through the queue, also the first one, so a newcomer never
+overtakes someone who waits: a dispatcher runs *rounds* in which each waiter, highest priority
+first (then earliest), tries the allocator once. A waiter that gets slots, or a refusal that
+waiting cannot fix (quota, bad request), leaves the queue; one refused as `busy` stays.
+
+Rounds run when a waiter joins, when something is released (`notify`: a stop, a delete) and
+every `recheck_interval` seconds while anyone waits, because holds of stopped containers expire
+by time and other processes (the culler, the CLI broker's hub calls) free slots too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from ds01hub.allocator import Decision
+
+__all__ = ["GpuQueue", "GpuWaitTimeout", "QueueStatus"]
+
+
+class GpuWaitTimeout(TimeoutError):
+    """No slot became free in time; `decision` is the last refusal (who holds what)."""
+
+    def __init__(self, waited: float, decision: Decision | None):
+        self.waited = waited
+        self.decision = decision
+        reason = decision.reason if decision else "no attempt finished"
+        super().__init__(f"no GPU became free within {waited:.0f}s: {reason}")
+
+
+@dataclass(frozen=True)
+class QueueStatus:
+    """Where a waiter stands, for its progress events."""
+
+    position: int
+    waiting: int
+    decision: Decision
+
+
+@dataclass(order=True)
+class _Waiter:
+    sort_key: tuple[int, int]
+    key: str = field(compare=False)
+    attempt: Callable[[], Awaitable[Decision]] = field(compare=False)
+    abandon: Callable[[Decision], Awaitable[None]] = field(compare=False)
+    on_wait: Callable[[QueueStatus], None] = field(compare=False)
+    future: asyncio.Future = field(compare=False)
+    last: Decision | None = field(default=None, compare=False)
+
+
+class GpuQueue:
+    """See the module docstring. `acquire` is the only way in."""
+
+    def __init__(self, recheck_interval: float = 5.0):
+        self.recheck_interval = recheck_interval
+        self._waiters: list[_Waiter] = []
+        self._arrivals = itertools.count()
+        self._wake = asyncio.Event()
+        self._dispatcher: asyncio.Task | None = None
+
+    def __len__(self) -> int:
+        return len(self._waiters)
+
+    def keys(self) -> list[str]:
+        """Waiting keys (container names) in the order they will be served."""
+        return [w.key for w in sorted(self._waiters)]
+
+    def notify(self) -> None:
+        """Something was released: run a round now."""
+        self._wake.set()
+
+    async def acquire(
+        self,
+        key: str,
+        priority: int,
+        attempt: Callable[[], Awaitable[Decision]],
+        *,
+        timeout: float,
+        abandon: Callable[[Decision], Awaitable[None]],
+        on_wait: Callable[[QueueStatus], None] = lambda status: None,
+    ) -> Decision:
+        """Wait for a decision that is not `busy`; `attempt` runs the allocator once.
+        Raises GpuWaitTimeout after `timeout` seconds; `abandon` undoes a grant that arrives
+        after the waiter gave up (timeout or cancellation)."""
+        waiter = _Waiter(
+            (-priority, next(self._arrivals)),
+            key,
+            attempt,
+            abandon,
+            on_wait,
+            asyncio.get_running_loop().create_future(),
+        )
+        self._waiters.append(waiter)
+        self._ensure_dispatcher()
+        self.notify()
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiter.future), timeout)
+        except TimeoutError:
+            raise GpuWaitTimeout(timeout, waiter.last) from None
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+            if not waiter.future.done():
+                waiter.future.cancel()
+
+    def _ensure_dispatcher(self) -> None:
+        if self._dispatcher is None or self._dispatcher.done():
+            self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch())
+
+    async def _dispatch(self) -> None:
+        while self._waiters:
+            self._wake.clear()
+            await self._round()
+            if not self._waiters:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.recheck_interval)
+
+    async def _round(self) -> None:
+        for waiter in sorted(self._waiters):
+            if waiter.future.done():
+                continue
+            try:
+                decision = await waiter.attempt()
+            except Exception as error:  # the allocator failed: that spawn fails, not the queue
+                if not waiter.future.done():
+                    waiter.future.set_exception(error)
+                continue
+            if waiter.future.done():  # gave up while this attempt ran
+                if decision.ok and decision.granted:
+                    await waiter.abandon(decision)
+                continue
+            if decision.code == "busy":
+                waiter.last = decision
+            else:
+                self._waiters.remove(waiter)
+                waiter.future.set_result(decision)
+        ordered = sorted(self._waiters)
+        for position, waiter in enumerate(ordered, 1):
+            if waiter.last is not None and not waiter.future.done():
+                waiter.on_wait(QueueStatus(position, len(ordered), waiter.last))

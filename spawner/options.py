@@ -1,0 +1,562 @@
+"""Spawn options, pure: the profile list, the options form and `user_options` validation.
+
+The browser's form and the REST API (CLI, broker, wizard) send the same four keys
+(docs/architecture.md, "Spawn options"): `profile`, `image`, `gpus`, `mig`. This module turns
+them, with the user's resolved limits and what the machine has, into one `SpawnChoice` or an
+`OptionsError` that names the key, the value and what is allowed. No Docker, no hub, no clock:
+the spawner gathers the facts (`GpuOffer`, the user's own images) and calls in here, so every
+rule is testable on plain data.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from ds01hub.allocator import GpuRequest, Holding
+from ds01hub.inventory import Slot
+from ds01hub.limits import ResolvedLimits
+from ds01hub.units import format_size, parse_size
+
+__all__ = [
+    "OVERRIDE_KEYS",
+    "PROFILE_KEYS",
+    "SPAWN_OPTION_KEYS",
+    "GpuOffer",
+    "OptionsError",
+    "Profile",
+    "SpawnChoice",
+    "allowed_images",
+    "image_allowed",
+    "normalize_image",
+    "normalize_user_options",
+    "options_from_form",
+    "parse_profile_list",
+    "render_form",
+    "resolve_choice",
+]
+
+#: The keys of `user_options`, the same as the form's field names.
+SPAWN_OPTION_KEYS = ("profile", "image", "gpus", "mig")
+#: Keys of one `profile_list` entry (KubeSpawner's shape; `ds01_override` for the overrides).
+PROFILE_KEYS = ("display_name", "slug", "description", "default", "ds01_override")
+#: Keys of a profile's `ds01_override`.
+OVERRIDE_KEYS = ("image", "gpus", "mig", "max_cpus", "memory")
+
+_MIG_PROFILE_RE = re.compile(r"^[1-9]g\.[0-9]+gb(\+[a-z0-9]+)*$")
+_TEMPLATES = Path(__file__).with_name("templates")
+
+
+class OptionsError(ValueError):
+    """A spawn option was refused: `key` and `value` say which, `allowed` what would do;
+    `status` is the HTTP status the hub answers with (400 bad value, 403 not allowed)."""
+
+    def __init__(self, key: str, value: Any, problem: str, allowed: str, status: int = 400):
+        self.key, self.value, self.allowed, self.status = key, value, allowed, status
+        super().__init__(f"spawn option {key!r}={value!r}: {problem}; allowed: {allowed}")
+
+
+def _slugify(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "profile"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One entry of `c.DS01Spawner.profile_list`. The override values are the defaults a user
+    gets by picking the profile; `max_cpus`/`memory` can only lower the user's limits."""
+
+    slug: str
+    display_name: str
+    description: str = ""
+    default: bool = False
+    image: str | None = None
+    gpus: int | None = None
+    mig: str | None = None
+    max_cpus: float | None = None
+    memory: int | None = None
+
+    @classmethod
+    def from_config(cls, entry: Any, where: str) -> Profile:
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"{where} must be a dict with display_name, ...; got {entry!r}")
+        unknown = sorted(set(entry) - set(PROFILE_KEYS))
+        if unknown:
+            raise ValueError(
+                f"{where} has unknown key(s) {', '.join(unknown)}; known: {', '.join(PROFILE_KEYS)}"
+                + (
+                    " (ds01hub spells kubespawner_override ds01_override)"
+                    if "kubespawner_override" in unknown
+                    else ""
+                )
+            )
+        name = entry.get("display_name")
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"{where}.display_name is required (a non-empty string)")
+        override = entry.get("ds01_override") or {}
+        if not isinstance(override, Mapping):
+            raise ValueError(f"{where}.ds01_override must be a dict, got {override!r}")
+        bad = sorted(set(override) - set(OVERRIDE_KEYS))
+        if bad:
+            raise ValueError(
+                f"{where}.ds01_override has unknown key(s) {', '.join(bad)}; "
+                f"known: {', '.join(OVERRIDE_KEYS)}"
+            )
+        try:
+            gpus = _read_gpus(override.get("gpus"))
+            mig = _read_mig(override.get("mig"))
+        except OptionsError as error:
+            raise ValueError(f"{where}.ds01_override: {error}") from None
+        if gpus and mig:
+            raise ValueError(f"{where}.ds01_override: set gpus or mig, not both")
+        memory = override.get("memory")
+        max_cpus = override.get("max_cpus")
+        if max_cpus is not None and (isinstance(max_cpus, bool) or float(max_cpus) <= 0):
+            raise ValueError(f"{where}.ds01_override.max_cpus must be a positive number")
+        return cls(
+            slug=str(entry.get("slug") or _slugify(name)),
+            display_name=name,
+            description=str(entry.get("description") or ""),
+            default=bool(entry.get("default", False)),
+            image=override.get("image"),
+            gpus=gpus,
+            mig=mig,
+            max_cpus=float(max_cpus) if max_cpus is not None else None,
+            memory=parse_size(memory) if memory is not None else None,
+        )
+
+    def gpu_text(self) -> str:
+        return _gpu_text(self.gpus or 0, self.mig)
+
+
+def parse_profile_list(entries: Iterable[Any]) -> tuple[Profile, ...]:
+    """Validate `profile_list` (unique slugs, at most one default); ValueError names the entry."""
+    profiles = tuple(
+        Profile.from_config(entry, f"profile_list[{i}]") for i, entry in enumerate(entries)
+    )
+    slugs = [p.slug for p in profiles]
+    duplicates = sorted({s for s in slugs if slugs.count(s) > 1})
+    if duplicates:
+        raise ValueError(f"profile_list: duplicate slug(s) {', '.join(duplicates)}; set `slug`")
+    if sum(p.default for p in profiles) > 1:
+        raise ValueError("profile_list: more than one profile has default: true")
+    return profiles
+
+
+def _gpu_text(gpus: int, mig: str | None) -> str:
+    if mig:
+        return f"1 MIG instance {mig}"
+    if gpus:
+        return f"{gpus} whole GPU{'s' if gpus > 1 else ''}"
+    return "no GPU"
+
+
+def _read_gpus(value: Any) -> int | None:
+    """int >= 0, or a string of digits (the form), or None (not given)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        raise OptionsError("gpus", value, "not a number", "a whole number >= 0")
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value.strip())
+    if isinstance(value, int) and value >= 0:
+        return value
+    raise OptionsError("gpus", value, "not a whole number >= 0", "0, 1, 2, ...")
+
+
+def _read_mig(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or not _MIG_PROFILE_RE.match(value):
+        raise OptionsError("mig", value, "not a MIG profile name", "names like '2g.20gb'")
+    return value
+
+
+def _read_text(key: str, value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or len(value) > 255 or not value.isprintable():
+        raise OptionsError(key, value, "not a name", "a string (at most 255 printable characters)")
+    return value.strip()
+
+
+def normalize_user_options(raw: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Type-check `user_options` (REST body or form result): known keys only, `gpus` an int,
+    the others strings; None values and empty strings dropped (= not given)."""
+    raw = raw or {}
+    if not isinstance(raw, Mapping):
+        raise OptionsError("user_options", raw, "not an object", "a JSON object")
+    unknown = sorted(set(raw) - set(SPAWN_OPTION_KEYS))
+    if unknown:
+        raise OptionsError(
+            unknown[0],
+            raw[unknown[0]],
+            f"unknown option(s) {', '.join(unknown)}",
+            ", ".join(SPAWN_OPTION_KEYS),
+        )
+    options: dict[str, Any] = {}
+    for key, value in (
+        ("profile", _read_text("profile", raw.get("profile"))),
+        ("image", _read_text("image", raw.get("image"))),
+        ("gpus", _read_gpus(raw.get("gpus"))),
+        ("mig", _read_mig(raw.get("mig"))),
+    ):
+        if value is not None:
+            options[key] = value
+    if options.get("gpus") and options.get("mig"):
+        raise OptionsError(
+            "mig",
+            options["mig"],
+            f"asked together with gpus={options['gpus']}",
+            "whole GPUs (gpus) or one MIG instance (mig), not both",
+        )
+    return options
+
+
+def options_from_form(formdata: Mapping[str, Sequence[str]]) -> dict[str, Any]:
+    """The options form's fields -> the `user_options` keys. The GPU select sends `gpu` as
+    `none`, `gpus:N` or `mig:PROFILE`; the empty value means "as the profile says"."""
+
+    def first(key: str) -> str:
+        values = formdata.get(key) or [""]
+        return values[0].strip()
+
+    options: dict[str, Any] = {}
+    for key in ("profile", "image"):
+        if first(key):
+            options[key] = first(key)
+    gpu = first("gpu")
+    if gpu == "none":
+        options["gpus"] = 0
+    elif gpu.startswith("gpus:"):
+        options["gpus"] = gpu.removeprefix("gpus:")
+    elif gpu.startswith("mig:"):
+        options["mig"] = gpu.removeprefix("mig:")
+    elif gpu:
+        raise OptionsError("gpu", gpu, "not a choice of the form", "none, gpus:N, mig:PROFILE")
+    return normalize_user_options(options)
+
+
+def normalize_image(image: str) -> str:
+    """`repo` and `repo:latest` are the same image (a digest or tag is kept as given)."""
+    last = image.rsplit("/", 1)[-1]
+    return image if (":" in last or "@" in image) else f"{image}:latest"
+
+
+def image_allowed(image: str, patterns: Iterable[str]) -> bool:
+    """Exact (tag-normalised) or shell-pattern match (`lab/*:2024-*`)."""
+    wanted = normalize_image(image)
+    return any(wanted == normalize_image(p) or fnmatch.fnmatchcase(image, p) for p in patterns)
+
+
+def allowed_images(
+    limits: ResolvedLimits,
+    configured: Sequence[str] | str,
+    default_image: str,
+    profiles: Sequence[Profile] = (),
+) -> tuple[str, ...] | str:
+    """The images (or patterns) a user may pick, besides their own built images: the limits'
+    `allowed_images` when the YAML sets them (plus the default image), else the spawner's
+    `allowed_images` plus the default and the profiles' images. `"*"` = any image."""
+    if limits.allowed_images:
+        return tuple(dict.fromkeys((default_image, *limits.allowed_images)))
+    if configured == "*":
+        return "*"
+    profile_images = (p.image for p in profiles if p.image)
+    return tuple(dict.fromkeys((default_image, *configured, *profile_images)))
+
+
+@dataclass(frozen=True)
+class GpuOffer:
+    """What the machine has and what is free now, for the form and for validation."""
+
+    whole_total: int
+    whole_free: int
+    mig_total: Mapping[str, int]
+    mig_free: Mapping[str, int]
+    simulated: bool
+
+    @classmethod
+    def from_slots(
+        cls, slots: Sequence[Slot], holdings: Iterable[Holding], simulated: bool
+    ) -> GpuOffer:
+        held = {h.slot_id for h in holdings}
+        whole = [s for s in slots if s.profile is None]
+        mig_total: dict[str, int] = {}
+        mig_free: dict[str, int] = {}
+        for slot in slots:
+            if slot.profile:
+                mig_total[slot.profile] = mig_total.get(slot.profile, 0) + 1
+                mig_free[slot.profile] = mig_free.get(slot.profile, 0) + (slot.id not in held)
+        return cls(
+            whole_total=len(whole),
+            whole_free=sum(s.id not in held for s in whole),
+            mig_total=mig_total,
+            mig_free=mig_free,
+            simulated=simulated,
+        )
+
+
+@dataclass(frozen=True)
+class SpawnChoice:
+    """A validated spawn: what to run and which GPUs to ask the allocator for."""
+
+    image: str
+    gpus: int = 0
+    mig: str | None = None
+    profile: str | None = None
+    max_cpus: float | None = None
+    memory: int | None = None
+    notes: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def wants_gpu(self) -> bool:
+        return bool(self.gpus or self.mig)
+
+    def gpu_request(self, user: str, container: str) -> GpuRequest:
+        if self.mig:
+            return GpuRequest(user, container, count=1, mig_profile=self.mig)
+        return GpuRequest(user, container, count=self.gpus, whole_gpu=self.gpus > 0)
+
+    def gpu_text(self) -> str:
+        return _gpu_text(self.gpus, self.mig)
+
+    def user_options(self) -> dict[str, Any]:
+        """The normalised options as JupyterHub stores them (and the CLI shows them)."""
+        options: dict[str, Any] = {"image": self.image, "gpus": self.gpus}
+        if self.mig:
+            options = {"image": self.image, "mig": self.mig}
+        if self.profile:
+            options["profile"] = self.profile
+        return options
+
+
+def _choose_profile(options: Mapping[str, Any], profiles: Sequence[Profile]) -> Profile | None:
+    slug = options.get("profile")
+    if slug is None:
+        return next((p for p in profiles if p.default), None)
+    for profile in profiles:
+        if profile.slug == slug:
+            return profile
+    raise OptionsError(
+        "profile",
+        slug,
+        "no such profile",
+        ", ".join(p.slug for p in profiles) or "none (no profiles are configured)",
+    )
+
+
+def _check_gpus(gpus: int, limits: ResolvedLimits, offer: GpuOffer) -> None:
+    cap = limits.gpus_per_container
+    if cap is not None and gpus > cap:
+        raise OptionsError(
+            "gpus",
+            gpus,
+            f"over your limit of {cap} GPU(s) per container ({_limit_source(limits)})",
+            f"0 to {cap}",
+            status=403,
+        )
+    if not limits.allow_full_gpu:
+        raise OptionsError(
+            "gpus",
+            gpus,
+            "your limits allow MIG instances only (allow_full_gpu: false)",
+            "mig with one of " + (", ".join(sorted(offer.mig_total)) or "no MIG profiles here"),
+            status=403,
+        )
+    if gpus > offer.whole_total:
+        raise OptionsError(
+            "gpus",
+            gpus,
+            f"this machine has {offer.whole_total} whole GPU(s)",
+            f"0 to {min(offer.whole_total, cap if cap is not None else offer.whole_total)}",
+        )
+
+
+def _check_mig(mig: str, limits: ResolvedLimits, offer: GpuOffer) -> None:
+    if mig not in offer.mig_total:
+        raise OptionsError(
+            "mig",
+            mig,
+            "no MIG instances of this profile on this machine",
+            ", ".join(sorted(offer.mig_total)) or "none (no MIG instances here)",
+        )
+    cap = limits.gpus_per_container
+    if cap is not None and cap < 1:
+        raise OptionsError(
+            "mig",
+            mig,
+            f"your limits allow no GPU ({_limit_source(limits)})",
+            "no GPU",
+            status=403,
+        )
+
+
+def _limit_source(limits: ResolvedLimits) -> str:
+    return f"group {limits.group}" if limits.group else "the defaults"
+
+
+def resolve_choice(
+    options: Mapping[str, Any],
+    *,
+    profiles: Sequence[Profile],
+    limits: ResolvedLimits,
+    default_image: str,
+    images: Sequence[str] | str,
+    own_images: Iterable[str],
+    offer: GpuOffer,
+) -> SpawnChoice:
+    """Validated `user_options` -> SpawnChoice. Explicit keys win over the profile's override;
+    `images` is `allowed_images(...)`; `own_images` the tags the user built (checked by owner
+    label and namespace by the caller)."""
+    options = normalize_user_options(options)
+    profile = _choose_profile(options, profiles)
+    image = options.get("image") or (profile.image if profile else None) or default_image
+    own = tuple(own_images)
+    if not (images == "*" or image_allowed(image, images) or image_allowed(image, own)):
+        listed = [*images, *own]
+        raise OptionsError(
+            "image",
+            image,
+            "not an image you may use",
+            ", ".join(listed) + " (or an image you built: ds01-<you>/NAME, see image-create)",
+            status=403,
+        )
+    if "gpus" in options or "mig" in options:
+        gpus, mig = options.get("gpus", 0), options.get("mig")
+    else:
+        gpus, mig = (profile.gpus or 0, profile.mig) if profile else (0, None)
+    if mig:
+        _check_mig(mig, limits, offer)
+        gpus = 0
+    elif gpus:
+        _check_gpus(gpus, limits, offer)
+    notes = []
+    max_cpus, memory = limits.max_cpus, limits.memory
+    if profile and profile.max_cpus is not None:
+        if max_cpus is not None and profile.max_cpus > max_cpus:
+            notes.append(f"profile asks {profile.max_cpus:g} CPUs; your limit {max_cpus:g} applies")
+        else:
+            max_cpus = profile.max_cpus
+    if profile and profile.memory is not None:
+        if memory is not None and profile.memory > memory:
+            notes.append(
+                f"profile asks {format_size(profile.memory)} memory; your limit "
+                f"{format_size(memory)} applies"
+            )
+        else:
+            memory = profile.memory
+    return SpawnChoice(
+        image=image,
+        gpus=gpus,
+        mig=mig,
+        profile=profile.slug if profile else None,
+        max_cpus=max_cpus,
+        memory=memory,
+        notes=tuple(notes),
+    )
+
+
+# -- the options form ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _GpuOption:
+    value: str
+    text: str
+    disabled: bool = False
+
+
+def _gpu_options(limits: ResolvedLimits, offer: GpuOffer) -> list[_GpuOption]:
+    """`none`, `gpus:1..N` within the user's limits and the machine, each MIG profile; the
+    free counts are a snapshot (a busy choice can still be picked: the spawn then queues)."""
+    sim = " (SIMULATED)" if offer.simulated else ""
+    choices = [_GpuOption("", "as the profile says"), _GpuOption("none", "no GPU")]
+    cap = limits.gpus_per_container
+    if limits.allow_full_gpu:
+        most = offer.whole_total if cap is None else min(cap, offer.whole_total)
+        for n in range(1, most + 1):
+            choices.append(
+                _GpuOption(
+                    f"gpus:{n}",
+                    f"{_gpu_text(n, None)}{sim} - "
+                    f"{offer.whole_free} of {offer.whole_total} free now",
+                )
+            )
+    if cap is None or cap >= 1:
+        for profile in sorted(offer.mig_total):
+            choices.append(
+                _GpuOption(
+                    f"mig:{profile}",
+                    f"MIG {profile}{sim} - {offer.mig_free.get(profile, 0)} of "
+                    f"{offer.mig_total[profile]} free now",
+                )
+            )
+    return choices
+
+
+def _profile_problem(
+    profile: Profile, limits: ResolvedLimits, offer: GpuOffer, images: Sequence[str] | str
+) -> str | None:
+    """Why this user cannot pick the profile (shown, and the radio disabled), or None."""
+    try:
+        if profile.mig:
+            _check_mig(profile.mig, limits, offer)
+        elif profile.gpus:
+            _check_gpus(profile.gpus, limits, offer)
+    except OptionsError as error:
+        return str(error).split(": ", 1)[1]
+    if profile.image and images != "*" and not image_allowed(profile.image, images):
+        return f"image {profile.image} is not allowed for you"
+    return None
+
+
+def render_form(
+    *,
+    profiles: Sequence[Profile],
+    limits: ResolvedLimits,
+    offer: GpuOffer,
+    images: Sequence[str] | str,
+    own_images: Sequence[str],
+    default_image: str,
+    previous: Mapping[str, Any] | None = None,
+) -> str:
+    """The options form's HTML (Jinja2, autoescaped): profiles as radios, then image and GPU
+    selects bounded by the user's limits with what is free now."""
+    environment = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(_TEMPLATES),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+    )
+    previous = previous or {}
+    chosen = previous.get("profile") or next((p.slug for p in profiles if p.default), None)
+    image_choices = [default_image] if images == "*" else [i for i in images if "*" not in i]
+    image_choices += [i for i in own_images if i not in image_choices]
+    rows = [(p, _profile_problem(p, limits, offer, images)) for p in profiles]
+    if chosen not in {p.slug for p, problem in rows if problem is None}:
+        chosen = next((p.slug for p, problem in rows if problem is None), None)
+    return environment.get_template("options_form.html").render(
+        profiles=rows,
+        chosen_profile=chosen,
+        images=image_choices,
+        own_images=set(own_images),
+        chosen_image=previous.get("image", ""),
+        gpu_options=_gpu_options(limits, offer),
+        chosen_gpu=_previous_gpu(previous),
+        limits=limits,
+        offer=offer,
+        format_size=format_size,
+    )
+
+
+def _previous_gpu(previous: Mapping[str, Any]) -> str:
+    if previous.get("mig"):
+        return f"mig:{previous['mig']}"
+    if "gpus" in previous:
+        return f"gpus:{previous['gpus']}" if previous["gpus"] else "none"
+    return ""

@@ -1,0 +1,634 @@
+"""DS01Spawner: DockerSpawner plus ds01hub's limits, quotas and GPU allocation on every spawn.
+
+One spawn, step by step (each step is a progress event):
+1. resolve the user's limits from the YAML (re-read when it changed; JupyterHub groups count);
+2. validate the spawn options (form or REST `user_options`, `ds01hub.spawner.options`);
+3. check `max_containers_per_user` (fail fast, naming what counts and how to free one);
+4. GPUs: through the hub-wide priority queue to `GpuAllocator.allocate` (waits while `busy`,
+   gives up after `gpu_wait_timeout`); a restart re-validates the container's own slots;
+5. create the container (or re-create it: device requests and limits are fixed at create) with
+   the limits, device requests, GPU env, workspace, uid/gid and the `ds01.*` labels; start it.
+
+Stopping keeps the container, so it holds its GPUs for `gpu_hold_after_stop`; deleting the
+named server removes it and releases everything. Docker labels are the allocation state, so a
+hub killed mid-spawn leaks nothing (see `ds01hub.allocation_state`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pwd
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dockerspawner import DockerSpawner
+from jupyterhub.spawner import SpawnException
+from traitlets import Callable as CallableTrait
+from traitlets import CaselessStrEnum, Dict, Float, List, Unicode, Union, default
+
+from ds01hub import labels
+from ds01hub.allocation_state import DEFAULT_RESERVATION_TTL, GpuAllocator, docker_lister
+from ds01hub.allocator import Decision
+from ds01hub.eventlog import EventLog
+from ds01hub.inventory import Inventory, Slot, load_inventory
+from ds01hub.limits import LimitsStore, ResolvedLimits, default_limits_path
+
+from .container_plan import ContainerPlan, recreate_reason
+from .gpu_queue import GpuQueue, GpuWaitTimeout, QueueStatus
+from .options import (
+    GpuOffer,
+    OptionsError,
+    SpawnChoice,
+    allowed_images,
+    image_allowed,
+    options_from_form,
+    parse_profile_list,
+    render_form,
+    resolve_choice,
+)
+
+__all__ = ["DS01Spawner"]
+
+_STATUS_OF_CODE = {"per_container_limit": 403, "user_limit": 409, "not_available": 400}
+
+
+@dataclass
+class _HubContext:
+    """What all spawners of one hub share: limits, inventory, allocator, event log, queue."""
+
+    limits: LimitsStore
+    inventory: Inventory
+    allocator: GpuAllocator
+    eventlog: EventLog
+    queue: GpuQueue
+    docker: Any
+    label_filter: tuple[str, ...]
+
+
+class DS01Spawner(DockerSpawner):
+    """See the module docstring; every setting below is `c.DS01Spawner.<name>`."""
+
+    _contexts: dict[tuple, _HubContext] = {}
+
+    limits_path = Unicode(
+        "",
+        config=True,
+        help="""The resource-limits YAML (DS01 format). Empty: $DS01HUB_LIMITS, else
+        /etc/ds01hub/resource-limits.yaml. Re-read on every spawn when it changed; a broken
+        file keeps the last good one (the hub log says why).""",
+    )
+    state_dir = Unicode(
+        "",
+        config=True,
+        help="""Allocator state (reservations, revocations, lock), shared with the CLI broker,
+        the culler and `ds01hub status`. Empty: $DS01HUB_STATE_DIR, else /var/lib/ds01hub.""",
+    )
+    event_log_path = Unicode(
+        "",
+        config=True,
+        help="""SQLite event log of allocations (GPU-hours). Empty: `state_dir`/events.db.""",
+    )
+    profile_list = Union(
+        [List(Dict()), CallableTrait()],
+        default_value=[],
+        config=True,
+        help="""Profiles offered in the options form, in KubeSpawner's shape:
+        [{"display_name": "1 GPU, PyTorch", "slug": "gpu", "description": "...",
+          "default": True, "ds01_override": {"image": "...", "gpus": 1}}, ...].
+        `ds01_override` keys: image, gpus (whole GPUs), mig (a MIG profile), max_cpus and
+        memory (these two can only lower the user's limits). May be a callable(spawner) that
+        returns the list. Users pick one with the `profile` spawn option.""",
+    )
+    gpu_wait_timeout = Float(
+        600.0,
+        config=True,
+        help="""Seconds a spawn waits in the GPU queue for a free slot before it gives up with
+        a message naming the holders. Keep it below `Spawner.start_timeout`, which JupyterHub
+        applies to the whole start (the hub log warns when it is not).""",
+    )
+    gpu_recheck_interval = Float(
+        5.0,
+        config=True,
+        help="""While spawns wait for GPUs, the queue retries at least this often (holds of
+        stopped containers expire by time; other processes free slots too).""",
+    )
+    reservation_ttl = Float(
+        DEFAULT_RESERVATION_TTL,
+        config=True,
+        help="""Seconds a granted slot stays reserved for a spawn before its container exists
+        (a reservation also dies with the hub process).""",
+    )
+    workspace_root = Unicode(
+        "",
+        config=True,
+        help="""Host directory holding one workspace per user (`workspace_root`/<escaped user
+        name>, created on first spawn, mode 0750, owned by the user's uid/gid when known),
+        mounted read-write at `workspace_mount`. Empty: no workspace mount.""",
+    )
+    workspace_mount = Unicode(
+        "/workspace",
+        config=True,
+        help="Where the user's workspace appears in the container.",
+    )
+    user_id_source = CaselessStrEnum(
+        ["image", "passwd"],
+        default_value="image",
+        config=True,
+        help="""Which uid/gid the container runs as. `image`: the image's USER. `passwd`: the
+        host account of the same name (the spawn fails, saying so, when there is none);
+        `user_ids` entries win over both.""",
+    )
+    user_ids = Dict(
+        key_trait=Unicode(),
+        value_trait=List(),
+        config=True,
+        help="""Explicit uid/gid per user name: {"alice": [1001, 1001]}.""",
+    )
+    cgroup_parents = Dict(
+        key_trait=Unicode(),
+        value_trait=Unicode(),
+        config=True,
+        help="""cgroup parent per limits group ({"students": "/ds01/students"}); wins over the
+        YAML's `cgroup_parent`. Lets the host cap a whole group (systemd slice / cgroupfs).""",
+    )
+    container_label_filter = List(
+        Unicode(),
+        config=True,
+        help="""Extra `key=value` labels that every container counted here must carry (for
+        several hubs sharing one Docker engine, and tests). Empty: every ds01-managed
+        container on the engine counts for quotas and GPU holdings.""",
+    )
+
+    # -- shared hub context ------------------------------------------------------------------
+
+    @property
+    def context(self) -> _HubContext:
+        limits_path = self.limits_path or str(default_limits_path())
+        state_dir = self.state_dir or os.environ.get("DS01HUB_STATE_DIR") or "/var/lib/ds01hub"
+        key = (limits_path, state_dir, tuple(self.container_label_filter))
+        if key not in self._contexts:
+            self._contexts[key] = self._new_context(limits_path, Path(state_dir))
+        return self._contexts[key]
+
+    def _new_context(self, limits_path: str, state_dir: Path) -> _HubContext:
+        import docker
+
+        store = LimitsStore(limits_path)
+        inventory = load_inventory(store.current.gpu_allocation)
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        eventlog = EventLog(self.event_log_path or state_dir / "events.db")
+        client = docker.DockerClient(**self._docker_client_kwargs())
+        label_filter = tuple(self.container_label_filter)
+        allocator = GpuAllocator(
+            client,
+            inventory,
+            state_dir,
+            eventlog,
+            limits=store,
+            reservation_ttl=self.reservation_ttl,
+            container_lister=docker_lister(client, label_filter),
+        )
+        if self.gpu_wait_timeout + 30 > self.start_timeout:
+            self.log.warning(
+                "DS01Spawner.gpu_wait_timeout (%ss) leaves under 30s of Spawner.start_timeout "
+                "(%ss) for the container to start: raise start_timeout",
+                self.gpu_wait_timeout,
+                self.start_timeout,
+            )
+        self.log.info(
+            "ds01: limits %s, %d GPU slot(s)%s, state %s",
+            limits_path,
+            len(inventory.slots),
+            " (SIMULATED)" if inventory.simulated else "",
+            state_dir,
+        )
+        return _HubContext(
+            store,
+            inventory,
+            allocator,
+            eventlog,
+            GpuQueue(self.gpu_recheck_interval),
+            client,
+            label_filter,
+        )
+
+    def _docker_client_kwargs(self) -> dict[str, Any]:
+        from docker.utils import kwargs_from_env
+
+        kwargs = kwargs_from_env()
+        kwargs.update(self.client_kwargs)
+        kwargs.setdefault("version", "auto")
+        return kwargs
+
+    async def _blocking(self, function: Callable, *args: Any) -> Any:
+        """Docker, the allocator's lock and SQLite block: run them on DockerSpawner's pool."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
+
+    # -- naming, progress --------------------------------------------------------------------
+
+    @default("object_name")
+    def _object_name_default(self) -> str:
+        """`{project}._.{user}` (ds01hub.labels), whatever `name_template` says."""
+        return labels.container_name(self.user.name, self.name or None)
+
+    @property
+    def _events(self) -> list[dict]:
+        if not hasattr(self, "_event_list"):
+            self._event_list: list[dict] = []
+            self._event_signal = asyncio.Event()
+            self._spawn_finished = False
+        return self._event_list
+
+    def _emit(self, progress: int, message: str) -> None:
+        self._events.append({"progress": progress, "message": message})
+        self._event_signal.set()
+        self.log.info("ds01 %s: %s", self._log_name, message)
+
+    async def progress(self):
+        """Every step of `start` as it happens (JupyterHub's progress API / spawn page)."""
+        sent = 0
+        while True:
+            while sent < len(self._events):
+                yield self._events[sent]
+                sent += 1
+            if self._spawn_finished:
+                return
+            self._event_signal.clear()
+            if sent == len(self._events):
+                await self._event_signal.wait()
+
+    # -- the options form --------------------------------------------------------------------
+
+    @default("options_form")
+    def _default_options_form(self):
+        return DS01Spawner._render_options_form
+
+    @default("options_from_form")
+    def _default_options_from_form(self):
+        def from_form(formdata):
+            try:
+                return options_from_form(formdata)
+            except OptionsError as error:
+                raise SpawnException(str(error), reason="options", status_code=400) from None
+
+        return from_form
+
+    async def _render_options_form(self) -> str:
+        context = self.context
+        limits = self._resolve_limits()
+        profiles = self._profiles()
+        holdings = await self._blocking(context.allocator.holdings)
+        offer = GpuOffer.from_slots(context.inventory.slots, holdings, context.inventory.simulated)
+        images = allowed_images(limits, self._configured_images(), self.image, profiles)
+        own = await self._own_images()
+        return render_form(
+            profiles=profiles,
+            limits=limits,
+            offer=offer,
+            images=images,
+            own_images=own,
+            default_image=self.image,
+            previous=self.orm_spawner.user_options if self.orm_spawner else None,
+        )
+
+    def _profiles(self):
+        entries = self.profile_list(self) if callable(self.profile_list) else self.profile_list
+        return parse_profile_list(entries)
+
+    def _configured_images(self) -> list[str] | str:
+        allowed = self._get_allowed_images()
+        return allowed if allowed == "*" else list(allowed or {})
+
+    async def _own_images(self) -> list[str]:
+        from ds01hub.images import list_user_images
+
+        found = await self._blocking(list_user_images, self.context.docker, self.user.name)
+        return [image.tag for image in found]
+
+    async def check_allowed(self, image: str) -> str:
+        """DockerSpawner's own image check: `start` has validated the image already."""
+        return self._choice.image
+
+    # -- one spawn ---------------------------------------------------------------------------
+
+    def _resolve_limits(self) -> ResolvedLimits:
+        store = self.context.limits
+        groups = [group.name for group in self.user.groups]
+        limits = store.resolve(self.user.name, groups)
+        if store.last_error:
+            self.log.error("ds01: %s", store.last_error)
+        cgroup = self.cgroup_parents.get(limits.group or "")
+        if cgroup:
+            from dataclasses import replace
+
+            limits = replace(limits, cgroup_parent=cgroup)
+        return limits
+
+    async def _choose(self, limits: ResolvedLimits) -> SpawnChoice:
+        context = self.context
+        profiles = self._profiles()
+        images = allowed_images(limits, self._configured_images(), self.image, profiles)
+        wanted = (self.user_options or {}).get("image")
+        own: list[str] = []
+        if wanted and images != "*" and not image_allowed(str(wanted), images):
+            own = await self._own_images()
+        offer = GpuOffer.from_slots(context.inventory.slots, (), context.inventory.simulated)
+        try:
+            return resolve_choice(
+                self.user_options or {},
+                profiles=profiles,
+                limits=limits,
+                default_image=self.image,
+                images=images,
+                own_images=own,
+                offer=offer,
+            )
+        except OptionsError as error:
+            raise SpawnException(str(error), reason="options", status_code=error.status) from None
+
+    async def _check_container_quota(self, limits: ResolvedLimits) -> None:
+        cap = limits.max_containers_per_user
+        if cap is None:
+            return
+        records = await self._blocking(self._user_records)
+        mine = self.object_name
+        in_use = {r.project: r.state for r in records if r.name != mine}
+        for name, spawner in self.user.spawners.items():
+            project = name or labels.DEFAULT_PROJECT
+            if spawner is not self and spawner.pending == "spawn" and project not in in_use:
+                in_use[project] = "starting"
+        if len(in_use) < cap:
+            return
+        listing = ", ".join(f"{p} ({s})" for p, s in sorted(in_use.items()))
+        source = limits.sources.get("max_containers_per_user", "limits")
+        raise SpawnException(
+            f"over quota: {self.user.name} may have {cap} container(s) "
+            f"(max_containers_per_user from {source}) and has {len(in_use)}: {listing}. "
+            "A stopped server's container still counts: delete one (hub home page: delete, "
+            "or `container-remove NAME`) before starting another.",
+            reason="quota",
+            status_code=409,
+        )
+
+    def _user_records(self) -> list[labels.ContainerRecord]:
+        filters = {
+            "label": [
+                labels.MANAGED_FILTER["label"],
+                f"{labels.USER}={self.user.name}",
+                *self.context.label_filter,
+            ]
+        }
+        entries = self.context.docker.api.containers(all=True, filters=filters)
+        parsed = (labels.ContainerRecord.from_docker(entry) for entry in entries)
+        return [r for r in parsed if r is not None and r.user == self.user.name]
+
+    async def _allocate(self, choice: SpawnChoice, limits: ResolvedLimits) -> tuple[Slot, ...]:
+        if not choice.wants_gpu:
+            return ()
+        context = self.context
+        sim = " (SIMULATED)" if context.inventory.simulated else ""
+        self._emit(30, f"asking for {choice.gpu_text()}{sim}, priority {limits.priority}")
+        request = choice.gpu_request(self.user.name, self.object_name)
+        last_status: list[tuple] = []
+
+        async def attempt() -> Decision:
+            return await self._blocking(context.allocator.allocate, request, limits)
+
+        async def abandon(decision: Decision) -> None:
+            await self._blocking(context.allocator.release, self.object_name, "spawn gave up")
+
+        def on_wait(status: QueueStatus) -> None:
+            seen = (status.position, status.waiting, status.decision.reason)
+            if last_status[-1:] != [seen]:
+                last_status.append(seen)
+                self._emit(
+                    35,
+                    f"waiting for a GPU: position {status.position} of {status.waiting} in the "
+                    f"queue (wanted: {choice.gpu_text()}{sim}); {status.decision.reason}",
+                )
+
+        try:
+            decision = await context.queue.acquire(
+                self.object_name,
+                limits.priority,
+                attempt,
+                timeout=self.gpu_wait_timeout,
+                abandon=abandon,
+                on_wait=on_wait,
+            )
+        except GpuWaitTimeout as error:
+            await self._record_failure(str(error))
+            raise SpawnException(
+                f"gave up waiting for {choice.gpu_text()}{sim} after "
+                f"{self.gpu_wait_timeout:.0f}s (gpu_wait_timeout): "
+                f"{error.decision.reason if error.decision else 'no slot'} Try again later, ask "
+                "for less (or no) GPU, or stop a container of yours that holds one.",
+                reason="gpu_wait",
+                status_code=503,
+            ) from None
+        if not decision.ok:
+            await self._record_failure(decision.reason or "")
+            raise SpawnException(
+                f"GPU refused: {decision.reason}",
+                reason="gpu",
+                status_code=_STATUS_OF_CODE.get(decision.code, 400),
+            )
+        slots = tuple(context.inventory.slot(slot_id) for slot_id in decision.granted)
+        taken = "".join(
+            f"; took slot {h.slot_id} from {h.user} ({h.state}, priority {h.priority})"
+            for h in decision.reclaimed
+        )
+        self._emit(
+            45,
+            f"GPU slot(s) {', '.join(s.id for s in slots)}{sim}: "
+            f"{', '.join(s.uuid for s in slots)}{taken}",
+        )
+        return slots
+
+    async def _record_failure(self, reason: str) -> None:
+        record = self.context.eventlog.record
+        await self._blocking(
+            lambda: record(
+                "spawn-failure", self.user.name, container=self.object_name, reason=reason
+            )
+        )
+
+    def _run_as(self) -> tuple[int, int] | None:
+        explicit = self.user_ids.get(self.user.name)
+        if explicit:
+            return int(explicit[0]), int(explicit[1])
+        if self.user_id_source != "passwd":
+            return None
+        try:
+            entry = pwd.getpwnam(self.user.name)
+        except KeyError:
+            raise SpawnException(
+                f"no Unix account {self.user.name!r} on this host, and containers run as the "
+                "host account (c.DS01Spawner.user_id_source = 'passwd'); ask an admin to add "
+                "one or to set c.DS01Spawner.user_ids",
+                reason="uid",
+                status_code=400,
+            ) from None
+        return entry.pw_uid, entry.pw_gid
+
+    def _workspace(self, run_as: tuple[int, int] | None) -> tuple[str, str] | None:
+        if not self.workspace_root:
+            return None
+        host = Path(self.workspace_root) / labels.escape_name(self.user.name)
+        if not host.exists():
+            host.mkdir(parents=True, mode=0o750)
+            if run_as and os.geteuid() == 0:
+                os.chown(host, *run_as)
+        return str(host), self.workspace_mount
+
+    def _plan(self, limits, choice, slots) -> ContainerPlan:
+        run_as = self._run_as()
+        return ContainerPlan(
+            user=self.user.name,
+            project=self.name or None,
+            limits=limits,
+            choice=choice,
+            slots=slots,
+            simulated=self.context.inventory.simulated,
+            run_as=run_as,
+            workspace=self._workspace(run_as),
+        )
+
+    async def start(self):
+        """See the module docstring; progress events on every step."""
+        self._event_list = []
+        self._event_signal = asyncio.Event()
+        self._spawn_finished = False
+        try:
+            return await self._start()
+        finally:
+            self._spawn_finished = True
+            self._event_signal.set()
+
+    async def _start(self):
+        context = self.context
+        limits = self._resolve_limits()
+        self._emit(
+            5,
+            f"limits: group {limits.group or '-'} ({limits.group_reason}), "
+            f"priority {limits.priority}",
+        )
+        choice = await self._choose(limits)
+        self._choice = choice
+        for note in choice.notes:
+            self._emit(8, note)
+        await self._check_container_quota(limits)
+        self._emit(10, f"quota ok; image {choice.image}, {choice.gpu_text()}")
+        existing = await self.get_object()
+        slots = await self._allocate(choice, limits)
+        plan = self._plan(limits, choice, slots)
+        self._plan_in_use = plan
+        if existing is not None:
+            reason = recreate_reason(existing, plan)
+            if reason:
+                self._emit(50, f"re-creating container {self.object_name}: {reason}")
+                await self.remove_object()
+                self.object_id = ""
+            else:
+                self._emit(50, f"restarting container {self.object_name}")
+        self.user_options = {**(self.user_options or {}), **choice.user_options()}
+        if self.orm_spawner is not None:
+            self.orm_spawner.user_options = self.user_options
+        created_here = existing is None or not self.object_id
+        try:
+            if created_here:
+                self._emit(55, f"creating container {self.object_name}")
+            result = await super().start()
+        except Exception as error:
+            await self._undo_failed_start(created_here, slots, str(error))
+            raise
+        if slots:
+            await self._blocking(context.allocator.commit, self.object_name)
+        self._emit(90, f"container {self.object_name} started; waiting for Jupyter")
+        return result
+
+    async def _undo_failed_start(self, created_here: bool, slots, reason: str) -> None:
+        """A container this spawn created and could not start is removed with its holdings."""
+        if created_here and self.object_id:
+            await self.remove_object()
+            self.object_id = ""
+        if slots:
+            await self._blocking(self.context.allocator.release, self.object_name, reason)
+        await self._record_failure(reason)
+        self.context.queue.notify()
+
+    async def create_object(self):
+        """DockerSpawner's create, with the plan's labels, env, limits and device requests
+        deep-merged over `extra_create_kwargs` / `extra_host_config` (the plan wins)."""
+        configured = (self.extra_create_kwargs, self.extra_host_config)
+        plan = self._plan_in_use
+        try:
+            self.extra_create_kwargs = _merged(
+                await self._evaluated(configured[0]), _literal(plan.create_kwargs())
+            )
+            self.extra_host_config = _merged(
+                await self._evaluated(configured[1]), _literal(plan.host_config())
+            )
+            return await super().create_object()
+        finally:
+            self.extra_create_kwargs, self.extra_host_config = configured
+
+    async def _evaluated(self, value):
+        value = self._eval_if_callable(value)
+        if asyncio.iscoroutine(value) or isinstance(value, asyncio.Future):
+            value = await value
+        return dict(value or {})
+
+    def get_env(self):
+        env = super().get_env()
+        plan = getattr(self, "_plan_in_use", None)
+        if plan is not None:
+            env.update(plan.environment())
+        return env
+
+    # -- stop, delete ------------------------------------------------------------------------
+
+    async def stop(self, now=False):
+        """Stop and keep the container: it holds its GPUs for `gpu_hold_after_stop`."""
+        if self.object_id:
+            await super().stop(now=now)
+        else:
+            self.clear_state()
+        context = self.context
+        await self._blocking(context.allocator.sweep)
+        context.queue.notify()
+
+    async def delete_forever(self):
+        """The named server is deleted: remove its container and release its GPUs."""
+        if await self.get_object() is not None:
+            await self.remove_object()
+        self.object_id = ""
+        context = self.context
+        await self._blocking(context.allocator.release, self.object_name, "server deleted")
+        context.queue.notify()
+
+
+def _literal(value: Any) -> Any:
+    """Double the braces in strings: DockerSpawner formats `extra_*` values as templates, and a
+    user name or image must reach Docker as it is."""
+    if isinstance(value, str):
+        return value.replace("{", "{{").replace("}", "}}")
+    if isinstance(value, dict):
+        return {_literal(k): _literal(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_literal(v) for v in value)
+    return value
+
+
+def _merged(base: dict, override: dict) -> dict:
+    """Recursive dict merge; `override` wins."""
+    result = dict(base)
+    for key, value in override.items():
+        if isinstance(result.get(key), dict) and isinstance(value, dict):
+            result[key] = _merged(result[key], value)
+        else:
+            result[key] = value
+    return result
