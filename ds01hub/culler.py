@@ -648,7 +648,7 @@ def _parse_time(value: Any) -> datetime | None:
 
 SERVICE_NAME = "ds01-ops"
 DEFAULT_PORT = 10102
-EVENTLOG_FILE = "events.sqlite"
+EVENTLOG_FILE = "events.db"  # the spawner's default too (DS01Spawner.event_log_path)
 #: What the culler's token may do: see users, their groups, activity and servers; stop servers.
 SERVICE_SCOPES = ["list:users", "read:users", "read:users:activity", "read:servers", "servers"]
 
@@ -690,7 +690,7 @@ def build_components(
     **culler_options: Any,
 ) -> Components:
     """Wire limits (reloaded on change, last good kept), the GPU inventory, the event log
-    (`state_dir/events.sqlite`), the allocator, the lifecycle pass and the culler."""
+    (`state_dir/events.db`, as the spawner's), the allocator, the lifecycle pass and the culler."""
     from ds01hub.allocation_state import GpuAllocator, docker_lister
     from ds01hub.eventlog import EventLog
     from ds01hub.inventory import load_inventory

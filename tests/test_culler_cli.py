@@ -72,7 +72,7 @@ def test_cull_once_dry_run_reports_and_a_real_pass_culls(hub_factory, tmp_path):
     while hub.server(user) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert hub.server(user) is None
-    (event,) = EventLog(tmp_path / "state" / "events.sqlite").events(kind="cull", user=user)
+    (event,) = EventLog(tmp_path / "state" / "events.db").events(kind="cull", user=user)
     assert event.reason.startswith("idle:")
 
     refused = cull(*common, token="not-a-token")
