@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from harness import docker_bridge_ip, free_port, unique_name
+from harness import free_port, unique_name
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e, pytest.mark.docker]
 
@@ -59,8 +59,8 @@ def _notebook() -> dict:
 
 
 @pytest.fixture(scope="module")
-def wizard_hub(hub_factory, singleuser_image, docker_client):
-    bridge = docker_bridge_ip(docker_client)
+def wizard_hub(hub_factory, singleuser_image):
+    bridge = hub_factory.hub_ip  # the service listens where containers can reach it
     port = free_port(bridge)
     extra = f"""
 from ds01hub.service import configure_hub
@@ -89,8 +89,9 @@ def browser():
 
 
 def _container(hub, docker_client, user):
-    server = hub.server(user)
-    return docker_client.containers.get(server["state"]["container_id"])
+    """The user's running container, found by this hub's label and the user's name."""
+    [container] = [c for c in hub.containers(all=False) if user in c.name]
+    return container
 
 
 def test_wizard_and_image_builder_in_jupyterlab(wizard_hub, browser, docker_client):
@@ -122,10 +123,6 @@ def test_wizard_and_image_builder_in_jupyterlab(wizard_hub, browser, docker_clie
         assert put.status_code in (200, 201), put.text
         page.goto(hub.user_url(user, path="lab/tree/ds01-wizards.ipynb"))
         page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
-        page.wait_for_selector(
-            ".jp-Notebook-ExecutionIndicator[data-status='idle'], .jp-Toolbar-kernelStatus",
-            timeout=120_000,
-        )
         _run_all_cells(page)
 
         # ProjectWizard: name, next x3 (guided explanations shown), create.
@@ -183,10 +180,10 @@ def test_wizard_and_image_builder_in_jupyterlab(wizard_hub, browser, docker_clie
 
 
 def _run_all_cells(page) -> None:
-    """Run every cell the way a person would: select the first cell, Shift+Enter each."""
-    page.locator(".jp-Notebook .jp-Cell").first.click()
-    for _ in NOTEBOOK_CELLS:
-        page.keyboard.press("Shift+Enter")
+    """Wait for the kernel, then Run > Run All Cells, as a person would."""
+    page.get_by_text("Python 3 (ipykernel) | Idle").wait_for(timeout=120_000)
+    page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+    page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
 
 
 def _service_images(hub, token: str) -> list[dict]:

@@ -22,7 +22,7 @@ def box(kind: str, text: str, detail: str | None = None) -> str:
     colour, background = _STYLES[kind]
     body = f"<b>{html.escape(text, quote=False)}</b>"
     if detail:
-        body += f"<br><span>{html.escape(detail, quote=False)}</span>"
+        body += f"<br><span style='white-space:pre-line'>{html.escape(detail, quote=False)}</span>"
     return _BOX.format(kind=kind, colour=colour, background=background, body=body)
 
 

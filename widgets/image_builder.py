@@ -38,10 +38,12 @@ class ImageBuilder(w.VBox):
         self.build_button = w.Button(description="Build image", button_style="success", icon="cogs")
         self.progress = w.FloatProgress(value=0.0, min=0.0, max=1.0, description="Progress")
         self.status = w.HTML()
-        self.build_log = w.Textarea(layout=w.Layout(width="100%", height="200px"), disabled=True)
+        self.build_log = w.HTML()
         self.result = w.HTML()
         self.images_html = w.HTML()
-        self.refresh_button = w.Button(description="Refresh my images", icon="refresh")
+        self.refresh_button = w.Button(
+            description="Refresh my images", icon="refresh", layout=w.Layout(width="180px")
+        )
         self.build_button.on_click(lambda _: self.start_build())
         self.refresh_button.on_click(lambda _: self.refresh_images())
         self.template.observe(lambda _: self._show_template(), names="value")
@@ -170,7 +172,7 @@ class ImageBuilder(w.VBox):
         if events:
             self._log_lines.extend(e.get("text", "") for e in events if e.get("text"))
             self._log_lines = self._log_lines[-MAX_LOG_LINES:]
-            self.build_log.value = "\n".join(self._log_lines)
+            self.build_log.value = log_html(self._log_lines)
         self.progress.value = float(state.get("progress") or 0.0)
 
     def _finish(self, state: dict | None, error: Ds01Error | None) -> None:
@@ -212,3 +214,13 @@ class ImageBuilder(w.VBox):
             ["image", "template", "extra pip", "size"], rows, "ds01-images"
         )
         return mine
+
+
+def log_html(lines: list[str]) -> str:
+    """The build log as a scroll box that stays at its newest line (column-reverse)."""
+    text = html.escape("\n".join(lines), quote=False)
+    return (
+        "<div class='ds01-build-log' style='max-height:220px;overflow:auto;display:flex;"
+        "flex-direction:column-reverse;border:1px solid #ddd;background:#fafafa'>"
+        f"<pre style='margin:4px;font-size:12px'>{text}</pre></div>"
+    )
