@@ -218,7 +218,7 @@ def test_real_build_list_and_delete(docker_client, singleuser_image):
         assert any(e.kind == "step" for e in events)
         assert any("six" in e.text for e in events if e.kind == "log")
         listed = list_user_images(docker_client, owner)
-        assert [i.tag for i in listed] == [f"ds01-{owner}/tiny:latest"]
+        assert [i.tag for i in listed] == [spec.tag]
         assert listed[0].pip_packages == ("six",) and listed[0].template == "custom"
         assert list_user_images(docker_client, other) == []
         with pytest.raises(ImageError, match="no image called"):
