@@ -34,6 +34,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -55,7 +56,7 @@ cat >/dev/null
 exit 0
 """
 DOCKERD_LOG = Path("/var/log/ds01hub-dockerd.log")
-LOCK_FILE = Path("/tmp/ds01hub-bootstrap.lock")
+STATE_DIR = Path("/var/lib/ds01hub")
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 
 #: Debian packages for the host; the test tools drive a real browser and real terminals.
@@ -204,10 +205,26 @@ def run(command: Sequence[str], **kwargs) -> subprocess.CompletedProcess:
         ) from error
 
 
+def lock_file() -> Path:
+    """Root's lock lives in /var/lib/ds01hub (not in world-writable /tmp); others' in ~/.cache."""
+    directory = STATE_DIR if os.geteuid() == 0 else Path.home() / ".cache" / "ds01hub"
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory / "bootstrap.lock"
+
+
+def unignore_sigint() -> None:
+    """A job started in the background by a non-interactive shell (``make test &``, CI runners)
+    inherits SIGINT *ignored*, and passes that on through exec to every process it starts. But
+    JupyterHub stops its managed services with SIGINT: they would never stop. Restoring Python's
+    handler here makes the children start with the default action again."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 @contextlib.contextmanager
-def exclusive(lock_file: Path = LOCK_FILE) -> Iterator[None]:
-    """One bootstrap at a time on this host (several test sessions may start together)."""
-    with open(lock_file, "a") as handle:
+def exclusive() -> Iterator[None]:
+    """One image build at a time on this host (several test sessions may start together)."""
+    with open(lock_file(), "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield

@@ -221,6 +221,7 @@ def start(args: argparse.Namespace) -> dict:
         source = bootstrap.find_source()
         simulated = write_demo_files(paths, source, args)
         secret = password(paths)
+        bootstrap.unignore_sigint()
         with open(paths.log, "ab") as log:
             process = subprocess.Popen(
                 [sys.executable, "-m", "jupyterhub", "-f", str(paths.config)],

@@ -15,6 +15,11 @@ from ds01hub import bootstrap
 # -- foundation: engine, images, hubs ----------------------------------------------------------
 
 
+def pytest_configure(config):
+    # Hubs and their services started by the tests must stop on SIGINT, also under CI.
+    bootstrap.unignore_sigint()
+
+
 @pytest.fixture(scope="session")
 def docker_client():
     """A docker-py client of a running engine (reused when one answers, else started)."""
@@ -54,6 +59,7 @@ def hub_factory(docker_client, singleuser_image, tmp_path_factory):
         image=singleuser_image,
         docker_client=docker_client,
     )
+    factory.remove_containers_of_dead_sessions()
     yield factory
     factory.stop_all()
 
@@ -65,10 +71,10 @@ def hub(hub_factory):
     return hub_factory()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def chromium():
-    """A real headless Chromium (Playwright, Debian's /usr/bin/chromium); open a fresh
-    ``chromium.new_context()`` per test so cookies do not leak between tests."""
+    """A real headless Chromium (Playwright, Debian's /usr/bin/chromium), one per test: the
+    Playwright sync API allows only one instance at a time in a thread."""
     from harness.browser import launch_chromium
     from playwright.sync_api import sync_playwright
 

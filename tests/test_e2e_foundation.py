@@ -160,7 +160,7 @@ def test_a_user_logs_in_with_a_browser_and_gets_jupyterlab(hub, chromium):
     try:
         page = context.new_page()
         log_in(page, hub.hub_url, user, "wrong password")
-        assert page.locator("text=Invalid username or password").is_visible()
+        page.wait_for_selector("text=Invalid username or password", timeout=30_000)
         log_in(page, hub.hub_url, user, hub.password)
         # no options form: the hub spawns at once and sends the browser on to JupyterLab
         page.wait_for_url(f"**/user/{user}/lab**", timeout=180_000)

@@ -24,8 +24,9 @@ def launch_chromium(playwright):
 
 
 def log_in(page, hub_url: str, user: str, password: str) -> None:
-    """Fill in and submit the JupyterHub login form."""
+    """Fill in and submit the JupyterHub login form; returns once the answer has loaded."""
     page.goto(f"{hub_url}login")
     page.fill("#username_input", user)
     page.fill("#password_input", password)
-    page.click("#login_submit")
+    with page.expect_navigation():
+        page.click("#login_submit")

@@ -23,7 +23,7 @@ from urllib.parse import quote
 
 import requests
 
-from harness.naming import HUB_LABEL, TEST_LABEL
+from harness.naming import HUB_LABEL, SESSION_PID_LABEL, TEST_LABEL
 from harness.net import free_port
 
 ADMIN_SERVICE = "ds01-test-admin"
@@ -92,7 +92,12 @@ class Hub:
         self.hub_url = f"{self.url}/hub/"
         self.hub_port = free_port(self.hub_ip)
         self.proxy_api_port = free_port()
-        self.labels = {TEST_LABEL: "1", HUB_LABEL: self.hub_id, **self.labels}
+        self.labels = {
+            TEST_LABEL: "1",
+            HUB_LABEL: self.hub_id,
+            SESSION_PID_LABEL: str(os.getpid()),
+            **self.labels,
+        }
         self.process: subprocess.Popen | None = None
 
     # -- process ------------------------------------------------------------------------------
@@ -380,3 +385,22 @@ class HubFactory:
     def stop_all(self) -> None:
         for hub in self.hubs:
             hub.stop()
+
+    def remove_containers_of_dead_sessions(self) -> list[str]:
+        """Containers left by test hubs of pytest sessions that no longer run (killed)."""
+        removed = []
+        for container in self.docker_client.containers.list(
+            all=True, filters={"label": SESSION_PID_LABEL}
+        ):
+            if not _is_pytest_process(container.labels.get(SESSION_PID_LABEL, "")):
+                with contextlib.suppress(Exception):
+                    container.remove(force=True, v=True)
+                    removed.append(container.name)
+        return removed
+
+
+def _is_pytest_process(pid: str) -> bool:
+    try:
+        return b"pytest" in Path(f"/proc/{int(pid)}/cmdline").read_bytes()
+    except (ValueError, OSError):
+        return False

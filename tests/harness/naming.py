@@ -8,6 +8,9 @@ import secrets
 TEST_LABEL = "ds01.test"
 #: Which hub made a container (its id), so a hub's teardown removes only its own.
 HUB_LABEL = "ds01.test.hub"
+#: The pid of the pytest process whose hub made a container: a later session removes the
+#: containers of sessions that were killed before their teardown ran.
+SESSION_PID_LABEL = "ds01.test.session_pid"
 
 
 def unique_name(prefix: str = "u") -> str:
