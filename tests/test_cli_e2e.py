@@ -1,0 +1,213 @@
+"""The users' commands end to end: real Unix users on the host, the broker as the hub's
+managed service, DS01Spawner with a YAML quota and a SIMULATED 2-GPU inventory, real containers
+from the single-user image. Same quotas and allocator as the browser: the commands only ask
+the hub."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import time
+
+import docker
+import pytest
+from ds01_cli_harness import PtySession, run_as, unix_user
+
+pytestmark = [pytest.mark.docker, pytest.mark.e2e, pytest.mark.root]
+
+if os.geteuid() != 0:  # pragma: no cover
+    pytest.skip("needs root to create Unix users", allow_module_level=True)
+
+LIMITS = """\
+defaults:
+  max_gpus: 1
+  max_gpus_per_container: 1
+  max_cpus: 1
+  memory: 1g
+  max_containers_per_user: 2
+  idle_timeout: null
+  gpu_hold_after_stop: 1h
+  container_hold_after_stop: null
+  priority: 10
+gpu_allocation:
+  enable_mig: false
+  strategy: spread
+  simulate:
+    seed: ds01hub-cli-e2e
+    gpus:
+      - {name: NVIDIA A100-SXM4-80GB, memory: 80g, count: 2}
+"""
+
+
+@pytest.fixture(scope="module")
+def users():
+    with unix_user() as alice, unix_user() as bob:
+        yield alice, bob
+
+
+@pytest.fixture(scope="module")
+def hub(hub_factory, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("cli-e2e")
+    limits = directory / "resource-limits.yaml"
+    limits.write_text(LIMITS)
+    socket_dir = f"/tmp/ds01t-sock-{secrets.token_hex(3)}"
+    os.makedirs(socket_dir, mode=0o755)
+    os.chmod(socket_dir, 0o755)
+    socket_path = f"{socket_dir}/broker.sock"
+    broker_args = [f"--Broker.limits_path={limits}", "--Broker.activity_interval=1"]
+    test_label = f"ds01.test.cli={secrets.token_hex(3)}"
+    extra = f"""
+from ds01hub.broker import configure_hub as configure_broker
+c.DS01Spawner.limits_path = {str(limits)!r}
+c.DS01Spawner.state_dir = {str(directory / "state")!r}
+c.DS01Spawner.container_label_filter = [{test_label!r}]
+# DockerSpawner's cpu_limit defaults to 0.0, not None: it would add CpuPeriod next to the
+# spawner's NanoCpus, which Docker refuses ("Conflicting options")
+c.DS01Spawner.cpu_limit = None
+configure_broker(c, socket_path={socket_path!r}, broker_args={broker_args!r})
+"""
+    key, value = test_label.split("=")
+    with hub_factory(spawner="ds01", extra_config=extra, labels={key: value}) as hub:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(socket_path):
+            assert time.monotonic() < deadline, hub.log()
+            time.sleep(0.2)
+        hub.socket_path = socket_path
+        yield hub
+    shutil.rmtree(socket_dir, ignore_errors=True)
+
+
+def cli(hub, person, command, *args, **kw):
+    return run_as(person, hub.socket_path, command, *args, **kw)
+
+
+def listed(hub, person, *flags):
+    result = cli(hub, person, "container-list", "--json", *flags)
+    assert result.returncode == 0, result.stderr
+    return {row["project"]: row for row in json.loads(result.stdout)}
+
+
+def test_create_through_the_hub_with_a_gpu(hub, users, docker_client):
+    alice, bob = users
+    result = cli(hub, alice, "container-create", "thesis", "--gpus", "1")
+    assert result.returncode == 0, result.stderr + hub.log()
+    assert "thesis created and started" in result.stdout
+    rows = listed(hub, alice)
+    assert rows["thesis"]["state"] == "running" and len(rows["thesis"]["gpus"]) == 1
+    container = docker_client.containers.get(rows["thesis"]["id"])
+    assert container.labels["ds01.user"] == alice.name
+    assert container.labels["ds01.gpus"] == rows["thesis"]["gpus"][0]
+    # the hub knows it as alice's named server: the browser sees the same container
+    server = hub.api("GET", f"/users/{alice.name}").json()["servers"]["thesis"]
+    assert server["ready"]
+
+    result = cli(hub, bob, "container-create", "proj", "--gpus", "1")
+    assert result.returncode == 0, result.stderr + hub.log()
+    assert listed(hub, bob)["proj"]["gpus"] != rows["thesis"]["gpus"]
+
+
+def test_over_quota_and_bad_names_are_clear(hub, users):
+    alice, _ = users
+    result = cli(hub, alice, "container-create", "second", "--gpus", "1")
+    assert result.returncode == 1
+    assert "second" in result.stderr and "gpu" in result.stderr.lower(), result.stderr
+    result = cli(hub, alice, "container-create", "Second.Try")
+    assert result.returncode == 2
+    assert "lowercase letters, digits, '-' and '_'" in result.stderr
+    assert "'second-try'" in result.stderr
+    result = cli(hub, alice, "container-create", "thesis")
+    assert result.returncode == 1 and "already have a container named 'thesis'" in result.stderr
+
+
+def test_shell_runs_in_the_container_with_its_gpu(hub, users, docker_client):
+    alice, _ = users
+    row = listed(hub, alice)["thesis"]
+    result = cli(hub, alice, "container-run", "thesis", "--", "hostname")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == row["id"]
+    script = "echo $NVIDIA_VISIBLE_DEVICES; id -u"
+    result = cli(hub, alice, "container-run", "thesis", "--", "sh", "-c", script)
+    gpu_uuids, uid = result.stdout.split()
+    container = docker_client.containers.get(row["id"])
+    assert gpu_uuids == container.labels["ds01.gpu_uuids"]
+    assert uid != "0"  # the notebook's user, not root
+
+
+def test_users_cannot_reach_each_other(hub, users, docker_client):
+    alice, bob = users
+    assert set(listed(hub, bob, "--all")) == {"proj"}
+    for command, extra in (
+        ("container-stop", ["-y"]),
+        ("container-run", ["--", "hostname"]),
+        ("container-remove", ["-y", "--force"]),
+        ("container-start", []),
+    ):
+        result = cli(hub, bob, command, "thesis", *extra)
+        assert result.returncode == 1 and "no container named 'thesis'" in result.stderr
+        result = cli(hub, bob, command, "--user", alice.name, "thesis", *extra)
+        assert result.returncode == 1 and "only admins" in result.stderr
+    assert listed(hub, alice)["thesis"]["state"] == "running"
+
+
+def test_shell_use_counts_as_activity(hub, users):
+    alice, _ = users
+    before = hub.api("GET", f"/users/{alice.name}").json()["servers"]["thesis"]["last_activity"]
+    result = cli(hub, alice, "container-run", "thesis", "--", "sh", "-c", "sleep 3; echo ok")
+    assert result.returncode == 0 and "ok" in result.stdout
+    after = hub.api("GET", f"/users/{alice.name}").json()["servers"]["thesis"]["last_activity"]
+    assert after > before
+
+
+def test_stats_show_use_against_limits(hub, users):
+    alice, _ = users
+    result = cli(hub, alice, "container-stats", "--json")
+    assert result.returncode == 0, result.stderr
+    (row,) = json.loads(result.stdout)
+    assert row["project"] == "thesis"
+    assert row["memory_limit_bytes"] == 1024**3 and row["cpu_limit_percent"] == 100
+    assert len(row["gpus"]) == 1
+    table = cli(hub, alice, "container-stats").stdout
+    assert "thesis" in table and "/ 1.0G" in table
+
+
+def test_stop_holds_the_gpu_then_start_and_remove(hub, users, docker_client):
+    alice, _ = users
+    result = cli(hub, alice, "container-stop", "thesis", "-y")
+    assert result.returncode == 0, result.stderr
+    assert "GPUs stay reserved until" in result.stdout
+    row = listed(hub, alice, "--all")["thesis"]
+    assert row["state"] == "stopped" and row["held_until"] and row["gpus"]
+    assert "thesis" not in listed(hub, alice)
+    assert (
+        not hub.api("GET", f"/users/{alice.name}").json()["servers"].get("thesis", {}).get("ready")
+    )
+
+    result = cli(hub, alice, "container-start", "thesis")
+    assert result.returncode == 0, result.stderr + hub.log()
+    assert listed(hub, alice)["thesis"]["state"] == "running"
+
+    container_id = listed(hub, alice)["thesis"]["id"]
+    result = cli(hub, alice, "container-remove", "thesis", "-y")
+    assert result.returncode == 1 and "is running" in result.stderr
+    result = cli(hub, alice, "container-remove", "thesis", "-y", "--force")
+    assert result.returncode == 0, result.stderr
+    with pytest.raises(docker.errors.NotFound):
+        docker_client.containers.get(container_id)
+    assert "thesis" not in hub.api("GET", f"/users/{alice.name}").json()["servers"]
+
+
+def test_guided_create_in_a_terminal(hub, users):
+    alice, _ = users
+    with PtySession(alice, hub.socket_path, "container-create", "--guided") as term:
+        term.expect("Container (project) name:")
+        term.send("Not Valid\r")
+        assert "lowercase letters" in term.expect("Container (project) name:")
+        term.send("guided\r")
+        term.expect("GPUs (0-1")
+        term.send("0\r")
+        shown = term.expect("created and started", timeout=180)
+        assert "\x1b[1mguided\x1b[0m created and started" in shown  # colour on a terminal
+        assert term.wait(30) == 0
+    assert listed(hub, alice)["guided"]["gpus"] == []
