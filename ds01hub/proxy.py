@@ -41,6 +41,9 @@ log = logging.getLogger("ds01hub.proxy")
 
 MAX_HEAD = 64 * 1024
 READ_SIZE = 256 * 1024
+EXEC_CACHE_SIZE = 4096
+COALESCE_BYTES = 16 * 1024
+COALESCE_SECONDS = 0.0005  # delay added to a streamed line at most (docker logs -f)
 DRAIN_SECONDS = 30  # how long a refused upload may keep sending before we hang up
 # Content types a user's request may carry. Go's ParseForm merges an urlencoded *body* into
 # the query parameters the engine reads (body first), which would bypass every query check.
@@ -87,9 +90,11 @@ class Stream:
         return data
 
     async def read_some(self) -> bytes:
-        if not self.buffer and not await self.fill():
-            return b""
-        return self.take()
+        if self.buffer:
+            return self.take()
+        data = await self.reader.read(READ_SIZE)
+        self.eof = not data
+        return data
 
     async def read_head(self) -> bytes | None:
         """The bytes up to and including the blank line, or None at a clean end of stream."""
@@ -295,6 +300,24 @@ def dechunk(data: bytes) -> bytes:
         pos = end + 4 + size
 
 
+async def relay_until_eof(src: Stream, dst: Stream) -> None:
+    """Copy until the engine closes, in large pieces.
+
+    The engine flushes every log line (~100 bytes) separately; reading each one as it comes
+    costs a system call and a callback per line. After a small piece, reading pauses for
+    COALESCE_SECONDS so the kernel gathers the next lines into one large read.
+    """
+    transport = src.writer.transport
+    while data := await src.read_some():
+        await dst.write(data)
+        if len(data) < COALESCE_BYTES and not src.eof:
+            transport.pause_reading()
+            try:
+                await asyncio.sleep(COALESCE_SECONDS)
+            finally:
+                transport.resume_reading()
+
+
 class Discard:
     """A sink that forgets what it is given (draining a refused request's body)."""
 
@@ -402,6 +425,25 @@ def identify(pid: int, uid: int, admins: AdminRule) -> Caller | None:
 # The upstream engine
 
 
+@dataclass(frozen=True)
+class Fetched:
+    """A whole upstream response to a look-up."""
+
+    status: int
+    head: Message
+    body: bytes
+
+    def json(self) -> object:
+        return json.loads(self.body) if self.status == 200 and self.body else None
+
+    def as_response(self) -> bytes:
+        """The same response for a client (own framing; the client's connection stays open)."""
+        add = [("Content-Length", str(len(self.body)))]
+        return self.head.render(("Content-Length", "Transfer-Encoding", "Connection"), add) + (
+            self.body
+        )
+
+
 @dataclass
 class Upstream:
     """The real engine's socket: a fresh connection per request, plus JSON look-ups."""
@@ -412,8 +454,8 @@ class Upstream:
         reader, writer = await asyncio.open_unix_connection(self.path, limit=MAX_HEAD)
         return Stream(reader, writer)
 
-    async def get_json(self, path: str) -> tuple[int, object]:
-        """One GET (Connection: close) for a policy fact; (status, parsed body or None)."""
+    async def fetch(self, path: str) -> Fetched:
+        """One GET (Connection: close) for a policy fact."""
         stream = await self.connect()
         try:
             request = f"GET {path} HTTP/1.1\r\nHost: docker\r\nConnection: close\r\n\r\n"
@@ -423,18 +465,29 @@ class Upstream:
                 raise HttpError("upstream closed without a response")
             response = parse_head(head, request=False)
             body = await read_body(stream, response_framing(response, "GET"), 64 * 1024 * 1024)
-            status = int(response.start[1])
-            return status, (json.loads(body) if status == 200 and body else None)
+            return Fetched(int(response.start[1]), response, body)
         finally:
             stream.close()
 
-    async def container(self, ref: str) -> ContainerFacts | None:
-        status, data = await self.get_json(f"/containers/{quote(ref, safe='')}/json")
-        if status == 404:
-            return None
-        if status != 200 or not isinstance(data, dict):
-            raise Denied(502, f"upstream answered {status} looking up container {ref}")
-        return ContainerFacts.from_inspect(data)
+    async def get_json(self, path: str) -> tuple[int, object]:
+        fetched = await self.fetch(path)
+        return fetched.status, fetched.json()
+
+    async def container(self, ref: str, version: str | None = None) -> ContainerFacts | None:
+        return (await self.inspect(ref, version))[0]
+
+    async def inspect(
+        self, ref: str, version: str | None = None
+    ) -> tuple[ContainerFacts | None, Fetched]:
+        """Resolve `ref` exactly as the engine does (exact id, exact name, unique id prefix)."""
+        prefix = f"/v{version}" if version else ""
+        fetched = await self.fetch(f"{prefix}/containers/{quote(ref, safe='')}/json")
+        if fetched.status == 404:
+            return None, fetched
+        data = fetched.json()
+        if fetched.status != 200 or not isinstance(data, dict):
+            raise Denied(502, f"upstream answered {fetched.status} looking up container {ref}")
+        return ContainerFacts.from_inspect(data), fetched
 
     async def exec_container(self, exec_id: str) -> tuple[str, str] | None:
         """(exec id, container id) of an exec instance, or None when there is none."""
@@ -483,6 +536,8 @@ class Plan:
     target: str
     body: bytes | None  # None: stream the client's body through with its own framing
     filter_user: str | None = None  # GET /containers/json: keep only this user's containers
+    learn_exec: tuple[str, str] | None = None  # exec create: (container id, owner) to remember
+    answer: bytes | None = None  # a complete response already in hand (inspect = the look-up)
 
 
 @dataclass
@@ -493,6 +548,14 @@ class Proxy:
     limits_for: Callable[[Caller], policy.UserLimits | None] = lambda caller: None
     # asyncio's stream protocol forgets its task when the peer disconnects; keep them alive
     tasks: set[asyncio.Task] = field(default_factory=set)
+    # exec id -> (container id, owner): immutable facts, so exec start/inspect/resize need no
+    # look-ups once an exec is known (learned from exec create answers and from look-ups)
+    exec_owners: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    def remember_exec(self, exec_id: str, container_id: str, owner: str) -> None:
+        if len(self.exec_owners) >= EXEC_CACHE_SIZE:
+            del self.exec_owners[next(iter(self.exec_owners))]
+        self.exec_owners[exec_id] = (container_id, owner)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         client = Stream(reader, writer)
@@ -568,13 +631,18 @@ class Proxy:
             case Kind.CREATE:
                 return await self.plan_create(caller, target, await body.read(policy.MAX_JSON_BODY))
             case Kind.CONTAINER:
-                facts = await self.upstream.container(route.ref or "")
+                facts, fetched = await self.upstream.inspect(route.ref or "", target.version)
                 inspected = route.action in ("exec", "start")
                 data = await body.read(policy.MAX_JSON_BODY) if inspected else b""
                 checked, new_body = policy.check_container_action(
                     caller, route, target, facts, data
                 )
-                return Plan(checked.render(), new_body)
+                plan = Plan(checked.render(), new_body)
+                if (target.method, route.action) == ("GET", "json") and not target.query:
+                    plan.answer = fetched.as_response()  # the look-up was this very request
+                if route.action == "exec" and facts is not None:
+                    plan.learn_exec = (facts.id, caller.user)
+                return plan
             case Kind.EXEC:
                 return await self.plan_exec(caller, target, route)
             case Kind.IMAGE_PULL:
@@ -613,33 +681,51 @@ class Proxy:
         return Plan(checked.render(), new_body)
 
     async def plan_exec(self, caller: Caller, target: Target, route: policy.Route) -> Plan:
-        found = await self.upstream.exec_container(route.ref or "")
-        if found is None:
-            raise Denied(404, f"No such exec instance: {route.ref}")
-        exec_id, container_id = found
-        policy.check_owner(caller, container_id, await self.upstream.container(container_id))
+        exec_id = route.ref or ""
+        known = self.exec_owners.get(exec_id)
+        if known is None:
+            found = await self.upstream.exec_container(exec_id)
+            if found is None:
+                raise Denied(404, f"No such exec instance: {exec_id}")
+            exec_id, container_id = found
+            facts = policy.check_owner(
+                caller, container_id, await self.upstream.container(container_id)
+            )
+            self.remember_exec(exec_id, facts.id, caller.user)
+        elif known[1] != caller.user:
+            raise policy.forbid(f"Permission denied: container owned by {known[1]}")
         return Plan(target.with_segment(1, exec_id).render(), None)
 
     async def forward(
         self, client: Stream, request: Message, body: RequestBody, plan: Plan
     ) -> bool:
+        keep_alive = not client_closes(request)
+        if plan.answer is not None:
+            await client.write(plan.answer)
+            return keep_alive
         upstream = await self.upstream.connect()
         try:
             start = (request.start[0], plan.target, "HTTP/1.1")
-            head = Message(start, request.headers)
+            drop, add = [], []
             if plan.body is not None:
-                add = [("Content-Length", str(len(plan.body)))]
-                await upstream.write(head.render(("Content-Length", "Transfer-Encoding"), add))
+                drop += ["Content-Length", "Transfer-Encoding"]
+                add.append(("Content-Length", str(len(plan.body))))
+            upgrade = "upgrade" in request.tokens("Connection")
+            if not upgrade:
+                # the engine closes after its answer, so the answer ends at end of stream
+                drop += ["Connection", "Keep-Alive"]
+                add.append(("Connection", "close"))
+            await upstream.write(Message(start, request.headers).render(drop, add))
+            if plan.body is not None:
                 await upstream.write(plan.body)
             else:
-                await upstream.write(head.render())
                 await body.relay(upstream)
-            return await self.relay_response(client, upstream, request, plan)
+            return await self.relay_response(client, upstream, request, plan, upgrade)
         finally:
             upstream.close()
 
     async def relay_response(
-        self, client: Stream, upstream: Stream, request: Message, plan: Plan
+        self, client: Stream, upstream: Stream, request: Message, plan: Plan, upgrade: bool
     ) -> bool:
         while True:
             raw = await upstream.read_head()
@@ -656,25 +742,41 @@ class Proxy:
                 continue
             break
         framing = response_framing(response, request.start[0])
-        if plan.filter_user and status == 200:
-            body = await read_body(upstream, framing, 256 * 1024 * 1024)
-            kept = policy.filter_owned_containers(json.loads(body or b"[]"), plan.filter_user)
-            data = json.dumps(kept).encode()
-            add = [("Content-Length", str(len(data)))]
-            await client.write(response.render(("Content-Length", "Transfer-Encoding"), add))
-            await client.write(data)
-        else:
+        if framing.kind == "eof":
             await client.write(raw)
-            if framing.kind == "eof":
-                await splice(client, upstream)  # old-style hijack or close-delimited body
-                return False
+            await splice(client, upstream)  # old-style hijack or a close-delimited body
+            return False
+        keep_alive = not client_closes(request)
+        closing = [] if keep_alive else [("Connection", "close")]
+        rewrite = (plan.filter_user and status == 200) or (plan.learn_exec and status == 201)
+        if rewrite:
+            body = await read_body(upstream, framing, 256 * 1024 * 1024)
+            data = self.rewrite_body(plan, body)
+            add = [("Content-Length", str(len(data))), *closing]
+            drop = ("Content-Length", "Transfer-Encoding", "Connection")
+            await client.write(response.render(drop, add) + data)
+        elif upgrade:
+            await client.write(response.render(("Connection",), closing))
             await relay_body(upstream, client, framing)
-        closing = (
-            "close" in response.tokens("Connection")
-            or "close" in request.tokens("Connection")
-            or request.start[2] == "HTTP/1.0"
-        )
-        return not closing
+        else:
+            await client.write(response.render(("Connection",), closing))
+            await relay_until_eof(upstream, client)  # trusted engine: its framing as sent
+        return keep_alive
+
+    def rewrite_body(self, plan: Plan, body: bytes) -> bytes:
+        """The container list reduced to the caller's; an exec create remembered."""
+        if plan.filter_user:
+            listing = json.loads(body or b"[]")
+            kept = policy.filter_owned_containers(listing, plan.filter_user)
+            return body if len(kept) == len(listing) else json.dumps(kept).encode()
+        if plan.learn_exec:
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                self.remember_exec(json.loads(body)["Id"], *plan.learn_exec)
+        return body
+
+
+def client_closes(request: Message) -> bool:
+    return "close" in request.tokens("Connection") or request.start[2] == "HTTP/1.0"
 
 
 async def send_error(client: Stream, status: int, message: str, method: str = "GET") -> None:
