@@ -1,9 +1,9 @@
 """The culler against a real JupyterHub, real containers and the SIMULATED NVML whose
 utilisation and processes the test controls; time moves by an injected clock.
 
-The hub spawns plain DockerSpawner containers; a pre-spawn hook gives them the ds01 labels the
-DS01Spawner would (user, project, group, and the GPU slots named in the spawn options), so the
-culler finds them exactly as in production."""
+Most tests spawn plain DockerSpawner containers, which a pre-spawn hook labels as DS01Spawner
+would (user, project, group, the GPU slots named in the spawn options), so that the test picks
+each container's slots; the last one runs the real DS01Spawner end to end."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from harness import unique_name
+from prometheus_client import CollectorRegistry
 
+from ds01hub import labels
 from ds01hub.culler import Culler, pending_warnings
 from ds01hub.eventlog import EventLog
 from ds01hub.hubclient import HubClient
@@ -176,3 +178,93 @@ async def test_busy_gpu_training_and_null_timeout_servers_are_never_culled(
         assert hub.server(users[role])["ready"], role
     culled = {event.user for event in EventLog(tmp_path / "events.sqlite").events(kind="cull")}
     assert culled.isdisjoint({users["busy"], users["training"], users["forever"]})
+
+
+DS01_LIMITS = """\
+defaults: {{max_gpus: 1, memory: 512m, idle_timeout: 1h, gpu_hold_after_stop: 6h}}
+user_overrides:
+  {forever}: {{idle_timeout: null}}
+groups:
+  students: {{members: [{trainer}, {forever}], priority: 10}}
+gpu_allocation:
+  simulate:
+    seed: {seed}
+    gpus:
+      - {{name: NVIDIA A100-SXM4-80GB, memory: 80g, count: 2}}
+"""
+
+
+async def test_with_the_ds01_spawner_a_gpu_server_is_culled_only_once_its_gpu_is_idle(
+    hub_factory, docker_client, tmp_path
+):
+    """The whole chain: DS01Spawner allocates a (SIMULATED) GPU and labels the container, the
+    culler keeps it while the GPU is busy, culls it when idle, the lifecycle pass records the
+    hold's expiry; all in the spawner's own state directory and event log."""
+    from ds01hub.culler import build_components
+    from ds01hub.inventory import load_inventory
+    from ds01hub.limits import load_limits
+    from ds01hub.metrics import StateCollector
+
+    trainer, forever, tag = unique_name("trn"), unique_name("for"), unique_name("cu")
+    limits_path, state_dir = tmp_path / "limits.yaml", tmp_path / "state"
+    limits_path.write_text(DS01_LIMITS.format(trainer=trainer, forever=forever, seed=tag))
+    label = f"ds01.test.culler={tag}"
+    config = f"""
+c.DS01Spawner.limits_path = {str(limits_path)!r}
+c.DS01Spawner.state_dir = {str(state_dir)!r}
+c.DS01Spawner.container_label_filter = [{label!r}]
+c.Spawner.cmd = ["jupyterhub-singleuser"]
+"""
+    with hub_factory(config, spawner="ds01", labels={"ds01.test.culler": tag}) as hub:
+        for user, options in ((trainer, {"gpus": 1}), (forever, {})):
+            hub.create_user(user)
+            hub.start_server(user, options=options)
+        for user in (trainer, forever):
+            hub.wait_ready(user)
+        (container,) = docker_client.containers.list(filters={"label": f"ds01.user={trainer}"})
+        (slot,) = container.labels["ds01.gpus"].split(",")
+
+        inventory = load_inventory(load_limits(limits_path).gpu_allocation)  # SIMULATED
+        clock = Clock()
+        parts = build_components(
+            HubClient(f"{hub.url}/hub/api", hub.admin_token),
+            docker_client,
+            limits_path,
+            state_dir,
+            inventory=inventory,
+            extra_labels=[label],
+            clock=clock,
+            warn_before=0,
+            gpu_sample_interval=0.01,
+        )
+        inventory.nvml.set_utilization(slot, 85)
+        clock.offset = timedelta(hours=3)  # nobody at the browser for three hours
+        got = verdicts(await parts.culler.run_once())
+        assert got == {trainer: ("keep", "busy"), forever: ("keep", "never")}
+
+        inventory.nvml.set_utilization(slot, 0)  # the training run finished
+        got = verdicts(await parts.culler.run_once())
+        assert got == {trainer: ("cull", "idle"), forever: ("keep", "never")}
+        deadline = time.monotonic() + 60
+        while hub.server(trainer) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert hub.server(trainer) is None and hub.server(forever)["ready"]
+        parts.allocator.sweep()  # as the next pass would: the stop is recorded as a hold
+
+        # stopped, the container holds its GPU for gpu_hold_after_stop, then the hold expires
+        held = {row.slot_id: row.holding for row in parts.allocator.status()}[slot]
+        assert (held.user, held.state) == (trainer, "stopped")
+        registry = CollectorRegistry()
+        registry.register(StateCollector(parts.allocator, parts.eventlog))
+        assert registry.get_sample_value("ds01_gpu_slots_held", {"group": "students"}) == 1
+        container.reload()
+        finished = labels.parse_docker_time(container.attrs["State"]["FinishedAt"])
+        clock.offset = finished + timedelta(hours=6, seconds=5) - datetime.now(UTC)
+        report = await parts.culler.run_once()
+        assert [(a.kind, a.slots) for a in report.lifecycle] == [("expire", (slot,))]
+        assert registry.get_sample_value("ds01_gpu_slots_held", {"group": "students"}) is None
+        kinds = [e.kind for e in parts.eventlog.events(user=trainer)]
+        # the spawner's stop records the hold, the culler its cull once the stop returned
+        assert kinds[0] == "allocate" and kinds[-1] == "expire"
+        assert sorted(kinds[1:-1]) == ["cull", "hold"]
+        assert registry.get_sample_value("ds01_culls_total", {"reason": "idle"}) == 1
