@@ -26,12 +26,14 @@ import json
 import logging
 import os
 import pwd
+import select
 import signal
 import socket
 import stat
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import quote
 
 from ds01hub import proxy_policy as policy
@@ -316,6 +318,45 @@ async def relay_until_eof(src: Stream, dst: Stream) -> None:
                 await asyncio.sleep(COALESCE_SECONDS)
             finally:
                 transport.resume_reading()
+
+
+async def unless_client_leaves(client: Stream, relay: Coroutine[Any, Any, None]) -> bool:
+    """Run a (possibly endless: logs -f, events) relay; stop it if the client hangs up.
+
+    Bytes the client sends meanwhile (a pipelined request) stay in its buffer. False when the
+    client left before the relay finished.
+    """
+
+    async def client_gone() -> None:
+        while await client.fill():
+            if len(client.buffer) >= MAX_HEAD:
+                break  # enough read ahead
+        if not peer_hung_up(client):
+            await asyncio.Event().wait()  # read ahead, or only half-closed: let the relay end
+
+    relaying = asyncio.ensure_future(relay)
+    watching = asyncio.ensure_future(client_gone())
+    try:
+        await asyncio.wait({relaying, watching}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watching.cancel()
+        if not relaying.done():
+            relaying.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watching
+    with contextlib.suppress(asyncio.CancelledError):
+        await relaying
+    return not relaying.cancelled()
+
+
+def peer_hung_up(stream: Stream) -> bool:
+    """True when the peer closed both directions (POLLHUP), not just its sending side."""
+    sock = stream.writer.get_extra_info("socket")
+    if sock is None:
+        return True
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLHUP)
+    return any(events & select.POLLHUP for _, events in poller.poll(0))
 
 
 class Discard:
@@ -755,12 +796,16 @@ class Proxy:
             add = [("Content-Length", str(len(data))), *closing]
             drop = ("Content-Length", "Transfer-Encoding", "Connection")
             await client.write(response.render(drop, add) + data)
-        elif upgrade:
-            await client.write(response.render(("Connection",), closing))
-            await relay_body(upstream, client, framing)
         else:
             await client.write(response.render(("Connection",), closing))
-            await relay_until_eof(upstream, client)  # trusted engine: its framing as sent
+            # trusted engine: its framing as sent, to its end of stream (but for upgrades)
+            relay = (
+                relay_body(upstream, client, framing)
+                if upgrade
+                else relay_until_eof(upstream, client)
+            )
+            if not await unless_client_leaves(client, relay):
+                return False
         return keep_alive
 
     def rewrite_body(self, plan: Plan, body: bytes) -> bytes:

@@ -18,6 +18,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -140,9 +143,16 @@ def users(busybox_image):
         subprocess.run(["userdel", "-r", name], capture_output=True)
 
 
-@pytest.fixture(scope="module")
-def proxy(users):
-    """A real `ds01hub proxy` on a socket every user can reach; yields (socket, log path)."""
+@dataclass(frozen=True)
+class RunningProxy:
+    sock: Path
+    log: Path
+    process: subprocess.Popen
+
+
+@contextmanager
+def proxy_process(*options: str) -> Iterator[RunningProxy]:
+    """A real `ds01hub proxy` on a socket every user can reach."""
     directory = Path(tempfile.mkdtemp(prefix="ds01proxy-"))
     directory.chmod(0o755)
     sock = directory / "docker.sock"
@@ -156,25 +166,33 @@ def proxy(users):
         str(sock),
         "--upstream",
         "/var/run/docker.sock",
+        *options,
     ]
     with open(log, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 20
-    while not sock.exists():
-        assert process.poll() is None, log.read_text()
-        assert time.monotonic() < deadline, "proxy did not start"
-        time.sleep(0.05)
-    assert oct(sock.stat().st_mode & 0o777) == "0o666"
-    yield sock, log
-    process.terminate()
-    process.wait(timeout=10)
-    shutil.rmtree(directory, ignore_errors=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not sock.exists():
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "proxy did not start"
+            time.sleep(0.05)
+        assert oct(sock.stat().st_mode & 0o777) == "0o666"
+        yield RunningProxy(sock, log, process)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def proxy(users):
+    with proxy_process() as running:
+        yield running
 
 
 def as_user(proxy, user: str, command: str, timeout: float = 60) -> subprocess.CompletedProcess:
     """Run a shell command line as `user` with DOCKER_HOST pointing at the proxy."""
-    sock, _ = proxy
-    line = f"export DOCKER_HOST=unix://{sock}; {command}"
+    line = f"export DOCKER_HOST=unix://{proxy.sock}; {command}"
     return subprocess.run(
         ["su", "-s", "/bin/sh", user, "-c", line], capture_output=True, text=True, timeout=timeout
     )
@@ -199,11 +217,10 @@ sys.stdout.buffer.write(data)
 
 def raw_as(proxy, user: str | int, request: bytes) -> tuple[int, object]:
     """Send raw bytes as `user` (a name, or a bare uid) and parse the one response."""
-    sock, _ = proxy
     uid = user if isinstance(user, int) else pwd.getpwnam(user).pw_uid
     gid = uid if isinstance(user, int) else pwd.getpwnam(user).pw_gid
     result = subprocess.run(
-        ["/usr/bin/python3", "-c", RAW_CLIENT, str(sock)],
+        ["/usr/bin/python3", "-c", RAW_CLIENT, str(proxy.sock)],
         input=request,
         capture_output=True,
         user=uid,
@@ -736,8 +753,7 @@ def test_a_uid_without_an_account_is_refused(proxy, world):
 @pytest.mark.docker
 @pytest.mark.root
 def test_root_has_full_access(proxy, world):
-    sock, _ = proxy
-    env = dict(os.environ, DOCKER_HOST=f"unix://{sock}")
+    env = dict(os.environ, DOCKER_HOST=f"unix://{proxy.sock}")
     result = subprocess.run(
         [DOCKER, "ps", "-aq", "--no-trunc"], capture_output=True, text=True, env=env, check=True
     )
@@ -748,12 +764,95 @@ def test_root_has_full_access(proxy, world):
 @pytest.mark.docker
 @pytest.mark.root
 def test_denials_are_logged_with_user_method_path_and_reason(proxy, world):
-    _, log = proxy
     docker_as(proxy, world["bob"], "inspect", world["alice_id"])
     time.sleep(0.2)
     lines = [
         line
-        for line in log.read_text().splitlines()
+        for line in proxy.log.read_text().splitlines()
         if f"denied user={world['bob']} method=GET" in line and world["alice_id"] in line
     ]
     assert lines and lines[-1].endswith(f"container owned by {world['alice']}")
+
+
+@pytest.mark.docker
+@pytest.mark.root
+def test_a_client_that_hangs_up_releases_its_stream(proxy, world):
+    """`docker logs -f` of a quiet container, killed: the proxy lets go of the engine at once."""
+    alice, name = world["alice"], f"quiet-{world['alice']}"
+    result = docker_as(
+        proxy, alice, "run", "-d", "--name", name, "--label", "ds01.test=1", IMAGE, "sleep", "600"
+    )
+    assert result.returncode == 0, result.stderr
+    fds = Path(f"/proc/{proxy.process.pid}/fd")
+    before = len(list(fds.iterdir()))
+    as_user(proxy, alice, f"timeout -s KILL 1 {DOCKER} logs -f {name}")
+    time.sleep(0.5)
+    assert len(list(fds.iterdir())) == before
+    docker_as(proxy, alice, "rm", "-f", name)
+
+
+@pytest.mark.docker
+@pytest.mark.root
+def test_a_half_closed_client_still_gets_its_answer(proxy, world):
+    client = RAW_CLIENT.replace(
+        "s.sendall(sys.stdin.buffer.read())",
+        "s.sendall(sys.stdin.buffer.read()); s.shutdown(socket.SHUT_WR)",
+    )
+    uid = pwd.getpwnam(world["alice"]).pw_uid
+    request = b"GET /v1.41/version HTTP/1.1\r\nHost: d\r\n\r\n"
+    result = subprocess.run(
+        ["/usr/bin/python3", "-c", client, str(proxy.sock)],
+        input=request,
+        capture_output=True,
+        user=uid,
+        group=uid,
+        extra_groups=[],
+        timeout=30,
+    )
+    assert result.stdout.startswith(b"HTTP/1.1 200 OK"), result.stdout[:200]
+
+
+@pytest.mark.docker
+@pytest.mark.root
+def test_listed_admins_get_full_access(world):
+    with proxy_process("--admin", world["bob"]) as admin_proxy:
+        listed = docker_as(admin_proxy, world["bob"], "ps", "-aq", "--no-trunc")
+        assert world["alice_id"] in listed.stdout.split()
+        still_user = docker_as(admin_proxy, world["alice"], "ps", "-aq", "--no-trunc")
+        assert world["bob_id"] not in still_user.stdout.split()
+
+
+@pytest.mark.docker
+@pytest.mark.root
+def test_limits_file_is_applied_to_created_containers(world, tmp_path):
+    limits = tmp_path / "resource-limits.yaml"
+    limits.write_text(
+        "defaults:\n  max_cpus: 1\n  memory: 256m\n  shm_size: 32m\n  pids_limit: 200\n"
+        "  max_containers_per_user: 100\n"
+        f"user_overrides:\n  {world['bob']}:\n    max_containers_per_user: 1\n"
+    )
+    with proxy_process("--limits", str(limits)) as limited:
+        made = docker_as(
+            limited,
+            world["alice"],
+            "create",
+            "--label",
+            "ds01.test=1",
+            "--memory",
+            "8g",
+            IMAGE,
+            "true",
+        )
+        assert made.returncode == 0, made.stderr
+        host = json.loads(
+            admin_docker("inspect", "-f", "{{json .HostConfig}}", made.stdout.strip()).stdout
+        )
+        admin_docker("rm", made.stdout.strip())
+        assert host["Memory"] == 256 << 20 and host["MemorySwap"] == 256 << 20
+        assert host["NanoCpus"] == 10**9 and host["PidsLimit"] == 200
+        assert host["ShmSize"] == 32 << 20
+        # bob already has a container: his limit of one is reached
+        refused = docker_as(
+            limited, world["bob"], "create", "--label", "ds01.test=1", IMAGE, "true"
+        )
+        assert refused.returncode != 0 and "limit 1" in refused.stderr
