@@ -84,15 +84,15 @@ configure_ds01_service(
 # Prometheus scrapes /services/ds01-ops/metrics and /hub/metrics with a `read:metrics` token.
 # DS01HUB_OPS_PORT (default 10102); DS01HUB_CULL_INTERVAL seconds between passes (300);
 # DS01HUB_CULL_WARN_BEFORE lead time of the users' warning in seconds (600).
-from ds01hub.culler import configure_hub as configure_ops  # noqa: E402
+from ds01hub.ops_service import configure_hub as configure_ops  # noqa: E402
 
 configure_ops(
     c,
     url=f"http://127.0.0.1:{os.environ.get('DS01HUB_OPS_PORT', '10102')}",
     service_args=[
-        f"--CullerService.state_dir={state_dir}",
-        f"--CullerService.interval={os.environ.get('DS01HUB_CULL_INTERVAL', '300')}",
-        f"--CullerService.warn_before={os.environ.get('DS01HUB_CULL_WARN_BEFORE', '600')}",
+        f"--OpsService.state_dir={state_dir}",
+        f"--OpsService.interval={os.environ.get('DS01HUB_CULL_INTERVAL', '300')}",
+        f"--OpsService.warn_before={os.environ.get('DS01HUB_CULL_WARN_BEFORE', '600')}",
     ],
     environment={k: os.environ[k] for k in ("DS01HUB_LIMITS", "DOCKER_HOST") if k in os.environ},
 )

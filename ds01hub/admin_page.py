@@ -1,6 +1,6 @@
 """The ds01 admin page: every GPU/MIG slot and its holder, usage in GPU-hours, config errors.
 
-Served by the ds01-ops managed service (`ds01hub.culler.CullerService`) under
+Served by the ds01-ops managed service (`ds01hub.ops_service`) under
 `/services/ds01-ops/`, not as a hub page: the figures come from Docker, NVML and the event log,
 whose calls (tens of milliseconds, more on a busy engine) must never stall the hub's event loop,
 and a service is the documented way to add pages to JupyterHub without patching it. Access:

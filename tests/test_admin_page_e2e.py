@@ -16,8 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ds01hub import labels
 from ds01hub.admin_page import week_start
-from ds01hub.culler import EVENTLOG_FILE, SERVICE_NAME
 from ds01hub.eventlog import EventLog
+from ds01hub.ops_service import EVENTLOG_FILE, SERVICE_NAME
 
 pytestmark = [pytest.mark.e2e, pytest.mark.docker]
 
@@ -32,7 +32,7 @@ gpu_allocation:
 """
 
 SERVICE_CONFIG = """
-from ds01hub.culler import configure_hub as configure_ops
+from ds01hub.ops_service import configure_hub as configure_ops
 configure_ops(c, url={url!r}, service_args={args!r})
 # a role that lets its group reach the service without making anyone an admin
 c.JupyterHub.load_groups = {{"opsviewers": {{"users": []}}}}
@@ -88,11 +88,11 @@ def ops(hub_factory, docker_client, base_image, tmp_path_factory):
 
     port = free_port()
     args = [
-        f"--CullerService.limits_path={limits}",
-        f"--CullerService.state_dir={state}",
-        f"--CullerService.extra_labels={[run]!r}",
-        "--CullerService.interval=3600",
-        "--CullerService.remove_stopped=False",
+        f"--OpsService.limits_path={limits}",
+        f"--OpsService.state_dir={state}",
+        f"--OpsService.extra_labels={[run]!r}",
+        "--OpsService.interval=3600",
+        "--OpsService.remove_stopped=False",
     ]
     hub = hub_factory(extra_config=SERVICE_CONFIG.format(url=f"http://127.0.0.1:{port}", args=args))
     hub.create_user(admin, admin=True)

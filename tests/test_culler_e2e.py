@@ -200,10 +200,10 @@ async def test_with_the_ds01_spawner_a_gpu_server_is_culled_only_once_its_gpu_is
     """The whole chain: DS01Spawner allocates a (SIMULATED) GPU and labels the container, the
     culler keeps it while the GPU is busy, culls it when idle, the lifecycle pass records the
     hold's expiry; all in the spawner's own state directory and event log."""
-    from ds01hub.culler import build_components
     from ds01hub.inventory import load_inventory
     from ds01hub.limits import load_limits
     from ds01hub.metrics import StateCollector
+    from ds01hub.ops_service import build_components
 
     trainer, forever, tag = unique_name("trn"), unique_name("for"), unique_name("cu")
     limits_path, state_dir = tmp_path / "limits.yaml", tmp_path / "state"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ds01hub import bootstrap, culler, demo, proxy
+from ds01hub import bootstrap, demo, ops_service, proxy
 from ds01hub.cli import core_commands
 
 
@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     core_commands.register(subparsers)
     bootstrap.register(subparsers)
     demo.register(subparsers)
-    culler.register(subparsers)  # ops: ds01hub cull [--once] [--dry-run]
+    ops_service.register(subparsers)  # ops: ds01hub cull [--once] [--dry-run]
     return parser
 
 
