@@ -621,32 +621,23 @@ class Proxy:
         head = await client.read_head()
         if head is None:
             return False
+        who = caller.user if caller else f"uid {uid}"
         try:
             request = parse_head(head, request=True)
             body = RequestBody(client, request_framing(request))
         except HttpError as error:
-            await send_error(client, 400, str(error))
+            first_line = head.split(b"\r\n", 1)[0].decode("ascii", "replace")
+            await refuse(client, who, first_line, "", Denied(400, str(error)))
             return False
         method, raw_target = request.start[0], request.start[1]
         try:
             if caller is None:
                 raise policy.forbid(f"Permission denied: uid {uid} has no account on this host")
             plan = await self.plan(caller, request, body)
-        except Denied as denial:
-            who = caller.user if caller else f"uid {uid}"
-            log.warning(
-                "denied user=%s method=%s path=%s status=%d reason=%s",
-                who,
-                method,
-                raw_target,
-                denial.status,
-                denial.message,
-            )
-            await send_error(client, denial.status, denial.message, method)
+        except (Denied, HttpError) as error:
+            denial = error if isinstance(error, Denied) else Denied(400, str(error))
+            await refuse(client, who, method, raw_target, denial)
             await body.drain()
-            return False
-        except HttpError as error:
-            await send_error(client, 400, str(error))
             return False
         return await self.forward(client, request, body, plan)
 
@@ -822,6 +813,19 @@ class Proxy:
 
 def client_closes(request: Message) -> bool:
     return "close" in request.tokens("Connection") or request.start[2] == "HTTP/1.0"
+
+
+async def refuse(client: Stream, who: str, method: str, path: str, denial: Denied) -> None:
+    """Log the refusal (one line, with who, what and why) and answer it."""
+    log.warning(
+        "denied user=%s method=%s path=%s status=%d reason=%s",
+        who,
+        method,
+        path,
+        denial.status,
+        denial.message,
+    )
+    await send_error(client, denial.status, denial.message, method)
 
 
 async def send_error(client: Stream, status: int, message: str, method: str = "GET") -> None:

@@ -751,15 +751,7 @@ class CreateCheck:
 
     def user(self, value: Any) -> str | None:
         """With host binds the container runs as the caller, exactly (see module docstring)."""
-        if not self.host_binds:
-            return value
-        own = f"{self.caller.uid}:{self.caller.gid}"
-        if value in (None, "", str(self.caller.uid), own, self.caller.user):
-            return own
-        raise forbid(
-            f"Permission denied: containers with host bind mounts run as you "
-            f"({own}); --user {value} is not allowed"
-        )
+        return run_as_caller(self.caller, value, "--user") if self.host_binds else value
 
     def host_config(self, value: Any) -> dict[str, Any]:
         checks: dict[str, Check] = {key: accept for key in HOST_ACCEPTED}
@@ -1070,19 +1062,26 @@ def check_exec_create(caller: Caller, container: ContainerFacts, body: bytes) ->
         }
         | {"Privileged": must_be_empty("privileged exec"), "User": accept},
     )
-    user = checked.get("User")
-    if container.has_host_binds and user not in (
-        None,
-        "",
-        str(caller.uid),
-        f"{caller.uid}:{caller.gid}",
-        caller.user,
-    ):
-        raise forbid(
-            f"Permission denied: exec --user {user} in a container with host bind "
-            f"mounts is not allowed (it runs as you, {caller.uid}:{caller.gid})"
-        )
+    if container.has_host_binds:
+        # also when no user is named: the container's own user may be root (an image that
+        # starts as root and drops privileges), and root there can plant set-uid files
+        checked["User"] = run_as_caller(caller, checked.get("User"), "exec --user")
     return json.dumps(checked, separators=(",", ":")).encode()
+
+
+def run_as_caller(caller: Caller, requested: Any, what: str) -> str:
+    """The caller's own uid:gid, for processes that can write into bind-mounted host paths.
+
+    A different user (root, or the caller's uid with another group, which could plant a
+    set-gid file) is refused rather than silently changed.
+    """
+    own = f"{caller.uid}:{caller.gid}"
+    if requested in (None, "", str(caller.uid), own, caller.user):
+        return own
+    raise forbid(
+        f"Permission denied: processes in containers with host bind mounts run as you "
+        f"({own}); {what} {requested} is not allowed"
+    )
 
 
 def check_list(caller: Caller, target: Target) -> Target:

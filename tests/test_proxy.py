@@ -298,6 +298,7 @@ def run_detached(proxy, user: str, name: str, *extra: str) -> str:
 def world(proxy, users):
     """alice and bob each with a running container; an unlabelled one made by root."""
     alice, bob = users
+    since = int(time.time()) - 1
     alice_id = run_detached(proxy, alice, f"web-{alice}")
     bob_id = run_detached(proxy, bob, f"web-{bob}")
     loose = admin_docker(
@@ -313,7 +314,14 @@ def world(proxy, users):
         "sleep",
         "600",
     ).stdout.strip()
-    yield {"alice": alice, "bob": bob, "alice_id": alice_id, "bob_id": bob_id, "loose": loose}
+    yield {
+        "alice": alice,
+        "bob": bob,
+        "alice_id": alice_id,
+        "bob_id": bob_id,
+        "loose": loose,
+        "since": since,
+    }
     admin_docker("rm", "-f", loose, check=False)
 
 
@@ -856,3 +864,57 @@ def test_limits_file_is_applied_to_created_containers(world, tmp_path):
             limited, world["bob"], "create", "--label", "ds01.test=1", IMAGE, "true"
         )
         assert refused.returncode != 0 and "limit 1" in refused.stderr
+
+
+@pytest.mark.docker
+@pytest.mark.root
+def test_exec_into_a_root_container_with_binds_runs_as_the_user(proxy, world):
+    """A container made elsewhere (e.g. the spawner) whose image user is root, with the
+    user's home bound: `docker exec` through the proxy runs as the user, not as root."""
+    alice = world["alice"]
+    entry = pwd.getpwnam(alice)
+    cid = admin_docker(
+        "run",
+        "-d",
+        "--label",
+        "ds01.test=1",
+        "--label",
+        "ds01.managed=true",
+        "--label",
+        f"ds01.user={alice}",
+        "-v",
+        f"{entry.pw_dir}:/home/me",
+        IMAGE,
+        "sleep",
+        "600",
+    ).stdout.strip()
+    try:
+        result = docker_as(proxy, alice, "exec", cid, "id", "-u")
+        assert result.stdout.strip() == str(entry.pw_uid), result.stderr
+        root = docker_as(proxy, alice, "exec", "-u", "0", cid, "id", "-u")
+        assert root.returncode != 0 and "run as you" in root.stderr
+    finally:
+        admin_docker("rm", "-f", cid)
+
+
+@pytest.mark.docker
+@pytest.mark.root
+def test_events_show_only_own_containers(proxy, world):
+    path = f"/v1.41/events?since={world['since']}&until={int(time.time()) + 1}"
+    status, answer = raw_as(proxy, world["bob"], http("GET", path))
+    assert status == 200
+    events = [json.loads(line) for line in answer.decode().splitlines() if line.strip()]
+    assert any(e.get("id") == world["bob_id"] for e in events)
+    assert all(e["Type"] == "container" for e in events)
+    assert all(e["Actor"]["Attributes"].get("ds01.user") == world["bob"] for e in events)
+
+
+def test_admin_rule():
+    from ds01hub.proxy import AdminRule
+    from ds01hub.proxy_policy import Caller
+
+    rule = AdminRule(frozenset({"dave"}), "labadmins")
+    assert rule.allows(Caller(0, 0, "root", "/root"))
+    assert rule.allows(Caller(5, 5, "dave", "/home/dave"))
+    assert rule.allows(Caller(6, 6, "erin", "/home/erin", ("erin", "labadmins")))
+    assert not rule.allows(Caller(7, 7, "frank", "/home/frank", ("frank", "docker")))

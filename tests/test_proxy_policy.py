@@ -257,7 +257,10 @@ def test_exec_create(exec_body, binds, ok):
     )
     if ok:
         _, body = call[0](*call[1:])
-        assert json.loads(body)["Cmd"] == ["true"]
+        forwarded = json.loads(body)
+        assert forwarded["Cmd"] == ["true"]
+        if binds:  # whatever was asked, it runs as the caller
+            assert forwarded["User"] == "1001:1001"
     else:
         denied(*call)
 
@@ -440,6 +443,8 @@ def test_with_binds_a_different_user_is_refused():
     paths = {"/home/alice/d": PathFacts("/home/alice/d")}
     body = base(Binds=["/home/alice/d:/d"])
     body["User"] = "0"
+    assert "run as you" in denied(create, body, paths=paths)
+    body["User"] = "1001:0"  # own uid, root's group: a set-gid file would give group root
     assert "run as you" in denied(create, body, paths=paths)
 
 
