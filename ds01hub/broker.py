@@ -785,7 +785,8 @@ class Broker(Application):
             )
             sys.exit(1)
         sock = bind_unix_socket(self.socket_path, mode=self.socket_mode)
-        server = HTTPServer(self.make_app())
+        # requests are small JSON documents; exec input is framed after the upgrade
+        server = HTTPServer(self.make_app(), max_body_size=1 << 20, idle_connection_timeout=60)
         server.add_socket(sock)
         return server
 

@@ -12,6 +12,7 @@ import os
 import secrets
 import subprocess
 import time
+from pathlib import Path
 
 import docker
 import pytest
@@ -148,12 +149,29 @@ def test_interactive_shell_through_a_pty(hub, users, containers, client):
 
 
 def test_user_setup_walks_through_and_ends_with_how_to_connect(hub, users, containers):
-    alice, _ = users
+    alice, bob = users
     with PtySession(alice, hub.socket_path, "user-setup") as term:
         assert alice.name in term.expect("Set up a project now?")
         term.send("n\r")
         assert "VS Code" in term.expect("Browser:")
         assert term.wait() == 0
+    # yes: the guided project-init runs inside it, in the user's home
+    with PtySession(bob, hub.socket_path, "user-setup") as term:
+        term.expect("Set up a project now?")
+        term.send("\r")  # the default: yes
+        for prompt, answer in (
+            ("Project name:", "first-steps"),
+            ("One-line description:", "learning the ropes"),
+            ("Use case:", "nlp"),
+            ("Build an image for it?", "n"),
+            ("Create a container for it?", "n"),
+        ):
+            term.expect(prompt)
+            term.send(answer + "\r")
+        assert "Project ready at" in term.expect("Browser:")
+        assert term.wait() == 0
+    readme = Path(f"{bob.home}/first-steps/README.md").read_text()
+    assert "learning the ropes" in readme and os.path.isdir(f"{bob.home}/first-steps/data/corpora")
 
 
 def test_no_command_reaches_another_users_container(hub, users, containers, client):

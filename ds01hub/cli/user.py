@@ -10,6 +10,7 @@ remotely), so quotas and the GPU allocator are the browser's.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Callable, Iterable
@@ -809,11 +810,8 @@ def run_user_setup(ctx: Context) -> int:
         f"containers: up to {limits.get('max_containers_per_user') or 'no limit'}."
     )
     if ctx.ask("Set up a project now? [Y/n] ", "y").lower().startswith("y"):
-        ctx.args.guided = True
-        ctx.args.name = None
-        ctx.args.dir, ctx.args.use_case, ctx.args.description = "~", None, ""
-        ctx.args.no_git, ctx.args.image, ctx.args.container = False, False, False
-        run_project_init(ctx)
+        project_args = build_parser(COMMANDS["project-init"]).parse_args(["--guided"])
+        run_project_init(dataclasses.replace(ctx, args=project_args))
     ctx.stdout.write(CONNECT_HELP.format(user=me["user"], host=os.uname().nodename))
     return EXIT_OK
 
