@@ -598,6 +598,7 @@ class Culler:
         elif verdict.action == "cull":
             self.log.info("culling %s: %s", activity.container, verdict.reason)
             await self.hub.stop_server(activity.user, activity.server)
+            await self._notify(activity.container_id, "")  # no stale warning after a restart
             if self.eventlog is not None:
                 self.eventlog.record(
                     "cull",
