@@ -563,18 +563,21 @@ class DS01Spawner(DockerSpawner):
     async def create_object(self):
         """DockerSpawner's create, with the plan's labels, env, limits and device requests
         deep-merged over `extra_create_kwargs` / `extra_host_config` (the plan wins)."""
-        configured = (self.extra_create_kwargs, self.extra_host_config)
+        configured = (self.extra_create_kwargs, self.extra_host_config, self.cpu_limit)
         plan = self._plan_in_use
+        host_config = plan.host_config()
         try:
             self.extra_create_kwargs = _merged(
                 await self._evaluated(configured[0]), _literal(plan.create_kwargs())
             )
             self.extra_host_config = _merged(
-                await self._evaluated(configured[1]), _literal(plan.host_config())
+                await self._evaluated(configured[1]), _literal(host_config)
             )
+            if "nano_cpus" in host_config:  # Docker refuses NanoCpus with CpuPeriod/CpuQuota
+                self.cpu_limit = None
             return await super().create_object()
         finally:
-            self.extra_create_kwargs, self.extra_host_config = configured
+            self.extra_create_kwargs, self.extra_host_config, self.cpu_limit = configured
 
     async def _evaluated(self, value):
         value = self._eval_if_callable(value)

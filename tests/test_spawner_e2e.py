@@ -1,0 +1,359 @@
+"""DS01Spawner end to end: a real JupyterHub with `spawner_class = "ds01"`, real containers on
+the real Docker engine, a limits YAML with a SIMULATED inventory (4 whole GPUs + 2 MIG
+instances; the engine's stub nvidia hook lets device requests start on this CPU machine)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from harness import unique_name
+
+from ds01hub.allocation_state import GpuAllocator, docker_lister
+from ds01hub.inventory import load_inventory
+from ds01hub.limits import load_limits
+
+pytestmark = [pytest.mark.e2e, pytest.mark.docker]
+
+SPAWNER_LABEL = "ds01.test.spawner"
+
+LIMITS_YAML = """\
+defaults:
+  max_gpus: 1
+  max_gpus_per_container: 1
+  max_cpus: 1
+  memory: 512m
+  shm_size: 64m
+  pids_limit: 256
+  idle_timeout: null
+  gpu_hold_after_stop: 1h
+  priority: 10
+groups:
+  students:
+    priority: 10
+  researchers:
+    max_gpus: 3
+    max_gpus_per_container: 2
+    max_cpus: 1.5
+    memory: 768m
+    shm_size: 128m
+    pids_limit: 512
+    cgroup_parent: ds01-test-researchers
+    priority: 50
+policies:
+  max_containers_per_user: 2
+gpu_allocation:
+  enable_mig: true
+  strategy: spread
+  simulate:
+    seed: {seed}
+    gpus:
+      - {{name: NVIDIA A100-SXM4-80GB, memory: 80g, count: 4}}
+      - {{name: NVIDIA A100-SXM4-80GB, memory: 80g, mig: [2g.20gb, 2g.20gb]}}
+"""
+
+
+class Ds01Hub:
+    """A test hub running DS01Spawner on its own limits file, state directory and label, so
+    that it counts only its own containers on the shared engine."""
+
+    def __init__(self, hub_factory, directory: Path, extra_config: str = ""):
+        self.tag = unique_name("sp")
+        self.directory = directory
+        self.limits_path = directory / "limits.yaml"
+        self.limits_path.write_text(LIMITS_YAML.format(seed=self.tag))
+        self.state_dir = directory / "state"
+        config = f"""
+c.DS01Spawner.limits_path = {str(self.limits_path)!r}
+c.DS01Spawner.state_dir = {str(self.state_dir)!r}
+c.DS01Spawner.container_label_filter = ["{SPAWNER_LABEL}={self.tag}"]
+c.DS01Spawner.gpu_recheck_interval = 1.0
+c.DS01Spawner.gpu_wait_timeout = 400
+c.Spawner.start_timeout = 450
+c.Spawner.cmd = ["jupyterhub-singleuser"]
+{extra_config}
+"""
+        self.hub = hub_factory(config, spawner="ds01", labels={SPAWNER_LABEL: self.tag})
+
+    def allocator(self, docker_client) -> GpuAllocator:
+        """A second view of the allocation state, as the CLI or `ds01hub status` would have."""
+        config = load_limits(self.limits_path)
+        return GpuAllocator(
+            docker_client,
+            load_inventory(config.gpu_allocation),
+            self.state_dir,
+            None,
+            limits=config,
+            container_lister=docker_lister(docker_client, [f"{SPAWNER_LABEL}={self.tag}"]),
+        )
+
+    def inventory(self):
+        return load_inventory(load_limits(self.limits_path).gpu_allocation)
+
+
+@pytest.fixture
+def ds01(hub_factory, tmp_path):
+    hub = Ds01Hub(hub_factory, tmp_path)
+    yield hub
+    hub.hub.stop()
+
+
+def env_of(container) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in container.attrs["Config"]["Env"])
+
+
+def error_of(response) -> str:
+    try:
+        return response.json().get("message", response.text)
+    except ValueError:
+        return response.text
+
+
+def first_progress_message(hub, user: str, containing: str, timeout: float = 30) -> str:
+    """The first progress event of a pending spawn whose message contains `containing` (the
+    stream itself lasts as long as the spawn)."""
+    response = hub.api("GET", f"/users/{user}/server/progress", stream=True, timeout=timeout)
+    deadline = time.monotonic() + timeout
+    for line in response.iter_lines(decode_unicode=True):
+        if line and line.startswith("data:"):
+            message = json.loads(line[5:]).get("message", "")
+            if containing in message:
+                response.close()
+                return message
+        if time.monotonic() > deadline:
+            break
+    response.close()
+    return ""
+
+
+def wait_until(condition, timeout: float = 60) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_student_and_researcher_get_their_limits_gpus_labels_and_env(ds01):
+    hub = ds01.hub
+    student, researcher = unique_name("stu"), unique_name("res")
+    hub.create_user(student, groups=["students"])
+    hub.create_user(researcher, groups=["researchers"])
+    hub.start_server(student)
+    hub.start_server(researcher, "thesis", {"gpus": 2})
+    hub.start_server(student, "mig", {"mig": "2g.20gb"})
+    hub.wait_ready(student)
+    hub.wait_ready(researcher, "thesis")
+    hub.wait_ready(student, "mig")
+    inventory = ds01.inventory()
+
+    plain = hub.container_of(student)
+    host = plain.attrs["HostConfig"]
+    assert plain.name == f"default._.{student}"
+    assert (host["NanoCpus"], host["Memory"], host["MemorySwap"]) == (10**9, 512 << 20, 512 << 20)
+    assert (host["ShmSize"], host["PidsLimit"]) == (64 << 20, 256)
+    assert not host.get("DeviceRequests")
+    assert plain.labels["ds01.managed"] == "true"
+    assert plain.labels["ds01.user"] == plain.labels["aime.mlc.USER"] == student
+    assert plain.labels["ds01.project"] == plain.labels["aime.mlc.NAME"] == "default"
+    assert (plain.labels["ds01.group"], plain.labels["ds01.priority"]) == ("students", "10")
+    assert plain.labels["ds01.gpus"] == ""
+    assert env_of(plain)["NVIDIA_VISIBLE_DEVICES"] == "void"
+
+    gpu = hub.container_of(researcher, "thesis")
+    host = gpu.attrs["HostConfig"]
+    assert gpu.name == f"thesis._.{researcher}"
+    assert (host["NanoCpus"], host["Memory"]) == (1_500_000_000, 768 << 20)
+    assert (host["ShmSize"], host["PidsLimit"]) == (128 << 20, 512)
+    assert host["CgroupParent"] == "ds01-test-researchers"
+    slots = gpu.labels["ds01.gpus"].split(",")
+    assert len(slots) == 2 and all(":" not in s for s in slots)
+    uuids = [inventory.slot(s).uuid for s in slots]
+    assert gpu.labels["ds01.gpu_uuids"] == ",".join(uuids)
+    assert gpu.labels["aime.mlc.GPUS"] == gpu.labels["ds01.gpus"]
+    [request] = host["DeviceRequests"]
+    assert request["Driver"] == "nvidia" and request["DeviceIDs"] == uuids
+    assert request["Capabilities"] == [["gpu"]]
+    env = env_of(gpu)
+    assert env["NVIDIA_VISIBLE_DEVICES"] == env["CUDA_VISIBLE_DEVICES"] == ",".join(uuids)
+    assert env["DS01_GPUS_SIMULATED"] == "1"
+    assert env["CPU_LIMIT"] == "1.5"
+    # The stub hook received the device request: inside, the container sees its UUIDs.
+    seen = gpu.exec_run(["sh", "-c", "echo $NVIDIA_VISIBLE_DEVICES"]).output.decode().strip()
+    assert seen == ",".join(uuids)
+
+    mig = hub.container_of(student, "mig")
+    [slot] = mig.labels["ds01.gpus"].split(",")
+    assert inventory.slot(slot).profile == "2g.20gb"
+    assert mig.attrs["HostConfig"]["DeviceRequests"][0]["DeviceIDs"] == [inventory.slot(slot).uuid]
+    assert env_of(mig)["CUDA_VISIBLE_DEVICES"].startswith("MIG-")
+    assert hub.server(researcher, "thesis")["user_options"] == {
+        "image": hub.image,
+        "gpus": 2,
+    }
+
+
+def test_refusals_over_rest_are_exact(ds01):
+    hub = ds01.hub
+    user = unique_name("stu")
+    hub.create_user(user, groups=["students"])
+
+    response = hub.start_server(user, "x", {"image": "busybox:latest"}, check=False)
+    assert response.status_code == 403, response.text
+    message = error_of(response)
+    assert "spawn option 'image'='busybox:latest': not an image you may use" in message
+    assert hub.image in message and "image-create" in message
+
+    response = hub.start_server(user, "x", {"gpus": 2}, check=False)
+    assert response.status_code == 403, response.text
+    assert "spawn option 'gpus'=2: over your limit of 1 GPU(s) per container (group students)" in (
+        error_of(response)
+    )
+    response = hub.start_server(user, "x", {"gpu": 1}, check=False)
+    assert response.status_code == 400, response.text
+    assert "unknown option(s) gpu; allowed: profile, image, gpus, mig" in error_of(response)
+    response = hub.start_server(user, "x", {"mig": "3g.40gb"}, check=False)
+    assert response.status_code == 400, response.text
+    assert "no MIG instances of this profile on this machine; allowed: 2g.20gb" in error_of(
+        response
+    )
+
+    hub.start_server(user, "one")
+    hub.start_server(user, "two")
+    hub.wait_ready(user, "one")
+    hub.wait_ready(user, "two")
+    hub.stop_server(user, "two")  # a stopped server's container still counts
+    response = hub.start_server(user, "three", check=False)
+    assert response.status_code == 409, response.text
+    message = error_of(response)
+    assert f"over quota: {user} may have 2 container(s)" in message
+    assert "has 2: one (running), two (exited)" in message
+    assert "delete one" in message
+    # Deleting one frees the quota.
+    hub.delete_server(user, "two")
+    hub.start_server(user, "three")
+    hub.wait_ready(user, "three")
+
+
+def test_stop_holds_the_gpu_restart_reuses_it_delete_releases(ds01, docker_client):
+    hub = ds01.hub
+    user = unique_name("res")
+    hub.create_user(user, groups=["researchers"])
+    hub.start_server(user, "p", {"gpus": 1})
+    hub.wait_ready(user, "p")
+    container = hub.container_of(user, "p")
+    slot = container.labels["ds01.gpus"]
+    allocator = ds01.allocator(docker_client)
+
+    hub.stop_server(user, "p")
+    held = [h for h in allocator.holdings() if h.container == container.name]
+    assert [(h.slot_id, h.state) for h in held] == [(slot, "stopped")]
+
+    hub.start_server(user, "p", {"gpus": 1})
+    hub.wait_ready(user, "p")
+    again = hub.container_of(user, "p")
+    assert again.id == container.id  # same container, same slot: restarted, not re-created
+    assert again.labels["ds01.gpus"] == slot
+
+    hub.stop_server(user, "p")
+    hub.start_server(user, "p", {"gpus": 2})  # different GPUs: re-created
+    hub.wait_ready(user, "p")
+    bigger = hub.container_of(user, "p")
+    assert bigger.id != container.id
+    assert len(bigger.labels["ds01.gpus"].split(",")) == 2
+
+    hub.delete_server(user, "p")  # the hub may finish deleting after it answered
+    assert wait_until(lambda: not docker_client.api.containers(all=True, filters={"id": bigger.id}))
+    assert not [h for h in allocator.holdings() if h.user == user]
+
+
+def test_ten_users_four_slots_queue_in_order_and_never_share(ds01, docker_client):
+    hub = ds01.hub
+    users = [unique_name("q") for _ in range(10)]
+    for user in users:
+        hub.create_user(user, groups=["students"])
+    threads = [
+        threading.Thread(target=hub.start_server, args=(user, "", {"gpus": 1})) for user in users
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    allocator = ds01.allocator(docker_client)
+
+    def holders() -> dict[str, list[str]]:
+        by_slot: dict[str, list[str]] = {}
+        for holding in allocator.holdings():
+            by_slot.setdefault(holding.slot_id, []).append(holding.user)
+        return by_slot
+
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        ready = [u for u in users if (hub.server(u) or {}).get("ready")]
+        if len(ready) == 4:
+            break
+        time.sleep(1)
+    time.sleep(3)  # let the queue run a few more rounds: still only 4
+    ready = [u for u in users if (hub.server(u) or {}).get("ready")]
+    waiting = [u for u in users if u not in ready]
+    assert len(ready) == 4, (ready, hub.log())
+    assert all((hub.server(u) or {}).get("pending") == "spawn" for u in waiting)
+    slots = holders()
+    assert sorted(slots) == ["0", "1", "2", "3"]
+    assert all(len(holders_) == 1 for holders_ in slots.values()), slots
+    message = first_progress_message(hub, waiting[0], "waiting for a GPU")
+    assert "waiting for a GPU: position" in message and "(SIMULATED)" in message
+    assert "no free GPU slot" in message
+
+    # Releasing one (delete the default server's container: stop + delete) lets one more in.
+    first = ready[0]
+    hub.stop_server(first)
+    hub.api("DELETE", f"/users/{first}/server")
+    container = docker_client.containers.get(f"default._.{first}")
+    container.remove(force=True)  # the stopped container's hold is 1h: remove it as an admin
+    deadline = time.monotonic() + 120
+    newly: list[str] = []
+    while time.monotonic() < deadline and not newly:
+        newly = [u for u in waiting if (hub.server(u) or {}).get("ready")]
+        time.sleep(1)
+    assert len(newly) == 1, hub.log()
+    slots = holders()
+    assert all(len(holders_) == 1 for holders_ in slots.values()), slots
+    assert sum(1 for u in waiting if (hub.server(u) or {}).get("ready")) == 1
+
+
+def test_hub_killed_during_a_spawn_leaks_nothing(ds01, docker_client):
+    hub = ds01.hub
+    user = unique_name("kil")
+    hub.create_user(user, groups=["researchers"])
+    hub.start_server(user, "k", {"gpus": 1})
+    name = f"k._.{user}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if docker_client.containers.list(all=True, filters={"name": name}):
+            break
+        time.sleep(0.1)
+    hub.process.send_signal(signal.SIGKILL)  # mid-spawn: container made, Jupyter not up yet
+    hub.process.wait(30)
+    allocator = ds01.allocator(docker_client)
+    reservations = json.loads((ds01.state_dir / "reservations.json").read_text() or "{}")
+    assert all(entry["pid"] == hub.process.pid for entry in reservations.values())
+    [container] = docker_client.containers.list(all=True, filters={"name": name})
+    held = sorted((h.slot_id, h.container) for h in allocator.holdings())
+    assert held == [(container.labels["ds01.gpus"], name)]  # the labels hold; no reservation
+    assert not os.path.exists(f"/proc/{hub.process.pid}")
+
+    hub.start()
+    hub.start_server(user, "k", {"gpus": 1})
+    hub.wait_ready(user, "k")
+    again = hub.container_of(user, "k")
+    assert again.labels["ds01.gpus"] == container.labels["ds01.gpus"]
+    held = sorted((h.slot_id, h.container) for h in allocator.holdings())
+    assert held == [(again.labels["ds01.gpus"], name)]
