@@ -455,7 +455,8 @@ def build_image(
         ca_bundle=ca_bundle is not None,
         pip_command=pip_command,
     )
-    limits = {"memory": memory_limit, "memswap": -1} if memory_limit else None
+    # memswap = memory: no swap on top, so a runaway build is stopped, not slowed to a crawl.
+    limits = {"memory": memory_limit, "memswap": memory_limit} if memory_limit else None
     try:
         stream = client.api.build(
             fileobj=io.BytesIO(build_context(dockerfile, ca_bundle)),

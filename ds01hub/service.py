@@ -110,8 +110,10 @@ class BuildManager:
         run_build: Callable[[images.ImageSpec], Iterable[images.BuildEvent]],
         max_concurrent: int = 2,
         max_events: int = 5000,
+        keep_per_user: int = 10,
     ):
         self._run_build = run_build
+        self._keep_per_user = keep_per_user
         self._pool = ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="ds01-build")
         self._max_events = max_events
         self.builds: dict[str, Build] = {}
@@ -131,11 +133,18 @@ class BuildManager:
                 hint="wait for it to finish, then start the next one",
                 status=409,
             )
+        self._forget_old(spec.user)
         build = Build(id=uuid.uuid4().hex, user=spec.user, spec=spec)
         self.builds[build.id] = build
         loop = asyncio.get_running_loop()
         loop.run_in_executor(self._pool, self._work, build, loop)
         return build
+
+    def _forget_old(self, user: str) -> None:
+        """Forget all but the newest finished builds of ``user``: memory stays bounded."""
+        finished = [b for b in self.for_user(user) if b.finished]
+        for build in finished[: max(0, len(finished) - self._keep_per_user + 1)]:
+            del self.builds[build.id]
 
     def _work(self, build: Build, loop: asyncio.AbstractEventLoop) -> None:
         loop.call_soon_threadsafe(self._set_status, build, "running")

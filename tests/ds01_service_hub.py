@@ -44,6 +44,7 @@ from ds01hub.service import configure_hub
 c.JupyterHub.bind_url = "{self.url}"
 c.JupyterHub.hub_bind_url = "http://127.0.0.1:{self.hub_port}"
 c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:{self.api_port}"
+c.JupyterHub.allow_named_servers = True
 c.JupyterHub.authenticator_class = "dummy"
 c.DummyAuthenticator.password = "pw"
 c.Authenticator.allow_all = True

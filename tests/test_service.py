@@ -9,8 +9,6 @@ from ds01_service_hub import ServiceHub
 
 from ds01hub.service import configure_hub
 
-pytestmark = [pytest.mark.e2e]
-
 
 @pytest.fixture(scope="module")
 def service_hub(tmp_path_factory):
@@ -65,6 +63,7 @@ def test_configure_hub_in_a_subconfig_merges_instead_of_replacing():
     assert parent.Spawner.environment["DS01_SERVICE_URL"].endswith(":10101/services/ds01/")
 
 
+@pytest.mark.e2e
 def test_no_token_is_refused_and_browser_is_sent_to_login(service_hub):
     response = service_hub.service_get("api/images", None)
     assert response.status_code == 403
@@ -74,6 +73,7 @@ def test_no_token_is_refused_and_browser_is_sent_to_login(service_hub):
     assert "/hub/api/oauth2/authorize" in index.headers["Location"]
 
 
+@pytest.mark.e2e
 def test_bad_token_and_token_without_service_scope_are_refused(service_hub, users):
     assert service_hub.service_get("api/me", "not-a-token").status_code == 403
     name = next(iter(users))
@@ -81,11 +81,13 @@ def test_bad_token_and_token_without_service_scope_are_refused(service_hub, user
     assert service_hub.service_get("api/me", narrow).status_code == 403
 
 
+@pytest.mark.e2e
 def test_service_tokens_are_refused(service_hub):
     # The admin *service* token may reach the hub, but the ds01 service acts for users only.
     assert service_hub.service_get("api/me", service_hub.admin_token).status_code == 403
 
 
+@pytest.mark.e2e
 def test_me_and_templates(service_hub, users):
     name, token = next(iter(users.items()))
     assert service_hub.service_get("api/me", token).json()["name"] == name
@@ -93,6 +95,7 @@ def test_me_and_templates(service_hub, users):
     assert [t["key"] for t in templates] == ["general", "cv", "nlp", "rl", "custom"]
 
 
+@pytest.mark.e2e
 def test_build_requests_are_validated(service_hub, users):
     token = next(iter(users.values()))
     bad = service_hub.service_request(
@@ -108,6 +111,7 @@ def test_build_requests_are_validated(service_hub, users):
     assert not_json.status_code == 400
 
 
+@pytest.mark.e2e
 def test_unknown_and_foreign_builds_and_images_are_not_found(service_hub, users):
     (_, alice), (_, bob) = users.items()
     assert service_hub.service_get(f"api/builds/{uuid.uuid4().hex}", alice).status_code == 404
@@ -115,6 +119,7 @@ def test_unknown_and_foreign_builds_and_images_are_not_found(service_hub, users)
     assert service_hub.service_request("DELETE", "api/images/Bad!", bob).status_code == 400
 
 
+@pytest.mark.e2e
 def test_quota_and_containers_answer_for_the_token_owner(service_hub, users):
     name, token = next(iter(users.items()))
     quota = service_hub.service_get("api/quota", token)
@@ -125,6 +130,7 @@ def test_quota_and_containers_answer_for_the_token_owner(service_hub, users):
 
 
 @pytest.mark.docker
+@pytest.mark.e2e
 def test_build_stream_list_and_only_the_owner_sees_or_deletes(
     docker_client, singleuser_image, tmp_path
 ):
@@ -168,3 +174,59 @@ def test_build_stream_list_and_only_the_owner_sees_or_deletes(
         service_hub.stop()
         for image in docker_client.images.list(filters={"label": f"ds01.image.user={alice}"}):
             docker_client.images.remove(image.id, force=True)
+
+
+# ---------------------------------------------------------------- build manager (fast)
+
+
+def _events(*texts: str, fail: bool = False):
+    from ds01hub.images import BuildEvent
+
+    def run(spec):
+        for text in texts:
+            yield BuildEvent("log", text, 0.5)
+        if fail:
+            raise RuntimeError("engine went away")
+        yield BuildEvent("done", "built", 1.0, image_id="sha256:x", tag=spec.tag)
+
+    return run
+
+
+async def _finish(build):
+    while not build.finished:
+        await build.changed.wait()
+    return build
+
+
+async def test_build_manager_runs_one_build_per_user_and_keeps_events_in_order():
+    from ds01hub.images import ImageSpec
+    from ds01hub.operations import OperationError
+    from ds01hub.service import BuildManager
+
+    manager = BuildManager(_events("a", "b", "c"), max_concurrent=1)
+    build = manager.start(ImageSpec("ann", "one"))
+    with pytest.raises(OperationError) as refused:
+        manager.start(ImageSpec("ann", "two"))
+    assert refused.value.status == 409
+    other = manager.start(ImageSpec("ben", "one"))  # another user may build meanwhile (queued)
+    await _finish(build)
+    await _finish(other)
+    assert [e["text"] for e in build.events] == ["a", "b", "c", "built"]
+    assert build.status == "done" and build.finished_at
+    assert manager.get("ben", build.id) is None and manager.get("ann", build.id) is build
+    assert build.to_dict(since=3)["events"] == [build.events[3]]
+    manager.shutdown()
+
+
+async def test_build_manager_reports_a_crash_as_an_error_event_and_forgets_old_builds():
+    from ds01hub.images import ImageSpec
+    from ds01hub.service import BuildManager
+
+    manager = BuildManager(_events("x", fail=True), keep_per_user=2)
+    builds = []
+    for name in ("a", "b", "c"):
+        builds.append(await _finish(manager.start(ImageSpec("ann", name))))
+    assert builds[-1].status == "error"
+    assert builds[-1].events[-1]["text"] == "build failed: engine went away"
+    assert [b.spec.name for b in manager.for_user("ann")] == ["b", "c"]
+    manager.shutdown()

@@ -8,12 +8,16 @@ user's files, with the very same code the ``project-init`` command uses.
 from __future__ import annotations
 
 import html
+import re
 
 import ipywidgets as w
 
 from .. import projects
 from .client import Ds01Client, Ds01Error
 from .common import box, error_box
+
+#: Container (named server) names the hub-side commands accept (ds01hub.operations.NAME_RE).
+SERVER_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 STEPS = ("Name", "Use case", "Options", "Review")
 
@@ -26,7 +30,9 @@ GUIDANCE = (
     "templates of the Image Builder, so you can build an image with the right libraries later.",
     "git keeps the history of your code and notebooks. The wizard creates a repository with a "
     ".gitignore that keeps data, model weights and checkpoints out of it (they are large). "
-    "The folder is created inside the one you give here (empty: your home folder).",
+    "The folder is created inside the one you give here (empty: your home folder). A project "
+    "can also get its own container (a named server in the hub) with its own GPU and image; "
+    "you can start it later from the hub's home page too.",
     "Check what will be created. Existing files are never overwritten, so running the wizard "
     "again on the same name is safe.",
 )
@@ -56,6 +62,9 @@ class ProjectWizard(w.VBox):
         )
         self.use_git = w.Checkbox(value=True, description="Initialise a git repository")
         self.parent = w.Text(description="Inside", placeholder="(your home folder)")
+        self.start_container = w.Checkbox(
+            value=False, description="Also start a container (named server) for this project"
+        )
         self.review = w.HTML()
         self.message = w.HTML()
         self.back_button = w.Button(description="Back", icon="arrow-left")
@@ -75,7 +84,7 @@ class ProjectWizard(w.VBox):
         self.pages = [
             w.VBox([self.project_name, self.project_description]),
             w.VBox([self.use_case]),
-            w.VBox([self.use_git, self.parent]),
+            w.VBox([self.use_git, self.parent, self.start_container]),
             w.VBox([self.review]),
         ]
         self.body = w.VBox()
@@ -125,6 +134,12 @@ class ProjectWizard(w.VBox):
             projects.plan_project(self.spec())
         except projects.ProjectError as error:
             return str(error)
+        name = self.spec().name
+        if self.start_container.value and not SERVER_NAME_RE.match(name):
+            return (
+                f"{name!r} cannot name a container: use lowercase letters, digits, '-' and '_' "
+                "(or do not start a container now)"
+            )
         return None
 
     def _review_html(self) -> str:
@@ -136,9 +151,15 @@ class ProjectWizard(w.VBox):
         )
         files = ", ".join(f"<code>{html.escape(f)}</code>" for f in plan.files if "/" not in f)
         git = "a git repository with a first commit" if plan.git else "no git repository"
+        container = (
+            f"<p>Then a container named <b>{html.escape(plan.name)}</b> is started for it.</p>"
+            if self.start_container.value
+            else ""
+        )
         return (
             f"<div class='ds01-review'><p><b>{html.escape(plan.name)}/</b> in "
-            f"{html.escape(where)}, with {git}.</p><ul>{rows}</ul><p>Files: {files}</p></div>"
+            f"{html.escape(where)}, with {git}.</p><ul>{rows}</ul><p>Files: {files}</p>"
+            f"{container}</div>"
         )
 
     def create(self) -> dict | None:
@@ -163,7 +184,22 @@ class ProjectWizard(w.VBox):
             return None
         finally:
             self.create_button.disabled = False
-        self.message.value = box(
-            "ok", f"Project created: {self.result['relative_path']}/", self.result.get("summary")
+        created = box(
+            "ok", f"Project created: {self.result['relative_path']}/", self.result["summary"]
         )
+        self.message.value = created
+        if self.start_container.value:
+            self.message.value = created + box("info", f"Starting a container for {spec.name} ...")
+            self.message.value = created + self._start_container(spec.name)
         return self.result
+
+    def _start_container(self, name: str) -> str:
+        """Ask the hub (through the ds01 service) to start the project's named server."""
+        try:
+            container = self.client.post(f"api/projects/{name}/server", {})
+        except Ds01Error as error:
+            return error_box(error)
+        self.result["container"] = container
+        where = container.get("url") or f"the hub home page (server {name})"
+        state = container.get("state", "starting")
+        return box("ok", f"Container {name} is {state}", f"open it from {where}")
