@@ -489,3 +489,14 @@ def test_input_frames_round_trip():
     assert terminal.decode_input_header(resize[:5]) == (terminal.INPUT_RESIZE, 4)
     assert struct.unpack(">HH", resize[5:]) == (50, 200)
     assert terminal.encode_input(terminal.INPUT_EOF) == b"\x01\x00\x00\x00\x00"
+
+
+def test_ctrl_c_while_waiting_says_the_work_goes_on():
+    class Interrupted(ScriptedBackend):
+        def start(self, project, options, create):
+            yield {"event": "progress", "progress": 35, "message": "waiting for a GPU: position 2"}
+            raise KeyboardInterrupt
+
+    code, _, err = run("container-create", ["thesis", "--gpus", "1"], Interrupted())
+    assert code == 130
+    assert "waiting for a GPU: position 2" in err and "thesis goes on in the hub" in err

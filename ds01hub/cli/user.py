@@ -177,21 +177,29 @@ def spawn_options_from(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def follow(ctx: Context, events: Iterable[dict[str, Any]], what: str) -> dict[str, Any]:
-    """Show progress events on stderr; return the final event (ready / done)."""
+    """Show progress events on stderr; return the final event (ready / done). Ctrl-C stops
+    watching, not the work: the hub goes on, and the user is told so."""
     final: dict[str, Any] = {}
     colour = use_colour(ctx.stderr)
-    for event in events:
-        kind = event.get("event") or event.get("kind")
-        if kind in ("ready", "done"):
-            final = event
-            continue
-        message = event.get("message") or event.get("text") or ""
-        progress = event.get("progress")
-        if isinstance(progress, float) and progress <= 1.0 and kind in ("step", "log"):
-            progress = progress * 100
-        prefix = f"[{progress:3.0f}%] " if isinstance(progress, int | float) else ""
-        if message and not ctx.json:
-            ctx.note(paint(f"{what}: {prefix}{message}", "grey", colour))
+    try:
+        for event in events:
+            kind = event.get("event") or event.get("kind")
+            if kind in ("ready", "done"):
+                final = event
+                continue
+            message = event.get("message") or event.get("text") or ""
+            progress = event.get("progress")
+            if isinstance(progress, float) and progress <= 1.0 and kind in ("step", "log"):
+                progress = progress * 100
+            prefix = f"[{progress:3.0f}%] " if isinstance(progress, int | float) else ""
+            if message and not ctx.json:
+                ctx.note(paint(f"{what}: {prefix}{message}", "grey", colour))
+    except KeyboardInterrupt:
+        raise CliError(
+            f"stopped watching; {what} goes on in the hub",
+            hint="see it with container-list / image-list; stop it with container-stop NAME",
+            code=130,
+        ) from None
     return final
 
 
