@@ -31,6 +31,7 @@ import signal
 import socket
 import stat
 import struct
+import sys
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -492,7 +493,10 @@ class Upstream:
     path: str
 
     async def connect(self) -> Stream:
-        reader, writer = await asyncio.open_unix_connection(self.path, limit=MAX_HEAD)
+        try:
+            reader, writer = await asyncio.open_unix_connection(self.path, limit=MAX_HEAD)
+        except OSError as error:
+            raise Denied(502, f"the Docker engine at {self.path} is unreachable: {error}") from None
         return Stream(reader, writer)
 
     async def fetch(self, path: str) -> Fetched:
@@ -639,7 +643,11 @@ class Proxy:
             await refuse(client, who, method, raw_target, denial)
             await body.drain()
             return False
-        return await self.forward(client, request, body, plan)
+        try:
+            return await self.forward(client, request, body, plan)
+        except Denied as denial:  # the engine unreachable: nothing was answered yet
+            await refuse(client, who, method, raw_target, denial)
+            return False
 
     async def plan(self, caller: Caller, request: Message, body: RequestBody) -> Plan:
         method, raw_target = request.start[0], request.start[1]
@@ -917,13 +925,21 @@ def run(args: argparse.Namespace) -> int:
         try:
             grp.getgrnam(args.admin_group)
         except KeyError:
-            print(f"ds01hub proxy: --admin-group {args.admin_group}: no such group")
+            print(
+                f"ds01hub proxy: --admin-group {args.admin_group}: no such group", file=sys.stderr
+            )
             return 2
     settings = policy.Settings(bind_roots=tuple(args.bind_root or policy.Settings().bind_roots))
     try:
         limits = limits_loader(args.limits)
     except Exception as error:  # LimitsError names the key and the fix
-        print(f"ds01hub proxy: --limits {args.limits}: {error}")
+        print(f"ds01hub proxy: --limits {args.limits}: {error}", file=sys.stderr)
+        return 1
+    if not os.path.exists(args.upstream):
+        print(
+            f"ds01hub proxy: --upstream {args.upstream}: no such socket; is dockerd running?",
+            file=sys.stderr,
+        )
         return 1
     proxy = Proxy(
         Upstream(args.upstream),

@@ -115,7 +115,6 @@ class ContainerFacts:
     """What the upstream engine says about a container (``GET /containers/{ref}/json``)."""
 
     id: str
-    name: str
     labels: Mapping[str, str]
     has_host_binds: bool = False
 
@@ -131,7 +130,6 @@ class ContainerFacts:
         mounts = data.get("Mounts") or []
         return cls(
             id=data["Id"],
-            name=str(data.get("Name", "")).lstrip("/"),
             labels=dict(config.get("Labels") or {}),
             has_host_binds=any(m.get("Type") == "bind" for m in mounts),
         )
@@ -157,10 +155,6 @@ class Target:
     version: str | None
     segments: tuple[str, ...]
     query: tuple[tuple[str, str], ...] = ()
-
-    @property
-    def path(self) -> str:
-        return "/" + "/".join(self.segments)
 
     def render(self) -> str:
         prefix = f"/v{self.version}" if self.version is not None else ""

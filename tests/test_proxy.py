@@ -87,6 +87,55 @@ def test_obsolete_line_folding_is_refused():
         parse_head(b"GET /x HTTP/1.1\r\nHost: d\r\n X-Folded: 1\r\n\r\n", request=True)
 
 
+def test_an_unreachable_engine_is_a_clear_502(tmp_path):
+    import asyncio
+    import socket
+
+    from ds01hub.proxy import Proxy, Upstream, serve
+
+    dead = tmp_path / "engine.sock"
+    socket.socket(socket.AF_UNIX).bind(str(dead))  # a socket file nobody listens on
+
+    async def ping() -> bytes:
+        listen = str(tmp_path / "proxy.sock")
+        ready = asyncio.Event()
+        server = asyncio.create_task(serve(Proxy(Upstream(str(dead))), listen, ready.set))
+        await ready.wait()
+        reader, writer = await asyncio.open_unix_connection(listen)
+        writer.write(b"GET /_ping HTTP/1.1\r\nHost: d\r\n\r\n")
+        answer = await reader.read()
+        server.cancel()
+        return answer
+
+    answer = asyncio.run(ping())
+    assert answer.startswith(b"HTTP/1.1 502 ")
+    assert b"unreachable" in answer
+
+
+@pytest.mark.parametrize(
+    ("options", "code", "message"),
+    [
+        (["--upstream", "/nonexistent/docker.sock"], 1, "no such socket"),
+        (["--admin-group", "no-such-group-ds01"], 2, "no such group"),
+        (["--limits", "/nonexistent/limits.yaml"], 1, "--limits"),
+        (["--log-level", "loud"], 2, "invalid choice"),
+    ],
+)
+def test_command_line_errors(tmp_path, options, code, message):
+    command = [
+        sys.executable,
+        "-c",
+        "import sys; from ds01hub.cli.admin import main; sys.exit(main(sys.argv[1:]))",
+        "proxy",
+        "--listen",
+        str(tmp_path / "p.sock"),
+        *options,
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == code
+    assert message in result.stderr
+
+
 # --------------------------------------------------------------------------- real engine
 
 DOCKER = shutil.which("docker") or "/usr/local/bin/docker"

@@ -25,7 +25,7 @@ BOB_ID = "b" * 64
 
 def facts(cid: str, user: str | None, binds: bool = False, managed: str = "true"):
     labels = {"ds01.managed": managed, "ds01.user": user} if user else {}
-    return ContainerFacts(id=cid, name=f"c-{user}", labels=labels, has_host_binds=binds)
+    return ContainerFacts(id=cid, labels=labels, has_host_binds=binds)
 
 
 def target(raw: str, method: str = "GET"):
