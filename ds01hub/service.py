@@ -535,6 +535,8 @@ class DS01Service(Application):
         self.log.info("ds01 service listening on %s%s", self.service_url, self.service_prefix)
         try:
             IOLoop.current().start()
+        except KeyboardInterrupt:  # JupyterHub stops managed services with SIGINT first
+            self.log.info("ds01 service stopping")
         finally:
             self.builds.shutdown()
 
