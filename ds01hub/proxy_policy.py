@@ -59,6 +59,8 @@ USER_LABEL = "ds01.user"
 # the system's (GPU holdings, priority, group) and is dropped from a user's create request.
 USER_SETTABLE_LABELS = frozenset({"ds01.project", "ds01.test"})
 RESERVED_LABEL_PREFIXES = ("ds01.", "aime.mlc.")
+# Reverse proxies that route by container labels (Traefik, caddy-docker-proxy)
+ROUTING_LABEL_PREFIXES = ("traefik.", "caddy")
 MIN_API_VERSION = (1, 24)  # older versions accept HostConfig at start: a create-check bypass
 MAX_JSON_BODY = 4 * 1024 * 1024
 GPU_HINT = (
@@ -520,6 +522,18 @@ def must_be_empty(what: str, hint: str = "") -> Check:
     return check
 
 
+def must_be_null(what: str) -> Check:
+    def check(value: Any) -> Any:
+        if value is not None:
+            raise forbid(
+                f"Permission denied: setting {what} is not allowed "
+                "(--security-opt systempaths=unconfined)"
+            )
+        return None
+
+    return check
+
+
 def one_of(what: str, allowed: Iterable[Any]) -> Check:
     allowed = tuple(allowed)
 
@@ -673,8 +687,6 @@ HOST_FORBIDDEN = {
     "KernelMemoryTCP": "kernel memory settings",
     "CpuRealtimePeriod": "realtime scheduling",
     "CpuRealtimeRuntime": "realtime scheduling",
-    "MaskedPaths": "changing masked paths",
-    "ReadonlyPaths": "changing read-only paths",
     "VolumeDriver": "volume drivers",
     "Cgroup": "cgroup modes",
 }
@@ -728,6 +740,11 @@ class CreateCheck:
     def labels(self, value: Any) -> dict[str, str]:
         if value is not None and not isinstance(value, dict):
             raise Denied(400, "create: Labels must be an object")
+        if routing := [k for k in value or {} if k.startswith(ROUTING_LABEL_PREFIXES)]:
+            raise forbid(
+                f"Permission denied: label {routing[0]!r}: reverse-proxy routing labels "
+                "are reserved to admins (they could claim the hub's own address)"
+            )
         kept = {
             k: str(v)
             for k, v in (value or {}).items()
@@ -750,6 +767,8 @@ class CreateCheck:
     def host_config(self, value: Any) -> dict[str, Any]:
         checks: dict[str, Check] = {key: accept for key in HOST_ACCEPTED}
         checks |= {key: must_be_empty(what) for key, what in HOST_FORBIDDEN.items()}
+        # an empty list here is not "unset": it removes the defaults (systempaths=unconfined)
+        checks |= {key: must_be_null(key) for key in ("MaskedPaths", "ReadonlyPaths")}
         checks |= {
             "Binds": self.binds,
             "Mounts": self.mounts,

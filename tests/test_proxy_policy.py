@@ -365,7 +365,9 @@ def test_create_forces_no_new_privileges_and_hides_gpus():
         ({"LogConfig": {"Type": "syslog", "Config": {}}}, "LogConfig.Type"),
         ({"LogConfig": {"Type": "json-file", "Config": {"tag": "x"}}}, "log options"),
         ({"PortBindings": {"80/tcp": [{"HostPort": "80"}]}}, "reserved"),
-        ({"MaskedPaths": ["/x"]}, "masked paths"),
+        ({"MaskedPaths": ["/x"]}, "MaskedPaths"),
+        ({"MaskedPaths": []}, "systempaths=unconfined"),
+        ({"ReadonlyPaths": []}, "systempaths=unconfined"),
         ({"Ulimits": [{"Name": "nofile", "Soft": 1, "Hard": 1}]}, "ulimits"),
         ({"OomKillDisable": True}, "OOM"),
         ({"OomScoreAdj": -1000}, "OomScoreAdj"),
@@ -413,10 +415,10 @@ def test_host_config_fields_at_the_top_level_are_refused():
 
 
 def test_empty_unknown_fields_are_dropped_not_forwarded():
-    body = base(MaskedPaths=[], ReadonlyPaths=[], Annotations=None, Privileged=False)
+    body = base(Annotations=None, Privileged=False, CapAdd=[])
     body["Memory"] = 0
     out = create(body)
-    assert "MaskedPaths" not in out["HostConfig"] and "Memory" not in out
+    assert "Annotations" not in out["HostConfig"] and "Memory" not in out
     assert "Privileged" not in out["HostConfig"]
 
 
@@ -586,3 +588,10 @@ def test_inspecting_other_object_types_answers_not_found():
     # so that `docker inspect NAME` ends with "No such container" rather than a 403
     for path in ["/networks/abc", "/volumes/abc", "/plugins/abc/json", "/services/abc"]:
         assert "No such" in denied(policy.classify, target(path), status=404)
+
+
+def test_reverse_proxy_routing_labels_are_refused():
+    for label in ("traefik.http.routers.x.rule", "caddy", "caddy.reverse_proxy"):
+        body = base()
+        body["Labels"] = {label: "Host(`hub.example.org`)"}
+        assert "routing labels" in denied(create, body)
