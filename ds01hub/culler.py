@@ -36,6 +36,7 @@ import os
 import re
 import tarfile
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -400,6 +401,7 @@ class Culler:
         cpu_threshold: float = 10.0,
         gpu_samples: int = 3,
         gpu_sample_interval: float = 1.0,
+        stats_workers: int = 32,
         notify_containers: bool = True,
         proc_root: str | os.PathLike = "/proc",
         extra_labels: Iterable[str] = (),
@@ -418,6 +420,8 @@ class Culler:
         self.cpu_threshold = cpu_threshold
         self.gpu_samples = max(1, gpu_samples)
         self.gpu_sample_interval = gpu_sample_interval
+        # `docker stats` waits about a second on the engine per container: many at once
+        self._stats_pool = ThreadPoolExecutor(stats_workers, thread_name_prefix="ds01-cull-stats")
         self.notify_containers = notify_containers
         self.proc_root = proc_root
         self.extra_labels = list(extra_labels)
@@ -471,6 +475,15 @@ class Culler:
         except Exception as error:
             self.log.warning("no CPU stats for %s: %s", container_id[:12], error)
             return None
+
+    async def cpu_activity(self, container_ids: Iterable[str]) -> dict[str, float | None]:
+        """`cpu_percent` of every container, sampled all at once."""
+        loop = asyncio.get_running_loop()
+        ids = list(container_ids)
+        samples = await asyncio.gather(
+            *(loop.run_in_executor(self._stats_pool, self.cpu_percent, cid) for cid in ids)
+        )
+        return dict(zip(ids, samples, strict=True))
 
     async def gpu_activity(
         self, containers: Mapping[str, tuple[str, ...]]
@@ -560,9 +573,9 @@ class Culler:
             return candidates
         targets = {candidates[i][0].container_id: candidates[i][0] for i in due}
         gpu_slots = await asyncio.to_thread(self._slots_of, list(targets))
-        cpu_task = asyncio.gather(*(asyncio.to_thread(self.cpu_percent, cid) for cid in targets))
+        cpu_task = asyncio.ensure_future(self.cpu_activity(targets))
         samples, processes = await self.gpu_activity(gpu_slots)
-        cpu = dict(zip(targets, await cpu_task, strict=True))
+        cpu = await cpu_task
         sampled = list(candidates)
         for i in due:
             activity, policy = candidates[i]

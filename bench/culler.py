@@ -1,0 +1,150 @@
+"""Culler benchmark: what one cull pass costs, stage by stage.
+
+    .venv/bin/python bench/culler.py [--containers 8] [--servers 10000]
+
+Rows, side by side in one run:
+
+- decide (pure): `culler.decide` for `--servers` servers (a mix of active, busy and idle);
+- GPU sampling: `Culler.gpu_activity` for K real running containers holding SIMULATED GPUs
+  with one compute process each (3 NVML samples, no pause between them), i.e. the NVML calls
+  plus the pid -> /proc/PID/cgroup -> container mapping;
+- CPU sampling: one `docker stats` per container, one after the other vs all at once
+  (`Culler.cpu_activity`, its own thread pool); Docker needs 1-2 s per sample, so this
+  dominates a pass.
+
+Only servers whose hub activity is older than `idle_timeout - warn_before` are sampled at all;
+the others cost one `decide`. Containers are made from the base image (`sleep`), labelled
+`ds01.test=1` + a run label, and removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import docker
+
+from ds01hub import bootstrap, labels
+from ds01hub.culler import Culler, CullPolicy, ServerActivity, decide
+from ds01hub.inventory import discover
+from ds01hub.limits import SimulatedGpuSpec, parse_limits
+from ds01hub.simulated_nvml import SimulatedNvml
+
+NOW = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
+
+
+def bench_decide(servers: int) -> float:
+    """Microseconds per decision."""
+    policy = CullPolicy(idle_timeout=7200, warn_before=600)
+    activities = [
+        ServerActivity(
+            user=f"u{i}",
+            server="",
+            container=f"default._.u{i}",
+            started=NOW - timedelta(days=1),
+            last_activity=NOW - timedelta(seconds=(i * 37) % 20000),
+            gpu_samples={"0": (0, (i * 13) % 100, 0)},
+            gpu_processes={"0": ()},
+            cpu_percent=float(i % 20),
+        )
+        for i in range(servers)
+    ]
+    start = time.perf_counter()
+    for activity in activities:
+        decide(activity, policy, NOW)
+    return (time.perf_counter() - start) / servers * 1e6
+
+
+def start_containers(client, image: str, count: int, run_label: str) -> list:
+    key, _, value = run_label.partition("=")
+    containers = []
+    for index in range(count):
+        managed = labels.container_labels(
+            user=f"bench{index}", project=None, group=None, priority=10, gpus=[str(index)]
+        )
+        containers.append(
+            client.containers.run(
+                image,
+                ["sleep", "600"],
+                labels={**managed, "ds01.test": "1", key: value},
+                detach=True,
+            )
+        )
+    for container in containers:
+        container.reload()
+    return containers
+
+
+def timed(function, repeat: int = 3) -> float:
+    """Median seconds of `repeat` calls."""
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--containers", type=int, default=8, help="running containers (K)")
+    parser.add_argument("--servers", type=int, default=10000, help="servers for decide()")
+    args = parser.parse_args()
+
+    client = docker.from_env()
+    image = bootstrap.ensure_base_image().tag
+    run_label = f"ds01.bench.culler={uuid.uuid4().hex[:8]}"
+    nvml = SimulatedNvml([SimulatedGpuSpec() for _ in range(args.containers)], "bench")
+    inventory = discover(nvml, simulated=True)
+    culler = Culler(None, client, inventory, parse_limits({}), gpu_sample_interval=0)
+    containers = start_containers(client, image, args.containers, run_label)
+    try:
+        for index, container in enumerate(containers):
+            nvml.add_process(str(index), container.attrs["State"]["Pid"])
+        slots = {c.id: (str(i),) for i, c in enumerate(containers)}
+        ids = list(slots)
+
+        def gpu() -> None:
+            _, processes = asyncio.run(culler.gpu_activity(slots))
+            assert all(processes[cid][slot] for cid, (slot,) in slots.items())
+
+        def cpu_serial() -> None:
+            for cid in ids:
+                culler.cpu_percent(cid)
+
+        async def cpu_at_once() -> None:
+            assert None not in (await culler.cpu_activity(ids)).values()
+
+        rows = [
+            (
+                f"decide (pure), {args.servers} servers",
+                f"{bench_decide(args.servers):.1f} us/server",
+            ),
+            (
+                f"GPU sampling, {args.containers} containers x 3 samples",
+                f"{timed(gpu) * 1000:.1f} ms",
+            ),
+            (
+                f"CPU sampling, {args.containers} containers, one after the other",
+                f"{timed(cpu_serial, 1):.2f} s",
+            ),
+            (
+                f"CPU sampling, {args.containers} containers, all at once (the culler)",
+                f"{timed(lambda: asyncio.run(cpu_at_once()), 1):.2f} s",
+            ),
+        ]
+    finally:
+        for container in containers:
+            container.remove(force=True)
+    width = max(len(name) for name, _ in rows)
+    print(f"{'stage':<{width}}  cost")
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    main()
