@@ -7,10 +7,11 @@ HTTP/1.1 request itself (it needs the raw bytes to splice hijacked streams: ``do
 upstream engine and the file system, and forwards exactly the request the policy returned.
 Decisions are per request, not per connection: a keep-alive connection is re-checked every time.
 
-Responses are relayed as they arrive: fixed-length and chunked bodies are streamed, responses
-without framing (old-style hijack) and ``101 Switching Protocols`` become a two-way splice.
-Each request gets its own upstream connection, so a streamed or hijacked response never has to
-be resynchronised with the next request.
+Each request gets its own upstream connection, sent with ``Connection: close``: the engine's
+answer then ends where its stream ends, so it is relayed as it arrives without re-parsing its
+framing (client bodies, in contrast, are parsed strictly: no smuggling). Responses without
+framing (old-style hijack) and ``101 Switching Protocols`` become a two-way splice. Endless
+answers (``logs -f``, ``events``) stop as soon as the client hangs up.
 
 Run it as root (``ds01hub proxy``): it needs the engine's socket, reads other users' /proc to
 tell host processes from containerised ones, and resolves bind paths as the engine would.
@@ -110,6 +111,8 @@ class Stream:
                 if self.buffer:
                     raise HttpError("connection closed inside a header section")
                 return None
+        if end + 4 > MAX_HEAD:
+            raise HttpError("header section too large")
         return self.take(end + 4)
 
     async def write(self, data: bytes) -> None:
@@ -622,10 +625,14 @@ class Proxy:
 
     async def serve_one(self, client: Stream, caller: Caller | None, uid: int) -> bool:
         """Serve one request; True to keep the connection for the next."""
-        head = await client.read_head()
+        who = caller.user if caller else f"uid {uid}"
+        try:
+            head = await client.read_head()
+        except HttpError as error:
+            await refuse(client, who, "?", "", Denied(400, str(error)))
+            return False
         if head is None:
             return False
-        who = caller.user if caller else f"uid {uid}"
         try:
             request = parse_head(head, request=True)
             body = RequestBody(client, request_framing(request))

@@ -136,6 +136,25 @@ def test_command_line_errors(tmp_path, options, code, message):
     assert message in result.stderr
 
 
+def test_an_oversized_header_section_is_refused(tmp_path):
+    import asyncio
+
+    from ds01hub.proxy import Proxy, Upstream, serve
+
+    async def send_huge_head() -> bytes:
+        listen = str(tmp_path / "proxy.sock")
+        ready = asyncio.Event()
+        server = asyncio.create_task(serve(Proxy(Upstream("/nonexistent")), listen, ready.set))
+        await ready.wait()
+        reader, writer = await asyncio.open_unix_connection(listen)
+        writer.write(b"GET /_ping HTTP/1.1\r\n" + b"X-Big: " + b"a" * 100_000 + b"\r\n\r\n")
+        answer = await reader.read()
+        server.cancel()
+        return answer
+
+    assert asyncio.run(send_huge_head()).startswith(b"HTTP/1.1 400 ")
+
+
 # --------------------------------------------------------------------------- real engine
 
 DOCKER = shutil.which("docker") or "/usr/local/bin/docker"
