@@ -63,6 +63,11 @@ RESERVED_LABEL_PREFIXES = ("ds01.", "aime.mlc.")
 ROUTING_LABEL_PREFIXES = ("traefik.", "caddy")
 MIN_API_VERSION = (1, 24)  # older versions accept HostConfig at start: a create-check bypass
 MAX_JSON_BODY = 4 * 1024 * 1024
+BUILDKIT_REFUSED = (
+    "Permission denied: BuildKit is not available through the ds01 proxy (its API would "
+    "bypass the tag and network checks); build with DOCKER_BUILDKIT=0 docker build, "
+    "or use image-create"
+)
 GPU_HINT = (
     "GPUs are handed out by the ds01hub allocator: use `container-create NAME --gpus N` "
     "(or --mig PROFILE) instead of docker --gpus/--device"
@@ -336,6 +341,8 @@ def classify(target: Target) -> Route:
     """Which allowed endpoint this is, or `Denied` (deny by default)."""
     method, segs = target.method, target.segments
     joined = "/".join(segs)
+    if joined in ("session", "grpc"):
+        raise forbid(BUILDKIT_REFUSED)
     if (method, joined) in PUBLIC_ENDPOINTS:
         return Route(Kind.PUBLIC)
     if (method, joined) == ("GET", "containers/json"):
@@ -1171,10 +1178,7 @@ BUILD_FORBIDDEN = (
 def check_build(caller: Caller, target: Target, limits: UserLimits | None) -> Target:
     """Legacy builds only; tags in the user's namespace; the user's memory/CPU limits."""
     if target.param("version") not in (None, "", "1"):
-        raise forbid(
-            "Permission denied: BuildKit builds are not available through the ds01 "
-            "proxy; run DOCKER_BUILDKIT=0 docker build, or image-create"
-        )
+        raise forbid(BUILDKIT_REFUSED)
     for key in BUILD_FORBIDDEN:
         value = target.param(key)
         if value not in (None, "", "[]", "null", "0", "false"):

@@ -810,7 +810,6 @@ def test_raw_request_smuggling_and_form_bodies(proxy, world):
         ("GET", "/v1.41/system/df"),
         ("POST", "/v1.41/containers/prune"),
         ("POST", "/v1.41/images/load"),
-        ("POST", "/session"),
         ("POST", "/v1.41/containers/{own}/update"),
         ("POST", "/v1.41/commit?container={own}"),
     ],

@@ -112,8 +112,6 @@ def test_repeated_single_valued_parameter_is_refused():
         ("GET", "/plugins"),
         ("POST", "/containers/x/update"),
         ("POST", "/commit?container=x"),
-        ("POST", "/session"),
-        ("POST", "/grpc"),
         ("POST", "/images/load"),
         ("POST", "/containers/prune"),
         ("GET", "/system/df"),
@@ -595,3 +593,8 @@ def test_reverse_proxy_routing_labels_are_refused():
         body = base()
         body["Labels"] = {label: "Host(`hub.example.org`)"}
         assert "routing labels" in denied(create, body)
+
+
+def test_buildkit_refusals_say_how_to_build():
+    for path in ("/session", "/grpc", "/v1.41/session"):
+        assert "DOCKER_BUILDKIT=0" in denied(policy.classify, target(path, "POST"))
