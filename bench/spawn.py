@@ -1,0 +1,113 @@
+"""Time-to-ready of a spawn: plain DockerSpawner vs DS01Spawner, side by side in one run.
+
+    .venv/bin/python bench/spawn.py [--spawns 5]
+
+Starts two real JupyterHubs (+ configurable-http-proxy) on the same single-user image (the
+test suite's, built if missing): one with `spawner_class = "docker"`, one with "ds01" (a limits
+YAML with a SIMULATED inventory). Each round spawns, in turn (the order alternating between
+rounds, so drift in the machine's load hits both alike), a fresh user's server on:
+
+  docker         plain DockerSpawner
+  ds01           DS01Spawner, no GPU (limits, quota check, labels)
+  ds01+gpu       DS01Spawner with one (simulated) GPU: also the queue and the allocator
+
+Time-to-ready runs from the REST POST to the `ready` event of the hub's progress stream (no
+polling interval in the figure). Then the server is stopped and its container removed (not
+timed). Prints medians, the ratio to plain DockerSpawner and the difference in milliseconds.
+Goal: DS01Spawner adds under 5% or under 150 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from harness import HubFactory, unique_name  # noqa: E402
+from harness.ds01_spawner import Ds01Hub  # noqa: E402
+
+from ds01hub import bootstrap  # noqa: E402
+
+
+def time_to_ready(hub, user: str, options: dict | None) -> float:
+    """Seconds from the spawn request to the hub's `ready` progress event."""
+    hub.create_user(user, groups=["researchers"])
+    started = time.perf_counter()
+    hub.start_server(user, options=options)
+    response = hub.api("GET", f"/users/{user}/server/progress", stream=True, timeout=300)
+    for line in response.iter_lines(decode_unicode=True):
+        if line and line.startswith("data:"):
+            event = json.loads(line[5:])
+            if event.get("ready"):
+                elapsed = time.perf_counter() - started
+                response.close()
+                return elapsed
+            if event.get("failed"):
+                raise RuntimeError(f"spawn of {user} failed: {event.get('message')}")
+    raise RuntimeError(f"progress of {user} ended without ready:\n{hub.log()}")
+
+
+def clean_up(hub, docker_client, user: str) -> None:
+    container = hub.container_of(user)
+    hub.stop_server(user)
+    container.remove(force=True)
+    hub.api("DELETE", f"/users/{user}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--spawns", type=int, default=5, help="spawns per variant (default 5)")
+    args = parser.parse_args(argv)
+
+    import docker
+
+    bootstrap.ensure_docker_engine()
+    client = docker.from_env(timeout=300)
+    base = bootstrap.ensure_base_image().tag
+    ca_bundle = bootstrap.HOST_CA_BUNDLE if bootstrap.HOST_CA_BUNDLE.exists() else None
+    image = bootstrap.ensure_singleuser_image(base, ca_bundle=ca_bundle).tag
+    directory = Path(tempfile.mkdtemp(prefix="ds01-bench-spawn-"))
+    factory = HubFactory(directory, bootstrap.docker_bridge_ip(), image, client)
+    try:
+        plain = factory("c.Spawner.cmd = ['jupyterhub-singleuser']\n", spawner="docker")
+        ds01 = Ds01Hub(factory, directory).hub
+        variants = [("docker", plain, None), ("ds01", ds01, None), ("ds01+gpu", ds01, {"gpus": 1})]
+        times: dict[str, list[float]] = {name: [] for name, _, _ in variants}
+        for round_number in range(args.spawns):
+            order = variants if round_number % 2 == 0 else variants[::-1]
+            for name, hub, options in order:
+                user = unique_name("bench")
+                times[name].append(time_to_ready(hub, user, options))
+                clean_up(hub, client, user)
+            print(
+                f"round {round_number + 1}/{args.spawns}: "
+                + ", ".join(f"{n} {times[n][-1] * 1000:.0f} ms" for n, _, _ in variants),
+                file=sys.stderr,
+            )
+    finally:
+        factory.stop_all()
+    print_table(times, image)
+    return 0
+
+
+def print_table(times: dict[str, list[float]], image: str) -> None:
+    baseline = statistics.median(times["docker"])
+    print(f"\nspawn time-to-ready, {len(times['docker'])} spawns each, image {image}")
+    print(f"{'spawner':<10} {'median ms':>10} {'min ms':>8} {'max ms':>8} {'ratio':>7} {'+ms':>7}")
+    for name, values in times.items():
+        median = statistics.median(values)
+        print(
+            f"{name:<10} {median * 1000:>10.0f} {min(values) * 1000:>8.0f} "
+            f"{max(values) * 1000:>8.0f} {median / baseline:>7.3f} "
+            f"{(median - baseline) * 1000:>+7.0f}"
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
