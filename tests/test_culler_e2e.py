@@ -273,3 +273,36 @@ c.Spawner.cmd = ["jupyterhub-singleuser"]
         assert kinds[0] == "allocate" and kinds[-1] == "expire"
         assert sorted(kinds[1:-1]) == ["cull", "hold"]
         assert registry.get_sample_value("ds01_culls_total", {"reason": "idle"}) == 1
+
+
+async def test_hub_activity_keeps_a_server_and_its_absence_lets_it_go(lab, docker_client, tmp_path):
+    """Real time, a 4 s timeout: activity reported to the hub (as the proxy, the single-user
+    server and `container-run` do) keeps the server; without it the server goes."""
+    hub, _, _ = lab
+    user = unique_name("act")
+    hub.create_user(user)
+    hub.start_server(user)
+    hub.wait_ready(user)
+    limits = parse_limits(
+        {"defaults": {"idle_timeout": None}, "user_overrides": {user: {"idle_timeout": "4s"}}}
+    )
+    client = HubClient(f"{hub.url}/hub/api", hub.admin_token)
+    culler = Culler(
+        client,
+        docker_client,
+        discover(SimulatedNvml([SimulatedGpuSpec()]), simulated=True),
+        limits,
+        state_dir=tmp_path,
+        warn_before=0,
+        gpu_sample_interval=0,
+        extra_labels=[f"ds01.test.hub={hub.hub_id}"],
+    )
+    time.sleep(5)  # longer than the timeout since the spawn...
+    await client.record_activity(user, "", datetime.now(UTC).isoformat())  # ...but just used
+    assert verdicts(await culler.run_once())[user] == ("keep", "active")
+    time.sleep(5)
+    assert verdicts(await culler.run_once())[user] == ("cull", "idle")
+    deadline = time.monotonic() + 60
+    while hub.server(user) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert hub.server(user) is None
