@@ -687,12 +687,12 @@ class Broker(Application):
         import docker
 
         self.docker = docker.DockerClient(base_url=f"unix://{self.docker_socket}")
-        limits_for, utilization = self._limits_and_gpus()
+        limits_for, inventory = self._limits_and_gpus()
         return OperationsContext(
             hub=HubClient(self.hub_api_url, self.api_token),
             docker=self.docker,
             limits_for=limits_for,
-            gpu_utilization=utilization,
+            inventory=inventory,
             auto_create_users=self.auto_create_users,
             spawn_timeout=self.spawn_timeout,
             inspect_workers=self.inspect_workers,
@@ -719,7 +719,7 @@ class Broker(Application):
         except Exception as e:
             self.log.warning("GPU inventory unavailable (%s): no GPU utilisation shown", e)
             return limits_for, None
-        return limits_for, inventory.utilization
+        return limits_for, inventory
 
     async def open_exec_stream(self, exec_id: str, tty: bool) -> IOStream:
         """Start a docker exec and hijack its connection (Docker's own `Upgrade: tcp`), so its

@@ -178,6 +178,20 @@ def memory_used(stats: Mapping[str, Any]) -> int | None:
     return max(0, int(mem["usage"]) - int(cache))
 
 
+def gpu_stats(inventory: Any, slot_id: str) -> dict[str, Any]:
+    """One GPU slot of a container: its utilisation now and its size (the limit), as the
+    inventory knows them (NVML, or SIMULATED, which it says)."""
+    if inventory is None or not inventory.has_slot(slot_id):
+        return {"slot": slot_id, "utilization_percent": None, "memory_mb": None, "simulated": None}
+    slot = inventory.slot(slot_id)
+    return {
+        "slot": slot_id,
+        "utilization_percent": inventory.utilization(slot_id),
+        "memory_mb": slot.memory_mb,
+        "simulated": slot.simulated,
+    }
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -185,12 +199,12 @@ def utcnow() -> datetime:
 @dataclass
 class OperationsContext:
     """What the hub side hands every user's operations: the hub client (a service token), a
-    docker-py client, and resolvers for limits and GPU utilisation (None where unavailable)."""
+    docker-py client, a resolver for limits and the GPU inventory (None where unavailable)."""
 
     hub: HubClient
     docker: Any
     limits_for: Callable[[str, Iterable[str]], Any] | None = None
-    gpu_utilization: Callable[[str], int | None] | None = None
+    inventory: Any = None  # ds01hub.inventory.Inventory: slot sizes and live utilisation
     auto_create_users: bool = True
     clock: Callable[[], datetime] = utcnow
     spawn_timeout: float = 900.0
@@ -518,7 +532,6 @@ class UserOperations:
         for attrs, sample in zip(containers, samples, strict=True):
             record = labels.ContainerRecord.from_docker(attrs)
             host = attrs.get("HostConfig") or {}
-            util = self.ctx.gpu_utilization
             rows.append(
                 {
                     "project": record.project,
@@ -529,10 +542,7 @@ class UserOperations:
                     "memory_limit_bytes": host.get("Memory") or None,
                     "pids": (sample.get("pids_stats") or {}).get("current"),
                     "pids_limit": host.get("PidsLimit") or None,
-                    "gpus": [
-                        {"slot": s, "utilization_percent": util(s) if util else None}
-                        for s in record.gpus
-                    ],
+                    "gpus": [gpu_stats(self.ctx.inventory, slot) for slot in record.gpus],
                 }
             )
         return rows

@@ -168,9 +168,10 @@ def test_stats_show_use_against_limits(hub, users):
     (row,) = json.loads(result.stdout)
     assert row["project"] == "thesis"
     assert row["memory_limit_bytes"] == 1024**3 and row["cpu_limit_percent"] == 100
-    assert len(row["gpus"]) == 1
+    (gpu,) = row["gpus"]
+    assert gpu["simulated"] is True and gpu["memory_mb"] == 80 * 1024
     table = cli(hub, alice, "container-stats").stdout
-    assert "thesis" in table and "/ 1.0G" in table
+    assert "thesis" in table and "/ 1.0G" in table and f"{gpu['slot']} (80G, SIMULATED)" in table
 
 
 def test_stop_holds_the_gpu_then_start_and_remove(hub, users, docker_client):

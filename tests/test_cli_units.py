@@ -500,3 +500,24 @@ def test_ctrl_c_while_waiting_says_the_work_goes_on():
     code, _, err = run("container-create", ["thesis", "--gpus", "1"], Interrupted())
     assert code == 130
     assert "waiting for a GPU: position 2" in err and "thesis goes on in the hub" in err
+
+
+def test_stats_table_shows_use_against_limits():
+    rows = [
+        {
+            "project": "thesis",
+            "cpu_percent": 150.0,
+            "cpu_limit_percent": 400.0,
+            "memory_bytes": 3 * 2**30,
+            "memory_limit_bytes": 16 * 2**30,
+            "pids": 12,
+            "pids_limit": 4096,
+            "gpus": [
+                {"slot": "0:1", "utilization_percent": 87, "memory_mb": 20480, "simulated": True}
+            ],
+        }
+    ]
+    header, line = user.stats_table(rows, colour=False).splitlines()
+    assert header.split()[:4] == ["PROJECT", "CPU", "MEMORY", "PROCESSES"]
+    assert "150% / 400%" in line and "3.0G / 16G" in line and "12 / 4096" in line
+    assert "0:1 (20G, SIMULATED): 87%" in line

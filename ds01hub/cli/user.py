@@ -251,6 +251,14 @@ def container_table(rows: list[dict[str, Any]], colour: bool) -> str:
     return render_table(shown, CONTAINER_COLUMNS, colour)
 
 
+def gpu_cell(gpu: dict[str, Any]) -> str:
+    """`0 (80G, SIMULATED): 12%`: the slot, its size, its utilisation now."""
+    size = format_bytes(gpu["memory_mb"] * 2**20) if gpu.get("memory_mb") else None
+    detail = ", ".join(filter(None, [size, "SIMULATED" if gpu.get("simulated") else None]))
+    slot = f"{gpu['slot']} ({detail})" if detail else str(gpu["slot"])
+    return f"{slot}: {format_percent(gpu.get('utilization_percent'))}"
+
+
 def stats_table(rows: list[dict[str, Any]], colour: bool) -> str:
     def against(used: str, limit: str | None) -> str:
         return f"{used} / {limit}" if limit and limit != "-" else used
@@ -270,10 +278,7 @@ def stats_table(rows: list[dict[str, Any]], colour: bool) -> str:
                     format_bytes(row.get("memory_limit_bytes")),
                 ),
                 "pids": against(str(row.get("pids") or "-"), str(row.get("pids_limit") or "-")),
-                "gpus": ", ".join(
-                    f"{g['slot']}: {format_percent(g.get('utilization_percent'))}" for g in gpus
-                )
-                or "-",
+                "gpus": ", ".join(gpu_cell(g) for g in gpus) or "-",
             }
         )
     columns = (
@@ -281,7 +286,7 @@ def stats_table(rows: list[dict[str, Any]], colour: bool) -> str:
         Column("CPU", "cpu"),
         Column("MEMORY", "memory"),
         Column("PROCESSES", "pids"),
-        Column("GPU UTIL", "gpus"),
+        Column("GPU: UTIL", "gpus"),
     )
     return render_table(shown, columns, colour)
 
