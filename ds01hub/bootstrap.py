@@ -56,6 +56,8 @@ cat >/dev/null
 exit 0
 """
 DOCKERD_LOG = Path("/var/log/ds01hub-dockerd.log")
+SYSTEMD_DROPIN = Path("/etc/systemd/system/docker.service.d/ds01hub-simulated-gpu.conf")
+STANDARD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 STATE_DIR = Path("/var/lib/ds01hub")
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 
@@ -81,7 +83,8 @@ BASE_PACKAGES = (
 )
 #: The hub's own version when it is installed here (hub and single-user must match).
 DEFAULT_JUPYTERHUB_VERSION = "6.1.1"
-SINGLEUSER_EXTRA_REQUIREMENTS = ("jupyterlab",)
+# notebook: "notebook" (Notebook 7) so the ds01 widgets also run in the plain notebook interface.
+SINGLEUSER_EXTRA_REQUIREMENTS = ("jupyterlab", "notebook")
 CA_BUNDLE_IN_IMAGE = "/etc/ds01hub/ca-bundle.crt"
 SYSTEM_CA_BUNDLE_IN_IMAGE = "/etc/ssl/certs/ca-certificates.crt"
 
@@ -314,40 +317,68 @@ def install_simulated_gpu_hook(directory: Path = SIMULATED_GPU_BIN) -> Path:
     return hook
 
 
-def start_dockerd(log_path: Path = DOCKERD_LOG, timeout: float = 90) -> None:
-    """Start dockerd in its own session (it outlives us), logging to ``log_path``."""
-    real_hook = real_gpu_hook()
-    if not real_hook:
-        install_simulated_gpu_hook()
-    env = os.environ | {"PATH": dockerd_path(bool(real_hook), os.environ.get("PATH", ""))}
-    say(f"starting dockerd (log: {log_path})")
-    with open(log_path, "ab") as log:
-        subprocess.Popen(
-            ["dockerd"],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+def wait_for_engine(timeout: float, log_hint: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if docker_answers(timeout=5):
             return
         time.sleep(1)
-    tail = log_path.read_text(errors="replace")[-3000:] if log_path.exists() else ""
-    raise BootstrapError(f"dockerd did not answer within {timeout:.0f}s; {log_path} ends:\n{tail}")
+    raise BootstrapError(f"the Docker engine did not answer within {timeout:.0f}s; {log_hint}")
+
+
+def start_dockerd(path: str, log_path: Path = DOCKERD_LOG, timeout: float = 90) -> None:
+    """Start dockerd in its own session (it outlives us), logging to ``log_path``."""
+    say(f"starting dockerd (log: {log_path})")
+    with open(log_path, "ab") as log:
+        subprocess.Popen(
+            ["dockerd"],
+            env=os.environ | {"PATH": path},
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    tail = ""
+    with contextlib.suppress(OSError):
+        tail = log_path.read_text(errors="replace")[-3000:]
+    wait_for_engine(timeout, f"{log_path} ends:\n{tail}")
+
+
+def systemd_runs() -> bool:
+    return Path("/run/systemd/system").is_dir()
+
+
+def write_systemd_dropin(path: str) -> None:
+    """docker.service gets the same PATH (with the SIMULATED hook) as a dockerd we start."""
+    dropin = SYSTEMD_DROPIN
+    content = f"[Service]\nEnvironment=PATH={path}\n"
+    if not dropin.exists() or dropin.read_text() != content:
+        dropin.parent.mkdir(parents=True, exist_ok=True)
+        dropin.write_text(content)
+        run(["systemctl", "daemon-reload"])
 
 
 def ensure_docker_engine() -> str:
-    """Reuse an engine that answers; otherwise install docker.io if needed and start dockerd.
+    """Reuse an engine that answers (never restarted); otherwise install docker.io if needed and
+    start the engine: under systemd as docker.service, else dockerd in its own session. Where
+    no real NVIDIA hook exists, the SIMULATED one is installed on the engine's PATH first.
     Returns 'running' or 'started'."""
     if docker_answers():
         return "running"
+    real_hook = real_gpu_hook()
+    if not real_hook:
+        install_simulated_gpu_hook()
+    path = dockerd_path(bool(real_hook), STANDARD_PATH)
+    if systemd_runs() and not real_hook:
+        write_systemd_dropin(path)
     ensure_packages(["docker.io"])
-    if docker_answers():  # the package's service may have started it
+    if docker_answers():  # the package's service started it
         return "running"
-    start_dockerd()
+    if systemd_runs():
+        run(["systemctl", "start", "docker"])
+        wait_for_engine(90, "see `journalctl -u docker`")
+    else:
+        start_dockerd(path)
     return "started"
 
 
