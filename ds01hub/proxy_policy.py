@@ -1118,7 +1118,11 @@ def check_events(caller: Caller, target: Target) -> Target:
 
 
 def in_user_namespace(caller: Caller, reference: str) -> bool:
+    """Whether a reference names an image under ``ds01-<user>/`` (Docker Hub's domain, which
+    clients may or may not spell out, names the same local image)."""
     repository = reference.split("@", 1)[0]
+    for hub in ("docker.io/", "index.docker.io/"):
+        repository = repository.removeprefix(hub)
     return repository.startswith(image_repository(caller.user) + "/")
 
 

@@ -366,7 +366,6 @@ def run_detached(proxy, user: str, name: str, *extra: str) -> str:
 def world(proxy, users):
     """alice and bob each with a running container; an unlabelled one made by root."""
     alice, bob = users
-    since = int(time.time()) - 1
     alice_id = run_detached(proxy, alice, f"web-{alice}")
     bob_id = run_detached(proxy, bob, f"web-{bob}")
     loose = admin_docker(
@@ -382,14 +381,7 @@ def world(proxy, users):
         "sleep",
         "600",
     ).stdout.strip()
-    yield {
-        "alice": alice,
-        "bob": bob,
-        "alice_id": alice_id,
-        "bob_id": bob_id,
-        "loose": loose,
-        "since": since,
-    }
+    yield {"alice": alice, "bob": bob, "alice_id": alice_id, "bob_id": bob_id, "loose": loose}
     admin_docker("rm", "-f", loose, check=False)
 
 
@@ -978,11 +970,15 @@ def test_exec_into_a_root_container_with_binds_runs_as_the_user(proxy, world):
 @pytest.mark.docker
 @pytest.mark.root
 def test_events_show_only_own_containers(proxy, world):
-    path = f"/v1.41/events?since={world['since']}&until={int(time.time()) + 1}"
+    since = int(time.time()) - 1  # the engine keeps only its last 256 events: make fresh ones
+    for user in ("alice", "bob"):
+        for action in ("pause", "unpause"):
+            docker_as(proxy, world[user], action, f"web-{world[user]}")
+    path = f"/v1.41/events?since={since}&until={int(time.time()) + 1}"
     status, answer = raw_as(proxy, world["bob"], http("GET", path))
     assert status == 200
     events = [json.loads(line) for line in answer.decode().splitlines() if line.strip()]
-    assert any(e.get("id") == world["bob_id"] for e in events)
+    assert {e["Action"] for e in events if e.get("id") == world["bob_id"]} >= {"pause", "unpause"}
     assert all(e["Type"] == "container" for e in events)
     assert all(e["Actor"]["Attributes"].get("ds01.user") == world["bob"] for e in events)
 
@@ -996,3 +992,38 @@ def test_admin_rule():
     assert rule.allows(Caller(5, 5, "dave", "/home/dave"))
     assert rule.allows(Caller(6, 6, "erin", "/home/erin", ("erin", "labadmins")))
     assert not rule.allows(Caller(7, 7, "frank", "/home/frank", ("frank", "docker")))
+
+
+@pytest.mark.docker
+@pytest.mark.root
+def test_copy_into_an_own_container_without_binds(proxy, world):
+    alice, name = world["alice"], f"web-{world['alice']}"
+    source = Path(tempfile.mkdtemp(prefix="ds01cp-"))
+    try:
+        source.chmod(0o755)
+        (source / "note.txt").write_text("copied in\n")
+        (source / "note.txt").chmod(0o644)
+        result = docker_as(proxy, alice, "cp", str(source / "note.txt"), f"{name}:/tmp/")
+        assert result.returncode == 0, result.stderr
+        inside = docker_as(proxy, alice, "exec", name, "cat", "/tmp/note.txt")
+        assert inside.stdout == "copied in\n"
+    finally:
+        shutil.rmtree(source)
+
+
+@pytest.mark.docker
+@pytest.mark.root
+def test_image_tags_only_in_the_users_namespace(proxy, world):
+    alice = world["alice"]
+    own = f"ds01-{alice}/copy:1"
+    tagged = docker_as(proxy, alice, "tag", IMAGE, own)
+    assert tagged.returncode == 0, tagged.stderr
+    poison = docker_as(proxy, alice, "tag", IMAGE, "ds01hub/singleuser:latest")
+    assert poison.returncode != 0 and "only tag images as" in poison.stderr
+    pull = docker_as(proxy, alice, "pull", IMAGE)
+    assert pull.returncode != 0 and "already exists on this host" in pull.stderr
+    shared = docker_as(proxy, alice, "rmi", IMAGE)
+    assert shared.returncode != 0 and "only remove your own images" in shared.stderr
+    removed = docker_as(proxy, alice, "rmi", own)
+    assert removed.returncode == 0, removed.stderr
+    assert admin_docker("image", "inspect", IMAGE, check=False).returncode == 0

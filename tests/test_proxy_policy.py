@@ -560,6 +560,8 @@ def test_build_rules():
 
 def test_image_tag_delete_and_pull_rules():
     policy.check_image_tag(ALICE, target("/images/x/tag?repo=ds01-alice/y&tag=1", "POST"))
+    policy.check_image_tag(ALICE, target("/images/x/tag?repo=docker.io/ds01-alice/y&tag=1", "POST"))
+    denied(policy.check_image_tag, ALICE, target("/images/x/tag?repo=evil.io/ds01-alice/y", "POST"))
     denied(policy.check_image_tag, ALICE, target("/images/x/tag?repo=busybox&tag=latest", "POST"))
     policy.check_image_delete(ALICE, Route(Kind.IMAGE_DELETE, "", "ds01-alice/y:1"))
     denied(policy.check_image_delete, ALICE, Route(Kind.IMAGE_DELETE, "", "busybox"))
