@@ -42,6 +42,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from ds01hub import labels
+from ds01hub.operations import cpu_percent as docker_cpu_percent
+from ds01hub.operations import project_to_server
+
 __all__ = [
     "CullPolicy",
     "CullWarning",
@@ -378,8 +382,8 @@ class PassReport:
 class Culler:
     """The thin loop: gather activity from the hub, Docker and NVML, `decide`, act.
 
-    `hub` is a `HubClient` whose token has `list:users`, `read:users:activity`,
-    `read:users:groups`, `read:servers` and `servers` (see `configure_hub`); `inventory` the
+    `hub` is a `HubClient` whose token has `ds01hub.ops_service.SERVICE_SCOPES` (list users,
+    read their groups, activity and servers, stop servers); `inventory` the
     GPU inventory (real or SIMULATED NVML); `limits` a `LimitsStore` (reloaded each pass) or a
     fixed `LimitsConfig`; `lifecycle` an optional `ds01hub.lifecycle.Lifecycle` run after the
     servers. `extra_labels` (`key=value`) narrows which containers it sees (one hub of several
@@ -442,18 +446,15 @@ class Culler:
                 return users
             offset += page
 
-    def running_records(self) -> dict[tuple[str, str], Any]:
+    def running_records(self) -> dict[tuple[str, str], labels.ContainerRecord]:
         """(user, hub server name) -> the running managed container."""
-        from ds01hub import labels
-
         filters = {"label": [labels.MANAGED_FILTER["label"], *self.extra_labels]}
         filters["status"] = "running"
         records = {}
         for entry in self.docker.api.containers(filters=filters):
             record = labels.ContainerRecord.from_docker(entry)
             if record is not None:
-                server = "" if record.project == labels.DEFAULT_PROJECT else record.project
-                records[(record.user, server)] = record
+                records[(record.user, project_to_server(record.project))] = record
         return records
 
     def policy_for(self, user: str, groups: Iterable[str]) -> CullPolicy:
@@ -468,10 +469,8 @@ class Culler:
 
     def cpu_percent(self, container_id: str) -> float | None:
         """One `docker stats` sample (Docker averages over about a second); None on failure."""
-        from ds01hub.operations import cpu_percent
-
         try:
-            return cpu_percent(self.docker.api.stats(container_id, stream=False))
+            return docker_cpu_percent(self.docker.api.stats(container_id, stream=False))
         except Exception as error:
             self.log.warning("no CPU stats for %s: %s", container_id[:12], error)
             return None
@@ -536,8 +535,8 @@ class Culler:
                     container=record.name,
                     container_id=record.id,
                     group=record.group,
-                    started=_parse_time(model.get("started")),
-                    last_activity=_parse_time(model.get("last_activity")),
+                    started=labels.parse_docker_time(model.get("started")),
+                    last_activity=labels.parse_docker_time(model.get("last_activity")),
                 )
                 candidates.append((activity, self.policy_for(user["name"], user.get("groups", []))))
         candidates = await self._sample(candidates, now)
@@ -549,15 +548,15 @@ class Culler:
             )
             if dry_run:
                 continue
+            pending = verdict.warning
             try:
                 await self._act(activity, verdict, previous.get(activity.container))
             except Exception as error:  # one server's failure must not stop the pass
                 report.errors.append(f"{activity.container}: {error}")
                 self.log.exception("acting on %s failed", activity.container)
-                if verdict.action == "cull":
-                    verdict = replace(verdict, warning=previous.get(activity.container))
-            if verdict.warning is not None and verdict.action != "cull":
-                kept.append(verdict.warning)
+                pending = previous.get(activity.container)  # a failed cull: again next pass
+            if pending is not None:
+                kept.append(pending)
         if self.lifecycle is not None:
             report.lifecycle = await asyncio.to_thread(self.lifecycle.run_once, dry_run)
         if not dry_run:
@@ -593,8 +592,6 @@ class Culler:
 
     def _slots_of(self, container_ids: list[str]) -> dict[str, tuple[str, ...]]:
         """The slots each container holds (its `ds01.gpus` label), known to the inventory."""
-        from ds01hub import labels
-
         slots = {}
         for cid in container_ids:
             record = labels.ContainerRecord.from_docker(self.docker.api.inspect_container(cid))
@@ -646,9 +643,3 @@ class Culler:
             except Exception:
                 self.log.exception("cull pass failed")
             await asyncio.sleep(interval)
-
-
-def _parse_time(value: Any) -> datetime | None:
-    from ds01hub.labels import parse_docker_time
-
-    return parse_docker_time(value)

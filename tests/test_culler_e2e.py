@@ -306,3 +306,37 @@ async def test_hub_activity_keeps_a_server_and_its_absence_lets_it_go(lab, docke
     while hub.server(user) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert hub.server(user) is None
+
+
+async def test_a_cull_the_hub_refuses_is_reported_and_tried_again(lab, docker_client, tmp_path):
+    """A token without the `servers` scope cannot stop the server: the pass reports the error,
+    keeps the warning, and a later pass with a proper token culls."""
+    hub, users, _ = lab
+    user, operator = unique_name("ref"), unique_name("opr")
+    hub.create_user(user)
+    hub.create_user(operator, admin=True)
+    hub.start_server(user)
+    hub.wait_ready(user)
+    read_only = hub.token_for(operator, scopes=["list:users", "read:users", "read:servers"])
+    clock = Clock()
+    culler, _ = make_culler(hub, docker_client, users, tmp_path, clock)
+    culler.limits = parse_limits(
+        {"defaults": {"idle_timeout": None}, "user_overrides": {user: {"idle_timeout": "1h"}}}
+    )
+    culler.hub = HubClient(f"{hub.url}/hub/api", read_only)
+    clock.offset = timedelta(hours=2)
+    assert verdicts(await culler.run_once())[user] == ("warn", "idle")
+    clock.offset += timedelta(minutes=11)
+    refused = await culler.run_once()
+    assert verdicts(refused)[user] == ("cull", "idle")
+    assert len(refused.errors) == 1 and "403" in refused.errors[0]
+    assert hub.server(user)["ready"]
+    assert [w.user for w in pending_warnings(user, tmp_path)] == [user]  # still stands
+
+    culler.hub = HubClient(f"{hub.url}/hub/api", hub.admin_token)
+    report = await culler.run_once()
+    assert verdicts(report)[user] == ("cull", "idle") and report.errors == []
+    deadline = time.monotonic() + 60
+    while hub.server(user) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert hub.server(user) is None and pending_warnings(user, tmp_path) == []
