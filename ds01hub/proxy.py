@@ -605,6 +605,10 @@ class Proxy:
             del self.exec_owners[next(iter(self.exec_owners))]
         self.exec_owners[exec_id] = (container_id, owner)
 
+    async def limits(self, caller: Caller) -> policy.UserLimits | None:
+        """The caller's limits (the file may be re-read: off the event loop)."""
+        return await asyncio.to_thread(self.limits_for, caller)
+
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         client = Stream(reader, writer)
         task = asyncio.current_task()
@@ -613,7 +617,8 @@ class Proxy:
             task.add_done_callback(self.tasks.discard)
         try:
             pid, uid, _ = peer_credentials(writer.get_extra_info("socket"))
-            caller = identify(pid, uid, self.admins)
+            # the password/group database may be LDAP: never block the loop on it
+            caller = await asyncio.to_thread(identify, pid, uid, self.admins)
             while await self.serve_one(client, caller, uid):
                 pass
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -694,7 +699,7 @@ class Proxy:
                 return await self.plan_exec(caller, target, route)
             case Kind.IMAGE_PULL:
                 reference = policy.pull_reference(target)
-                limits = self.limits_for(caller)
+                limits = await self.limits(caller)
                 if limits and limits.allowed_images is not None:
                     policy.CreateCheck(
                         caller, self.settings, policy.CreateFacts(limits=limits)
@@ -708,7 +713,7 @@ class Proxy:
                 return Plan(target.render(), None)
             case Kind.BUILD:
                 return Plan(
-                    policy.check_build(caller, target, self.limits_for(caller)).render(), None
+                    policy.check_build(caller, target, await self.limits(caller)).render(), None
                 )
         raise policy.forbid("Permission denied")  # pragma: no cover - classify is exhaustive
 
@@ -718,8 +723,8 @@ class Proxy:
             raise Denied(400, "create body must be a JSON object")
         needs = policy.create_needs(caller, body, self.settings)
         containers = {ref: await self.upstream.container(ref) for ref in needs.containers}
-        paths = {path: path_facts(path) for path in needs.paths}
-        limits = self.limits_for(caller)
+        paths = {path: await asyncio.to_thread(path_facts, path) for path in needs.paths}
+        limits = await self.limits(caller)
         existing = 0
         if limits and limits.max_containers is not None:
             existing = await self.upstream.count_containers(caller.user)
