@@ -15,6 +15,7 @@ It shares the spawner's state directory (`$DS01HUB_STATE_DIR`: allocator lock, r
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from traitlets import Bool, Float, Integer, List, Unicode
+from traitlets import Bool, Float, Integer, List, Unicode, default
 from traitlets.config import Application
 
 from ds01hub.culler import Culler, PassReport, default_state_dir, utcnow
@@ -118,6 +119,10 @@ class OpsService(Application):
 
     name = "ds01hub-ops"
     description = __doc__
+
+    @default("log_level")
+    def _default_log_level(self) -> int:
+        return logging.INFO  # every warning, cull and removal is worth a line in the hub log
 
     interval = Float(300.0, help="Seconds between cull passes.").tag(config=True)
     warn_before = Float(
