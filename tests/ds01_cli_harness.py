@@ -133,7 +133,7 @@ class BrokerProcess:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-BUSYBOX_IMAGE = "ds01hub-test/cli-busybox:2"
+BUSYBOX_IMAGE = "ds01hub-test/cli-busybox:4"
 BUSYBOX_APPLETS = (
     "sh",
     "hostname",
@@ -147,6 +147,8 @@ BUSYBOX_APPLETS = (
     "true",
     "stty",
     "ps",
+    "seq",
+    "wc",
 )
 
 
