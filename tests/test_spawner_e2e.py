@@ -282,3 +282,43 @@ def test_hub_killed_during_a_spawn_leaks_nothing(ds01, docker_client):
     assert again.labels["ds01.gpus"] == container.labels["ds01.gpus"]
     held = sorted((h.slot_id, h.container) for h in allocator.holdings())
     assert held == [(again.labels["ds01.gpus"], name)]
+
+
+def test_workspace_uid_and_edited_limits_apply_on_the_next_spawn(
+    hub_factory, tmp_path, docker_client
+):
+    user = unique_name("ws")
+    workspaces = tmp_path / "workspaces"
+    ds01 = Ds01Hub(
+        hub_factory,
+        tmp_path,
+        extra_config=(
+            f"c.DS01Spawner.workspace_root = {str(workspaces)!r}\n"
+            f"c.DS01Spawner.user_ids = {{{user!r}: [4321, 4321]}}\n"
+        ),
+    )
+    hub = ds01.hub
+    try:
+        hub.create_user(user, groups=["students"])
+        hub.start_server(user)
+        hub.wait_ready(user)
+        container = hub.container_of(user)
+        assert container.attrs["Config"]["User"] == "4321:4321"
+        assert f"{workspaces / user}:/workspace:rw" in container.attrs["HostConfig"]["Binds"]
+        result = container.exec_run(["sh", "-c", "id -u && echo hi > /workspace/hello"])
+        assert result.exit_code == 0 and result.output.decode().split() == ["4321"]
+        assert (workspaces / user / "hello").stat().st_uid == 4321
+
+        hub.stop_server(user)
+        text = ds01.limits_path.read_text().replace("memory: 512m", "memory: 640m")
+        ds01.limits_path.write_text(text)  # the hub re-reads it on the next spawn
+        hub.start_server(user)
+        hub.wait_ready(user)
+        again = hub.container_of(user)
+        assert again.id != container.id
+        assert again.attrs["HostConfig"]["Memory"] == 640 << 20
+        assert "re-creating container" in hub.log(200_000)
+        assert "the limits changed (Memory" in hub.log(200_000)
+        assert (workspaces / user / "hello").read_text() == "hi\n"  # the workspace stays
+    finally:
+        hub.stop()
