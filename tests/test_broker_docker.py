@@ -318,12 +318,12 @@ def test_guided_image_create_in_a_terminal(hub, users, client):
 
 
 def test_large_output_and_input_arrive_whole(hub, users, containers):
-    alice, _ = users
-    result = as_user(hub, alice, "container-run", "work", "--", "seq", "1", "200000")
+    _, bob = users  # alice's container is gone by now (cleanup)
+    result = as_user(hub, bob, "container-run", "work", "--", "seq", "1", "200000")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.split()
     assert len(lines) == 200000 and lines[-1] == "200000"
     payload = "x" * (3 * 1024 * 1024 + 17)
-    result = as_user(hub, alice, "container-run", "work", "--", "wc", "-c", input=payload)
+    result = as_user(hub, bob, "container-run", "work", "--", "wc", "-c", input=payload)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == [str(len(payload))]
