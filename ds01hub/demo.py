@@ -143,6 +143,31 @@ def demo_limits(site_limits: dict, gpus_present: bool) -> tuple[dict, bool]:
     return site_limits | {"gpu_allocation": allocation}, not gpus_present
 
 
+def fit_cpus(limits: dict, cpu_count: int) -> tuple[dict, list[str]]:
+    """Cap ``max_cpus`` at this machine's CPU count (Docker refuses more than it has), so the
+    example limits of a lab server also start containers on a small demo machine.
+    Returns (limits, the sections that were capped)."""
+    capped: list[str] = []
+
+    def cap(section: dict, name: str) -> dict:
+        value = section.get("max_cpus")
+        if isinstance(value, int | float) and value > cpu_count:
+            capped.append(name)
+            return section | {"max_cpus": cpu_count}
+        return section
+
+    fitted = dict(limits)
+    if isinstance(limits.get("defaults"), dict):
+        fitted["defaults"] = cap(limits["defaults"], "defaults")
+    for key in ("groups", "user_overrides"):
+        if isinstance(limits.get(key), dict):
+            fitted[key] = {
+                name: cap(section, f"{key}.{name}") if isinstance(section, dict) else section
+                for name, section in limits[key].items()
+            }
+    return fitted, capped
+
+
 # --------------------------------------------------------------------------------------------
 # edges
 
@@ -183,7 +208,11 @@ def write_demo_files(paths: DemoPaths, source: Path, args: argparse.Namespace) -
         raise DemoError(f"{site_limits_file} is missing: the demo's limits are made from it")
     site_limits = yaml.safe_load(site_limits_file.read_text()) or {}
     limits, simulated = demo_limits(site_limits, nvidia_gpus_present())
+    cpus = os.cpu_count() or 1
+    limits, capped = fit_cpus(limits, cpus)
     header = f"# ds01hub DEMO limits, generated from {site_limits_file} by `ds01hub demo start`.\n"
+    if capped:
+        header += f"# max_cpus capped at this machine's {cpus} CPUs in: {', '.join(capped)}\n"
     paths.limits.write_text(header + yaml.safe_dump(limits, sort_keys=False))
     paths.config.write_text(
         render_demo_config(

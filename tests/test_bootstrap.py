@@ -169,3 +169,18 @@ def test_the_demo_limits_made_from_the_example_give_a_simulated_inventory(tmp_pa
     assert inventory.slots
     for user in demo.DEMO_USERS:
         assert config.resolve(user.name, [user.group]).group == user.group
+
+
+def test_the_demo_caps_max_cpus_at_the_machines_cpus_and_nothing_else():
+    limits = {
+        "defaults": {"max_cpus": 4, "memory": "16g"},
+        "groups": {"students": {"members": ["a"]}, "admins": {"max_cpus": 16}},
+        "user_overrides": {"erin": {"max_cpus": 1.5}},
+    }
+    fitted, capped = demo.fit_cpus(limits, 2)
+    assert capped == ["defaults", "groups.admins"]
+    assert fitted["defaults"] == {"max_cpus": 2, "memory": "16g"}
+    assert fitted["groups"] == {"students": {"members": ["a"]}, "admins": {"max_cpus": 2}}
+    assert fitted["user_overrides"] == {"erin": {"max_cpus": 1.5}}
+    assert limits["defaults"]["max_cpus"] == 4  # the input is left alone
+    assert demo.fit_cpus(limits, 64) == (limits, [])

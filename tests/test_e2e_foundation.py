@@ -126,7 +126,11 @@ def test_the_demo_logs_a_user_in_and_gives_a_running_server(
         form["password"] = result["password"]
         login = session.post(f"{url}/hub/login", data=form, allow_redirects=False, timeout=30)
         assert login.status_code == 302, login.text
-        session.get(f"{url}/hub/spawn/alice", allow_redirects=False, timeout=60)
+        # what the browser's spawn page does (with whatever options form the spawner shows):
+        # a start request with the user's own session, their defaults as options
+        xsrf = {"X-XSRFToken": session.cookies["_xsrf"]}
+        start = session.post(f"{url}/hub/api/users/alice/server", json={}, headers=xsrf)
+        assert start.status_code in (201, 202), start.text
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             alice = session.get(f"{url}/hub/api/users/alice", timeout=30).json()
