@@ -122,6 +122,17 @@ def test_over_quota_and_bad_names_are_clear(hub, users):
     assert result.returncode == 1 and "already have a container named 'thesis'" in result.stderr
 
 
+def test_container_count_quota_is_the_hubs(hub, users):
+    _, bob = users
+    result = cli(hub, bob, "container-create", "extra")
+    assert result.returncode == 0, result.stderr + hub.log()
+    result = cli(hub, bob, "container-create", "third")
+    assert result.returncode == 1
+    assert "over quota" in result.stderr and "may have 2 container(s)" in result.stderr
+    assert cli(hub, bob, "container-remove", "extra", "-y", "--force").returncode == 0
+    assert set(listed(hub, bob, "--all")) == {"proj"}
+
+
 def test_shell_runs_in_the_container_with_its_gpu(hub, users, docker_client):
     alice, _ = users
     row = listed(hub, alice)["thesis"]
