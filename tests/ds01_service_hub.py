@@ -1,155 +1,91 @@
-"""A real JupyterHub (+ configurable-http-proxy) running the ds01 service, for the notebook
-tests (service, server extension, widgets). Users' single-user servers, where a test needs them,
-are local processes (``SimpleLocalProcessSpawner``) with the ds01 extension enabled."""
+"""The harness's real JupyterHub (+ configurable-http-proxy) with the ds01 service, for the
+notebook tests that need no Docker (service, server extension, widgets): users' single-user
+servers, where a test needs them, are local processes (``SimpleLocalProcessSpawner``) that load
+the ds01 extension from the shipped ``jupyter-config`` file."""
 
-import secrets
-import subprocess
-import sys
+from __future__ import annotations
+
 import time
 from pathlib import Path
 
 import requests
+from harness import Hub, HubError, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServiceHub:
-    """A JupyterHub with the ds01 service, driven by an admin service token."""
-
-    def __init__(self, directory, base_image: str = "", extra_config: str = ""):
-        self.directory = directory
-        self.port, self.hub_port, self.api_port, self.service_port = (
-            _free_port() for _ in range(4)
-        )
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.admin_token = secrets.token_hex(16)
-        self.base_image = base_image
-        self.extra_config = extra_config
-        self.process = None
-
-    def config(self) -> str:
-        args = [f"--DS01Service.base_image={self.base_image}"] if self.base_image else []
-        args.append("--DS01Service.ca_bundle=/etc/ssl/certs/ca-certificates.crt")
-        return f"""
-import sys
+SERVICE_CONFIG = """
 from ds01hub.service import configure_hub
-c.JupyterHub.bind_url = "{self.url}"
-c.JupyterHub.hub_bind_url = "http://127.0.0.1:{self.hub_port}"
-c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:{self.api_port}"
-c.JupyterHub.allow_named_servers = True
-c.JupyterHub.authenticator_class = "dummy"
-c.DummyAuthenticator.password = "pw"
-c.Authenticator.allow_all = True
-c.JupyterHub.db_url = "sqlite:///{self.directory}/hub.sqlite"
-c.JupyterHub.cookie_secret_file = "{self.directory}/cookie_secret"
-c.ConfigurableHTTPProxy.pid_file = "{self.directory}/proxy.pid"
-c.JupyterHub.services = [{{"name": "test-admin", "api_token": "{self.admin_token}"}}]
-c.JupyterHub.load_roles = [{{"name": "test-admin", "services": ["test-admin"],
-    "scopes": ["admin:users", "tokens", "admin:servers"]}}]
-configure_hub(c, url="http://127.0.0.1:{self.service_port}", service_args={args!r})
-{self.extra_config}
+configure_hub(c, url="http://127.0.0.1:{port}", service_args={args!r})
 """
 
-    def start(self) -> "ServiceHub":
-        config = self.directory / "jupyterhub_config.py"
-        config.write_text(self.config())
-        log = open(self.directory / "hub.log", "wb")  # noqa: SIM115 - closed with the process
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "jupyterhub", "-f", str(config)],
-            cwd=self.directory,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.log()
-            try:
-                if self.service_get("api/templates", self.admin_token).status_code in (200, 403):
-                    return self
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.3)
-        raise AssertionError("hub/service did not come up:\n" + self.log())
-
-    def log(self) -> str:
-        return (self.directory / "hub.log").read_text(errors="replace")[-5000:]
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(20)
-
-    def api(self, method: str, path: str, **kw) -> requests.Response:
-        headers = {"Authorization": f"token {self.admin_token}"}
-        return requests.request(method, f"{self.url}/hub/api{path}", headers=headers, **kw)
-
-    def create_user(self, name: str) -> None:
-        assert self.api("POST", f"/users/{name}").status_code in (201, 409)
-
-    def token_for(self, name: str, scopes: list[str] | None = None) -> str:
-        body = {"note": "test"} | ({"scopes": scopes} if scopes is not None else {})
-        response = self.api("POST", f"/users/{name}/tokens", json=body)
-        assert response.status_code == 201, response.text
-        return response.json()["token"]
-
-    def service_request(self, method: str, path: str, token: str | None, **kw):
-        headers = {"Authorization": f"token {token}"} if token else {}
-        return requests.request(
-            method,
-            f"{self.url}/services/ds01/{path}",
-            headers=headers,
-            allow_redirects=False,
-            timeout=30,
-            **kw,
-        )
-
-    def service_get(self, path: str, token: str | None) -> requests.Response:
-        return self.service_request("GET", path, token)
-
-    def start_server(self, name: str, timeout: float = 60) -> None:
-        """Start the user's default server and wait until the hub says it is ready."""
-        response = self.api("POST", f"/users/{name}/server")
-        assert response.status_code in (201, 202), response.text
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            server = self.api("GET", f"/users/{name}").json()["servers"].get("", {})
-            if server.get("ready"):
-                return
-            time.sleep(0.3)
-        raise AssertionError(f"server of {name} did not become ready:\n" + self.log())
-
-    def stop_server(self, name: str) -> None:
-        self.api("DELETE", f"/users/{name}/server")
-
-
-def local_servers_hub(directory: Path) -> ServiceHub:
-    """A hub whose users get local single-user servers that load the ds01 extension from the
-    shipped ``jupyter-config`` file. Users whose name starts with ``down`` get a service URL
-    where nothing listens (for the 'service unreachable' paths)."""
-    hub = ServiceHub(directory)
-    closed_port = _free_port()
-    hub.extra_config = f"""
-c.JupyterHub.spawner_class = "simple"
+LOCAL_SERVERS_CONFIG = """
+import sys
 c.SimpleLocalProcessSpawner.home_dir_template = "{directory}/homes/{{username}}"
 c.Spawner.cmd = [sys.executable, "-m", "jupyterhub.singleuser"]
 c.Spawner.args = ["--allow-root"]  # this test machine runs everything as root
 c.Spawner.default_url = "/lab"
 c.Spawner.http_timeout = 60
 c.Spawner.environment = {{
-    "JUPYTER_CONFIG_PATH": "{REPO}/jupyter-config",
+    "JUPYTER_CONFIG_PATH": "{repo}/jupyter-config",
     "DS01_SERVICE_URL": lambda spawner: (
         "http://127.0.0.1:{closed_port}/services/ds01/"
         if spawner.user.name.startswith("down")
-        else "http://127.0.0.1:{hub.service_port}/services/ds01/"
+        else "http://127.0.0.1:{port}/services/ds01/"
     ),
 }}
 """
+
+
+def start_service_hub(directory: Path, base_image: str = "", local_servers: bool = False) -> Hub:
+    """A started hub running the ds01 service (on loopback). With ``local_servers``, users get
+    local single-user servers; those whose name starts with ``down`` get a service URL where
+    nothing listens (for the 'service unreachable' paths)."""
+    port = free_port()
+    args = ["--DS01Service.ca_bundle=/etc/ssl/certs/ca-certificates.crt"]
+    if base_image:
+        args.append(f"--DS01Service.base_image={base_image}")
+    config = SERVICE_CONFIG.format(port=port, args=args)
+    if local_servers:
+        config += LOCAL_SERVERS_CONFIG.format(
+            directory=directory, repo=REPO, port=port, closed_port=free_port()
+        )
+    hub = Hub(directory=directory, hub_ip="127.0.0.1", spawner="simple", extra_config=config)
+    hub.start()
+    _wait_for_service(hub)
     return hub
+
+
+def _wait_for_service(hub: Hub, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if service_request(hub, "GET", "api/templates", None).status_code == 403:
+                return  # the service answers (and wants a token)
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.3)
+    hub.stop()
+    raise HubError(f"the ds01 service did not come up:\n{hub.log()}")
+
+
+def service_request(hub: Hub, method: str, path: str, token: str | None, **kw):
+    """A request to the ds01 service through the proxy, with ``token`` (or none)."""
+    headers = {"Authorization": f"token {token}"} if token else {}
+    return requests.request(
+        method,
+        f"{hub.url}/services/ds01/{path}",
+        headers=headers,
+        allow_redirects=False,
+        timeout=60,
+        **kw,
+    )
+
+
+def service_get(hub: Hub, path: str, token: str | None):
+    return service_request(hub, "GET", path, token)
+
+
+def start_server(hub: Hub, user: str) -> None:
+    """Start the user's default server and wait until it is ready."""
+    hub.start_server(user)
+    hub.wait_ready(user, timeout=90)

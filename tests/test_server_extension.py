@@ -6,14 +6,14 @@ import uuid
 
 import pytest
 import requests
-from ds01_service_hub import local_servers_hub
+from ds01_service_hub import start_server, start_service_hub
 
 pytestmark = [pytest.mark.e2e]
 
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
-    hub = local_servers_hub(tmp_path_factory.mktemp("ext-hub")).start()
+    hub = start_service_hub(tmp_path_factory.mktemp("ext-hub"), local_servers=True)
     yield hub
     hub.stop()
 
@@ -22,7 +22,7 @@ def hub(tmp_path_factory):
 def alice(hub):
     name = f"ext{uuid.uuid4().hex[:6]}"
     hub.create_user(name)
-    hub.start_server(name)
+    start_server(hub, name)
     yield name, hub.token_for(name)
     hub.stop_server(name)
 
@@ -120,7 +120,7 @@ def test_only_known_endpoints_are_forwarded(hub, alice, method, path):
 def test_unreachable_service_gives_a_readable_503(hub):
     name = f"down{uuid.uuid4().hex[:6]}"
     hub.create_user(name)
-    hub.start_server(name)
+    start_server(hub, name)
     try:
         response = call(hub, name, "GET", "api/quota", hub.token_for(name))
         assert response.status_code == 503

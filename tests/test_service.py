@@ -5,14 +5,14 @@ import json
 import uuid
 
 import pytest
-from ds01_service_hub import ServiceHub
+from ds01_service_hub import service_get, service_request, start_service_hub
 
 from ds01hub.service import configure_hub
 
 
 @pytest.fixture(scope="module")
 def service_hub(tmp_path_factory):
-    hub = ServiceHub(tmp_path_factory.mktemp("service-hub")).start()
+    hub = start_service_hub(tmp_path_factory.mktemp("service-hub"))
     yield hub
     hub.stop()
 
@@ -65,67 +65,67 @@ def test_configure_hub_in_a_subconfig_merges_instead_of_replacing():
 
 @pytest.mark.e2e
 def test_no_token_is_refused_and_browser_is_sent_to_login(service_hub):
-    response = service_hub.service_get("api/images", None)
+    response = service_get(service_hub, "api/images", None)
     assert response.status_code == 403
     assert "token" in response.json()["error"]
-    index = service_hub.service_get("", None)
+    index = service_get(service_hub, "", None)
     assert index.status_code == 302
     assert "/hub/api/oauth2/authorize" in index.headers["Location"]
 
 
 @pytest.mark.e2e
 def test_bad_token_and_token_without_service_scope_are_refused(service_hub, users):
-    assert service_hub.service_get("api/me", "not-a-token").status_code == 403
+    assert service_get(service_hub, "api/me", "not-a-token").status_code == 403
     name = next(iter(users))
     narrow = service_hub.token_for(name, scopes=["read:users!user"])
-    assert service_hub.service_get("api/me", narrow).status_code == 403
+    assert service_get(service_hub, "api/me", narrow).status_code == 403
 
 
 @pytest.mark.e2e
 def test_service_tokens_are_refused(service_hub):
     # The admin *service* token may reach the hub, but the ds01 service acts for users only.
-    assert service_hub.service_get("api/me", service_hub.admin_token).status_code == 403
+    assert service_get(service_hub, "api/me", service_hub.admin_token).status_code == 403
 
 
 @pytest.mark.e2e
 def test_me_and_templates(service_hub, users):
     name, token = next(iter(users.items()))
-    assert service_hub.service_get("api/me", token).json()["name"] == name
-    templates = service_hub.service_get("api/templates", token).json()
+    assert service_get(service_hub, "api/me", token).json()["name"] == name
+    templates = service_get(service_hub, "api/templates", token).json()
     assert [t["key"] for t in templates] == ["general", "cv", "nlp", "rl", "custom"]
 
 
 @pytest.mark.e2e
 def test_build_requests_are_validated(service_hub, users):
     token = next(iter(users.values()))
-    bad = service_hub.service_request(
-        "POST", "api/builds", token, json={"name": "x", "pip_packages": ["six; id"]}
+    bad = service_request(
+        service_hub, "POST", "api/builds", token, json={"name": "x", "pip_packages": ["six; id"]}
     )
     assert bad.status_code == 400
     assert "invalid pip package 'six; id'" in bad.json()["error"]
-    unknown = service_hub.service_request(
-        "POST", "api/builds", token, json={"name": "x", "base": "ubuntu"}
+    unknown = service_request(
+        service_hub, "POST", "api/builds", token, json={"name": "x", "base": "ubuntu"}
     )
     assert unknown.status_code == 400 and "base" in unknown.json()["error"]
-    not_json = service_hub.service_request("POST", "api/builds", token, data=b"{")
+    not_json = service_request(service_hub, "POST", "api/builds", token, data=b"{")
     assert not_json.status_code == 400
 
 
 @pytest.mark.e2e
 def test_unknown_and_foreign_builds_and_images_are_not_found(service_hub, users):
     (_, alice), (_, bob) = users.items()
-    assert service_hub.service_get(f"api/builds/{uuid.uuid4().hex}", alice).status_code == 404
-    assert service_hub.service_request("DELETE", "api/images/nope", bob).status_code == 404
-    assert service_hub.service_request("DELETE", "api/images/Bad!", bob).status_code == 400
+    assert service_get(service_hub, f"api/builds/{uuid.uuid4().hex}", alice).status_code == 404
+    assert service_request(service_hub, "DELETE", "api/images/nope", bob).status_code == 404
+    assert service_request(service_hub, "DELETE", "api/images/Bad!", bob).status_code == 400
 
 
 @pytest.mark.e2e
 def test_quota_and_containers_answer_for_the_token_owner(service_hub, users):
     name, token = next(iter(users.items()))
-    quota = service_hub.service_get("api/quota", token)
+    quota = service_get(service_hub, "api/quota", token)
     assert quota.status_code == 200, quota.text
     assert quota.json()["user"] == name
-    containers = service_hub.service_get("api/containers", token)
+    containers = service_get(service_hub, "api/containers", token)
     assert containers.status_code == 200 and containers.json() == []
 
 
@@ -134,12 +134,13 @@ def test_quota_and_containers_answer_for_the_token_owner(service_hub, users):
 def test_build_stream_list_and_only_the_owner_sees_or_deletes(
     docker_client, singleuser_image, tmp_path
 ):
-    service_hub = ServiceHub(tmp_path, base_image=singleuser_image).start()
+    service_hub = start_service_hub(tmp_path, base_image=singleuser_image)
     alice, bob = f"b{uuid.uuid4().hex[:6]}", f"b{uuid.uuid4().hex[:6]}"
     for name in (alice, bob):
         service_hub.create_user(name)
     alice_token, bob_token = service_hub.token_for(alice), service_hub.token_for(bob)
-    response = service_hub.service_request(
+    response = service_request(
+        service_hub,
         "POST",
         "api/builds",
         alice_token,
@@ -150,26 +151,26 @@ def test_build_stream_list_and_only_the_owner_sees_or_deletes(
     assert build["tag"] == f"ds01-{alice}/tiny:latest"
     try:
         # A second build while the first runs is refused.
-        again = service_hub.service_request("POST", "api/builds", alice_token, json={"name": "b"})
+        again = service_request(service_hub, "POST", "api/builds", alice_token, json={"name": "b"})
         assert again.status_code == 409
         # Bob cannot see Alice's build, not even that it exists.
-        assert service_hub.service_get(f"api/builds/{build['id']}", bob_token).status_code == 404
-        stream = service_hub.service_request(
-            "GET", f"api/builds/{build['id']}/stream", alice_token, stream=True
+        assert service_get(service_hub, f"api/builds/{build['id']}", bob_token).status_code == 404
+        stream = service_request(
+            service_hub, "GET", f"api/builds/{build['id']}/stream", alice_token, stream=True
         )
         events = [json.loads(line) for line in stream.iter_lines() if line]
         assert events[-1]["kind"] == "done", events[-10:]
         assert any(e["kind"] == "step" for e in events)
-        status = service_hub.service_get(f"api/builds/{build['id']}?since=1000", alice_token)
+        status = service_get(service_hub, f"api/builds/{build['id']}?since=1000", alice_token)
         assert status.json()["status"] == "done" and status.json()["events"] == []
-        mine = service_hub.service_get("api/images", alice_token).json()
+        mine = service_get(service_hub, "api/images", alice_token).json()
         assert [i["tag"] for i in mine] == [f"ds01-{alice}/tiny:latest"]
-        assert service_hub.service_get("api/images", bob_token).json() == []
-        refused = service_hub.service_request("DELETE", "api/images/tiny", bob_token)
+        assert service_get(service_hub, "api/images", bob_token).json() == []
+        refused = service_request(service_hub, "DELETE", "api/images/tiny", bob_token)
         assert refused.status_code == 404
-        deleted = service_hub.service_request("DELETE", "api/images/tiny", alice_token)
+        deleted = service_request(service_hub, "DELETE", "api/images/tiny", alice_token)
         assert deleted.status_code == 200
-        assert service_hub.service_get("api/images", alice_token).json() == []
+        assert service_get(service_hub, "api/images", alice_token).json() == []
     finally:
         service_hub.stop()
         for image in docker_client.images.list(filters={"label": f"ds01.image.user={alice}"}):

@@ -4,11 +4,12 @@ browser test shows them rendered in JupyterLab), plus fast tests of their pure p
 import uuid
 
 import pytest
-from ds01_service_hub import _free_port, local_servers_hub
+from ds01_service_hub import start_server, start_service_hub
 from ds01hub.widgets import Ds01Client, Ds01Error, ImageBuilder, ProjectWizard, QuotaPanel
 from ds01hub.widgets.client import _loopback
 from ds01hub.widgets.common import human_bytes, human_seconds
 from ds01hub.widgets.quota_panel import containers_table, limits_table
+from harness import free_port
 
 # ---------------------------------------------------------------- fast
 
@@ -72,7 +73,7 @@ def test_unguided_wizard_explains_nothing():
 
 
 def test_unreachable_server_is_a_readable_message():
-    client = Ds01Client(f"http://127.0.0.1:{_free_port()}/user/x/", timeout=5)
+    client = Ds01Client(f"http://127.0.0.1:{free_port()}/user/x/", timeout=5)
     panel = QuotaPanel(client=client)
     assert "did not answer" in panel.limits_html.value
     assert "restart your server" in panel.limits_html.value
@@ -82,7 +83,7 @@ def test_unreachable_server_is_a_readable_message():
 
 
 def test_image_builder_refuses_bad_packages_before_sending():
-    builder = ImageBuilder(client=Ds01Client(f"http://127.0.0.1:{_free_port()}/", timeout=5))
+    builder = ImageBuilder(client=Ds01Client(f"http://127.0.0.1:{free_port()}/", timeout=5))
     builder.image_name.value = "ok"
     builder.pip_packages.value = "six\nnumpy; curl evil"
     assert builder.start_build() is None
@@ -94,7 +95,7 @@ def test_image_builder_refuses_bad_packages_before_sending():
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
-    hub = local_servers_hub(tmp_path_factory.mktemp("widget-hub")).start()
+    hub = start_service_hub(tmp_path_factory.mktemp("widget-hub"), local_servers=True)
     yield hub
     hub.stop()
 
@@ -102,7 +103,7 @@ def hub(tmp_path_factory):
 def _user_client(hub, prefix: str = "wid") -> tuple[str, Ds01Client]:
     name = f"{prefix}{uuid.uuid4().hex[:6]}"
     hub.create_user(name)
-    hub.start_server(name)
+    start_server(hub, name)
     return name, Ds01Client(f"{hub.url}/user/{name}/", hub.token_for(name))
 
 

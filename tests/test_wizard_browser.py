@@ -16,19 +16,10 @@ from pathlib import Path
 import pytest
 import requests
 from harness import free_port, unique_name
+from harness.browser import log_in
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e, pytest.mark.docker]
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 SCREENSHOTS = Path(os.environ.get("DS01_SCREENSHOTS", "/tmp/ds01hub-screenshots"))
 
 NOTEBOOK_CELLS = [
@@ -78,37 +69,24 @@ configure_hub(
     hub.stop()
 
 
-@pytest.fixture
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
-
-
 def _container(hub, docker_client, user):
     """The user's running container, found by this hub's label and the user's name."""
     [container] = [c for c in hub.containers(all=False) if user in c.name]
     return container
 
 
-def test_wizard_and_image_builder_in_jupyterlab(wizard_hub, browser, docker_client):
+def test_wizard_and_image_builder_in_jupyterlab(wizard_hub, chromium, docker_client):
     hub = wizard_hub
     user, other = unique_name("wiz"), unique_name("oth")
     hub.create_user(user)
     hub.create_user(other)
     token = hub.token_for(user)
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    page = browser.new_page(viewport={"width": 1400, "height": 1800})
+    page = chromium.new_page(viewport={"width": 1400, "height": 1800})
     page.set_default_timeout(120_000)
     try:
         # Log in through the form; the hub spawns the container and lands in JupyterLab.
-        page.goto(f"{hub.url}/hub/login")
-        page.fill("input[name=username]", user)
-        page.fill("input[name=password]", hub.password)
-        page.click("input[type=submit], button[type=submit]")
+        log_in(page, hub.hub_url, user, hub.password)
         page.wait_for_url(f"**/user/{user}/**", timeout=240_000)
         page.wait_for_selector(".jp-LabShell, #jp-main-dock-panel", timeout=120_000)
 
