@@ -30,7 +30,7 @@ import string
 import tarfile
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -343,6 +343,11 @@ def image_labels(
     }
 
 
+def dockerfile_steps(dockerfile: str) -> int:
+    """How many build steps a Dockerfile has (one per instruction line)."""
+    return sum(1 for line in dockerfile.splitlines() if line.strip() and not line.startswith("#"))
+
+
 def build_context(dockerfile: str, ca_bundle: Path | None = None) -> bytes:
     """An in-memory tar build context: the Dockerfile and, optionally, the CA bundle."""
     buffer = io.BytesIO()
@@ -386,18 +391,27 @@ class BuildEvent:
 class _Progress:
     step: int = 0
     total: int = 0
+    #: The steps that do the work (our Dockerfile's instructions). Docker appends one LABEL
+    #: step per build label; those are instant and must not eat the progress bar.
+    work_steps: int | None = None
     image_id: str | None = None
     error: str | None = None
-    lines: list[str] = field(default_factory=list)
 
     @property
     def fraction(self) -> float:
-        return (self.step - 1) / self.total if self.total else 0.0
+        total = self.work_steps or self.total
+        return min(self.step - 1, total) / total if total else 0.0
 
 
-def build_events(chunks: Iterable[Mapping], tag: str) -> Iterator[BuildEvent]:
-    """Turn Docker's decoded build stream into :class:`BuildEvent` s (pure)."""
-    state = _Progress()
+def build_events(
+    chunks: Iterable[Mapping], tag: str, work_steps: int | None = None
+) -> Iterator[BuildEvent]:
+    """Turn Docker's decoded build stream into :class:`BuildEvent` s (pure).
+
+    ``work_steps``: how many steps do real work (the Dockerfile's instructions); progress is
+    measured against them, so the LABEL steps Docker appends do not distort it.
+    """
+    state = _Progress(work_steps=work_steps)
     for chunk in chunks:
         if "error" in chunk:
             state.error = str(chunk.get("error", "")).strip()
@@ -469,7 +483,7 @@ def build_image(
             decode=True,
             container_limits=limits,
         )
-        yield from build_events(stream, spec.tag)
+        yield from build_events(stream, spec.tag, work_steps=dockerfile_steps(dockerfile))
     except docker.errors.APIError as error:
         yield BuildEvent("error", f"Docker refused the build: {error.explanation or error}")
 

@@ -14,6 +14,7 @@ from ds01hub.images import (
     ImageError,
     ImageSpec,
     build_events,
+    dockerfile_steps,
     get_template,
     image_repository,
     image_tag,
@@ -188,6 +189,14 @@ def test_build_events_progress_and_done():
     assert [round(e.progress, 2) for e in steps] == [0.0, 0.33, 0.67]
     assert events[-1].kind == "done" and events[-1].image_id == "sha256:feed"
     assert events[-1].progress == 1.0 and events[-1].tag == "ds01-alice/x:latest"
+
+
+def test_build_events_progress_ignores_the_label_steps_docker_appends():
+    chunks = [{"stream": f"Step {i}/10 : X\n"} for i in range(1, 11)] + [{"aux": {"ID": "i"}}]
+    steps = [e for e in build_events(chunks, "t", work_steps=4) if e.kind == "step"]
+    assert [round(e.progress, 2) for e in steps[:5]] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert all(e.progress == 1.0 for e in steps[4:])
+    assert dockerfile_steps("FROM a\nUSER root\n\nRUN x\n") == 3
 
 
 def test_build_events_error_stops_the_stream():

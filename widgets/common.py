@@ -17,10 +17,13 @@ _STYLES = {
 }
 
 
-def box(kind: str, text: str, detail: str | None = None) -> str:
-    """An HTML message box (``kind``: error, ok or info); ``text`` is escaped."""
+def box(kind: str, text: str, detail: str | None = None, strong: bool = True) -> str:
+    """An HTML message box (``kind``: error, ok or info); ``text`` is escaped and, when
+    ``strong``, bold (a title); explanations are plain."""
     colour, background = _STYLES[kind]
-    body = f"<b>{html.escape(text, quote=False)}</b>"
+    body = html.escape(text, quote=False)
+    if strong:
+        body = f"<b>{body}</b>"
     if detail:
         body += f"<br><span style='white-space:pre-line'>{html.escape(detail, quote=False)}</span>"
     return _BOX.format(kind=kind, colour=colour, background=background, body=body)

@@ -121,7 +121,7 @@ class ProjectWizard(w.VBox):
             f"<b>{i + 1}. {s}</b>" if i == step else f"{i + 1}. {s}" for i, s in enumerate(STEPS)
         )
         self.title.value = f"<h3 style='margin:4px 0'>New project</h3><div>{numbered}</div>"
-        self.guidance.value = box("info", GUIDANCE[step]) if self.guided else ""
+        self.guidance.value = box("info", GUIDANCE[step], strong=False) if self.guided else ""
         if STEPS[step] == "Review":
             self.review.value = self._review_html()
         self.body.children = [self.pages[step]]
