@@ -33,6 +33,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -147,9 +148,15 @@ def project_requirements(pyproject: dict, jupyterhub_version: str) -> list[str]:
     requirements = [f"jupyterhub=={jupyterhub_version}", *SINGLEUSER_EXTRA_REQUIREMENTS]
     extras = project.get("optional-dependencies", {}).get("singleuser", [])
     for requirement in [*project.get("dependencies", []), *extras]:
-        if not requirement.replace(" ", "").lower().startswith("jupyterhub"):
+        if requirement_name(requirement) != "jupyterhub":
             requirements.append(requirement)
     return requirements
+
+
+def requirement_name(requirement: str) -> str:
+    """The normalised project name of a PEP 508 requirement ("Jupyter_Hub >=5" -> "jupyter-hub")."""
+    name = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", requirement)
+    return re.sub(r"[-_.]+", "-", name.group(1)).lower() if name else requirement
 
 
 def package_source_roots(pyproject: dict) -> list[str]:

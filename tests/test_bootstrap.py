@@ -64,6 +64,10 @@ def test_requirements_pin_the_hubs_jupyterhub_and_take_the_singleuser_extra():
     assert "jupyterhub>=5.0" not in requirements
     assert {"docker>=7.0", "pyyaml>=6.0", "jupyter-server>=2.10", "jupyterlab"} <= set(requirements)
     assert "pytest" not in requirements
+    with_culler = PYPROJECT["project"]["dependencies"] + ["jupyterhub-idle-culler>=1"]
+    pyproject = {"project": PYPROJECT["project"] | {"dependencies": with_culler}}
+    assert "jupyterhub-idle-culler>=1" in project_requirements(pyproject, "6.1.1")
+    assert bootstrap.requirement_name("Jupyter_Hub.x >=5; python_version>'3'") == "jupyter-hub-x"
 
 
 def test_package_sources_are_the_mapped_packages_and_data_files_only():
