@@ -82,6 +82,17 @@ def test_project_init_refuses_bad_input_with_a_reason(hub, alice, body, message)
     assert message in response.json()["error"]
 
 
+def test_a_symlink_out_of_the_users_files_is_refused(hub, alice, tmp_path):
+    name, token = alice
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (hub.directory / "homes" / name / "escape").symlink_to(outside)
+    response = call(hub, name, "POST", "projects", token, json={"name": "x", "parent": "escape"})
+    assert response.status_code == 400
+    assert "outside your files" in response.json()["error"]
+    assert list(outside.iterdir()) == []
+
+
 def test_other_users_and_anonymous_requests_are_refused(hub, alice):
     name, _ = alice
     bob = f"ext{uuid.uuid4().hex[:6]}"
