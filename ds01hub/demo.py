@@ -247,6 +247,11 @@ def start(args: argparse.Namespace) -> dict:
     url = f"http://127.0.0.1:{args.port}"
     pid = running_pid(paths)
     if pid is None:
+        if not bootstrap.image_exists(args.image):
+            raise DemoError(
+                f"image {args.image} not found: build it with `ds01hub bootstrap images` "
+                "(or `make demo`)"
+            )
         source = bootstrap.find_source()
         simulated = write_demo_files(paths, source, args)
         secret = password(paths)
