@@ -33,21 +33,42 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from harness import HubFactory, unique_name  # noqa: E402
+from harness import Hub, unique_name  # noqa: E402
 from harness.ds01_spawner import Ds01Hub  # noqa: E402
 from harness.naming import SESSION_PID_LABEL  # noqa: E402
 
 from ds01hub import bootstrap  # noqa: E402
 
-# The harness labels test containers with the pytest session's pid, and every new test session
-# removes containers whose pid is not a live pytest: drop that label, or a colleague's test run
-# would remove this benchmark's containers mid-spawn (Hub.stop still removes them by hub id).
-CONFIG = f"""
-c.Spawner.cmd = ["jupyterhub-singleuser"]
-_labels = dict(c.DockerSpawner.extra_create_kwargs["labels"])
-_labels.pop({SESSION_PID_LABEL!r})
-c.DockerSpawner.extra_create_kwargs = {{"labels": _labels}}
-"""
+CONFIG = 'c.Spawner.cmd = ["jupyterhub-singleuser"]\n'
+
+
+class BenchHubs:
+    """Starts harness hubs without the pytest-session label: every new test session removes
+    containers whose session pid is not a live pytest, which would take this benchmark's
+    containers away mid-spawn whenever a colleague starts tests (Hub.stop still removes
+    them by hub id). Same call as the `hub_factory` fixture."""
+
+    def __init__(self, directory: Path, image: str, docker_client):
+        self.directory, self.image, self.docker_client = directory, image, docker_client
+        self.hubs: list[Hub] = []
+
+    def __call__(self, extra_config: str = "", spawner: str = "docker", labels=None) -> Hub:
+        hub = Hub(
+            directory=self.directory / f"hub-{len(self.hubs)}",
+            hub_ip=bootstrap.docker_bridge_ip(),
+            image=self.image,
+            spawner=spawner,
+            extra_config=extra_config,
+            docker_client=self.docker_client,
+            labels=labels or {},
+        )
+        del hub.labels[SESSION_PID_LABEL]
+        self.hubs.append(hub)
+        return hub.start()
+
+    def stop_all(self) -> None:
+        for hub in self.hubs:
+            hub.stop()
 
 
 def time_to_ready(hub, user: str, options: dict | None) -> float:
@@ -99,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     ca_bundle = bootstrap.HOST_CA_BUNDLE if bootstrap.HOST_CA_BUNDLE.exists() else None
     image = bootstrap.ensure_singleuser_image(base, ca_bundle=ca_bundle).tag
     directory = Path(tempfile.mkdtemp(prefix="ds01-bench-spawn-"))
-    factory = HubFactory(directory, bootstrap.docker_bridge_ip(), image, client)
+    factory = BenchHubs(directory, image, client)
     try:
         plain = factory(CONFIG, spawner="docker")
         ds01 = Ds01Hub(factory, directory, extra_config=CONFIG).hub

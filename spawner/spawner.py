@@ -21,6 +21,7 @@ import os
 import pwd
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,9 @@ class _HubContext:
     queue: GpuQueue
     docker: Any
     label_filter: tuple[str, ...]
+    #: Allocator, event log and listing calls block (file lock, SQLite, Docker): their own
+    #: threads, so a lock held by another process never stalls DockerSpawner's one thread.
+    executor: ThreadPoolExecutor
 
 
 class DS01Spawner(DockerSpawner):
@@ -222,6 +226,7 @@ class DS01Spawner(DockerSpawner):
             GpuQueue(self.gpu_recheck_interval),
             client,
             label_filter,
+            ThreadPoolExecutor(4, thread_name_prefix="ds01-allocator"),
         )
 
     def _docker_client_kwargs(self) -> dict[str, Any]:
@@ -233,8 +238,9 @@ class DS01Spawner(DockerSpawner):
         return kwargs
 
     async def _blocking(self, function: Callable, *args: Any) -> Any:
-        """Docker, the allocator's lock and SQLite block: run them on DockerSpawner's pool."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
+        """Run a blocking ds01 call (allocator, event log, listing) on the context's threads."""
+        executor = self.context.executor
+        return await asyncio.get_running_loop().run_in_executor(executor, function, *args)
 
     # -- naming, progress --------------------------------------------------------------------
 
