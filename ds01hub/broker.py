@@ -36,7 +36,10 @@ from tornado.netutil import bind_unix_socket
 from traitlets import Bool, Float, Integer, List, Unicode, default
 from traitlets.config import Application
 
-from .cli.terminal import (
+from .cli.protocol import (
+    API_PREFIX,
+    DEFAULT_SOCKET,
+    EXEC_UPGRADE,
     INPUT_DATA,
     INPUT_EOF,
     INPUT_HEADER,
@@ -48,9 +51,6 @@ from .hubclient import HubClient
 from .operations import OperationError, OperationsContext, UserOperations, validate_name
 
 log = logging.getLogger("ds01hub.broker")
-
-EXEC_UPGRADE = "ds01-exec"
-API_PREFIX = "/v1"
 
 
 @dataclass(frozen=True)
@@ -377,7 +377,7 @@ async def pump_input(
 ) -> None:
     """The client's framed input (ds01hub.cli.terminal): data to the container's stdin, end of
     input as a half-close (so `sh < script` ends), window sizes as exec resizes. Framing is
-    needed because tornado streams cannot half-close."""
+    needed because tornado streams cannot half-close (ds01hub.cli.protocol)."""
     try:
         while True:
             kind, size = decode_input_header(await client.read_bytes(INPUT_HEADER.size))
@@ -552,7 +552,7 @@ class Broker(Application):
     description = __doc__
 
     socket_path = Unicode(
-        "/run/ds01hub/broker.sock",
+        DEFAULT_SOCKET,
         help="""Unix socket the broker listens on. The users' commands find it here (or in
         $DS01HUB_BROKER_SOCKET). Its directory is created mode 0755.""",
     ).tag(config=True)
@@ -822,7 +822,7 @@ def service_scopes(auto_create_users: bool = True) -> list[str]:
 def configure_hub(
     c,
     *,
-    socket_path: str = "/run/ds01hub/broker.sock",
+    socket_path: str = DEFAULT_SOCKET,
     broker_args: list[str] | tuple[str, ...] = (),
     environment: dict[str, str] | None = None,
     auto_create_users: bool = True,

@@ -24,7 +24,7 @@ from ds01_cli_harness import (
     run_as,
     unix_user,
 )
-from ds01_service_hub import ServiceHub
+from harness import Hub
 
 pytestmark = [pytest.mark.docker, pytest.mark.e2e, pytest.mark.root]
 
@@ -61,7 +61,7 @@ def hub(tmp_path_factory, client):
 from ds01hub.broker import configure_hub as configure_broker
 configure_broker(c, socket_path={socket_path!r}, broker_args={broker_args!r})
 """
-    hub = ServiceHub(directory, extra_config=extra).start()
+    hub = Hub(directory=directory, hub_ip="127.0.0.1", spawner="simple", extra_config=extra).start()
     deadline = time.monotonic() + 30
     while not os.path.exists(socket_path):
         assert time.monotonic() < deadline, hub.log()

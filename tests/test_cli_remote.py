@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from ds01_service_hub import ServiceHub
+from harness import Hub
 
 pytestmark = [pytest.mark.e2e]
 
@@ -24,14 +24,13 @@ BIN = Path(sys.executable).parent
 def hub(tmp_path_factory):
     directory = tmp_path_factory.mktemp("remote-hub")
     extra = f"""
-c.JupyterHub.allow_named_servers = True
-c.JupyterHub.spawner_class = "simple"
+import sys
 c.SimpleLocalProcessSpawner.home_dir_template = "{directory}/homes/{{username}}"
 c.Spawner.cmd = [sys.executable, "-m", "jupyterhub.singleuser"]
 c.Spawner.args = ["--allow-root"]  # this test machine runs everything as root
 c.Spawner.http_timeout = 60
 """
-    hub = ServiceHub(directory, extra_config=extra).start()
+    hub = Hub(directory=directory, hub_ip="127.0.0.1", spawner="simple", extra_config=extra).start()
     yield hub
     hub.stop()
 

@@ -478,17 +478,17 @@ def test_broker_errors_map_to_exit_codes():
 
 
 def test_input_frames_round_trip():
-    from ds01hub.cli import terminal
+    from ds01hub.cli import protocol
 
-    frame = terminal.encode_input(terminal.INPUT_DATA, b"ls\n")
-    kind, size = terminal.decode_input_header(frame[: terminal.INPUT_HEADER.size])
-    assert (kind, size) == (terminal.INPUT_DATA, 3) and frame[
-        terminal.INPUT_HEADER.size :
+    frame = protocol.encode_input(protocol.INPUT_DATA, b"ls\n")
+    kind, size = protocol.decode_input_header(frame[: protocol.INPUT_HEADER.size])
+    assert (kind, size) == (protocol.INPUT_DATA, 3) and frame[
+        protocol.INPUT_HEADER.size :
     ] == b"ls\n"
-    resize = terminal.encode_resize(50, 200)
-    assert terminal.decode_input_header(resize[:5]) == (terminal.INPUT_RESIZE, 4)
+    resize = protocol.encode_resize(50, 200)
+    assert protocol.decode_input_header(resize[:5]) == (protocol.INPUT_RESIZE, 4)
     assert struct.unpack(">HH", resize[5:]) == (50, 200)
-    assert terminal.encode_input(terminal.INPUT_EOF) == b"\x01\x00\x00\x00\x00"
+    assert protocol.encode_input(protocol.INPUT_EOF) == b"\x01\x00\x00\x00\x00"
 
 
 def test_ctrl_c_while_waiting_says_the_work_goes_on():

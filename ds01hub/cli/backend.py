@@ -26,9 +26,7 @@ from ..operations import (
     spawn_options,
 )
 from .output import EXIT_FAILURE, EXIT_USAGE, CliError
-
-DEFAULT_SOCKET = "/run/ds01hub/broker.sock"
-EXEC_UPGRADE = "ds01-exec"
+from .protocol import API_PREFIX, DEFAULT_SOCKET, EXEC_UPGRADE
 
 
 def error_from_reply(status: int, body: Any) -> CliError:
@@ -84,7 +82,7 @@ class BrokerBackend:
         if self.act_for:
             query["user"] = self.act_for
         query = {k: ("1" if v is True else v) for k, v in query.items()}
-        return f"/v1{path}" + (f"?{urlencode(query)}" if query else "")
+        return f"{API_PREFIX}{path}" + (f"?{urlencode(query)}" if query else "")
 
     def _open(self, method: str, path: str, body: Any = None, timeout: float | None = None):
         conn = UnixHTTPConnection(self.socket_path, timeout=timeout or self.timeout)

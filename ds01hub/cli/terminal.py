@@ -2,8 +2,8 @@
 
 Output comes back as Docker sends it: raw bytes with a terminal, or (without one, e.g. a script
 piped in) stdout and stderr multiplexed into frames, which `FrameDecoder` splits again.
-Input goes to the broker in small frames (`encode_input`): data, end of input, and window sizes
-(SIGWINCH), so the end of a piped script reaches the shell as EOF while its output still flows.
+Input goes to the broker in small frames (ds01hub.cli.protocol): data, end of input, and window
+sizes (SIGWINCH), so the end of a piped script reaches the shell as EOF while its output flows.
 """
 
 from __future__ import annotations
@@ -19,23 +19,7 @@ import termios
 import tty
 from collections.abc import Iterator
 
-#: Input frames, client -> broker: kind (1 byte), payload size (4 bytes, big-endian), payload.
-INPUT_HEADER = struct.Struct(">BI")
-INPUT_DATA, INPUT_EOF, INPUT_RESIZE = 0, 1, 2
-MAX_INPUT_FRAME = 1 << 20
-
-
-def encode_input(kind: int, payload: bytes = b"") -> bytes:
-    return INPUT_HEADER.pack(kind, len(payload)) + payload
-
-
-def encode_resize(rows: int, cols: int) -> bytes:
-    return encode_input(INPUT_RESIZE, struct.pack(">HH", min(rows, 65535), min(cols, 65535)))
-
-
-def decode_input_header(header: bytes) -> tuple[int, int]:
-    kind, size = INPUT_HEADER.unpack(header)
-    return kind, size
+from .protocol import INPUT_DATA, INPUT_EOF, encode_input, encode_resize
 
 
 class FrameDecoder:
