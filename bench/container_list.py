@@ -23,7 +23,6 @@ import asyncio
 import os
 import secrets
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,7 @@ import docker
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from ds01_cli_harness import busybox_image, command_line, unix_user, user_env  # noqa: E402
+from harness import Hub  # noqa: E402
 
 from ds01hub import labels  # noqa: E402
 from ds01hub.cli.backend import BrokerBackend  # noqa: E402
@@ -43,54 +43,32 @@ from ds01hub.hubclient import HubClient  # noqa: E402
 from ds01hub.operations import OperationsContext, UserOperations  # noqa: E402
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class BenchHub:
-    """A JupyterHub with the broker, an admin token for setup, in a temporary directory."""
+    """A real JupyterHub (the test harness's) with the broker, in a temporary directory."""
 
     def __init__(self) -> None:
         self.directory = Path(tempfile.mkdtemp(prefix="ds01-bench-"))
         self.directory.chmod(0o755)
         self.socket_path = str(self.directory / "broker.sock")
-        self.token = secrets.token_hex(16)
-        self.url = f"http://127.0.0.1:{free_port()}"
-        config = f"""
-from ds01hub.broker import configure_hub
-c.JupyterHub.bind_url = "{self.url}"
-c.JupyterHub.hub_bind_url = "http://127.0.0.1:{free_port()}"
-c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:{free_port()}"
-c.JupyterHub.authenticator_class = "dummy"
-c.Authenticator.allow_all = True
-c.JupyterHub.db_url = "sqlite:///{self.directory}/hub.sqlite"
-c.JupyterHub.cookie_secret_file = "{self.directory}/cookie_secret"
-c.ConfigurableHTTPProxy.pid_file = "{self.directory}/proxy.pid"
-c.JupyterHub.services = [{{"name": "bench-admin", "api_token": "{self.token}"}}]
-c.JupyterHub.load_roles = [{{"name": "bench-admin", "services": ["bench-admin"],
-    "scopes": ["admin:users", "admin:servers"]}}]
-configure_hub(c, socket_path="{self.socket_path}")
-"""
-        (self.directory / "jupyterhub_config.py").write_text(config)
-        self.log = open(self.directory / "hub.log", "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "jupyterhub", "-f", "jupyterhub_config.py"],
-            cwd=self.directory,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
+        extra = (
+            "from ds01hub.broker import configure_hub\n"
+            f"configure_hub(c, socket_path={self.socket_path!r})\n"
         )
+        self.hub = Hub(
+            directory=self.directory / "hub",
+            hub_ip="127.0.0.1",
+            spawner="simple",
+            extra_config=extra,
+        ).start()
+        self.url, self.token = self.hub.url, self.hub.admin_token
         deadline = time.monotonic() + 60
         while not os.path.exists(self.socket_path):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit((self.directory / "hub.log").read_text()[-3000:])
+            if time.monotonic() > deadline:
+                raise SystemExit(self.hub.log())
             time.sleep(0.2)
 
     def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(20)
-        self.log.close()
+        self.hub.stop()
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
