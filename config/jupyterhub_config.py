@@ -42,7 +42,7 @@ c.JupyterHub.hub_connect_url = _hub_url
 
 # -- foundation: servers are containers; named servers are a user's projects -----------------
 # The spawner: "docker" is plain DockerSpawner; DS01Spawner ("ds01") adds limits and GPUs.
-c.JupyterHub.spawner_class = "docker"
+c.JupyterHub.spawner_class = "ds01"
 c.DockerSpawner.image = os.environ.get("DS01HUB_IMAGE", "ds01hub/singleuser:latest")
 c.DockerSpawner.network_name = "bridge"
 c.DockerSpawner.notebook_dir = "/workspace"
@@ -96,3 +96,38 @@ configure_ops(
     ],
     environment={k: os.environ[k] for k in ("DS01HUB_LIMITS", "DOCKER_HOST") if k in os.environ},
 )
+
+# -- spawner: DS01Spawner (limits, quotas, GPUs on every spawn) -------------------------------
+# Limits come from $DS01HUB_LIMITS (re-read when the file changes), allocator state from
+# `state_dir` (shared with the broker, the culler and `ds01hub status`). Users pick a profile,
+# an image and a GPU in the options form; the CLI sends the same keys as user_options
+# (docs/architecture.md, "Spawn options"). Every setting: `jupyterhub --help-all | grep DS01`.
+c.DS01Spawner.state_dir = str(state_dir)
+# A spawn waits this long in the GPU queue (priority, then arrival) before giving up; keep it
+# under Spawner.start_timeout, which bounds the whole start.
+c.DS01Spawner.gpu_wait_timeout = 120
+c.DS01Spawner.profile_list = [
+    {
+        "display_name": "CPU only",
+        "slug": "cpu",
+        "description": "Notebooks, data preparation, small models",
+        "default": True,
+    },
+    {
+        "display_name": "One GPU",
+        "slug": "gpu",
+        "description": "A whole GPU for training",
+        "ds01_override": {"gpus": 1},
+    },
+    {
+        "display_name": "MIG slice (2g.20gb)",
+        "slug": "mig",
+        "description": "A slice of a MIG-partitioned GPU: enough for most coursework",
+        "ds01_override": {"mig": "2g.20gb"},
+    },
+]
+# On a lab host with Unix accounts: each user's workspace at /workspace, the container running
+# as their uid/gid, and a cgroup parent per group (so the host can cap a whole group):
+#   c.DS01Spawner.workspace_root = "/srv/ds01/workspaces"
+#   c.DS01Spawner.user_id_source = "passwd"
+#   c.DS01Spawner.cgroup_parents = {"students": "ds01-students"}
