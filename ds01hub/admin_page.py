@@ -1,4 +1,5 @@
-"""The ds01 admin page: every GPU/MIG slot and its holder, usage in GPU-hours, config errors.
+"""The ds01 admin page: every GPU/MIG slot and its holder, usage in GPU-hours, config errors,
+and the servers the culler has warned it will stop.
 
 Served by the ds01-ops managed service (`ds01hub.ops_service`) under
 `/services/ds01-ops/`, not as a hub page: the figures come from Docker, NVML and the event log,
@@ -83,8 +84,10 @@ def overview(
     eventlog: Any,
     now: datetime,
     config_error: str | None = None,
+    pending_culls: Iterable[Any] = (),
 ) -> dict[str, Any]:
-    """Everything the page shows, JSON-ready (also served as `api/overview`)."""
+    """Everything the page shows, JSON-ready (also served as `api/overview`).
+    `pending_culls`: the culler's standing warnings (`ds01hub.culler.CullWarning`)."""
     since = week_start(now)
     usage = {}
     for by in ("user", "group"):
@@ -100,6 +103,15 @@ def overview(
         "simulated": bool(inventory.simulated),
         "inventory_note": inventory.reason,
         "config_error": config_error,
+        "pending_culls": [
+            {
+                "user": w.user,
+                "project": w.server or "default",
+                "cull_at": w.cull_at.isoformat(),
+                "reason": w.reason,
+            }
+            for w in sorted(pending_culls, key=lambda w: w.cull_at)
+        ],
         "slots": slot_rows(status, inventory),
         "usage": usage,
     }
@@ -165,6 +177,14 @@ def render_page(model: dict[str, Any]) -> str:
         )
     headers = ["Slot", "Kind", "User", "Group", "Container", "State", "Util", "Procs"]
     parts.append("<h2>Slots</h2>" + _table("slots", [*headers, "Held until"], slot_body))
+    culls = [
+        _cell(w["user"]) + _cell(w["project"]) + _cell(w["cull_at"]) + _cell(w["reason"])
+        for w in model.get("pending_culls", [])
+    ]
+    parts.append(
+        "<h2>Pending culls (users warned)</h2>"
+        + _table("pending-culls", ["User", "Project", "Stopped at", "Why"], culls)
+    )
     for by, title in (("user", "User"), ("group", "Group")):
         body = [
             _cell(r["name"]) + _cell(f"{r['week']:.2f}", "num") + _cell(f"{r['total']:.2f}", "num")

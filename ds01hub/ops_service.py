@@ -58,6 +58,7 @@ class Components:
             self.eventlog,
             self.culler.clock(),
             config_error=self.limits.last_error,
+            pending_culls=self.culler.warnings.load().values(),
         )
 
 

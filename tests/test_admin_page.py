@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from ds01hub import labels
 from ds01hub.admin_page import overview, render_page, week_start
 from ds01hub.allocation_state import GpuAllocator
+from ds01hub.culler import CullWarning
 from ds01hub.eventlog import EventLog
 from ds01hub.inventory import discover
 from ds01hub.limits import SimulatedGpuSpec, parse_limits
@@ -89,11 +90,25 @@ def test_overview_has_every_slot_holder_state_utilisation_and_usage(tmp_path):
     assert model["simulated"] is True and model["config_error"] is None
 
 
-def test_the_page_escapes_names_and_shows_a_config_error(tmp_path):
+def test_the_page_escapes_names_and_shows_a_config_error_and_pending_culls(tmp_path):
     evil = "<script>alert(1)</script>"
     nvml, inventory, log, allocator = machine(tmp_path, [doc("x", evil, ["0"], "g")])
-    model = overview(allocator.status(), inventory, log, NOW, config_error="line 3: <bad> key")
+    later, sooner = (
+        CullWarning(user, "", f"default._.{user}", "idle", "idle for 2h", NOW, NOW, NOW + delay)
+        for user, delay in ((evil, timedelta(minutes=9)), ("dora", timedelta(minutes=2)))
+    )
+    model = overview(
+        allocator.status(),
+        inventory,
+        log,
+        NOW,
+        config_error="line 3: <bad> key",
+        pending_culls=[later, sooner],
+    )
+    assert [w["user"] for w in model["pending_culls"]] == ["dora", evil]  # soonest first
+    assert model["pending_culls"][0]["project"] == "default"
     page = render_page(model)
+    assert 'id="pending-culls"' in page and "idle for 2h" in page
     assert "<script>" not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert 'id="config-error"' in page and "line 3: &lt;bad&gt; key" in page
@@ -105,4 +120,5 @@ def test_an_empty_machine_renders_none_rows(tmp_path):
     page = render_page(overview(allocator.status(), inventory, None, NOW))
     assert page.count('<td class="state-free">free</td>') == 3
     assert '<td colspan="3" class="note">none</td>' in page
+    assert '<td colspan="4" class="note">none</td>' in page  # no pending culls
     assert "config-error" not in page

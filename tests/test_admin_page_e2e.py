@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ds01hub import labels
 from ds01hub.admin_page import week_start
+from ds01hub.culler import CullWarning, WarningStore
 from ds01hub.eventlog import EventLog
 from ds01hub.ops_service import EVENTLOG_FILE, SERVICE_NAME
 
@@ -85,6 +86,10 @@ def ops(hub_factory, docker_client, base_image, tmp_path_factory):
     log.record("allocate", alice, "0", "new._.x", "students", at=this_week[0])
     log.record("release", alice, "0", "new._.x", "students", at=this_week[1])
     log.record("cull", bob, container="work._.x", group="staff", reason="idle: no hub activity")
+    warned = CullWarning(
+        alice, "", "default._.x", "idle", "idle for 2h", now, now, now + timedelta(minutes=7)
+    )
+    WarningStore(state).save([warned])  # as the culler leaves it
 
     port = free_port()
     args = [
@@ -93,6 +98,7 @@ def ops(hub_factory, docker_client, base_image, tmp_path_factory):
         f"--OpsService.extra_labels={[run]!r}",
         "--OpsService.interval=3600",
         "--OpsService.remove_stopped=False",
+        "--OpsService.dry_run=True",  # its passes change nothing here (the warning stays)
     ]
     hub = hub_factory(extra_config=SERVICE_CONFIG.format(url=f"http://127.0.0.1:{port}", args=args))
     hub.create_user(admin, admin=True)
@@ -151,6 +157,12 @@ def test_the_overview_shows_every_slot_its_holder_and_gpu_hours(ops):
     assert users[ops["alice"]]["week"] == pytest.approx(ops["alice_week"], abs=0.01)
     assert users[ops["alice"]]["total"] == pytest.approx(6 + ops["alice_week"], abs=0.01)
     assert model["simulated"] is True and model["config_error"] is None
+    (pending,) = model["pending_culls"]
+    assert (pending["user"], pending["project"], pending["reason"]) == (
+        ops["alice"],
+        "default",
+        "idle for 2h",
+    )
 
 
 def test_the_page_is_for_admins_only(ops):
