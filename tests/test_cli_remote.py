@@ -98,7 +98,12 @@ def test_a_token_only_reaches_its_own_user(hub, people):
 
 def test_host_only_commands_say_so(hub, people):
     _, token = people["alice"]
-    for command in (["container-stats"], ["image-list"], ["image-create", "x"]):
+    for command in (
+        ["container-stats"],
+        ["image-list"],
+        ["image-create", "x"],
+        ["container-run", "proj", "--", "true"],
+    ):
         result = cli(hub, token, *command)
         assert result.returncode == 1 and "needs the ds01 broker on the host" in result.stderr
 

@@ -380,6 +380,8 @@ def run_run(ctx: Context) -> int:
     name = ctx.args.name
     command = [c for c in ctx.args.command if c != "--"] or None
     backend = ctx.backend
+    if backend.remote:
+        raise backends.host_only("a shell in a container")
     view = backend.describe(name)
     if view.get("state") != "running":
         follow(ctx, backend.start(name, None, create=False), name)
