@@ -843,7 +843,8 @@ COMMANDS: dict[str, Command] = {
         Command("container-create", "create and start a container", configure_create, run_create),
         Command(
             "container-run",
-            "open a shell in a container (starts it if needed)",
+            "open a shell in a container (starts it if needed; leaving the shell leaves the "
+            "container running)",
             configure_run,
             run_run,
             json=False,
@@ -895,9 +896,15 @@ COMMANDS: dict[str, Command] = {
             "create a project: directories, git, README, image, container",
             configure_project_init,
             run_project_init,
+            acts_for_user=False,  # it writes into the caller's own home
         ),
         Command(
-            "user-setup", "first-time setup, step by step", no_options, run_user_setup, json=False
+            "user-setup",
+            "first-time setup, step by step",
+            no_options,
+            run_user_setup,
+            json=False,
+            acts_for_user=False,
         ),
     )
 }
