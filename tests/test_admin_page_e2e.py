@@ -95,7 +95,7 @@ def ops(hub_factory, docker_client, base_image, tmp_path_factory):
     args = [
         f"--OpsService.limits_path={limits}",
         f"--OpsService.state_dir={state}",
-        f"--OpsService.extra_labels={[run]!r}",
+        f"--OpsService.extra_labels={run}",
         "--OpsService.interval=3600",
         "--OpsService.remove_stopped=False",
         "--OpsService.dry_run=True",  # its passes change nothing here (the warning stays)
