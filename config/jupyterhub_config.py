@@ -89,8 +89,8 @@ from ds01hub.ops_service import configure_hub as configure_ops  # noqa: E402
 configure_ops(
     c,
     url=f"http://127.0.0.1:{os.environ.get('DS01HUB_OPS_PORT', '10102')}",
+    state_dir=state_dir,  # the spawner's: same holdings, same event log; hub pages announce culls
     service_args=[
-        f"--OpsService.state_dir={state_dir}",
         f"--OpsService.interval={os.environ.get('DS01HUB_CULL_INTERVAL', '300')}",
         f"--OpsService.warn_before={os.environ.get('DS01HUB_CULL_WARN_BEFORE', '600')}",
     ],

@@ -15,8 +15,9 @@ unavailable) counts as activity: the culler never stops what it cannot see is id
 `idle_timeout` means never. `max_runtime` (when set) stops a server after that long regardless.
 
 Users are warned `warn_before` ahead: the warning is kept in `state_dir/cull-warnings.json`
-(the CLI shows it on the user's next command via `pending_warnings`) and written into the
-container (`/tmp/ds01hub/cull-warning.txt`, for the notebook and terminals); a server is culled
+(the CLI shows it on the user's next command via `pending_warnings`, the hub's pages as a
+banner via `hub_announcement`) and written into the container
+(`/tmp/ds01hub/cull-warning.txt`, for the notebook and terminals); a server is culled
 only after its warning has stood for the lead time. Every cull is a `cull` event whose reason
 starts with its code (`idle:`, `max_runtime:`), which the metrics count by.
 
@@ -39,6 +40,7 @@ from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from html import escape
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,7 @@ __all__ = [
     "ServerActivity",
     "Verdict",
     "decide",
+    "hub_announcement",
     "pending_warnings",
 ]
 
@@ -308,6 +311,19 @@ def pending_warnings(user: str, state_dir: str | os.PathLike | None = None) -> l
     For the CLI to show on the user's next command: `w.message()` is the sentence to print."""
     store = WarningStore(state_dir if state_dir is not None else default_state_dir())
     return sorted((w for w in store.load().values() if w.user == user), key=lambda w: w.cull_at)
+
+
+def hub_announcement(state_dir: str | os.PathLike) -> Callable[[Any], str]:
+    """For `c.JupyterHub.template_vars["announcement"]`: the hub calls it with the current user
+    on every hub page (home, spawn, token, ...) and shows the result as a banner, so a user
+    who opens the hub sees their pending culls. Escaped: the hub inserts it as HTML."""
+
+    def announcement(user: Any) -> str:
+        if user is None:
+            return ""
+        return "<br>".join(escape(w.message()) for w in pending_warnings(user.name, state_dir))
+
+    return announcement
 
 
 # -- the loop's edges: /proc, Docker, NVML, the hub -------------------------------------------

@@ -241,27 +241,42 @@ def configure_hub(
     c: Any,
     *,
     url: str = f"http://127.0.0.1:{DEFAULT_PORT}",
+    state_dir: str | os.PathLike | None = None,
     service_args: Iterable[str] = (),
     environment: Mapping[str, str] | None = None,
+    announce: bool = True,
 ) -> None:
-    """Register the ds01-ops managed service in a JupyterHub config `c`: its command, its role
+    """Register the ds01-ops managed service in a JupyterHub config `c`: its command (on
+    `state_dir`, default `$DS01HUB_STATE_DIR` or /var/lib/ds01hub: the spawner's), its role
     (`SERVICE_SCOPES`), and admin-only access to its page (admins hold `access:services`).
-    Prometheus scrapes `/services/ds01-ops/metrics` with a token that has `read:metrics`."""
+    With `announce`, the hub's pages show each user their pending culls as a banner
+    (`template_vars["announcement"]`). Prometheus scrapes `/services/ds01-ops/metrics` with a
+    token that has `read:metrics`."""
     import sys
 
+    from ds01hub.broker import _replace_named  # also merges into a load_subconfig parent
+    from ds01hub.culler import hub_announcement
+
+    state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
     service = {
         "name": SERVICE_NAME,
         "url": url,
-        "command": [sys.executable, "-m", "ds01hub.ops_service", *service_args],
+        "command": [
+            sys.executable,
+            "-m",
+            "ds01hub.ops_service",
+            f"--OpsService.state_dir={state_dir}",
+            *service_args,
+        ],
         "oauth_no_confirm": True,
         "environment": dict(environment or {}),
         "display": False,
     }
-    from ds01hub.broker import _replace_named  # also merges into a load_subconfig parent
-
     role = {"name": SERVICE_NAME, "services": [SERVICE_NAME], "scopes": SERVICE_SCOPES}
     _replace_named(c.JupyterHub, "services", service)
     _replace_named(c.JupyterHub, "load_roles", role)
+    if announce:
+        c.JupyterHub.template_vars.update({"announcement": hub_announcement(state_dir)})
 
 
 # -- `ds01hub cull` ---------------------------------------------------------------------------

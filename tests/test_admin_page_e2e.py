@@ -34,7 +34,7 @@ gpu_allocation:
 
 SERVICE_CONFIG = """
 from ds01hub.ops_service import configure_hub as configure_ops
-configure_ops(c, url={url!r}, service_args={args!r})
+configure_ops(c, url={url!r}, state_dir={state!r}, service_args={args!r})
 # a role that lets its group reach the service without making anyone an admin
 c.JupyterHub.load_groups = {{"opsviewers": {{"users": []}}}}
 c.JupyterHub.load_roles.append(
@@ -94,15 +94,19 @@ def ops(hub_factory, docker_client, base_image, tmp_path_factory):
     port = free_port()
     args = [
         f"--OpsService.limits_path={limits}",
-        f"--OpsService.state_dir={state}",
         f"--OpsService.extra_labels={run}",
         "--OpsService.interval=3600",
         "--OpsService.remove_stopped=False",
         "--OpsService.dry_run=True",  # its passes change nothing here (the warning stays)
     ]
-    hub = hub_factory(extra_config=SERVICE_CONFIG.format(url=f"http://127.0.0.1:{port}", args=args))
+    hub = hub_factory(
+        extra_config=SERVICE_CONFIG.format(
+            url=f"http://127.0.0.1:{port}", state=str(state), args=args
+        )
+    )
     hub.create_user(admin, admin=True)
     hub.create_user(student, groups=["opsviewers"])
+    hub.create_user(alice)
     base = f"{hub.url}/services/{SERVICE_NAME}/"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -218,6 +222,15 @@ def test_a_broken_limits_file_is_shown_and_the_last_good_one_kept(ops):
     finally:
         ops["limits"].write_text(good)
     assert get(ops, "api/overview", token).json()["config_error"] is None
+
+
+def test_the_hub_pages_tell_a_warned_user_their_container_will_be_stopped(ops):
+    hub = ops["hub"]
+    home = hub.login(ops["alice"]).get(f"{hub.hub_url}home", timeout=30)
+    assert home.status_code == 200
+    assert "Your container &#x27;default&#x27; will be stopped at" in home.text
+    other = hub.login(ops["student"]).get(f"{hub.hub_url}home", timeout=30)
+    assert "will be stopped" not in other.text
 
 
 @pytest.mark.browser
