@@ -538,7 +538,7 @@ class DS01Spawner(DockerSpawner):
         plan = self._plan(limits, choice, slots)
         self._plan_in_use = plan
         if existing is not None:
-            reason = recreate_reason(existing, plan)
+            reason = await self._reclaimed(existing) or recreate_reason(existing, plan)
             if reason:
                 self._emit(50, f"re-creating container {self.object_name}: {reason}")
                 await self.remove_object()
@@ -571,6 +571,17 @@ class DS01Spawner(DockerSpawner):
             (committed - docker_began) * 1000,
         )
         return result
+
+    async def _reclaimed(self, existing: dict) -> str | None:
+        """A higher priority took GPU slots from this (stopped) container: the allocator
+        records that beside the labels, which cannot change, so the container is re-created
+        (with new device requests and labels) even if it got the same slot numbers back."""
+        if not (existing.get("Config") or {}).get("Labels", {}).get(labels.GPUS):
+            return None
+        lost = await self._blocking(self.context.allocator.revoked, existing["Id"])
+        if not lost:
+            return None
+        return f"its GPU slot(s) {', '.join(lost)} were reclaimed by a higher priority"
 
     async def _undo_failed_start(self, created_here: bool, slots, reason: str) -> None:
         """A container this spawn created and could not start is removed with its holdings."""

@@ -35,10 +35,13 @@ def error_of(response) -> str:
         return response.text
 
 
-def first_progress_message(hub, user: str, containing: str, timeout: float = 30) -> str:
+def first_progress_message(
+    hub, user: str, containing: str, timeout: float = 30, name: str = ""
+) -> str:
     """The first progress event of a pending spawn whose message contains `containing` (the
     stream itself lasts as long as the spawn)."""
-    response = hub.api("GET", f"/users/{user}/server/progress", stream=True, timeout=timeout)
+    path = f"/users/{user}/servers/{name}/progress" if name else f"/users/{user}/server/progress"
+    response = hub.api("GET", path, stream=True, timeout=timeout)
     deadline = time.monotonic() + timeout
     for line in response.iter_lines(decode_unicode=True):
         if line and line.startswith("data:"):
@@ -322,3 +325,43 @@ def test_workspace_uid_and_edited_limits_apply_on_the_next_spawn(
         assert (workspaces / user / "hello").read_text() == "hi\n"  # the workspace stays
     finally:
         hub.stop()
+
+
+def test_a_gpu_reclaimed_while_stopped_is_replaced_on_restart(ds01, docker_client):
+    """Two MIG instances. A student's stopped container holds one; another student runs on the
+    other; a researcher (priority 50 > 10) takes the stopped one's. The student's restart
+    waits in the queue, and when the researcher's server is deleted it gets a slot in a
+    re-created container (new device request), never the researcher's while it runs."""
+    hub = ds01.hub
+    alice, bob, rita = unique_name("sa"), unique_name("sb"), unique_name("rr")
+    for user, group in ((alice, "students"), (bob, "students"), (rita, "researchers")):
+        hub.create_user(user, groups=[group])
+    mig = {"mig": "2g.20gb"}
+    hub.start_server(alice, "m", mig)
+    hub.wait_ready(alice, "m")
+    stopped = hub.container_of(alice, "m")
+    hub.stop_server(alice, "m")
+    hub.start_server(bob, "m", mig)
+    hub.wait_ready(bob, "m")
+    hub.start_server(rita, "m", mig)
+    hub.wait_ready(rita, "m")
+    taken = hub.container_of(rita, "m").labels["ds01.gpus"]
+    assert taken == stopped.labels["ds01.gpus"]
+    allocator = ds01.allocator(docker_client)
+    assert allocator.revoked(stopped.id) == [taken]
+
+    hub.start_server(alice, "m", mig)
+    message = first_progress_message(hub, alice, "waiting for a GPU", name="m")
+    assert "position 1 of 1" in message and rita in message
+    hub.delete_server(rita, "m")
+    hub.wait_ready(alice, "m", timeout=120)
+    again = hub.container_of(alice, "m")
+    assert again.id != stopped.id  # re-created: the old container's slot was revoked
+    assert again.labels["ds01.gpus"] == taken
+    uuid = ds01.inventory().slot(taken).uuid
+    assert again.attrs["HostConfig"]["DeviceRequests"][0]["DeviceIDs"] == [uuid]
+    assert "were reclaimed by a higher priority" in hub.log(500_000)
+    by_slot: dict[str, set[str]] = {}
+    for holding in allocator.holdings():
+        by_slot.setdefault(holding.slot_id, set()).add(holding.user)
+    assert all(len(users) == 1 for users in by_slot.values()), by_slot
