@@ -400,8 +400,13 @@ class UserOperations:
         self, project: str, timeout: float | None = None, force: bool = False
     ) -> dict[str, Any]:
         """Stop a container. With `timeout`/`force` Docker stops (or kills) it first, so the
-        user's choice applies; the hub is always told, so its records and the GPU hold follow."""
-        attrs = await self._owned(project)
+        user's choice applies; the hub is always told, so its records and the GPU hold follow.
+        A start still pending (e.g. queued for a GPU, no container yet) is cancelled."""
+        validate_name(project)
+        found = await asyncio.to_thread(self._containers, project)
+        if not found:
+            return await self._cancel_pending(project)
+        attrs = found[0]
         container_id = attrs["Id"]
         if force:
             await asyncio.to_thread(self._kill, container_id)
@@ -417,6 +422,14 @@ class UserOperations:
             await asyncio.to_thread(self.ctx.docker.api.stop, container_id)
         await self._wait_stopped(container_id)
         return await self.describe(project)
+
+    async def _cancel_pending(self, project: str) -> dict[str, Any]:
+        server_name = project_to_server(project)
+        server = ((await self._hub_user()).get("servers") or {}).get(server_name)
+        if not (server and server.get("pending") == "spawn"):
+            raise self._no_such(project)
+        await self._hub(self.ctx.hub.stop_server(self.user, server_name))
+        return {"project": project, "state": "stopped", "cancelled": True, "held_until": None}
 
     def _kill(self, container_id: str) -> None:
         try:

@@ -9,11 +9,13 @@ import json
 import os
 import secrets
 import shutil
+import subprocess
+import tempfile
 import time
 
 import docker
 import pytest
-from ds01_cli_harness import PtySession, run_as, unix_user
+from ds01_cli_harness import PtySession, command_line, run_as, unix_user, user_env
 
 pytestmark = [pytest.mark.docker, pytest.mark.e2e, pytest.mark.root]
 
@@ -106,6 +108,49 @@ def test_create_through_the_hub_with_a_gpu(hub, users, docker_client):
     result = cli(hub, bob, "container-create", "proj", "--gpus", "1")
     assert result.returncode == 0, result.stderr + hub.log()
     assert listed(hub, bob)["proj"]["gpus"] != rows["thesis"]["gpus"]
+
+
+@pytest.fixture(scope="module")
+def carol():
+    with unix_user() as person:
+        yield person
+
+
+def test_a_start_waiting_for_a_gpu_shows_progress_and_can_be_cancelled(hub, users, carol):
+    """Both simulated GPUs are held (alice, bob): carol's start queues, the command says so
+    while it waits, and `container-stop` cancels it."""
+    with tempfile.TemporaryFile("w+") as stderr:
+        waiting = subprocess.Popen(
+            command_line("container-create", "waiting", "--gpus", "1"),
+            user=carol.uid,
+            group=carol.gid,
+            extra_groups=[],
+            env=user_env(carol.home, hub.socket_path),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            cwd="/tmp",
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while "waiting for a GPU" not in read_all(stderr):
+                assert waiting.poll() is None, read_all(stderr)
+                assert time.monotonic() < deadline, read_all(stderr) + hub.log()
+                time.sleep(0.5)
+            assert listed(hub, carol)["waiting"]["state"] == "starting"
+            result = cli(hub, carol, "container-stop", "waiting", "-y")
+            assert result.returncode == 0, result.stderr
+            assert "start of waiting is cancelled" in result.stdout
+            assert waiting.wait(60) == 1
+        finally:
+            if waiting.poll() is None:
+                waiting.kill()
+    assert "waiting" not in listed(hub, carol, "--all")
+
+
+def read_all(stream) -> str:
+    stream.seek(0)
+    return stream.read()
 
 
 def test_over_quota_and_bad_names_are_clear(hub, users):

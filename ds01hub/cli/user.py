@@ -442,6 +442,16 @@ def run_stop(ctx: Context) -> int:
         if ctx.json:
             print_json(view, ctx.stdout)
         return EXIT_OK
+    if view.get("state") == "starting" and not view.get("id"):
+        if not ctx.confirm(f"Cancel the start of {args.name}?", args.yes):
+            ctx.note("Not cancelled.")
+            return EXIT_FAILURE
+        result = ctx.backend.stop(args.name, args.timeout, args.force)
+        if ctx.json:
+            print_json(result, ctx.stdout)
+        else:
+            ctx.say(f"The start of {args.name} is cancelled.")
+        return EXIT_OK
     processes = view.get("processes")
     ctx.note(
         f"{args.name}: up {format_duration(view.get('uptime_s'))}, "
