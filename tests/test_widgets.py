@@ -68,6 +68,14 @@ def test_wizard_steps_validate_before_moving_on():
     assert wizard.step == 2
 
 
+def test_build_log_shows_the_newest_lines_escaped():
+    from ds01hub.widgets.image_builder import log_html
+
+    text = log_html([f"line {i} <x>" for i in range(30)], tail=5)
+    assert "line 29 &lt;x&gt;" in text and "line 25" in text and "line 24" not in text
+    assert "25 earlier lines" in text
+
+
 def test_unguided_wizard_explains_nothing():
     assert ProjectWizard(client=Ds01Client("http://127.0.0.1:9")).guidance.value == ""
 

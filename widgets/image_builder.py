@@ -19,6 +19,7 @@ from .client import Ds01Client, Ds01Error
 from .common import box, error_box, human_bytes, table
 
 MAX_LOG_LINES = 400
+LOG_TAIL_LINES = 12
 
 
 class ImageBuilder(w.VBox):
@@ -28,7 +29,7 @@ class ImageBuilder(w.VBox):
         self._client = client
         self.poll_interval = poll_interval
         self.build: dict | None = None
-        self._log_lines: list[str] = []
+        self.log_lines: list[str] = []
         self._thread: threading.Thread | None = None
         self.template = w.Dropdown(description="Template")
         self.template_info = w.HTML()
@@ -133,7 +134,7 @@ class ImageBuilder(w.VBox):
             return None
         self.build_button.disabled = True
         self.progress.value, self.progress.bar_style = 0.0, "info"
-        self._log_lines = []
+        self.log_lines = []
         self.result.value = ""
         self.status.value = box("info", f"Building {self.build['tag']} ...")
         self._thread = threading.Thread(target=self._follow, args=(self.build["id"],), daemon=True)
@@ -170,9 +171,9 @@ class ImageBuilder(w.VBox):
 
     def _show_events(self, events: list[dict], state: dict) -> None:
         if events:
-            self._log_lines.extend(e.get("text", "") for e in events if e.get("text"))
-            self._log_lines = self._log_lines[-MAX_LOG_LINES:]
-            self.build_log.value = log_html(self._log_lines)
+            self.log_lines.extend(e.get("text", "") for e in events if e.get("text"))
+            self.log_lines = self.log_lines[-MAX_LOG_LINES:]
+            self.build_log.value = log_html(self.log_lines)
         self.progress.value = float(state.get("progress") or 0.0)
 
     def _finish(self, state: dict | None, error: Ds01Error | None) -> None:
@@ -193,7 +194,7 @@ class ImageBuilder(w.VBox):
             self.refresh_images()
         else:
             self.progress.bar_style = "danger"
-            last = self._log_lines[-1] if self._log_lines else "no details"
+            last = self.log_lines[-1] if self.log_lines else "no details"
             self.status.value = box("error", "The build failed", last)
 
     def refresh_images(self) -> list[dict]:
@@ -216,11 +217,18 @@ class ImageBuilder(w.VBox):
         return mine
 
 
-def log_html(lines: list[str]) -> str:
-    """The build log as a scroll box that stays at its newest line (column-reverse)."""
-    text = html.escape("\n".join(lines), quote=False)
+def log_html(lines: list[str], tail: int = LOG_TAIL_LINES) -> str:
+    """The newest ``tail`` lines of the build log, in a fixed box (what is happening now;
+    the whole log is in ``ImageBuilder.log_lines``)."""
+    shown = lines[-tail:]
+    skipped = len(lines) - len(shown)
+    text = html.escape("\n".join(shown), quote=False)
+    more = (
+        f"<div style='color:#777;margin:2px 4px'>... {skipped} earlier lines</div>"
+        if skipped
+        else ""
+    )
     return (
-        "<div class='ds01-build-log' style='max-height:220px;overflow:auto;display:flex;"
-        "flex-direction:column-reverse;border:1px solid #ddd;background:#fafafa'>"
-        f"<pre style='margin:4px;font-size:12px'>{text}</pre></div>"
+        "<div class='ds01-build-log' style='border:1px solid #ddd;background:#fafafa'>"
+        f"{more}<pre style='margin:4px;font-size:12px;white-space:pre-wrap'>{text}</pre></div>"
     )
