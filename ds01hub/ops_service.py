@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -252,8 +253,6 @@ def configure_hub(
     With `announce`, the hub's pages show each user their pending culls as a banner
     (`template_vars["announcement"]`). Prometheus scrapes `/services/ds01-ops/metrics` with a
     token that has `read:metrics`."""
-    import sys
-
     from ds01hub.broker import _replace_named  # also merges into a load_subconfig parent
     from ds01hub.culler import hub_announcement
 
@@ -319,10 +318,9 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(handler=cmd_cull)
 
 
-def _report_lines(report: PassReport) -> list[str]:
-    import sys
-
-    from ds01hub.cli.output import Column, render_table, use_colour
+def report_lines(report: PassReport, colour: bool = False) -> list[str]:
+    """A pass as `ds01hub cull` prints it: a table of servers, then lifecycle actions, errors."""
+    from ds01hub.cli.output import Column, render_table
 
     lines = [
         f"{'DRY RUN: ' if report.dry_run else ''}cull pass at {report.at:%Y-%m-%d %H:%M:%S} UTC"
@@ -335,9 +333,7 @@ def _report_lines(report: PassReport) -> list[str]:
         Column("WHY", "reason"),
         Column("CULL AT", "cull_at"),
     ]
-    lines.append(
-        render_table(rows, columns, colour=use_colour(sys.stdout)) if rows else "no running servers"
-    )
+    lines.append(render_table(rows, columns, colour=colour) if rows else "no running servers")
     for action in report.lifecycle:
         lines.append(f"{action.kind}: {action.container} ({action.user}): {action.reason}")
     lines += [f"error: {e}" for e in report.errors]
@@ -387,7 +383,7 @@ def _cli_components(args: Any) -> Components:
 
 
 async def _cli_passes(args: Any) -> int:
-    from ds01hub.cli.output import CliError, print_error, print_json
+    from ds01hub.cli.output import CliError, print_error, print_json, use_colour
     from ds01hub.hubclient import HubError
 
     try:
@@ -405,7 +401,7 @@ async def _cli_passes(args: Any) -> int:
         if args.json:
             print_json(report.to_dict())
         else:
-            print("\n".join(_report_lines(report)), flush=True)
+            print("\n".join(report_lines(report, use_colour(sys.stdout))), flush=True)
         if args.once:
             return 1 if report.errors else 0
         await asyncio.sleep(args.interval)

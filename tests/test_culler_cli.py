@@ -63,6 +63,12 @@ def test_cull_once_dry_run_reports_and_a_real_pass_culls(hub_factory, tmp_path):
     assert (line["action"], line["code"], line["project"]) == ("cull", "idle", "default")
     assert hub.server(user)["ready"]  # nothing done
 
+    text = cull(*[a for a in common if a != "--json"], "--dry-run", token=hub.admin_token)
+    assert text.returncode == 0, text.stderr
+    assert text.stdout.startswith("DRY RUN: cull pass at")
+    (row,) = [line for line in text.stdout.splitlines() if line.startswith(user)]
+    assert row.split()[1:3] == ["default", "cull"]
+
     real = cull(*common, token=hub.admin_token)
     assert real.returncode == 0, real.stderr
     assert [s["action"] for s in json.loads(real.stdout)["servers"] if s["user"] == user] == [

@@ -8,8 +8,15 @@ from types import SimpleNamespace
 
 from traitlets.config import Config
 
-from ds01hub.culler import CullWarning, WarningStore
-from ds01hub.ops_service import SERVICE_NAME, SERVICE_SCOPES, OpsService, configure_hub
+from ds01hub.culler import CullWarning, PassReport, ServerReport, Verdict, WarningStore
+from ds01hub.lifecycle import LifecycleAction
+from ds01hub.ops_service import (
+    SERVICE_NAME,
+    SERVICE_SCOPES,
+    OpsService,
+    configure_hub,
+    report_lines,
+)
 
 
 def test_configure_hub_registers_the_service_its_role_and_the_banner_once(tmp_path):
@@ -66,3 +73,28 @@ def test_service_traits_come_from_the_command_line():
     assert (app.interval, app.warn_before, app.dry_run) == (60.0, 30.0, True)
     assert app.extra_labels == ["ds01.test.hub=abc"]
     assert app.log_level == 20  # INFO: culls and removals are logged
+
+
+def test_a_pass_prints_as_a_table_with_lifecycle_actions_and_errors():
+    at = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
+    warned = CullWarning("eve", "", "default._.eve", "idle", "idle 2h", at, at, at)
+    report = PassReport(
+        at,
+        dry_run=True,
+        servers=[
+            ServerReport("eve", "", "default._.eve", Verdict("warn", "idle", "idle 2h", warned)),
+            ServerReport("bob", "train", "train._.bob", Verdict("keep", "busy", "GPU 0 at 90%")),
+        ],
+        lifecycle=[LifecycleAction("remove", "old", "x._.old", "id", None, (), at, "removed: 48h")],
+        errors=["y._.zed: 403 forbidden"],
+    )
+    lines = report_lines(report)
+    assert lines[0] == "DRY RUN: cull pass at 2026-03-02 12:00:00 UTC"
+    table = lines[1].splitlines()
+    assert table[0].split() == ["USER", "PROJECT", "ACTION", "WHY", "CULL", "AT"]
+    assert table[1].split()[:3] == ["eve", "default", "warn"] and at.isoformat() in table[1]
+    assert table[2].split()[:3] == ["bob", "train", "keep"]
+    assert lines[2:] == ["remove: x._.old (old): removed: 48h", "error: y._.zed: 403 forbidden"]
+    assert "\x1b[" not in "\n".join(lines)  # no colour unless asked
+    empty = PassReport(at, dry_run=False)
+    assert report_lines(empty)[1] == "no running servers"
