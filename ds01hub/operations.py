@@ -380,8 +380,8 @@ class UserOperations:
                     message = str(event.get("message") or "spawn failed")
                     raise OperationError(
                         f"could not start {project!r}: {message}",
-                        hint="see your quota with `container-stats`; stopped containers "
-                        "keep their GPUs for a while: `container-list --all`",
+                        hint="see your limits and use with `container-stats`; stopped "
+                        "containers keep their GPUs for a while: `container-list --all`",
                         status=409,
                     )
                 if event.get("ready"):

@@ -207,7 +207,7 @@ def test_stats_report_cpu_and_memory(hub, users, containers):
     alice, _ = users
     result = as_user(hub, alice, "container-stats", "--json")
     assert result.returncode == 0, result.stderr
-    rows = json.loads(result.stdout)
+    rows = json.loads(result.stdout)["containers"]
     assert [r["project"] for r in rows] == ["work"]
     assert rows[0]["memory_bytes"] > 0 and rows[0]["cpu_percent"] is not None
 

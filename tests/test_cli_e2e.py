@@ -221,13 +221,16 @@ def test_stats_show_use_against_limits(hub, users):
     alice, _ = users
     result = cli(hub, alice, "container-stats", "--json")
     assert result.returncode == 0, result.stderr
-    (row,) = json.loads(result.stdout)
+    report = json.loads(result.stdout)
+    (row,) = report["containers"]
+    assert report["quota"]["gpus_held"] == 1 and report["quota"]["limits"]["max_gpus"] == 1
     assert row["project"] == "thesis"
     assert row["memory_limit_bytes"] == 1024**3 and row["cpu_limit_percent"] == 100
     (gpu,) = row["gpus"]
     assert gpu["simulated"] is True and gpu["memory_mb"] == 80 * 1024
     table = cli(hub, alice, "container-stats").stdout
     assert "thesis" in table and "/ 1.0G" in table and f"{gpu['slot']} (80G, SIMULATED)" in table
+    assert "GPUs 1 of 1 held, containers 1 of 2, per container 1 CPU and 1.0G" in table
 
 
 def test_stop_holds_the_gpu_then_start_and_remove(hub, users, docker_client):

@@ -521,3 +521,24 @@ def test_stats_table_shows_use_against_limits():
     assert header.split()[:4] == ["PROJECT", "CPU", "MEMORY", "PROCESSES"]
     assert "150% / 400%" in line and "3.0G / 16G" in line and "12 / 4096" in line
     assert "0:1 (20G, SIMULATED): 87%" in line
+
+
+def test_quota_line_reads_like_a_sentence():
+    quota = {
+        "containers": 1,
+        "gpus_held": 1,
+        "limits": {
+            "group": "students",
+            "max_gpus": 2,
+            "max_containers_per_user": None,
+            "max_cpus": 4.0,
+            "memory": 16 * 2**30,
+            "idle_timeout": 12 * 3600,
+            "gpu_hold_after_stop": 3600,
+        },
+    }
+    assert user.quota_line(quota) == (
+        "Limits (group students): GPUs 1 of 2 held, containers 1 of no limit, per container "
+        "4 CPUs and 16G; idle timeout 12h 0m, GPUs held 1h 0m after a stop"
+    )
+    assert "no limits file" in user.quota_line({"containers": 0, "limits": None})

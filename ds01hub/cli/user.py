@@ -492,14 +492,37 @@ def run_list(ctx: Context) -> int:
 
 def run_stats(ctx: Context) -> int:
     rows = ctx.backend.stats()
+    quota = ctx.backend.quota()
     if ctx.json:
-        print_json(rows, ctx.stdout)
+        print_json({"containers": rows, "quota": quota}, ctx.stdout)
         return EXIT_OK
-    if not rows:
-        ctx.say("No running containers.")
-        return EXIT_OK
-    ctx.say(stats_table(rows, ctx.colour))
+    ctx.say(quota_line(quota))
+    ctx.say(stats_table(rows, ctx.colour) if rows else "No running containers.")
     return EXIT_OK
+
+
+def quota_line(quota: dict[str, Any]) -> str:
+    """`Limits (group students): GPUs 1 of 1 held, containers 2 of 2, per container 4 CPUs and
+    16G; idle timeout 12h, GPUs held 1h after a stop`; None limits read "no limit"."""
+    limits = quota.get("limits")
+    if not limits:
+        return f"Containers: {quota.get('containers', 0)} (no limits file on this host)"
+
+    def cap(value: Any) -> str:
+        return "no limit" if value is None else str(value)
+
+    max_cpus = limits.get("max_cpus")
+    cpus = "any CPUs" if max_cpus is None else f"{max_cpus:g} CPU{'' if max_cpus == 1 else 's'}"
+    memory = "any memory" if limits.get("memory") is None else format_bytes(limits["memory"])
+    idle = limits.get("idle_timeout")
+    return (
+        f"Limits (group {limits.get('group') or '-'}): "
+        f"GPUs {quota.get('gpus_held', 0)} of {cap(limits.get('max_gpus'))} held, "
+        f"containers {quota.get('containers', 0)} of {cap(limits.get('max_containers_per_user'))}, "
+        f"per container {cpus} and {memory}; "
+        f"idle timeout {'never' if idle is None else format_duration(idle)}, "
+        f"GPUs held {format_duration(limits.get('gpu_hold_after_stop'))} after a stop"
+    )
 
 
 def configure_cleanup(parser: argparse.ArgumentParser) -> None:
