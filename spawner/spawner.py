@@ -254,6 +254,7 @@ class DS01Spawner(DockerSpawner):
         self._events: list[dict] = []  # this spawn's progress events
         self._event_signal = asyncio.Event()
         self._spawn_finished = False
+        self._created_in_this_spawn = False
 
     def _emit(self, progress: int, message: str) -> None:
         self._events.append({"progress": progress, "message": message})
@@ -520,7 +521,6 @@ class DS01Spawner(DockerSpawner):
 
     async def _start(self):
         began = time.perf_counter()
-        context = self.context
         limits = self._resolve_limits()
         self._emit(
             5,
@@ -535,6 +535,16 @@ class DS01Spawner(DockerSpawner):
         self._emit(10, f"quota ok; image {choice.image}, {choice.gpu_text()}")
         existing = await self.get_object()
         slots = await self._allocate(choice, limits)
+        self._created_in_this_spawn = False
+        try:
+            return await self._run_container(existing, limits, choice, slots, began)
+        except BaseException as error:  # also the hub cancelling the spawn (user pressed stop)
+            await self._undo_failed_start(slots, str(error) or type(error).__name__)
+            raise
+
+    async def _run_container(self, existing, limits, choice, slots, began: float):
+        """Step 5 of the module docstring: (re-)create the container if needed, start it."""
+        context = self.context
         plan = self._plan(limits, choice, slots)
         self._plan_in_use = plan
         if existing is not None:
@@ -548,16 +558,11 @@ class DS01Spawner(DockerSpawner):
         self.user_options = {**(self.user_options or {}), **choice.user_options()}
         if self.orm_spawner is not None:
             self.orm_spawner.user_options = self.user_options
-        created_here = existing is None or not self.object_id
-        try:
-            if created_here:
-                self._emit(55, f"creating container {self.object_name}")
-            own_steps = time.perf_counter() - began
-            docker_began = time.perf_counter()
-            result = await super().start()
-        except Exception as error:
-            await self._undo_failed_start(created_here, slots, str(error))
-            raise
+        if not self.object_id:
+            self._emit(55, f"creating container {self.object_name}")
+        own_steps = time.perf_counter() - began
+        docker_began = time.perf_counter()
+        result = await super().start()
         committed = time.perf_counter()
         if slots:
             await self._blocking(context.allocator.commit, self.object_name)
@@ -583,9 +588,10 @@ class DS01Spawner(DockerSpawner):
             return None
         return f"its GPU slot(s) {', '.join(lost)} were reclaimed by a higher priority"
 
-    async def _undo_failed_start(self, created_here: bool, slots, reason: str) -> None:
-        """A container this spawn created and could not start is removed with its holdings."""
-        if created_here and self.object_id:
+    async def _undo_failed_start(self, slots, reason: str) -> None:
+        """A container this spawn created and could not start is removed with its holdings;
+        an existing one that failed to restart is kept (its hold runs as for any stop)."""
+        if self._created_in_this_spawn and self.object_id:
             await self.remove_object()
             self.object_id = ""
         if slots:
@@ -608,7 +614,9 @@ class DS01Spawner(DockerSpawner):
             )
             if "nano_cpus" in host_config:  # Docker refuses NanoCpus with CpuPeriod/CpuQuota
                 self.cpu_limit = None
-            return await super().create_object()
+            created = await super().create_object()
+            self._created_in_this_spawn = True
+            return created
         finally:
             self.extra_create_kwargs, self.extra_host_config, self.cpu_limit = configured
 

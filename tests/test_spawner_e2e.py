@@ -236,6 +236,12 @@ def test_ten_users_four_slots_queue_in_order_and_never_share(ds01, docker_client
     assert "waiting for a GPU: position" in message and "(SIMULATED)" in message
     assert "no free GPU slot" in message
 
+    # A waiting user gives up (stop while pending): the spawn leaves the queue, holds nothing.
+    quitter = waiting.pop()
+    hub.stop_server(quitter)
+    assert hub.server(quitter) is None
+    assert not [h for h in allocator.holdings() if h.user == quitter]
+
     # Releasing one (delete the default server's container: stop + delete) lets one more in.
     first = ready[0]
     hub.stop_server(first)
@@ -251,6 +257,7 @@ def test_ten_users_four_slots_queue_in_order_and_never_share(ds01, docker_client
     slots = holders()
     assert all(len(holders_) == 1 for holders_ in slots.values()), slots
     assert sum(1 for u in waiting if (hub.server(u) or {}).get("ready")) == 1
+    assert not [h for h in allocator.holdings() if h.user in (first, quitter)]
 
 
 def test_hub_killed_during_a_spawn_leaks_nothing(ds01, docker_client):
