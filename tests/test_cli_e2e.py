@@ -65,9 +65,6 @@ from ds01hub.broker import configure_hub as configure_broker
 c.DS01Spawner.limits_path = {str(limits)!r}
 c.DS01Spawner.state_dir = {str(directory / "state")!r}
 c.DS01Spawner.container_label_filter = [{test_label!r}]
-# DockerSpawner's cpu_limit defaults to 0.0, not None: it would add CpuPeriod next to the
-# spawner's NanoCpus, which Docker refuses ("Conflicting options")
-c.DS01Spawner.cpu_limit = None
 configure_broker(c, socket_path={socket_path!r}, broker_args={broker_args!r})
 """
     key, value = test_label.split("=")
