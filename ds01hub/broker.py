@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import pwd
+import signal
 import socket
 import struct
 import sys
@@ -801,9 +802,20 @@ class Broker(Application):
         self.images = BrokerImages(self, self.docker)
 
         async def serve() -> None:
-            self.listen()
+            server = self.listen()
+            ours = os.stat(self.socket_path).st_ino
             self.log.info("ds01 broker listening on %s for %s", self.socket_path, self.hub_api_url)
-            await asyncio.Event().wait()
+            stopping = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, stopping.set)
+            await stopping.wait()
+            server.stop()
+            # leave no socket behind, unless another broker has taken the path since
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(self.socket_path).st_ino == ours:
+                    os.unlink(self.socket_path)
+            self.log.info("ds01 broker stopped")
 
         asyncio.run(serve())
 

@@ -154,3 +154,15 @@ def test_a_second_broker_does_not_take_over_a_live_socket(broker):
     assert "another ds01 broker is listening" in result.stderr
     code, reply, _ = call_as(0, 0, "/root", broker.socket_path, "/whoami", act_for="root")
     assert code == 2  # the first broker still answers (root may not act as root)
+
+
+def test_a_stopped_broker_removes_its_socket():
+    process = BrokerProcess("http://127.0.0.1:9/hub/api", "unused")
+    path = process.socket_path
+    try:
+        assert os.path.exists(path)
+        process.process.terminate()
+        assert process.process.wait(10) == 0
+        assert not os.path.exists(path)
+    finally:
+        process.stop()
