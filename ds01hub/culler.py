@@ -107,6 +107,7 @@ class ServerActivity:
     container: str
     container_id: str = ""
     group: str | None = None
+    slots: tuple[str, ...] = ()  # the GPU slots it holds (its `ds01.gpus` label)
     started: datetime | None = None
     last_activity: datetime | None = None
     gpu_samples: Mapping[str, tuple[int | None, ...]] = field(default_factory=dict)
@@ -551,6 +552,7 @@ class Culler:
                     container=record.name,
                     container_id=record.id,
                     group=record.group,
+                    slots=record.gpus,
                     started=labels.parse_docker_time(model.get("started")),
                     last_activity=labels.parse_docker_time(model.get("last_activity")),
                 )
@@ -587,7 +589,10 @@ class Culler:
         if not due:
             return candidates
         targets = {candidates[i][0].container_id: candidates[i][0] for i in due}
-        gpu_slots = await asyncio.to_thread(self._slots_of, list(targets))
+        gpu_slots = {
+            cid: tuple(s for s in activity.slots if self.inventory.has_slot(s))
+            for cid, activity in targets.items()
+        }
         cpu_task = asyncio.ensure_future(self.cpu_activity(targets))
         samples, processes = await self.gpu_activity(gpu_slots)
         cpu = await cpu_task
@@ -605,15 +610,6 @@ class Culler:
                 policy,
             )
         return sampled
-
-    def _slots_of(self, container_ids: list[str]) -> dict[str, tuple[str, ...]]:
-        """The slots each container holds (its `ds01.gpus` label), known to the inventory."""
-        slots = {}
-        for cid in container_ids:
-            record = labels.ContainerRecord.from_docker(self.docker.api.inspect_container(cid))
-            held = record.gpus if record else ()
-            slots[cid] = tuple(s for s in held if self.inventory.has_slot(s))
-        return slots
 
     async def _act(
         self, activity: ServerActivity, verdict: Verdict, previous: CullWarning | None
