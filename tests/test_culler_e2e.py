@@ -13,7 +13,7 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from harness import unique_name
+from harness import free_port, unique_name
 from prometheus_client import CollectorRegistry
 
 from ds01hub import labels
@@ -340,3 +340,29 @@ async def test_a_cull_the_hub_refuses_is_reported_and_tried_again(lab, docker_cl
     while hub.server(user) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert hub.server(user) is None and pending_warnings(user, tmp_path) == []
+
+
+def test_the_managed_service_culls_an_idle_server_by_itself(hub_factory, tmp_path):
+    """The deployment's shape: the ds01-ops managed service, started by the hub, culls on its
+    own schedule (here every 2 s, a 1 s idle_timeout, no warning lead)."""
+    tag = unique_name("svc")
+    limits, state = tmp_path / "limits.yaml", tmp_path / "state"
+    limits.write_text("defaults:\n  idle_timeout: 1s\n")
+    config = LABEL_HOOK + (
+        "from ds01hub.ops_service import configure_hub as configure_ops\n"
+        f"configure_ops(c, url='http://127.0.0.1:{free_port()}', state_dir={str(state)!r},"
+        f" service_args=['--OpsService.limits_path={limits}', '--OpsService.interval=2',"
+        f" '--OpsService.warn_before=0', '--OpsService.gpu_sample_interval=0',"
+        f" '--OpsService.extra_labels=ds01.test.opsrun={tag}'])\n"
+    )
+    with hub_factory(config, labels={"ds01.test.opsrun": tag}) as hub:
+        user = unique_name("svu")
+        hub.create_user(user)
+        hub.start_server(user)
+        hub.wait_ready(user)
+        deadline = time.monotonic() + 90
+        while hub.server(user) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert hub.server(user) is None, hub.log()
+        (event,) = EventLog(state / "events.db").events(kind="cull", user=user)
+        assert event.reason.startswith("idle: no hub activity")
