@@ -166,17 +166,29 @@ def test_wizard_and_image_builder_in_jupyterlab(wizard_hub, chromium, docker_cli
 
 
 def _run_all_cells(page, until: str, attempts: int = 6) -> None:
-    """Run > Run All Cells, as a person would, until ``until`` shows up (a kernel that is still
-    starting ignores the first request in some interfaces, so ask again, as a person would)."""
+    """Run > Run All Cells, as a person would, until ``until`` shows up. A kernel that is still
+    starting may ignore the request, and JupyterLab may first ask which kernel to start: accept
+    the proposal and ask again, as a person would."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     for _ in range(attempts):
-        page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
-        page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
         try:
+            _accept_kernel_dialog(page)
+            page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click(timeout=10_000)
+            page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click(timeout=10_000)
             page.locator(until).first.wait_for(timeout=20_000)
             return
-        except Exception:  # playwright's TimeoutError: ask again
-            continue
+        except PlaywrightTimeout:
+            page.keyboard.press("Escape")  # close a menu left open
     raise AssertionError(f"{until} never appeared after running all cells")
+
+
+def _accept_kernel_dialog(page) -> None:
+    """JupyterLab sometimes asks which kernel to start; a person takes the proposed one."""
+    select = page.locator(".jp-Dialog button", has_text="Select")
+    if select.count() and select.first.is_visible():
+        select.first.click()
+        page.locator(".jp-Dialog").first.wait_for(state="detached", timeout=30_000)
 
 
 def _service_images(hub, token: str) -> list[dict]:
