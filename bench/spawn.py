@@ -7,7 +7,7 @@ test suite's, built if missing): one with `spawner_class = "docker"`, one with "
 YAML with a SIMULATED inventory). Each round spawns, in turn (the order alternating between
 rounds, so drift in the machine's load hits both alike), a fresh user's server on:
 
-  docker         plain DockerSpawner
+  docker         plain DockerSpawner (with the same CPU/memory caps as the DS01 hub's users)
   ds01           DS01Spawner, no GPU (limits, quota check, labels)
   ds01+gpu       DS01Spawner with one (simulated) GPU: also the queue and the allocator
 
@@ -122,7 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     directory = Path(tempfile.mkdtemp(prefix="ds01-bench-spawn-"))
     factory = BenchHubs(directory, image, client)
     try:
-        plain = factory(CONFIG, spawner="docker")
+        # The same CPU/memory caps as the DS01 hub's researchers, so both containers start
+        # under the same limits and only the spawners differ.
+        plain = factory(
+            CONFIG + "c.DockerSpawner.cpu_limit = 1.5\nc.DockerSpawner.mem_limit = '768M'\n",
+            spawner="docker",
+        )
         ds01 = Ds01Hub(factory, directory, extra_config=CONFIG).hub
         variants = [("docker", plain, None), ("ds01", ds01, None), ("ds01+gpu", ds01, {"gpus": 1})]
         times: dict[str, list[float]] = {name: [] for name, _, _ in variants}

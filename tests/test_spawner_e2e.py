@@ -4,6 +4,7 @@ instances; the engine's stub nvidia hook lets device requests start on this CPU 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -372,3 +373,26 @@ def test_a_gpu_reclaimed_while_stopped_is_replaced_on_restart(ds01, docker_clien
     for holding in allocator.holdings():
         by_slot.setdefault(holding.slot_id, set()).add(holding.user)
     assert all(len(users) == 1 for users in by_slot.values()), by_slot
+
+
+def test_users_may_run_their_own_built_images_not_others(ds01, docker_client):
+    """An image in the user's namespace with their owner label (as `image-create` builds it)
+    is accepted as `image`; the same image is refused to another user."""
+    hub = ds01.hub
+    owner, other = unique_name("own"), unique_name("oth")
+    for user in (owner, other):
+        hub.create_user(user, groups=["students"])
+    tag = f"ds01-{owner}/mine:latest"
+    dockerfile = f"FROM {hub.image}\nLABEL ds01.image.user={owner} ds01.image.test=1\n"
+    image, _ = docker_client.images.build(fileobj=io.BytesIO(dockerfile.encode()), tag=tag)
+    try:
+        hub.start_server(owner, options={"image": tag})
+        hub.wait_ready(owner)
+        assert hub.container_of(owner).attrs["Config"]["Image"] == tag
+        response = hub.start_server(other, options={"image": tag}, check=False)
+        assert response.status_code == 403, response.text
+        assert f"spawn option 'image'='{tag}': not an image you may use" in error_of(response)
+        hub.stop_server(owner)
+    finally:
+        hub.remove_containers()
+        docker_client.images.remove(tag, force=True)
