@@ -294,3 +294,23 @@ class PtySession:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def broker_socket_path():
+    """A socket path in a fresh 0755 directory that every test user can reach; removed after."""
+    directory = tempfile.mkdtemp(prefix="ds01t-sock-")
+    os.chmod(directory, 0o755)
+    try:
+        yield os.path.join(directory, "broker.sock")
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def wait_for_socket(path: str, hub, timeout: float = 60) -> None:
+    """Until the hub's managed broker listens on `path` (the hub log on failure)."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no broker socket at {path}:\n{hub.log()}")
+        time.sleep(0.2)

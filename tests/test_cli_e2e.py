@@ -8,14 +8,21 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import subprocess
 import tempfile
 import time
 
 import docker
 import pytest
-from ds01_cli_harness import PtySession, command_line, run_as, unix_user, user_env
+from ds01_cli_harness import (
+    PtySession,
+    broker_socket_path,
+    command_line,
+    run_as,
+    unix_user,
+    user_env,
+    wait_for_socket,
+)
 
 pytestmark = [pytest.mark.docker, pytest.mark.e2e, pytest.mark.root]
 
@@ -54,28 +61,21 @@ def hub(hub_factory, tmp_path_factory):
     directory = tmp_path_factory.mktemp("cli-e2e")
     limits = directory / "resource-limits.yaml"
     limits.write_text(LIMITS)
-    socket_dir = f"/tmp/ds01t-sock-{secrets.token_hex(3)}"
-    os.makedirs(socket_dir, mode=0o755)
-    os.chmod(socket_dir, 0o755)
-    socket_path = f"{socket_dir}/broker.sock"
     broker_args = [f"--Broker.limits_path={limits}", "--Broker.activity_interval=1"]
     test_label = f"ds01.test.cli={secrets.token_hex(3)}"
-    extra = f"""
+    key, value = test_label.split("=")
+    with broker_socket_path() as socket_path:
+        extra = f"""
 from ds01hub.broker import configure_hub as configure_broker
 c.DS01Spawner.limits_path = {str(limits)!r}
 c.DS01Spawner.state_dir = {str(directory / "state")!r}
 c.DS01Spawner.container_label_filter = [{test_label!r}]
 configure_broker(c, socket_path={socket_path!r}, broker_args={broker_args!r})
 """
-    key, value = test_label.split("=")
-    with hub_factory(spawner="ds01", extra_config=extra, labels={key: value}) as hub:
-        deadline = time.monotonic() + 60
-        while not os.path.exists(socket_path):
-            assert time.monotonic() < deadline, hub.log()
-            time.sleep(0.2)
-        hub.socket_path = socket_path
-        yield hub
-    shutil.rmtree(socket_dir, ignore_errors=True)
+        with hub_factory(spawner="ds01", extra_config=extra, labels={key: value}) as hub:
+            wait_for_socket(socket_path, hub)
+            hub.socket_path = socket_path
+            yield hub
 
 
 def cli(hub, person, command, *args, **kw):
