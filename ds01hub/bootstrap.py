@@ -64,7 +64,7 @@ HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 
 #: Debian packages for the host; the test tools drive a real browser and real terminals.
 HOST_PACKAGES = ("docker.io", "mmdebstrap", "python3-venv", "git", "ca-certificates")
-TEST_TOOL_PACKAGES = ("chromium", "tmux")
+TEST_TOOL_PACKAGES = ("chromium", "tmux", "busybox-static")  # busybox: the CLI/proxy test image
 PROXY_COMMAND = "configurable-http-proxy"
 
 BASE_REPOSITORY = "ds01hub/base"
@@ -281,7 +281,8 @@ def ensure_proxy_command() -> str:
     found = shutil.which(PROXY_COMMAND)
     if found:
         return found
-    ensure_packages(["nodejs", "npm"])
+    if not shutil.which("npm"):  # NodeSource's nodejs bundles npm and conflicts with Debian's
+        ensure_packages(["nodejs", "npm"])
     run(["npm", "install", "--global", "--no-fund", "--no-audit", PROXY_COMMAND])
     found = shutil.which(PROXY_COMMAND)
     if not found:
