@@ -59,7 +59,8 @@ from ds01hub.broker import configure_hub as configure_broker  # noqa: E402
 configure_broker(
     c,
     socket_path=os.environ.get("DS01HUB_BROKER_SOCKET", "/run/ds01hub/broker.sock"),
-    broker_args=[f"--Broker.base_image={c.DockerSpawner.image}"],
+    # state_dir: where the culler leaves its warnings, which each command shows its user
+    broker_args=[f"--Broker.base_image={c.DockerSpawner.image}", f"--Broker.state_dir={state_dir}"],
     environment={k: os.environ[k] for k in ("DS01HUB_LIMITS", "DOCKER_HOST") if k in os.environ},
 )
 

@@ -48,6 +48,7 @@ from .cli.protocol import (
     MAX_INPUT_FRAME,
     decode_input_header,
 )
+from .culler import default_state_dir, pending_warnings
 from .hubclient import HubClient
 from .operations import OperationError, OperationsContext, UserOperations, validate_name
 
@@ -217,6 +218,14 @@ class NotFoundHandler(BrokerHandler):
 class WhoAmIHandler(BrokerHandler):
     def get(self) -> None:
         self.reply({"user": self.caller.user, "uid": self.caller.uid, "admin": self.caller.admin})
+
+
+class WarningsHandler(BrokerHandler):
+    """The caller's pending cull warnings, which the CLI prints after each command."""
+
+    def get(self) -> None:
+        warnings = pending_warnings(self.caller.user, self.broker.state_dir)
+        self.reply([w.to_dict() for w in warnings])
 
 
 class ContainersHandler(BrokerHandler):
@@ -605,6 +614,12 @@ class Broker(Application):
         help="The Docker engine's unix socket (default from $DOCKER_HOST).",
     ).tag(config=True)
 
+    state_dir = Unicode(
+        help="""The spawner's state directory (default $DS01HUB_STATE_DIR, else
+        /var/lib/ds01hub), where the culler keeps its pending warnings: each command tells
+        its user which of their containers are about to be stopped as idle.""",
+    ).tag(config=True)
+
     spawn_timeout = Float(
         900.0,
         help="Longest a start may wait for the hub (e.g. for a GPU) before the command gives up.",
@@ -663,6 +678,10 @@ class Broker(Application):
     @default("base_image")
     def _base_image_default(self) -> str:
         return os.environ.get("DS01HUB_SINGLEUSER_IMAGE", "")
+
+    @default("state_dir")
+    def _state_dir_default(self) -> str:
+        return str(default_state_dir())
 
     @default("docker_socket")
     def _docker_socket_default(self) -> str:
@@ -757,6 +776,7 @@ class Broker(Application):
         return web.Application(
             [
                 (f"{p}/whoami", WhoAmIHandler),
+                (f"{p}/warnings", WarningsHandler),
                 (f"{p}/containers", ContainersHandler),
                 (f"{p}/containers/{name}", ContainerHandler),
                 (f"{p}/containers/{name}/start", StartHandler),

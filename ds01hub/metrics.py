@@ -54,7 +54,8 @@ QUEUE_WAIT = Histogram(
 )
 SPAWN_FAILURES = Counter(
     "ds01_spawn_failures_total",
-    "Spawns that failed, by reason (the allocator's refusal code, or timeout, image, docker)",
+    "Spawns that failed, by reason: options, quota, uid, gpu_wait (gave up queueing), the "
+    "allocator's refusal code (user_limit, per_container_limit, not_available), or error",
     ["reason"],
 )
 
@@ -74,8 +75,8 @@ def waiting_for_gpu(group: str | None) -> Iterator[None]:
 
 
 def spawn_failed(reason: str) -> None:
-    """Count a failed spawn; `reason` is a short code (`not_available`, `user_limit`,
-    `timeout`, ...), never free text (each distinct value is a new time series)."""
+    """Count a failed spawn; `reason` is a short code (the spawner's SpawnException reason:
+    `quota`, `gpu_wait`, `user_limit`, ...), never free text (each value is a new series)."""
     SPAWN_FAILURES.labels(reason).inc()
 
 

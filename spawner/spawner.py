@@ -31,7 +31,7 @@ from jupyterhub.spawner import SpawnException
 from traitlets import Callable as CallableTrait
 from traitlets import CaselessStrEnum, Dict, Float, List, Unicode, Union, default, validate
 
-from ds01hub import labels
+from ds01hub import labels, metrics
 from ds01hub.allocation_state import DEFAULT_RESERVATION_TTL, GpuAllocator, docker_lister
 from ds01hub.allocator import Decision
 from ds01hub.eventlog import EventLog
@@ -423,14 +423,15 @@ class DS01Spawner(DockerSpawner):
                 )
 
         try:
-            decision = await context.queue.acquire(
-                self.object_name,
-                limits.priority,
-                attempt,
-                timeout=self.gpu_wait_timeout,
-                abandon=abandon,
-                on_wait=on_wait,
-            )
+            with metrics.waiting_for_gpu(limits.group):
+                decision = await context.queue.acquire(
+                    self.object_name,
+                    limits.priority,
+                    attempt,
+                    timeout=self.gpu_wait_timeout,
+                    abandon=abandon,
+                    on_wait=on_wait,
+                )
         except GpuWaitTimeout as error:
             await self._record_failure(str(error))
             raise SpawnException(
@@ -445,7 +446,7 @@ class DS01Spawner(DockerSpawner):
             await self._record_failure(decision.reason or "")
             raise SpawnException(
                 f"GPU refused: {decision.reason}",
-                reason="gpu",
+                reason=decision.code or "gpu",
                 status_code=_STATUS_OF_CODE.get(decision.code, 400),
             )
         slots = tuple(context.inventory.slot(slot_id) for slot_id in decision.granted)
@@ -515,6 +516,12 @@ class DS01Spawner(DockerSpawner):
         self._spawn_finished = False
         try:
             return await self._start()
+        except SpawnException as error:  # a refusal: its reason is already a short code
+            metrics.spawn_failed(error.reason)
+            raise
+        except Exception:
+            metrics.spawn_failed("error")
+            raise
         finally:
             self._spawn_finished = True
             self._event_signal.set()

@@ -53,7 +53,11 @@ def users():
 def hub(tmp_path_factory, client):
     busybox_image(client)  # the base of users' image builds here
     directory = tmp_path_factory.mktemp("brokerhub")
-    broker_args = [f"--Broker.base_image={BUSYBOX_IMAGE}", "--Broker.max_images_per_user=1"]
+    broker_args = [
+        f"--Broker.base_image={BUSYBOX_IMAGE}",
+        "--Broker.max_images_per_user=1",
+        f"--Broker.state_dir={directory / 'state'}",
+    ]
     with broker_socket_path() as socket_path:
         # this hub's own spawns fail at once: the containers here are made by the test
         extra = f"""
@@ -66,6 +70,7 @@ c.Spawner.cmd = ["/bin/false"]
         with hub.start():
             wait_for_socket(socket_path, hub)
             hub.socket_path = socket_path
+            hub.state_dir = directory / "state"
             yield hub
 
 
@@ -324,3 +329,32 @@ def test_large_output_and_input_arrive_whole(hub, users, containers):
     result = as_user(hub, bob, "container-run", "work", "--", "wc", "-c", input=payload)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == [str(len(payload))]
+
+
+def test_the_culler_warning_reaches_its_user_on_the_next_command(hub, users, containers):
+    from datetime import UTC, datetime, timedelta
+
+    from ds01hub.culler import CullWarning, WarningStore
+
+    alice, bob = users
+    now = datetime.now(UTC)
+    warning = CullWarning(
+        user=alice.name,
+        server="work",
+        container=containers[alice.name].name,
+        code="idle",
+        reason="idle for 2h (no hub, GPU or CPU activity)",
+        since=now - timedelta(hours=2),
+        warned_at=now,
+        cull_at=now + timedelta(minutes=10),
+    )
+    WarningStore(hub.state_dir).save([warning])
+    try:
+        result = as_user(hub, alice, "container-list", "--json")
+        assert result.returncode == 0, result.stderr
+        assert f"warning: {warning.message()}" in result.stderr
+        assert "work" in result.stdout and "warning" not in result.stdout
+        other = as_user(hub, bob, "container-list")
+        assert other.returncode == 0 and "warning" not in other.stderr
+    finally:
+        WarningStore(hub.state_dir).save([])

@@ -151,9 +151,13 @@ def test_colour_only_on_a_tty(monkeypatch):
 class ScriptedBackend:
     """Records calls; answers like the broker would. A test double for the transport only."""
 
-    def __init__(self, containers=None):
+    def __init__(self, containers=None, warnings=()):
         self.calls = []
         self.containers = containers or []
+        self.warnings = list(warnings)
+
+    def cull_warnings(self):
+        return self.warnings
 
     def list_containers(self, include_stopped):
         self.calls.append(("list", include_stopped))
@@ -267,6 +271,30 @@ def test_failure_from_the_backend_exits_1_with_hint():
 
     code, _, err = run("container-create", ["thesis", "--gpus", "3"], Refusing())
     assert code == 1 and "error: over quota" in err and "hint: stop a container" in err
+
+
+def test_pending_cull_warnings_follow_the_command_on_stderr():
+    message = "Your container 'thesis' will be stopped at 2026-11-22 13:00 UTC (idle 2h)."
+    backend = ScriptedBackend([view("thesis")], warnings=[{"message": message}])
+    code, out, err = run("container-list", ["--json"], backend)
+    assert code == 0 and json.loads(out)[0]["project"] == "thesis"
+    assert err == f"warning: {message}\n"
+
+    class Refusing(ScriptedBackend):
+        def start(self, project, options, create):
+            raise output.CliError("over quota")
+
+    code, _, err = run("container-create", ["x"], Refusing(warnings=[{"message": message}]))
+    assert code == 1 and err.splitlines() == ["error: over quota", f"warning: {message}"]
+
+
+def test_a_broker_without_warnings_never_fails_the_command():
+    class Old(ScriptedBackend):
+        def cull_warnings(self):
+            raise output.CliError("no such endpoint /api/warnings")
+
+    code, out, err = run("container-list", [], Old([view("thesis")]))
+    assert code == 0 and "thesis" in out and err == ""
 
 
 def test_container_exit_explains_exit_versus_stop():

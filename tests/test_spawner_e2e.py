@@ -12,8 +12,10 @@ import threading
 import time
 
 import pytest
+import requests
 from harness import unique_name
 from harness.ds01_spawner import Ds01Hub
+from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = [pytest.mark.e2e, pytest.mark.docker]
 
@@ -54,6 +56,19 @@ def first_progress_message(
             break
     response.close()
     return ""
+
+
+def hub_metric(hub, name: str, **labels: str) -> float:
+    """One sample of the hub's /hub/metrics (admin token), 0 when absent."""
+    response = requests.get(
+        f"{hub.url}/hub/metrics", headers={"Authorization": f"token {hub.admin_token}"}, timeout=30
+    )
+    response.raise_for_status()
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
 
 
 def wait_until(condition, timeout: float = 60) -> bool:
@@ -164,6 +179,10 @@ def test_refusals_over_rest_are_exact(ds01):
     hub.delete_server(user, "two")
     hub.start_server(user, "three")
     hub.wait_ready(user, "three")
+    # Each refusal is counted by its reason on the hub's metrics.
+    failures = "ds01_spawn_failures_total"
+    assert hub_metric(hub, failures, reason="options") == 4
+    assert hub_metric(hub, failures, reason="quota") == 1
 
 
 def test_stop_holds_the_gpu_restart_reuses_it_delete_releases(ds01, docker_client):
@@ -237,11 +256,19 @@ def test_ten_users_four_slots_queue_in_order_and_never_share(ds01, docker_client
     assert "waiting for a GPU: position" in message and "(SIMULATED)" in message
     assert "no free GPU slot" in message
 
+    def queued() -> float:
+        return hub_metric(hub, "ds01_spawn_queue_length", group="students")
+
+    assert queued() == len(waiting)
+
     # A waiting user gives up (stop while pending): the spawn leaves the queue, holds nothing.
     quitter = waiting.pop()
     hub.stop_server(quitter)
     assert hub.server(quitter) is None
     assert not [h for h in allocator.holdings() if h.user == quitter]
+    assert queued() == len(waiting)
+    waits = hub_metric(hub, "ds01_spawn_queue_wait_seconds_count", group="students")
+    assert waits == 5  # the four granted and the one who gave up
 
     # Releasing one (delete the default server's container: stop + delete) lets one more in.
     first = ready[0]

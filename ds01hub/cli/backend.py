@@ -121,6 +121,9 @@ class BrokerBackend:
     def whoami(self) -> dict[str, Any]:
         return self.call("GET", "/whoami")
 
+    def cull_warnings(self) -> list[dict[str, Any]]:
+        return self.call("GET", "/warnings")
+
     def list_containers(self, include_stopped: bool) -> list[dict[str, Any]]:
         return self.call("GET", "/containers", all=include_stopped)
 
@@ -280,6 +283,11 @@ class HubBackend:
     def whoami(self) -> dict[str, Any]:
         model = self._run(self.client.whoami())
         return {"user": model.get("name"), "admin": bool(model.get("admin")), "uid": None}
+
+    def cull_warnings(self) -> list[dict[str, Any]]:
+        """Remote users see pending culls on the hub's pages and in the container, not here:
+        the warnings live on the host."""
+        return []
 
     def _servers(self) -> dict[str, Any]:
         """The user's servers; the default one only once it has run (the hub always lists it)."""

@@ -963,16 +963,33 @@ def run_command(
     args = parser.parse_args(argv)  # exits 2 on usage errors, 0 for --help
     ctx = Context(args, **context)
     try:
-        return command.run(ctx)
+        code = command.run(ctx)
     except CliError as e:
         print_error(e, ctx.stderr)
-        return e.code
+        code = e.code
     except OperationError as e:
-        print_error(CliError(e.message, e.hint, EXIT_USAGE if e.status == 400 else 1), ctx.stderr)
-        return EXIT_USAGE if e.status == 400 else EXIT_FAILURE
+        code = EXIT_USAGE if e.status == 400 else EXIT_FAILURE
+        print_error(CliError(e.message, e.hint, code), ctx.stderr)
     except KeyboardInterrupt:
         ctx.stderr.write("\ninterrupted\n")
         return 130
+    show_cull_warnings(ctx)
+    return code
+
+
+def show_cull_warnings(ctx: Context) -> None:
+    """After a command that talked to the control plane: the culler's pending warnings for
+    this user (which container will be stopped as idle, and when), on stderr so --json output
+    stays clean. Best effort: a broker that cannot say never fails the command."""
+    if ctx._backend is None:
+        return
+    try:
+        warnings = ctx.backend.cull_warnings()
+    except (CliError, OSError, ValueError):
+        return
+    colour = use_colour(ctx.stderr)
+    for warning in warnings or ():
+        ctx.stderr.write(f"{paint('warning:', 'yellow', colour)} {warning['message']}\n")
 
 
 def entry(name: str) -> Callable[[list[str] | None], int]:
