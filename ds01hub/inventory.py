@@ -90,6 +90,16 @@ class Inventory:
         except self.nvml.NVMLError:
             return None
 
+    def memory_used_mb(self, slot_id: str) -> int | None:
+        """Memory in use on the slot (a MIG device reports its own share); None on errors."""
+        handle = self._handles.get(slot_id)
+        if handle is None or self.nvml is None:
+            return None
+        try:
+            return int(self.nvml.nvmlDeviceGetMemoryInfo(handle).used) >> 20
+        except self.nvml.NVMLError:
+            return None
+
     def processes(self, slot_id: str) -> list[int]:
         """PIDs (host namespace) computing on the slot; [] when none or not visible."""
         handle = self._handles.get(slot_id)
@@ -108,12 +118,14 @@ class Inventory:
             self.nvml, self._handles = None, {}
 
     def to_dict(self, live: bool = True) -> dict[str, Any]:
-        """JSON-ready; with `live`, each slot also carries utilisation and process ids."""
+        """JSON-ready; with `live`, each slot also carries utilisation, memory in use and
+        process ids."""
         slots = []
         for slot in self.slots:
             entry = asdict(slot)
             if live:
                 entry["utilization"] = self.utilization(slot.id)
+                entry["memory_used_mb"] = self.memory_used_mb(slot.id)
                 entry["processes"] = self.processes(slot.id)
             slots.append(entry)
         return {

@@ -179,14 +179,21 @@ def memory_used(stats: Mapping[str, Any]) -> int | None:
 
 
 def gpu_stats(inventory: Any, slot_id: str) -> dict[str, Any]:
-    """One GPU slot of a container: its utilisation now and its size (the limit), as the
-    inventory knows them (NVML, or SIMULATED, which it says)."""
+    """One GPU slot of a container: its utilisation and memory in use now, and its size (the
+    limit), as the inventory knows them (NVML, or SIMULATED, which it says)."""
     if inventory is None or not inventory.has_slot(slot_id):
-        return {"slot": slot_id, "utilization_percent": None, "memory_mb": None, "simulated": None}
+        return {
+            "slot": slot_id,
+            "utilization_percent": None,
+            "memory_used_mb": None,
+            "memory_mb": None,
+            "simulated": None,
+        }
     slot = inventory.slot(slot_id)
     return {
         "slot": slot_id,
         "utilization_percent": inventory.utilization(slot_id),
+        "memory_used_mb": inventory.memory_used_mb(slot_id),
         "memory_mb": slot.memory_mb,
         "simulated": slot.simulated,
     }

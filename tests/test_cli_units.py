@@ -541,14 +541,20 @@ def test_stats_table_shows_use_against_limits():
             "pids": 12,
             "pids_limit": 4096,
             "gpus": [
-                {"slot": "0:1", "utilization_percent": 87, "memory_mb": 20480, "simulated": True}
+                {
+                    "slot": "0:1",
+                    "utilization_percent": 87,
+                    "memory_used_mb": 3072,
+                    "memory_mb": 20480,
+                    "simulated": True,
+                }
             ],
         }
     ]
     header, line = user.stats_table(rows, colour=False).splitlines()
     assert header.split()[:4] == ["PROJECT", "CPU", "MEMORY", "PROCESSES"]
     assert "150% / 400%" in line and "3.0G / 16G" in line and "12 / 4096" in line
-    assert "0:1 (20G, SIMULATED): 87%" in line
+    assert "0:1 (SIMULATED): 87%, 3.0G / 20G" in line
 
 
 def test_quota_line_reads_like_a_sentence():

@@ -61,8 +61,11 @@ def test_utilization_and_processes_are_controllable_like_a_busy_gpu():
     assert inventory.processes("2:1") == [777]
     assert inventory.processes("2:0") == []
     assert inventory.utilization("2:1") is None  # NVML has no per-MIG utilisation
+    assert inventory.memory_used_mb("0") == 512 and inventory.memory_used_mb("2:1") == 512
+    assert inventory.memory_used_mb("2:0") == 0  # a MIG device counts only its own processes
     nvml.clear_processes("0")
     assert inventory.processes("0") == [] and inventory.processes("2:1") == [777]
+    assert inventory.memory_used_mb("0") == 0
 
 
 def test_simulated_nvml_raises_pynvml_errors_like_pynvml():

@@ -252,7 +252,7 @@ def _inventory_text(inventory: Any) -> str:
                 "slot": s.id,
                 "kind": s.profile or "whole GPU",
                 "name": s.name + (" (simulated)" if s.simulated else ""),
-                "memory": f"{s.memory_mb} MiB",
+                "memory": f"{_or_dash(inventory.memory_used_mb(s.id))} / {s.memory_mb} MiB",
                 "util": _percent(inventory.utilization(s.id)),
                 "procs": len(inventory.processes(s.id)),
                 "uuid": s.uuid,
@@ -263,7 +263,7 @@ def _inventory_text(inventory: Any) -> str:
             Column("SLOT", "slot"),
             Column("KIND", "kind"),
             Column("NAME", "name"),
-            Column("MEMORY", "memory"),
+            Column("MEMORY USED", "memory"),
             Column("UTIL", "util"),
             Column("PROCS", "procs"),
             Column("UUID", "uuid"),
@@ -274,6 +274,10 @@ def _inventory_text(inventory: Any) -> str:
 
 def _percent(value: int | None) -> str:
     return "-" if value is None else f"{value}%"
+
+
+def _or_dash(value: int | None) -> str:
+    return "-" if value is None else str(value)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -252,11 +252,14 @@ def container_table(rows: list[dict[str, Any]], colour: bool) -> str:
 
 
 def gpu_cell(gpu: dict[str, Any]) -> str:
-    """`0 (80G, SIMULATED): 12%`: the slot, its size, its utilisation now."""
-    size = format_bytes(gpu["memory_mb"] * 2**20) if gpu.get("memory_mb") else None
-    detail = ", ".join(filter(None, [size, "SIMULATED" if gpu.get("simulated") else None]))
-    slot = f"{gpu['slot']} ({detail})" if detail else str(gpu["slot"])
-    return f"{slot}: {format_percent(gpu.get('utilization_percent'))}"
+    """`0 (SIMULATED): 12%, 3.0G / 80G`: the slot, its utilisation and memory in use now,
+    against its size."""
+    slot = f"{gpu['slot']} (SIMULATED)" if gpu.get("simulated") else str(gpu["slot"])
+    used, size = gpu.get("memory_used_mb"), gpu.get("memory_mb")
+    memory = format_bytes(None if used is None else used * 2**20)
+    if size:
+        memory += f" / {format_bytes(size * 2**20)}"
+    return f"{slot}: {format_percent(gpu.get('utilization_percent'))}, {memory}"
 
 
 def stats_table(rows: list[dict[str, Any]], colour: bool) -> str:
@@ -286,7 +289,7 @@ def stats_table(rows: list[dict[str, Any]], colour: bool) -> str:
         Column("CPU", "cpu"),
         Column("MEMORY", "memory"),
         Column("PROCESSES", "pids"),
-        Column("GPU: UTIL", "gpus"),
+        Column("GPU: UTIL, MEMORY", "gpus"),
     )
     return render_table(shown, columns, colour)
 
