@@ -458,39 +458,21 @@ class BrokerImages:
         try:
             tag = await asyncio.to_thread(images.delete_user_image, self.docker, user, name)
         except images.ImageError as e:
-            raise OperationError(str(e), status=_image_error_status(e)) from None
+            raise refusal(e) from None
         return {"deleted": tag, "tag": tag}
-
-    def spec(self, user: str, body: dict[str, Any]):
-        from . import images
-
-        unknown = sorted(set(body) - {"name", "template", "pip_packages", "apt_packages"})
-        if unknown:
-            raise OperationError(f"unknown field(s) {', '.join(unknown)}")
-        try:
-            return images.ImageSpec(
-                user=user,
-                name=str(body.get("name") or ""),
-                template=str(body.get("template") or "custom"),
-                pip_packages=images.parse_package_list(body.get("pip_packages")),
-                apt_packages=images.parse_package_list(body.get("apt_packages")),
-            ).validated()
-        except images.ImageError as e:
-            raise OperationError(str(e)) from None
 
     async def build(self, user: str, body: dict[str, Any]):
         """Yield the build's events (ds01hub.images.BuildEvent dicts); the last is done/error."""
         from . import images
 
-        spec = self.spec(user, body)
-        limit = self.broker.max_images_per_user
-        existing = await self.list(user)
-        if limit and spec.name not in {i["name"] for i in existing} and len(existing) >= limit:
-            raise OperationError(
-                f"you already have {len(existing)} images, the limit is {limit}",
-                hint="delete one you no longer need with image-delete NAME",
-                status=409,
+        try:
+            spec = images.spec_from_request(user, body)
+            existing = await self.list(user)
+            images.check_image_quota(
+                (i["name"] for i in existing), spec.name, self.broker.max_images_per_user
             )
+        except images.ImageError as e:
+            raise refusal(e) from None
         if user in self.building:
             raise OperationError("one of your builds is still running", status=409)
         if not self.broker.base_image:
@@ -528,12 +510,9 @@ class BrokerImages:
             self.building.discard(user)
 
 
-def _image_error_status(error: Exception) -> int:
-    from . import images
-
-    if isinstance(error, images.ImageNotFoundError):
-        return 404
-    return 409 if isinstance(error, images.ImageInUseError) else 400
+def refusal(error: Any) -> OperationError:
+    """An images.ImageError as the broker's answer: its message, hint and status."""
+    return OperationError(str(error), error.hint, error.status)
 
 
 def socket_is_live(path: str) -> bool:

@@ -43,10 +43,12 @@ __all__ = [
     "ImageError",
     "ImageInUseError",
     "ImageNotFoundError",
+    "ImageQuotaError",
     "ImageSpec",
     "ImageTemplate",
     "UserImage",
     "build_image",
+    "check_image_quota",
     "delete_user_image",
     "get_template",
     "image_labels",
@@ -56,6 +58,7 @@ __all__ = [
     "list_user_images",
     "parse_package_list",
     "render_dockerfile",
+    "spec_from_request",
     "validate_apt_package",
     "validate_image_name",
     "validate_pip_requirement",
@@ -83,15 +86,32 @@ _STEP_RE = re.compile(r"^Step (\d+)/(\d+) :")
 
 
 class ImageError(ValueError):
-    """An image request cannot be honoured; the message names the problem and the fix."""
+    """An image request cannot be honoured; the message names the problem and the fix.
+    `status` is the HTTP status that the ds01 service and the broker answer it with."""
+
+    status = 400
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.hint = hint
 
 
 class ImageNotFoundError(ImageError):
     """The user has no such image (or it is not theirs: the two are not told apart)."""
 
+    status = 404
+
 
 class ImageInUseError(ImageError):
     """The image cannot be removed now (a container uses it)."""
+
+    status = 409
+
+
+class ImageQuotaError(ImageError):
+    """A new image would take the user over `max_images_per_user`."""
+
+    status = 409
 
 
 @dataclass(frozen=True)
@@ -272,6 +292,38 @@ class ImageSpec:
 
     def all_apt_packages(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(get_template(self.template).apt_packages + self.apt_packages))
+
+
+BUILD_REQUEST_FIELDS = ("name", "template", "pip_packages", "apt_packages")
+
+
+def spec_from_request(user: str, body: Mapping[str, object]) -> ImageSpec:
+    """A build request as the notebook service and the CLI broker receive it (a JSON object)
+    -> a validated ImageSpec for `user`, who comes from authentication, never from the body."""
+    unknown = sorted(set(body) - set(BUILD_REQUEST_FIELDS))
+    if unknown:
+        raise ImageError(
+            f"unknown field(s) {', '.join(unknown)}",
+            hint=f"send {', '.join(BUILD_REQUEST_FIELDS[:-1])} and {BUILD_REQUEST_FIELDS[-1]}",
+        )
+    return ImageSpec(
+        user=user,
+        name=str(body.get("name") or ""),
+        template=str(body.get("template") or "custom"),
+        pip_packages=parse_package_list(body.get("pip_packages")),
+        apt_packages=parse_package_list(body.get("apt_packages")),
+    ).validated()
+
+
+def check_image_quota(existing: Iterable[str], name: str, limit: int) -> None:
+    """Building a new image name counts against `limit` (0: no limit); rebuilding one of the
+    `existing` names never does."""
+    names = set(existing)
+    if limit and name not in names and len(names) >= limit:
+        raise ImageQuotaError(
+            f"you already have {len(names)} images, the limit is {limit}",
+            hint="delete an image you no longer need (image-delete NAME) and try again",
+        )
 
 
 def render_dockerfile(

@@ -187,9 +187,6 @@ class BuildManager:
 # ---------------------------------------------------------------- handlers
 
 
-_IMAGE_ERROR_STATUS = {images.ImageNotFoundError: 404, images.ImageInUseError: 409}
-
-
 class ServiceHandler(HubOAuthenticated, web.RequestHandler):
     """Base: JSON in and out, the current *user* (never a service) or 403."""
 
@@ -248,7 +245,7 @@ class ServiceHandler(HubOAuthenticated, web.RequestHandler):
     def _handle_request_exception(self, error: BaseException) -> None:
         """Refusals (bad input, not yours, over quota) answer with their status, unlogged."""
         if isinstance(error, images.ImageError):
-            error = OperationError(str(error), status=_IMAGE_ERROR_STATUS.get(type(error), 400))
+            error = OperationError(str(error), error.hint, error.status)
         if isinstance(error, OperationError) and not self._finished:
             self.send_error(error.status, exc_info=(OperationError, error, None))
         else:
@@ -295,33 +292,13 @@ class BuildsHandler(ServiceHandler):
         self.write_json([b.to_dict() for b in self.service.builds.for_user(self.user)])
 
     async def post(self) -> None:
-        body = self.json_body()
-        unknown = sorted(set(body) - {"name", "template", "pip_packages", "apt_packages"})
-        if unknown:
-            raise OperationError(
-                f"unknown field(s) {', '.join(unknown)}",
-                hint="send name, template, pip_packages and apt_packages",
-            )
-        spec = images.ImageSpec(
-            user=self.user,
-            name=body.get("name", ""),
-            template=body.get("template", "custom"),
-            pip_packages=images.parse_package_list(body.get("pip_packages")),
-            apt_packages=images.parse_package_list(body.get("apt_packages")),
-        ).validated()
-        await self._check_image_quota(spec)
+        spec = images.spec_from_request(self.user, self.json_body())
+        existing = await asyncio.to_thread(images.list_user_images, self.service.docker, self.user)
+        images.check_image_quota(
+            (i.name for i in existing), spec.name, self.service.max_images_per_user
+        )
         build = self.service.builds.start(spec)
         self.write_json(build.to_dict(since=0), status=202)
-
-    async def _check_image_quota(self, spec: images.ImageSpec) -> None:
-        limit = self.service.max_images_per_user
-        existing = await asyncio.to_thread(images.list_user_images, self.service.docker, self.user)
-        if limit and spec.name not in {i.name for i in existing} and len(existing) >= limit:
-            raise OperationError(
-                f"you already have {len(existing)} images, the limit is {limit}",
-                hint="delete an image you no longer need (image-delete NAME) and try again",
-                status=409,
-            )
 
 
 class BuildHandler(ServiceHandler):

@@ -12,14 +12,17 @@ from ds01hub.images import (
     CA_BUNDLE_IN_IMAGE,
     TEMPLATES,
     ImageError,
+    ImageQuotaError,
     ImageSpec,
     build_events,
+    check_image_quota,
     dockerfile_steps,
     get_template,
     image_repository,
     image_tag,
     parse_package_list,
     render_dockerfile,
+    spec_from_request,
     validate_apt_package,
     validate_image_name,
     validate_pip_requirement,
@@ -244,3 +247,29 @@ def test_real_build_list_and_delete(docker_client, singleuser_image):
     finally:
         for image in docker_client.images.list(filters={"label": f"ds01.image.user={owner}"}):
             docker_client.images.remove(image.id, force=True)
+
+
+# ---------------------------------------------------------------- build requests and quota
+
+
+def test_a_build_request_becomes_a_validated_spec_for_the_authenticated_user():
+    spec = spec_from_request(
+        "alice", {"name": "nlp", "template": "nlp", "pip_packages": "rich, six==1.16.0"}
+    )
+    assert spec == ImageSpec("alice", "nlp", "nlp", ("rich", "six==1.16.0"), ())
+    with pytest.raises(ImageError) as info:
+        spec_from_request("alice", {"name": "x", "user": "bob", "shell": "rm -rf /"})
+    assert str(info.value) == "unknown field(s) shell, user" and info.value.status == 400
+    assert info.value.hint == "send name, template, pip_packages and apt_packages"
+    with pytest.raises(ImageError, match="invalid pip package"):
+        spec_from_request("alice", {"name": "x", "pip_packages": ["six; rm -rf /"]})
+
+
+def test_the_image_quota_counts_new_names_only():
+    check_image_quota(["a"], "b", limit=2)
+    check_image_quota(["a", "b"], "b", limit=2)  # a rebuild takes no new place
+    check_image_quota(["a", "b", "c"], "d", limit=0)  # 0: no limit
+    with pytest.raises(ImageQuotaError) as info:
+        check_image_quota(["a", "b"], "c", limit=2)
+    assert str(info.value) == "you already have 2 images, the limit is 2"
+    assert info.value.status == 409 and "image-delete NAME" in info.value.hint
