@@ -225,8 +225,10 @@ def test_stats_show_use_against_limits(hub, users):
     assert row["memory_limit_bytes"] == 1024**3 and row["cpu_limit_percent"] == 100
     (gpu,) = row["gpus"]
     assert gpu["simulated"] is True and gpu["memory_mb"] == 80 * 1024
+    assert gpu["memory_used_mb"] == 0  # no process on the simulated GPU
     table = cli(hub, alice, "container-stats").stdout
-    assert "thesis" in table and "/ 1.0G" in table and f"{gpu['slot']} (80G, SIMULATED)" in table
+    assert "thesis" in table and "/ 1.0G" in table
+    assert f"{gpu['slot']} (SIMULATED): " in table and "0B / 80G" in table
     assert "GPUs 1 of 1 held, containers 1 of 2, per container 1 CPU and 1.0G" in table
 
 
