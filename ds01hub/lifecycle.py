@@ -60,34 +60,52 @@ def _hours(seconds: float) -> str:
     return f"{seconds / 3600:g}h" if seconds >= 3600 else f"{seconds:g}s"
 
 
-def expired_holds(
+def _past_hold(
     records: Iterable[ContainerRecord],
-    gpu_hold_of: Callable[[ContainerRecord], float | None],
+    hold_of: Callable[[ContainerRecord], float | None],
     now: datetime,
+    kind: str,
+    explain: Callable[[ContainerRecord, float], str],
 ) -> list[LifecycleAction]:
-    """Stopped containers whose GPU hold has passed (None hold = held until removed)."""
+    """Stopped containers whose hold (seconds after they stopped; None = forever) has passed."""
     actions = []
     for record in records:
-        hold = gpu_hold_of(record)
-        if record.running or not record.gpus or record.finished_at is None or hold is None:
+        hold = hold_of(record)
+        if record.running or record.finished_at is None or hold is None:
             continue
         due = record.finished_at + timedelta(seconds=hold)
         if due <= now:
-            reason = f"GPU hold expired: stopped at {record.finished_at:%Y-%m-%d %H:%M} UTC, "
-            reason += f"gpu_hold_after_stop {_hours(hold)}"
             actions.append(
                 LifecycleAction(
-                    "expire",
+                    kind,
                     record.user,
                     record.name,
                     record.id,
                     record.group,
                     record.gpus,
                     due,
-                    reason,
+                    explain(record, hold),
                 )
             )
     return actions
+
+
+def expired_holds(
+    records: Iterable[ContainerRecord],
+    gpu_hold_of: Callable[[ContainerRecord], float | None],
+    now: datetime,
+) -> list[LifecycleAction]:
+    """Stopped containers whose GPU hold has passed (None hold = held until removed)."""
+    return _past_hold(
+        (r for r in records if r.gpus),
+        gpu_hold_of,
+        now,
+        "expire",
+        lambda r, hold: (
+            f"GPU hold expired: stopped at {r.finished_at:%Y-%m-%d %H:%M} UTC, "
+            f"gpu_hold_after_stop {_hours(hold)}"
+        ),
+    )
 
 
 def removals_due(
@@ -96,28 +114,16 @@ def removals_due(
     now: datetime,
 ) -> list[LifecycleAction]:
     """Stopped containers kept longer than `container_hold_after_stop` (None = never removed)."""
-    actions = []
-    for record in records:
-        hold = container_hold_of(record)
-        if record.running or record.finished_at is None or hold is None:
-            continue
-        due = record.finished_at + timedelta(seconds=hold)
-        if due <= now:
-            reason = f"removed: stopped at {record.finished_at:%Y-%m-%d %H:%M} UTC, "
-            reason += f"container_hold_after_stop {_hours(hold)}; workspace kept"
-            actions.append(
-                LifecycleAction(
-                    "remove",
-                    record.user,
-                    record.name,
-                    record.id,
-                    record.group,
-                    record.gpus,
-                    due,
-                    reason,
-                )
-            )
-    return actions
+    return _past_hold(
+        records,
+        container_hold_of,
+        now,
+        "remove",
+        lambda r, hold: (
+            f"removed: stopped at {r.finished_at:%Y-%m-%d %H:%M} UTC, "
+            f"container_hold_after_stop {_hours(hold)}; workspace kept"
+        ),
+    )
 
 
 def stopped_records(client: Any, extra_labels: Iterable[str] = ()) -> list[ContainerRecord]:

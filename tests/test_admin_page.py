@@ -3,9 +3,11 @@ recorded container list, NVML by the SIMULATED one)."""
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, datetime, timedelta
 
-from ds01hub import labels
+from inspect_docs import inspect_doc
+
 from ds01hub.admin_page import overview, render_page, week_start
 from ds01hub.allocation_state import GpuAllocator
 from ds01hub.culler import CullWarning
@@ -18,21 +20,7 @@ NOW = datetime(2026, 3, 4, 12, 0, tzinfo=UTC)  # a Wednesday
 LIMITS = parse_limits({"defaults": {"gpu_hold_after_stop": "1h", "max_gpus": 4}})
 
 
-def doc(name, user, gpus, group, state="running", stopped_ago=None):
-    finished = NOW - stopped_ago if stopped_ago else None
-    return {
-        "Id": f"id-{name}",
-        "Name": f"/{name}",
-        "Config": {
-            "Labels": labels.container_labels(
-                user=user, project=name, group=group, priority=10, gpus=gpus
-            )
-        },
-        "State": {
-            "Status": state,
-            "FinishedAt": finished.isoformat() if finished else "0001-01-01T00:00:00Z",
-        },
-    }
+doc = functools.partial(inspect_doc, NOW)
 
 
 def machine(tmp_path, docs):

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, datetime, timedelta
 
+from inspect_docs import inspect_doc
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ds01hub import labels, metrics
+from ds01hub import metrics
 from ds01hub.allocation_state import GpuAllocator
 from ds01hub.eventlog import EventLog
 from ds01hub.inventory import discover
@@ -19,21 +21,7 @@ NOW = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
 LIMITS = parse_limits({"defaults": {"gpu_hold_after_stop": "1h", "max_gpus": 4}})
 
 
-def doc(name, user, gpus, group, state="running", stopped_ago=None):
-    finished = NOW - stopped_ago if stopped_ago else None
-    return {
-        "Id": f"id-{name}",
-        "Name": f"/{name}",
-        "Config": {
-            "Labels": labels.container_labels(
-                user=user, project=name, group=group, priority=10, gpus=gpus
-            )
-        },
-        "State": {
-            "Status": state,
-            "FinishedAt": finished.isoformat() if finished else "0001-01-01T00:00:00Z",
-        },
-    }
+doc = functools.partial(inspect_doc, NOW)
 
 
 def samples(registry):

@@ -1,0 +1,36 @@
+"""Docker inspect documents of managed containers, as `docker inspect` gives them, for the unit
+tests of code that reads Docker state through a `container_lister` (the allocator behind the
+admin page and the metrics)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from ds01hub import labels
+
+
+def inspect_doc(
+    now: datetime,
+    name: str,
+    user: str,
+    gpus: list[str],
+    group: str,
+    state: str = "running",
+    stopped_ago: timedelta | None = None,
+) -> dict[str, Any]:
+    """A container `name` of `user` holding `gpus`, stopped `stopped_ago` before `now`."""
+    finished = now - stopped_ago if stopped_ago else None
+    return {
+        "Id": f"id-{name}",
+        "Name": f"/{name}",
+        "Config": {
+            "Labels": labels.container_labels(
+                user=user, project=name, group=group, priority=10, gpus=gpus
+            )
+        },
+        "State": {
+            "Status": state,
+            "FinishedAt": finished.isoformat() if finished else "0001-01-01T00:00:00Z",
+        },
+    }
