@@ -37,6 +37,7 @@ from tornado.netutil import bind_unix_socket
 from traitlets import Bool, Float, Integer, List, Unicode, default
 from traitlets.config import Application
 
+from . import images
 from .cli.protocol import (
     API_PREFIX,
     DEFAULT_SOCKET,
@@ -442,19 +443,13 @@ class BrokerImages:
         self.slots = asyncio.Semaphore(max(1, broker.max_concurrent_builds))
 
     def templates(self) -> list[dict[str, Any]]:
-        from . import images
-
         return [t.to_dict() for t in images.list_templates()]
 
     async def list(self, user: str) -> list[dict[str, Any]]:
-        from . import images
-
         found = await asyncio.to_thread(images.list_user_images, self.docker, user)
         return [i.to_dict() for i in found]
 
     async def delete(self, user: str, name: str) -> dict[str, Any]:
-        from . import images
-
         try:
             tag = await asyncio.to_thread(images.delete_user_image, self.docker, user, name)
         except images.ImageError as e:
@@ -463,8 +458,6 @@ class BrokerImages:
 
     async def build(self, user: str, body: dict[str, Any]):
         """Yield the build's events (ds01hub.images.BuildEvent dicts); the last is done/error."""
-        from . import images
-
         try:
             spec = images.spec_from_request(user, body)
             existing = await self.list(user)
@@ -510,7 +503,7 @@ class BrokerImages:
             self.building.discard(user)
 
 
-def refusal(error: Any) -> OperationError:
+def refusal(error: images.ImageError) -> OperationError:
     """An images.ImageError as the broker's answer: its message, hint and status."""
     return OperationError(str(error), error.hint, error.status)
 
