@@ -645,6 +645,41 @@ def ensure_images(
     return {"base": base, "singleuser": singleuser}
 
 
+def stale_tags(tags: Iterable[str], repositories: Iterable[str], keep: Iterable[str]) -> list[str]:
+    """The hash tags of `repositories` other than those to `keep` and the `:latest` alias."""
+    repositories, keep = set(repositories), set(keep)
+    stale = []
+    for tag in tags:
+        repository, _, name = tag.rpartition(":")
+        if repository in repositories and name != ALIAS_TAG and tag not in keep:
+            stale.append(tag)
+    return sorted(stale)
+
+
+def prune_images(
+    keep: Iterable[str], repositories: Iterable[str] = (BASE_REPOSITORY, SINGLEUSER_REPOSITORY)
+) -> dict[str, list[str]]:
+    """Remove the older hash tags that each source change leaves behind. Never forced: Docker
+    keeps an image that a container (running or stopped) or a user's own image is made from,
+    and only untags one that still has another tag. Returns what was removed and what kept."""
+    repositories = list(repositories)
+    listing = subprocess.run(
+        ["docker", "image", "ls", "--format", "{{.Repository}}:{{.Tag}}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    result: dict[str, list[str]] = {"removed": [], "kept": []}
+    for tag in stale_tags(listing, repositories, keep):
+        answer = subprocess.run(["docker", "rmi", tag], capture_output=True, text=True)
+        if answer.returncode == 0:
+            result["removed"].append(tag)
+        else:
+            reason = answer.stderr.strip().rpartition("Error response from daemon: ")[2]
+            result["kept"].append(f"{tag} ({reason or 'docker refused'})")
+    return result
+
+
 # --------------------------------------------------------------------------------------------
 # command line: `ds01hub bootstrap` and `python3 -m ds01hub.bootstrap`
 
@@ -677,6 +712,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", type=Path, help="source checkout (default: this one)")
     parser.add_argument("--venv", type=Path, help="virtualenv path (default: SOURCE/.venv)")
     parser.add_argument("--debian-mirror", help="Debian mirror for the base image")
+    parser.add_argument(
+        "--prune",
+        action="store_true",
+        help="images step: then remove older ds01hub/base and ds01hub/singleuser hash tags "
+        "that no container or user image needs (one is left behind by each source change)",
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.set_defaults(handler=run_command)
 
@@ -692,6 +733,8 @@ def run_command(args: argparse.Namespace) -> int:
         if args.step in ("images", "all"):
             images = ensure_images(args.ca_bundle, args.source, args.debian_mirror)
             result["images"] = {name: asdict(image) for name, image in images.items()}
+            if args.prune:
+                result["pruned"] = prune_images(image.tag for image in images.values())
     except BootstrapError as error:
         print(f"ds01hub bootstrap: {error}", file=sys.stderr)
         return 1
@@ -701,6 +744,11 @@ def run_command(args: argparse.Namespace) -> int:
         for name, image in result.get("images", {}).items():
             state = "built" if image["built"] else "reused"
             print(f"{name} image: {image['tag']} ({state}), alias {image['alias']}")
+        pruned = result.get("pruned", {})
+        for tag in pruned.get("removed", ()):
+            print(f"removed old image tag {tag}")
+        for line in pruned.get("kept", ()):
+            print(f"kept old image tag {line}")
     return 0
 
 

@@ -188,3 +188,21 @@ def test_the_demo_caps_max_cpus_at_the_machines_cpus_and_nothing_else():
     assert fitted["user_overrides"] == {"erin": {"max_cpus": 1.5}}
     assert limits["defaults"]["max_cpus"] == 4  # the input is left alone
     assert demo.fit_cpus(limits, 64) == (limits, [])
+
+
+def test_stale_tags_are_the_other_hash_tags_of_our_repositories_only():
+    tags = [
+        "ds01hub/singleuser:aaa111",
+        "ds01hub/singleuser:bbb222",
+        "ds01hub/singleuser:latest",
+        "ds01hub/base:ccc333",
+        "ds01hub/base:ddd444",
+        "ds01-alice/nlp:latest",
+        "registry:5000/ds01hub/singleuser:eee555",
+    ]
+    stale = bootstrap.stale_tags(
+        tags,
+        [bootstrap.BASE_REPOSITORY, bootstrap.SINGLEUSER_REPOSITORY],
+        keep=["ds01hub/singleuser:bbb222", "ds01hub/base:ddd444"],
+    )
+    assert stale == ["ds01hub/base:ccc333", "ds01hub/singleuser:aaa111"]

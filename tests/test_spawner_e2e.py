@@ -411,7 +411,9 @@ def test_users_may_run_their_own_built_images_not_others(ds01, docker_client):
         hub.create_user(user, groups=["students"])
     tag = f"ds01-{owner}/mine:latest"
     dockerfile = f"FROM {hub.image}\nLABEL ds01.image.user={owner} ds01.image.test=1\n"
-    image, _ = docker_client.images.build(fileobj=io.BytesIO(dockerfile.encode()), tag=tag)
+    image, _ = docker_client.images.build(
+        fileobj=io.BytesIO(dockerfile.encode()), tag=tag, rm=True, forcerm=True
+    )
     try:
         hub.start_server(owner, options={"image": tag})
         hub.wait_ready(owner)
