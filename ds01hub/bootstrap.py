@@ -662,7 +662,6 @@ def prune_images(
     """Remove the older hash tags that each source change leaves behind. Never forced: Docker
     keeps an image that a container (running or stopped) or a user's own image is made from,
     and only untags one that still has another tag. Returns what was removed and what kept."""
-    repositories = list(repositories)
     listing = subprocess.run(
         ["docker", "image", "ls", "--format", "{{.Repository}}:{{.Tag}}"],
         capture_output=True,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -80,35 +80,36 @@ class Inventory:
     def has_slot(self, slot_id: str) -> bool:
         return slot_id in self._by_id
 
-    def utilization(self, slot_id: str) -> int | None:
-        """GPU utilisation in percent; None where NVML has none (MIG devices, errors)."""
+    def _query(self, slot_id: str, read: Callable[[Any], Any], fallback: Any) -> Any:
+        """`read(handle)` through the live NVML; `fallback` for an unknown slot, a closed
+        inventory or an NVML error (a live figure is never worth a crash)."""
         handle = self._handles.get(slot_id)
         if handle is None or self.nvml is None:
-            return None
+            return fallback
         try:
-            return int(self.nvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+            return read(handle)
         except self.nvml.NVMLError:
-            return None
+            return fallback
+
+    def utilization(self, slot_id: str) -> int | None:
+        """GPU utilisation in percent; None where NVML has none (MIG devices, errors)."""
+        return self._query(
+            slot_id, lambda h: int(self.nvml.nvmlDeviceGetUtilizationRates(h).gpu), None
+        )
 
     def memory_used_mb(self, slot_id: str) -> int | None:
         """Memory in use on the slot (a MIG device reports its own share); None on errors."""
-        handle = self._handles.get(slot_id)
-        if handle is None or self.nvml is None:
-            return None
-        try:
-            return int(self.nvml.nvmlDeviceGetMemoryInfo(handle).used) >> 20
-        except self.nvml.NVMLError:
-            return None
+        return self._query(
+            slot_id, lambda h: int(self.nvml.nvmlDeviceGetMemoryInfo(h).used) >> 20, None
+        )
 
     def processes(self, slot_id: str) -> list[int]:
         """PIDs (host namespace) computing on the slot; [] when none or not visible."""
-        handle = self._handles.get(slot_id)
-        if handle is None or self.nvml is None:
-            return []
-        try:
-            return [int(p.pid) for p in self.nvml.nvmlDeviceGetComputeRunningProcesses(handle)]
-        except self.nvml.NVMLError:
-            return []
+        return self._query(
+            slot_id,
+            lambda h: [int(p.pid) for p in self.nvml.nvmlDeviceGetComputeRunningProcesses(h)],
+            [],
+        )
 
     def close(self) -> None:
         """Release NVML (the handles become invalid)."""

@@ -253,7 +253,7 @@ def _inventory_text(inventory: Any) -> str:
                 "kind": s.profile or "whole GPU",
                 "name": s.name + (" (simulated)" if s.simulated else ""),
                 "memory": f"{_or_dash(inventory.memory_used_mb(s.id))} / {s.memory_mb} MiB",
-                "util": _percent(inventory.utilization(s.id)),
+                "util": _or_dash(inventory.utilization(s.id), "%"),
                 "procs": len(inventory.processes(s.id)),
                 "uuid": s.uuid,
             }
@@ -272,12 +272,8 @@ def _inventory_text(inventory: Any) -> str:
     return "\n".join(lines)
 
 
-def _percent(value: int | None) -> str:
-    return "-" if value is None else f"{value}%"
-
-
-def _or_dash(value: int | None) -> str:
-    return "-" if value is None else str(value)
+def _or_dash(value: int | None, unit: str = "") -> str:
+    return "-" if value is None else f"{value}{unit}"
 
 
 def cmd_status(args: argparse.Namespace) -> int:
