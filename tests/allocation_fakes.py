@@ -204,4 +204,3 @@ def allocator_for(
         owner=lambda: Processes.owner(pid),
         owner_alive=processes.alive,
     )
-
