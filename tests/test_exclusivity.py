@@ -212,6 +212,22 @@ def test_a_start_that_landed_first_keeps_its_slot(tmp_path):
     assert world.holders() == {"0": {("p", "running")}}
 
 
+def test_a_restart_whose_start_is_in_flight_keeps_its_slot_after_its_sender_died(tmp_path):
+    world = World(tmp_path, ttl=5, grace=10)
+    alice = world.spawn(1, "alice", "a")
+    world.engine.stop(alice)
+    world.clock.advance(1)
+    assert world.allocate(2, "alice", "a").granted == ("0",)  # a restart, in another process
+    assert world.at(2).begin_start("a", alice).ok
+    world.processes.kill(2)  # its `docker start` is in flight
+    boss = world.allocate(3, "boss", "b")
+    assert boss.code == "busy" and not boss.reclaimed  # the start may still land
+    assert world.engine.start(alice)  # it lands
+    world.clock.advance(11)
+    assert world.allocate(3, "boss", "b").code == "busy"  # running now
+    assert world.engine.overlaps() == []
+
+
 def test_the_window_between_check_and_start_belongs_to_the_starter(tmp_path):
     world = World(tmp_path)
     assert world.allocate(1, "alice", "a").granted == ("0",)
