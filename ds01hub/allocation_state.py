@@ -7,9 +7,10 @@ rebuilt on every decision from two sources:
 - Docker: each managed container's `ds01.gpus` label. A running container holds its slots; a
   stopped one until `gpu_hold_after_stop` (of its user's limits) after `State.FinishedAt`,
   minus the slots a higher priority took from it (`revoked.json`). A never-started (`created`)
-  container holds nothing by its labels: only through the claim of its name (below). One whose
-  claim is gone is a *ghost*: it is removed (never forced, so a start that lands first wins)
-  before anything else is decided, and its slots are free.
+  container holds through the claim of its name (below), or, without one, while the process
+  that created it lives (its `ds01.owner` label: another hub's spawn on the same engine). One
+  that neither keeps is a *ghost*: it is removed (never forced, so a start that lands first
+  wins) before anything else is decided, and its slots are free.
 - Claims (`reservations.json`): slots granted to a spawn, keyed by container name, from
   `allocate` until the container has started. A claim belongs to a process (host, boot, pid and
   the pid's start time, so a reused pid is not its owner) and dies with it; `granted` claims
@@ -58,6 +59,7 @@ from ds01hub.limits import LimitsConfig, LimitsStore, ResolvedLimits, parse_limi
 __all__ = [
     "DEFAULT_RESERVATION_TTL",
     "DEFAULT_START_GRACE",
+    "OWNER_LABEL",
     "AllocationStateError",
     "Claim",
     "GpuAllocator",
@@ -72,6 +74,8 @@ __all__ = [
 
 DEFAULT_RESERVATION_TTL = 120.0
 DEFAULT_START_GRACE = 60.0
+#: Label naming the process that created a container (`Owner.label()`), set by its creator.
+OWNER_LABEL = "ds01.owner"
 _HOST = socket.gethostname()
 #: Holding states, strongest first: one container's several claims on a slot show as one.
 _STRENGTH = {"running": 0, "starting": 1, "reserved": 2, "stopped": 3}
@@ -145,6 +149,18 @@ class Owner:
 
     def to_dict(self) -> dict[str, Any]:
         return {"host": self.host, "boot": self.boot, "pid": self.pid, "started": self.started}
+
+    def label(self) -> str:
+        """`host/boot/pid/started`, the value of `OWNER_LABEL`."""
+        return f"{self.host}/{self.boot}/{self.pid}/{'' if self.started is None else self.started}"
+
+    @classmethod
+    def from_label(cls, text: str | None) -> Owner | None:
+        """None for a missing or malformed label."""
+        parts = (text or "").split("/")
+        if len(parts) != 4 or not parts[2].isdigit() or not (parts[3] or "0").isdigit():
+            return None
+        return cls(parts[0], parts[1], int(parts[2]), int(parts[3]) if parts[3] else None)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Owner:
@@ -544,8 +560,8 @@ class GpuAllocator:
                 state, until, slots = "running", None, record.gpus
             elif record.state == "created":
                 if record.id not in kept_ghosts:
-                    continue  # never started: held only through its claim
-                # A ghost Docker would not remove: it may still start, like a starting claim.
+                    continue  # never started: held through its claim, or while its creator lives
+                # Its creator lives, or Docker would not remove it: it may start any moment.
                 state, until, slots = "starting", None, record.gpus
             else:
                 hold = self._hold_of(record, config)
@@ -582,7 +598,11 @@ class GpuAllocator:
             if self._claim_live(claim, by_name.get(name), ids, now)
         }
         revoked = self._read(self._revoked_path)
-        kept = set(kept_ghosts)
+        kept = set(kept_ghosts) | {
+            r.id
+            for r in records
+            if r.state == "created" and r.name not in claims and self._creator_lives(r)
+        }
         holdings = self._label_holdings(records, now, revoked, kept)
         for name, claim in claims.items():
             record = by_name.get(name)
@@ -636,6 +656,14 @@ class GpuAllocator:
             for a in actions
         ]
         return self._view(now, kept), events, actions
+
+    def _creator_lives(self, record: ContainerRecord) -> bool:
+        owner = Owner.from_label(record.labels.get(OWNER_LABEL))
+        return owner is not None and self._owner_alive(owner) is not False
+
+    def owner_labels(self) -> dict[str, str]:
+        """The label a creator puts on each container it makes (see the module docstring)."""
+        return {OWNER_LABEL: self._owner().label()}
 
     def holdings(self) -> list[Holding]:
         """Every live holding: labelled containers (running, or stopped within their hold,

@@ -12,22 +12,29 @@ Two kinds, served in two places:
   slots total/free, allocated (running or reserved) and held (stopped within the hold) by
   group, GPU utilisation per slot, GPU-hours by group, and `ds01_culls_total{reason}`. Culls
   are counted from the event log, so culls made by `ds01hub cull --once` in another process
-  count too, and the counter survives restarts.
+  count too, and the counter survives restarts. `ds01_gpu_slot_conflicts` counts slots that
+  more than one container holds (exclusivity broken: alert on anything above 0).
+- **Event log health**, in both places (`EventLogHealth`; the hub process watches its event log
+  with `watch_eventlog`): `ds01_eventlog_unwritten_events` (events waiting for a writable log),
+  `ds01_eventlog_write_errors_total`, `ds01_eventlog_dropped_events_total` and
+  `ds01_state_free_bytes` (free space where the log lives). Alert on errors or waiting events.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+import weakref
 from collections import Counter as Tally
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 __all__ = [
+    "EventLogHealth",
     "QUEUE_LENGTH",
     "QUEUE_WAIT",
     "SPAWN_FAILURES",
@@ -35,6 +42,7 @@ __all__ = [
     "cull_reason_code",
     "spawn_failed",
     "waiting_for_gpu",
+    "watch_eventlog",
 ]
 
 NO_GROUP = "none"
@@ -80,6 +88,52 @@ def spawn_failed(reason: str) -> None:
     SPAWN_FAILURES.labels(reason).inc()
 
 
+# -- event log health (both processes) --------------------------------------------------------
+
+
+class EventLogHealth(Collector):
+    """Write trouble of event logs this process writes (`EventLog.health()`), summed."""
+
+    def __init__(self, eventlogs: Callable[[], Iterable[Any]]):
+        self._eventlogs = eventlogs
+
+    def collect(self) -> Iterator[Any]:
+        healths = [log.health() for log in self._eventlogs()]
+        yield GaugeMetricFamily(
+            "ds01_eventlog_unwritten_events",
+            "Events waiting in this process for the event log to become writable",
+            value=sum(h["unwritten"] for h in healths),
+        )
+        yield CounterMetricFamily(
+            "ds01_eventlog_write_errors",
+            "Failed writes to the event log (a full disk, an unwritable file)",
+            value=sum(h["write_errors"] for h in healths),
+        )
+        yield CounterMetricFamily(
+            "ds01_eventlog_dropped_events",
+            "Events lost because too many waited for a writable event log",
+            value=sum(h["dropped"] for h in healths),
+        )
+        free = [h["free_bytes"] for h in healths if h["free_bytes"] is not None]
+        if free:
+            yield GaugeMetricFamily(
+                "ds01_state_free_bytes",
+                "Free space on the file system of the event log (the state directory)",
+                value=min(free),
+            )
+
+
+_WATCHED: weakref.WeakSet = weakref.WeakSet()
+
+
+def watch_eventlog(eventlog: Any) -> None:
+    """Report this event log's health on the process's default registry (the hub's
+    /hub/metrics); registered once per process."""
+    if not _WATCHED:
+        REGISTRY.register(EventLogHealth(lambda: list(_WATCHED)))
+    _WATCHED.add(eventlog)
+
+
 # -- state metrics (ds01-ops service) ---------------------------------------------------------
 
 
@@ -107,6 +161,11 @@ class StateCollector(Collector):
         yield total
         free = sum(1 for row in rows if row.holding is None)
         yield GaugeMetricFamily("ds01_gpu_slots_free", "GPU slots nobody holds", value=free)
+        yield GaugeMetricFamily(
+            "ds01_gpu_slot_conflicts",
+            "GPU slots held by more than one container (should always be 0)",
+            value=sum(1 for row in rows if row.conflict),
+        )
         allocated = GaugeMetricFamily(
             "ds01_gpu_slots_allocated",
             "GPU slots of running containers or in-flight spawns, by group",
@@ -136,6 +195,7 @@ class StateCollector(Collector):
         yield utilisation
         if self.eventlog is not None:
             yield from self._from_eventlog()
+            yield from EventLogHealth(lambda: [self.eventlog]).collect()
 
     def _from_eventlog(self) -> Iterator[Any]:
         culls = CounterMetricFamily(

@@ -222,6 +222,7 @@ class DS01Spawner(DockerSpawner):
         inventory = load_inventory(store.current.gpu_allocation)
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         eventlog = EventLog(self.event_log_path or state_dir / "events.db")
+        metrics.watch_eventlog(eventlog)
         client = docker.DockerClient(**self._docker_client_kwargs())
         label_filter = tuple(self.container_label_filter)
         allocator = GpuAllocator(
@@ -548,6 +549,7 @@ class DS01Spawner(DockerSpawner):
             simulated=self.context.inventory.simulated,
             run_as=run_as,
             workspace=self._workspace(run_as),
+            extra_labels=self.context.allocator.owner_labels(),
         )
 
     async def start(self):

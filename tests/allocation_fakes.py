@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from ds01hub import labels
-from ds01hub.allocation_state import GpuAllocator, Owner
+from ds01hub.allocation_state import OWNER_LABEL, GpuAllocator, Owner
 from ds01hub.eventlog import EventLog
 from ds01hub.inventory import Inventory
 
@@ -86,8 +86,16 @@ class FakeEngine:
     def by_name(self, name: str) -> Container | None:
         return next((c for c in self.containers.values() if c.name == name), None)
 
-    def create(self, name: str, user: str, slots: tuple[str, ...], priority: int = 10) -> str:
-        """`docker create` with the spawner's labels; None-like failure: a name in use."""
+    def create(
+        self,
+        name: str,
+        user: str,
+        slots: tuple[str, ...],
+        priority: int = 10,
+        owner: Owner | None = None,
+    ) -> str:
+        """`docker create` with the spawner's labels (`owner`: its creator, as the spawner
+        labels it); a name in use raises NameError."""
         if self.by_name(name) is not None:
             raise NameError(f"name {name} in use")
         container_labels = labels.container_labels(
@@ -98,6 +106,8 @@ class FakeEngine:
             gpus=slots,
             created_at=self.clock.now,
         )
+        if owner is not None:
+            container_labels[OWNER_LABEL] = owner.label()
         container_id = f"c{next(self._ids):04d}"
         self.containers[container_id] = Container(container_id, name, container_labels)
         return container_id

@@ -281,6 +281,19 @@ def test_a_spawn_killed_between_create_and_start_holds_nothing_and_is_reconciled
     assert world.log.gpu_hours(until=world.clock.now) == {}
 
 
+def test_a_container_another_live_process_is_creating_is_held_not_removed(tmp_path):
+    """Another hub's spawn (its claim lives in another state directory) is between create and
+    start: its `ds01.owner` label keeps it from being taken for a ghost while that process
+    lives."""
+    world = World(tmp_path)
+    theirs = world.engine.create("t", "tom", ("0",), owner=Processes.owner(7))
+    assert world.holders() == {"0": {("t", "starting")}}
+    assert world.at(1).reconcile() == [] and world.allocate(1, "bob", "b").code == "busy"
+    world.processes.kill(7)
+    assert [a.container for a in world.at(1).reconcile()] == ["t"]
+    assert theirs not in world.engine.containers
+
+
 # -- conflicts are shown ----------------------------------------------------------------------
 
 

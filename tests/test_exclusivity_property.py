@@ -30,7 +30,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from ds01hub.allocation_state import GpuAllocator
+from ds01hub.allocation_state import OWNER_LABEL, GpuAllocator, Owner
 from ds01hub.allocator import GpuRequest
 from ds01hub.eventlog import EventLog
 from ds01hub.inventory import discover
@@ -198,7 +198,9 @@ class Exclusivity(RuleBasedStateMachine):
             self.in_flight.append(InFlight("create", spawn.name, spawn.slots, pid=spawn.pid))
             spawn.phase = "create sent"
             return
-        spawn.container_id = self.engine.create(spawn.name, SERVERS[spawn.name], spawn.slots)
+        spawn.container_id = self.engine.create(
+            spawn.name, SERVERS[spawn.name], spawn.slots, owner=Processes.owner(spawn.pid)
+        )
         spawn.created_here, spawn.phase = True, "created"
 
     def check_and_start(self, spawn: Spawn, late: bool) -> None:
@@ -232,7 +234,8 @@ class Exclusivity(RuleBasedStateMachine):
             return
         if self.engine.by_name(call.name) is not None:
             return  # the name is taken: Docker refuses the create
-        container_id = self.engine.create(call.name, SERVERS[call.name], call.slots)
+        owner = Processes.owner(call.pid)
+        container_id = self.engine.create(call.name, SERVERS[call.name], call.slots, owner=owner)
         spawn = self.spawns.get(call.name)
         if spawn is not None and spawn.pid == call.pid and spawn.phase == "create sent":
             spawn.container_id, spawn.created_here, spawn.phase = container_id, True, "created"
@@ -319,6 +322,10 @@ class Exclusivity(RuleBasedStateMachine):
         spawn = self.spawns.get(holding.container)
         if spawn is not None and spawn.claim_until > now:
             return True
+        if container is not None and container.status == "created":  # its creator lives
+            creator = Owner.from_label(container.labels.get(OWNER_LABEL))
+            if creator is not None and creator.pid not in self.processes.dead:
+                return True
         return any(d.name == holding.container and d.until > now for d in self.dead)
 
     def teardown(self):
