@@ -716,7 +716,7 @@ class GpuAllocator:
             now = self.clock()
             config = self.config
             view, facts, _ = self._settled_view(now)
-            decision = decide(
+            decision = self._someone_elses(view.claims.get(request.container)) or decide(
                 request,
                 self.inventory.slots,
                 view.holdings,
@@ -745,6 +745,19 @@ class GpuAllocator:
             changed = claims if claims != view.stored_claims or decision.granted else None
             self._commit(changed, revoked, self._decision_events(decision, request, limits, now))
         return decision
+
+    def _someone_elses(self, claim: Claim | None) -> Decision | None:
+        """A live claim of another process on the same container: it is starting it (or a
+        start it sent before it died may still land), so this request waits (`busy`)."""
+        if claim is None or claim.owner == self._owner():
+            return None
+        return Decision(
+            reason=f"{claim.name} is being started by another process (pid {claim.owner.pid} "
+            f"on {claim.owner.host}, {claim.phase}); its claim on GPU slot(s) "
+            f"{', '.join(claim.slots)} ends when that start is done or can no longer land",
+            code="busy",
+            earliest_expiry=_moment(claim.expires),
+        )
 
     def renew(self, container_name: str) -> bool:
         """Push this process's claim for the container `reservation_ttl` further (a spawn that

@@ -228,6 +228,18 @@ def test_a_restart_whose_start_is_in_flight_keeps_its_slot_after_its_sender_died
     assert world.engine.overlaps() == []
 
 
+def test_a_start_in_flight_is_not_overwritten_by_a_new_spawn_of_the_same_container(tmp_path):
+    world = World(tmp_path, ttl=5, grace=10)
+    assert world.allocate(1, "alice", "a").granted == ("0",)
+    container = world.engine.create("a", "alice", ("0",))
+    assert world.at(1).begin_start("a", container).ok
+    world.processes.kill(1)  # the hub died with the start in flight; it restarts
+    again = world.allocate(2, "alice", "a")
+    assert again.code == "busy" and "being started by another process" in again.reason
+    assert world.engine.start(container)  # the start lands: the labels hold, the claim ends
+    assert world.allocate(2, "alice", "a").granted == ("0",)
+
+
 def test_the_window_between_check_and_start_belongs_to_the_starter(tmp_path):
     world = World(tmp_path)
     assert world.allocate(1, "alice", "a").granted == ("0",)
