@@ -17,14 +17,16 @@ One spawn, step by step (each step is a progress event):
 Stopping keeps the container, so it holds its GPUs for `gpu_hold_after_stop`; deleting the
 named server removes it and releases everything. Docker labels are the allocation state, so a
 hub killed mid-spawn leaks nothing (see `ds01hub.allocation_state`); after a restart of the hub
-a container that never started is removed when JupyterHub stops its server (`stop`), and one
-that started but whose address the hub never recorded is adopted (`get_url`).
+a container that never started is removed when JupyterHub stops its server
+(`run_post_stop_hook`), and one that started but whose address the hub never recorded is
+adopted (`get_url`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import pwd
 import time
@@ -788,19 +790,26 @@ class DS01Spawner(DockerSpawner):
         return url
 
     async def stop(self, now=False):
-        """Stop and keep the container: it holds its GPUs for `gpu_hold_after_stop`. One that
-        never started (its spawn died between create and start, e.g. with the hub) is removed
-        instead: it holds nothing and has nothing to keep."""
-        if self.object_id and await self._remove_if_never_started():
-            self.object_id = ""
-            self.clear_state()
-        elif self.object_id:
+        """Stop and keep the container: it holds its GPUs for `gpu_hold_after_stop`."""
+        if self.object_id:
             await super().stop(now=now)
         else:
             self.clear_state()
         context = self.context
         await self._blocking(context.allocator.sweep)
         context.queue.notify()
+
+    async def run_post_stop_hook(self):
+        """After JupyterHub stopped a server, also one it found not running after its own
+        restart (it calls `stop` only for running ones): a container that never started
+        (its spawn died between create and start, e.g. with the hub) is removed, with a
+        `reconcile` event. It holds no GPU and has nothing to keep."""
+        result = super().run_post_stop_hook()
+        if inspect.isawaitable(result):
+            await result
+        if self.object_id and await self._remove_if_never_started():
+            self.object_id = ""
+            await self._blocking(self.context.allocator.sweep)
 
     async def _remove_if_never_started(self) -> bool:
         """True when the container had never started and is now removed (never forced: a
