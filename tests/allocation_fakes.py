@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ds01hub import labels
 from ds01hub.allocation_state import OWNER_LABEL, GpuAllocator, Owner
-from ds01hub.eventlog import EventLog
+from ds01hub.eventlog import EventLog, EventLogError
 from ds01hub.inventory import Inventory
 
 EPOCH = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -214,3 +214,22 @@ def allocator_for(
         owner=lambda: Processes.owner(pid),
         owner_alive=processes.alive,
     )
+
+
+def fill_event_log(log: EventLog) -> None:
+    """SQLite's own 'database or disk is full' for this thread's connection: no more pages,
+    and the last one filled with ever smaller events until not even an empty one fits."""
+    with log._connect() as db:
+        pages = db.execute("PRAGMA page_count").fetchone()[0]
+        db.execute(f"PRAGMA max_page_count = {pages}")
+    for size in (2000, 200, 20, 0):
+        while True:
+            try:
+                log.record("cull", "filler", slot="s", container="c", reason="x" * size)
+            except EventLogError:
+                break
+
+
+def unfill_event_log(log: EventLog) -> None:
+    with log._connect() as db:
+        db.execute("PRAGMA max_page_count = 1000000")

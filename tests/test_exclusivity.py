@@ -13,11 +13,18 @@ import time
 from dataclasses import replace
 
 import pytest
-from allocation_fakes import Clock, FakeEngine, Processes, allocator_for
+from allocation_fakes import (
+    Clock,
+    FakeEngine,
+    Processes,
+    allocator_for,
+    fill_event_log,
+    unfill_event_log,
+)
 
 from ds01hub.allocation_state import AllocationStateError, GpuAllocator, Owner
 from ds01hub.allocator import GpuRequest
-from ds01hub.eventlog import EventLog, EventLogError
+from ds01hub.eventlog import EventLog
 from ds01hub.inventory import discover
 from ds01hub.limits import SimulatedGpuSpec, parse_limits
 from ds01hub.simulated_nvml import SimulatedNvml
@@ -333,23 +340,9 @@ def test_one_container_restarting_is_one_holder_not_a_conflict(tmp_path):
 # -- 7. a full disk ---------------------------------------------------------------------------
 
 
-def _fill_event_log(log: EventLog) -> None:
-    """SQLite's own 'database or disk is full': no more pages for this connection, and the
-    last one filled with ever smaller events until not even an empty one fits."""
-    with log._connect() as db:
-        pages = db.execute("PRAGMA page_count").fetchone()[0]
-        db.execute(f"PRAGMA max_page_count = {pages}")
-    for size in (2000, 200, 20, 0):
-        while True:
-            try:
-                log.record("cull", "filler", slot="s", container="c", reason="x" * size)
-            except EventLogError:
-                break
-
-
 def test_an_allocation_that_cannot_be_recorded_changes_nothing(tmp_path):
     world = World(tmp_path)
-    _fill_event_log(world.log)
+    fill_event_log(world.log)
     before = (world.state_dir / "reservations.json").exists()
     with pytest.raises(AllocationStateError) as raised:
         world.allocate(1, "alice", "a")
@@ -364,13 +357,12 @@ def test_an_allocation_that_cannot_be_recorded_changes_nothing(tmp_path):
 def test_a_release_frees_the_slot_even_when_its_event_must_wait(tmp_path):
     world = World(tmp_path)
     assert world.allocate(1, "alice", "a").granted == ("0",)
-    _fill_event_log(world.log)
+    fill_event_log(world.log)
     world.at(1).release("a", "spawn failed")
     assert world.holders() == {"0": set()}
     health = world.log.health()
     assert health["unwritten"] == 1 and "full" in health["last_error"]
-    with world.log._connect() as db:
-        db.execute("PRAGMA max_page_count = 1000000")
+    unfill_event_log(world.log)
     world.log.record("cull", "someone")  # the next write that can, writes the waiting one too
     kinds = [(e.kind, e.container) for e in world.log.events() if e.user != "filler"]
     assert kinds == [("allocate", "a"), ("release", "a"), ("cull", None)]
