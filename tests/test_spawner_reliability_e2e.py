@@ -187,3 +187,44 @@ def test_a_hub_killed_after_start_adopts_the_server_on_restart(
         assert held == [(slot, "running")]
     finally:
         hub.stop()
+
+
+STALLS_ONCE = """
+import asyncio
+from ds01hub.spawner import DS01Spawner
+
+class StallsOnce(DS01Spawner):
+    stalled = True
+
+    async def _keep_claim(self):
+        if not StallsOnce.stalled:  # the first attempt never renews its claim
+            await super()._keep_claim()
+
+    async def pull_image(self, image):
+        if StallsOnce.stalled:
+            await asyncio.sleep(5)  # longer than the claim's TTL
+            StallsOnce.stalled = False
+        return await super().pull_image(image)
+
+c.JupyterHub.spawner_class = StallsOnce
+c.DS01Spawner.reservation_ttl = 2.0
+"""
+
+
+def test_a_spawn_whose_claim_lapsed_never_starts_on_it_and_asks_again(
+    hub_factory, tmp_path, docker_client
+):
+    ds01 = Ds01Hub(hub_factory, tmp_path, extra_config=STALLS_ONCE)
+    hub = ds01.hub
+    user = unique_name("lap")
+    try:
+        hub.create_user(user, groups=["researchers"])
+        hub.start_server(user, "g", {"gpus": 1})
+        hub.wait_ready(user, "g")
+        log = hub.log(500_000)
+        assert "lapsed before it could start" in log and "asking again" in log
+        assert len(hub.containers()) == 1  # the first attempt's container was removed
+        held = [h.state for h in ds01.allocator(docker_client).holdings()]
+        assert held == ["running"]
+    finally:
+        hub.stop()
