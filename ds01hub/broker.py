@@ -3,8 +3,9 @@ who connects, and only for them.
 
 Why: SSH users on the host should need no token and no docker group (root-equivalent). The
 broker learns who is calling from the kernel (SO_PEERCRED on the unix socket: uid -> passwd
-name -> hub user), never from anything the client sends. Root and members of the admin groups
-may act for another user with an explicit `?user=NAME`.
+name = hub user, by ds01hub.peer's name rule), never from anything the client sends. Admins
+(ds01hub.peer.AdminRule: root, admin users and groups, from the host's mount namespace) may act
+for another user with an explicit `?user=NAME`.
 
 Protocol: HTTP/1.1 with JSON over the unix socket. Long work (waiting for a server/GPU, image
 builds) streams newline-delimited JSON events. `container-run` upgrades its connection
