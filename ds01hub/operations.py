@@ -607,6 +607,7 @@ class UserOperations:
         return await self._remove(project, await self._owned(project), force)
 
     async def _remove(self, project: str, attrs: Mapping[str, Any], force: bool) -> dict[str, Any]:
+        removed_by_stop = False
         if _running(attrs):
             if not force:
                 raise OperationError(
@@ -614,7 +615,7 @@ class UserOperations:
                     hint=f"stop it first with `container-stop {project}`, or pass --force",
                     status=409,
                 )
-            await self.stop(project)
+            removed_by_stop = bool((await self.stop(project)).get("removed"))
         server_name = project_to_server(project)
         model = await self._hub_user()
         if server_name and server_name in (model.get("servers") or {}):
@@ -626,7 +627,7 @@ class UserOperations:
             "project": project,
             "container": attrs["Name"].lstrip("/"),
             "removed": True,
-            "already_gone": not removed_here,
+            "already_gone": not (removed_here or removed_by_stop),
         }
 
     async def cleanup(self, include_running: bool = False) -> list[dict[str, Any]]:
@@ -636,7 +637,7 @@ class UserOperations:
         results = []
         for row in await self.list_containers():
             if row["id"] is None or not (row["state"] == "stopped" or include_running):
-                continue  # still spawning: nothing to remove yet
+                continue  # not asked for, or still spawning (no container to remove yet)
             project = row["project"]
             try:
                 found = await asyncio.to_thread(self._containers, project)

@@ -340,7 +340,8 @@ def test_stop_remove_and_cleanup_when_the_hub_removes_containers(
     container = created(hub, carol, "two", docker_client)
     result = cli(hub, carol, "container-remove", "two", "-y", "--force", "--json")
     assert result.returncode == 0, result.stderr + hub.log()
-    assert json.loads(result.stdout)["removed"] is True
+    reply = json.loads(result.stdout)
+    assert reply["removed"] is True and reply["already_gone"] is False  # removed by this command
     assert gone(docker_client, container)
     assert "two" not in hub.api("GET", f"/users/{carol.name}").json()["servers"]
 
