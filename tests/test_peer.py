@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -272,3 +273,44 @@ def test_root_in_another_mount_namespace_is_not_an_admin(socket_dir):
         assert creds.uid == 0 and admin is True  # root on the host
         creds, admin = credentials_of(path, listener, "unshare", "-m")
         assert creds.uid == 0 and admin is False  # root elsewhere: same uid, not an admin
+
+
+# ---- both listeners follow the socket rule -------------------------------------------------------
+
+PROXY = [sys.executable, "-c", "import sys; from ds01hub.cli.admin import main; sys.exit(main())"]
+
+
+def test_the_proxy_refuses_a_live_socket_and_replaces_a_dead_one(socket_dir):
+    path = os.path.join(socket_dir, "docker.sock")
+    upstream = os.path.join(socket_dir, "upstream.sock")
+    open(upstream, "w").close()  # the proxy only checks that its upstream exists at start
+    live = peer.listen_unix(path, 0o666)
+    with live.sock:
+        command = [*PROXY, "proxy", "--listen", path, "--upstream", upstream]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 1
+        assert "another process is listening" in result.stderr
+        assert peer.file_stamp(path) == live.stamp  # untouched
+    # `live` is closed now: its socket file is a dead one, which the proxy replaces
+    proxy = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not answers(path):
+            assert proxy.poll() is None, proxy.stderr.read()
+            assert time.monotonic() < deadline, "the proxy did not take the dead socket's path"
+            time.sleep(0.1)
+        assert peer.file_stamp(path) != live.stamp
+    finally:
+        proxy.terminate()
+        proxy.wait(30)
+    assert not os.path.exists(path)  # it removed its own socket at the end
+
+
+def answers(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX)
+    with probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+    return True
