@@ -284,9 +284,9 @@ def test_a_start_after_a_stop_behind_the_hubs_back_is_truthful(hub, users, docke
     result = cli(hub, alice, "container-start", "guided")
     assert result.returncode == 0, result.stderr + hub.log()
     assert "guided running" in result.stdout
-    assert listed(hub, alice)["guided"]["state"] == "running"
-    container = docker_client.containers.get(listed(hub, alice)["guided"]["id"])
-    assert container.status == "running"
+    row = listed(hub, alice, "--all")["guided"]
+    assert row["state"] == "running"
+    assert docker_client.containers.get(row["id"]).status == "running"
 
 
 @pytest.fixture(scope="module")
