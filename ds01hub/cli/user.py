@@ -351,14 +351,21 @@ def guided_create(ctx: Context) -> None:
             args.mig = answer
 
 
-def report_started(ctx: Context, final: dict[str, Any], name: str, created: bool) -> int:
-    """Say that `name` runs -- only if the final view says so (else exit 1 with its state)."""
+def running_view(final: dict[str, Any], name: str) -> dict[str, Any]:
+    """The container view of a start's final event -- if it says the container runs; any other
+    state is a start that did not start (exit 1 with that state)."""
     view = final.get("container") or {}
     if view.get("state") != "running":
         raise CliError(
             f"{name} did not start: it is {view.get('state') or 'unknown'}",
             hint=f"see container-list --all; try container-start {name} again",
         )
+    return view
+
+
+def report_started(ctx: Context, final: dict[str, Any], name: str, created: bool) -> int:
+    """Say that `name` runs -- only if it does."""
+    view = running_view(final, name)
     if ctx.json:
         print_json(view, ctx.stdout)
         return EXIT_OK
@@ -861,7 +868,7 @@ def run_project_init(ctx: Context) -> int:
     if args.container:
         options = {"image": report["image"]["tag"]} if report.get("image") else {}
         final = follow(ctx, ctx.backend.start(args.name, options, create=True), args.name)
-        report["container"] = final.get("container")
+        report["container"] = running_view(final, args.name)
         ctx.say(f"Container {args.name} is running: container-run {args.name}")
     if ctx.json:
         print_json(report, ctx.stdout)
