@@ -18,6 +18,8 @@ import time
 from types import SimpleNamespace
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ds01hub import peer
 
@@ -108,6 +110,39 @@ def test_an_admin_names_users_exactly():
 
     with pytest.raises(peer.IdentityError, match="answered with 'alice'"):
         peer.account_named("alice2", case_insensitive)
+
+
+NAMES = st.text(st.characters(codec="utf-8"), max_size=12) | st.sampled_from(
+    ["alice", "Alice", "ALICE", "bob", "", ".", "..", "a/b", "h.baker@lab.example"]
+)
+
+
+@given(
+    table=st.dictionaries(NAMES, st.integers(1000, 1005), max_size=6),
+    name=NAMES,
+    uid=st.integers(1000, 1005),
+)
+def test_the_name_rule_never_folds_and_never_shares(table, name, uid):
+    """Whatever the password database holds (`table`: getpwnam's answers): a name is served
+    unchanged -- a valid hub name that belongs to this uid -- or refused with a message; and
+    no two accounts are ever served names that the hub would take for one."""
+    lookup = accounts(table)
+    try:
+        served = peer.check_hub_name(name, uid, lookup)
+    except peer.IdentityError as refused:
+        assert refused.message and refused.hint and refused.status == 403
+    else:
+        assert served == name == name.lower() and peer.hub_name_problem(name) is None
+        assert table.get(name, uid) == uid  # never a name another uid answers to
+    served = {}
+    for account, owner in table.items():
+        try:
+            served[account] = peer.check_hub_name(account, owner, lookup)
+        except peer.IdentityError:
+            continue
+    assert all(served[account] == account for account in served)
+    folded = [account.lower() for account in served]
+    assert len(set(folded)) == len(folded)
 
 
 # ---- the admin rule ------------------------------------------------------------------------------
