@@ -34,7 +34,7 @@ import socket
 import stat
 import struct
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .proxy_policy import Caller
@@ -138,9 +138,10 @@ def hub_name_problem(name: str) -> str | None:
 def check_hub_name(name: str, uid: int, lookup_name: Callable[[str], Any] = pwd.getpwnam) -> str:
     """`name` (the account of `uid`) as the hub user name, unchanged -- or IdentityError.
 
-    Refused: a name that is not already a valid hub name (`hub_name_problem`), and a name
-    whose lower-case form is the name of another uid's account (two accounts that the hub
-    would take for one, e.g. from two password databases)."""
+    Refused: a name that is not already a valid hub name (`hub_name_problem`; the message
+    names the account it would have been folded onto), and a name that the name service
+    gives to another uid (two password databases, one name: the hub would take them for
+    one user)."""
     problem = hub_name_problem(name)
     if problem is not None:
         message = (
@@ -154,14 +155,13 @@ def check_hub_name(name: str, uid: int, lookup_name: Callable[[str], Any] = pwd.
             if other is not None and other != uid:
                 message += f", the account of uid {other}"
         raise IdentityError(message, hint=RENAME_HINT.format(name=name))
-    for spelling in {name, name.lower()}:
-        owner = _uid_of(spelling, lookup_name)
-        if owner is not None and owner != uid:
-            raise IdentityError(
-                f"Unix account {name!r} (uid {uid}) cannot use ds01hub: the name "
-                f"{spelling!r} also belongs to uid {owner}",
-                hint=RENAME_HINT.format(name=name),
-            )
+    owner = _uid_of(name, lookup_name)
+    if owner is not None and owner != uid:
+        raise IdentityError(
+            f"Unix account {name!r} (uid {uid}) cannot use ds01hub: the name {name!r} also "
+            f"belongs to uid {owner}",
+            hint=RENAME_HINT.format(name=name),
+        )
     return name
 
 
@@ -191,9 +191,7 @@ def identify(
     caller = Caller(
         creds.uid, account.pw_gid, name, account.pw_dir, groups_of(name, account.pw_gid)
     )
-    if admins.allows(caller, creds.pid):
-        caller = Caller(caller.uid, caller.gid, name, caller.home, caller.groups, admin=True)
-    return caller
+    return replace(caller, admin=admins.allows(caller, creds.pid))
 
 
 def account_named(name: str, lookup_name: Callable[[str], Any] = pwd.getpwnam) -> str:
