@@ -26,18 +26,16 @@ import grp
 import json
 import logging
 import os
-import pwd
 import select
 import signal
-import socket
 import stat
-import struct
 import sys
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
+from ds01hub import peer
 from ds01hub import proxy_policy as policy
 from ds01hub.proxy_policy import Caller, ContainerFacts, Denied, Kind, PathFacts, Target
 
@@ -416,57 +414,6 @@ async def splice(client: Stream, upstream: Stream) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Callers
-
-
-def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
-    """(pid, uid, gid) of the process that connected, from the kernel (SO_PEERCRED)."""
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, gid = struct.unpack("3i", raw)
-    return pid, uid, gid
-
-
-def same_mount_namespace(pid: int) -> bool:
-    """Whether `pid` sees our file system: root in a container must not count as root here."""
-    try:
-        return os.stat(f"/proc/{pid}/ns/mnt").st_ino == os.stat("/proc/self/ns/mnt").st_ino
-    except OSError:
-        return False
-
-
-@dataclass(frozen=True)
-class AdminRule:
-    """Who gets full access: root, the named users and the members of the named group."""
-
-    users: frozenset[str] = frozenset()
-    group: str | None = None
-
-    def allows(self, caller: Caller) -> bool:
-        return (
-            caller.uid == 0
-            or caller.user in self.users
-            or (self.group is not None and self.group in caller.groups)
-        )
-
-
-def identify(pid: int, uid: int, admins: AdminRule) -> Caller | None:
-    """The caller behind a uid, or None when the uid has no account (refused)."""
-    try:
-        account = pwd.getpwuid(uid)
-    except KeyError:
-        return None
-    gids = os.getgrouplist(account.pw_name, account.pw_gid)
-    groups = []
-    for gid in gids:
-        with contextlib.suppress(KeyError):
-            groups.append(grp.getgrgid(gid).gr_name)
-    caller = Caller(uid, account.pw_gid, account.pw_name, account.pw_dir, tuple(groups))
-    if admins.allows(caller) and same_mount_namespace(pid):
-        caller = Caller(uid, account.pw_gid, account.pw_name, account.pw_dir, tuple(groups), True)
-    return caller
-
-
-# --------------------------------------------------------------------------------------------
 # The upstream engine
 
 
@@ -591,7 +538,7 @@ class Plan:
 @dataclass
 class Proxy:
     upstream: Upstream
-    admins: AdminRule = field(default_factory=AdminRule)
+    admins: peer.AdminRule = field(default_factory=peer.AdminRule)
     settings: policy.Settings = field(default_factory=policy.Settings)
     limits_for: Callable[[Caller], policy.UserLimits | None] = lambda caller: None
     # asyncio's stream protocol forgets its task when the peer disconnects; keep them alive
@@ -616,10 +563,15 @@ class Proxy:
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
         try:
-            pid, uid, _ = peer_credentials(writer.get_extra_info("socket"))
+            creds = peer.credentials(writer.get_extra_info("socket"))
             # the password/group database may be LDAP: never block the loop on it
-            caller = await asyncio.to_thread(identify, pid, uid, self.admins)
-            while await self.serve_one(client, caller, uid):
+            try:
+                caller: Caller | peer.IdentityError = await asyncio.to_thread(
+                    peer.identify, creds, self.admins
+                )
+            except peer.IdentityError as refused:
+                caller = refused
+            while await self.serve_one(client, caller, creds.uid):
                 pass
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
@@ -628,9 +580,11 @@ class Proxy:
         finally:
             client.close()
 
-    async def serve_one(self, client: Stream, caller: Caller | None, uid: int) -> bool:
+    async def serve_one(
+        self, client: Stream, caller: Caller | peer.IdentityError, uid: int
+    ) -> bool:
         """Serve one request; True to keep the connection for the next."""
-        who = caller.user if caller else f"uid {uid}"
+        who = caller.user if isinstance(caller, Caller) else f"uid {uid}"
         try:
             head = await client.read_head()
         except HttpError as error:
@@ -647,8 +601,8 @@ class Proxy:
             return False
         method, raw_target = request.start[0], request.start[1]
         try:
-            if caller is None:
-                raise policy.forbid(f"Permission denied: uid {uid} has no account on this host")
+            if isinstance(caller, peer.IdentityError):
+                raise policy.forbid(f"Permission denied: {caller.message}")
             plan = await self.plan(caller, request, body)
         except (Denied, HttpError) as error:
             denial = error if isinstance(error, Denied) else Denied(400, str(error))
@@ -892,32 +846,16 @@ def limits_loader(path: str | None) -> Callable[[Caller], policy.UserLimits | No
     return limits_for
 
 
-def prepare_socket_path(path: str) -> None:
-    """Create the socket's directory (0755) and remove a stale socket left by a crash."""
-    os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            raise SystemExit(
-                f"ds01hub proxy: {path} exists and is not a socket; remove it or "
-                "choose another --listen path"
-            )
-        os.unlink(path)
-
-
 async def serve(proxy: Proxy, listen: str, ready: Callable[[], None] | None = None) -> None:
-    """Listen on `listen` (mode 0666: identity comes from SO_PEERCRED) until cancelled."""
-    prepare_socket_path(listen)
-    server = await asyncio.start_unix_server(proxy.handle, listen, limit=MAX_HEAD)
-    os.chmod(listen, 0o666)
-    admins = ", ".join(
-        ["root", *sorted(proxy.admins.users)]
-        + ([f"members of group {proxy.admins.group}"] if proxy.admins.group else [])
-    )
+    """Listen on `listen` (mode 0666: identity comes from SO_PEERCRED) until cancelled; a path
+    where another listener answers is refused (ds01hub.peer.listen_unix: SocketPathError)."""
+    listener = peer.listen_unix(listen, 0o666)
+    server = await asyncio.start_unix_server(proxy.handle, sock=listener.sock, limit=MAX_HEAD)
     log.info(
         "ds01hub proxy listening on unix://%s, upstream unix://%s; full access: %s",
         listen,
         proxy.upstream.path,
-        admins,
+        proxy.admins.describe(),
     )
     if ready:
         ready()
@@ -925,8 +863,7 @@ async def serve(proxy: Proxy, listen: str, ready: Callable[[], None] | None = No
         async with server:
             await server.serve_forever()
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(listen)
+        listener.remove_path()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -955,7 +892,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     proxy = Proxy(
         Upstream(args.upstream),
-        AdminRule(frozenset(args.admin), args.admin_group),
+        peer.AdminRule(frozenset(args.admin), frozenset(filter(None, [args.admin_group]))),
         settings,
         limits,
     )
@@ -968,7 +905,11 @@ def run(args: argparse.Namespace) -> int:
         with contextlib.suppress(asyncio.CancelledError):
             await serve(proxy, args.listen)
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except peer.SocketPathError as error:
+        print(f"ds01hub proxy: --listen {args.listen}: {error.message}", file=sys.stderr)
+        return 1
     return 0
 
 

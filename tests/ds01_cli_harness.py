@@ -38,12 +38,14 @@ class UnixUser:
 
 
 @contextlib.contextmanager
-def unix_user(prefix: str = "d01t"):
-    """A fresh Unix user (removed with its home at the end, even on failure)."""
-    name = f"{prefix}{secrets.token_hex(3)}"
+def unix_user(prefix: str = "d01t", name: str | None = None):
+    """A fresh Unix user (removed with its home at the end, even on failure). An explicit
+    `name` is taken as it is (`useradd --badname`: e.g. a case variant of another user)."""
+    name = name or f"{prefix}{secrets.token_hex(3)}"
     home = f"/tmp/{name}-home"
     subprocess.run(
-        ["useradd", "--create-home", "--home-dir", home, "--shell", "/bin/bash", name],
+        ["useradd", "--badname", "--create-home", "--home-dir", home, "--shell", "/bin/bash"]
+        + [name],
         check=True,
     )
     try:

@@ -983,17 +983,6 @@ def test_events_show_only_own_containers(proxy, world):
     assert all(e["Actor"]["Attributes"].get("ds01.user") == world["bob"] for e in events)
 
 
-def test_admin_rule():
-    from ds01hub.proxy import AdminRule
-    from ds01hub.proxy_policy import Caller
-
-    rule = AdminRule(frozenset({"dave"}), "labadmins")
-    assert rule.allows(Caller(0, 0, "root", "/root"))
-    assert rule.allows(Caller(5, 5, "dave", "/home/dave"))
-    assert rule.allows(Caller(6, 6, "erin", "/home/erin", ("erin", "labadmins")))
-    assert not rule.allows(Caller(7, 7, "frank", "/home/frank", ("frank", "docker")))
-
-
 @pytest.mark.docker
 @pytest.mark.root
 def test_copy_into_an_own_container_without_binds(proxy, world):
