@@ -453,7 +453,7 @@ def purge(paths: DemoPaths, args: argparse.Namespace) -> list[str]:
         removed.append(f"state {paths.state_dir}")
     layout = replace(install.Layout(), root=args.install_root)
     if not args.no_commands and not (layout.etc / "ds01hub.env").exists():
-        removed += install.uninstall(layout)["done"]
+        removed += [what.removeprefix("remove ") for what in install.uninstall(layout)["done"]]
     return removed
 
 

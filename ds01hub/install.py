@@ -598,7 +598,9 @@ def after_steps(options: Options, done: list[Step]) -> list[Step]:
     steps: list[Step] = []
     layout = options.layout
     if options.images and options.venv:
-        steps.append(images_step(options))
+        steps.append(
+            images_step(options, venv_changed=any(s.what.startswith("virtualenv") for s in done))
+        )
     live = options.systemd and layout.real and bootstrap.systemd_runs()
     if live:
         if any(s.what.startswith(f"write {layout.units}") for s in done):
@@ -617,9 +619,11 @@ def after_steps(options: Options, done: list[Step]) -> list[Step]:
     return steps
 
 
-def images_step(options: Options) -> Step:
+def images_step(options: Options, venv_changed: bool) -> Step:
     """The base and single-user images (ds01hub bootstrap images, run with the new venv), with
-    the site's mirror settings from the environment file."""
+    the site's mirror settings from the environment file. Needed when the installed project
+    changed (the image carries its wheel) or the image is missing; `ds01hub bootstrap images`
+    rebuilds by hand (a new CA bundle, say)."""
     env = dict(os.environ)
     with contextlib.suppress(siteenv.SiteEnvError, OSError):
         path = options.layout.etc / "ds01hub.env"
@@ -636,9 +640,10 @@ def images_step(options: Options) -> Step:
         "--ca-bundle",
         ca,
     ]
+    image = env.get("DS01HUB_IMAGE") or f"{bootstrap.SINGLEUSER_REPOSITORY}:{bootstrap.ALIAS_TAG}"
     return Step(
         "images: base and single-user (reused when up to date)",
-        lambda: True,
+        lambda: venv_changed or not bootstrap.image_exists(image),
         lambda: bootstrap.run(command, env={k: v for k, v in env.items() if v != ""}),
     )
 
@@ -654,7 +659,7 @@ def install(options: Options, dry_run: bool = False) -> dict:
                 bootstrap.say(step.what)
                 step.apply()
             done.append(step)
-    later = after_steps(options, done)
+    later = [step for step in after_steps(options, done) if step.needed()]
     if dry_run:
         return {"dry_run": True, "would": [s.what for s in done + later]}
     for step in later:
