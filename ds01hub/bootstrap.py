@@ -65,6 +65,10 @@ HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 #: Debian packages for the host; the test tools drive a real browser and real terminals.
 HOST_PACKAGES = ("docker.io", "mmdebstrap", "python3-venv", "git", "ca-certificates")
 TEST_TOOL_PACKAGES = ("chromium", "tmux", "busybox-static")  # busybox: the CLI/proxy test image
+#: live: a real LDAP server for the LDAP login test (the test starts its own on loopback; the
+#: package's own service is kept from starting at install).
+TEST_SERVICE_PACKAGES = ("slapd", "ldap-utils")
+POLICY_RC = Path("/usr/sbin/policy-rc.d")
 PROXY_COMMAND = "configurable-http-proxy"
 
 BASE_REPOSITORY = "ds01hub/base"
@@ -257,11 +261,19 @@ def missing_packages(names: Iterable[str]) -> list[str]:
     return missing
 
 
-def ensure_packages(names: Iterable[str]) -> list[str]:
-    """Install the Debian packages that are missing; returns what was installed."""
+def ensure_packages(names: Iterable[str], start_services: bool = True) -> list[str]:
+    """Install the Debian packages that are missing; returns what was installed. Without
+    ``start_services`` a package's own daemon is not started (Debian's policy-rc.d, 101)."""
     missing = missing_packages(names)
     if not missing:
         return []
+    if not start_services and not POLICY_RC.exists():
+        POLICY_RC.write_text("#!/bin/sh\n# ds01hub bootstrap: no service starts now\nexit 101\n")
+        POLICY_RC.chmod(0o755)
+        try:
+            return ensure_packages(missing)
+        finally:
+            POLICY_RC.unlink()
     if os.geteuid() != 0:
         raise BootstrapError(
             f"missing Debian packages {', '.join(missing)}: run as root or install them"
@@ -424,6 +436,8 @@ def ensure_host(test_tools: bool = False) -> dict:
     """Debian packages, configurable-http-proxy and a running Docker engine."""
     packages = [*HOST_PACKAGES, *(TEST_TOOL_PACKAGES if test_tools else ())]
     installed = ensure_packages(packages)
+    if test_tools:
+        installed += ensure_packages(TEST_SERVICE_PACKAGES, start_services=False)
     proxy = ensure_proxy_command()
     engine = ensure_docker_engine()
     return {"installed_packages": installed, "proxy": proxy, "docker_engine": engine}

@@ -326,20 +326,9 @@ def _created_accounts(paths: DemoPaths) -> list[str]:
 
 
 def ensure_commands(args: argparse.Namespace, source: Path) -> None:
-    """The users' commands for the demo's Unix users: the install's own steps (a venv from
-    /usr/bin/python3 in /opt/ds01hub, links in /usr/local/bin), nothing under /root."""
-    import tomllib
-
-    layout = replace(install.Layout(), root=args.install_root)
-    pyproject = tomllib.loads((source / "pyproject.toml").read_text())
-    steps = [install.venv_step(source, layout.venv)] + [
-        install.link_step(link, target)
-        for link, target in install.command_links(layout, install.user_scripts(pyproject)).items()
-    ]
-    for step in steps:
-        if step.needed():
-            bootstrap.say(step.what)
-            step.apply()
+    """The users' commands for the demo's Unix users, as the install puts them (a venv from
+    /usr/bin/python3 in /opt/ds01hub, links in /usr/local/bin): nothing under /root."""
+    install.install_commands(source, replace(install.Layout(), root=args.install_root))
 
 
 def wait_until_up(url: str, paths: DemoPaths, process: subprocess.Popen, timeout: float) -> None:

@@ -483,6 +483,23 @@ def host_step() -> Step:
     )
 
 
+def install_commands(source: Path, layout: Layout) -> list[str]:
+    """Only the users' commands (the venv and the links on PATH): what the demo and the tests
+    put on a host that has no full install. Returns the steps done."""
+    pyproject = tomllib.loads((source / "pyproject.toml").read_text())
+    steps = [venv_step(source, layout.venv)] + [
+        link_step(link, target)
+        for link, target in command_links(layout, user_scripts(pyproject)).items()
+    ]
+    done = []
+    for step in steps:
+        if step.needed():
+            bootstrap.say(step.what)
+            step.apply()
+            done.append(step.what)
+    return done
+
+
 # -- the units ----------------------------------------------------------------------------------
 
 
