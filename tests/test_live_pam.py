@@ -12,35 +12,19 @@ import secrets
 import shutil
 import subprocess
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from ds01_cli_harness import PtySession, broker_socket_path, wait_for_socket
 from harness.browser import log_in
 from harness.ds01_spawner import Ds01Hub
-
-from ds01hub import install
+from live_harness import commands  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.root, pytest.mark.browser, pytest.mark.e2e, pytest.mark.docker]
 REPO = Path(__file__).resolve().parent.parent
 
 if os.geteuid() != 0:  # pragma: no cover
     pytest.skip("needs root to create Unix users", allow_module_level=True)
-
-
-@pytest.fixture(scope="module")
-def commands():
-    """The users' commands as the install puts them (venv from /usr/bin/python3, links), under
-    a world-readable temp root: every Unix user can run them."""
-    root = Path(tempfile.mkdtemp(prefix="ds01t-install-"))
-    root.chmod(0o755)
-    layout = replace(install.Layout(), root=root)
-    try:
-        install.install_commands(REPO, layout)
-        yield layout.bindir
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture
@@ -84,7 +68,11 @@ def as_user(name: str, socket_path: str, command: str) -> subprocess.CompletedPr
 
 
 def test_pam_login_in_the_browser_and_the_same_account_over_ssh(
-    hub_factory, tmp_path, chromium, commands, person
+    hub_factory,
+    tmp_path,
+    chromium,
+    commands,  # noqa: F811 (the fixture imported above)
+    person,
 ):
     name, password, group = person
     parent = Path(tempfile.mkdtemp(prefix="ds01t-ws-"))
