@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from .. import siteenv
 from ..operations import OperationError, validate_name
 from . import backend as backends
 from .output import (
@@ -814,7 +815,12 @@ def run_image_delete(ctx: Context) -> int:
 
 def configure_project_init(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", metavar="NAME", nargs="?", help="project (directory) name")
-    parser.add_argument("--dir", default="~", help="parent directory (default: your home)")
+    parser.add_argument(
+        "--dir",
+        default=None,
+        help="parent directory (default: your workspace, which is /workspace in your "
+        "containers; your home where there is none)",
+    )
     parser.add_argument(
         "--use-case", default=None, help="general, cv, nlp, rl or custom (default: general)"
     )
@@ -854,7 +860,7 @@ def run_project_init(ctx: Context) -> int:
         git=not args.no_git,
     )
     try:
-        result = init_project(spec, Path(args.dir).expanduser())
+        result = init_project(spec, Path(args.dir).expanduser() if args.dir else my_workspace())
     except ProjectError as e:
         raise CliError(str(e), code=EXIT_USAGE) from None
     report: dict[str, Any] = {"project": result.to_dict()}
@@ -873,6 +879,23 @@ def run_project_init(ctx: Context) -> int:
     if ctx.json:
         print_json(report, ctx.stdout)
     return EXIT_OK
+
+
+def my_workspace() -> Path:
+    """Where the caller's projects go by default: their workspace (the same files as
+    /workspace in their containers): `$DS01HUB_WORKSPACE_ROOT/<user>` when it is theirs, else
+    `~/workspace` when it is a directory, else the home directory."""
+    import pwd
+
+    from ..labels import escape_name
+
+    root = os.environ.get("DS01HUB_WORKSPACE_ROOT")
+    if root:
+        workspace = Path(root) / escape_name(pwd.getpwuid(os.getuid()).pw_name)
+        if workspace.is_dir() and workspace.stat().st_uid == os.getuid():
+            return workspace
+    linked = Path.home() / "workspace"
+    return linked if linked.is_dir() else Path.home()
 
 
 def _check_container_name(name: str) -> None:
@@ -1045,6 +1068,7 @@ def entry(name: str) -> Callable[[list[str] | None], int]:
     command = COMMANDS[name]
 
     def main(argv: list[str] | None = None) -> int:
+        siteenv.load_or_warn()  # live: a site's broker socket (/etc/ds01hub/ds01hub.env)
         return run_command(command, argv)
 
     main.__name__ = name.replace("-", "_")
@@ -1058,6 +1082,7 @@ def dispatcher(group: str) -> Callable[[list[str] | None], int]:
     commands = {n[len(prefix) :]: c for n, c in COMMANDS.items() if n.startswith(prefix)}
 
     def main(argv: list[str] | None = None) -> int:
+        siteenv.load_or_warn()
         argv = list(sys.argv[1:] if argv is None else argv)
         if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
             stream = sys.stdout if argv and argv[0] in ("-h", "--help") else sys.stderr
