@@ -11,6 +11,8 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
+from pathlib import Path
 
 import pytest
 
@@ -92,6 +94,11 @@ def test_restore_checks_the_backup_and_refuses_a_running_hub(tmp_path):
     (saved / "state" / "revoked.json").write_text('{"c1": []}\n')
     sleeper = subprocess.Popen(["bash", "-c", "exec -a jupyterhub sleep 60"])
     try:
+        # bash replaces itself with the renamed sleep a moment later: wait for that (bounded)
+        deadline = time.monotonic() + 30
+        while b"jupyterhub" not in Path(f"/proc/{sleeper.pid}/cmdline").read_bytes():
+            assert time.monotonic() < deadline, "the stand-in hub process never started"
+            time.sleep(0.01)
         (state / "jupyterhub.pid").write_text(f"{sleeper.pid}\n")
         with pytest.raises(backup.BackupError, match=f"pid {sleeper.pid}.*stop it first"):
             backup.restore(saved, state)
