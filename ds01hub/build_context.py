@@ -141,11 +141,11 @@ def dockerfile_from_context(data: bytes, dockerfile: str | None, limit: int) -> 
                 entries[path] = (member.type, content)
     except tarfile.TarError as error:
         raise ContextError(f"the build context is not a valid tar archive: {error}") from None
+    parents = wanted.split("/")[:-1]
+    if any("/".join(parents[: i + 1]) in links for i in range(len(parents))):
+        raise ContextError(f"the Dockerfile path {wanted!r} passes through a symbolic link")
     for name in _candidates(wanted, entries):
-        parents = name.split("/")[:-1]
-        if any("/".join(parents[: i + 1]) in links for i in range(len(parents))):
-            raise ContextError(f"the Dockerfile path {name!r} passes through a symbolic link")
-        kind, content = entries[name]
+        _, content = entries[name]
         if content is None:
             raise ContextError(
                 f"the Dockerfile {name!r} in the build context must be a regular file "

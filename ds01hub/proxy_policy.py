@@ -1547,13 +1547,13 @@ def container_list_refs(target: Target) -> list[tuple[str, str]]:
     return [(key, ref) for key, ref in _filter_values(target) if key in ("before", "since")]
 
 
-_CONFLICT = re.compile(r'(is already in use by container )"[0-9a-f]{64}"')
+_CONFLICT = re.compile(r'(is already in use by )container "[0-9a-f]{64}"')
 
 
 def redact_conflict(message: str) -> str:
     """The engine's name-conflict text without the other container's full id (it may be
     another user's: the name is taken, which cannot be hidden, but whose it is can)."""
-    return _CONFLICT.sub(r"\1another container", message)
+    return _CONFLICT.sub(r"\g<1>another container", message)
 
 
 INFO_COUNTS = ("Containers", "ContainersRunning", "ContainersPaused", "ContainersStopped")
