@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import json
+import tarfile
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from ds01hub import build_context
 from ds01hub import proxy_policy as policy
+from ds01hub.build_context import ContextError, image_uses
 from ds01hub.proxy_policy import (
     Caller,
     ContainerFacts,
@@ -745,8 +751,6 @@ def test_buildkit_refusals_say_how_to_build():
 
 # --------------------------------------------------------------------------- nothing leaks
 
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 USERS = st.from_regex(r"[a-z][a-z0-9_-]{0,11}", fullmatch=True)
 REFS = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,40}", fullmatch=True)
@@ -940,12 +944,6 @@ def test_named_volumes_and_shared_pid_namespaces_count_as_host_binds():
 
 
 # --------------------------------------------------------------------------- build contexts
-
-import io  # noqa: E402
-import tarfile  # noqa: E402
-
-from ds01hub import build_context  # noqa: E402
-from ds01hub.build_context import ContextError, image_uses  # noqa: E402
 
 
 def refs(text, build_args=None):
