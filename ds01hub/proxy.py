@@ -814,8 +814,10 @@ class Proxy:
                 policy.check_pull(caller)
             case Kind.IMAGE_TAG:
                 policy.check_image_tag(caller, target)
-                await self.visible_image(caller, route.ref or "", target.version)
-                return Plan(target.render(), None)
+                image, _ = await self.visible_image(caller, route.ref or "", target.version)
+                # by the id that was checked: no retag in between can change what is tagged
+                segments = ("images", image.id, "tag")
+                return Plan(Target("POST", target.version, segments, target.query).render(), None)
             case Kind.IMAGE_DELETE:
                 policy.check_image_delete(caller, route)
                 return Plan(target.render(), None)
@@ -984,13 +986,18 @@ class Proxy:
         context = await body.read(self.settings.max_build_context)
         shared = await self.shared_for(caller)
         uses = policy.build_images(target, context, self.settings.max_build_context)
+        cache: list[str] = []
         while uses:
             use = uses.pop(0)
             image, _ = await self.upstream.image(use.reference, target.version)
             triggers = policy.check_build_image(caller, use, image, shared)
             if use.where.startswith("FROM"):  # only a base image's triggers run
                 uses += triggers
-        return Plan(checked.render(), context)
+            assert image is not None
+            cache.append(image.id)
+        visible = policy.filter_image_list(caller, await self.upstream.images(), shared)
+        cache += [str(i.get("Id")) for i in visible]
+        return Plan(policy.build_cache_sources(checked, cache).render(), context)
 
     async def plan_create(self, caller: Caller, target: Target, raw: bytes) -> Plan:
         body = policy.parse_json_body(raw, "create")

@@ -971,6 +971,10 @@ class CreateCheck:
         # engine's own answer for a create with a missing image (nothing is created)
         if not image_visible(self.caller, self.facts.image, self.facts.shared_images):
             raise Invisible("image", out["Image"], body=checked)
+        assert self.facts.image is not None
+        if not any(_same_name(out["Image"], tag) for tag in self.facts.image.repo_tags):
+            # found by id or id prefix: forward the full id, which no new image can share
+            checked["Image"] = self.facts.image.id
         return checked
 
     def image(self, value: Any) -> Any:
@@ -1443,6 +1447,16 @@ def in_any_user_namespace(reference: str) -> bool:
     )
 
 
+def _same_name(reference: str, tag: str) -> bool:
+    """Whether `reference` names `tag` (the engine's name resolution, which wins over ids)."""
+    if "@" in reference:
+        return True  # a digest: the engine matched it by name and digest
+    name = _repository(reference)
+    if ":" not in name.rsplit("/", 1)[-1]:
+        name += ":latest"
+    return name.removeprefix("library/") == _repository(tag).removeprefix("library/")
+
+
 def image_visible(caller: Caller, image: ImageFacts | None, shared: frozenset[str]) -> bool:
     """Whether the caller may use this image: an admin shares its id, or it carries a tag in
     the caller's namespace (only they can put one there). A missing image is not visible."""
@@ -1685,3 +1699,15 @@ def check_build_image(
         return build_context.onbuild_uses(image.on_build, use.reference)
     except build_context.ContextError as error:
         raise forbid(f"Permission denied: {error}") from None
+
+
+def build_cache_sources(target: Target, image_ids: Iterable[str]) -> Target:
+    """The build limited to the caller's own and shared images as cache sources.
+
+    Without ``cachefrom`` the classic builder reuses any local layer built from the same parent
+    and step -- another user's: "Using cache" would tell that they ran exactly this step. With
+    it, a cached layer counts only when it is an ancestor of one of these images. (An unknown
+    entry is skipped by the engine, so the list is never empty: no cache at all then.)
+    """
+    sources = list(dict.fromkeys([*image_ids, "scratch"]))
+    return target.with_query(cachefrom=json.dumps(sources, separators=(",", ":")))

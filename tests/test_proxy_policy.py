@@ -1144,3 +1144,22 @@ def test_build_images_reads_context_build_args_and_cache_from():
     )
     (trigger,) = policy.check_build_image(ALICE, uses[0], base_with_trigger, frozenset())
     assert trigger.reference == "ds01-bob/x"
+
+
+def test_an_image_found_by_id_is_forwarded_as_its_full_id():
+    own = image(["ds01-alice/x:1"], "sha256:" + "8" * 64)
+    for ref, forwarded in [
+        ("888888", own.id),
+        ("sha256:" + "8" * 64, own.id),
+        ("ds01-alice/x:1", "ds01-alice/x:1"),
+        ("docker.io/ds01-alice/x:1", "docker.io/ds01-alice/x:1"),
+    ]:
+        body = base()
+        body["Image"] = ref
+        assert create(body, image=own)["Image"] == forwarded
+
+
+def test_builds_use_only_the_callers_images_as_cache():
+    asked = target("/build?t=ds01-alice/x&cachefrom=%5B%22ds01-bob%2Fx%22%5D", "POST")
+    limited = policy.build_cache_sources(asked, ["sha256:1", "sha256:1", "sha256:2"])
+    assert json.loads(limited.param("cachefrom")) == ["sha256:1", "sha256:2", "scratch"]
