@@ -1405,7 +1405,8 @@ def test_parallel_creates_never_exceed_the_container_limit(world, tmp_path):
     """20 creates at once, through two proxy processes sharing a state directory: exactly
     the limit is made; the others are refused, naming the limit."""
     alice = world["alice"]
-    have = len(admin_docker("ps", "-aq", "--filter", f"label=ds01.user={alice}").stdout.split())
+    managed = ("--filter", f"label=ds01.user={alice}", "--filter", "label=ds01.managed=true")
+    have = len(admin_docker("ps", "-aq", *managed).stdout.split())
     limit = have + 5
     limits = tmp_path / "limits.yaml"
     limits.write_text(f"defaults:\n  max_containers_per_user: {limit}\n")
@@ -1445,7 +1446,7 @@ def test_parallel_creates_never_exceed_the_container_limit(world, tmp_path):
     answers = json.loads(done.stdout)
     made = [a for a in answers if a.startswith("HTTP/1.1 201")]
     refused = [a for a in answers if a.startswith("HTTP/1.1 403")]
-    now = admin_docker("ps", "-aq", "--filter", f"label=ds01.user={alice}").stdout.split()
+    now = admin_docker("ps", "-aq", *managed).stdout.split()
     for answer in made:
         admin_docker("rm", json.loads(answer.split("\r\n\r\n", 1)[1])["Id"])
     assert len(made) == 5 and len(now) == limit, [a[:200] for a in answers]
