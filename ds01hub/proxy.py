@@ -503,9 +503,10 @@ class Fetched:
 
     def as_response(self) -> bytes:
         """The same response for a client (own framing; the client's connection stays open)."""
-        add = [("Content-Length", str(len(self.body)))]
+        bodiless = self.status in (204, 304) or 100 <= self.status < 200
+        add = [] if bodiless else [("Content-Length", str(len(self.body)))]
         return self.head.render(("Content-Length", "Transfer-Encoding", "Connection"), add) + (
-            self.body
+            b"" if bodiless else self.body
         )
 
 
