@@ -146,7 +146,7 @@ def test_ds01_default_group_applies_to_users_in_no_group():
     )
 
 
-def test_every_problem_is_reported_once_with_file_key_value_and_fix():
+def test_every_problem_is_reported_once_with_file_line_key_value_and_fix():
     path = FIXTURES / "limits-broken.yaml"
     with pytest.raises(LimitsError) as caught:
         load_limits(path)
@@ -155,25 +155,28 @@ def test_every_problem_is_reported_once_with_file_key_value_and_fix():
         "defaults.memroy",
         "defaults.shm_size",
         "defaults.idle_timeout",
-        "groups.students.members",
+        "groups.students.members[2]",
         "groups.students.priority",
         "groups.hpc.shm_size",
         "gpu_allocation.strategy",
     }
     assert problems["defaults.memroy"].fix == "did you mean 'memory'?"
-    assert problems["defaults.shm_size"].value == "lots"
+    assert problems["defaults.memroy"].line == 3
+    assert problems["defaults.shm_size"].value == "'lots'"
     assert "32g" in problems["defaults.shm_size"].fix
-    assert problems["defaults.idle_timeout"].value == "2 days"
-    assert problems["groups.students.members"].value == "alice"
-    assert "twice" in problems["groups.students.members"].message
-    assert problems["groups.students.priority"].value == 150
+    assert problems["defaults.idle_timeout"].value == "'2 days'"
+    assert problems["groups.students.members[2]"].value == "'alice'"
+    assert "twice" in problems["groups.students.members[2]"].message
+    assert problems["groups.students.priority"].value == "150"
+    assert problems["groups.students.priority"].line == 10
     assert "1 to 100" in problems["groups.students.priority"].fix
     assert "ipc_mode: host" in problems["groups.hpc.shm_size"].message
+    assert problems["gpu_allocation.strategy"].line == 16
     for problem in caught.value.problems:
         text = str(problem)
-        assert text.startswith(f"{path}: {problem.key_path}: ")
+        assert text.startswith(f"{path}:{problem.line}: {problem.key_path}: ")
         assert "Fix: " in text
-    assert str(caught.value).startswith("7 problems in the limits file")
+    assert str(caught.value).startswith(f"7 problems in the limits file {path}")
 
 
 @pytest.mark.parametrize("priority", [0, 101, -5, "high", 5.5])
@@ -224,7 +227,8 @@ def test_yaml_syntax_error_names_the_line(tmp_path):
     with pytest.raises(LimitsError) as caught:
         load_limits(path)
     (problem,) = caught.value.problems
-    assert problem.key_path.startswith("line ")
+    assert (problem.code, problem.line) == ("yaml-syntax", 3)
+    assert str(problem).startswith(f"{path}:3: not valid YAML")
     assert "indentation" in problem.fix
 
 
