@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import codecs
 import os
+import re
 import reprlib
 import stat
 from collections.abc import Mapping
@@ -132,16 +133,25 @@ def short_repr(value: Any, limit: int = SHORT) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9_-]{1,60}$|^<<$")
+
+
 def format_key_path(path: KeyPath) -> str:
-    """`("groups", "a", "members", 2)` -> `groups.a.members[2]`; each name cut to 60 chars."""
+    """`("groups", "a", "members", 2)` -> `groups.a.members[2]`. A name that is not plain
+    (dots, spaces, empty, long) is quoted and cut: `user_overrides.'h.baker@lab.lan'`; YAML's
+    null is `~`."""
     text = ""
     for part in path:
         if isinstance(part, int) and not isinstance(part, bool):
             text += f"[{part}]"
+            continue
+        if part is None:
+            name = "~"
+        elif isinstance(part, str) and _PLAIN_NAME.match(part):
+            name = part
         else:
-            name = part if isinstance(part, str) else short_repr(part, 60)
-            name = name if len(name) <= 60 else name[:57] + "..."
-            text += f".{name}" if text else name
+            name = short_repr(part, 60)
+        text += f".{name}" if text else name
     return text
 
 
@@ -252,6 +262,13 @@ def _syntax_problem(error: yaml.YAMLError, text: str) -> SourceProblem:
     else:
         line = None
     what = getattr(error, "problem", None) or getattr(error, "reason", None) or str(error)
+    if "maximum nesting depth" in str(what):  # libyaml's own bound (1000 flow levels)
+        return SourceProblem(
+            "too-deep",
+            "nested too deep (more than 1000 brackets)",
+            "a limits file is at most 6 levels deep: check the brackets",
+            line,
+        )
     context = getattr(error, "context", None)
     message = f"not valid YAML: {short_repr(str(what), 120)[1:-1]}"
     if context:
@@ -469,7 +486,9 @@ class _Builder:
         if parent is None:
             return ()
         if parent.is_map:
-            return parent.path if parent.key in (_NO_KEY, _MERGE) else parent.path + (parent.key,)
+            if parent.key is _NO_KEY:
+                return parent.path
+            return parent.path + ("<<" if parent.key is _MERGE else parent.key,)
         return parent.path + (len(parent.items),)
 
     def _add(self, value: Any, line: int | None, merge: bool) -> None:
