@@ -106,7 +106,7 @@ GENERATED: dict[str, tuple[Callable[[], bytes], str, int | None]] = {
         lambda: b"defaults: {max_gpus: 1" + b"0" * 1_000_000 + b"}\n",
         "number-too-long",
         1,
-    ),  # fmt: skip
+    ),
     "control-characters": (lambda: b"defaults: {memory: 8g\x07}\n", "yaml-syntax", 1),
     "binary": (lambda: bytes(range(256)) * 4, "encoding", 1),
 }
