@@ -1245,10 +1245,11 @@ def parse_limits(data: Any, file: str = "<limits>") -> LimitsConfig:
 def load_limits(path: str | os.PathLike) -> LimitsConfig:
     """Read and validate a limits file; raises LimitsError (with every problem) on any error."""
     file = str(path)
-    return _guarded(file, lambda: _validate_document(_read_document(path, file), file))
+    return _guarded(file, lambda: _load(path, file))
 
 
-def _validate_document(document: Document, file: str) -> LimitsConfig:
+def _load(path: str | os.PathLike, file: str) -> LimitsConfig:
+    document = _read_document(path, file)
     return _validate(document.data, file, document.line_of)
 
 
@@ -1266,12 +1267,16 @@ def _read_document(path: str | os.PathLike, file: str) -> Document:
         fix = "check the path and its permissions"
         raise LimitsError([problem(message, fix, "unreadable")]) from None
     except StrictYamlError as error:
-        raise LimitsError(
-            [
-                problem(p.message, p.fix, p.code, p.line, format_key_path(p.path))
-                for p in error.problems[:MAX_PROBLEMS]
-            ]
-        ) from None
+        problems = [
+            problem(p.message, p.fix, p.code, p.line, format_key_path(p.path))
+            for p in error.problems[:MAX_PROBLEMS]
+        ]
+        if error.document is not None:  # only duplicate keys: the rest is checked all the same
+            try:
+                _validate(error.document.data, file, error.document.line_of)
+            except LimitsError as more:
+                problems += more.problems[: MAX_PROBLEMS - len(problems)]
+        raise LimitsError(problems) from None
 
 
 # --------------------------------------------------------------------------------------------

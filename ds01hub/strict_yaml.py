@@ -81,10 +81,13 @@ class SourceProblem:
 
 
 class StrictYamlError(ValueError):
-    """The text cannot be used; `problems` says why (usually one, several duplicate keys)."""
+    """The text cannot be used; `problems` says why (usually one, several duplicate keys).
+    When only duplicate keys were wrong, `document` holds what was read anyway (the last of
+    each duplicate), so a validator can report the file's other problems in the same pass."""
 
-    def __init__(self, problems: list[SourceProblem]):
+    def __init__(self, problems: list[SourceProblem], document: Document | None = None):
         self.problems = list(problems)
+        self.document = document
         super().__init__("; ".join(f"line {p.line}: {p.message}" for p in self.problems[:5]))
 
 
@@ -330,7 +333,7 @@ class _Builder:
         except _Stop as stop:
             raise StrictYamlError([stop.problem]) from None
         if self.duplicates:
-            raise StrictYamlError(self.duplicates)
+            raise StrictYamlError(self.duplicates, Document(self.root, self.lines))
         return Document(self.root, self.lines)
 
     # -- events ---------------------------------------------------------------------------------

@@ -504,3 +504,20 @@ def test_reload_without_waiting_answers_now_and_applies_the_new_file_soon(tmp_pa
     while store.current.resolve("u").memory != 16 * GiB and time.monotonic() < deadline:
         time.sleep(0.01)
     assert store.current.resolve("u").memory == 16 * GiB
+
+
+def test_duplicate_keys_and_the_other_problems_are_reported_in_one_pass(tmp_path):
+    path = tmp_path / "limits.yaml"
+    path.write_text("defaults:\n  memory: 0\n  memory: 1\ngroups:\n  g: {priority: 500}\n")
+    problems = {(p.code, p.key_path, p.line) for p in refused_problems(path)}
+    assert problems == {
+        ("duplicate-key", "defaults.memory", 3),
+        ("out-of-range", "defaults.memory", 3),  # the last one, as YAML would have read it
+        ("out-of-range", "groups.g.priority", 5),
+    }
+
+
+def refused_problems(path: Path) -> list:
+    with pytest.raises(LimitsError) as caught:
+        load_limits(path)
+    return caught.value.problems
