@@ -535,8 +535,8 @@ class Culler:
         pass and save the warnings."""
         now = self.clock()
         report = PassReport(now, dry_run)
-        if hasattr(self.limits, "reload"):
-            self.limits.reload()
+        if hasattr(self.limits, "refresh"):  # a LimitsStore: read off the loop, time-limited
+            await self.limits.refresh()
         users = await self.hub_users()
         records = await asyncio.to_thread(self.running_records)
         previous = self.warnings.load()
