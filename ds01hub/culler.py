@@ -475,7 +475,8 @@ class Culler:
         return records
 
     def policy_for(self, user: str, groups: Iterable[str]) -> CullPolicy:
-        resolved = self.limits.resolve(user, list(groups))
+        limits = getattr(self.limits, "current", self.limits)  # a store: refreshed per pass
+        resolved = limits.resolve(user, list(groups))
         return CullPolicy(
             idle_timeout=resolved.idle_timeout,
             max_runtime=resolved.max_runtime,

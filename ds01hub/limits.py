@@ -1428,17 +1428,21 @@ class LimitsStore:
         with self._lock:
             if attempt.finished:  # it ended meanwhile: its outcome stands
                 return
-            self._record_failure(attempt, error)
-        self.log.error("%s; keeping the last good configuration", error.problems[0])
+            first = self._record_failure(attempt, error)
+        if first:  # once per read, however many callers gave up waiting for it
+            self.log.error("%s; keeping the last good configuration", error.problems[0])
 
-    def _record_failure(self, attempt: _Attempt, error: LimitsError) -> None:
-        """Under the lock: what the admin page and the metrics show."""
+    def _record_failure(self, attempt: _Attempt, error: LimitsError) -> bool:
+        """Under the lock: what the admin page and the metrics show. True when this read's
+        failure is counted now (not before, by a timeout)."""
         self.last_problems = tuple(error.problems)
         self.last_error = f"{error} -- keeping the last good configuration"
         self.last_reload_ok = False
-        if not attempt.counted:
-            attempt.counted = True
-            self.reload_failures += 1
+        if attempt.counted:
+            return False
+        attempt.counted = True
+        self.reload_failures += 1
+        return True
 
     def _timeout_problem(self) -> Problem:
         return Problem(
