@@ -21,6 +21,7 @@ first spawn: a broken limits file stops the hub with its problems (`_prepare_at_
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import pwd
 import sys
@@ -744,28 +745,27 @@ def _merged(base: dict, override: dict) -> dict:
 
 def _prepare_at_hub_start() -> None:
     """JupyterHub runs no spawner code before the first spawn, so a hub would start on a broken
-    limits file and fail every spawn. When JupyterHub imports this module as its spawner class
-    (`spawner_class = "ds01"`, whatever else the admin's config says), wrap the hub's
-    `init_spawners` (the step that starts from the configured spawner class) to build the
-    hub-wide context first: `DS01Spawner.prepare_for_hub`. Nothing happens in any other process
-    (the CLI, the services, tests importing the spawner)."""
+    limits file and fail every spawn. JupyterHub imports this module while it starts (it loads
+    every spawner entry point for its configuration, and `spawner_class = "ds01"`), whatever
+    else the admin's config says: wrap `JupyterHub.init_spawners` (the step that starts from
+    the configured spawner class) so that it first builds the hub-wide context,
+    `DS01Spawner.prepare_for_hub`, when the hub's spawner class is DS01Spawner (or a subclass).
+    Processes without JupyterHub's application (the CLI, the services) are left alone."""
     app_module = sys.modules.get("jupyterhub.app")
     hub_class = getattr(app_module, "JupyterHub", None)
-    if hub_class is None or not hub_class.initialized():
-        return
-    app = hub_class.instance()
-    init_spawners = getattr(app, "init_spawners", None)
+    init_spawners = getattr(hub_class, "init_spawners", None)
     if init_spawners is None or getattr(init_spawners, "ds01_prepared", False):
         return
 
-    async def prepare_then_init_spawners() -> Any:
+    @functools.wraps(init_spawners)
+    async def prepare_then_init_spawners(app: Any) -> Any:
         spawner_class = getattr(app, "spawner_class", None)
         if isinstance(spawner_class, type) and issubclass(spawner_class, DS01Spawner):
             spawner_class.prepare_for_hub(app)
-        return await init_spawners()
+        return await init_spawners(app)
 
     prepare_then_init_spawners.ds01_prepared = True  # type: ignore[attr-defined]
-    app.init_spawners = prepare_then_init_spawners
+    hub_class.init_spawners = prepare_then_init_spawners
 
 
 _prepare_at_hub_start()

@@ -1,11 +1,12 @@
 """The hub checks its limits file when it starts: DS01Spawner wraps JupyterHub's
-`init_spawners` when JupyterHub imports it as the spawner class, and a broken file stops the
-hub with the problems in its log (the real hub: tests/test_limits_e2e.py)."""
+`init_spawners` when JupyterHub imports it (as it loads its spawner classes), and a broken file
+stops the hub with the problems in its log (the real hub: tests/test_limits_e2e.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import types
 
 import pytest
@@ -14,25 +15,25 @@ from ds01hub.spawner import spawner as spawner_module
 from traitlets.config import Config
 
 
-class FakeHub:
-    """What the check uses of jupyterhub.app.JupyterHub: config, log, exit, init_spawners."""
+def fake_hub_module(config: Config, spawner_class: type) -> tuple[types.ModuleType, object]:
+    """A `jupyterhub.app` with what the check uses of JupyterHub (config, log, exit,
+    init_spawners), and its application; a new class each time (the check wraps the class)."""
 
-    def __init__(self, config: Config, spawner_class: type):
-        self.config, self.spawner_class = config, spawner_class
-        self.log = logging.getLogger("ds01-test-hub")
-        self.spawners_initialised = False
+    class JupyterHub:
+        def __init__(self) -> None:
+            self.config, self.spawner_class = config, spawner_class
+            self.log = logging.getLogger("ds01-test-hub")
+            self.spawners_initialised = False
 
-    def exit(self, code: int) -> None:
-        raise SystemExit(code)
+        def exit(self, code: int) -> None:
+            raise SystemExit(code)
 
-    async def init_spawners(self) -> None:
-        self.spawners_initialised = True
+        async def init_spawners(self) -> None:
+            self.spawners_initialised = True
 
-
-def hub_module(app: FakeHub) -> types.ModuleType:
     module = types.ModuleType("jupyterhub.app")
-    module.JupyterHub = types.SimpleNamespace(initialized=lambda: True, instance=lambda: app)
-    return module
+    module.JupyterHub = JupyterHub
+    return module, JupyterHub()
 
 
 def config_for(tmp_path, limits_text: str) -> Config:
@@ -47,8 +48,9 @@ def config_for(tmp_path, limits_text: str) -> Config:
 def test_a_starting_hub_stops_on_a_broken_limits_file_with_its_problems(
     tmp_path, monkeypatch, caplog
 ):
-    app = FakeHub(config_for(tmp_path, "defaults:\n  memory: 8g\n  memory: 0\n"), DS01Spawner)
-    monkeypatch.setitem(__import__("sys").modules, "jupyterhub.app", hub_module(app))
+    config = config_for(tmp_path, "defaults:\n  memory: 8g\n  memory: 0\n")
+    module, app = fake_hub_module(config, DS01Spawner)
+    monkeypatch.setitem(sys.modules, "jupyterhub.app", module)
     spawner_module._prepare_at_hub_start()
     spawner_module._prepare_at_hub_start()  # a second import changes nothing
 
@@ -67,13 +69,13 @@ def test_a_starting_hub_stops_on_a_broken_limits_file_with_its_problems(
 def test_another_spawner_class_is_left_alone(tmp_path, monkeypatch):
     from dockerspawner import DockerSpawner
 
-    app = FakeHub(config_for(tmp_path, "defaults: [broken\n"), DockerSpawner)
-    monkeypatch.setitem(__import__("sys").modules, "jupyterhub.app", hub_module(app))
+    module, app = fake_hub_module(config_for(tmp_path, "defaults: [broken\n"), DockerSpawner)
+    monkeypatch.setitem(sys.modules, "jupyterhub.app", module)
     spawner_module._prepare_at_hub_start()
     asyncio.run(app.init_spawners())
     assert app.spawners_initialised
 
 
 def test_outside_a_hub_importing_the_spawner_wraps_nothing(monkeypatch):
-    monkeypatch.delitem(__import__("sys").modules, "jupyterhub.app", raising=False)
+    monkeypatch.delitem(sys.modules, "jupyterhub.app", raising=False)
     spawner_module._prepare_at_hub_start()  # no JupyterHub in this process: nothing to do
