@@ -30,6 +30,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from dockerspawner import DockerSpawner
@@ -220,8 +221,11 @@ class DS01Spawner(DockerSpawner):
         application), with a spawner of the hub's configuration. A broken limits file stops
         the hub here, its problems in the hub's log; anything else that fails (Docker not up
         yet) is logged and tried again at the first spawn."""
+        # a spawner of the hub's configuration for nobody: DockerSpawner derives some settings
+        # (the container name) from a user, so it gets a stand-in that spawns nothing
+        nobody = SimpleNamespace(name="ds01-hub-start", groups=[])
         try:
-            cls(config=app.config, log=app.log)._shared_context()
+            cls(config=app.config, log=app.log, user=nobody)._shared_context()
         except LimitsError as error:
             app.log.critical(
                 "ds01: %s; the hub does not start on it. Fix it (ds01hub check-config) and "

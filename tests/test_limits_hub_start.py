@@ -42,6 +42,7 @@ def config_for(tmp_path, limits_text: str) -> Config:
     config = Config()
     config.DS01Spawner.limits_path = str(path)
     config.DS01Spawner.state_dir = str(tmp_path / "state")
+    config.DockerSpawner.image = "ds01hub/singleuser:test"  # DockerSpawner derives a name: user
     return config
 
 
