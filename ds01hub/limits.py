@@ -192,9 +192,9 @@ class _Collector:
         self.warnings.append(f"{where}: {format_key_path(path)}: {message}")
 
     def unknown_key(self, path: KeyPath, key: Any, known: Iterable[str]) -> None:
-        text = key if isinstance(key, str) else ""
-        close = difflib.get_close_matches(text, list(known), n=1, cutoff=0.6)
-        if close and len(text) <= 100:
+        text = key if isinstance(key, str) and len(key) <= 100 else ""  # difflib is quadratic
+        close = difflib.get_close_matches(text, list(known), n=1, cutoff=0.6) if text else []
+        if close:
             fix = f"did you mean {close[0]!r}?"
         else:
             fix = "remove it; known keys here: " + ", ".join(sorted(known))
