@@ -138,7 +138,9 @@ class GpuAllocator:
     @property
     def config(self) -> LimitsConfig:
         if isinstance(self._limits, LimitsStore):
-            self._limits.reload()
+            # read under the allocator's lock: never wait for a changed file here (spawns
+            # refresh it before they allocate); its read goes on aside
+            self._limits.reload(wait=False)
             return self._limits.current
         return self._limits if self._limits is not None else parse_limits({})
 

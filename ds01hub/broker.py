@@ -684,13 +684,13 @@ class Broker(Application):
             from .inventory import load_inventory
             from .limits import LimitsStore, default_limits_path
 
-            store = LimitsStore(self.limits_path or default_limits_path())
-        except Exception as e:
+            store = LimitsStore(self.limits_path or default_limits_path(), log=self.log)
+        except Exception as e:  # LimitsError: bounded, names the file, the lines and the fixes
             self.log.warning("limits unavailable (%s): no hold times or quotas shown", e)
             return None, None
 
         def limits_for(user: str, groups) -> Any:
-            store.reload()
+            store.reload(wait=False)  # called on the event loop: a changed file is read aside
             return store.current.resolve(user, groups)
 
         try:

@@ -475,7 +475,8 @@ class Culler:
         return records
 
     def policy_for(self, user: str, groups: Iterable[str]) -> CullPolicy:
-        resolved = self.limits.resolve(user, list(groups))
+        limits = getattr(self.limits, "current", self.limits)  # a store: refreshed per pass
+        resolved = limits.resolve(user, list(groups))
         return CullPolicy(
             idle_timeout=resolved.idle_timeout,
             max_runtime=resolved.max_runtime,
@@ -535,8 +536,8 @@ class Culler:
         pass and save the warnings."""
         now = self.clock()
         report = PassReport(now, dry_run)
-        if hasattr(self.limits, "reload"):
-            self.limits.reload()
+        if hasattr(self.limits, "refresh"):  # a LimitsStore: read off the loop, time-limited
+            await self.limits.refresh()
         users = await self.hub_users()
         records = await asyncio.to_thread(self.running_records)
         previous = self.warnings.load()

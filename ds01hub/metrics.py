@@ -13,6 +13,10 @@ Two kinds, served in two places:
   group, GPU utilisation per slot, GPU-hours by group, and `ds01_culls_total{reason}`. Culls
   are counted from the event log, so culls made by `ds01hub cull --once` in another process
   count too, and the counter survives restarts.
+- **Limits reloads**, from each process's own `LimitsStore` by `LimitsCollector`:
+  `ds01_limits_reload_failures_total{file}` and `ds01_limits_last_reload_ok{file}` (0 while a
+  broken or too slow edit of the file is ignored and the last good one is in force). The hub
+  exports its spawner's store on /hub/metrics (`watch_limits`), ds01-ops its own.
 """
 
 from __future__ import annotations
@@ -20,14 +24,15 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import Counter as Tally
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 __all__ = [
+    "LimitsCollector",
     "QUEUE_LENGTH",
     "QUEUE_WAIT",
     "SPAWN_FAILURES",
@@ -35,6 +40,7 @@ __all__ = [
     "cull_reason_code",
     "spawn_failed",
     "waiting_for_gpu",
+    "watch_limits",
 ]
 
 NO_GROUP = "none"
@@ -151,3 +157,48 @@ class StateCollector(Collector):
         for group, value in sorted(self.eventlog.gpu_hours(by="group").items()):
             hours.add_metric([group], value)
         yield hours
+
+
+# -- limits reloads (every process with a LimitsStore) -----------------------------------------
+
+
+class LimitsCollector(Collector):
+    """Whether each watched limits file reloads: failures so far and the last outcome, read
+    from the stores (`reload_failures`, `last_reload_ok`) at scrape time."""
+
+    def __init__(self, stores: Iterable[Any] = ()):
+        self.stores: dict[str, Any] = {}
+        for store in stores:
+            self.watch(store)
+
+    def watch(self, store: Any) -> None:
+        self.stores[str(store.path)] = store  # one series per file: the latest store wins
+
+    def collect(self) -> Iterator[Any]:
+        failures = CounterMetricFamily(
+            "ds01_limits_reload_failures",
+            "Reloads of the limits file that failed (problems, or slower than the time "
+            "limit); the last good file stayed in force",
+            labels=["file"],
+        )
+        ok = GaugeMetricFamily(
+            "ds01_limits_last_reload_ok",
+            "1 when the limits file in force is the one on disk; 0 while a broken or too "
+            "slow edit is ignored",
+            labels=["file"],
+        )
+        for file, store in sorted(self.stores.items()):
+            failures.add_metric([file], store.reload_failures)
+            ok.add_metric([file], 1 if store.last_reload_ok else 0)
+        yield failures
+        yield ok
+
+
+_HUB_LIMITS = LimitsCollector()
+REGISTRY.register(_HUB_LIMITS)
+
+
+def watch_limits(store: Any) -> None:
+    """Export `store`'s reload state on this process's default registry (the hub's
+    /hub/metrics)."""
+    _HUB_LIMITS.watch(store)

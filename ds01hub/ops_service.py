@@ -85,7 +85,7 @@ def build_components(
     from ds01hub.lifecycle import Lifecycle
     from ds01hub.limits import LimitsStore
 
-    limits = LimitsStore(limits_path)
+    limits = LimitsStore(limits_path, log=culler_options.get("log"))
     inventory = inventory or load_inventory(limits.current.gpu_allocation)
     eventlog = EventLog(Path(state_dir) / EVENTLOG_FILE)
     extra_labels = list(extra_labels)
@@ -182,7 +182,7 @@ class OpsService(Application):
 
         from ds01hub.hubclient import HubClient
         from ds01hub.limits import default_limits_path
-        from ds01hub.metrics import StateCollector
+        from ds01hub.metrics import LimitsCollector, StateCollector
 
         hub = HubClient(os.environ["JUPYTERHUB_API_URL"], os.environ["JUPYTERHUB_API_TOKEN"])
         parts = build_components(
@@ -201,6 +201,7 @@ class OpsService(Application):
         )
         registry = CollectorRegistry()
         registry.register(StateCollector(parts.allocator, parts.eventlog))
+        registry.register(LimitsCollector([parts.limits]))
         app = make_web_app(parts, hub, registry)
         url = os.environ.get("JUPYTERHUB_SERVICE_URL", f"http://127.0.0.1:{DEFAULT_PORT}")
         host, _, port = url.split("://", 1)[-1].split("/", 1)[0].rpartition(":")

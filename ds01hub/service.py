@@ -458,17 +458,23 @@ class DS01Service(Application):
         )
 
     def limits_for(self, user: str, groups: Iterable[str]):
-        """The user's resolved limits, or None when no limits file can be read."""
+        """The user's resolved limits, or None when no limits file can be read (called on the
+        event loop: a changed file is re-read on the store's thread, the last good one used
+        meanwhile)."""
         try:
-            from .limits import LimitsStore, default_limits_path
+            from .limits import LimitsError, LimitsStore, default_limits_path
         except ImportError:
             return None
         if self._limits_store is None:
             path = self.limits_path or default_limits_path()
             if not Path(path).is_file():
                 return None
-            self._limits_store = LimitsStore(path)
-        self._limits_store.reload()
+            try:
+                self._limits_store = LimitsStore(path, log=self.log)
+            except LimitsError as error:
+                self.log.error("%s:\n%s", error.summary(), "\n".join(error.lines()))
+                return None
+        self._limits_store.reload(wait=False)
         return self._limits_store.current.resolve(user, groups)
 
     def operations_context(self) -> OperationsContext:

@@ -1,7 +1,8 @@
 """DS01Spawner: DockerSpawner plus ds01hub's limits, quotas and GPU allocation on every spawn.
 
 One spawn, step by step (each step is a progress event):
-1. resolve the user's limits from the YAML (re-read when it changed; JupyterHub groups count);
+1. resolve the user's limits from the YAML (re-read off the event loop when it changed, the last
+   good file kept when the new one is broken; JupyterHub groups count);
 2. validate the spawn options (form or REST `user_options`, `ds01hub.spawner.options`);
 3. check `max_containers_per_user` (fail fast, naming what counts and how to free one);
 4. GPUs: through the hub-wide priority queue to `GpuAllocator.allocate` (waits while `busy`,
@@ -12,18 +13,24 @@ One spawn, step by step (each step is a progress event):
 Stopping keeps the container, so it holds its GPUs for `gpu_hold_after_stop`; deleting the
 named server removes it and releases everything. Docker labels are the allocation state, so a
 hub killed mid-spawn leaks nothing (see `ds01hub.allocation_state`).
+
+The hub-wide context (limits, inventory, allocator) is built when the hub starts, not at the
+first spawn: a broken limits file stops the hub with its problems (`_prepare_at_hub_start`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import pwd
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from dockerspawner import DockerSpawner
@@ -36,7 +43,7 @@ from ds01hub.allocation_state import DEFAULT_RESERVATION_TTL, GpuAllocator, dock
 from ds01hub.allocator import Decision
 from ds01hub.eventlog import EventLog
 from ds01hub.inventory import Inventory, Slot, load_inventory
-from ds01hub.limits import LimitsStore, ResolvedLimits, default_limits_path
+from ds01hub.limits import LimitsError, LimitsStore, ResolvedLimits, default_limits_path
 
 from .container_plan import ContainerPlan, recreate_reason
 from .gpu_queue import GpuQueue, GpuWaitTimeout, QueueStatus
@@ -82,8 +89,17 @@ class DS01Spawner(DockerSpawner):
         "",
         config=True,
         help="""The resource-limits YAML (DS01 format). Empty: $DS01HUB_LIMITS, else
-        /etc/ds01hub/resource-limits.yaml. Re-read on every spawn when it changed; a broken
-        file keeps the last good one (the hub log says why).""",
+        /etc/ds01hub/resource-limits.yaml. Checked when the hub starts (a broken file stops
+        it, listing the problems); re-read off the event loop on the next spawn after it
+        changed; a broken edit keeps the last good file (hub log, ds01-ops admin page and
+        `ds01_limits_last_reload_ok` on /hub/metrics say why).""",
+    )
+    limits_parse_timeout = Float(
+        10.0,
+        config=True,
+        help="""Seconds a spawn waits for the limits file to be re-read after it changed; a
+        read that takes longer counts as a failed reload (the last good file stays in force
+        meanwhile; the read finishes in the background and then takes effect).""",
     )
     state_dir = Unicode(
         "",
@@ -179,6 +195,19 @@ class DS01Spawner(DockerSpawner):
 
     @property
     def context(self) -> _HubContext:
+        try:
+            return self._shared_context()
+        except LimitsError as error:  # only when the hub-start check did not run
+            self.log.error("ds01: %s:\n%s", error.summary(), "\n".join(error.lines()))
+            raise SpawnException(
+                f"The hub's limits file is broken ({error.summary()}); an administrator must "
+                "fix it (ds01hub check-config).",
+                reason="limits",
+                status_code=503,
+            ) from None
+
+    def _shared_context(self) -> _HubContext:
+        """The context of this hub's settings, built once (LimitsError: the file is broken)."""
         limits_path = self.limits_path or str(default_limits_path())
         state_dir = self.state_dir or os.environ.get("DS01HUB_STATE_DIR") or "/var/lib/ds01hub"
         key = (limits_path, state_dir, tuple(self.container_label_filter))
@@ -186,10 +215,38 @@ class DS01Spawner(DockerSpawner):
             self._contexts[key] = self._new_context(limits_path, Path(state_dir))
         return self._contexts[key]
 
+    @classmethod
+    def prepare_for_hub(cls, app: Any) -> None:
+        """Build the hub-wide context as JupyterHub starts (`app`: the JupyterHub
+        application), with a spawner of the hub's configuration. A broken limits file stops
+        the hub here, its problems in the hub's log; anything else that fails (Docker not up
+        yet) is logged and tried again at the first spawn."""
+        # a spawner of the hub's configuration for nobody: DockerSpawner derives some settings
+        # (the container name) from a user, so it gets a stand-in that spawns nothing
+        nobody = SimpleNamespace(name="ds01-hub-start", groups=[])
+        try:
+            cls(config=app.config, log=app.log, user=nobody)._shared_context()
+        except LimitsError as error:
+            app.log.critical(
+                "ds01: %s; the hub does not start on it. Fix it (ds01hub check-config) and "
+                "start the hub again:\n%s",
+                error.summary(),
+                "\n".join(error.lines()),
+            )
+            app.exit(1)
+        except Exception as error:
+            app.log.warning(
+                "ds01: the hub-wide spawner context could not be built at start (%s: %.200s); "
+                "it is tried again at the first spawn",
+                type(error).__name__,
+                error,
+            )
+
     def _new_context(self, limits_path: str, state_dir: Path) -> _HubContext:
         import docker
 
-        store = LimitsStore(limits_path)
+        store = LimitsStore(limits_path, parse_timeout=self.limits_parse_timeout, log=self.log)
+        metrics.watch_limits(store)
         inventory = load_inventory(store.current.gpu_allocation)
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         eventlog = EventLog(self.event_log_path or state_dir / "events.db")
@@ -292,7 +349,7 @@ class DS01Spawner(DockerSpawner):
 
     async def _render_options_form(self) -> str:
         context = self.context
-        limits = self._resolve_limits()
+        limits = await self._resolve_limits()
         profiles = self._profiles()
         holdings = await self._blocking(context.allocator.holdings)
         offer = GpuOffer.from_slots(context.inventory.slots, holdings, context.inventory.simulated)
@@ -328,12 +385,17 @@ class DS01Spawner(DockerSpawner):
 
     # -- one spawn ---------------------------------------------------------------------------
 
-    def _resolve_limits(self) -> ResolvedLimits:
+    async def _resolve_limits(self) -> ResolvedLimits:
         store = self.context.limits
+        await store.refresh()  # off the event loop: other users are served meanwhile
+        if not store.last_reload_ok:  # the problems were logged once, when the reload failed
+            self.log.warning(
+                "ds01: %s: the last good limits apply (the edited file has %d problem(s))",
+                self._log_name,
+                len(store.last_problems),
+            )
         groups = [group.name for group in self.user.groups]
-        limits = store.resolve(self.user.name, groups)
-        if store.last_error:
-            self.log.error("ds01: %s", store.last_error)
+        limits = store.current.resolve(self.user.name, groups)
         cgroup = self.cgroup_parents.get(limits.group or "")
         if cgroup:
             limits = replace(limits, cgroup_parent=cgroup)
@@ -528,7 +590,7 @@ class DS01Spawner(DockerSpawner):
 
     async def _start(self):
         began = time.perf_counter()
-        limits = self._resolve_limits()
+        limits = await self._resolve_limits()
         self._emit(
             5,
             f"limits: group {limits.group or '-'} ({limits.group_reason}), "
@@ -683,3 +745,31 @@ def _merged(base: dict, override: dict) -> dict:
         else:
             result[key] = value
     return result
+
+
+def _prepare_at_hub_start() -> None:
+    """JupyterHub runs no spawner code before the first spawn, so a hub would start on a broken
+    limits file and fail every spawn. JupyterHub imports this module while it starts (it loads
+    every spawner entry point for its configuration, and `spawner_class = "ds01"`), whatever
+    else the admin's config says: wrap `JupyterHub.init_spawners` (the step that starts from
+    the configured spawner class) so that it first builds the hub-wide context,
+    `DS01Spawner.prepare_for_hub`, when the hub's spawner class is DS01Spawner (or a subclass).
+    Processes without JupyterHub's application (the CLI, the services) are left alone."""
+    app_module = sys.modules.get("jupyterhub.app")
+    hub_class = getattr(app_module, "JupyterHub", None)
+    init_spawners = getattr(hub_class, "init_spawners", None)
+    if init_spawners is None or getattr(init_spawners, "ds01_prepared", False):
+        return
+
+    @functools.wraps(init_spawners)
+    async def prepare_then_init_spawners(app: Any) -> Any:
+        spawner_class = getattr(app, "spawner_class", None)
+        if isinstance(spawner_class, type) and issubclass(spawner_class, DS01Spawner):
+            spawner_class.prepare_for_hub(app)
+        return await init_spawners(app)
+
+    prepare_then_init_spawners.ds01_prepared = True  # type: ignore[attr-defined]
+    hub_class.init_spawners = prepare_then_init_spawners
+
+
+_prepare_at_hub_start()

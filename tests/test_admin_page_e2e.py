@@ -209,19 +209,49 @@ def test_metrics_count_slots_by_group_and_culls_by_reason(ops):
     )
 
 
-def test_a_broken_limits_file_is_shown_and_the_last_good_one_kept(ops):
+def alias_bomb(good: str) -> bytes:
+    """Billion laughs: each anchor ten aliases of the one before."""
+    lines = ["a0: &a0 [" + ", ".join(["x"] * 10) + "]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 7)]
+    return "\n".join(lines).encode() + b"\n"
+
+
+BROKEN_EDITS = {
+    "not yaml": lambda good: (good + "defaults: [oops\n").encode(),
+    "a duplicate key": lambda good: (good + "defaults: {max_gpus: 8}\n").encode(),
+    "an alias bomb": alias_bomb,
+    "UTF-16": lambda good: good.encode("utf-16"),
+}
+
+
+@pytest.mark.parametrize("edit", BROKEN_EDITS)
+def test_a_broken_limits_file_is_shown_and_the_last_good_one_kept(ops, edit):
     token = ops["hub"].token_for(ops["admin"])
+    metrics_token = ops["hub"].token_for(ops["admin"], scopes=["read:metrics"])
+
+    def reload_ok() -> float:
+        response = get(ops, "metrics", metrics_token)
+        return next(
+            s.value
+            for family in text_string_to_metric_families(response.text)
+            for s in family.samples
+            if s.name == "ds01_limits_last_reload_ok"
+        )
+
     good = ops["limits"].read_text()
     try:
-        ops["limits"].write_text(good + "defaults: [oops\n")
+        ops["limits"].write_bytes(BROKEN_EDITS[edit](good))
         model = get(ops, "api/overview", token).json()
         assert (
             model["config_error"] and "keeping the last good configuration" in model["config_error"]
         )
+        assert f"{ops['limits']}" in model["config_error"]
         assert len(model["slots"]) == 4  # still served from the last good file
+        assert reload_ok() == 0
     finally:
         ops["limits"].write_text(good)
     assert get(ops, "api/overview", token).json()["config_error"] is None
+    assert reload_ok() == 1
 
 
 def test_the_hub_pages_tell_a_warned_user_their_container_will_be_stopped(ops):
