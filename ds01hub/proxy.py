@@ -71,6 +71,7 @@ COALESCE_BYTES = 16 * 1024
 COALESCE_SECONDS = 0.0005  # delay added to a streamed line at most (docker logs -f)
 HEADER_TIMEOUT = 30.0  # default --header-timeout
 MAX_CONNECTIONS_PER_USER = 64  # default --max-connections-per-user
+OVER_CAP_HEAD_SECONDS = 2.0  # how long a connection over the cap may take to send its head
 # Content types a user's request may carry. Go's ParseForm merges an urlencoded *body* into
 # the query parameters the engine reads (body first), which would bypass every query check.
 USER_CONTENT_TYPES = (
@@ -895,10 +896,15 @@ class Proxy:
     async def refuse_over_cap(
         self, client: ClientStream, caller: Caller | None, uid: int, already: int
     ) -> None:
-        """429 for a connection over the cap, once its head is in (so the CLI reads it)."""
+        """429 for a connection over the cap, once its head is in (so the CLI reads it).
+
+        A client that connects sends its head at once; one that does not is closed after
+        OVER_CAP_HEAD_SECONDS, so connections over the cap never pile up.
+        """
         who = caller.user if caller else f"uid {uid}"
         limit = self.max_connections_per_user
-        deadline = asyncio.get_running_loop().time() + self.header_timeout
+        wait = min(self.header_timeout, OVER_CAP_HEAD_SECONDS)
+        deadline = asyncio.get_running_loop().time() + wait
         with contextlib.suppress(HttpError):
             request = await client.next_request(deadline)
             if request is not None:

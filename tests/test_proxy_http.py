@@ -17,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pwd
 import re
 import socket
+import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -27,6 +29,16 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_proxy import (  # the end-to-end harness of the proxy's own suite
+    IMAGE,
+    RAW_CLIENT,
+    RUN,
+    admin_docker,
+    busybox_image,  # noqa: F401 -- a fixture `users` needs
+    docker_as,
+    proxy_process,
+    users,  # noqa: F401 -- fixture: two real Unix users
+)
 
 from ds01hub import proxy_policy as policy
 from ds01hub.proxy import FORWARDED_HEADERS, ClientStream, Plan, Proxy, Upstream
@@ -226,7 +238,13 @@ class FakeEngine:
                 del connection.received[head_and_body:]  # the stream, not a request
                 writer.close()
                 return
-            writer.write(answer(request))
+            if "/events" in request.target:  # a stream, slower than any head timeout here
+                writer.write(STREAM_HEAD + b"6\r\nfirst\n\r\n")
+                await writer.drain()
+                await asyncio.sleep(0.5)
+                writer.write(b"5\r\nlast\n\r\n0\r\n\r\n")
+            else:
+                writer.write(answer(request))
             await writer.drain()
             writer.write_eof()
             while data := await reader.read(65536):
@@ -237,6 +255,9 @@ class FakeEngine:
             writer.close()
 
 
+STREAM_HEAD = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+)
 UPGRADED = b"HTTP/1.1 101 UPGRADED\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n\r\n"
 
 
@@ -658,19 +679,16 @@ def test_a_stalled_body_is_closed(tmp_path):
 
 
 def test_a_stream_being_answered_is_not_timed_out(tmp_path):
-    async def slow_reader(sock: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        await loop.sock_sendall(sock, get("/_ping"))
-        await asyncio.sleep(0.5)  # longer than the head timeout, while nothing is due
-        sock.shutdown(socket.SHUT_WR)
-
-    outcome = run(exchange(tmp_path, slow_reader, header_timeout=0.2))
+    """`docker events`: the engine pauses longer than the head timeout; the stream goes on."""
+    outcome = run(exchange(tmp_path, get("/v1.41/events"), header_timeout=0.2))
     assert outcome.statuses() == [200]
+    assert outcome.answers.endswith(b"5\r\nlast\n\r\n0\r\n\r\n")
 
 
 async def test_the_connection_cap_answers_429_and_frees_slots(tmp_path, monkeypatch):
     """Over the cap: 429 naming the limit; far over it: closed at once; slots come back."""
     monkeypatch.setattr("ds01hub.proxy.identify", lambda pid, uid, admins: ALICE)
+    monkeypatch.setattr("ds01hub.proxy.OVER_CAP_HEAD_SECONDS", 60)  # no expiry mid-test
     async with FakeEngine(str(tmp_path / "engine.sock")) as engine:
         proxy = Proxy(Upstream(engine.path), header_timeout=30, max_connections_per_user=3)
         listen = str(tmp_path / "proxy.sock")
@@ -806,7 +824,7 @@ def request_specs(draw: st.DrawFn) -> Spec:
 
 
 @settings(
-    max_examples=120,
+    max_examples=400,
     deadline=None,
     derandomize=True,
     database=None,
@@ -837,7 +855,7 @@ def test_fuzz_the_engine_sees_only_what_was_judged(tmp_path, specs, caller, cut)
 
 
 @settings(
-    max_examples=120,
+    max_examples=400,
     deadline=None,
     derandomize=True,
     database=None,
@@ -859,3 +877,200 @@ def test_fuzz_random_bytes_anywhere(tmp_path, base, edits, caller):
         data[at : at + len(replacement) // 2] = replacement
     outcome = run(exchange(tmp_path, bytes(data), caller))
     assert_faithful(outcome)
+
+
+# --------------------------------------------------------------------------- the real engine
+
+
+def raw_all(proxy, user: str, data: bytes) -> bytes:
+    """Send raw bytes as `user` over the proxy's socket; everything it answers until it closes."""
+    account = pwd.getpwnam(user)
+    result = subprocess.run(
+        ["/usr/bin/python3", "-c", RAW_CLIENT, str(proxy.sock)],
+        input=data,
+        capture_output=True,
+        user=account.pw_uid,
+        group=account.pw_gid,
+        extra_groups=[],
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def statuses(answers: bytes) -> list[int]:
+    return [int(s) for s in re.findall(rb"HTTP/1\.1 (\d{3}) ", answers)]
+
+
+@pytest.fixture(scope="module")
+def accounts(request) -> list[str]:
+    """alice and bob: test_proxy's two real Unix users (its `users` fixture)."""
+    return request.getfixturevalue("users")
+
+
+@pytest.fixture(scope="module")
+def attack_proxy(accounts):
+    with proxy_process("--max-connections-per-user", "64", "--header-timeout", "300") as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def victim(accounts):
+    """bob's running container, made directly (root), labelled as the proxy would."""
+    bob = accounts[1]
+    cid = admin_docker(
+        "run",
+        "-d",
+        "--label",
+        "ds01.managed=true",
+        "--label",
+        f"ds01.user={bob}",
+        "--label",
+        "ds01.test=1",
+        IMAGE,
+        "sleep",
+        "600",
+    ).stdout.strip()
+    yield cid
+    admin_docker("rm", "-f", cid, check=False)
+
+
+def hidden_requests(victim: str) -> list[bytes]:
+    """What the battery hid: a root container binding `/`, and a pause of another's container."""
+    create = json.dumps(
+        {
+            "Image": IMAGE,
+            "Cmd": ["sleep", "600"],
+            "HostConfig": {"Privileged": True, "Binds": ["/:/host"], "CapAdd": ["ALL"]},
+        }
+    ).encode()
+    return [
+        b"POST /v1.41/containers/create?name=smuggled-%s HTTP/1.1\r\nHost: d\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+        % (RUN.encode(), len(create), create),
+        b"POST /v1.41/containers/%s/pause HTTP/1.1\r\nHost: d\r\n\r\n" % victim.encode(),
+    ]
+
+
+def assert_nothing_smuggled(proxy, victim: str, attacker: str) -> None:
+    found = admin_docker("ps", "-aq", "--filter", f"name=smuggled-{RUN}").stdout.split()
+    assert found == [], "a smuggled create reached the engine"
+    state = admin_docker("inspect", "-f", "{{.State.Paused}}", victim).stdout.strip()
+    assert state == "false", "a smuggled pause reached the engine"
+    forwarded = [
+        line for line in proxy.log.read_text().splitlines() if f"forwarded user={attacker} " in line
+    ]
+    assert not any("create" in line or "pause" in line for line in forwarded), forwarded
+
+
+@pytest.mark.docker
+@pytest.mark.root
+def test_header_splitting_cannot_reach_the_engine(attack_proxy, accounts, victim):
+    """A second request hidden behind a bare LF in a header value: 400, nothing forwarded."""
+    alice = accounts[0]
+    ping = b"GET /v1.41/_ping HTTP/1.1\r\nHost: d\r\n"
+    for hidden in hidden_requests(victim):
+        for split in (b"\n\n", b"\r\n\n", b"\n\r\n", b"\n"):
+            for name in (b"User-Agent", b"X-Note", b"Content-Type"):
+                attack = ping + name + b": x" + split + hidden + b"\r\n\r\n"
+                assert statuses(raw_all(attack_proxy, alice, attack)) == [400], attack
+            # after a legitimate request on the same kept-alive connection
+            attack = ping + b"\r\n" + ping + b"X-Note: x" + split + hidden + b"\r\n\r\n"
+            assert statuses(raw_all(attack_proxy, alice, attack)) == [200, 400], attack
+    assert_nothing_smuggled(attack_proxy, victim, alice)
+
+
+@pytest.mark.docker
+@pytest.mark.root
+def test_transfer_encoding_desync_cannot_reach_the_engine(attack_proxy, accounts, victim):
+    """TE beside CL (and other framing the engine could read differently): 400, nothing on."""
+    alice = accounts[0]
+    for hidden in hidden_requests(victim):
+        chunked_then_hidden = b"0\r\n\r\n" + hidden
+        for framing in (
+            b"Content-Length: %d\r\nTransfer-Encoding: chunked" % len(chunked_then_hidden),
+            b"Transfer-Encoding: chunked\r\nContent-Length: %d" % len(chunked_then_hidden),
+            b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: identity",
+            b"Transfer-Encoding: identity\r\nTransfer-Encoding: chunked",
+            b"Transfer-Encoding: xchunked\r\nContent-Length: 5",
+            b"Content-Length: 5\r\nContent-Length: %d" % len(chunked_then_hidden),
+            b"Content-Length: 5\r\nTransfer-Encoding:\x0bchunked",
+        ):
+            request = b"POST /v1.41/build HTTP/1.1\r\nHost: d\r\n" + framing + b"\r\n\r\n"
+            keep_alive = b"GET /v1.41/version HTTP/1.1\r\nHost: d\r\n\r\n"
+            answers = raw_all(attack_proxy, alice, keep_alive + request + chunked_then_hidden)
+            assert statuses(answers) == [200, 400], (framing, answers[-300:])
+    assert_nothing_smuggled(attack_proxy, victim, alice)
+
+
+HOLDER = r"""
+import selectors, socket, sys
+path, count, keep = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+selector = selectors.DefaultSelector()
+for _ in range(count):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(path)
+    s.sendall(b"GET /v1.41/containers/json HTTP/1.1\r\nHost: d\r\nX-Slow: ")
+    selector.register(s, selectors.EVENT_READ)
+print("connected", flush=True)
+alive = count
+while alive > keep:  # the proxy closes those over the cap; the rest it must keep
+    for key, _ in selector.select(timeout=120):
+        if not key.fileobj.recv(65536):
+            selector.unregister(key.fileobj)
+            alive -= 1
+print("settled", alive, flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.docker
+@pytest.mark.root
+def test_idle_connections_of_one_user_do_not_lock_out_another(attack_proxy, accounts):
+    """500 half-sent heads from alice: bob still works; alice's own CLI is told the limit."""
+    alice, bob = accounts
+    account = pwd.getpwnam(alice)
+    holder = subprocess.Popen(
+        ["/usr/bin/python3", "-c", HOLDER, str(attack_proxy.sock), "500", "64"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        user=account.pw_uid,
+        group=account.pw_gid,
+        extra_groups=[],
+    )
+    try:
+        assert holder.stdout.readline().strip() == "connected"
+        assert holder.stdout.readline().split() == ["settled", "64"]
+        listed = docker_as(attack_proxy, bob, "ps", "-a")
+        assert listed.returncode == 0, listed.stderr
+        refused = docker_as(attack_proxy, alice, "ps", "-a")
+        assert refused.returncode != 0
+        assert "too many connections" in refused.stderr, refused.stderr
+        assert "--max-connections-per-user" in refused.stderr
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    assert docker_as(attack_proxy, alice, "ps", "-a").returncode == 0  # slots come back
+
+
+@pytest.mark.docker
+@pytest.mark.root
+def test_a_slow_head_is_closed_after_the_timeout(accounts):
+    alice = accounts[0]
+    with proxy_process("--header-timeout", "1") as running:
+        slow = RAW_CLIENT.replace(
+            "s.sendall(sys.stdin.buffer.read())", "s.sendall(b'GET /_ping HTTP/1.1\\r\\nX-S: ')"
+        )
+        account = pwd.getpwnam(alice)
+        result = subprocess.run(
+            ["/usr/bin/python3", "-c", slow, str(running.sock)],
+            capture_output=True,
+            user=account.pw_uid,
+            group=account.pw_gid,
+            extra_groups=[],
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr  # closed by the proxy, not our timeout
+        assert result.stdout.startswith(b"HTTP/1.1 408 ")
+        assert docker_as(running, alice, "version").returncode == 0
