@@ -1016,7 +1016,11 @@ print("connected", flush=True)
 alive = count
 while alive > keep:  # the proxy closes those over the cap; the rest it must keep
     for key, _ in selector.select(timeout=120):
-        if not key.fileobj.recv(65536):
+        try:
+            closed = not key.fileobj.recv(65536)
+        except ConnectionResetError:  # closed with our half head unread
+            closed = True
+        if closed:
             selector.unregister(key.fileobj)
             alive -= 1
 print("settled", alive, flush=True)
