@@ -235,8 +235,14 @@ class RequestParser:
         self.fields: list[tuple[bytes, bytes]] = []
         self.size = 0
         self.in_head = False
+        self.head_bytes = 0  # fed while a head was incomplete (httptools buffers a field)
 
     def feed(self, data: bytes) -> None:
+        if self.in_head or not self.in_message:
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_HEAD + READ_SIZE:
+                self.fail(HttpError(f"request head larger than {MAX_HEAD} bytes"))
+                return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -275,7 +281,7 @@ class RequestParser:
         self.fields.append((name, value.strip(b" \t")))
 
     def on_headers_complete(self) -> None:
-        self.in_head = False
+        self.in_head, self.head_bytes = False, 0
         self.events.append(self.checked_request())
 
     def on_body(self, data: bytes) -> None:
