@@ -1243,12 +1243,6 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    if args.header_timeout <= 0 or args.max_connections_per_user < 1:
-        print(
-            "ds01hub proxy: --header-timeout must be > 0 and --max-connections-per-user >= 1",
-            file=sys.stderr,
-        )
-        return 2
     raise_open_files_limit()
     proxy = Proxy(
         Upstream(args.upstream),
@@ -1269,6 +1263,21 @@ def run(args: argparse.Namespace) -> int:
 
     asyncio.run(main())
     return 0
+
+
+def positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
+    """An argparse type: a number of `kind` above zero (else a usage error naming it)."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text} is not above zero")
+        return value
+
+    return parse
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -1319,7 +1328,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--header-timeout",
         metavar="SECONDS",
-        type=float,
+        type=positive(float),
         default=HEADER_TIMEOUT,
         help="close a connection whose request head (also the next one on a kept-alive "
         "connection) has not arrived within this time, or whose request body pauses for "
@@ -1329,7 +1338,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--max-connections-per-user",
         metavar="N",
-        type=int,
+        type=positive(int),
         default=MAX_CONNECTIONS_PER_USER,
         help="open connections one user (uid) may hold, streams included; the next ones are "
         "answered 429 with a message naming this limit (default %(default)d)",

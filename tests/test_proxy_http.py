@@ -22,6 +22,7 @@ import pwd
 import re
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -732,6 +733,29 @@ async def wait_for(condition: Callable[[], bool], seconds: float = 10) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not reached"
         await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        ["--header-timeout", "0"],
+        ["--header-timeout", "soon"],
+        ["--max-connections-per-user", "0"],
+        ["--max-connections-per-user", "1.5"],
+    ],
+)
+def test_bad_limits_are_usage_errors(tmp_path, option):
+    command = [sys.executable, "-m", "ds01hub.cli.admin", "proxy", "--listen", "x.sock", *option]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert result.returncode == 2
+    assert option[0] in result.stderr and option[1] in result.stderr
+
+
+def test_help_documents_the_limits():
+    command = [sys.executable, "-m", "ds01hub.cli.admin", "proxy", "--help"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert "--header-timeout SECONDS" in result.stdout and "(default 30)" in result.stdout
+    assert "--max-connections-per-user N" in result.stdout and "(default 64)" in result.stdout
 
 
 def test_open_files_limit_is_raised(monkeypatch):
