@@ -469,7 +469,7 @@ def test_pipelined_requests_are_each_parsed_and_sent_alone(tmp_path):
         get("/_ping", "X-A: a\x0bb"),
         get("/_ping", "X-A: a\tb"),
         get("/_ping", "X-A: a\x7fb"),
-        get("/_ping", "X-A: caf\xe9").replace(b"caf?", b"caf\xe9"),
+        get("/_ping", "X-A: caf\u00e9"),  # UTF-8
         get("/_ping\x00x"),
         # obs-fold
         get("/_ping", "X-A: a", " folded"),
