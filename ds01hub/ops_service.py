@@ -27,6 +27,8 @@ from typing import Any
 from traitlets import Bool, Float, Integer, List, Unicode, default
 from traitlets.config import Application
 
+from ds01hub import siteenv
+from ds01hub.bootstrap import BootstrapError
 from ds01hub.culler import Culler, PassReport, default_state_dir, utcnow
 
 __all__ = ["OpsService", "build_components", "configure_hub", "register"]
@@ -299,10 +301,16 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--hub-api",
         metavar="URL",
-        default=os.environ.get("JUPYTERHUB_API_URL", "http://127.0.0.1:8081/hub/api"),
-        help="the hub's API URL (default: $JUPYTERHUB_API_URL, else %(default)s)",
+        help="the hub's API URL (default: $JUPYTERHUB_API_URL, else the hub's port "
+        "$DS01HUB_HUB_PORT on the Docker bridge, as the site's ds01hub.env says)",
     )
-    parser.add_argument("--token-file", metavar="FILE", help="file holding the hub API token")
+    parser.add_argument(
+        "--token-file",
+        metavar="FILE",
+        default=os.environ.get("DS01HUB_ADMIN_TOKEN_FILE") or None,
+        help="file holding the hub API token (default: $DS01HUB_ADMIN_TOKEN_FILE, which "
+        "ds01hub install makes and the hub registers as the ds01hub-cli service)",
+    )
     parser.add_argument("--interval", type=float, default=300.0, help="seconds between passes")
     parser.add_argument(
         "--warn-before", type=float, default=600.0, help="warning lead time in seconds"
@@ -357,7 +365,9 @@ def _cli_components(args: Any) -> Components:
             raise CliError(f"cannot read the token file: {error}") from None
     if not token:
         raise CliError(
-            "no hub API token", hint="set $JUPYTERHUB_API_TOKEN or pass --token-file FILE"
+            "no hub API token",
+            hint="set $JUPYTERHUB_API_TOKEN or pass --token-file FILE (an installed host has "
+            "/etc/ds01hub/admin-token, named by DS01HUB_ADMIN_TOKEN_FILE in ds01hub.env)",
         )
     try:
         client = docker.from_env()
@@ -367,8 +377,12 @@ def _cli_components(args: Any) -> Components:
             f"cannot reach the Docker engine: {error}", hint="run as root; check dockerd"
         ) from None
     try:
+        api_url = args.hub_api or siteenv.hub_api_url()
+    except BootstrapError as error:
+        raise CliError(str(error), hint="pass --hub-api URL") from None
+    try:
         return build_components(
-            HubClient(args.hub_api, token),
+            HubClient(api_url, token),
             client,
             args.limits or default_limits_path(),
             args.state_dir or default_state_dir(),

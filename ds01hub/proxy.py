@@ -37,29 +37,42 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import grp
 import json
 import logging
 import os
-import pwd
 import re
 import resource
+import secrets
 import select
 import signal
-import socket
 import stat
-import struct
 import sys
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import httptools
 
+from ds01hub import peer
 from ds01hub import proxy_policy as policy
-from ds01hub.proxy_policy import Caller, ContainerFacts, Denied, Kind, PathFacts, Target
+from ds01hub.labels import escape_name
+from ds01hub.proxy_policy import (
+    Caller,
+    ContainerFacts,
+    Denied,
+    ImageFacts,
+    Invisible,
+    Kind,
+    PathFacts,
+    Target,
+    VolumeFacts,
+)
 
 log = logging.getLogger("ds01hub.proxy")
 
@@ -81,6 +94,8 @@ USER_CONTENT_TYPES = (
     "text/plain",
     "application/octet-stream",
 )
+# the images the platform itself provides (ds01hub.bootstrap's aliases)
+DEFAULT_SHARED_IMAGES = ("ds01hub/base:latest", "ds01hub/singleuser:latest")
 LIMIT_KEYS = ("Memory", "MemorySwap", "NanoCpus", "PidsLimit", "ShmSize", "IpcMode", "CgroupParent")
 # The request headers the engine reads, and the only ones forwarded (spelled as sent). Host is
 # always `docker`; framing, Connection and Upgrade are written by the proxy itself.
@@ -670,57 +685,6 @@ def describe_headers(headers: list[tuple[str, str]]) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Callers
-
-
-def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
-    """(pid, uid, gid) of the process that connected, from the kernel (SO_PEERCRED)."""
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, gid = struct.unpack("3i", raw)
-    return pid, uid, gid
-
-
-def same_mount_namespace(pid: int) -> bool:
-    """Whether `pid` sees our file system: root in a container must not count as root here."""
-    try:
-        return os.stat(f"/proc/{pid}/ns/mnt").st_ino == os.stat("/proc/self/ns/mnt").st_ino
-    except OSError:
-        return False
-
-
-@dataclass(frozen=True)
-class AdminRule:
-    """Who gets full access: root, the named users and the members of the named group."""
-
-    users: frozenset[str] = frozenset()
-    group: str | None = None
-
-    def allows(self, caller: Caller) -> bool:
-        return (
-            caller.uid == 0
-            or caller.user in self.users
-            or (self.group is not None and self.group in caller.groups)
-        )
-
-
-def identify(pid: int, uid: int, admins: AdminRule) -> Caller | None:
-    """The caller behind a uid, or None when the uid has no account (refused)."""
-    try:
-        account = pwd.getpwuid(uid)
-    except KeyError:
-        return None
-    gids = os.getgrouplist(account.pw_name, account.pw_gid)
-    groups = []
-    for gid in gids:
-        with contextlib.suppress(KeyError):
-            groups.append(grp.getgrgid(gid).gr_name)
-    caller = Caller(uid, account.pw_gid, account.pw_name, account.pw_dir, tuple(groups))
-    if admins.allows(caller) and same_mount_namespace(pid):
-        caller = Caller(uid, account.pw_gid, account.pw_name, account.pw_dir, tuple(groups), True)
-    return caller
-
-
-# --------------------------------------------------------------------------------------------
 # The upstream engine
 
 
@@ -735,12 +699,28 @@ class Fetched:
     def json(self) -> object:
         return json.loads(self.body) if self.status == 200 and self.body else None
 
+    def with_body(self, body: bytes) -> Fetched:
+        return Fetched(self.status, self.head, body)
+
     def as_response(self) -> bytes:
         """The same response for a client (own framing; the client's connection stays open)."""
-        add = [("Content-Length", str(len(self.body)))]
+        bodiless = self.status in (204, 304) or 100 <= self.status < 200
+        add = [] if bodiless else [("Content-Length", str(len(self.body)))]
         return self.head.render(("Content-Length", "Transfer-Encoding", "Connection"), add) + (
-            self.body
+            b"" if bodiless else self.body
         )
+
+
+def redacted(fetched: Fetched) -> Fetched:
+    """An engine error without the full id of a conflicting container (it may be another
+    user's: `policy.redact_conflict`)."""
+    if fetched.status != 409:
+        return fetched
+    with contextlib.suppress(ValueError, TypeError, AttributeError):
+        message = json.loads(fetched.body)["message"]
+        body = json.dumps({"message": policy.redact_conflict(message)}).encode() + b"\n"
+        return fetched.with_body(body)
+    return fetched
 
 
 @dataclass
@@ -758,13 +738,21 @@ class Upstream:
 
     async def fetch(self, path: str) -> Fetched:
         """One GET (Connection: close) for a policy fact."""
+        return await self.request("GET", path)
+
+    async def request(self, method: str, path: str, body: bytes | None = None) -> Fetched:
+        """One whole request/response with the engine (Connection: close), for requests the
+        proxy answers from what the engine said (create, rename, stand-ins for hidden objects).
+        """
         stream = await self.connect()
         try:
-            request = f"GET {path} HTTP/1.1\r\nHost: docker\r\nConnection: close\r\n\r\n"
-            await stream.write(request.encode())
+            head = f"{method} {path} HTTP/1.1\r\nHost: docker\r\nConnection: close\r\n"
+            if body is not None:
+                head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            await stream.write(head.encode() + b"\r\n" + (body or b""))
             response, parser = await read_response_head(stream)
-            body = await read_response_body(stream, parser, 64 * 1024 * 1024)
-            return Fetched(int(response.start[1]), response, body)
+            data = await read_response_body(stream, parser, 64 * 1024 * 1024)
+            return Fetched(int(response.start[1]), response, data)
         finally:
             stream.close()
 
@@ -781,12 +769,43 @@ class Upstream:
         """Resolve `ref` exactly as the engine does (exact id, exact name, unique id prefix)."""
         prefix = f"/v{version}" if version else ""
         fetched = await self.fetch(f"{prefix}/containers/{quote(ref, safe='')}/json")
-        if fetched.status == 404:
+        if fetched.status in (404, 500):  # missing, or an ambiguous id prefix
             return None, fetched
         data = fetched.json()
         if fetched.status != 200 or not isinstance(data, dict):
             raise Denied(502, f"upstream answered {fetched.status} looking up container {ref}")
         return ContainerFacts.from_inspect(data), fetched
+
+    async def own_containers(self, user: str) -> list[dict[str, Any]]:
+        """The user's containers (list entries), all states."""
+        filters = quote(policy.owner_filters(None, user), safe="")
+        status, data = await self.get_json(f"/containers/json?all=1&filters={filters}")
+        if status != 200 or not isinstance(data, list):
+            raise Denied(502, f"upstream answered {status} listing containers")
+        return policy.filter_owned_containers(data, user)
+
+    async def image(
+        self, ref: str, version: str | None = None
+    ) -> tuple[ImageFacts | None, Fetched]:
+        """Resolve an image reference exactly as the engine does (name, id, id prefix)."""
+        prefix = f"/v{version}" if version else ""
+        fetched = await self.fetch(f"{prefix}/images/{quote(ref, safe='/:@')}/json")
+        data = fetched.json()
+        if fetched.status != 200 or not isinstance(data, dict):
+            return None, fetched
+        return ImageFacts.from_inspect(data), fetched
+
+    async def images(self) -> list[dict[str, Any]]:
+        status, data = await self.get_json("/images/json")
+        if status != 200 or not isinstance(data, list):
+            raise Denied(502, f"upstream answered {status} listing images")
+        return data
+
+    async def volume(self, name: str) -> VolumeFacts | None:
+        status, data = await self.get_json(f"/volumes/{quote(name, safe='')}")
+        if status != 200 or not isinstance(data, dict):
+            return None
+        return VolumeFacts.from_inspect(data)
 
     async def exec_container(self, exec_id: str) -> tuple[str, str] | None:
         """(exec id, container id) of an exec instance, or None when there is none."""
@@ -797,16 +816,44 @@ class Upstream:
             raise Denied(502, f"upstream answered {status} looking up exec {exec_id}")
         return data["ID"], data["ContainerID"]
 
-    async def image_exists(self, reference: str) -> bool:
-        status, _ = await self.get_json(f"/images/{quote(reference, safe='/:@')}/json")
-        return status == 200
-
     async def count_containers(self, user: str) -> int:
-        filters = quote(policy.owner_filters(None, user), safe="")
-        status, data = await self.get_json(f"/containers/json?all=1&filters={filters}")
-        if status != 200 or not isinstance(data, list):
-            raise Denied(502, f"upstream answered {status} listing containers")
-        return len(policy.filter_owned_containers(data, user))
+        return len(await self.own_containers(user))
+
+
+@dataclass
+class SharedImages:
+    """The ids of the images admins share (``--shared-image REF``), re-resolved every `ttl`
+    seconds so a rebuilt shared tag is followed; plus, per caller, the images their limits'
+    ``allowed_images`` patterns name (matched against the engine's tags, cached alike)."""
+
+    upstream: Upstream
+    refs: tuple[str, ...] = ()
+    ttl: float = 30.0
+    ids: frozenset[str] = frozenset()
+    listing: list[dict[str, Any]] = field(default_factory=list)
+    resolved_at: float = float("-inf")
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def refresh(self) -> None:
+        async with self.lock:
+            if time.monotonic() - self.resolved_at < self.ttl:
+                return
+            ids = set()
+            for ref in self.refs:
+                image, _ = await self.upstream.image(ref)
+                if image is None:
+                    log.warning("shared image %s is not on this host (yet)", ref)
+                else:
+                    ids.add(image.id)
+            self.listing = await self.upstream.images()
+            self.ids, self.resolved_at = frozenset(ids), time.monotonic()
+
+    async def for_caller(self, patterns: Iterable[str] | None) -> frozenset[str]:
+        if time.monotonic() - self.resolved_at >= self.ttl:
+            await self.refresh()
+        if not patterns:
+            return self.ids
+        return self.ids | policy.shared_by_pattern(self.listing, patterns)
 
 
 def path_facts(path: str) -> PathFacts:
@@ -842,9 +889,12 @@ class Plan:
 @dataclass
 class Proxy:
     upstream: Upstream
-    admins: AdminRule = field(default_factory=AdminRule)
+    admins: peer.AdminRule = field(default_factory=peer.AdminRule)
     settings: policy.Settings = field(default_factory=policy.Settings)
     limits_for: Callable[[Caller], policy.UserLimits | None] = lambda caller: None
+    shared: SharedImages | None = None  # None: only the --shared-image default of run()
+    state_dir: Path | None = None  # where the per-user create locks live (flock)
+    create_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     # asyncio's stream protocol forgets its task when the peer disconnects; keep them alive
     tasks: set[asyncio.Task] = field(default_factory=set)
     # exec id -> (container id, owner): immutable facts, so exec start/inspect/resize need no
@@ -872,13 +922,19 @@ class Proxy:
             task.add_done_callback(self.tasks.discard)
         uid: int | None = None
         try:
-            pid, uid, _ = peer_credentials(writer.get_extra_info("socket"))
+            creds = peer.credentials(writer.get_extra_info("socket"))
+            uid = creds.uid
             already = self.open_connections.get(uid, 0)
             self.open_connections[uid] = already + 1
             if already >= 2 * self.max_connections_per_user:
                 return  # far over the cap: not even a head is waited for (descriptors)
             # the password/group database may be LDAP: never block the loop on it
-            caller = await asyncio.to_thread(identify, pid, uid, self.admins)
+            try:
+                caller: Caller | peer.IdentityError = await asyncio.to_thread(
+                    peer.identify, creds, self.admins
+                )
+            except peer.IdentityError as refused:
+                caller = refused
             if already >= self.max_connections_per_user:
                 await self.refuse_over_cap(client, caller, uid, already)
             else:
@@ -894,20 +950,22 @@ class Proxy:
                     del self.open_connections[uid]
             client.close()
 
-    async def serve_connection(self, client: ClientStream, caller: Caller | None, uid: int) -> None:
-        """Serve requests on one connection from `caller` (None: `uid` has no account)."""
+    async def serve_connection(
+        self, client: ClientStream, caller: Caller | peer.IdentityError, uid: int
+    ) -> None:
+        """Serve requests on one connection from `caller` (or refuse them all: its identity)."""
         while await self.serve_one(client, caller, uid):
             pass
 
     async def refuse_over_cap(
-        self, client: ClientStream, caller: Caller | None, uid: int, already: int
+        self, client: ClientStream, caller: Caller | peer.IdentityError, uid: int, already: int
     ) -> None:
         """429 for a connection over the cap, once its head is in (so the CLI reads it).
 
         A client that connects sends its head at once; one that does not is closed after
         OVER_CAP_HEAD_SECONDS, so connections over the cap never pile up.
         """
-        who = caller.user if caller else f"uid {uid}"
+        who = caller.user if isinstance(caller, Caller) else f"uid {uid}"
         limit = self.max_connections_per_user
         wait = min(self.header_timeout, OVER_CAP_HEAD_SECONDS)
         deadline = asyncio.get_running_loop().time() + wait
@@ -922,9 +980,11 @@ class Proxy:
                 )
                 await refuse(client, who, *request.start[:2], Denied(429, message))
 
-    async def serve_one(self, client: ClientStream, caller: Caller | None, uid: int) -> bool:
+    async def serve_one(
+        self, client: ClientStream, caller: Caller | peer.IdentityError, uid: int
+    ) -> bool:
         """Serve one request; True to keep the connection for the next."""
-        who = caller.user if caller else f"uid {uid}"
+        who = caller.user if isinstance(caller, Caller) else f"uid {uid}"
         deadline = asyncio.get_running_loop().time() + self.header_timeout
         try:
             request = await client.next_request(deadline)
@@ -937,8 +997,8 @@ class Proxy:
         body = RequestBody(client, request, self.header_timeout)
         method, raw_target = request.start[0], request.start[1]
         try:
-            if caller is None:
-                raise policy.forbid(f"Permission denied: uid {uid} has no account on this host")
+            if isinstance(caller, peer.IdentityError):
+                raise policy.forbid(f"Permission denied: {caller.message}")
             plan = await self.plan(caller, request, body)
             # admins' targets too: only a canonical rendering of a parsed target is forwarded
             plan = replace(plan, target=policy.parse_target(method, plan.target).render())
@@ -965,65 +1025,266 @@ class Proxy:
         target = policy.parse_target(method, raw_target)
         policy.check_api_version(target)
         route = policy.classify(target)
+        try:
+            return await self.plan_route(caller, target, route, body)
+        except Invisible as hidden:
+            return await self.as_missing(caller, target, route, hidden, body)
 
+    async def plan_route(
+        self, caller: Caller, target: Target, route: policy.Route, body: RequestBody
+    ) -> Plan:
         match route.kind:
-            case Kind.PUBLIC | Kind.IMAGE_READ:
+            case Kind.PUBLIC:
                 return Plan(target.render(), None)
+            case Kind.INFO:
+                return await self.plan_info(caller, target)
             case Kind.LIST_CONTAINERS:
+                for key, ref in policy.container_list_refs(target):
+                    target = await self.resolve_list_ref(caller, target, key, ref)
                 return Plan(policy.check_list(caller, target).render(), None, caller.user)
             case Kind.EVENTS:
                 return Plan(policy.check_events(caller, target).render(), None)
             case Kind.CREATE:
                 return await self.plan_create(caller, target, await body.read(policy.MAX_JSON_BODY))
             case Kind.CONTAINER:
-                facts, fetched = await self.upstream.inspect(route.ref or "", target.version)
-                inspected = route.action in ("exec", "start")
-                data = await body.read(policy.MAX_JSON_BODY) if inspected else b""
-                checked, new_body = policy.check_container_action(
-                    caller, route, target, facts, data
-                )
-                plan = Plan(checked.render(), new_body)
-                if (target.method, route.action) == ("GET", "json") and not target.query:
-                    plan.answer = fetched.as_response()  # the look-up was this very request
-                if route.action == "exec" and facts is not None:
-                    plan.learn_exec = (facts.id, caller.user)
-                return plan
+                return await self.plan_container(caller, target, route, body)
             case Kind.EXEC:
                 return await self.plan_exec(caller, target, route)
             case Kind.IMAGE_PULL:
-                reference = policy.pull_reference(target)
-                limits = await self.limits(caller)
-                if limits and limits.allowed_images is not None:
-                    policy.CreateCheck(
-                        caller, self.settings, policy.CreateFacts(limits=limits)
-                    ).image(reference)
-                policy.check_pull(caller, reference, await self.upstream.image_exists(reference))
-                return Plan(target.render(), None)
+                policy.check_pull(caller)
             case Kind.IMAGE_TAG:
-                return Plan(policy.check_image_tag(caller, target).render(), None)
+                policy.check_image_tag(caller, target)
+                image, _ = await self.visible_image(caller, route.ref or "", target.version)
+                # by the id that was checked: no retag in between can change what is tagged
+                segments = ("images", image.id, "tag")
+                return Plan(Target("POST", target.version, segments, target.query).render(), None)
             case Kind.IMAGE_DELETE:
                 policy.check_image_delete(caller, route)
                 return Plan(target.render(), None)
+            case Kind.IMAGE_READ:
+                return await self.plan_image_read(caller, target, route)
+            case Kind.IMAGE_LIST:
+                return await self.plan_image_list(caller, target)
             case Kind.BUILD:
-                return Plan(
-                    policy.check_build(caller, target, await self.limits(caller)).render(), None
-                )
+                return await self.plan_build(caller, target, body)
         raise policy.forbid("Permission denied")  # pragma: no cover - classify is exhaustive
+
+    async def as_missing(
+        self,
+        caller: Caller,
+        target: Target,
+        route: policy.Route,
+        hidden: Invisible,
+        body: RequestBody,
+    ) -> Plan:
+        """Answer for a hidden object exactly as the engine answers for a missing one: the
+        same request, about a stand-in reference that cannot exist (nothing happens there),
+        the engine's reply with the reference put back."""
+        stand = policy.stand_in(hidden.kind, hidden.ref, secrets.token_hex(32))
+        payload = hidden.body if isinstance(hidden.body, bytes) else None
+        if hidden.rebuild is not None:
+            asked = hidden.rebuild(stand.ref)
+        elif route.kind is Kind.CREATE:
+            asked = target
+            payload = json.dumps({**hidden.body, "Image": stand.ref}).encode()
+        elif route.kind in (Kind.CONTAINER, Kind.EXEC):
+            asked = target.with_segment(1, stand.ref)
+            if route.kind is Kind.EXEC and target.method == "POST" and payload is None:
+                payload = await body.read(policy.MAX_JSON_BODY)
+        elif route.kind in (Kind.IMAGE_READ, Kind.IMAGE_TAG):
+            segments = ("images", *stand.ref.split("/"), *([route.action] if route.action else []))
+            asked = Target(target.method, target.version, segments, target.query)
+        else:  # pragma: no cover - every Invisible comes from a route above
+            raise hidden
+        await body.drain()
+        fetched = await self.upstream.request(target.method, asked.render(), payload)
+        log.warning(
+            "denied user=%s method=%s path=%s status=%d reason=%s (%s)",
+            caller.user,
+            target.method,
+            target.render(),
+            fetched.status,
+            hidden.message,
+            hidden.why or "not visible",
+        )
+        answer = fetched.with_body(stand.restore(fetched.body)).as_response()
+        return Plan(asked.render(), None, answer=answer)
+
+    async def resolve_container(
+        self, caller: Caller, ref: str, version: str | None = None
+    ) -> tuple[ContainerFacts | None, Fetched | None]:
+        """`ref` resolved among the caller's own containers (see `policy.resolve_among`).
+
+        The engine's own resolution answers at once when it lands on one of theirs (one
+        look-up, which is the inspect itself); otherwise their list decides. Another user's
+        container comes back only for the log line of the refusal.
+        """
+        facts, fetched = await self.upstream.inspect(ref, version)
+        if facts is not None and policy.is_owned(facts.labels, caller.user):
+            return facts, fetched
+        found = policy.resolve_among(ref, await self.upstream.own_containers(caller.user))
+        if found is None:
+            return facts, None
+        return await self.upstream.inspect(found, version)
+
+    async def plan_container(
+        self, caller: Caller, target: Target, route: policy.Route, body: RequestBody
+    ) -> Plan:
+        facts, fetched = await self.resolve_container(caller, route.ref or "", target.version)
+        inspected = route.action in ("exec", "start")
+        data = await body.read(policy.MAX_JSON_BODY) if inspected else b""
+        try:
+            checked, new_body = policy.check_container_action(caller, route, target, facts, data)
+        except Invisible as hidden:
+            hidden.body = data if inspected else None
+            raise
+        assert facts is not None
+        plan = Plan(checked.render(), new_body)
+        if (target.method, route.action) == ("GET", "json") and not target.query and fetched:
+            plan.answer = fetched.as_response()  # the look-up was this very request
+        if route.action == "exec":
+            plan.learn_exec = (facts.id, caller.user)
+        if route.action == "rename":
+            renamed = await self.upstream.request("POST", plan.target)
+            plan.answer = redacted(renamed).as_response()
+        return plan
+
+    async def resolve_list_ref(self, caller: Caller, target: Target, key: str, ref: str) -> Target:
+        """A container named in a list filter, as the caller's own full id (or as missing)."""
+        facts, _ = await self.resolve_container(caller, ref, target.version)
+        if facts is None or not policy.is_owned(facts.labels, caller.user):
+            hidden = Invisible("container", ref, why="list filter")
+            hidden.rebuild = lambda stand: policy.check_list(
+                caller, policy.replace_filter(target, key, ref, stand)
+            )
+            raise hidden
+        return policy.replace_filter(target, key, ref, facts.id)
+
+    async def visible_image(
+        self, caller: Caller, ref: str, version: str | None = None
+    ) -> tuple[ImageFacts, Fetched]:
+        """The image `ref` names if the caller may use it, else `Invisible` (missing alike)."""
+        image, fetched = await self.upstream.image(ref, version)
+        if not policy.image_visible(caller, image, await self.shared_for(caller)):
+            raise Invisible("image", ref, why="not shared" if image else "missing")
+        assert image is not None
+        return image, fetched
+
+    async def shared_for(self, caller: Caller) -> frozenset[str]:
+        if self.shared is None:
+            return frozenset()
+        limits = await self.limits(caller)
+        return await self.shared.for_caller(limits.allowed_images if limits else None)
+
+    async def plan_image_read(self, caller: Caller, target: Target, route: policy.Route) -> Plan:
+        image, fetched = await self.visible_image(caller, route.ref or "", target.version)
+        if route.action == "json":
+            data = policy.filter_image_document(caller, json.loads(fetched.body))
+        else:
+            history = await self.upstream.fetch(target.render())
+            if history.status != 200:
+                return Plan(target.render(), None, answer=history.as_response())
+            data = policy.filter_image_history(caller, json.loads(history.body))
+            fetched = history
+        answer = fetched.with_body(json.dumps(data).encode()).as_response()
+        return Plan(target.render(), None, answer=answer)
+
+    async def plan_image_list(self, caller: Caller, target: Target) -> Plan:
+        for key, ref in policy.image_list_refs(target):
+            try:
+                await self.visible_image(caller, ref, target.version)
+            except Invisible as hidden:
+                hidden.rebuild = lambda stand, key=key, ref=ref: policy.replace_filter(
+                    target, key, ref, stand
+                )
+                raise
+        listing = await self.upstream.fetch(target.render())
+        if listing.status != 200:
+            return Plan(target.render(), None, answer=listing.as_response())
+        kept = policy.filter_image_list(
+            caller, json.loads(listing.body), await self.shared_for(caller)
+        )
+        return Plan(
+            target.render(), None, answer=listing.with_body(json.dumps(kept).encode()).as_response()
+        )
+
+    async def plan_info(self, caller: Caller, target: Target) -> Plan:
+        info = await self.upstream.fetch(target.render())
+        if info.status != 200:
+            return Plan(target.render(), None, answer=info.as_response())
+        own = await self.upstream.own_containers(caller.user)
+        images = policy.filter_image_list(
+            caller, await self.upstream.images(), await self.shared_for(caller)
+        )
+        data = policy.own_info(json.loads(info.body), own, len(images))
+        return Plan(
+            target.render(), None, answer=info.with_body(json.dumps(data).encode()).as_response()
+        )
+
+    async def plan_build(self, caller: Caller, target: Target, body: RequestBody) -> Plan:
+        checked = policy.check_build(caller, target, await self.limits(caller))
+        context = await body.read(self.settings.max_build_context)
+        shared = await self.shared_for(caller)
+        uses = policy.build_images(target, context, self.settings.max_build_context)
+        cache: list[str] = []
+        while uses:
+            use = uses.pop(0)
+            image, _ = await self.upstream.image(use.reference, target.version)
+            triggers = policy.check_build_image(caller, use, image, shared)
+            if use.where.startswith("FROM"):  # only a base image's triggers run
+                uses += triggers
+            assert image is not None
+            cache.append(image.id)
+        visible = policy.filter_image_list(caller, await self.upstream.images(), shared)
+        cache += [str(i.get("Id")) for i in visible]
+        return Plan(policy.build_cache_sources(checked, cache).render(), context)
 
     async def plan_create(self, caller: Caller, target: Target, raw: bytes) -> Plan:
         body = policy.parse_json_body(raw, "create")
         if not isinstance(body, dict):
             raise Denied(400, "create body must be a JSON object")
         needs = policy.create_needs(caller, body, self.settings)
-        containers = {ref: await self.upstream.container(ref) for ref in needs.containers}
-        paths = {path: await asyncio.to_thread(path_facts, path) for path in needs.paths}
+        containers = {}
+        for ref in needs.containers:
+            found, _ = await self.resolve_container(caller, ref, target.version)
+            owned = found is not None and policy.is_owned(found.labels, caller.user)
+            containers[ref] = found if owned else None
+        import_paths, volume_names = policy.import_needs(body.get("HostConfig"), containers)
+        volumes = {name: await self.upstream.volume(name) for name in volume_names}
+        all_paths = needs.paths + import_paths + policy.volume_needs(volumes)
+        paths = {path: await asyncio.to_thread(path_facts, path) for path in all_paths}
         limits = await self.limits(caller)
-        existing = 0
-        if limits and limits.max_containers is not None:
-            existing = await self.upstream.count_containers(caller.user)
-        facts = policy.CreateFacts(containers, paths, existing, limits)
-        checked, new_body = policy.check_create(caller, target, body, facts, self.settings)
-        return Plan(checked.render(), new_body)
+        image = (await self.upstream.image(needs.image, target.version))[0] if needs.image else None
+        shared = await self.shared_for(caller)
+        async with self.create_slot(caller, limits):
+            existing = 0
+            if limits and limits.max_containers is not None:
+                existing = await self.upstream.count_containers(caller.user)
+            facts = policy.CreateFacts(containers, paths, existing, limits, volumes, image, shared)
+            checked, new_body = policy.check_create(caller, target, body, facts, self.settings)
+            created = await self.upstream.request("POST", checked.render(), new_body)
+        return Plan(checked.render(), new_body, answer=redacted(created).as_response())
+
+    @contextlib.asynccontextmanager
+    async def create_slot(
+        self, caller: Caller, limits: policy.UserLimits | None
+    ) -> AsyncIterator[None]:
+        """Count-and-create one at a time per user, also across proxy processes: an asyncio
+        lock here, an flock on ``state_dir/create-<user>.lock`` between processes."""
+        if limits is None or limits.max_containers is None:
+            yield
+            return
+        async with self.create_locks.setdefault(caller.user, asyncio.Lock()):
+            if self.state_dir is None:
+                yield
+                return
+            path = self.state_dir / f"create-{escape_name(caller.user)}.lock"
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)  # releases the flock
 
     async def plan_exec(self, caller: Caller, target: Target, route: policy.Route) -> Plan:
         exec_id = route.ref or ""
@@ -1031,14 +1292,14 @@ class Proxy:
         if known is None:
             found = await self.upstream.exec_container(exec_id)
             if found is None:
-                raise Denied(404, f"No such exec instance: {exec_id}")
+                raise Invisible("exec", exec_id, why="missing")
             exec_id, container_id = found
             facts = policy.check_owner(
-                caller, container_id, await self.upstream.container(container_id)
+                caller, exec_id, await self.upstream.container(container_id), kind="exec"
             )
             self.remember_exec(exec_id, facts.id, caller.user)
         elif known[1] != caller.user:
-            raise policy.forbid(f"Permission denied: container owned by {known[1]}")
+            raise Invisible("exec", exec_id, why=f"owned by {known[1]}")
         return Plan(target.with_segment(1, exec_id).render(), None)
 
     async def forward(
@@ -1167,33 +1428,17 @@ def limits_loader(path: str | None) -> Callable[[Caller], policy.UserLimits | No
     return limits_for
 
 
-def prepare_socket_path(path: str) -> None:
-    """Create the socket's directory (0755) and remove a stale socket left by a crash."""
-    os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            raise SystemExit(
-                f"ds01hub proxy: {path} exists and is not a socket; remove it or "
-                "choose another --listen path"
-            )
-        os.unlink(path)
-
-
 async def serve(proxy: Proxy, listen: str, ready: Callable[[], None] | None = None) -> None:
-    """Listen on `listen` (mode 0666: identity comes from SO_PEERCRED) until cancelled."""
-    prepare_socket_path(listen)
-    server = await asyncio.start_unix_server(proxy.handle, listen, limit=MAX_HEAD, backlog=1024)
-    os.chmod(listen, 0o666)
-    admins = ", ".join(
-        ["root", *sorted(proxy.admins.users)]
-        + ([f"members of group {proxy.admins.group}"] if proxy.admins.group else [])
-    )
+    """Listen on `listen` (mode 0666: identity comes from SO_PEERCRED) until cancelled; a path
+    where another listener answers is refused (ds01hub.peer.listen_unix: SocketPathError)."""
+    listener = peer.listen_unix(listen, 0o666, backlog=1024)  # bursts of connects
+    server = await asyncio.start_unix_server(proxy.handle, sock=listener.sock, limit=MAX_HEAD)
     log.info(
         "ds01hub proxy listening on unix://%s, upstream unix://%s; full access: %s; "
         "header timeout %gs, at most %d connections per user, %d open files",
         listen,
         proxy.upstream.path,
-        admins,
+        proxy.admins.describe(),
         proxy.header_timeout,
         proxy.max_connections_per_user,
         resource.getrlimit(resource.RLIMIT_NOFILE)[0],
@@ -1204,8 +1449,7 @@ async def serve(proxy: Proxy, listen: str, ready: Callable[[], None] | None = No
         async with server:
             await server.serve_forever()
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(listen)
+        listener.remove_path()
 
 
 def raise_open_files_limit() -> None:
@@ -1243,14 +1487,23 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    state_dir = Path(args.state_dir)
+    try:
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as error:
+        print(f"ds01hub proxy: --state-dir {state_dir}: {error}", file=sys.stderr)
+        return 1
+    upstream = Upstream(args.upstream)
     raise_open_files_limit()
     proxy = Proxy(
-        Upstream(args.upstream),
-        AdminRule(frozenset(args.admin), args.admin_group),
+        upstream,
+        peer.AdminRule(frozenset(args.admin), frozenset(filter(None, [args.admin_group]))),
         settings,
         limits,
         header_timeout=args.header_timeout,
         max_connections_per_user=args.max_connections_per_user,
+        shared=SharedImages(upstream, tuple(args.shared_image or DEFAULT_SHARED_IMAGES)),
+        state_dir=state_dir,
     )
 
     async def main() -> None:
@@ -1261,7 +1514,11 @@ def run(args: argparse.Namespace) -> int:
         with contextlib.suppress(asyncio.CancelledError):
             await serve(proxy, args.listen)
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except peer.SocketPathError as error:
+        print(f"ds01hub proxy: --listen {args.listen}: {error.message}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -1324,6 +1581,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         help="where users may bind-mount from, with {user} and {home} "
         "(repeatable; default {home} and /workspace/{user})",
+    )
+    parser.add_argument(
+        "--shared-image",
+        metavar="REF",
+        action="append",
+        help="an image every user may run and build FROM, matched by its id (resolved at "
+        "start and every 30 s; repeatable; default: "
+        + " and ".join(DEFAULT_SHARED_IMAGES)
+        + "); images the limits file's allowed_images name are shared with those users too",
+    )
+    parser.add_argument(
+        "--state-dir",
+        default="/var/lib/ds01hub/proxy",
+        help="the proxy's own directory (created 0700): per-user lock files that make "
+        "count-and-create atomic, also between proxy processes (default %(default)s)",
     )
     parser.add_argument(
         "--header-timeout",

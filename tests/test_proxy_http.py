@@ -42,6 +42,7 @@ from test_proxy import (  # the end-to-end harness of the proxy's own suite
     users,  # noqa: F401 -- fixture: two real Unix users
 )
 
+from ds01hub import peer
 from ds01hub import proxy_policy as policy
 from ds01hub.proxy import FORWARDED_HEADERS, ClientStream, Plan, Proxy, Upstream
 from ds01hub.proxy_policy import Caller
@@ -260,11 +261,15 @@ class FakeEngine:
 STREAM_HEAD = (
     b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
 )
+OWN_IMAGE = "sha256:" + "a" * 64
 UPGRADED = b"HTTP/1.1 101 UPGRADED\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n\r\n"
 
 
 def answer(request: GoRequest) -> bytes:
     path = request.target.split("?")[0]
+    if re.search(r"/images/ds01-alice/app(:latest)?/json$", path):  # alice's own image
+        body = json.dumps({"Id": OWN_IMAGE, "RepoTags": ["ds01-alice/app:latest"]}).encode()
+        return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
     if re.search(r"/(containers|images|exec)/.+/json$", path):
         body = b'{"message":"No such object"}'
         return b"HTTP/1.1 404 Not Found\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
@@ -291,13 +296,13 @@ class RecordingProxy(Proxy):
         super().__init__(upstream, **options)  # type: ignore[arg-type]
         self.judged: list[tuple[str, str]] = []  # (method, raw target) given to the policy
         self.expected: list[tuple[str, str]] = []  # what the engine may see, in order
-        fetch = upstream.fetch
+        request = upstream.request  # every look-up and every request the proxy answers itself
 
-        async def recorded_fetch(path: str):
-            self.expected.append(("GET", path))
-            return await fetch(path)
+        async def recorded(method: str, path: str, body: bytes | None = None):
+            self.expected.append((method, path))
+            return await request(method, path, body)
 
-        upstream.fetch = recorded_fetch  # type: ignore[method-assign]
+        upstream.request = recorded  # type: ignore[method-assign]
 
     async def plan(self, caller, request, body) -> Plan:
         self.judged.append((request.start[0], request.start[1]))
@@ -335,7 +340,7 @@ class Outcome:
 async def exchange(
     tmp_path: Path,
     data: bytes | Callable[[socket.socket], Awaitable[None]],
-    caller: Caller | None = ALICE,
+    caller: Caller | peer.IdentityError = ALICE,
     **options: object,
 ) -> Outcome:
     """Send `data` (or run a client coroutine) on one connection; the whole exchange."""
@@ -349,7 +354,8 @@ async def exchange(
 
         async def serve() -> None:
             try:
-                await proxy.serve_connection(client, caller, caller.uid if caller else 9999)
+                uid = caller.uid if isinstance(caller, Caller) else 9999
+                await proxy.serve_connection(client, caller, uid)
             finally:
                 client.close()
 
@@ -582,14 +588,15 @@ def test_a_denied_request_stops_the_pipeline(tmp_path):
     pipeline = get("/_ping") + post("/v1.41/containers/create", CREATE_ROOT) + get("/_ping")
     outcome = run(exchange(tmp_path, pipeline))
     assert outcome.statuses() == [200, 403]
-    assert [r.target for r in outcome.engine_requests()] == ["/_ping"]
+    seen = [r.target for r in outcome.engine_requests()]  # the ping and the policy's look-ups
+    assert seen[0] == "/_ping" and not any("create" in target for target in seen)
     assert_faithful(outcome)
 
 
 def test_a_create_body_is_the_checked_one(tmp_path):
-    body = json.dumps({"Image": "busybox", "Labels": {"ds01.gpus": "0"}}).encode()
+    body = json.dumps({"Image": "ds01-alice/app:latest", "Labels": {"ds01.gpus": "0"}}).encode()
     outcome = run(exchange(tmp_path, post("/v1.41/containers/create", body, chunks=[3])))
-    (seen,) = outcome.engine_requests()
+    (seen,) = [r for r in outcome.engine_requests() if r.method == "POST"]  # not the look-ups
     sent = json.loads(seen.body)
     assert seen.header("Content-Length") == str(len(seen.body))
     assert sent["Labels"]["ds01.user"] == "alice" and "ds01.gpus" not in sent["Labels"]
@@ -649,8 +656,9 @@ def test_an_oversized_head_is_refused(tmp_path):
     assert outcome.statuses() == [400] and b"larger than" in outcome.answers
 
 
-def test_a_uid_without_account_is_refused(tmp_path):
-    outcome = run(exchange(tmp_path, get("/_ping"), None))
+def test_a_refused_identity_is_refused(tmp_path):
+    refused = peer.IdentityError("uid 9999 has no account on this host", status=404)
+    outcome = run(exchange(tmp_path, get("/_ping"), refused))
     assert outcome.statuses() == [403]
     assert outcome.engine.connections == []
 
@@ -696,7 +704,7 @@ def test_a_stream_being_answered_is_not_timed_out(tmp_path):
 
 async def test_the_connection_cap_answers_429_and_frees_slots(tmp_path, monkeypatch):
     """Over the cap: 429 naming the limit; far over it: closed at once; slots come back."""
-    monkeypatch.setattr("ds01hub.proxy.identify", lambda pid, uid, admins: ALICE)
+    monkeypatch.setattr("ds01hub.peer.identify", lambda creds, admins: ALICE)
     monkeypatch.setattr("ds01hub.proxy.OVER_CAP_HEAD_SECONDS", 60)  # no expiry mid-test
     async with FakeEngine(str(tmp_path / "engine.sock")) as engine:
         proxy = Proxy(Upstream(engine.path), header_timeout=30, max_connections_per_user=3)
