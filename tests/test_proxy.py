@@ -1,7 +1,8 @@
 """The socket proxy end to end: the real docker CLI, run as two real Unix users, through a real
 `ds01hub proxy` in front of the real engine -- plus raw HTTP attacks from those users.
 
-The framing tests at the top are fast; the rest need root (useradd, su) and a Docker engine.
+The edge tests at the top are fast (HTTP framing: tests/test_proxy_http.py); the rest need
+root (useradd, su) and a Docker engine.
 Test containers use the CLI harness's 2 MB image made from the static busybox binary
 (`docker import`): no registry, built in well under a second.
 """
@@ -27,64 +28,7 @@ import pytest
 from ds01_cli_harness import BUSYBOX_IMAGE
 from ds01_cli_harness import busybox_image as shared_busybox_image
 
-from ds01hub.proxy import ChunkScanner, HttpError, parse_head, request_framing
-
-# --------------------------------------------------------------------------- framing (fast)
-
-
-def test_chunk_scanner_finds_the_end_across_reads():
-    body = b"5\r\nhello\r\n3\r\nabc\r\n0\r\n\r\nNEXT"
-    scanner = ChunkScanner()
-    used = 0
-    for step in (4, 9, 3, 20):  # feed in odd pieces, as a socket would
-        part = body[used : used + step]
-        n = scanner.scan(part) if part else 0
-        used += n
-        if scanner.done:
-            break
-    while not scanner.done:
-        used += scanner.scan(body[used:])
-    assert body[used:] == b"NEXT"
-
-
-@pytest.mark.parametrize(
-    "body",
-    [
-        b"5;ext=1\r\nhello\r\n0\r\n\r\n",
-        b"+5\r\nhello\r\n0\r\n\r\n",
-        b"5\r\nhelloXX0\r\n\r\n",
-        b"0\r\nX-Trailer: 1\r\n\r\n",
-    ],
-)
-def test_chunk_scanner_refuses_what_the_engine_might_read_differently(body):
-    with pytest.raises(HttpError):
-        scanner = ChunkScanner()
-        pos = 0
-        while not scanner.done:
-            step = scanner.scan(body[pos:])
-            assert step, "scanner stalled"
-            pos += step
-
-
-@pytest.mark.parametrize(
-    "headers",
-    [
-        "Content-Length: 5\r\nTransfer-Encoding: chunked",
-        "Content-Length: 5\r\nContent-Length: 6",
-        "Transfer-Encoding: gzip, chunked",
-        "Content-Length: -1",
-        "Content-Length: 5,5",
-    ],
-)
-def test_ambiguous_request_framing_is_refused(headers):
-    head = f"POST /x HTTP/1.1\r\nHost: d\r\n{headers}\r\n\r\n".encode()
-    with pytest.raises(HttpError):
-        request_framing(parse_head(head, request=True))
-
-
-def test_obsolete_line_folding_is_refused():
-    with pytest.raises(HttpError):
-        parse_head(b"GET /x HTTP/1.1\r\nHost: d\r\n X-Folded: 1\r\n\r\n", request=True)
+# --------------------------------------------------------------------------- edge (fast)
 
 
 def test_an_unreachable_engine_is_a_clear_502(tmp_path):
