@@ -2,7 +2,8 @@
 "Engine restart"), on a PRIVATE dockerd (harness.engine; the shared engine is never stopped).
 
 One real hub (DS01Spawner, SIMULATED GPUs) with the ds01-ops service and the ds01 notebook
-service, one real `ds01hub proxy`, all on the private engine. alice has a running GPU server;
+service, one real `ds01hub proxy`, all on the private engine. First bob's container is stopped
+behind the hub's back: the hub sees it at once. Then alice has a running GPU server;
 slow's GPU spawn is waiting for a Jupyter that never answers. Then dockerd gets SIGTERM (as
 `systemctl stop docker` sends) and is started again. What must hold: the hub reports both
 servers as they really are (stopped) within a bounded wait while the engine is still down;
@@ -148,11 +149,19 @@ def test_the_engine_restarted_under_a_running_hub(hub_factory, engine, proxy, tm
 
 def check_recovery(ds01, hub, engine, client, gateway, proxy_log) -> None:
     alice, slow, admin = unique_name("ali"), unique_name("slow"), unique_name("adm")
-    hub.create_user(alice)
-    hub.create_user(slow)
+    bob = unique_name("bob")
+    for user in (alice, slow, bob):
+        hub.create_user(user)
     hub.create_user(admin, admin=True)
     admin_token, alice_token = hub.token_for(admin), hub.token_for(alice)
     events = EventLog(ds01.state_dir / "events.db")
+
+    # A container stopped behind the hub's back is seen at once (its die event), not at the
+    # next periodic poll (30 s).
+    hub.start_server(bob)
+    hub.wait_ready(bob)
+    client.containers.get(hub.server(bob)["state"]["object_id"]).stop(timeout=1)
+    wait_until(lambda: hub.server(bob) is None, 15, 0.2, hub.log)
 
     hub.start_server(alice, options={"gpus": 1})
     hub.wait_ready(alice)
