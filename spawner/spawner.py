@@ -610,8 +610,9 @@ class DS01Spawner(DockerSpawner):
         if not lost:
             return None
         entry = (await self._blocking(self.context.allocator.revocations)).get(existing["Id"])
-        why = (entry or {}).get("reason") or "reclaimed by a higher priority"
-        return f"its GPU slot(s) {', '.join(lost)} were given up while it was stopped ({why})"
+        if entry and entry.get("reason"):  # GpuAllocator.end_hold (the engine stopped)
+            return f"its GPU slot(s) {', '.join(lost)} were given back ({entry['reason']})"
+        return f"its GPU slot(s) {', '.join(lost)} were reclaimed by a higher priority"
 
     async def _undo_failed_start(self, slots, reason: str) -> None:
         """A container this spawn created and could not start is removed with its holdings;

@@ -215,4 +215,6 @@ def check_recovery(ds01, hub, engine, client, gateway, proxy_log) -> None:
     # alice starts again: her container is re-created (its slot was given back).
     hub.start_server(alice, options={"gpus": 1})
     hub.wait_ready(alice)
-    assert "given up while it was stopped" in hub.log(60000)
+    assert f"its GPU slot(s) {held[alice]} were given back (the Docker engine stopped at" in (
+        hub.log(60000)
+    )
