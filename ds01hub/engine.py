@@ -41,6 +41,7 @@ def engine_unreachable(error: BaseException) -> bool:
     missing, refuses or dropped the connection. An engine that answered with an error, or a
     slow one (a timeout), is not unreachable."""
     import requests
+    import urllib3
     from docker.errors import DockerException
 
     seen: set[int] = set()
@@ -49,8 +50,10 @@ def engine_unreachable(error: BaseException) -> bool:
         seen.add(id(current))
         if isinstance(current, requests.exceptions.Timeout):
             return False
-        if isinstance(current, requests.exceptions.ConnectionError):
-            return True
+        if isinstance(
+            current, requests.exceptions.ConnectionError | urllib3.exceptions.ProtocolError
+        ):
+            return True  # refused, missing socket, or a connection (a stream) cut off
         if isinstance(current, DockerException) and "fetching server API version" in str(current):
             return True  # docker.from_env() / version="auto" against a stopped engine
         current = current.__cause__ or current.__context__
@@ -253,8 +256,10 @@ class EngineWatcher:
                     self.on_back(ended if ended is not before else None)
                 self.state.live_restore = bool(self.client.info().get("LiveRestoreEnabled"))
                 followed = True
-                self._follow()
-                self.on_stream_end()
+                try:
+                    self._follow()
+                finally:  # however it ended, the engine may be going: the hub takes note
+                    self.on_stream_end()
             except Exception:  # a watcher that died silently would be worse than a loud one
                 self.state.log.exception("watching %s failed; watching again", self.state.name)
                 if self._stop.wait(self.interval):

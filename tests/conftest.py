@@ -14,9 +14,6 @@ from harness import HubFactory
 
 from ds01hub import bootstrap
 
-#: Markers of the tests that need more than Python (README "Tests").
-SLOW_MARKERS = ("docker", "e2e", "browser", "root")
-
 
 def in_ci() -> bool:
     """Under CI (`CI=true`, set by .ci/run) the machine was set up by `make test`: a test
@@ -45,7 +42,7 @@ def pytest_runtest_makereport(item, call):
     test` set up and that cannot run a test is a broken CI, not a green one."""
     report = yield
     if in_ci() and report.skipped and not hasattr(report, "wasxfail"):
-        markers = [m for m in SLOW_MARKERS if item.get_closest_marker(m)]
+        markers = sorted({m.name for m in item.iter_markers()} - {"parametrize"})
         report.outcome = "failed"
         report.longrepr = (
             f"skipped under CI=true (markers: {', '.join(markers) or 'none'}): "

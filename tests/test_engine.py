@@ -17,6 +17,7 @@ from pathlib import Path
 import docker
 import pytest
 import requests
+import urllib3
 from harness import wait_until
 from prometheus_client import CollectorRegistry
 from test_allocation_state import NOW, Machine, doc
@@ -56,6 +57,8 @@ def test_an_engine_that_does_not_answer_is_unreachable(tmp_path):
     assert engine_unreachable(
         error_of(lambda: docker.APIClient(base_url=f"unix://{missing}", version="auto"))
     )
+    # an event stream cut off mid-read (docker-py reads streams through urllib3 directly)
+    assert engine_unreachable(urllib3.exceptions.ProtocolError("Connection broken"))
     wrapped = RuntimeError("listing failed")
     wrapped.__cause__ = error_of(client_at(missing).ping)
     assert engine_unreachable(wrapped)
