@@ -466,21 +466,29 @@ def bootstrap_wheel_dir():
         yield Path(directory)
 
 
+#: The Debian packages the install itself needs (the venv, TLS to the package index). Docker's
+#: engine comes from bootstrap.ensure_docker_engine only where none answers, so a site's own
+#: engine (docker-ce, say) is used as it is; mmdebstrap only when the base image is built.
+INSTALL_PACKAGES = ("python3-venv", "ca-certificates")
+
+
 def host_step() -> Step:
-    """Debian packages, configurable-http-proxy and a running Docker engine (bootstrap's)."""
+    """The packages, configurable-http-proxy and a running Docker engine (bootstrap's
+    functions; an engine that answers is never installed, started or restarted)."""
 
     def needed() -> bool:
         return (
-            bool(bootstrap.missing_packages(bootstrap.HOST_PACKAGES))
+            bool(bootstrap.missing_packages(INSTALL_PACKAGES))
             or shutil.which(bootstrap.PROXY_COMMAND) is None
             or not bootstrap.docker_answers()
         )
 
-    return Step(
-        "host: Debian packages, configurable-http-proxy, the Docker engine",
-        needed,
-        lambda: bootstrap.ensure_host(),
-    )
+    def apply() -> None:
+        bootstrap.ensure_packages(INSTALL_PACKAGES)
+        bootstrap.ensure_proxy_command()
+        bootstrap.ensure_docker_engine()
+
+    return Step("host: Debian packages, configurable-http-proxy, the Docker engine", needed, apply)
 
 
 def install_commands(source: Path, layout: Layout) -> list[str]:
