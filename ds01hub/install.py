@@ -669,7 +669,10 @@ def images_step(options: Options, venv_changed: bool) -> Step:
     return Step(
         "images: base and single-user (reused when up to date)",
         lambda: venv_changed or not bootstrap.image_exists(image),
-        lambda: bootstrap.run(command, env={k: v for k, v in env.items() if v != ""}),
+        # its report goes to stderr with the rest of the progress: stdout is the install's result
+        lambda: bootstrap.run(
+            command, env={k: v for k, v in env.items() if v != ""}, stdout=sys.stderr
+        ),
     )
 
 
