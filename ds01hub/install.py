@@ -24,9 +24,10 @@ What goes where (docs/going-live.md explains each part)::
 
 Every step checks first and does only what is missing or out of date, so a second run changes
 nothing, and a run after ``git pull`` is the upgrade: the venv and the share/ files are
-replaced, the admin's files in /etc/ds01hub are kept, units restart only when something they
-run changed. ``--dry-run`` prints the steps that a run would do. ``uninstall`` stops and removes
-the units, links, venv and system files, and keeps config, state, logs, workspaces and groups
+replaced, the admin's files in /etc/ds01hub are kept, and a running unit restarts only when
+something it runs changed (the hub for its config, the venv or its token; the proxy for the
+venv). ``--dry-run`` prints the steps that a run would do. ``uninstall`` stops and removes the
+units, links, venv and system files, and keeps config, state, logs, workspaces and groups
 unless ``--purge`` (workspaces, the users' own files, are never removed).
 
 Standard library only (like ds01hub.bootstrap, whose helpers it uses): it runs before the venv
@@ -308,7 +309,7 @@ class Step:
     what: str
     needed: Callable[[], bool]
     apply: Callable[[], None]
-    restarts: bool = False  # when done, running units must restart to use it
+    restarts: tuple[str, ...] = ()  # when done, these units (if running) restart to use it
 
 
 def _write(path: Path, content: str, mode: int, group: str | None = None) -> None:
@@ -322,7 +323,11 @@ def _write(path: Path, content: str, mode: int, group: str | None = None) -> Non
 
 
 def file_step(
-    path: Path, content: str, mode: int = 0o644, keep: bool = False, restarts: bool = False
+    path: Path,
+    content: str,
+    mode: int = 0o644,
+    keep: bool = False,
+    restarts: tuple[str, ...] = (),
 ) -> Step:
     """Write ``path`` when it is missing, or (unless ``keep``) when its content or mode
     differ. ``keep``: the admin's file once written."""
@@ -383,9 +388,7 @@ def group_step(name: str) -> Step:
             return True
         return False
 
-    return Step(
-        f"group {name}", needed, lambda: bootstrap.run(["groupadd", "--system", name]), False
-    )
+    return Step(f"group {name}", needed, lambda: bootstrap.run(["groupadd", "--system", name]))
 
 
 def token_step(path: Path) -> Step:
@@ -394,7 +397,7 @@ def token_step(path: Path) -> Step:
         f"create {path} (hub API token of `ds01hub cull`, mode 0600)",
         lambda: not path.exists(),
         lambda: _write(path, secrets.token_hex(32) + "\n", 0o600),
-        restarts=True,
+        restarts=(HUB_UNIT,),  # the hub registers it at start
     )
 
 
@@ -455,7 +458,7 @@ def venv_step(
             os.umask(old_umask)
         (venv / ".ds01hub-install.json").write_text(json.dumps(wanted) + "\n")
 
-    return Step(f"virtualenv {venv} (from {python})", needed, apply, restarts=True)
+    return Step(f"virtualenv {venv} (from {python})", needed, apply, (HUB_UNIT, PROXY_UNIT))
 
 
 @contextlib.contextmanager
@@ -519,11 +522,15 @@ def systemctl(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     )
 
 
+def _active(unit: str) -> bool:
+    return systemctl("is-active", "--quiet", unit, check=False).returncode == 0
+
+
 def units_enabled_step(layout: Layout) -> Step:
     def needed() -> bool:
         return any(
             systemctl("is-enabled", "--quiet", unit, check=False).returncode != 0
-            or systemctl("is-active", "--quiet", unit, check=False).returncode != 0
+            or not _active(unit)
             for unit in STARTED_UNITS
         )
 
@@ -580,7 +587,7 @@ def plan(options: Options) -> list[Step]:
     steps += gpu_access.install_steps(layout, file_step, Step, options.accounts)
     if options.systemd:
         steps += [
-            file_step(layout.units / name, content, restarts=True)
+            file_step(layout.units / name, content, restarts=(name,))
             for name, content in render_units(layout).items()
         ]
     return steps
@@ -597,7 +604,11 @@ def share_steps(layout: Layout, source: Path) -> list[Step]:
         "docs/student-guide.md": source / "docs" / "student-guide.md",
     }
     return [
-        file_step(layout.share / name, path.read_text(), restarts=name.endswith(".py"))
+        file_step(
+            layout.share / name,
+            path.read_text(),
+            restarts=(HUB_UNIT,) if name.endswith(".py") else (),  # the hub's config
+        )
         for name, path in files.items()
         if path.exists()
     ]
@@ -632,12 +643,15 @@ def after_steps(options: Options, done: list[Step]) -> list[Step]:
             steps.append(
                 Step("systemctl daemon-reload", lambda: True, lambda: systemctl("daemon-reload"))
             )
-        if any(s.restarts for s in done):
+        # only the running ones: the next step starts those that are not (a first install)
+        changed = {unit for step in done for unit in step.restarts}
+        restart = [unit for unit in render_units(layout) if unit in changed and _active(unit)]
+        if restart:
             steps.append(
                 Step(
-                    f"restart running units ({HUB_UNIT}, {PROXY_UNIT}) to use the new files",
+                    f"restart {', '.join(restart)} to use the new files",
                     lambda: True,
-                    lambda: systemctl("try-restart", HUB_UNIT, PROXY_UNIT),
+                    lambda: systemctl("try-restart", *restart),
                 )
             )
         steps.append(units_enabled_step(layout))
