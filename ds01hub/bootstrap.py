@@ -596,11 +596,15 @@ def project_files(source: Path) -> dict[str, bytes]:
 
 
 def build_project_wheel(
-    files: dict[str, bytes], source: Path, wheel_dir: Path, python: str = sys.executable
+    files: dict[str, bytes],
+    source: Path,
+    wheel_dir: Path,
+    python: str = sys.executable,
+    env: dict[str, str] | None = None,
 ) -> Path:
     """Build this project's wheel into ``wheel_dir`` from a copy of exactly ``files`` (the work
     tree may change meanwhile, and a build leaves nothing behind in the checkout) with
-    ``python``'s pip. Returns the wheel."""
+    ``python``'s pip (in ``env``: pip's own settings, such as a wheelhouse). Returns the wheel."""
     with tempfile.TemporaryDirectory(prefix="ds01hub-wheel-") as directory:
         project = Path(directory)
         for name, content in files.items():
@@ -622,7 +626,8 @@ def build_project_wheel(
                 "-w",
                 str(wheel_dir),
                 str(project),
-            ]
+            ],
+            env=env,
         )
     built = sorted(set(wheel_dir.glob("ds01hub-*.whl")) - before) or sorted(
         wheel_dir.glob("ds01hub-*.whl")

@@ -30,6 +30,10 @@ venv). ``--dry-run`` prints the steps that a run would do. ``uninstall`` stops a
 units, links, venv and system files, and keeps config, state, logs, workspaces and groups
 unless ``--purge`` (workspaces, the users' own files, are never removed).
 
+Hosts without a package index install from a wheelhouse (``--wheelhouse DIR``: pip installs
+from it alone), made on a machine with the index and the same Python by ``pip wheel -w DIR -r``
+of what ``--wheelhouse-requirements`` prints.
+
 Standard library only (like ds01hub.bootstrap, whose helpers it uses): it runs before the venv
 exists, as ``python3 -m ds01hub.install`` from a source checkout.
 """
@@ -421,12 +425,39 @@ def _read_stamps(venv: Path) -> dict[str, str]:
     return {}
 
 
+def pip_environment(wheelhouse: Path | None) -> dict[str, str] | None:
+    """The environment of the install's pip commands: with a wheelhouse, pip installs from it
+    alone (pip's own PIP_NO_INDEX and PIP_FIND_LINKS), for hosts without a package index;
+    without one, the install's own (None)."""
+    if wheelhouse is None:
+        return None
+    return {**os.environ, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(wheelhouse)}
+
+
+def wheelhouse_requirements(pyproject: dict, extras: str = VENV_EXTRAS) -> list[str]:
+    """What a wheelhouse holds (``pip wheel -w DIR`` of these on a machine with the index and
+    the same Python: docs/going-live.md): the project's dependencies with the venv's extras,
+    pip, and the project's build requirements (the install builds the project's own wheel)."""
+    project = pyproject["project"]
+    optional = project.get("optional-dependencies", {})
+    return [
+        *project.get("dependencies", []),
+        *(requirement for extra in extras.split(",") for requirement in optional.get(extra, [])),
+        "pip",
+        *pyproject["build-system"]["requires"],
+    ]
+
+
 def venv_step(
-    source: Path, venv: Path, extras: str = VENV_EXTRAS, python: Path = SYSTEM_PYTHON
+    source: Path,
+    venv: Path,
+    extras: str = VENV_EXTRAS,
+    python: Path = SYSTEM_PYTHON,
+    pip_env: dict[str, str] | None = None,
 ) -> Step:
     """The system venv: from ``python`` (the system's, so nothing lives under /root), this
     project installed from a wheel of exactly its sources (not editable: the checkout may be
-    private), world-readable."""
+    private), world-readable. ``pip_env``: see pip_environment."""
     wanted = venv_stamps(source, extras)
 
     def needed() -> bool:
@@ -445,15 +476,14 @@ def venv_step(
             pip = [str(venv / "bin" / "python"), "-m", "pip", "--disable-pip-version-check"]
             with bootstrap_wheel_dir() as wheel_dir:
                 wheel = bootstrap.build_project_wheel(
-                    bootstrap.project_files(source), source, wheel_dir, pip[0]
+                    bootstrap.project_files(source), source, wheel_dir, pip[0], pip_env
                 )
                 if have.get("dependencies") != wanted["dependencies"]:
-                    bootstrap.run([*pip, "install", "--quiet", "--upgrade", "pip"])
-                    bootstrap.run([*pip, "install", "--quiet", f"{wheel}[{extras}]"])
+                    bootstrap.run([*pip, "install", "--quiet", "--upgrade", "pip"], env=pip_env)
+                    bootstrap.run([*pip, "install", "--quiet", f"{wheel}[{extras}]"], env=pip_env)
                 else:
-                    bootstrap.run(
-                        [*pip, "install", "--quiet", "--no-deps", "--force-reinstall", str(wheel)]
-                    )
+                    reinstall = ["install", "--quiet", "--no-deps", "--force-reinstall"]
+                    bootstrap.run([*pip, *reinstall, str(wheel)], env=pip_env)
         finally:
             os.umask(old_umask)
         (venv / ".ds01hub-install.json").write_text(json.dumps(wanted) + "\n")
@@ -554,6 +584,7 @@ class Options:
     systemd: bool = True  # write units; enable/start them where systemd runs
     accounts: bool = True  # groups (only on the real root)
     ca_bundle: Path | None = bootstrap.HOST_CA_BUNDLE
+    wheelhouse: Path | None = None  # pip installs from this directory alone (no index)
 
 
 def plan(options: Options) -> list[Step]:
@@ -576,7 +607,7 @@ def plan(options: Options) -> list[Step]:
         directory_step(layout.workspaces, 0o711),  # users reach their own, list nobody's
     ]
     if options.venv:
-        steps.append(venv_step(source, layout.venv))
+        steps.append(venv_step(source, layout.venv, pip_env=pip_environment(options.wheelhouse)))
     steps += share_steps(layout, source)
     steps += config_steps(layout, source)
     steps += [
@@ -679,6 +710,7 @@ def images_step(options: Options, venv_changed: bool) -> Step:
         "--ca-bundle",
         ca,
     ]
+    env.update(pip_environment(options.wheelhouse) or {})  # the project wheel's build
     image = env.get("DS01HUB_IMAGE") or f"{bootstrap.SINGLEUSER_REPOSITORY}:{bootstrap.ALIAS_TAG}"
     return Step(
         "images: base and single-user (reused when up to date)",
@@ -694,6 +726,11 @@ def install(options: Options, dry_run: bool = False) -> dict:
     """Run (or with ``dry_run`` list) the steps that are needed. Returns what was done."""
     if os.geteuid() != 0 and options.layout.real:
         raise InstallError("ds01hub install needs root (sudo make install)")
+    if options.wheelhouse is not None and not options.wheelhouse.is_dir():
+        raise InstallError(
+            f"--wheelhouse {options.wheelhouse}: no such directory (make one on a machine with "
+            "the package index: docs/going-live.md, 'Hosts without a package index')"
+        )
     done: list[Step] = []
     for step in plan(options):
         if step.needed():
@@ -778,6 +815,11 @@ def _layout(args: argparse.Namespace) -> Layout:
 
 
 def run_install(args: argparse.Namespace) -> int:
+    if args.wheelhouse_requirements:
+        source = args.source or bootstrap.find_source()
+        pyproject = tomllib.loads((source / "pyproject.toml").read_text())
+        print("\n".join(wheelhouse_requirements(pyproject)))
+        return 0
     try:
         source = args.source or bootstrap.find_source()
         options = Options(
@@ -787,6 +829,7 @@ def run_install(args: argparse.Namespace) -> int:
             images=not args.no_images,
             systemd=not args.no_systemd,
             ca_bundle=args.ca_bundle,
+            wheelhouse=args.wheelhouse.resolve() if args.wheelhouse else None,
         )
         result = install(options, dry_run=args.dry_run)
     except (InstallError, bootstrap.BootstrapError, gpu_access.GpuAccessError) as error:
@@ -837,6 +880,20 @@ def add_install_arguments(parser: argparse.ArgumentParser) -> None:
         default=bootstrap.HOST_CA_BUNDLE,
         metavar="PEM|none",
         help="CA bundle copied into the single-user image (default %(default)s)",
+    )
+    parser.add_argument(
+        "--wheelhouse",
+        type=Path,
+        default=os.environ.get("DS01HUB_WHEELHOUSE") or None,
+        metavar="DIR",
+        help="install the venv's packages from the wheels in DIR alone, no package index "
+        "(hosts without one; default $DS01HUB_WHEELHOUSE)",
+    )
+    parser.add_argument(
+        "--wheelhouse-requirements",
+        action="store_true",
+        help="print what a wheelhouse must hold, one requirement a line, and exit: on a machine "
+        "with the index and the same Python, `pip wheel -w DIR -r` that list",
     )
     parser.add_argument("--no-venv", action="store_true", help="skip the system venv")
     parser.add_argument("--no-images", action="store_true", help="skip building the images")

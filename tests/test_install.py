@@ -9,6 +9,7 @@ import os
 import shutil
 import stat
 import subprocess
+import tomllib
 from dataclasses import replace
 from pathlib import Path
 
@@ -224,3 +225,17 @@ def test_an_upgrade_restarts_only_the_running_units_whose_files_changed(monkeypa
     # a first install: nothing runs yet, the units are started, not restarted
     first = _restart_steps(monkeypatch, [venv], set())
     assert not any(what.startswith("restart") for what in first), first
+
+
+def test_the_wheelhouse_holds_the_dependencies_and_the_build_requirements(tmp_path):
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    wanted = install.wheelhouse_requirements(pyproject)
+    assert set(pyproject["project"]["dependencies"]) <= set(wanted)
+    assert set(pyproject["build-system"]["requires"]) <= set(wanted)  # the project's own wheel
+    assert set(pyproject["project"]["optional-dependencies"]["ldap"]) <= set(wanted)
+    env = install.pip_environment(tmp_path)
+    assert (env["PIP_NO_INDEX"], env["PIP_FIND_LINKS"]) == ("1", str(tmp_path))
+    assert install.pip_environment(None) is None
+    missing = replace(options(tmp_path), wheelhouse=tmp_path / "nowhere")
+    with pytest.raises(install.InstallError, match="--wheelhouse .*nowhere: no such directory"):
+        install.install(missing)
