@@ -1,7 +1,8 @@
 # ds01hub: the two commands of the README, for a fresh Debian 12 machine as root.
 #
 #   make demo       install what is missing, build the images, start the demo hub on :8000
-#   make demo-stop  stop the demo hub
+#   make demo-stop  stop the demo hub (PURGE=1, or make demo-purge: also its accounts, state, ...)
+#   make install    install ds01hub on this host for real (ds01hub/install.py; make uninstall)
 #   make test       the same setup, then fast unit tests, then the Docker/e2e/browser tests
 #
 # The work is done by ds01hub/bootstrap.py (stdlib only, so it runs before the venv exists);
@@ -15,16 +16,30 @@ VENV ?= .venv
 CA_BUNDLE ?= /etc/ssl/certs/ca-certificates.crt
 PYTEST_ARGS ?=
 SLOW_MARKERS := docker or e2e or browser or root
-# pytest exit 5 means "no tests collected": not a failure for a marker selection.
-PYTEST := run_pytest() { $(VENV)/bin/pytest "$$@" || { rc=$$?; [ $$rc -eq 5 ] || return $$rc; }; }; run_pytest
+# Every exit but 0 fails, 5 ("no tests collected") too: a selection that matches nothing (a
+# marker or path typo) is a broken run, never a green one. No run here is meant to be empty.
+PYTEST := $(VENV)/bin/pytest
 
-.PHONY: demo demo-stop demo-status test test-unit test-slow python3 host host-test venv images lint
+PURGE ?=
+
+.PHONY: demo demo-stop demo-purge demo-status install uninstall test test-unit test-slow python3 host host-test venv images lint
 
 demo: host venv images
 	$(VENV)/bin/ds01hub demo start
 
 demo-stop:
-	@if [ -x $(VENV)/bin/ds01hub ]; then $(VENV)/bin/ds01hub demo stop; else echo "no demo here"; fi
+	@if [ -x $(VENV)/bin/ds01hub ]; then $(VENV)/bin/ds01hub demo stop $(if $(PURGE),--purge); \
+	else echo "no demo here"; fi
+
+demo-purge:
+	@$(MAKE) --no-print-directory demo-stop PURGE=1
+
+# A real host: system venv in /opt/ds01hub, /etc/ds01hub, units, ... (stdlib: no venv needed).
+install: python3
+	python3 -m ds01hub.install --ca-bundle $(CA_BUNDLE)
+
+uninstall: python3
+	python3 -m ds01hub.install uninstall $(if $(PURGE),--purge)
 
 demo-status:
 	$(VENV)/bin/ds01hub demo status

@@ -92,10 +92,10 @@ def running_proxy(directory: Path) -> Iterator[str]:
         "proxy",
         "--listen",
         str(socket_path),
-        "--log-level",
-        "error",
     ]
-    process = subprocess.Popen(command)
+    # at its default level, as deployed: a line per forwarded request, to a file
+    log = open(directory / "proxy.log", "w")  # noqa: SIM115 -- closed with the process
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 20
         while not socket_path.exists():
@@ -106,6 +106,7 @@ def running_proxy(directory: Path) -> Iterator[str]:
     finally:
         process.terminate()
         process.wait(timeout=10)
+        log.close()
 
 
 @contextmanager

@@ -11,8 +11,16 @@ Run with ``jupyterhub -f config/jupyterhub_config.py``. Site settings come from 
                           `ds01hub bootstrap images`)
   DS01HUB_LIMITS          the resource-limits YAML (default /etc/ds01hub/resource-limits.yaml;
                           config/resource-limits.yaml is the example)
+  DS01HUB_SSL_CERT/_KEY   TLS: the hub's certificate chain and key (PEM); the public URL is
+                          then https. DS01HUB_HTTP_REDIRECT_PORT: also redirect http there
+  DS01HUB_WORKSPACE_ROOT  one persistent workspace per user under it (their own uid/gid, the
+                          same files over SSH and at /workspace in their containers)
+  DS01HUB_ADMIN_TOKEN_FILE the hub API token of the admin commands (`ds01hub cull`)
+  DS01HUB_GPU_GROUP       the NVIDIA device nodes' group: containers get it (ds01hub.gpu_access)
 
-Each part of ds01hub adds its own small section below.
+`ds01hub install` keeps these in /etc/ds01hub/ds01hub.env and runs this file from its own
+/etc/ds01hub/jupyterhub_config.py (which adds the authenticator). Each part of ds01hub adds its
+own small section below.
 """
 
 import os
@@ -39,6 +47,17 @@ c.ConfigurableHTTPProxy.api_url = (
 _hub_url = f"http://{docker_bridge_ip()}:{os.environ.get('DS01HUB_HUB_PORT', '8081')}"
 c.JupyterHub.hub_bind_url = _hub_url
 c.JupyterHub.hub_connect_url = _hub_url
+
+# -- live: TLS on the hub's own port (or a reverse proxy in front: docs/going-live.md) --------
+if os.environ.get("DS01HUB_SSL_CERT"):
+    c.JupyterHub.ssl_cert = os.environ["DS01HUB_SSL_CERT"]
+    c.JupyterHub.ssl_key = os.environ.get("DS01HUB_SSL_KEY", "")  # JupyterHub names a missing one
+    if os.environ.get("DS01HUB_HTTP_REDIRECT_PORT"):  # plain http there answers with a redirect
+        c.ConfigurableHTTPProxy.command = [
+            "configurable-http-proxy",
+            "--redirect-port",
+            os.environ["DS01HUB_HTTP_REDIRECT_PORT"],
+        ]
 
 # -- foundation: servers are containers; named servers are a user's projects -----------------
 # The spawner: "docker" is plain DockerSpawner; DS01Spawner ("ds01") adds limits and GPUs.
@@ -127,8 +146,42 @@ c.DS01Spawner.profile_list = [
         "ds01_override": {"mig": "2g.20gb"},
     },
 ]
-# On a lab host with Unix accounts: each user's workspace at /workspace, the container running
-# as their uid/gid, and a cgroup parent per group (so the host can cap a whole group):
-#   c.DS01Spawner.workspace_root = "/srv/ds01/workspaces"
-#   c.DS01Spawner.user_id_source = "passwd"
+# -- live: persistent workspaces, the user's own uid/gid --------------------------------------
+# A lab host with Unix accounts: each user's workspace (workspace_root/<user>, theirs, 0750) is
+# /workspace in every container of theirs, and the container runs as their uid/gid, so the
+# files are the same over SSH and in the browser, and survive every container.
+if os.environ.get("DS01HUB_WORKSPACE_ROOT"):
+    c.DS01Spawner.workspace_root = os.environ["DS01HUB_WORKSPACE_ROOT"]
+    c.DS01Spawner.user_id_source = "passwd"
+# A cgroup parent per group lets the host cap a whole group:
 #   c.DS01Spawner.cgroup_parents = {"students": "ds01-students"}
+
+# -- live: the NVIDIA device nodes are root:<GPU group> 0660 (ds01hub install); a container's
+# process, running as the user, gets the group to open the devices of its own device request.
+_gpu_group = os.environ.get("DS01HUB_GPU_GROUP", "")
+if _gpu_group:
+    import grp  # noqa: E402
+
+    try:
+        c.DockerSpawner.extra_host_config = {"group_add": [str(grp.getgrnam(_gpu_group).gr_gid)]}
+    except KeyError:
+        raise SystemExit(
+            f"DS01HUB_GPU_GROUP={_gpu_group}: no such group (ds01hub install creates it)"
+        ) from None
+
+# -- live: the admin commands' hub token (`ds01hub cull` reads the same file) -----------------
+_admin_token_file = os.environ.get("DS01HUB_ADMIN_TOKEN_FILE", "")
+if _admin_token_file and Path(_admin_token_file).is_file():
+    from ds01hub.broker import _replace_named  # noqa: E402
+    from ds01hub.ops_service import SERVICE_SCOPES  # noqa: E402
+
+    _replace_named(
+        c.JupyterHub,
+        "services",
+        {"name": "ds01hub-cli", "api_token": Path(_admin_token_file).read_text().strip()},
+    )
+    _replace_named(
+        c.JupyterHub,
+        "load_roles",
+        {"name": "ds01hub-cli", "services": ["ds01hub-cli"], "scopes": SERVICE_SCOPES},
+    )

@@ -51,6 +51,7 @@ from typing import Any
 
 from ds01hub import labels
 from ds01hub.allocator import Decision, GpuRequest, Holding, decide, describe_holding
+from ds01hub.engine import engine_unreachable
 from ds01hub.eventlog import EventLog, EventLogError, NewEvent
 from ds01hub.inventory import Inventory
 from ds01hub.labels import ContainerRecord
@@ -187,7 +188,8 @@ def _pid_exists(pid: int) -> bool:
 class Claim:
     """Slots granted to container `name` until it has started (see the module docstring).
     `phase`: `granted` (lives with its owner, until `expires` unless renewed), `committed`
-    (the caller said the container exists or started: lives with its owner), `starting`
+    (the caller said the container exists: lives with its owner while the container has
+    never started), `starting`
     (checked by `begin_start`: lives until `expires` whatever happens to its owner).
     `since`: when the phase began (epoch seconds)."""
 
@@ -404,7 +406,9 @@ class GpuAllocator:
     @property
     def config(self) -> LimitsConfig:
         if isinstance(self._limits, LimitsStore):
-            self._limits.reload()
+            # read under the allocator's lock: never wait for a changed file here (spawns
+            # refresh it before they allocate); its read goes on aside
+            self._limits.reload(wait=False)
             return self._limits.current
         return self._limits if self._limits is not None else parse_limits({})
 
@@ -483,8 +487,11 @@ class GpuAllocator:
     def _claim_live(
         self, claim: Claim, record: ContainerRecord | None, ids: set[str], now: datetime
     ) -> bool:
-        if record is not None and set(record.gpus) == set(claim.slots) and _has_run(record, claim):
-            return False  # started on the claimed slots: its labels hold from here on
+        if record is not None and set(record.gpus) == set(claim.slots):
+            if _has_run(record, claim):
+                return False  # started on the claimed slots: its labels hold from here on
+            if claim.phase == "committed" and record.state != "created":
+                return False  # committed for a container that has run: its labels hold
         if claim.phase == "starting":
             if claim.container_id and claim.container_id not in ids:
                 return False  # its container is gone: it can never start
@@ -881,7 +888,12 @@ class GpuAllocator:
             dropped = claims.pop(container_name, None)
             if dropped is not None:
                 self._commit(claims)
-            view = self._view(now)
+            try:
+                view = self._view(now)
+            except Exception as error:
+                if not engine_unreachable(error):
+                    raise
+                return  # the engine is away: the next sweep writes these events
             self._log_facts(self._sweep_events(view, now, only=container_name, reason=reason))
 
     def reconcile(self) -> list[ReconcileAction]:
@@ -902,6 +914,44 @@ class GpuAllocator:
             now = self.clock()
             view = self._view(now)
             self._log_facts(self._sweep_events(view, now))
+
+    def end_hold(self, container_id: str, reason: str) -> list[str]:
+        """A stopped container gives its GPU slots back now instead of at the end of its
+        `gpu_hold_after_stop`: its server is gone and its user did not stop it (the Docker
+        engine stopped under it; ds01hub.spawner.recovery). Recorded beside the labels as a
+        reclaim is (`revoked.json`, with `reason` and no winner), so its next start asks for
+        slots again; each slot's open interval gets a `release` event. A running container
+        keeps its slots (so does one being restarted: its claim holds them). Returns the
+        slots given back."""
+        with self.locked():
+            now = self.clock()
+            view = self._view(now)
+            mine = [
+                h for h in view.holdings if h.container_id == container_id and h.state == "stopped"
+            ]
+            if not mine:
+                return []
+            present = {record.id for record in view.records}
+            revoked = {cid: entry for cid, entry in view.revoked.items() if cid in present}
+            entry = revoked.setdefault(container_id, {"name": mine[0].container, "slots": []})
+            slots = {h.slot_id for h in mine}
+            entry["slots"] = sorted(set(entry["slots"]) | slots)
+            entry.update(reason=reason, at=now.isoformat())
+            events = [
+                NewEvent(
+                    "release",
+                    interval.user,
+                    slot=interval.slot,
+                    container=interval.container,
+                    group=interval.group,
+                    reason=reason,
+                    at=now,
+                )
+                for interval in (self.eventlog.open_allocations() if self.eventlog else ())
+                if interval.container == mine[0].container and interval.slot in slots
+            ]
+            self._commit(None, revoked, events)
+        return sorted(slots)
 
     # -- events --------------------------------------------------------------------------------
 

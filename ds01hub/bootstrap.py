@@ -65,6 +65,10 @@ HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 #: Debian packages for the host; the test tools drive a real browser and real terminals.
 HOST_PACKAGES = ("docker.io", "mmdebstrap", "python3-venv", "git", "ca-certificates")
 TEST_TOOL_PACKAGES = ("chromium", "tmux", "busybox-static")  # busybox: the CLI/proxy test image
+#: live: a real LDAP server for the LDAP login test (the test starts its own on loopback; the
+#: package's own service is kept from starting at install).
+TEST_SERVICE_PACKAGES = ("slapd", "ldap-utils")
+POLICY_RC = Path("/usr/sbin/policy-rc.d")
 PROXY_COMMAND = "configurable-http-proxy"
 
 BASE_REPOSITORY = "ds01hub/base"
@@ -88,6 +92,8 @@ DEFAULT_JUPYTERHUB_VERSION = "6.1.1"
 SINGLEUSER_EXTRA_REQUIREMENTS = ("jupyterlab", "notebook")
 CA_BUNDLE_IN_IMAGE = "/etc/ds01hub/ca-bundle.crt"
 SYSTEM_CA_BUNDLE_IN_IMAGE = "/etc/ssl/certs/ca-certificates.crt"
+#: What `docker import` sets in the base image.
+BASE_IMAGE_CHANGES = ("ENV LANG=C.UTF-8", 'CMD ["/bin/bash"]')
 
 
 class BootstrapError(RuntimeError):
@@ -119,9 +125,9 @@ def base_image_recipe(
     }
 
 
-def base_image_tag(recipe: dict) -> str:
+def base_image_tag(recipe: dict, repository: str = BASE_REPOSITORY) -> str:
     content = json.dumps(recipe, sort_keys=True).encode()
-    return f"{BASE_REPOSITORY}:{hash_inputs([('recipe', content)])}"
+    return f"{repository}:{hash_inputs([('recipe', content)])}"
 
 
 def mmdebstrap_command(recipe: dict, output: Path) -> list[str]:
@@ -257,11 +263,19 @@ def missing_packages(names: Iterable[str]) -> list[str]:
     return missing
 
 
-def ensure_packages(names: Iterable[str]) -> list[str]:
-    """Install the Debian packages that are missing; returns what was installed."""
+def ensure_packages(names: Iterable[str], start_services: bool = True) -> list[str]:
+    """Install the Debian packages that are missing; returns what was installed. Without
+    ``start_services`` a package's own daemon is not started (Debian's policy-rc.d, 101)."""
     missing = missing_packages(names)
     if not missing:
         return []
+    if not start_services and not POLICY_RC.exists():
+        POLICY_RC.write_text("#!/bin/sh\n# ds01hub bootstrap: no service starts now\nexit 101\n")
+        POLICY_RC.chmod(0o755)
+        try:
+            return ensure_packages(missing)
+        finally:
+            POLICY_RC.unlink()
     if os.geteuid() != 0:
         raise BootstrapError(
             f"missing Debian packages {', '.join(missing)}: run as root or install them"
@@ -424,6 +438,8 @@ def ensure_host(test_tools: bool = False) -> dict:
     """Debian packages, configurable-http-proxy and a running Docker engine."""
     packages = [*HOST_PACKAGES, *(TEST_TOOL_PACKAGES if test_tools else ())]
     installed = ensure_packages(packages)
+    if test_tools:
+        installed += ensure_packages(TEST_SERVICE_PACKAGES, start_services=False)
     proxy = ensure_proxy_command()
     engine = ensure_docker_engine()
     return {"installed_packages": installed, "proxy": proxy, "docker_engine": engine}
@@ -445,7 +461,10 @@ def ensure_venv(source: Path, venv: Path, extras: str = "test") -> str:
         run([sys.executable if _has_venv_module() else "python3", "-m", "venv", str(venv)])
     target = f"{source}[{extras}]" if extras else str(source)
     run([str(venv / "bin/pip"), "install", "--quiet", "--upgrade", "pip"])
-    run([str(venv / "bin/pip"), "install", "--quiet", "-e", target])
+    # setuptools says "Editable installation ... be careful with folders in your working
+    # directory" on every editable install: known and meant here, so that one note is muted.
+    quiet = os.environ | {"PYTHONWARNINGS": "ignore:Editable installation"}
+    run([str(venv / "bin/pip"), "install", "--quiet", "-e", target], env=quiet)
     stamp.write_text(wanted + "\n")
     return "installed"
 
@@ -479,26 +498,25 @@ def tag_alias(tag: str) -> str:
 
 def ensure_base_image(mirror: str | None = None) -> ImageResult:
     """The Debian base image (mmdebstrap + docker import), reused when its tag exists."""
-    recipe = base_image_recipe(mirror=mirror)
-    tag = base_image_tag(recipe)
+    return ensure_rootfs_image(base_image_recipe(mirror=mirror))
+
+
+def ensure_rootfs_image(recipe: dict, repository: str = BASE_REPOSITORY) -> ImageResult:
+    """An image of a Debian rootfs made by ``recipe`` (see base_image_recipe; its optional
+    ``changes`` are the image settings, default BASE_IMAGE_CHANGES) with mmdebstrap and
+    ``docker import``, tagged ``repository:<hash of the recipe>`` and reused when that tag
+    exists. The base image is one; the tests' booted systemd host another."""
+    tag = base_image_tag(recipe, repository)
     with exclusive():
         if image_exists(tag):
             return ImageResult(tag, tag_alias(tag), built=False, inputs=recipe)
         ensure_packages(["mmdebstrap"])
-        with tempfile.TemporaryDirectory(prefix="ds01hub-base-") as directory:
+        with tempfile.TemporaryDirectory(prefix="ds01hub-rootfs-") as directory:
             rootfs = Path(directory) / "rootfs.tar"
             run(mmdebstrap_command(recipe, rootfs))
+            changes = recipe.get("changes", BASE_IMAGE_CHANGES)
             run(
-                [
-                    "docker",
-                    "import",
-                    "--change",
-                    "ENV LANG=C.UTF-8",
-                    "--change",
-                    'CMD ["/bin/bash"]',
-                    str(rootfs),
-                    tag,
-                ],
+                ["docker", "import", *(f"--change={c}" for c in changes), str(rootfs), tag],
                 stdout=subprocess.DEVNULL,
             )
         return ImageResult(tag, tag_alias(tag), built=True, inputs=recipe)
@@ -534,6 +552,7 @@ class SingleuserInputs:
     requirements: list[str]
     ca_bundle: bytes | None
     files: dict[str, bytes]  # package source, relative path -> content
+    pip_index_url: str = ""  # a site's package index or mirror ("": pip's default, PyPI)
 
     def tag(self) -> str:
         parts = [
@@ -543,6 +562,8 @@ class SingleuserInputs:
             ("ca-bundle", self.ca_bundle or b""),
             *((f"src/{name}", content) for name, content in self.files.items()),
         ]
+        if self.pip_index_url:  # only when set: existing tags stay valid
+            parts.append(("pip-index-url", self.pip_index_url.encode()))
         return f"{SINGLEUSER_REPOSITORY}:{hash_inputs(parts)}"
 
 
@@ -551,60 +572,92 @@ def singleuser_context_dir(source: Path) -> Path:
 
 
 def collect_singleuser_inputs(
-    source: Path, base_image: str, ca_bundle: Path | None
+    source: Path, base_image: str, ca_bundle: Path | None, pip_index_url: str | None = None
 ) -> SingleuserInputs:
-    pyproject_bytes = (source / "pyproject.toml").read_bytes()
-    pyproject = tomllib.loads(pyproject_bytes.decode())
+    pyproject = tomllib.loads((source / "pyproject.toml").read_text())
     if ca_bundle is not None and not ca_bundle.is_file():
         raise BootstrapError(f"--ca-bundle {ca_bundle}: no such file (give a PEM bundle or 'none')")
-    files = {
-        str(relative): (source / relative).read_bytes()
-        for relative in source_files(source, package_source_roots(pyproject))
-    }
     return SingleuserInputs(
         base_image=base_image,
         dockerfile=(singleuser_context_dir(source) / "Dockerfile").read_bytes(),
         requirements=project_requirements(pyproject, jupyterhub_version()),
         ca_bundle=ca_bundle.read_bytes() if ca_bundle else None,
-        files=files,
+        files=project_files(source),
+        pip_index_url=pip_index_url or "",
     )
+
+
+def project_files(source: Path) -> dict[str, bytes]:
+    """What the project wheel is built from: relative path -> content (see source_files)."""
+    pyproject = tomllib.loads((source / "pyproject.toml").read_text())
+    return {
+        str(relative): (source / relative).read_bytes()
+        for relative in source_files(source, package_source_roots(pyproject))
+    }
+
+
+def build_project_wheel(
+    files: dict[str, bytes],
+    source: Path,
+    wheel_dir: Path,
+    python: str = sys.executable,
+    env: dict[str, str] | None = None,
+) -> Path:
+    """Build this project's wheel into ``wheel_dir`` from a copy of exactly ``files`` (the work
+    tree may change meanwhile, and a build leaves nothing behind in the checkout) with
+    ``python``'s pip (in ``env``: pip's own settings, such as a wheelhouse). Returns the wheel."""
+    with tempfile.TemporaryDirectory(prefix="ds01hub-wheel-") as directory:
+        project = Path(directory)
+        for name, content in files.items():
+            target = project / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(content)
+        for extra in ("README.md", "LICENSE"):  # the metadata names them
+            if (source / extra).exists():
+                (project / extra).write_bytes((source / extra).read_bytes())
+        before = set(wheel_dir.glob("ds01hub-*.whl")) if wheel_dir.exists() else set()
+        run(
+            [
+                python,
+                "-m",
+                "pip",
+                "wheel",
+                "--quiet",
+                "--no-deps",
+                "-w",
+                str(wheel_dir),
+                str(project),
+            ],
+            env=env,
+        )
+    built = sorted(set(wheel_dir.glob("ds01hub-*.whl")) - before) or sorted(
+        wheel_dir.glob("ds01hub-*.whl")
+    )
+    if not built:
+        raise BootstrapError(f"pip wheel built no ds01hub wheel in {wheel_dir}")
+    return built[-1]
 
 
 def write_build_context(inputs: SingleuserInputs, source: Path, context: Path) -> None:
     """The docker build context: Dockerfile, requirements, CA bundle and the project wheel,
-    built from a copy of exactly the hashed sources (the work tree may change meanwhile)."""
+    built from exactly the hashed sources."""
     (context / "Dockerfile").write_bytes(inputs.dockerfile)
     (context / "requirements.txt").write_text("\n".join(inputs.requirements) + "\n")
     (context / "ca-bundle.crt").write_bytes(inputs.ca_bundle or b"")
-    project = context / "project"
-    for name, content in inputs.files.items():
-        target = project / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(content)
-    readme = source / "README.md"
-    (project / "README.md").write_bytes(readme.read_bytes() if readme.exists() else b"")
-    run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--quiet",
-            "--no-deps",
-            "-w",
-            str(context / "wheels"),
-            str(project),
-        ],
-    )
-    shutil.rmtree(project)
+    build_project_wheel(inputs.files, source, context / "wheels")
 
 
 def ensure_singleuser_image(
-    base_image: str, ca_bundle: Path | None = HOST_CA_BUNDLE, source: Path | None = None
+    base_image: str,
+    ca_bundle: Path | None = HOST_CA_BUNDLE,
+    source: Path | None = None,
+    pip_index_url: str | None = None,
 ) -> ImageResult:
-    """The single-user image on ``base_image``, reused when its tag exists."""
+    """The single-user image on ``base_image``, reused when its tag exists. ``pip_index_url``:
+    a package index or mirror for this build and for users' own builds and installs later
+    (written to the image's /etc/pip.conf)."""
     source = source or find_source()
-    inputs = collect_singleuser_inputs(source, base_image, ca_bundle)
+    inputs = collect_singleuser_inputs(source, base_image, ca_bundle, pip_index_url)
     tag = inputs.tag()
     summary = {
         "base_image": base_image,
@@ -627,6 +680,8 @@ def ensure_singleuser_image(
                     f"BASE_IMAGE={base_image}",
                     "--build-arg",
                     f"CA_BUNDLE={ca_path}",
+                    "--build-arg",
+                    f"DS01HUB_PIP_INDEX_URL={inputs.pip_index_url}",
                     "--tag",
                     tag,
                     str(context),
@@ -638,10 +693,17 @@ def ensure_singleuser_image(
 
 
 def ensure_images(
-    ca_bundle: Path | None = HOST_CA_BUNDLE, source: Path | None = None, mirror: str | None = None
+    ca_bundle: Path | None = HOST_CA_BUNDLE,
+    source: Path | None = None,
+    mirror: str | None = None,
+    pip_index_url: str | None = None,
 ) -> dict[str, ImageResult]:
+    """Base and single-user image. ``mirror``: the Debian mirror written into the base image
+    (so apt in users' image builds uses it too); ``pip_index_url``: the package index."""
     base = ensure_base_image(mirror=mirror)
-    singleuser = ensure_singleuser_image(base.tag, ca_bundle=ca_bundle, source=source)
+    singleuser = ensure_singleuser_image(
+        base.tag, ca_bundle=ca_bundle, source=source, pip_index_url=pip_index_url
+    )
     return {"base": base, "singleuser": singleuser}
 
 
@@ -710,7 +772,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--source", type=Path, help="source checkout (default: this one)")
     parser.add_argument("--venv", type=Path, help="virtualenv path (default: SOURCE/.venv)")
-    parser.add_argument("--debian-mirror", help="Debian mirror for the base image")
+    parser.add_argument(
+        "--debian-mirror",
+        default=os.environ.get("DS01HUB_DEBIAN_MIRROR") or None,
+        metavar="URL",
+        help="Debian mirror for the base image, kept in its apt sources for users' image builds "
+        "(default: $DS01HUB_DEBIAN_MIRROR, else Debian's own)",
+    )
+    parser.add_argument(
+        "--pip-index-url",
+        default=os.environ.get("DS01HUB_PIP_INDEX_URL") or None,
+        metavar="URL",
+        help="package index or mirror for the single-user image, kept in its /etc/pip.conf for "
+        "users' image builds and installs (default: $DS01HUB_PIP_INDEX_URL, else PyPI)",
+    )
     parser.add_argument(
         "--prune",
         action="store_true",
@@ -730,7 +805,9 @@ def run_command(args: argparse.Namespace) -> int:
             source = args.source or find_source()
             result["venv"] = ensure_venv(source, args.venv or source / ".venv")
         if args.step in ("images", "all"):
-            images = ensure_images(args.ca_bundle, args.source, args.debian_mirror)
+            images = ensure_images(
+                args.ca_bundle, args.source, args.debian_mirror, args.pip_index_url
+            )
             result["images"] = {name: asdict(image) for name, image in images.items()}
             if args.prune:
                 result["pruned"] = prune_images(image.tag for image in images.values())

@@ -3,8 +3,9 @@ who connects, and only for them.
 
 Why: SSH users on the host should need no token and no docker group (root-equivalent). The
 broker learns who is calling from the kernel (SO_PEERCRED on the unix socket: uid -> passwd
-name -> hub user), never from anything the client sends. Root and members of the admin groups
-may act for another user with an explicit `?user=NAME`.
+name = hub user, by ds01hub.peer's name rule), never from anything the client sends. Admins
+(ds01hub.peer.AdminRule: root, admin users and groups, from the host's mount namespace) may act
+for another user with an explicit `?user=NAME`.
 
 Protocol: HTTP/1.1 with JSON over the unix socket. Long work (waiting for a server/GPU, image
 builds) streams newline-delimited JSON events. `container-run` upgrades its connection
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import grp
 import json
 import logging
 import os
@@ -26,18 +26,16 @@ import socket
 import struct
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tornado import web
 from tornado.httpserver import HTTPServer
 from tornado.iostream import IOStream, StreamClosedError
-from tornado.netutil import bind_unix_socket
 from traitlets import Bool, Float, Integer, List, Unicode, default
 from traitlets.config import Application
 
-from . import images
+from . import images, peer
 from .cli.protocol import (
     API_PREFIX,
     DEFAULT_SOCKET,
@@ -51,109 +49,82 @@ from .cli.protocol import (
 )
 from .culler import default_state_dir, pending_warnings
 from .hubclient import HubClient
-from .operations import OperationError, OperationsContext, UserOperations, validate_name
+from .operations import (
+    OperationError,
+    OperationsContext,
+    UserOperations,
+    docker_unreachable,
+    named_error,
+    validate_name,
+)
+from .peer import Caller
 
 log = logging.getLogger("ds01hub.broker")
 
-
-@dataclass(frozen=True)
-class Caller:
-    """Who is on the other end of the socket (from the kernel) and whom they act for."""
-
-    uid: int
-    unix_name: str
-    admin: bool
-    user: str  # the hub user the request acts for
+INTERNAL_ERROR = "internal error in the ds01 broker"
+#: The API version spoken to an engine that did not answer at start (Docker 20.10's; later
+#: engines accept it too).
+FALLBACK_DOCKER_API = "1.41"
 
 
-def peer_uid(sock: socket.socket) -> int:
-    """The connecting process's uid, as the kernel recorded it at connect time."""
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return uid
-
-
-def unix_groups(name: str, gid: int) -> set[str]:
-    """Names of every group the Unix user belongs to (primary and supplementary)."""
-    names = set()
-    for group_id in os.getgrouplist(name, gid):
-        try:
-            names.add(grp.getgrgid(group_id).gr_name)
-        except KeyError:
-            continue
-    return names
-
-
-def resolve_caller(
-    uid: int,
+def acting_for(
+    caller: Caller,
     requested_user: str | None,
-    admin_groups: set[str],
     min_uid: int,
-    normalize: Callable[[str], str],
-    lookup_uid: Callable[[int], Any] = pwd.getpwuid,
     lookup_name: Callable[[str], Any] = pwd.getpwnam,
-    groups_of: Callable[[str, int], set[str]] = unix_groups,
-) -> Caller:
-    """Decide whom a connection may act for (deny by default).
+) -> str:
+    """The hub user a request of `caller` (ds01hub.peer.identify) acts for (deny by default).
 
-    - an unknown uid is refused;
     - a system account below `min_uid` (other than root) is refused;
-    - root and members of `admin_groups` may name another Unix user; nobody else may;
+    - admins (ds01hub.peer.AdminRule: root, named users, admin groups, from the host's mount
+      namespace) may name another Unix user, by the same name rule; nobody else may;
     - root must name a user (root is not a hub user).
     """
-    try:
-        entry = lookup_uid(uid)
-    except KeyError:
-        raise OperationError(f"uid {uid} has no account on this host", status=403) from None
-    name = entry.pw_name
-    admin = uid == 0 or bool(groups_of(name, entry.pw_gid) & admin_groups)
-    if uid != 0 and uid < min_uid:
+    if caller.uid != 0 and caller.uid < min_uid:
         raise OperationError(
-            f"system account {name!r} (uid {uid}) may not use ds01 containers", status=403
+            f"system account {caller.user!r} (uid {caller.uid}) may not use ds01 containers",
+            status=403,
         )
-    target = normalize(name)
-    if requested_user and normalize(requested_user) != target:
-        if not admin:
+    if requested_user and requested_user != caller.user:
+        if not caller.admin:
             raise OperationError(
                 f"only admins can act for another user ({requested_user!r})",
                 hint="leave out --user to act for yourself",
                 status=403,
             )
-        try:
-            lookup_name(requested_user)
-        except KeyError:
-            raise OperationError(
-                f"no Unix user named {requested_user!r} on this host", status=404
-            ) from None
-        target = normalize(requested_user)
-    elif uid == 0:
+        return peer.account_named(requested_user, lookup_name)
+    if caller.uid == 0:
         raise OperationError("root acts for users, not as one", hint="pass --user NAME", status=400)
-    return Caller(uid=uid, unix_name=name, admin=admin, user=target)
+    return caller.user
 
 
 class BrokerHandler(web.RequestHandler):
     """Base: identify the caller from the socket before anything else; JSON errors."""
 
-    caller: Caller
+    caller: Caller  # who connected (ds01hub.peer)
+    user: str  # the hub user this request acts for
 
     @property
     def broker(self) -> Broker:
         return self.settings["broker"]
 
-    def prepare(self) -> None:
+    async def prepare(self) -> None:
         sock = self.request.connection.stream.socket  # type: ignore[attr-defined]
+        creds = peer.credentials(sock)
+        requested = self.get_query_argument("user", None)
         try:
-            uid = peer_uid(sock)
-            self.caller = self.broker.resolve(uid, self.get_query_argument("user", None))
+            # the password and group databases may be LDAP: never block the loop on them
+            self.caller, self.user = await asyncio.to_thread(self.broker.resolve, creds, requested)
         except OperationError as e:
+            log.warning("refused uid %s (pid %s): %s", creds.uid, creds.pid, e.message)
             self.send_operation_error(e)
             return
         log.info(
-            "%s %s by uid %s for %s", self.request.method, self.request.path, uid, self.caller.user
+            "%s %s by uid %s for %s", self.request.method, self.request.path, creds.uid, self.user
         )
 
     def ops(self) -> UserOperations:
-        return UserOperations(self.broker.context, self.caller.user)
+        return UserOperations(self.broker.context, self.user)
 
     def json_body(self) -> dict[str, Any]:
         if not self.request.body:
@@ -183,24 +154,37 @@ class BrokerHandler(web.RequestHandler):
             async for event in events:
                 self.write(json.dumps(event, default=str) + "\n")
                 await self.flush()
-        except OperationError as e:
-            self.write(json.dumps({"event": "error", **e.to_json()}) + "\n")
         except StreamClosedError:
             return
+        except Exception as e:  # the status line has gone: the error is the last event
+            error = self.named(e)
+            if error is None:
+                log.exception("%s %s failed", self.request.method, self.request.path)
+                error = OperationError(INTERNAL_ERROR, status=500)
+            self.write(json.dumps({"event": "error", **error.to_json()}) + "\n")
         self.finish()
 
+    def named(self, error: BaseException | None) -> OperationError | None:
+        """`error` as a named OperationError (ds01hub.operations.named_error), or None."""
+        if error is None:
+            return None
+        return named_error(error, self.broker.docker_url)
+
     def write_error(self, status_code: int, **kwargs: Any) -> None:
-        exc = kwargs.get("exc_info", (None, None, None))[1]
-        if isinstance(exc, OperationError):
-            self.send_operation_error(exc)
+        error = self.named(kwargs.get("exc_info", (None, None, None))[1])
+        if error is not None:
+            self.send_operation_error(error)
             return
-        message = self._reason if status_code < 500 else "internal error in the ds01 broker"
+        message = self._reason if status_code < 500 else INTERNAL_ERROR
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps({"error": message, "hint": None, "status": status_code}))
 
     def log_exception(self, typ, value, tb) -> None:
+        error = self.named(value)
         if isinstance(value, OperationError):
             log.info("refused: %s", value.message)
+        elif error is not None:
+            log.warning("%s %s: %s", self.request.method, self.request.path, error.message)
         else:
             super().log_exception(typ, value, tb)
 
@@ -208,8 +192,8 @@ class BrokerHandler(web.RequestHandler):
 class NotFoundHandler(BrokerHandler):
     """Unknown paths answer JSON too (after the caller is identified, like everything else)."""
 
-    def prepare(self) -> None:
-        super().prepare()
+    async def prepare(self) -> None:
+        await super().prepare()
         if not self._finished:
             self.send_operation_error(
                 OperationError(f"no such endpoint {self.request.path}", status=404)
@@ -218,14 +202,14 @@ class NotFoundHandler(BrokerHandler):
 
 class WhoAmIHandler(BrokerHandler):
     def get(self) -> None:
-        self.reply({"user": self.caller.user, "uid": self.caller.uid, "admin": self.caller.admin})
+        self.reply({"user": self.user, "uid": self.caller.uid, "admin": self.caller.admin})
 
 
 class WarningsHandler(BrokerHandler):
     """The caller's pending cull warnings, which the CLI prints after each command."""
 
     def get(self) -> None:
-        warnings = pending_warnings(self.caller.user, self.broker.state_dir)
+        warnings = pending_warnings(self.user, self.broker.state_dir)
         self.reply([w.to_dict() for w in warnings])
 
 
@@ -286,11 +270,11 @@ class ImagesHandler(BrokerHandler):
     """The caller's images (ds01hub.images): list, and build with streamed progress."""
 
     async def get(self) -> None:
-        self.reply(await self.broker.images.list(self.caller.user))
+        self.reply(await self.broker.images.list(self.user))
 
     async def post(self) -> None:
         body = self.json_body()
-        await self.stream_events(self.broker.images.build(self.caller.user, body))
+        await self.stream_events(self.broker.images.build(self.user, body))
 
 
 class ImageTemplatesHandler(BrokerHandler):
@@ -300,7 +284,7 @@ class ImageTemplatesHandler(BrokerHandler):
 
 class ImageHandler(BrokerHandler):
     async def delete(self, name: str) -> None:
-        self.reply(await self.broker.images.delete(self.caller.user, name))
+        self.reply(await self.broker.images.delete(self.user, name))
 
 
 class ExecHandler(BrokerHandler):
@@ -508,19 +492,6 @@ def refusal(error: images.ImageError) -> OperationError:
     return OperationError(str(error), error.hint, error.status)
 
 
-def socket_is_live(path: str) -> bool:
-    """Whether something accepts connections on the unix socket `path` (a stale file does not)."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1)
-    try:
-        probe.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()
-
-
 def docker_socket_path() -> str:
     """The Docker engine's unix socket from DOCKER_HOST (unix://...), else the default."""
     host = os.environ.get("DOCKER_HOST", "")
@@ -548,18 +519,19 @@ class Broker(Application):
     admin_groups = List(
         Unicode(),
         default_value=["ds01-admin"],
-        help="Unix groups whose members (like root) may act for any user with --user.",
+        help="""Unix groups whose members (like root) may act for any user with --user, when
+        they call from the host's mount namespace (ds01hub.peer.AdminRule).""",
+    ).tag(config=True)
+
+    admin_users = List(
+        Unicode(),
+        help="Unix users who (like root) may act for any user with --user (same rule).",
     ).tag(config=True)
 
     min_uid = Integer(
         1000,
         help="Lowest uid served (system accounts below it are refused; root acts only with "
         "--user).",
-    ).tag(config=True)
-
-    lowercase_usernames = Bool(
-        True,
-        help="Map Unix names to hub names in lower case, as JupyterHub's authenticators do.",
     ).tag(config=True)
 
     auto_create_users = Bool(
@@ -663,22 +635,36 @@ class Broker(Application):
     docker: Any
     images: BrokerImages
 
-    def resolve(self, uid: int, requested_user: str | None) -> Caller:
-        return resolve_caller(
-            uid,
-            requested_user,
-            admin_groups=set(self.admin_groups),
-            min_uid=self.min_uid,
-            normalize=self.normalize_username,
-        )
+    @property
+    def admin_rule(self) -> peer.AdminRule:
+        return peer.AdminRule(frozenset(self.admin_users), frozenset(self.admin_groups))
 
-    def normalize_username(self, name: str) -> str:
-        return name.lower() if self.lowercase_usernames else name
+    @property
+    def docker_url(self) -> str:
+        return f"unix://{self.docker_socket}"
 
-    def make_context(self) -> OperationsContext:
+    def resolve(self, creds: peer.Credentials, requested_user: str | None) -> tuple[Caller, str]:
+        """Who connected (ds01hub.peer) and the hub user the request acts for; blocking (the
+        password database may be LDAP). Refusals are OperationErrors."""
+        try:
+            caller = peer.identify(creds, self.admin_rule)
+            return caller, acting_for(caller, requested_user, self.min_uid)
+        except peer.IdentityError as e:
+            raise OperationError(e.message, e.hint, e.status) from None
+
+    def connect_docker(self) -> Any:
+        """A docker-py client of `docker_socket`. An engine that does not answer now is no
+        reason not to start: requests then say "Docker engine unreachable" until it does."""
         import docker
 
-        self.docker = docker.DockerClient(base_url=f"unix://{self.docker_socket}")
+        try:
+            return docker.DockerClient(base_url=self.docker_url)
+        except docker.errors.DockerException as e:
+            self.log.warning("%s; starting anyway", docker_unreachable(self.docker_url, e).message)
+            return docker.DockerClient(base_url=self.docker_url, version=FALLBACK_DOCKER_API)
+
+    def make_context(self) -> OperationsContext:
+        self.docker = self.connect_docker()
         limits_for, inventory = self._limits_and_gpus()
         return OperationsContext(
             hub=HubClient(self.hub_api_url, self.api_token),
@@ -688,6 +674,7 @@ class Broker(Application):
             auto_create_users=self.auto_create_users,
             spawn_timeout=self.spawn_timeout,
             inspect_workers=self.inspect_workers,
+            docker_url=self.docker_url,
         )
 
     def _limits_and_gpus(self):
@@ -697,13 +684,13 @@ class Broker(Application):
             from .inventory import load_inventory
             from .limits import LimitsStore, default_limits_path
 
-            store = LimitsStore(self.limits_path or default_limits_path())
-        except Exception as e:
+            store = LimitsStore(self.limits_path or default_limits_path(), log=self.log)
+        except Exception as e:  # LimitsError: bounded, names the file, the lines and the fixes
             self.log.warning("limits unavailable (%s): no hold times or quotas shown", e)
             return None, None
 
         def limits_for(user: str, groups) -> Any:
-            store.reload()
+            store.reload(wait=False)  # called on the event loop: a changed file is read aside
             return store.current.resolve(user, groups)
 
         try:
@@ -718,7 +705,11 @@ class Broker(Application):
         bytes can be relayed; any bytes after the response head stay in the stream's buffer."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         stream = IOStream(sock)
-        await stream.connect(self.docker_socket)
+        try:
+            await stream.connect(self.docker_socket)
+        except (StreamClosedError, OSError) as e:
+            stream.close()
+            raise docker_unreachable(self.docker_url, getattr(e, "real_error", None) or e) from None
         body = json.dumps({"Detach": False, "Tty": tty}).encode()
         version = self.docker.api._version
         head = (
@@ -766,22 +757,18 @@ class Broker(Application):
             default_handler_class=NotFoundHandler,
         )
 
-    def listen(self) -> HTTPServer:
-        """Bind the socket (replacing a stale one, never a live one) and serve the app on it."""
-        directory = os.path.dirname(self.socket_path)
-        os.makedirs(directory, mode=0o755, exist_ok=True)
-        if socket_is_live(self.socket_path):
-            self.log.critical(
-                "another ds01 broker is listening on %s: not taking it over "
-                "(give this hub its own Broker.socket_path)",
-                self.socket_path,
-            )
+    def listen(self) -> tuple[HTTPServer, peer.UnixListener]:
+        """Bind the socket by ds01hub.peer's one stale-socket rule (a live listener's path is
+        never taken over; a dead socket is replaced) and serve the app on it."""
+        try:
+            listener = peer.listen_unix(self.socket_path, self.socket_mode)
+        except peer.SocketPathError as e:
+            self.log.critical("%s; give this hub its own Broker.socket_path", e.message)
             sys.exit(1)
-        sock = bind_unix_socket(self.socket_path, mode=self.socket_mode)
         # requests are small JSON documents; exec input is framed after the upgrade
         server = HTTPServer(self.make_app(), max_body_size=1 << 20, idle_connection_timeout=60)
-        server.add_socket(sock)
-        return server
+        server.add_socket(listener.sock)
+        return server, listener
 
     def start(self) -> None:
         logging.basicConfig(
@@ -794,19 +781,20 @@ class Broker(Application):
         self.images = BrokerImages(self, self.docker)
 
         async def serve() -> None:
-            server = self.listen()
-            ours = os.stat(self.socket_path).st_ino
-            self.log.info("ds01 broker listening on %s for %s", self.socket_path, self.hub_api_url)
+            server, listener = self.listen()
+            self.log.info(
+                "ds01 broker listening on %s for %s; may act for others: %s",
+                self.socket_path,
+                self.hub_api_url,
+                self.admin_rule.describe(),
+            )
             stopping = asyncio.Event()
             loop = asyncio.get_running_loop()
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, stopping.set)
             await stopping.wait()
             server.stop()
-            # leave no socket behind, unless another broker has taken the path since
-            with contextlib.suppress(FileNotFoundError):
-                if os.stat(self.socket_path).st_ino == ours:
-                    os.unlink(self.socket_path)
+            listener.remove_path()  # unless another broker has taken the path since
             self.log.info("ds01 broker stopped")
 
         asyncio.run(serve())

@@ -5,29 +5,44 @@ the checkout), starts JupyterHub in the background on http://127.0.0.1:8000 and 
 logins of the demo users; ``ds01hub demo stop`` stops it; ``ds01hub demo status`` says whether
 it runs. The hub's log is ``<state>/jupyterhub.log``.
 
-The demo logs users in with JupyterHub's DummyAuthenticator and one shared password (made at
-random per state directory): DEMO ONLY, never for a real deployment. On a machine without NVIDIA
-GPUs the GPU inventory is SIMULATED (``gpu_allocation.simulate`` in the demo's limits file), and
-the demo says so.
+It rehearses a real install (``ds01hub install``) on one machine: each demo login is also a
+Unix account (locked: no password, so ``su - alice`` from root is the way in), the users'
+commands are on everyone's PATH from a world-readable venv (/opt/ds01hub/venv, links in
+/usr/local/bin, as the install makes them), each user's workspace persists under
+/srv/ds01hub/workspaces (owned by them, ``~/workspace`` links to it, /workspace in their
+containers), stopped containers keep their GPU holds, and the admin commands find the demo hub
+through its environment file (``<state>/ds01hub.env``, see ds01hub.siteenv).
+
+The browser logins use JupyterHub's DummyAuthenticator and one shared password (made at random
+per state directory): DEMO ONLY, never for a real deployment (a real install logs in the
+host's Unix accounts through PAM). On a machine without NVIDIA GPUs the GPU inventory is
+SIMULATED (``gpu_allocation.simulate`` in the demo's limits file), and the demo says so.
+
+``ds01hub demo stop --purge`` also removes the demo's containers, its Unix accounts and their
+workspaces, its state directory, and the users' commands when no real install owns them.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import grp
 import json
 import os
+import pwd
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from ds01hub import bootstrap
+from ds01hub import bootstrap, install, siteenv
+from ds01hub.labels import escape_name
 
 
 @dataclass(frozen=True)
@@ -46,6 +61,9 @@ DEMO_USERS = (
     DemoUser("dave", "admin", "admins", admin=True),
 )
 DEFAULT_PORT = 8000
+ADMIN_GROUP = "ds01-admin"
+#: Every demo container carries this label (with the state directory's hash): --purge finds them.
+DEMO_LABEL = "ds01.demo"
 
 
 class DemoError(RuntimeError):
@@ -84,43 +102,75 @@ class DemoPaths:
     def password(self) -> Path:
         return self.state_dir / "demo-password"
 
+    @property
+    def env_file(self) -> Path:
+        return self.state_dir / "ds01hub.env"
+
+    @property
+    def admin_token(self) -> Path:
+        return self.state_dir / "admin-token"
+
+    @property
+    def accounts(self) -> Path:
+        """The Unix accounts this demo created (only those are removed by --purge)."""
+        return self.state_dir / "accounts.json"
+
+    @property
+    def label_value(self) -> str:
+        return bootstrap.hash_inputs([("state", str(self.state_dir).encode())])
+
 
 # --------------------------------------------------------------------------------------------
 # pure: what the demo writes
 
 
-def render_demo_config(
-    paths: DemoPaths, site_config: Path, port: int, hub_port: int, proxy_api_port: int, image: str
-) -> str:
-    """The demo's hub config: the site config plus demo users and the demo authenticator."""
-    groups: dict[str, dict] = {}
-    for user in DEMO_USERS:
-        groups.setdefault(user.group, {"users": []})["users"].append(user.name)
-    env = {
+def demo_settings(
+    paths: DemoPaths, args: argparse.Namespace, workspace_root: Path
+) -> dict[str, str]:
+    """The demo's environment file: the same DS01HUB_* settings a real install keeps in
+    /etc/ds01hub/ds01hub.env, pointing at the demo's state directory."""
+    return {
         "DS01HUB_STATE_DIR": str(paths.state_dir),
-        "DS01HUB_BIND_URL": f"http://127.0.0.1:{port}",
-        "DS01HUB_HUB_PORT": str(hub_port),
-        "DS01HUB_PROXY_API_PORT": str(proxy_api_port),
-        "DS01HUB_IMAGE": image,
+        "DS01HUB_BIND_URL": f"http://127.0.0.1:{args.port}",
+        "DS01HUB_HUB_PORT": str(args.hub_port),
+        "DS01HUB_PROXY_API_PORT": str(args.proxy_api_port),
+        "DS01HUB_IMAGE": args.image,
         "DS01HUB_LIMITS": str(paths.limits),
+        "DS01HUB_WORKSPACE_ROOT": str(workspace_root),
+        "DS01HUB_ADMIN_TOKEN_FILE": str(paths.admin_token),
+        "DS01HUB_BROKER_SOCKET": args.broker_socket,
     }
+
+
+def render_demo_config(paths: DemoPaths, site_config: Path, users: tuple[DemoUser, ...]) -> str:
+    """The demo's hub config: its environment file, the site config, then demo users and the
+    demo authenticator."""
+    groups: dict[str, dict] = {}
+    for user in users:
+        groups.setdefault(user.group, {"users": []})["users"].append(user.name)
     return f"""\
 # ds01hub DEMO configuration, written by `ds01hub demo start`: edits are lost at the next start.
 import os
 from pathlib import Path
 
+from ds01hub import siteenv
+
 c = get_config()  # noqa: F821
-os.environ.update({env!r})
+# The DS01HUB_* settings, as a real install's /etc/ds01hub/ds01hub.env holds them.
+os.environ.update(siteenv.parse(Path({str(paths.env_file)!r}).read_text()))
 load_subconfig({str(site_config)!r})  # noqa: F821
 
-# DEMO ONLY: every demo user logs in with one shared password. Never use this in production.
+# DEMO ONLY: every demo user logs in with one shared password. Never use this in production
+# (a real install logs in the host's Unix accounts: PAM).
 c.JupyterHub.authenticator_class = "dummy"
 c.DummyAuthenticator.password = Path({str(paths.password)!r}).read_text().strip()
-c.Authenticator.allowed_users = {sorted(u.name for u in DEMO_USERS)!r}
-c.Authenticator.admin_users = {sorted(u.name for u in DEMO_USERS if u.admin)!r}
+c.Authenticator.allowed_users = {sorted(u.name for u in users)!r}
+c.Authenticator.admin_users = {sorted(u.name for u in users if u.admin)!r}
 c.JupyterHub.load_groups = {groups!r}
 c.DockerSpawner.prefix = "ds01demo"
-c.DockerSpawner.remove = True
+# Stopped containers stay (and hold their GPUs for gpu_hold_after_stop), as on a real install.
+c.DockerSpawner.remove = False
+c.DockerSpawner.extra_create_kwargs = {{"labels": {{{DEMO_LABEL!r}: {paths.label_value!r}}}}}
 
 # Your own demo settings (kept across restarts) go in local_config.py next to this file.
 if Path({str(paths.local_config)!r}).exists():
@@ -214,17 +264,71 @@ def write_demo_files(paths: DemoPaths, source: Path, args: argparse.Namespace) -
     if capped:
         header += f"# max_cpus capped at this machine's {cpus} CPUs in: {', '.join(capped)}\n"
     paths.limits.write_text(header + yaml.safe_dump(limits, sort_keys=False))
+    settings = demo_settings(paths, args, args.workspace_root)
+    paths.env_file.write_text(siteenv.render(settings))
+    if not paths.admin_token.exists():
+        paths.admin_token.write_text(secrets.token_hex(32) + "\n")
+        paths.admin_token.chmod(0o600)
     paths.config.write_text(
-        render_demo_config(
-            paths,
-            source / "config" / "jupyterhub_config.py",
-            args.port,
-            args.hub_port,
-            args.proxy_api_port,
-            args.image,
-        )
+        render_demo_config(paths, source / "config" / "jupyterhub_config.py", demo_users(args))
     )
     return simulated
+
+
+def demo_users(args: argparse.Namespace) -> tuple[DemoUser, ...]:
+    """The demo's people, their names prefixed with --user-prefix (several demos, tests)."""
+    return tuple(replace(u, name=f"{args.user_prefix}{u.name}") for u in DEMO_USERS)
+
+
+# -- the rehearsal of a real host: accounts, workspaces, commands on PATH ----------------------
+
+
+def ensure_admin_group() -> None:
+    """`ds01-admin`: the broker's and the socket proxy's admin group (as the install makes it)."""
+    try:
+        grp.getgrnam(ADMIN_GROUP)
+    except KeyError:
+        bootstrap.run(["groupadd", "--system", ADMIN_GROUP])
+
+
+def ensure_accounts(paths: DemoPaths, users: tuple[DemoUser, ...], workspace_root: Path) -> list:
+    """A locked Unix account per demo login (admins in ds01-admin), its workspace (owned by
+    it, 0750: the spawner's layout) and a ~/workspace link to it. Accounts that existed
+    before are used as they are and never removed by --purge."""
+    ensure_admin_group()
+    created = set(_created_accounts(paths))
+    workspace_root.mkdir(parents=True, exist_ok=True)
+    workspace_root.chmod(0o711)
+    for user in users:
+        try:
+            entry = pwd.getpwnam(user.name)
+        except KeyError:
+            command = ["useradd", "--create-home", "--shell", "/bin/bash", user.name]
+            bootstrap.run(command + (["--groups", ADMIN_GROUP] if user.admin else []))
+            entry = pwd.getpwnam(user.name)
+            created.add(user.name)
+            paths.accounts.write_text(json.dumps(sorted(created)) + "\n")
+        workspace = workspace_root / escape_name(user.name)
+        if not workspace.exists():
+            workspace.mkdir(mode=0o750)
+            os.chown(workspace, entry.pw_uid, entry.pw_gid)
+        link = Path(entry.pw_dir) / "workspace"
+        if not link.exists() and not link.is_symlink():
+            link.symlink_to(workspace)
+            os.lchown(link, entry.pw_uid, entry.pw_gid)
+    return sorted(created)
+
+
+def _created_accounts(paths: DemoPaths) -> list[str]:
+    with contextlib.suppress(OSError, ValueError):
+        return list(json.loads(paths.accounts.read_text()))
+    return []
+
+
+def ensure_commands(args: argparse.Namespace, source: Path) -> None:
+    """The users' commands for the demo's Unix users, as the install puts them (a venv from
+    /usr/bin/python3 in /opt/ds01hub, links in /usr/local/bin): nothing under /root."""
+    install.install_commands(source, replace(install.Layout(), root=args.install_root))
 
 
 def wait_until_up(url: str, paths: DemoPaths, process: subprocess.Popen, timeout: float) -> None:
@@ -246,6 +350,7 @@ def start(args: argparse.Namespace) -> dict:
     paths = demo_paths(args)
     url = f"http://127.0.0.1:{args.port}"
     pid = running_pid(paths)
+    users = demo_users(args)
     if pid is None:
         if not bootstrap.image_exists(args.image):
             raise DemoError(
@@ -254,6 +359,9 @@ def start(args: argparse.Namespace) -> dict:
             )
         source = bootstrap.find_source()
         simulated = write_demo_files(paths, source, args)
+        ensure_accounts(paths, users, args.workspace_root)
+        if not args.no_commands:
+            ensure_commands(args, source)
         secret = password(paths)
         bootstrap.unignore_sigint()
         with open(paths.log, "ab") as log:
@@ -275,9 +383,11 @@ def start(args: argparse.Namespace) -> dict:
         "pid": pid,
         "state_dir": str(paths.state_dir),
         "log": str(paths.log),
+        "env_file": str(paths.env_file),
         "gpu_inventory": "simulated" if simulated else "nvidia",
         "password": secret,
-        "users": [asdict(user) for user in DEMO_USERS],
+        "users": [asdict(user) for user in users],
+        "workspace_root": str(args.workspace_root),
     }
 
 
@@ -289,20 +399,51 @@ def _limits_simulated(paths: DemoPaths) -> bool:
 
 
 def stop(args: argparse.Namespace) -> dict:
-    """Stop the demo hub (it stops the users' containers and its proxy first)."""
+    """Stop the demo hub (it stops the users' containers and its proxy first); with --purge
+    also remove what the demo made (see the module docstring)."""
     paths = demo_paths(args)
     pid = running_pid(paths)
-    if pid is None:
-        return {"state": "not running", "state_dir": str(paths.state_dir)}
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + args.timeout
-    while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)
-        time.sleep(0.3)
-    if Path(f"/proc/{pid}").exists():
-        raise DemoError(f"jupyterhub (pid {pid}) did not stop within {args.timeout:.0f}s")
-    return {"state": "stopped", "pid": pid, "state_dir": str(paths.state_dir)}
+    result: dict = {"state": "not running", "state_dir": str(paths.state_dir)}
+    if pid is not None:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + args.timeout
+        while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+            time.sleep(0.3)
+        if Path(f"/proc/{pid}").exists():
+            raise DemoError(f"jupyterhub (pid {pid}) did not stop within {args.timeout:.0f}s")
+        result = {"state": "stopped", "pid": pid, "state_dir": str(paths.state_dir)}
+    if args.purge:
+        result["purged"] = purge(paths, args)
+    return result
+
+
+def purge(paths: DemoPaths, args: argparse.Namespace) -> list[str]:
+    """Remove the demo's containers, the accounts it created with their homes and workspaces,
+    its state directory, and the users' commands unless a real install owns them."""
+    removed = []
+    listing = subprocess.run(
+        ["docker", "ps", "-aq", "--filter", f"label={DEMO_LABEL}={paths.label_value}"],
+        capture_output=True,
+        text=True,
+    )
+    for container in listing.stdout.split():
+        subprocess.run(["docker", "rm", "-f", container], capture_output=True)
+        removed.append(f"container {container}")
+    for name in _created_accounts(paths):
+        workspace = args.workspace_root / escape_name(name)
+        if workspace.is_dir() and not workspace.is_symlink():
+            shutil.rmtree(workspace)
+        subprocess.run(["userdel", "--remove", name], capture_output=True)
+        removed.append(f"account {name} (home and workspace)")
+    if paths.state_dir.exists():
+        shutil.rmtree(paths.state_dir)
+        removed.append(f"state {paths.state_dir}")
+    layout = replace(install.Layout(), root=args.install_root)
+    if not args.no_commands and not (layout.etc / "ds01hub.env").exists():
+        removed += [what.removeprefix("remove ") for what in install.uninstall(layout)["done"]]
+    return removed
 
 
 def status(args: argparse.Namespace) -> dict:
@@ -322,18 +463,29 @@ def status(args: argparse.Namespace) -> dict:
 
 def describe(result: dict) -> str:
     if "users" not in result:
-        return f"demo: {result['state']} ({result['state_dir']})"
+        purged = "".join(f"\nremoved {what}" for what in result.get("purged", ()))
+        return f"demo: {result['state']} ({result['state_dir']}){purged}"
     lines = [
         f"ds01hub demo {result['state']}: {result['url']}  (log: {result['log']})",
         f"DEMO logins (DummyAuthenticator, password for all: {result['password']}):",
     ]
     lines += [f"  {u['name']:<12} {u['role']:<10} group {u['group']}" for u in result["users"]]
+    first = result["users"][0]["name"]
+    lines += [
+        "Each login is also a Unix account (locked; a real install logs in Unix accounts "
+        "through PAM). Try the SSH users' path:",
+        f"  su - {first} -c container-list       (container-create NAME, container-run NAME, ...)",
+        f"Workspaces (the same files over SSH and at /workspace in the browser): "
+        f"{result['workspace_root']}/<user>, linked as ~/workspace",
+        "Admin commands find this hub by themselves: ds01hub status, ds01hub gpus, "
+        "ds01hub cull --once --dry-run",
+    ]
     if result["gpu_inventory"] == "simulated":
         lines.append(
             "GPUs: SIMULATED inventory (no NVIDIA GPU on this machine; "
             "gpu_allocation.simulate in the demo's resource-limits.yaml)"
         )
-    lines.append("Stop it with: make demo-stop")
+    lines.append("Stop it with: make demo-stop (and remove its accounts too: make demo-purge)")
     return "\n".join(lines)
 
 
@@ -371,5 +523,38 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="single-user image (default %(default)s)",
     )
     parser.add_argument("--timeout", type=float, default=90, help="seconds to wait")
+    parser.add_argument(
+        "--purge",
+        action="store_true",
+        help="stop: also remove the demo's containers, Unix accounts (homes, workspaces), "
+        "state, and the users' commands unless a real install owns them",
+    )
+    parser.add_argument(
+        "--workspace-root",
+        type=Path,
+        default=Path("/srv/ds01hub/workspaces"),
+        help="where the users' workspaces live (default %(default)s, as installed)",
+    )
+    parser.add_argument(
+        "--broker-socket",
+        default="/run/ds01hub/broker.sock",
+        help="the broker's socket, which the users' commands talk to (default %(default)s)",
+    )
+    parser.add_argument(
+        "--user-prefix",
+        default="",
+        help="prefix for the demo logins and their Unix accounts (several demos on one host)",
+    )
+    parser.add_argument(
+        "--install-root",
+        type=Path,
+        default=Path("/"),
+        help=argparse.SUPPRESS,  # tests: the users' commands under a temp dir
+    )
+    parser.add_argument(
+        "--no-commands",
+        action="store_true",
+        help="do not put the users' commands on PATH (/opt/ds01hub/venv, /usr/local/bin)",
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.set_defaults(handler=run_command)

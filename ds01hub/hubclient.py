@@ -28,6 +28,11 @@ class HubError(Exception):
         self.message = message
 
 
+class HubUnreachable(HubError):  # noqa: N818 -- reads as what happened: raise HubUnreachable
+    """No answer from the hub at all (connection refused, no route, timed out): `status` is 0
+    for a failed connection, 599 for a timeout (tornado's code)."""
+
+
 def server_path(user: str, server: str = "") -> str:
     """API path of a user's server: the default server is `server`, named ones `servers/NAME`."""
     base = f"/users/{quote(user, safe='')}"
@@ -95,10 +100,17 @@ class HubClient:
         try:
             return await self.http.fetch(req)
         except HTTPClientError as e:
+            if e.code == 599:  # tornado's code for a timeout or a connection that broke
+                raise self.unreachable(e) from None
             body_bytes = e.response.body if e.response is not None else None
             raise HubError(e.code, hub_error_message(body_bytes, str(e))) from None
         except OSError as e:
-            raise HubError(0, f"cannot reach the hub at {self.api_url}: {e}") from None
+            raise self.unreachable(e) from None
+
+    def unreachable(self, error: Exception) -> HubUnreachable:
+        reason = getattr(error, "strerror", None) or str(error)
+        status = 599 if getattr(error, "code", 0) == 599 else 0
+        return HubUnreachable(status, f"cannot reach the hub at {self.api_url}: {reason}")
 
     async def request(
         self, method: str, path: str, body: Any = None, params: dict | None = None
@@ -172,7 +184,12 @@ class HubClient:
                 yield event
                 if event.get("ready") or event.get("failed"):
                     return
-            response = fetch.result()
+            try:
+                response = fetch.result()
+            except OSError as e:
+                raise self.unreachable(e) from None
+            if response.code == 599:
+                raise self.unreachable(response.error or TimeoutError("no answer"))
             if response.code >= 400:
                 # with a streaming callback the error body arrived through on_chunk
                 message = hub_error_message(buffer.encode(), f"progress: HTTP {response.code}")

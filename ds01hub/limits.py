@@ -3,9 +3,18 @@
 The file has DS01's shape: `defaults`, `groups` (each with `members` and limits),
 `user_overrides` (per user, with an optional `reason`), `policies` and `gpu_allocation`.
 A user's limits are resolved field by field: `user_overrides` > their group > `defaults` >
-ds01hub's built-in defaults. Validation collects every problem in one pass, each naming the
-file, the key path, the bad value and the fix, so an admin fixes the file in one go; a reload
-that fails keeps the last good configuration in force.
+ds01hub's built-in defaults.
+
+Reading is strict and bounded (`ds01hub.strict_yaml`: libyaml, at most 1 MiB, no alias bombs,
+duplicate keys refused with both lines, every value's line kept). Validation then checks every
+value against what Docker and the machine accept (memory at least Docker's 6 MiB, finite CPU
+counts, durations a date can still be added to, MIG layouts a GPU can hold, ...) and collects
+every problem in one pass, each naming the file, the line, the key path, the (shortened) value
+and the fix, so an admin fixes the file in one go. Nothing escapes as anything but
+`LimitsError`: an unexpected exception becomes an `internal-error` problem naming the file.
+`LimitsStore` keeps the last good configuration when a reload fails, parses off the caller's
+thread under a time limit, and reports every failure (`last_error`, the log, the counters that
+`ds01hub.metrics` exports).
 
 DS01 keys that ds01hub does not enforce (storage quotas, I/O limits, wizard texts, ...) are
 accepted so a DS01 file loads unchanged, and reported as warnings by `ds01hub check-config`.
@@ -13,7 +22,11 @@ accepted so a DS01 file loads unchanged, and reported as warnings by `ds01hub ch
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import difflib
+import logging
+import math
 import os
 import re
 import threading
@@ -22,8 +35,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from ds01hub.strict_yaml import (
+    Document,
+    KeyPath,
+    StrictYamlError,
+    format_key_path,
+    read_yaml_file,
+    short_repr,
+)
 from ds01hub.units import (
     DURATION_FORMS,
     SIZE_FORMS,
@@ -40,6 +59,7 @@ __all__ = [
     "LimitsConfig",
     "LimitsError",
     "LimitsStore",
+    "MIG_PROFILE_RE",
     "Policies",
     "Problem",
     "ResolvedLimits",
@@ -60,6 +80,29 @@ STRATEGY_ALIASES = {"least_allocated": "spread", "round_robin": "spread", "most_
 # Legacy DS01 spellings of limit keys -> the ds01hub name.
 LIMIT_ALIASES = {"max_mig_instances": "max_gpus", "gpus": "max_gpus", "cpus": "max_cpus"}
 
+# -- what Docker and the machine accept (and what a sane file stays within) --------------------
+MIN_MEMORY = 6 << 20  # Docker refuses less ("Minimum memory limit allowed is 6MB")
+MIN_SHM = 1 << 20  # 0 means Docker's default 64m; below 1m nothing useful fits
+MAX_SIZE = 1 << 46  # 64 TiB: more than any machine has; 99999999t overflows Docker's int64
+MIN_CPUS, MAX_CPUS = 0.01, 4096.0  # Docker's --cpus resolution is 0.01
+MAX_GPU_COUNT = 1024  # GPU slots per user or container (a machine has at most 64 x 7)
+MAX_PIDS = 1 << 22  # the kernel's PID_MAX_LIMIT
+MAX_CONTAINERS = 10_000
+MAX_DURATION = 3650 * 86400.0  # 10 years: far past any hold, and a date can still be added
+MAX_NAME = 256  # characters of a user or group name
+MAX_TEXT = 1000  # characters of a reason or description
+MAX_IMAGES = 1000
+MAX_SIMULATED_GPUS = 64
+MIN_GPU_MEMORY, MAX_GPU_MEMORY = 1 << 30, 1 << 40  # a simulated GPU: 1g .. 1t
+MIG_COMPUTE_SLICES = 7  # every MIG-capable GPU has at most 7 compute slices ...
+MIG_MEMORY_SLICES = 8  # ... and its memory in 8 slices
+# NVIDIA's GPU instance profiles: N compute slices (1, 2, 3, 4 or 7) and M GB; `+me` adds the
+# media engines. Examples: 1g.10gb, 2g.20gb, 3g.40gb, 7g.80gb, 1g.10gb+me, 1g.18gb (H200).
+MIG_PROFILE_RE = re.compile(r"^([12347])g\.([1-9][0-9]{0,3})gb(\+me)?$")
+MAX_PROBLEMS = 100  # listed; more are counted
+MAX_WARNINGS = 50
+DEFAULT_PARSE_TIMEOUT = 10.0  # seconds a reload may take before it counts as failed
+
 
 def default_limits_path() -> Path:
     """`$DS01HUB_LIMITS` when set, else /etc/ds01hub/resource-limits.yaml."""
@@ -73,133 +116,259 @@ def default_limits_path() -> Path:
 
 @dataclass(frozen=True)
 class Problem:
-    """One thing wrong in the file: where, what was found, and how to fix it."""
+    """One thing wrong in the file: where (line, key path), what was found (a bounded repr),
+    a stable `code` (`duplicate-key`, `out-of-range`, `unknown-key`, ...), and the fix."""
 
     file: str
     key_path: str
-    value: Any
+    value: str
     message: str
     fix: str
+    line: int | None = None
+    code: str = "invalid-value"
 
     def __str__(self) -> str:
-        where = f"{self.file}: {self.key_path}" if self.key_path else self.file
-        return f"{where}: {self.message} (found {self.value!r}). Fix: {self.fix}"
+        where = self.file if self.line is None else f"{self.file}:{self.line}"
+        if self.key_path:
+            where += f": {self.key_path}"
+        found = f" (found {self.value})" if self.value else ""
+        return f"{where}: {self.message}{found}. Fix: {self.fix}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 class LimitsError(ValueError):
-    """The limits file cannot be used; `problems` lists every problem found."""
+    """The limits file cannot be used; `problems` lists every problem found (at most
+    MAX_PROBLEMS, then one saying how many more). `str()` is bounded: it shows the first 20."""
+
+    SHOWN = 20
 
     def __init__(self, problems: list[Problem]):
         self.problems = list(problems)
+        super().__init__(self.summary() + ":\n" + "\n".join(self.lines()))
+
+    def summary(self) -> str:
+        """One line: how many problems, in which file."""
         count = len(self.problems)
-        head = f"{count} problem{'s' if count != 1 else ''} in the limits file"
-        super().__init__(head + ":\n" + "\n".join(f"  - {p}" for p in self.problems))
+        file = self.problems[0].file if self.problems else "the limits file"
+        return f"{count} problem{'s' if count != 1 else ''} in the limits file {file}"
+
+    def lines(self, limit: int = SHOWN) -> list[str]:
+        shown = [f"  - {p}" for p in self.problems[:limit]]
+        if len(self.problems) > limit:
+            shown.append(f"  ... and {len(self.problems) - limit} more (ds01hub check-config)")
+        return shown
 
 
 class _Collector:
     """Gathers problems and warnings while walking the file, so all are reported at once."""
 
-    def __init__(self, file: str):
+    def __init__(self, file: str, line_of: Callable[[KeyPath], int | None]):
         self.file = file
+        self.line_of = line_of
         self.problems: list[Problem] = []
+        self.more = 0
         self.warnings: list[str] = []
+        self.more_warnings = 0
 
-    def problem(self, key_path: str, value: Any, message: str, fix: str) -> None:
-        self.problems.append(Problem(self.file, key_path, value, message, fix))
-
-    def warn(self, key_path: str, message: str) -> None:
-        self.warnings.append(f"{self.file}: {key_path}: {message}")
-
-    def unknown_key(self, key_path: str, key: Any, known: Iterable[str]) -> None:
-        close = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.6)
-        fix = (
-            f"did you mean {close[0]!r}?"
-            if close
-            else "remove it; known keys here: " + ", ".join(sorted(known))
+    def problem(
+        self, path: KeyPath, value: Any, message: str, fix: str, code: str = "invalid-value"
+    ) -> None:
+        if len(self.problems) >= MAX_PROBLEMS:
+            self.more += 1
+            return
+        shown = "" if value is _NOTHING else short_repr(value)
+        self.problems.append(
+            Problem(self.file, format_key_path(path), shown, message, fix, self.line_of(path), code)
         )
-        self.problem(key_path, key, "unknown key", fix)
+
+    def warn(self, path: KeyPath, message: str) -> None:
+        if len(self.warnings) >= MAX_WARNINGS:
+            self.more_warnings += 1
+            return
+        line = self.line_of(path)
+        where = self.file if line is None else f"{self.file}:{line}"
+        self.warnings.append(f"{where}: {format_key_path(path)}: {message}")
+
+    def unknown_key(self, path: KeyPath, key: Any, known: Iterable[str]) -> None:
+        text = key if isinstance(key, str) and len(key) <= 100 else ""  # difflib is quadratic
+        close = difflib.get_close_matches(text, list(known), n=1, cutoff=0.6) if text else []
+        if close:
+            fix = f"did you mean {close[0]!r}?"
+        else:
+            fix = "remove it; known keys here: " + ", ".join(sorted(known))
+        self.problem(path, key, "unknown key", fix, "unknown-key")
+
+    def all_problems(self) -> list[Problem]:
+        if not self.more:
+            return self.problems
+        return self.problems + [
+            Problem(
+                self.file,
+                "",
+                "",
+                f"{self.more} more problems not listed",
+                "fix the ones listed and check the file again",
+                None,
+                "too-many-problems",
+            )
+        ]
+
+    def all_warnings(self) -> tuple[str, ...]:
+        more = [f"{self.file}: {self.more_warnings} more warnings"] if self.more_warnings else []
+        return tuple(self.warnings + more)
+
+
+_NOTHING = object()  # a problem about a key's absence shows no value
+
+
+def _mapping(section: Any, path: KeyPath, out: _Collector, fix: str) -> Mapping | None:
+    """`section` when it is a mapping; None (nothing there) or a problem otherwise."""
+    if section is None:
+        return None
+    if not isinstance(section, Mapping):
+        out.problem(path, section, "must be a mapping (keys indented under it)", fix, "wrong-type")
+        return None
+    return section
 
 
 # --------------------------------------------------------------------------------------------
 # Limit fields: how each is read from YAML and shown to people
 
 
-def _read_count(value: Any) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError("a whole number >= 0, or null for unlimited")
-    return value
+class _Bad(ValueError):
+    """A field's value is wrong: what is wrong, and the fix."""
+
+    def __init__(self, message: str, fix: str, code: str = "invalid-value"):
+        super().__init__(message)
+        self.message, self.fix, self.code = message, fix, code
 
 
-def _read_positive_count(value: Any) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError("a whole number >= 1, or null for unlimited")
-    return value
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _count_reader(low: int, high: int, zero_means: str = "") -> Callable[[Any], int | None]:
+    """Whole numbers from `low` to `high`, or null for unlimited."""
+    fix = f"use a whole number from {low} to {high}, or null for unlimited"
+
+    def read(value: Any) -> int | None:
+        if value is None:
+            return None
+        if not _whole(value):
+            raise _Bad("not a whole number", fix, "wrong-type")
+        if value == 0 and zero_means:
+            raise _Bad(f"0 {zero_means}", fix, "out-of-range")
+        if not low <= value <= high:
+            raise _Bad(f"outside {low}..{high}", fix, "out-of-range")
+        return value
+
+    return read
 
 
 def _read_cpus(value: Any) -> float | None:
+    fix = f"use a number of CPU cores from {MIN_CPUS} to {MAX_CPUS:g} such as 4 or 0.5, or null"
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise ValueError("a number of CPU cores > 0 such as 4 or 0.5, or null for no limit")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _Bad("not a number", fix, "wrong-type")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _Bad("not a finite number", fix, "out-of-range")
+    if not MIN_CPUS <= value <= MAX_CPUS:  # compared before float(): a huge int stays an int
+        raise _Bad(f"outside {MIN_CPUS}..{MAX_CPUS:g}", fix, "out-of-range")
     return float(value)
 
 
-def _read_size(value: Any) -> int | None:
-    if value is None:
-        return None
-    try:
-        return parse_size(value)
-    except UnitError:
-        raise ValueError(SIZE_FORMS + ", or null for no limit") from None
+def _size_reader(low: int, zero_means: str) -> Callable[[Any], int | None]:
+    """Sizes from `low` to MAX_SIZE, or null for no limit; 0 is refused (`zero_means`)."""
+    fix = f"use a size from {format_size(low)} to {format_size(MAX_SIZE)} such as 8g, or null"
+
+    def read(value: Any) -> int | None:
+        if value is None:
+            return None
+        try:
+            size = parse_size(value)
+        except UnitError:
+            raise _Bad(
+                "not a size", f"use {SIZE_FORMS}, or null for no limit", "wrong-type"
+            ) from None
+        if size == 0:
+            raise _Bad(f"0 {zero_means}", fix, "out-of-range")
+        if size < low:
+            unit = " (a plain number is bytes: add the unit, e.g. 8g)" if _whole(value) else ""
+            raise _Bad(f"below the minimum of {format_size(low)}{unit}", fix, "out-of-range")
+        if size > MAX_SIZE:
+            raise _Bad(f"above the maximum of {format_size(MAX_SIZE)}", fix, "out-of-range")
+        return size
+
+    return read
 
 
 def _read_duration(value: Any) -> float | None:
     if value is None:
         return None
     try:
-        return parse_duration(value)
+        seconds = parse_duration(value)
     except UnitError:
-        raise ValueError(DURATION_FORMS + ", or null for never") from None
+        raise _Bad(
+            "not a duration", f"use {DURATION_FORMS}, or null for never", "wrong-type"
+        ) from None
+    if seconds > MAX_DURATION:
+        raise _Bad(
+            f"longer than {format_duration(MAX_DURATION)} (a date that far out overflows)",
+            "use null for never, or a duration such as 48h or 30d",
+            "out-of-range",
+        )
+    return seconds
 
 
 def _read_priority(value: Any) -> int:
     low, high = PRIORITY_RANGE
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValueError(f"a whole number from {low} to {high} (higher wins)")
+    fix = f"use a whole number from {low} to {high} (higher wins)"
+    if not _whole(value):
+        raise _Bad("not a whole number", fix, "wrong-type")
+    if not low <= value <= high:
+        raise _Bad(f"outside {low}..{high}", fix, "out-of-range")
     return value
 
 
 def _read_ipc_mode(value: Any) -> str | None:
     if value is None:
         return None
-    if value not in IPC_MODES:
-        raise ValueError("one of " + ", ".join(IPC_MODES) + ", or null")
+    if not isinstance(value, str) or value not in IPC_MODES:
+        raise _Bad("not an IPC mode", "use one of " + ", ".join(IPC_MODES) + ", or null")
     return value
 
 
 def _read_images(value: Any) -> tuple[str, ...] | None:
     if value is None:
         return None
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise ValueError("a list of image names or patterns (e.g. ['ds01-*', 'jupyter/*'])")
+    fix = "use a list of image names or patterns (e.g. ['ds01-*', 'jupyter/*'])"
+    if not isinstance(value, list) or len(value) > MAX_IMAGES:
+        raise _Bad(f"not a list (of at most {MAX_IMAGES})", fix, "wrong-type")
+    if not all(isinstance(v, str) and 0 < len(v) <= MAX_NAME and v.isprintable() for v in value):
+        raise _Bad(f"an entry is not a name of 1..{MAX_NAME} printable characters", fix)
     return tuple(value)
 
 
-def _read_text(value: Any) -> str | None:
+_CGROUP_RE = re.compile(r"^[A-Za-z0-9_./@:-]{1,255}$")
+
+
+def _read_cgroup_parent(value: Any) -> str | None:
     if value is None:
         return None
-    if not isinstance(value, str | int | float) or isinstance(value, bool):
-        raise ValueError("a text")
-    return str(value)
+    if not isinstance(value, str) or not _CGROUP_RE.match(value):
+        raise _Bad(
+            "not a cgroup parent",
+            "use a cgroup path or systemd slice such as /ds01/students or ds01-students.slice",
+        )
+    return value
 
 
 def _read_bool(value: Any) -> bool:
     if not isinstance(value, bool):
-        raise ValueError("true or false")
+        raise _Bad("not true or false", "use true or false", "wrong-type")
     return value
 
 
@@ -211,22 +380,22 @@ class _Field:
 
 # Every limit a section may set, with its reader and ds01hub's built-in default.
 LIMIT_FIELDS: dict[str, _Field] = {
-    "max_gpus": _Field(_read_count, 1),
-    "max_gpus_per_container": _Field(_read_count, None),
+    "max_gpus": _Field(_count_reader(0, MAX_GPU_COUNT), 1),
+    "max_gpus_per_container": _Field(_count_reader(0, MAX_GPU_COUNT), None),
     "allow_full_gpu": _Field(_read_bool, True),
     "max_cpus": _Field(_read_cpus, None),
-    "memory": _Field(_read_size, None),
-    "shm_size": _Field(_read_size, None),
+    "memory": _Field(_size_reader(MIN_MEMORY, "means no limit to Docker: use null"), None),
+    "shm_size": _Field(_size_reader(MIN_SHM, "means Docker's default (64m): use null"), None),
     "ipc_mode": _Field(_read_ipc_mode, None),
-    "pids_limit": _Field(_read_positive_count, None),
-    "max_containers_per_user": _Field(_read_positive_count, None),
+    "pids_limit": _Field(_count_reader(1, MAX_PIDS, "means no limit to Docker: use null"), None),
+    "max_containers_per_user": _Field(_count_reader(1, MAX_CONTAINERS, "allows nothing"), None),
     "idle_timeout": _Field(_read_duration, None),
     "max_runtime": _Field(_read_duration, None),
     "gpu_hold_after_stop": _Field(_read_duration, 15 * 60.0),
     "container_hold_after_stop": _Field(_read_duration, None),
     "priority": _Field(_read_priority, 10),
     "allowed_images": _Field(_read_images, None),
-    "cgroup_parent": _Field(_read_text, None),
+    "cgroup_parent": _Field(_read_cgroup_parent, None),
 }
 # DS01 limit keys that ds01hub accepts (so DS01 files load) but does not enforce.
 DS01_UNENFORCED_LIMITS = frozenset(
@@ -272,28 +441,37 @@ def _section_keys(extra: Iterable[str] = ()) -> set[str]:
     return set(LIMIT_FIELDS) | set(LIMIT_ALIASES) | DS01_UNENFORCED_LIMITS | set(extra)
 
 
+def _read_field(name: str, value: Any, path: KeyPath, out: _Collector) -> Any:
+    """The field's value, or _NOTHING after recording the problem."""
+    try:
+        return LIMIT_FIELDS[name].reader(value)
+    except _Bad as bad:
+        out.problem(path, value, f"invalid {name}: {bad.message}", bad.fix, bad.code)
+        return _NOTHING
+
+
 def _read_limits_section(
-    section: Any, path: str, out: _Collector, extra_keys: Iterable[str] = ()
+    section: Any, path: KeyPath, out: _Collector, extra_keys: Iterable[str] = ()
 ) -> dict[str, Any]:
     """Validated limit fields of one section (defaults, a group, an override), canonical names."""
+    section = _mapping(section, path, out, "indent 'limit: value' lines under it")
     if section is None:
-        return {}
-    if not isinstance(section, Mapping):
-        out.problem(path, section, "must be a mapping of limit: value", "indent keys under it")
         return {}
     extra = set(extra_keys)
     result: dict[str, Any] = {}
     seen_from: dict[str, str] = {}
     for key, value in section.items():
-        key_path = f"{path}.{key}"
+        key_path = path + (key,)
+        if not isinstance(key, str):
+            out.unknown_key(key_path, key, _section_keys(extra))
+            continue
         if key in extra:
             continue
         if key in DS01_UNENFORCED_LIMITS:
             out.warn(key_path, "DS01 key accepted but not enforced by ds01hub")
             continue
         name = LIMIT_ALIASES.get(key, key)
-        spec = LIMIT_FIELDS.get(name)
-        if spec is None:
+        if name not in LIMIT_FIELDS:
             out.unknown_key(key_path, key, _section_keys(extra))
             continue
         if name in seen_from:
@@ -302,13 +480,13 @@ def _read_limits_section(
                 value,
                 f"sets {name!r} again (already set as {seen_from[name]!r})",
                 f"keep only one of {seen_from[name]!r} and {key!r}",
+                "conflict",
             )
             continue
         seen_from[name] = key
-        try:
-            result[name] = spec.reader(value)
-        except ValueError as error:
-            out.problem(key_path, value, f"invalid {name}", f"use {error}")
+        read = _read_field(name, value, key_path, out)
+        if read is not _NOTHING:
+            result[name] = read
     return result
 
 
@@ -480,142 +658,255 @@ class GpuAllocationConfig:
     simulate: SimulateConfig | None = None
 
 
-_MIG_PROFILE_RE = r"^\d+g\.\d+gb(\+me)?$"
-
-
 def _read_simulate(
-    value: Any, path: str, default_profile: str | None, out: _Collector
+    value: Any, path: KeyPath, default_profile: str | None, out: _Collector
 ) -> SimulateConfig | None:
-    """`simulate: {gpus: [...] | N, seed: ...}`; each GPU `{name, memory, mig: [..] | N, count}`."""
-    if not isinstance(value, Mapping):
-        out.problem(path, value, "must be a mapping", "use simulate: {gpus: [{mig: [2g.20gb]}]}")
+    """`simulate: {gpus: [...] | N, seed: ...}`; each GPU `{name, memory, mig: [..] | N, count}`.
+    At most MAX_SIMULATED_GPUS GPUs, each with a MIG layout a real GPU could hold."""
+    value = _mapping(value, path, out, "use simulate: {gpus: [{mig: [2g.20gb]}]}")
+    if value is None:
         return None
     known = {"gpus", "seed"}
     for key in value:
         if key not in known:
-            out.unknown_key(f"{path}.{key}", key, known)
+            out.unknown_key(path + (key,), key, known)
     seed = value.get("seed", "ds01hub")
-    if not isinstance(seed, str | int) or isinstance(seed, bool):
-        out.problem(f"{path}.seed", seed, "bad value", "use a text such as 'lab-demo'")
+    if not (isinstance(seed, str) and 0 < len(seed) <= MAX_NAME) and not (
+        _whole(seed) and seed.bit_length() <= 64
+    ):
+        out.problem(path + ("seed",), seed, "bad seed", "use a short text such as 'lab-demo'")
         seed = "ds01hub"
+    gpus_path = path + ("gpus",)
     gpus_value = value.get("gpus")
-    if isinstance(gpus_value, int) and not isinstance(gpus_value, bool) and gpus_value > 0:
+    gpus_fix = "use gpus: 8, or gpus: [{name: 'NVIDIA A100-SXM4-80GB', memory: 80g, mig: 3}]"
+    if _whole(gpus_value):
+        if not 1 <= gpus_value <= MAX_SIMULATED_GPUS:
+            out.problem(
+                gpus_path,
+                gpus_value,
+                f"a simulated GPU count outside 1..{MAX_SIMULATED_GPUS}",
+                gpus_fix,
+                "out-of-range",
+            )
+            return None
         return SimulateConfig(tuple(SimulatedGpuSpec() for _ in range(gpus_value)), str(seed))
     if not isinstance(gpus_value, list) or not gpus_value:
         out.problem(
-            f"{path}.gpus",
-            gpus_value,
+            gpus_path,
+            gpus_value if "gpus" in value else _NOTHING,
             "must be a GPU count or a non-empty list of GPUs",
-            "use gpus: 8, or gpus: [{name: 'NVIDIA A100-SXM4-80GB', memory: 80g, mig: 3}]",
+            gpus_fix,
+            "wrong-type",
         )
         return None
     specs: list[SimulatedGpuSpec] = []
-    gpu_keys = {"name", "memory", "mig", "count"}
     for i, gpu in enumerate(gpus_value):
-        gpath = f"{path}.gpus[{i}]"
-        if gpu is None:
-            gpu = {}
-        if not isinstance(gpu, Mapping):
-            out.problem(gpath, gpu, "must be a mapping", "use {name: ..., memory: 80g, mig: 3}")
-            continue
-        for key in gpu:
-            if key not in gpu_keys:
-                out.unknown_key(f"{gpath}.{key}", key, gpu_keys)
-        name = str(gpu.get("name", SimulatedGpuSpec.name))
-        memory_mb = SimulatedGpuSpec.memory_mb
-        if "memory" in gpu:
-            try:
-                memory_mb = parse_size(gpu["memory"]) // (1 << 20)
-            except UnitError as error:
-                out.problem(f"{gpath}.memory", gpu["memory"], "bad size", str(error))
-        mig = gpu.get("mig")
-        profiles: tuple[str, ...] | None = None
-        if isinstance(mig, int) and not isinstance(mig, bool) and mig > 0:
-            if not default_profile:
-                out.problem(
-                    f"{gpath}.mig",
-                    mig,
-                    "a MIG instance count needs gpu_allocation.mig_profile",
-                    "set mig_profile: 2g.20gb, or list the profiles: mig: [2g.20gb, 2g.20gb]",
-                )
-            else:
-                profiles = (default_profile,) * mig
-        elif isinstance(mig, list) and mig and all(isinstance(p, str) for p in mig):
-            bad = [p for p in mig if not re.match(_MIG_PROFILE_RE, p)]
-            if bad:
-                out.problem(f"{gpath}.mig", bad, "bad MIG profile", "use names like 2g.20gb")
-            profiles = tuple(mig)
-        elif mig is not None:
-            out.problem(f"{gpath}.mig", mig, "bad value", "use a count (3) or [2g.20gb, 1g.10gb]")
-        count = gpu.get("count", 1)
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            out.problem(f"{gpath}.count", count, "bad value", "use a whole number >= 1")
-            count = 1
-        specs.extend(SimulatedGpuSpec(name, memory_mb, profiles) for _ in range(count))
+        spec, count = _read_simulated_gpu(gpu, gpus_path + (i,), default_profile, out)
+        if spec is not None:
+            specs.extend([spec] * count)
+        if len(specs) > MAX_SIMULATED_GPUS:
+            out.problem(
+                gpus_path,
+                _NOTHING,
+                f"more than {MAX_SIMULATED_GPUS} simulated GPUs",
+                f"simulate at most {MAX_SIMULATED_GPUS} GPUs (lower the counts)",
+                "out-of-range",
+            )
+            return None
     return SimulateConfig(tuple(specs), str(seed))
 
 
+def _read_simulated_gpu(
+    gpu: Any, path: KeyPath, default_profile: str | None, out: _Collector
+) -> tuple[SimulatedGpuSpec | None, int]:
+    """One entry of `simulate.gpus`: the spec and how many GPUs it stands for."""
+    if gpu is None:
+        gpu = {}
+    gpu = _mapping(gpu, path, out, "use {name: ..., memory: 80g, mig: 3, count: 1}")
+    if gpu is None:
+        return None, 0
+    gpu_keys = {"name", "memory", "mig", "count"}
+    for key in gpu:
+        if key not in gpu_keys:
+            out.unknown_key(path + (key,), key, gpu_keys)
+    name = gpu.get("name", SimulatedGpuSpec.name)
+    if not isinstance(name, str) or not 0 < len(name) <= 96 or not name.isprintable():
+        out.problem(path + ("name",), name, "bad GPU name", "use a name such as 'NVIDIA H100'")
+        name = SimulatedGpuSpec.name
+    memory_mb = SimulatedGpuSpec.memory_mb
+    if "memory" in gpu:
+        memory_mb = _read_gpu_memory(gpu["memory"], path + ("memory",), out) or memory_mb
+    profiles = _read_mig(gpu.get("mig"), path + ("mig",), default_profile, out)
+    if profiles:
+        _check_mig_capacity(profiles, memory_mb, path + ("mig",), out)
+    count = gpu.get("count", 1)
+    if not _whole(count) or not 1 <= count <= MAX_SIMULATED_GPUS:
+        out.problem(
+            path + ("count",),
+            count,
+            f"a GPU count outside 1..{MAX_SIMULATED_GPUS}",
+            f"use a whole number from 1 to {MAX_SIMULATED_GPUS}",
+            "out-of-range" if _whole(count) else "wrong-type",
+        )
+        count = 1
+    return SimulatedGpuSpec(name, memory_mb, profiles), count
+
+
+def _read_gpu_memory(value: Any, path: KeyPath, out: _Collector) -> int | None:
+    fix = f"use a size from {format_size(MIN_GPU_MEMORY)} to {format_size(MAX_GPU_MEMORY)}: 80g"
+    try:
+        size = parse_size(value)
+    except UnitError:
+        out.problem(path, value, "not a size", fix, "wrong-type")
+        return None
+    if not MIN_GPU_MEMORY <= size <= MAX_GPU_MEMORY:
+        out.problem(path, value, "GPU memory out of range", fix, "out-of-range")
+        return None
+    return size >> 20
+
+
+def _read_mig(
+    mig: Any, path: KeyPath, default_profile: str | None, out: _Collector
+) -> tuple[str, ...] | None:
+    """`mig: 3` (that many `mig_profile` instances) or `mig: [2g.20gb, 1g.10gb]`."""
+    if mig is None:
+        return None
+    fix = f"use a count from 1 to {MIG_COMPUTE_SLICES} or a list such as [2g.20gb, 1g.10gb]"
+    if _whole(mig):
+        if not 1 <= mig <= MIG_COMPUTE_SLICES:
+            out.problem(
+                path,
+                mig,
+                f"a GPU has 1 to {MIG_COMPUTE_SLICES} MIG instances",
+                fix,
+                "out-of-range",
+            )
+            return None
+        if not default_profile:
+            out.problem(
+                path,
+                mig,
+                "a MIG instance count needs gpu_allocation.mig_profile",
+                "set mig_profile: 2g.20gb, or list the profiles: mig: [2g.20gb, 2g.20gb]",
+                "missing",
+            )
+            return None
+        return (default_profile,) * mig
+    if not isinstance(mig, list) or not mig:
+        out.problem(path, mig, "bad MIG layout", fix, "wrong-type")
+        return None
+    if len(mig) > MIG_COMPUTE_SLICES:
+        out.problem(path, mig, f"more than {MIG_COMPUTE_SLICES} MIG instances", fix, "mig-capacity")
+        return None
+    bad = [p for p in mig if not isinstance(p, str) or not MIG_PROFILE_RE.match(p)]
+    if bad:
+        out.problem(
+            path,
+            bad,
+            "bad MIG profile",
+            "use NVIDIA's profile names: <1|2|3|4|7>g.<GB>gb, e.g. 1g.10gb, 2g.20gb, 3g.40gb",
+        )
+        return None
+    return tuple(mig)
+
+
+def _check_mig_capacity(
+    profiles: tuple[str, ...], memory_mb: int, path: KeyPath, out: _Collector
+) -> None:
+    """What a MIG-capable GPU can hold: 7 compute slices, its memory in 8 slices; a profile's
+    memory (its name's GB, rounded as NVIDIA rounds it) fits in the GPU's."""
+    compute = memory_slices = 0
+    for profile in profiles:
+        match = MIG_PROFILE_RE.match(profile)
+        assert match is not None  # checked by _read_mig
+        slices, gigabytes = int(match.group(1)), int(match.group(2))
+        if gigabytes * 1024 > memory_mb * 1.05:
+            out.problem(
+                path,
+                profile,
+                f"{profile} needs {gigabytes}g but the GPU has {format_size(memory_mb << 20)}",
+                "use a smaller profile, or give the GPU its real memory (memory: 80g)",
+                "mig-capacity",
+            )
+            return
+        compute += slices
+        memory_slices += max(1, round(gigabytes * 1024 * MIG_MEMORY_SLICES / memory_mb))
+    if compute > MIG_COMPUTE_SLICES or memory_slices > MIG_MEMORY_SLICES:
+        out.problem(
+            path,
+            list(profiles),
+            f"these MIG instances need {compute} of a GPU's {MIG_COMPUTE_SLICES} compute slices "
+            f"and {memory_slices} of its {MIG_MEMORY_SLICES} memory slices",
+            "use fewer or smaller instances (on an 80 GB GPU: 7 x 1g.10gb, 3 x 2g.20gb, "
+            "2 x 3g.40gb or 1 x 7g.80gb)",
+            "mig-capacity",
+        )
+
+
 def _read_gpu_allocation(section: Any, out: _Collector) -> GpuAllocationConfig:
-    path = "gpu_allocation"
+    path: KeyPath = ("gpu_allocation",)
+    section = _mapping(section, path, out, "indent its keys under gpu_allocation:")
     if section is None:
-        return GpuAllocationConfig()
-    if not isinstance(section, Mapping):
-        out.problem(path, section, "must be a mapping", "indent its keys under gpu_allocation:")
         return GpuAllocationConfig()
     known = {"enable_mig", "mig_profile", "strategy", "simulate"}
     for key in section:
         if key in DS01_UNENFORCED_GPU:
-            out.warn(f"{path}.{key}", "DS01 key accepted but not enforced by ds01hub")
+            out.warn(path + (key,), "DS01 key accepted but not enforced by ds01hub")
         elif key not in known:
-            out.unknown_key(f"{path}.{key}", key, known | DS01_UNENFORCED_GPU)
+            out.unknown_key(path + (key,), key, known | DS01_UNENFORCED_GPU)
     enable_mig = section.get("enable_mig", True)
     if not isinstance(enable_mig, bool):
-        out.problem(f"{path}.enable_mig", enable_mig, "bad value", "use true or false")
+        out.problem(path + ("enable_mig",), enable_mig, "bad value", "use true or false")
         enable_mig = True
     profile = section.get("mig_profile")
-    if profile is not None and not (
-        isinstance(profile, str) and re.match(_MIG_PROFILE_RE, profile)
-    ):
-        out.problem(f"{path}.mig_profile", profile, "bad MIG profile", "use a name like 2g.20gb")
+    if profile is not None and not (isinstance(profile, str) and MIG_PROFILE_RE.match(profile)):
+        out.problem(
+            path + ("mig_profile",),
+            profile,
+            "bad MIG profile",
+            "use NVIDIA's profile name: <1|2|3|4|7>g.<GB>gb, e.g. 2g.20gb",
+        )
         profile = None
-    strategy = section.get("strategy", "spread")
-    strategy = STRATEGY_ALIASES.get(strategy, strategy)
+    given = section.get("strategy", "spread")
+    strategy = STRATEGY_ALIASES.get(given, given) if isinstance(given, str) else None
     if strategy not in STRATEGIES:
         out.problem(
-            f"{path}.strategy",
-            section.get("strategy"),
+            path + ("strategy",),
+            given,
             "unknown strategy",
             "use spread (least-allocated GPU first) or pack (fill a GPU before the next)",
         )
         strategy = "spread"
     simulate = None
     if section.get("simulate") is not None:
-        simulate = _read_simulate(section["simulate"], f"{path}.simulate", profile, out)
+        simulate = _read_simulate(section["simulate"], path + ("simulate",), profile, out)
     return GpuAllocationConfig(enable_mig, profile, strategy, simulate)
 
 
+_POLICY_MAX_CONTAINERS = _count_reader(1, MAX_CONTAINERS, "allows nothing")
+
+
 def _read_policies(section: Any, out: _Collector) -> Policies:
-    path = "policies"
+    path: KeyPath = ("policies",)
+    section = _mapping(section, path, out, "indent its keys under policies:")
     if section is None:
-        return Policies()
-    if not isinstance(section, Mapping):
-        out.problem(path, section, "must be a mapping", "indent its keys under policies:")
         return Policies()
     known = {"preempt_running", "max_containers_per_user"}
     for key in section:
         if key in DS01_UNENFORCED_POLICIES:
-            out.warn(f"{path}.{key}", "DS01 key accepted but not enforced by ds01hub")
+            out.warn(path + (key,), "DS01 key accepted but not enforced by ds01hub")
         elif key not in known:
-            out.unknown_key(f"{path}.{key}", key, known | DS01_UNENFORCED_POLICIES)
+            out.unknown_key(path + (key,), key, known | DS01_UNENFORCED_POLICIES)
     preempt = section.get("preempt_running", False)
     if not isinstance(preempt, bool):
-        out.problem(f"{path}.preempt_running", preempt, "bad value", "use true or false")
+        out.problem(path + ("preempt_running",), preempt, "bad value", "use true or false")
         preempt = False
     max_containers = section.get("max_containers_per_user")
     try:
-        max_containers = _read_positive_count(max_containers)
-    except ValueError as error:
-        out.problem(f"{path}.max_containers_per_user", max_containers, "bad value", f"use {error}")
+        max_containers = _POLICY_MAX_CONTAINERS(max_containers)
+    except _Bad as bad:
+        key_path = path + ("max_containers_per_user",)
+        out.problem(key_path, max_containers, f"bad value: {bad.message}", bad.fix, bad.code)
         max_containers = None
     return Policies(preempt, max_containers)
 
@@ -714,118 +1005,130 @@ def _builtin(name: str) -> Any:
 TOP_LEVEL_KEYS = {"defaults", "groups", "user_overrides", "policies", "gpu_allocation"}
 
 
+def _name_problem(value: Any, what: str) -> tuple[str, str] | None:
+    """Why `value` cannot be a user or group name (message, fix), or None. Names are text as
+    JupyterHub, PAM and LDAP spell them (`h.baker@hertie-school.lan` is fine); YAML's
+    nothing (`~`, `null`, an empty key), numbers and yes/no are not names."""
+    if value is None:
+        return (
+            f"an empty {what} name (YAML reads ~, null and an empty key as nothing)",
+            f"write the {what} name, or remove the entry",
+        )
+    if not isinstance(value, str):
+        return (
+            f"a {what} name must be text (YAML read this as a {type(value).__name__})",
+            "put the name in quotes, e.g. '12345' or 'yes'",
+        )
+    if not 0 < len(value) <= MAX_NAME:
+        return f"a {what} name of 1 to {MAX_NAME} characters", f"write the {what}'s name"
+    if not value.isprintable() or any(c.isspace() for c in value):
+        return f"a {what} name with spaces or control characters", "write the name without them"
+    if not any(c.isalnum() for c in value):
+        return f"a {what} name without a letter or digit", f"write the {what}'s real name"
+    return None
+
+
+def _read_text(value: Any, path: KeyPath, out: _Collector) -> str | None:
+    """A reason or description: short text (a number is shown as written)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        out.problem(path, value, "must be a text", "write it in quotes", "wrong-type")
+        return None
+    text = value if isinstance(value, str) else short_repr(value)
+    if len(text) > MAX_TEXT:
+        out.problem(path, value, f"longer than {MAX_TEXT} characters", "shorten it", "too-long")
+        return None
+    return text
+
+
+def _read_members(value: Any, path: KeyPath, out: _Collector) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        out.problem(path, value, "must be a list of user names", "[alice, bob]", "wrong-type")
+        return ()
+    first_index: dict[str, int] = {}
+    for i, member in enumerate(value):
+        bad = _name_problem(member, "user")
+        if bad:
+            out.problem(path + (i,), member, *bad, "bad-name")
+        elif member in first_index:
+            out.problem(
+                path + (i,),
+                member,
+                f"member listed twice (also [{first_index[member]}])",
+                f"remove the second {short_repr(member)}",
+                "duplicate-member",
+            )
+        else:
+            first_index[member] = i
+    return tuple(first_index)
+
+
 def _read_groups(section: Any, out: _Collector) -> dict[str, Group]:
+    section = _mapping(section, ("groups",), out, "use groups: {students: {members: [alice]}}")
     if section is None:
-        return {}
-    if not isinstance(section, Mapping):
-        out.problem("groups", section, "must be a mapping of group name: settings", "see docs")
         return {}
     groups: dict[str, Group] = {}
     first_group_of: dict[str, str] = {}
     for name, body in section.items():
-        path = f"groups.{name}"
-        body = body or {}
-        if not isinstance(body, Mapping):
-            out.problem(path, body, "must be a mapping", "give it members: [...] and limits")
+        path: KeyPath = ("groups", name)
+        bad = _name_problem(name, "group")
+        if bad:
+            out.problem(path, name, *bad, "bad-name")
             continue
-        members = body.get("members") or []
-        if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
-            out.problem(f"{path}.members", members, "must be a list of user names", "[alice, bob]")
-            members = []
-        seen: set[str] = set()
+        body = _mapping({} if body is None else body, path, out, "give it members: [...]")
+        if body is None:
+            continue
+        members = _read_members(body.get("members"), path + ("members",), out)
         for member in members:
-            if member in seen:
-                out.problem(
-                    f"{path}.members",
-                    member,
-                    "member listed twice",
-                    f"remove the second {member!r}",
-                )
-            seen.add(member)
-            if member in first_group_of and first_group_of[member] != name:
+            other = first_group_of.setdefault(member, name)
+            if other != name:
                 out.warn(
-                    f"{path}.members",
-                    f"{member!r} is also in {first_group_of[member]!r}; the group with the "
-                    "higher priority applies",
+                    path + ("members",),
+                    f"{short_repr(member)} is also in {short_repr(other)}: a user in several "
+                    "groups gets the one with the highest priority (ties: the first listed)",
                 )
-            first_group_of.setdefault(member, name)
         limits = _read_limits_section(body, path, out, extra_keys={"members", "description"})
         _check_combination(limits, path, out)
-        description = body.get("description")
-        groups[str(name)] = Group(str(name), tuple(dict.fromkeys(members)), limits, description)
+        description = _read_text(body.get("description"), path + ("description",), out)
+        groups[name] = Group(name, members, limits, description)
     return groups
 
 
 def _read_overrides(section: Any, out: _Collector) -> dict[str, dict[str, Any]]:
+    section = _mapping(section, ("user_overrides",), out, "use user_overrides: {alice: {...}}")
     if section is None:
-        return {}
-    if not isinstance(section, Mapping):
-        out.problem("user_overrides", section, "must be a mapping of user: limits", "see docs")
         return {}
     overrides: dict[str, dict[str, Any]] = {}
     for user, body in section.items():
-        path = f"user_overrides.{user}"
+        path: KeyPath = ("user_overrides", user)
+        bad = _name_problem(user, "user")
+        if bad:
+            out.problem(path, user, *bad, "bad-name")
+            continue
         limits = _read_limits_section(body, path, out, extra_keys={"reason"})
         _check_combination(limits, path, out)
-        if isinstance(body, Mapping) and body.get("reason") is not None:
-            limits["reason"] = str(body["reason"])
-        overrides[str(user)] = limits
+        if isinstance(body, Mapping):
+            reason = _read_text(body.get("reason"), path + ("reason",), out)
+            if reason is not None:
+                limits["reason"] = reason
+        overrides[user] = limits
     return overrides
 
 
-def _check_combination(limits: Mapping[str, Any], path: str, out: _Collector) -> None:
+def _check_combination(limits: Mapping[str, Any], path: KeyPath, out: _Collector) -> None:
     """Combinations Docker refuses, caught in the file rather than at container start."""
     if limits.get("ipc_mode") == "host" and limits.get("shm_size") is not None:
         out.problem(
-            f"{path}.shm_size",
+            path + ("shm_size",),
             format_size(limits["shm_size"]),
             "shm_size cannot be combined with ipc_mode: host (Docker refuses both: the host's "
             "/dev/shm is used)",
             "remove shm_size, or use ipc_mode: private/shareable",
+            "conflict",
         )
-
-
-def parse_limits(data: Any, file: str = "<limits>") -> LimitsConfig:
-    """Validate an already-parsed YAML document; raises LimitsError listing every problem."""
-    out = _Collector(file)
-    if data is None:
-        data = {}
-    if not isinstance(data, Mapping):
-        out.problem("", data, "the file must be a YAML mapping", "start with 'defaults:'")
-        raise LimitsError(out.problems)
-    for key in data:
-        if key in DS01_UNENFORCED_TOP:
-            out.warn(str(key), "DS01 section accepted but not used by ds01hub")
-        elif key not in TOP_LEVEL_KEYS | {"default_group"}:
-            out.unknown_key(str(key), key, TOP_LEVEL_KEYS | {"default_group"})
-    defaults = _read_limits_section(data.get("defaults"), "defaults", out)
-    _check_combination(defaults, "defaults", out)
-    groups = _read_groups(data.get("groups"), out)
-    overrides = _read_overrides(data.get("user_overrides"), out)
-    policies = _read_policies(data.get("policies"), out)
-    gpu_allocation = _read_gpu_allocation(data.get("gpu_allocation"), out)
-    default_group = data.get("default_group")
-    if default_group is not None and default_group not in groups:
-        out.problem(
-            "default_group",
-            default_group,
-            "names no group defined under groups",
-            "use one of: " + (", ".join(groups) or "(define a group first)"),
-        )
-        default_group = None
-    _check_resolved_combinations(defaults, groups, overrides, out)
-    if out.problems:
-        raise LimitsError(out.problems)
-    return LimitsConfig(
-        path=file,
-        defaults=defaults,
-        groups=groups,
-        user_overrides=overrides,
-        policies=policies,
-        gpu_allocation=gpu_allocation,
-        default_group=default_group,
-        warnings=tuple(out.warnings),
-    )
 
 
 def _check_resolved_combinations(
@@ -836,8 +1139,10 @@ def _check_resolved_combinations(
 ) -> None:
     """shm_size + ipc_mode host can also arise across layers (defaults set shm_size, a group
     sets ipc_mode: host); report the section that completes the clash."""
-    layers = [(f"groups.{n}", g.limits) for n, g in groups.items()]
-    layers += [(f"user_overrides.{u}", o) for u, o in overrides.items()]
+    layers: list[tuple[KeyPath, Mapping[str, Any]]] = [
+        (("groups", n), g.limits) for n, g in groups.items()
+    ]
+    layers += [(("user_overrides", u), o) for u, o in overrides.items()]
     for path, layer in layers:
         merged = {**defaults, **layer}
         clash = merged.get("ipc_mode") == "host" and merged.get("shm_size") is not None
@@ -845,70 +1150,191 @@ def _check_resolved_combinations(
         if clash and not reported:
             key = "ipc_mode" if "ipc_mode" in layer else "shm_size"
             out.problem(
-                f"{path}.{key}",
+                path + (key,),
                 layer.get(key),
                 "with the value inherited from defaults this gives ipc_mode: host together "
                 "with shm_size, which Docker refuses",
-                f"set shm_size: null in {path}, or use ipc_mode: private/shareable",
+                f"set shm_size: null in {format_key_path(path)}, or use ipc_mode: "
+                "private/shareable",
+                "conflict",
             )
 
 
-def load_limits(path: str | os.PathLike) -> LimitsConfig:
-    """Read and validate a limits file; raises LimitsError (with every problem) on any error."""
-    file = str(path)
+def _validate(data: Any, file: str, line_of: Callable[[KeyPath], int | None]) -> LimitsConfig:
+    out = _Collector(file, line_of)
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        out.problem(
+            (), data, "the file must be a YAML mapping", "start with 'defaults:'", "wrong-type"
+        )
+        raise LimitsError(out.all_problems())
+    known_top = TOP_LEVEL_KEYS | {"default_group"}
+    for key in data:
+        if key in DS01_UNENFORCED_TOP:
+            out.warn((key,), "DS01 section accepted but not used by ds01hub")
+        elif key not in known_top:
+            out.unknown_key((key,), key, known_top)
+    defaults = _read_limits_section(data.get("defaults"), ("defaults",), out)
+    _check_combination(defaults, ("defaults",), out)
+    groups = _read_groups(data.get("groups"), out)
+    overrides = _read_overrides(data.get("user_overrides"), out)
+    policies = _read_policies(data.get("policies"), out)
+    gpu_allocation = _read_gpu_allocation(data.get("gpu_allocation"), out)
+    default_group = data.get("default_group")
+    if default_group is not None and not (
+        isinstance(default_group, str) and default_group in groups
+    ):
+        names = ", ".join(short_repr(name) for name in list(groups)[:10])
+        out.problem(
+            ("default_group",),
+            default_group,
+            "names no group defined under groups",
+            f"use one of: {names}" if names else "define the group under groups first",
+            "unknown-group",
+        )
+        default_group = None
+    _check_resolved_combinations(defaults, groups, overrides, out)
+    if out.problems:
+        raise LimitsError(out.all_problems())
+    return LimitsConfig(
+        path=file,
+        defaults=defaults,
+        groups=groups,
+        user_overrides=overrides,
+        policies=policies,
+        gpu_allocation=gpu_allocation,
+        default_group=default_group,
+        warnings=out.all_warnings(),
+    )
+
+
+def _guarded(file: str, check: Callable[[], LimitsConfig]) -> LimitsConfig:
+    """The boundary: whatever goes wrong while checking a file is a LimitsError naming it,
+    never a traceback into a spawn, a reload or a command."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
+        return check()
+    except LimitsError:
+        raise
+    except Exception as error:
+        try:
+            detail = short_repr(str(error), 120)[1:-1]
+        except Exception:
+            detail = ""
         raise LimitsError(
             [
                 Problem(
                     file,
                     "",
-                    file,
-                    "file not found",
-                    "create it (see config/resource-limits.yaml) or point --limits / "
-                    f"${ENV_LIMITS} at it",
+                    "",
+                    f"could not be checked ({type(error).__name__}: {detail})",
+                    "run ds01hub check-config on it; if that shows no problem, report this as a "
+                    "bug of ds01hub (with the file)",
+                    None,
+                    "internal-error",
                 )
             ]
         ) from None
-    except OSError as error:
-        raise LimitsError(
-            [Problem(file, "", file, f"cannot read: {error.strerror}", "check permissions")]
-        ) from None
+
+
+def parse_limits(data: Any, file: str = "<limits>") -> LimitsConfig:
+    """Validate an already-parsed YAML document; raises LimitsError listing every problem."""
+    return _guarded(file, lambda: _validate(data, file, lambda path: None))
+
+
+def load_limits(path: str | os.PathLike) -> LimitsConfig:
+    """Read and validate a limits file; raises LimitsError (with every problem) on any error."""
+    file = str(path)
+    return _guarded(file, lambda: _load(path, file))
+
+
+def _load(path: str | os.PathLike, file: str) -> LimitsConfig:
+    document = _read_document(path, file)
+    return _validate(document.data, file, document.line_of)
+
+
+def _read_document(path: str | os.PathLike, file: str) -> Document:
+    def problem(message: str, fix: str, code: str, line: int | None = None, where: str = ""):
+        return Problem(file, where, "", message, fix, line, code)
+
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        detail = getattr(error, "problem", None) or str(error)
-        raise LimitsError(
-            [
-                Problem(
-                    file,
-                    where,
-                    detail,
-                    "not valid YAML",
-                    "check indentation (spaces, not tabs) and colons",
-                )
-            ]
-        ) from None
-    return parse_limits(data, file)
+        return read_yaml_file(path)
+    except FileNotFoundError:
+        fix = f"create it (see config/resource-limits.yaml) or point --limits / ${ENV_LIMITS} at it"
+        raise LimitsError([problem("file not found", fix, "file-not-found")]) from None
+    except OSError as error:
+        message = f"cannot read: {error.strerror or type(error).__name__}"
+        fix = "check the path and its permissions"
+        raise LimitsError([problem(message, fix, "unreadable")]) from None
+    except StrictYamlError as error:
+        problems = [
+            problem(p.message, p.fix, p.code, p.line, format_key_path(p.path))
+            for p in error.problems[:MAX_PROBLEMS]
+        ]
+        if error.document is not None:  # only duplicate keys: the rest is checked all the same
+            try:
+                _validate(error.document.data, file, error.document.line_of)
+            except LimitsError as more:
+                problems += more.problems[: MAX_PROBLEMS - len(problems)]
+        raise LimitsError(problems) from None
+
+
+# --------------------------------------------------------------------------------------------
+# The limits in force for a long-running process
+
+
+@dataclass
+class _Attempt:
+    """One read of the file (for the file as `stamp` saw it), shared by everyone waiting."""
+
+    stamp: tuple[int, int, int] | None
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    finished: bool = False  # its outcome is in force (set under the store's lock)
+    counted: bool = False  # counted in reload_failures already (a timeout, then a failure)
 
 
 class LimitsStore:
     """The limits in force for a long-running process (the hub, the broker, the culler).
 
-    `current` is always a valid configuration: `reload()` re-reads the file when it changed
-    and, if the new file is broken, keeps the last good one and records `last_error`.
-    The first load must succeed (a hub must not start on a broken file).
+    `current` is always a valid configuration. `reload()` (threads) and `await refresh()`
+    (event loops) re-read the file when it changed; the parse runs on the store's own thread
+    and is waited for at most `parse_timeout` seconds, so a slow or hostile file never holds a
+    caller longer (an event loop never at all). A reload that fails, or takes too long, keeps
+    the last good configuration and is reported every way: `last_error` (the admin page),
+    `last_problems`, `reload_failures` / `last_reload_ok` (the metrics) and one bounded record
+    in `log`. A parse that outlives its time limit still finishes on the store's thread; its
+    outcome (new configuration or problems) then replaces the timeout report.
+    The first load must succeed (a hub must not start on a broken file): LimitsError.
     """
 
-    def __init__(self, path: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike | None = None,
+        *,
+        parse_timeout: float = DEFAULT_PARSE_TIMEOUT,
+        log: logging.Logger | logging.LoggerAdapter | None = None,
+    ):
         self.path = Path(path) if path is not None else default_limits_path()
+        self.parse_timeout = parse_timeout
+        self.log = log or logging.getLogger(__name__)
         self._lock = threading.Lock()
-        self._current = load_limits(self.path)
-        self._stamp = self._file_stamp()
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ds01-limits")
+        self._pending: _Attempt | None = None
         self.last_error: str | None = None
+        self.last_problems: tuple[Problem, ...] = ()
+        self.reload_failures = 0
+        self.last_reload_ok = True
+        stamp = self._file_stamp()
+        first = self._executor.submit(load_limits, self.path)
+        try:
+            self._current: LimitsConfig = first.result(timeout=parse_timeout)
+        except concurrent.futures.TimeoutError:
+            self._executor.shutdown(wait=False)
+            raise LimitsError([self._timeout_problem()]) from None
+        except BaseException:
+            self._executor.shutdown(wait=False)
+            raise
+        self._stamp = stamp
 
     def _file_stamp(self) -> tuple[int, int, int] | None:
         try:
@@ -921,23 +1347,111 @@ class LimitsStore:
     def current(self) -> LimitsConfig:
         return self._current
 
-    def reload(self, force: bool = False) -> bool:
-        """Re-read when the file changed (or `force`); True when a new configuration is in force."""
-        with self._lock:
-            stamp = self._file_stamp()
-            if not force and stamp == self._stamp:
-                return False
-            self._stamp = stamp
-            try:
-                config = load_limits(self.path)
-            except LimitsError as error:
-                self.last_error = f"{error} -- keeping the last good configuration"
-                return False
-            self._current = config
-            self.last_error = None
-            return True
+    def reload(self, force: bool = False, *, wait: bool = True) -> bool:
+        """Re-read when the file changed (or `force`); True when a new configuration is in
+        force. With `wait=False` (a caller on an event loop that can live with the last good
+        configuration for a moment) the read starts in the background and False is returned."""
+        attempt = self._start(force)
+        if attempt is None or not wait:
+            return False
+        try:
+            return attempt.future.result(timeout=self.parse_timeout)
+        except concurrent.futures.TimeoutError:
+            self._timed_out(attempt)
+            return False
+
+    async def refresh(self, force: bool = False) -> bool:
+        """`reload()` for event loops: the loop goes on serving while the file is read."""
+        attempt = self._start(force)
+        if attempt is None:
+            return False
+        waiting = asyncio.shield(asyncio.wrap_future(attempt.future))
+        try:
+            return await asyncio.wait_for(waiting, self.parse_timeout)
+        except TimeoutError:
+            self._timed_out(attempt)
+            return False
 
     def resolve(self, user: str, groups: Iterable[str] = ()) -> ResolvedLimits:
         """Resolve against the latest good configuration (reloading first if the file changed)."""
         self.reload()
         return self._current.resolve(user, groups)
+
+    # -- one read -------------------------------------------------------------------------------
+
+    def _start(self, force: bool) -> _Attempt | None:
+        """The read to wait for: the one under way for this version of the file, a new one,
+        or None when the file is unchanged since the last read."""
+        with self._lock:
+            stamp = self._file_stamp()
+            pending = self._pending
+            if pending is not None and not pending.finished and pending.stamp == stamp:
+                return pending
+            if not force and stamp == self._stamp:
+                return None
+            attempt = _Attempt(stamp)
+            attempt.future = self._executor.submit(self._load, attempt)
+            self._pending = attempt
+            return attempt
+
+    def _load(self, attempt: _Attempt) -> bool:
+        """On the store's thread: read, check and put the outcome in force."""
+        try:
+            config = load_limits(self.path)
+        except LimitsError as error:
+            self._failed(attempt, error.problems)
+            return False
+        with self._lock:
+            self._current, self._stamp = config, attempt.stamp
+            recovered = not self.last_reload_ok
+            self.last_error, self.last_problems, self.last_reload_ok = None, (), True
+            attempt.finished = True
+        self.log.info(
+            "limits file %s reloaded%s", self.path, " (it is valid again)" if recovered else ""
+        )
+        return True
+
+    def _failed(self, attempt: _Attempt, problems: list[Problem]) -> None:
+        error = LimitsError(problems)
+        with self._lock:
+            self._stamp = attempt.stamp
+            self._record_failure(attempt, error)
+            attempt.finished = True
+        self.log.error(
+            "%s; keeping the last good configuration:\n%s",
+            error.summary(),
+            "\n".join(error.lines()),
+        )
+
+    def _timed_out(self, attempt: _Attempt) -> None:
+        error = LimitsError([self._timeout_problem()])
+        with self._lock:
+            if attempt.finished:  # it ended meanwhile: its outcome stands
+                return
+            first = self._record_failure(attempt, error)
+        if first:  # once per read, however many callers gave up waiting for it
+            self.log.error("%s; keeping the last good configuration", error.problems[0])
+
+    def _record_failure(self, attempt: _Attempt, error: LimitsError) -> bool:
+        """Under the lock: what the admin page and the metrics show. True when this read's
+        failure is counted now (not before, by a timeout)."""
+        self.last_problems = tuple(error.problems)
+        self.last_error = f"{error} -- keeping the last good configuration"
+        self.last_reload_ok = False
+        if attempt.counted:
+            return False
+        attempt.counted = True
+        self.reload_failures += 1
+        return True
+
+    def _timeout_problem(self) -> Problem:
+        return Problem(
+            str(self.path),
+            "",
+            "",
+            f"reading the file took longer than {self.parse_timeout:g}s",
+            "check it with ds01hub check-config; a limits file needs far less (is it huge, or "
+            "on a slow or hung filesystem?)",
+            None,
+            "timeout",
+        )

@@ -10,7 +10,9 @@ Two kinds, served in two places:
 - **State metrics**, computed at scrape time from Docker (through the allocator) and the event
   log by `StateCollector`, exposed by the ds01-ops service on `/services/ds01-ops/metrics`:
   slots total/free, allocated (running or reserved) and held (stopped within the hold) by
-  group, GPU utilisation per slot, GPU-hours by group, and `ds01_culls_total{reason}`. Culls
+  group, GPU utilisation per slot, GPU-hours by group, `ds01_culls_total{reason}` and
+  `ds01_docker_engine_up` (0 while the engine is unreachable: then only the event log's
+  families are served). Culls
   are counted from the event log, so culls made by `ds01hub cull --once` in another process
   count too, and the counter survives restarts. `ds01_gpu_slot_conflicts` counts slots that
   more than one container holds (exclusivity broken: alert on anything above 0).
@@ -18,6 +20,10 @@ Two kinds, served in two places:
   with `watch_eventlog`): `ds01_eventlog_unwritten_events` (events waiting for a writable log),
   `ds01_eventlog_write_errors_total`, `ds01_eventlog_dropped_events_total` and
   `ds01_state_free_bytes` (free space where the log lives). Alert on errors or waiting events.
+- **Limits reloads**, from each process's own `LimitsStore` by `LimitsCollector`:
+  `ds01_limits_reload_failures_total{file}` and `ds01_limits_last_reload_ok{file}` (0 while a
+  broken or too slow edit of the file is ignored and the last good one is in force). The hub
+  exports its spawner's store on /hub/metrics (`watch_limits`), ds01-ops its own.
 """
 
 from __future__ import annotations
@@ -33,8 +39,11 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from ds01hub.engine import engine_unreachable
+
 __all__ = [
     "EventLogHealth",
+    "LimitsCollector",
     "QUEUE_LENGTH",
     "QUEUE_WAIT",
     "SPAWN_FAILURES",
@@ -43,6 +52,7 @@ __all__ = [
     "spawn_failed",
     "waiting_for_gpu",
     "watch_eventlog",
+    "watch_limits",
 ]
 
 NO_GROUP = "none"
@@ -147,12 +157,37 @@ class StateCollector(Collector):
     """Computes the state metrics on each scrape from the allocator's `status()`, the
     inventory's live utilisation and the event log."""
 
-    def __init__(self, allocator: Any, eventlog: Any = None):
+    def __init__(self, allocator: Any, eventlog: Any = None, engine: Any = None):
         self.allocator = allocator
         self.eventlog = eventlog
+        self.engine = engine  # a ds01hub.engine.EngineState: outages are recorded there too
 
     def collect(self) -> Iterator[Any]:
-        rows = self.allocator.status()
+        """While the Docker engine is unreachable, `ds01_docker_engine_up` is 0 and only the
+        event log's families are served (a scrape never fails for it)."""
+        try:
+            rows = self.allocator.status()
+        except Exception as error:
+            if not engine_unreachable(error):
+                raise
+            if self.engine is not None:
+                self.engine.lost(error)
+            rows = None
+        else:
+            if self.engine is not None:
+                self.engine.back()
+        yield GaugeMetricFamily(
+            "ds01_docker_engine_up",
+            "1 when the Docker engine answered this scrape, 0 when it was unreachable",
+            value=0 if rows is None else 1,
+        )
+        if rows is not None:
+            yield from self._from_docker(rows)
+        if self.eventlog is not None:
+            yield from self._from_eventlog()
+            yield from EventLogHealth(lambda: [self.eventlog]).collect()
+
+    def _from_docker(self, rows: list[Any]) -> Iterator[Any]:
         inventory = self.allocator.inventory
         total = GaugeMetricFamily("ds01_gpu_slots", "GPU slots on this machine", labels=["kind"])
         kinds = Tally(row.profile or "gpu" for row in rows)
@@ -193,9 +228,6 @@ class StateCollector(Collector):
             if value is not None:
                 utilisation.add_metric([row.slot_id], value)
         yield utilisation
-        if self.eventlog is not None:
-            yield from self._from_eventlog()
-            yield from EventLogHealth(lambda: [self.eventlog]).collect()
 
     def _from_eventlog(self) -> Iterator[Any]:
         culls = CounterMetricFamily(
@@ -211,3 +243,48 @@ class StateCollector(Collector):
         for group, value in sorted(self.eventlog.gpu_hours(by="group").items()):
             hours.add_metric([group], value)
         yield hours
+
+
+# -- limits reloads (every process with a LimitsStore) -----------------------------------------
+
+
+class LimitsCollector(Collector):
+    """Whether each watched limits file reloads: failures so far and the last outcome, read
+    from the stores (`reload_failures`, `last_reload_ok`) at scrape time."""
+
+    def __init__(self, stores: Iterable[Any] = ()):
+        self.stores: dict[str, Any] = {}
+        for store in stores:
+            self.watch(store)
+
+    def watch(self, store: Any) -> None:
+        self.stores[str(store.path)] = store  # one series per file: the latest store wins
+
+    def collect(self) -> Iterator[Any]:
+        failures = CounterMetricFamily(
+            "ds01_limits_reload_failures",
+            "Reloads of the limits file that failed (problems, or slower than the time "
+            "limit); the last good file stayed in force",
+            labels=["file"],
+        )
+        ok = GaugeMetricFamily(
+            "ds01_limits_last_reload_ok",
+            "1 when the limits file in force is the one on disk; 0 while a broken or too "
+            "slow edit is ignored",
+            labels=["file"],
+        )
+        for file, store in sorted(self.stores.items()):
+            failures.add_metric([file], store.reload_failures)
+            ok.add_metric([file], 1 if store.last_reload_ok else 0)
+        yield failures
+        yield ok
+
+
+_HUB_LIMITS = LimitsCollector()
+REGISTRY.register(_HUB_LIMITS)
+
+
+def watch_limits(store: Any) -> None:
+    """Export `store`'s reload state on this process's default registry (the hub's
+    /hub/metrics)."""
+    _HUB_LIMITS.watch(store)

@@ -22,7 +22,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from . import labels
-from .hubclient import HubClient, HubError
+from .hubclient import HubClient, HubError, HubUnreachable
 
 #: Container (project) names the users' commands accept.
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -53,6 +53,97 @@ class OperationError(Exception):
 
     def to_json(self) -> dict[str, Any]:
         return {"error": self.message, "hint": self.hint, "status": self.status}
+
+
+# ---- the services behind every action, when they fail --------------------------------------
+
+DOCKER_HINT = (
+    "the Docker engine (dockerd) is not running or not answering; your containers are kept "
+    "and come back when it runs again: tell your admin (systemctl status docker)"
+)
+HUB_HINT = "JupyterHub is not running or not answering: tell your admin (see the hub's log)"
+
+
+def root_cause(error: BaseException) -> str:
+    """The innermost reason of a wrapped connection error ("Connection refused", "No such file
+    or directory"), as docker-py/requests/urllib3 nest them in arguments and causes."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.strerror:
+            return current.strerror
+        nested = [a for a in current.args if isinstance(a, BaseException)]
+        current = nested[0] if nested else (current.__cause__ or current.__context__)
+    return str(error)
+
+
+def docker_unreachable(where: str, error: BaseException | None = None) -> OperationError:
+    reason = f" ({root_cause(error)})" if error is not None else ""
+    return OperationError(
+        f"Docker engine unreachable at {where}{reason}", hint=DOCKER_HINT, status=503
+    )
+
+
+def hub_failure(error: HubError, doing: str | None = None) -> OperationError:
+    """A hub error as the user's error: no answer at all is `cannot reach the hub`, else what
+    the hub said (its 4xx kept; anything else is the hub's fault: 502)."""
+    if isinstance(error, HubUnreachable):
+        return OperationError(error.message, hint=HUB_HINT, status=503)
+    status = error.status if 400 <= error.status < 500 else 502
+    return OperationError(f"{doing or 'the hub said'}: {error.message}", status=status)
+
+
+def named_error(error: BaseException, docker_where: str) -> OperationError | None:
+    """The one place where a failure of the services behind every action -- the hub's API and
+    the Docker engine (docker-py over requests) -- gets its name and a hint; None when
+    `error` is none of those (a bug: the caller reports an internal error)."""
+    if isinstance(error, OperationError):
+        return error
+    if isinstance(error, HubError):
+        return hub_failure(error)
+    try:
+        import docker.errors
+        import requests.exceptions
+    except ImportError:  # the host CLI without docker-py never sees these errors
+        return None
+    if isinstance(error, requests.exceptions.Timeout):
+        return OperationError(
+            f"Docker engine at {docker_where} did not answer in time", hint=DOCKER_HINT, status=504
+        )
+    if isinstance(error, requests.exceptions.ConnectionError):
+        return docker_unreachable(docker_where, error)
+    if isinstance(error, docker.errors.APIError):
+        explanation = error.explanation or str(error)
+        return OperationError(f"the Docker engine refused: {explanation}", status=502)
+    if isinstance(error, docker.errors.DockerException):
+        return docker_unreachable(docker_where, error)
+    return None
+
+
+def is_gone(error: BaseException) -> bool:
+    """Docker's 404: the container was removed meanwhile (e.g. by the hub on stop when
+    `DockerSpawner.remove` is set)."""
+    return getattr(error, "status_code", None) == 404
+
+
+def start_failure(project: str, state: str, docker_state: Mapping[str, Any]) -> OperationError:
+    """A start that ended without a running container, said with what Docker recorded."""
+    if docker_state:
+        what = f"exited with code {docker_state.get('ExitCode')}"
+        if docker_state.get("OOMKilled"):
+            what += " (out of memory)"
+        if docker_state.get("Error"):
+            what += f": {docker_state['Error']}"
+    else:
+        what = "does not exist"
+    return OperationError(
+        f"{project!r} did not start: the hub reported it ready, but it is {state} "
+        f"(its container {what})",
+        hint=f"see `container-list --all`; try `container-start {project}` again, or ask your "
+        "admin to look at the hub's log",
+        status=409,
+    )
 
 
 def suggest_name(name: str) -> str:
@@ -199,6 +290,14 @@ def gpu_stats(inventory: Any, slot_id: str) -> dict[str, Any]:
     }
 
 
+#: A cleanup result for a container that was removed before cleanup came to it.
+_GONE = {"removed": True, "already_gone": True}
+
+
+def _running(attrs: Mapping[str, Any]) -> bool:
+    return bool((attrs.get("State") or {}).get("Running"))
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -216,6 +315,7 @@ class OperationsContext:
     clock: Callable[[], datetime] = utcnow
     spawn_timeout: float = 900.0
     inspect_workers: int = 8
+    docker_url: str = "unix:///var/run/docker.sock"  # where `docker` talks to (for messages)
 
 
 class UserOperations:
@@ -244,7 +344,7 @@ class UserOperations:
         try:
             return await awaitable
         except HubError as e:
-            raise OperationError(f"the hub said: {e.message}", status=_hub_status(e)) from None
+            raise hub_failure(e) from None
 
     def _containers(self, project: str | None = None) -> list[dict[str, Any]]:
         """Inspect data of this user's managed containers (optionally one project's)."""
@@ -268,10 +368,11 @@ class UserOperations:
         return [attrs for attrs in inspected if attrs is not None]
 
     def _inspect(self, container_id: str) -> dict[str, Any] | None:
+        """Inspect data, or None when the container is gone (removed since it was listed)."""
         try:
             return self.ctx.docker.api.inspect_container(container_id)
-        except Exception as e:  # removed between list and inspect
-            if getattr(e, "status_code", None) != 404:
+        except Exception as e:
+            if not is_gone(e):
                 raise
             return None
 
@@ -306,16 +407,22 @@ class UserOperations:
 
     async def describe(self, project: str) -> dict[str, Any]:
         """One container's view plus its process count (what `container-stop` shows first)."""
-        validate_name(project)
-        rows = [r for r in await self.list_containers() if r["project"] == project]
-        if not rows:
+        view = await self._current_view(project)
+        if view is None:
             raise self._no_such(project)
-        view = rows[0]
+        return await self._with_processes(project, view)
+
+    async def _with_processes(self, project: str, view: dict[str, Any]) -> dict[str, Any]:
         view["processes"] = None
         if view["state"] == "running":
             attrs = await self._owned(project)
             view["processes"] = await asyncio.to_thread(self._process_count, attrs["Id"])
         return view
+
+    async def _current_view(self, project: str) -> dict[str, Any] | None:
+        validate_name(project)
+        rows = [r for r in await self.list_containers() if r["project"] == project]
+        return rows[0] if rows else None
 
     def _process_count(self, container_id: str) -> int | None:
         try:
@@ -352,9 +459,8 @@ class UserOperations:
         model = await self._hub_user()
         server_name = project_to_server(project)
         server = (model.get("servers") or {}).get(server_name)
-        exists = bool(await asyncio.to_thread(self._containers, project)) or bool(
-            server and (server.get("pending") or server.get("ready"))
-        )
+        found = await asyncio.to_thread(self._containers, project)
+        exists = bool(found) or bool(server and (server.get("pending") or server.get("ready")))
         if create and exists:
             raise OperationError(
                 f"you already have a container named {project!r}",
@@ -363,20 +469,40 @@ class UserOperations:
             )
         if not create and not exists:
             raise self._no_such(project)
-        if server and server.get("ready"):
+        if server and server.get("ready") and any(_running(a) for a in found):
             yield {"event": "ready", "container": await self.describe(project)}
             return
-        yield {"event": "progress", "progress": 0, "message": f"asking the hub to start {project}"}
-        try:
-            status = await self.ctx.hub.start_server(self.user, server_name, spawn)
-        except HubError as e:
-            raise OperationError(
-                f"could not start {project!r}: {e.message}", status=_hub_status(e)
-            ) from None
-        if status == 202:
+        # not running, whatever the hub's record says (a container stopped behind the hub's
+        # back is still "ready" to the hub until it polls): ask the hub, which polls first
+        pending = bool(server and server.get("pending") == "spawn")
+        if not pending:
+            message = f"asking the hub to start {project}"
+            yield {"event": "progress", "progress": 0, "message": message}
+            pending = await self._ask_to_start(project, server_name, spawn) == 202
+        if pending:
             async for event in self._progress(project, server_name):
                 yield event
-        yield {"event": "ready", "container": await self.describe(project)}
+        yield {"event": "ready", "container": await self._started(project)}
+
+    async def _ask_to_start(
+        self, project: str, server_name: str, spawn: dict[str, Any] | None
+    ) -> int:
+        try:
+            return await self.ctx.hub.start_server(self.user, server_name, spawn)
+        except HubError as e:
+            if e.status == 400 and "already running" in e.message:
+                return 201  # it came up meanwhile: what runs is checked next
+            raise hub_failure(e, f"could not start {project!r}") from None
+
+    async def _started(self, project: str) -> dict[str, Any]:
+        """The view of a container the hub says it started -- if it really runs; else the
+        start failed, with what Docker recorded (never "running" for what is not)."""
+        view = await self._current_view(project)
+        if view is not None and view["state"] == "running":
+            return await self._with_processes(project, view)
+        found = await asyncio.to_thread(self._containers, project)
+        docker_state = (found[0].get("State") or {}) if found else {}
+        raise start_failure(project, view["state"] if view else "gone", docker_state)
 
     async def _progress(self, project: str, server_name: str) -> AsyncIterator[dict[str, Any]]:
         try:
@@ -399,9 +525,7 @@ class UserOperations:
                     "message": event.get("message", ""),
                 }
         except HubError as e:
-            raise OperationError(
-                f"could not follow the start of {project!r}: {e.message}", status=_hub_status(e)
-            ) from None
+            raise hub_failure(e, f"could not follow the start of {project!r}") from None
 
     async def stop(
         self, project: str, timeout: float | None = None, force: bool = False
@@ -416,19 +540,34 @@ class UserOperations:
         attrs = found[0]
         container_id = attrs["Id"]
         if force:
-            await asyncio.to_thread(self._kill, container_id)
+            await asyncio.to_thread(self._docker_call, "kill", container_id)
         elif timeout is not None:
-            await asyncio.to_thread(self.ctx.docker.api.stop, container_id, timeout=int(timeout))
+            await asyncio.to_thread(self._docker_call, "stop", container_id, timeout=int(timeout))
         model = await self._hub_user()
         server_name = project_to_server(project)
         server = (model.get("servers") or {}).get(server_name)
         if server and (server.get("ready") or server.get("pending")):
             await self._hub(self.ctx.hub.stop_server(self.user, server_name))
-        elif (attrs.get("State") or {}).get("Running") and not force and timeout is None:
+        elif _running(attrs) and not force and timeout is None:
             # running but unknown to the hub (e.g. the hub's database was reset): stop directly
-            await asyncio.to_thread(self.ctx.docker.api.stop, container_id)
-        await self._wait_stopped(container_id)
-        return await self.describe(project)
+            await asyncio.to_thread(self._docker_call, "stop", container_id)
+        state = await self._wait_stopped(container_id, 60.0 + (timeout or 0))
+        if state is not None and state.get("Running"):
+            raise OperationError(
+                f"{project!r} is still running: it did not stop in time",
+                hint=f"kill it with `container-stop {project} --force`",
+                status=409,
+            )
+        view = await self._current_view(project) if state is not None else None
+        if view is None:  # removed on stop (the hub's DockerSpawner.remove) or meanwhile
+            return self._gone_view(project, attrs)
+        return await self._with_processes(project, view)
+
+    def _gone_view(self, project: str, attrs: Mapping[str, Any]) -> dict[str, Any]:
+        """What is left of a container that was removed: its name, nothing held."""
+        view = container_view(None, None, project, self.ctx.clock(), None)
+        view.update(container=attrs["Name"].lstrip("/"), removed=True, processes=None)
+        return view
 
     async def _cancel_pending(self, project: str) -> dict[str, Any]:
         server_name = project_to_server(project)
@@ -438,57 +577,88 @@ class UserOperations:
         await self._hub(self.ctx.hub.stop_server(self.user, server_name))
         return {"project": project, "state": "stopped", "cancelled": True, "held_until": None}
 
-    def _kill(self, container_id: str) -> None:
+    def _docker_call(self, action: str, container_id: str, **kwargs: Any) -> bool:
+        """`kill`, `stop` or `remove_container` on one of the user's containers; False when it
+        is gone already (404), and a kill of one that is not running (409) is no failure."""
         try:
-            self.ctx.docker.api.kill(container_id)
+            getattr(self.ctx.docker.api, action)(container_id, **kwargs)
         except Exception as e:
-            if getattr(e, "status_code", None) != 409:  # 409: not running
+            if is_gone(e):
+                return False
+            if not (action == "kill" and getattr(e, "status_code", None) == 409):
                 raise
+        return True
 
-    async def _wait_stopped(self, container_id: str, timeout: float = 60.0) -> None:
+    async def _wait_stopped(self, container_id: str, timeout: float) -> dict[str, Any] | None:
+        """The container's State once it no longer runs (or at the deadline); None: gone."""
         deadline = asyncio.get_running_loop().time() + timeout
-        while asyncio.get_running_loop().time() < deadline:
-            state = (await asyncio.to_thread(self.ctx.docker.api.inspect_container, container_id))[
-                "State"
-            ]
-            if not state.get("Running"):
-                return
+        while True:
+            attrs = await asyncio.to_thread(self._inspect, container_id)
+            state = (attrs or {}).get("State") if attrs else None
+            if state is None or not state.get("Running"):
+                return state
+            if asyncio.get_running_loop().time() >= deadline:
+                return state
             await asyncio.sleep(0.5)
 
     async def remove(self, project: str, force: bool = False) -> dict[str, Any]:
-        """Remove a container (its GPUs are released with it). A running one needs `force`."""
-        attrs = await self._owned(project)
-        if (attrs.get("State") or {}).get("Running"):
+        """Remove a container (its GPUs are released with it). A running one needs `force`.
+        One removed meanwhile (by the hub, on stop) is `already_gone`: done, not an error."""
+        return await self._remove(project, await self._owned(project), force)
+
+    async def _remove(self, project: str, attrs: Mapping[str, Any], force: bool) -> dict[str, Any]:
+        removed_by_stop = False
+        if _running(attrs):
             if not force:
                 raise OperationError(
                     f"{project!r} is running",
                     hint=f"stop it first with `container-stop {project}`, or pass --force",
                     status=409,
                 )
-            await self.stop(project)
+            removed_by_stop = bool((await self.stop(project)).get("removed"))
         server_name = project_to_server(project)
         model = await self._hub_user()
         if server_name and server_name in (model.get("servers") or {}):
             await self._hub(self.ctx.hub.delete_server(self.user, server_name))
-        await asyncio.to_thread(self._remove_container, attrs["Id"])
-        return {"project": project, "container": attrs["Name"].lstrip("/"), "removed": True}
-
-    def _remove_container(self, container_id: str) -> None:
-        try:
-            self.ctx.docker.api.remove_container(container_id, v=False, force=False)
-        except Exception as e:
-            if getattr(e, "status_code", None) != 404:  # already gone (spawner removed it)
-                raise
+        removed_here = await asyncio.to_thread(
+            self._docker_call, "remove_container", attrs["Id"], v=False, force=False
+        )
+        return {
+            "project": project,
+            "container": attrs["Name"].lstrip("/"),
+            "removed": True,
+            "already_gone": not (removed_here or removed_by_stop),
+        }
 
     async def cleanup(self, include_running: bool = False) -> list[dict[str, Any]]:
-        """Remove stopped containers (with `include_running`, stop and remove all of them)."""
-        removed = []
+        """Remove stopped containers (with `include_running`, stop and remove all of them).
+        Each container gets its own result: one that fails (`removed` false, `error`, `hint`)
+        does not hide the others, done before or after it."""
+        results = []
         for row in await self.list_containers():
-            if row["state"] == "stopped" or include_running:
-                if row["id"] is None:  # still spawning: nothing to remove yet
+            if row["id"] is None or not (row["state"] == "stopped" or include_running):
+                continue  # not asked for, or still spawning (no container to remove yet)
+            project = row["project"]
+            try:
+                found = await asyncio.to_thread(self._containers, project)
+                if not found:
+                    results.append({**_GONE, "project": project, "container": row["container"]})
                     continue
-                removed.append(await self.remove(row["project"], force=include_running))
-        return removed
+                results.append(await self._remove(project, found[0], force=include_running))
+            except Exception as e:
+                error = named_error(e, self.ctx.docker_url)
+                if error is None:
+                    raise
+                results.append(
+                    {
+                        "project": project,
+                        "container": row["container"],
+                        "removed": False,
+                        "error": error.message,
+                        "hint": error.hint,
+                    }
+                )
+        return results
 
     # ---- inside containers ---------------------------------------------------------------
 
@@ -497,7 +667,7 @@ class UserOperations:
     ) -> dict[str, Any]:
         """Create an exec in the user's running container, as the container's user."""
         attrs = await self._owned(project)
-        if not (attrs.get("State") or {}).get("Running"):
+        if not _running(attrs):
             raise OperationError(
                 f"{project!r} is not running",
                 hint=f"start it with `container-start {project}`",
@@ -539,17 +709,14 @@ class UserOperations:
 
     async def stats(self) -> list[dict[str, Any]]:
         """CPU, memory and GPU use of each running container against its limits."""
-        containers = [
-            a for a in await asyncio.to_thread(self._containers) if a["State"].get("Running")
-        ]
+        containers = [a for a in await asyncio.to_thread(self._containers) if _running(a)]
         samples = await asyncio.gather(
-            *(
-                asyncio.to_thread(self.ctx.docker.api.stats, a["Id"], stream=False)
-                for a in containers
-            )
+            *(asyncio.to_thread(self._sample, a["Id"]) for a in containers)
         )
         rows = []
         for attrs, sample in zip(containers, samples, strict=True):
+            if sample is None:  # removed since it was listed
+                continue
             record = labels.ContainerRecord.from_docker(attrs)
             host = attrs.get("HostConfig") or {}
             rows.append(
@@ -566,6 +733,15 @@ class UserOperations:
                 }
             )
         return rows
+
+    def _sample(self, container_id: str) -> dict[str, Any] | None:
+        """One `docker stats` sample, or None when the container is gone."""
+        try:
+            return self.ctx.docker.api.stats(container_id, stream=False)
+        except Exception as e:
+            if is_gone(e):
+                return None
+            raise
 
     async def quota(self) -> dict[str, Any]:
         """The user's limits and how much of them is in use now."""
@@ -592,8 +768,3 @@ class UserOperations:
             "running": sum(1 for r in rows if r["state"] != "stopped"),
             "gpus_held": gpus_held,
         }
-
-
-def _hub_status(error: HubError) -> int:
-    """Hub failures keep their 4xx meaning; anything else is the hub's fault (502)."""
-    return error.status if 400 <= error.status < 500 else 502

@@ -15,6 +15,7 @@ It shares the spawner's state directory (`$DS01HUB_STATE_DIR`: allocator lock, r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sys
@@ -27,7 +28,10 @@ from typing import Any
 from traitlets import Bool, Float, Integer, List, Unicode, default
 from traitlets.config import Application
 
+from ds01hub import siteenv
+from ds01hub.bootstrap import BootstrapError
 from ds01hub.culler import Culler, PassReport, default_state_dir, utcnow
+from ds01hub.engine import EngineState, engine_unreachable, engine_url
 
 __all__ = ["OpsService", "build_components", "configure_hub", "register"]
 
@@ -47,19 +51,31 @@ class Components:
     eventlog: Any
     limits: Any
     inventory: Any
+    engine: EngineState
 
     def overview(self) -> dict[str, Any]:
-        """The admin page's model (blocking: Docker and SQLite)."""
+        """The admin page's model (blocking: Docker and SQLite). While the Docker engine is
+        unreachable the page says so (and since when) instead of failing; slot holders are
+        unknown until it answers."""
         from ds01hub.admin_page import overview
 
         self.limits.reload()
+        try:
+            status = self.allocator.status()
+            self.engine.back()
+        except Exception as error:
+            if not engine_unreachable(error):
+                raise
+            self.engine.lost(error)
+            status = []
         return overview(
-            self.allocator.status(),
+            status,
             self.inventory,
             self.eventlog,
             self.culler.clock(),
             config_error=self.limits.last_error,
             pending_culls=self.culler.warnings.load().values(),
+            engine=self.engine,
         )
 
 
@@ -83,7 +99,7 @@ def build_components(
     from ds01hub.lifecycle import Lifecycle
     from ds01hub.limits import LimitsStore
 
-    limits = LimitsStore(limits_path)
+    limits = LimitsStore(limits_path, log=culler_options.get("log"))
     inventory = inventory or load_inventory(limits.current.gpu_allocation)
     eventlog = EventLog(Path(state_dir) / EVENTLOG_FILE)
     extra_labels = list(extra_labels)
@@ -113,7 +129,17 @@ def build_components(
         clock=clock,
         **culler_options,
     )
-    return Components(culler, allocator, eventlog, limits, inventory)
+    name = f"the Docker engine at {engine_url()}"
+    engine = EngineState(
+        name, culler_options.get("log"), connect=_docker_from_env, ping_interval=2.0
+    )
+    return Components(culler, allocator, eventlog, limits, inventory, engine)
+
+
+def _docker_from_env() -> Any:
+    import docker
+
+    return docker.from_env()
 
 
 class OpsService(Application):
@@ -180,7 +206,7 @@ class OpsService(Application):
 
         from ds01hub.hubclient import HubClient
         from ds01hub.limits import default_limits_path
-        from ds01hub.metrics import StateCollector
+        from ds01hub.metrics import LimitsCollector, StateCollector
 
         hub = HubClient(os.environ["JUPYTERHUB_API_URL"], os.environ["JUPYTERHUB_API_TOKEN"])
         parts = build_components(
@@ -199,13 +225,14 @@ class OpsService(Application):
         )
         self._reconcile(parts)
         registry = CollectorRegistry()
-        registry.register(StateCollector(parts.allocator, parts.eventlog))
+        registry.register(StateCollector(parts.allocator, parts.eventlog, parts.engine))
+        registry.register(LimitsCollector([parts.limits]))
         app = make_web_app(parts, hub, registry)
         url = os.environ.get("JUPYTERHUB_SERVICE_URL", f"http://127.0.0.1:{DEFAULT_PORT}")
         host, _, port = url.split("://", 1)[-1].split("/", 1)[0].rpartition(":")
         HTTPServer(app).listen(int(port or DEFAULT_PORT), host or "127.0.0.1")
         loop = IOLoop.current()
-        loop.spawn_callback(parts.culler.run_forever, self.interval, self.dry_run)
+        loop.spawn_callback(parts.culler.run_forever, self.interval, self.dry_run, parts.engine)
         self.log.info("ds01-ops on %s: culling every %.0fs", url, self.interval)
         loop.start()
 
@@ -314,10 +341,16 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--hub-api",
         metavar="URL",
-        default=os.environ.get("JUPYTERHUB_API_URL", "http://127.0.0.1:8081/hub/api"),
-        help="the hub's API URL (default: $JUPYTERHUB_API_URL, else %(default)s)",
+        help="the hub's API URL (default: $JUPYTERHUB_API_URL, else the hub's port "
+        "$DS01HUB_HUB_PORT on the Docker bridge, as the site's ds01hub.env says)",
     )
-    parser.add_argument("--token-file", metavar="FILE", help="file holding the hub API token")
+    parser.add_argument(
+        "--token-file",
+        metavar="FILE",
+        default=os.environ.get("DS01HUB_ADMIN_TOKEN_FILE") or None,
+        help="file holding the hub API token (default: $DS01HUB_ADMIN_TOKEN_FILE, which "
+        "ds01hub install makes and the hub registers as the ds01hub-cli service)",
+    )
     parser.add_argument("--interval", type=float, default=300.0, help="seconds between passes")
     parser.add_argument(
         "--warn-before", type=float, default=600.0, help="warning lead time in seconds"
@@ -372,7 +405,9 @@ def _cli_components(args: Any) -> Components:
             raise CliError(f"cannot read the token file: {error}") from None
     if not token:
         raise CliError(
-            "no hub API token", hint="set $JUPYTERHUB_API_TOKEN or pass --token-file FILE"
+            "no hub API token",
+            hint="set $JUPYTERHUB_API_TOKEN or pass --token-file FILE (an installed host has "
+            "/etc/ds01hub/admin-token, named by DS01HUB_ADMIN_TOKEN_FILE in ds01hub.env)",
         )
     try:
         client = docker.from_env()
@@ -382,8 +417,12 @@ def _cli_components(args: Any) -> Components:
             f"cannot reach the Docker engine: {error}", hint="run as root; check dockerd"
         ) from None
     try:
+        api_url = args.hub_api or siteenv.hub_api_url()
+    except BootstrapError as error:
+        raise CliError(str(error), hint="pass --hub-api URL") from None
+    try:
         return build_components(
-            HubClient(args.hub_api, token),
+            HubClient(api_url, token),
             client,
             args.limits or default_limits_path(),
             args.state_dir or default_state_dir(),
@@ -430,7 +469,8 @@ def main(argv: list[str] | None = None) -> None:
     """`python -m ds01hub.ops_service`: the managed service (see `configure_hub`)."""
     app = OpsService.instance()
     app.initialize(argv)
-    app.start()
+    with contextlib.suppress(KeyboardInterrupt):  # JupyterHub stops services with SIGINT first
+        app.start()
 
 
 if __name__ == "__main__":

@@ -2,16 +2,31 @@
 and act on their own containers only.
 
 This is the socket edge. It identifies every client by SO_PEERCRED (uid -> user), parses each
-HTTP/1.1 request itself (it needs the raw bytes to splice hijacked streams: ``docker attach``,
-``docker exec -it``), asks `ds01hub.proxy_policy` what it must look up, looks it up on the
-upstream engine and the file system, and forwards exactly the request the policy returned.
-Decisions are per request, not per connection: a keep-alive connection is re-checked every time.
+HTTP/1.1 request with llhttp (`httptools`: Node.js's strict parser), asks
+`ds01hub.proxy_policy` what it must look up, looks it up on the upstream engine and the file
+system, and forwards the request the policy returned. Decisions are per request, not per
+connection: a keep-alive connection is parsed and checked again for every request.
+
+Nothing the client wrote in a request head is ever forwarded as bytes. Each upstream request is
+rebuilt from the parsed method, the canonical target (`proxy_policy.Target.render`) and an
+allow-list of headers with checked values (`FORWARDED_HEADERS`), with framing of our own:
+bodies are re-framed (a length we counted, or chunks we wrote). Heads with control characters,
+bare CR or LF, obs-fold, duplicate or conflicting framing headers or transfer codings other
+than ``chunked`` are refused with 400 and the connection closed. The engine's Go server ends a
+header line at a bare LF; forwarding a client's header line as written once let a second,
+unchecked request hide in a header value.
 
 Each request gets its own upstream connection, sent with ``Connection: close``: the engine's
-answer then ends where its stream ends, so it is relayed as it arrives without re-parsing its
-framing (client bodies, in contrast, are parsed strictly: no smuggling). Responses without
-framing (old-style hijack) and ``101 Switching Protocols`` become a two-way splice. Endless
+answer then ends where its stream ends, so it is relayed as it arrives without re-framing it
+(the engine is trusted; its head is still parsed by llhttp). ``101 Switching Protocols``
+(``docker attach``, ``docker exec -it``: ``Upgrade: tcp``) becomes a two-way splice. Endless
 answers (``logs -f``, ``events``) stop as soon as the client hangs up.
+
+Denial of service: a request head must arrive within ``--header-timeout`` seconds (an idle
+kept-alive connection too), a body must not stall for longer, and each uid may hold at most
+``--max-connections-per-user`` connections (the next get 429 with a message the CLI prints).
+Streams being answered (``logs -f``, ``events``, ``attach``) are not timed out; they count
+toward the cap.
 
 Run it as root (``ds01hub proxy``): it needs the engine's socket, reads other users' /proc to
 tell host processes from containerised ones, and resolves bind paths as the engine would.
@@ -22,33 +37,54 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import grp
 import json
 import logging
 import os
-import pwd
+import re
+import resource
+import secrets
 import select
 import signal
-import socket
 import stat
-import struct
 import sys
-from collections.abc import Callable, Coroutine, Iterable
-from dataclasses import dataclass, field
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import httptools
+
+from ds01hub import peer
 from ds01hub import proxy_policy as policy
-from ds01hub.proxy_policy import Caller, ContainerFacts, Denied, Kind, PathFacts, Target
+from ds01hub.labels import escape_name
+from ds01hub.proxy_policy import (
+    Caller,
+    ContainerFacts,
+    Denied,
+    ImageFacts,
+    Invisible,
+    Kind,
+    PathFacts,
+    Target,
+    VolumeFacts,
+)
 
 log = logging.getLogger("ds01hub.proxy")
 
-MAX_HEAD = 64 * 1024
+MAX_HEAD = 64 * 1024  # bytes of one request head (target, names, values)
+MAX_HEADERS = 100
 READ_SIZE = 256 * 1024
 EXEC_CACHE_SIZE = 4096
 COALESCE_BYTES = 16 * 1024
 COALESCE_SECONDS = 0.0005  # delay added to a streamed line at most (docker logs -f)
-DRAIN_SECONDS = 30  # how long a refused upload may keep sending before we hang up
+HEADER_TIMEOUT = 30.0  # default --header-timeout
+MAX_CONNECTIONS_PER_USER = 64  # default --max-connections-per-user
+OVER_CAP_HEAD_SECONDS = 2.0  # how long a connection over the cap may take to send its head
 # Content types a user's request may carry. Go's ParseForm merges an urlencoded *body* into
 # the query parameters the engine reads (body first), which would bypass every query check.
 USER_CONTENT_TYPES = (
@@ -58,11 +94,36 @@ USER_CONTENT_TYPES = (
     "text/plain",
     "application/octet-stream",
 )
+# the images the platform itself provides (ds01hub.bootstrap's aliases)
+DEFAULT_SHARED_IMAGES = ("ds01hub/base:latest", "ds01hub/singleuser:latest")
 LIMIT_KEYS = ("Memory", "MemorySwap", "NanoCpus", "PidsLimit", "ShmSize", "IpcMode", "CgroupParent")
+# The request headers the engine reads, and the only ones forwarded (spelled as sent). Host is
+# always `docker`; framing, Connection and Upgrade are written by the proxy itself.
+FORWARDED_HEADERS = ("Content-Type", "User-Agent", "X-Registry-Auth", "X-Registry-Config")
+# Headers a request may carry at most once: a second copy is ambiguous (which one counts?).
+SINGLE_HEADERS = frozenset(
+    {"host", "content-length", "transfer-encoding", "connection", "upgrade"}
+    | {name.lower() for name in FORWARDED_HEADERS}
+)
+# Visible ASCII and spaces: no control character (HTAB, CR, LF, NUL, DEL) and no obs-text.
+HEADER_VALUE = re.compile(rb"[\x20-\x7e]*")
+REASONS = {
+    400: "Bad Request",
+    403: "Forbidden",
+    404: "Not Found",
+    408: "Request Timeout",
+    413: "Payload Too Large",
+    429: "Too Many Requests",
+    502: "Bad Gateway",
+}
 
 
 class HttpError(Exception):
-    """A malformed message: answered with 400 and the connection closed."""
+    """A malformed message: answered with `status` (400 unless said) and the connection closed."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
 
 
 # --------------------------------------------------------------------------------------------
@@ -93,27 +154,23 @@ class Stream:
         del self.buffer[:n]
         return data
 
-    async def read_some(self) -> bytes:
+    async def read_some(self, deadline: float | None = None) -> bytes:
+        """What is buffered, else the next read (empty at end of stream).
+
+        With a `deadline` (loop time) a read still waiting then raises `HttpError` 408.
+        """
         if self.buffer:
             return self.take()
-        data = await self.reader.read(READ_SIZE)
+        if deadline is None:
+            data = await self.reader.read(READ_SIZE)
+        else:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    data = await self.reader.read(READ_SIZE)
+            except TimeoutError:
+                raise HttpError("the request did not arrive in time", 408) from None
         self.eof = not data
         return data
-
-    async def read_head(self) -> bytes | None:
-        """The bytes up to and including the blank line, or None at a clean end of stream."""
-        start = 0
-        while (end := self.buffer.find(b"\r\n\r\n", start)) < 0:
-            if len(self.buffer) > MAX_HEAD:
-                raise HttpError("header section too large")
-            start = max(0, len(self.buffer) - 3)
-            if not await self.fill():
-                if self.buffer:
-                    raise HttpError("connection closed inside a header section")
-                return None
-        if end + 4 > MAX_HEAD:
-            raise HttpError("header section too large")
-        return self.take(end + 4)
 
     async def write(self, data: bytes) -> None:
         self.writer.write(data)
@@ -150,50 +207,296 @@ class Message:
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
-def parse_head(data: bytes, request: bool) -> Message:
-    try:
-        text = data.decode("ascii")
-    except UnicodeDecodeError:
-        raise HttpError("non-ASCII header section") from None
-    lines = text[:-4].split("\r\n")
-    parts = lines[0].split(" ", 2)
-    if len(parts) != 3:
-        raise HttpError(f"malformed start line {lines[0][:80]!r}")
-    version = parts[2] if request else parts[0]
-    if version not in ("HTTP/1.1", "HTTP/1.0"):
-        raise HttpError(f"unsupported protocol version {version[:20]!r}")
-    headers = []
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if not sep or not name or name != name.strip() or line[0] in " \t":
-            raise HttpError(f"malformed header line {line[:80]!r}")
-        if any(c in name for c in '()<>@,;\\"/[]?={} \t'):
-            raise HttpError(f"malformed header name {name[:40]!r}")
-        headers.append((name, value.strip()))
-    return Message((parts[0], parts[1], parts[2]), headers)
+@dataclass
+class Request(Message):
+    """A client's request head as llhttp parsed and the proxy checked it.
+
+    `length` is the body's Content-Length, None for a chunked body (`chunked`) or no body.
+    `upgrade`: a hijack (``Connection: Upgrade``, ``Upgrade: tcp``), never kept alive.
+    """
+
+    length: int | None = None
+    chunked: bool = False
+    upgrade: bool = False
+    keep_alive: bool = True
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.length)
+
+
+class End:
+    """The end of a request body in a `RequestParser`'s event queue."""
+
+
+END = End()
+
+
+class RequestParser:
+    """llhttp over one client connection: the requests and body pieces it found, in order.
+
+    llhttp parses whatever it is fed, pipelined requests included; each becomes a checked
+    `Request` followed by its body pieces and `END`, or by the error that stopped parsing.
+    Nothing after a parse error is ever looked at. The callbacks are llhttp's (httptools).
+    """
+
+    def __init__(self) -> None:
+        self.parser = httptools.HttpRequestParser(self)
+        self.events: deque[Request | bytes | End | HttpError] = deque()
+        self.failed = False
+        self.in_message = False  # between the first byte of a request and its end
+        self.upgraded: bytes | None = None  # after an upgrade request: the bytes that followed
+        self.url = bytearray()
+        self.fields: list[tuple[bytes, bytes]] = []
+        self.size = 0
+        self.in_head = False
+        self.head_bytes = 0  # fed while a head was incomplete (httptools buffers a field)
+
+    def feed(self, data: bytes) -> None:
+        if self.in_head or not self.in_message:
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_HEAD + READ_SIZE:
+                self.fail(HttpError(f"request head larger than {MAX_HEAD} bytes"))
+                return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self.upgraded = data[upgrade.args[0] :]
+        except httptools.HttpParserCallbackError as error:
+            cause = error.__context__
+            self.fail(cause if isinstance(cause, HttpError) else HttpError(str(error)))
+        except httptools.HttpParserError as error:
+            self.fail(HttpError(f"malformed request: {error}"))
+
+    def fail(self, error: HttpError) -> None:
+        self.failed = True
+        self.events.append(error)
+
+    def grow(self, *parts: bytes) -> None:
+        self.size += sum(len(p) for p in parts) + 4
+        if self.size > MAX_HEAD:
+            raise HttpError(f"request head larger than {MAX_HEAD} bytes")
+
+    # llhttp callbacks
+
+    def on_message_begin(self) -> None:
+        self.in_message, self.in_head = True, True
+        self.url, self.fields, self.size = bytearray(), [], 0
+
+    def on_url(self, url: bytes) -> None:
+        self.grow(url)
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.in_head:
+            raise HttpError("chunked trailer fields are not accepted")
+        self.grow(name, value)
+        if len(self.fields) >= MAX_HEADERS:
+            raise HttpError(f"more than {MAX_HEADERS} header fields")
+        self.fields.append((name, value.strip(b" \t")))
+
+    def on_headers_complete(self) -> None:
+        self.in_head, self.head_bytes = False, 0
+        self.events.append(self.checked_request())
+
+    def on_body(self, data: bytes) -> None:
+        self.events.append(data)
+
+    def on_message_complete(self) -> None:
+        self.in_message = False
+        self.events.append(END)
+
+    def checked_request(self) -> Request:
+        """The head llhttp accepted, held to the stricter rules the engine needs.
+
+        llhttp already refused bare CR/LF, NUL, obs-fold, TE with CL, duplicate or signed
+        Content-Length and non-final chunked; refused here: any other control character or
+        non-ASCII byte, a repeated single header, transfer codings other than `chunked`.
+        """
+        version = self.parser.get_http_version()
+        if version not in ("1.0", "1.1"):
+            raise HttpError(f"unsupported protocol version HTTP/{version}")
+        if not HEADER_VALUE.fullmatch(self.url):
+            raise HttpError("control character or non-ASCII byte in the request target")
+        seen: set[str] = set()
+        headers = []
+        for raw_name, raw_value in self.fields:
+            name = raw_name.decode("ascii")  # llhttp allows token characters only
+            if not HEADER_VALUE.fullmatch(raw_value):
+                raise HttpError(f"control character or non-ASCII byte in header {name}")
+            lower = name.lower()
+            if lower in SINGLE_HEADERS and lower in seen:
+                raise HttpError(f"header {name} given more than once")
+            seen.add(lower)
+            headers.append((name, raw_value.decode("ascii")))
+        request = Request(
+            (self.parser.get_method().decode("ascii"), self.url.decode("ascii"), f"HTTP/{version}"),
+            headers,
+            keep_alive=self.parser.should_keep_alive(),
+            upgrade=self.parser.should_upgrade(),
+        )
+        encoding = request.get("Transfer-Encoding")
+        if encoding is not None and encoding.lower() != "chunked":
+            raise HttpError(f"Transfer-Encoding {encoding!r} is not accepted (only chunked)")
+        request.chunked = encoding is not None
+        if (length := request.get("Content-Length")) is not None:
+            request.length = int(length)  # llhttp accepted digits only
+        if request.upgrade:
+            check_upgrade(request)
+        return request
+
+
+def check_upgrade(request: Request) -> None:
+    """A hijack is `POST` with `Upgrade: tcp` and a body framed by its length, if any.
+
+    llhttp ends an upgrade request at its head; the proxy then reads the body by the
+    Content-Length that llhttp validated, and only that.
+    """
+    if request.start[0] != "POST" or (request.get("Upgrade") or "").lower() != "tcp":
+        raise HttpError("only POST with Upgrade: tcp may switch protocols (docker attach/exec)")
+    if request.chunked:
+        raise HttpError("an upgrade request's body needs a Content-Length")
+
+
+class ClientStream(Stream):
+    """The client's side: a stream whose bytes reach us only as requests parsed by llhttp."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        super().__init__(reader, writer)
+        self.requests = RequestParser()
+        self.raw_left: int | None = None  # body bytes of an upgrade request still to read
+
+    async def event(self, deadline: float) -> Request | bytes | End | None:
+        """The next parse event, reading more as needed; None at a clean end of stream."""
+        events = self.requests.events
+        while not events:
+            if self.requests.upgraded is not None:
+                return None  # the connection is someone else's protocol now
+            data = await self.read_some(deadline)
+            if not data:
+                if self.requests.in_message:
+                    raise HttpError("connection closed inside a request")
+                return None
+            self.requests.feed(data)
+        event = events.popleft()
+        if isinstance(event, HttpError):
+            raise event
+        return event
+
+    async def next_request(self, deadline: float) -> Request | None:
+        event = await self.event(deadline)
+        if event is None:
+            return None
+        if not isinstance(event, Request):  # pragma: no cover - bodies are read to their END
+            raise HttpError("request body where a request head was due")
+        if event.upgrade:
+            if await self.event(deadline) is not END:  # llhttp ended it at its head
+                raise HttpError("malformed upgrade request")
+            self.buffer[:0] = self.requests.upgraded or b""
+            self.raw_left = event.length or 0
+        return event
+
+    async def body_piece(self, deadline: float) -> bytes | None:
+        """The next piece of the current request's body; None at its end."""
+        if self.raw_left is None:
+            event = await self.event(deadline)
+            if event is None:
+                raise HttpError("connection closed inside a request body")
+            if isinstance(event, Request):  # pragma: no cover - llhttp ends a body first
+                raise HttpError("request head inside a body")
+            return None if event is END else event
+        if not self.raw_left:
+            return None
+        data = await self.read_some(deadline)
+        if not data:
+            raise HttpError("connection closed inside a request body")
+        piece = data[: self.raw_left]
+        self.buffer[:0] = data[self.raw_left :]
+        self.raw_left -= len(piece)
+        return piece
+
+
+class RequestBody:
+    """The client's request body, read at most once: parsed, streamed on, or drained.
+
+    It never reaches the engine in the client's framing: `read` returns it whole (de-chunked),
+    `relay` writes it with `framing_headers` of our own. Receiving it is bounded in time: a
+    whole body within `timeout` seconds, a streamed one with no pause longer than that.
+    """
+
+    def __init__(self, client: ClientStream, request: Request, timeout: float):
+        self.client = client
+        self.request = request
+        self.timeout = timeout
+        self.consumed = False  # even without a body: its end is still to be taken
+        self.data: bytes | None = None  # what `read` returned, forwarded if nothing replaces it
+
+    def deadline(self) -> float:
+        return asyncio.get_running_loop().time() + self.timeout
+
+    async def pieces(self, whole: bool) -> AsyncIterator[bytes]:
+        """Body pieces as they come (async iterator); `whole`: one deadline for all of them."""
+        self.consumed = True
+        deadline = self.deadline()
+        while (piece := await self.client.body_piece(deadline)) is not None:
+            yield piece
+            if not whole:
+                deadline = self.deadline()
+
+    async def read(self, limit: int) -> bytes:
+        if self.data is not None:
+            return self.data
+        if self.consumed:
+            return b""
+        collected = bytearray()
+        async for piece in self.pieces(whole=True):
+            collected += piece
+            if len(collected) > limit:
+                raise Denied(413, f"request body larger than {limit} bytes")
+        self.data = bytes(collected)
+        return self.data
+
+    def framing_headers(self) -> list[tuple[str, str]]:
+        """How the body will be framed toward the engine (after `read`, its exact length)."""
+        if self.data is not None:
+            return [("Content-Length", str(len(self.data)))]
+        if self.consumed:
+            return []  # drained: nothing left to send
+        if self.request.chunked:
+            return [("Transfer-Encoding", "chunked")]
+        return [("Content-Length", str(self.request.length))] if self.request.length else []
+
+    async def relay(self, upstream: Stream) -> None:
+        """Send the body in the framing `framing_headers` announced."""
+        if self.data is not None:
+            await upstream.write(self.data)
+            return
+        if self.consumed:
+            return
+        chunked = self.request.chunked
+        async for piece in self.pieces(whole=False):
+            if chunked:
+                upstream.writer.writelines((b"%x\r\n" % len(piece), piece, b"\r\n"))
+                await upstream.writer.drain()
+            else:
+                await upstream.write(piece)
+        if chunked:
+            await upstream.write(b"0\r\n\r\n")
+
+    async def drain(self) -> None:
+        """Swallow an unread body so the client can read our refusal (not a broken pipe)."""
+        if not self.consumed:
+            with contextlib.suppress(HttpError, ConnectionError, OSError):
+                async for _ in self.pieces(whole=True):
+                    pass
 
 
 @dataclass(frozen=True)
 class Framing:
-    """How a message body is delimited: 'none', 'length' (with `length`), 'chunked', 'eof'."""
+    """How an engine response body is delimited: 'none', 'length', 'chunked', 'eof'."""
 
     kind: str
     length: int = 0
-
-
-def request_framing(message: Message) -> Framing:
-    """Strict framing: one Content-Length or exactly `chunked`, never both (smuggling)."""
-    encodings = message.get_all("Transfer-Encoding")
-    lengths = message.get_all("Content-Length")
-    if encodings:
-        if lengths or len(encodings) > 1 or encodings[0].strip().lower() != "chunked":
-            raise HttpError("unsupported Transfer-Encoding / Content-Length combination")
-        return Framing("chunked")
-    if lengths:
-        if len(lengths) > 1 or not lengths[0].isdigit():
-            raise HttpError("invalid Content-Length")
-        return Framing("length", int(lengths[0]))
-    return Framing("none")
 
 
 def response_framing(response: Message, method: str) -> Framing:
@@ -208,102 +511,76 @@ def response_framing(response: Message, method: str) -> Framing:
     return Framing("eof")
 
 
-class ChunkScanner:
-    """Finds where a chunked body ends without copying it (strict: hex sizes, no trailers).
-
-    Chunk extensions and trailers are refused rather than passed on, so the engine can never
-    read a different body than the one this proxy delimited.
-    """
+class ResponseParser:
+    """llhttp over one engine response: its head, then (when asked for) its de-chunked body."""
 
     def __init__(self) -> None:
-        self.remaining = 0  # data bytes left in the current chunk
-        self.crlf_due = False  # the CRLF that ends a chunk's data
-        self.done = False
+        self.parser = httptools.HttpResponseParser(self)
+        self.reason = b""
+        self.fields: list[tuple[str, str]] = []
+        self.body = bytearray()
+        self.head_done = False
+        self.complete = False
 
-    def scan(self, data: bytes | bytearray) -> int:
-        """How many bytes at the start of `data` belong to the body (0: need more data)."""
-        pos, size_limit = 0, len(data)
-        while not self.done and pos < size_limit:
-            if self.remaining:
-                step = min(self.remaining, size_limit - pos)
-                pos += step
-                self.remaining -= step
-                self.crlf_due = not self.remaining
-                continue
-            if self.crlf_due:
-                if size_limit - pos < 2:
-                    break
-                if data[pos : pos + 2] != b"\r\n":
-                    raise HttpError("chunk data not followed by CRLF")
-                pos += 2
-                self.crlf_due = False
-                continue
-            end = data.find(b"\r\n", pos)
-            if end < 0:
-                if size_limit - pos > 32:
-                    raise HttpError("chunk size line too long")
-                break
-            line = bytes(data[pos:end])
-            if not line or len(line) > 16 or line.strip(b"0123456789abcdefABCDEF"):
-                raise HttpError(f"malformed chunk size line {line[:20]!r}")
-            size = int(line, 16)
-            if size == 0:
-                if size_limit < end + 4:
-                    break
-                if data[end + 2 : end + 4] != b"\r\n":
-                    raise HttpError("chunked trailers are not supported")
-                pos, self.done = end + 4, True
-                break
-            pos, self.remaining = end + 2, size
-        return pos
+    def feed(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            pass  # 101: what follows is the hijacked stream, never parsed
+        except httptools.HttpParserError as error:
+            raise HttpError(f"malformed response from the engine: {error}", 502) from None
+
+    def message(self) -> Message:
+        version = f"HTTP/{self.parser.get_http_version()}"
+        status = str(self.parser.get_status_code())
+        return Message((version, status, self.reason.decode("latin-1")), self.fields)
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.fields.append((name.decode("latin-1"), value.strip().decode("latin-1")))
+
+    def on_headers_complete(self) -> None:
+        self.head_done = True
+
+    def on_body(self, data: bytes) -> None:
+        self.body += data
+
+    def on_message_complete(self) -> None:
+        self.complete = True
 
 
-async def relay_body(src: Stream, dst: Stream, framing: Framing) -> None:
-    """Copy one body from `src` to `dst` as it arrives, preserving its framing."""
-    if framing.kind == "length":
-        left = framing.length
-        while left:
-            if not src.buffer and not await src.fill():
-                raise HttpError("connection closed inside a body")
-            data = src.take(min(left, len(src.buffer)))
-            left -= len(data)
-            await dst.write(data)
-    elif framing.kind == "chunked":
-        scanner = ChunkScanner()
-        while not scanner.done:
-            used = scanner.scan(src.buffer) if src.buffer else 0
-            if used:
-                await dst.write(src.take(used))
-            elif not await src.fill():
-                raise HttpError("connection closed inside a chunked body")
-    elif framing.kind == "eof":
-        while data := await src.read_some():
-            await dst.write(data)
+async def read_response_head(upstream: Stream) -> tuple[Message, ResponseParser]:
+    """The engine's response head (llhttp-parsed); the body stays in `upstream.buffer`.
+
+    The engine is trusted and writes its head in one piece ending in CRLF CRLF; finding that
+    end is what lets the body be relayed as it comes rather than parsed piece by piece.
+    """
+    start = 0
+    while (end := upstream.buffer.find(b"\r\n\r\n", start)) < 0:
+        if len(upstream.buffer) > MAX_HEAD:
+            raise HttpError("response head from the engine too large", 502)
+        start = max(0, len(upstream.buffer) - 3)
+        if not await upstream.fill():
+            raise HttpError("the engine closed without a response", 502)
+    parser = ResponseParser()
+    parser.feed(upstream.take(end + 4))
+    if not parser.head_done:
+        raise HttpError("malformed response head from the engine", 502)
+    return parser.message(), parser
 
 
-async def read_body(src: Stream, framing: Framing, limit: int) -> bytes:
-    """A whole body, de-chunked, refused beyond `limit` bytes."""
-    collected = bytearray()
-
-    class Sink:
-        async def write(self, data: bytes) -> None:
-            collected.extend(data)
-            if len(collected) > limit + 64 * 1024:
-                raise Denied(413, f"request body larger than {limit} bytes")
-
-    await relay_body(src, Sink(), framing)  # type: ignore[arg-type]
-    return dechunk(bytes(collected)) if framing.kind == "chunked" else bytes(collected)
-
-
-def dechunk(data: bytes) -> bytes:
-    out, pos = bytearray(), 0
-    while True:
-        end = data.index(b"\r\n", pos)
-        size = int(data[pos:end], 16)
-        if size == 0:
-            return bytes(out)
-        out += data[end + 2 : end + 2 + size]
-        pos = end + 4 + size
+async def read_response_body(upstream: Stream, parser: ResponseParser, limit: int) -> bytes:
+    """The rest of a response, de-chunked: to its framed end, or to the engine's close."""
+    while not parser.complete:
+        if upstream.buffer:
+            parser.feed(upstream.take())
+        elif not await upstream.fill():
+            break  # a body delimited by the end of the stream (or a truncated one: as is)
+        if len(parser.body) > limit:
+            raise HttpError(f"response from the engine larger than {limit} bytes", 502)
+    return bytes(parser.body)
 
 
 async def relay_until_eof(src: Stream, dst: Stream) -> None:
@@ -327,8 +604,8 @@ async def relay_until_eof(src: Stream, dst: Stream) -> None:
 async def unless_client_leaves(client: Stream, relay: Coroutine[Any, Any, None]) -> bool:
     """Run a (possibly endless: logs -f, events) relay; stop it if the client hangs up.
 
-    Bytes the client sends meanwhile (a pipelined request) stay in its buffer. False when the
-    client left before the relay finished.
+    Bytes the client sends meanwhile (a pipelined request) stay in its buffer, to be parsed
+    after this answer. False when the client left before the relay finished.
     """
 
     async def client_gone() -> None:
@@ -363,39 +640,6 @@ def peer_hung_up(stream: Stream) -> bool:
     return any(events & select.POLLHUP for _, events in poller.poll(0))
 
 
-class Discard:
-    """A sink that forgets what it is given (draining a refused request's body)."""
-
-    async def write(self, data: bytes) -> None:
-        pass
-
-
-class RequestBody:
-    """The client's request body, read at most once: parsed, streamed on, or drained."""
-
-    def __init__(self, client: Stream, framing: Framing):
-        self.client = client
-        self.framing = framing
-        self.consumed = framing.kind == "none"
-
-    async def read(self, limit: int) -> bytes:
-        self.consumed = True
-        return await read_body(self.client, self.framing, limit)
-
-    async def relay(self, upstream: Stream) -> None:
-        self.consumed = True
-        await relay_body(self.client, upstream, self.framing)
-
-    async def drain(self) -> None:
-        """Swallow an unread body so the client can read our refusal (not a broken pipe)."""
-        if not self.consumed:
-            self.consumed = True
-            with contextlib.suppress(HttpError, ConnectionError, OSError):
-                await asyncio.wait_for(
-                    relay_body(self.client, Discard(), self.framing), DRAIN_SECONDS
-                )
-
-
 async def splice(client: Stream, upstream: Stream) -> None:
     """Two-way copy after a hijack; a half-close from the client is passed on (stdin EOF)."""
 
@@ -415,55 +659,29 @@ async def splice(client: Stream, upstream: Stream) -> None:
             await upward
 
 
-# --------------------------------------------------------------------------------------------
-# Callers
+def upstream_headers(request: Request, body: RequestBody) -> list[tuple[str, str]]:
+    """The header fields the engine gets: rebuilt from the allow-list, framing of our own.
+
+    Values were checked visible ASCII when the request was parsed
+    (`RequestParser.checked_request`); Host is fixed; Connection says close but for a hijack.
+    """
+    headers = [("Host", "docker")]
+    headers += [(name, value) for name in FORWARDED_HEADERS if (value := request.get(name))]
+    headers += body.framing_headers()
+    if request.upgrade:
+        return [*headers, ("Connection", "Upgrade"), ("Upgrade", "tcp")]
+    return [*headers, ("Connection", "close")]
 
 
-def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
-    """(pid, uid, gid) of the process that connected, from the kernel (SO_PEERCRED)."""
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, gid = struct.unpack("3i", raw)
-    return pid, uid, gid
+def render_head(start: str, headers: list[tuple[str, str]]) -> bytes:
+    lines = [start, *(f"{name}: {value}" for name, value in headers)]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
 
 
-def same_mount_namespace(pid: int) -> bool:
-    """Whether `pid` sees our file system: root in a container must not count as root here."""
-    try:
-        return os.stat(f"/proc/{pid}/ns/mnt").st_ino == os.stat("/proc/self/ns/mnt").st_ino
-    except OSError:
-        return False
-
-
-@dataclass(frozen=True)
-class AdminRule:
-    """Who gets full access: root, the named users and the members of the named group."""
-
-    users: frozenset[str] = frozenset()
-    group: str | None = None
-
-    def allows(self, caller: Caller) -> bool:
-        return (
-            caller.uid == 0
-            or caller.user in self.users
-            or (self.group is not None and self.group in caller.groups)
-        )
-
-
-def identify(pid: int, uid: int, admins: AdminRule) -> Caller | None:
-    """The caller behind a uid, or None when the uid has no account (refused)."""
-    try:
-        account = pwd.getpwuid(uid)
-    except KeyError:
-        return None
-    gids = os.getgrouplist(account.pw_name, account.pw_gid)
-    groups = []
-    for gid in gids:
-        with contextlib.suppress(KeyError):
-            groups.append(grp.getgrgid(gid).gr_name)
-    caller = Caller(uid, account.pw_gid, account.pw_name, account.pw_dir, tuple(groups))
-    if admins.allows(caller) and same_mount_namespace(pid):
-        caller = Caller(uid, account.pw_gid, account.pw_name, account.pw_dir, tuple(groups), True)
-    return caller
+def describe_headers(headers: list[tuple[str, str]]) -> str:
+    """Header names for the log, with the values that frame or type the body (no secrets)."""
+    shown = ("content-type", "content-length", "transfer-encoding", "connection", "upgrade")
+    return ",".join(f"{k}={v}" if k.lower() in shown else k for k, v in headers)
 
 
 # --------------------------------------------------------------------------------------------
@@ -481,12 +699,28 @@ class Fetched:
     def json(self) -> object:
         return json.loads(self.body) if self.status == 200 and self.body else None
 
+    def with_body(self, body: bytes) -> Fetched:
+        return Fetched(self.status, self.head, body)
+
     def as_response(self) -> bytes:
         """The same response for a client (own framing; the client's connection stays open)."""
-        add = [("Content-Length", str(len(self.body)))]
+        bodiless = self.status in (204, 304) or 100 <= self.status < 200
+        add = [] if bodiless else [("Content-Length", str(len(self.body)))]
         return self.head.render(("Content-Length", "Transfer-Encoding", "Connection"), add) + (
-            self.body
+            b"" if bodiless else self.body
         )
+
+
+def redacted(fetched: Fetched) -> Fetched:
+    """An engine error without the full id of a conflicting container (it may be another
+    user's: `policy.redact_conflict`)."""
+    if fetched.status != 409:
+        return fetched
+    with contextlib.suppress(ValueError, TypeError, AttributeError):
+        message = json.loads(fetched.body)["message"]
+        body = json.dumps({"message": policy.redact_conflict(message)}).encode() + b"\n"
+        return fetched.with_body(body)
+    return fetched
 
 
 @dataclass
@@ -504,16 +738,21 @@ class Upstream:
 
     async def fetch(self, path: str) -> Fetched:
         """One GET (Connection: close) for a policy fact."""
+        return await self.request("GET", path)
+
+    async def request(self, method: str, path: str, body: bytes | None = None) -> Fetched:
+        """One whole request/response with the engine (Connection: close), for requests the
+        proxy answers from what the engine said (create, rename, stand-ins for hidden objects).
+        """
         stream = await self.connect()
         try:
-            request = f"GET {path} HTTP/1.1\r\nHost: docker\r\nConnection: close\r\n\r\n"
-            await stream.write(request.encode())
-            head = await stream.read_head()
-            if head is None:
-                raise HttpError("upstream closed without a response")
-            response = parse_head(head, request=False)
-            body = await read_body(stream, response_framing(response, "GET"), 64 * 1024 * 1024)
-            return Fetched(int(response.start[1]), response, body)
+            head = f"{method} {path} HTTP/1.1\r\nHost: docker\r\nConnection: close\r\n"
+            if body is not None:
+                head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            await stream.write(head.encode() + b"\r\n" + (body or b""))
+            response, parser = await read_response_head(stream)
+            data = await read_response_body(stream, parser, 64 * 1024 * 1024)
+            return Fetched(int(response.start[1]), response, data)
         finally:
             stream.close()
 
@@ -530,12 +769,43 @@ class Upstream:
         """Resolve `ref` exactly as the engine does (exact id, exact name, unique id prefix)."""
         prefix = f"/v{version}" if version else ""
         fetched = await self.fetch(f"{prefix}/containers/{quote(ref, safe='')}/json")
-        if fetched.status == 404:
+        if fetched.status in (404, 500):  # missing, or an ambiguous id prefix
             return None, fetched
         data = fetched.json()
         if fetched.status != 200 or not isinstance(data, dict):
             raise Denied(502, f"upstream answered {fetched.status} looking up container {ref}")
         return ContainerFacts.from_inspect(data), fetched
+
+    async def own_containers(self, user: str) -> list[dict[str, Any]]:
+        """The user's containers (list entries), all states."""
+        filters = quote(policy.owner_filters(None, user), safe="")
+        status, data = await self.get_json(f"/containers/json?all=1&filters={filters}")
+        if status != 200 or not isinstance(data, list):
+            raise Denied(502, f"upstream answered {status} listing containers")
+        return policy.filter_owned_containers(data, user)
+
+    async def image(
+        self, ref: str, version: str | None = None
+    ) -> tuple[ImageFacts | None, Fetched]:
+        """Resolve an image reference exactly as the engine does (name, id, id prefix)."""
+        prefix = f"/v{version}" if version else ""
+        fetched = await self.fetch(f"{prefix}/images/{quote(ref, safe='/:@')}/json")
+        data = fetched.json()
+        if fetched.status != 200 or not isinstance(data, dict):
+            return None, fetched
+        return ImageFacts.from_inspect(data), fetched
+
+    async def images(self) -> list[dict[str, Any]]:
+        status, data = await self.get_json("/images/json")
+        if status != 200 or not isinstance(data, list):
+            raise Denied(502, f"upstream answered {status} listing images")
+        return data
+
+    async def volume(self, name: str) -> VolumeFacts | None:
+        status, data = await self.get_json(f"/volumes/{quote(name, safe='')}")
+        if status != 200 or not isinstance(data, dict):
+            return None
+        return VolumeFacts.from_inspect(data)
 
     async def exec_container(self, exec_id: str) -> tuple[str, str] | None:
         """(exec id, container id) of an exec instance, or None when there is none."""
@@ -546,16 +816,44 @@ class Upstream:
             raise Denied(502, f"upstream answered {status} looking up exec {exec_id}")
         return data["ID"], data["ContainerID"]
 
-    async def image_exists(self, reference: str) -> bool:
-        status, _ = await self.get_json(f"/images/{quote(reference, safe='/:@')}/json")
-        return status == 200
-
     async def count_containers(self, user: str) -> int:
-        filters = quote(policy.owner_filters(None, user), safe="")
-        status, data = await self.get_json(f"/containers/json?all=1&filters={filters}")
-        if status != 200 or not isinstance(data, list):
-            raise Denied(502, f"upstream answered {status} listing containers")
-        return len(policy.filter_owned_containers(data, user))
+        return len(await self.own_containers(user))
+
+
+@dataclass
+class SharedImages:
+    """The ids of the images admins share (``--shared-image REF``), re-resolved every `ttl`
+    seconds so a rebuilt shared tag is followed; plus, per caller, the images their limits'
+    ``allowed_images`` patterns name (matched against the engine's tags, cached alike)."""
+
+    upstream: Upstream
+    refs: tuple[str, ...] = ()
+    ttl: float = 30.0
+    ids: frozenset[str] = frozenset()
+    listing: list[dict[str, Any]] = field(default_factory=list)
+    resolved_at: float = float("-inf")
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def refresh(self) -> None:
+        async with self.lock:
+            if time.monotonic() - self.resolved_at < self.ttl:
+                return
+            ids = set()
+            for ref in self.refs:
+                image, _ = await self.upstream.image(ref)
+                if image is None:
+                    log.warning("shared image %s is not on this host (yet)", ref)
+                else:
+                    ids.add(image.id)
+            self.listing = await self.upstream.images()
+            self.ids, self.resolved_at = frozenset(ids), time.monotonic()
+
+    async def for_caller(self, patterns: Iterable[str] | None) -> frozenset[str]:
+        if time.monotonic() - self.resolved_at >= self.ttl:
+            await self.refresh()
+        if not patterns:
+            return self.ids
+        return self.ids | policy.shared_by_pattern(self.listing, patterns)
 
 
 def path_facts(path: str) -> PathFacts:
@@ -591,14 +889,20 @@ class Plan:
 @dataclass
 class Proxy:
     upstream: Upstream
-    admins: AdminRule = field(default_factory=AdminRule)
+    admins: peer.AdminRule = field(default_factory=peer.AdminRule)
     settings: policy.Settings = field(default_factory=policy.Settings)
     limits_for: Callable[[Caller], policy.UserLimits | None] = lambda caller: None
+    shared: SharedImages | None = None  # None: only the --shared-image default of run()
+    state_dir: Path | None = None  # where the per-user create locks live (flock)
+    create_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     # asyncio's stream protocol forgets its task when the peer disconnects; keep them alive
     tasks: set[asyncio.Task] = field(default_factory=set)
     # exec id -> (container id, owner): immutable facts, so exec start/inspect/resize need no
     # look-ups once an exec is known (learned from exec create answers and from look-ups)
     exec_owners: dict[str, tuple[str, str]] = field(default_factory=dict)
+    header_timeout: float = HEADER_TIMEOUT  # seconds for a request head (and a body's pauses)
+    max_connections_per_user: int = MAX_CONNECTIONS_PER_USER
+    open_connections: dict[int, int] = field(default_factory=dict)  # uid -> connections now
 
     def remember_exec(self, exec_id: str, container_id: str, owner: str) -> None:
         if len(self.exec_owners) >= EXEC_CACHE_SIZE:
@@ -610,54 +914,103 @@ class Proxy:
         return await asyncio.to_thread(self.limits_for, caller)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        client = Stream(reader, writer)
+        """One client connection: who it is, whether it fits under the cap, then its requests."""
+        client = ClientStream(reader, writer)
         task = asyncio.current_task()
         if task:
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
+        uid: int | None = None
         try:
-            pid, uid, _ = peer_credentials(writer.get_extra_info("socket"))
+            creds = peer.credentials(writer.get_extra_info("socket"))
+            uid = creds.uid
+            already = self.open_connections.get(uid, 0)
+            self.open_connections[uid] = already + 1
+            if already >= 2 * self.max_connections_per_user:
+                return  # far over the cap: not even a head is waited for (descriptors)
             # the password/group database may be LDAP: never block the loop on it
-            caller = await asyncio.to_thread(identify, pid, uid, self.admins)
-            while await self.serve_one(client, caller, uid):
-                pass
+            try:
+                caller: Caller | peer.IdentityError = await asyncio.to_thread(
+                    peer.identify, creds, self.admins
+                )
+            except peer.IdentityError as refused:
+                caller = refused
+            if already >= self.max_connections_per_user:
+                await self.refuse_over_cap(client, caller, uid, already)
+            else:
+                await self.serve_connection(client, caller, uid)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         except Exception:
             log.exception("proxy connection failed")
         finally:
+            if uid is not None:
+                self.open_connections[uid] -= 1
+                if not self.open_connections[uid]:
+                    del self.open_connections[uid]
             client.close()
 
-    async def serve_one(self, client: Stream, caller: Caller | None, uid: int) -> bool:
+    async def serve_connection(
+        self, client: ClientStream, caller: Caller | peer.IdentityError, uid: int
+    ) -> None:
+        """Serve requests on one connection from `caller` (or refuse them all: its identity)."""
+        while await self.serve_one(client, caller, uid):
+            pass
+
+    async def refuse_over_cap(
+        self, client: ClientStream, caller: Caller | peer.IdentityError, uid: int, already: int
+    ) -> None:
+        """429 for a connection over the cap, once its head is in (so the CLI reads it).
+
+        A client that connects sends its head at once; one that does not is closed after
+        OVER_CAP_HEAD_SECONDS, so connections over the cap never pile up.
+        """
+        who = caller.user if isinstance(caller, Caller) else f"uid {uid}"
+        limit = self.max_connections_per_user
+        wait = min(self.header_timeout, OVER_CAP_HEAD_SECONDS)
+        deadline = asyncio.get_running_loop().time() + wait
+        with contextlib.suppress(HttpError):
+            request = await client.next_request(deadline)
+            if request is not None:
+                message = (
+                    f"too many connections to the ds01 docker proxy: {who} already has "
+                    f"{already} open (the limit is {limit} per user). Close docker sessions "
+                    "you no longer need (logs -f, attach, events, exec) and try again, or ask "
+                    "an admin to raise --max-connections-per-user"
+                )
+                await refuse(client, who, *request.start[:2], Denied(429, message))
+
+    async def serve_one(
+        self, client: ClientStream, caller: Caller | peer.IdentityError, uid: int
+    ) -> bool:
         """Serve one request; True to keep the connection for the next."""
-        who = caller.user if caller else f"uid {uid}"
+        who = caller.user if isinstance(caller, Caller) else f"uid {uid}"
+        deadline = asyncio.get_running_loop().time() + self.header_timeout
         try:
-            head = await client.read_head()
+            request = await client.next_request(deadline)
         except HttpError as error:
-            await refuse(client, who, "?", "", Denied(400, str(error)))
+            if error.status != 408 or client.requests.in_message:  # idle: just hang up
+                await refuse(client, who, "?", "", Denied(error.status, str(error)))
             return False
-        if head is None:
+        if request is None:
             return False
-        try:
-            request = parse_head(head, request=True)
-            body = RequestBody(client, request_framing(request))
-        except HttpError as error:
-            first_line = head.split(b"\r\n", 1)[0].decode("ascii", "replace")
-            await refuse(client, who, first_line, "", Denied(400, str(error)))
-            return False
+        body = RequestBody(client, request, self.header_timeout)
         method, raw_target = request.start[0], request.start[1]
         try:
-            if caller is None:
-                raise policy.forbid(f"Permission denied: uid {uid} has no account on this host")
+            if isinstance(caller, peer.IdentityError):
+                raise policy.forbid(f"Permission denied: {caller.message}")
             plan = await self.plan(caller, request, body)
+            # admins' targets too: only a canonical rendering of a parsed target is forwarded
+            plan = replace(plan, target=policy.parse_target(method, plan.target).render())
         except (Denied, HttpError) as error:
-            denial = error if isinstance(error, Denied) else Denied(400, str(error))
+            denial = error if isinstance(error, Denied) else Denied(error.status, str(error))
             await refuse(client, who, method, raw_target, denial)
             await body.drain()
             return False
         try:
-            return await self.forward(client, request, body, plan)
-        except Denied as denial:  # the engine unreachable: nothing was answered yet
+            return await self.forward(client, who, request, body, plan)
+        except (Denied, HttpError) as error:  # nothing was answered yet
+            denial = error if isinstance(error, Denied) else Denied(error.status, str(error))
             await refuse(client, who, method, raw_target, denial)
             return False
 
@@ -672,65 +1025,266 @@ class Proxy:
         target = policy.parse_target(method, raw_target)
         policy.check_api_version(target)
         route = policy.classify(target)
+        try:
+            return await self.plan_route(caller, target, route, body)
+        except Invisible as hidden:
+            return await self.as_missing(caller, target, route, hidden, body)
 
+    async def plan_route(
+        self, caller: Caller, target: Target, route: policy.Route, body: RequestBody
+    ) -> Plan:
         match route.kind:
-            case Kind.PUBLIC | Kind.IMAGE_READ:
+            case Kind.PUBLIC:
                 return Plan(target.render(), None)
+            case Kind.INFO:
+                return await self.plan_info(caller, target)
             case Kind.LIST_CONTAINERS:
+                for key, ref in policy.container_list_refs(target):
+                    target = await self.resolve_list_ref(caller, target, key, ref)
                 return Plan(policy.check_list(caller, target).render(), None, caller.user)
             case Kind.EVENTS:
                 return Plan(policy.check_events(caller, target).render(), None)
             case Kind.CREATE:
                 return await self.plan_create(caller, target, await body.read(policy.MAX_JSON_BODY))
             case Kind.CONTAINER:
-                facts, fetched = await self.upstream.inspect(route.ref or "", target.version)
-                inspected = route.action in ("exec", "start")
-                data = await body.read(policy.MAX_JSON_BODY) if inspected else b""
-                checked, new_body = policy.check_container_action(
-                    caller, route, target, facts, data
-                )
-                plan = Plan(checked.render(), new_body)
-                if (target.method, route.action) == ("GET", "json") and not target.query:
-                    plan.answer = fetched.as_response()  # the look-up was this very request
-                if route.action == "exec" and facts is not None:
-                    plan.learn_exec = (facts.id, caller.user)
-                return plan
+                return await self.plan_container(caller, target, route, body)
             case Kind.EXEC:
                 return await self.plan_exec(caller, target, route)
             case Kind.IMAGE_PULL:
-                reference = policy.pull_reference(target)
-                limits = await self.limits(caller)
-                if limits and limits.allowed_images is not None:
-                    policy.CreateCheck(
-                        caller, self.settings, policy.CreateFacts(limits=limits)
-                    ).image(reference)
-                policy.check_pull(caller, reference, await self.upstream.image_exists(reference))
-                return Plan(target.render(), None)
+                policy.check_pull(caller)
             case Kind.IMAGE_TAG:
-                return Plan(policy.check_image_tag(caller, target).render(), None)
+                policy.check_image_tag(caller, target)
+                image, _ = await self.visible_image(caller, route.ref or "", target.version)
+                # by the id that was checked: no retag in between can change what is tagged
+                segments = ("images", image.id, "tag")
+                return Plan(Target("POST", target.version, segments, target.query).render(), None)
             case Kind.IMAGE_DELETE:
                 policy.check_image_delete(caller, route)
                 return Plan(target.render(), None)
+            case Kind.IMAGE_READ:
+                return await self.plan_image_read(caller, target, route)
+            case Kind.IMAGE_LIST:
+                return await self.plan_image_list(caller, target)
             case Kind.BUILD:
-                return Plan(
-                    policy.check_build(caller, target, await self.limits(caller)).render(), None
-                )
+                return await self.plan_build(caller, target, body)
         raise policy.forbid("Permission denied")  # pragma: no cover - classify is exhaustive
+
+    async def as_missing(
+        self,
+        caller: Caller,
+        target: Target,
+        route: policy.Route,
+        hidden: Invisible,
+        body: RequestBody,
+    ) -> Plan:
+        """Answer for a hidden object exactly as the engine answers for a missing one: the
+        same request, about a stand-in reference that cannot exist (nothing happens there),
+        the engine's reply with the reference put back."""
+        stand = policy.stand_in(hidden.kind, hidden.ref, secrets.token_hex(32))
+        payload = hidden.body if isinstance(hidden.body, bytes) else None
+        if hidden.rebuild is not None:
+            asked = hidden.rebuild(stand.ref)
+        elif route.kind is Kind.CREATE:
+            asked = target
+            payload = json.dumps({**hidden.body, "Image": stand.ref}).encode()
+        elif route.kind in (Kind.CONTAINER, Kind.EXEC):
+            asked = target.with_segment(1, stand.ref)
+            if route.kind is Kind.EXEC and target.method == "POST" and payload is None:
+                payload = await body.read(policy.MAX_JSON_BODY)
+        elif route.kind in (Kind.IMAGE_READ, Kind.IMAGE_TAG):
+            segments = ("images", *stand.ref.split("/"), *([route.action] if route.action else []))
+            asked = Target(target.method, target.version, segments, target.query)
+        else:  # pragma: no cover - every Invisible comes from a route above
+            raise hidden
+        await body.drain()
+        fetched = await self.upstream.request(target.method, asked.render(), payload)
+        log.warning(
+            "denied user=%s method=%s path=%s status=%d reason=%s (%s)",
+            caller.user,
+            target.method,
+            target.render(),
+            fetched.status,
+            hidden.message,
+            hidden.why or "not visible",
+        )
+        answer = fetched.with_body(stand.restore(fetched.body)).as_response()
+        return Plan(asked.render(), None, answer=answer)
+
+    async def resolve_container(
+        self, caller: Caller, ref: str, version: str | None = None
+    ) -> tuple[ContainerFacts | None, Fetched | None]:
+        """`ref` resolved among the caller's own containers (see `policy.resolve_among`).
+
+        The engine's own resolution answers at once when it lands on one of theirs (one
+        look-up, which is the inspect itself); otherwise their list decides. Another user's
+        container comes back only for the log line of the refusal.
+        """
+        facts, fetched = await self.upstream.inspect(ref, version)
+        if facts is not None and policy.is_owned(facts.labels, caller.user):
+            return facts, fetched
+        found = policy.resolve_among(ref, await self.upstream.own_containers(caller.user))
+        if found is None:
+            return facts, None
+        return await self.upstream.inspect(found, version)
+
+    async def plan_container(
+        self, caller: Caller, target: Target, route: policy.Route, body: RequestBody
+    ) -> Plan:
+        facts, fetched = await self.resolve_container(caller, route.ref or "", target.version)
+        inspected = route.action in ("exec", "start")
+        data = await body.read(policy.MAX_JSON_BODY) if inspected else b""
+        try:
+            checked, new_body = policy.check_container_action(caller, route, target, facts, data)
+        except Invisible as hidden:
+            hidden.body = data if inspected else None
+            raise
+        assert facts is not None
+        plan = Plan(checked.render(), new_body)
+        if (target.method, route.action) == ("GET", "json") and not target.query and fetched:
+            plan.answer = fetched.as_response()  # the look-up was this very request
+        if route.action == "exec":
+            plan.learn_exec = (facts.id, caller.user)
+        if route.action == "rename":
+            renamed = await self.upstream.request("POST", plan.target)
+            plan.answer = redacted(renamed).as_response()
+        return plan
+
+    async def resolve_list_ref(self, caller: Caller, target: Target, key: str, ref: str) -> Target:
+        """A container named in a list filter, as the caller's own full id (or as missing)."""
+        facts, _ = await self.resolve_container(caller, ref, target.version)
+        if facts is None or not policy.is_owned(facts.labels, caller.user):
+            hidden = Invisible("container", ref, why="list filter")
+            hidden.rebuild = lambda stand: policy.check_list(
+                caller, policy.replace_filter(target, key, ref, stand)
+            )
+            raise hidden
+        return policy.replace_filter(target, key, ref, facts.id)
+
+    async def visible_image(
+        self, caller: Caller, ref: str, version: str | None = None
+    ) -> tuple[ImageFacts, Fetched]:
+        """The image `ref` names if the caller may use it, else `Invisible` (missing alike)."""
+        image, fetched = await self.upstream.image(ref, version)
+        if not policy.image_visible(caller, image, await self.shared_for(caller)):
+            raise Invisible("image", ref, why="not shared" if image else "missing")
+        assert image is not None
+        return image, fetched
+
+    async def shared_for(self, caller: Caller) -> frozenset[str]:
+        if self.shared is None:
+            return frozenset()
+        limits = await self.limits(caller)
+        return await self.shared.for_caller(limits.allowed_images if limits else None)
+
+    async def plan_image_read(self, caller: Caller, target: Target, route: policy.Route) -> Plan:
+        image, fetched = await self.visible_image(caller, route.ref or "", target.version)
+        if route.action == "json":
+            data = policy.filter_image_document(caller, json.loads(fetched.body))
+        else:
+            history = await self.upstream.fetch(target.render())
+            if history.status != 200:
+                return Plan(target.render(), None, answer=history.as_response())
+            data = policy.filter_image_history(caller, json.loads(history.body))
+            fetched = history
+        answer = fetched.with_body(json.dumps(data).encode()).as_response()
+        return Plan(target.render(), None, answer=answer)
+
+    async def plan_image_list(self, caller: Caller, target: Target) -> Plan:
+        for key, ref in policy.image_list_refs(target):
+            try:
+                await self.visible_image(caller, ref, target.version)
+            except Invisible as hidden:
+                hidden.rebuild = lambda stand, key=key, ref=ref: policy.replace_filter(
+                    target, key, ref, stand
+                )
+                raise
+        listing = await self.upstream.fetch(target.render())
+        if listing.status != 200:
+            return Plan(target.render(), None, answer=listing.as_response())
+        kept = policy.filter_image_list(
+            caller, json.loads(listing.body), await self.shared_for(caller)
+        )
+        return Plan(
+            target.render(), None, answer=listing.with_body(json.dumps(kept).encode()).as_response()
+        )
+
+    async def plan_info(self, caller: Caller, target: Target) -> Plan:
+        info = await self.upstream.fetch(target.render())
+        if info.status != 200:
+            return Plan(target.render(), None, answer=info.as_response())
+        own = await self.upstream.own_containers(caller.user)
+        images = policy.filter_image_list(
+            caller, await self.upstream.images(), await self.shared_for(caller)
+        )
+        data = policy.own_info(json.loads(info.body), own, len(images))
+        return Plan(
+            target.render(), None, answer=info.with_body(json.dumps(data).encode()).as_response()
+        )
+
+    async def plan_build(self, caller: Caller, target: Target, body: RequestBody) -> Plan:
+        checked = policy.check_build(caller, target, await self.limits(caller))
+        context = await body.read(self.settings.max_build_context)
+        shared = await self.shared_for(caller)
+        uses = policy.build_images(target, context, self.settings.max_build_context)
+        cache: list[str] = []
+        while uses:
+            use = uses.pop(0)
+            image, _ = await self.upstream.image(use.reference, target.version)
+            triggers = policy.check_build_image(caller, use, image, shared)
+            if use.where.startswith("FROM"):  # only a base image's triggers run
+                uses += triggers
+            assert image is not None
+            cache.append(image.id)
+        visible = policy.filter_image_list(caller, await self.upstream.images(), shared)
+        cache += [str(i.get("Id")) for i in visible]
+        return Plan(policy.build_cache_sources(checked, cache).render(), context)
 
     async def plan_create(self, caller: Caller, target: Target, raw: bytes) -> Plan:
         body = policy.parse_json_body(raw, "create")
         if not isinstance(body, dict):
             raise Denied(400, "create body must be a JSON object")
         needs = policy.create_needs(caller, body, self.settings)
-        containers = {ref: await self.upstream.container(ref) for ref in needs.containers}
-        paths = {path: await asyncio.to_thread(path_facts, path) for path in needs.paths}
+        containers = {}
+        for ref in needs.containers:
+            found, _ = await self.resolve_container(caller, ref, target.version)
+            owned = found is not None and policy.is_owned(found.labels, caller.user)
+            containers[ref] = found if owned else None
+        import_paths, volume_names = policy.import_needs(body.get("HostConfig"), containers)
+        volumes = {name: await self.upstream.volume(name) for name in volume_names}
+        all_paths = needs.paths + import_paths + policy.volume_needs(volumes)
+        paths = {path: await asyncio.to_thread(path_facts, path) for path in all_paths}
         limits = await self.limits(caller)
-        existing = 0
-        if limits and limits.max_containers is not None:
-            existing = await self.upstream.count_containers(caller.user)
-        facts = policy.CreateFacts(containers, paths, existing, limits)
-        checked, new_body = policy.check_create(caller, target, body, facts, self.settings)
-        return Plan(checked.render(), new_body)
+        image = (await self.upstream.image(needs.image, target.version))[0] if needs.image else None
+        shared = await self.shared_for(caller)
+        async with self.create_slot(caller, limits):
+            existing = 0
+            if limits and limits.max_containers is not None:
+                existing = await self.upstream.count_containers(caller.user)
+            facts = policy.CreateFacts(containers, paths, existing, limits, volumes, image, shared)
+            checked, new_body = policy.check_create(caller, target, body, facts, self.settings)
+            created = await self.upstream.request("POST", checked.render(), new_body)
+        return Plan(checked.render(), new_body, answer=redacted(created).as_response())
+
+    @contextlib.asynccontextmanager
+    async def create_slot(
+        self, caller: Caller, limits: policy.UserLimits | None
+    ) -> AsyncIterator[None]:
+        """Count-and-create one at a time per user, also across proxy processes: an asyncio
+        lock here, an flock on ``state_dir/create-<user>.lock`` between processes."""
+        if limits is None or limits.max_containers is None:
+            yield
+            return
+        async with self.create_locks.setdefault(caller.user, asyncio.Lock()):
+            if self.state_dir is None:
+                yield
+                return
+            path = self.state_dir / f"create-{escape_name(caller.user)}.lock"
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)  # releases the flock
 
     async def plan_exec(self, caller: Caller, target: Target, route: policy.Route) -> Plan:
         exec_id = route.ref or ""
@@ -738,84 +1292,77 @@ class Proxy:
         if known is None:
             found = await self.upstream.exec_container(exec_id)
             if found is None:
-                raise Denied(404, f"No such exec instance: {exec_id}")
+                raise Invisible("exec", exec_id, why="missing")
             exec_id, container_id = found
             facts = policy.check_owner(
-                caller, container_id, await self.upstream.container(container_id)
+                caller, exec_id, await self.upstream.container(container_id), kind="exec"
             )
             self.remember_exec(exec_id, facts.id, caller.user)
         elif known[1] != caller.user:
-            raise policy.forbid(f"Permission denied: container owned by {known[1]}")
+            raise Invisible("exec", exec_id, why=f"owned by {known[1]}")
         return Plan(target.with_segment(1, exec_id).render(), None)
 
     async def forward(
-        self, client: Stream, request: Message, body: RequestBody, plan: Plan
+        self, client: ClientStream, who: str, request: Request, body: RequestBody, plan: Plan
     ) -> bool:
-        keep_alive = not client_closes(request)
+        """Send the planned request upstream, rebuilt (`upstream_head`), and relay the answer."""
+        if plan.body is not None and body.data is None:
+            await body.drain()  # replaced by the policy's body
         if plan.answer is not None:
+            await body.drain()
             await client.write(plan.answer)
-            return keep_alive
+            return request.keep_alive
+        method = request.start[0]
+        if plan.body is not None:
+            body.data = plan.body
+        headers = upstream_headers(request, body)
         upstream = await self.upstream.connect()
+        log.info(
+            "forwarded user=%s method=%s target=%s headers=%s",
+            who,
+            method,
+            plan.target,
+            describe_headers(headers),
+        )
         try:
-            start = (request.start[0], plan.target, "HTTP/1.1")
-            drop, add = [], []
-            if plan.body is not None:
-                drop += ["Content-Length", "Transfer-Encoding"]
-                add.append(("Content-Length", str(len(plan.body))))
-            upgrade = "upgrade" in request.tokens("Connection")
-            if not upgrade:
-                # the engine closes after its answer, so the answer ends at end of stream
-                drop += ["Connection", "Keep-Alive"]
-                add.append(("Connection", "close"))
-            await upstream.write(Message(start, request.headers).render(drop, add))
-            if plan.body is not None:
-                await upstream.write(plan.body)
-            else:
-                await body.relay(upstream)
-            return await self.relay_response(client, upstream, request, plan, upgrade)
+            await upstream.write(render_head(f"{method} {plan.target} HTTP/1.1", headers))
+            await body.relay(upstream)
+            return await self.relay_response(client, upstream, request, plan)
         finally:
             upstream.close()
 
     async def relay_response(
-        self, client: Stream, upstream: Stream, request: Message, plan: Plan, upgrade: bool
+        self, client: ClientStream, upstream: Stream, request: Request, plan: Plan
     ) -> bool:
-        while True:
-            raw = await upstream.read_head()
-            if raw is None:
-                raise HttpError("upstream closed without a response")
-            response = parse_head(raw, request=False)
-            status = int(response.start[1])
-            if status == 101:
-                await client.write(raw)
-                await splice(client, upstream)
-                return False
-            if 100 <= status < 200:
-                await client.write(raw)
-                continue
-            break
-        framing = response_framing(response, request.start[0])
-        if framing.kind == "eof":
-            await client.write(raw)
-            await splice(client, upstream)  # old-style hijack or a close-delimited body
+        response, parser = await read_response_head(upstream)
+        status = int(response.start[1])
+        if status == 101 and request.upgrade:
+            await client.write(response.render())
+            await splice(client, upstream)
             return False
-        keep_alive = not client_closes(request)
+        framing = response_framing(response, request.start[0])
+        if 100 <= status < 200 or (framing.kind == "eof" and not request.upgrade):
+            # an old-style hijack (200 and a raw stream): output only, then the end; the
+            # client's bytes after its request are never forwarded unparsed
+            await client.write(response.render(("Connection",), [("Connection", "close")]))
+            await unless_client_leaves(client, relay_until_eof(upstream, client))
+            return False
+        keep_alive = request.keep_alive and not request.upgrade
         closing = [] if keep_alive else [("Connection", "close")]
         rewrite = (plan.filter_user and status == 200) or (plan.learn_exec and status == 201)
-        if rewrite:
-            body = await read_body(upstream, framing, 256 * 1024 * 1024)
-            data = self.rewrite_body(plan, body)
+        if rewrite or request.upgrade:
+            # whole: to rewrite it, or because a refused upgrade leaves the engine's
+            # connection open (the answer ends where its framing says)
+            data = await read_response_body(upstream, parser, 256 * 1024 * 1024)
+            if rewrite:
+                data = self.rewrite_body(plan, data)
             add = [("Content-Length", str(len(data))), *closing]
             drop = ("Content-Length", "Transfer-Encoding", "Connection")
             await client.write(response.render(drop, add) + data)
         else:
             await client.write(response.render(("Connection",), closing))
-            # trusted engine: its framing as sent, to its end of stream (but for upgrades)
-            relay = (
-                relay_body(upstream, client, framing)
-                if upgrade
-                else relay_until_eof(upstream, client)
-            )
-            if not await unless_client_leaves(client, relay):
+            # trusted engine: its framing as sent, to its end of stream (Connection: close)
+            if not await unless_client_leaves(client, relay_until_eof(upstream, client)):
                 return False
         return keep_alive
 
@@ -829,10 +1376,6 @@ class Proxy:
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 self.remember_exec(json.loads(body)["Id"], *plan.learn_exec)
         return body
-
-
-def client_closes(request: Message) -> bool:
-    return "close" in request.tokens("Connection") or request.start[2] == "HTTP/1.0"
 
 
 async def refuse(client: Stream, who: str, method: str, path: str, denial: Denied) -> None:
@@ -851,15 +1394,8 @@ async def refuse(client: Stream, who: str, method: str, path: str, denial: Denie
 async def send_error(client: Stream, status: int, message: str, method: str = "GET") -> None:
     """Docker's error shape: the CLI prints `message`. (HEAD answers carry no body.)"""
     body = json.dumps({"message": message}).encode()
-    reason = {
-        400: "Bad Request",
-        403: "Forbidden",
-        404: "Not Found",
-        413: "Payload Too Large",
-        502: "Bad Gateway",
-    }.get(status, "Error")
     head = (
-        f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+        f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     )
     with contextlib.suppress(ConnectionError, OSError):
@@ -892,32 +1428,20 @@ def limits_loader(path: str | None) -> Callable[[Caller], policy.UserLimits | No
     return limits_for
 
 
-def prepare_socket_path(path: str) -> None:
-    """Create the socket's directory (0755) and remove a stale socket left by a crash."""
-    os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            raise SystemExit(
-                f"ds01hub proxy: {path} exists and is not a socket; remove it or "
-                "choose another --listen path"
-            )
-        os.unlink(path)
-
-
 async def serve(proxy: Proxy, listen: str, ready: Callable[[], None] | None = None) -> None:
-    """Listen on `listen` (mode 0666: identity comes from SO_PEERCRED) until cancelled."""
-    prepare_socket_path(listen)
-    server = await asyncio.start_unix_server(proxy.handle, listen, limit=MAX_HEAD)
-    os.chmod(listen, 0o666)
-    admins = ", ".join(
-        ["root", *sorted(proxy.admins.users)]
-        + ([f"members of group {proxy.admins.group}"] if proxy.admins.group else [])
-    )
+    """Listen on `listen` (mode 0666: identity comes from SO_PEERCRED) until cancelled; a path
+    where another listener answers is refused (ds01hub.peer.listen_unix: SocketPathError)."""
+    listener = peer.listen_unix(listen, 0o666, backlog=1024)  # bursts of connects
+    server = await asyncio.start_unix_server(proxy.handle, sock=listener.sock, limit=MAX_HEAD)
     log.info(
-        "ds01hub proxy listening on unix://%s, upstream unix://%s; full access: %s",
+        "ds01hub proxy listening on unix://%s, upstream unix://%s; full access: %s; "
+        "header timeout %gs, at most %d connections per user, %d open files",
         listen,
         proxy.upstream.path,
-        admins,
+        proxy.admins.describe(),
+        proxy.header_timeout,
+        proxy.max_connections_per_user,
+        resource.getrlimit(resource.RLIMIT_NOFILE)[0],
     )
     if ready:
         ready()
@@ -925,8 +1449,18 @@ async def serve(proxy: Proxy, listen: str, ready: Callable[[], None] | None = No
         async with server:
             await server.serve_forever()
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(listen)
+        listener.remove_path()
+
+
+def raise_open_files_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit: every connection holds one or two descriptors.
+
+    The per-user cap keeps one user from taking them all; the default soft limit (1024)
+    would be exhausted by a few users' legitimate streams.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -953,11 +1487,23 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    state_dir = Path(args.state_dir)
+    try:
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as error:
+        print(f"ds01hub proxy: --state-dir {state_dir}: {error}", file=sys.stderr)
+        return 1
+    upstream = Upstream(args.upstream)
+    raise_open_files_limit()
     proxy = Proxy(
-        Upstream(args.upstream),
-        AdminRule(frozenset(args.admin), args.admin_group),
+        upstream,
+        peer.AdminRule(frozenset(args.admin), frozenset(filter(None, [args.admin_group]))),
         settings,
         limits,
+        header_timeout=args.header_timeout,
+        max_connections_per_user=args.max_connections_per_user,
+        shared=SharedImages(upstream, tuple(args.shared_image or DEFAULT_SHARED_IMAGES)),
+        state_dir=state_dir,
     )
 
     async def main() -> None:
@@ -968,8 +1514,27 @@ def run(args: argparse.Namespace) -> int:
         with contextlib.suppress(asyncio.CancelledError):
             await serve(proxy, args.listen)
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except peer.SocketPathError as error:
+        print(f"ds01hub proxy: --listen {args.listen}: {error.message}", file=sys.stderr)
+        return 1
     return 0
+
+
+def positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
+    """An argparse type: a number of `kind` above zero (else a usage error naming it)."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text} is not above zero")
+        return value
+
+    return parse
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -1018,9 +1583,43 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(repeatable; default {home} and /workspace/{user})",
     )
     parser.add_argument(
+        "--shared-image",
+        metavar="REF",
+        action="append",
+        help="an image every user may run and build FROM, matched by its id (resolved at "
+        "start and every 30 s; repeatable; default: "
+        + " and ".join(DEFAULT_SHARED_IMAGES)
+        + "); images the limits file's allowed_images name are shared with those users too",
+    )
+    parser.add_argument(
+        "--state-dir",
+        default="/var/lib/ds01hub/proxy",
+        help="the proxy's own directory (created 0700): per-user lock files that make "
+        "count-and-create atomic, also between proxy processes (default %(default)s)",
+    )
+    parser.add_argument(
+        "--header-timeout",
+        metavar="SECONDS",
+        type=positive(float),
+        default=HEADER_TIMEOUT,
+        help="close a connection whose request head (also the next one on a kept-alive "
+        "connection) has not arrived within this time, or whose request body pauses for "
+        "longer; answers being streamed (logs -f, events, attach) are never timed out "
+        "(default %(default)g)",
+    )
+    parser.add_argument(
+        "--max-connections-per-user",
+        metavar="N",
+        type=positive(int),
+        default=MAX_CONNECTIONS_PER_USER,
+        help="open connections one user (uid) may hold, streams included; the next ones are "
+        "answered 429 with a message naming this limit (default %(default)d)",
+    )
+    parser.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
-        help="log level (denied requests are logged at warning)",
+        help="log level (every forwarded request is logged at info, as sent to the engine; "
+        "denied requests at warning)",
     )
     parser.set_defaults(handler=run)

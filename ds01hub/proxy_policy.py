@@ -11,11 +11,17 @@ prints.
 The model, for callers who are not admins:
 
 - Deny by default. Only the endpoints in `classify` are reachable; everything else is 403.
-- A container is the caller's iff it carries ``ds01.managed=true`` and ``ds01.user=<caller>``.
-  Unlabelled containers are invisible (404), other users' containers are refused (403
-  "Permission denied: container owned by <owner>"). References are resolved by the upstream
-  engine (exact id, exact name, unique id prefix -- as Docker itself would) and forwarded as
-  the resolved full id.
+- A container is the caller's iff `is_owned` says so (``ds01.managed=true``,
+  ``ds01.user=<caller>``). Everything else -- unlabelled, another user's, missing -- is
+  `Invisible`: the edge answers with the engine's own reply for a reference that surely does not
+  exist (`stand_in`), so another user's container, exec instance or image reads exactly like a
+  missing one, byte for byte, and a walk over id prefixes learns nothing. References resolve as
+  the engine resolves them (exact id, exact name, unique id prefix) among the caller's own
+  containers only, and are forwarded as the resolved full id.
+- Images: the caller may use (run, build FROM, tag, inspect, history, list) the images with a
+  tag in their own namespace ``ds01-<user>/`` and the images an admin shares, matched by image
+  id (`ImageFacts`, `image_visible`). Tags of other users' namespaces are cut from what is shown.
+  Pulls are the admins' (a pulled tag would be shared by name).
 - Requests are parsed the way the engine parses them and rebuilt canonically: decoded,
   dot-free, single-slash paths; no duplicate single-valued query parameters; JSON bodies whose
   object keys must be the exact canonical field names (Go's decoder matches keys
@@ -25,10 +31,16 @@ The model, for callers who are not admins:
   applied, and anything that reaches the host (privileged, capabilities, devices, host
   namespaces, binds outside the user's home/workspace, sockets, unconfined security options,
   sysctls, other users' containers as namespaces or volume sources) is refused.
+- Mount provenance: every field that can bring a mount in is judged by the mounts it brings.
+  ``VolumesFrom`` is replaced by the explicit mounts of its (own) source containers, each
+  checked like the request's own (bind roots, volume drivers/options, read-only kept);
+  ``Binds`` become structured ``Mounts`` of the resolved path with ``rprivate`` propagation, so
+  no path can smuggle an option; a shared PID namespace counts like a host bind.
 - Containers with host bind mounts run as the caller's uid:gid with ``no-new-privileges``
   (always forced): a root process in such a container could otherwise leave a set-uid root
-  binary in the user's home -- root on the host. For the same reason ``docker cp`` into such a
-  container (the engine extracts as root) and ``exec --user`` other than the caller are refused.
+  binary in the user's home -- root on the host. For the same reason ``docker cp`` into or out
+  of such a container (the engine copies as root, through a bind whose host path may since have
+  been swapped for a symbolic link) and ``exec --user`` other than the caller are refused.
 - Image tags a user creates (build, tag, pull over an existing local image) must be in the
   user's own namespace ``ds01-<user>/`` (`ds01hub.images.image_repository`): retagging a shared
   image would run the attacker's code in everyone's containers.
@@ -50,6 +62,7 @@ from pathlib import PurePosixPath
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode
 
+from ds01hub import build_context
 from ds01hub.images import image_repository
 from ds01hub.labels import NAME_SEPARATOR, escape_name
 
@@ -87,6 +100,72 @@ def forbid(message: str) -> Denied:
     return Denied(403, message)
 
 
+NOT_FOUND_TEXT = {
+    "container": "No such container",
+    "exec": "No such exec instance",
+    "image": "No such image",
+}
+
+
+class Invisible(Denied):
+    """An object the caller may not see -- missing, unmanaged or another user's.
+
+    The edge does not send this message: it asks the engine about a stand-in reference that
+    surely does not exist (`stand_in`) and answers with the engine's reply, so the refusal is
+    the engine's own "not found", byte for byte, whatever the object was. `body` is the
+    (checked) request body for that stand-in request, where the engine reads one first.
+    """
+
+    def __init__(self, kind: str, ref: str, body: Any = None, why: str = ""):
+        super().__init__(404, f"{NOT_FOUND_TEXT[kind]}: {ref}")
+        self.kind = kind
+        self.ref = ref
+        self.body = body
+        self.why = why  # for the log only (admins): e.g. "owned by bob"
+        # the stand-in request, where the edge cannot derive it from the route (list filters)
+        self.rebuild: Callable[[str], Target] | None = None
+
+
+@dataclass(frozen=True)
+class StandIn:
+    """A reference that cannot exist, and how to turn the engine's answer back."""
+
+    ref: str
+    undo: tuple[tuple[str, str], ...]
+
+    def restore(self, data: bytes) -> bytes:
+        for stand, original in self.undo:
+            data = data.replace(stand.encode(), original.encode())
+        return data
+
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_DIGEST = re.compile(r"^(sha256:)([0-9a-f]{64})$")
+
+
+def stand_in(kind: str, ref: str, token: str) -> StandIn:
+    """`ref` changed so that nothing can match it, keeping the shape the engine reports.
+
+    `token` is fresh randomness from the edge (64 lowercase hex characters): a container or
+    exec reference gets it appended; an image name gets it appended to its last path component
+    (tag and digest kept), so the engine normalises it the same way; a full image id or digest
+    gets its hex replaced by a random one of the same length.
+    """
+    mark = "zz" + token[:16]
+    if kind != "image":
+        return StandIn(ref + mark, ((ref + mark, ref),))
+    digest = _DIGEST.match(ref)
+    if _HEX64.match(ref) or digest:
+        original = digest.group(2) if digest else ref
+        fake = token[:64]
+        return StandIn(ref.replace(original, fake), ((fake, original),))
+    name, at, pinned = ref.partition("@")
+    slash = name.rfind("/")
+    colon = name.rfind(":")
+    end = colon if colon > slash else len(name)
+    return StandIn(name[:end] + mark + name[end:] + at + pinned, ((mark, ""),))
+
+
 @dataclass(frozen=True)
 class Caller:
     """Who is on the other end of the socket (from SO_PEERCRED and the password database)."""
@@ -106,6 +185,8 @@ class Settings:
     bind_roots: tuple[str, ...] = ("{home}", "/workspace/{user}")
     allowed_networks: tuple[str, ...] = ("default", "bridge", "none")
     min_host_port: int = 1024
+    # a classic build's context is read whole (its Dockerfile decides what may be built)
+    max_build_context: int = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -118,15 +199,50 @@ class UserLimits:
 
 
 @dataclass(frozen=True)
+class MountFacts:
+    """One mount of an existing container (an entry of its inspect document's ``Mounts``)."""
+
+    type: str
+    destination: str
+    source: str = ""
+    name: str = ""  # volumes
+    driver: str = ""
+    rw: bool = True
+
+    @classmethod
+    def from_inspect(cls, data: Mapping[str, Any]) -> MountFacts:
+        return cls(
+            type=str(data.get("Type") or ""),
+            destination=str(data.get("Destination") or ""),
+            source=str(data.get("Source") or ""),
+            name=str(data.get("Name") or ""),
+            driver=str(data.get("Driver") or ""),
+            rw=bool(data.get("RW", True)),
+        )
+
+    @property
+    def anonymous_volume(self) -> bool:
+        return self.type == "volume" and bool(_HEX64.match(self.name)) and self.driver == "local"
+
+
+@dataclass(frozen=True)
 class ContainerFacts:
-    """What the upstream engine says about a container (``GET /containers/{ref}/json``)."""
+    """What the upstream engine says about a container (``GET /containers/{ref}/json``).
+
+    `has_host_binds` is true for anything through which the container may reach host files:
+    bind mounts, named volumes (an admin's volume may bind a host path: treated as one without
+    a look-up) and a PID namespace shared with another container (``/proc/PID/root``).
+    """
 
     id: str
     labels: Mapping[str, str]
     has_host_binds: bool = False
+    mounts: tuple[MountFacts, ...] = ()
+    names: tuple[str, ...] = ()
 
     @property
     def owner(self) -> str | None:
+        """The labelled owner, for log lines only: decisions go through `is_owned`."""
         if self.labels.get(MANAGED_LABEL) != "true":
             return None
         return self.labels.get(USER_LABEL) or None
@@ -134,11 +250,57 @@ class ContainerFacts:
     @classmethod
     def from_inspect(cls, data: Mapping[str, Any]) -> ContainerFacts:
         config = data.get("Config") or {}
-        mounts = data.get("Mounts") or []
+        host = data.get("HostConfig") or {}
+        mounts = tuple(MountFacts.from_inspect(m) for m in data.get("Mounts") or [])
+        reaches_host = any(m.type != "tmpfs" and not m.anonymous_volume for m in mounts)
         return cls(
             id=data["Id"],
             labels=dict(config.get("Labels") or {}),
-            has_host_binds=any(m.get("Type") == "bind" for m in mounts),
+            has_host_binds=reaches_host or str(host.get("PidMode") or "").startswith("container:"),
+            mounts=mounts,
+            names=(str(data.get("Name") or ""),),
+        )
+
+
+@dataclass(frozen=True)
+class VolumeFacts:
+    """What the engine says about a named volume (``GET /volumes/{name}``)."""
+
+    name: str
+    driver: str
+    options: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_inspect(cls, data: Mapping[str, Any]) -> VolumeFacts:
+        return cls(
+            name=str(data.get("Name") or ""),
+            driver=str(data.get("Driver") or ""),
+            options={str(k): str(v) for k, v in (data.get("Options") or {}).items()},
+        )
+
+    @property
+    def bind_device(self) -> str | None:
+        """The host path of a local volume that binds one (``o=bind``, ``device=PATH``)."""
+        if "bind" in self.options.get("o", "").split(","):
+            return self.options.get("device", "")
+        return None
+
+
+@dataclass(frozen=True)
+class ImageFacts:
+    """What the engine says about an image (``GET /images/{ref}/json``)."""
+
+    id: str
+    repo_tags: tuple[str, ...] = ()
+    on_build: tuple[str, ...] = ()
+
+    @classmethod
+    def from_inspect(cls, data: Mapping[str, Any]) -> ImageFacts:
+        config = data.get("Config") or {}
+        return cls(
+            id=str(data.get("Id") or ""),
+            repo_tags=tuple(str(t) for t in data.get("RepoTags") or []),
+            on_build=tuple(str(t) for t in config.get("OnBuild") or []),
         )
 
 
@@ -273,6 +435,8 @@ def check_api_version(target: Target) -> None:
 
 class Kind(Enum):
     PUBLIC = "public"
+    INFO = "info"
+    IMAGE_LIST = "image-list"
     LIST_CONTAINERS = "list-containers"
     EVENTS = "events"
     CREATE = "create"
@@ -296,8 +460,6 @@ PUBLIC_ENDPOINTS = {
     ("GET", "_ping"),
     ("HEAD", "_ping"),
     ("GET", "version"),
-    ("GET", "info"),
-    ("GET", "images/json"),
 }
 CONTAINER_ACTIONS = {
     ("GET", "json"),
@@ -345,6 +507,10 @@ def classify(target: Target) -> Route:
         raise forbid(BUILDKIT_REFUSED)
     if (method, joined) in PUBLIC_ENDPOINTS:
         return Route(Kind.PUBLIC)
+    if (method, joined) == ("GET", "info"):
+        return Route(Kind.INFO)
+    if (method, joined) == ("GET", "images/json"):
+        return Route(Kind.IMAGE_LIST)
     if (method, joined) == ("GET", "containers/json"):
         return Route(Kind.LIST_CONTAINERS)
     if (method, joined) == ("GET", "events"):
@@ -387,13 +553,36 @@ def _classify_image(method: str, segs: tuple[str, ...]) -> Route:
 # Ownership
 
 
-def check_owner(caller: Caller, ref: str, facts: ContainerFacts | None) -> ContainerFacts:
-    """The container if it is the caller's; 404 when unknown or unmanaged, 403 when another's."""
-    if facts is None or facts.owner is None:
-        raise Denied(404, f"No such container: {ref}")
-    if facts.owner != caller.user:
-        raise forbid(f"Permission denied: container owned by {facts.owner}")
+def check_owner(
+    caller: Caller, ref: str, facts: ContainerFacts | None, kind: str = "container"
+) -> ContainerFacts:
+    """The container if it is the caller's; anything else is `Invisible` (as if missing)."""
+    if facts is None or not is_owned(facts.labels, caller.user):
+        why = f"owned by {facts.owner}" if facts is not None and facts.owner else "not managed"
+        raise Invisible(kind, ref, why=why if facts is not None else "missing")
     return facts
+
+
+def resolve_among(ref: str, own: Iterable[Mapping[str, Any]]) -> str | None:
+    """The id `ref` names among the caller's own containers (list entries: Id, Names).
+
+    The engine's order: exact id, exact name, unique id prefix. Other users' containers do not
+    take part, so a name or prefix that also matches someone else's resolves as if theirs did
+    not exist. An ambiguous prefix among the caller's own is the engine's own error.
+    """
+    entries = [(str(c.get("Id") or ""), [str(n) for n in c.get("Names") or []]) for c in own]
+    for cid, _ in entries:
+        if cid == ref:
+            return cid
+    for cid, names in entries:
+        if "/" + ref.lstrip("/") in names:
+            return cid
+    if not ref or not re.fullmatch(r"[0-9a-f]+", ref):
+        return None
+    matches = [cid for cid, _ in entries if cid.startswith(ref)]
+    if len(matches) > 1:
+        raise Denied(500, f"multiple IDs found with provided prefix: {ref}")
+    return matches[0] if matches else None
 
 
 def owned_labels(user: str) -> dict[str, str]:
@@ -588,14 +777,20 @@ class CreateNeeds:
 
     containers: tuple[str, ...]  # references to other containers (namespaces, volumes-from)
     paths: tuple[str, ...]  # host paths: bind sources and the caller's bind roots
+    image: str | None = None  # the image to run
 
 
 @dataclass(frozen=True)
 class CreateFacts:
+    """The looked-up facts: `containers` are the caller's own (None: not visible to them)."""
+
     containers: Mapping[str, ContainerFacts | None] = field(default_factory=dict)
     paths: Mapping[str, PathFacts] = field(default_factory=dict)
     existing_containers: int = 0
     limits: UserLimits | None = None
+    volumes: Mapping[str, VolumeFacts | None] = field(default_factory=dict)
+    image: ImageFacts | None = None
+    shared_images: frozenset[str] = frozenset()
 
 
 def bind_roots(caller: Caller, settings: Settings) -> tuple[str, ...]:
@@ -616,7 +811,32 @@ def create_needs(caller: Caller, body: Mapping[str, Any], settings: Settings) ->
         if isinstance(source, str):
             refs.append(source.split(":", 1)[0])
     paths = [src for src, _ in _bind_sources(host)] + list(bind_roots(caller, settings))
-    return CreateNeeds(tuple(dict.fromkeys(refs)), tuple(dict.fromkeys(paths)))
+    image = body.get("Image") if isinstance(body.get("Image"), str) else None
+    return CreateNeeds(tuple(dict.fromkeys(refs)), tuple(dict.fromkeys(paths)), image)
+
+
+def import_needs(
+    host: Any, containers: Mapping[str, ContainerFacts | None]
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(host paths, volume names) the mounts of the ``VolumesFrom`` sources bring in."""
+    paths: list[str] = []
+    volumes: list[str] = []
+    sources = host.get("VolumesFrom") if isinstance(host, dict) else None
+    for entry in sources if isinstance(sources, list) else []:
+        facts = containers.get(str(entry).partition(":")[0])
+        for mount in facts.mounts if facts else ():
+            if mount.type == "bind":
+                paths.append(mount.source)
+            elif mount.type == "volume" and mount.name:
+                volumes.append(mount.name)
+    return tuple(dict.fromkeys(paths)), tuple(dict.fromkeys(volumes))
+
+
+def volume_needs(volumes: Mapping[str, VolumeFacts | None]) -> tuple[str, ...]:
+    """Host paths that local bind volumes point at (checked like bind sources)."""
+    return tuple(
+        dict.fromkeys(v.bind_device for v in volumes.values() if v and v.bind_device is not None)
+    )
 
 
 def _bind_sources(host: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -699,6 +919,18 @@ HOST_FORBIDDEN = {
 }
 
 
+def bind_mount(source: str, target: str, read_only: bool) -> dict[str, Any]:
+    """A checked host bind as a structured mount: no string for a path to smuggle options
+    into, propagation fixed to rprivate."""
+    return {
+        "Type": "bind",
+        "Source": source,
+        "Target": target,
+        "ReadOnly": read_only,
+        "BindOptions": {"Propagation": "rprivate"},
+    }
+
+
 class CreateCheck:
     """One create request's check: construct with the caller and facts, call `run(body)`."""
 
@@ -713,13 +945,16 @@ class CreateCheck:
         ]
         self.roots = [r for r in resolved if len(PurePosixPath(r).parts) > 2]
         self.host_binds = False
+        self.bind_mounts: list[dict[str, Any]] = []  # Binds, as structured mounts
+        self.imported: dict[str, dict[str, Any]] = {}  # VolumesFrom, by destination
 
     def run(self, body: Mapping[str, Any]) -> dict[str, Any]:
         limit = self.limits.max_containers
         if limit is not None and self.facts.existing_containers >= limit:
             raise forbid(
                 f"Permission denied: you already have {self.facts.existing_containers} "
-                f"containers (limit {limit}); remove one first"
+                f"containers (max_containers_per_user: {limit}); remove one first "
+                "(docker rm NAME)"
             )
         later = ("Image", "Env", "Labels", "User", "HostConfig")
         checks: dict[str, Check] = {key: accept for key in (*CONFIG_ACCEPTED, *later)}
@@ -731,7 +966,16 @@ class CreateCheck:
         out["Labels"] = self.labels(out.get("Labels"))
         out["Env"] = self.env(of_type("Env", list)(out.get("Env")))
         out["User"] = self.user(out.get("User"))
-        return {k: v for k, v in out.items() if v is not None}
+        checked = {k: v for k, v in out.items() if v is not None}
+        # last, so that a hidden image and a missing one fail at the same point, with the
+        # engine's own answer for a create with a missing image (nothing is created)
+        if not image_visible(self.caller, self.facts.image, self.facts.shared_images):
+            raise Invisible("image", out["Image"], body=checked)
+        assert self.facts.image is not None
+        if not any(_same_name(out["Image"], tag) for tag in self.facts.image.repo_tags):
+            # found by id or id prefix: forward the full id, which no new image can share
+            checked["Image"] = self.facts.image.id
+        return checked
 
     def image(self, value: Any) -> Any:
         allowed = self.limits.allowed_images
@@ -814,9 +1058,26 @@ class CreateCheck:
         # host binds decide the user: find them before the rest (the order of keys is the client's)
         self.host_binds = bool(_bind_sources(value)) if isinstance(value, dict) else False
         out = strict_object("HostConfig", value, checks)
+        self.place_mounts(out)
         opts = [o for o in out.get("SecurityOpt", []) if not o.startswith("no-new-privileges")]
         out["SecurityOpt"] = opts + ["no-new-privileges:true"]
         return self.apply_limits(out)
+
+    def place_mounts(self, host: dict[str, Any]) -> None:
+        """Binds and imported mounts join ``Mounts``; the request's own win a destination.
+
+        (The engine lets Binds and Mounts override VolumesFrom at the same destination.)
+        """
+        mounts = list(host.get("Mounts") or []) + self.bind_mounts
+        taken = {posixpath.normpath(str(m.get("Target", ""))) for m in mounts}
+        taken |= {posixpath.normpath(b) for b in host.get("Binds") or []}
+        taken |= {posixpath.normpath(str(t)) for t in host.get("Tmpfs") or {}}
+        mounts += [m for dest, m in self.imported.items() if dest not in taken]
+        host.pop("VolumesFrom", None)
+        if mounts:
+            host["Mounts"] = mounts
+        if not host.get("Binds"):
+            host.pop("Binds", None)
 
     def apply_limits(self, host: dict[str, Any]) -> dict[str, Any]:
         """The user's limits win over larger (or missing) requests; smaller requests stay."""
@@ -853,6 +1114,7 @@ class CreateCheck:
         return real
 
     def binds(self, value: Any) -> list[str]:
+        """Anonymous volumes stay; host binds become structured mounts (`place_mounts`)."""
         out = []
         for bind in of_type("Binds", list)(value) or []:
             if not isinstance(bind, str):
@@ -874,7 +1136,7 @@ class CreateCheck:
                     "home or workspace instead"
                 )
             real = self.check_path(source, f"bind {bind}")
-            out.append(":".join([real, target, *([parts[2]] if modes else [])]))
+            self.bind_mounts.append(bind_mount(real, target, read_only="ro" in modes))
         return out
 
     def mounts(self, value: Any) -> list[dict[str, Any]]:
@@ -916,6 +1178,10 @@ class CreateCheck:
         kind, source = out.get("Type"), out.get("Source", "")
         if kind == "bind":
             out["Source"] = self.check_path(source, f"mount {source}")
+            recursive = (out.get("BindOptions") or {}).get("NonRecursive")
+            out["BindOptions"] = {"Propagation": "rprivate"}
+            if recursive:
+                out["BindOptions"]["NonRecursive"] = True
         elif kind == "volume" and source:
             raise forbid(
                 f"Permission denied: named volume {source!r}: named volumes are not "
@@ -925,19 +1191,21 @@ class CreateCheck:
             raise Denied(400, "Mounts entries need a Type")
         return out
 
-    def own_container(self, ref: str, what: str) -> str:
+    def own_container(self, ref: str) -> ContainerFacts:
+        """One of the caller's containers; missing and other users' read the same (404)."""
         facts = self.facts.containers.get(ref)
-        if facts is None or facts.owner is None:
-            raise Denied(404, f"{what}: No such container: {ref}")
-        if facts.owner != self.caller.user:
-            raise forbid(f"Permission denied: {what}: container owned by {facts.owner}")
-        return facts.id
+        if facts is None or not is_owned(facts.labels, self.caller.user):
+            raise Denied(404, f"No such container: {ref}")
+        return facts
 
     def namespace(self, key: str, plain: tuple[str, ...]) -> Check:
         def check(value: Any) -> Any:
             value = value or ""
             if isinstance(value, str) and value.startswith("container:"):
-                return "container:" + self.own_container(value.split(":", 1)[1], key)
+                if key == "PidMode":
+                    # /proc/PID/root of the other container's processes reaches its mounts
+                    self.host_binds = True
+                return "container:" + self.own_container(value.split(":", 1)[1]).id
             return one_of(key, plain + ("container:<your own container>",))(value)
 
         return check
@@ -946,14 +1214,56 @@ class CreateCheck:
         allowed = ("",) + self.settings.allowed_networks
         return self.namespace("NetworkMode", allowed)(value)
 
-    def volumes_from(self, value: Any) -> list[str]:
-        out = []
+    def volumes_from(self, value: Any) -> None:
+        """Replaced by the source containers' mounts, each checked (`place_mounts` adds them).
+
+        The engine would import them without any of this proxy's rules (a root container
+        writing through another container's bind of the home); as explicit mounts they are
+        checked like the request's own, and the container runs as the caller when one is a
+        host path. Read-only stays read-only (``:rw`` cannot upgrade it, as in the engine).
+        """
         for entry in of_type("VolumesFrom", list)(value) or []:
-            ref, sep, mode = str(entry).partition(":")
+            if not isinstance(entry, str):
+                raise Denied(400, "VolumesFrom entries must be strings")
+            ref, _, mode = entry.partition(":")
             if mode not in ("", "ro", "rw"):
                 raise Denied(400, f"VolumesFrom mode {mode!r} must be ro or rw")
-            out.append(self.own_container(ref, "VolumesFrom") + sep + mode)
-        return out
+            source = self.own_container(ref)
+            for mount in source.mounts:
+                imported = self.imported_mount(mount, mode != "ro", f"--volumes-from {ref}")
+                self.imported[posixpath.normpath(mount.destination)] = imported
+        return None
+
+    def imported_mount(self, mount: MountFacts, writable: bool, where: str) -> dict[str, Any]:
+        read_only = not (mount.rw and writable)
+        where = f"{where}: {mount.destination}"
+        if mount.type == "bind":
+            self.host_binds = True
+            return bind_mount(self.check_path(mount.source, where), mount.destination, read_only)
+        if mount.type == "tmpfs":
+            return {"Type": "tmpfs", "Target": mount.destination, "ReadOnly": read_only}
+        volume = self.facts.volumes.get(mount.name) if mount.type == "volume" else None
+        if volume is None:
+            raise forbid(f"Permission denied: {where}: a {mount.type or 'unknown'} mount")
+        if volume.bind_device is not None:
+            self.host_binds = True
+            return bind_mount(
+                self.check_path(volume.bind_device, where), mount.destination, read_only
+            )
+        if volume.driver != "local" or volume.options:
+            raise forbid(
+                f"Permission denied: {where}: volume {volume.name} (driver {volume.driver}, "
+                f"options {dict(volume.options)}) is not importable through the ds01 proxy"
+            )
+        if not mount.anonymous_volume:
+            self.host_binds = True  # an admin's named volume: as careful as with a bind
+        return {
+            "Type": "volume",
+            "Source": volume.name,
+            "Target": mount.destination,
+            "ReadOnly": read_only,
+            "VolumeOptions": {"NoCopy": True},
+        }
 
     def security_opt(self, value: Any) -> list[str]:
         opts = of_type("SecurityOpt", list)(value) or []
@@ -1045,11 +1355,11 @@ def check_container_action(
         raise forbid("Permission denied: removing links is not allowed")
     if action == "rename":
         check_container_name(caller, target.param("name"))
-    if (method, action) == ("PUT", "archive") and owned.has_host_binds:
+    if action == "archive" and owned.has_host_binds:
         raise forbid(
-            "Permission denied: docker cp into a container with host bind mounts is "
-            "refused (the engine would write the files as root into your home); copy "
-            "them into your home directory on the host instead"
+            "Permission denied: docker cp into or out of a container with host bind mounts "
+            "is refused (the engine copies as root, through binds of your home); copy the "
+            "files in your home directory on the host instead"
         )
     if action == "start":
         if parse_json_body(body, "start"):
@@ -1120,10 +1430,85 @@ def check_events(caller: Caller, target: Target) -> Target:
 def in_user_namespace(caller: Caller, reference: str) -> bool:
     """Whether a reference names an image under ``ds01-<user>/`` (Docker Hub's domain, which
     clients may or may not spell out, names the same local image)."""
+    return _repository(reference).startswith(image_repository(caller.user) + "/")
+
+
+def _repository(reference: str) -> str:
     repository = reference.split("@", 1)[0]
     for hub in ("docker.io/", "index.docker.io/"):
         repository = repository.removeprefix(hub)
-    return repository.startswith(image_repository(caller.user) + "/")
+    return repository
+
+
+def in_any_user_namespace(reference: str) -> bool:
+    """Whether a reference lies in some user's namespace ``ds01-*/`` (theirs, or another's)."""
+    return _repository(reference).split("/", 1)[0].startswith("ds01-") and "/" in _repository(
+        reference
+    )
+
+
+def _same_name(reference: str, tag: str) -> bool:
+    """Whether `reference` names `tag` (the engine's name resolution, which wins over ids)."""
+    if "@" in reference:
+        return True  # a digest: the engine matched it by name and digest
+    name = _repository(reference)
+    if ":" not in name.rsplit("/", 1)[-1]:
+        name += ":latest"
+    return name.removeprefix("library/") == _repository(tag).removeprefix("library/")
+
+
+def image_visible(caller: Caller, image: ImageFacts | None, shared: frozenset[str]) -> bool:
+    """Whether the caller may use this image: an admin shares its id, or it carries a tag in
+    the caller's namespace (only they can put one there). A missing image is not visible."""
+    if image is None:
+        return False
+    return image.id in shared or any(in_user_namespace(caller, t) for t in image.repo_tags)
+
+
+def shown_tag(caller: Caller, reference: str) -> bool:
+    """Tags and digests of other users' namespaces are not shown (they name their images)."""
+    return in_user_namespace(caller, reference) or not in_any_user_namespace(reference)
+
+
+def shared_by_pattern(listing: Iterable[Mapping[str, Any]], patterns: Iterable[str]) -> set[str]:
+    """Ids of images with a tag matching an admin's pattern (limits ``allowed_images``).
+
+    Tags in users' namespaces never match: ``ds01-*`` must not share everyone's images.
+    """
+    patterns = tuple(patterns)
+    return {
+        str(image.get("Id"))
+        for image in listing
+        for tag in image.get("RepoTags") or []
+        if not in_any_user_namespace(tag) and any(fnmatch.fnmatchcase(tag, p) for p in patterns)
+    }
+
+
+def filter_image_document(caller: Caller, data: Any) -> Any:
+    """An image inspect document without other users' tags and digests."""
+    if isinstance(data, dict):
+        for key in ("RepoTags", "RepoDigests"):
+            if isinstance(data.get(key), list):
+                data[key] = [t for t in data[key] if shown_tag(caller, str(t))]
+    return data
+
+
+def filter_image_list(caller: Caller, listing: Any, shared: frozenset[str]) -> list[Any]:
+    """``GET /images/json`` reduced to the images the caller may use, without others' tags."""
+    kept = []
+    for entry in listing if isinstance(listing, list) else []:
+        image = ImageFacts(str(entry.get("Id")), tuple(entry.get("RepoTags") or ()))
+        if image_visible(caller, image, shared):
+            kept.append(filter_image_document(caller, entry))
+    return kept
+
+
+def filter_image_history(caller: Caller, history: Any) -> Any:
+    """``GET /images/X/history`` without other users' tags on the layers."""
+    for layer in history if isinstance(history, list) else []:
+        if isinstance(layer, dict) and isinstance(layer.get("Tags"), list):
+            layer["Tags"] = [t for t in layer["Tags"] if shown_tag(caller, str(t))] or None
+    return history
 
 
 def check_image_tag(caller: Caller, target: Target) -> Target:
@@ -1135,6 +1520,74 @@ def check_image_tag(caller: Caller, target: Target) -> Target:
     return target
 
 
+def image_list_refs(target: Target) -> list[tuple[str, str]]:
+    """Images that ``before``/``since`` filters of an image list name (the engine looks them
+    up and fails on a missing one: they must be visible, or read as missing)."""
+    return [(key, ref) for key, ref in _filter_values(target) if key in ("before", "since")]
+
+
+def _filter_values(target: Target) -> list[tuple[str, str]]:
+    raw = target.param("filters")
+    if not raw:
+        return []
+    try:
+        parsed = json.loads(raw)
+    except ValueError:
+        raise Denied(400, "filters is not valid JSON") from None
+    if not isinstance(parsed, dict):
+        raise Denied(400, "filters must be a JSON object")
+    found = []
+    for key, values in parsed.items():
+        if isinstance(values, dict):
+            values = [v for v, on in values.items() if on]
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise Denied(400, f"filters[{key!r}] must be a list of strings")
+        found += [(str(key), v) for v in values]
+    return found
+
+
+def replace_filter(target: Target, key: str, old: str, new: str) -> Target:
+    """The target with one value of one filter replaced (a resolved id, or a stand-in)."""
+    parsed = json.loads(target.param("filters") or "{}")
+    values = parsed.get(key)
+    if isinstance(values, dict):
+        values = [v for v, on in values.items() if on]
+    parsed[key] = [new if v == old else v for v in values or []]
+    return target.with_query(filters=json.dumps(parsed, separators=(",", ":")))
+
+
+def container_list_refs(target: Target) -> list[tuple[str, str]]:
+    """Containers that ``before``/``since`` filters of a container list name."""
+    return [(key, ref) for key, ref in _filter_values(target) if key in ("before", "since")]
+
+
+_CONFLICT = re.compile(r'(is already in use by )container "[0-9a-f]{64}"')
+
+
+def redact_conflict(message: str) -> str:
+    """The engine's name-conflict text without the other container's full id (it may be
+    another user's: the name is taken, which cannot be hidden, but whose it is can)."""
+    return _CONFLICT.sub(r"\g<1>another container", message)
+
+
+INFO_COUNTS = ("Containers", "ContainersRunning", "ContainersPaused", "ContainersStopped")
+
+
+def own_info(info: Any, own: Iterable[Mapping[str, Any]], images: int) -> Any:
+    """``/info`` with the caller's own container and image figures instead of everyone's."""
+    if not isinstance(info, dict):
+        return info
+    states = [str(c.get("State") or "") for c in own]
+    info["Containers"] = len(states)
+    info["ContainersRunning"] = sum(s in ("running", "restarting") for s in states)
+    info["ContainersPaused"] = states.count("paused")
+    info["ContainersStopped"] = (
+        info["Containers"] - info["ContainersRunning"] - info["ContainersPaused"]
+    )
+    info["Images"] = images
+    return info
+
+
 def check_image_delete(caller: Caller, route: Route) -> None:
     if not in_user_namespace(caller, route.ref or ""):
         raise forbid(
@@ -1143,27 +1596,17 @@ def check_image_delete(caller: Caller, route: Route) -> None:
         )
 
 
-def pull_reference(target: Target) -> str:
-    """The local reference a pull would (re)write; refuses imports and all-tags pulls."""
-    if target.param("fromSrc") is not None or target.param("repo") is not None:
-        raise forbid("Permission denied: docker import is not available through the ds01 proxy")
-    image, tag = target.param("fromImage") or "", target.param("tag") or ""
-    if not image:
-        raise Denied(400, "fromImage is required")
-    if not tag and ":" not in image.rsplit("/", 1)[-1] and "@" not in image:
-        raise forbid("Permission denied: pulling all tags is not allowed; name a tag")
-    if not tag:
-        return image
-    return f"{image}@{tag}" if ":" in tag else f"{image}:{tag}"
+PULL_REFUSED = (
+    "Permission denied: pulling and importing images is for admins (a pulled or imported "
+    "image would be shared by its name): ask one to pull it and share it "
+    "(ds01hub proxy --shared-image); your own images are built as {namespace}/NAME"
+)
 
 
-def check_pull(caller: Caller, reference: str, exists_locally: bool) -> None:
-    """A pull must not replace a local image others use (a registry copy could be anyone's)."""
-    if exists_locally and "@" not in reference and not in_user_namespace(caller, reference):
-        raise forbid(
-            f"Permission denied: image {reference} already exists on this host; "
-            "pulling would replace it for everyone -- ask an admin to update it"
-        )
+def check_pull(caller: Caller) -> None:
+    """Pulls and imports are refused, whatever the reference (so the answer says nothing
+    about which images exist): users use their own images and the ones admins share."""
+    raise forbid(PULL_REFUSED.format(namespace=image_repository(caller.user)))
 
 
 BUILD_NETWORKS = ("", "default", "bridge", "none")
@@ -1176,11 +1619,15 @@ BUILD_FORBIDDEN = (
     "ulimits",
     "isolation",
     "squash",
+    "platform",  # a base image found locally but for another platform would be pulled over it
 )
 
 
 def check_build(caller: Caller, target: Target, limits: UserLimits | None) -> Target:
-    """Legacy builds only; tags in the user's namespace; the user's memory/CPU limits."""
+    """Legacy builds only; tags in the user's namespace; the user's memory/CPU limits.
+
+    The images the build reads (FROM, ``COPY --from``, ``cachefrom``) are checked by
+    `build_images` and `check_build_image` once the edge has the context."""
     if target.param("version") not in (None, "", "1"):
         raise forbid(BUILDKIT_REFUSED)
     for key in BUILD_FORBIDDEN:
@@ -1208,3 +1655,59 @@ def check_build(caller: Caller, target: Target, limits: UserLimits | None) -> Ta
     if "ShmSize" in host:
         changes["shmsize"] = str(host["ShmSize"])
     return target.with_query(**changes) if changes else target
+
+
+def build_images(target: Target, context: bytes, limit: int) -> list[build_context.ImageUse]:
+    """The images a classic build reads: its Dockerfile's FROM/--from and ``cachefrom``."""
+    raw_args = target.param("buildargs")
+    try:
+        build_args = json.loads(raw_args) if raw_args else {}
+    except ValueError:
+        raise Denied(400, "buildargs is not valid JSON") from None
+    if not isinstance(build_args, dict) or not all(
+        isinstance(v, str | None) for v in build_args.values()
+    ):
+        raise Denied(400, "buildargs must be a JSON object of strings")
+    try:
+        text = build_context.dockerfile_from_context(context, target.param("dockerfile"), limit)
+        uses = build_context.image_uses(text, build_args)
+    except build_context.ContextError as error:
+        raise forbid(f"Permission denied: {error}") from None
+    raw_cache = target.param("cachefrom")
+    try:
+        cache = json.loads(raw_cache) if raw_cache else []
+    except ValueError:
+        raise Denied(400, "cachefrom is not valid JSON") from None
+    if not isinstance(cache, list) or not all(isinstance(c, str) for c in cache):
+        raise Denied(400, "cachefrom must be a JSON list of image names")
+    return uses + [build_context.ImageUse(c, "--cache-from") for c in cache]
+
+
+def check_build_image(
+    caller: Caller, use: build_context.ImageUse, image: ImageFacts | None, shared: frozenset[str]
+) -> list[build_context.ImageUse]:
+    """Refuse an image the caller may not use (missing ones alike: the engine would pull
+    them); the images its ONBUILD triggers read, to check in turn."""
+    if not image_visible(caller, image, shared):
+        raise forbid(
+            f"Permission denied: {use.where}: no image {use.reference!r} that you may use "
+            f"(yours are {image_repository(caller.user)}/NAME; shared ones are listed by "
+            "docker images)"
+        )
+    assert image is not None
+    try:
+        return build_context.onbuild_uses(image.on_build, use.reference)
+    except build_context.ContextError as error:
+        raise forbid(f"Permission denied: {error}") from None
+
+
+def build_cache_sources(target: Target, image_ids: Iterable[str]) -> Target:
+    """The build limited to the caller's own and shared images as cache sources.
+
+    Without ``cachefrom`` the classic builder reuses any local layer built from the same parent
+    and step -- another user's: "Using cache" would tell that they ran exactly this step. With
+    it, a cached layer counts only when it is an ancestor of one of these images. (An unknown
+    entry is skipped by the engine, so the list is never empty: no cache at all then.)
+    """
+    sources = list(dict.fromkeys([*image_ids, "scratch"]))
+    return target.with_query(cachefrom=json.dumps(sources, separators=(",", ":")))

@@ -47,6 +47,7 @@ from traitlets import Bool, Integer, Unicode, default
 from traitlets.config import Application
 
 from . import images
+from .engine import EngineState, engine_unreachable, engine_url, short_error
 from .hubclient import HubClient
 from .operations import OperationError, OperationsContext, UserOperations
 
@@ -243,9 +244,17 @@ class ServiceHandler(HubOAuthenticated, web.RequestHandler):
         self.finish(json.dumps({"error": message, "hint": hint, "status": status_code}))
 
     def _handle_request_exception(self, error: BaseException) -> None:
-        """Refusals (bad input, not yours, over quota) answer with their status, unlogged."""
+        """Refusals (bad input, not yours, over quota) answer with their status, unlogged; an
+        unreachable Docker engine is a 503 that says so (logged once per outage)."""
         if isinstance(error, images.ImageError):
             error = OperationError(str(error), error.hint, error.status)
+        elif engine_unreachable(error):
+            self.service.engine.lost(error)
+            error = OperationError(
+                f"the Docker engine is unreachable ({short_error(error)})",
+                "it is stopped or restarting; try again in a minute",
+                503,
+            )
         if isinstance(error, OperationError) and not self._finished:
             self.send_error(error.status, exc_info=(OperationError, error, None))
         else:
@@ -441,6 +450,12 @@ class DS01Service(Application):
         import docker
 
         self.docker = docker.from_env()
+        self.engine = EngineState(
+            f"the Docker engine at {engine_url()}",
+            self.log,
+            connect=docker.from_env,
+            ping_interval=2.0,
+        )
         self.builds = BuildManager(self._run_build, max_concurrent=self.max_concurrent_builds)
         self._limits_store = None
 
@@ -458,17 +473,23 @@ class DS01Service(Application):
         )
 
     def limits_for(self, user: str, groups: Iterable[str]):
-        """The user's resolved limits, or None when no limits file can be read."""
+        """The user's resolved limits, or None when no limits file can be read (called on the
+        event loop: a changed file is re-read on the store's thread, the last good one used
+        meanwhile)."""
         try:
-            from .limits import LimitsStore, default_limits_path
+            from .limits import LimitsError, LimitsStore, default_limits_path
         except ImportError:
             return None
         if self._limits_store is None:
             path = self.limits_path or default_limits_path()
             if not Path(path).is_file():
                 return None
-            self._limits_store = LimitsStore(path)
-        self._limits_store.reload()
+            try:
+                self._limits_store = LimitsStore(path, log=self.log)
+            except LimitsError as error:
+                self.log.error("%s:\n%s", error.summary(), "\n".join(error.lines()))
+                return None
+        self._limits_store.reload(wait=False)
         return self._limits_store.current.resolve(user, groups)
 
     def operations_context(self) -> OperationsContext:

@@ -1,7 +1,8 @@
 """DS01Spawner: DockerSpawner plus ds01hub's limits, quotas and GPU allocation on every spawn.
 
 One spawn, step by step (each step is a progress event):
-1. resolve the user's limits from the YAML (re-read when it changed; JupyterHub groups count);
+1. resolve the user's limits from the YAML (re-read off the event loop when it changed, the last
+   good file kept when the new one is broken; JupyterHub groups count);
 2. validate the spawn options (form or REST `user_options`, `ds01hub.spawner.options`);
 3. check `max_containers_per_user` (fail fast, naming what counts and how to free one);
 4. GPUs: through the hub-wide priority queue to `GpuAllocator.allocate` (waits while `busy`,
@@ -20,20 +21,26 @@ hub killed mid-spawn leaks nothing (see `ds01hub.allocation_state`); after a res
 a container that never started is removed when JupyterHub stops its server
 (`run_post_stop_hook`), and one that started but whose address the hub never recorded is
 adopted (`get_url`).
+
+The hub-wide context (limits, inventory, allocator) is built when the hub starts, not at the
+first spawn: a broken limits file stops the hub with its problems (`_prepare_at_hub_start`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import os
 import pwd
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from dockerspawner import DockerSpawner
@@ -50,9 +57,10 @@ from ds01hub.allocation_state import (
     docker_lister,
 )
 from ds01hub.allocator import Decision
+from ds01hub.engine import engine_unreachable, engine_url, short_error
 from ds01hub.eventlog import EventLog, NewEvent
 from ds01hub.inventory import Inventory, Slot, load_inventory
-from ds01hub.limits import LimitsStore, ResolvedLimits, default_limits_path
+from ds01hub.limits import LimitsError, LimitsStore, ResolvedLimits, default_limits_path
 
 from .container_plan import ContainerPlan, recreate_reason
 from .gpu_queue import GpuQueue, GpuWaitTimeout, QueueStatus
@@ -67,6 +75,7 @@ from .options import (
     render_form,
     resolve_choice,
 )
+from .recovery import EngineRecovery
 
 __all__ = ["DS01Spawner"]
 
@@ -93,6 +102,8 @@ class _HubContext:
     #: Allocator, event log and listing calls block (file lock, SQLite, Docker): their own
     #: threads, so a lock held by another process never stalls DockerSpawner's one thread.
     executor: ThreadPoolExecutor
+    #: Follows the engine: servers, spawns and GPU holds when it stops (.recovery).
+    recovery: EngineRecovery
 
 
 class DS01Spawner(DockerSpawner):
@@ -104,8 +115,17 @@ class DS01Spawner(DockerSpawner):
         "",
         config=True,
         help="""The resource-limits YAML (DS01 format). Empty: $DS01HUB_LIMITS, else
-        /etc/ds01hub/resource-limits.yaml. Re-read on every spawn when it changed; a broken
-        file keeps the last good one (the hub log says why).""",
+        /etc/ds01hub/resource-limits.yaml. Checked when the hub starts (a broken file stops
+        it, listing the problems); re-read off the event loop on the next spawn after it
+        changed; a broken edit keeps the last good file (hub log, ds01-ops admin page and
+        `ds01_limits_last_reload_ok` on /hub/metrics say why).""",
+    )
+    limits_parse_timeout = Float(
+        10.0,
+        config=True,
+        help="""Seconds a spawn waits for the limits file to be re-read after it changed; a
+        read that takes longer counts as a failed reload (the last good file stays in force
+        meanwhile; the read finishes in the background and then takes effect).""",
     )
     state_dir = Unicode(
         "",
@@ -210,6 +230,19 @@ class DS01Spawner(DockerSpawner):
 
     @property
     def context(self) -> _HubContext:
+        try:
+            return self._shared_context()
+        except LimitsError as error:  # only when the hub-start check did not run
+            self.log.error("ds01: %s:\n%s", error.summary(), "\n".join(error.lines()))
+            raise SpawnException(
+                f"The hub's limits file is broken ({error.summary()}); an administrator must "
+                "fix it (ds01hub check-config).",
+                reason="limits",
+                status_code=503,
+            ) from None
+
+    def _shared_context(self) -> _HubContext:
+        """The context of this hub's settings, built once (LimitsError: the file is broken)."""
         limits_path = self.limits_path or str(default_limits_path())
         state_dir = self.state_dir or os.environ.get("DS01HUB_STATE_DIR") or "/var/lib/ds01hub"
         key = (limits_path, state_dir, tuple(self.container_label_filter))
@@ -217,15 +250,44 @@ class DS01Spawner(DockerSpawner):
             self._contexts[key] = self._new_context(limits_path, Path(state_dir))
         return self._contexts[key]
 
+    @classmethod
+    def prepare_for_hub(cls, app: Any) -> None:
+        """Build the hub-wide context as JupyterHub starts (`app`: the JupyterHub
+        application), with a spawner of the hub's configuration. A broken limits file stops
+        the hub here, its problems in the hub's log; anything else that fails (Docker not up
+        yet) is logged and tried again at the first spawn."""
+        # a spawner of the hub's configuration for nobody: DockerSpawner derives some settings
+        # (the container name) from a user, so it gets a stand-in that spawns nothing
+        nobody = SimpleNamespace(name="ds01-hub-start", groups=[])
+        try:
+            cls(config=app.config, log=app.log, user=nobody)._shared_context()
+        except LimitsError as error:
+            app.log.critical(
+                "ds01: %s; the hub does not start on it. Fix it (ds01hub check-config) and "
+                "start the hub again:\n%s",
+                error.summary(),
+                "\n".join(error.lines()),
+            )
+            app.exit(1)
+        except Exception as error:
+            app.log.warning(
+                "ds01: the hub-wide spawner context could not be built at start (%s: %.200s); "
+                "it is tried again at the first spawn",
+                type(error).__name__,
+                error,
+            )
+
     def _new_context(self, limits_path: str, state_dir: Path) -> _HubContext:
         import docker
 
-        store = LimitsStore(limits_path)
+        store = LimitsStore(limits_path, parse_timeout=self.limits_parse_timeout, log=self.log)
+        metrics.watch_limits(store)
         inventory = load_inventory(store.current.gpu_allocation)
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         eventlog = EventLog(self.event_log_path or state_dir / "events.db")
         metrics.watch_eventlog(eventlog)
-        client = docker.DockerClient(**self._docker_client_kwargs())
+        client_kwargs = self._docker_client_kwargs()
+        client = docker.DockerClient(**client_kwargs)
         label_filter = tuple(self.container_label_filter)
         allocator = GpuAllocator(
             client,
@@ -251,15 +313,20 @@ class DS01Spawner(DockerSpawner):
             " (SIMULATED)" if inventory.simulated else "",
             state_dir,
         )
-        return _HubContext(
-            store,
-            inventory,
-            allocator,
-            eventlog,
-            GpuQueue(self.gpu_recheck_interval),
+        queue = GpuQueue(self.gpu_recheck_interval)
+        executor = ThreadPoolExecutor(4, thread_name_prefix="ds01-allocator")
+        recovery = EngineRecovery(
             client,
-            label_filter,
-            ThreadPoolExecutor(4, thread_name_prefix="ds01-allocator"),
+            allocator,
+            queue,
+            executor,
+            extra_labels=label_filter,
+            log=self.log,
+            fresh_client=lambda: docker.APIClient(**client_kwargs),
+            engine_name=f"the Docker engine at {engine_url(client_kwargs.get('base_url'))}",
+        )
+        return _HubContext(
+            store, inventory, allocator, eventlog, queue, client, label_filter, executor, recovery
         )
 
     def _docker_client_kwargs(self) -> dict[str, Any]:
@@ -327,7 +394,7 @@ class DS01Spawner(DockerSpawner):
 
     async def _render_options_form(self) -> str:
         context = self.context
-        limits = self._resolve_limits()
+        limits = await self._resolve_limits()
         profiles = self._profiles()
         holdings = await self._blocking(context.allocator.holdings)
         offer = GpuOffer.from_slots(context.inventory.slots, holdings, context.inventory.simulated)
@@ -363,12 +430,17 @@ class DS01Spawner(DockerSpawner):
 
     # -- one spawn ---------------------------------------------------------------------------
 
-    def _resolve_limits(self) -> ResolvedLimits:
+    async def _resolve_limits(self) -> ResolvedLimits:
         store = self.context.limits
+        await store.refresh()  # off the event loop: other users are served meanwhile
+        if not store.last_reload_ok:  # the problems were logged once, when the reload failed
+            self.log.warning(
+                "ds01: %s: the last good limits apply (the edited file has %d problem(s))",
+                self._log_name,
+                len(store.last_problems),
+            )
         groups = [group.name for group in self.user.groups]
-        limits = store.resolve(self.user.name, groups)
-        if store.last_error:
-            self.log.error("ds01: %s", store.last_error)
+        limits = store.current.resolve(self.user.name, groups)
         cgroup = self.cgroup_parents.get(limits.group or "")
         if cgroup:
             limits = replace(limits, cgroup_parent=cgroup)
@@ -558,12 +630,17 @@ class DS01Spawner(DockerSpawner):
         """See the module docstring; progress events on every step."""
         self._events.clear()  # in place: a progress stream may already be waiting on it
         self._spawn_finished = False
+        self._began = time.monotonic()
+        self.context.recovery.track(self)
         try:
             return await self._start()
         except SpawnException as error:  # a refusal: its reason is already a short code
             metrics.spawn_failed(error.reason)
             raise
-        except Exception:
+        except Exception as error:
+            if engine_unreachable(error):
+                metrics.spawn_failed("engine")
+                raise self._engine_stopped(error) from None
             metrics.spawn_failed("error")
             raise
         finally:
@@ -572,7 +649,7 @@ class DS01Spawner(DockerSpawner):
 
     async def _start(self):
         began = time.perf_counter()
-        limits = self._resolve_limits()
+        limits = await self._resolve_limits()
         self._emit(
             5,
             f"limits: group {limits.group or '-'} ({limits.group_reason}), "
@@ -663,6 +740,7 @@ class DS01Spawner(DockerSpawner):
             own_steps * 1000,
             (committed - docker_began - self._check_seconds) * 1000,
         )
+        await self._until_up(result)
         return result
 
     async def _reclaimed(self, existing: dict) -> str | None:
@@ -674,6 +752,9 @@ class DS01Spawner(DockerSpawner):
         lost = await self._blocking(self.context.allocator.revoked, existing["Id"])
         if not lost:
             return None
+        entry = (await self._blocking(self.context.allocator.revocations)).get(existing["Id"])
+        if entry and entry.get("reason"):  # GpuAllocator.end_hold (the engine stopped)
+            return f"its GPU slot(s) {', '.join(lost)} were given back ({entry['reason']})"
         return f"its GPU slot(s) {', '.join(lost)} were reclaimed by a higher priority"
 
     async def _undo_failed_start(self, slots, reason: str) -> None:
@@ -692,8 +773,13 @@ class DS01Spawner(DockerSpawner):
                     await self.docker("stop", self.object_id)
             except docker.errors.NotFound:
                 self.object_id = ""
-            except docker.errors.APIError as error:
-                self.log.error("ds01 %s: undoing the failed start: %s", self._log_name, error)
+            except Exception as error:  # the engine went away: its hold ends once it is back
+                if engine_unreachable(error):
+                    self.context.recovery.note_casualty(self)
+                elif isinstance(error, docker.errors.APIError):
+                    self.log.error("ds01 %s: undoing the failed start: %s", self._log_name, error)
+                else:
+                    raise
         if slots:
             try:
                 await self._blocking(self.context.allocator.release, self.object_name, reason)
@@ -762,6 +848,79 @@ class DS01Spawner(DockerSpawner):
             env.update(plan.environment())
         return env
 
+    # -- the engine going away (.recovery) ----------------------------------------------------
+
+    async def poll(self):
+        """DockerSpawner's poll (the container's state), also while the engine is unreachable:
+        then stopped, since dockerd stops its containers when it stops (running where
+        live-restore keeps them). Every poll registers the server with the engine watcher."""
+        recovery = self.context.recovery
+        recovery.track(self)
+        try:
+            return await super().poll()
+        except Exception as error:
+            if not engine_unreachable(error):
+                raise
+            return recovery.stopped_status(self, error)
+
+    async def _until_up(self, address: tuple[str, int]) -> None:
+        """Wait for Jupyter to answer (at most `http_timeout`, as the hub would), polling the
+        container every second: a container that exits, an engine that goes away, or no answer
+        in time fails the spawn at once with the reason, and the undo of the failed start gives
+        back what it holds. (The hub waited on an address where nothing ran, then stopped a
+        server whose container kept its GPU for the whole hold.)"""
+        from jupyterhub.utils import url_path_join, wait_for_http_server
+
+        if self.internal_ssl or self.server is None:
+            return  # the hub's own wait (with its TLS context) decides
+        ip, port = address
+        host = f"[{ip}]" if ":" in ip else ip
+        url = url_path_join(f"http://{host}:{int(port)}", self.server.base_url, "api")
+        answered = asyncio.ensure_future(wait_for_http_server(url, timeout=self.http_timeout))
+        try:
+            while not (await asyncio.wait({answered}, timeout=1.0))[0]:
+                status = await self.poll()
+                if status is not None:
+                    raise await self._stopped_during_start(status)
+        finally:
+            answered.cancel()
+        if answered.exception() is not None:  # only the time limit escapes the wait
+            raise SpawnException(
+                f"Jupyter did not answer at {url} within {self.http_timeout:.0f}s "
+                "(Spawner.http_timeout); the container was started, the server never came up",
+                reason="timeout",
+                status_code=500,
+            )
+
+    async def _stopped_during_start(self, status: Any) -> SpawnException:
+        """Why the container stopped before Jupyter answered: its engine went away, or it
+        exited (the last lines of its log say why: a container this spawn made is removed)."""
+        if await self._blocking(self.context.recovery.went_away_since, self._began):
+            return self._engine_stopped(status)
+        try:
+            tail = await self.docker("logs", self.object_id, tail=5)
+            last = short_error(tail.decode(errors="replace")) or "(empty)"
+        except Exception as error:
+            last = f"(unavailable: {short_error(error)})"
+        return SpawnException(
+            f"container {self.object_name} stopped while Jupyter was starting "
+            f"({short_error(status)}); its log ends: {last}",
+            reason="exited",
+            status_code=500,
+        )
+
+    def _engine_stopped(self, error: BaseException | str) -> SpawnException:
+        """The failure of a spawn whose engine went away (its container, if any, is noted so
+        that its GPU hold ends when the engine is back)."""
+        self.context.recovery.note_casualty(self)
+        message = (
+            f"the Docker engine stopped during your spawn ({short_error(error)}). Start your "
+            "server again once it is back (usually within a minute); whatever this spawn "
+            "reserved is given back."
+        )
+        self._emit(95, message)
+        return SpawnException(message, reason="engine", status_code=503)
+
     # -- stop, delete ------------------------------------------------------------------------
 
     async def get_url(self):
@@ -807,9 +966,13 @@ class DS01Spawner(DockerSpawner):
         result = super().run_post_stop_hook()
         if inspect.isawaitable(result):
             await result
-        if self.object_id and await self._remove_if_never_started():
-            self.object_id = ""
-            await self._blocking(self.context.allocator.sweep)
+        try:
+            if self.object_id and await self._remove_if_never_started():
+                self.object_id = ""
+                await self._blocking(self.context.allocator.sweep)
+        except Exception as error:
+            if not engine_unreachable(error):
+                raise  # while the engine is away the container stays; reconcile removes it later
 
     async def _remove_if_never_started(self) -> bool:
         """True when the container had never started and is now removed (never forced: a
@@ -875,3 +1038,31 @@ def _merged(base: dict, override: dict) -> dict:
         else:
             result[key] = value
     return result
+
+
+def _prepare_at_hub_start() -> None:
+    """JupyterHub runs no spawner code before the first spawn, so a hub would start on a broken
+    limits file and fail every spawn. JupyterHub imports this module while it starts (it loads
+    every spawner entry point for its configuration, and `spawner_class = "ds01"`), whatever
+    else the admin's config says: wrap `JupyterHub.init_spawners` (the step that starts from
+    the configured spawner class) so that it first builds the hub-wide context,
+    `DS01Spawner.prepare_for_hub`, when the hub's spawner class is DS01Spawner (or a subclass).
+    Processes without JupyterHub's application (the CLI, the services) are left alone."""
+    app_module = sys.modules.get("jupyterhub.app")
+    hub_class = getattr(app_module, "JupyterHub", None)
+    init_spawners = getattr(hub_class, "init_spawners", None)
+    if init_spawners is None or getattr(init_spawners, "ds01_prepared", False):
+        return
+
+    @functools.wraps(init_spawners)
+    async def prepare_then_init_spawners(app: Any) -> Any:
+        spawner_class = getattr(app, "spawner_class", None)
+        if isinstance(spawner_class, type) and issubclass(spawner_class, DS01Spawner):
+            spawner_class.prepare_for_hub(app)
+        return await init_spawners(app)
+
+    prepare_then_init_spawners.ds01_prepared = True  # type: ignore[attr-defined]
+    hub_class.init_spawners = prepare_then_init_spawners
+
+
+_prepare_at_hub_start()

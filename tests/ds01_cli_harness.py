@@ -38,12 +38,14 @@ class UnixUser:
 
 
 @contextlib.contextmanager
-def unix_user(prefix: str = "d01t"):
-    """A fresh Unix user (removed with its home at the end, even on failure)."""
-    name = f"{prefix}{secrets.token_hex(3)}"
+def unix_user(prefix: str = "d01t", name: str | None = None):
+    """A fresh Unix user (removed with its home at the end, even on failure). An explicit
+    `name` is taken as it is (`useradd --badname`: e.g. a case variant of another user)."""
+    name = name or f"{prefix}{secrets.token_hex(3)}"
     home = f"/tmp/{name}-home"
     subprocess.run(
-        ["useradd", "--create-home", "--home-dir", home, "--shell", "/bin/bash", name],
+        ["useradd", "--badname", "--create-home", "--home-dir", home, "--shell", "/bin/bash"]
+        + [name],
         check=True,
     )
     try:
@@ -217,7 +219,10 @@ class PtySession:
         *args: str,
         rows: int = 24,
         cols: int = 80,
+        argv: list[str] | None = None,
     ):
+        """`argv` (live tests): run that instead, as the caller (e.g. `su - USER -c ...`, the
+        way a login shell gets there); `user`, `socket_path` and `command` are then unused."""
         import fcntl
         import pty
         import termios
@@ -228,15 +233,14 @@ class PtySession:
         def take_terminal() -> None:
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
+        as_user = {"user": user.uid, "group": user.gid, "extra_groups": []} if argv is None else {}
         self.process = subprocess.Popen(
-            command_line(command, *args),
+            argv or command_line(command, *args),
             stdin=slave,
             stdout=slave,
             stderr=slave,
-            user=user.uid,
-            group=user.gid,
-            extra_groups=[],
-            env=user_env(user.home, socket_path, TERM="xterm"),
+            **as_user,
+            env=user_env(user.home, socket_path, TERM="xterm") if argv is None else None,
             start_new_session=True,
             preexec_fn=take_terminal,
             cwd="/tmp",

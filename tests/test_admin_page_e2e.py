@@ -5,13 +5,12 @@ SIMULATED GPU slots, the event log holds a known history."""
 from __future__ import annotations
 
 import re
-import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
 import requests
-from harness import TEST_LABEL, free_port, unique_name
+from harness import TEST_LABEL, free_port, unique_name, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from ds01hub import labels
@@ -108,17 +107,14 @@ def ops(hub_factory, docker_client, base_image, tmp_path_factory):
     hub.create_user(student, groups=["opsviewers"])
     hub.create_user(alice)
     base = f"{hub.url}/services/{SERVICE_NAME}/"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+
+    def answers() -> bool:
         try:
-            response = requests.get(base + "api/overview", timeout=5)
-            if response.status_code == 403:
-                break
+            return requests.get(base + "api/overview", timeout=5).status_code == 403
         except requests.ConnectionError:
-            pass
-        time.sleep(0.5)
-    else:
-        raise AssertionError("the ds01-ops service did not come up:\n" + hub.log())
+            return False
+
+    wait_until(answers, 60, 0.5, lambda: "the ds01-ops service did not come up:\n" + hub.log())
     info = dict(
         hub=hub,
         base=base,
@@ -209,19 +205,49 @@ def test_metrics_count_slots_by_group_and_culls_by_reason(ops):
     )
 
 
-def test_a_broken_limits_file_is_shown_and_the_last_good_one_kept(ops):
+def alias_bomb(good: str) -> bytes:
+    """Billion laughs: each anchor ten aliases of the one before."""
+    lines = ["a0: &a0 [" + ", ".join(["x"] * 10) + "]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 7)]
+    return "\n".join(lines).encode() + b"\n"
+
+
+BROKEN_EDITS = {
+    "not yaml": lambda good: (good + "defaults: [oops\n").encode(),
+    "a duplicate key": lambda good: (good + "defaults: {max_gpus: 8}\n").encode(),
+    "an alias bomb": alias_bomb,
+    "UTF-16": lambda good: good.encode("utf-16"),
+}
+
+
+@pytest.mark.parametrize("edit", BROKEN_EDITS)
+def test_a_broken_limits_file_is_shown_and_the_last_good_one_kept(ops, edit):
     token = ops["hub"].token_for(ops["admin"])
+    metrics_token = ops["hub"].token_for(ops["admin"], scopes=["read:metrics"])
+
+    def reload_ok() -> float:
+        response = get(ops, "metrics", metrics_token)
+        return next(
+            s.value
+            for family in text_string_to_metric_families(response.text)
+            for s in family.samples
+            if s.name == "ds01_limits_last_reload_ok"
+        )
+
     good = ops["limits"].read_text()
     try:
-        ops["limits"].write_text(good + "defaults: [oops\n")
+        ops["limits"].write_bytes(BROKEN_EDITS[edit](good))
         model = get(ops, "api/overview", token).json()
         assert (
             model["config_error"] and "keeping the last good configuration" in model["config_error"]
         )
+        assert f"{ops['limits']}" in model["config_error"]
         assert len(model["slots"]) == 4  # still served from the last good file
+        assert reload_ok() == 0
     finally:
         ops["limits"].write_text(good)
     assert get(ops, "api/overview", token).json()["config_error"] is None
+    assert reload_ok() == 1
 
 
 def test_the_hub_pages_tell_a_warned_user_their_container_will_be_stopped(ops):

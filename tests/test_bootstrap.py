@@ -135,15 +135,45 @@ def test_bootstrap_command_line_usage_errors_exit_2():
 
 def test_demo_config_extends_the_site_config_and_labels_the_demo_password(tmp_path):
     paths = demo.DemoPaths(tmp_path)
-    text = demo.render_demo_config(
-        paths, REPO / "config/jupyterhub_config.py", 8000, 8081, 8001, "img"
-    )
+    text = demo.render_demo_config(paths, REPO / "config/jupyterhub_config.py", demo.DEMO_USERS)
     compile(text, "jupyterhub_config.py", "exec")
     assert f"load_subconfig({str(REPO / 'config/jupyterhub_config.py')!r})" in text
     assert "DEMO ONLY" in text
     assert "'students': {'users': ['alice', 'bob']}" in text
     assert "c.Authenticator.admin_users = ['dave']" in text
-    assert "'DS01HUB_BIND_URL': 'http://127.0.0.1:8000'" in text
+    # a rehearsal of a real host: stopped containers stay (their GPU holds with them)
+    assert "c.DockerSpawner.remove = False" in text
+    assert "remove = True" not in text
+    assert f"siteenv.parse(Path({str(paths.env_file)!r}).read_text())" in text
+
+
+def test_the_demo_settings_are_a_real_hosts_environment_file(tmp_path):
+    """The demo's DS01HUB_* settings go through the same file format as /etc/ds01hub/ds01hub.env
+    and name the workspaces, the admin token and the broker socket."""
+    from ds01hub import siteenv
+
+    paths = demo.DemoPaths(tmp_path)
+    args = demo_args(tmp_path)
+    settings = demo.demo_settings(paths, args, tmp_path / "ws")
+    assert siteenv.parse(siteenv.render(settings)) == settings
+    assert settings["DS01HUB_BIND_URL"] == "http://127.0.0.1:8000"
+    assert settings["DS01HUB_WORKSPACE_ROOT"] == str(tmp_path / "ws")
+    assert settings["DS01HUB_ADMIN_TOKEN_FILE"] == str(paths.admin_token)
+    assert settings["DS01HUB_BROKER_SOCKET"] == "/run/ds01hub/broker.sock"
+
+
+def test_demo_logins_take_the_prefix_of_several_demos_on_one_host(tmp_path):
+    args = demo_args(tmp_path, "--user-prefix", "t1")
+    assert [u.name for u in demo.demo_users(args)] == ["t1alice", "t1bob", "t1carol", "t1dave"]
+    assert [u.admin for u in demo.demo_users(args)] == [False, False, False, True]
+
+
+def demo_args(tmp_path, *extra: str):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    demo.register(parser.add_subparsers())
+    return parser.parse_args(["demo", "start", "--state-dir", str(tmp_path), *extra])
 
 
 def test_demo_limits_simulate_gpus_only_where_there_are_none():

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import subprocess
+import tempfile
 
 import pytest
 from ds01_cli_harness import (
@@ -23,9 +25,6 @@ from ds01_cli_harness import (
 )
 
 pytestmark = [pytest.mark.root]
-
-if os.geteuid() != 0:  # pragma: no cover - the suite runs as root on the dev machine
-    pytest.skip("needs root to create Unix users", allow_module_level=True)
 
 CALL = (
     "import json, site, sys; site.addsitedir(sys.argv[1]); "
@@ -63,9 +62,18 @@ def broker(admin_group):
     process.stop()
 
 
-def call_as(uid: int, gid: int, home: str, socket_path: str, path: str, act_for: str = ""):
+def call_as(
+    uid: int,
+    gid: int,
+    home: str,
+    socket_path: str,
+    path: str,
+    act_for: str = "",
+    prefix: tuple[str, ...] = (),
+):
+    """GET `path` from the broker as `uid` (under `prefix`, e.g. `unshare -m`)."""
     result = subprocess.run(
-        [USER_PYTHON, "-c", CALL, SITE_PACKAGES, socket_path, path, act_for],
+        [*prefix, USER_PYTHON, "-c", CALL, SITE_PACKAGES, socket_path, path, act_for],
         user=uid,
         group=gid,
         extra_groups=[],
@@ -151,7 +159,8 @@ def test_a_second_broker_does_not_take_over_a_live_socket(broker):
         timeout=60,
     )
     assert result.returncode == 1
-    assert "another ds01 broker is listening" in result.stderr
+    assert "another process is listening" in result.stderr
+    assert "not taking it over" in result.stderr
     code, reply, _ = call_as(0, 0, "/root", broker.socket_path, "/whoami", act_for="root")
     assert code == 2  # the first broker still answers (root may not act as root)
 
@@ -166,3 +175,82 @@ def test_a_stopped_broker_removes_its_socket():
         assert not os.path.exists(path)
     finally:
         process.stop()
+
+
+def test_root_in_another_mount_namespace_is_not_an_admin(broker, users):
+    """Root in a container that can reach the socket is not root on the host: it may not act
+    for anyone (the admin rule of ds01hub.peer, the same as the proxy's)."""
+    alice, _, _ = users
+    code, reply, _ = call_as(
+        0, 0, "/root", broker.socket_path, "/whoami", alice.name, prefix=("unshare", "-m")
+    )
+    assert code == 1 and "only admins can act for another user" in reply["error"]
+    code, reply, _ = call_as(0, 0, "/root", broker.socket_path, "/whoami", alice.name)
+    assert code == 0 and reply == {"user": alice.name, "uid": 0, "admin": True}
+
+
+def test_a_case_variant_of_a_user_is_refused_not_folded(broker, users):
+    """`useradd --badname` makes an account whose name differs from alice's only in case: the
+    broker refuses it with a message for the admin, and it can never act as alice."""
+    alice, _, carol = users
+    with unix_user(name=alice.name.capitalize()) as twin:
+        assert twin.name != alice.name and twin.name.lower() == alice.name
+        code, reply, _ = call_as(twin.uid, twin.gid, twin.home, broker.socket_path, "/whoami")
+        assert code == 1 and "user" not in reply
+        message = reply["error"]
+        assert f"Unix account {twin.name!r} (uid {twin.uid}) cannot use ds01hub" in message
+        assert f"not folded onto {alice.name!r}, the account of uid {alice.uid}" in message
+        result = run_as(twin, broker.socket_path, "container-list")
+        assert result.returncode == 1 and "not a valid hub user name" in result.stderr
+        assert f"usermod -l NEWNAME {twin.name}" in result.stderr  # what the admin does
+        # an admin naming the twin is not folded onto alice either
+        code, reply, _ = call_as(
+            carol.uid, carol.gid, carol.home, broker.socket_path, "/whoami", twin.name
+        )
+        assert code == 2 and "not a valid hub user name" in reply["error"]
+        # alice herself is unaffected
+        code, reply, _ = call_as(alice.uid, alice.gid, alice.home, broker.socket_path, "/whoami")
+        assert code == 0 and reply["user"] == alice.name
+    assert f"refused uid {twin.uid}" in broker.log()
+
+
+def test_an_unreachable_docker_engine_is_named(users):
+    """The broker's Docker socket answers nothing (a dead socket; the shared engine is left
+    alone): the broker starts anyway, and every command says which service is unreachable --
+    never "internal error"."""
+    import socket
+
+    alice, _, _ = users
+    directory = tempfile.mkdtemp(prefix="ds01t-dead-")
+    dead_path = os.path.join(directory, "docker.sock")
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(dead_path)
+    dead.close()
+    process = BrokerProcess(
+        "http://127.0.0.1:9/hub/api", "unused", f"--Broker.docker_socket={dead_path}"
+    )
+    try:
+        unreachable = f"Docker engine unreachable at unix://{dead_path} (Connection refused)"
+        for command, *args in (
+            ("container-stats",),
+            ("image-list",),
+            ("container-remove", "work", "-y"),
+        ):
+            result = run_as(alice, process.socket_path, command, *args)
+            assert result.returncode == 1, (command, result.stderr)
+            assert unreachable in result.stderr and "dockerd" in result.stderr, result.stderr
+        # these ask the hub (also unreachable here) and Docker at once: either is named
+        for command, *args in (
+            ("container-list",),
+            ("container-create", "work"),
+            ("container-run", "work", "--", "true"),
+        ):
+            result = run_as(alice, process.socket_path, command, *args)
+            assert result.returncode == 1, (command, result.stderr)
+            assert unreachable in result.stderr or "cannot reach the hub" in result.stderr
+            assert "internal error" not in result.stderr
+        log = process.log()
+        assert "starting anyway" in log and "Traceback" not in log
+    finally:
+        process.stop()
+        shutil.rmtree(directory, ignore_errors=True)

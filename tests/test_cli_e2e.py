@@ -6,11 +6,9 @@ the hub."""
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import subprocess
 import tempfile
-import time
 
 import docker
 import pytest
@@ -23,11 +21,9 @@ from ds01_cli_harness import (
     user_env,
     wait_for_socket,
 )
+from harness import wait_until
 
 pytestmark = [pytest.mark.docker, pytest.mark.e2e, pytest.mark.root]
-
-if os.geteuid() != 0:  # pragma: no cover
-    pytest.skip("needs root to create Unix users", allow_module_level=True)
 
 LIMITS = """\
 defaults:
@@ -129,11 +125,12 @@ def test_a_start_waiting_for_a_gpu_shows_progress_and_can_be_cancelled(hub, user
             cwd="/tmp",
         )
         try:
-            deadline = time.monotonic() + 120
-            while "waiting for a GPU" not in read_all(stderr):
+
+            def queued() -> bool:
                 assert waiting.poll() is None, read_all(stderr)
-                assert time.monotonic() < deadline, read_all(stderr) + hub.log()
-                time.sleep(0.5)
+                return "waiting for a GPU" in read_all(stderr)
+
+            wait_until(queued, 120, 0.5, lambda: read_all(stderr) + hub.log())
             assert listed(hub, carol)["waiting"]["state"] == "starting"
             result = cli(hub, carol, "container-stop", "waiting", "-y")
             assert result.returncode == 0, result.stderr
@@ -271,3 +268,85 @@ def test_guided_create_in_a_terminal(hub, users):
         assert "\x1b[1mguided\x1b[0m created and started" in shown  # colour on a terminal
         assert term.wait(30) == 0
     assert listed(hub, alice)["guided"]["gpus"] == []
+
+
+def test_a_start_after_a_stop_behind_the_hubs_back_is_truthful(hub, users, docker_client):
+    """A plain `docker stop` of one's own container: the hub still thinks it is ready. The
+    start must start it (or fail): "running" only when Docker says it runs."""
+    alice, _ = users
+    row = listed(hub, alice)["guided"]
+    container = docker_client.containers.get(row["id"])
+    container.stop(timeout=1)
+    assert hub.api("GET", f"/users/{alice.name}").json()["servers"]["guided"]["ready"]
+    result = cli(hub, alice, "container-start", "guided")
+    assert result.returncode == 0, result.stderr + hub.log()
+    assert "guided running" in result.stdout
+    row = listed(hub, alice, "--all")["guided"]
+    assert row["state"] == "running"
+    assert docker_client.containers.get(row["id"]).status == "running"
+
+
+@pytest.fixture(scope="module")
+def removing_hub(hub_factory, tmp_path_factory):
+    """A hub configured as the demo is: the container is removed when its server stops
+    (`DockerSpawner.remove = True`)."""
+    directory = tmp_path_factory.mktemp("cli-e2e-remove")
+    limits = directory / "resource-limits.yaml"
+    limits.write_text(LIMITS)
+    test_label = f"ds01.test.cli={secrets.token_hex(3)}"
+    key, value = test_label.split("=")
+    with broker_socket_path() as socket_path:
+        extra = f"""
+from ds01hub.broker import configure_hub as configure_broker
+c.DockerSpawner.remove = True
+c.DS01Spawner.limits_path = {str(limits)!r}
+c.DS01Spawner.state_dir = {str(directory / "state")!r}
+c.DS01Spawner.container_label_filter = [{test_label!r}]
+configure_broker(c, socket_path={socket_path!r}, broker_args=["--Broker.limits_path={limits}"])
+"""
+        with hub_factory(spawner="ds01", extra_config=extra, labels={key: value}) as hub:
+            wait_for_socket(socket_path, hub)
+            hub.socket_path = socket_path
+            yield hub
+
+
+def created(hub, person, name, docker_client):
+    result = cli(hub, person, "container-create", name)
+    assert result.returncode == 0, result.stderr + hub.log()
+    return docker_client.containers.get(listed(hub, person)[name]["id"])
+
+
+def gone(docker_client, container) -> bool:
+    try:
+        docker_client.containers.get(container.id)
+    except docker.errors.NotFound:
+        return True
+    return False
+
+
+def test_stop_remove_and_cleanup_when_the_hub_removes_containers(
+    removing_hub, carol, docker_client
+):
+    hub = removing_hub
+    container = created(hub, carol, "one", docker_client)
+    result = cli(hub, carol, "container-stop", "one", "-y")
+    assert result.returncode == 0, result.stderr + hub.log()
+    assert "one stopped and removed" in result.stdout and "internal error" not in result.stderr
+    assert gone(docker_client, container) and "one" not in listed(hub, carol, "--all")
+
+    container = created(hub, carol, "two", docker_client)
+    result = cli(hub, carol, "container-remove", "two", "-y", "--force", "--json")
+    assert result.returncode == 0, result.stderr + hub.log()
+    reply = json.loads(result.stdout)
+    assert reply["removed"] is True and reply["already_gone"] is False  # removed by this command
+    assert gone(docker_client, container)
+    assert "two" not in hub.api("GET", f"/users/{carol.name}").json()["servers"]
+
+    doomed = [created(hub, carol, name, docker_client) for name in ("three", "four")]
+    result = cli(hub, carol, "container-cleanup", "--all", "-y", "--json")
+    assert result.returncode == 0, result.stderr + hub.log()
+    results = json.loads(result.stdout)
+    assert sorted(r["project"] for r in results) == ["four", "three"]
+    assert all(r["removed"] for r in results)
+    assert all(gone(docker_client, c) for c in doomed)
+    assert listed(hub, carol, "--all") == {}

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from ds01hub import broker, operations
+from ds01hub import broker, operations, peer
 from ds01hub.cli import backend as backends
 from ds01hub.cli import output, user
 from ds01hub.cli.terminal import FrameDecoder
@@ -151,10 +151,12 @@ def test_colour_only_on_a_tty(monkeypatch):
 class ScriptedBackend:
     """Records calls; answers like the broker would. A test double for the transport only."""
 
-    def __init__(self, containers=None, warnings=()):
+    def __init__(self, containers=None, warnings=(), started="running", stopped=None):
         self.calls = []
         self.containers = containers or []
         self.warnings = list(warnings)
+        self.started = started  # the state the final view of a start reports
+        self.stopped = stopped or {"state": "stopped", "held_until": None}
 
     def cull_warnings(self):
         return self.warnings
@@ -172,12 +174,27 @@ class ScriptedBackend:
 
     def stop(self, project, timeout, force):
         self.calls.append(("stop", project, timeout, force))
-        return {"project": project, "state": "stopped", "held_until": None}
+        return {"project": project, **self.stopped}
 
     def start(self, project, options, create):
         self.calls.append(("start", project, options, create))
         yield {"event": "progress", "progress": 50, "message": "waiting for a GPU"}
-        yield {"event": "ready", "container": {"project": project, "gpus": ["0"]}}
+        yield {
+            "event": "ready",
+            "container": {"project": project, "state": self.started, "gpus": ["0"]},
+        }
+
+    def remove(self, project, force):
+        self.calls.append(("remove", project, force))
+        return {"project": project, "removed": True, "already_gone": True}
+
+    def cleanup(self, include_running):
+        self.calls.append(("cleanup", include_running))
+        return [
+            {"project": "old", "removed": True, "already_gone": False},
+            {"project": "gone", "removed": True, "already_gone": True},
+            {"project": "stuck", "removed": False, "error": "the hub said: no", "hint": "ask"},
+        ]
 
 
 def view(project, state="running", **extra):
@@ -257,6 +274,50 @@ def test_container_create_shows_progress_on_stderr_and_result_on_stdout():
     assert "[ 50%] waiting for a GPU" in err
     assert "thesis created and started" in out and "GPUs: 0" in out
     assert backend.calls == [("start", "thesis", {"gpus": 1}, True)]
+
+
+def test_a_start_that_did_not_start_is_an_error():
+    code, out, err = run("container-start", ["thesis"], ScriptedBackend(started="stopped"))
+    assert code == 1 and "thesis did not start: it is stopped" in err
+    assert "running" not in out
+
+    class Silent(ScriptedBackend):
+        def start(self, project, options, create):
+            yield {"event": "progress", "progress": 10, "message": "asking the hub"}
+
+    code, out, err = run("container-create", ["thesis"], Silent())
+    assert code == 1 and "stopped answering before it said how this ended" in err
+    assert out == ""
+
+
+def test_a_stop_says_what_it_left():
+    removed = {"state": "stopped", "removed": True, "held_until": None}
+    code, out, _ = run(
+        "container-stop", ["thesis", "-y"], ScriptedBackend([view("thesis")], stopped=removed)
+    )
+    assert code == 0 and "thesis stopped and removed" in out and "GPUs are free" in out
+    stopping = {"state": "stopping", "held_until": None}
+    code, out, _ = run(
+        "container-stop", ["thesis", "-y"], ScriptedBackend([view("thesis")], stopped=stopping)
+    )
+    assert code == 0 and "thesis is stopping" in out
+    running = {"state": "running", "held_until": None}
+    code, out, err = run(
+        "container-stop", ["thesis", "-y"], ScriptedBackend([view("thesis")], stopped=running)
+    )
+    assert code == 1 and "thesis did not stop: it is running" in err and out == ""
+
+
+def test_remove_and_cleanup_report_each_container_truthfully():
+    code, out, _ = run("container-remove", ["thesis", "-y"], ScriptedBackend())
+    assert code == 0 and "already been removed" in out
+    backend = ScriptedBackend(
+        [view("old", "stopped"), view("gone", "stopped"), view("stuck", "stopped")]
+    )
+    code, out, err = run("container-cleanup", ["-y"], backend)
+    assert code == 1  # one of three failed: not a success
+    assert "Removed 2 container(s)" in out and "gone: already gone" in out
+    assert "error: stuck not removed: the hub said: no" in err and "hint: ask" in err
 
 
 def test_container_create_without_a_name_is_a_usage_error():
@@ -344,60 +405,62 @@ def test_hub_error_message():
     assert hub_error_message(b"<html>", "fallback") == "fallback"
 
 
-# ---- broker identity ----------------------------------------------------------------------------
+# ---- broker: whom a request acts for ------------------------------------------------------------
 
 
-def accounts(uid_to_name: dict[int, str], groups: dict[str, set[str]]):
-    def lookup_uid(uid):
-        if uid not in uid_to_name:
-            raise KeyError(uid)
-        return SimpleNamespace(pw_name=uid_to_name[uid], pw_gid=uid)
-
-    def lookup_name(name):
-        if name not in uid_to_name.values():
-            raise KeyError(name)
-        return SimpleNamespace(pw_name=name)
-
-    return {
-        "lookup_uid": lookup_uid,
-        "lookup_name": lookup_name,
-        "groups_of": lambda name, gid: groups.get(name, set()),
-    }
+def caller(uid, name, admin=False):
+    return broker.Caller(uid, uid, name, f"/home/{name}", (name,), admin)
 
 
-ACCOUNTS = accounts(
-    {0: "root", 5: "daemon", 1001: "Alice", 1002: "bob", 1003: "carol"},
-    {"carol": {"ds01-admin"}},
-)
+UNIX_NAMES = {"root": 0, "bob": 1002, "carol": 1003, "Alice": 1004}
 
 
-def resolve(uid, requested=None):
-    return broker.resolve_caller(uid, requested, {"ds01-admin"}, 1000, str.lower, **ACCOUNTS)
+def lookup_name(name):
+    if name not in UNIX_NAMES:
+        raise KeyError(name)
+    return SimpleNamespace(pw_name=name, pw_uid=UNIX_NAMES[name])
+
+
+def acting_for(who, requested=None):
+    return broker.acting_for(who, requested, 1000, lookup_name)
 
 
 def test_a_user_acts_for_themselves_only():
-    assert resolve(1002).user == "bob"
-    assert resolve(1001).user == "alice"  # hub names are lower case
-    assert resolve(1002, "bob").user == "bob"
+    bob = caller(1002, "bob")
+    assert acting_for(bob) == "bob"
+    assert acting_for(bob, "bob") == "bob"
     with pytest.raises(operations.OperationError) as info:
-        resolve(1002, "alice")
+        acting_for(bob, "carol")
     assert info.value.status == 403 and "only admins" in info.value.message
 
 
-def test_admins_and_root_may_act_for_another_user():
-    assert resolve(1003, "bob") == broker.Caller(1003, "carol", True, "bob")
-    assert resolve(0, "bob").user == "bob"
+def test_admins_and_root_may_act_for_another_user_by_the_name_rule():
+    carol = caller(1003, "carol", admin=True)
+    assert acting_for(carol, "bob") == "bob"
+    assert acting_for(caller(0, "root", admin=True), "bob") == "bob"
     with pytest.raises(operations.OperationError, match="root acts for users"):
-        resolve(0)
-    with pytest.raises(operations.OperationError, match="no Unix user"):
-        resolve(1003, "mallory")
+        acting_for(caller(0, "root", admin=True))
+    with pytest.raises(peer.IdentityError, match="no Unix user named 'mallory'"):
+        acting_for(carol, "mallory")
+    # never folded: 'Alice' is not a hub name, and 'BOB' is not bob
+    for name in ("Alice", "BOB"):
+        with pytest.raises(peer.IdentityError, match="not a valid hub user name"):
+            acting_for(carol, name)
 
 
-def test_unknown_and_system_uids_are_refused():
-    with pytest.raises(operations.OperationError, match="no account"):
-        resolve(4242)
+def test_root_without_the_admin_rule_acts_for_nobody():
+    # root in another mount namespace (a container) is not an admin: it gets nothing
+    with pytest.raises(operations.OperationError, match="only admins"):
+        acting_for(caller(0, "root"), "bob")
+    with pytest.raises(operations.OperationError, match="root acts for users"):
+        acting_for(caller(0, "root"))
+
+
+def test_system_uids_are_refused():
     with pytest.raises(operations.OperationError, match="system account"):
-        resolve(5)
+        acting_for(caller(5, "daemon"))
+    with pytest.raises(operations.OperationError, match="system account"):
+        acting_for(caller(5, "daemon", admin=True), "bob")
 
 
 # ---- views and stats ---------------------------------------------------------------------------
@@ -576,3 +639,105 @@ def test_quota_line_reads_like_a_sentence():
         "4 CPUs and 16G; idle timeout 12h 0m, GPUs held 1h 0m after a stop"
     )
     assert "no limits file" in user.quota_line({"containers": 0, "limits": None})
+
+
+# ---- named errors: the services behind every action ------------------------------------------
+
+
+def docker_failure(path: str) -> Exception:
+    """What docker-py really raises for a socket path (no engine needed: nothing answers)."""
+    import docker
+
+    client = docker.DockerClient(base_url=f"unix://{path}", version="1.41")
+    try:
+        client.api.containers()
+    except Exception as e:
+        return e
+    finally:
+        client.close()
+    raise AssertionError("a dead socket answered")
+
+
+def test_an_unreachable_docker_engine_is_named_with_its_cause(tmp_path):
+    import socket as sockets
+
+    missing = docker_failure(str(tmp_path / "none.sock"))
+    error = operations.named_error(missing, "unix:///x/docker.sock")
+    assert error.message == (
+        "Docker engine unreachable at unix:///x/docker.sock (No such file or directory)"
+    )
+    assert error.status == 503 and "dockerd" in error.hint
+    dead_path = str(tmp_path / "dead.sock")
+    dead = sockets.socket(sockets.AF_UNIX)
+    dead.bind(dead_path)
+    dead.close()
+    error = operations.named_error(docker_failure(dead_path), "unix:///y")
+    assert error.message == "Docker engine unreachable at unix:///y (Connection refused)"
+
+
+def test_docker_refusals_and_timeouts_are_named():
+    import docker.errors
+    import requests.exceptions
+
+    refused = docker.errors.APIError("409", explanation="conflict: in use")
+    assert (
+        operations.named_error(refused, "u").message
+        == "the Docker engine refused: conflict: in use"
+    )
+    late = operations.named_error(requests.exceptions.ReadTimeout("read timed out"), "unix:///z")
+    assert (
+        late.message == "Docker engine at unix:///z did not answer in time" and late.status == 504
+    )
+    assert operations.named_error(KeyError("bug"), "u") is None  # a bug stays a bug
+    own = operations.OperationError("mine")
+    assert operations.named_error(own, "u") is own
+
+
+def test_hub_failures_are_named():
+    from ds01hub.hubclient import HubError, HubUnreachable
+
+    gone = HubUnreachable(0, "cannot reach the hub at http://h/hub/api: Connection refused")
+    error = operations.named_error(gone, "u")
+    assert error.message.startswith("cannot reach the hub at http://h/hub/api")
+    assert error.status == 503 and "JupyterHub is not running" in error.hint
+    error = operations.hub_failure(HubError(400, "bad"), "could not start 'x'")
+    assert (error.message, error.status) == ("could not start 'x': bad", 400)
+    assert operations.hub_failure(HubError(500, "boom")).status == 502
+
+
+def test_a_start_failure_says_what_docker_recorded():
+    error = operations.start_failure(
+        "thesis", "stopped", {"ExitCode": 137, "OOMKilled": True, "Error": ""}
+    )
+    assert "'thesis' did not start" in error.message
+    assert "it is stopped (its container exited with code 137 (out of memory))" in error.message
+    assert error.status == 409 and "container-start thesis" in error.hint
+    error = operations.start_failure("thesis", "gone", {})
+    assert "its container does not exist" in error.message
+
+
+def test_a_broker_that_breaks_off_is_a_named_failure(tmp_path):
+    """A broker that hangs up mid-answer: a CliError that says so, never a traceback."""
+    import socket as sockets
+    import threading
+
+    path = str(tmp_path / "b.sock")
+    server = sockets.socket(sockets.AF_UNIX)
+    server.bind(path)
+    server.listen(1)
+
+    def answer_half() -> None:
+        connection, _ = server.accept()
+        with connection:
+            connection.recv(65536)
+            connection.sendall(b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"user"')
+
+    thread = threading.Thread(target=answer_half)
+    thread.start()
+    try:
+        with pytest.raises(output.CliError, match="broke off its answer") as info:
+            backends.BrokerBackend(path, timeout=30).whoami()
+        assert "container-list --all" in info.value.hint
+    finally:
+        thread.join(30)
+        server.close()

@@ -1,7 +1,11 @@
 """Limits YAML: DS01's documented examples load, precedence, validation messages, reload."""
 
+import asyncio
+import logging
 import os
+import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -146,7 +150,7 @@ def test_ds01_default_group_applies_to_users_in_no_group():
     )
 
 
-def test_every_problem_is_reported_once_with_file_key_value_and_fix():
+def test_every_problem_is_reported_once_with_file_line_key_value_and_fix():
     path = FIXTURES / "limits-broken.yaml"
     with pytest.raises(LimitsError) as caught:
         load_limits(path)
@@ -155,25 +159,28 @@ def test_every_problem_is_reported_once_with_file_key_value_and_fix():
         "defaults.memroy",
         "defaults.shm_size",
         "defaults.idle_timeout",
-        "groups.students.members",
+        "groups.students.members[2]",
         "groups.students.priority",
         "groups.hpc.shm_size",
         "gpu_allocation.strategy",
     }
     assert problems["defaults.memroy"].fix == "did you mean 'memory'?"
-    assert problems["defaults.shm_size"].value == "lots"
+    assert problems["defaults.memroy"].line == 3
+    assert problems["defaults.shm_size"].value == "'lots'"
     assert "32g" in problems["defaults.shm_size"].fix
-    assert problems["defaults.idle_timeout"].value == "2 days"
-    assert problems["groups.students.members"].value == "alice"
-    assert "twice" in problems["groups.students.members"].message
-    assert problems["groups.students.priority"].value == 150
+    assert problems["defaults.idle_timeout"].value == "'2 days'"
+    assert problems["groups.students.members[2]"].value == "'alice'"
+    assert "twice" in problems["groups.students.members[2]"].message
+    assert problems["groups.students.priority"].value == "150"
+    assert problems["groups.students.priority"].line == 10
     assert "1 to 100" in problems["groups.students.priority"].fix
     assert "ipc_mode: host" in problems["groups.hpc.shm_size"].message
+    assert problems["gpu_allocation.strategy"].line == 16
     for problem in caught.value.problems:
         text = str(problem)
-        assert text.startswith(f"{path}: {problem.key_path}: ")
+        assert text.startswith(f"{path}:{problem.line}: {problem.key_path}: ")
         assert "Fix: " in text
-    assert str(caught.value).startswith("7 problems in the limits file")
+    assert str(caught.value).startswith(f"7 problems in the limits file {path}")
 
 
 @pytest.mark.parametrize("priority", [0, 101, -5, "high", 5.5])
@@ -224,7 +231,8 @@ def test_yaml_syntax_error_names_the_line(tmp_path):
     with pytest.raises(LimitsError) as caught:
         load_limits(path)
     (problem,) = caught.value.problems
-    assert problem.key_path.startswith("line ")
+    assert (problem.code, problem.line) == ("yaml-syntax", 3)
+    assert str(problem).startswith(f"{path}:3: not valid YAML")
     assert "indentation" in problem.fix
 
 
@@ -322,6 +330,194 @@ def test_store_refuses_to_start_on_a_broken_file(tmp_path):
         LimitsStore(path)
 
 
-def _bump_mtime(path: Path) -> None:
-    future = time.time() + 5
+def _bump_mtime(path: Path, seconds: float = 5) -> None:
+    """Move the file's mtime on, so a rewrite within the clock's resolution is seen."""
+    future = time.time() + seconds
     os.utime(path, (future, future))
+
+
+# -- reloads: every failure reported, the last good file kept, never on the caller's loop -------
+
+GOOD = "defaults:\n  memory: 8g\n"
+
+
+def _alias_bomb() -> bytes:
+    lines = [b"a0: &a0 [" + b", ".join([b"x"] * 10) + b"]"]
+    lines += [b"a%d: &a%d [%s]" % (i, i, b", ".join([b"*a%d" % (i - 1)] * 10)) for i in range(1, 9)]
+    return b"\n".join(lines) + b"\ndefaults: {memory: *a8}\n"
+
+
+BREAKS = {
+    "bad value": lambda path: path.write_text("defaults:\n  memory: 0\n"),
+    "duplicate key": lambda path: path.write_text(GOOD + "defaults:\n  memory: 64g\n"),
+    "not yaml": lambda path: path.write_text("defaults: [\n"),
+    "alias bomb": lambda path: path.write_bytes(_alias_bomb()),
+    "utf-16": lambda path: path.write_bytes("defaults: {memory: 16g}\n".encode("utf-16")),
+    "too large": lambda path: path.write_text("# " + "x" * (2 << 20) + "\n"),
+    "deleted": lambda path: path.unlink(),
+}
+
+
+@pytest.mark.parametrize("kind", [*BREAKS, "internal error"])
+def test_a_failed_reload_is_reported_everywhere_and_the_last_good_file_stays(
+    kind, tmp_path, caplog, monkeypatch
+):
+    from types import SimpleNamespace
+
+    from ds01hub import limits
+    from ds01hub.admin_page import overview, render_page
+    from ds01hub.metrics import LimitsCollector
+
+    path = tmp_path / "limits.yaml"
+    path.write_text(GOOD)
+    store = LimitsStore(path, log=logging.getLogger("ds01-test-limits"))
+    collector = LimitsCollector([store])
+    if kind == "internal error":
+
+        def broken(*args):
+            raise KeyError("y" * 100_000)
+
+        monkeypatch.setattr(limits, "_read_policies", broken)
+        path.write_text(GOOD + "policies: {}\n")
+    else:
+        BREAKS[kind](path)
+    if path.exists():
+        _bump_mtime(path)
+
+    with caplog.at_level(logging.INFO, logger="ds01-test-limits"):
+        assert store.reload() is False
+        assert store.reload() is False  # the same broken file: not read (nor logged) again
+
+    assert store.resolve("u").memory == 8 * GiB
+    assert store.last_problems and all(p.code and p.file == str(path) for p in store.last_problems)
+    assert store.last_error.endswith("-- keeping the last good configuration")
+    assert len(store.last_error) < 25_000
+    assert (store.reload_failures, store.last_reload_ok) == (1, False)
+    samples = {s.name: s.value for family in collector.collect() for s in family.samples}
+    assert samples == {"ds01_limits_reload_failures_total": 1, "ds01_limits_last_reload_ok": 0}
+    (record,) = caplog.records
+    assert record.levelname == "ERROR" and len(record.getMessage()) < 25_000
+    assert record.getMessage().startswith(f"1 problem in the limits file {path}")
+    page = render_page(
+        overview(
+            [],
+            SimpleNamespace(simulated=False, reason=None),
+            None,
+            datetime.now(UTC),
+            config_error=store.last_error,
+        )
+    )
+    assert 'id="config-error"' in page and "keeping the last good configuration" in page
+
+    monkeypatch.undo()
+    path.write_text("defaults:\n  memory: 16g\n")
+    _bump_mtime(path, 10)
+    assert store.reload() is True
+    assert store.resolve("u").memory == 16 * GiB
+    assert (store.last_error, store.last_problems, store.last_reload_ok) == (None, (), True)
+    samples = {s.name: s.value for family in collector.collect() for s in family.samples}
+    assert samples["ds01_limits_last_reload_ok"] == 1
+
+
+def _gated_load(monkeypatch) -> threading.Event:
+    """Make the store's reads wait for the returned event (a slow file, deterministically)."""
+    from ds01hub import limits
+
+    gate, real = threading.Event(), limits.load_limits
+
+    def slow(path):
+        assert gate.wait(60), "the test never opened the gate"
+        return real(path)
+
+    monkeypatch.setattr(limits, "load_limits", slow)
+    return gate
+
+
+def test_a_reload_past_its_time_limit_fails_keeps_the_old_file_then_its_outcome_applies(
+    tmp_path, monkeypatch
+):
+    path = tmp_path / "limits.yaml"
+    path.write_text(GOOD)
+    store = LimitsStore(path, parse_timeout=0.2)
+    gate = _gated_load(monkeypatch)
+    path.write_text("defaults:\n  memory: 16g\n")
+    _bump_mtime(path)
+
+    assert store.reload() is False
+    (problem,) = store.last_problems
+    assert problem.code == "timeout" and "longer than 0.2s" in problem.message
+    assert store.current.resolve("u").memory == 8 * GiB
+    assert store.reload() is False  # joins the read under way: no second read, one failure
+    assert store.reload_failures == 1
+
+    gate.set()
+    deadline = time.monotonic() + 30
+    while store.current.resolve("u").memory != 16 * GiB and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert store.current.resolve("u").memory == 16 * GiB
+    assert (store.last_error, store.last_reload_ok, store.reload_failures) == (None, True, 1)
+
+
+def test_the_first_load_has_a_time_limit_too(tmp_path, monkeypatch):
+    path = tmp_path / "limits.yaml"
+    path.write_text(GOOD)
+    gate = _gated_load(monkeypatch)
+    try:
+        with pytest.raises(LimitsError) as caught:
+            LimitsStore(path, parse_timeout=0.1)
+        assert caught.value.problems[0].code == "timeout"
+    finally:
+        gate.set()
+
+
+def test_refresh_reads_the_file_off_the_event_loop(tmp_path, monkeypatch):
+    path = tmp_path / "limits.yaml"
+    path.write_text(GOOD)
+    store = LimitsStore(path)
+    gate = _gated_load(monkeypatch)
+    path.write_text("defaults:\n  memory: 16g\n")
+    _bump_mtime(path)
+
+    async def scenario():
+        reading = asyncio.create_task(store.refresh())
+        answered = 0
+        for _ in range(20):  # the loop keeps serving others while the file is read
+            await asyncio.sleep(0)
+            answered += 1
+        assert answered == 20 and not reading.done()
+        assert store.current.resolve("u").memory == 8 * GiB  # the last good one meanwhile
+        gate.set()
+        assert await reading is True
+
+    asyncio.run(scenario())
+    assert store.current.resolve("u").memory == 16 * GiB
+
+
+def test_reload_without_waiting_answers_now_and_applies_the_new_file_soon(tmp_path):
+    path = tmp_path / "limits.yaml"
+    path.write_text(GOOD)
+    store = LimitsStore(path)
+    path.write_text("defaults:\n  memory: 16g\n")
+    _bump_mtime(path)
+    assert store.reload(wait=False) is False  # answered at once, the read goes on aside
+    deadline = time.monotonic() + 30
+    while store.current.resolve("u").memory != 16 * GiB and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert store.current.resolve("u").memory == 16 * GiB
+
+
+def test_duplicate_keys_and_the_other_problems_are_reported_in_one_pass(tmp_path):
+    path = tmp_path / "limits.yaml"
+    path.write_text("defaults:\n  memory: 0\n  memory: 1\ngroups:\n  g: {priority: 500}\n")
+    problems = {(p.code, p.key_path, p.line) for p in refused_problems(path)}
+    assert problems == {
+        ("duplicate-key", "defaults.memory", 3),
+        ("out-of-range", "defaults.memory", 3),  # the last one, as YAML would have read it
+        ("out-of-range", "groups.g.priority", 5),
+    }
+
+
+def refused_problems(path: Path) -> list:
+    with pytest.raises(LimitsError) as caught:
+        load_limits(path)
+    return caught.value.problems

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ds01hub import bootstrap, demo, ops_service, proxy
+from ds01hub import backup, bootstrap, demo, gpu_access, install, ops_service, proxy, siteenv
 from ds01hub.cli import core_commands
 
 
@@ -20,10 +20,16 @@ def build_parser() -> argparse.ArgumentParser:
     bootstrap.register(subparsers)
     demo.register(subparsers)
     ops_service.register(subparsers)  # ops: ds01hub cull [--once] [--dry-run]
+    install.register(subparsers)  # live: ds01hub install / uninstall
+    gpu_access.register(subparsers)  # live: ds01hub grant-gpu-access
+    backup.register(subparsers)  # live: ds01hub backup / restore
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    # live: the hub's settings (state dir, limits, hub URL, admin token) from the site's
+    # environment file, so the admin commands find the running hub without flags.
+    siteenv.load_or_warn()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):

@@ -8,6 +8,7 @@ list, start, stop and remove servers but not reach Docker (no stats, shell or im
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import os
@@ -21,12 +22,18 @@ from urllib.parse import quote, urlencode
 from ..operations import (
     DEFAULT_PROJECT,
     OperationError,
+    hub_failure,
     project_to_server,
     server_to_project,
     spawn_options,
 )
 from .output import EXIT_FAILURE, EXIT_USAGE, CliError
 from .protocol import API_PREFIX, DEFAULT_SOCKET, EXEC_UPGRADE
+
+BROKER_BROKE_OFF = (
+    "see what happened with container-list --all; if it persists, tell your admin "
+    "(the hub's log says why)"
+)
 
 
 def error_from_reply(status: int, body: Any) -> CliError:
@@ -84,17 +91,37 @@ class BrokerBackend:
         query = {k: ("1" if v is True else v) for k, v in query.items()}
         return f"{API_PREFIX}{path}" + (f"?{urlencode(query)}" if query else "")
 
+    @contextlib.contextmanager
+    def _answer(self) -> Iterator[None]:
+        """A broker that hangs up, times out or garbles its answer is a named failure (the
+        work may or may not have happened: the user is told to look), never a traceback."""
+        try:
+            yield
+        except TimeoutError:
+            raise CliError(
+                f"the ds01 broker at {self.socket_path} did not answer within {self.timeout:g} s",
+                hint=BROKER_BROKE_OFF,
+            ) from None
+        except (http.client.HTTPException, OSError, ValueError) as e:
+            raise CliError(
+                f"the ds01 broker at {self.socket_path} broke off its answer "
+                f"({type(e).__name__}{': ' + str(e) if str(e) else ''})",
+                hint=BROKER_BROKE_OFF,
+            ) from None
+
     def _open(self, method: str, path: str, body: Any = None, timeout: float | None = None):
         conn = UnixHTTPConnection(self.socket_path, timeout=timeout or self.timeout)
         payload = None if body is None else json.dumps(body)
         headers = {"Content-Type": "application/json"} if payload is not None else {}
-        conn.request(method, path, body=payload, headers=headers)
-        return conn, conn.getresponse()
+        with self._answer():
+            conn.request(method, path, body=payload, headers=headers)
+            return conn, conn.getresponse()
 
     def call(self, method: str, path: str, body: Any = None, **params: Any) -> Any:
         conn, response = self._open(method, self._path(path, **params), body)
         try:
-            data = response.read()
+            with self._answer():
+                data = response.read()
         finally:
             conn.close()
         decoded = decode_json(data)
@@ -107,11 +134,17 @@ class BrokerBackend:
         conn, response = self._open(method, self._path(path), body, timeout=None)
         try:
             if response.status >= 400:
-                raise error_from_reply(response.status, decode_json(response.read()))
-            while line := response.readline():
-                if not line.strip():
+                with self._answer():
+                    data = response.read()
+                raise error_from_reply(response.status, decode_json(data))
+            while True:
+                with self._answer():
+                    line = response.readline()
+                    event = json.loads(line) if line.strip() else None
+                if not line:
+                    return
+                if event is None:
                     continue
-                event = json.loads(line)
                 if event.get("event") == "error":
                     raise error_from_reply(int(event.get("status") or 500), event)
                 yield event
@@ -272,8 +305,9 @@ class HubBackend:
         try:
             return self.loop.run_until_complete(awaitable)
         except HubError as e:
-            code = EXIT_USAGE if e.status == 400 else EXIT_FAILURE
-            raise CliError(f"the hub said: {e.message}", code=code) from None
+            error = hub_failure(e)
+            code = EXIT_USAGE if error.status == 400 else EXIT_FAILURE
+            raise CliError(error.message, error.hint, code) from None
 
     def user(self) -> str:
         if self._user is None:

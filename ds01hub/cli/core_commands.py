@@ -85,7 +85,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     check = subparsers.add_parser(
         "check-config",
         help="validate a limits file (exit 0 valid, 1 invalid)",
-        description="Validate a resource-limits YAML; every problem is listed with its fix.",
+        description="Validate a resource-limits YAML as the hub does at start and on every "
+        "reload: every problem is listed as FILE:LINE: KEY.PATH: what is wrong (found VALUE). "
+        "Fix: ...; --json gives each with its code.",
     )
     check.add_argument("file", nargs="?", type=Path, metavar="FILE", help="default: --limits")
     check.add_argument("--limits", type=Path, metavar="FILE", help=argparse.SUPPRESS)
@@ -216,7 +218,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
                 {
                     "file": str(path),
                     "valid": False,
-                    "problems": [vars(p) for p in error.problems],
+                    "problems": [p.to_dict() for p in error.problems],
                 }
             )
         else:
@@ -380,10 +382,14 @@ def _print_status(inventory, rows, ghosts, reconciled, revoked) -> None:
     for action in reconciled:
         print(f"reconciled: {action['container']} ({action['user']}): {action['reason']}")
     for entry in revoked:
-        print(
-            f"reclaimed: {entry.get('name')} lost slot(s) {', '.join(entry.get('slots', []))} "
-            f"to {entry.get('by')} ({entry.get('by_container')}) at {entry.get('at')}"
-        )
+        slots = ", ".join(entry.get("slots", []))
+        if entry.get("by"):
+            print(
+                f"reclaimed: {entry.get('name')} lost slot(s) {slots} "
+                f"to {entry.get('by')} ({entry.get('by_container')}) at {entry.get('at')}"
+            )
+        else:  # GpuAllocator.end_hold: given back, nobody took them
+            print(f"released: {entry.get('name')} gave back slot(s) {slots}: {entry.get('reason')}")
 
 
 def _state_colour(state: str | None) -> str | None:

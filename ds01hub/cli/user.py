@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from .. import siteenv
 from ..operations import OperationError, validate_name
 from . import backend as backends
 from .output import (
@@ -177,8 +178,9 @@ def spawn_options_from(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def follow(ctx: Context, events: Iterable[dict[str, Any]], what: str) -> dict[str, Any]:
-    """Show progress events on stderr; return the final event (ready / done). Ctrl-C stops
-    watching, not the work: the hub goes on, and the user is told so."""
+    """Show progress events on stderr; return the final event (ready / done), which must come:
+    a stream that ends without one is a failure, never a success. Ctrl-C stops watching, not
+    the work: the hub goes on, and the user is told so."""
     final: dict[str, Any] = {}
     colour = use_colour(ctx.stderr)
     try:
@@ -200,6 +202,11 @@ def follow(ctx: Context, events: Iterable[dict[str, Any]], what: str) -> dict[st
             hint="see it with container-list / image-list; stop it with container-stop NAME",
             code=130,
         ) from None
+    if not final:
+        raise CliError(
+            f"{what}: the control plane stopped answering before it said how this ended",
+            hint="see what happened with container-list --all / image-list",
+        )
     return final
 
 
@@ -345,8 +352,21 @@ def guided_create(ctx: Context) -> None:
             args.mig = answer
 
 
-def report_started(ctx: Context, final: dict[str, Any], name: str, created: bool) -> int:
+def running_view(final: dict[str, Any], name: str) -> dict[str, Any]:
+    """The container view of a start's final event -- if it says the container runs; any other
+    state is a start that did not start (exit 1 with that state)."""
     view = final.get("container") or {}
+    if view.get("state") != "running":
+        raise CliError(
+            f"{name} did not start: it is {view.get('state') or 'unknown'}",
+            hint=f"see container-list --all; try container-start {name} again",
+        )
+    return view
+
+
+def report_started(ctx: Context, final: dict[str, Any], name: str, created: bool) -> int:
+    """Say that `name` runs -- only if it does."""
+    view = running_view(final, name)
     if ctx.json:
         print_json(view, ctx.stdout)
         return EXIT_OK
@@ -464,15 +484,31 @@ def run_stop(ctx: Context) -> int:
     if not ctx.confirm(f"Stop {args.name}?", args.yes):
         ctx.note("Not stopped.")
         return EXIT_FAILURE
-    result = ctx.backend.stop(args.name, args.timeout, args.force)
+    return report_stopped(ctx, args.name, ctx.backend.stop(args.name, args.timeout, args.force))
+
+
+def report_stopped(ctx: Context, name: str, result: dict[str, Any]) -> int:
+    """Say what the stop left: stopped (GPUs held or not), removed with it, or still stopping;
+    anything else is a failure (exit 1)."""
+    state = result.get("state")
+    if state not in ("stopped", "stopping"):
+        raise CliError(
+            f"{name} did not stop: it is {state or 'unknown'}",
+            hint=f"kill it with container-stop {name} --force",
+        )
     if ctx.json:
         print_json(result, ctx.stdout)
+    elif result.get("removed"):
+        ctx.say(
+            f"{name} stopped and removed (this hub removes containers when they stop); "
+            "its GPUs are free."
+        )
+    elif state == "stopping":
+        ctx.say(f"{name} is stopping (the hub is still shutting it down).")
     else:
         held = result.get("held_until")
-        ctx.say(
-            f"{args.name} stopped." + (f" Its GPUs stay reserved until {held}." if held else "")
-        )
-        ctx.say(f"  start again: container-start {args.name}; remove: container-remove {args.name}")
+        ctx.say(f"{name} stopped." + (f" Its GPUs stay reserved until {held}." if held else ""))
+        ctx.say(f"  start again: container-start {name}; remove: container-remove {name}")
     return EXIT_OK
 
 
@@ -548,12 +584,20 @@ def run_cleanup(ctx: Context) -> int:
     if not ctx.confirm(f"Remove {len(doomed)} container(s)?", args.yes):
         ctx.note("Nothing removed.")
         return EXIT_FAILURE
-    removed = ctx.backend.cleanup(include_running=args.all)
+    results = ctx.backend.cleanup(include_running=args.all)
+    failed = [r for r in results if not r.get("removed")]
     if ctx.json:
-        print_json(removed, ctx.stdout)
+        print_json(results, ctx.stdout)
     else:
-        ctx.say(f"Removed {len(removed)} container(s); their GPUs are free again.")
-    return EXIT_OK
+        removed = len(results) - len(failed)
+        ctx.say(f"Removed {removed} container(s); their GPUs are free again.")
+        for row in results:
+            if row.get("already_gone"):
+                ctx.say(f"  {row['project']}: already gone (removed before cleanup came to it)")
+    for row in failed:
+        error = CliError(f"{row['project']} not removed: {row.get('error')}", row.get("hint"))
+        print_error(error, ctx.stderr)
+    return EXIT_FAILURE if failed else EXIT_OK
 
 
 def configure_remove(parser: argparse.ArgumentParser) -> None:
@@ -570,6 +614,8 @@ def run_remove(ctx: Context) -> int:
     result = ctx.backend.remove(args.name, args.force)
     if ctx.json:
         print_json(result, ctx.stdout)
+    elif result.get("already_gone"):
+        ctx.say(f"{args.name} is gone: its container had already been removed (by the hub).")
     else:
         ctx.say(f"{args.name} removed.")
     return EXIT_OK
@@ -769,7 +815,12 @@ def run_image_delete(ctx: Context) -> int:
 
 def configure_project_init(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", metavar="NAME", nargs="?", help="project (directory) name")
-    parser.add_argument("--dir", default="~", help="parent directory (default: your home)")
+    parser.add_argument(
+        "--dir",
+        default=None,
+        help="parent directory (default: your workspace, which is /workspace in your "
+        "containers; your home where there is none)",
+    )
     parser.add_argument(
         "--use-case", default=None, help="general, cv, nlp, rl or custom (default: general)"
     )
@@ -809,7 +860,7 @@ def run_project_init(ctx: Context) -> int:
         git=not args.no_git,
     )
     try:
-        result = init_project(spec, Path(args.dir).expanduser())
+        result = init_project(spec, Path(args.dir).expanduser() if args.dir else my_workspace())
     except ProjectError as e:
         raise CliError(str(e), code=EXIT_USAGE) from None
     report: dict[str, Any] = {"project": result.to_dict()}
@@ -823,11 +874,28 @@ def run_project_init(ctx: Context) -> int:
     if args.container:
         options = {"image": report["image"]["tag"]} if report.get("image") else {}
         final = follow(ctx, ctx.backend.start(args.name, options, create=True), args.name)
-        report["container"] = final.get("container")
+        report["container"] = running_view(final, args.name)
         ctx.say(f"Container {args.name} is running: container-run {args.name}")
     if ctx.json:
         print_json(report, ctx.stdout)
     return EXIT_OK
+
+
+def my_workspace() -> Path:
+    """Where the caller's projects go by default: their workspace (the same files as
+    /workspace in their containers): `$DS01HUB_WORKSPACE_ROOT/<user>` when it is theirs, else
+    `~/workspace` when it is a directory, else the home directory."""
+    import pwd
+
+    from ..labels import escape_name
+
+    root = os.environ.get("DS01HUB_WORKSPACE_ROOT")
+    if root:
+        workspace = Path(root) / escape_name(pwd.getpwuid(os.getuid()).pw_name)
+        if workspace.is_dir() and workspace.stat().st_uid == os.getuid():
+            return workspace
+    linked = Path.home() / "workspace"
+    return linked if linked.is_dir() else Path.home()
 
 
 def _check_container_name(name: str) -> None:
@@ -1000,6 +1068,7 @@ def entry(name: str) -> Callable[[list[str] | None], int]:
     command = COMMANDS[name]
 
     def main(argv: list[str] | None = None) -> int:
+        siteenv.load_or_warn()  # live: a site's broker socket (/etc/ds01hub/ds01hub.env)
         return run_command(command, argv)
 
     main.__name__ = name.replace("-", "_")
@@ -1013,6 +1082,7 @@ def dispatcher(group: str) -> Callable[[list[str] | None], int]:
     commands = {n[len(prefix) :]: c for n, c in COMMANDS.items() if n.startswith(prefix)}
 
     def main(argv: list[str] | None = None) -> int:
+        siteenv.load_or_warn()
         argv = list(sys.argv[1:] if argv is None else argv)
         if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
             stream = sys.stdout if argv and argv[0] in ("-h", "--help") else sys.stderr
