@@ -187,7 +187,8 @@ def _pid_exists(pid: int) -> bool:
 class Claim:
     """Slots granted to container `name` until it has started (see the module docstring).
     `phase`: `granted` (lives with its owner, until `expires` unless renewed), `committed`
-    (the caller said the container exists or started: lives with its owner), `starting`
+    (the caller said the container exists: lives with its owner while the container has
+    never started), `starting`
     (checked by `begin_start`: lives until `expires` whatever happens to its owner).
     `since`: when the phase began (epoch seconds)."""
 
@@ -483,8 +484,11 @@ class GpuAllocator:
     def _claim_live(
         self, claim: Claim, record: ContainerRecord | None, ids: set[str], now: datetime
     ) -> bool:
-        if record is not None and set(record.gpus) == set(claim.slots) and _has_run(record, claim):
-            return False  # started on the claimed slots: its labels hold from here on
+        if record is not None and set(record.gpus) == set(claim.slots):
+            if _has_run(record, claim):
+                return False  # started on the claimed slots: its labels hold from here on
+            if claim.phase == "committed" and record.state != "created":
+                return False  # committed for a container that has run: its labels hold
         if claim.phase == "starting":
             if claim.container_id and claim.container_id not in ids:
                 return False  # its container is gone: it can never start
