@@ -17,10 +17,11 @@ One spawn, step by step (each step is a progress event):
 
 Stopping keeps the container, so it holds its GPUs for `gpu_hold_after_stop`; deleting the
 named server removes it and releases everything. Docker labels are the allocation state, so a
-hub killed mid-spawn leaks nothing (see `ds01hub.allocation_state`); after a restart of the hub
-a container that never started is removed when JupyterHub stops its server
-(`run_post_stop_hook`), and one that started but whose address the hub never recorded is
-adopted (`get_url`).
+hub killed mid-spawn leaks nothing (see `ds01hub.allocation_state`); at hub start,
+before JupyterHub checks its servers, containers that never started and that nothing claims
+are removed (`_reconcile_at_hub_start`); one JupyterHub then finds not running is removed
+when it stops its server (`run_post_stop_hook`), and one that started but whose address the
+hub never recorded is adopted (`get_url`).
 
 The hub-wide context (limits, inventory, allocator) is built when the hub starts, not at the
 first spawn: a broken limits file stops the hub with its problems (`_prepare_at_hub_start`).
@@ -260,7 +261,7 @@ class DS01Spawner(DockerSpawner):
         # (the container name) from a user, so it gets a stand-in that spawns nothing
         nobody = SimpleNamespace(name="ds01-hub-start", groups=[])
         try:
-            cls(config=app.config, log=app.log, user=nobody)._shared_context()
+            context = cls(config=app.config, log=app.log, user=nobody)._shared_context()
         except LimitsError as error:
             app.log.critical(
                 "ds01: %s; the hub does not start on it. Fix it (ds01hub check-config) and "
@@ -276,6 +277,8 @@ class DS01Spawner(DockerSpawner):
                 type(error).__name__,
                 error,
             )
+        else:
+            _reconcile_at_hub_start(context, app.log)
 
     def _new_context(self, limits_path: str, state_dir: Path) -> _HubContext:
         import docker
@@ -1038,6 +1041,20 @@ def _merged(base: dict, override: dict) -> dict:
         else:
             result[key] = value
     return result
+
+
+def _reconcile_at_hub_start(context: _HubContext, log: Any) -> None:
+    """Before JupyterHub checks its servers: what a killed hub left that nothing claims
+    (never-started containers) is removed, each with a `reconcile` event. When that cannot be
+    done now (the engine not up yet, a full state directory), ds01-ops and the lifecycle pass
+    do it later; the hub starts either way."""
+    try:
+        actions = context.allocator.reconcile()
+    except Exception as error:
+        log.warning("ds01: reconcile at hub start: %s: %.200s", type(error).__name__, error)
+        return
+    for action in actions:
+        log.warning("ds01: reconcile: %s (%s): %s", action.container, action.user, action.reason)
 
 
 def _prepare_at_hub_start() -> None:
