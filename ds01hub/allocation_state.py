@@ -649,8 +649,8 @@ class GpuAllocator:
                         ghost.id,
                         ghost.user,
                         ghost.gpus,
-                        "never started and no spawn owns it any more (its spawn was killed "
-                        "or gave up): removed, its GPU slot(s) are free",
+                        "removed: never started and no spawn owns it any more (its spawn "
+                        "was killed or gave up); its GPU slot(s) are free",
                     )
                 )
             else:
