@@ -893,7 +893,10 @@ class GpuAllocator:
             except Exception as error:
                 if not engine_unreachable(error):
                     raise
-                return  # the engine is away: the next sweep writes these events
+                # The engine is away, and its containers with it (it stops them when it
+                # stops): every open interval of this one ends now.
+                self._log_facts(self._release_events(container_name, reason, now))
+                return
             self._log_facts(self._sweep_events(view, now, only=container_name, reason=reason))
 
     def reconcile(self) -> list[ReconcileAction]:
@@ -999,6 +1002,22 @@ class GpuAllocator:
             for slot in decision.granted
         ]
         return events
+
+    def _release_events(self, container: str, reason: str, now: datetime) -> list[NewEvent]:
+        """A `release` for every open interval of `container`."""
+        return [
+            NewEvent(
+                "release",
+                interval.user,
+                slot=interval.slot,
+                container=interval.container,
+                group=interval.group,
+                reason=reason,
+                at=now,
+            )
+            for interval in (self.eventlog.open_allocations() if self.eventlog else ())
+            if interval.container == container
+        ]
 
     def _sweep_events(
         self, view: _View, now: datetime, only: str | None = None, reason: str | None = None
