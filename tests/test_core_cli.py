@@ -2,8 +2,8 @@
 
 import json
 import os
-import shutil
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -13,7 +13,8 @@ from ds01hub import labels
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REPO = Path(__file__).parent.parent
-DS01HUB = shutil.which("ds01hub") or str(Path(__file__).parents[1] / ".venv/bin/ds01hub")
+# This checkout's command (the venv running the tests), never another install on PATH.
+DS01HUB = str(Path(sys.executable).with_name("ds01hub"))
 
 
 def run(*args, env=None):
