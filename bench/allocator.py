@@ -10,7 +10,9 @@ reservation file, the event log), not dockerd. Rows, side by side in one run:
 
 - decide (pure): `allocator.decide` on holdings already built from the 1,000 records;
 - allocate (full path): `GpuAllocator.allocate` = parse 1,000 documents + holds + flock +
-  reservation write, without and with the SQLite event log;
+  claim write, without and with the SQLite event log;
+- begin_start: the check before `docker start` (listing, claim, revocations, other holders
+  of the slots, under the lock; the claim turned `starting`);
 - allocations/s through the real lock and reservation file: 1 process, then 8 processes at
   once (each cycle: allocate one slot, then release it).
 """
@@ -137,6 +139,39 @@ def bench_allocate(docs: list[dict], n: int, with_log: bool) -> tuple[float, flo
     return percentiles(samples)
 
 
+def bench_begin_start(docs: list[dict], n: int) -> tuple[float, float]:
+    state_dir = Path(tempfile.mkdtemp())
+    allocator = make_allocator(state_dir, docs, EventLog(state_dir / "events.db"))
+    limits = LIMITS.resolve("newcomer")
+    samples = []
+    for i in range(n):
+        name = f"c{i}._.newcomer"
+        decision = allocator.allocate(GpuRequest("newcomer", name, 1), limits)
+        docs.append(_created(name, decision.granted))
+        start = time.perf_counter_ns()
+        check = allocator.begin_start(name, docs[-1]["Id"])
+        samples.append(time.perf_counter_ns() - start)
+        assert check.ok, check.reason
+        docs.pop()
+        allocator.release(name, "bench")
+    return percentiles(samples)
+
+
+def _created(name: str, slots: tuple[str, ...]) -> dict:
+    """The inspect document of a container just created for `slots`, not started."""
+    return {
+        "Id": f"new-{name}",
+        "Name": f"/{name}",
+        "Config": {
+            "Labels": labels.container_labels(
+                user="newcomer", project=name, group=None, priority=10, gpus=slots
+            ),
+            "Image": "ds01hub/singleuser",
+        },
+        "State": {"Status": "created", "FinishedAt": "0001-01-01T00:00:00Z"},
+    }
+
+
 def _worker(state_dir: str, worker: int, cycles: int, start_at: float, out) -> None:
     docs = snapshot([s.id for s in inventory().slots])
     allocator = make_allocator(Path(state_dir), docs, EventLog(Path(state_dir) / "events.db"))
@@ -193,6 +228,7 @@ def main() -> int:
             "allocate, full path + SQLite event log",
             *bench_allocate(docs, args.decisions // 4, True),
         ),
+        ("begin_start (check before docker start)", *bench_begin_start(docs, args.decisions // 4)),
     ]
     print(f"\n{'per decision':<42}{'median':>12}{'p99':>12}")
     for name, median, p99 in rows:

@@ -48,7 +48,8 @@ def week_start(now: datetime) -> datetime:
 
 
 def slot_rows(status: Iterable[Any], inventory: Any) -> list[dict[str, Any]]:
-    """One row per slot: who holds it, state, live utilisation, held-until."""
+    """One row per slot: who holds it, state, live utilisation, held-until; a slot that more
+    than one container holds is a `conflict` row listing every holder."""
     rows = []
     for row in status:
         held = row.holding
@@ -60,13 +61,45 @@ def slot_rows(status: Iterable[Any], inventory: Any) -> list[dict[str, Any]]:
                 "user": held.user if held else None,
                 "group": held.group if held else None,
                 "container": held.container if held else None,
-                "state": held.state if held else "free",
+                "state": "conflict" if row.conflict else held.state if held else "free",
                 "utilization": inventory.utilization(row.slot_id),
                 "processes": len(inventory.processes(row.slot_id)),
                 "held_until": held.held_until.isoformat() if held and held.held_until else None,
+                "conflict": row.conflict,
+                "holders": [
+                    {"user": h.user, "container": h.container, "state": h.state}
+                    for h in row.holders
+                ],
             }
         )
     return rows
+
+
+#: Below this much free space where the event log lives, the page warns.
+LOW_FREE_BYTES = 64 << 20
+
+
+def alerts(slots: Iterable[dict[str, Any]], eventlog_health: dict[str, Any] | None) -> list[str]:
+    """What an admin must look at now: slots held twice, an event log that cannot write."""
+    found = [
+        f"slot {row['slot']} is held by more than one container: "
+        + "; ".join(f"{h['container']} ({h['user']}, {h['state']})" for h in row["holders"])
+        for row in slots
+        if row["conflict"]
+    ]
+    health = eventlog_health or {}
+    if health.get("unwritten") or health.get("dropped"):
+        found.append(
+            f"event log: {health['unwritten']} event(s) wait to be written, "
+            f"{health['dropped']} lost (GPU-hours are short until they are written): "
+            f"{health.get('last_error')}"
+        )
+    elif health.get("write_errors"):
+        found.append(f"event log: writes failed ({health.get('last_error')})")
+    free = health.get("free_bytes")
+    if free is not None and free < LOW_FREE_BYTES:
+        found.append(f"state directory: only {free // 1024} KiB free; allocations will fail")
+    return found
 
 
 def usage_rows(week: dict[str, float], total: dict[str, float]) -> list[dict[str, Any]]:
@@ -91,6 +124,7 @@ def overview(
     `pending_culls`: the culler's standing warnings (`ds01hub.culler.CullWarning`);
     `engine`: the Docker engine's `ds01hub.engine.EngineState` (its current or last outage)."""
     since = week_start(now)
+    slots = slot_rows(status, inventory)
     usage = {}
     for by in ("user", "group"):
         if eventlog is None:
@@ -116,7 +150,8 @@ def overview(
             }
             for w in sorted(pending_culls, key=lambda w: w.cull_at)
         ],
-        "slots": slot_rows(status, inventory),
+        "slots": slots,
+        "alerts": alerts(slots, eventlog.health() if eventlog is not None else None),
         "usage": usage,
     }
 
@@ -130,7 +165,8 @@ th, td { border: 1px solid #ccc; padding: .3rem .6rem; text-align: left; }
 th { background: #f3f3f3; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .state-free { color: #1a7f37; } .state-running { color: #0550ae; }
-.state-stopped { color: #9a6700; } .state-reserved { color: #666; }
+.state-stopped { color: #9a6700; } .state-reserved, .state-starting { color: #666; }
+.state-conflict { color: #cf222e; font-weight: bold; }
 .error { background: #ffebe9; border: 1px solid #cf222e; padding: .6rem; margin-bottom: 1rem; }
 .note { color: #666; }
 """
@@ -161,6 +197,8 @@ def render_page(model: dict[str, Any]) -> str:
             '<div class="error" id="config-error"><strong>Limits file failed to reload:</strong> '
             f"{escape(model['config_error'])}</div>"
         )
+    for alert in model.get("alerts", []):
+        parts.append(f'<div class="error alert">{escape(alert)}</div>')
     engine = model.get("engine") or {}
     if engine.get("current"):
         parts.append(

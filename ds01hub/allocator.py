@@ -34,13 +34,14 @@ STRATEGIES = ("spread", "pack")
 
 @dataclass(frozen=True)
 class Holding:
-    """A slot held by a container: running, stopped (until `held_until`) or reserved
-    (an in-flight spawn; `held_until` is the reservation's expiry)."""
+    """A slot held by a container: running, stopped (until `held_until`), reserved (an
+    in-flight spawn's claim; `held_until` is its expiry) or starting (a claim checked right
+    before `docker start`, or a never-started container whose creator lives)."""
 
     slot_id: str
     user: str
     container: str
-    state: str  # "running" | "stopped" | "reserved"
+    state: str  # "running" | "stopped" | "reserved" | "starting"
     priority: int
     held_until: datetime | None = None
     container_id: str = ""

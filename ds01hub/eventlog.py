@@ -8,24 +8,32 @@ own connection, so an `EventLog` is safe to share between threads and to use aft
 
 A GPU interval opens at `allocate` and closes at `release`, `expire` or `reclaim` of the same
 (container, slot); `hold` (the container stopped but keeps the slot) does not close it: a held
-GPU is unavailable to others, so it counts as used.
+GPU is unavailable to others, so it counts as used. `reconcile` (a container adopted, a
+never-started one removed, an unknown one stopped) moves no interval.
+
+Write errors (a full disk, an unwritable file) raise `EventLogError` naming the file and
+SQLite's own message. A caller whose state change must happen whatever the log says (a release:
+a slot is never kept because its event could not be written) passes `defer=True`: the events
+wait in this process, in order, and are written before the next event that can be; `health()`
+says how many wait and why (the admin page and the metrics show it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-__all__ = ["KINDS", "Event", "EventLog", "OpenAllocation"]
+__all__ = ["KINDS", "Event", "EventLog", "EventLogError", "NewEvent", "OpenAllocation"]
 
-KINDS = ("allocate", "hold", "release", "expire", "reclaim", "cull", "spawn-failure")
+KINDS = ("allocate", "hold", "release", "expire", "reclaim", "cull", "spawn-failure", "reconcile")
 OPENS = "allocate"
 CLOSES = frozenset({"release", "expire", "reclaim"})
 
@@ -80,6 +88,23 @@ class Event:
         }
 
 
+class EventLogError(RuntimeError):
+    """An event could not be written; the message names the file and SQLite's reason."""
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    """One event to append (`record_many`); `at` None means now."""
+
+    kind: str
+    user: str
+    slot: str | None = None
+    container: str | None = None
+    group: str | None = None
+    reason: str = ""
+    at: datetime | None = None
+
+
 @dataclass(frozen=True)
 class OpenAllocation:
     container: str
@@ -102,14 +127,35 @@ def _moment(epoch: float) -> datetime:
     return datetime.fromtimestamp(epoch, UTC)
 
 
+def _fix_for(error: sqlite3.Error, path: Path) -> str:
+    """What an admin does about a write error."""
+    text = str(error).lower()
+    if "full" in text:
+        return f"free space on the file system of {path.parent} (events wait until then)"
+    if "readonly" in text or "read-only" in text:
+        return f"make {path} and {path.parent} writable by this process"
+    if "locked" in text or "busy" in text:
+        return "another process holds the log too long; retry"
+    return f"check {path} (sqlite3 {path} 'PRAGMA integrity_check')"
+
+
 class EventLog:
     """Append-only accounting log in one SQLite file (created with its directory on first use)."""
+
+    #: Events a process keeps waiting for a writable log (`defer=True`) before it drops the
+    #: oldest: a log that stays broken must not grow the hub's memory without end.
+    MAX_DEFERRED = 10_000
 
     def __init__(self, path: str | os.PathLike, timeout: float = 30.0):
         self.path = Path(path)
         self.timeout = timeout
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._connections: dict[tuple[int, int], sqlite3.Connection] = {}
+        self._deferred: list[tuple] = []
+        self._deferred_lock = threading.Lock()
+        self.write_errors = 0
+        self.dropped = 0
+        self.last_error: str | None = None
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(_SCHEMA)
@@ -145,23 +191,79 @@ class EventLog:
         at: datetime | None = None,
     ) -> None:
         """Append one event; allocate/hold/release/expire/reclaim also move the open intervals."""
-        if kind not in KINDS:
-            raise ValueError(f"unknown event kind {kind!r}; use one of {', '.join(KINDS)}")
-        ts = _epoch(at) if at is not None else time.time()
-        with self._connect() as db:
-            db.execute("BEGIN IMMEDIATE")
+        self.record_many([NewEvent(kind, user, slot, container, group, reason, at)])
+
+    def record_many(self, events: Iterable[NewEvent], *, defer: bool = False) -> None:
+        """Append `events` in one transaction: all are written or none. Events deferred
+        earlier by this process go first. With `defer`, a write error keeps the events
+        waiting (see the module docstring) instead of raising."""
+        rows = [self._row(event) for event in events]
+        with self._deferred_lock:
+            pending = [*self._deferred, *rows]
+            if not pending:
+                return
             try:
-                db.execute(
-                    "INSERT INTO events (ts, kind, user, grp, slot, container, reason)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (ts, kind, user, group, slot, container, reason),
-                )
-                if slot is not None and container is not None:
-                    self._move_interval(db, kind, user, group, slot, container, ts)
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+                self._write(pending)
+            except EventLogError:
+                if not defer:
+                    raise
+                self._deferred = pending[-self.MAX_DEFERRED :]
+                self.dropped += len(pending) - len(self._deferred)
+                return
+            self._deferred = []
+
+    @staticmethod
+    def _row(event: NewEvent) -> tuple:
+        if event.kind not in KINDS:
+            raise ValueError(f"unknown event kind {event.kind!r}; use one of {', '.join(KINDS)}")
+        ts = _epoch(event.at) if event.at is not None else time.time()
+        return (ts, event.kind, event.user, event.group, event.slot, event.container, event.reason)
+
+    def _write(self, rows: list[tuple]) -> None:
+        """One transaction. SQLite rolls a transaction back by itself on some errors (a full
+        disk among them), so ROLLBACK runs only while one is open and its own failure never
+        hides the error that matters."""
+        try:
+            with self._connect() as db:
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    for ts, kind, user, group, slot, container, reason in rows:
+                        db.execute(
+                            "INSERT INTO events (ts, kind, user, grp, slot, container, reason)"
+                            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                            (ts, kind, user, group, slot, container, reason),
+                        )
+                        if slot is not None and container is not None:
+                            self._move_interval(db, kind, user, group, slot, container, ts)
+                    db.execute("COMMIT")
+                except BaseException:
+                    if db.in_transaction:
+                        with contextlib.suppress(sqlite3.Error):
+                            db.execute("ROLLBACK")
+                    raise
+        except sqlite3.Error as error:
+            self.write_errors += 1
+            self.last_error = f"{error} ({self.path})"
+            raise EventLogError(
+                f"cannot write the event log {self.path}: {error}; {_fix_for(error, self.path)}"
+            ) from error
+
+    def health(self) -> dict:
+        """This process's write trouble: events waiting to be written, events dropped
+        because too many waited, write errors so far and the last one, and the free space
+        of the log's file system (None when unknown)."""
+        try:
+            stat = os.statvfs(self.path.parent)
+            free: int | None = stat.f_bavail * stat.f_frsize
+        except OSError:
+            free = None
+        return {
+            "unwritten": len(self._deferred),
+            "dropped": self.dropped,
+            "write_errors": self.write_errors,
+            "last_error": self.last_error,
+            "free_bytes": free,
+        }
 
     @staticmethod
     def _move_interval(
@@ -244,7 +346,7 @@ class EventLog:
             rows = db.execute(
                 "SELECT ts, kind, user, grp, slot, container FROM events"
                 " WHERE slot IS NOT NULL AND container IS NOT NULL AND ts <= ?"
-                " AND kind IN ('allocate', 'release', 'expire', 'reclaim') ORDER BY id",
+                " AND kind IN ('allocate', 'release', 'expire', 'reclaim') ORDER BY ts, id",
                 (end,),
             ).fetchall()
         opened: dict[tuple[str, str], tuple[float, str]] = {}

@@ -9,7 +9,9 @@
   the next start makes a fresh container over the same files. The removal is a `release` event
   without a slot whose reason starts with `removed:`.
 
-A never-started (`created`) container counts as stopped from its creation (see labels). Pure
+A never-started (`created`) container holds GPUs only through the claim of the spawn making
+it (`ds01hub.allocation_state`); once nothing claims it, the pass's `GpuAllocator.reconcile()`
+removes it. For `container_hold_after_stop` it counts as stopped from its creation. Pure
 planning (`expired_holds`, `removals_due`) is separate from the pass that acts (`Lifecycle`).
 """
 
@@ -97,7 +99,7 @@ def expired_holds(
 ) -> list[LifecycleAction]:
     """Stopped containers whose GPU hold has passed (None hold = held until removed)."""
     return _past_hold(
-        (r for r in records if r.gpus),
+        (r for r in records if r.gpus and r.state != "created"),
         gpu_hold_of,
         now,
         "expire",
@@ -191,8 +193,9 @@ class Lifecycle:
         return expiries + removals
 
     def run_once(self, dry_run: bool = False) -> list[LifecycleAction]:
-        """Plan and (unless `dry_run`) act: the allocator's sweep records the expiries, each
-        due container is removed (volumes kept) and its removal recorded."""
+        """Plan and (unless `dry_run`) act: each due container is removed (volumes kept) and
+        its removal recorded; the allocator's reconcile removes the never-started containers
+        nothing claims and records hold/expire, and the release of the removed ones' slots."""
         actions = self.plan()
         if dry_run:
             return actions
@@ -200,7 +203,13 @@ class Lifecycle:
         for action in actions:
             if action.kind == "remove" and self._remove(action):
                 done.append(action)
-        self.allocator.sweep()  # hold/expire, and release of the removed containers' slots
+        now = self.allocator.clock()
+        done += [
+            LifecycleAction(
+                "remove", a.user, a.container, a.container_id, None, a.slots, now, a.reason
+            )
+            for a in self.allocator.reconcile()
+        ]
         return done
 
     def _remove(self, action: LifecycleAction) -> bool:

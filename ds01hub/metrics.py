@@ -14,7 +14,12 @@ Two kinds, served in two places:
   `ds01_docker_engine_up` (0 while the engine is unreachable: then only the event log's
   families are served). Culls
   are counted from the event log, so culls made by `ds01hub cull --once` in another process
-  count too, and the counter survives restarts.
+  count too, and the counter survives restarts. `ds01_gpu_slot_conflicts` counts slots that
+  more than one container holds (exclusivity broken: alert on anything above 0).
+- **Event log health**, in both places (`EventLogHealth`; the hub process watches its event log
+  with `watch_eventlog`): `ds01_eventlog_unwritten_events` (events waiting for a writable log),
+  `ds01_eventlog_write_errors_total`, `ds01_eventlog_dropped_events_total` and
+  `ds01_state_free_bytes` (free space where the log lives). Alert on errors or waiting events.
 - **Limits reloads**, from each process's own `LimitsStore` by `LimitsCollector`:
   `ds01_limits_reload_failures_total{file}` and `ds01_limits_last_reload_ok{file}` (0 while a
   broken or too slow edit of the file is ignored and the last good one is in force). The hub
@@ -25,8 +30,9 @@ from __future__ import annotations
 
 import contextlib
 import time
+import weakref
 from collections import Counter as Tally
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
@@ -36,6 +42,7 @@ from prometheus_client.registry import Collector
 from ds01hub.engine import engine_unreachable
 
 __all__ = [
+    "EventLogHealth",
     "LimitsCollector",
     "QUEUE_LENGTH",
     "QUEUE_WAIT",
@@ -44,6 +51,7 @@ __all__ = [
     "cull_reason_code",
     "spawn_failed",
     "waiting_for_gpu",
+    "watch_eventlog",
     "watch_limits",
 ]
 
@@ -90,6 +98,52 @@ def spawn_failed(reason: str) -> None:
     SPAWN_FAILURES.labels(reason).inc()
 
 
+# -- event log health (both processes) --------------------------------------------------------
+
+
+class EventLogHealth(Collector):
+    """Write trouble of event logs this process writes (`EventLog.health()`), summed."""
+
+    def __init__(self, eventlogs: Callable[[], Iterable[Any]]):
+        self._eventlogs = eventlogs
+
+    def collect(self) -> Iterator[Any]:
+        healths = [log.health() for log in self._eventlogs()]
+        yield GaugeMetricFamily(
+            "ds01_eventlog_unwritten_events",
+            "Events waiting in this process for the event log to become writable",
+            value=sum(h["unwritten"] for h in healths),
+        )
+        yield CounterMetricFamily(
+            "ds01_eventlog_write_errors",
+            "Failed writes to the event log (a full disk, an unwritable file)",
+            value=sum(h["write_errors"] for h in healths),
+        )
+        yield CounterMetricFamily(
+            "ds01_eventlog_dropped_events",
+            "Events lost because too many waited for a writable event log",
+            value=sum(h["dropped"] for h in healths),
+        )
+        free = [h["free_bytes"] for h in healths if h["free_bytes"] is not None]
+        if free:
+            yield GaugeMetricFamily(
+                "ds01_state_free_bytes",
+                "Free space on the file system of the event log (the state directory)",
+                value=min(free),
+            )
+
+
+_WATCHED: weakref.WeakSet = weakref.WeakSet()
+
+
+def watch_eventlog(eventlog: Any) -> None:
+    """Report this event log's health on the process's default registry (the hub's
+    /hub/metrics); registered once per process."""
+    if not _WATCHED:
+        REGISTRY.register(EventLogHealth(lambda: list(_WATCHED)))
+    _WATCHED.add(eventlog)
+
+
 # -- state metrics (ds01-ops service) ---------------------------------------------------------
 
 
@@ -131,6 +185,7 @@ class StateCollector(Collector):
             yield from self._from_docker(rows)
         if self.eventlog is not None:
             yield from self._from_eventlog()
+            yield from EventLogHealth(lambda: [self.eventlog]).collect()
 
     def _from_docker(self, rows: list[Any]) -> Iterator[Any]:
         inventory = self.allocator.inventory
@@ -141,6 +196,11 @@ class StateCollector(Collector):
         yield total
         free = sum(1 for row in rows if row.holding is None)
         yield GaugeMetricFamily("ds01_gpu_slots_free", "GPU slots nobody holds", value=free)
+        yield GaugeMetricFamily(
+            "ds01_gpu_slot_conflicts",
+            "GPU slots held by more than one container (should always be 0)",
+            value=sum(1 for row in rows if row.conflict),
+        )
         allocated = GaugeMetricFamily(
             "ds01_gpu_slots_allocated",
             "GPU slots of running containers or in-flight spawns, by group",

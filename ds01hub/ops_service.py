@@ -223,6 +223,7 @@ class OpsService(Application):
             gpu_sample_interval=self.gpu_sample_interval,
             log=self.log,
         )
+        self._reconcile(parts)
         registry = CollectorRegistry()
         registry.register(StateCollector(parts.allocator, parts.eventlog, parts.engine))
         registry.register(LimitsCollector([parts.limits]))
@@ -234,6 +235,20 @@ class OpsService(Application):
         loop.spawn_callback(parts.culler.run_forever, self.interval, self.dry_run, parts.engine)
         self.log.info("ds01-ops on %s: culling every %.0fs", url, self.interval)
         loop.start()
+
+    def _reconcile(self, parts: Components) -> None:
+        """At hub start (this service starts with the hub): remove what a killed hub left
+        that nothing claims (never-started containers), each with a `reconcile` event. The
+        lifecycle pass does it again on every cull pass."""
+        from ds01hub.allocation_state import AllocationStateError
+
+        try:
+            actions = parts.allocator.reconcile()
+        except AllocationStateError as error:
+            self.log.error("reconcile at start: %s", error)
+            return
+        for action in actions:
+            self.log.warning("reconcile: %s (%s): %s", action.container, action.user, action.reason)
 
 
 def make_web_app(parts: Components, hub: Any, registry: Any) -> Any:

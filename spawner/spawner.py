@@ -6,13 +6,22 @@ One spawn, step by step (each step is a progress event):
 2. validate the spawn options (form or REST `user_options`, `ds01hub.spawner.options`);
 3. check `max_containers_per_user` (fail fast, naming what counts and how to free one);
 4. GPUs: through the hub-wide priority queue to `GpuAllocator.allocate` (waits while `busy`,
-   gives up after `gpu_wait_timeout`); a restart re-validates the container's own slots;
+   gives up after `gpu_wait_timeout`); a restart re-validates the container's own slots. The
+   claim on the granted slots is renewed while the spawn works (image pull, create);
 5. create the container (or re-create it: device requests and limits are fixed at create) with
-   the limits, device requests, GPU env, workspace, uid/gid and the `ds01.*` labels; start it.
+   the limits, device requests, GPU env, workspace, uid/gid and the `ds01.*` labels; then,
+   right before `docker start`, `GpuAllocator.begin_start` confirms under the allocator's lock
+   that the slots are still this container's alone. A container whose slots were reclaimed or
+   whose claim lapsed never starts on them: the spawn asks for GPUs again (up to
+   `_START_ATTEMPTS` times) or fails saying why.
 
 Stopping keeps the container, so it holds its GPUs for `gpu_hold_after_stop`; deleting the
 named server removes it and releases everything. Docker labels are the allocation state, so a
-hub killed mid-spawn leaks nothing (see `ds01hub.allocation_state`).
+hub killed mid-spawn leaks nothing (see `ds01hub.allocation_state`); at hub start,
+before JupyterHub checks its servers, containers that never started and that nothing claims
+are removed (`_reconcile_at_hub_start`); one JupyterHub then finds not running is removed
+when it stops its server (`run_post_stop_hook`), and one that started but whose address the
+hub never recorded is adopted (`get_url`).
 
 The hub-wide context (limits, inventory, allocator) is built when the hub starts, not at the
 first spawn: a broken limits file stops the hub with its problems (`_prepare_at_hub_start`).
@@ -21,7 +30,9 @@ first spawn: a broken limits file stops the hub with its problems (`_prepare_at_
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import inspect
 import os
 import pwd
 import sys
@@ -39,10 +50,16 @@ from traitlets import Callable as CallableTrait
 from traitlets import CaselessStrEnum, Dict, Float, List, Unicode, Union, default, validate
 
 from ds01hub import labels, metrics
-from ds01hub.allocation_state import DEFAULT_RESERVATION_TTL, GpuAllocator, docker_lister
+from ds01hub.allocation_state import (
+    DEFAULT_RESERVATION_TTL,
+    DEFAULT_START_GRACE,
+    AllocationStateError,
+    GpuAllocator,
+    docker_lister,
+)
 from ds01hub.allocator import Decision
 from ds01hub.engine import engine_unreachable, engine_url, short_error
-from ds01hub.eventlog import EventLog
+from ds01hub.eventlog import EventLog, NewEvent
 from ds01hub.inventory import Inventory, Slot, load_inventory
 from ds01hub.limits import LimitsError, LimitsStore, ResolvedLimits, default_limits_path
 
@@ -64,6 +81,12 @@ from .recovery import EngineRecovery
 __all__ = ["DS01Spawner"]
 
 _STATUS_OF_CODE = {"per_container_limit": 403, "user_limit": 409, "not_available": 400}
+#: How often one spawn asks for GPUs when the check before `docker start` finds its slots gone.
+_START_ATTEMPTS = 3
+
+
+class _SlotsLost(Exception):
+    """The check before `docker start` refused: the slots are not this container's alone."""
 
 
 @dataclass
@@ -151,8 +174,17 @@ class DS01Spawner(DockerSpawner):
     reservation_ttl = Float(
         DEFAULT_RESERVATION_TTL,
         config=True,
-        help="""Seconds a granted slot stays reserved for a spawn before its container exists
-        (a reservation also dies with the hub process).""",
+        help="""Seconds a GPU claim of a spawn lives without renewal. The spawn renews it
+        every third of this while it works (image pull, create), and it dies with the hub
+        process whatever its age; so this only bounds a spawn that stopped making progress
+        inside a live hub.""",
+    )
+    start_grace = Float(
+        DEFAULT_START_GRACE,
+        config=True,
+        help="""Seconds a claim checked right before `docker start` outlives the hub process:
+        a start sent just before the hub was killed may still land, and nobody else gets its
+        slots meanwhile.""",
     )
     workspace_root = Unicode(
         "",
@@ -229,7 +261,7 @@ class DS01Spawner(DockerSpawner):
         # (the container name) from a user, so it gets a stand-in that spawns nothing
         nobody = SimpleNamespace(name="ds01-hub-start", groups=[])
         try:
-            cls(config=app.config, log=app.log, user=nobody)._shared_context()
+            context = cls(config=app.config, log=app.log, user=nobody)._shared_context()
         except LimitsError as error:
             app.log.critical(
                 "ds01: %s; the hub does not start on it. Fix it (ds01hub check-config) and "
@@ -245,6 +277,8 @@ class DS01Spawner(DockerSpawner):
                 type(error).__name__,
                 error,
             )
+        else:
+            _reconcile_at_hub_start(context, app.log)
 
     def _new_context(self, limits_path: str, state_dir: Path) -> _HubContext:
         import docker
@@ -254,6 +288,7 @@ class DS01Spawner(DockerSpawner):
         inventory = load_inventory(store.current.gpu_allocation)
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         eventlog = EventLog(self.event_log_path or state_dir / "events.db")
+        metrics.watch_eventlog(eventlog)
         client_kwargs = self._docker_client_kwargs()
         client = docker.DockerClient(**client_kwargs)
         label_filter = tuple(self.container_label_filter)
@@ -264,6 +299,7 @@ class DS01Spawner(DockerSpawner):
             eventlog,
             limits=store,
             reservation_ttl=self.reservation_ttl,
+            start_grace=self.start_grace,
             container_lister=docker_lister(client, label_filter),
         )
         if self.gpu_wait_timeout + 30 > self.start_timeout:
@@ -322,6 +358,8 @@ class DS01Spawner(DockerSpawner):
         self._event_signal = asyncio.Event()
         self._spawn_finished = False
         self._created_in_this_spawn = False
+        self._spawn_slots: tuple[Slot, ...] = ()
+        self._check_seconds = 0.0  # the check before `docker start`, for the timing log line
 
     def _emit(self, progress: int, message: str) -> None:
         self._events.append({"progress": progress, "message": message})
@@ -504,6 +542,12 @@ class DS01Spawner(DockerSpawner):
                     abandon=abandon,
                     on_wait=on_wait,
                 )
+        except AllocationStateError as error:
+            raise SpawnException(
+                f"GPU allocation failed: {error}. An admin must fix the state directory.",
+                reason="state",
+                status_code=503,
+            ) from None
         except GpuWaitTimeout as error:
             await self._record_failure(str(error))
             raise SpawnException(
@@ -534,12 +578,14 @@ class DS01Spawner(DockerSpawner):
         return slots
 
     async def _record_failure(self, reason: str) -> None:
-        record = self.context.eventlog.record
-        await self._blocking(
-            lambda: record(
-                "spawn-failure", self.user.name, container=self.object_name, reason=reason
-            )
-        )
+        await self._record_event("spawn-failure", reason)
+
+    async def _record_event(self, kind: str, reason: str) -> None:
+        """One event about this server; it waits in the hub process if the log is not
+        writable now (a spawn never fails for want of a log line)."""
+        event = NewEvent(kind, self.user.name, container=self.object_name, reason=reason)
+        record = self.context.eventlog.record_many
+        await self._blocking(lambda: record([event], defer=True))
 
     def _run_as(self) -> tuple[int, int] | None:
         explicit = self.user_ids.get(self.user.name)
@@ -580,6 +626,7 @@ class DS01Spawner(DockerSpawner):
             simulated=self.context.inventory.simulated,
             run_as=run_as,
             workspace=self._workspace(run_as),
+            extra_labels=self.context.allocator.owner_labels(),
         )
 
     async def start(self):
@@ -617,14 +664,49 @@ class DS01Spawner(DockerSpawner):
             self._emit(8, note)
         await self._check_container_quota(limits)
         self._emit(10, f"quota ok; image {choice.image}, {choice.gpu_text()}")
-        existing = await self.get_object()
-        slots = await self._allocate(choice, limits)
+        for attempt in range(1, _START_ATTEMPTS + 1):
+            slots = await self._allocate(choice, limits)
+            try:
+                return await self._attempt(limits, choice, slots, began)
+            except _SlotsLost as lost:
+                if attempt == _START_ATTEMPTS:
+                    raise SpawnException(
+                        f"the GPU slot(s) granted to {self.object_name} were not its own when "
+                        f"it was to start ({lost}), {attempt} times in a row; try again",
+                        reason="gpu_lost",
+                        status_code=503,
+                    ) from None
+                self._emit(40, f"not starting on those GPU slots: {lost}; asking again")
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def _attempt(self, limits, choice, slots, began: float):
+        """One try at steps 5 with `slots` granted: undone completely when it fails."""
         self._created_in_this_spawn = False
+        self._spawn_slots = slots
+        keeper = asyncio.ensure_future(self._keep_claim()) if slots else None
         try:
+            existing = await self.get_object()  # after allocate, which removes ghosts
             return await self._run_container(existing, limits, choice, slots, began)
         except BaseException as error:  # also the hub cancelling the spawn (user pressed stop)
             await self._undo_failed_start(slots, str(error) or type(error).__name__)
             raise
+        finally:
+            if keeper is not None:
+                keeper.cancel()
+            self._spawn_slots = ()
+
+    async def _keep_claim(self) -> None:
+        """Renew this spawn's GPU claim every third of `reservation_ttl` until the spawn ends.
+        When it is gone, stop renewing: the check before `docker start` then refuses."""
+        allocator = self.context.allocator
+        while True:
+            await asyncio.sleep(self.reservation_ttl / 3)
+            try:
+                if not await self._blocking(allocator.renew, self.object_name):
+                    self.log.warning("ds01 %s: its GPU claim lapsed", self._log_name)
+                    return
+            except AllocationStateError as error:
+                self.log.error("ds01 %s: renewing its GPU claim: %s", self._log_name, error)
 
     async def _run_container(self, existing, limits, choice, slots, began: float):
         """Step 5 of the module docstring: (re-)create the container if needed, start it."""
@@ -646,18 +728,20 @@ class DS01Spawner(DockerSpawner):
             self._emit(55, f"creating container {self.object_name}")
         own_steps = time.perf_counter() - began
         docker_began = time.perf_counter()
+        self._check_seconds = 0.0
         result = await super().start()
         committed = time.perf_counter()
         if slots:
             await self._blocking(context.allocator.commit, self.object_name)
-        own_steps += time.perf_counter() - committed
+        # The check before `docker start` runs inside DockerSpawner.start but is ours.
+        own_steps += time.perf_counter() - committed + self._check_seconds
         self._emit(90, f"container {self.object_name} started; waiting for Jupyter")
         # bench/spawn.py reads this line: the time DS01Spawner adds to DockerSpawner's start.
         self.log.info(
             "ds01 %s: own steps %.1f ms, DockerSpawner.start %.1f ms",
             self._log_name,
             own_steps * 1000,
-            (committed - docker_began) * 1000,
+            (committed - docker_began - self._check_seconds) * 1000,
         )
         await self._until_up(result)
         return result
@@ -677,20 +761,61 @@ class DS01Spawner(DockerSpawner):
         return f"its GPU slot(s) {', '.join(lost)} were reclaimed by a higher priority"
 
     async def _undo_failed_start(self, slots, reason: str) -> None:
-        """A container this spawn created and could not start is removed with its holdings;
-        an existing one that failed to restart is kept (its hold runs as for any stop)."""
-        if self._created_in_this_spawn and self.object_id:
+        """A container this spawn created is removed (forced: its start may have landed);
+        an existing one that failed to restart is stopped if it runs and kept (its hold runs
+        as for any stop). Only then is the claim released, so the slots are never free while
+        a container of this spawn may still run on them."""
+        import docker.errors
+
+        if self.object_id:
             try:
-                await self.remove_object()
+                if self._created_in_this_spawn:
+                    await self.docker("remove_container", self.object_id, v=True, force=True)
+                    self.object_id = ""
+                else:
+                    await self.docker("stop", self.object_id)
+            except docker.errors.NotFound:
                 self.object_id = ""
             except Exception as error:  # the engine went away: its hold ends once it is back
-                if not engine_unreachable(error):
+                if engine_unreachable(error):
+                    self.context.recovery.note_casualty(self)
+                elif isinstance(error, docker.errors.APIError):
+                    self.log.error("ds01 %s: undoing the failed start: %s", self._log_name, error)
+                else:
                     raise
-                self.context.recovery.note_casualty(self)
         if slots:
-            await self._blocking(self.context.allocator.release, self.object_name, reason)
+            try:
+                await self._blocking(self.context.allocator.release, self.object_name, reason)
+            except AllocationStateError as error:  # the claim then lapses at its TTL
+                self.log.error("ds01 %s: %s", self._log_name, error)
         await self._record_failure(reason)
         self.context.queue.notify()
+
+    async def start_object(self):
+        """`docker start`, once the allocator has confirmed under its lock that the
+        container's GPU slots are its own alone (`begin_start`). Docker's answer is awaited
+        even when the spawn is cancelled meanwhile, so the undo never races the start."""
+        if self._spawn_slots:
+            checking = time.perf_counter()
+            await self._confirm_slots()
+            self._check_seconds += time.perf_counter() - checking
+        await _complete_even_if_cancelled(super().start_object())
+
+    async def _confirm_slots(self) -> None:
+        allocator = self.context.allocator
+        for _ in range(_START_ATTEMPTS):
+            check = await self._blocking(allocator.begin_start, self.object_name, self.object_id)
+            if check.ok:
+                return
+            if not check.stop_first:
+                raise _SlotsLost(check.reason)
+            # `preempt_running`: a higher priority took these slots from running containers.
+            self._emit(
+                60, f"stopping {len(check.stop_first)} preempted container(s): {check.reason}"
+            )
+            for container_id in check.stop_first:
+                await self._blocking(self.context.docker.api.stop, container_id)
+        raise _SlotsLost(check.reason)
 
     async def create_object(self):
         """DockerSpawner's create, with the plan's labels, env, limits and device requests
@@ -801,6 +926,31 @@ class DS01Spawner(DockerSpawner):
 
     # -- stop, delete ------------------------------------------------------------------------
 
+    async def get_url(self):
+        """JupyterHub asks this after its restart for every server `poll` says is running. A
+        hub killed between `docker start` and recording the address left a placeholder
+        there; the address Docker reports is returned instead, so JupyterHub adopts the
+        server rather than wait on an address that never was, then stop it."""
+        recorded = self.server.url
+        try:
+            ip, port = await self.get_ip_and_port()
+        except Exception as error:  # noqa: BLE001 - keep JupyterHub's own check going
+            self.log.warning("ds01 %s: no address from Docker: %s", self._log_name, error)
+            return recorded
+        host = f"[{ip}]" if ":" in ip else ip
+        url = f"{'https' if self.internal_ssl else 'http'}://{host}:{port}{self.server.base_url}"
+        if url != recorded:
+            self.log.warning(
+                "ds01 %s: adopting the running container at %s (the hub had %s)",
+                self._log_name,
+                url,
+                recorded,
+            )
+            await self._record_event(
+                "reconcile", f"adopted: running at {url}; the hub had not recorded its address"
+            )
+        return url
+
     async def stop(self, now=False):
         """Stop and keep the container: it holds its GPUs for `gpu_hold_after_stop`."""
         if self.object_id:
@@ -811,6 +961,43 @@ class DS01Spawner(DockerSpawner):
         await self._blocking(context.allocator.sweep)
         context.queue.notify()
 
+    async def run_post_stop_hook(self):
+        """After JupyterHub stopped a server, also one it found not running after its own
+        restart (it calls `stop` only for running ones): a container that never started
+        (its spawn died between create and start, e.g. with the hub) is removed, with a
+        `reconcile` event. It holds no GPU and has nothing to keep."""
+        result = super().run_post_stop_hook()
+        if inspect.isawaitable(result):
+            await result
+        try:
+            if self.object_id and await self._remove_if_never_started():
+                self.object_id = ""
+                await self._blocking(self.context.allocator.sweep)
+        except Exception as error:
+            if not engine_unreachable(error):
+                raise  # while the engine is away the container stays; reconcile removes it later
+
+    async def _remove_if_never_started(self) -> bool:
+        """True when the container had never started and is now removed (never forced: a
+        start that lands first wins, and the container is then stopped as usual)."""
+        import docker.errors
+
+        container = await self.get_object()
+        if container is None or container["State"].get("Status") != "created":
+            return False
+        try:
+            await self.docker("remove_container", self.object_id, v=True)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as error:
+            if error.status_code == 409:
+                return False
+            raise
+        reason = "removed: never started (its spawn was interrupted); its GPU slots are free"
+        self.log.warning("ds01 %s: %s", self._log_name, reason)
+        await self._record_event("reconcile", reason)
+        return True
+
     async def delete_forever(self):
         """The named server is deleted: remove its container and release its GPUs."""
         if await self.get_object() is not None:
@@ -819,6 +1006,18 @@ class DS01Spawner(DockerSpawner):
         context = self.context
         await self._blocking(context.allocator.release, self.object_name, "server deleted")
         context.queue.notify()
+
+
+async def _complete_even_if_cancelled(awaitable: Any) -> Any:
+    """Await `awaitable`; if the caller is cancelled meanwhile, still wait for it to finish
+    (a Docker call in a thread cannot be called back) before the cancellation goes on."""
+    task = asyncio.ensure_future(awaitable)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await task
+        raise
 
 
 def _literal(value: Any) -> Any:
@@ -842,6 +1041,20 @@ def _merged(base: dict, override: dict) -> dict:
         else:
             result[key] = value
     return result
+
+
+def _reconcile_at_hub_start(context: _HubContext, log: Any) -> None:
+    """Before JupyterHub checks its servers: what a killed hub left that nothing claims
+    (never-started containers) is removed, each with a `reconcile` event. When that cannot be
+    done now (the engine not up yet, a full state directory), ds01-ops and the lifecycle pass
+    do it later; the hub starts either way."""
+    try:
+        actions = context.allocator.reconcile()
+    except Exception as error:
+        log.warning("ds01: reconcile at hub start: %s: %.200s", type(error).__name__, error)
+        return
+    for action in actions:
+        log.warning("ds01: reconcile: %s (%s): %s", action.container, action.user, action.reason)
 
 
 def _prepare_at_hub_start() -> None:

@@ -6,12 +6,13 @@ from __future__ import annotations
 import functools
 from datetime import UTC, datetime, timedelta
 
+from allocation_fakes import fill_event_log
 from inspect_docs import inspect_doc
 
 from ds01hub.admin_page import overview, render_page, week_start
 from ds01hub.allocation_state import GpuAllocator
 from ds01hub.culler import CullWarning
-from ds01hub.eventlog import EventLog
+from ds01hub.eventlog import EventLog, NewEvent
 from ds01hub.inventory import discover
 from ds01hub.limits import SimulatedGpuSpec, parse_limits
 from ds01hub.simulated_nvml import SimulatedNvml
@@ -110,3 +111,27 @@ def test_an_empty_machine_renders_none_rows(tmp_path):
     assert '<td colspan="3" class="note">none</td>' in page
     assert '<td colspan="4" class="note">none</td>' in page  # no pending culls
     assert "config-error" not in page
+
+
+def test_a_slot_held_twice_is_a_conflict_row_and_an_alert(tmp_path):
+    docs = [doc("a", "alice", ["0"], "students"), doc("b", "bob", ["0"], "students")]
+    _, inventory, log, allocator = machine(tmp_path, docs)
+    model = overview(allocator.status(), inventory, log, NOW)
+    row = {r["slot"]: r for r in model["slots"]}["0"]
+    assert row["state"] == "conflict" and row["conflict"] is True
+    assert {h["container"] for h in row["holders"]} == {"a", "b"}
+    [alert] = [a for a in model["alerts"] if a.startswith("slot 0")]
+    assert "a (alice, running)" in alert and "b (bob, running)" in alert
+    page = render_page(model)
+    assert '<td class="state-conflict">conflict</td>' in page
+    assert 'class="error alert"' in page
+
+
+def test_events_that_wait_for_a_full_event_log_are_an_alert(tmp_path):
+    _, inventory, log, allocator = machine(tmp_path, [])
+    fill_event_log(log)
+    log.record_many([NewEvent("release", "alice", "0", "a")], defer=True)
+    alerts = overview(allocator.status(), inventory, log, NOW)["alerts"]
+    [alert] = [a for a in alerts if a.startswith("event log")]
+    assert alert.startswith("event log: 1 event(s) wait to be written, 0 lost")
+    assert "database or disk is full" in alert

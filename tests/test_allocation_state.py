@@ -101,26 +101,29 @@ def test_holdings_from_labels_follow_docker_state_and_the_users_hold(tmp_path):
     assert holdings["2:2"].state == "stopped" and holdings["2:2"].held_until is None
 
 
-def test_a_never_started_container_holds_from_its_creation(tmp_path):
+def test_a_never_started_container_holds_only_through_its_claim(tmp_path):
     created = doc("new", "erin", ["0"], state="created")
-    created["Config"]["Labels"][labels.CREATED_AT] = (NOW - timedelta(minutes=5)).isoformat()
     machine = Machine(tmp_path, [created])
+    assert machine.allocator.holdings() == []  # nobody is spawning it: a ghost
+    assert [r.name for r in machine.allocator.ghosts()] == ["new"]
+    machine.allocate("erin", "new")  # a spawn of it (this process) claims the slot
     (holding,) = machine.allocator.holdings()
-    assert holding.held_until == NOW + timedelta(minutes=55)
+    assert (holding.container, holding.state) == ("new", "reserved")
 
 
-def test_reservation_holds_until_commit_and_the_labels_take_over(tmp_path):
+def test_a_claim_holds_until_the_container_has_run_then_the_labels_do(tmp_path):
     machine = Machine(tmp_path)
     first = machine.allocate("alice", "a._.alice")
     assert first.granted == ("0",)
     assert by_slot(machine.allocator) == {"0": ("alice", "a._.alice", "reserved")}
     second = machine.allocate("bob", "b._.bob")
-    assert second.granted == ("1",)  # the reservation kept bob off slot 0
-    machine.docs.append(doc("a._.alice", "alice", ["0"]))
+    assert second.granted == ("1",)  # the claim kept bob off slot 0
+    machine.docs.append(doc("a._.alice", "alice", ["0"]))  # created and started elsewhere
     machine.allocator.commit("a._.alice")
+    assert by_slot(machine.allocator)["0"] == ("alice", "a._.alice", "running")
+    machine.allocate("carol", "c", count=0)  # any write drops claims that have ended
     reservations = json.loads((tmp_path / "state" / "reservations.json").read_text())
     assert set(reservations) == {"b._.bob"}
-    assert by_slot(machine.allocator)["0"] == ("alice", "a._.alice", "running")
 
 
 def test_reservations_lapse_after_their_ttl(tmp_path):
@@ -206,7 +209,7 @@ def test_priority_reclaim_revokes_the_stopped_containers_slot(tmp_path):
 def test_sweep_logs_hold_expire_and_release(tmp_path):
     machine = Machine(tmp_path)
     machine.allocate("alice", "a")
-    machine.docs.append(doc("a", "alice", ["0"], "exited", NOW))
+    machine.docs.append(doc("a", "alice", ["0"], "exited", NOW + timedelta(seconds=1)))  # ran
     machine.allocator.commit("a")
     machine.allocator.sweep()
     machine.now += timedelta(hours=2)

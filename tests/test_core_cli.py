@@ -2,8 +2,8 @@
 
 import json
 import os
-import shutil
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -13,7 +13,8 @@ from ds01hub import labels
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REPO = Path(__file__).parent.parent
-DS01HUB = shutil.which("ds01hub") or str(Path(__file__).parents[1] / ".venv/bin/ds01hub")
+# This checkout's command (the venv running the tests), never another install on PATH.
+DS01HUB = str(Path(sys.executable).with_name("ds01hub"))
 
 
 def run(*args, env=None):
@@ -111,30 +112,62 @@ def test_gpus_without_nvidia_and_without_a_limits_file_says_why(tmp_path):
 
 
 @pytest.mark.docker
-def test_status_shows_who_holds_which_slot(tmp_path, docker_client, base_image):
+def test_status_shows_holders_ghosts_and_conflicts(tmp_path, docker_client, base_image):
     config = tmp_path / "limits.yaml"
     config.write_text("gpu_allocation:\n  simulate: {gpus: 8, seed: status-test}\n")
-    name = f"status-{uuid.uuid4().hex[:8]}._.grace"
-    container_labels = labels.container_labels(
-        user="grace", project="status", group=None, priority=10, gpus=["7"]
-    )
-    container_labels["ds01.test"] = "1"
-    container = docker_client.containers.create(
-        base_image, ["sleep", "60"], name=name, labels=container_labels
-    )
+    run_label = f"ds01.test.status={uuid.uuid4().hex[:8]}"
+    key, _, value = run_label.partition("=")
+
+    def container(name, user, slot, command):
+        managed = labels.container_labels(
+            user=user, project=name, group=None, priority=10, gpus=[slot]
+        )
+        return docker_client.containers.create(
+            base_image,
+            command,
+            name=f"{name}-{value}._.{user}",
+            labels={**managed, "ds01.test": "1", key: value},
+        )
+
+    status = ("status", "--limits", config, "--state-dir", tmp_path / "state", "--label", run_label)
+    made = [
+        container("ran", "grace", "7", ["true"]),  # ran and stopped: holds for its hold
+        container("ghost", "gil", "6", ["true"]),  # never started, nothing claims it
+    ]
     try:
-        result = run("status", "--json", "--limits", config, "--state-dir", tmp_path / "state")
+        made[0].start()
+        made[0].wait(timeout=60)
+        result = run(*status, "--json")
         assert result.returncode == 0, result.stderr
-        rows = {row["slot"]: row for row in json.loads(result.stdout)["slots"]}
-        assert len(rows) == 8
-        assert rows["7"]["user"] == "grace" and rows["7"]["container"] == name
+        report = json.loads(result.stdout)
+        rows = {row["slot"]: row for row in report["slots"]}
+        assert len(rows) == 8 and report["conflicts"] == [] and report["revoked"] == []
+        assert rows["7"]["user"] == "grace" and rows["7"]["container"] == made[0].name
         assert rows["7"]["state"] == "stopped" and rows["7"]["held_until"]
-        assert json.loads(result.stdout)["revoked"] == []
-        text = run("status", "--limits", config, "--state-dir", tmp_path / "state").stdout
+        assert rows["6"]["user"] is None  # a ghost holds nothing
+        assert [g["name"] for g in report["ghosts"]] == [made[1].name]
+        text = run(*status).stdout
         assert text.startswith("SIMULATED GPUs")
         assert any(line.startswith("7 ") and "grace" in line for line in text.splitlines())
+        assert f"ghost: {made[1].name} (gil)" in text
+
+        reconciled = run(*status, "--reconcile", "--json")
+        assert reconciled.returncode == 0, reconciled.stderr
+        [action] = json.loads(reconciled.stdout)["reconciled"]
+        assert action["container"] == made[1].name and action["slots"] == ["6"]
+        assert not docker_client.containers.list(all=True, filters={"name": made[1].name})
+        made.pop()
+
+        for user in ("xena", "yann"):  # two started behind the allocator's back on slot 5
+            made.append(container("both", user, "5", ["sleep", "60"]))
+            made[-1].start()
+        result = run(*status)
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert "CONFLICT: slot 5 is held by more than one container" in result.stdout
+        assert all(c.name in result.stdout for c in made[-2:])
     finally:
-        container.remove(force=True)
+        for item in made:
+            item.remove(force=True)
 
 
 def test_usage_reports_gpu_hours_from_the_event_log(tmp_path):

@@ -6,13 +6,14 @@ from __future__ import annotations
 import functools
 from datetime import UTC, datetime, timedelta
 
+from allocation_fakes import fill_event_log
 from inspect_docs import inspect_doc
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ds01hub import metrics
 from ds01hub.allocation_state import GpuAllocator
-from ds01hub.eventlog import EventLog
+from ds01hub.eventlog import EventLog, NewEvent
 from ds01hub.inventory import discover
 from ds01hub.limits import SimulatedGpuSpec, parse_limits
 from ds01hub.simulated_nvml import SimulatedNvml
@@ -85,6 +86,39 @@ def test_state_metrics_count_slots_by_group_utilisation_culls_and_gpu_hours(tmp_
     assert got[("ds01_culls_total", frozenset({("reason", "max_runtime")}))] == 1
     hours = got[("ds01_gpu_hours_total", frozenset({("group", "students")}))]
     assert hours >= 3.0  # open interval counted up to the real now, which is later than NOW
+
+
+def test_conflicts_and_event_log_health_are_metrics(tmp_path):
+    nvml = SimulatedNvml([SimulatedGpuSpec()])
+    nvml.nvmlInit()
+    docs = [doc("a", "alice", ["0"], "students"), doc("b", "bob", ["0"], "students")]
+    log = EventLog(tmp_path / "events.sqlite")
+    allocator = GpuAllocator(
+        None,
+        discover(nvml, simulated=True),
+        tmp_path / "state",
+        log,
+        clock=lambda: NOW,
+        limits=LIMITS,
+        container_lister=lambda: list(docs),
+    )
+    registry = CollectorRegistry()
+    registry.register(metrics.StateCollector(allocator, log))
+    got = samples(registry)
+    assert got[("ds01_gpu_slot_conflicts", frozenset())] == 1
+    assert got[("ds01_eventlog_unwritten_events", frozenset())] == 0
+    assert got[("ds01_eventlog_write_errors_total", frozenset())] == 0
+    assert got[("ds01_state_free_bytes", frozenset())] > 0
+
+
+def test_the_hub_process_reports_its_event_log_health(tmp_path):
+    log = EventLog(tmp_path / "events.sqlite")
+    metrics.watch_eventlog(log)
+    fill_event_log(log)
+    log.record_many([NewEvent("release", "alice", "0", "a")], defer=True)
+    got = samples(metrics.REGISTRY)
+    assert got[("ds01_eventlog_write_errors_total", frozenset())] >= 2
+    assert got[("ds01_eventlog_unwritten_events", frozenset())] >= 1
 
 
 def test_waiting_for_gpu_counts_the_queue_and_records_the_wait():

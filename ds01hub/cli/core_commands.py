@@ -3,7 +3,7 @@
     ds01hub limits USER [--group G ...] [--json | --docker-args]
     ds01hub check-config [FILE] [--json]          exit 0 valid, 1 invalid
     ds01hub gpus [--json]                         the GPU inventory (NVML or simulated)
-    ds01hub status [--json]                       slots -> user, container, state, held until
+    ds01hub status [--reconcile] [--json]         slots -> holders; conflicts exit 1
     ds01hub usage [--by user|group] [--since DATE] [--json]   GPU-hours from the event log
 
 Each takes `--limits FILE` (default: $DS01HUB_LIMITS, else /etc/ds01hub/resource-limits.yaml).
@@ -108,7 +108,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "status",
         parents=[common],
         help="show who holds which GPU slot",
-        description="Each slot with its holder: user, container, state, held until.",
+        description="Each slot with its holder: user, container, state, held until. A slot "
+        "that more than one container holds is shown as CONFLICT with every holder, and the "
+        "command exits 1. Never-started containers that nothing claims (ghosts: a spawn "
+        "killed between create and start) hold nothing and are listed.",
+    )
+    status.add_argument(
+        "--reconcile",
+        action="store_true",
+        help="also remove the ghosts (never forced), each recorded as a `reconcile` event in "
+        "the state directory's event log, as the ds01-ops service does at hub start",
+    )
+    status.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="only containers that also carry this label (repeatable), as `ds01hub cull`",
     )
     status.add_argument(
         "--state-dir",
@@ -281,7 +297,8 @@ def _or_dash(value: int | None, unit: str = "") -> str:
 def cmd_status(args: argparse.Namespace) -> int:
     import docker
 
-    from ds01hub.allocation_state import GpuAllocator
+    from ds01hub.allocation_state import AllocationStateError, GpuAllocator, docker_lister
+    from ds01hub.eventlog import EventLog
     from ds01hub.inventory import load_inventory
 
     config = _load_config(args, required=False)
@@ -291,33 +308,56 @@ def cmd_status(args: argparse.Namespace) -> int:
     except docker.errors.DockerException as error:
         raise CliError(
             f"cannot reach the Docker engine: {error}",
-            hint="run as root or a member of the docker group; check that dockerd runs",
+            hint="run as root or a member of the docker group; check dockerd runs",
         ) from None
     inventory = load_inventory(config.gpu_allocation)
-    state_dir = args.state_dir or default_state_dir()
-    allocator = GpuAllocator(client, inventory, state_dir, None, limits=config)
+    state_dir = Path(args.state_dir or default_state_dir())
+    eventlog = EventLog(state_dir / "events.db") if args.reconcile else None
+    allocator = GpuAllocator(
+        client,
+        inventory,
+        state_dir,
+        eventlog,
+        limits=config,
+        container_lister=docker_lister(client, args.label),
+    )
+    try:
+        reconciled = [a.to_dict() for a in allocator.reconcile()] if args.reconcile else []
+    except AllocationStateError as error:
+        raise CliError(
+            str(error), hint=f"free space in {state_dir} or fix its permissions"
+        ) from None
     rows = [row.to_dict() for row in allocator.status()]
+    ghosts = [g.to_dict() for g in allocator.ghosts()]
     revoked = [{"container_id": cid, **entry} for cid, entry in allocator.revocations().items()]
     inventory.close()
+    code = EXIT_FAILURE if any(row["conflict"] for row in rows) else EXIT_OK
     if args.json:
         print_json(
             {
                 "simulated": inventory.simulated,
                 "reason": inventory.reason,
                 "slots": rows,
+                "conflicts": [row["slot"] for row in rows if row["conflict"]],
+                "ghosts": ghosts,
+                "reconciled": reconciled,
                 "revoked": revoked,
             }
         )
-        return EXIT_OK
+        return code
+    _print_status(inventory, rows, ghosts, reconciled, revoked)
+    return code
+
+
+def _print_status(inventory, rows, ghosts, reconciled, revoked) -> None:
     colour = use_colour(sys.stdout)
     if inventory.simulated:
         print("SIMULATED GPUs (gpu_allocation.simulate)")
     if not rows:
         print(f"no GPU slots: {inventory.reason or 'none found'}")
-        return EXIT_OK
     for row in rows:
         row["kind"] = row["profile"] or "whole GPU"
-        row["state"] = row["state"] or "free"
+        row["state"] = "CONFLICT" if row["conflict"] else row["state"] or "free"
     columns = [
         Column("SLOT", "slot"),
         Column("KIND", "kind"),
@@ -326,7 +366,21 @@ def cmd_status(args: argparse.Namespace) -> int:
         Column("STATE", "state", colour_of=_state_colour),
         Column("HELD UNTIL", "held_until"),
     ]
-    print(render_table(rows, columns, colour=colour))
+    if rows:
+        print(render_table(rows, columns, colour=colour))
+    for row in rows:
+        if row["conflict"]:
+            holders = "; ".join(
+                f"{h['container']} ({h['user']}, {h['state']})" for h in row["holders"]
+            )
+            print(f"CONFLICT: slot {row['slot']} is held by more than one container: {holders}")
+    for ghost in ghosts:
+        print(
+            f"ghost: {ghost['name']} ({ghost['user']}) never started and nothing claims it; "
+            "it holds no GPU (ds01-ops or `ds01hub status --reconcile` removes it)"
+        )
+    for action in reconciled:
+        print(f"reconciled: {action['container']} ({action['user']}): {action['reason']}")
     for entry in revoked:
         slots = ", ".join(entry.get("slots", []))
         if entry.get("by"):
@@ -336,13 +390,18 @@ def cmd_status(args: argparse.Namespace) -> int:
             )
         else:  # GpuAllocator.end_hold: given back, nobody took them
             print(f"released: {entry.get('name')} gave back slot(s) {slots}: {entry.get('reason')}")
-    return EXIT_OK
 
 
 def _state_colour(state: str | None) -> str | None:
-    return {"free": "green", "running": "blue", "stopped": "yellow", "reserved": "grey"}.get(
-        state or ""
-    )
+    colours = {
+        "free": "green",
+        "running": "blue",
+        "stopped": "yellow",
+        "reserved": "grey",
+        "starting": "grey",
+        "CONFLICT": "red",
+    }
+    return colours.get(state or "")
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
