@@ -14,7 +14,9 @@ framing (old-style hijack) and ``101 Switching Protocols`` become a two-way spli
 answers (``logs -f``, ``events``) stop as soon as the client hangs up.
 
 Run it as root (``ds01hub proxy``): it needs the engine's socket, reads other users' /proc to
-tell host processes from containerised ones, and resolves bind paths as the engine would.
+tell host processes from containerised ones, resolves bind paths as the engine would, and reads
+the hub's label key and deployment id from ``--state-dir`` (the hub's state directory): it signs
+the containers users create and believes only signed ownership labels (`ds01hub.provenance`).
 """
 
 from __future__ import annotations
@@ -35,10 +37,13 @@ import struct
 import sys
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from ds01hub import provenance
 from ds01hub import proxy_policy as policy
+from ds01hub.provenance import Provenance
 from ds01hub.proxy_policy import Caller, ContainerFacts, Denied, Kind, PathFacts, Target
 
 log = logging.getLogger("ds01hub.proxy")
@@ -491,9 +496,11 @@ class Fetched:
 
 @dataclass
 class Upstream:
-    """The real engine's socket: a fresh connection per request, plus JSON look-ups."""
+    """The real engine's socket: a fresh connection per request, plus JSON look-ups. `trust`
+    (the deployment's label key) decides whose a looked-up container is."""
 
     path: str
+    trust: Provenance | None = None
 
     async def connect(self) -> Stream:
         try:
@@ -535,7 +542,7 @@ class Upstream:
         data = fetched.json()
         if fetched.status != 200 or not isinstance(data, dict):
             raise Denied(502, f"upstream answered {fetched.status} looking up container {ref}")
-        return ContainerFacts.from_inspect(data), fetched
+        return ContainerFacts.from_inspect(data, self.trust), fetched
 
     async def exec_container(self, exec_id: str) -> tuple[str, str] | None:
         """(exec id, container id) of an exec instance, or None when there is none."""
@@ -550,12 +557,23 @@ class Upstream:
         status, _ = await self.get_json(f"/images/{quote(reference, safe='/:@')}/json")
         return status == 200
 
-    async def count_containers(self, user: str) -> int:
-        filters = quote(policy.owner_filters(None, user), safe="")
+    async def image_labels(self, reference: str) -> dict[str, str]:
+        """The image's own labels (what the engine would merge into a container); none for
+        an image that is not here (the create then fails, the CLI pulls and asks again)."""
+        status, data = await self.get_json(f"/images/{quote(reference, safe='/:@')}/json")
+        if status == 404:
+            return {}
+        if status != 200 or not isinstance(data, dict):
+            raise Denied(502, f"upstream answered {status} looking up image {reference}")
+        found = (data.get("Config") or {}).get("Labels") or {}
+        return {str(k): str(v) for k, v in found.items()} if isinstance(found, dict) else {}
+
+    async def count_containers(self, user: str, trust: Provenance) -> int:
+        filters = quote(policy.owner_filters(None, user, trust), safe="")
         status, data = await self.get_json(f"/containers/json?all=1&filters={filters}")
         if status != 200 or not isinstance(data, list):
             raise Denied(502, f"upstream answered {status} listing containers")
-        return len(policy.filter_owned_containers(data, user))
+        return len(policy.filter_owned_containers(data, user, trust))
 
 
 def path_facts(path: str) -> PathFacts:
@@ -677,9 +695,10 @@ class Proxy:
             case Kind.PUBLIC | Kind.IMAGE_READ:
                 return Plan(target.render(), None)
             case Kind.LIST_CONTAINERS:
-                return Plan(policy.check_list(caller, target).render(), None, caller.user)
+                checked = policy.check_list(caller, target, self.settings)
+                return Plan(checked.render(), None, caller.user)
             case Kind.EVENTS:
-                return Plan(policy.check_events(caller, target).render(), None)
+                return Plan(policy.check_events(caller, target, self.settings).render(), None)
             case Kind.CREATE:
                 return await self.plan_create(caller, target, await body.read(policy.MAX_JSON_BODY))
             case Kind.CONTAINER:
@@ -727,8 +746,10 @@ class Proxy:
         limits = await self.limits(caller)
         existing = 0
         if limits and limits.max_containers is not None:
-            existing = await self.upstream.count_containers(caller.user)
-        facts = policy.CreateFacts(containers, paths, existing, limits)
+            existing = await self.upstream.count_containers(caller.user, self.settings.signer())
+        image = body.get("Image")
+        image_labels = await self.upstream.image_labels(image) if isinstance(image, str) else {}
+        facts = policy.CreateFacts(containers, paths, existing, limits, image_labels)
         checked, new_body = policy.check_create(caller, target, body, facts, self.settings)
         return Plan(checked.render(), new_body)
 
@@ -823,7 +844,7 @@ class Proxy:
         """The container list reduced to the caller's; an exec create remembered."""
         if plan.filter_user:
             listing = json.loads(body or b"[]")
-            kept = policy.filter_owned_containers(listing, plan.filter_user)
+            kept = policy.filter_owned_containers(listing, plan.filter_user, self.settings.signer())
             return body if len(kept) == len(listing) else json.dumps(kept).encode()
         if plan.learn_exec:
             with contextlib.suppress(ValueError, KeyError, TypeError):
@@ -941,7 +962,14 @@ def run(args: argparse.Namespace) -> int:
                 f"ds01hub proxy: --admin-group {args.admin_group}: no such group", file=sys.stderr
             )
             return 2
-    settings = policy.Settings(bind_roots=tuple(args.bind_root or policy.Settings().bind_roots))
+    try:
+        trust = provenance.load(args.state_dir)
+    except provenance.ProvenanceError as error:
+        print(f"ds01hub proxy: --state-dir: {error}", file=sys.stderr)
+        return 1
+    settings = policy.Settings(
+        bind_roots=tuple(args.bind_root or policy.Settings().bind_roots), trust=trust
+    )
     try:
         limits = limits_loader(args.limits)
     except Exception as error:  # LimitsError names the key and the fix
@@ -954,7 +982,7 @@ def run(args: argparse.Namespace) -> int:
         )
         return 1
     proxy = Proxy(
-        Upstream(args.upstream),
+        Upstream(args.upstream, trust),
         AdminRule(frozenset(args.admin), args.admin_group),
         settings,
         limits,
@@ -979,8 +1007,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Serve the Docker Engine API on a unix socket. Each client is identified by "
             "SO_PEERCRED; root, --admin users and members of --admin-group get full access, "
-            "everyone else only their own containers (labels ds01.managed=true, "
-            "ds01.user=<user>) and a deny-by-default set of endpoints. Users point the docker "
+            "everyone else only their own containers (ds01.user=<user> in labels signed with "
+            "the hub's label key) and a deny-by-default set of endpoints. Users point the docker "
             "CLI at it: DOCKER_HOST=unix:///run/ds01hub/docker.sock."
         ),
     )
@@ -1009,6 +1037,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="resource-limits YAML applied to containers users create "
         "(default: none applied; the security policy still is)",
+    )
+    parser.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        type=Path,
+        help="the hub's state directory, for its label key and deployment id (default: "
+        f"${provenance.ENV_STATE_DIR}, else {provenance.DEFAULT_STATE_DIR}); it must be the "
+        "hub's, or containers made through the proxy are nobody's to the hub and vice versa",
     )
     parser.add_argument(
         "--bind-root",

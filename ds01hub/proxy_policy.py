@@ -11,18 +11,22 @@ prints.
 The model, for callers who are not admins:
 
 - Deny by default. Only the endpoints in `classify` are reachable; everything else is 403.
-- A container is the caller's iff it carries ``ds01.managed=true`` and ``ds01.user=<caller>``.
-  Unlabelled containers are invisible (404), other users' containers are refused (403
-  "Permission denied: container owned by <owner>"). References are resolved by the upstream
-  engine (exact id, exact name, unique id prefix -- as Docker itself would) and forwarded as
-  the resolved full id.
+- A container is the caller's iff it carries ``ds01.user=<caller>`` in a label set that this
+  deployment signed for that very container name (`ds01hub.provenance`): labels an image or a
+  build step merely claims count for nobody. Unsigned containers are invisible (404), other
+  users' containers are refused (403 "Permission denied: container owned by <owner>").
+  References are resolved by the upstream engine (exact id, exact name, unique id prefix -- as
+  Docker itself would) and forwarded as the resolved full id.
 - Requests are parsed the way the engine parses them and rebuilt canonically: decoded,
   dot-free, single-slash paths; no duplicate single-valued query parameters; JSON bodies whose
   object keys must be the exact canonical field names (Go's decoder matches keys
   case-insensitively, so ``"hostconfig"`` would otherwise slip past a checker that reads
   ``"HostConfig"``), re-serialised from what was checked.
-- Create is rebuilt from an allow-list of fields. Ownership labels are forced, the user's limits
-  applied, and anything that reaches the host (privileged, capabilities, devices, host
+- Create is rebuilt from an allow-list of fields. The ds01 labels are set and signed by the
+  proxy (caller, no GPUs, every signed key explicit and every reserved key the image carries
+  overwritten, so no image label is ever merged into one; routing labels refused; a name is
+  assigned when none is given, since the signature covers it), the user's limits applied,
+  and anything that reaches the host (privileged, capabilities, devices, host
   namespaces, binds outside the user's home/workspace, sockets, unconfined security options,
   sysctls, other users' containers as namespaces or volume sources) is refused.
 - Containers with host bind mounts run as the caller's uid:gid with ``no-new-privileges``
@@ -34,7 +38,10 @@ The model, for callers who are not admins:
   image would run the attacker's code in everyone's containers.
 - BuildKit (``/session``, ``/grpc``, ``version=2``) is refused: its gRPC API would bypass the
   tag and network checks. Legacy builds (``DOCKER_BUILDKIT=0 docker build``) are allowed with
-  the network limited to bridge/none, no remote contexts, and the user's memory/CPU limits.
+  the network limited to bridge/none, no remote contexts, no reserved or routing keys in
+  ``--label``, and the user's memory/CPU limits. (A Dockerfile's own LABEL lines still reach
+  the image and the build's step containers: harmless, because they are unsigned.)
+- Renaming is refused: a container's name is part of its signed labels.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ import fnmatch
 import json
 import posixpath
 import re
+import secrets
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -51,16 +59,26 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode
 
 from ds01hub.images import image_repository
-from ds01hub.labels import NAME_SEPARATOR, escape_name
+from ds01hub.labels import (
+    AIME_NAME,
+    NAME_SEPARATOR,
+    OWNER,
+    PROJECT,
+    USER,
+    container_labels,
+    container_name_of,
+    escape_name,
+    is_reserved,
+    is_routing,
+    labels_of,
+    reserved_blanks,
+    routing_keys,
+)
+from ds01hub.provenance import Provenance
 
-MANAGED_LABEL = "ds01.managed"
-USER_LABEL = "ds01.user"
-# Labels a user may set on their own containers; every other ds01.* / aime.mlc.* label is
-# the system's (GPU holdings, priority, group) and is dropped from a user's create request.
-USER_SETTABLE_LABELS = frozenset({"ds01.project", "ds01.test"})
-RESERVED_LABEL_PREFIXES = ("ds01.", "aime.mlc.")
-# Reverse proxies that route by container labels (Traefik, caddy-docker-proxy)
-ROUTING_LABEL_PREFIXES = ("traefik.", "caddy")
+# Reserved labels a user may give their own containers (ds01.project is then signed as theirs);
+# every other ds01.* / aime.mlc.* label is the system's and is overwritten in a user's create.
+USER_SETTABLE_LABELS = frozenset({PROJECT, "ds01.test"})
 MIN_API_VERSION = (1, 24)  # older versions accept HostConfig at start: a create-check bypass
 MAX_JSON_BODY = 4 * 1024 * 1024
 BUILDKIT_REFUSED = (
@@ -101,11 +119,18 @@ class Caller:
 
 @dataclass(frozen=True)
 class Settings:
-    """Site policy. `bind_roots` are templates with ``{user}`` and ``{home}``."""
+    """Site policy. `bind_roots` are templates with ``{user}`` and ``{home}``; `trust` is the
+    deployment's label key (None: nothing is anyone's, and creates are refused)."""
 
     bind_roots: tuple[str, ...] = ("{home}", "/workspace/{user}")
     allowed_networks: tuple[str, ...] = ("default", "bridge", "none")
     min_host_port: int = 1024
+    trust: Provenance | None = None
+
+    def signer(self) -> Provenance:
+        if self.trust is None:
+            raise Denied(503, "the ds01 proxy runs without a label key (ask an admin)")
+        return self.trust
 
 
 @dataclass(frozen=True)
@@ -119,26 +144,25 @@ class UserLimits:
 
 @dataclass(frozen=True)
 class ContainerFacts:
-    """What the upstream engine says about a container (``GET /containers/{ref}/json``)."""
+    """What the upstream engine says about a container (``GET /containers/{ref}/json``).
+    `owner` is the user its *signed* labels name (None: nobody's -- unmanaged, unsigned,
+    forged or another deployment's)."""
 
     id: str
     labels: Mapping[str, str]
     has_host_binds: bool = False
-
-    @property
-    def owner(self) -> str | None:
-        if self.labels.get(MANAGED_LABEL) != "true":
-            return None
-        return self.labels.get(USER_LABEL) or None
+    owner: str | None = None
 
     @classmethod
-    def from_inspect(cls, data: Mapping[str, Any]) -> ContainerFacts:
-        config = data.get("Config") or {}
+    def from_inspect(cls, data: Mapping[str, Any], trust: Provenance | None) -> ContainerFacts:
+        found = dict(labels_of(data))
         mounts = data.get("Mounts") or []
+        signed = trust is not None and trust.verify(found, container_name_of(data))
         return cls(
             id=data["Id"],
-            labels=dict(config.get("Labels") or {}),
+            labels=found,
             has_host_binds=any(m.get("Type") == "bind" for m in mounts),
+            owner=found.get(USER) if signed else None,
         )
 
 
@@ -396,21 +420,33 @@ def check_owner(caller: Caller, ref: str, facts: ContainerFacts | None) -> Conta
     return facts
 
 
-def owned_labels(user: str) -> dict[str, str]:
-    return {MANAGED_LABEL: "true", USER_LABEL: user}
+def owned_labels(user: str, trust: Provenance) -> dict[str, str]:
+    """Label filters that only `user`'s signed containers of `trust`'s deployment pass (the
+    owner tag is a keyed hash: a container that merely claims the user lacks it)."""
+    return {
+        **dict(f.split("=", 1) for f in trust.label_filters()),
+        USER: user,
+        OWNER: trust.owner_tag(user),
+    }
 
 
-def is_owned(labels: Mapping[str, str] | None, user: str) -> bool:
-    labels = labels or {}
-    return labels.get(MANAGED_LABEL) == "true" and labels.get(USER_LABEL) == user
+def is_owned(entry: Mapping[str, Any], user: str, trust: Provenance) -> bool:
+    """Whether a container (a list entry or inspect document) is `user`'s: its labels name
+    them and this deployment signed those labels for this container's name."""
+    found = labels_of(entry)
+    return found.get(USER) == user and trust.verify(found, container_name_of(entry))
 
 
-def filter_owned_containers(listing: list[Mapping[str, Any]], user: str) -> list[Any]:
+def filter_owned_containers(
+    listing: list[Mapping[str, Any]], user: str, trust: Provenance
+) -> list[Any]:
     """The response of ``GET /containers/json`` reduced to the caller's containers."""
-    return [c for c in listing if is_owned(c.get("Labels"), user)]
+    return [c for c in listing if isinstance(c, Mapping) and is_owned(c, user, trust)]
 
 
-def owner_filters(raw: str | None, user: str, extra: Mapping[str, list[str]] = ()) -> str:
+def owner_filters(
+    raw: str | None, user: str, trust: Provenance, extra: Mapping[str, list[str]] = ()
+) -> str:
     """The ``filters`` query value with the ownership label filters added (ANDed upstream)."""
     filters: dict[str, list[str]] = {}
     if raw:
@@ -428,7 +464,7 @@ def owner_filters(raw: str | None, user: str, extra: Mapping[str, list[str]] = (
                 raise Denied(400, f"filters[{key!r}] must be a list of strings")
             filters[str(key)] = list(values)
     labels = filters.setdefault("label", [])
-    labels += [f"{k}={v}" for k, v in owned_labels(user).items()]
+    labels += [f"{k}={v}" for k, v in owned_labels(user, trust).items()]
     for key, values in dict(extra).items():
         filters[key] = list(values)
     return json.dumps(filters, separators=(",", ":"))
@@ -596,6 +632,7 @@ class CreateFacts:
     paths: Mapping[str, PathFacts] = field(default_factory=dict)
     existing_containers: int = 0
     limits: UserLimits | None = None
+    image_labels: Mapping[str, str] = field(default_factory=dict)  # the image's Config.Labels
 
 
 def bind_roots(caller: Caller, settings: Settings) -> tuple[str, ...]:
@@ -714,7 +751,8 @@ class CreateCheck:
         self.roots = [r for r in resolved if len(PurePosixPath(r).parts) > 2]
         self.host_binds = False
 
-    def run(self, body: Mapping[str, Any]) -> dict[str, Any]:
+    def run(self, body: Mapping[str, Any], name: str) -> dict[str, Any]:
+        """The checked body of a create of the container called `name`."""
         limit = self.limits.max_containers
         if limit is not None and self.facts.existing_containers >= limit:
             raise forbid(
@@ -728,7 +766,7 @@ class CreateCheck:
         # HostConfig first: whether it binds host paths decides the container's user
         out["HostConfig"] = self.host_config(out.get("HostConfig"))
         out["Image"] = self.image(out.get("Image"))
-        out["Labels"] = self.labels(out.get("Labels"))
+        out["Labels"] = self.labels(out.get("Labels"), out["Image"], name)
         out["Env"] = self.env(of_type("Env", list)(out.get("Env")))
         out["User"] = self.user(out.get("User"))
         return {k: v for k, v in out.items() if v is not None}
@@ -744,22 +782,34 @@ class CreateCheck:
             )
         return value
 
-    def labels(self, value: Any) -> dict[str, str]:
+    def labels(self, value: Any, image: str, name: str) -> dict[str, str]:
+        """The user's own labels plus the ds01 set signed for the caller (no GPUs) and `name`.
+
+        Docker merges the image's labels into the container for every key the create leaves
+        unset, so each reserved key the image carries is set here too (empty), and the signed
+        keys are all set: no image label ever lands on a reserved key. Routing labels are
+        refused, whether in the request or in the image.
+        """
         if value is not None and not isinstance(value, dict):
             raise Denied(400, "create: Labels must be an object")
-        if routing := [k for k in value or {} if k.startswith(ROUTING_LABEL_PREFIXES)]:
-            raise forbid(
-                f"Permission denied: label {routing[0]!r}: reverse-proxy routing labels "
-                "are reserved to admins (they could claim the hub's own address)"
-            )
+        image_labels = self.facts.image_labels
+        for where, found in (("label", value or {}), (f"image {image} has label", image_labels)):
+            if routing := routing_keys(found):
+                raise forbid(
+                    f"Permission denied: {where} {routing[0]!r}: reverse-proxy routing labels "
+                    "are reserved to admins (they could claim the hub's own address)"
+                )
         kept = {
             k: str(v)
             for k, v in (value or {}).items()
-            if k in USER_SETTABLE_LABELS or not k.startswith(RESERVED_LABEL_PREFIXES)
+            if k in USER_SETTABLE_LABELS or not is_reserved(k)
         }
-        kept |= owned_labels(self.caller.user)
-        kept |= {"aime.mlc.USER": self.caller.user, "aime.mlc.DS01_MANAGED": "true"}
-        return kept
+        own = container_labels(
+            user=self.caller.user, project=None, group=None, priority=0, image=image
+        )
+        own[PROJECT] = own[AIME_NAME] = kept.get(PROJECT, "")
+        signed = self.settings.signer().sign(own, name)
+        return reserved_blanks(image_labels) | kept | signed
 
     def env(self, value: Any) -> list[str]:
         """Hide GPUs from the NVIDIA runtime: images such as nvidia/cuda set
@@ -1017,11 +1067,19 @@ class CreateCheck:
 def check_create(
     caller: Caller, target: Target, body: Any, facts: CreateFacts, settings: Settings = Settings()
 ) -> tuple[Target, bytes]:
-    """The create request to forward: labels forced, limits applied, dangerous options refused."""
+    """The create request to forward: labels signed, limits applied, dangerous options refused.
+
+    The signature covers the container's name, so a create without one gets one here
+    (`<user>-<12 hex>`): a label set signed for no name in particular would verify on any
+    container, such as a build step whose image carries a copy of it."""
     if not isinstance(body, dict):
         raise Denied(400, "create body must be a JSON object")
-    check_container_name(caller, target.param("name"))
-    checked = CreateCheck(caller, settings, facts).run(body)
+    name = (target.param("name") or "").removeprefix("/")
+    check_container_name(caller, name)
+    if not name:
+        name = f"{escape_name(caller.user)}-{secrets.token_hex(6)}"
+        target = target.with_query(name=name)
+    checked = CreateCheck(caller, settings, facts).run(body, name)
     return target, json.dumps(checked, separators=(",", ":")).encode()
 
 
@@ -1044,7 +1102,11 @@ def check_container_action(
     if (method, action) == ("DELETE", "") and target.param("link") not in (None, "", "0", "false"):
         raise forbid("Permission denied: removing links is not allowed")
     if action == "rename":
-        check_container_name(caller, target.param("name"))
+        raise forbid(
+            "Permission denied: renaming is not available through the ds01 proxy (a "
+            "container's name is part of its signed ds01 labels); create a new container "
+            "with --name instead"
+        )
     if (method, action) == ("PUT", "archive") and owned.has_host_binds:
         raise forbid(
             "Permission denied: docker cp into a container with host bind mounts is "
@@ -1104,12 +1166,14 @@ def run_as_caller(caller: Caller, requested: Any, what: str) -> str:
     )
 
 
-def check_list(caller: Caller, target: Target) -> Target:
-    return target.with_query(filters=owner_filters(target.param("filters"), caller.user))
+def check_list(caller: Caller, target: Target, settings: Settings) -> Target:
+    filters = owner_filters(target.param("filters"), caller.user, settings.signer())
+    return target.with_query(filters=filters)
 
 
-def check_events(caller: Caller, target: Target) -> Target:
-    filters = owner_filters(target.param("filters"), caller.user, {"type": ["container"]})
+def check_events(caller: Caller, target: Target, settings: Settings) -> Target:
+    extra = {"type": ["container"]}
+    filters = owner_filters(target.param("filters"), caller.user, settings.signer(), extra)
     return target.with_query(filters=filters)
 
 
@@ -1179,10 +1243,31 @@ BUILD_FORBIDDEN = (
 )
 
 
+def check_build_labels(raw: str | None) -> None:
+    """``docker build --label``: the image would hand these to every container made from it."""
+    if not raw:
+        return
+    try:
+        found = json.loads(raw)
+    except ValueError:
+        raise Denied(400, "build labels are not valid JSON") from None
+    if found is None:
+        return
+    if not isinstance(found, dict):
+        raise Denied(400, "build labels must be a JSON object")
+    if bad := sorted(k for k in found if is_reserved(str(k)) or is_routing(str(k))):
+        raise forbid(
+            f"Permission denied: build label {bad[0]!r}: ds01.*, aime.mlc.* and reverse-proxy "
+            "routing labels are reserved to ds01hub; choose another key"
+        )
+
+
 def check_build(caller: Caller, target: Target, limits: UserLimits | None) -> Target:
-    """Legacy builds only; tags in the user's namespace; the user's memory/CPU limits."""
+    """Legacy builds only; tags in the user's namespace; no reserved or routing labels; the
+    user's memory/CPU limits."""
     if target.param("version") not in (None, "", "1"):
         raise forbid(BUILDKIT_REFUSED)
+    check_build_labels(target.param("labels"))
     for key in BUILD_FORBIDDEN:
         value = target.param(key)
         if value not in (None, "", "[]", "null", "0", "false"):
