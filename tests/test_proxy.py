@@ -27,6 +27,7 @@ import pytest
 from ds01_cli_harness import BUSYBOX_IMAGE
 from ds01_cli_harness import busybox_image as shared_busybox_image
 
+from ds01hub import labels, provenance
 from ds01hub.proxy import ChunkScanner, HttpError, parse_head, request_framing
 
 # --------------------------------------------------------------------------- framing (fast)
@@ -216,15 +217,18 @@ class RunningProxy:
     sock: Path
     log: Path
     process: subprocess.Popen
+    state_dir: Path  # its label key and deployment id (a hub's state directory)
 
 
 @contextmanager
-def proxy_process(*options: str) -> Iterator[RunningProxy]:
-    """A real `ds01hub proxy` on a socket every user can reach."""
+def proxy_process(*options: str, state_dir: Path | None = None) -> Iterator[RunningProxy]:
+    """A real `ds01hub proxy` on a socket every user can reach, with a state directory (label
+    key, deployment id) of its own unless `state_dir` (another proxy's: one deployment)."""
     directory = Path(tempfile.mkdtemp(prefix="ds01proxy-"))
     directory.chmod(0o755)
     sock = directory / "docker.sock"
     log = directory / "proxy.log"
+    state_dir = state_dir or directory / "state"
     command = [
         sys.executable,
         "-c",
@@ -234,6 +238,8 @@ def proxy_process(*options: str) -> Iterator[RunningProxy]:
         str(sock),
         "--upstream",
         "/var/run/docker.sock",
+        "--state-dir",
+        str(state_dir),
         *options,
     ]
     with open(log, "w") as out:
@@ -245,7 +251,7 @@ def proxy_process(*options: str) -> Iterator[RunningProxy]:
             assert time.monotonic() < deadline, "proxy did not start"
             time.sleep(0.05)
         assert oct(sock.stat().st_mode & 0o777) == "0o666"
-        yield RunningProxy(sock, log, process)
+        yield RunningProxy(sock, log, process, state_dir)
     finally:
         process.terminate()
         process.wait(timeout=10)
@@ -385,6 +391,14 @@ def world(proxy, users):
     admin_docker("rm", "-f", loose, check=False)
 
 
+def spawner_label_args(proxy, user: str, name: str) -> list[str]:
+    """`--label` options for the labels the spawner gives `user`'s container `name` (signed
+    with the key the proxy reads)."""
+    own = labels.container_labels(user=user, project=None, group=None, priority=10)
+    signed = provenance.load(proxy.state_dir).sign(own, name)
+    return [arg for key, value in signed.items() for arg in ("--label", f"{key}={value}")]
+
+
 def still_running(cid: str) -> bool:
     return admin_docker("inspect", "-f", "{{.State.Running}}", cid).stdout.strip() == "true"
 
@@ -433,11 +447,14 @@ def test_created_containers_carry_forced_labels(proxy, world):
         "true",
     )
     assert result.returncode == 0, result.stderr
-    labels = json.loads(
+    found = json.loads(
         admin_docker("inspect", "-f", "{{json .Config.Labels}}", result.stdout.strip()).stdout
     )
-    assert labels["ds01.user"] == alice and labels["ds01.managed"] == "true"
-    assert "ds01.gpus" not in labels
+    assert found["ds01.user"] == alice and found["ds01.managed"] == "true"
+    assert found["ds01.gpus"] == "" and found["ds01.signature"].startswith("v1:")
+    name = admin_docker("inspect", "-f", "{{.Name}}", result.stdout.strip()).stdout.strip()
+    assert name.startswith(f"/{alice}-")  # no --name: the proxy named it (the signature covers it)
+    assert provenance.load(proxy.state_dir).verify(found, name)
     admin_docker("rm", result.stdout.strip())
 
 
@@ -459,14 +476,15 @@ def test_everything_a_user_may_do_on_their_own_container(proxy, world):
         ("kill", name),
         ("start", name),
         ("stop", "-t", "0", name),
-        ("rename", name, name + "-2"),
-        ("rm", "-f", name + "-2"),
     ]
     for step in steps:
         result = docker_as(proxy, alice, *step)
         assert result.returncode == 0, (step, result.stderr)
         if step[0] == "exec":
             assert result.stdout.strip() == "exec-works"
+    renamed = docker_as(proxy, alice, "rename", name, name + "-2")  # its name is signed
+    assert renamed.returncode != 0 and "renaming is not available" in renamed.stderr
+    assert docker_as(proxy, alice, "rm", "-f", name).returncode == 0
 
 
 @pytest.mark.docker
@@ -902,14 +920,14 @@ def test_listed_admins_get_full_access(world):
 
 @pytest.mark.docker
 @pytest.mark.root
-def test_limits_file_is_applied_to_created_containers(world, tmp_path):
+def test_limits_file_is_applied_to_created_containers(proxy, world, tmp_path):
     limits = tmp_path / "resource-limits.yaml"
     limits.write_text(
         "defaults:\n  max_cpus: 1\n  memory: 256m\n  shm_size: 32m\n  pids_limit: 200\n"
         "  max_containers_per_user: 100\n"
         f"user_overrides:\n  {world['bob']}:\n    max_containers_per_user: 1\n"
     )
-    with proxy_process("--limits", str(limits)) as limited:
+    with proxy_process("--limits", str(limits), state_dir=proxy.state_dir) as limited:
         made = docker_as(
             limited,
             world["alice"],
@@ -943,15 +961,15 @@ def test_exec_into_a_root_container_with_binds_runs_as_the_user(proxy, world):
     user's home bound: `docker exec` through the proxy runs as the user, not as root."""
     alice = world["alice"]
     entry = pwd.getpwnam(alice)
+    name = f"default._.{alice}"
     cid = admin_docker(
         "run",
         "-d",
+        "--name",
+        name,
         "--label",
         "ds01.test=1",
-        "--label",
-        "ds01.managed=true",
-        "--label",
-        f"ds01.user={alice}",
+        *spawner_label_args(proxy, alice, name),
         "-v",
         f"{entry.pw_dir}:/home/me",
         IMAGE,
