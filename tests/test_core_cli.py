@@ -127,7 +127,7 @@ def test_status_shows_who_holds_which_slot_in_its_own_deployment_only(
         found = labels.container_labels(
             user=user, project="status", group=None, priority=10, gpus=[slot]
         )
-        found = trust.sign(found, name) if trust else found | {"ds01.deployment": "x"}
+        found = trust.sign(found, name) if trust else found | {"ds01.deployment": ours.deployment}
         return docker_client.containers.create(
             base_image, ["sleep", "60"], name=name, labels=found | {"ds01.test": "1"}
         )
