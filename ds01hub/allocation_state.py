@@ -208,7 +208,7 @@ class GpuAllocator:
             state = doc.get("State")
             key = (
                 doc.get("Id"),
-                labels.container_name_of(doc),
+                doc.get("Name") or str(doc.get("Names")),
                 str(state.get("Status")) + str(state.get("FinishedAt"))
                 if isinstance(state, Mapping)
                 else state,
