@@ -34,12 +34,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from ds01hub import labels
+from ds01hub import labels, provenance
 from ds01hub.allocator import Decision, GpuRequest, Holding, decide
 from ds01hub.eventlog import EventLog
 from ds01hub.inventory import Inventory
 from ds01hub.labels import ContainerRecord
 from ds01hub.limits import LimitsConfig, LimitsStore, ResolvedLimits, parse_limits
+from ds01hub.provenance import Provenance
 
 __all__ = ["DEFAULT_RESERVATION_TTL", "GpuAllocator", "SlotStatus", "docker_lister", "utcnow"]
 
@@ -51,11 +52,15 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def docker_lister(client: Any, extra_labels: Sequence[str] = ()) -> Callable[[], list[dict]]:
+def docker_lister(
+    client: Any, extra_labels: Sequence[str] = (), *, trust: Provenance | None = None
+) -> Callable[[], list[dict]]:
     """Managed containers as Docker documents: list entries for running ones, inspect
     documents for the others that carry GPUs (only inspect has `State.FinishedAt`).
-    `extra_labels` narrows the listing (tests on a shared engine)."""
-    filters = {"label": [labels.MANAGED_FILTER["label"], *extra_labels]}
+    `trust` narrows the listing to its deployment, `extra_labels` further (tests); what it
+    returns is still only what the labels claim (the allocator verifies)."""
+    scope = trust.label_filters() if trust else [f"{labels.MANAGED}=true"]
+    filters = {"label": [*scope, *extra_labels]}
 
     def list_managed() -> list[dict]:
         import docker.errors
@@ -114,18 +119,21 @@ class GpuAllocator:
         limits: LimitsStore | LimitsConfig | None = None,
         reservation_ttl: float = DEFAULT_RESERVATION_TTL,
         container_lister: Callable[[], list[dict]] | None = None,
+        trust: Provenance | None = None,
     ):
         """`limits` gives each container's hold (`gpu_hold_after_stop` of its user), the
         strategy and `preempt_running`; `container_lister` replaces the Docker listing (for the
-        benchmark's recorded snapshot)."""
+        benchmark's recorded snapshot); `trust` (default: the state directory's) decides which
+        containers are this deployment's: only those count."""
         self.inventory = inventory
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.trust = trust or provenance.load(self.state_dir)
         self.eventlog = eventlog
         self.clock = clock
         self.reservation_ttl = reservation_ttl
         self._limits = limits
-        self._list = container_lister or docker_lister(docker_client)
+        self._list = container_lister or docker_lister(docker_client, trust=self.trust)
         self._thread_lock = threading.Lock()
         self._lock_path = self.state_dir / "allocator.lock"
         self._reservations_path = self.state_dir / "reservations.json"
@@ -182,8 +190,8 @@ class GpuAllocator:
     # -- holdings ------------------------------------------------------------------------------
 
     def records(self) -> list[ContainerRecord]:
-        """Managed containers, parsed from Docker."""
-        parsed = (ContainerRecord.from_docker(doc) for doc in self._list())
+        """This deployment's managed containers (signature verified), parsed from Docker."""
+        parsed = (ContainerRecord.from_docker(doc, self.trust) for doc in self._list())
         return [record for record in parsed if record is not None]
 
     def _gpu_records(self) -> list[ContainerRecord]:
@@ -196,17 +204,21 @@ class GpuAllocator:
             found = config.get("Labels") if config is not None else doc.get("Labels")
             if not (found and found.get(labels.GPUS)):
                 continue
-            # A container's labels never change; its state and FinishedAt may: those key the
-            # cache of parsed records, so an unchanged container is not parsed again.
+            # A container's labels never change; its state, FinishedAt and name (which the
+            # signature covers) may: those key the cache of parsed records, so an unchanged
+            # container is not parsed (or verified) again.
             state = doc.get("State")
             key = (
                 doc.get("Id"),
+                doc.get("Name") or str(doc.get("Names")),
                 str(state.get("Status")) + str(state.get("FinishedAt"))
                 if isinstance(state, Mapping)
                 else state,
             )
             record = (
-                self._parsed.get(key) if key in self._parsed else ContainerRecord.from_docker(doc)
+                self._parsed.get(key)
+                if key in self._parsed
+                else ContainerRecord.from_docker(doc, self.trust)
             )
             parsed[key] = record
             if record is not None:

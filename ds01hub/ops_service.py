@@ -27,7 +27,7 @@ from typing import Any
 from traitlets import Bool, Float, Integer, List, Unicode, default
 from traitlets.config import Application
 
-from ds01hub import siteenv
+from ds01hub import provenance, siteenv
 from ds01hub.bootstrap import BootstrapError
 from ds01hub.culler import Culler, PassReport, default_state_dir, utcnow
 
@@ -89,6 +89,7 @@ def build_components(
     inventory = inventory or load_inventory(limits.current.gpu_allocation)
     eventlog = EventLog(Path(state_dir) / EVENTLOG_FILE)
     extra_labels = list(extra_labels)
+    trust = provenance.load(state_dir)
     allocator = GpuAllocator(
         docker_client,
         inventory,
@@ -96,7 +97,8 @@ def build_components(
         eventlog,
         clock,
         limits=limits,
-        container_lister=docker_lister(docker_client, extra_labels),
+        container_lister=docker_lister(docker_client, extra_labels, trust=trust),
+        trust=trust,
     )
     lifecycle = (
         Lifecycle(docker_client, allocator, limits, eventlog, extra_labels=extra_labels)
@@ -113,6 +115,7 @@ def build_components(
         lifecycle=lifecycle,
         extra_labels=extra_labels,
         clock=clock,
+        trust=trust,
         **culler_options,
     )
     return Components(culler, allocator, eventlog, limits, inventory)
@@ -393,7 +396,7 @@ def _cli_components(args: Any) -> Components:
         )
     except LimitsError as error:
         raise CliError(str(error), hint="run: ds01hub check-config") from None
-    except OSError as error:
+    except (OSError, provenance.ProvenanceError) as error:
         raise CliError(str(error), hint="check --limits and --state-dir") from None
 
 

@@ -46,7 +46,7 @@ from tornado.ioloop import IOLoop
 from traitlets import Bool, Integer, Unicode, default
 from traitlets.config import Application
 
-from . import images
+from . import images, provenance
 from .hubclient import HubClient
 from .operations import OperationError, OperationsContext, UserOperations
 
@@ -404,6 +404,16 @@ class DS01Service(Application):
         help="resource-limits.yaml for quota answers. Empty: $DS01HUB_LIMITS or the default path.",
     ).tag(config=True)
 
+    state_dir = Unicode(
+        help="""The spawner's state directory (default $DS01HUB_STATE_DIR, else
+        /var/lib/ds01hub): its label key and deployment id decide which containers are this
+        hub's (docs/architecture.md, "Trust: labels").""",
+    ).tag(config=True)
+
+    @default("state_dir")
+    def _default_state_dir(self) -> str:
+        return str(provenance.default_state_dir())
+
     hub_api_url = Unicode(help="The hub API URL. Default: $JUPYTERHUB_API_URL.").tag(config=True)
 
     @default("hub_api_url")
@@ -434,6 +444,7 @@ class DS01Service(Application):
         "base-image": "DS01Service.base_image",
         "ca-bundle": "DS01Service.ca_bundle",
         "limits": "DS01Service.limits_path",
+        "state-dir": "DS01Service.state_dir",
     }
 
     def initialize(self, argv: list[str] | None = None) -> None:
@@ -441,6 +452,7 @@ class DS01Service(Application):
         import docker
 
         self.docker = docker.from_env()
+        self.trust = provenance.load(self.state_dir)
         self.builds = BuildManager(self._run_build, max_concurrent=self.max_concurrent_builds)
         self._limits_store = None
 
@@ -482,6 +494,7 @@ class DS01Service(Application):
         return OperationsContext(
             hub=HubClient(self.hub_api_url, token),
             docker=self.docker,
+            trust=self.trust,
             limits_for=self.limits_for,
             auto_create_users=False,
         )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 from datetime import UTC, datetime, timedelta
 
-from inspect_docs import inspect_doc
+from inspect_docs import TRUST, inspect_doc
 
 from ds01hub.admin_page import overview, render_page, week_start
 from ds01hub.allocation_state import GpuAllocator
@@ -36,6 +36,7 @@ def machine(tmp_path, docs):
         clock=lambda: NOW,
         limits=LIMITS,
         container_lister=lambda: list(docs),
+        trust=TRUST,
     )
     return nvml, inventory, log, allocator
 

@@ -61,7 +61,11 @@ def hub(hub_factory, tmp_path_factory):
     directory = tmp_path_factory.mktemp("cli-e2e")
     limits = directory / "resource-limits.yaml"
     limits.write_text(LIMITS)
-    broker_args = [f"--Broker.limits_path={limits}", "--Broker.activity_interval=1"]
+    broker_args = [
+        f"--Broker.limits_path={limits}",
+        "--Broker.activity_interval=1",
+        f"--Broker.state_dir={directory / 'state'}",  # the spawner's: its label key
+    ]
     test_label = f"ds01.test.cli={secrets.token_hex(3)}"
     key, value = test_label.split("=")
     with broker_socket_path() as socket_path:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ds01hub import labels
+from ds01hub import labels, provenance
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REPO = Path(__file__).parent.parent
@@ -111,30 +111,67 @@ def test_gpus_without_nvidia_and_without_a_limits_file_says_why(tmp_path):
 
 
 @pytest.mark.docker
-def test_status_shows_who_holds_which_slot(tmp_path, docker_client, base_image):
+def test_status_shows_who_holds_which_slot_in_its_own_deployment_only(
+    tmp_path, docker_client, base_image
+):
+    """Two deployments (state directories) on one engine, and a container that only claims a
+    slot (as an image's labels or a build step would): each status sees its own holder only;
+    --all-deployments shows the others as claims."""
     config = tmp_path / "limits.yaml"
     config.write_text("gpu_allocation:\n  simulate: {gpus: 8, seed: status-test}\n")
-    name = f"status-{uuid.uuid4().hex[:8]}._.grace"
-    container_labels = labels.container_labels(
-        user="grace", project="status", group=None, priority=10, gpus=["7"]
-    )
-    container_labels["ds01.test"] = "1"
-    container = docker_client.containers.create(
-        base_image, ["sleep", "60"], name=name, labels=container_labels
-    )
+    ours, theirs = provenance.load(tmp_path / "state"), provenance.load(tmp_path / "other")
+    run_id = uuid.uuid4().hex[:8]
+
+    def create(user: str, slot: str, trust=None):
+        name = f"status-{run_id}._.{user}"
+        found = labels.container_labels(
+            user=user, project="status", group=None, priority=10, gpus=[slot]
+        )
+        found = trust.sign(found, name) if trust else found | {"ds01.deployment": ours.deployment}
+        return docker_client.containers.create(
+            base_image, ["sleep", "60"], name=name, labels=found | {"ds01.test": "1"}
+        )
+
+    made = [create("grace", "7", ours), create("heidi", "6", theirs), create("mallory", "5")]
     try:
         result = run("status", "--json", "--limits", config, "--state-dir", tmp_path / "state")
         assert result.returncode == 0, result.stderr
-        rows = {row["slot"]: row for row in json.loads(result.stdout)["slots"]}
-        assert len(rows) == 8
-        assert rows["7"]["user"] == "grace" and rows["7"]["container"] == name
+        found = json.loads(result.stdout)
+        rows = {row["slot"]: row for row in found["slots"]}
+        assert len(rows) == 8 and found["deployment"] == ours.deployment
+        assert rows["7"]["user"] == "grace" and rows["7"]["container"] == made[0].name
         assert rows["7"]["state"] == "stopped" and rows["7"]["held_until"]
-        assert json.loads(result.stdout)["revoked"] == []
+        assert rows["6"]["user"] is None and rows["5"]["user"] is None
+        assert found["revoked"] == [] and "other_claims" not in found
         text = run("status", "--limits", config, "--state-dir", tmp_path / "state").stdout
-        assert text.startswith("SIMULATED GPUs")
+        assert text.startswith(f"deployment {ours.deployment}\nSIMULATED GPUs")
         assert any(line.startswith("7 ") and "grace" in line for line in text.splitlines())
+        theirs_view = run("status", "--json", "--limits", config, "--state-dir", tmp_path / "other")
+        rows = {row["slot"]: row for row in json.loads(theirs_view.stdout)["slots"]}
+        assert rows["6"]["user"] == "heidi" and rows["7"]["user"] is None
+
+        every = run(
+            "status",
+            "--json",
+            "--all-deployments",
+            "--limits",
+            config,
+            "--state-dir",
+            tmp_path / "state",
+        )
+        claims = {c["container"]: c for c in json.loads(every.stdout)["other_claims"]}
+        assert claims[made[1].name]["verdict"] == "other deployment"
+        assert claims[made[1].name]["deployment"] == theirs.deployment
+        assert claims[made[2].name]["verdict"] == "unsigned or forged"
+        assert claims[made[2].name]["claimed_user"] == "mallory"
+        assert made[0].name not in claims
+        text = run(
+            "status", "--all-deployments", "--limits", config, "--state-dir", tmp_path / "state"
+        ).stdout
+        assert "not this deployment's" in text and "unsigned or forged" in text
     finally:
-        container.remove(force=True)
+        for container in made:
+            container.remove(force=True)
 
 
 def test_usage_reports_gpu_hours_from_the_event_log(tmp_path):

@@ -49,7 +49,7 @@ def test_cull_once_dry_run_reports_and_a_real_pass_culls(hub_factory, tmp_path):
         "--json",
         "--warn-before=0",
         f"--limits={limits}",
-        f"--state-dir={tmp_path / 'state'}",
+        f"--state-dir={hub.state_dir}",  # the hub's: its label key signed the container
         f"--hub-api={hub.url}/hub/api",
         f"--label=ds01.test.hub={hub.hub_id}",
     ]
@@ -78,7 +78,7 @@ def test_cull_once_dry_run_reports_and_a_real_pass_culls(hub_factory, tmp_path):
     while hub.server(user) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert hub.server(user) is None
-    (event,) = EventLog(tmp_path / "state" / "events.db").events(kind="cull", user=user)
+    (event,) = EventLog(hub.state_dir / "events.db").events(kind="cull", user=user)
     assert event.reason.startswith("idle:")
 
     refused = cull(*common, token="not-a-token")

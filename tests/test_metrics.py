@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 from datetime import UTC, datetime, timedelta
 
-from inspect_docs import inspect_doc
+from inspect_docs import TRUST, inspect_doc
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -67,6 +67,7 @@ def test_state_metrics_count_slots_by_group_utilisation_culls_and_gpu_hours(tmp_
         clock=lambda: NOW,
         limits=LIMITS,
         container_lister=lambda: list(docs),
+        trust=TRUST,
     )
     registry = CollectorRegistry()
     registry.register(metrics.StateCollector(allocator, log))

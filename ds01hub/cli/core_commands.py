@@ -3,7 +3,7 @@
     ds01hub limits USER [--group G ...] [--json | --docker-args]
     ds01hub check-config [FILE] [--json]          exit 0 valid, 1 invalid
     ds01hub gpus [--json]                         the GPU inventory (NVML or simulated)
-    ds01hub status [--json]                       slots -> user, container, state, held until
+    ds01hub status [--all-deployments] [--json]   slots -> user, container, state, held until
     ds01hub usage [--by user|group] [--since DATE] [--json]   GPU-hours from the event log
 
 Each takes `--limits FILE` (default: $DS01HUB_LIMITS, else /etc/ds01hub/resource-limits.yaml).
@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from ds01hub import provenance
 from ds01hub.cli.output import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -40,13 +41,9 @@ from ds01hub.limits import (
 
 __all__ = ["register"]
 
-ENV_STATE_DIR = "DS01HUB_STATE_DIR"
-DEFAULT_STATE_DIR = Path("/var/lib/ds01hub")
-
-
-def default_state_dir() -> Path:
-    """`$DS01HUB_STATE_DIR` when set, else /var/lib/ds01hub (reservations, event log)."""
-    return Path(os.environ.get(ENV_STATE_DIR) or DEFAULT_STATE_DIR)
+ENV_STATE_DIR = provenance.ENV_STATE_DIR
+DEFAULT_STATE_DIR = provenance.DEFAULT_STATE_DIR
+default_state_dir = provenance.default_state_dir
 
 
 def _limits_option() -> argparse.ArgumentParser:
@@ -108,7 +105,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "status",
         parents=[common],
         help="show who holds which GPU slot",
-        description="Each slot with its holder: user, container, state, held until.",
+        description="Each slot with its holder (user, container, state, held until), from "
+        "this deployment's signed containers only.",
+    )
+    status.add_argument(
+        "--all-deployments",
+        action="store_true",
+        help="also list the containers on this engine that claim GPU slots but are not this "
+        "deployment's: other hubs' (deployment id), and unsigned or forged ones",
     )
     status.add_argument(
         "--state-dir",
@@ -295,21 +299,27 @@ def cmd_status(args: argparse.Namespace) -> int:
         ) from None
     inventory = load_inventory(config.gpu_allocation)
     state_dir = args.state_dir or default_state_dir()
-    allocator = GpuAllocator(client, inventory, state_dir, None, limits=config)
+    try:
+        trust = provenance.load(state_dir)
+    except provenance.ProvenanceError as error:
+        raise CliError(str(error), hint="run as root; check --state-dir") from None
+    allocator = GpuAllocator(client, inventory, state_dir, None, limits=config, trust=trust)
     rows = [row.to_dict() for row in allocator.status()]
     revoked = [{"container_id": cid, **entry} for cid, entry in allocator.revocations().items()]
+    others = _other_claims(client, trust, rows) if args.all_deployments else None
     inventory.close()
     if args.json:
-        print_json(
-            {
-                "simulated": inventory.simulated,
-                "reason": inventory.reason,
-                "slots": rows,
-                "revoked": revoked,
-            }
-        )
+        found = {
+            "deployment": trust.deployment,
+            "simulated": inventory.simulated,
+            "reason": inventory.reason,
+            "slots": rows,
+            "revoked": revoked,
+        }
+        print_json(found if others is None else found | {"other_claims": others})
         return EXIT_OK
     colour = use_colour(sys.stdout)
+    print(f"deployment {trust.deployment}")
     if inventory.simulated:
         print("SIMULATED GPUs (gpu_allocation.simulate)")
     if not rows:
@@ -332,7 +342,66 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"reclaimed: {entry.get('name')} lost slot(s) {', '.join(entry.get('slots', []))} "
             f"to {entry.get('by')} ({entry.get('by_container')}) at {entry.get('at')}"
         )
+    if others is not None:
+        _print_other_claims(others, colour)
     return EXIT_OK
+
+
+def _other_claims(client: Any, trust: provenance.Provenance, rows: list[dict]) -> list[dict]:
+    """Containers on the engine whose labels claim GPU slots but that this deployment did not
+    sign: another hub's (its deployment id), or unsigned/forged. What they claim is shown as
+    a claim; a slot this deployment also holds is marked as a conflict."""
+    from ds01hub.allocation_state import docker_lister
+    from ds01hub.labels import ContainerRecord, container_name_of, labels_of
+
+    held = {row["slot"] for row in rows if row.get("user")}
+    claims = []
+    for doc in docker_lister(client)():
+        record = ContainerRecord.claimed(doc)
+        if record is None or not record.gpus:
+            continue
+        if trust.verify(labels_of(doc), container_name_of(doc)):
+            continue
+        other = record.deployment and record.deployment != trust.deployment
+        claims.append(
+            {
+                "container": record.name,
+                "id": record.id[:12],
+                "claimed_user": record.user,
+                "claimed_slots": list(record.gpus),
+                "state": record.state,
+                "deployment": record.deployment or None,
+                "verdict": "other deployment" if other else "unsigned or forged",
+                "conflicts": sorted(held & set(record.gpus)),
+            }
+        )
+    return sorted(claims, key=lambda c: (c["deployment"] or "", c["container"]))
+
+
+def _print_other_claims(claims: list[dict], colour: bool) -> None:
+    if not claims:
+        print("no other containers on this engine claim GPU slots")
+        return
+    print("\nnot this deployment's (claims only, not counted here):")
+    rows = [
+        c
+        | {
+            "slots": ",".join(c["claimed_slots"]),
+            "deployment": c["deployment"] or "-",
+            "conflict": ",".join(c["conflicts"]) or "-",
+        }
+        for c in claims
+    ]
+    columns = [
+        Column("CONTAINER", "container"),
+        Column("CLAIMED USER", "claimed_user"),
+        Column("SLOTS", "slots"),
+        Column("STATE", "state"),
+        Column("DEPLOYMENT", "deployment"),
+        Column("VERDICT", "verdict"),
+        Column("CONFLICT", "conflict"),
+    ]
+    print(render_table(rows, columns, colour=colour))
 
 
 def _state_colour(state: str | None) -> str | None:
