@@ -40,6 +40,7 @@ from test_proxy import (  # the end-to-end harness of the proxy's own suite
     busybox_image,  # noqa: F401 -- a fixture `users` needs
     docker_as,
     proxy_process,
+    spawner_label_args,
     users,  # noqa: F401 -- fixture: two real Unix users
 )
 
@@ -962,16 +963,16 @@ def attack_proxy(accounts):
 
 
 @pytest.fixture(scope="module")
-def victim(accounts):
-    """bob's running container, made directly (root), labelled as the proxy would."""
+def victim(accounts, attack_proxy):
+    """bob's running container, made directly (root), labelled (signed) as the proxy would."""
     bob = accounts[1]
+    name = f"victim-{RUN}"
     cid = admin_docker(
         "run",
         "-d",
-        "--label",
-        "ds01.managed=true",
-        "--label",
-        f"ds01.user={bob}",
+        "--name",
+        name,
+        *spawner_label_args(attack_proxy, bob, name),
         "--label",
         "ds01.test=1",
         IMAGE,
