@@ -1482,14 +1482,6 @@ def run(args: argparse.Namespace) -> int:
             )
             return 2
     try:
-        trust = provenance.load(args.hub_state_dir)
-    except provenance.ProvenanceError as error:
-        print(f"ds01hub proxy: --hub-state-dir: {error}", file=sys.stderr)
-        return 1
-    settings = policy.Settings(
-        bind_roots=tuple(args.bind_root or policy.Settings().bind_roots), trust=trust
-    )
-    try:
         limits = limits_loader(args.limits)
     except Exception as error:  # LimitsError names the key and the fix
         print(f"ds01hub proxy: --limits {args.limits}: {error}", file=sys.stderr)
@@ -1506,6 +1498,14 @@ def run(args: argparse.Namespace) -> int:
     except OSError as error:
         print(f"ds01hub proxy: --state-dir {state_dir}: {error}", file=sys.stderr)
         return 1
+    try:
+        trust = provenance.load(args.hub_state_dir)
+    except provenance.ProvenanceError as error:
+        print(f"ds01hub proxy: --hub-state-dir: {error}", file=sys.stderr)
+        return 1
+    settings = policy.Settings(
+        bind_roots=tuple(args.bind_root or policy.Settings().bind_roots), trust=trust
+    )
     upstream = Upstream(args.upstream, trust)
     raise_open_files_limit()
     proxy = Proxy(

@@ -309,7 +309,11 @@ c.DockerSpawner.remove = True
 c.DS01Spawner.limits_path = {str(limits)!r}
 c.DS01Spawner.state_dir = {str(directory / "state")!r}
 c.DS01Spawner.container_label_filter = [{test_label!r}]
-configure_broker(c, socket_path={socket_path!r}, broker_args=["--Broker.limits_path={limits}"])
+configure_broker(
+    c,
+    socket_path={socket_path!r},
+    broker_args=["--Broker.limits_path={limits}", "--Broker.state_dir={directory / "state"}"],
+)
 """
         with hub_factory(spawner="ds01", extra_config=extra, labels={key: value}) as hub:
             wait_for_socket(socket_path, hub)
