@@ -842,7 +842,7 @@ def configure_hub(
     service = {
         "name": SERVICE_NAME,
         "command": [sys.executable, "-m", "ds01hub.broker", *args],
-        "environment": dict(environment or {}),
+        "environment": provenance.service_environment(environment),
     }
     role = {
         "name": SERVICE_NAME,

@@ -53,6 +53,7 @@ __all__ = [
     "ProvenanceError",
     "default_state_dir",
     "load",
+    "service_environment",
 ]
 
 ENV_STATE_DIR = "DS01HUB_STATE_DIR"
@@ -73,6 +74,14 @@ def default_state_dir() -> Path:
     """`$DS01HUB_STATE_DIR` when set, else /var/lib/ds01hub: the state every ds01hub process
     on the host shares (allocator lock and reservations, event log, label key, deployment)."""
     return Path(os.environ.get(ENV_STATE_DIR) or DEFAULT_STATE_DIR)
+
+
+def service_environment(environment: Mapping[str, str] | None = None) -> dict[str, str]:
+    """A managed service's environment, with the hub's `$DS01HUB_STATE_DIR` when it has one:
+    JupyterHub starts services with a bare environment, and a service given no state directory
+    must still read the hub's label key and deployment id."""
+    inherited = os.environ.get(ENV_STATE_DIR)
+    return ({ENV_STATE_DIR: inherited} if inherited else {}) | dict(environment or {})
 
 
 @dataclass(frozen=True)

@@ -963,14 +963,6 @@ def run(args: argparse.Namespace) -> int:
             )
             return 2
     try:
-        trust = provenance.load(args.state_dir)
-    except provenance.ProvenanceError as error:
-        print(f"ds01hub proxy: --state-dir: {error}", file=sys.stderr)
-        return 1
-    settings = policy.Settings(
-        bind_roots=tuple(args.bind_root or policy.Settings().bind_roots), trust=trust
-    )
-    try:
         limits = limits_loader(args.limits)
     except Exception as error:  # LimitsError names the key and the fix
         print(f"ds01hub proxy: --limits {args.limits}: {error}", file=sys.stderr)
@@ -981,6 +973,14 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    try:
+        trust = provenance.load(args.state_dir)
+    except provenance.ProvenanceError as error:
+        print(f"ds01hub proxy: --state-dir: {error}", file=sys.stderr)
+        return 1
+    settings = policy.Settings(
+        bind_roots=tuple(args.bind_root or policy.Settings().bind_roots), trust=trust
+    )
     proxy = Proxy(
         Upstream(args.upstream, trust),
         AdminRule(frozenset(args.admin), args.admin_group),

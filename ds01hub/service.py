@@ -567,7 +567,7 @@ def configure_hub(
         "url": url,
         "command": [sys.executable, "-m", "ds01hub.service", *service_args],
         "oauth_no_confirm": True,
-        "environment": dict(environment or {}),
+        "environment": provenance.service_environment(environment),
     }
     _set_service(c, service)
     _add_roles(

@@ -174,6 +174,18 @@ def test_unusable_files_are_named_with_the_fix(tmp_path, setup, message):
         provenance.load(tmp_path)
 
 
+def test_managed_services_inherit_the_hubs_state_directory(monkeypatch):
+    monkeypatch.setenv(provenance.ENV_STATE_DIR, "/srv/ds01")
+    assert provenance.service_environment({"A": "1"}) == {
+        "DS01HUB_STATE_DIR": "/srv/ds01",
+        "A": "1",
+    }
+    explicit = {"DS01HUB_STATE_DIR": "/elsewhere"}
+    assert provenance.service_environment(explicit) == explicit  # what the admin says wins
+    monkeypatch.delenv(provenance.ENV_STATE_DIR)
+    assert provenance.service_environment() == {}
+
+
 # -- what a deployment's readers believe ----------------------------------------------------------
 
 
