@@ -85,9 +85,11 @@ def overview(
     now: datetime,
     config_error: str | None = None,
     pending_culls: Iterable[Any] = (),
+    engine: Any = None,
 ) -> dict[str, Any]:
     """Everything the page shows, JSON-ready (also served as `api/overview`).
-    `pending_culls`: the culler's standing warnings (`ds01hub.culler.CullWarning`)."""
+    `pending_culls`: the culler's standing warnings (`ds01hub.culler.CullWarning`);
+    `engine`: the Docker engine's `ds01hub.engine.EngineState` (its current or last outage)."""
     since = week_start(now)
     usage = {}
     for by in ("user", "group"):
@@ -103,6 +105,8 @@ def overview(
         "simulated": bool(inventory.simulated),
         "inventory_note": inventory.reason,
         "config_error": config_error,
+        "engine": engine.to_dict() if engine is not None else None,
+        "engine_note": engine.note() if engine is not None else None,
         "pending_culls": [
             {
                 "user": w.user,
@@ -157,6 +161,15 @@ def render_page(model: dict[str, Any]) -> str:
             '<div class="error" id="config-error"><strong>Limits file failed to reload:</strong> '
             f"{escape(model['config_error'])}</div>"
         )
+    engine = model.get("engine") or {}
+    if engine.get("current"):
+        parts.append(
+            '<div class="error" id="engine"><strong>Docker engine unreachable:</strong> '
+            f"{escape(model['engine_note'])}. Slot holders are unknown until it answers; the "
+            "hub reports the servers it stopped as stopped.</div>"
+        )
+    elif model.get("engine_note"):
+        parts.append(f'<p class="note" id="engine">{escape(model["engine_note"])}.</p>')
     if model.get("simulated"):
         parts.append('<p class="note" id="simulated">SIMULATED GPUs (gpu_allocation.simulate)</p>')
     if model.get("inventory_note"):

@@ -480,3 +480,36 @@ class GpuAllocator:
             now = self.clock()
             records, holdings, _ = self._snapshot(now)
             self._sweep(records, holdings, now)
+
+    def end_hold(self, container_id: str, reason: str) -> list[str]:
+        """A stopped container gives its GPU slots back now instead of at the end of its
+        `gpu_hold_after_stop`: its server is gone and its user did not stop it (the Docker
+        engine stopped under it; ds01hub.spawner.recovery). Recorded beside the labels as a
+        reclaim is (`revoked.json`, with `reason` and no winner), so its next start asks for
+        slots again; each slot's open interval gets a `release` event. A running container
+        keeps its slots. Returns the slots given back."""
+        with self.locked():
+            now = self.clock()
+            records, holdings, revoked = self._snapshot(now)
+            mine = [h for h in holdings if h.container_id == container_id and h.state == "stopped"]
+            if not mine:
+                return []
+            present = {record.id for record in records}
+            revoked = {cid: entry for cid, entry in revoked.items() if cid in present}
+            entry = revoked.setdefault(container_id, {"name": mine[0].container, "slots": []})
+            entry["slots"] = sorted(set(entry["slots"]) | {h.slot_id for h in mine})
+            entry.update(reason=reason, at=now.isoformat())
+            self._write(self._revoked_path, revoked)
+            slots = {h.slot_id for h in mine}
+            for interval in self.eventlog.open_allocations() if self.eventlog else ():
+                if interval.container == mine[0].container and interval.slot in slots:
+                    self.eventlog.record(
+                        "release",
+                        interval.user,
+                        slot=interval.slot,
+                        container=interval.container,
+                        group=interval.group,
+                        reason=reason,
+                        at=now,
+                    )
+        return sorted(slots)

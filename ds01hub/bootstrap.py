@@ -92,6 +92,8 @@ DEFAULT_JUPYTERHUB_VERSION = "6.1.1"
 SINGLEUSER_EXTRA_REQUIREMENTS = ("jupyterlab", "notebook")
 CA_BUNDLE_IN_IMAGE = "/etc/ds01hub/ca-bundle.crt"
 SYSTEM_CA_BUNDLE_IN_IMAGE = "/etc/ssl/certs/ca-certificates.crt"
+#: What `docker import` sets in the base image.
+BASE_IMAGE_CHANGES = ("ENV LANG=C.UTF-8", 'CMD ["/bin/bash"]')
 
 
 class BootstrapError(RuntimeError):
@@ -123,9 +125,9 @@ def base_image_recipe(
     }
 
 
-def base_image_tag(recipe: dict) -> str:
+def base_image_tag(recipe: dict, repository: str = BASE_REPOSITORY) -> str:
     content = json.dumps(recipe, sort_keys=True).encode()
-    return f"{BASE_REPOSITORY}:{hash_inputs([('recipe', content)])}"
+    return f"{repository}:{hash_inputs([('recipe', content)])}"
 
 
 def mmdebstrap_command(recipe: dict, output: Path) -> list[str]:
@@ -496,26 +498,25 @@ def tag_alias(tag: str) -> str:
 
 def ensure_base_image(mirror: str | None = None) -> ImageResult:
     """The Debian base image (mmdebstrap + docker import), reused when its tag exists."""
-    recipe = base_image_recipe(mirror=mirror)
-    tag = base_image_tag(recipe)
+    return ensure_rootfs_image(base_image_recipe(mirror=mirror))
+
+
+def ensure_rootfs_image(recipe: dict, repository: str = BASE_REPOSITORY) -> ImageResult:
+    """An image of a Debian rootfs made by ``recipe`` (see base_image_recipe; its optional
+    ``changes`` are the image settings, default BASE_IMAGE_CHANGES) with mmdebstrap and
+    ``docker import``, tagged ``repository:<hash of the recipe>`` and reused when that tag
+    exists. The base image is one; the tests' booted systemd host another."""
+    tag = base_image_tag(recipe, repository)
     with exclusive():
         if image_exists(tag):
             return ImageResult(tag, tag_alias(tag), built=False, inputs=recipe)
         ensure_packages(["mmdebstrap"])
-        with tempfile.TemporaryDirectory(prefix="ds01hub-base-") as directory:
+        with tempfile.TemporaryDirectory(prefix="ds01hub-rootfs-") as directory:
             rootfs = Path(directory) / "rootfs.tar"
             run(mmdebstrap_command(recipe, rootfs))
+            changes = recipe.get("changes", BASE_IMAGE_CHANGES)
             run(
-                [
-                    "docker",
-                    "import",
-                    "--change",
-                    "ENV LANG=C.UTF-8",
-                    "--change",
-                    'CMD ["/bin/bash"]',
-                    str(rootfs),
-                    tag,
-                ],
+                ["docker", "import", *(f"--change={c}" for c in changes), str(rootfs), tag],
                 stdout=subprocess.DEVNULL,
             )
         return ImageResult(tag, tag_alias(tag), built=True, inputs=recipe)
@@ -596,11 +597,15 @@ def project_files(source: Path) -> dict[str, bytes]:
 
 
 def build_project_wheel(
-    files: dict[str, bytes], source: Path, wheel_dir: Path, python: str = sys.executable
+    files: dict[str, bytes],
+    source: Path,
+    wheel_dir: Path,
+    python: str = sys.executable,
+    env: dict[str, str] | None = None,
 ) -> Path:
     """Build this project's wheel into ``wheel_dir`` from a copy of exactly ``files`` (the work
     tree may change meanwhile, and a build leaves nothing behind in the checkout) with
-    ``python``'s pip. Returns the wheel."""
+    ``python``'s pip (in ``env``: pip's own settings, such as a wheelhouse). Returns the wheel."""
     with tempfile.TemporaryDirectory(prefix="ds01hub-wheel-") as directory:
         project = Path(directory)
         for name, content in files.items():
@@ -622,7 +627,8 @@ def build_project_wheel(
                 "-w",
                 str(wheel_dir),
                 str(project),
-            ]
+            ],
+            env=env,
         )
     built = sorted(set(wheel_dir.glob("ds01hub-*.whl")) - before) or sorted(
         wheel_dir.glob("ds01hub-*.whl")

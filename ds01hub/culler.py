@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from ds01hub import labels, provenance
+from ds01hub.engine import EngineState, engine_unreachable
 from ds01hub.operations import cpu_percent as docker_cpu_percent
 from ds01hub.operations import project_to_server
 from ds01hub.provenance import Provenance, default_state_dir
@@ -644,14 +645,22 @@ class Culler:
         except Exception as error:
             self.log.warning("could not write the warning into %s: %s", container_id[:12], error)
 
-    async def run_forever(self, interval: float, dry_run: bool = False) -> None:
-        """A pass every `interval` seconds; a failed pass is logged and the loop goes on."""
+    async def run_forever(
+        self, interval: float, dry_run: bool = False, engine: EngineState | None = None
+    ) -> None:
+        """A pass every `interval` seconds; a failed pass is logged and the loop goes on. With
+        `engine`, passes wait while the Docker engine is unreachable (said once when it goes,
+        once when it is back) instead of failing with a traceback every interval."""
         while True:
             try:
-                report = await self.run_once(dry_run)
-                for line in report.servers:
-                    if line.verdict.action != "keep":
-                        self.log.info("%s", line.to_dict())
-            except Exception:
-                self.log.exception("cull pass failed")
+                if engine is None or await asyncio.to_thread(engine.probe):
+                    report = await self.run_once(dry_run)
+                    for line in report.servers:
+                        if line.verdict.action != "keep":
+                            self.log.info("%s", line.to_dict())
+            except Exception as error:
+                if engine is not None and engine_unreachable(error):
+                    engine.lost(error)
+                else:
+                    self.log.exception("cull pass failed")
             await asyncio.sleep(interval)

@@ -24,10 +24,15 @@ What goes where (docs/going-live.md explains each part)::
 
 Every step checks first and does only what is missing or out of date, so a second run changes
 nothing, and a run after ``git pull`` is the upgrade: the venv and the share/ files are
-replaced, the admin's files in /etc/ds01hub are kept, units restart only when something they
-run changed. ``--dry-run`` prints the steps that a run would do. ``uninstall`` stops and removes
-the units, links, venv and system files, and keeps config, state, logs, workspaces and groups
+replaced, the admin's files in /etc/ds01hub are kept, and a running unit restarts only when
+something it runs changed (the hub for its config, the venv or its token; the proxy for the
+venv). ``--dry-run`` prints the steps that a run would do. ``uninstall`` stops and removes the
+units, links, venv and system files, and keeps config, state, logs, workspaces and groups
 unless ``--purge`` (workspaces, the users' own files, are never removed).
+
+Hosts without a package index install from a wheelhouse (``--wheelhouse DIR``: pip installs
+from it alone), made on a machine with the index and the same Python by ``pip wheel -w DIR -r``
+of what ``--wheelhouse-requirements`` prints.
 
 Standard library only (like ds01hub.bootstrap, whose helpers it uses): it runs before the venv
 exists, as ``python3 -m ds01hub.install`` from a source checkout.
@@ -308,7 +313,7 @@ class Step:
     what: str
     needed: Callable[[], bool]
     apply: Callable[[], None]
-    restarts: bool = False  # when done, running units must restart to use it
+    restarts: tuple[str, ...] = ()  # when done, these units (if running) restart to use it
 
 
 def _write(path: Path, content: str, mode: int, group: str | None = None) -> None:
@@ -322,7 +327,11 @@ def _write(path: Path, content: str, mode: int, group: str | None = None) -> Non
 
 
 def file_step(
-    path: Path, content: str, mode: int = 0o644, keep: bool = False, restarts: bool = False
+    path: Path,
+    content: str,
+    mode: int = 0o644,
+    keep: bool = False,
+    restarts: tuple[str, ...] = (),
 ) -> Step:
     """Write ``path`` when it is missing, or (unless ``keep``) when its content or mode
     differ. ``keep``: the admin's file once written."""
@@ -383,9 +392,7 @@ def group_step(name: str) -> Step:
             return True
         return False
 
-    return Step(
-        f"group {name}", needed, lambda: bootstrap.run(["groupadd", "--system", name]), False
-    )
+    return Step(f"group {name}", needed, lambda: bootstrap.run(["groupadd", "--system", name]))
 
 
 def token_step(path: Path) -> Step:
@@ -394,7 +401,7 @@ def token_step(path: Path) -> Step:
         f"create {path} (hub API token of `ds01hub cull`, mode 0600)",
         lambda: not path.exists(),
         lambda: _write(path, secrets.token_hex(32) + "\n", 0o600),
-        restarts=True,
+        restarts=(HUB_UNIT,),  # the hub registers it at start
     )
 
 
@@ -418,12 +425,39 @@ def _read_stamps(venv: Path) -> dict[str, str]:
     return {}
 
 
+def pip_environment(wheelhouse: Path | None) -> dict[str, str] | None:
+    """The environment of the install's pip commands: with a wheelhouse, pip installs from it
+    alone (pip's own PIP_NO_INDEX and PIP_FIND_LINKS), for hosts without a package index;
+    without one, the install's own (None)."""
+    if wheelhouse is None:
+        return None
+    return {**os.environ, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(wheelhouse)}
+
+
+def wheelhouse_requirements(pyproject: dict, extras: str = VENV_EXTRAS) -> list[str]:
+    """What a wheelhouse holds (``pip wheel -w DIR`` of these on a machine with the index and
+    the same Python: docs/going-live.md): the project's dependencies with the venv's extras,
+    pip, and the project's build requirements (the install builds the project's own wheel)."""
+    project = pyproject["project"]
+    optional = project.get("optional-dependencies", {})
+    return [
+        *project.get("dependencies", []),
+        *(requirement for extra in extras.split(",") for requirement in optional.get(extra, [])),
+        "pip",
+        *pyproject["build-system"]["requires"],
+    ]
+
+
 def venv_step(
-    source: Path, venv: Path, extras: str = VENV_EXTRAS, python: Path = SYSTEM_PYTHON
+    source: Path,
+    venv: Path,
+    extras: str = VENV_EXTRAS,
+    python: Path = SYSTEM_PYTHON,
+    pip_env: dict[str, str] | None = None,
 ) -> Step:
     """The system venv: from ``python`` (the system's, so nothing lives under /root), this
     project installed from a wheel of exactly its sources (not editable: the checkout may be
-    private), world-readable."""
+    private), world-readable. ``pip_env``: see pip_environment."""
     wanted = venv_stamps(source, extras)
 
     def needed() -> bool:
@@ -442,20 +476,19 @@ def venv_step(
             pip = [str(venv / "bin" / "python"), "-m", "pip", "--disable-pip-version-check"]
             with bootstrap_wheel_dir() as wheel_dir:
                 wheel = bootstrap.build_project_wheel(
-                    bootstrap.project_files(source), source, wheel_dir, pip[0]
+                    bootstrap.project_files(source), source, wheel_dir, pip[0], pip_env
                 )
                 if have.get("dependencies") != wanted["dependencies"]:
-                    bootstrap.run([*pip, "install", "--quiet", "--upgrade", "pip"])
-                    bootstrap.run([*pip, "install", "--quiet", f"{wheel}[{extras}]"])
+                    bootstrap.run([*pip, "install", "--quiet", "--upgrade", "pip"], env=pip_env)
+                    bootstrap.run([*pip, "install", "--quiet", f"{wheel}[{extras}]"], env=pip_env)
                 else:
-                    bootstrap.run(
-                        [*pip, "install", "--quiet", "--no-deps", "--force-reinstall", str(wheel)]
-                    )
+                    reinstall = ["install", "--quiet", "--no-deps", "--force-reinstall"]
+                    bootstrap.run([*pip, *reinstall, str(wheel)], env=pip_env)
         finally:
             os.umask(old_umask)
         (venv / ".ds01hub-install.json").write_text(json.dumps(wanted) + "\n")
 
-    return Step(f"virtualenv {venv} (from {python})", needed, apply, restarts=True)
+    return Step(f"virtualenv {venv} (from {python})", needed, apply, (HUB_UNIT, PROXY_UNIT))
 
 
 @contextlib.contextmanager
@@ -466,21 +499,29 @@ def bootstrap_wheel_dir():
         yield Path(directory)
 
 
+#: The Debian packages the install itself needs (the venv, TLS to the package index). Docker's
+#: engine comes from bootstrap.ensure_docker_engine only where none answers, so a site's own
+#: engine (docker-ce, say) is used as it is; mmdebstrap only when the base image is built.
+INSTALL_PACKAGES = ("python3-venv", "ca-certificates")
+
+
 def host_step() -> Step:
-    """Debian packages, configurable-http-proxy and a running Docker engine (bootstrap's)."""
+    """The packages, configurable-http-proxy and a running Docker engine (bootstrap's
+    functions; an engine that answers is never installed, started or restarted)."""
 
     def needed() -> bool:
         return (
-            bool(bootstrap.missing_packages(bootstrap.HOST_PACKAGES))
+            bool(bootstrap.missing_packages(INSTALL_PACKAGES))
             or shutil.which(bootstrap.PROXY_COMMAND) is None
             or not bootstrap.docker_answers()
         )
 
-    return Step(
-        "host: Debian packages, configurable-http-proxy, the Docker engine",
-        needed,
-        lambda: bootstrap.ensure_host(),
-    )
+    def apply() -> None:
+        bootstrap.ensure_packages(INSTALL_PACKAGES)
+        bootstrap.ensure_proxy_command()
+        bootstrap.ensure_docker_engine()
+
+    return Step("host: Debian packages, configurable-http-proxy, the Docker engine", needed, apply)
 
 
 def install_commands(source: Path, layout: Layout) -> list[str]:
@@ -511,11 +552,15 @@ def systemctl(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     )
 
 
+def _active(unit: str) -> bool:
+    return systemctl("is-active", "--quiet", unit, check=False).returncode == 0
+
+
 def units_enabled_step(layout: Layout) -> Step:
     def needed() -> bool:
         return any(
             systemctl("is-enabled", "--quiet", unit, check=False).returncode != 0
-            or systemctl("is-active", "--quiet", unit, check=False).returncode != 0
+            or not _active(unit)
             for unit in STARTED_UNITS
         )
 
@@ -539,6 +584,7 @@ class Options:
     systemd: bool = True  # write units; enable/start them where systemd runs
     accounts: bool = True  # groups (only on the real root)
     ca_bundle: Path | None = bootstrap.HOST_CA_BUNDLE
+    wheelhouse: Path | None = None  # pip installs from this directory alone (no index)
 
 
 def plan(options: Options) -> list[Step]:
@@ -561,7 +607,7 @@ def plan(options: Options) -> list[Step]:
         directory_step(layout.workspaces, 0o711),  # users reach their own, list nobody's
     ]
     if options.venv:
-        steps.append(venv_step(source, layout.venv))
+        steps.append(venv_step(source, layout.venv, pip_env=pip_environment(options.wheelhouse)))
     steps += share_steps(layout, source)
     steps += config_steps(layout, source)
     steps += [
@@ -572,7 +618,7 @@ def plan(options: Options) -> list[Step]:
     steps += gpu_access.install_steps(layout, file_step, Step, options.accounts)
     if options.systemd:
         steps += [
-            file_step(layout.units / name, content, restarts=True)
+            file_step(layout.units / name, content, restarts=(name,))
             for name, content in render_units(layout).items()
         ]
     return steps
@@ -589,7 +635,11 @@ def share_steps(layout: Layout, source: Path) -> list[Step]:
         "docs/student-guide.md": source / "docs" / "student-guide.md",
     }
     return [
-        file_step(layout.share / name, path.read_text(), restarts=name.endswith(".py"))
+        file_step(
+            layout.share / name,
+            path.read_text(),
+            restarts=(HUB_UNIT,) if name.endswith(".py") else (),  # the hub's config
+        )
         for name, path in files.items()
         if path.exists()
     ]
@@ -624,12 +674,15 @@ def after_steps(options: Options, done: list[Step]) -> list[Step]:
             steps.append(
                 Step("systemctl daemon-reload", lambda: True, lambda: systemctl("daemon-reload"))
             )
-        if any(s.restarts for s in done):
+        # only the running ones: the next step starts those that are not (a first install)
+        changed = {unit for step in done for unit in step.restarts}
+        restart = [unit for unit in render_units(layout) if unit in changed and _active(unit)]
+        if restart:
             steps.append(
                 Step(
-                    f"restart running units ({HUB_UNIT}, {PROXY_UNIT}) to use the new files",
+                    f"restart {', '.join(restart)} to use the new files",
                     lambda: True,
-                    lambda: systemctl("try-restart", HUB_UNIT, PROXY_UNIT),
+                    lambda: systemctl("try-restart", *restart),
                 )
             )
         steps.append(units_enabled_step(layout))
@@ -657,11 +710,15 @@ def images_step(options: Options, venv_changed: bool) -> Step:
         "--ca-bundle",
         ca,
     ]
+    env.update(pip_environment(options.wheelhouse) or {})  # the project wheel's build
     image = env.get("DS01HUB_IMAGE") or f"{bootstrap.SINGLEUSER_REPOSITORY}:{bootstrap.ALIAS_TAG}"
     return Step(
         "images: base and single-user (reused when up to date)",
         lambda: venv_changed or not bootstrap.image_exists(image),
-        lambda: bootstrap.run(command, env={k: v for k, v in env.items() if v != ""}),
+        # its report goes to stderr with the rest of the progress: stdout is the install's result
+        lambda: bootstrap.run(
+            command, env={k: v for k, v in env.items() if v != ""}, stdout=sys.stderr
+        ),
     )
 
 
@@ -669,6 +726,11 @@ def install(options: Options, dry_run: bool = False) -> dict:
     """Run (or with ``dry_run`` list) the steps that are needed. Returns what was done."""
     if os.geteuid() != 0 and options.layout.real:
         raise InstallError("ds01hub install needs root (sudo make install)")
+    if options.wheelhouse is not None and not options.wheelhouse.is_dir():
+        raise InstallError(
+            f"--wheelhouse {options.wheelhouse}: no such directory (make one on a machine with "
+            "the package index: docs/going-live.md, 'Hosts without a package index')"
+        )
     done: list[Step] = []
     for step in plan(options):
         if step.needed():
@@ -753,6 +815,11 @@ def _layout(args: argparse.Namespace) -> Layout:
 
 
 def run_install(args: argparse.Namespace) -> int:
+    if args.wheelhouse_requirements:
+        source = args.source or bootstrap.find_source()
+        pyproject = tomllib.loads((source / "pyproject.toml").read_text())
+        print("\n".join(wheelhouse_requirements(pyproject)))
+        return 0
     try:
         source = args.source or bootstrap.find_source()
         options = Options(
@@ -762,6 +829,7 @@ def run_install(args: argparse.Namespace) -> int:
             images=not args.no_images,
             systemd=not args.no_systemd,
             ca_bundle=args.ca_bundle,
+            wheelhouse=args.wheelhouse.resolve() if args.wheelhouse else None,
         )
         result = install(options, dry_run=args.dry_run)
     except (InstallError, bootstrap.BootstrapError, gpu_access.GpuAccessError) as error:
@@ -812,6 +880,20 @@ def add_install_arguments(parser: argparse.ArgumentParser) -> None:
         default=bootstrap.HOST_CA_BUNDLE,
         metavar="PEM|none",
         help="CA bundle copied into the single-user image (default %(default)s)",
+    )
+    parser.add_argument(
+        "--wheelhouse",
+        type=Path,
+        default=os.environ.get("DS01HUB_WHEELHOUSE") or None,
+        metavar="DIR",
+        help="install the venv's packages from the wheels in DIR alone, no package index "
+        "(hosts without one; default $DS01HUB_WHEELHOUSE)",
+    )
+    parser.add_argument(
+        "--wheelhouse-requirements",
+        action="store_true",
+        help="print what a wheelhouse must hold, one requirement a line, and exit: on a machine "
+        "with the index and the same Python, `pip wheel -w DIR -r` that list",
     )
     parser.add_argument("--no-venv", action="store_true", help="skip the system venv")
     parser.add_argument("--no-images", action="store_true", help="skip building the images")

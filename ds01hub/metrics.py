@@ -10,7 +10,9 @@ Two kinds, served in two places:
 - **State metrics**, computed at scrape time from Docker (through the allocator) and the event
   log by `StateCollector`, exposed by the ds01-ops service on `/services/ds01-ops/metrics`:
   slots total/free, allocated (running or reserved) and held (stopped within the hold) by
-  group, GPU utilisation per slot, GPU-hours by group, and `ds01_culls_total{reason}`. Culls
+  group, GPU utilisation per slot, GPU-hours by group, `ds01_culls_total{reason}` and
+  `ds01_docker_engine_up` (0 while the engine is unreachable: then only the event log's
+  families are served). Culls
   are counted from the event log, so culls made by `ds01hub cull --once` in another process
   count too, and the counter survives restarts.
 - **Limits reloads**, from each process's own `LimitsStore` by `LimitsCollector`:
@@ -30,6 +32,8 @@ from typing import Any
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from ds01hub.engine import engine_unreachable
 
 __all__ = [
     "LimitsCollector",
@@ -99,12 +103,36 @@ class StateCollector(Collector):
     """Computes the state metrics on each scrape from the allocator's `status()`, the
     inventory's live utilisation and the event log."""
 
-    def __init__(self, allocator: Any, eventlog: Any = None):
+    def __init__(self, allocator: Any, eventlog: Any = None, engine: Any = None):
         self.allocator = allocator
         self.eventlog = eventlog
+        self.engine = engine  # a ds01hub.engine.EngineState: outages are recorded there too
 
     def collect(self) -> Iterator[Any]:
-        rows = self.allocator.status()
+        """While the Docker engine is unreachable, `ds01_docker_engine_up` is 0 and only the
+        event log's families are served (a scrape never fails for it)."""
+        try:
+            rows = self.allocator.status()
+        except Exception as error:
+            if not engine_unreachable(error):
+                raise
+            if self.engine is not None:
+                self.engine.lost(error)
+            rows = None
+        else:
+            if self.engine is not None:
+                self.engine.back()
+        yield GaugeMetricFamily(
+            "ds01_docker_engine_up",
+            "1 when the Docker engine answered this scrape, 0 when it was unreachable",
+            value=0 if rows is None else 1,
+        )
+        if rows is not None:
+            yield from self._from_docker(rows)
+        if self.eventlog is not None:
+            yield from self._from_eventlog()
+
+    def _from_docker(self, rows: list[Any]) -> Iterator[Any]:
         inventory = self.allocator.inventory
         total = GaugeMetricFamily("ds01_gpu_slots", "GPU slots on this machine", labels=["kind"])
         kinds = Tally(row.profile or "gpu" for row in rows)
@@ -140,8 +168,6 @@ class StateCollector(Collector):
             if value is not None:
                 utilisation.add_metric([row.slot_id], value)
         yield utilisation
-        if self.eventlog is not None:
-            yield from self._from_eventlog()
 
     def _from_eventlog(self) -> Iterator[Any]:
         culls = CounterMetricFamily(

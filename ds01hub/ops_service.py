@@ -15,6 +15,7 @@ It shares the spawner's state directory (`$DS01HUB_STATE_DIR`: allocator lock, r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sys
@@ -30,6 +31,7 @@ from traitlets.config import Application
 from ds01hub import provenance, siteenv
 from ds01hub.bootstrap import BootstrapError
 from ds01hub.culler import Culler, PassReport, default_state_dir, utcnow
+from ds01hub.engine import EngineState, engine_unreachable, engine_url
 
 __all__ = ["OpsService", "build_components", "configure_hub", "register"]
 
@@ -49,19 +51,31 @@ class Components:
     eventlog: Any
     limits: Any
     inventory: Any
+    engine: EngineState
 
     def overview(self) -> dict[str, Any]:
-        """The admin page's model (blocking: Docker and SQLite)."""
+        """The admin page's model (blocking: Docker and SQLite). While the Docker engine is
+        unreachable the page says so (and since when) instead of failing; slot holders are
+        unknown until it answers."""
         from ds01hub.admin_page import overview
 
         self.limits.reload()
+        try:
+            status = self.allocator.status()
+            self.engine.back()
+        except Exception as error:
+            if not engine_unreachable(error):
+                raise
+            self.engine.lost(error)
+            status = []
         return overview(
-            self.allocator.status(),
+            status,
             self.inventory,
             self.eventlog,
             self.culler.clock(),
             config_error=self.limits.last_error,
             pending_culls=self.culler.warnings.load().values(),
+            engine=self.engine,
         )
 
 
@@ -118,7 +132,17 @@ def build_components(
         trust=trust,
         **culler_options,
     )
-    return Components(culler, allocator, eventlog, limits, inventory)
+    name = f"the Docker engine at {engine_url()}"
+    engine = EngineState(
+        name, culler_options.get("log"), connect=_docker_from_env, ping_interval=2.0
+    )
+    return Components(culler, allocator, eventlog, limits, inventory, engine)
+
+
+def _docker_from_env() -> Any:
+    import docker
+
+    return docker.from_env()
 
 
 class OpsService(Application):
@@ -203,14 +227,14 @@ class OpsService(Application):
             log=self.log,
         )
         registry = CollectorRegistry()
-        registry.register(StateCollector(parts.allocator, parts.eventlog))
+        registry.register(StateCollector(parts.allocator, parts.eventlog, parts.engine))
         registry.register(LimitsCollector([parts.limits]))
         app = make_web_app(parts, hub, registry)
         url = os.environ.get("JUPYTERHUB_SERVICE_URL", f"http://127.0.0.1:{DEFAULT_PORT}")
         host, _, port = url.split("://", 1)[-1].split("/", 1)[0].rpartition(":")
         HTTPServer(app).listen(int(port or DEFAULT_PORT), host or "127.0.0.1")
         loop = IOLoop.current()
-        loop.spawn_callback(parts.culler.run_forever, self.interval, self.dry_run)
+        loop.spawn_callback(parts.culler.run_forever, self.interval, self.dry_run, parts.engine)
         self.log.info("ds01-ops on %s: culling every %.0fs", url, self.interval)
         loop.start()
 
@@ -433,7 +457,8 @@ def main(argv: list[str] | None = None) -> None:
     """`python -m ds01hub.ops_service`: the managed service (see `configure_hub`)."""
     app = OpsService.instance()
     app.initialize(argv)
-    app.start()
+    with contextlib.suppress(KeyboardInterrupt):  # JupyterHub stops services with SIGINT first
+        app.start()
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ from traitlets import Bool, Integer, Unicode, default
 from traitlets.config import Application
 
 from . import images, provenance
+from .engine import EngineState, engine_unreachable, engine_url, short_error
 from .hubclient import HubClient
 from .operations import OperationError, OperationsContext, UserOperations
 
@@ -243,9 +244,17 @@ class ServiceHandler(HubOAuthenticated, web.RequestHandler):
         self.finish(json.dumps({"error": message, "hint": hint, "status": status_code}))
 
     def _handle_request_exception(self, error: BaseException) -> None:
-        """Refusals (bad input, not yours, over quota) answer with their status, unlogged."""
+        """Refusals (bad input, not yours, over quota) answer with their status, unlogged; an
+        unreachable Docker engine is a 503 that says so (logged once per outage)."""
         if isinstance(error, images.ImageError):
             error = OperationError(str(error), error.hint, error.status)
+        elif engine_unreachable(error):
+            self.service.engine.lost(error)
+            error = OperationError(
+                f"the Docker engine is unreachable ({short_error(error)})",
+                "it is stopped or restarting; try again in a minute",
+                503,
+            )
         if isinstance(error, OperationError) and not self._finished:
             self.send_error(error.status, exc_info=(OperationError, error, None))
         else:
@@ -453,6 +462,12 @@ class DS01Service(Application):
 
         self.docker = docker.from_env()
         self.trust = provenance.load(self.state_dir)
+        self.engine = EngineState(
+            f"the Docker engine at {engine_url()}",
+            self.log,
+            connect=docker.from_env,
+            ping_interval=2.0,
+        )
         self.builds = BuildManager(self._run_build, max_concurrent=self.max_concurrent_builds)
         self._limits_store = None
 

@@ -42,6 +42,7 @@ from traitlets import CaselessStrEnum, Dict, Float, List, Unicode, Union, defaul
 from ds01hub import labels, metrics, provenance
 from ds01hub.allocation_state import DEFAULT_RESERVATION_TTL, GpuAllocator, docker_lister
 from ds01hub.allocator import Decision
+from ds01hub.engine import engine_unreachable, engine_url, short_error
 from ds01hub.eventlog import EventLog
 from ds01hub.inventory import Inventory, Slot, load_inventory
 from ds01hub.limits import LimitsError, LimitsStore, ResolvedLimits, default_limits_path
@@ -59,6 +60,7 @@ from .options import (
     render_form,
     resolve_choice,
 )
+from .recovery import EngineRecovery
 
 __all__ = ["DS01Spawner"]
 
@@ -79,6 +81,8 @@ class _HubContext:
     #: Allocator, event log and listing calls block (file lock, SQLite, Docker): their own
     #: threads, so a lock held by another process never stalls DockerSpawner's one thread.
     executor: ThreadPoolExecutor
+    #: Follows the engine: servers, spawns and GPU holds when it stops (.recovery).
+    recovery: EngineRecovery
 
 
 class DS01Spawner(DockerSpawner):
@@ -252,7 +256,8 @@ class DS01Spawner(DockerSpawner):
         inventory = load_inventory(store.current.gpu_allocation)
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         eventlog = EventLog(self.event_log_path or state_dir / "events.db")
-        client = docker.DockerClient(**self._docker_client_kwargs())
+        client_kwargs = self._docker_client_kwargs()
+        client = docker.DockerClient(**client_kwargs)
         label_filter = tuple(self.container_label_filter)
         trust = provenance.load(state_dir)
         allocator = GpuAllocator(
@@ -280,15 +285,20 @@ class DS01Spawner(DockerSpawner):
             state_dir,
             trust.deployment,
         )
-        return _HubContext(
-            store,
-            inventory,
-            allocator,
-            eventlog,
-            GpuQueue(self.gpu_recheck_interval),
+        queue = GpuQueue(self.gpu_recheck_interval)
+        executor = ThreadPoolExecutor(4, thread_name_prefix="ds01-allocator")
+        recovery = EngineRecovery(
             client,
-            label_filter,
-            ThreadPoolExecutor(4, thread_name_prefix="ds01-allocator"),
+            allocator,
+            queue,
+            executor,
+            extra_labels=label_filter,
+            log=self.log,
+            fresh_client=lambda: docker.APIClient(**client_kwargs),
+            engine_name=f"the Docker engine at {engine_url(client_kwargs.get('base_url'))}",
+        )
+        return _HubContext(
+            store, inventory, allocator, eventlog, queue, client, label_filter, executor, recovery
         )
 
     def _docker_client_kwargs(self) -> dict[str, Any]:
@@ -581,12 +591,17 @@ class DS01Spawner(DockerSpawner):
         """See the module docstring; progress events on every step."""
         self._events.clear()  # in place: a progress stream may already be waiting on it
         self._spawn_finished = False
+        self._began = time.monotonic()
+        self.context.recovery.track(self)
         try:
             return await self._start()
         except SpawnException as error:  # a refusal: its reason is already a short code
             metrics.spawn_failed(error.reason)
             raise
-        except Exception:
+        except Exception as error:
+            if engine_unreachable(error):
+                metrics.spawn_failed("engine")
+                raise self._engine_stopped(error) from None
             metrics.spawn_failed("error")
             raise
         finally:
@@ -649,6 +664,7 @@ class DS01Spawner(DockerSpawner):
             own_steps * 1000,
             (committed - docker_began) * 1000,
         )
+        await self._until_up(result)
         return result
 
     async def _reclaimed(self, existing: dict) -> str | None:
@@ -660,14 +676,22 @@ class DS01Spawner(DockerSpawner):
         lost = await self._blocking(self.context.allocator.revoked, existing["Id"])
         if not lost:
             return None
+        entry = (await self._blocking(self.context.allocator.revocations)).get(existing["Id"])
+        if entry and entry.get("reason"):  # GpuAllocator.end_hold (the engine stopped)
+            return f"its GPU slot(s) {', '.join(lost)} were given back ({entry['reason']})"
         return f"its GPU slot(s) {', '.join(lost)} were reclaimed by a higher priority"
 
     async def _undo_failed_start(self, slots, reason: str) -> None:
         """A container this spawn created and could not start is removed with its holdings;
         an existing one that failed to restart is kept (its hold runs as for any stop)."""
         if self._created_in_this_spawn and self.object_id:
-            await self.remove_object()
-            self.object_id = ""
+            try:
+                await self.remove_object()
+                self.object_id = ""
+            except Exception as error:  # the engine went away: its hold ends once it is back
+                if not engine_unreachable(error):
+                    raise
+                self.context.recovery.note_casualty(self)
         if slots:
             await self._blocking(self.context.allocator.release, self.object_name, reason)
         await self._record_failure(reason)
@@ -720,6 +744,79 @@ class DS01Spawner(DockerSpawner):
         if plan is not None:
             env.update(plan.environment())
         return env
+
+    # -- the engine going away (.recovery) ----------------------------------------------------
+
+    async def poll(self):
+        """DockerSpawner's poll (the container's state), also while the engine is unreachable:
+        then stopped, since dockerd stops its containers when it stops (running where
+        live-restore keeps them). Every poll registers the server with the engine watcher."""
+        recovery = self.context.recovery
+        recovery.track(self)
+        try:
+            return await super().poll()
+        except Exception as error:
+            if not engine_unreachable(error):
+                raise
+            return recovery.stopped_status(self, error)
+
+    async def _until_up(self, address: tuple[str, int]) -> None:
+        """Wait for Jupyter to answer (at most `http_timeout`, as the hub would), polling the
+        container every second: a container that exits, an engine that goes away, or no answer
+        in time fails the spawn at once with the reason, and the undo of the failed start gives
+        back what it holds. (The hub waited on an address where nothing ran, then stopped a
+        server whose container kept its GPU for the whole hold.)"""
+        from jupyterhub.utils import url_path_join, wait_for_http_server
+
+        if self.internal_ssl or self.server is None:
+            return  # the hub's own wait (with its TLS context) decides
+        ip, port = address
+        host = f"[{ip}]" if ":" in ip else ip
+        url = url_path_join(f"http://{host}:{int(port)}", self.server.base_url, "api")
+        answered = asyncio.ensure_future(wait_for_http_server(url, timeout=self.http_timeout))
+        try:
+            while not (await asyncio.wait({answered}, timeout=1.0))[0]:
+                status = await self.poll()
+                if status is not None:
+                    raise await self._stopped_during_start(status)
+        finally:
+            answered.cancel()
+        if answered.exception() is not None:  # only the time limit escapes the wait
+            raise SpawnException(
+                f"Jupyter did not answer at {url} within {self.http_timeout:.0f}s "
+                "(Spawner.http_timeout); the container was started, the server never came up",
+                reason="timeout",
+                status_code=500,
+            )
+
+    async def _stopped_during_start(self, status: Any) -> SpawnException:
+        """Why the container stopped before Jupyter answered: its engine went away, or it
+        exited (the last lines of its log say why: a container this spawn made is removed)."""
+        if await self._blocking(self.context.recovery.went_away_since, self._began):
+            return self._engine_stopped(status)
+        try:
+            tail = await self.docker("logs", self.object_id, tail=5)
+            last = short_error(tail.decode(errors="replace")) or "(empty)"
+        except Exception as error:
+            last = f"(unavailable: {short_error(error)})"
+        return SpawnException(
+            f"container {self.object_name} stopped while Jupyter was starting "
+            f"({short_error(status)}); its log ends: {last}",
+            reason="exited",
+            status_code=500,
+        )
+
+    def _engine_stopped(self, error: BaseException | str) -> SpawnException:
+        """The failure of a spawn whose engine went away (its container, if any, is noted so
+        that its GPU hold ends when the engine is back)."""
+        self.context.recovery.note_casualty(self)
+        message = (
+            f"the Docker engine stopped during your spawn ({short_error(error)}). Start your "
+            "server again once it is back (usually within a minute); whatever this spawn "
+            "reserved is given back."
+        )
+        self._emit(95, message)
+        return SpawnException(message, reason="engine", status_code=503)
 
     # -- stop, delete ------------------------------------------------------------------------
 

@@ -7,10 +7,19 @@ real images (built once, tagged by a hash of their inputs, reused) and real Jupy
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from harness import HubFactory
 
 from ds01hub import bootstrap
+
+
+def in_ci() -> bool:
+    """Under CI (`CI=true`, set by .ci/run) the machine was set up by `make test`: a test
+    that cannot run there is a broken environment, never a pass."""
+    return os.environ.get("CI", "").lower() in ("true", "1", "yes")
+
 
 # -- foundation: engine, images, hubs ----------------------------------------------------------
 
@@ -18,6 +27,45 @@ from ds01hub import bootstrap
 def pytest_configure(config):
     # Hubs and their services started by the tests must stop on SIGINT, also under CI.
     bootstrap.unignore_sigint()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """A `root` test on a non-root account is skipped (a failure under CI, below)."""
+    if item.get_closest_marker("root") and os.geteuid() != 0:
+        pytest.skip("needs root (creates Unix users, binds privileged sockets): run as root")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under CI a skipped test FAILS the run, with the skip's reason: a machine that `make
+    test` set up and that cannot run a test is a broken CI, not a green one."""
+    report = yield
+    if in_ci() and report.skipped and not hasattr(report, "wasxfail"):
+        markers = sorted({m.name for m in item.iter_markers()} - {"parametrize"})
+        report.outcome = "failed"
+        report.longrepr = (
+            f"skipped under CI=true (markers: {', '.join(markers) or 'none'}): "
+            f"{_skip_reason(report.longrepr)}"
+        )
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector):
+    """Under CI a module that skips itself at import fails too (the same rule as above)."""
+    report = yield
+    if in_ci() and report.skipped:
+        report.outcome = "failed"
+        report.longrepr = f"module skipped under CI=true: {_skip_reason(report.longrepr)}"
+    return report
+
+
+def _skip_reason(longrepr: object) -> str:
+    """The reason of a skip report (pytest keeps it as (file, line, reason))."""
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        return str(longrepr[2]).removeprefix("Skipped: ")
+    return str(longrepr)
 
 
 @pytest.fixture(scope="session")

@@ -5,13 +5,12 @@ SIMULATED GPU slots, the event log holds a known history."""
 from __future__ import annotations
 
 import re
-import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
 import requests
-from harness import TEST_LABEL, free_port, unique_name
+from harness import TEST_LABEL, free_port, unique_name, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from ds01hub import labels, provenance
@@ -109,17 +108,14 @@ def ops(hub_factory, docker_client, base_image, tmp_path_factory):
     hub.create_user(student, groups=["opsviewers"])
     hub.create_user(alice)
     base = f"{hub.url}/services/{SERVICE_NAME}/"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+
+    def answers() -> bool:
         try:
-            response = requests.get(base + "api/overview", timeout=5)
-            if response.status_code == 403:
-                break
+            return requests.get(base + "api/overview", timeout=5).status_code == 403
         except requests.ConnectionError:
-            pass
-        time.sleep(0.5)
-    else:
-        raise AssertionError("the ds01-ops service did not come up:\n" + hub.log())
+            return False
+
+    wait_until(answers, 60, 0.5, lambda: "the ds01-ops service did not come up:\n" + hub.log())
     info = dict(
         hub=hub,
         base=base,

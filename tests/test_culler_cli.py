@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from harness import unique_name
+from harness import unique_name, wait_until
 from test_culler_e2e import LABEL_HOOK
 
 from ds01hub.eventlog import EventLog
@@ -74,10 +74,7 @@ def test_cull_once_dry_run_reports_and_a_real_pass_culls(hub_factory, tmp_path):
     assert [s["action"] for s in json.loads(real.stdout)["servers"] if s["user"] == user] == [
         "cull"
     ]
-    deadline = time.monotonic() + 60
-    while hub.server(user) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert hub.server(user) is None
+    wait_until(lambda: hub.server(user) is None, 60, 0.5, hub.log)
     (event,) = EventLog(hub.state_dir / "events.db").events(kind="cull", user=user)
     assert event.reason.startswith("idle:")
 

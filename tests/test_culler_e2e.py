@@ -13,7 +13,7 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from harness import free_port, unique_name
+from harness import free_port, unique_name, wait_until
 from prometheus_client import CollectorRegistry
 
 from ds01hub import labels, provenance
@@ -147,10 +147,7 @@ async def test_an_idle_server_is_warned_then_culled_after_its_timeout(lab, docke
 
     report = await culler.run_once()
     assert verdicts(report)[idle] == ("cull", "idle")
-    deadline = time.monotonic() + 60
-    while hub.server(idle) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert hub.server(idle) is None
+    wait_until(lambda: hub.server(idle) is None, 60, 0.5, hub.log)
     containers["idle"].reload()
     assert containers["idle"].status == "exited"  # stopped, kept: its holds run their course
     assert read_in_container(containers["idle"], "/tmp/ds01hub/cull-warning.txt") == ""
@@ -251,10 +248,8 @@ c.Spawner.cmd = ["jupyterhub-singleuser"]
         inventory.nvml.set_utilization(slot, 0)  # the training run finished
         got = verdicts(await parts.culler.run_once())
         assert got == {trainer: ("cull", "idle"), forever: ("keep", "never")}
-        deadline = time.monotonic() + 60
-        while hub.server(trainer) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert hub.server(trainer) is None and hub.server(forever)["ready"]
+        wait_until(lambda: hub.server(trainer) is None, 60, 0.5, hub.log)
+        assert hub.server(forever)["ready"]
         parts.allocator.sweep()  # as the next pass would: the stop is recorded as a hold
 
         # stopped, the container holds its GPU for gpu_hold_after_stop, then the hold expires
@@ -304,10 +299,7 @@ async def test_hub_activity_keeps_a_server_and_its_absence_lets_it_go(lab, docke
     assert verdicts(await culler.run_once())[user] == ("keep", "active")
     time.sleep(5)
     assert verdicts(await culler.run_once())[user] == ("cull", "idle")
-    deadline = time.monotonic() + 60
-    while hub.server(user) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert hub.server(user) is None
+    wait_until(lambda: hub.server(user) is None, 60, 0.5, hub.log)
 
 
 async def test_a_cull_the_hub_refuses_is_reported_and_tried_again(lab, docker_client, tmp_path):
@@ -338,10 +330,8 @@ async def test_a_cull_the_hub_refuses_is_reported_and_tried_again(lab, docker_cl
     culler.hub = HubClient(f"{hub.url}/hub/api", hub.admin_token)
     report = await culler.run_once()
     assert verdicts(report)[user] == ("cull", "idle") and report.errors == []
-    deadline = time.monotonic() + 60
-    while hub.server(user) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert hub.server(user) is None and pending_warnings(user, tmp_path) == []
+    wait_until(lambda: hub.server(user) is None, 60, 0.5, hub.log)
+    assert pending_warnings(user, tmp_path) == []
 
 
 def test_the_managed_service_culls_an_idle_server_by_itself(hub_factory, tmp_path):
@@ -362,10 +352,11 @@ def test_the_managed_service_culls_an_idle_server_by_itself(hub_factory, tmp_pat
         user = unique_name("svu")
         hub.create_user(user)
         hub.start_server(user)
-        hub.wait_ready(user)
-        deadline = time.monotonic() + 90
-        while hub.server(user) and time.monotonic() < deadline:
-            time.sleep(1)
-        assert hub.server(user) is None, hub.log()
-        (event,) = EventLog(state / "events.db").events(kind="cull", user=user)
+        # No wait_ready: the service may cull the server (1 s timeout) before a poll sees it
+        # ready. The cull event below proves it ran and was culled as idle.
+        wait_until(lambda: hub.server(user) is None, 90, 0.5, hub.log)
+        # The service records the cull once the hub's stop has returned: wait for the event
+        # too (reading it at once raced the service's write).
+        events = EventLog(state / "events.db")
+        (event,) = wait_until(lambda: events.events(kind="cull", user=user), 30, 0.2, hub.log)
         assert event.reason.startswith("idle: no hub activity")

@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import requests
-from harness import TEST_LABEL, free_port, unique_name
+from harness import TEST_LABEL, free_port, unique_name, wait_until
 from harness.browser import log_in
 
 from ds01hub import bootstrap
@@ -131,12 +130,12 @@ def test_the_demo_logs_a_user_in_and_gives_a_running_server(
         xsrf = {"X-XSRFToken": session.cookies["_xsrf"]}
         start = session.post(f"{url}/hub/api/users/alice/server", json={}, headers=xsrf)
         assert start.status_code in (201, 202), start.text
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
+
+        def ready() -> bool:
             alice = session.get(f"{url}/hub/api/users/alice", timeout=30).json()
-            if alice["servers"].get("", {}).get("ready"):
-                break
-            time.sleep(1)
+            return bool(alice["servers"].get("", {}).get("ready"))
+
+        wait_until(ready, 180, 1, "alice's server is ready")
         lab = session.get(f"{url}/user/alice/lab", timeout=60)  # through the OAuth dance
         assert lab.status_code == 200 and "JupyterLab" in lab.text
         assert session.get(f"{url}/user/alice/api/status", timeout=30).status_code == 200

@@ -9,6 +9,7 @@ import os
 import shutil
 import stat
 import subprocess
+import tomllib
 from dataclasses import replace
 from pathlib import Path
 
@@ -196,3 +197,45 @@ def test_an_environment_file_others_could_write_is_refused(tmp_path):
     env = {"DS01HUB_ENV_FILE": str(path), "DS01HUB_BROKER_SOCKET": "/run/mine.sock"}
     assert siteenv.load(env) == path
     assert env["DS01HUB_BROKER_SOCKET"] == "/run/mine.sock"  # the environment wins
+
+
+# -- restarts on upgrade, the wheelhouse -------------------------------------------------------
+
+
+def _restart_steps(monkeypatch, done: list[install.Step], running: set[str]) -> list[str]:
+    """What after_steps would do on a host where systemd runs and ``running`` units run."""
+    monkeypatch.setattr(install.bootstrap, "systemd_runs", lambda: True)
+    monkeypatch.setattr(install, "_active", lambda unit: unit in running)
+    opts = install.Options(source=REPO, images=False)
+    return [step.what for step in install.after_steps(opts, done)]
+
+
+def test_an_upgrade_restarts_only_the_running_units_whose_files_changed(monkeypatch):
+    hub_config = install.Step("write hub config", lambda: True, lambda: None, (install.HUB_UNIT,))
+    venv = install.Step(
+        "virtualenv", lambda: True, lambda: None, (install.HUB_UNIT, install.PROXY_UNIT)
+    )
+    running = {install.HUB_UNIT, install.PROXY_UNIT}
+    assert _restart_steps(monkeypatch, [hub_config], running)[0] == (
+        "restart ds01hub.service to use the new files"
+    )
+    assert _restart_steps(monkeypatch, [venv], running)[0] == (
+        "restart ds01hub.service, ds01hub-proxy.service to use the new files"
+    )
+    # a first install: nothing runs yet, the units are started, not restarted
+    first = _restart_steps(monkeypatch, [venv], set())
+    assert not any(what.startswith("restart") for what in first), first
+
+
+def test_the_wheelhouse_holds_the_dependencies_and_the_build_requirements(tmp_path):
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    wanted = install.wheelhouse_requirements(pyproject)
+    assert set(pyproject["project"]["dependencies"]) <= set(wanted)
+    assert set(pyproject["build-system"]["requires"]) <= set(wanted)  # the project's own wheel
+    assert set(pyproject["project"]["optional-dependencies"]["ldap"]) <= set(wanted)
+    env = install.pip_environment(tmp_path)
+    assert (env["PIP_NO_INDEX"], env["PIP_FIND_LINKS"]) == ("1", str(tmp_path))
+    assert install.pip_environment(None) is None
+    missing = replace(options(tmp_path), wheelhouse=tmp_path / "nowhere")
+    with pytest.raises(install.InstallError, match="--wheelhouse .*nowhere: no such directory"):
+        install.install(missing)

@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 from ds01_cli_harness import BUSYBOX_IMAGE
 from ds01_cli_harness import busybox_image as shared_busybox_image
+from harness import wait_until
 
 from ds01hub import labels, provenance
 
@@ -108,20 +109,6 @@ IMAGE = BUSYBOX_IMAGE
 RUN = secrets.token_hex(3)
 
 
-def _docker_ok() -> bool:
-    try:
-        return subprocess.run([DOCKER, "version"], capture_output=True, timeout=20).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
-def _need_root_and_docker():
-    if os.geteuid() != 0:
-        pytest.skip("needs root: creates Unix users and runs the docker CLI as them")
-    if not _docker_ok():
-        pytest.skip("needs a running Docker engine and the docker CLI")
-
-
 def admin_docker(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     """The engine directly, as root (set-up and verification, never through the proxy)."""
     env = {k: v for k, v in os.environ.items() if k != "DOCKER_HOST"}
@@ -131,13 +118,13 @@ def admin_docker(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def busybox_image():
-    _need_root_and_docker()
+def busybox_image(docker_client):
+    """The test image. Its tests are marked `docker` and `root`: the engine comes from the
+    session fixture (started when none answers, an error when it cannot be), a non-root run
+    skips them (conftest), and under CI any skip fails."""
     if not shutil.which("busybox"):
         pytest.skip("needs /bin/busybox (apt-get install busybox-static) for the test image")
-    import docker
-
-    return shared_busybox_image(docker.from_env())
+    return shared_busybox_image(docker_client)
 
 
 @pytest.fixture(scope="module")
@@ -850,12 +837,15 @@ def test_root_has_full_access(proxy, world):
 @pytest.mark.root
 def test_denials_are_logged_with_user_method_path_and_reason(proxy, world):
     docker_as(proxy, world["bob"], "inspect", world["alice_id"])
-    time.sleep(0.2)
-    lines = [
-        line
-        for line in proxy.log.read_text().splitlines()
-        if f"denied user={world['bob']} method=GET" in line and world["alice_id"] in line
-    ]
+
+    def denials() -> list[str]:  # the proxy may log just after it answered
+        return [
+            line
+            for line in proxy.log.read_text().splitlines()
+            if f"denied user={world['bob']} method=GET" in line and world["alice_id"] in line
+        ]
+
+    lines = wait_until(denials, 10, 0.05, "a denial line in the proxy log")
     assert any(line.endswith(f"(owned by {world['alice']})") for line in lines), lines
 
 

@@ -15,7 +15,7 @@ import time
 
 import pytest
 import requests
-from harness import HubError, unique_name
+from harness import HubError, unique_name, wait_until
 from harness.ds01_spawner import Ds01Hub
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -73,15 +73,6 @@ def hub_metric(hub, name: str, **labels: str) -> float:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 return sample.value
     return 0.0
-
-
-def wait_until(condition, timeout: float = 60) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.2)
-    return False
 
 
 def test_student_and_researcher_get_their_limits_gpus_labels_and_env(ds01):
@@ -217,7 +208,12 @@ def test_stop_holds_the_gpu_restart_reuses_it_delete_releases(ds01, docker_clien
     assert len(bigger.labels["ds01.gpus"].split(",")) == 2
 
     hub.delete_server(user, "p")  # the hub may finish deleting after it answered
-    assert wait_until(lambda: not docker_client.api.containers(all=True, filters={"id": bigger.id}))
+    wait_until(
+        lambda: not docker_client.api.containers(all=True, filters={"id": bigger.id}),
+        60,
+        0.2,
+        "the deleted server's container is removed",
+    )
     assert not [h for h in allocator.holdings() if h.user == user]
 
 

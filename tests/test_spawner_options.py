@@ -22,6 +22,7 @@ from ds01hub.spawner.options import (
     render_form,
     resolve_choice,
 )
+from harness import wait_until_async
 from inspect_docs import TRUST
 
 from ds01hub.allocator import Decision, Holding
@@ -373,11 +374,11 @@ async def test_queue_serves_priority_then_arrival_and_reports_positions():
         )
 
     first = asyncio.create_task(waiter("first", 10))
-    await asyncio.sleep(0.01)
+    await wait_until_async(first.done, 10, message="the first waiter is served")
     low = asyncio.create_task(waiter("low", 10))
-    await asyncio.sleep(0.01)
+    await wait_until_async(lambda: "low" in positions, 10, message="low waits")
     high = asyncio.create_task(waiter("high", 50))
-    await asyncio.sleep(0.05)
+    await wait_until_async(lambda: "high" in positions, 10, message="high waits")
     assert (await first).granted == ("first",)
     assert queue.keys() == ["high", "low"]
     assert positions["high"][-1] == (1, 2) and positions["low"][-1] == (2, 2)
@@ -436,5 +437,5 @@ async def test_a_grant_that_arrives_after_giving_up_is_released():
     task.cancel()  # the hub cancelled the spawn while the allocator was deciding
     with pytest.raises(asyncio.CancelledError):
         await task
-    await asyncio.sleep(0.3)
+    await wait_until_async(lambda: pool.released, 10, message="the late grant is released")
     assert pool.released == ["slow"] and pool.free == 1

@@ -338,10 +338,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     ]
     print(render_table(rows, columns, colour=colour))
     for entry in revoked:
-        print(
-            f"reclaimed: {entry.get('name')} lost slot(s) {', '.join(entry.get('slots', []))} "
-            f"to {entry.get('by')} ({entry.get('by_container')}) at {entry.get('at')}"
-        )
+        slots = ", ".join(entry.get("slots", []))
+        if entry.get("by"):
+            print(
+                f"reclaimed: {entry.get('name')} lost slot(s) {slots} "
+                f"to {entry.get('by')} ({entry.get('by_container')}) at {entry.get('at')}"
+            )
+        else:  # GpuAllocator.end_hold: given back, nobody took them
+            print(f"released: {entry.get('name')} gave back slot(s) {slots}: {entry.get('reason')}")
     if others is not None:
         _print_other_claims(others, colour)
     return EXIT_OK
