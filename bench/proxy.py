@@ -97,6 +97,8 @@ def running_proxy(directory: Path) -> Iterator[str]:
         str(socket_path),
         "--state-dir",
         str(directory / "state"),
+        "--hub-state-dir",  # the label key the bench containers are signed with
+        str(directory / "state"),
     ]
     # at its default level, as deployed: a line per forwarded request, to a file
     log = open(directory / "proxy.log", "w")  # noqa: SIM115 -- closed with the process
