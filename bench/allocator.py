@@ -35,9 +35,12 @@ from ds01hub.allocator import GpuRequest, decide
 from ds01hub.eventlog import EventLog
 from ds01hub.inventory import Inventory, discover
 from ds01hub.limits import SimulatedGpuSpec, parse_limits
+from ds01hub.provenance import Provenance
 from ds01hub.simulated_nvml import SimulatedNvml
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+#: The recorded snapshot's deployment key: its documents model real (signed) containers.
+TRUST = Provenance("bench", bytes(range(32)))
 LIMITS = parse_limits(
     {
         "defaults": {"max_gpus": 2, "gpu_hold_after_stop": "2h", "priority": 10},
@@ -76,8 +79,11 @@ def snapshot(slots: list[str]) -> list[dict]:
                 "Id": f"{i:064x}",
                 "Name": f"/p{i}._.{user}",
                 "Config": {
-                    "Labels": labels.container_labels(
-                        user=user, project=f"p{i}", group=None, priority=10, gpus=gpus
+                    "Labels": TRUST.sign(
+                        labels.container_labels(
+                            user=user, project=f"p{i}", group=None, priority=10, gpus=gpus
+                        ),
+                        f"p{i}._.{user}",
                     ),
                     "Image": "ds01hub/singleuser",
                 },
@@ -99,6 +105,7 @@ def make_allocator(state_dir: Path, docs: list[dict], eventlog: EventLog | None)
         clock=lambda: NOW,
         limits=LIMITS,
         container_lister=lambda: docs,
+        trust=TRUST,
     )
 
 

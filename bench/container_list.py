@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from ds01_cli_harness import busybox_image, command_line, unix_user, user_env  # noqa: E402
 from harness import Hub  # noqa: E402
 
-from ds01hub import labels  # noqa: E402
+from ds01hub import labels, provenance  # noqa: E402
 from ds01hub.cli.backend import BrokerBackend  # noqa: E402
 from ds01hub.hubclient import HubClient  # noqa: E402
 from ds01hub.operations import OperationsContext, UserOperations  # noqa: E402
@@ -50,9 +50,11 @@ class BenchHub:
         self.directory = Path(tempfile.mkdtemp(prefix="ds01-bench-"))
         self.directory.chmod(0o755)
         self.socket_path = str(self.directory / "broker.sock")
+        self.state_dir = self.directory / "hub" / "state"  # the harness hub's own
         extra = (
             "from ds01hub.broker import configure_hub\n"
-            f"configure_hub(c, socket_path={self.socket_path!r})\n"
+            f"configure_hub(c, socket_path={self.socket_path!r}, "
+            f"broker_args=['--Broker.state_dir={self.state_dir}'])\n"
         )
         self.hub = Hub(
             directory=self.directory / "hub",
@@ -72,18 +74,18 @@ class BenchHub:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def make_containers(client, user: str, image: str, count: int, running: int, tag: str) -> None:
+def make_containers(
+    client, trust, user: str, image: str, count: int, running: int, tag: str
+) -> None:
     for i in range(count):
         project = f"p{i:03d}"
+        name = f"{labels.container_name(user, project)}-{tag}"
         container_labels = labels.container_labels(
             user=user, project=project, group=None, priority=0, gpus=[], image=image
         )
+        container_labels = trust.sign(container_labels, name)
         container_labels.update({"ds01.test": "1", "ds01.bench": tag})
-        kwargs = dict(
-            name=f"{labels.container_name(user, project)}-{tag}",
-            labels=container_labels,
-            command=["sleep", "100000"],
-        )
+        kwargs = dict(name=name, labels=container_labels, command=["sleep", "100000"])
         if i < running:
             client.containers.run(image, detach=True, **kwargs)
         else:
@@ -114,8 +116,9 @@ def main() -> None:
     hub = BenchHub()
     try:
         with unix_user("d01b") as heavy, unix_user("d01b") as light:
-            make_containers(client, heavy.name, image, args.containers, args.running, tag)
-            make_containers(client, light.name, image, 3, 1, tag)
+            trust = provenance.load(hub.state_dir)
+            make_containers(client, trust, heavy.name, image, args.containers, args.running, tag)
+            make_containers(client, trust, light.name, image, 3, 1, tag)
             results = {
                 f"{args.containers} yours": measure(hub, client, heavy, args.runs, args.containers),
                 "3 yours": measure(hub, client, light, args.runs, 3),
@@ -153,6 +156,7 @@ def measure(hub: BenchHub, client, person, runs: int, expected: int) -> dict[str
             context = OperationsContext(
                 hub=HubClient(f"{hub.url}/hub/api", hub.token),
                 docker=client,
+                trust=provenance.load(hub.state_dir),
                 inspect_workers=workers,
             )
             return UserOperations(context, person.name)
@@ -165,7 +169,8 @@ def measure(hub: BenchHub, client, person, runs: int, expected: int) -> dict[str
 
         return run
 
-    wanted = {"label": [f"{labels.MANAGED}=true", f"{labels.USER}={person.name}"]}
+    trust = provenance.load(hub.state_dir)
+    wanted = {"label": trust.label_filters([f"{labels.USER}={person.name}"])}
 
     def docker_list() -> None:
         assert len(client.api.containers(all=True, filters=wanted)) == expected

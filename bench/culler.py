@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import statistics
+import tempfile
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -59,10 +61,11 @@ def bench_decide(servers: int) -> float:
     return (time.perf_counter() - start) / servers * 1e6
 
 
-def start_containers(client, image: str, count: int, run_label: str) -> list:
+def start_containers(client, trust, image: str, count: int, run_label: str) -> list:
     key, _, value = run_label.partition("=")
     containers = []
     for index in range(count):
+        name = f"default._.bench{index}-{value}"
         managed = labels.container_labels(
             user=f"bench{index}", project=None, group=None, priority=10, gpus=[str(index)]
         )
@@ -70,7 +73,8 @@ def start_containers(client, image: str, count: int, run_label: str) -> list:
             client.containers.run(
                 image,
                 ["sleep", "600"],
-                labels={**managed, "ds01.test": "1", key: value},
+                name=name,
+                labels={**trust.sign(managed, name), "ds01.test": "1", key: value},
                 detach=True,
             )
         )
@@ -100,8 +104,11 @@ def main() -> None:
     run_label = f"ds01.bench.culler={uuid.uuid4().hex[:8]}"
     nvml = SimulatedNvml([SimulatedGpuSpec() for _ in range(args.containers)], "bench")
     inventory = discover(nvml, simulated=True)
-    culler = Culler(None, client, inventory, parse_limits({}), gpu_sample_interval=0)
-    containers = start_containers(client, image, args.containers, run_label)
+    state_dir = tempfile.mkdtemp(prefix="ds01-bench-culler-")  # its own label key, deployment
+    culler = Culler(
+        None, client, inventory, parse_limits({}), state_dir=state_dir, gpu_sample_interval=0
+    )
+    containers = start_containers(client, culler.trust, image, args.containers, run_label)
     try:
         for index, container in enumerate(containers):
             nvml.add_process(str(index), container.attrs["State"]["Pid"])
@@ -140,6 +147,7 @@ def main() -> None:
     finally:
         for container in containers:
             container.remove(force=True)
+        shutil.rmtree(state_dir, ignore_errors=True)
     width = max(len(name) for name, _ in rows)
     print(f"{'stage':<{width}}  cost")
     for name, value in rows:

@@ -41,6 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from ds01_cli_harness import busybox_image, unix_user  # noqa: E402
 
+from ds01hub import labels as ds01labels  # noqa: E402
+from ds01hub import provenance  # noqa: E402
+
 DOCKER = shutil.which("docker") or "/usr/local/bin/docker"
 GOAL = 1.2
 LOG_LINE = "ds01hub proxy benchmark: a line of container output, about eighty characters long"
@@ -92,6 +95,10 @@ def running_proxy(directory: Path) -> Iterator[str]:
         "proxy",
         "--listen",
         str(socket_path),
+        "--state-dir",
+        str(directory / "state"),
+        "--hub-state-dir",  # the label key the bench containers are signed with
+        str(directory / "state"),
     ]
     # at its default level, as deployed: a line per forwarded request, to a file
     log = open(directory / "proxy.log", "w")  # noqa: SIM115 -- closed with the process
@@ -110,24 +117,34 @@ def running_proxy(directory: Path) -> Iterator[str]:
 
 
 @contextmanager
-def bench_containers(client, user: str, image: str, count: int, log_lines: int):
-    """(running container id, chatty container id); all removed afterwards."""
+def bench_containers(client, state_dir: Path, user: str, image: str, count: int, log_lines: int):
+    """(running container id, chatty container id), `user`'s (labels signed with the key in
+    `state_dir`, the proxy's); all removed afterwards."""
     tag = secrets.token_hex(3)
-    labels = {"ds01.managed": "true", "ds01.user": user, "ds01.test": "1", "ds01.bench": tag}
+    trust = provenance.load(state_dir)
+    own = ds01labels.container_labels(user=user, project=None, group=None, priority=0)
+
+    def labels(name: str) -> dict[str, str]:
+        return trust.sign(own, name) | {"ds01.test": "1", "ds01.bench": tag}
+
     made: list[str] = []
     try:
         for index in range(count):
+            name = f"bench-{tag}-{index}"
             made.append(
-                client.api.create_container(
-                    image, ["true"], labels=labels, name=f"bench-{tag}-{index}"
-                )["Id"]
+                client.api.create_container(image, ["true"], labels=labels(name), name=name)["Id"]
             )
-        running = client.containers.run(image, ["sleep", "3600"], labels=labels, detach=True)
+        name = f"bench-{tag}-running"
+        running = client.containers.run(
+            image, ["sleep", "3600"], labels=labels(name), name=name, detach=True
+        )
         made.append(running.id)
+        name = f"bench-{tag}-chatty"
         chatty = client.containers.run(
             image,
             ["sh", "-c", f"/bin/busybox yes '{LOG_LINE}' | /bin/busybox head -n {log_lines}"],
-            labels=labels,
+            labels=labels(name),
+            name=name,
             detach=True,
         )
         made.append(chatty.id)
@@ -198,7 +215,9 @@ def main() -> int:
         directory.chmod(0o755)
         with (
             running_proxy(directory) as proxied,
-            bench_containers(client, user.name, image, args.containers, args.log_lines) as (
+            bench_containers(
+                client, directory / "state", user.name, image, args.containers, args.log_lines
+            ) as (
                 running,
                 chatty,
             ),

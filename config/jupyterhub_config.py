@@ -78,7 +78,8 @@ from ds01hub.broker import configure_hub as configure_broker  # noqa: E402
 configure_broker(
     c,
     socket_path=os.environ.get("DS01HUB_BROKER_SOCKET", "/run/ds01hub/broker.sock"),
-    # state_dir: where the culler leaves its warnings, which each command shows its user
+    # state_dir: the spawner's (its label key says which containers are this hub's), where the
+    # culler also leaves its warnings, which each command shows its user
     broker_args=[f"--Broker.base_image={c.DockerSpawner.image}", f"--Broker.state_dir={state_dir}"],
     environment={k: os.environ[k] for k in ("DS01HUB_LIMITS", "DOCKER_HOST") if k in os.environ},
 )
@@ -94,7 +95,11 @@ _ca_bundle = os.environ.get("DS01HUB_CA_BUNDLE", "")
 configure_ds01_service(
     c,
     url=f"http://{docker_bridge_ip()}:{os.environ.get('DS01HUB_SERVICE_PORT', '10101')}",
-    service_args=[f"--DS01Service.base_image={c.DockerSpawner.image}"]
+    # state_dir: the spawner's, whose label key says which containers are this hub's
+    service_args=[
+        f"--DS01Service.base_image={c.DockerSpawner.image}",
+        f"--DS01Service.state_dir={state_dir}",
+    ]
     + ([f"--DS01Service.ca_bundle={_ca_bundle}"] if _ca_bundle else []),
     environment={k: os.environ[k] for k in ("DS01HUB_LIMITS", "DOCKER_HOST") if k in os.environ},
 )

@@ -49,18 +49,19 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from ds01hub import labels
+from ds01hub import labels, provenance
 from ds01hub.allocator import Decision, GpuRequest, Holding, decide, describe_holding
 from ds01hub.engine import engine_unreachable
 from ds01hub.eventlog import EventLog, EventLogError, NewEvent
 from ds01hub.inventory import Inventory
 from ds01hub.labels import ContainerRecord
 from ds01hub.limits import LimitsConfig, LimitsStore, ResolvedLimits, parse_limits
+from ds01hub.provenance import Provenance
 
 __all__ = [
     "DEFAULT_RESERVATION_TTL",
     "DEFAULT_START_GRACE",
-    "OWNER_LABEL",
+    "CREATOR_LABEL",
     "AllocationStateError",
     "Claim",
     "GpuAllocator",
@@ -75,8 +76,9 @@ __all__ = [
 
 DEFAULT_RESERVATION_TTL = 120.0
 DEFAULT_START_GRACE = 60.0
-#: Label naming the process that created a container (`Owner.label()`), set by its creator.
-OWNER_LABEL = "ds01.owner"
+#: Label naming the process that created a container (`Owner.label()`), set (and signed) by
+#: its creator.
+CREATOR_LABEL = labels.CREATOR
 _HOST = socket.gethostname()
 #: Holding states, strongest first: one container's several claims on a slot show as one.
 _STRENGTH = {"running": 0, "starting": 1, "reserved": 2, "stopped": 3}
@@ -152,7 +154,7 @@ class Owner:
         return {"host": self.host, "boot": self.boot, "pid": self.pid, "started": self.started}
 
     def label(self) -> str:
-        """`host/boot/pid/started`, the value of `OWNER_LABEL`."""
+        """`host/boot/pid/started`, the value of `CREATOR_LABEL`."""
         return f"{self.host}/{self.boot}/{self.pid}/{'' if self.started is None else self.started}"
 
     @classmethod
@@ -276,11 +278,15 @@ class ReconcileAction:
         }
 
 
-def docker_lister(client: Any, extra_labels: Sequence[str] = ()) -> Callable[[], list[dict]]:
+def docker_lister(
+    client: Any, extra_labels: Sequence[str] = (), *, trust: Provenance | None = None
+) -> Callable[[], list[dict]]:
     """Managed containers as Docker documents: list entries for running ones, inspect
     documents for the others that carry GPUs (only inspect has `State.FinishedAt`).
-    `extra_labels` narrows the listing (tests on a shared engine)."""
-    filters = {"label": [labels.MANAGED_FILTER["label"], *extra_labels]}
+    `trust` narrows the listing to its deployment, `extra_labels` further (tests); what it
+    returns is still only what the labels claim (the allocator verifies)."""
+    scope = trust.label_filters() if trust else [f"{labels.MANAGED}=true"]
+    filters = {"label": [*scope, *extra_labels]}
 
     def list_managed() -> list[dict]:
         import docker.errors
@@ -377,20 +383,23 @@ class GpuAllocator:
         container_remover: Callable[[str], bool] | None = None,
         owner: Callable[[], Owner] = Owner.current,
         owner_alive: Callable[[Owner], bool | None] = Owner.alive,
+        trust: Provenance | None = None,
     ):
         """`limits` gives each container's hold (`gpu_hold_after_stop` of its user), the
         strategy and `preempt_running`; `container_lister` / `container_remover` replace the
         Docker calls, `owner` / `owner_alive` the process identity (the benchmark's recorded
-        snapshot; tests that play several processes in one)."""
+        snapshot; tests that play several processes in one); `trust` (default: the state
+        directory's) decides which containers are this deployment's: only those count."""
         self.inventory = inventory
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.trust = trust or provenance.load(self.state_dir)
         self.eventlog = eventlog
         self.clock = clock
         self.reservation_ttl = reservation_ttl
         self.start_grace = start_grace
         self._limits = limits
-        self._list = container_lister or docker_lister(docker_client)
+        self._list = container_lister or docker_lister(docker_client, trust=self.trust)
         self._remove = container_remover or docker_remover(docker_client)
         self._owner = owner
         self._owner_alive = owner_alive
@@ -506,8 +515,8 @@ class GpuAllocator:
     # -- holdings ------------------------------------------------------------------------------
 
     def records(self) -> list[ContainerRecord]:
-        """Managed containers, parsed from Docker."""
-        parsed = (ContainerRecord.from_docker(doc) for doc in self._list())
+        """This deployment's managed containers (signature verified), parsed from Docker."""
+        parsed = (ContainerRecord.from_docker(doc, self.trust) for doc in self._list())
         return [record for record in parsed if record is not None]
 
     def _gpu_records(self) -> list[ContainerRecord]:
@@ -520,17 +529,21 @@ class GpuAllocator:
             found = config.get("Labels") if config is not None else doc.get("Labels")
             if not (found and found.get(labels.GPUS)):
                 continue
-            # A container's labels never change; its state and FinishedAt may: those key the
-            # cache of parsed records, so an unchanged container is not parsed again.
+            # A container's labels never change; its state, FinishedAt and name (which the
+            # signature covers) may: those key the cache of parsed records, so an unchanged
+            # container is not parsed (or verified) again.
             state = doc.get("State")
             key = (
                 doc.get("Id"),
+                doc.get("Name") or str(doc.get("Names")),
                 str(state.get("Status")) + str(state.get("FinishedAt"))
                 if isinstance(state, Mapping)
                 else state,
             )
             record = (
-                self._parsed.get(key) if key in self._parsed else ContainerRecord.from_docker(doc)
+                self._parsed.get(key)
+                if key in self._parsed
+                else ContainerRecord.from_docker(doc, self.trust)
             )
             parsed[key] = record
             if record is not None:
@@ -665,12 +678,13 @@ class GpuAllocator:
         return self._view(now, kept), events, actions
 
     def _creator_lives(self, record: ContainerRecord) -> bool:
-        owner = Owner.from_label(record.labels.get(OWNER_LABEL))
+        owner = Owner.from_label(record.labels.get(CREATOR_LABEL))
         return owner is not None and self._owner_alive(owner) is not False
 
-    def owner_labels(self) -> dict[str, str]:
-        """The label a creator puts on each container it makes (see the module docstring)."""
-        return {OWNER_LABEL: self._owner().label()}
+    def creator_label(self) -> str:
+        """The `CREATOR_LABEL` value a creator puts on each container it makes (see the module
+        docstring)."""
+        return self._owner().label()
 
     def holdings(self) -> list[Holding]:
         """Every live holding: labelled containers (running, or stopped within their hold,

@@ -2,8 +2,9 @@
 
 What is in the state directory (``$DS01HUB_STATE_DIR``, /var/lib/ds01hub) is what a host would
 lose: the JupyterHub database (users, groups, tokens, servers), the event log (GPU-hours), the
-allocator's files (revocations, reservations), the culler's warnings, the GPU access grants
-and the cookie secret. SQLite databases are copied with SQLite's online backup API
+allocator's files (revocations, reservations), the culler's warnings, the GPU access grants,
+the cookie secret, and the label key and deployment id (`ds01hub.provenance`: without them
+every container is unmanaged). SQLite databases are copied with SQLite's online backup API
 (``sqlite3.Connection.backup``), which gives a consistent copy while the hub keeps writing;
 other files are copied as they are. Lock and pid files, WAL side files and sockets are left
 out. With ``--config`` the site's /etc/ds01hub is saved (and restored) too.

@@ -35,7 +35,7 @@ from tornado.iostream import IOStream, StreamClosedError
 from traitlets import Bool, Float, Integer, List, Unicode, default
 from traitlets.config import Application
 
-from . import images, peer
+from . import images, peer, provenance
 from .cli.protocol import (
     API_PREFIX,
     DEFAULT_SOCKET,
@@ -560,8 +560,9 @@ class Broker(Application):
 
     state_dir = Unicode(
         help="""The spawner's state directory (default $DS01HUB_STATE_DIR, else
-        /var/lib/ds01hub), where the culler keeps its pending warnings: each command tells
-        its user which of their containers are about to be stopped as idle.""",
+        /var/lib/ds01hub), where the culler keeps its pending warnings (each command tells
+        its user which of their containers are about to be stopped as idle) and whose label
+        key and deployment id decide which containers are this hub's.""",
     ).tag(config=True)
 
     spawn_timeout = Float(
@@ -669,6 +670,7 @@ class Broker(Application):
         return OperationsContext(
             hub=HubClient(self.hub_api_url, self.api_token),
             docker=self.docker,
+            trust=provenance.load(self.state_dir),
             limits_for=limits_for,
             inventory=inventory,
             auto_create_users=self.auto_create_users,
@@ -828,7 +830,7 @@ def configure_hub(
     service = {
         "name": SERVICE_NAME,
         "command": [sys.executable, "-m", "ds01hub.broker", *args],
-        "environment": dict(environment or {}),
+        "environment": provenance.service_environment(environment),
     }
     role = {
         "name": SERVICE_NAME,

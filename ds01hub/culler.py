@@ -44,10 +44,11 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from ds01hub import labels
+from ds01hub import labels, provenance
 from ds01hub.engine import EngineState, engine_unreachable
 from ds01hub.operations import cpu_percent as docker_cpu_percent
 from ds01hub.operations import project_to_server
+from ds01hub.provenance import Provenance, default_state_dir
 
 __all__ = [
     "CullPolicy",
@@ -280,11 +281,6 @@ def decide(
 # -- warnings: the state the CLI and the notebook read ----------------------------------------
 
 
-def default_state_dir() -> Path:
-    """`$DS01HUB_STATE_DIR`, else /var/lib/ds01hub (shared with the allocator)."""
-    return Path(os.environ.get("DS01HUB_STATE_DIR") or "/var/lib/ds01hub")
-
-
 class WarningStore:
     """The pending cull warnings, one JSON file written atomically by the culler only."""
 
@@ -404,8 +400,9 @@ class Culler:
     read their groups, activity and servers, stop servers); `inventory` the
     GPU inventory (real or SIMULATED NVML); `limits` a `LimitsStore` (reloaded each pass) or a
     fixed `LimitsConfig`; `lifecycle` an optional `ds01hub.lifecycle.Lifecycle` run after the
-    servers. `extra_labels` (`key=value`) narrows which containers it sees (one hub of several
-    on an engine; tests). `clock` gives `now` (tests inject it).
+    servers. It sees only its deployment's containers (`trust`, default the state directory's:
+    `ds01hub.provenance`); `extra_labels` (`key=value`) narrows that further (tests). `clock`
+    gives `now` (tests inject it).
     """
 
     def __init__(
@@ -429,13 +426,16 @@ class Culler:
         extra_labels: Iterable[str] = (),
         clock: Callable[[], datetime] = utcnow,
         log: logging.Logger | None = None,
+        trust: Provenance | None = None,
     ):
         self.hub = hub
         self.docker = docker_client
         self.inventory = inventory
         self.limits = limits
         self.eventlog = eventlog
-        self.warnings = WarningStore(state_dir if state_dir is not None else default_state_dir())
+        state_dir = state_dir if state_dir is not None else default_state_dir()
+        self.warnings = WarningStore(state_dir)
+        self.trust = trust or provenance.load(state_dir)
         self.lifecycle = lifecycle
         self.warn_before = warn_before
         self.gpu_threshold = gpu_threshold
@@ -466,11 +466,10 @@ class Culler:
 
     def running_records(self) -> dict[tuple[str, str], labels.ContainerRecord]:
         """(user, hub server name) -> the running managed container."""
-        filters = {"label": [labels.MANAGED_FILTER["label"], *self.extra_labels]}
-        filters["status"] = "running"
+        filters = {"label": self.trust.label_filters(self.extra_labels), "status": "running"}
         records = {}
         for entry in self.docker.api.containers(filters=filters):
-            record = labels.ContainerRecord.from_docker(entry)
+            record = labels.ContainerRecord.from_docker(entry, self.trust)
             if record is not None:
                 records[(record.user, project_to_server(record.project))] = record
         return records

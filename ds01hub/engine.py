@@ -230,7 +230,8 @@ class EngineWatcher:
         self.filters = {
             "type": "container",
             "event": ["die"],
-            "label": [labels.MANAGED_FILTER["label"], *extra_labels],
+            # a pre-selection only: `on_die` acts on the hub's own servers' container ids
+            "label": [f"{labels.MANAGED}=true", *extra_labels],
         }
         self.interval = interval
         self._stop = threading.Event()

@@ -11,7 +11,8 @@ that package names and version pins need) *and* rendered without a shell where p
 
 Images carry ``ds01.image.*`` labels (owner, name, template, packages). They deliberately do
 not use ``ds01.user`` / ``ds01.managed``: containers inherit image labels, and ownership of a
-container must only ever come from the labels the spawner sets.
+container must only ever come from the labels the spawner signs. No user input can add a
+label: the rendered Dockerfile is checked to hold only the instructions ds01hub writes.
 
 Site CA bundle: behind a TLS-intercepting proxy (common on university networks) pip and apt
 inside the build must trust the site's CA. Pass
@@ -370,7 +371,23 @@ def render_dockerfile(
         lines.append("RUN " + json.dumps(command))
     if base_user and base_user != "root":
         lines.append(f"USER {_validated_base_user(base_user)}")
-    return "\n".join(lines) + "\n"
+    return _checked_dockerfile("\n".join(lines) + "\n")
+
+
+#: The instructions ds01hub writes. Anything else (a LABEL above all: an image's labels reach
+#: every container made from it and every build step) could only come from injected input.
+_INSTRUCTIONS = ("FROM ", "USER ", "COPY ", "ENV ", "RUN ")
+
+
+def _checked_dockerfile(text: str) -> str:
+    """`text` if each line is one instruction that ds01hub writes, else ImageError."""
+    for line in text.splitlines():
+        if not line.startswith(_INSTRUCTIONS) or line.endswith("\\"):
+            raise ImageError(
+                f"refusing to build: the Dockerfile would contain {line[:80]!r}, which "
+                "ds01hub does not write (a package or image name carried an instruction)"
+            )
+    return text
 
 
 def _validated_base_user(user: str) -> str:

@@ -3,8 +3,14 @@
 Every managed container says, in its labels, whose it is and which GPU slots it holds, so the
 allocation state can be rebuilt from `docker ps -a` at any time (nothing to lose when the hub is
 killed). `ContainerRecord` is the parsed, typed view of one container that the allocator, the
-CLIs and the culler share; a container without `ds01.managed=true` and a `ds01.user` is not
-ours and is never shown to users nor counted.
+CLIs and the culler share.
+
+Labels are only believed when ds01hub wrote them (docs/architecture.md, "Trust: labels"): the
+keys with a reserved prefix (`RESERVED_PREFIXES`, `ROUTING_PREFIXES`) are set by ds01hub alone,
+and `ContainerRecord.from_docker` returns a record only for a container whose signed fields
+(`SIGNED_KEYS`) carry a valid `ds01.signature` of this deployment (`ds01hub.provenance`).
+Everything else -- unsigned, badly signed, another deployment's -- is not ours: never shown to
+users, never counted.
 """
 
 from __future__ import annotations
@@ -13,9 +19,12 @@ import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import escapism
+
+if TYPE_CHECKING:
+    from ds01hub.provenance import Provenance
 
 __all__ = [
     "AIME_GPUS",
@@ -23,24 +32,35 @@ __all__ = [
     "AIME_NAME",
     "AIME_USER",
     "CREATED_AT",
+    "CREATOR",
     "DEFAULT_PROJECT",
+    "DEPLOYMENT",
     "GPUS",
     "GPU_UUIDS",
     "GROUP",
     "IMAGE",
     "MANAGED",
-    "MANAGED_FILTER",
     "NAME_SEPARATOR",
+    "OWNER",
     "PRIORITY",
     "PROJECT",
+    "RESERVED_PREFIXES",
+    "ROUTING_PREFIXES",
+    "SIGNATURE",
+    "SIGNED_KEYS",
     "USER",
     "ContainerRecord",
     "container_labels",
     "container_name",
+    "container_name_of",
     "escape_name",
     "format_slot_list",
-    "is_managed",
+    "is_reserved",
+    "is_routing",
+    "labels_of",
     "parse_docker_time",
+    "reserved_blanks",
+    "routing_keys",
     "parse_slot_list",
     "unescape_name",
 ]
@@ -54,15 +74,43 @@ GPUS = "ds01.gpus"
 GPU_UUIDS = "ds01.gpu_uuids"
 IMAGE = "ds01.image"
 CREATED_AT = "ds01.created_at"
+DEPLOYMENT = "ds01.deployment"
+OWNER = "ds01.owner"
+CREATOR = "ds01.creator"
+SIGNATURE = "ds01.signature"
 AIME_USER = "aime.mlc.USER"
 AIME_NAME = "aime.mlc.NAME"
 AIME_MANAGED = "aime.mlc.DS01_MANAGED"
 AIME_GPUS = "aime.mlc.GPUS"
 
+#: The fields `ds01.signature` covers (with the container name), in this order, forever:
+#: everything a reader takes a decision on. Never reorder; a new field needs a new scheme.
+SIGNED_KEYS = (
+    MANAGED,
+    DEPLOYMENT,
+    USER,
+    OWNER,
+    PROJECT,
+    GROUP,
+    PRIORITY,
+    GPUS,
+    GPU_UUIDS,
+    IMAGE,
+    CREATED_AT,
+    AIME_USER,
+    AIME_NAME,
+    AIME_MANAGED,
+    AIME_GPUS,
+    CREATOR,
+)
+#: Label keys only ds01hub may set (images and users' requests never count for them).
+RESERVED_PREFIXES = ("ds01.", "aime.mlc.")
+#: Reverse proxies that route by container labels (Traefik, caddy-docker-proxy): a user's
+#: container must never carry them, whoever set them.
+ROUTING_PREFIXES = ("traefik.", "caddy")
+
 DEFAULT_PROJECT = "default"
 NAME_SEPARATOR = "._."
-# docker-py / Engine API filter selecting our containers (ownership is re-checked on parse).
-MANAGED_FILTER = {"label": f"{MANAGED}=true"}
 
 _SAFE = set(string.ascii_lowercase + string.digits)
 # Docker states in which a container is using (or about to use) its GPUs.
@@ -128,9 +176,40 @@ def container_labels(
     }
 
 
-def is_managed(labels: Mapping[str, str] | None) -> bool:
-    """Ours only when both `ds01.managed=true` and a non-empty `ds01.user` are present."""
-    return bool(labels) and labels.get(MANAGED) == "true" and bool(labels.get(USER))
+def is_reserved(key: str) -> bool:
+    """A key only ds01hub may set (`ds01.*`, `aime.mlc.*`)."""
+    return key.startswith(RESERVED_PREFIXES)
+
+
+def is_routing(key: str) -> bool:
+    """A reverse-proxy routing key (`traefik.*`, `caddy*`): never on a user's container."""
+    return key.startswith(ROUTING_PREFIXES)
+
+
+def routing_keys(found: Mapping[str, str]) -> list[str]:
+    """The reverse-proxy routing keys among `found`, sorted."""
+    return sorted(k for k in found if is_routing(k))
+
+
+def reserved_blanks(image_labels: Mapping[str, str]) -> dict[str, str]:
+    """For a create from an image with `image_labels`: each reserved key set to "" so that the
+    engine merges none of the image's values into the container's reserved keys."""
+    return {k: "" for k in image_labels if is_reserved(k)}
+
+
+def container_name_of(attrs: Mapping[str, Any]) -> str:
+    """The container's own name without the leading `/`, from an inspect document (`Name`)
+    or a list entry (`Names`, where legacy link aliases look like `/other/alias`)."""
+    if attrs.get("Name"):
+        return str(attrs["Name"]).removeprefix("/")
+    names = [str(n).removeprefix("/") for n in attrs.get("Names") or []]
+    return next((n for n in names if "/" not in n), names[0] if names else "")
+
+
+def labels_of(attrs: Mapping[str, Any]) -> Mapping[str, str]:
+    """The labels of an inspect document (`Config.Labels`) or a list entry (`Labels`)."""
+    found = (attrs.get("Config") or {}).get("Labels") if "Config" in attrs else attrs.get("Labels")
+    return found or {}
 
 
 def parse_docker_time(value: Any) -> datetime | None:
@@ -177,6 +256,7 @@ class ContainerRecord:
     state: str
     created_at: datetime | None
     finished_at: datetime | None
+    deployment: str = ""
     labels: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -184,13 +264,23 @@ class ContainerRecord:
         return self.state in RUNNING_STATES
 
     @classmethod
-    def from_docker(cls, attrs: Mapping[str, Any]) -> ContainerRecord | None:
+    def from_docker(cls, attrs: Mapping[str, Any], trust: Provenance) -> ContainerRecord | None:
         """From an inspect document (`container.attrs`) or a list entry (`/containers/json`);
-        None when the container is not managed by ds01hub."""
+        None unless ds01hub of `trust`'s deployment signed this container's labels."""
+        if not trust.verify(labels_of(attrs), container_name_of(attrs)):
+            return None
+        return cls.claimed(attrs)
+
+    @classmethod
+    def claimed(cls, attrs: Mapping[str, Any]) -> ContainerRecord | None:
+        """What the labels *claim*, unverified (None without `ds01.managed=true` and a user).
+
+        Only for documents `from_docker` has already accepted, and for admin views that show
+        unverified containers as such (`ds01hub status --all-deployments`): anyone who can
+        build an image can make a container claim anything."""
         config = attrs.get("Config") or {}
-        labels = config.get("Labels") if "Config" in attrs else attrs.get("Labels")
-        labels = labels or {}
-        if not is_managed(labels):
+        labels = labels_of(attrs)
+        if labels.get(MANAGED) != "true" or not labels.get(USER):
             return None
         state_field = attrs.get("State")
         if isinstance(state_field, Mapping):  # inspect
@@ -205,14 +295,13 @@ class ContainerRecord:
             # Created but never started (e.g. a spawn that died between create and start):
             # it holds like a stopped container from its creation, so nothing leaks.
             finished = created
-        name = attrs.get("Name") or (attrs.get("Names") or [""])[0]
         try:
             priority = int(labels.get(PRIORITY, ""))
         except ValueError:
             priority = 0
         return cls(
             id=str(attrs.get("Id", "")),
-            name=str(name).lstrip("/"),
+            name=container_name_of(attrs),
             user=labels[USER],
             project=labels.get(PROJECT) or DEFAULT_PROJECT,
             group=labels.get(GROUP) or None,
@@ -223,6 +312,7 @@ class ContainerRecord:
             state=state,
             created_at=created,
             finished_at=finished,
+            deployment=labels.get(DEPLOYMENT, ""),
             labels=dict(labels),
         )
 
@@ -240,4 +330,5 @@ class ContainerRecord:
             "state": self.state,
             "created_at": self.created_at.isoformat() if self.created_at else None,
             "finished_at": self.finished_at.isoformat() if self.finished_at else None,
+            "deployment": self.deployment,
         }

@@ -27,6 +27,7 @@ from typing import Any
 from ds01hub import labels
 from ds01hub.labels import ContainerRecord
 from ds01hub.limits import LimitsConfig, LimitsStore, ResolvedLimits
+from ds01hub.provenance import Provenance
 
 __all__ = ["Lifecycle", "LifecycleAction", "expired_holds", "removals_due", "stopped_records"]
 
@@ -128,18 +129,21 @@ def removals_due(
     )
 
 
-def stopped_records(client: Any, extra_labels: Iterable[str] = ()) -> list[ContainerRecord]:
-    """Managed containers that are not running, from inspect documents (the list API has no
-    `FinishedAt`); `extra_labels` (`key=value`) narrows the listing."""
+def stopped_records(
+    client: Any, trust: Provenance, extra_labels: Iterable[str] = ()
+) -> list[ContainerRecord]:
+    """`trust`'s deployment's managed containers that are not running, from inspect documents
+    (the list API has no `FinishedAt`); `extra_labels` (`key=value`) narrows the listing."""
     import docker.errors
 
     records = []
-    filters = {"label": [labels.MANAGED_FILTER["label"], *extra_labels]}
+    filters = {"label": trust.label_filters(extra_labels)}
     for entry in client.api.containers(all=True, filters=filters):
         if entry.get("State") in labels.RUNNING_STATES:
             continue
         with contextlib.suppress(docker.errors.NotFound):  # removed meanwhile
-            record = ContainerRecord.from_docker(client.api.inspect_container(entry["Id"]))
+            inspected = client.api.inspect_container(entry["Id"])
+            record = ContainerRecord.from_docker(inspected, trust)
             if record is not None:
                 records.append(record)
     return records
@@ -183,7 +187,7 @@ class Lifecycle:
     def plan(self, now: datetime | None = None) -> list[LifecycleAction]:
         """What a pass would do now: expiries not yet recorded, then removals."""
         now = now or self.allocator.clock()
-        records = stopped_records(self.docker, self.extra_labels)
+        records = stopped_records(self.docker, self.allocator.trust, self.extra_labels)
         resolve = self._resolver()
         expiries = expired_holds(records, lambda r: resolve(r).gpu_hold_after_stop, now)
         if self.eventlog is not None:

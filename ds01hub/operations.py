@@ -1,11 +1,13 @@
 """The users' container actions, shared by the broker (SSH users) and the hub-side service.
 
 Every action is scoped to one user fixed at construction: containers are found by the labels
-`ds01.managed=true` + `ds01.user=<user>` + `ds01.project=<project>`, never by a name the client
-sends, so no request can reach another user's container. Starting and stopping go through the
-JupyterHub REST API (`HubClient`) with the spawn `user_options`, so quotas and the GPU allocator
-run the same code as in the browser. Docker is read (and used for exec, stats, removal of the
-user's own stopped containers) through a docker-py client.
+`ds01.managed=true` + `ds01.user=<user>` + `ds01.project=<project>` of this deployment, and only
+those whose signature verifies (`ds01hub.provenance`) count, never by a name the client sends,
+so no request can reach another user's container (nor one that merely claims to be theirs).
+Starting and stopping go through the JupyterHub REST API (`HubClient`) with the spawn
+`user_options`, so quotas and the GPU allocator run the same code as in the browser. Docker is
+read (and used for exec, stats, removal of the user's own stopped containers) through a
+docker-py client.
 
 The pure half (names, views, stats arithmetic) sits at the top and is unit-tested on its own.
 """
@@ -23,6 +25,7 @@ from typing import Any
 
 from . import labels
 from .hubclient import HubClient, HubError, HubUnreachable
+from .provenance import Provenance
 
 #: Container (project) names the users' commands accept.
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -212,9 +215,10 @@ def container_view(
     now: datetime,
     gpu_hold_after_stop: float | None,
 ) -> dict[str, Any]:
-    """What `container-list` shows for one project, from its Docker inspect data and its hub
-    server model (either may be missing: a server still spawning has no container yet)."""
-    record = labels.ContainerRecord.from_docker(attrs) if attrs else None
+    """What `container-list` shows for one project, from its Docker inspect data (already
+    verified: `UserOperations._containers`) and its hub server model (either may be missing: a
+    server still spawning has no container yet)."""
+    record = labels.ContainerRecord.claimed(attrs) if attrs else None
     server = server or {}
     state = container_state(record.state if record else None, server.get("pending"))
     started = labels.parse_docker_time(((attrs or {}).get("State") or {}).get("StartedAt"))
@@ -305,10 +309,12 @@ def utcnow() -> datetime:
 @dataclass
 class OperationsContext:
     """What the hub side hands every user's operations: the hub client (a service token), a
-    docker-py client, a resolver for limits and the GPU inventory (None where unavailable)."""
+    docker-py client, the deployment's label key (which containers are ours), a resolver for
+    limits and the GPU inventory (None where unavailable)."""
 
     hub: HubClient
     docker: Any
+    trust: Provenance
     limits_for: Callable[[str, Iterable[str]], Any] | None = None
     inventory: Any = None  # ds01hub.inventory.Inventory: slot sizes and live utilisation
     auto_create_users: bool = True
@@ -347,15 +353,17 @@ class UserOperations:
             raise hub_failure(e) from None
 
     def _containers(self, project: str | None = None) -> list[dict[str, Any]]:
-        """Inspect data of this user's managed containers (optionally one project's)."""
-        wanted = [f"{labels.MANAGED}=true", f"{labels.USER}={self.user}"]
+        """Inspect data of this user's managed containers (optionally one project's), only
+        those whose labels this deployment signed."""
+        wanted = self.ctx.trust.label_filters([f"{labels.USER}={self.user}"])
         if project is not None:
             wanted.append(f"{labels.PROJECT}={project}")
         api = self.ctx.docker.api
         ids = []
         for summary in api.containers(all=True, filters={"label": wanted}):
-            # the label filter already did the work; re-check so a broken filter never leaks
-            record = labels.ContainerRecord.from_docker(summary)
+            # the label filter only pre-selects: a label set that anyone can copy into an
+            # image proves nothing until its signature verifies for this very container
+            record = labels.ContainerRecord.from_docker(summary, self.ctx.trust)
             if record is not None and record.user == self.user:
                 ids.append(summary["Id"])
         if len(ids) <= 1 or self.ctx.inspect_workers <= 1:
@@ -393,7 +401,7 @@ class UserOperations:
         now = self.ctx.clock()
         views = {}
         for attrs in containers:
-            project = labels.ContainerRecord.from_docker(attrs).project
+            project = labels.ContainerRecord.claimed(attrs).project  # verified in _containers
             server = servers.get(project_to_server(project))
             views[project] = container_view(attrs, server, project, now, hold)
         for name, server in servers.items():
@@ -717,7 +725,7 @@ class UserOperations:
         for attrs, sample in zip(containers, samples, strict=True):
             if sample is None:  # removed since it was listed
                 continue
-            record = labels.ContainerRecord.from_docker(attrs)
+            record = labels.ContainerRecord.claimed(attrs)  # verified in _containers
             host = attrs.get("HostConfig") or {}
             rows.append(
                 {

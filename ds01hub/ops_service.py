@@ -28,7 +28,7 @@ from typing import Any
 from traitlets import Bool, Float, Integer, List, Unicode, default
 from traitlets.config import Application
 
-from ds01hub import siteenv
+from ds01hub import provenance, siteenv
 from ds01hub.bootstrap import BootstrapError
 from ds01hub.culler import Culler, PassReport, default_state_dir, utcnow
 from ds01hub.engine import EngineState, engine_unreachable, engine_url
@@ -103,6 +103,7 @@ def build_components(
     inventory = inventory or load_inventory(limits.current.gpu_allocation)
     eventlog = EventLog(Path(state_dir) / EVENTLOG_FILE)
     extra_labels = list(extra_labels)
+    trust = provenance.load(state_dir)
     allocator = GpuAllocator(
         docker_client,
         inventory,
@@ -110,7 +111,8 @@ def build_components(
         eventlog,
         clock,
         limits=limits,
-        container_lister=docker_lister(docker_client, extra_labels),
+        container_lister=docker_lister(docker_client, extra_labels, trust=trust),
+        trust=trust,
     )
     lifecycle = (
         Lifecycle(docker_client, allocator, limits, eventlog, extra_labels=extra_labels)
@@ -127,6 +129,7 @@ def build_components(
         lifecycle=lifecycle,
         extra_labels=extra_labels,
         clock=clock,
+        trust=trust,
         **culler_options,
     )
     name = f"the Docker engine at {engine_url()}"
@@ -432,7 +435,7 @@ def _cli_components(args: Any) -> Components:
         )
     except LimitsError as error:
         raise CliError(str(error), hint="run: ds01hub check-config") from None
-    except OSError as error:
+    except (OSError, provenance.ProvenanceError) as error:
         raise CliError(str(error), hint="check --limits and --state-dir") from None
 
 

@@ -29,7 +29,9 @@ Streams being answered (``logs -f``, ``events``, ``attach``) are not timed out; 
 toward the cap.
 
 Run it as root (``ds01hub proxy``): it needs the engine's socket, reads other users' /proc to
-tell host processes from containerised ones, and resolves bind paths as the engine would.
+tell host processes from containerised ones, resolves bind paths as the engine would, and reads
+the hub's label key and deployment id from ``--hub-state-dir`` (the hub's state directory): it signs
+the containers users create and believes only signed ownership labels (`ds01hub.provenance`).
 """
 
 from __future__ import annotations
@@ -59,9 +61,10 @@ from urllib.parse import quote
 
 import httptools
 
-from ds01hub import peer
+from ds01hub import peer, provenance
 from ds01hub import proxy_policy as policy
 from ds01hub.labels import escape_name
+from ds01hub.provenance import Provenance
 from ds01hub.proxy_policy import (
     Caller,
     ContainerFacts,
@@ -725,9 +728,11 @@ def redacted(fetched: Fetched) -> Fetched:
 
 @dataclass
 class Upstream:
-    """The real engine's socket: a fresh connection per request, plus JSON look-ups."""
+    """The real engine's socket: a fresh connection per request, plus JSON look-ups. `trust`
+    (the deployment's label key) decides whose a looked-up container is."""
 
     path: str
+    trust: Provenance | None = None
 
     async def connect(self) -> Stream:
         try:
@@ -774,15 +779,17 @@ class Upstream:
         data = fetched.json()
         if fetched.status != 200 or not isinstance(data, dict):
             raise Denied(502, f"upstream answered {fetched.status} looking up container {ref}")
-        return ContainerFacts.from_inspect(data), fetched
+        return ContainerFacts.from_inspect(data, self.trust), fetched
 
     async def own_containers(self, user: str) -> list[dict[str, Any]]:
         """The user's containers (list entries), all states."""
-        filters = quote(policy.owner_filters(None, user), safe="")
+        if self.trust is None:
+            return []  # without the label key nothing is anyone's
+        filters = quote(policy.owner_filters(None, user, self.trust), safe="")
         status, data = await self.get_json(f"/containers/json?all=1&filters={filters}")
         if status != 200 or not isinstance(data, list):
             raise Denied(502, f"upstream answered {status} listing containers")
-        return policy.filter_owned_containers(data, user)
+        return policy.filter_owned_containers(data, user, self.trust)
 
     async def image(
         self, ref: str, version: str | None = None
@@ -1041,9 +1048,10 @@ class Proxy:
             case Kind.LIST_CONTAINERS:
                 for key, ref in policy.container_list_refs(target):
                     target = await self.resolve_list_ref(caller, target, key, ref)
-                return Plan(policy.check_list(caller, target).render(), None, caller.user)
+                checked = policy.check_list(caller, target, self.settings)
+                return Plan(checked.render(), None, caller.user)
             case Kind.EVENTS:
-                return Plan(policy.check_events(caller, target).render(), None)
+                return Plan(policy.check_events(caller, target, self.settings).render(), None)
             case Kind.CREATE:
                 return await self.plan_create(caller, target, await body.read(policy.MAX_JSON_BODY))
             case Kind.CONTAINER:
@@ -1120,7 +1128,7 @@ class Proxy:
         container comes back only for the log line of the refusal.
         """
         facts, fetched = await self.upstream.inspect(ref, version)
-        if facts is not None and policy.is_owned(facts.labels, caller.user):
+        if facts is not None and facts.owner == caller.user:
             return facts, fetched
         found = policy.resolve_among(ref, await self.upstream.own_containers(caller.user))
         if found is None:
@@ -1144,18 +1152,15 @@ class Proxy:
             plan.answer = fetched.as_response()  # the look-up was this very request
         if route.action == "exec":
             plan.learn_exec = (facts.id, caller.user)
-        if route.action == "rename":
-            renamed = await self.upstream.request("POST", plan.target)
-            plan.answer = redacted(renamed).as_response()
         return plan
 
     async def resolve_list_ref(self, caller: Caller, target: Target, key: str, ref: str) -> Target:
         """A container named in a list filter, as the caller's own full id (or as missing)."""
         facts, _ = await self.resolve_container(caller, ref, target.version)
-        if facts is None or not policy.is_owned(facts.labels, caller.user):
+        if facts is None or facts.owner != caller.user:
             hidden = Invisible("container", ref, why="list filter")
             hidden.rebuild = lambda stand: policy.check_list(
-                caller, policy.replace_filter(target, key, ref, stand)
+                caller, policy.replace_filter(target, key, ref, stand), self.settings
             )
             raise hidden
         return policy.replace_filter(target, key, ref, facts.id)
@@ -1247,7 +1252,7 @@ class Proxy:
         containers = {}
         for ref in needs.containers:
             found, _ = await self.resolve_container(caller, ref, target.version)
-            owned = found is not None and policy.is_owned(found.labels, caller.user)
+            owned = found is not None and found.owner == caller.user
             containers[ref] = found if owned else None
         import_paths, volume_names = policy.import_needs(body.get("HostConfig"), containers)
         volumes = {name: await self.upstream.volume(name) for name in volume_names}
@@ -1370,7 +1375,8 @@ class Proxy:
         """The container list reduced to the caller's; an exec create remembered."""
         if plan.filter_user:
             listing = json.loads(body or b"[]")
-            kept = policy.filter_owned_containers(listing, plan.filter_user)
+            trust = self.settings.signer()
+            kept = policy.filter_owned_containers(listing, plan.filter_user, trust)
             return body if len(kept) == len(listing) else json.dumps(kept).encode()
         if plan.learn_exec:
             with contextlib.suppress(ValueError, KeyError, TypeError):
@@ -1475,7 +1481,6 @@ def run(args: argparse.Namespace) -> int:
                 f"ds01hub proxy: --admin-group {args.admin_group}: no such group", file=sys.stderr
             )
             return 2
-    settings = policy.Settings(bind_roots=tuple(args.bind_root or policy.Settings().bind_roots))
     try:
         limits = limits_loader(args.limits)
     except Exception as error:  # LimitsError names the key and the fix
@@ -1493,7 +1498,15 @@ def run(args: argparse.Namespace) -> int:
     except OSError as error:
         print(f"ds01hub proxy: --state-dir {state_dir}: {error}", file=sys.stderr)
         return 1
-    upstream = Upstream(args.upstream)
+    try:
+        trust = provenance.load(args.hub_state_dir)
+    except provenance.ProvenanceError as error:
+        print(f"ds01hub proxy: --hub-state-dir: {error}", file=sys.stderr)
+        return 1
+    settings = policy.Settings(
+        bind_roots=tuple(args.bind_root or policy.Settings().bind_roots), trust=trust
+    )
+    upstream = Upstream(args.upstream, trust)
     raise_open_files_limit()
     proxy = Proxy(
         upstream,
@@ -1544,8 +1557,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Serve the Docker Engine API on a unix socket. Each client is identified by "
             "SO_PEERCRED; root, --admin users and members of --admin-group get full access, "
-            "everyone else only their own containers (labels ds01.managed=true, "
-            "ds01.user=<user>) and a deny-by-default set of endpoints. Users point the docker "
+            "everyone else only their own containers (ds01.user=<user> in labels signed with "
+            "the hub's label key) and a deny-by-default set of endpoints. Users point the docker "
             "CLI at it: DOCKER_HOST=unix:///run/ds01hub/docker.sock."
         ),
     )
@@ -1574,6 +1587,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="resource-limits YAML applied to containers users create "
         "(default: none applied; the security policy still is)",
+    )
+    parser.add_argument(
+        "--hub-state-dir",
+        metavar="DIR",
+        type=Path,
+        help="the hub's state directory, for its label key and deployment id (default: "
+        f"${provenance.ENV_STATE_DIR}, else {provenance.DEFAULT_STATE_DIR}); it must be the "
+        "hub's, or containers made through the proxy are nobody's to the hub and vice versa",
     )
     parser.add_argument(
         "--bind-root",

@@ -11,13 +11,16 @@ prints.
 The model, for callers who are not admins:
 
 - Deny by default. Only the endpoints in `classify` are reachable; everything else is 403.
-- A container is the caller's iff `is_owned` says so (``ds01.managed=true``,
-  ``ds01.user=<caller>``). Everything else -- unlabelled, another user's, missing -- is
-  `Invisible`: the edge answers with the engine's own reply for a reference that surely does not
-  exist (`stand_in`), so another user's container, exec instance or image reads exactly like a
-  missing one, byte for byte, and a walk over id prefixes learns nothing. References resolve as
-  the engine resolves them (exact id, exact name, unique id prefix) among the caller's own
-  containers only, and are forwarded as the resolved full id.
+- A container is the caller's iff it carries ``ds01.user=<caller>`` in a label set that this
+  deployment signed for that very container name (`ds01hub.provenance`; `is_owned` for list
+  entries, `ContainerFacts.owner` for look-ups); labels an image or a build step merely
+  claims count for nobody. Everything else --
+  unlabelled, unsigned, another user's, missing -- is `Invisible`: the edge answers with the
+  engine's own reply for a reference that surely does not exist (`stand_in`), so another user's
+  container, exec instance or image reads exactly like a missing one, byte for byte, and a walk
+  over id prefixes learns nothing. References resolve as the engine resolves them (exact id,
+  exact name, unique id prefix) among the caller's own containers only, and are forwarded as
+  the resolved full id.
 - Images: the caller may use (run, build FROM, tag, inspect, history, list) the images with a
   tag in their own namespace ``ds01-<user>/`` and the images an admin shares, matched by image
   id (`ImageFacts`, `image_visible`). Tags of other users' namespaces are cut from what is shown.
@@ -27,8 +30,11 @@ The model, for callers who are not admins:
   object keys must be the exact canonical field names (Go's decoder matches keys
   case-insensitively, so ``"hostconfig"`` would otherwise slip past a checker that reads
   ``"HostConfig"``), re-serialised from what was checked.
-- Create is rebuilt from an allow-list of fields. Ownership labels are forced, the user's limits
-  applied, and anything that reaches the host (privileged, capabilities, devices, host
+- Create is rebuilt from an allow-list of fields. The ds01 labels are set and signed by the
+  proxy (caller, no GPUs, every signed key explicit and every reserved key the image carries
+  overwritten, so no image label is ever merged into one; routing labels refused; a name is
+  assigned when none is given, since the signature covers it), the user's limits applied,
+  and anything that reaches the host (privileged, capabilities, devices, host
   namespaces, binds outside the user's home/workspace, sockets, unconfined security options,
   sysctls, other users' containers as namespaces or volume sources) is refused.
 - Mount provenance: every field that can bring a mount in is judged by the mounts it brings.
@@ -46,7 +52,10 @@ The model, for callers who are not admins:
   image would run the attacker's code in everyone's containers.
 - BuildKit (``/session``, ``/grpc``, ``version=2``) is refused: its gRPC API would bypass the
   tag and network checks. Legacy builds (``DOCKER_BUILDKIT=0 docker build``) are allowed with
-  the network limited to bridge/none, no remote contexts, and the user's memory/CPU limits.
+  the network limited to bridge/none, no remote contexts, no reserved or routing keys in
+  ``--label``, and the user's memory/CPU limits. (A Dockerfile's own LABEL lines still reach
+  the image and the build's step containers: harmless, because they are unsigned.)
+- Renaming is refused: a container's name is part of its signed labels.
 """
 
 from __future__ import annotations
@@ -55,6 +64,7 @@ import fnmatch
 import json
 import posixpath
 import re
+import secrets
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -64,16 +74,26 @@ from urllib.parse import parse_qsl, quote, urlencode
 
 from ds01hub import build_context
 from ds01hub.images import image_repository
-from ds01hub.labels import NAME_SEPARATOR, escape_name
+from ds01hub.labels import (
+    AIME_NAME,
+    NAME_SEPARATOR,
+    OWNER,
+    PROJECT,
+    USER,
+    container_labels,
+    container_name_of,
+    escape_name,
+    is_reserved,
+    is_routing,
+    labels_of,
+    reserved_blanks,
+    routing_keys,
+)
+from ds01hub.provenance import Provenance
 
-MANAGED_LABEL = "ds01.managed"
-USER_LABEL = "ds01.user"
-# Labels a user may set on their own containers; every other ds01.* / aime.mlc.* label is
-# the system's (GPU holdings, priority, group) and is dropped from a user's create request.
-USER_SETTABLE_LABELS = frozenset({"ds01.project", "ds01.test"})
-RESERVED_LABEL_PREFIXES = ("ds01.", "aime.mlc.")
-# Reverse proxies that route by container labels (Traefik, caddy-docker-proxy)
-ROUTING_LABEL_PREFIXES = ("traefik.", "caddy")
+# Reserved labels a user may give their own containers (ds01.project is then signed as theirs);
+# every other ds01.* / aime.mlc.* label is the system's and is overwritten in a user's create.
+USER_SETTABLE_LABELS = frozenset({PROJECT, "ds01.test"})
 MIN_API_VERSION = (1, 24)  # older versions accept HostConfig at start: a create-check bypass
 MAX_JSON_BODY = 4 * 1024 * 1024
 BUILDKIT_REFUSED = (
@@ -180,13 +200,20 @@ class Caller:
 
 @dataclass(frozen=True)
 class Settings:
-    """Site policy. `bind_roots` are templates with ``{user}`` and ``{home}``."""
+    """Site policy. `bind_roots` are templates with ``{user}`` and ``{home}``; `trust` is the
+    deployment's label key (None: nothing is anyone's, and creates are refused)."""
 
     bind_roots: tuple[str, ...] = ("{home}", "/workspace/{user}")
     allowed_networks: tuple[str, ...] = ("default", "bridge", "none")
     min_host_port: int = 1024
     # a classic build's context is read whole (its Dockerfile decides what may be built)
     max_build_context: int = 256 * 1024 * 1024
+    trust: Provenance | None = None
+
+    def signer(self) -> Provenance:
+        if self.trust is None:
+            raise Denied(503, "the ds01 proxy runs without a label key (ask an admin)")
+        return self.trust
 
 
 @dataclass(frozen=True)
@@ -231,7 +258,9 @@ class ContainerFacts:
 
     `has_host_binds` is true for anything through which the container may reach host files:
     bind mounts, named volumes (an admin's volume may bind a host path: treated as one without
-    a look-up) and a PID namespace shared with another container (``/proc/PID/root``).
+    a look-up) and a PID namespace shared with another container (``/proc/PID/root``). `owner`
+    is the user its *signed* labels name (None: nobody's -- unmanaged, unsigned, forged or
+    another deployment's; `ds01hub.provenance`).
     """
 
     id: str
@@ -239,26 +268,22 @@ class ContainerFacts:
     has_host_binds: bool = False
     mounts: tuple[MountFacts, ...] = ()
     names: tuple[str, ...] = ()
-
-    @property
-    def owner(self) -> str | None:
-        """The labelled owner, for log lines only: decisions go through `is_owned`."""
-        if self.labels.get(MANAGED_LABEL) != "true":
-            return None
-        return self.labels.get(USER_LABEL) or None
+    owner: str | None = None
 
     @classmethod
-    def from_inspect(cls, data: Mapping[str, Any]) -> ContainerFacts:
-        config = data.get("Config") or {}
+    def from_inspect(cls, data: Mapping[str, Any], trust: Provenance | None) -> ContainerFacts:
+        found = dict(labels_of(data))
+        signed = trust is not None and trust.verify(found, container_name_of(data))
         host = data.get("HostConfig") or {}
         mounts = tuple(MountFacts.from_inspect(m) for m in data.get("Mounts") or [])
         reaches_host = any(m.type != "tmpfs" and not m.anonymous_volume for m in mounts)
         return cls(
             id=data["Id"],
-            labels=dict(config.get("Labels") or {}),
+            labels=found,
             has_host_binds=reaches_host or str(host.get("PidMode") or "").startswith("container:"),
             mounts=mounts,
             names=(str(data.get("Name") or ""),),
+            owner=found.get(USER) if signed else None,
         )
 
 
@@ -293,6 +318,8 @@ class ImageFacts:
     id: str
     repo_tags: tuple[str, ...] = ()
     on_build: tuple[str, ...] = ()
+    labels: Mapping[str, str] = field(default_factory=dict)  # what the engine merges into a
+    # container made from it, for every key the create leaves unset
 
     @classmethod
     def from_inspect(cls, data: Mapping[str, Any]) -> ImageFacts:
@@ -301,6 +328,7 @@ class ImageFacts:
             id=str(data.get("Id") or ""),
             repo_tags=tuple(str(t) for t in data.get("RepoTags") or []),
             on_build=tuple(str(t) for t in config.get("OnBuild") or []),
+            labels={str(k): str(v) for k, v in (config.get("Labels") or {}).items()},
         )
 
 
@@ -557,7 +585,7 @@ def check_owner(
     caller: Caller, ref: str, facts: ContainerFacts | None, kind: str = "container"
 ) -> ContainerFacts:
     """The container if it is the caller's; anything else is `Invisible` (as if missing)."""
-    if facts is None or not is_owned(facts.labels, caller.user):
+    if facts is None or facts.owner != caller.user:
         why = f"owned by {facts.owner}" if facts is not None and facts.owner else "not managed"
         raise Invisible(kind, ref, why=why if facts is not None else "missing")
     return facts
@@ -585,21 +613,33 @@ def resolve_among(ref: str, own: Iterable[Mapping[str, Any]]) -> str | None:
     return matches[0] if matches else None
 
 
-def owned_labels(user: str) -> dict[str, str]:
-    return {MANAGED_LABEL: "true", USER_LABEL: user}
+def owned_labels(user: str, trust: Provenance) -> dict[str, str]:
+    """Label filters that only `user`'s signed containers of `trust`'s deployment pass (the
+    owner tag is a keyed hash: a container that merely claims the user lacks it)."""
+    return {
+        **dict(f.split("=", 1) for f in trust.label_filters()),
+        USER: user,
+        OWNER: trust.owner_tag(user),
+    }
 
 
-def is_owned(labels: Mapping[str, str] | None, user: str) -> bool:
-    labels = labels or {}
-    return labels.get(MANAGED_LABEL) == "true" and labels.get(USER_LABEL) == user
+def is_owned(entry: Mapping[str, Any], user: str, trust: Provenance) -> bool:
+    """Whether a container (a list entry or inspect document) is `user`'s: its labels name
+    them and this deployment signed those labels for this container's name."""
+    found = labels_of(entry)
+    return found.get(USER) == user and trust.verify(found, container_name_of(entry))
 
 
-def filter_owned_containers(listing: list[Mapping[str, Any]], user: str) -> list[Any]:
+def filter_owned_containers(
+    listing: list[Mapping[str, Any]], user: str, trust: Provenance
+) -> list[Any]:
     """The response of ``GET /containers/json`` reduced to the caller's containers."""
-    return [c for c in listing if is_owned(c.get("Labels"), user)]
+    return [c for c in listing if isinstance(c, Mapping) and is_owned(c, user, trust)]
 
 
-def owner_filters(raw: str | None, user: str, extra: Mapping[str, list[str]] = ()) -> str:
+def owner_filters(
+    raw: str | None, user: str, trust: Provenance, extra: Mapping[str, list[str]] = ()
+) -> str:
     """The ``filters`` query value with the ownership label filters added (ANDed upstream)."""
     filters: dict[str, list[str]] = {}
     if raw:
@@ -617,7 +657,7 @@ def owner_filters(raw: str | None, user: str, extra: Mapping[str, list[str]] = (
                 raise Denied(400, f"filters[{key!r}] must be a list of strings")
             filters[str(key)] = list(values)
     labels = filters.setdefault("label", [])
-    labels += [f"{k}={v}" for k, v in owned_labels(user).items()]
+    labels += [f"{k}={v}" for k, v in owned_labels(user, trust).items()]
     for key, values in dict(extra).items():
         filters[key] = list(values)
     return json.dumps(filters, separators=(",", ":"))
@@ -948,7 +988,8 @@ class CreateCheck:
         self.bind_mounts: list[dict[str, Any]] = []  # Binds, as structured mounts
         self.imported: dict[str, dict[str, Any]] = {}  # VolumesFrom, by destination
 
-    def run(self, body: Mapping[str, Any]) -> dict[str, Any]:
+    def run(self, body: Mapping[str, Any], name: str) -> dict[str, Any]:
+        """The checked body of a create of the container called `name`."""
         limit = self.limits.max_containers
         if limit is not None and self.facts.existing_containers >= limit:
             raise forbid(
@@ -963,7 +1004,7 @@ class CreateCheck:
         # HostConfig first: whether it binds host paths decides the container's user
         out["HostConfig"] = self.host_config(out.get("HostConfig"))
         out["Image"] = self.image(out.get("Image"))
-        out["Labels"] = self.labels(out.get("Labels"))
+        out["Labels"] = self.labels(out.get("Labels"), out["Image"], name)
         out["Env"] = self.env(of_type("Env", list)(out.get("Env")))
         out["User"] = self.user(out.get("User"))
         checked = {k: v for k, v in out.items() if v is not None}
@@ -988,22 +1029,37 @@ class CreateCheck:
             )
         return value
 
-    def labels(self, value: Any) -> dict[str, str]:
+    def labels(self, value: Any, image: str, name: str) -> dict[str, str]:
+        """The user's own labels plus the ds01 set signed for the caller (no GPUs) and `name`.
+
+        Docker merges the image's labels into the container for every key the create leaves
+        unset, so each reserved key the image carries is set here too (empty), and the signed
+        keys are all set: no image label ever lands on a reserved key. Routing labels are
+        refused, whether in the request or in the image.
+        """
         if value is not None and not isinstance(value, dict):
             raise Denied(400, "create: Labels must be an object")
-        if routing := [k for k in value or {} if k.startswith(ROUTING_LABEL_PREFIXES)]:
-            raise forbid(
-                f"Permission denied: label {routing[0]!r}: reverse-proxy routing labels "
-                "are reserved to admins (they could claim the hub's own address)"
-            )
+        facts = self.facts
+        seen = image_visible(self.caller, facts.image, facts.shared_images)
+        # a hidden image fails later, exactly as a missing one: its labels tell nothing here
+        image_labels = facts.image.labels if seen and facts.image else {}
+        for where, found in (("label", value or {}), (f"image {image} has label", image_labels)):
+            if routing := routing_keys(found):
+                raise forbid(
+                    f"Permission denied: {where} {routing[0]!r}: reverse-proxy routing labels "
+                    "are reserved to admins (they could claim the hub's own address)"
+                )
         kept = {
             k: str(v)
             for k, v in (value or {}).items()
-            if k in USER_SETTABLE_LABELS or not k.startswith(RESERVED_LABEL_PREFIXES)
+            if k in USER_SETTABLE_LABELS or not is_reserved(k)
         }
-        kept |= owned_labels(self.caller.user)
-        kept |= {"aime.mlc.USER": self.caller.user, "aime.mlc.DS01_MANAGED": "true"}
-        return kept
+        own = container_labels(
+            user=self.caller.user, project=None, group=None, priority=0, image=image
+        )
+        own[PROJECT] = own[AIME_NAME] = kept.get(PROJECT, "")
+        signed = self.settings.signer().sign(own, name)
+        return reserved_blanks(image_labels) | kept | signed
 
     def env(self, value: Any) -> list[str]:
         """Hide GPUs from the NVIDIA runtime: images such as nvidia/cuda set
@@ -1194,7 +1250,7 @@ class CreateCheck:
     def own_container(self, ref: str) -> ContainerFacts:
         """One of the caller's containers; missing and other users' read the same (404)."""
         facts = self.facts.containers.get(ref)
-        if facts is None or not is_owned(facts.labels, self.caller.user):
+        if facts is None or facts.owner != self.caller.user:
             raise Denied(404, f"No such container: {ref}")
         return facts
 
@@ -1327,11 +1383,19 @@ class CreateCheck:
 def check_create(
     caller: Caller, target: Target, body: Any, facts: CreateFacts, settings: Settings = Settings()
 ) -> tuple[Target, bytes]:
-    """The create request to forward: labels forced, limits applied, dangerous options refused."""
+    """The create request to forward: labels signed, limits applied, dangerous options refused.
+
+    The signature covers the container's name, so a create without one gets one here
+    (`<user>-<12 hex>`): a label set signed for no name in particular would verify on any
+    container, such as a build step whose image carries a copy of it."""
     if not isinstance(body, dict):
         raise Denied(400, "create body must be a JSON object")
-    check_container_name(caller, target.param("name"))
-    checked = CreateCheck(caller, settings, facts).run(body)
+    name = (target.param("name") or "").removeprefix("/")
+    check_container_name(caller, name)
+    if not name:
+        name = f"{escape_name(caller.user)}-{secrets.token_hex(6)}"
+        target = target.with_query(name=name)
+    checked = CreateCheck(caller, settings, facts).run(body, name)
     return target, json.dumps(checked, separators=(",", ":")).encode()
 
 
@@ -1354,7 +1418,11 @@ def check_container_action(
     if (method, action) == ("DELETE", "") and target.param("link") not in (None, "", "0", "false"):
         raise forbid("Permission denied: removing links is not allowed")
     if action == "rename":
-        check_container_name(caller, target.param("name"))
+        raise forbid(
+            "Permission denied: renaming is not available through the ds01 proxy (a "
+            "container's name is part of its signed ds01 labels); create a new container "
+            "with --name instead"
+        )
     if action == "archive" and owned.has_host_binds:
         raise forbid(
             "Permission denied: docker cp into or out of a container with host bind mounts "
@@ -1414,12 +1482,14 @@ def run_as_caller(caller: Caller, requested: Any, what: str) -> str:
     )
 
 
-def check_list(caller: Caller, target: Target) -> Target:
-    return target.with_query(filters=owner_filters(target.param("filters"), caller.user))
+def check_list(caller: Caller, target: Target, settings: Settings) -> Target:
+    filters = owner_filters(target.param("filters"), caller.user, settings.signer())
+    return target.with_query(filters=filters)
 
 
-def check_events(caller: Caller, target: Target) -> Target:
-    filters = owner_filters(target.param("filters"), caller.user, {"type": ["container"]})
+def check_events(caller: Caller, target: Target, settings: Settings) -> Target:
+    extra = {"type": ["container"]}
+    filters = owner_filters(target.param("filters"), caller.user, settings.signer(), extra)
     return target.with_query(filters=filters)
 
 
@@ -1623,13 +1693,34 @@ BUILD_FORBIDDEN = (
 )
 
 
+def check_build_labels(raw: str | None) -> None:
+    """``docker build --label``: the image would hand these to every container made from it."""
+    if not raw:
+        return
+    try:
+        found = json.loads(raw)
+    except ValueError:
+        raise Denied(400, "build labels are not valid JSON") from None
+    if found is None:
+        return
+    if not isinstance(found, dict):
+        raise Denied(400, "build labels must be a JSON object")
+    if bad := sorted(k for k in found if is_reserved(str(k)) or is_routing(str(k))):
+        raise forbid(
+            f"Permission denied: build label {bad[0]!r}: ds01.*, aime.mlc.* and reverse-proxy "
+            "routing labels are reserved to ds01hub; choose another key"
+        )
+
+
 def check_build(caller: Caller, target: Target, limits: UserLimits | None) -> Target:
-    """Legacy builds only; tags in the user's namespace; the user's memory/CPU limits.
+    """Legacy builds only; tags in the user's namespace; no reserved or routing labels; the
+    user's memory/CPU limits.
 
     The images the build reads (FROM, ``COPY --from``, ``cachefrom``) are checked by
     `build_images` and `check_build_image` once the edge has the context."""
     if target.param("version") not in (None, "", "1"):
         raise forbid(BUILDKIT_REFUSED)
+    check_build_labels(target.param("labels"))
     for key in BUILD_FORBIDDEN:
         value = target.param(key)
         if value not in (None, "", "[]", "null", "0", "false"):

@@ -46,7 +46,7 @@ from tornado.ioloop import IOLoop
 from traitlets import Bool, Integer, Unicode, default
 from traitlets.config import Application
 
-from . import images
+from . import images, provenance
 from .engine import EngineState, engine_unreachable, engine_url, short_error
 from .hubclient import HubClient
 from .operations import OperationError, OperationsContext, UserOperations
@@ -413,6 +413,16 @@ class DS01Service(Application):
         help="resource-limits.yaml for quota answers. Empty: $DS01HUB_LIMITS or the default path.",
     ).tag(config=True)
 
+    state_dir = Unicode(
+        help="""The spawner's state directory (default $DS01HUB_STATE_DIR, else
+        /var/lib/ds01hub): its label key and deployment id decide which containers are this
+        hub's (docs/architecture.md, "Trust: labels").""",
+    ).tag(config=True)
+
+    @default("state_dir")
+    def _default_state_dir(self) -> str:
+        return str(provenance.default_state_dir())
+
     hub_api_url = Unicode(help="The hub API URL. Default: $JUPYTERHUB_API_URL.").tag(config=True)
 
     @default("hub_api_url")
@@ -443,6 +453,7 @@ class DS01Service(Application):
         "base-image": "DS01Service.base_image",
         "ca-bundle": "DS01Service.ca_bundle",
         "limits": "DS01Service.limits_path",
+        "state-dir": "DS01Service.state_dir",
     }
 
     def initialize(self, argv: list[str] | None = None) -> None:
@@ -450,6 +461,7 @@ class DS01Service(Application):
         import docker
 
         self.docker = docker.from_env()
+        self.trust = provenance.load(self.state_dir)
         self.engine = EngineState(
             f"the Docker engine at {engine_url()}",
             self.log,
@@ -497,6 +509,7 @@ class DS01Service(Application):
         return OperationsContext(
             hub=HubClient(self.hub_api_url, token),
             docker=self.docker,
+            trust=self.trust,
             limits_for=self.limits_for,
             auto_create_users=False,
         )
@@ -575,7 +588,7 @@ def configure_hub(
         "url": url,
         "command": [sys.executable, "-m", "ds01hub.service", *service_args],
         "oauth_no_confirm": True,
-        "environment": dict(environment or {}),
+        "environment": provenance.service_environment(environment),
     }
     _set_service(c, service)
     _add_roles(

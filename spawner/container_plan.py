@@ -9,12 +9,13 @@ is created: a restart whose GPUs or limits changed must create the container ane
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 from ds01hub import labels
 from ds01hub.inventory import Slot
 from ds01hub.limits import ResolvedLimits
+from ds01hub.provenance import Provenance
 
 from .options import SpawnChoice, normalize_image
 
@@ -58,7 +59,8 @@ def gpu_environment(slots: Sequence[Slot], simulated: bool) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class ContainerPlan:
-    """The ds01 part of one container's create call."""
+    """The ds01 part of one container's create call, for the container called `name`; its
+    labels are signed with `trust` (the deployment's key), over that name."""
 
     user: str
     project: str | None
@@ -69,24 +71,33 @@ class ContainerPlan:
     run_as: tuple[int, int] | None = None
     workspace: tuple[str, str] | None = None  # (host directory, mount point)
     extra_labels: Mapping[str, str] = field(default_factory=dict)
+    image_labels: Mapping[str, str] = field(default_factory=dict)  # the image's own labels
+    # the process creating it (`allocation_state.Owner.label()`): a never-started container
+    # whose creator lives is a spawn in progress, not a ghost
+    creator: str = ""
+    _: KW_ONLY
+    name: str
+    trust: Provenance
 
     @property
     def slot_ids(self) -> tuple[str, ...]:
         return tuple(s.id for s in self.slots)
 
     def labels(self) -> dict[str, str]:
-        return {
-            **self.extra_labels,
-            **labels.container_labels(
-                user=self.user,
-                project=self.project,
-                group=self.limits.group,
-                priority=self.limits.priority,
-                gpus=self.slot_ids,
-                gpu_uuids=[s.uuid for s in self.slots],
-                image=self.choice.image,
-            ),
-        }
+        """`extra_labels` under the signed ds01 labels. Every signed key is set explicitly, and
+        every other reserved key the image carries is set empty: Docker merges an image's
+        labels into the container only for keys the create leaves unset."""
+        own = labels.container_labels(
+            user=self.user,
+            project=self.project,
+            group=self.limits.group,
+            priority=self.limits.priority,
+            gpus=self.slot_ids,
+            gpu_uuids=[s.uuid for s in self.slots],
+            image=self.choice.image,
+        ) | {labels.CREATOR: self.creator}
+        blanks = labels.reserved_blanks(self.image_labels)
+        return {**self.extra_labels, **blanks, **self.trust.sign(own, self.name)}
 
     def environment(self) -> dict[str, str]:
         env = gpu_environment(self.slots, self.simulated)
@@ -129,9 +140,9 @@ def _expected_host_fields(plan: ContainerPlan) -> dict[str, Any]:
 
 def recreate_reason(attrs: Mapping[str, Any], plan: ContainerPlan) -> str | None:
     """Why an existing container cannot be restarted as it is for `plan` (None = it can)."""
-    record = labels.ContainerRecord.from_docker(attrs)
+    record = labels.ContainerRecord.from_docker(attrs, plan.trust)
     if record is None:
-        return "it does not carry ds01 labels"
+        return "its ds01 labels are not signed by this hub (made before label signing?)"
     if record.gpus != plan.slot_ids:
         old = ",".join(record.gpus) or "none"
         return f"its GPU slots changed ({old} -> {','.join(plan.slot_ids) or 'none'})"

@@ -9,11 +9,12 @@ One spawn, step by step (each step is a progress event):
    gives up after `gpu_wait_timeout`); a restart re-validates the container's own slots. The
    claim on the granted slots is renewed while the spawn works (image pull, create);
 5. create the container (or re-create it: device requests and limits are fixed at create) with
-   the limits, device requests, GPU env, workspace, uid/gid and the `ds01.*` labels; then,
-   right before `docker start`, `GpuAllocator.begin_start` confirms under the allocator's lock
-   that the slots are still this container's alone. A container whose slots were reclaimed or
-   whose claim lapsed never starts on them: the spawn asks for GPUs again (up to
-   `_START_ATTEMPTS` times) or fails saying why.
+   the limits, device requests, GPU env, workspace, uid/gid and the signed `ds01.*` labels
+   (`ds01hub.provenance`: only those count, never what an image claims); then, right before
+   `docker start`, `GpuAllocator.begin_start` confirms under the allocator's lock that the
+   slots are still this container's alone. A container whose slots were reclaimed or whose
+   claim lapsed never starts on them: the spawn asks for GPUs again (up to `_START_ATTEMPTS`
+   times) or fails saying why.
 
 Stopping keeps the container, so it holds its GPUs for `gpu_hold_after_stop`; deleting the
 named server removes it and releases everything. Docker labels are the allocation state, so a
@@ -49,7 +50,7 @@ from jupyterhub.spawner import SpawnException
 from traitlets import Callable as CallableTrait
 from traitlets import CaselessStrEnum, Dict, Float, List, Unicode, Union, default, validate
 
-from ds01hub import labels, metrics
+from ds01hub import labels, metrics, provenance
 from ds01hub.allocation_state import (
     DEFAULT_RESERVATION_TTL,
     DEFAULT_START_GRACE,
@@ -131,8 +132,9 @@ class DS01Spawner(DockerSpawner):
     state_dir = Unicode(
         "",
         config=True,
-        help="""Allocator state (reservations, revocations, lock), shared with the CLI broker,
-        the culler and `ds01hub status`. Empty: $DS01HUB_STATE_DIR, else /var/lib/ds01hub.""",
+        help="""Allocator state (reservations, revocations, lock, the label key and the
+        deployment id), shared with the CLI broker, the ds01 and ds01-ops services, the socket
+        proxy and `ds01hub status`. Empty: $DS01HUB_STATE_DIR, else /var/lib/ds01hub.""",
     )
     event_log_path = Unicode(
         "",
@@ -222,9 +224,9 @@ class DS01Spawner(DockerSpawner):
     container_label_filter = List(
         Unicode(),
         config=True,
-        help="""Extra `key=value` labels that every container counted here must carry (for
-        several hubs sharing one Docker engine, and tests). Empty: every ds01-managed
-        container on the engine counts for quotas and GPU holdings.""",
+        help="""Extra `key=value` labels that every container counted here must carry (tests).
+        Several hubs on one Docker engine need none: each counts only its own deployment's
+        signed containers (the deployment id and label key in `state_dir`).""",
     )
 
     # -- shared hub context ------------------------------------------------------------------
@@ -245,7 +247,7 @@ class DS01Spawner(DockerSpawner):
     def _shared_context(self) -> _HubContext:
         """The context of this hub's settings, built once (LimitsError: the file is broken)."""
         limits_path = self.limits_path or str(default_limits_path())
-        state_dir = self.state_dir or os.environ.get("DS01HUB_STATE_DIR") or "/var/lib/ds01hub"
+        state_dir = self.state_dir or str(provenance.default_state_dir())
         key = (limits_path, state_dir, tuple(self.container_label_filter))
         if key not in self._contexts:
             self._contexts[key] = self._new_context(limits_path, Path(state_dir))
@@ -292,6 +294,7 @@ class DS01Spawner(DockerSpawner):
         client_kwargs = self._docker_client_kwargs()
         client = docker.DockerClient(**client_kwargs)
         label_filter = tuple(self.container_label_filter)
+        trust = provenance.load(state_dir)
         allocator = GpuAllocator(
             client,
             inventory,
@@ -300,7 +303,8 @@ class DS01Spawner(DockerSpawner):
             limits=store,
             reservation_ttl=self.reservation_ttl,
             start_grace=self.start_grace,
-            container_lister=docker_lister(client, label_filter),
+            container_lister=docker_lister(client, label_filter, trust=trust),
+            trust=trust,
         )
         if self.gpu_wait_timeout + 30 > self.start_timeout:
             self.log.warning(
@@ -310,11 +314,12 @@ class DS01Spawner(DockerSpawner):
                 self.start_timeout,
             )
         self.log.info(
-            "ds01: limits %s, %d GPU slot(s)%s, state %s",
+            "ds01: limits %s, %d GPU slot(s)%s, state %s, deployment %s",
             limits_path,
             len(inventory.slots),
             " (SIMULATED)" if inventory.simulated else "",
             state_dir,
+            trust.deployment,
         )
         queue = GpuQueue(self.gpu_recheck_interval)
         executor = ThreadPoolExecutor(4, thread_name_prefix="ds01-allocator")
@@ -496,15 +501,13 @@ class DS01Spawner(DockerSpawner):
         )
 
     def _user_records(self) -> list[labels.ContainerRecord]:
-        filters = {
-            "label": [
-                labels.MANAGED_FILTER["label"],
-                f"{labels.USER}={self.user.name}",
-                *self.context.label_filter,
-            ]
-        }
+        """The user's containers of this deployment (signatures verified: an image or a build
+        step that claims the user never counts against their quota)."""
+        trust = self.context.allocator.trust
+        wanted = [f"{labels.USER}={self.user.name}", *self.context.label_filter]
+        filters = {"label": trust.label_filters(wanted)}
         entries = self.context.docker.api.containers(all=True, filters=filters)
-        parsed = (labels.ContainerRecord.from_docker(entry) for entry in entries)
+        parsed = (labels.ContainerRecord.from_docker(entry, trust) for entry in entries)
         return [r for r in parsed if r is not None and r.user == self.user.name]
 
     async def _allocate(self, choice: SpawnChoice, limits: ResolvedLimits) -> tuple[Slot, ...]:
@@ -626,7 +629,9 @@ class DS01Spawner(DockerSpawner):
             simulated=self.context.inventory.simulated,
             run_as=run_as,
             workspace=self._workspace(run_as),
-            extra_labels=self.context.allocator.owner_labels(),
+            creator=self.context.allocator.creator_label(),
+            name=self.object_name,
+            trust=self.context.allocator.trust,
         )
 
     async def start(self):
@@ -821,7 +826,7 @@ class DS01Spawner(DockerSpawner):
         """DockerSpawner's create, with the plan's labels, env, limits and device requests
         deep-merged over `extra_create_kwargs` / `extra_host_config` (the plan wins)."""
         configured = (self.extra_create_kwargs, self.extra_host_config, self.cpu_limit)
-        plan = self._plan_in_use
+        plan = self._plan_in_use = await self._with_image_labels(self._plan_in_use)
         host_config = plan.host_config()
         try:
             self.extra_create_kwargs = _merged(
@@ -837,6 +842,20 @@ class DS01Spawner(DockerSpawner):
             return created
         finally:
             self.extra_create_kwargs, self.extra_host_config, self.cpu_limit = configured
+
+    async def _with_image_labels(self, plan: ContainerPlan) -> ContainerPlan:
+        """The plan with its image's labels (pulled by now), so that none of them can land on
+        a reserved key; an image with reverse-proxy routing labels is refused."""
+        info = await self.docker("inspect_image", plan.choice.image)
+        found = (info.get("Config") or {}).get("Labels") or {}
+        if routing := labels.routing_keys(found):
+            raise SpawnException(
+                f"image {plan.choice.image} carries the reverse-proxy routing label "
+                f"{routing[0]!r}, which only admins may set: rebuild it without that label",
+                reason="options",
+                status_code=403,
+            )
+        return replace(plan, image_labels=found)
 
     async def _evaluated(self, value):
         value = self._eval_if_callable(value)

@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from inspect_docs import TRUST
+
 from ds01hub import labels
-from ds01hub.allocation_state import OWNER_LABEL, GpuAllocator, Owner
+from ds01hub.allocation_state import CREATOR_LABEL, GpuAllocator, Owner
 from ds01hub.eventlog import EventLog, EventLogError
 from ds01hub.inventory import Inventory
 
@@ -94,8 +96,8 @@ class FakeEngine:
         priority: int = 10,
         owner: Owner | None = None,
     ) -> str:
-        """`docker create` with the spawner's labels (`owner`: its creator, as the spawner
-        labels it); a name in use raises NameError."""
+        """`docker create` with the spawner's signed labels (`owner`: its creator, as the
+        spawner labels it); a name in use raises NameError."""
         if self.by_name(name) is not None:
             raise NameError(f"name {name} in use")
         container_labels = labels.container_labels(
@@ -107,7 +109,8 @@ class FakeEngine:
             created_at=self.clock.now,
         )
         if owner is not None:
-            container_labels[OWNER_LABEL] = owner.label()
+            container_labels[CREATOR_LABEL] = owner.label()
+        container_labels = TRUST.sign(container_labels, name)
         container_id = f"c{next(self._ids):04d}"
         self.containers[container_id] = Container(container_id, name, container_labels)
         return container_id
@@ -213,6 +216,7 @@ def allocator_for(
         container_remover=lambda container_id: engine.remove(container_id),
         owner=lambda: Processes.owner(pid),
         owner_alive=processes.alive,
+        trust=TRUST,
     )
 
 

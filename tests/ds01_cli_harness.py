@@ -184,10 +184,13 @@ def busybox_image(client) -> str:
     return BUSYBOX_IMAGE
 
 
-def managed_container(client, user: str, project: str, image: str, test_id: str, gpus: str = ""):
-    """A running container labelled as the spawner labels its containers (ds01hub.labels), for
-    tests of the broker's Docker side before/without a spawn."""
-    from ds01hub import labels
+def managed_container(
+    client, state_dir, user: str, project: str, image: str, test_id: str, gpus: str = ""
+):
+    """A running container labelled as the spawner labels its containers (ds01hub.labels,
+    signed with the key in `state_dir`: the broker's), for tests of the broker's Docker side
+    before/without a spawn."""
+    from ds01hub import labels, provenance
 
     container_labels = labels.container_labels(
         user=user,
@@ -197,13 +200,11 @@ def managed_container(client, user: str, project: str, image: str, test_id: str,
         gpus=[g for g in gpus.split(",") if g],
         image=image,
     )
+    name = labels.container_name(user, project) + f"-{test_id}"
+    container_labels = provenance.load(state_dir).sign(container_labels, name)
     container_labels.update({"ds01.test": "1", "ds01.test.cli": test_id})
     return client.containers.run(
-        image,
-        ["sleep", "100000"],
-        name=labels.container_name(user, project) + f"-{test_id}",
-        labels=container_labels,
-        detach=True,
+        image, ["sleep", "100000"], name=name, labels=container_labels, detach=True
     )
 
 

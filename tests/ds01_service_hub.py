@@ -41,7 +41,10 @@ def start_service_hub(directory: Path, base_image: str = "", local_servers: bool
     local single-user servers; those whose name starts with ``down`` get a service URL where
     nothing listens (for the 'service unreachable' paths)."""
     port = free_port()
-    args = ["--DS01Service.ca_bundle=/etc/ssl/certs/ca-certificates.crt"]
+    args = [
+        "--DS01Service.ca_bundle=/etc/ssl/certs/ca-certificates.crt",
+        f"--DS01Service.state_dir={directory / 'state'}",  # the hub's own (harness.Hub)
+    ]
     if base_image:
         args.append(f"--DS01Service.base_image={base_image}")
     config = SERVICE_CONFIG.format(port=port, args=args)

@@ -1,6 +1,7 @@
 """Docker inspect documents of managed containers, as `docker inspect` gives them, for the unit
 tests of code that reads Docker state through a `container_lister` (the allocator behind the
-admin page and the metrics)."""
+admin page and the metrics). They model real managed containers, so their labels are signed
+with `TRUST`, the unit tests' deployment key (give it to the allocator)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from ds01hub import labels
+from ds01hub.provenance import Provenance
+
+TRUST = Provenance("unit-test", bytes(range(32)))
 
 
 def inspect_doc(
@@ -25,8 +29,11 @@ def inspect_doc(
         "Id": f"id-{name}",
         "Name": f"/{name}",
         "Config": {
-            "Labels": labels.container_labels(
-                user=user, project=name, group=group, priority=10, gpus=gpus
+            "Labels": TRUST.sign(
+                labels.container_labels(
+                    user=user, project=name, group=group, priority=10, gpus=gpus
+                ),
+                name,
             )
         },
         "State": {

@@ -7,7 +7,7 @@ import functools
 from datetime import UTC, datetime, timedelta
 
 from allocation_fakes import fill_event_log
-from inspect_docs import inspect_doc
+from inspect_docs import TRUST, inspect_doc
 
 from ds01hub.admin_page import overview, render_page, week_start
 from ds01hub.allocation_state import GpuAllocator
@@ -37,6 +37,7 @@ def machine(tmp_path, docs):
         clock=lambda: NOW,
         limits=LIMITS,
         container_lister=lambda: list(docs),
+        trust=TRUST,
     )
     return nvml, inventory, log, allocator
 

@@ -13,7 +13,7 @@ import requests
 from harness import TEST_LABEL, free_port, unique_name, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
-from ds01hub import labels
+from ds01hub import labels, provenance
 from ds01hub.admin_page import week_start
 from ds01hub.culler import CullWarning, WarningStore
 from ds01hub.eventlog import EventLog
@@ -62,6 +62,7 @@ def ops(hub_factory, docker_client, base_image, tmp_path_factory):
         managed = labels.container_labels(
             user=user, project="work", group=group, priority=10, gpus=slots
         )
+        managed = provenance.load(state).sign(managed, f"work._.{user}")  # as the ops service's
         return docker_client.containers.run(
             base_image,
             command,

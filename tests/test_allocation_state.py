@@ -9,6 +9,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from inspect_docs import TRUST
 
 from ds01hub import labels
 from ds01hub.allocation_state import GpuAllocator, docker_lister
@@ -30,15 +31,15 @@ LIMITS = parse_limits(
 )
 
 
-def doc(name, user, gpus, state="running", finished=None, group=None, priority=10, cid=None):
-    """An inspect document as the Docker engine returns it."""
+def doc(name, user, gpus, state="running", finished=None, group=None, priority=10, cid=None, **kw):
+    """An inspect document as the Docker engine returns it (signed: a real managed one)."""
     container_labels = labels.container_labels(
-        user=user, project=name, group=group, priority=priority, gpus=gpus
+        user=user, project=name, group=group, priority=priority, gpus=gpus, **kw
     )
     return {
         "Id": cid or f"id-{name}",
         "Name": f"/{name}",
-        "Config": {"Labels": container_labels, "Image": "img"},
+        "Config": {"Labels": TRUST.sign(container_labels, name), "Image": "img"},
         "State": {
             "Status": state,
             "FinishedAt": finished.isoformat() if finished else "0001-01-01T00:00:00Z",
@@ -66,6 +67,7 @@ class Machine:
             limits=LIMITS,
             reservation_ttl=60,
             container_lister=lambda: list(self.docs),
+            trust=TRUST,
         )
 
     def limits(self, user):
@@ -277,6 +279,7 @@ def _spawn_worker(state_dir, log_path, run_id, worker, image, results):
             gpu_uuids=uuids,
             image=image,
         )
+        container_labels = allocator.trust.sign(container_labels, name)
         container_labels.update({"ds01.test": "1", "ds01.test.run": run_id})
         client.containers.run(
             image,

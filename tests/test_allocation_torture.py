@@ -27,7 +27,7 @@ import pytest
 from ds01_cli_harness import busybox_image
 
 from ds01hub import labels
-from ds01hub.allocation_state import GpuAllocator, docker_lister
+from ds01hub.allocation_state import CREATOR_LABEL, GpuAllocator, docker_lister
 from ds01hub.allocator import GpuRequest
 from ds01hub.eventlog import EventLog
 from ds01hub.inventory import load_inventory
@@ -104,15 +104,15 @@ def _round(client, allocator, rng, index, user, name, image, run_id, counters) -
         allocator.renew(name)
     created_here = container is None
     if created_here:
+        own = labels.container_labels(
+            user=user,
+            project=f"t{run_id}",
+            group="staff" if index >= 6 else None,
+            priority=90 if index >= 6 else 10,
+            gpus=decision.granted,
+        )
         container_labels = {
-            **labels.container_labels(
-                user=user,
-                project=f"t{run_id}",
-                group="staff" if index >= 6 else None,
-                priority=90 if index >= 6 else 10,
-                gpus=decision.granted,
-            ),
-            **allocator.owner_labels(),
+            **allocator.trust.sign(own | {CREATOR_LABEL: allocator.creator_label()}, name),
             "ds01.test": "1",
             RUN_LABEL: run_id,
         }

@@ -72,12 +72,12 @@ c.Spawner.cmd = ["/bin/false"]
 
 
 @pytest.fixture(scope="module")
-def containers(client, users, test_id):
+def containers(client, hub, users, test_id):
     image = busybox_image(client)
     alice, bob = users
     made = {
-        alice.name: managed_container(client, alice.name, "work", image, test_id),
-        bob.name: managed_container(client, bob.name, "work", image, test_id),
+        person.name: managed_container(client, hub.state_dir, person.name, "work", image, test_id)
+        for person in (alice, bob)
     }
     yield made
     for container in client.containers.list(

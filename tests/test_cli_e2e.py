@@ -57,7 +57,11 @@ def hub(hub_factory, tmp_path_factory):
     directory = tmp_path_factory.mktemp("cli-e2e")
     limits = directory / "resource-limits.yaml"
     limits.write_text(LIMITS)
-    broker_args = [f"--Broker.limits_path={limits}", "--Broker.activity_interval=1"]
+    broker_args = [
+        f"--Broker.limits_path={limits}",
+        "--Broker.activity_interval=1",
+        f"--Broker.state_dir={directory / 'state'}",  # the spawner's: its label key
+    ]
     test_label = f"ds01.test.cli={secrets.token_hex(3)}"
     key, value = test_label.split("=")
     with broker_socket_path() as socket_path:
@@ -302,7 +306,11 @@ c.DockerSpawner.remove = True
 c.DS01Spawner.limits_path = {str(limits)!r}
 c.DS01Spawner.state_dir = {str(directory / "state")!r}
 c.DS01Spawner.container_label_filter = [{test_label!r}]
-configure_broker(c, socket_path={socket_path!r}, broker_args=["--Broker.limits_path={limits}"])
+configure_broker(
+    c,
+    socket_path={socket_path!r},
+    broker_args=["--Broker.limits_path={limits}", "--Broker.state_dir={directory / "state"}"],
+)
 """
         with hub_factory(spawner="ds01", extra_config=extra, labels={key: value}) as hub:
             wait_for_socket(socket_path, hub)

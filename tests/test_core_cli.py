@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ds01hub import labels
+from ds01hub import labels, provenance
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REPO = Path(__file__).parent.parent
@@ -117,16 +117,18 @@ def test_status_shows_holders_ghosts_and_conflicts(tmp_path, docker_client, base
     config.write_text("gpu_allocation:\n  simulate: {gpus: 8, seed: status-test}\n")
     run_label = f"ds01.test.status={uuid.uuid4().hex[:8]}"
     key, _, value = run_label.partition("=")
+    trust = provenance.load(tmp_path / "state")
 
     def container(name, user, slot, command):
         managed = labels.container_labels(
             user=user, project=name, group=None, priority=10, gpus=[slot]
         )
+        full_name = f"{name}-{value}._.{user}"
         return docker_client.containers.create(
             base_image,
             command,
-            name=f"{name}-{value}._.{user}",
-            labels={**managed, "ds01.test": "1", key: value},
+            name=full_name,
+            labels={**trust.sign(managed, full_name), "ds01.test": "1", key: value},
         )
 
     status = ("status", "--limits", config, "--state-dir", tmp_path / "state", "--label", run_label)
@@ -168,6 +170,76 @@ def test_status_shows_holders_ghosts_and_conflicts(tmp_path, docker_client, base
     finally:
         for item in made:
             item.remove(force=True)
+
+
+def test_status_shows_who_holds_which_slot_in_its_own_deployment_only(
+    tmp_path, docker_client, base_image
+):
+    """Two deployments (state directories) on one engine, and a container that only claims a
+    slot (as an image's labels or a build step would): each status sees its own holder only;
+    --all-deployments shows the others as claims."""
+    config = tmp_path / "limits.yaml"
+    config.write_text("gpu_allocation:\n  simulate: {gpus: 8, seed: status-test}\n")
+    ours, theirs = provenance.load(tmp_path / "state"), provenance.load(tmp_path / "other")
+    run_id = uuid.uuid4().hex[:8]
+
+    def create(user: str, slot: str, trust=None, command=("sleep", "60")):
+        name = f"status-{run_id}._.{user}"
+        found = labels.container_labels(
+            user=user, project="status", group=None, priority=10, gpus=[slot]
+        )
+        found = trust.sign(found, name) if trust else found | {"ds01.deployment": ours.deployment}
+        return docker_client.containers.create(
+            base_image, list(command), name=name, labels=found | {"ds01.test": "1"}
+        )
+
+    made = [
+        create("grace", "7", ours, ["true"]),
+        create("heidi", "6", theirs, ["true"]),
+        create("mallory", "5"),
+    ]
+    try:
+        for started in made[:2]:  # they ran and stopped: each holds for its hold (in its own
+            started.start()  # deployment; a never-started container holds nothing)
+            started.wait(timeout=60)
+        result = run("status", "--json", "--limits", config, "--state-dir", tmp_path / "state")
+        assert result.returncode == 0, result.stderr
+        found = json.loads(result.stdout)
+        rows = {row["slot"]: row for row in found["slots"]}
+        assert len(rows) == 8 and found["deployment"] == ours.deployment
+        assert rows["7"]["user"] == "grace" and rows["7"]["container"] == made[0].name
+        assert rows["7"]["state"] == "stopped" and rows["7"]["held_until"]
+        assert rows["6"]["user"] is None and rows["5"]["user"] is None
+        assert found["revoked"] == [] and "other_claims" not in found
+        text = run("status", "--limits", config, "--state-dir", tmp_path / "state").stdout
+        assert text.startswith(f"deployment {ours.deployment}\nSIMULATED GPUs")
+        assert any(line.startswith("7 ") and "grace" in line for line in text.splitlines())
+        theirs_view = run("status", "--json", "--limits", config, "--state-dir", tmp_path / "other")
+        rows = {row["slot"]: row for row in json.loads(theirs_view.stdout)["slots"]}
+        assert rows["6"]["user"] == "heidi" and rows["7"]["user"] is None
+
+        every = run(
+            "status",
+            "--json",
+            "--all-deployments",
+            "--limits",
+            config,
+            "--state-dir",
+            tmp_path / "state",
+        )
+        claims = {c["container"]: c for c in json.loads(every.stdout)["other_claims"]}
+        assert claims[made[1].name]["verdict"] == "other deployment"
+        assert claims[made[1].name]["deployment"] == theirs.deployment
+        assert claims[made[2].name]["verdict"] == "unsigned or forged"
+        assert claims[made[2].name]["claimed_user"] == "mallory"
+        assert made[0].name not in claims
+        text = run(
+            "status", "--all-deployments", "--limits", config, "--state-dir", tmp_path / "state"
+        ).stdout
+        assert "not this deployment's" in text and "unsigned or forged" in text
+    finally:
+        for container in made:
+            container.remove(force=True)
 
 
 def test_usage_reports_gpu_hours_from_the_event_log(tmp_path):

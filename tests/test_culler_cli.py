@@ -49,7 +49,7 @@ def test_cull_once_dry_run_reports_and_a_real_pass_culls(hub_factory, tmp_path):
         "--json",
         "--warn-before=0",
         f"--limits={limits}",
-        f"--state-dir={tmp_path / 'state'}",
+        f"--state-dir={hub.state_dir}",  # the hub's: its label key signed the container
         f"--hub-api={hub.url}/hub/api",
         f"--label=ds01.test.hub={hub.hub_id}",
     ]
@@ -75,7 +75,7 @@ def test_cull_once_dry_run_reports_and_a_real_pass_culls(hub_factory, tmp_path):
         "cull"
     ]
     wait_until(lambda: hub.server(user) is None, 60, 0.5, hub.log)
-    (event,) = EventLog(tmp_path / "state" / "events.db").events(kind="cull", user=user)
+    (event,) = EventLog(hub.state_dir / "events.db").events(kind="cull", user=user)
     assert event.reason.startswith("idle:")
 
     refused = cull(*common, token="not-a-token")

@@ -16,7 +16,7 @@ import pytest
 from harness import free_port, unique_name, wait_until
 from prometheus_client import CollectorRegistry
 
-from ds01hub import labels
+from ds01hub import labels, provenance
 from ds01hub.culler import Culler, pending_warnings
 from ds01hub.eventlog import EventLog
 from ds01hub.hubclient import HubClient
@@ -27,18 +27,18 @@ from ds01hub.simulated_nvml import SimulatedNvml
 pytestmark = [pytest.mark.e2e, pytest.mark.docker]
 
 LABEL_HOOK = """
-from ds01hub import labels as _labels
+from ds01hub import labels as _labels, provenance as _provenance
 
 def _ds01_labels(spawner):
     slots = str((spawner.user_options or {}).get("slots", ""))
     kwargs = dict(spawner.extra_create_kwargs)
-    kwargs["labels"] = {
-        **kwargs.get("labels", {}),
-        **_labels.container_labels(
-            user=spawner.user.name, project=spawner.name or None, group="students",
-            priority=10, gpus=[s for s in slots.split(",") if s],
-        ),
-    }
+    own = _labels.container_labels(
+        user=spawner.user.name, project=spawner.name or None, group="students",
+        priority=10, gpus=[s for s in slots.split(",") if s],
+    )
+    # signed as DS01Spawner signs, with the hub's key ($DS01HUB_STATE_DIR)
+    signed = _provenance.load().sign(own, spawner.object_name)
+    kwargs["labels"] = {**kwargs.get("labels", {}), **signed}
     spawner.extra_create_kwargs = kwargs
 
 c.Spawner.pre_spawn_hook = _ds01_labels
@@ -96,6 +96,7 @@ def make_culler(hub, docker_client, users, tmp_path, clock):
         gpu_sample_interval=0.05,
         extra_labels=[f"ds01.test.hub={hub.hub_id}"],
         clock=clock,
+        trust=provenance.load(hub.state_dir),
     )
     return culler, nvml
 
@@ -291,6 +292,7 @@ async def test_hub_activity_keeps_a_server_and_its_absence_lets_it_go(lab, docke
         warn_before=0,
         gpu_sample_interval=0,
         extra_labels=[f"ds01.test.hub={hub.hub_id}"],
+        trust=provenance.load(hub.state_dir),
     )
     time.sleep(5)  # longer than the timeout since the spawn...
     await client.record_activity(user, "", datetime.now(UTC).isoformat())  # ...but just used
@@ -345,7 +347,8 @@ def test_the_managed_service_culls_an_idle_server_by_itself(hub_factory, tmp_pat
         f" '--OpsService.warn_before=0', '--OpsService.gpu_sample_interval=0',"
         f" '--OpsService.extra_labels=ds01.test.opsrun={tag}'])\n"
     )
-    with hub_factory(config, labels={"ds01.test.opsrun": tag}) as hub:
+    environment = {"DS01HUB_STATE_DIR": str(state)}  # the label hook signs with the ops' key
+    with hub_factory(config, labels={"ds01.test.opsrun": tag}, env=environment) as hub:
         user = unique_name("svu")
         hub.create_user(user)
         hub.start_server(user)

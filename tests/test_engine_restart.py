@@ -75,7 +75,12 @@ configure_ops(
     ],
     environment=_environment,
 )
-configure_service(c, url="http://127.0.0.1:{service_port}", environment=_environment)
+configure_service(
+    c,
+    url="http://127.0.0.1:{service_port}",
+    service_args=["--DS01Service.state_dir=" + c.DS01Spawner.state_dir],  # the label key
+    environment=_environment,
+)
 """
 
 
@@ -93,6 +98,12 @@ def proxy(engine):
     directory = Path(tempfile.mkdtemp(prefix="ds01p-"))
     sock, log = directory / "proxy.sock", directory / "proxy.log"
     command = [str(Path(sys.executable).parent / "ds01hub"), "proxy", "--listen", str(sock)]
+    command += [
+        "--state-dir",
+        str(directory / "state"),
+        "--hub-state-dir",
+        str(directory / "state"),
+    ]
     with open(log, "w") as out:
         process = subprocess.Popen(
             [*command, "--upstream", str(engine.socket)], stdout=out, stderr=subprocess.STDOUT

@@ -30,7 +30,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from ds01hub.allocation_state import OWNER_LABEL, GpuAllocator, Owner
+from ds01hub.allocation_state import CREATOR_LABEL, GpuAllocator, Owner
 from ds01hub.allocator import GpuRequest
 from ds01hub.eventlog import EventLog
 from ds01hub.inventory import discover
@@ -323,7 +323,7 @@ class Exclusivity(RuleBasedStateMachine):
         if spawn is not None and spawn.claim_until > now:
             return True
         if container is not None and container.status == "created":  # its creator lives
-            creator = Owner.from_label(container.labels.get(OWNER_LABEL))
+            creator = Owner.from_label(container.labels.get(CREATOR_LABEL))
             if creator is not None and creator.pid not in self.processes.dead:
                 return True
         return any(d.name == holding.container and d.until > now for d in self.dead)

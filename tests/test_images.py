@@ -173,6 +173,34 @@ def test_dockerfile_rendering_revalidates_the_spec():
         render_dockerfile(ImageSpec("alice", "x", pip_packages=("six\nRUN id",)), "base")
 
 
+@pytest.mark.parametrize(
+    "spec",
+    [
+        ImageSpec("alice", "x", pip_packages=("six\nLABEL ds01.user=bob",)),
+        ImageSpec("alice", "x", apt_packages=("vim\nLABEL ds01.gpus=0",)),
+        ImageSpec("alice", "x\nLABEL ds01.priority=100"),
+        ImageSpec("alice", "x", pip_packages=("six\x0bLABEL ds01.user=bob",)),
+    ],
+)
+def test_no_user_input_puts_a_label_into_the_dockerfile(spec):
+    """An image's labels reach every container made from it and every build step."""
+    with pytest.raises(ImageError):
+        render_dockerfile(spec, "base")
+
+
+def test_a_rendered_dockerfile_holds_only_ds01hubs_own_instructions():
+    dockerfile = render_dockerfile(ImageSpec("alice", "x", "cv", ("rich",)), "b:1", ca_bundle=True)
+    assert {line.split(" ", 1)[0] for line in dockerfile.splitlines()} <= {
+        "FROM",
+        "USER",
+        "COPY",
+        "ENV",
+        "RUN",
+    }
+    with pytest.raises(ImageError, match="does not write"):
+        render_dockerfile(ImageSpec("alice", "x"), "base\nLABEL ds01.user=bob")
+
+
 # ---------------------------------------------------------------- build stream parsing
 
 

@@ -3,6 +3,7 @@
 from datetime import UTC, datetime
 
 import pytest
+from inspect_docs import TRUST
 
 from ds01hub import labels
 from ds01hub.labels import ContainerRecord, container_name, escape_name, unescape_name
@@ -48,14 +49,17 @@ def test_record_from_an_inspect_document():
         "Id": "abc",
         "Name": "/thesis._.alice",
         "Config": {
-            "Labels": labels.container_labels(
-                user="alice", project="thesis", group="", priority=30, gpus=["1"]
+            "Labels": TRUST.sign(
+                labels.container_labels(
+                    user="alice", project="thesis", group="", priority=30, gpus=["1"]
+                ),
+                "thesis._.alice",
             ),
             "Image": "img",
         },
         "State": {"Status": "exited", "FinishedAt": "2026-02-03T04:05:06.123456789Z"},
     }
-    record = ContainerRecord.from_docker(doc)
+    record = ContainerRecord.from_docker(doc, TRUST)
     assert (record.name, record.user, record.project, record.group) == (
         "thesis._.alice",
         "alice",
@@ -65,19 +69,22 @@ def test_record_from_an_inspect_document():
     assert record.gpus == ("1",) and record.priority == 30 and not record.running
     assert record.finished_at == datetime(2026, 2, 3, 4, 5, 6, 123456, tzinfo=UTC)
     assert record.to_dict()["finished_at"] == "2026-02-03T04:05:06.123456+00:00"
+    assert record.deployment == TRUST.deployment
 
 
 def test_record_from_a_list_entry_has_no_finish_time():
     entry = {
         "Id": "def",
-        "Names": ["/p._.bob"],
-        "Labels": labels.container_labels(user="bob", project="p", group="g", priority=5),
+        "Names": ["/other/alias", "/p._.bob"],  # a legacy link alias first
+        "Labels": TRUST.sign(
+            labels.container_labels(user="bob", project="p", group="g", priority=5), "p._.bob"
+        ),
         "State": "running",
         "Created": 1767225600,
     }
-    record = ContainerRecord.from_docker(entry)
+    record = ContainerRecord.from_docker(entry, TRUST)
     assert record.running and record.gpus == () and record.finished_at is None
-    assert record.group == "g"
+    assert record.group == "g" and record.name == "p._.bob"
 
 
 @pytest.mark.parametrize(
@@ -91,7 +98,9 @@ def test_record_from_a_list_entry_has_no_finish_time():
     ],
 )
 def test_containers_without_both_ownership_labels_are_not_ours(found):
-    assert ContainerRecord.from_docker({"Id": "x", "Config": {"Labels": found}}) is None
+    doc = {"Id": "x", "Name": "/x", "Config": {"Labels": found}}
+    assert ContainerRecord.from_docker(doc, TRUST) is None
+    assert ContainerRecord.claimed(doc) is None
 
 
 def test_docker_zero_time_means_never():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+from inspect_docs import TRUST
+
 from ds01hub import labels
 from ds01hub.labels import ContainerRecord
 from ds01hub.lifecycle import expired_holds, removals_due
@@ -17,8 +19,11 @@ def record(name, gpus=("0",), state="exited", stopped_ago=None):
         "Id": f"id-{name}",
         "Name": f"/{name}",
         "Config": {
-            "Labels": labels.container_labels(
-                user="alice", project=name, group="students", priority=10, gpus=gpus
+            "Labels": TRUST.sign(
+                labels.container_labels(
+                    user="alice", project=name, group="students", priority=10, gpus=gpus
+                ),
+                name,
             )
         },
         "State": {
@@ -26,7 +31,7 @@ def record(name, gpus=("0",), state="exited", stopped_ago=None):
             "FinishedAt": finished.isoformat() if finished else "0001-01-01T00:00:00Z",
         },
     }
-    return ContainerRecord.from_docker(doc)
+    return ContainerRecord.from_docker(doc, TRUST)
 
 
 def hold(seconds):

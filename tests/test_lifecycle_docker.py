@@ -9,7 +9,7 @@ from datetime import timedelta
 import pytest
 from harness import TEST_LABEL
 
-from ds01hub import labels
+from ds01hub import labels, provenance
 from ds01hub.allocation_state import GpuAllocator, docker_lister
 from ds01hub.eventlog import EventLog
 from ds01hub.inventory import discover
@@ -35,12 +35,14 @@ def run_label(docker_client):
         volume.remove(force=True)
 
 
-def stopped_container(docker_client, image, run_label, user, slots, workspace):
-    """A managed container that ran and exited, holding `slots`, with a workspace volume."""
+def stopped_container(docker_client, image, run_label, user, slots, workspace, state_dir):
+    """A managed container (signed with `state_dir`'s key) that ran and exited, holding
+    `slots`, with a workspace volume."""
     key, _, value = run_label.partition("=")
     managed = labels.container_labels(
         user=user, project="thesis", group="students", priority=10, gpus=slots
     )
+    managed = provenance.load(state_dir).sign(managed, f"thesis._.{user}")
     container = docker_client.containers.run(
         image,
         ["true"],
@@ -60,7 +62,9 @@ def test_gpu_hold_expires_then_the_container_is_removed_and_its_workspace_kept(
     key, _, value = run_label.partition("=")
     user = f"lc{uuid.uuid4().hex[:6]}"
     workspace = docker_client.volumes.create(f"ds01-test-ws-{user}", labels={key: value})
-    container = stopped_container(docker_client, base_image, run_label, user, ["0"], workspace)
+    container = stopped_container(
+        docker_client, base_image, run_label, user, ["0"], workspace, tmp_path / "state"
+    )
     finished = labels.parse_docker_time(container.attrs["State"]["FinishedAt"])
     now = {"t": finished + timedelta(minutes=59)}
     log = EventLog(tmp_path / "events.sqlite")
@@ -118,7 +122,9 @@ def test_a_null_container_hold_keeps_the_stopped_container(
     user = f"lk{uuid.uuid4().hex[:6]}"
     keep = parse_limits({"defaults": {"gpu_hold_after_stop": "1h"}})  # container hold: never
     workspace = docker_client.volumes.create(f"ds01-test-ws-{user}", labels={key: value})
-    container = stopped_container(docker_client, base_image, run_label, user, [], workspace)
+    container = stopped_container(
+        docker_client, base_image, run_label, user, [], workspace, tmp_path / "state"
+    )
     finished = labels.parse_docker_time(container.attrs["State"]["FinishedAt"])
     allocator = GpuAllocator(
         docker_client,

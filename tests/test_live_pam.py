@@ -92,7 +92,8 @@ c.DS01Spawner.workspace_root = {str(workspaces)!r}
 c.DS01Spawner.user_id_source = "passwd"
 from ds01hub.broker import configure_hub as configure_broker
 configure_broker(c, socket_path={socket_path!r},
-                 broker_args=["--Broker.limits_path={tmp_path / "limits.yaml"}"])
+                 broker_args=["--Broker.limits_path={tmp_path / "limits.yaml"}",
+                              "--Broker.state_dir={tmp_path / "state"}"])
 """,
             )
             hub = ds01.hub

@@ -7,7 +7,7 @@ import functools
 from datetime import UTC, datetime, timedelta
 
 from allocation_fakes import fill_event_log
-from inspect_docs import inspect_doc
+from inspect_docs import TRUST, inspect_doc
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -68,6 +68,7 @@ def test_state_metrics_count_slots_by_group_utilisation_culls_and_gpu_hours(tmp_
         clock=lambda: NOW,
         limits=LIMITS,
         container_lister=lambda: list(docs),
+        trust=TRUST,
     )
     registry = CollectorRegistry()
     registry.register(metrics.StateCollector(allocator, log))
@@ -101,6 +102,7 @@ def test_conflicts_and_event_log_health_are_metrics(tmp_path):
         clock=lambda: NOW,
         limits=LIMITS,
         container_lister=lambda: list(docs),
+        trust=TRUST,
     )
     registry = CollectorRegistry()
     registry.register(metrics.StateCollector(allocator, log))

@@ -321,7 +321,9 @@ def test_the_proxy_refuses_a_live_socket_and_replaces_a_dead_one(socket_dir):
     open(upstream, "w").close()  # the proxy only checks that its upstream exists at start
     live = peer.listen_unix(path, 0o666)
     with live.sock:
+        state = os.path.join(socket_dir, "state")  # its create locks, label key, deployment
         command = [*PROXY, "proxy", "--listen", path, "--upstream", upstream]
+        command += ["--state-dir", state, "--hub-state-dir", state]
         result = subprocess.run(command, capture_output=True, text=True, timeout=60)
         assert result.returncode == 1
         assert "another process is listening" in result.stderr

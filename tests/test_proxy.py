@@ -29,6 +29,8 @@ from ds01_cli_harness import BUSYBOX_IMAGE
 from ds01_cli_harness import busybox_image as shared_busybox_image
 from harness import wait_until
 
+from ds01hub import labels, provenance
+
 # --------------------------------------------------------------------------- edge (fast)
 
 
@@ -147,17 +149,28 @@ class RunningProxy:
     sock: Path
     log: Path
     process: subprocess.Popen
+    state_dir: Path  # its label key and deployment id (a hub's state directory)
 
 
 @contextmanager
 def proxy_process(*options: str, state_dir: Path | None = None) -> Iterator[RunningProxy]:
-    """A real `ds01hub proxy` on a socket every user can reach; the test image is shared."""
+    """A real `ds01hub proxy` on a socket every user can reach; the test image is shared. Its
+    state directory (its create locks, and a hub's label key and deployment id) is its own
+    unless `state_dir` (another proxy's: one deployment)."""
     directory = Path(tempfile.mkdtemp(prefix="ds01proxy-"))
     directory.chmod(0o755)
     sock = directory / "docker.sock"
     log = directory / "proxy.log"
     state = state_dir or directory / "state"
-    options = ("--shared-image", IMAGE, "--state-dir", str(state), *options)
+    options = (
+        "--shared-image",
+        IMAGE,
+        "--state-dir",
+        str(state),
+        "--hub-state-dir",
+        str(state),
+        *options,
+    )
     command = [
         sys.executable,
         "-c",
@@ -178,7 +191,7 @@ def proxy_process(*options: str, state_dir: Path | None = None) -> Iterator[Runn
             assert time.monotonic() < deadline, "proxy did not start"
             time.sleep(0.05)
         assert oct(sock.stat().st_mode & 0o777) == "0o666"
-        yield RunningProxy(sock, log, process)
+        yield RunningProxy(sock, log, process, state)
     finally:
         process.terminate()
         process.wait(timeout=10)
@@ -318,6 +331,14 @@ def world(proxy, users):
     admin_docker("rm", "-f", loose, check=False)
 
 
+def spawner_label_args(proxy, user: str, name: str) -> list[str]:
+    """`--label` options for the labels the spawner gives `user`'s container `name` (signed
+    with the key the proxy reads)."""
+    own = labels.container_labels(user=user, project=None, group=None, priority=10)
+    signed = provenance.load(proxy.state_dir).sign(own, name)
+    return [arg for key, value in signed.items() for arg in ("--label", f"{key}={value}")]
+
+
 def still_running(cid: str) -> bool:
     return admin_docker("inspect", "-f", "{{.State.Running}}", cid).stdout.strip() == "true"
 
@@ -366,11 +387,14 @@ def test_created_containers_carry_forced_labels(proxy, world):
         "true",
     )
     assert result.returncode == 0, result.stderr
-    labels = json.loads(
+    found = json.loads(
         admin_docker("inspect", "-f", "{{json .Config.Labels}}", result.stdout.strip()).stdout
     )
-    assert labels["ds01.user"] == alice and labels["ds01.managed"] == "true"
-    assert "ds01.gpus" not in labels
+    assert found["ds01.user"] == alice and found["ds01.managed"] == "true"
+    assert found["ds01.gpus"] == "" and found["ds01.signature"].startswith("v1:")
+    name = admin_docker("inspect", "-f", "{{.Name}}", result.stdout.strip()).stdout.strip()
+    assert name.startswith(f"/{alice}-")  # no --name: the proxy named it (the signature covers it)
+    assert provenance.load(proxy.state_dir).verify(found, name)
     admin_docker("rm", result.stdout.strip())
 
 
@@ -392,14 +416,15 @@ def test_everything_a_user_may_do_on_their_own_container(proxy, world):
         ("kill", name),
         ("start", name),
         ("stop", "-t", "0", name),
-        ("rename", name, name + "-2"),
-        ("rm", "-f", name + "-2"),
     ]
     for step in steps:
         result = docker_as(proxy, alice, *step)
         assert result.returncode == 0, (step, result.stderr)
         if step[0] == "exec":
             assert result.stdout.strip() == "exec-works"
+    renamed = docker_as(proxy, alice, "rename", name, name + "-2")  # its name is signed
+    assert renamed.returncode != 0 and "renaming is not available" in renamed.stderr
+    assert docker_as(proxy, alice, "rm", "-f", name).returncode == 0
 
 
 @pytest.mark.docker
@@ -883,14 +908,14 @@ def test_listed_admins_get_full_access(world):
 
 @pytest.mark.docker
 @pytest.mark.root
-def test_limits_file_is_applied_to_created_containers(world, tmp_path):
+def test_limits_file_is_applied_to_created_containers(proxy, world, tmp_path):
     limits = tmp_path / "resource-limits.yaml"
     limits.write_text(
         "defaults:\n  max_cpus: 1\n  memory: 256m\n  shm_size: 32m\n  pids_limit: 200\n"
         "  max_containers_per_user: 100\n"
         f"user_overrides:\n  {world['bob']}:\n    max_containers_per_user: 1\n"
     )
-    with proxy_process("--limits", str(limits)) as limited:
+    with proxy_process("--limits", str(limits), state_dir=proxy.state_dir) as limited:
         made = docker_as(
             limited,
             world["alice"],
@@ -924,15 +949,15 @@ def test_exec_into_a_root_container_with_binds_runs_as_the_user(proxy, world):
     user's home bound: `docker exec` through the proxy runs as the user, not as root."""
     alice = world["alice"]
     entry = pwd.getpwnam(alice)
+    name = f"default._.{alice}"
     cid = admin_docker(
         "run",
         "-d",
+        "--name",
+        name,
         "--label",
         "ds01.test=1",
-        "--label",
-        "ds01.managed=true",
-        "--label",
-        f"ds01.user={alice}",
+        *spawner_label_args(proxy, alice, name),
         "-v",
         f"{entry.pw_dir}:/home/me",
         IMAGE,
@@ -1330,16 +1355,17 @@ def test_a_raw_build_context_cannot_hide_its_from(proxy, world, bobs_image):
 
 @pytest.mark.docker
 @pytest.mark.root
-def test_parallel_creates_never_exceed_the_container_limit(world, tmp_path):
-    """20 creates at once, through two proxy processes sharing a state directory: exactly
-    the limit is made; the others are refused, naming the limit."""
+def test_parallel_creates_never_exceed_the_container_limit(proxy, world, tmp_path):
+    """20 creates at once, through two proxy processes sharing a state directory (the first
+    proxy's: one deployment, whose containers of alice's count): exactly the limit is made; the
+    others are refused, naming the limit."""
     alice = world["alice"]
     managed = ("--filter", f"label=ds01.user={alice}", "--filter", "label=ds01.managed=true")
     have = len(admin_docker("ps", "-aq", *managed).stdout.split())
     limit = have + 5
     limits = tmp_path / "limits.yaml"
     limits.write_text(f"defaults:\n  max_containers_per_user: {limit}\n")
-    state = tmp_path / "state"
+    state = proxy.state_dir
     body = json.dumps({"Image": IMAGE, "Cmd": ["true"], "Labels": {"ds01.test": "1"}})
     script = (
         "import json, socket, sys, threading\n"

@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from inspect_docs import TRUST
 from test_proxy import (  # the end-to-end harness of the proxy's own suite
     IMAGE,
     RAW_CLIENT,
@@ -39,10 +40,11 @@ from test_proxy import (  # the end-to-end harness of the proxy's own suite
     busybox_image,  # noqa: F401 -- a fixture `users` needs
     docker_as,
     proxy_process,
+    spawner_label_args,
     users,  # noqa: F401 -- fixture: two real Unix users
 )
 
-from ds01hub import peer
+from ds01hub import labels, peer
 from ds01hub import proxy_policy as policy
 from ds01hub.proxy import FORWARDED_HEADERS, ClientStream, Plan, Proxy, Upstream
 from ds01hub.proxy_policy import Caller
@@ -263,6 +265,10 @@ STREAM_HEAD = (
 )
 OWN_IMAGE = "sha256:" + "a" * 64
 UPGRADED = b"HTTP/1.1 101 UPGRADED\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n\r\n"
+#: alice's container "web", as ds01hub labels it (signed with the unit tests' key)
+ALICE_WEB = TRUST.sign(
+    labels.container_labels(user="alice", project=None, group=None, priority=0), "web"
+)
 
 
 def answer(request: GoRequest) -> bytes:
@@ -274,7 +280,7 @@ def answer(request: GoRequest) -> bytes:
         body = b'{"message":"No such object"}'
         return b"HTTP/1.1 404 Not Found\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
     if path.endswith("/containers/json"):
-        listing = b'[{"Id":"abc","Labels":{"ds01.managed":"true","ds01.user":"alice"}}]'
+        listing = json.dumps([{"Id": "abc", "Names": ["/web"], "Labels": ALICE_WEB}]).encode()
         return (
             b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked"
             b"\r\nConnection: close\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(listing), listing)
@@ -346,7 +352,8 @@ async def exchange(
     """Send `data` (or run a client coroutine) on one connection; the whole exchange."""
     loop = asyncio.get_running_loop()
     async with FakeEngine(str(tmp_path / "engine.sock")) as engine:
-        proxy = RecordingProxy(Upstream(engine.path), **options)
+        options.setdefault("settings", policy.Settings(trust=TRUST))
+        proxy = RecordingProxy(Upstream(engine.path, TRUST), **options)
         ours, theirs = socket.socketpair(socket.AF_UNIX)
         ours.setblocking(False)
         reader, writer = await asyncio.open_unix_connection(sock=theirs)
@@ -599,7 +606,8 @@ def test_a_create_body_is_the_checked_one(tmp_path):
     (seen,) = [r for r in outcome.engine_requests() if r.method == "POST"]  # not the look-ups
     sent = json.loads(seen.body)
     assert seen.header("Content-Length") == str(len(seen.body))
-    assert sent["Labels"]["ds01.user"] == "alice" and "ds01.gpus" not in sent["Labels"]
+    assert sent["Labels"]["ds01.user"] == "alice" and sent["Labels"]["ds01.gpus"] == ""
+    assert TRUST.verify(sent["Labels"], seen.target.split("name=")[1])
     assert_faithful(outcome)
 
 
@@ -955,16 +963,16 @@ def attack_proxy(accounts):
 
 
 @pytest.fixture(scope="module")
-def victim(accounts):
-    """bob's running container, made directly (root), labelled as the proxy would."""
+def victim(accounts, attack_proxy):
+    """bob's running container, made directly (root), labelled (signed) as the proxy would."""
     bob = accounts[1]
+    name = f"victim-{RUN}"
     cid = admin_docker(
         "run",
         "-d",
-        "--label",
-        "ds01.managed=true",
-        "--label",
-        f"ds01.user={bob}",
+        "--name",
+        name,
+        *spawner_label_args(attack_proxy, bob, name),
         "--label",
         "ds01.test=1",
         IMAGE,

@@ -9,8 +9,9 @@ import tarfile
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from inspect_docs import TRUST
 
-from ds01hub import build_context
+from ds01hub import build_context, labels
 from ds01hub import proxy_policy as policy
 from ds01hub.build_context import ContextError, image_uses
 from ds01hub.proxy_policy import (
@@ -29,13 +30,16 @@ from ds01hub.proxy_policy import (
 )
 
 ALICE = Caller(uid=1001, gid=1001, user="alice", home="/home/alice", groups=("alice",))
+SETTINGS = policy.Settings(trust=TRUST)
 ALICE_ID = "a" * 64
 BOB_ID = "b" * 64
 
 
 def facts(cid: str, user: str | None, binds: bool = False, managed: str = "true"):
+    """A container as the proxy's look-up gives it: `user`'s if its labels were signed."""
     labels = {"ds01.managed": managed, "ds01.user": user} if user else {}
-    return ContainerFacts(id=cid, labels=labels, has_host_binds=binds)
+    owner = user if managed == "true" else None
+    return ContainerFacts(id=cid, labels=labels, has_host_binds=binds, owner=owner)
 
 
 def target(raw: str, method: str = "GET"):
@@ -225,10 +229,10 @@ def test_removing_a_link_is_refused():
     )
 
 
-def test_renaming_into_another_users_server_name_is_refused():
+def test_renaming_is_refused_because_the_signature_covers_the_name():
     route = Route(Kind.CONTAINER, "rename", "x")
-    for name, ok in [("default._.bob", False), ("proj._.alice", True), ("plain", True)]:
-        call = (
+    for name in ("default._.bob", "proj._.alice", "plain"):
+        message = denied(
             policy.check_container_action,
             ALICE,
             route,
@@ -236,10 +240,7 @@ def test_renaming_into_another_users_server_name_is_refused():
             facts(ALICE_ID, "alice"),
             b"",
         )
-        if ok:
-            call[0](*call[1:])
-        else:
-            assert "reserved" in denied(*call)
+        assert "renaming is not available" in message
 
 
 @pytest.mark.parametrize(
@@ -276,27 +277,53 @@ def test_exec_create(exec_body, binds, ok):
 
 def test_container_list_adds_owner_filters_to_both_filter_forms():
     for raw in ['{"status":["running"]}', '{"status":{"running":true}}']:
-        checked = policy.check_list(ALICE, target(f"/containers/json?filters={raw}"))
+        checked = policy.check_list(ALICE, target(f"/containers/json?filters={raw}"), SETTINGS)
         filters = json.loads(checked.param("filters"))
         assert filters["status"] == ["running"]
-        assert set(filters["label"]) == {"ds01.managed=true", "ds01.user=alice"}
+        assert set(filters["label"]) == {
+            "ds01.managed=true",
+            f"ds01.deployment={TRUST.deployment}",
+            "ds01.user=alice",
+            f"ds01.owner={TRUST.owner_tag('alice')}",
+        }
 
 
-def test_container_list_response_keeps_only_own_labelled_containers():
+def signed(user: str, name: str) -> dict:
+    """The labels ds01hub gives `user`'s container `name`."""
+    own = labels.container_labels(user=user, project=None, group=None, priority=0)
+    return TRUST.sign(own, name)
+
+
+def test_container_list_response_keeps_only_own_signed_containers():
+    forged = dict(signed("alice", "other"))  # alice's signed labels, on another container
     listing = [
-        {"Id": "1", "Labels": {"ds01.managed": "true", "ds01.user": "alice"}},
-        {"Id": "2", "Labels": {"ds01.managed": "true", "ds01.user": "bob"}},
-        {"Id": "3", "Labels": {"ds01.user": "alice"}},
-        {"Id": "4", "Labels": None},
+        {"Id": "1", "Names": ["/mine"], "Labels": signed("alice", "mine")},
+        {"Id": "2", "Names": ["/bobs"], "Labels": signed("bob", "bobs")},
+        {"Id": "3", "Names": ["/claims"], "Labels": {"ds01.managed": "true", "ds01.user": "alice"}},
+        {"Id": "4", "Names": ["/copied"], "Labels": forged},
+        {"Id": "5", "Names": ["/x"], "Labels": None},
+        "not an object",
     ]
-    assert [c["Id"] for c in policy.filter_owned_containers(listing, "alice")] == ["1"]
+    owned = policy.filter_owned_containers(listing, "alice", TRUST)
+    assert [c["Id"] for c in owned] == ["1"]
 
 
 def test_events_are_limited_to_own_containers():
-    checked = policy.check_events(ALICE, target("/events?filters={}"))
+    checked = policy.check_events(ALICE, target("/events?filters={}"), SETTINGS)
     filters = json.loads(checked.param("filters"))
     assert filters["type"] == ["container"]
     assert "ds01.user=alice" in filters["label"]
+    assert f"ds01.owner={TRUST.owner_tag('alice')}" in filters["label"]
+
+
+def test_without_a_label_key_nothing_is_listed_or_created():
+    assert "label key" in denied(
+        policy.check_list, ALICE, target("/containers/json"), policy.Settings(), status=503
+    )
+    found = ContainerFacts.from_inspect(
+        {"Id": "1", "Name": "/mine", "Config": {"Labels": signed("alice", "mine")}}, None
+    )
+    assert found.owner is None
 
 
 # --------------------------------------------------------------------------- JSON strictness
@@ -323,18 +350,21 @@ def create(
     name=None,
     volumes=None,
     image=SHARED_IMAGE,
+    image_labels=None,
     shared=frozenset({SHARED_IMAGE.id}),
 ):
     # every path the check asks about resolves to itself unless a test says otherwise
-    needs = policy.create_needs(ALICE, body, policy.Settings())
+    needs = policy.create_needs(ALICE, body, SETTINGS)
     containers = containers or {}
     imported, _ = policy.import_needs(body.get("HostConfig"), containers)
     devices = policy.volume_needs(volumes or {})
     paths = {p: PathFacts(p) for p in needs.paths + imported + devices} | (paths or {})
+    if image_labels:
+        image = ImageFacts(image.id, image.repo_tags, labels=image_labels)
     fact = CreateFacts(containers, paths, existing, limits, volumes or {}, image, shared)
     query = f"?name={name}" if name else ""
     checked, raw = policy.check_create(
-        ALICE, target(f"/v1.41/containers/create{query}", "POST"), body, fact
+        ALICE, target(f"/v1.41/containers/create{query}", "POST"), body, fact, SETTINGS
     )
     return json.loads(raw)
 
@@ -343,21 +373,80 @@ def base(**host) -> dict:
     return {"Image": "busybox", "Cmd": ["true"], "HostConfig": host}
 
 
-def test_labels_are_forced_and_reserved_ones_dropped():
+def test_labels_are_signed_for_the_caller_and_reserved_ones_overwritten():
     body = base()
     body["Labels"] = {
         "ds01.user": "bob",
         "ds01.managed": "false",
         "ds01.gpus": "0",
+        "ds01.priority": "100",
+        "ds01.signature": "v1:forged",
         "ds01.project": "p",
         "aime.mlc.USER": "bob",
         "mine": "x",
     }
-    labels = create(body)["Labels"]
-    assert labels["ds01.user"] == "alice" and labels["ds01.managed"] == "true"
-    assert labels["aime.mlc.USER"] == "alice"
-    assert "ds01.gpus" not in labels
-    assert labels["ds01.project"] == "p" and labels["mine"] == "x"
+    found = create(body, name="web")["Labels"]
+    assert found["ds01.user"] == "alice" and found["ds01.managed"] == "true"
+    assert found["aime.mlc.USER"] == "alice"
+    assert found["ds01.gpus"] == found["ds01.gpu_uuids"] == "" and found["ds01.priority"] == "0"
+    assert found["ds01.project"] == "p" and found["mine"] == "x"
+    assert found["ds01.image"] == "busybox"
+    assert TRUST.verify(found, "web") and not TRUST.verify(found, "other")
+    record = labels.ContainerRecord.from_docker(
+        {"Id": "1", "Name": "/web", "Config": {"Labels": found}}, TRUST
+    )
+    assert record.user == "alice" and record.gpus == () and record.project == "p"
+
+
+def test_every_reserved_label_of_the_image_is_set_so_none_is_merged_in():
+    image_labels = {
+        "ds01.gpus": "0",
+        "ds01.priority": "100",
+        "ds01.user": "victim",
+        "ds01.signature": "v1:copied",
+        "ds01.image.user": "victim",
+        "aime.mlc.GPUS": "0",
+        "org.opencontainers.image.title": "kept",
+    }
+    found = create(base(), name="web", image_labels=image_labels)["Labels"]
+    for key in image_labels:
+        if key.startswith(("ds01.", "aime.mlc.")):
+            assert key in found, key  # set explicitly: the engine will not merge the image's
+    assert found["ds01.gpus"] == "" and found["ds01.user"] == "alice"
+    assert found["ds01.image.user"] == "" and "org.opencontainers.image.title" not in found
+    assert TRUST.verify(found, "web")
+
+
+def test_an_image_with_routing_labels_is_refused():
+    message = denied(create, base(), image_labels={"traefik.http.routers.r.rule": "Host(`x`)"})
+    assert "image busybox has label 'traefik.http.routers.r.rule'" in message
+
+
+def test_a_create_without_a_name_gets_one_that_the_signature_covers():
+    body = base()
+    facts = CreateFacts(image=SHARED_IMAGE, shared_images=frozenset({SHARED_IMAGE.id}))
+    checked, raw = policy.check_create(
+        ALICE, target("/v1.41/containers/create", "POST"), body, facts, SETTINGS
+    )
+    name = checked.param("name")
+    assert name.startswith("alice-") and len(name) == len("alice-") + 12
+    assert TRUST.verify(json.loads(raw)["Labels"], name)
+    again, _ = policy.check_create(
+        ALICE, target("/v1.41/containers/create", "POST"), body, facts, SETTINGS
+    )
+    assert again.param("name") != name
+
+
+def test_build_labels_may_not_be_reserved_or_routing():
+    for key in ("ds01.user", "ds01.gpus", "aime.mlc.USER", "traefik.enable", "caddy"):
+        raw = json.dumps({key: "x"})
+        route = target(f"/build?t=ds01-alice/i&labels={raw}", "POST")
+        assert "reserved to ds01hub" in denied(policy.check_build, ALICE, route, None)
+    fine = target('/build?t=ds01-alice/i&labels={"org.example":"x"}', "POST")
+    assert policy.check_build(ALICE, fine, None) == fine
+    assert "not valid JSON" in denied(
+        policy.check_build, ALICE, target("/build?labels={", "POST"), None, status=400
+    )
 
 
 def test_create_forces_no_new_privileges_and_hides_gpus():
@@ -545,7 +634,7 @@ ANON = MountFacts("volume", "/anon", name="d" * 64, driver="local")
 
 
 def with_mounts(*mounts: MountFacts) -> dict:
-    return {"src": ContainerFacts(ALICE_ID, facts(ALICE_ID, "alice").labels, True, mounts)}
+    return {"src": ContainerFacts(ALICE_ID, {}, True, mounts, owner="alice")}
 
 
 @pytest.mark.parametrize("mode", ["", ":rw", ":ro"])
@@ -934,13 +1023,13 @@ def test_docker_cp_out_of_a_container_with_binds_is_refused():
 
 def test_named_volumes_and_shared_pid_namespaces_count_as_host_binds():
     data = {"Id": ALICE_ID, "Config": {"Labels": {}}, "HostConfig": {}, "Mounts": []}
-    assert not ContainerFacts.from_inspect(data).has_host_binds
+    assert not ContainerFacts.from_inspect(data, TRUST).has_host_binds
     anon = {"Type": "volume", "Name": "f" * 64, "Driver": "local", "Destination": "/d"}
-    assert not ContainerFacts.from_inspect(data | {"Mounts": [anon]}).has_host_binds
+    assert not ContainerFacts.from_inspect(data | {"Mounts": [anon]}, TRUST).has_host_binds
     named = anon | {"Name": "jupyterhub-user-alice"}
-    assert ContainerFacts.from_inspect(data | {"Mounts": [named]}).has_host_binds
+    assert ContainerFacts.from_inspect(data | {"Mounts": [named]}, TRUST).has_host_binds
     shared_pid = data | {"HostConfig": {"PidMode": "container:" + BOB_ID}}
-    assert ContainerFacts.from_inspect(shared_pid).has_host_binds
+    assert ContainerFacts.from_inspect(shared_pid, TRUST).has_host_binds
 
 
 # --------------------------------------------------------------------------- build contexts

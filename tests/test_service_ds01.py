@@ -46,7 +46,9 @@ c.Spawner.cmd = ["jupyterhub-singleuser"]
 configure_hub(
     c,
     url="http://{bridge}:{free_port(bridge)}",
-    service_args=["--DS01Service.limits_path={limits}"],
+    service_args=[
+        "--DS01Service.limits_path={limits}", "--DS01Service.state_dir={directory / "state"}"
+    ],
 )
 """
     hub = hub_factory(config, spawner="ds01", labels={LABEL: tag})

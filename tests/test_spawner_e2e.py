@@ -8,14 +8,18 @@ import io
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 import requests
-from harness import unique_name, wait_until
+from harness import HubError, unique_name, wait_until
 from harness.ds01_spawner import Ds01Hub
 from prometheus_client.parser import text_string_to_metric_families
+
+from ds01hub import provenance
 
 pytestmark = [pytest.mark.e2e, pytest.mark.docker]
 
@@ -400,24 +404,115 @@ def test_a_gpu_reclaimed_while_stopped_is_replaced_on_restart(ds01, docker_clien
 
 def test_users_may_run_their_own_built_images_not_others(ds01, docker_client):
     """An image in the user's namespace with their owner label (as `image-create` builds it)
-    is accepted as `image`; the same image is refused to another user."""
+    is accepted as `image`; the same image is refused to another user. Whatever reserved labels
+    the image carries, the container's ds01 labels are the spawner's, signed; an image with a
+    reverse-proxy routing label is refused."""
     hub = ds01.hub
     owner, other = unique_name("own"), unique_name("oth")
     for user in (owner, other):
         hub.create_user(user, groups=["students"])
-    tag = f"ds01-{owner}/mine:latest"
-    dockerfile = f"FROM {hub.image}\nLABEL ds01.image.user={owner} ds01.image.test=1\n"
+    tag, routed = f"ds01-{owner}/mine:latest", f"ds01-{owner}/routed:latest"
+    claims = (
+        f"ds01.user={other} ds01.gpus=0 ds01.priority=100 ds01.group=staff "
+        "ds01.signature=v1:forged ds01.extra=x aime.mlc.USER=x"
+    )
+    dockerfile = f"FROM {hub.image}\nLABEL ds01.image.user={owner} ds01.image.test=1 {claims}\n"
     image, _ = docker_client.images.build(
         fileobj=io.BytesIO(dockerfile.encode()), tag=tag, rm=True, forcerm=True
+    )
+    docker_client.images.build(
+        fileobj=io.BytesIO(f"FROM {tag}\nLABEL traefik.enable=true\n".encode()),
+        tag=routed,
+        rm=True,
+        forcerm=True,
     )
     try:
         hub.start_server(owner, options={"image": tag})
         hub.wait_ready(owner)
-        assert hub.container_of(owner).attrs["Config"]["Image"] == tag
+        container = hub.container_of(owner)
+        assert container.attrs["Config"]["Image"] == tag
+        found = container.labels
+        assert found["ds01.user"] == found["aime.mlc.USER"] == owner
+        assert (found["ds01.gpus"], found["ds01.priority"], found["ds01.group"]) == (
+            "",
+            "10",
+            "students",
+        )
+        assert found["ds01.extra"] == found["ds01.image.user"] == ""  # set, so none inherited
+        assert provenance.load(ds01.state_dir).verify(found, container.name)
+        assert ds01.allocator(docker_client).holdings() == []  # slot 0 is nobody's
         response = hub.start_server(other, options={"image": tag}, check=False)
         assert response.status_code == 403, response.text
         assert f"spawn option 'image'='{tag}': not an image you may use" in error_of(response)
+
+        response = hub.start_server(owner, "routed", {"image": routed}, check=False)
+        if response.status_code < 400:  # refused after the hub's slow_spawn_timeout
+            with pytest.raises(HubError) as failed:
+                hub.wait_ready(owner, "routed")
+            message = str(failed.value)
+        else:
+            message = error_of(response)
+        assert "routing label 'traefik.enable'" in message
         hub.stop_server(owner)
     finally:
         hub.remove_containers()
-        docker_client.images.remove(tag, force=True)
+        for name in (routed, tag):
+            docker_client.images.remove(name, force=True)
+
+
+def test_two_hubs_on_one_engine_never_count_each_others_containers(
+    hub_factory, docker_client, tmp_path
+):
+    """Two deployments (own state directory: key and id) with no label filter, one user name on
+    both: quotas (2 containers, 1 GPU), GPU holdings, `ds01hub status` and the culler each see
+    only their own hub's containers. (Container names are engine-wide: the servers differ.)"""
+    from ds01hub.hubclient import HubClient
+    from ds01hub.ops_service import build_components
+
+    user = unique_name("two")
+    unfiltered = "c.DS01Spawner.container_label_filter = []\n"
+    hubs = []
+    for side in ("a", "b"):
+        (tmp_path / side).mkdir()
+        hubs.append(Ds01Hub(hub_factory, tmp_path / side, unfiltered))
+    try:
+        for ds01, servers in zip(hubs, (("a1", "a2"), ("b1", "b2")), strict=True):
+            ds01.hub.create_user(user, groups=["students"])
+            ds01.hub.start_server(user, servers[0], {"gpus": 1})
+            ds01.hub.start_server(user, servers[1])
+            for server in servers:
+                ds01.hub.wait_ready(user, server)
+        deployments = {provenance.load(ds01.state_dir).deployment for ds01 in hubs}
+        assert len(deployments) == 2
+        for ds01, servers in zip(hubs, (("a1", "a2"), ("b1", "b2")), strict=True):
+            own = {c.id for c in ds01.hub.containers()}
+            assert len(own) == 2
+            status = subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    "import sys; from ds01hub.cli.admin import main; sys.exit(main(sys.argv[1:]))",
+                    "status",
+                    "--json",
+                    f"--limits={ds01.limits_path}",
+                    f"--state-dir={ds01.state_dir}",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert status.returncode == 0, status.stderr
+            held = [s for s in json.loads(status.stdout)["slots"] if s["user"]]
+            assert [(s["user"], s["container"]) for s in held] == [(user, f"{servers[0]}._.{user}")]
+            parts = build_components(
+                HubClient(f"{ds01.hub.url}/hub/api", ds01.hub.admin_token),
+                docker_client,
+                ds01.limits_path,
+                ds01.state_dir,
+                inventory=ds01.inventory(),
+            )
+            assert {r.id for r in parts.allocator.records()} == own
+            assert set(parts.culler.running_records()) == {(user, s) for s in servers}
+    finally:
+        for ds01 in hubs:
+            ds01.hub.stop()

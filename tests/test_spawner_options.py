@@ -23,6 +23,7 @@ from ds01hub.spawner.options import (
     resolve_choice,
 )
 from harness import wait_until_async
+from inspect_docs import TRUST
 
 from ds01hub.allocator import Decision, Holding
 from ds01hub.inventory import Slot
@@ -254,7 +255,8 @@ def plan_for(slots=(), user="carol", **kw) -> ContainerPlan:
     limits = LIMITS.resolve(user)
     limits = replace(limits, shm_size=1 << 30, pids_limit=512, cgroup_parent="/ds01/res")
     choice = SpawnChoice(DEFAULT_IMAGE, len(slots), None, None, limits.max_cpus, limits.memory)
-    return ContainerPlan(user, "thesis", limits, choice, tuple(slots), True, **kw)
+    kw.setdefault("name", "thesis._.carol")
+    return ContainerPlan(user, "thesis", limits, choice, tuple(slots), True, trust=TRUST, **kw)
 
 
 def test_plan_has_limits_device_requests_env_and_labels():
@@ -315,7 +317,17 @@ def test_a_restart_recreates_only_when_gpus_image_or_limits_changed():
     lower = replace(plan, choice=replace(plan.choice, memory=1 << 30))
     assert recreate_reason(attrs, lower).startswith("the limits changed (Memory")
     unlabelled = {**attrs, "Config": {**attrs["Config"], "Labels": {}}}
-    assert recreate_reason(unlabelled, plan) == "it does not carry ds01 labels"
+    assert "not signed by this hub" in recreate_reason(unlabelled, plan)
+    renamed = {**attrs, "Name": "/other"}  # the signature covers the name
+    assert "not signed by this hub" in recreate_reason(renamed, plan)
+
+
+def test_the_plan_signs_every_key_and_blanks_the_images_reserved_ones():
+    image_labels = {"ds01.user": "mallory", "ds01.gpus": "0", "ds01.extra": "x", "mine": "1"}
+    found = plan_for(image_labels=image_labels).labels()
+    assert found["ds01.user"] == "carol" and found["ds01.gpus"] == ""
+    assert found["ds01.extra"] == "" and "mine" not in found  # Docker merges "mine" itself
+    assert TRUST.verify(found, "thesis._.carol") and not TRUST.verify(found, "x._.carol")
 
 
 # -- the GPU wait queue -------------------------------------------------------------------------

@@ -3,7 +3,7 @@
     ds01hub limits USER [--group G ...] [--json | --docker-args]
     ds01hub check-config [FILE] [--json]          exit 0 valid, 1 invalid
     ds01hub gpus [--json]                         the GPU inventory (NVML or simulated)
-    ds01hub status [--reconcile] [--json]         slots -> holders; conflicts exit 1
+    ds01hub status [--reconcile] [--all-deployments] [--json]   slots -> holders; conflicts exit 1
     ds01hub usage [--by user|group] [--since DATE] [--json]   GPU-hours from the event log
 
 Each takes `--limits FILE` (default: $DS01HUB_LIMITS, else /etc/ds01hub/resource-limits.yaml).
@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from ds01hub import provenance
 from ds01hub.cli.output import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -40,13 +41,9 @@ from ds01hub.limits import (
 
 __all__ = ["register"]
 
-ENV_STATE_DIR = "DS01HUB_STATE_DIR"
-DEFAULT_STATE_DIR = Path("/var/lib/ds01hub")
-
-
-def default_state_dir() -> Path:
-    """`$DS01HUB_STATE_DIR` when set, else /var/lib/ds01hub (reservations, event log)."""
-    return Path(os.environ.get(ENV_STATE_DIR) or DEFAULT_STATE_DIR)
+ENV_STATE_DIR = provenance.ENV_STATE_DIR
+DEFAULT_STATE_DIR = provenance.DEFAULT_STATE_DIR
+default_state_dir = provenance.default_state_dir
 
 
 def _limits_option() -> argparse.ArgumentParser:
@@ -108,10 +105,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "status",
         parents=[common],
         help="show who holds which GPU slot",
-        description="Each slot with its holder: user, container, state, held until. A slot "
-        "that more than one container holds is shown as CONFLICT with every holder, and the "
-        "command exits 1. Never-started containers that nothing claims (ghosts: a spawn "
-        "killed between create and start) hold nothing and are listed.",
+        description="Each slot with its holder: user, container, state, held until, from this "
+        "deployment's signed containers only. A slot that more than one container holds is "
+        "shown as CONFLICT with every holder, and the command exits 1. Never-started "
+        "containers that nothing claims (ghosts: a spawn killed between create and start) "
+        "hold nothing and are listed.",
     )
     status.add_argument(
         "--reconcile",
@@ -125,6 +123,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="only containers that also carry this label (repeatable), as `ds01hub cull`",
+    )
+    status.add_argument(
+        "--all-deployments",
+        action="store_true",
+        help="also list the containers on this engine that claim GPU slots but are not this "
+        "deployment's: other hubs' (deployment id), and unsigned or forged ones",
     )
     status.add_argument(
         "--state-dir",
@@ -312,6 +316,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         ) from None
     inventory = load_inventory(config.gpu_allocation)
     state_dir = Path(args.state_dir or default_state_dir())
+    try:
+        trust = provenance.load(state_dir)
+    except provenance.ProvenanceError as error:
+        raise CliError(str(error), hint="run as root; check --state-dir") from None
     eventlog = EventLog(state_dir / "events.db") if args.reconcile else None
     allocator = GpuAllocator(
         client,
@@ -319,7 +327,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         state_dir,
         eventlog,
         limits=config,
-        container_lister=docker_lister(client, args.label),
+        container_lister=docker_lister(client, args.label, trust=trust),
+        trust=trust,
     )
     try:
         reconciled = [a.to_dict() for a in allocator.reconcile()] if args.reconcile else []
@@ -330,27 +339,24 @@ def cmd_status(args: argparse.Namespace) -> int:
     rows = [row.to_dict() for row in allocator.status()]
     ghosts = [g.to_dict() for g in allocator.ghosts()]
     revoked = [{"container_id": cid, **entry} for cid, entry in allocator.revocations().items()]
+    others = _other_claims(client, trust, rows) if args.all_deployments else None
     inventory.close()
     code = EXIT_FAILURE if any(row["conflict"] for row in rows) else EXIT_OK
     if args.json:
-        print_json(
-            {
-                "simulated": inventory.simulated,
-                "reason": inventory.reason,
-                "slots": rows,
-                "conflicts": [row["slot"] for row in rows if row["conflict"]],
-                "ghosts": ghosts,
-                "reconciled": reconciled,
-                "revoked": revoked,
-            }
-        )
+        found = {
+            "deployment": trust.deployment,
+            "simulated": inventory.simulated,
+            "reason": inventory.reason,
+            "slots": rows,
+            "conflicts": [row["slot"] for row in rows if row["conflict"]],
+            "ghosts": ghosts,
+            "reconciled": reconciled,
+            "revoked": revoked,
+        }
+        print_json(found if others is None else found | {"other_claims": others})
         return code
-    _print_status(inventory, rows, ghosts, reconciled, revoked)
-    return code
-
-
-def _print_status(inventory, rows, ghosts, reconciled, revoked) -> None:
     colour = use_colour(sys.stdout)
+    print(f"deployment {trust.deployment}")
     if inventory.simulated:
         print("SIMULATED GPUs (gpu_allocation.simulate)")
     if not rows:
@@ -390,6 +396,66 @@ def _print_status(inventory, rows, ghosts, reconciled, revoked) -> None:
             )
         else:  # GpuAllocator.end_hold: given back, nobody took them
             print(f"released: {entry.get('name')} gave back slot(s) {slots}: {entry.get('reason')}")
+    if others is not None:
+        _print_other_claims(others, colour)
+    return code
+
+
+def _other_claims(client: Any, trust: provenance.Provenance, rows: list[dict]) -> list[dict]:
+    """Containers on the engine whose labels claim GPU slots but that this deployment did not
+    sign: another hub's (its deployment id), or unsigned/forged. What they claim is shown as
+    a claim; a slot this deployment also holds is marked as a conflict."""
+    from ds01hub.allocation_state import docker_lister
+    from ds01hub.labels import ContainerRecord, container_name_of, labels_of
+
+    held = {row["slot"] for row in rows if row.get("user")}
+    claims = []
+    for doc in docker_lister(client)():
+        record = ContainerRecord.claimed(doc)
+        if record is None or not record.gpus:
+            continue
+        if trust.verify(labels_of(doc), container_name_of(doc)):
+            continue
+        other = record.deployment and record.deployment != trust.deployment
+        claims.append(
+            {
+                "container": record.name,
+                "id": record.id[:12],
+                "claimed_user": record.user,
+                "claimed_slots": list(record.gpus),
+                "state": record.state,
+                "deployment": record.deployment or None,
+                "verdict": "other deployment" if other else "unsigned or forged",
+                "conflicts": sorted(held & set(record.gpus)),
+            }
+        )
+    return sorted(claims, key=lambda c: (c["deployment"] or "", c["container"]))
+
+
+def _print_other_claims(claims: list[dict], colour: bool) -> None:
+    if not claims:
+        print("no other containers on this engine claim GPU slots")
+        return
+    print("\nnot this deployment's (claims only, not counted here):")
+    rows = [
+        c
+        | {
+            "slots": ",".join(c["claimed_slots"]),
+            "deployment": c["deployment"] or "-",
+            "conflict": ",".join(c["conflicts"]) or "-",
+        }
+        for c in claims
+    ]
+    columns = [
+        Column("CONTAINER", "container"),
+        Column("CLAIMED USER", "claimed_user"),
+        Column("SLOTS", "slots"),
+        Column("STATE", "state"),
+        Column("DEPLOYMENT", "deployment"),
+        Column("VERDICT", "verdict"),
+        Column("CONFLICT", "conflict"),
+    ]
+    print(render_table(rows, columns, colour=colour))
 
 
 def _state_colour(state: str | None) -> str | None:

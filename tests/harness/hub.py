@@ -5,6 +5,8 @@ log in a temporary directory. The proxy listens on loopback; the hub's own port 
 Docker bridge address so that containers can reach it (and nothing outside this host can).
 An admin service token drives the REST API. Containers started by the hub carry the labels
 ``ds01.test=1`` and ``ds01.test.hub=<hub id>``; ``Hub.stop()`` removes them, also after a failure.
+Each hub has its own state directory (``Hub.state_dir``, its ``$DS01HUB_STATE_DIR``), hence its
+own label key and deployment id: test hubs on one engine never count each other's containers.
 """
 
 from __future__ import annotations
@@ -92,6 +94,7 @@ class Hub:
         self.hub_url = f"{self.url}/hub/"
         self.hub_port = free_port(self.hub_ip)
         self.proxy_api_port = free_port()
+        self.state_dir = self.directory / "state"
         self.labels = {
             TEST_LABEL: "1",
             HUB_LABEL: self.hub_id,
@@ -135,7 +138,8 @@ class Hub:
             "c = get_config()  # noqa: F821\n" + self.extra_config
         )
         self.config_file.write_text(self.render_config())
-        env = os.environ | {"PYTHONUNBUFFERED": "1"} | self.extra_env
+        env = os.environ | {"PYTHONUNBUFFERED": "1", "DS01HUB_STATE_DIR": str(self.state_dir)}
+        env |= self.extra_env
         with open(self.log_file, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "jupyterhub", "-f", str(self.config_file)],
