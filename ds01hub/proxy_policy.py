@@ -76,6 +76,7 @@ from ds01hub import build_context
 from ds01hub.images import image_repository
 from ds01hub.labels import (
     AIME_NAME,
+    GPUS,
     NAME_SEPARATOR,
     OWNER,
     PROJECT,
@@ -260,7 +261,8 @@ class ContainerFacts:
     bind mounts, named volumes (an admin's volume may bind a host path: treated as one without
     a look-up) and a PID namespace shared with another container (``/proc/PID/root``). `owner`
     is the user its *signed* labels name (None: nobody's -- unmanaged, unsigned, forged or
-    another deployment's; `ds01hub.provenance`).
+    another deployment's; `ds01hub.provenance`). `uses_gpus`: it gets GPU devices when it
+    starts (device requests, which only ds01hub's spawner sets, or GPU slots in its labels).
     """
 
     id: str
@@ -269,6 +271,7 @@ class ContainerFacts:
     mounts: tuple[MountFacts, ...] = ()
     names: tuple[str, ...] = ()
     owner: str | None = None
+    uses_gpus: bool = False
 
     @classmethod
     def from_inspect(cls, data: Mapping[str, Any], trust: Provenance | None) -> ContainerFacts:
@@ -284,6 +287,7 @@ class ContainerFacts:
             mounts=mounts,
             names=(str(data.get("Name") or ""),),
             owner=found.get(USER) if signed else None,
+            uses_gpus=bool(host.get("DeviceRequests") or host.get("Devices") or found.get(GPUS)),
         )
 
 
@@ -1428,6 +1432,15 @@ def check_container_action(
             "Permission denied: docker cp into or out of a container with host bind mounts "
             "is refused (the engine copies as root, through binds of your home); copy the "
             "files in your home directory on the host instead"
+        )
+    if action in ("start", "restart") and owned.uses_gpus:
+        # the allocator must check, under its lock, that the slots are still this container's
+        # alone before it starts (`GpuAllocator.begin_start`): the hub's path does, a bare
+        # `docker start` cannot (its hold may have expired and the GPU gone to someone else)
+        raise forbid(
+            "Permission denied: a container with GPUs is started through ds01hub, which first "
+            "checks that its GPUs are still free for it: run `container-start NAME` (or start "
+            "the server in the browser)"
         )
     if action == "start":
         if parse_json_body(body, "start"):

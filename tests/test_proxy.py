@@ -331,10 +331,10 @@ def world(proxy, users):
     admin_docker("rm", "-f", loose, check=False)
 
 
-def spawner_label_args(proxy, user: str, name: str) -> list[str]:
+def spawner_label_args(proxy, user: str, name: str, gpus: tuple[str, ...] = ()) -> list[str]:
     """`--label` options for the labels the spawner gives `user`'s container `name` (signed
     with the key the proxy reads)."""
-    own = labels.container_labels(user=user, project=None, group=None, priority=10)
+    own = labels.container_labels(user=user, project=None, group=None, priority=10, gpus=gpus)
     signed = provenance.load(proxy.state_dir).sign(own, name)
     return [arg for key, value in signed.items() for arg in ("--label", f"{key}={value}")]
 
@@ -971,6 +971,38 @@ def test_exec_into_a_root_container_with_binds_runs_as_the_user(proxy, world):
         assert root.returncode != 0 and "run as you" in root.stderr
     finally:
         admin_docker("rm", "-f", cid)
+
+
+@pytest.mark.docker
+@pytest.mark.root
+def test_a_stopped_gpu_container_cannot_be_started_behind_the_allocator(proxy, world):
+    """The spawner's GPU container of alice, stopped: its hold may expire and slot 0 go to
+    someone else, so a bare `docker start`/`restart` through the proxy must not bring it
+    back (only ds01hub's own start checks the slot first); stopping and removing stay hers."""
+    alice = world["alice"]
+    name = f"gpu-{RUN}._.{alice}"
+    cid = admin_docker(
+        "create",
+        "--name",
+        name,
+        "--label",
+        "ds01.test=1",
+        *spawner_label_args(proxy, alice, name, gpus=("0",)),
+        IMAGE,
+        "sleep",
+        "600",
+    ).stdout.strip()
+    try:
+        for command in ("start", "restart"):
+            refused = docker_as(proxy, alice, command, name)
+            assert refused.returncode != 0 and "container-start" in refused.stderr, refused
+            status, _ = raw_as(proxy, alice, http("POST", f"/v1.41/containers/{cid}/{command}"))
+            assert status == 403
+        state = admin_docker("inspect", "-f", "{{.State.Status}}", cid).stdout.strip()
+        assert state == "created"
+        assert docker_as(proxy, alice, "rm", name).returncode == 0
+    finally:
+        admin_docker("rm", "-f", cid, check=False)
 
 
 @pytest.mark.docker

@@ -205,6 +205,50 @@ def test_start_with_a_host_config_body_is_refused():
     assert "must not carry" in message
 
 
+@pytest.mark.parametrize("action", ["start", "restart"])
+def test_a_gpu_container_is_started_only_through_the_allocator(action):
+    """A stopped GPU container's hold may have expired and its slot gone to someone else: only
+    ds01hub's own start (which checks the slot under the allocator's lock) may start it."""
+    route = Route(Kind.CONTAINER, action, "x")
+    gpu = ContainerFacts(id=ALICE_ID, labels={}, owner="alice", uses_gpus=True)
+    message = denied(
+        policy.check_container_action,
+        ALICE,
+        route,
+        target(f"/containers/x/{action}", "POST"),
+        gpu,
+        b"",
+    )
+    assert "container-start" in message
+    for allowed in ("stop", "kill", "pause", "unpause"):  # giving a GPU up is always fine
+        checked, _ = policy.check_container_action(
+            ALICE,
+            Route(Kind.CONTAINER, allowed, "x"),
+            target(f"/containers/x/{allowed}", "POST"),
+            gpu,
+            b"",
+        )
+        assert checked.render() == f"/containers/{ALICE_ID}/{allowed}"
+    plain = facts(ALICE_ID, "alice")
+    checked, _ = policy.check_container_action(
+        ALICE, route, target(f"/containers/x/{action}", "POST"), plain, b""
+    )
+    assert checked.render() == f"/containers/{ALICE_ID}/{action}"
+
+
+@pytest.mark.parametrize(
+    ("host", "found", "expected"),
+    [
+        ({"DeviceRequests": [{"Driver": "nvidia", "DeviceIDs": ["GPU-1"]}]}, {}, True),
+        ({}, {"ds01.gpus": "0"}, True),
+        ({"DeviceRequests": None}, {"ds01.gpus": ""}, False),
+    ],
+)
+def test_gpu_use_is_read_from_device_requests_and_labels(host, found, expected):
+    data = {"Id": ALICE_ID, "Name": "/x", "Config": {"Labels": found}, "HostConfig": host}
+    assert ContainerFacts.from_inspect(data, None).uses_gpus is expected
+
+
 def test_copy_into_a_container_with_host_binds_is_refused():
     route = Route(Kind.CONTAINER, "archive", "x")
     put = target("/containers/x/archive?path=/", "PUT")
