@@ -149,7 +149,7 @@ def test_status_shows_holders_ghosts_and_conflicts(tmp_path, docker_client, base
         assert rows["6"]["user"] is None  # a ghost holds nothing
         assert [g["name"] for g in report["ghosts"]] == [made[1].name]
         text = run(*status).stdout
-        assert text.startswith("SIMULATED GPUs")
+        assert text.startswith(f"deployment {trust.deployment}\nSIMULATED GPUs")
         assert any(line.startswith("7 ") and "grace" in line for line in text.splitlines())
         assert f"ghost: {made[1].name} (gil)" in text
 
