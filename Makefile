@@ -2,10 +2,10 @@
 #
 #   make demo       install what is missing, build the images, start the demo hub on :8000
 #   make demo-stop  stop the demo hub (PURGE=1, or make demo-purge: also its accounts, state, ...)
-#   make install    install ds01hub on this host for real (ds01hub/install.py; make uninstall)
+#   make install    install ds01hub on this host for real (ds01hub/host/install.py; make uninstall)
 #   make test       the same setup, then fast unit tests, then the Docker/e2e/browser tests
 #
-# The work is done by ds01hub/bootstrap.py (stdlib only, so it runs before the venv exists);
+# The work is done by ds01hub/host/bootstrap.py (stdlib only, so it runs before the venv exists);
 # every step skips what is already there. Sites behind a TLS-intercepting proxy set
 # CA_BUNDLE=/path/to/site-bundle.pem (copied into the single-user image).
 
@@ -36,10 +36,10 @@ demo-purge:
 
 # A real host: system venv in /opt/ds01hub, /etc/ds01hub, units, ... (stdlib: no venv needed).
 install: python3
-	python3 -m ds01hub.install --ca-bundle $(CA_BUNDLE)
+	python3 -m ds01hub.host.install --ca-bundle $(CA_BUNDLE)
 
 uninstall: python3
-	python3 -m ds01hub.install uninstall $(if $(PURGE),--purge)
+	python3 -m ds01hub.host.install uninstall $(if $(PURGE),--purge)
 
 demo-status:
 	$(VENV)/bin/ds01hub demo status
@@ -65,13 +65,13 @@ python3:
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3; }
 
 host: python3
-	python3 -m ds01hub.bootstrap host
+	python3 -m ds01hub.host.bootstrap host
 
 host-test: python3
-	python3 -m ds01hub.bootstrap host --test-tools
+	python3 -m ds01hub.host.bootstrap host --test-tools
 
 venv: python3
-	python3 -m ds01hub.bootstrap venv
+	python3 -m ds01hub.host.bootstrap venv
 
 images:
 	$(VENV)/bin/ds01hub bootstrap images --ca-bundle $(CA_BUNDLE)

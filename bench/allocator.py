@@ -30,13 +30,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from ds01hub import labels
-from ds01hub.allocation_state import GpuAllocator
-from ds01hub.allocator import GpuRequest, decide
-from ds01hub.eventlog import EventLog
-from ds01hub.inventory import Inventory, discover
+from ds01hub.gpu.allocator import GpuAllocator
+from ds01hub.gpu.decision import GpuRequest, decide
+from ds01hub.gpu.eventlog import EventLog
+from ds01hub.gpu.inventory import Inventory, discover
+from ds01hub.gpu.simulated_nvml import SimulatedNvml
 from ds01hub.limits import SimulatedGpuSpec, parse_limits
 from ds01hub.provenance import Provenance
-from ds01hub.simulated_nvml import SimulatedNvml
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 #: The recorded snapshot's deployment key: its documents model real (signed) containers.

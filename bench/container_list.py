@@ -34,13 +34,13 @@ import docker
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from ds01_cli_harness import busybox_image, command_line, unix_user, user_env  # noqa: E402
 from harness import Hub  # noqa: E402
+from harness.cli import busybox_image, command_line, unix_user, user_env  # noqa: E402
 
 from ds01hub import labels, provenance  # noqa: E402
-from ds01hub.cli.backend import BrokerBackend  # noqa: E402
-from ds01hub.hubclient import HubClient  # noqa: E402
-from ds01hub.operations import OperationsContext, UserOperations  # noqa: E402
+from ds01hub.actions.operations import OperationsContext, UserOperations  # noqa: E402
+from ds01hub.cli.user.backends import BrokerBackend  # noqa: E402
+from ds01hub.hub.client import HubClient  # noqa: E402
 
 
 class BenchHub:
@@ -52,8 +52,8 @@ class BenchHub:
         self.socket_path = str(self.directory / "broker.sock")
         self.state_dir = self.directory / "hub" / "state"  # the harness hub's own
         extra = (
-            "from ds01hub.broker import configure_hub\n"
-            f"configure_hub(c, socket_path={self.socket_path!r}, "
+            "from ds01hub.hub.services import configure_broker\n"
+            f"configure_broker(c, socket_path={self.socket_path!r}, "
             f"broker_args=['--Broker.state_dir={self.state_dir}'])\n"
         )
         self.hub = Hub(

@@ -30,11 +30,12 @@ from datetime import UTC, datetime, timedelta
 
 import docker
 
-from ds01hub import bootstrap, labels
-from ds01hub.culler import Culler, CullPolicy, ServerActivity, decide
-from ds01hub.inventory import discover
+from ds01hub import labels
+from ds01hub.gpu.inventory import discover
+from ds01hub.gpu.simulated_nvml import SimulatedNvml
+from ds01hub.host import bootstrap
 from ds01hub.limits import SimulatedGpuSpec, parse_limits
-from ds01hub.simulated_nvml import SimulatedNvml
+from ds01hub.services.ops.culler import Culler, CullPolicy, ServerActivity, decide
 
 NOW = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
 

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ds01hub import bootstrap
+from ds01hub.host import bootstrap
 
 REPO = Path(__file__).resolve().parents[1]
 IGNORE = shutil.ignore_patterns(".venv", ".git", ".state", "build", "__pycache__", "*.pyc")

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-from ds01hub.inventory import load_inventory
+from ds01hub.gpu.inventory import load_inventory
 from ds01hub.limits import GpuAllocationConfig
 
 WORKLOAD = """
@@ -42,7 +42,7 @@ def timed(call, repeat: int = 2000) -> float:
 
 def main() -> int:
     inventory = load_inventory(GpuAllocationConfig(simulate=None))
-    print("== inventory (ds01hub.inventory on real NVML) ==")
+    print("== inventory (ds01hub.gpu.inventory on real NVML) ==")
     print(json.dumps(inventory.to_dict(), indent=2))
     if not inventory.slots:
         return 1

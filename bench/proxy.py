@@ -39,7 +39,7 @@ import docker
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from ds01_cli_harness import busybox_image, unix_user  # noqa: E402
+from harness.cli import busybox_image, unix_user  # noqa: E402
 
 from ds01hub import labels as ds01labels  # noqa: E402
 from ds01hub import provenance  # noqa: E402

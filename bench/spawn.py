@@ -44,7 +44,7 @@ from harness import Hub, unique_name  # noqa: E402
 from harness.ds01_spawner import Ds01Hub  # noqa: E402
 from harness.naming import SESSION_PID_LABEL  # noqa: E402
 
-from ds01hub import bootstrap  # noqa: E402
+from ds01hub.host import bootstrap  # noqa: E402
 
 CONFIG = 'c.Spawner.cmd = ["jupyterhub-singleuser"]\n'
 

@@ -16,7 +16,7 @@ Run with ``jupyterhub -f config/jupyterhub_config.py``. Site settings come from 
   DS01HUB_WORKSPACE_ROOT  one persistent workspace per user under it (their own uid/gid, the
                           same files over SSH and at /workspace in their containers)
   DS01HUB_ADMIN_TOKEN_FILE the hub API token of the admin commands (`ds01hub cull`)
-  DS01HUB_GPU_GROUP       the NVIDIA device nodes' group: containers get it (ds01hub.gpu_access)
+  DS01HUB_GPU_GROUP       the NVIDIA device nodes' group: containers get it (ds01hub.gpu.access)
 
 `ds01hub install` keeps these in /etc/ds01hub/ds01hub.env and runs this file from its own
 /etc/ds01hub/jupyterhub_config.py (which adds the authenticator). Each part of ds01hub adds its
@@ -26,7 +26,7 @@ own small section below.
 import os
 from pathlib import Path
 
-from ds01hub.bootstrap import docker_bridge_ip
+from ds01hub.host.bootstrap import docker_bridge_ip
 
 c = get_config()  # noqa: F821
 
@@ -73,7 +73,7 @@ c.Spawner.http_timeout = 120
 # -- cli: the ds01 broker, through which SSH users' commands (container-*, image-*) act ------
 # A managed service on a unix socket: the kernel (SO_PEERCRED) says who is calling, so users
 # need no token and no docker group. Services get a bare environment: pass on what it reads.
-from ds01hub.broker import configure_hub as configure_broker  # noqa: E402
+from ds01hub.hub.services import configure_broker  # noqa: E402
 
 configure_broker(
     c,
@@ -89,10 +89,10 @@ configure_broker(
 # servers reach it on the Docker bridge address with their own token ($DS01_SERVICE_URL is set
 # for them). DS01HUB_SERVICE_PORT (default 10101); DS01HUB_CA_BUNDLE: a PEM bundle trusted in
 # image builds (sites behind a TLS-intercepting proxy, e.g. /etc/ssl/certs/ca-certificates.crt).
-from ds01hub.service import configure_hub as configure_ds01_service  # noqa: E402
+from ds01hub.hub.services import configure_notebook  # noqa: E402
 
 _ca_bundle = os.environ.get("DS01HUB_CA_BUNDLE", "")
-configure_ds01_service(
+configure_notebook(
     c,
     url=f"http://{docker_bridge_ip()}:{os.environ.get('DS01HUB_SERVICE_PORT', '10101')}",
     # state_dir: the spawner's, whose label key says which containers are this hub's
@@ -109,7 +109,7 @@ configure_ds01_service(
 # Prometheus scrapes /services/ds01-ops/metrics and /hub/metrics with a `read:metrics` token.
 # DS01HUB_OPS_PORT (default 10102); DS01HUB_CULL_INTERVAL seconds between passes (300);
 # DS01HUB_CULL_WARN_BEFORE lead time of the users' warning in seconds (600).
-from ds01hub.ops_service import configure_hub as configure_ops  # noqa: E402
+from ds01hub.hub.services import configure_ops  # noqa: E402
 
 configure_ops(
     c,
@@ -177,16 +177,15 @@ if _gpu_group:
 # -- live: the admin commands' hub token (`ds01hub cull` reads the same file) -----------------
 _admin_token_file = os.environ.get("DS01HUB_ADMIN_TOKEN_FILE", "")
 if _admin_token_file and Path(_admin_token_file).is_file():
-    from ds01hub.broker import _replace_named  # noqa: E402
-    from ds01hub.ops_service import SERVICE_SCOPES  # noqa: E402
+    from ds01hub.hub.services import OPS_SCOPES, replace_named  # noqa: E402
 
-    _replace_named(
+    replace_named(
         c.JupyterHub,
         "services",
         {"name": "ds01hub-cli", "api_token": Path(_admin_token_file).read_text().strip()},
     )
-    _replace_named(
+    replace_named(
         c.JupyterHub,
         "load_roles",
-        {"name": "ds01hub-cli", "services": ["ds01hub-cli"], "scopes": SERVICE_SCOPES},
+        {"name": "ds01hub-cli", "services": ["ds01hub-cli"], "scopes": OPS_SCOPES},
     )

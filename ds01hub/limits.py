@@ -14,7 +14,7 @@ and the fix, so an admin fixes the file in one go. Nothing escapes as anything b
 `LimitsError`: an unexpected exception becomes an `internal-error` problem naming the file.
 `LimitsStore` keeps the last good configuration when a reload fails, parses off the caller's
 thread under a time limit, and reports every failure (`last_error`, the log, the counters that
-`ds01hub.metrics` exports).
+`ds01hub.services.ops.metrics` exports).
 
 DS01 keys that ds01hub does not enforce (storage quotas, I/O limits, wizard texts, ...) are
 accepted so a DS01 file loads unchanged, and reported as warnings by `ds01hub check-config`.

@@ -37,13 +37,23 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .proxy_policy import Caller
-
 #: What an admin does about an account the name rule refuses.
 RENAME_HINT = (
     "an admin must give the account a lower-case name that no other account has "
     "(usermod -l NEWNAME {name}), or map it in the directory (LDAP); ds01hub never folds names"
 )
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is on the other end of the socket (from SO_PEERCRED and the password database)."""
+
+    uid: int
+    gid: int
+    user: str
+    home: str
+    groups: tuple[str, ...] = ()
+    admin: bool = False
 
 
 @dataclass(frozen=True)

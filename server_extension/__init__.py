@@ -4,7 +4,7 @@ Installing the ds01hub package enables it (``jupyter-config/jupyter_server_confi
 is shipped as a data file). It adds handlers under ``{base_url}ds01/`` for the notebook widgets
 and JupyterLab:
 
-* project init runs *here*, on the user's own files, with :mod:`ds01hub.projects`;
+* project init runs *here*, on the user's own files, with :mod:`ds01hub.actions.projects`;
 * quota, containers, templates, images and builds are forwarded to the hub-side ds01 service
   with the user's own JupyterHub token (``$JUPYTERHUB_API_TOKEN``): the container never talks
   to Docker itself.

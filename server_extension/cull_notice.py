@@ -1,12 +1,12 @@
 """The idle culler's warning, shown in the notebook itself.
 
-The culler (`ds01hub.culler`) writes its warning into the container as
+The culler (`ds01hub.services.ops.culler`) writes its warning into the container as
 `/tmp/ds01hub/cull-warning.txt` (and empties it when the warning lapses). This IPython
 extension, loaded into every kernel of the single-user image by the
 `etc/ipython/ipython_kernel_config.py` that the package installs, looks at that file before
 each cell runs and prints a new warning once, on stderr, so it stands out in the cell's output
 in JupyterLab and in plain notebooks alike. The hub's pages and the CLI show the same warning
-(`ds01hub.culler.hub_announcement`, `pending_warnings`).
+(`ds01hub.services.ops.culler.hub_announcement`, `pending_warnings`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any, TextIO
 
 __all__ = ["WARNING_FILE", "CullNotice", "load_ipython_extension"]
 
-#: Where the culler puts the warning (`ds01hub.culler.CONTAINER_WARNING_PATH`).
+#: Where the culler puts the warning (`ds01hub.services.ops.culler.CONTAINER_WARNING_PATH`).
 WARNING_FILE = Path("/tmp/ds01hub/cull-warning.txt")
 
 

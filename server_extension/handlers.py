@@ -1,9 +1,9 @@
 """Handlers of the ds01 jupyter-server extension (``{base_url}ds01/...``).
 
 ``POST ds01/projects`` creates a project in the user's files. Everything else under
-``ds01/`` is forwarded to the hub-side ds01 service (:mod:`ds01hub.service`) with the user's
-JupyterHub token; its answers (and refusals) are passed back unchanged. When the service cannot
-be reached the answer is a 503 whose message says so in words a student can act on.
+``ds01/`` is forwarded to the hub-side ds01 service (:mod:`ds01hub.services.notebook.app`) with the
+user's JupyterHub token; its answers (and refusals) are passed back unchanged. When the service
+cannot be reached the answer is a 503 whose message says so in words a student can act on.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from traitlets import Float, Unicode, default
 from traitlets.config import LoggingConfigurable
 
-from .. import projects
+from ds01hub.actions import projects
 
 AUTH_RESOURCE = "ds01"
 
@@ -45,7 +45,8 @@ class DS01Extension(LoggingConfigurable):
 
     service_url = Unicode(
         help="""URL of the hub-side ds01 service as seen from this container, ending in
-        ``/services/ds01/``. Default: $DS01_SERVICE_URL (set by ``ds01hub.service.configure_hub``).
+        ``/services/ds01/``. Default: $DS01_SERVICE_URL (set by
+        ``ds01hub.hub.services.configure_notebook``).
         """
     ).tag(config=True)
 

@@ -13,7 +13,7 @@ from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 from ds01hub import labels
-from ds01hub.inventory import Slot
+from ds01hub.gpu.inventory import Slot
 from ds01hub.limits import ResolvedLimits
 from ds01hub.provenance import Provenance
 

@@ -19,7 +19,7 @@ import itertools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from ds01hub.allocator import Decision
+from ds01hub.gpu.decision import Decision
 
 __all__ = ["GpuQueue", "GpuWaitTimeout", "QueueStatus"]
 

@@ -19,8 +19,8 @@ from typing import Any
 
 import jinja2
 
-from ds01hub.allocator import GpuRequest, Holding
-from ds01hub.inventory import Slot
+from ds01hub.gpu.decision import GpuRequest, Holding
+from ds01hub.gpu.inventory import Slot
 from ds01hub.limits import ResolvedLimits
 from ds01hub.units import format_size, parse_size
 

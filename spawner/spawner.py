@@ -18,7 +18,7 @@ One spawn, step by step (each step is a progress event):
 
 Stopping keeps the container, so it holds its GPUs for `gpu_hold_after_stop`; deleting the
 named server removes it and releases everything. Docker labels are the allocation state, so a
-hub killed mid-spawn leaks nothing (see `ds01hub.allocation_state`); at hub start,
+hub killed mid-spawn leaks nothing (see `ds01hub.gpu.allocator`); at hub start,
 before JupyterHub checks its servers, containers that never started and that nothing claims
 are removed (`_reconcile_at_hub_start`); one JupyterHub then finds not running is removed
 when it stops its server (`run_post_stop_hook`), and one that started but whose address the
@@ -50,20 +50,21 @@ from jupyterhub.spawner import SpawnException
 from traitlets import Callable as CallableTrait
 from traitlets import CaselessStrEnum, Dict, Float, List, Unicode, Union, default, validate
 
-from ds01hub import labels, metrics, provenance
-from ds01hub.allocation_state import (
+from ds01hub import labels, provenance
+from ds01hub.engine import engine_unreachable, engine_url, short_error
+from ds01hub.gpu.allocator import (
     DEFAULT_RESERVATION_TTL,
     DEFAULT_START_GRACE,
     AllocationStateError,
     GpuAllocator,
     docker_lister,
 )
-from ds01hub.allocator import Decision
-from ds01hub.engine import engine_unreachable, engine_url, short_error
-from ds01hub.eventlog import EventLog, NewEvent
-from ds01hub.inventory import Inventory, Slot, load_inventory
+from ds01hub.gpu.decision import Decision
+from ds01hub.gpu.eventlog import EventLog, NewEvent
+from ds01hub.gpu.inventory import Inventory, Slot, load_inventory
 from ds01hub.limits import LimitsError, LimitsStore, ResolvedLimits, default_limits_path
 
+from . import metrics
 from .container_plan import ContainerPlan, recreate_reason
 from .gpu_queue import GpuQueue, GpuWaitTimeout, QueueStatus
 from .options import (
@@ -427,7 +428,7 @@ class DS01Spawner(DockerSpawner):
         return allowed if allowed == "*" else list(allowed or {})
 
     async def _own_images(self) -> list[str]:
-        from ds01hub.images import list_user_images
+        from ds01hub.actions.images import list_user_images
 
         found = await self._blocking(list_user_images, self.context.docker, self.user.name)
         return [image.tag for image in found]

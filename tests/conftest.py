@@ -1,7 +1,7 @@
 """Session fixtures of the ds01hub test suite (docs/architecture.md, "Test harness").
 
 Unmarked tests are fast unit tests and use none of these. ``docker``/``e2e`` tests get a real
-Docker engine (started by ds01hub.bootstrap when none answers, with the SIMULATED GPU hook),
+Docker engine (started by ds01hub.host.bootstrap when none answers, with the SIMULATED GPU hook),
 real images (built once, tagged by a hash of their inputs, reused) and real JupyterHubs.
 """
 
@@ -12,7 +12,7 @@ import os
 import pytest
 from harness import HubFactory
 
-from ds01hub import bootstrap
+from ds01hub.host import bootstrap
 
 
 def in_ci() -> bool:

@@ -6,16 +6,16 @@ from __future__ import annotations
 import functools
 from datetime import UTC, datetime, timedelta
 
-from allocation_fakes import fill_event_log
-from inspect_docs import TRUST, inspect_doc
+from harness.allocation_fakes import fill_event_log
+from harness.inspect_docs import TRUST, inspect_doc
 
-from ds01hub.admin_page import overview, render_page, week_start
-from ds01hub.allocation_state import GpuAllocator
-from ds01hub.culler import CullWarning
-from ds01hub.eventlog import EventLog, NewEvent
-from ds01hub.inventory import discover
+from ds01hub.gpu.allocator import GpuAllocator
+from ds01hub.gpu.eventlog import EventLog, NewEvent
+from ds01hub.gpu.inventory import discover
+from ds01hub.gpu.simulated_nvml import SimulatedNvml
 from ds01hub.limits import SimulatedGpuSpec, parse_limits
-from ds01hub.simulated_nvml import SimulatedNvml
+from ds01hub.services.ops.admin_page import overview, render_page, week_start
+from ds01hub.services.ops.warnings import CullWarning
 
 NOW = datetime(2026, 3, 4, 12, 0, tzinfo=UTC)  # a Wednesday
 LIMITS = parse_limits({"defaults": {"gpu_hold_after_stop": "1h", "max_gpus": 4}})

@@ -14,10 +14,11 @@ from harness import TEST_LABEL, free_port, unique_name, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from ds01hub import labels, provenance
-from ds01hub.admin_page import week_start
-from ds01hub.culler import CullWarning, WarningStore
-from ds01hub.eventlog import EventLog
-from ds01hub.ops_service import EVENTLOG_FILE, SERVICE_NAME
+from ds01hub.gpu.eventlog import EventLog
+from ds01hub.hub.services import OPS_SERVICE
+from ds01hub.services.ops.admin_page import week_start
+from ds01hub.services.ops.app import EVENTLOG_FILE
+from ds01hub.services.ops.warnings import CullWarning, WarningStore
 
 pytestmark = [pytest.mark.e2e, pytest.mark.docker]
 
@@ -32,7 +33,7 @@ gpu_allocation:
 """
 
 SERVICE_CONFIG = """
-from ds01hub.ops_service import configure_hub as configure_ops
+from ds01hub.hub.services import configure_ops
 configure_ops(c, url={url!r}, state_dir={state!r}, service_args={args!r})
 # a role that lets its group reach the service without making anyone an admin
 c.JupyterHub.load_groups = {{"opsviewers": {{"users": []}}}}
@@ -107,7 +108,7 @@ def ops(hub_factory, docker_client, base_image, tmp_path_factory):
     hub.create_user(admin, admin=True)
     hub.create_user(student, groups=["opsviewers"])
     hub.create_user(alice)
-    base = f"{hub.url}/services/{SERVICE_NAME}/"
+    base = f"{hub.url}/services/{OPS_SERVICE}/"
 
     def answers() -> bool:
         try:
@@ -172,7 +173,7 @@ def test_the_page_is_for_admins_only(ops):
     student_token = hub.token_for(ops["student"])
     # the student may reach the service (a role grants it) but is no admin: refused all the same
     scopes = hub.api("GET", "/user", token=student_token).json()["scopes"]
-    assert f"access:services!service={SERVICE_NAME}" in scopes
+    assert f"access:services!service={OPS_SERVICE}" in scopes
     assert get(ops, "api/overview", student_token).status_code == 403
     session = hub.login(ops["student"])
     assert session.get(ops["base"], timeout=30).status_code == 403

@@ -9,15 +9,15 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from inspect_docs import TRUST
+from harness.inspect_docs import TRUST
 
 from ds01hub import labels
-from ds01hub.allocation_state import GpuAllocator, docker_lister
-from ds01hub.allocator import GpuRequest
-from ds01hub.eventlog import EventLog
-from ds01hub.inventory import discover, load_inventory
+from ds01hub.gpu.allocator import GpuAllocator, docker_lister
+from ds01hub.gpu.decision import GpuRequest
+from ds01hub.gpu.eventlog import EventLog
+from ds01hub.gpu.inventory import discover, load_inventory
+from ds01hub.gpu.simulated_nvml import SimulatedNvml
 from ds01hub.limits import SimulatedGpuSpec, parse_limits
-from ds01hub.simulated_nvml import SimulatedNvml
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 LIMITS = parse_limits(

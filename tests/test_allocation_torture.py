@@ -24,13 +24,13 @@ import uuid
 
 import docker.errors
 import pytest
-from ds01_cli_harness import busybox_image
+from harness.cli import busybox_image
 
 from ds01hub import labels
-from ds01hub.allocation_state import CREATOR_LABEL, GpuAllocator, docker_lister
-from ds01hub.allocator import GpuRequest
-from ds01hub.eventlog import EventLog
-from ds01hub.inventory import load_inventory
+from ds01hub.gpu.allocator import CREATOR_LABEL, GpuAllocator, docker_lister
+from ds01hub.gpu.decision import GpuRequest
+from ds01hub.gpu.eventlog import EventLog
+from ds01hub.gpu.inventory import load_inventory
 from ds01hub.limits import parse_limits
 
 pytestmark = pytest.mark.docker

@@ -4,10 +4,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from ds01hub.allocator import GpuRequest, Holding, decide
-from ds01hub.inventory import discover
+from ds01hub.gpu.decision import GpuRequest, Holding, decide
+from ds01hub.gpu.inventory import discover
+from ds01hub.gpu.simulated_nvml import SimulatedNvml
 from ds01hub.limits import SimulatedGpuSpec, parse_limits
-from ds01hub.simulated_nvml import SimulatedNvml
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from ds01hub import backup
-from ds01hub.eventlog import EventLog
+from ds01hub.gpu.eventlog import EventLog
+from ds01hub.host import backup
 
 
 def make_state(state):

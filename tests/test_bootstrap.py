@@ -1,4 +1,5 @@
-"""Unit tests of ds01hub.bootstrap's and ds01hub.demo's pure parts (no Docker, no network)."""
+"""Unit tests of ds01hub.host.bootstrap's and ds01hub.host.demo's pure parts (no Docker, no
+network)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from ds01hub import bootstrap, demo
-from ds01hub.bootstrap import (
+from ds01hub.cli.admin import register_demo
+from ds01hub.host import bootstrap, demo
+from ds01hub.host.bootstrap import (
     BootstrapError,
     base_image_recipe,
     base_image_tag,
@@ -123,7 +125,7 @@ def test_dockerd_gets_the_simulated_hook_only_without_a_real_one():
 
 
 def test_bootstrap_command_line_usage_errors_exit_2():
-    command = [sys.executable, "-m", "ds01hub.bootstrap"]
+    command = [sys.executable, "-m", "ds01hub.host.bootstrap"]
     assert subprocess.run([*command, "--help"], capture_output=True).returncode == 0
     result = subprocess.run([*command, "everything"], capture_output=True, text=True)
     assert result.returncode == 2
@@ -150,7 +152,7 @@ def test_demo_config_extends_the_site_config_and_labels_the_demo_password(tmp_pa
 def test_the_demo_settings_are_a_real_hosts_environment_file(tmp_path):
     """The demo's DS01HUB_* settings go through the same file format as /etc/ds01hub/ds01hub.env
     and name the workspaces, the admin token and the broker socket."""
-    from ds01hub import siteenv
+    from ds01hub.host import siteenv
 
     paths = demo.DemoPaths(tmp_path)
     args = demo_args(tmp_path)
@@ -172,7 +174,7 @@ def demo_args(tmp_path, *extra: str):
     import argparse
 
     parser = argparse.ArgumentParser()
-    demo.register(parser.add_subparsers())
+    register_demo(parser.add_subparsers())
     return parser.parse_args(["demo", "start", "--state-dir", str(tmp_path), *extra])
 
 
@@ -190,7 +192,7 @@ def test_demo_limits_simulate_gpus_only_where_there_are_none():
 def test_the_demo_limits_made_from_the_example_give_a_simulated_inventory(tmp_path):
     import yaml
 
-    from ds01hub.inventory import load_inventory
+    from ds01hub.gpu.inventory import load_inventory
     from ds01hub.limits import load_limits
 
     example = yaml.safe_load((REPO / "config/resource-limits.yaml").read_text())

@@ -1,6 +1,6 @@
 """The broker's Docker side with a real hub, real containers and real Unix users.
 
-The hub runs the broker as a managed service (ds01hub.broker.configure_hub); containers are
+The hub runs the broker as a managed service (ds01hub.hub.services.configure_broker); containers are
 created here with the spawner's labels (ds01hub.labels), so listing, shells, stop and removal
 are exercised without a spawn. Two users must not see, stop, exec into or remove each other's
 containers through any command.
@@ -15,7 +15,8 @@ from pathlib import Path
 
 import docker
 import pytest
-from ds01_cli_harness import (
+from harness import Hub, wait_until
+from harness.cli import (
     BUSYBOX_IMAGE,
     PtySession,
     broker_socket_path,
@@ -25,7 +26,6 @@ from ds01_cli_harness import (
     unix_user,
     wait_for_socket,
 )
-from harness import Hub, wait_until
 
 pytestmark = [pytest.mark.docker, pytest.mark.e2e, pytest.mark.root]
 
@@ -58,7 +58,7 @@ def hub(tmp_path_factory, client):
     with broker_socket_path() as socket_path:
         # this hub's own spawns fail at once: the containers here are made by the test
         extra = f"""
-from ds01hub.broker import configure_hub as configure_broker
+from ds01hub.hub.services import configure_broker
 configure_broker(c, socket_path={socket_path!r}, broker_args={broker_args!r})
 c.SimpleLocalProcessSpawner.home_dir_template = "{directory}/homes/{{username}}"
 c.Spawner.cmd = ["/bin/false"]
@@ -329,7 +329,7 @@ def test_large_output_and_input_arrive_whole(hub, users, containers):
 def test_the_culler_warning_reaches_its_user_on_the_next_command(hub, users, containers):
     from datetime import UTC, datetime, timedelta
 
-    from ds01hub.culler import CullWarning, WarningStore
+    from ds01hub.services.ops.warnings import CullWarning, WarningStore
 
     alice, bob = users
     now = datetime.now(UTC)

@@ -15,7 +15,7 @@ import subprocess
 import tempfile
 
 import pytest
-from ds01_cli_harness import (
+from harness.cli import (
     SITE_PACKAGES,
     USER_PYTHON,
     BrokerProcess,
@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.root]
 
 CALL = (
     "import json, site, sys; site.addsitedir(sys.argv[1]); "
-    "from ds01hub.cli.backend import BrokerBackend; from ds01hub.cli.output import CliError\n"
+    "from ds01hub.cli.user.backends import BrokerBackend; from ds01hub.cli.output import CliError\n"
     "try:\n"
     "    broker = BrokerBackend(sys.argv[2], sys.argv[4] or None)\n"
     "    print(json.dumps(broker.call('GET', sys.argv[3])))\n"
@@ -150,7 +150,7 @@ def test_a_second_broker_does_not_take_over_a_live_socket(broker):
         [
             sys.executable,
             "-m",
-            "ds01hub.broker",
+            "ds01hub.services.broker",
             f"--Broker.socket_path={broker.socket_path}",
             "--Broker.api_token=unused",
         ],

@@ -12,7 +12,8 @@ import tempfile
 
 import docker
 import pytest
-from ds01_cli_harness import (
+from harness import wait_until
+from harness.cli import (
     PtySession,
     broker_socket_path,
     command_line,
@@ -21,7 +22,6 @@ from ds01_cli_harness import (
     user_env,
     wait_for_socket,
 )
-from harness import wait_until
 
 pytestmark = [pytest.mark.docker, pytest.mark.e2e, pytest.mark.root]
 
@@ -66,7 +66,7 @@ def hub(hub_factory, tmp_path_factory):
     key, value = test_label.split("=")
     with broker_socket_path() as socket_path:
         extra = f"""
-from ds01hub.broker import configure_hub as configure_broker
+from ds01hub.hub.services import configure_broker
 c.DS01Spawner.limits_path = {str(limits)!r}
 c.DS01Spawner.state_dir = {str(directory / "state")!r}
 c.DS01Spawner.container_label_filter = [{test_label!r}]
@@ -301,7 +301,7 @@ def removing_hub(hub_factory, tmp_path_factory):
     key, value = test_label.split("=")
     with broker_socket_path() as socket_path:
         extra = f"""
-from ds01hub.broker import configure_hub as configure_broker
+from ds01hub.hub.services import configure_broker
 c.DockerSpawner.remove = True
 c.DS01Spawner.limits_path = {str(limits)!r}
 c.DS01Spawner.state_dir = {str(directory / "state")!r}

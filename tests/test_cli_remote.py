@@ -1,5 +1,5 @@
 """Remote use: the users' commands with a JupyterHub API token talk to the hub's REST API
-directly (ds01hub.hubclient). A real hub spawns real single-user servers (local processes
+directly (ds01hub.hub.client). A real hub spawns real single-user servers (local processes
 here; the spawner does not matter to this path), the commands run as the installed console
 scripts."""
 

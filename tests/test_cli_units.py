@@ -13,11 +13,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from ds01hub import broker, operations, peer
-from ds01hub.cli import backend as backends
-from ds01hub.cli import output, user
+from ds01hub import peer
+from ds01hub.actions import operations
+from ds01hub.cli import output
 from ds01hub.cli.terminal import FrameDecoder
-from ds01hub.hubclient import hub_error_message, parse_sse, server_path
+from ds01hub.cli.user import backends, context, views
+from ds01hub.cli.user import commands as user
+from ds01hub.hub.client import hub_error_message, parse_sse, server_path
+from ds01hub.services.broker import app as broker
 
 REPO = Path(__file__).resolve().parents[1]
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
@@ -90,7 +93,7 @@ def test_spawn_options_keep_known_keys_and_reuse_when_empty():
 def test_gpus_and_mig_are_mutually_exclusive_on_the_command_line(capsys):
     parser = user.build_parser(user.COMMANDS["container-create"])
     args = parser.parse_args(["p", "--gpus", "2", "--image", "img"])
-    assert user.spawn_options_from(args) == {"gpus": 2, "image": "img"}
+    assert context.spawn_options_from(args) == {"gpus": 2, "image": "img"}
     with pytest.raises(SystemExit):
         parser.parse_args(["p", "--gpus", "1", "--mig", "1g.10gb"])
     with pytest.raises(SystemExit):
@@ -378,10 +381,10 @@ def test_console_scripts_table_matches_the_commands():
     for name in user.COMMANDS:
         target = scripts[name]
         module, _, function = target.partition(":")
-        assert module == "ds01hub.cli.user"
+        assert module == "ds01hub.cli.user.commands"
         assert getattr(user, function).__doc__ == user.COMMANDS[name].help
-    assert scripts["container"] == "ds01hub.cli.user:container"
-    assert scripts["image"] == "ds01hub.cli.user:image"
+    assert scripts["container"] == "ds01hub.cli.user.commands:container"
+    assert scripts["image"] == "ds01hub.cli.user.commands:image"
 
 
 # ---- hub client (pure parts) -----------------------------------------------------------------
@@ -569,7 +572,7 @@ def test_broker_errors_map_to_exit_codes():
 
 
 def test_input_frames_round_trip():
-    from ds01hub.cli import protocol
+    from ds01hub.services.broker import protocol
 
     frame = protocol.encode_input(protocol.INPUT_DATA, b"ls\n")
     kind, size = protocol.decode_input_header(frame[: protocol.INPUT_HEADER.size])
@@ -614,7 +617,7 @@ def test_stats_table_shows_use_against_limits():
             ],
         }
     ]
-    header, line = user.stats_table(rows, colour=False).splitlines()
+    header, line = views.stats_table(rows, colour=False).splitlines()
     assert header.split()[:4] == ["PROJECT", "CPU", "MEMORY", "PROCESSES"]
     assert "150% / 400%" in line and "3.0G / 16G" in line and "12 / 4096" in line
     assert "0:1 (SIMULATED): 87%, 3.0G / 20G" in line
@@ -634,11 +637,11 @@ def test_quota_line_reads_like_a_sentence():
             "gpu_hold_after_stop": 3600,
         },
     }
-    assert user.quota_line(quota) == (
+    assert views.quota_line(quota) == (
         "Limits (group students): GPUs 1 of 2 held, containers 1 of no limit, per container "
         "4 CPUs and 16G; idle timeout 12h 0m, GPUs held 1h 0m after a stop"
     )
-    assert "no limits file" in user.quota_line({"containers": 0, "limits": None})
+    assert "no limits file" in views.quota_line({"containers": 0, "limits": None})
 
 
 # ---- named errors: the services behind every action ------------------------------------------
@@ -694,7 +697,7 @@ def test_docker_refusals_and_timeouts_are_named():
 
 
 def test_hub_failures_are_named():
-    from ds01hub.hubclient import HubError, HubUnreachable
+    from ds01hub.hub.client import HubError, HubUnreachable
 
     gone = HubUnreachable(0, "cannot reach the hub at http://h/hub/api: Connection refused")
     error = operations.named_error(gone, "u")

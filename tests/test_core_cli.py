@@ -245,7 +245,7 @@ def test_status_shows_who_holds_which_slot_in_its_own_deployment_only(
 def test_usage_reports_gpu_hours_from_the_event_log(tmp_path):
     from datetime import UTC, datetime, timedelta
 
-    from ds01hub.eventlog import EventLog
+    from ds01hub.gpu.eventlog import EventLog
 
     start = datetime.now(UTC) - timedelta(hours=10)
     log = EventLog(tmp_path / "events.db")

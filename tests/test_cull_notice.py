@@ -10,7 +10,7 @@ import pytest
 from ds01hub.server_extension import cull_notice
 from IPython.core.interactiveshell import InteractiveShell
 
-from ds01hub.culler import CONTAINER_WARNING_PATH
+from ds01hub.services.ops.culler import CONTAINER_WARNING_PATH
 
 MESSAGE = "Your container 'thesis' will be stopped at 2026-12-01 15:00 UTC (idle for 2h)."
 

@@ -6,19 +6,17 @@ import io
 import tarfile
 from datetime import UTC, datetime, timedelta
 
-from ds01hub.culler import (
+from ds01hub.services.ops.culler import (
     CullPolicy,
-    CullWarning,
     ServerActivity,
-    WarningStore,
     busy_signals,
     container_id_in_cgroup,
     container_of_pid,
     decide,
     needs_sampling,
-    pending_warnings,
     warning_archive,
 )
+from ds01hub.services.ops.warnings import CullWarning, WarningStore, pending_warnings
 
 NOW = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
 HOUR = 3600.0

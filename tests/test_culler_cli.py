@@ -13,7 +13,7 @@ import pytest
 from harness import unique_name, wait_until
 from test_culler_e2e import LABEL_HOOK
 
-from ds01hub.eventlog import EventLog
+from ds01hub.gpu.eventlog import EventLog
 
 DS01HUB = str(Path(sys.executable).with_name("ds01hub"))
 

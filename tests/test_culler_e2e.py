@@ -17,12 +17,13 @@ from harness import free_port, unique_name, wait_until
 from prometheus_client import CollectorRegistry
 
 from ds01hub import labels, provenance
-from ds01hub.culler import Culler, pending_warnings
-from ds01hub.eventlog import EventLog
-from ds01hub.hubclient import HubClient
-from ds01hub.inventory import discover
+from ds01hub.gpu.eventlog import EventLog
+from ds01hub.gpu.inventory import discover
+from ds01hub.gpu.simulated_nvml import SimulatedNvml
+from ds01hub.hub.client import HubClient
 from ds01hub.limits import SimulatedGpuSpec, parse_limits
-from ds01hub.simulated_nvml import SimulatedNvml
+from ds01hub.services.ops.culler import Culler
+from ds01hub.services.ops.warnings import pending_warnings
 
 pytestmark = [pytest.mark.e2e, pytest.mark.docker]
 
@@ -203,10 +204,10 @@ async def test_with_the_ds01_spawner_a_gpu_server_is_culled_only_once_its_gpu_is
     """The whole chain: DS01Spawner allocates a (SIMULATED) GPU and labels the container, the
     culler keeps it while the GPU is busy, culls it when idle, the lifecycle pass records the
     hold's expiry; all in the spawner's own state directory and event log."""
-    from ds01hub.inventory import load_inventory
+    from ds01hub.gpu.inventory import load_inventory
     from ds01hub.limits import load_limits
-    from ds01hub.metrics import StateCollector
-    from ds01hub.ops_service import build_components
+    from ds01hub.services.ops.app import build_components
+    from ds01hub.services.ops.metrics import StateCollector
 
     trainer, forever, tag = unique_name("trn"), unique_name("for"), unique_name("cu")
     limits_path, state_dir = tmp_path / "limits.yaml", tmp_path / "state"
@@ -341,7 +342,7 @@ def test_the_managed_service_culls_an_idle_server_by_itself(hub_factory, tmp_pat
     limits, state = tmp_path / "limits.yaml", tmp_path / "state"
     limits.write_text("defaults:\n  idle_timeout: 1s\n")
     config = LABEL_HOOK + (
-        "from ds01hub.ops_service import configure_hub as configure_ops\n"
+        "from ds01hub.hub.services import configure_ops\n"
         f"configure_ops(c, url='http://127.0.0.1:{free_port()}', state_dir={str(state)!r},"
         f" service_args=['--OpsService.limits_path={limits}', '--OpsService.interval=2',"
         f" '--OpsService.warn_before=0', '--OpsService.gpu_sample_interval=0',"

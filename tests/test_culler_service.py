@@ -8,15 +8,12 @@ from types import SimpleNamespace
 
 from traitlets.config import Config
 
-from ds01hub.culler import CullWarning, PassReport, ServerReport, Verdict, WarningStore
-from ds01hub.lifecycle import LifecycleAction
-from ds01hub.ops_service import (
-    SERVICE_NAME,
-    SERVICE_SCOPES,
-    OpsService,
-    configure_hub,
-    report_lines,
-)
+from ds01hub.cli.admin import report_lines
+from ds01hub.hub.services import OPS_SCOPES, OPS_SERVICE, configure_ops
+from ds01hub.services.ops.app import OpsService
+from ds01hub.services.ops.culler import PassReport, ServerReport, Verdict
+from ds01hub.services.ops.lifecycle import LifecycleAction
+from ds01hub.services.ops.warnings import CullWarning, WarningStore
 
 
 def test_configure_hub_registers_the_service_its_role_and_the_banner_once(tmp_path):
@@ -24,30 +21,30 @@ def test_configure_hub_registers_the_service_its_role_and_the_banner_once(tmp_pa
     c.JupyterHub.services = [{"name": "other", "api_token": "x"}]
     c.JupyterHub.load_roles = [{"name": "other", "scopes": ["read:users"]}]
     for _ in range(2):  # idempotent: a second call replaces, never duplicates
-        configure_hub(
+        configure_ops(
             c,
             url="http://127.0.0.1:9999",
             state_dir=tmp_path,
             service_args=["--OpsService.interval=60"],
         )
     services = {s["name"]: s for s in c.JupyterHub.services}
-    assert set(services) == {"other", SERVICE_NAME}
-    ops = services[SERVICE_NAME]
+    assert set(services) == {"other", OPS_SERVICE}
+    ops = services[OPS_SERVICE]
     assert ops["url"] == "http://127.0.0.1:9999"
     assert ops["command"] == [
         sys.executable,
         "-m",
-        "ds01hub.ops_service",
+        "ds01hub.services.ops",
         f"--OpsService.state_dir={tmp_path}",
         "--OpsService.interval=60",
     ]
     roles = {r["name"]: r for r in c.JupyterHub.load_roles}
-    assert roles[SERVICE_NAME] == {
-        "name": SERVICE_NAME,
-        "services": [SERVICE_NAME],
-        "scopes": SERVICE_SCOPES,
+    assert roles[OPS_SERVICE] == {
+        "name": OPS_SERVICE,
+        "services": [OPS_SERVICE],
+        "scopes": OPS_SCOPES,
     }
-    assert "admin:users" not in SERVICE_SCOPES  # it stops servers; it never edits users
+    assert "admin:users" not in OPS_SCOPES  # it stops servers; it never edits users
 
     announcement = c.JupyterHub.template_vars.get_value({})["announcement"]  # lazy: merged
     soon = datetime.now(UTC)

@@ -13,7 +13,7 @@ import requests
 from harness import TEST_LABEL, free_port, unique_name, wait_until
 from harness.browser import log_in
 
-from ds01hub import bootstrap
+from ds01hub.host import bootstrap
 
 pytestmark = [pytest.mark.e2e, pytest.mark.docker]
 

@@ -23,10 +23,10 @@ from prometheus_client import CollectorRegistry
 from test_allocation_state import NOW, Machine, doc
 from test_metrics import samples
 
-from ds01hub.admin_page import overview, render_page
-from ds01hub.allocation_state import GpuAllocator
 from ds01hub.engine import EngineState, EngineWatcher, engine_unreachable, short_error
-from ds01hub.metrics import StateCollector
+from ds01hub.gpu.allocator import GpuAllocator
+from ds01hub.services.ops.admin_page import overview, render_page
+from ds01hub.services.ops.metrics import StateCollector
 
 
 def client_at(path: Path) -> docker.DockerClient:

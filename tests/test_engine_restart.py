@@ -29,15 +29,15 @@ from harness.ds01_spawner import Ds01Hub
 from harness.engine import PrivateEngine
 from test_spawner_e2e import first_progress_message
 
-from ds01hub.eventlog import EventLog
+from ds01hub.gpu.eventlog import EventLog
 
 pytestmark = [pytest.mark.docker, pytest.mark.e2e, pytest.mark.root]
 
 ON_PRIVATE_ENGINE = """
 import socket
 from ds01hub.spawner import DS01Spawner
-from ds01hub.ops_service import configure_hub as configure_ops
-from ds01hub.service import configure_hub as configure_service
+from ds01hub.hub.services import configure_ops
+from ds01hub.hub.services import configure_notebook as configure_service
 
 
 class HostNetworkSpawner(DS01Spawner):

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from ds01hub.eventlog import EventLog
+from ds01hub.gpu.eventlog import EventLog
 
 T0 = datetime(2026, 1, 10, 8, 0, tzinfo=UTC)
 

@@ -1,9 +1,9 @@
 """Exclusivity: no two containers ever run on one GPU slot (docs/architecture.md states the
 invariant). One deterministic test per known race, on the real `GpuAllocator` (lock, state
-files, event log) with a simulated engine and simulated processes (tests/allocation_fakes.py),
-then a hypothesis state machine that interleaves every step of every spawn with kills, late
-creates and starts, pulls, reclaims and expiries. The real-engine torture with kill -9 is
-tests/test_allocation_torture.py."""
+files, event log) with a simulated engine and simulated processes
+(tests/harness/allocation_fakes.py), then a hypothesis state machine that interleaves every step of
+every spawn with kills, late creates and starts, pulls, reclaims and expiries. The real-engine
+torture with kill -9 is tests/test_allocation_torture.py."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import time
 from dataclasses import replace
 
 import pytest
-from allocation_fakes import (
+from harness.allocation_fakes import (
     Clock,
     FakeEngine,
     Processes,
@@ -22,12 +22,12 @@ from allocation_fakes import (
     unfill_event_log,
 )
 
-from ds01hub.allocation_state import AllocationStateError, GpuAllocator, Owner
-from ds01hub.allocator import GpuRequest
-from ds01hub.eventlog import EventLog
-from ds01hub.inventory import discover
+from ds01hub.gpu.allocator import AllocationStateError, GpuAllocator, Owner
+from ds01hub.gpu.decision import GpuRequest
+from ds01hub.gpu.eventlog import EventLog
+from ds01hub.gpu.inventory import discover
+from ds01hub.gpu.simulated_nvml import SimulatedNvml
 from ds01hub.limits import SimulatedGpuSpec, parse_limits
-from ds01hub.simulated_nvml import SimulatedNvml
 
 
 def limits_doc(preempt_running: bool = False, hold: str = "1h") -> dict:

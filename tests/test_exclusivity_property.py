@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from allocation_fakes import Clock, FakeEngine, Processes, allocator_for
+from harness.allocation_fakes import Clock, FakeEngine, Processes, allocator_for
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -30,12 +30,12 @@ from hypothesis.stateful import (
     rule,
 )
 
-from ds01hub.allocation_state import CREATOR_LABEL, GpuAllocator, Owner
-from ds01hub.allocator import GpuRequest
-from ds01hub.eventlog import EventLog
-from ds01hub.inventory import discover
+from ds01hub.gpu.allocator import CREATOR_LABEL, GpuAllocator, Owner
+from ds01hub.gpu.decision import GpuRequest
+from ds01hub.gpu.eventlog import EventLog
+from ds01hub.gpu.inventory import discover
+from ds01hub.gpu.simulated_nvml import SimulatedNvml
 from ds01hub.limits import SimulatedGpuSpec, parse_limits
-from ds01hub.simulated_nvml import SimulatedNvml
 
 TTL, GRACE, HOLD = 4.0, 6.0, 10.0
 #: server (container) name -> user; "boss" is a higher priority (reclaims stopped holders)

@@ -10,14 +10,14 @@ import subprocess
 from datetime import timedelta
 
 import pytest
-from allocation_fakes import Clock, FakeEngine, Processes, allocator_for
+from harness.allocation_fakes import Clock, FakeEngine, Processes, allocator_for
 
-from ds01hub.allocation_state import AllocationStateError
-from ds01hub.allocator import GpuRequest
-from ds01hub.eventlog import EventLog, EventLogError
-from ds01hub.inventory import discover
+from ds01hub.gpu.allocator import AllocationStateError
+from ds01hub.gpu.decision import GpuRequest
+from ds01hub.gpu.eventlog import EventLog, EventLogError
+from ds01hub.gpu.inventory import discover
+from ds01hub.gpu.simulated_nvml import SimulatedNvml
 from ds01hub.limits import SimulatedGpuSpec, parse_limits
-from ds01hub.simulated_nvml import SimulatedNvml
 
 pytestmark = pytest.mark.root
 

@@ -14,9 +14,9 @@ import sys
 import time
 
 import pytest
-from ds01_cli_harness import unix_user
+from harness.cli import unix_user
 
-from ds01hub import gpu_access
+from ds01hub.gpu import access as gpu_access
 
 pytestmark = pytest.mark.root
 

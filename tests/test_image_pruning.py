@@ -10,9 +10,9 @@ import secrets
 
 import docker.errors
 import pytest
-from ds01_cli_harness import busybox_image
+from harness.cli import busybox_image
 
-from ds01hub.bootstrap import prune_images
+from ds01hub.host.bootstrap import prune_images
 
 pytestmark = pytest.mark.docker
 

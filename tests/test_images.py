@@ -1,4 +1,4 @@
-"""ds01hub.images: templates, strict package validation, Dockerfile rendering (fast, pure)
+"""ds01hub.actions.images: templates, strict package validation, Dockerfile rendering (fast, pure)
 and a real small build against the Docker engine (marked ``docker``)."""
 
 import json
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ds01hub.images import (
+from ds01hub.actions.images import (
     CA_BUNDLE_IN_IMAGE,
     TEMPLATES,
     ImageError,
@@ -248,7 +248,7 @@ HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 
 @pytest.mark.docker
 def test_real_build_list_and_delete(docker_client, singleuser_image):
-    from ds01hub.images import build_image, delete_user_image, list_user_images
+    from ds01hub.actions.images import build_image, delete_user_image, list_user_images
 
     owner, other = f"img-{uuid.uuid4().hex[:6]}", f"img-{uuid.uuid4().hex[:6]}"
     spec = ImageSpec(owner, "tiny", "custom", pip_packages=("six",))

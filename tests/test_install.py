@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from ds01hub import install, siteenv
+from ds01hub.host import install, siteenv
 
 REPO = Path(__file__).resolve().parent.parent
 

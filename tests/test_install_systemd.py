@@ -44,7 +44,7 @@ from pathlib import Path
 import pytest
 from harness.naming import SESSION_PID_LABEL, TEST_LABEL, unique_name
 
-from ds01hub import bootstrap, install
+from ds01hub.host import bootstrap, install
 
 pytestmark = [pytest.mark.docker, pytest.mark.root]
 
@@ -323,7 +323,7 @@ def installed(machine, singleuser_image) -> dict:
     venv exists), and the hub answering. The single-user image of this checkout is built on
     this machine first, so the install reuses it."""
     first = machine.install(
-        f"python3 -m ds01hub.install --wheelhouse {IN_HOST['wheelhouse']}"
+        f"python3 -m ds01hub.host.install --wheelhouse {IN_HOST['wheelhouse']}"
         f" --ca-bundle {bootstrap.HOST_CA_BUNDLE}"
     )
     machine.hub_answers()
@@ -440,7 +440,7 @@ def test_uninstall_keeps_config_and_state_and_purge_removes_them(machine, instal
     assert all(entry["exists"] for entry in kept.values()), kept
     machine.sh("getent group ds01-admin")
 
-    purged = machine.install("python3 -m ds01hub.install uninstall --purge")
+    purged = machine.install("python3 -m ds01hub.host.install uninstall --purge")
     assert purged["kept"] == ["/srv/ds01hub/workspaces"]  # the users' files: never removed
     gone = machine.probe("stat", "/etc/ds01hub", "/var/lib/ds01hub", "/var/log/ds01hub")
     assert not any(entry["exists"] for entry in gone.values()), gone

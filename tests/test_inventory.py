@@ -3,9 +3,9 @@
 import pynvml
 import pytest
 
-from ds01hub.inventory import InventoryError, discover, load_inventory
+from ds01hub.gpu.inventory import InventoryError, discover, load_inventory
+from ds01hub.gpu.simulated_nvml import SimulatedNvml
 from ds01hub.limits import GpuAllocationConfig, SimulatedGpuSpec, parse_limits
-from ds01hub.simulated_nvml import SimulatedNvml
 
 
 def demo_nvml(seed="lab"):

@@ -14,15 +14,15 @@ import time
 from pathlib import Path
 
 import pytest
-from ds01_cli_harness import busybox_image
+from harness.cli import busybox_image
 from test_proxy import DOCKER, admin_docker, as_user, docker_as, http, proxy_process, raw_as
 
 from ds01hub import labels, provenance
-from ds01hub.allocation_state import GpuAllocator, docker_lister
-from ds01hub.culler import Culler
-from ds01hub.inventory import load_inventory
+from ds01hub.actions.operations import OperationsContext, UserOperations
+from ds01hub.gpu.allocator import GpuAllocator, docker_lister
+from ds01hub.gpu.inventory import load_inventory
 from ds01hub.limits import load_limits
-from ds01hub.operations import OperationsContext, UserOperations
+from ds01hub.services.ops.culler import Culler
 
 pytestmark = [pytest.mark.docker, pytest.mark.root]
 

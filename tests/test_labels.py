@@ -3,7 +3,7 @@
 from datetime import UTC, datetime
 
 import pytest
-from inspect_docs import TRUST
+from harness.inspect_docs import TRUST
 
 from ds01hub import labels
 from ds01hub.labels import ContainerRecord, container_name, escape_name, unescape_name

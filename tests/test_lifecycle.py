@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from inspect_docs import TRUST
+from harness.inspect_docs import TRUST
 
 from ds01hub import labels
 from ds01hub.labels import ContainerRecord
-from ds01hub.lifecycle import expired_holds, removals_due
+from ds01hub.services.ops.lifecycle import expired_holds, removals_due
 
 NOW = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
 

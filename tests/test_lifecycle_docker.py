@@ -10,12 +10,12 @@ import pytest
 from harness import TEST_LABEL
 
 from ds01hub import labels, provenance
-from ds01hub.allocation_state import GpuAllocator, docker_lister
-from ds01hub.eventlog import EventLog
-from ds01hub.inventory import discover
-from ds01hub.lifecycle import Lifecycle
+from ds01hub.gpu.allocator import GpuAllocator, docker_lister
+from ds01hub.gpu.eventlog import EventLog
+from ds01hub.gpu.inventory import discover
+from ds01hub.gpu.simulated_nvml import SimulatedNvml
 from ds01hub.limits import SimulatedGpuSpec, parse_limits
-from ds01hub.simulated_nvml import SimulatedNvml
+from ds01hub.services.ops.lifecycle import Lifecycle
 
 pytestmark = pytest.mark.docker
 

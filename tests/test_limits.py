@@ -365,8 +365,8 @@ def test_a_failed_reload_is_reported_everywhere_and_the_last_good_file_stays(
     from types import SimpleNamespace
 
     from ds01hub import limits
-    from ds01hub.admin_page import overview, render_page
-    from ds01hub.metrics import LimitsCollector
+    from ds01hub.services.ops.admin_page import overview, render_page
+    from ds01hub.services.ops.metrics import LimitsCollector
 
     path = tmp_path / "limits.yaml"
     path.write_text(GOOD)

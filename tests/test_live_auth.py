@@ -19,7 +19,7 @@ import pytest
 import requests
 from harness import free_port
 
-from ds01hub import bootstrap
+from ds01hub.host import bootstrap
 
 pytestmark = [pytest.mark.e2e, pytest.mark.docker]
 REPO = Path(__file__).resolve().parent.parent

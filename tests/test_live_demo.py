@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 from harness import docker_bridge_ip, free_port
-from live_harness import commands  # noqa: F401  (fixture: the users' commands)
+from harness.live import commands  # noqa: F401  (fixture: the users' commands)
 
-from ds01hub.demo import DEMO_LABEL
+from ds01hub.host.demo import DEMO_LABEL
 
 pytestmark = [pytest.mark.root, pytest.mark.e2e, pytest.mark.docker]
 

@@ -15,10 +15,10 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from ds01_cli_harness import PtySession, broker_socket_path, wait_for_socket
 from harness.browser import log_in
+from harness.cli import PtySession, broker_socket_path, wait_for_socket
 from harness.ds01_spawner import Ds01Hub
-from live_harness import commands  # noqa: F401  (fixture)
+from harness.live import commands  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.root, pytest.mark.browser, pytest.mark.e2e, pytest.mark.docker]
 REPO = Path(__file__).resolve().parent.parent
@@ -90,7 +90,7 @@ c.Authenticator.allow_all = False
 c.PAMAuthenticator.allowed_groups = {{{group!r}}}
 c.DS01Spawner.workspace_root = {str(workspaces)!r}
 c.DS01Spawner.user_id_source = "passwd"
-from ds01hub.broker import configure_hub as configure_broker
+from ds01hub.hub.services import configure_broker
 configure_broker(c, socket_path={socket_path!r},
                  broker_args=["--Broker.limits_path={tmp_path / "limits.yaml"}",
                               "--Broker.state_dir={tmp_path / "state"}"])

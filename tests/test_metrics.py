@@ -6,17 +6,18 @@ from __future__ import annotations
 import functools
 from datetime import UTC, datetime, timedelta
 
-from allocation_fakes import fill_event_log
-from inspect_docs import TRUST, inspect_doc
+from harness.allocation_fakes import fill_event_log
+from harness.inspect_docs import TRUST, inspect_doc
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ds01hub import metrics
-from ds01hub.allocation_state import GpuAllocator
-from ds01hub.eventlog import EventLog, NewEvent
-from ds01hub.inventory import discover
+from ds01hub.gpu.allocator import GpuAllocator
+from ds01hub.gpu.eventlog import EventLog, NewEvent
+from ds01hub.gpu.inventory import discover
+from ds01hub.gpu.simulated_nvml import SimulatedNvml
 from ds01hub.limits import SimulatedGpuSpec, parse_limits
-from ds01hub.simulated_nvml import SimulatedNvml
+from ds01hub.services.ops import metrics
+from ds01hub.spawner import metrics as spawn_metrics
 
 NOW = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
 LIMITS = parse_limits({"defaults": {"gpu_hold_after_stop": "1h", "max_gpus": 4}})
@@ -115,34 +116,34 @@ def test_conflicts_and_event_log_health_are_metrics(tmp_path):
 
 def test_the_hub_process_reports_its_event_log_health(tmp_path):
     log = EventLog(tmp_path / "events.sqlite")
-    metrics.watch_eventlog(log)
+    spawn_metrics.watch_eventlog(log)
     fill_event_log(log)
     log.record_many([NewEvent("release", "alice", "0", "a")], defer=True)
-    got = samples(metrics.REGISTRY)
+    got = samples(spawn_metrics.REGISTRY)
     assert got[("ds01_eventlog_write_errors_total", frozenset())] >= 2
     assert got[("ds01_eventlog_unwritten_events", frozenset())] >= 1
 
 
 def test_waiting_for_gpu_counts_the_queue_and_records_the_wait():
     group = "queue-test-group"
-    wait = metrics.QUEUE_WAIT.labels(group)
+    wait = spawn_metrics.QUEUE_WAIT.labels(group)
     before = wait._sum.get()
-    with metrics.waiting_for_gpu(group):
-        assert metrics.QUEUE_LENGTH.labels(group)._value.get() == 1
+    with spawn_metrics.waiting_for_gpu(group):
+        assert spawn_metrics.QUEUE_LENGTH.labels(group)._value.get() == 1
         try:
-            with metrics.waiting_for_gpu(group):
-                assert metrics.QUEUE_LENGTH.labels(group)._value.get() == 2
+            with spawn_metrics.waiting_for_gpu(group):
+                assert spawn_metrics.QUEUE_LENGTH.labels(group)._value.get() == 2
                 raise TimeoutError
         except TimeoutError:
             pass
-    assert metrics.QUEUE_LENGTH.labels(group)._value.get() == 0
+    assert spawn_metrics.QUEUE_LENGTH.labels(group)._value.get() == 0
     assert wait._sum.get() > before
 
 
 def test_spawn_failures_are_counted_by_reason():
-    counter = metrics.SPAWN_FAILURES.labels("not_available")
+    counter = spawn_metrics.SPAWN_FAILURES.labels("not_available")
     before = counter._value.get()
-    metrics.spawn_failed("not_available")
+    spawn_metrics.spawn_failed("not_available")
     assert counter._value.get() == before + 1
 
 

@@ -1,11 +1,12 @@
-"""ds01hub.projects: planning (pure) and init on a real temporary directory with real git."""
+"""ds01hub.actions.projects: planning (pure) and init on a real temporary directory with real
+git."""
 
 import shutil
 import subprocess
 
 import pytest
 
-from ds01hub.projects import (
+from ds01hub.actions.projects import (
     ML_GITIGNORE,
     ProjectError,
     ProjectSpec,

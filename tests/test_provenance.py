@@ -9,17 +9,17 @@ import stat
 from datetime import UTC, datetime
 
 import pytest
+from harness.inspect_docs import TRUST
 from hypothesis import assume, given
 from hypothesis import strategies as st
-from inspect_docs import TRUST
 
 from ds01hub import labels, provenance
-from ds01hub.allocation_state import GpuAllocator
-from ds01hub.inventory import discover
+from ds01hub.gpu.allocator import GpuAllocator
+from ds01hub.gpu.inventory import discover
+from ds01hub.gpu.simulated_nvml import SimulatedNvml
 from ds01hub.labels import SIGNATURE, SIGNED_KEYS, ContainerRecord
 from ds01hub.limits import SimulatedGpuSpec, parse_limits
 from ds01hub.provenance import Provenance, ProvenanceError
-from ds01hub.simulated_nvml import SimulatedNvml
 
 OTHER = Provenance("other-hub", bytes(range(1, 33)))
 SAME_ID_OTHER_KEY = Provenance(TRUST.deployment, bytes(range(2, 34)))

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from ds01_cli_harness import BUSYBOX_IMAGE
-from ds01_cli_harness import busybox_image as shared_busybox_image
 from harness import wait_until
+from harness.cli import BUSYBOX_IMAGE
+from harness.cli import busybox_image as shared_busybox_image
 
 from ds01hub import labels, provenance
 
@@ -38,7 +38,7 @@ def test_an_unreachable_engine_is_a_clear_502(tmp_path):
     import asyncio
     import socket
 
-    from ds01hub.proxy import Proxy, Upstream, serve
+    from ds01hub.dockerproxy.server import Proxy, Upstream, serve
 
     dead = tmp_path / "engine.sock"
     socket.socket(socket.AF_UNIX).bind(str(dead))  # a socket file nobody listens on
@@ -86,7 +86,7 @@ def test_command_line_errors(tmp_path, options, code, message):
 def test_an_oversized_header_section_is_refused(tmp_path):
     import asyncio
 
-    from ds01hub.proxy import Proxy, Upstream, serve
+    from ds01hub.dockerproxy.server import Proxy, Upstream, serve
 
     async def send_huge_head() -> bytes:
         listen = str(tmp_path / "proxy.sock")

@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from harness.inspect_docs import TRUST
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from inspect_docs import TRUST
 from test_proxy import (  # the end-to-end harness of the proxy's own suite
     IMAGE,
     RAW_CLIENT,
@@ -45,9 +45,10 @@ from test_proxy import (  # the end-to-end harness of the proxy's own suite
 )
 
 from ds01hub import labels, peer
-from ds01hub import proxy_policy as policy
-from ds01hub.proxy import FORWARDED_HEADERS, ClientStream, Plan, Proxy, Upstream
-from ds01hub.proxy_policy import Caller
+from ds01hub.dockerproxy import policy
+from ds01hub.dockerproxy.http import FORWARDED_HEADERS, ClientStream
+from ds01hub.dockerproxy.server import Plan, Proxy, Upstream
+from ds01hub.peer import Caller
 
 ALICE = Caller(4242, 4242, "alice", "/nonexistent/alice", ("alice",))
 ROOT = Caller(0, 0, "root", "/root", ("root",), admin=True)
@@ -713,7 +714,9 @@ def test_a_stream_being_answered_is_not_timed_out(tmp_path):
 async def test_the_connection_cap_answers_429_and_frees_slots(tmp_path, monkeypatch):
     """Over the cap: 429 naming the limit; far over it: closed at once; slots come back."""
     monkeypatch.setattr("ds01hub.peer.identify", lambda creds, admins: ALICE)
-    monkeypatch.setattr("ds01hub.proxy.OVER_CAP_HEAD_SECONDS", 60)  # no expiry mid-test
+    monkeypatch.setattr(
+        "ds01hub.dockerproxy.server.OVER_CAP_HEAD_SECONDS", 60
+    )  # no expiry mid-test
     async with FakeEngine(str(tmp_path / "engine.sock")) as engine:
         proxy = Proxy(Upstream(engine.path), header_timeout=30, max_connections_per_user=3)
         listen = str(tmp_path / "proxy.sock")
@@ -777,7 +780,7 @@ def test_help_documents_the_limits():
 def test_open_files_limit_is_raised(monkeypatch):
     import resource
 
-    from ds01hub.proxy import raise_open_files_limit
+    from ds01hub.dockerproxy.server import raise_open_files_limit
 
     calls = []
     monkeypatch.setattr(resource, "getrlimit", lambda which: (1024, 524288))

@@ -7,15 +7,14 @@ import json
 import tarfile
 
 import pytest
+from harness.inspect_docs import TRUST
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from inspect_docs import TRUST
 
-from ds01hub import build_context, labels
-from ds01hub import proxy_policy as policy
-from ds01hub.build_context import ContextError, image_uses
-from ds01hub.proxy_policy import (
-    Caller,
+from ds01hub import labels
+from ds01hub.dockerproxy import build_context, policy
+from ds01hub.dockerproxy.build_context import ContextError, image_uses
+from ds01hub.dockerproxy.policy import (
     ContainerFacts,
     CreateFacts,
     Denied,
@@ -28,6 +27,7 @@ from ds01hub.proxy_policy import (
     UserLimits,
     VolumeFacts,
 )
+from ds01hub.peer import Caller
 
 ALICE = Caller(uid=1001, gid=1001, user="alice", home="/home/alice", groups=("alice",))
 SETTINGS = policy.Settings(trust=TRUST)

@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 import requests
-from ds01_service_hub import start_server, start_service_hub
+from harness.service_hub import start_server, start_service_hub
 
 pytestmark = [pytest.mark.e2e]
 

@@ -5,9 +5,9 @@ import json
 import uuid
 
 import pytest
-from ds01_service_hub import service_get, service_request, start_service_hub
+from harness.service_hub import service_get, service_request, start_service_hub
 
-from ds01hub.service import configure_hub
+from ds01hub.hub.services import configure_notebook
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def test_configure_hub_grants_access_scope_to_users_and_server_tokens():
 
     c = Config()
     c.JupyterHub.load_roles = [{"name": "user", "scopes": ["self", "read:hub"]}]
-    configure_hub(c, url="http://172.17.0.1:10101")
+    configure_notebook(c, url="http://172.17.0.1:10101")
     roles = {r["name"]: r for r in c.JupyterHub.load_roles}
     assert roles["user"]["scopes"] == ["self", "read:hub", "access:services!service=ds01"]
     assert "access:services!service=ds01" in roles["server"]["scopes"]
@@ -38,7 +38,7 @@ def test_configure_hub_grants_access_scope_to_users_and_server_tokens():
     assert roles["ds01-service"]["services"] == ["ds01"]
     [service] = c.JupyterHub.services.get_value([])
     assert service["url"] == "http://172.17.0.1:10101"
-    assert service["command"][1:3] == ["-m", "ds01hub.service"]
+    assert service["command"][1:3] == ["-m", "ds01hub.services.notebook"]
     environment = c.Spawner.environment.get_value({})
     assert environment["DS01_SERVICE_URL"] == "http://172.17.0.1:10101/services/ds01/"
 
@@ -53,7 +53,7 @@ def test_configure_hub_in_a_subconfig_merges_instead_of_replacing():
     parent.JupyterHub.load_roles = [{"name": "admin", "services": ["admin-svc"]}]
     parent.Spawner.environment = {"KEEP": "1"}
     sub = Config()
-    configure_hub(sub, url="http://172.17.0.1:10101")
+    configure_notebook(sub, url="http://172.17.0.1:10101")
     parent.merge(sub)
     services = parent.JupyterHub.services
     assert [s["name"] for s in services] == ["admin-svc", "ds01"]
@@ -181,7 +181,7 @@ def test_build_stream_list_and_only_the_owner_sees_or_deletes(
 
 
 def _events(*texts: str, fail: bool = False):
-    from ds01hub.images import BuildEvent
+    from ds01hub.actions.images import BuildEvent
 
     def run(spec):
         for text in texts:
@@ -200,9 +200,9 @@ async def _finish(build):
 
 
 async def test_build_manager_runs_one_build_per_user_and_keeps_events_in_order():
-    from ds01hub.images import ImageSpec
-    from ds01hub.operations import OperationError
-    from ds01hub.service import BuildManager
+    from ds01hub.actions.images import ImageSpec
+    from ds01hub.actions.operations import OperationError
+    from ds01hub.services.notebook.app import BuildManager
 
     manager = BuildManager(_events("a", "b", "c"), max_concurrent=1)
     build = manager.start(ImageSpec("ann", "one"))
@@ -220,8 +220,8 @@ async def test_build_manager_runs_one_build_per_user_and_keeps_events_in_order()
 
 
 async def test_build_manager_reports_a_crash_as_an_error_event_and_forgets_old_builds():
-    from ds01hub.images import ImageSpec
-    from ds01hub.service import BuildManager
+    from ds01hub.actions.images import ImageSpec
+    from ds01hub.services.notebook.app import BuildManager
 
     manager = BuildManager(_events("x", fail=True), keep_per_user=2)
     builds = []

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import pytest
 import requests
-from ds01hub.widgets import Ds01Client, ProjectWizard, QuotaPanel
 from harness import free_port, unique_name
+
+from ds01hub.widgets import Ds01Client, ProjectWizard, QuotaPanel
 
 pytestmark = [pytest.mark.e2e, pytest.mark.docker]
 
@@ -38,12 +39,12 @@ def ds01_hub(hub_factory, tmp_path_factory):
     limits.write_text(LIMITS_YAML.format(seed=tag))
     bridge = hub_factory.hub_ip
     config = f"""
-from ds01hub.service import configure_hub
+from ds01hub.hub.services import configure_notebook
 c.DS01Spawner.limits_path = {str(limits)!r}
 c.DS01Spawner.state_dir = {str(directory / "state")!r}
 c.DS01Spawner.container_label_filter = ["{LABEL}={tag}"]
 c.Spawner.cmd = ["jupyterhub-singleuser"]
-configure_hub(
+configure_notebook(
     c,
     url="http://{bridge}:{free_port(bridge)}",
     service_args=[

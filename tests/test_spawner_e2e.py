@@ -466,8 +466,8 @@ def test_two_hubs_on_one_engine_never_count_each_others_containers(
     """Two deployments (own state directory: key and id) with no label filter, one user name on
     both: quotas (2 containers, 1 GPU), GPU holdings, `ds01hub status` and the culler each see
     only their own hub's containers. (Container names are engine-wide: the servers differ.)"""
-    from ds01hub.hubclient import HubClient
-    from ds01hub.ops_service import build_components
+    from ds01hub.hub.client import HubClient
+    from ds01hub.services.ops.app import build_components
 
     user = unique_name("two")
     unfiltered = "c.DS01Spawner.container_label_filter = []\n"

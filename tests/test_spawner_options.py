@@ -23,10 +23,10 @@ from ds01hub.spawner.options import (
     resolve_choice,
 )
 from harness import wait_until_async
-from inspect_docs import TRUST
+from harness.inspect_docs import TRUST
 
-from ds01hub.allocator import Decision, Holding
-from ds01hub.inventory import Slot
+from ds01hub.gpu.decision import Decision, Holding
+from ds01hub.gpu.inventory import Slot
 from ds01hub.limits import parse_limits
 
 DEFAULT_IMAGE = "ds01hub/singleuser:latest"

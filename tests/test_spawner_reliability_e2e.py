@@ -15,7 +15,7 @@ import pytest
 from harness import unique_name
 from harness.ds01_spawner import Ds01Hub
 
-from ds01hub.eventlog import EventLog
+from ds01hub.gpu.eventlog import EventLog
 
 pytestmark = [pytest.mark.e2e, pytest.mark.docker]
 

@@ -54,8 +54,8 @@ def wizard_hub(hub_factory, singleuser_image):
     bridge = hub_factory.hub_ip  # the service listens where containers can reach it
     port = free_port(bridge)
     extra = f"""
-from ds01hub.service import configure_hub
-configure_hub(
+from ds01hub.hub.services import configure_notebook
+configure_notebook(
     c,
     url="http://{bridge}:{port}",
     service_args=[

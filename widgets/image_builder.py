@@ -14,7 +14,8 @@ import time
 
 import ipywidgets as w
 
-from .. import images
+from ds01hub.actions import images
+
 from .client import Ds01Client, Ds01Error
 from .common import box, error_box, human_bytes, table
 

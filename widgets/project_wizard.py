@@ -1,7 +1,7 @@
 """``ProjectWizard``: set up a project folder step by step (name, use case, options, review).
 
-The plan shown on the review step comes from :func:`ds01hub.projects.plan_project` (pure, run in
-the kernel); the files are written by the server extension (``POST ds01/projects``), on the
+The plan shown on the review step comes from :func:`ds01hub.actions.projects.plan_project` (pure,
+run in the kernel); the files are written by the server extension (``POST ds01/projects``), on the
 user's files, with the very same code the ``project-init`` command uses.
 """
 
@@ -12,11 +12,12 @@ import re
 
 import ipywidgets as w
 
-from .. import projects
+from ds01hub.actions import projects
+
 from .client import Ds01Client, Ds01Error
 from .common import box, error_box
 
-#: Container (named server) names the hub-side commands accept (ds01hub.operations.NAME_RE).
+#: Container (named server) names the hub-side commands accept (ds01hub.actions.operations.NAME_RE).
 SERVER_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 STEPS = ("Name", "Use case", "Options", "Review")

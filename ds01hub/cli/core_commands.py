@@ -246,7 +246,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_gpus(args: argparse.Namespace) -> int:
-    from ds01hub.inventory import load_inventory
+    from ds01hub.gpu.inventory import load_inventory
 
     config = _load_config(args, required=False)
     inventory = load_inventory(config.gpu_allocation)
@@ -301,9 +301,9 @@ def _or_dash(value: int | None, unit: str = "") -> str:
 def cmd_status(args: argparse.Namespace) -> int:
     import docker
 
-    from ds01hub.allocation_state import AllocationStateError, GpuAllocator, docker_lister
-    from ds01hub.eventlog import EventLog
-    from ds01hub.inventory import load_inventory
+    from ds01hub.gpu.allocator import AllocationStateError, GpuAllocator, docker_lister
+    from ds01hub.gpu.eventlog import EventLog
+    from ds01hub.gpu.inventory import load_inventory
 
     config = _load_config(args, required=False)
     try:
@@ -405,7 +405,7 @@ def _other_claims(client: Any, trust: provenance.Provenance, rows: list[dict]) -
     """Containers on the engine whose labels claim GPU slots but that this deployment did not
     sign: another hub's (its deployment id), or unsigned/forged. What they claim is shown as
     a claim; a slot this deployment also holds is marked as a conflict."""
-    from ds01hub.allocation_state import docker_lister
+    from ds01hub.gpu.allocator import docker_lister
     from ds01hub.labels import ContainerRecord, container_name_of, labels_of
 
     held = {row["slot"] for row in rows if row.get("user")}
@@ -471,7 +471,7 @@ def _state_colour(state: str | None) -> str | None:
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
-    from ds01hub.eventlog import EventLog
+    from ds01hub.gpu.eventlog import EventLog
 
     path = (args.state_dir or default_state_dir()) / "events.db"
     if not path.exists():

@@ -2,8 +2,9 @@
 
 Output comes back as Docker sends it: raw bytes with a terminal, or (without one, e.g. a script
 piped in) stdout and stderr multiplexed into frames, which `FrameDecoder` splits again.
-Input goes to the broker in small frames (ds01hub.cli.protocol): data, end of input, and window
-sizes (SIGWINCH), so the end of a piped script reaches the shell as EOF while its output flows.
+Input goes to the broker in small frames (ds01hub.services.broker.protocol): data, end of input, and
+window sizes (SIGWINCH), so the end of a piped script reaches the shell as EOF while its output
+flows.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import termios
 import tty
 from collections.abc import Iterator
 
-from .protocol import INPUT_DATA, INPUT_EOF, encode_input, encode_resize
+from ds01hub.services.broker.protocol import INPUT_DATA, INPUT_EOF, encode_input, encode_resize
 
 
 class FrameDecoder:

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ds01hub.allocation_state import GpuAllocator, docker_lister
-from ds01hub.inventory import load_inventory
+from ds01hub.gpu.allocator import GpuAllocator, docker_lister
+from ds01hub.gpu.inventory import load_inventory
 from ds01hub.limits import load_limits
 from harness.naming import unique_name
 

@@ -7,7 +7,7 @@ bridge interface of its own (created here, on a free 10.213.x.0/24, removed at t
 iptables rules, so it touches nothing of the shared engine's. Never `--bridge=none`: dockerd
 20.10 then DELETES the host's `docker0` interface (the shared engine's bridge) at start. Tests
 give its containers the host's network. The SIMULATED GPU hook is on its PATH, as for the
-shared engine (ds01hub.bootstrap), so GPU device requests start. Images come from the shared
+shared engine (ds01hub.host.bootstrap), so GPU device requests start. Images come from the shared
 engine (`docker save | docker load`).
 """
 
@@ -22,7 +22,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from ds01hub import bootstrap
+from ds01hub.host import bootstrap
 from harness.wait import wait_until
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from ds01hub import bootstrap
+from ds01hub.host import bootstrap
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -16,6 +16,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def docker_bridge_ip(docker_client=None) -> str:
     """The host's address on Docker's default bridge, where containers reach the hub
-    (``ds01hub.bootstrap.docker_bridge_ip``; a docker client argument is accepted and unused)."""
+    (``ds01hub.host.bootstrap.docker_bridge_ip``; a docker client argument is accepted and
+    unused)."""
     del docker_client
     return bootstrap.docker_bridge_ip()

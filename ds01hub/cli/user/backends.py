@@ -1,0 +1,475 @@
+"""How the users' commands reach the control plane.
+
+On the host: the ds01 broker's unix socket (no token; the kernel tells the broker who we are).
+Remotely (or inside a container): the JupyterHub REST API with the user's own token, which can
+list, start, stop and remove servers but not reach Docker (no stats, shell or image builds).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http.client
+import json
+import os
+import socket
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from ds01hub.actions.operations import (
+    DEFAULT_PROJECT,
+    OperationError,
+    hub_failure,
+    project_to_server,
+    server_to_project,
+    spawn_options,
+)
+from ds01hub.cli.output import EXIT_FAILURE, EXIT_USAGE, CliError
+from ds01hub.services.broker.protocol import API_PREFIX, DEFAULT_SOCKET, EXEC_UPGRADE
+
+BROKER_BROKE_OFF = (
+    "see what happened with container-list --all; if it persists, tell your admin "
+    "(the hub's log says why)"
+)
+
+
+def error_from_reply(status: int, body: Any) -> CliError:
+    """A broker/hub JSON error -> CliError; 400 (bad input) exits 2, the rest 1."""
+    if isinstance(body, dict) and body.get("error"):
+        message, hint = str(body["error"]), body.get("hint")
+    else:
+        message, hint = f"the ds01 broker answered HTTP {status}", None
+    return CliError(message, hint, EXIT_USAGE if status == 400 else EXIT_FAILURE)
+
+
+def decode_json(data: bytes) -> Any:
+    """A reply body as JSON; None when empty or not JSON (then the status code speaks)."""
+    try:
+        return json.loads(data) if data else None
+    except ValueError:
+        return None
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """http.client over a unix socket (the broker)."""
+
+    def __init__(self, path: str, timeout: float | None = None):
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.socket_path)
+        except OSError as e:
+            sock.close()
+            raise CliError(
+                f"cannot reach the ds01 broker at {self.socket_path}: {e.strerror or e}",
+                hint="is JupyterHub running? Ask your admin, or set DS01HUB_BROKER_SOCKET",
+            ) from None
+        self.sock = sock
+
+
+class BrokerBackend:
+    """The broker's API (see ds01hub.services.broker.app) as plain method calls."""
+
+    remote = False
+
+    def __init__(self, socket_path: str, act_for: str | None = None, timeout: float = 120.0):
+        self.socket_path = socket_path
+        self.act_for = act_for
+        self.timeout = timeout
+
+    def _path(self, path: str, **params: Any) -> str:
+        query = {k: v for k, v in params.items() if v not in (None, False)}
+        if self.act_for:
+            query["user"] = self.act_for
+        query = {k: ("1" if v is True else v) for k, v in query.items()}
+        return f"{API_PREFIX}{path}" + (f"?{urlencode(query)}" if query else "")
+
+    @contextlib.contextmanager
+    def _answer(self) -> Iterator[None]:
+        """A broker that hangs up, times out or garbles its answer is a named failure (the
+        work may or may not have happened: the user is told to look), never a traceback."""
+        try:
+            yield
+        except TimeoutError:
+            raise CliError(
+                f"the ds01 broker at {self.socket_path} did not answer within {self.timeout:g} s",
+                hint=BROKER_BROKE_OFF,
+            ) from None
+        except (http.client.HTTPException, OSError, ValueError) as e:
+            raise CliError(
+                f"the ds01 broker at {self.socket_path} broke off its answer "
+                f"({type(e).__name__}{': ' + str(e) if str(e) else ''})",
+                hint=BROKER_BROKE_OFF,
+            ) from None
+
+    def _open(self, method: str, path: str, body: Any = None, timeout: float | None = None):
+        conn = UnixHTTPConnection(self.socket_path, timeout=timeout or self.timeout)
+        payload = None if body is None else json.dumps(body)
+        headers = {"Content-Type": "application/json"} if payload is not None else {}
+        with self._answer():
+            conn.request(method, path, body=payload, headers=headers)
+            return conn, conn.getresponse()
+
+    def call(self, method: str, path: str, body: Any = None, **params: Any) -> Any:
+        conn, response = self._open(method, self._path(path, **params), body)
+        try:
+            with self._answer():
+                data = response.read()
+        finally:
+            conn.close()
+        decoded = decode_json(data)
+        if response.status >= 400:
+            raise error_from_reply(response.status, decoded)
+        return decoded
+
+    def events(self, method: str, path: str, body: Any = None) -> Iterator[dict[str, Any]]:
+        """Newline-delimited JSON events of a long request; an error event raises CliError."""
+        conn, response = self._open(method, self._path(path), body, timeout=None)
+        try:
+            if response.status >= 400:
+                with self._answer():
+                    data = response.read()
+                raise error_from_reply(response.status, decode_json(data))
+            while True:
+                with self._answer():
+                    line = response.readline()
+                    event = json.loads(line) if line.strip() else None
+                if not line:
+                    return
+                if event is None:
+                    continue
+                if event.get("event") == "error":
+                    raise error_from_reply(int(event.get("status") or 500), event)
+                yield event
+        finally:
+            conn.close()
+
+    def whoami(self) -> dict[str, Any]:
+        return self.call("GET", "/whoami")
+
+    def cull_warnings(self) -> list[dict[str, Any]]:
+        return self.call("GET", "/warnings")
+
+    def list_containers(self, include_stopped: bool) -> list[dict[str, Any]]:
+        return self.call("GET", "/containers", all=include_stopped)
+
+    def describe(self, project: str) -> dict[str, Any]:
+        return self.call("GET", f"/containers/{quote(project, safe='')}")
+
+    def start(
+        self, project: str, options: dict[str, Any] | None, create: bool
+    ) -> Iterator[dict[str, Any]]:
+        body = {"options": options or {}, "create": create}
+        return self.events("POST", f"/containers/{quote(project, safe='')}/start", body)
+
+    def stop(self, project: str, timeout: float | None, force: bool) -> dict[str, Any]:
+        body = {"timeout": timeout, "force": force}
+        return self.call("POST", f"/containers/{quote(project, safe='')}/stop", body)
+
+    def remove(self, project: str, force: bool) -> dict[str, Any]:
+        return self.call("DELETE", f"/containers/{quote(project, safe='')}", force=force)
+
+    def cleanup(self, include_running: bool) -> list[dict[str, Any]]:
+        return self.call("POST", "/cleanup", {"all": include_running})
+
+    def stats(self) -> list[dict[str, Any]]:
+        return self.call("GET", "/stats")
+
+    def quota(self) -> dict[str, Any]:
+        return self.call("GET", "/quota")
+
+    def images(self) -> list[dict[str, Any]]:
+        return self.call("GET", "/images")
+
+    def image_templates(self) -> list[dict[str, Any]]:
+        return self.call("GET", "/images/templates")
+
+    def build_image(self, request: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        return self.events("POST", "/images", request)
+
+    def delete_image(self, name: str) -> dict[str, Any]:
+        return self.call("DELETE", f"/images/{quote(name, safe='')}")
+
+    def open_exec(self, project: str, request: dict[str, Any]) -> tuple[socket.socket, str, bytes]:
+        """Upgrade a connection to a shell in the container: returns the raw socket, the exec id
+        and any output that arrived with the broker's 101 answer."""
+        conn = UnixHTTPConnection(self.socket_path, timeout=self.timeout)
+        conn.connect()
+        sock = conn.sock
+        body = json.dumps(request).encode()
+        path = self._path(f"/containers/{quote(project, safe='')}/exec")
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\n"
+            f"Upgrade: {EXEC_UPGRADE}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        sock.sendall(head + body)
+        status, headers, rest = read_response_head(sock)
+        if status != 101:
+            sock.close()
+            raise error_from_reply(status, decode_json(rest))
+        sock.settimeout(None)
+        return sock, headers.get("x-ds01-exec-id", ""), rest
+
+    def exec_status(self, exec_id: str) -> dict[str, Any]:
+        return self.call("GET", f"/exec/{exec_id}")
+
+
+def read_response_head(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """Read an HTTP response head from a raw socket; returns status, lower-cased headers and
+    the bytes already received after the head (the start of the relayed stream or the body)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise CliError("the ds01 broker closed the connection unexpectedly")
+        data += chunk
+        if len(data) > 65536:
+            raise CliError("the ds01 broker sent an oversized response head")
+    head, rest = data.split(b"\r\n\r\n", 1)
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        key, _, value = line.partition(":")
+        headers[key.strip().lower()] = value.strip()
+    if status != 101 and "content-length" in headers:
+        wanted = int(headers["content-length"])
+        while len(rest) < wanted:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            rest += chunk
+    return status, headers, rest
+
+
+def server_view(server: dict[str, Any], project: str, now: datetime) -> dict[str, Any]:
+    """What the hub alone knows of a server (remote use): state, image asked for, times."""
+    from ds01hub.labels import parse_docker_time as parse_time
+
+    pending = server.get("pending")
+    state = {"spawn": "starting", "stop": "stopping"}.get(
+        pending, "running" if server.get("ready") else "stopped"
+    )
+    options = server.get("user_options") or {}
+    started = parse_time(server.get("started"))
+    activity = parse_time(server.get("last_activity"))
+    running = state in ("running", "stopping")
+    return {
+        "project": project,
+        "container": None,
+        "id": None,
+        "state": state,
+        "image": options.get("image"),
+        "gpus": [],
+        "gpus_released": False,
+        "started_at": server.get("started"),
+        "finished_at": None,
+        "uptime_s": (now - started).total_seconds() if running and started else None,
+        "stopped_for_s": None,
+        "idle_s": (now - activity).total_seconds() if running and activity else None,
+        "held_until": None,
+        "url": server.get("url") if server.get("ready") else None,
+    }
+
+
+class HubBackend:
+    """The hub REST API with the user's own token (remote use). One event loop for the whole
+    command, so progress streams event by event."""
+
+    remote = True
+
+    def __init__(self, hub_url: str, token: str, act_for: str | None = None):
+        self.api_url = hub_url.rstrip("/") + "/hub/api"
+        self.token = token
+        self.act_for = act_for
+        self.loop = asyncio.new_event_loop()
+        self.client = self.loop.run_until_complete(self._make_client())
+        self._user: str | None = None
+
+    async def _make_client(self):
+        from ds01hub.hub.client import HubClient
+
+        return HubClient(self.api_url, self.token)
+
+    def _run(self, awaitable) -> Any:
+        from ds01hub.hub.client import HubError
+
+        try:
+            return self.loop.run_until_complete(awaitable)
+        except HubError as e:
+            error = hub_failure(e)
+            code = EXIT_USAGE if error.status == 400 else EXIT_FAILURE
+            raise CliError(error.message, error.hint, code) from None
+
+    def user(self) -> str:
+        if self._user is None:
+            self._user = self.act_for or self.whoami()["user"]
+        return self._user
+
+    def whoami(self) -> dict[str, Any]:
+        model = self._run(self.client.whoami())
+        return {"user": model.get("name"), "admin": bool(model.get("admin")), "uid": None}
+
+    def cull_warnings(self) -> list[dict[str, Any]]:
+        """Remote users see pending culls on the hub's pages and in the container, not here:
+        the warnings live on the host."""
+        return []
+
+    def _servers(self) -> dict[str, Any]:
+        """The user's servers; the default one only once it has run (the hub always lists it)."""
+        model = self._run(self.client.get_user(self.user()))
+        if model is None:
+            raise CliError(
+                f"the hub said: no user {self.user()!r} that this token may see",
+                hint="a token acts for its own user; leave out --user",
+            )
+        servers = dict(model.get("servers") or {})
+        default = servers.get("")
+        if default is not None and not (default.get("last_activity") or default.get("pending")):
+            del servers[""]
+        return servers
+
+    def list_containers(self, include_stopped: bool) -> list[dict[str, Any]]:
+        now = datetime.now(UTC)
+        rows = [
+            server_view(server, server_to_project(name), now)
+            for name, server in sorted(self._servers().items())
+        ]
+        return rows if include_stopped else [r for r in rows if r["state"] != "stopped"]
+
+    def describe(self, project: str) -> dict[str, Any]:
+        server = self._servers().get(project_to_server(project))
+        if server is None:
+            raise CliError(
+                f"you have no container named {project!r}",
+                hint="see your containers with `container-list --all`",
+            )
+        view = server_view(server, project, datetime.now(UTC))
+        view["processes"] = None
+        return view
+
+    def start(
+        self, project: str, options: dict[str, Any] | None, create: bool
+    ) -> Iterator[dict[str, Any]]:
+        try:
+            spawn = spawn_options(options or {})
+        except OperationError as e:
+            raise CliError(e.message, e.hint, EXIT_USAGE) from None
+        user, server = self.user(), project_to_server(project)
+        known = self._servers().get(server)
+        if create and known is not None:
+            raise CliError(
+                f"you already have a container named {project!r}",
+                hint=f"start it with `container-start {project}`, or pick another name",
+            )
+        if not create and known is None:
+            raise CliError(
+                f"you have no container named {project!r}",
+                hint=f"create one with `container-create {project}`",
+            )
+        if self._run(self.client.start_server(user, server, spawn)) == 202:
+            events = self.client.progress(user, server)
+            while True:
+                try:
+                    event = self._run(events.__anext__())
+                except StopAsyncIteration:
+                    break
+                if event.get("failed"):
+                    raise CliError(f"could not start {project!r}: {event.get('message')}")
+                yield {"event": "progress", **event}
+        yield {"event": "ready", "container": self.describe(project)}
+
+    def stop(self, project: str, timeout: float | None, force: bool) -> dict[str, Any]:
+        if timeout is not None or force:
+            raise host_only("--timeout/--force")
+        self._run(self.client.stop_server(self.user(), project_to_server(project)))
+        return self.describe(project)
+
+    def remove(self, project: str, force: bool) -> dict[str, Any]:
+        server = project_to_server(project)
+        if not server:
+            raise host_only(f"removing the {DEFAULT_PROJECT!r} container")
+        self._run(self.client.delete_server(self.user(), server))
+        return {"project": project, "container": None, "removed": True}
+
+    def cleanup(self, include_running: bool) -> list[dict[str, Any]]:
+        raise host_only("container-cleanup")
+
+    def stats(self) -> list[dict[str, Any]]:
+        raise host_only("container-stats")
+
+    def quota(self) -> dict[str, Any]:
+        raise host_only("the quota")
+
+    def images(self) -> list[dict[str, Any]]:
+        raise host_only("image-list")
+
+    def image_templates(self) -> list[dict[str, Any]]:
+        raise host_only("image templates")
+
+    def build_image(self, request: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        raise host_only("image builds")
+
+    def delete_image(self, name: str) -> dict[str, Any]:
+        raise host_only("image-delete")
+
+    def open_exec(self, project: str, request: dict[str, Any]):
+        raise host_only("a shell in a container")
+
+
+def host_only(what: str) -> CliError:
+    return CliError(
+        f"{what} needs the ds01 broker on the host (Docker is not reachable remotely)",
+        hint="run the command on the host over SSH",
+    )
+
+
+def read_token(env: dict[str, str]) -> str | None:
+    """The user's hub token: $DS01HUB_TOKEN, $JUPYTERHUB_API_TOKEN, or the token file
+    ($DS01HUB_TOKEN_FILE, default ~/.config/ds01hub/token, which must not be group/world
+    readable)."""
+    for key in ("DS01HUB_TOKEN", "JUPYTERHUB_API_TOKEN"):
+        if env.get(key):
+            return env[key].strip()
+    path = Path(env.get("DS01HUB_TOKEN_FILE") or Path.home() / ".config" / "ds01hub" / "token")
+    if not path.is_file():
+        return None
+    if path.stat().st_mode & 0o077:
+        raise CliError(
+            f"token file {path} is readable by others",
+            hint=f"chmod 600 {path}",
+        )
+    return path.read_text().strip() or None
+
+
+def hub_url_from(env: dict[str, str]) -> str | None:
+    """$DS01HUB_HUB_URL, or inside a single-user container the hub JupyterHub told it about."""
+    if env.get("DS01HUB_HUB_URL"):
+        return env["DS01HUB_HUB_URL"]
+    api = env.get("JUPYTERHUB_API_URL", "")
+    return api[: -len("/hub/api")] if api.endswith("/hub/api") else None
+
+
+def connect(act_for: str | None = None, env: dict[str, str] | None = None):
+    """Pick the backend: an explicit hub URL with a token wins; else the broker's socket."""
+    env = dict(os.environ if env is None else env)
+    socket_path = env.get("DS01HUB_BROKER_SOCKET", DEFAULT_SOCKET)
+    hub_url = hub_url_from(env)
+    if env.get("DS01HUB_HUB_URL") or (hub_url and not os.path.exists(socket_path)):
+        token = read_token(env)
+        if not token:
+            raise CliError(
+                f"no API token for the hub at {hub_url}",
+                hint="create one in the hub's Token page and put it in DS01HUB_TOKEN or "
+                "~/.config/ds01hub/token (chmod 600)",
+            )
+        return HubBackend(hub_url, token, act_for)
+    return BrokerBackend(socket_path, act_for)

@@ -1,0 +1,464 @@
+"""The ds01 broker: a JupyterHub managed service on a unix socket that acts for the SSH user
+who connects, and only for them.
+
+Why: SSH users on the host should need no token and no docker group (root-equivalent). The
+broker learns who is calling from the kernel (SO_PEERCRED on the unix socket: uid -> passwd
+name = hub user, by ds01hub.peer's name rule), never from anything the client sends. Admins
+(ds01hub.peer.AdminRule: root, admin users and groups, from the host's mount namespace) may act
+for another user with an explicit `?user=NAME`.
+
+Protocol: HTTP/1.1 with JSON over the unix socket. Long work (waiting for a server/GPU, image
+builds) streams newline-delimited JSON events. `container-run` upgrades its connection
+(`Upgrade: ds01-exec`, answered with 101) and the broker relays raw bytes between it and a
+docker exec session, so the shell runs in the container while the user never touches Docker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from tornado import web
+from tornado.httpserver import HTTPServer
+from tornado.iostream import IOStream, StreamClosedError
+from traitlets import Bool, Float, Integer, List, Unicode, default
+from traitlets.config import Application
+
+from ds01hub import peer, provenance
+from ds01hub.actions import images
+from ds01hub.actions.operations import (
+    OperationError,
+    OperationsContext,
+    docker_unreachable,
+)
+from ds01hub.hub.client import HubClient
+from ds01hub.peer import Caller
+from ds01hub.provenance import default_state_dir
+from ds01hub.services.broker.handlers import (
+    CleanupHandler,
+    ContainerHandler,
+    ContainersHandler,
+    ExecHandler,
+    ExecSessionHandler,
+    ImageHandler,
+    ImagesHandler,
+    ImageTemplatesHandler,
+    NotFoundHandler,
+    QuotaHandler,
+    StartHandler,
+    StatsHandler,
+    StopHandler,
+    WarningsHandler,
+    WhoAmIHandler,
+    acting_for,
+)
+from ds01hub.services.broker.protocol import (
+    API_PREFIX,
+    DEFAULT_SOCKET,
+)
+
+log = logging.getLogger("ds01hub.services.broker")
+
+#: The API version spoken to an engine that did not answer at start (Docker 20.10's; later
+#: engines accept it too).
+FALLBACK_DOCKER_API = "1.41"
+
+
+class BrokerImages:
+    """Image builds for SSH users through ds01hub.actions.images (the notebook wizard's code): only
+    in the caller's own namespace, one build per user at a time, a few at once overall."""
+
+    def __init__(self, broker: Broker, docker_client: Any):
+        self.broker = broker
+        self.docker = docker_client
+        self.building: set[str] = set()
+        self.slots = asyncio.Semaphore(max(1, broker.max_concurrent_builds))
+
+    def templates(self) -> list[dict[str, Any]]:
+        return [t.to_dict() for t in images.list_templates()]
+
+    async def list(self, user: str) -> list[dict[str, Any]]:
+        found = await asyncio.to_thread(images.list_user_images, self.docker, user)
+        return [i.to_dict() for i in found]
+
+    async def delete(self, user: str, name: str) -> dict[str, Any]:
+        try:
+            tag = await asyncio.to_thread(images.delete_user_image, self.docker, user, name)
+        except images.ImageError as e:
+            raise refusal(e) from None
+        return {"deleted": tag, "tag": tag}
+
+    async def build(self, user: str, body: dict[str, Any]):
+        """Yield the build's events (ds01hub.actions.images.BuildEvent dicts); the last is
+        done/error."""
+        try:
+            spec = images.spec_from_request(user, body)
+            existing = await self.list(user)
+            images.check_image_quota(
+                (i["name"] for i in existing), spec.name, self.broker.max_images_per_user
+            )
+        except images.ImageError as e:
+            raise refusal(e) from None
+        if user in self.building:
+            raise OperationError("one of your builds is still running", status=409)
+        if not self.broker.base_image:
+            raise OperationError("no base image configured (Broker.base_image)", status=503)
+        self.building.add(user)
+        try:
+            async with self.slots:
+                queue: asyncio.Queue = asyncio.Queue()
+                loop = asyncio.get_running_loop()
+                ca = Path(self.broker.ca_bundle) if self.broker.ca_bundle else None
+
+                def work() -> None:
+                    try:
+                        for event in images.build_image(
+                            self.docker,
+                            spec,
+                            self.broker.base_image,
+                            ca_bundle=ca,
+                            memory_limit=self.broker.build_memory_limit or None,
+                        ):
+                            loop.call_soon_threadsafe(queue.put_nowait, event.to_dict())
+                    except images.ImageError as e:
+                        error = images.BuildEvent("error", str(e)).to_dict()
+                        loop.call_soon_threadsafe(queue.put_nowait, error)
+                    finally:
+                        loop.call_soon_threadsafe(queue.put_nowait, None)
+
+                worker = loop.run_in_executor(None, work)
+                while (event := await queue.get()) is not None:
+                    if event.get("kind") == "error":
+                        raise OperationError(f"build failed: {event.get('text')}", status=422)
+                    yield event
+                await worker
+        finally:
+            self.building.discard(user)
+
+
+def refusal(error: images.ImageError) -> OperationError:
+    """An images.ImageError as the broker's answer: its message, hint and status."""
+    return OperationError(str(error), error.hint, error.status)
+
+
+def docker_socket_path() -> str:
+    """The Docker engine's unix socket from DOCKER_HOST (unix://...), else the default."""
+    host = os.environ.get("DOCKER_HOST", "")
+    return host[len("unix://") :] if host.startswith("unix://") else "/var/run/docker.sock"
+
+
+class Broker(Application):
+    """Run the ds01 broker as a JupyterHub managed service."""
+
+    name = "ds01hub-broker"
+    description = __doc__
+
+    socket_path = Unicode(
+        DEFAULT_SOCKET,
+        help="""Unix socket the broker listens on. The users' commands find it here (or in
+        $DS01HUB_BROKER_SOCKET). Its directory is created mode 0755.""",
+    ).tag(config=True)
+
+    socket_mode = Integer(
+        0o666,
+        help="""Permissions of the socket. Anyone may connect: every request is identified by
+        the kernel (SO_PEERCRED) and can only act for its own user.""",
+    ).tag(config=True)
+
+    admin_groups = List(
+        Unicode(),
+        default_value=["ds01-admin"],
+        help="""Unix groups whose members (like root) may act for any user with --user, when
+        they call from the host's mount namespace (ds01hub.peer.AdminRule).""",
+    ).tag(config=True)
+
+    admin_users = List(
+        Unicode(),
+        help="Unix users who (like root) may act for any user with --user (same rule).",
+    ).tag(config=True)
+
+    min_uid = Integer(
+        1000,
+        help="Lowest uid served (system accounts below it are refused; root acts only with "
+        "--user).",
+    ).tag(config=True)
+
+    auto_create_users = Bool(
+        True,
+        help="""Create the hub user on a Unix user's first command (needs the admin:users
+        scope). Off: users must log in to the hub once first.""",
+    ).tag(config=True)
+
+    hub_api_url = Unicode(
+        help="The hub's REST API; JupyterHub gives managed services $JUPYTERHUB_API_URL.",
+    ).tag(config=True)
+
+    api_token = Unicode(
+        help="The service's token; JupyterHub gives managed services $JUPYTERHUB_API_TOKEN.",
+    ).tag(config=True)
+
+    limits_path = Unicode(
+        "",
+        help="resource-limits.yaml (default: $DS01HUB_LIMITS or "
+        "/etc/ds01hub/resource-limits.yaml); used for GPU hold times, quotas and stats.",
+    ).tag(config=True)
+
+    docker_socket = Unicode(
+        help="The Docker engine's unix socket (default from $DOCKER_HOST).",
+    ).tag(config=True)
+
+    state_dir = Unicode(
+        help="""The spawner's state directory (default $DS01HUB_STATE_DIR, else
+        /var/lib/ds01hub), where the culler keeps its pending warnings (each command tells
+        its user which of their containers are about to be stopped as idle) and whose label
+        key and deployment id decide which containers are this hub's.""",
+    ).tag(config=True)
+
+    spawn_timeout = Float(
+        900.0,
+        help="Longest a start may wait for the hub (e.g. for a GPU) before the command gives up.",
+    ).tag(config=True)
+
+    base_image = Unicode(
+        help="Image that users' images are built FROM (default $DS01HUB_SINGLEUSER_IMAGE), as "
+        "for the ds01 service: the admin's choice, never the user's.",
+    ).tag(config=True)
+
+    ca_bundle = Unicode(
+        "",
+        help="PEM CA bundle trusted inside image builds (sites behind a TLS-intercepting proxy).",
+    ).tag(config=True)
+
+    max_images_per_user = Integer(10, help="Images one user may keep (0 = no limit).").tag(
+        config=True
+    )
+
+    max_concurrent_builds = Integer(2, help="Image builds running at once (all users).").tag(
+        config=True
+    )
+
+    build_memory_limit = Integer(
+        4 * 1024**3, help="Memory (bytes) for each build step's container (0 = unlimited)."
+    ).tag(config=True)
+
+    inspect_workers = Integer(
+        8,
+        help="Docker inspect calls run at once when listing (the list API lacks start/stop "
+        "times); see bench/container_list.py.",
+    ).tag(config=True)
+
+    activity_interval = Float(
+        300.0,
+        help="While a `container-run` shell is in use, report activity to the hub this often "
+        "(seconds), so the idle culler leaves it alone. 0 = never.",
+    ).tag(config=True)
+
+    aliases = {
+        "socket": "Broker.socket_path",
+        "base-image": "Broker.base_image",
+        "ca-bundle": "Broker.ca_bundle",
+        "limits": "Broker.limits_path",
+        "log-level": "Application.log_level",
+    }
+
+    @default("hub_api_url")
+    def _hub_api_url_default(self) -> str:
+        return os.environ.get("JUPYTERHUB_API_URL", "http://127.0.0.1:8081/hub/api")
+
+    @default("api_token")
+    def _api_token_default(self) -> str:
+        return os.environ.get("JUPYTERHUB_API_TOKEN", "")
+
+    @default("base_image")
+    def _base_image_default(self) -> str:
+        return os.environ.get("DS01HUB_SINGLEUSER_IMAGE", "")
+
+    @default("state_dir")
+    def _state_dir_default(self) -> str:
+        return str(default_state_dir())
+
+    @default("docker_socket")
+    def _docker_socket_default(self) -> str:
+        return docker_socket_path()
+
+    context: OperationsContext
+    docker: Any
+    images: BrokerImages
+
+    @property
+    def admin_rule(self) -> peer.AdminRule:
+        return peer.AdminRule(frozenset(self.admin_users), frozenset(self.admin_groups))
+
+    @property
+    def docker_url(self) -> str:
+        return f"unix://{self.docker_socket}"
+
+    def resolve(self, creds: peer.Credentials, requested_user: str | None) -> tuple[Caller, str]:
+        """Who connected (ds01hub.peer) and the hub user the request acts for; blocking (the
+        password database may be LDAP). Refusals are OperationErrors."""
+        try:
+            caller = peer.identify(creds, self.admin_rule)
+            return caller, acting_for(caller, requested_user, self.min_uid)
+        except peer.IdentityError as e:
+            raise OperationError(e.message, e.hint, e.status) from None
+
+    def connect_docker(self) -> Any:
+        """A docker-py client of `docker_socket`. An engine that does not answer now is no
+        reason not to start: requests then say "Docker engine unreachable" until it does."""
+        import docker
+
+        try:
+            return docker.DockerClient(base_url=self.docker_url)
+        except docker.errors.DockerException as e:
+            self.log.warning("%s; starting anyway", docker_unreachable(self.docker_url, e).message)
+            return docker.DockerClient(base_url=self.docker_url, version=FALLBACK_DOCKER_API)
+
+    def make_context(self) -> OperationsContext:
+        self.docker = self.connect_docker()
+        limits_for, inventory = self._limits_and_gpus()
+        return OperationsContext(
+            hub=HubClient(self.hub_api_url, self.api_token),
+            docker=self.docker,
+            trust=provenance.load(self.state_dir),
+            limits_for=limits_for,
+            inventory=inventory,
+            auto_create_users=self.auto_create_users,
+            spawn_timeout=self.spawn_timeout,
+            inspect_workers=self.inspect_workers,
+            docker_url=self.docker_url,
+        )
+
+    def _limits_and_gpus(self):
+        """Limits and GPU utilisation from the lab's YAML; the broker still lists, starts and
+        stops without them (the spawner enforces limits), so a missing file only logs."""
+        try:
+            from ds01hub.gpu.inventory import load_inventory
+            from ds01hub.limits import LimitsStore, default_limits_path
+
+            store = LimitsStore(self.limits_path or default_limits_path(), log=self.log)
+        except Exception as e:  # LimitsError: bounded, names the file, the lines and the fixes
+            self.log.warning("limits unavailable (%s): no hold times or quotas shown", e)
+            return None, None
+
+        def limits_for(user: str, groups) -> Any:
+            store.reload(wait=False)  # called on the event loop: a changed file is read aside
+            return store.current.resolve(user, groups)
+
+        try:
+            inventory = load_inventory(store.current.gpu_allocation)
+        except Exception as e:
+            self.log.warning("GPU inventory unavailable (%s): no GPU utilisation shown", e)
+            return limits_for, None
+        return limits_for, inventory
+
+    async def open_exec_stream(self, exec_id: str, tty: bool) -> IOStream:
+        """Start a docker exec and hijack its connection (Docker's own `Upgrade: tcp`), so its
+        bytes can be relayed; any bytes after the response head stay in the stream's buffer."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        stream = IOStream(sock)
+        try:
+            await stream.connect(self.docker_socket)
+        except (StreamClosedError, OSError) as e:
+            stream.close()
+            raise docker_unreachable(self.docker_url, getattr(e, "real_error", None) or e) from None
+        body = json.dumps({"Detach": False, "Tty": tty}).encode()
+        version = self.docker.api._version
+        head = (
+            f"POST /v{version}/exec/{exec_id}/start HTTP/1.1\r\nHost: docker\r\n"
+            "Content-Type: application/json\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        await stream.write(head + body)
+        response = await stream.read_until(b"\r\n\r\n", max_bytes=65536)
+        status = response.split(b"\r\n", 1)[0]
+        if b" 101 " not in status and b" 200 " not in status:
+            stream.close()
+            raise OperationError(
+                f"docker refused the exec: {status.decode(errors='replace')}", status=502
+            )
+        return stream
+
+    async def resize_exec(self, exec_id: str, rows: int, cols: int) -> None:
+        try:
+            await asyncio.to_thread(self.docker.api.exec_resize, exec_id, height=rows, width=cols)
+        except Exception as e:  # the shell may have just exited
+            self.log.debug("resize of %s failed: %s", exec_id, e)
+
+    def make_app(self) -> web.Application:
+        p = API_PREFIX
+        name = r"([^/]+)"
+        return web.Application(
+            [
+                (f"{p}/whoami", WhoAmIHandler),
+                (f"{p}/warnings", WarningsHandler),
+                (f"{p}/containers", ContainersHandler),
+                (f"{p}/containers/{name}", ContainerHandler),
+                (f"{p}/containers/{name}/start", StartHandler),
+                (f"{p}/containers/{name}/stop", StopHandler),
+                (f"{p}/containers/{name}/exec", ExecHandler),
+                (f"{p}/exec/([0-9a-f]+)", ExecSessionHandler),
+                (f"{p}/cleanup", CleanupHandler),
+                (f"{p}/stats", StatsHandler),
+                (f"{p}/quota", QuotaHandler),
+                (f"{p}/images", ImagesHandler),
+                (f"{p}/images/templates", ImageTemplatesHandler),
+                (f"{p}/images/{name}", ImageHandler),
+            ],
+            broker=self,
+            default_handler_class=NotFoundHandler,
+        )
+
+    def listen(self) -> tuple[HTTPServer, peer.UnixListener]:
+        """Bind the socket by ds01hub.peer's one stale-socket rule (a live listener's path is
+        never taken over; a dead socket is replaced) and serve the app on it."""
+        try:
+            listener = peer.listen_unix(self.socket_path, self.socket_mode)
+        except peer.SocketPathError as e:
+            self.log.critical("%s; give this hub its own Broker.socket_path", e.message)
+            sys.exit(1)
+        # requests are small JSON documents; exec input is framed after the upgrade
+        server = HTTPServer(self.make_app(), max_body_size=1 << 20, idle_connection_timeout=60)
+        server.add_socket(listener.sock)
+        return server, listener
+
+    def start(self) -> None:
+        logging.basicConfig(
+            level=self.log_level, format="[%(levelname)s %(asctime)s %(name)s] %(message)s"
+        )
+        if not self.api_token:
+            self.log.critical("no JUPYTERHUB_API_TOKEN: run the broker as a JupyterHub service")
+            sys.exit(1)
+        self.context = self.make_context()
+        self.images = BrokerImages(self, self.docker)
+
+        async def serve() -> None:
+            server, listener = self.listen()
+            self.log.info(
+                "ds01 broker listening on %s for %s; may act for others: %s",
+                self.socket_path,
+                self.hub_api_url,
+                self.admin_rule.describe(),
+            )
+            stopping = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, stopping.set)
+            await stopping.wait()
+            server.stop()
+            listener.remove_path()  # unless another broker has taken the path since
+            self.log.info("ds01 broker stopped")
+
+        asyncio.run(serve())
+
+
+main = Broker.launch_instance
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,558 @@
+"""The hub-side ds01 service: what notebooks may ask of the host, for their own user only.
+
+A JupyterHub managed service (``python -m ds01hub.services.notebook``). The single-user server
+extension forwards the widgets' requests here with the user's own JupyterHub token; JupyterHub
+checks it (``access:services!service=ds01``) and tells us whose it is. Every endpoint then acts for
+that user only: their quota, their containers, their image builds and images. This process is the
+only one that talks to Docker on a notebook's behalf; user containers never get the socket.
+
+Endpoints (under the service prefix, ``/services/ds01/``)::
+
+    GET    api/me                  who the token belongs to
+    GET    api/quota               limits and current usage
+    GET    api/containers          the user's containers
+    GET    api/templates           image use-case templates
+    GET    api/images              the user's images
+    DELETE api/images/{name}       remove one of them
+    POST   api/builds              start a build {name, template, pip_packages, apt_packages}
+    GET    api/builds              the user's builds (this service run)
+    GET    api/builds/{id}?since=N status and log events from N on
+    GET    api/builds/{id}/stream  the same, streamed as NDJSON until the build ends
+    POST   api/projects/{name}/server  start a container (named server) for a project
+
+Requests without a valid token get 403 (JSON); a browser is redirected to the hub login for
+the index page. A build id of someone else's build answers 404, like one that never existed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import uuid
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler, HubOAuthenticated
+from tornado import web
+from tornado.httpserver import HTTPServer
+from tornado.ioloop import IOLoop
+from traitlets import Bool, Integer, Unicode, default
+from traitlets.config import Application
+
+from ds01hub import provenance
+from ds01hub.actions import images
+from ds01hub.actions.operations import OperationError, OperationsContext, UserOperations
+from ds01hub.engine import EngineState, engine_unreachable, engine_url, short_error
+from ds01hub.hub.client import HubClient
+from ds01hub.hub.services import NOTEBOOK_PORT, NOTEBOOK_SERVICE
+
+# ---------------------------------------------------------------- builds
+
+
+@dataclass
+class Build:
+    """One image build and its events so far (kept in memory for this service run)."""
+
+    id: str
+    user: str
+    spec: images.ImageSpec
+    status: str = "queued"  # queued | running | done | error
+    events: list[dict] = field(default_factory=list)
+    created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    finished_at: str | None = None
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def finished(self) -> bool:
+        return self.status in ("done", "error")
+
+    @property
+    def progress(self) -> float:
+        return self.events[-1].get("progress", 0.0) if self.events else 0.0
+
+    def to_dict(self, since: int | None = None) -> dict:
+        data = {
+            "id": self.id,
+            "name": self.spec.name,
+            "tag": self.spec.tag,
+            "template": self.spec.template,
+            "pip_packages": list(self.spec.pip_packages),
+            "apt_packages": list(self.spec.apt_packages),
+            "status": self.status,
+            "progress": self.progress,
+            "created_at": self.created_at,
+            "finished_at": self.finished_at,
+            "event_count": len(self.events),
+        }
+        if since is not None:
+            data["events"] = self.events[max(0, since) :]
+        return data
+
+
+class BuildManager:
+    """Runs builds in a bounded thread pool; one build at a time per user.
+
+    Docker's build API is blocking, so each build runs in a worker thread and hands its events
+    back to the event loop, where waiting streams are woken.
+    """
+
+    def __init__(
+        self,
+        run_build: Callable[[images.ImageSpec], Iterable[images.BuildEvent]],
+        max_concurrent: int = 2,
+        max_events: int = 5000,
+        keep_per_user: int = 10,
+    ):
+        self._run_build = run_build
+        self._keep_per_user = keep_per_user
+        self._pool = ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="ds01-build")
+        self._max_events = max_events
+        self.builds: dict[str, Build] = {}
+
+    def for_user(self, user: str) -> list[Build]:
+        return [b for b in self.builds.values() if b.user == user]
+
+    def get(self, user: str, build_id: str) -> Build | None:
+        build = self.builds.get(build_id)
+        return build if build is not None and build.user == user else None
+
+    def start(self, spec: images.ImageSpec) -> Build:
+        running = [b for b in self.for_user(spec.user) if not b.finished]
+        if running:
+            raise OperationError(
+                f"your build of {running[0].spec.name!r} is still running",
+                hint="wait for it to finish, then start the next one",
+                status=409,
+            )
+        self._forget_old(spec.user)
+        build = Build(id=uuid.uuid4().hex, user=spec.user, spec=spec)
+        self.builds[build.id] = build
+        loop = asyncio.get_running_loop()
+        loop.run_in_executor(self._pool, self._work, build, loop)
+        return build
+
+    def _forget_old(self, user: str) -> None:
+        """Forget all but the newest finished builds of ``user``: memory stays bounded."""
+        finished = [b for b in self.for_user(user) if b.finished]
+        for build in finished[: max(0, len(finished) - self._keep_per_user + 1)]:
+            del self.builds[build.id]
+
+    def _work(self, build: Build, loop: asyncio.AbstractEventLoop) -> None:
+        loop.call_soon_threadsafe(self._set_status, build, "running")
+        try:
+            for event in self._run_build(build.spec):
+                loop.call_soon_threadsafe(self._add_event, build, event.to_dict())
+        except Exception as error:  # the build must end with an event, whatever went wrong
+            text = str(error) if isinstance(error, images.ImageError) else f"build failed: {error}"
+            event = images.BuildEvent("error", text)
+            loop.call_soon_threadsafe(self._add_event, build, event.to_dict())
+        loop.call_soon_threadsafe(self._finish, build)
+
+    def _set_status(self, build: Build, status: str) -> None:
+        build.status = status
+        self._wake(build)
+
+    def _add_event(self, build: Build, event: dict) -> None:
+        if len(build.events) < self._max_events or event["kind"] in ("done", "error"):
+            build.events.append(event)
+        if event["kind"] in ("done", "error"):
+            build.status = event["kind"]
+        self._wake(build)
+
+    def _finish(self, build: Build) -> None:
+        if not build.finished:
+            build.status = "error"
+            build.events.append({"kind": "error", "text": "the build ended without a result"})
+        build.finished_at = datetime.now(UTC).isoformat(timespec="seconds")
+        self._wake(build)
+
+    @staticmethod
+    def _wake(build: Build) -> None:
+        build.changed.set()
+        build.changed = asyncio.Event()
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+# ---------------------------------------------------------------- handlers
+
+
+class ServiceHandler(HubOAuthenticated, web.RequestHandler):
+    """Base: JSON in and out, the current *user* (never a service) or 403."""
+
+    @property
+    def service(self) -> DS01Service:
+        return self.settings["ds01_service"]
+
+    @property
+    def user(self) -> str:
+        return self.current_user["name"]
+
+    def get_login_url(self) -> str:
+        # API clients get a JSON 403, not a redirect to an HTML login page.
+        raise web.HTTPError(403, "a JupyterHub token with access to the ds01 service is required")
+
+    def prepare(self) -> None:
+        model = self.current_user
+        if model is None:
+            raise web.HTTPError(
+                403, "a JupyterHub token with access to the ds01 service is required"
+            )
+        if model.get("kind", "user") != "user":
+            raise web.HTTPError(403, "only users can use the ds01 service, not other services")
+
+    def check_xsrf_cookie(self) -> None:
+        # Token-authenticated API calls need no xsrf token; cookie (browser) sessions do.
+        if not self.request.headers.get("Authorization"):
+            super().check_xsrf_cookie()
+
+    def write_json(self, data: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(data))
+
+    def json_body(self) -> dict:
+        try:
+            body = json.loads(self.request.body or b"{}")
+        except json.JSONDecodeError as error:
+            raise web.HTTPError(400, f"the request body is not JSON: {error}") from None
+        if not isinstance(body, dict):
+            raise web.HTTPError(400, "the request body must be a JSON object")
+        return body
+
+    def operations(self) -> UserOperations:
+        return UserOperations(self.service.operations_context(), self.user)
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        error = kwargs.get("exc_info", (None, None, None))[1]
+        message = getattr(error, "log_message", None) or self._reason
+        hint = None
+        if isinstance(error, OperationError):
+            message, hint = error.message, error.hint
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({"error": message, "hint": hint, "status": status_code}))
+
+    def _handle_request_exception(self, error: BaseException) -> None:
+        """Refusals (bad input, not yours, over quota) answer with their status, unlogged; an
+        unreachable Docker engine is a 503 that says so (logged once per outage)."""
+        if isinstance(error, images.ImageError):
+            error = OperationError(str(error), error.hint, error.status)
+        elif engine_unreachable(error):
+            self.service.engine.lost(error)
+            error = OperationError(
+                f"the Docker engine is unreachable ({short_error(error)})",
+                "it is stopped or restarting; try again in a minute",
+                503,
+            )
+        if isinstance(error, OperationError) and not self._finished:
+            self.send_error(error.status, exc_info=(OperationError, error, None))
+        else:
+            super()._handle_request_exception(error)
+
+
+class MeHandler(ServiceHandler):
+    def get(self) -> None:
+        self.write_json({"name": self.user, "service": NOTEBOOK_SERVICE})
+
+
+class QuotaHandler(ServiceHandler):
+    async def get(self) -> None:
+        self.write_json(await self.operations().quota())
+
+
+class ContainersHandler(ServiceHandler):
+    async def get(self) -> None:
+        self.write_json(await self.operations().list_containers())
+
+
+class TemplatesHandler(ServiceHandler):
+    def get(self) -> None:
+        self.write_json([t.to_dict() for t in images.list_templates()])
+
+
+class ImagesHandler(ServiceHandler):
+    async def get(self) -> None:
+        found = await asyncio.to_thread(images.list_user_images, self.service.docker, self.user)
+        self.write_json([i.to_dict() for i in found])
+
+
+class ImageHandler(ServiceHandler):
+    async def delete(self, name: str) -> None:
+        images.validate_image_name(name)
+        tag = await asyncio.to_thread(
+            images.delete_user_image, self.service.docker, self.user, name
+        )
+        self.write_json({"deleted": tag})
+
+
+class BuildsHandler(ServiceHandler):
+    def get(self) -> None:
+        self.write_json([b.to_dict() for b in self.service.builds.for_user(self.user)])
+
+    async def post(self) -> None:
+        spec = images.spec_from_request(self.user, self.json_body())
+        existing = await asyncio.to_thread(images.list_user_images, self.service.docker, self.user)
+        images.check_image_quota(
+            (i.name for i in existing), spec.name, self.service.max_images_per_user
+        )
+        build = self.service.builds.start(spec)
+        self.write_json(build.to_dict(since=0), status=202)
+
+
+class BuildHandler(ServiceHandler):
+    def _build(self, build_id: str) -> Build:
+        build = self.service.builds.get(self.user, build_id)
+        if build is None:
+            raise OperationError(f"no build {build_id!r} of yours", status=404)
+        return build
+
+    def get(self, build_id: str) -> None:
+        since = int(self.get_argument("since", "0") or 0)
+        self.write_json(self._build(build_id).to_dict(since=since))
+
+
+class BuildStreamHandler(BuildHandler):
+    """Newline-delimited JSON events, flushed as they come, until the build ends."""
+
+    async def get(self, build_id: str) -> None:
+        build = self._build(build_id)
+        self.set_header("Content-Type", "application/x-ndjson")
+        self.set_header("Cache-Control", "no-cache")
+        sent = int(self.get_argument("since", "0") or 0)
+        while True:
+            waiter = build.changed
+            for event in build.events[sent:]:
+                self.write(json.dumps(event) + "\n")
+            sent = len(build.events)
+            await self.flush()
+            if build.finished:
+                break
+            await waiter.wait()
+        self.finish()
+
+
+class ProjectServerHandler(ServiceHandler):
+    """Start a container for a project: the one project step that needs the hub."""
+
+    async def post(self, project: str) -> None:
+        body = self.json_body()
+        last: dict = {}
+        async for event in self.operations().start(project, body.get("options"), create=True):
+            last = event
+        self.write_json(last.get("container") or last, status=201)
+
+
+class IndexHandler(ServiceHandler):
+    """A browser landing page (cookie login through the hub's OAuth)."""
+
+    get_login_url = HubOAuthenticated.get_login_url
+
+    def prepare(self) -> None:
+        """Authentication happens in ``@web.authenticated``, which redirects to the hub login."""
+
+    @web.authenticated
+    def get(self) -> None:
+        self.write_json({"service": NOTEBOOK_SERVICE, "user": self.user, "api": "api/"})
+
+
+# ---------------------------------------------------------------- application
+
+
+class DS01Service(Application):
+    """The ds01 hub-side service (a JupyterHub managed service)."""
+
+    name = "ds01hub-service"
+    description = "Hub-side ds01 service: quota, containers and image builds for notebooks"
+
+    base_image = Unicode(
+        help="""Image that user images are built FROM: the lab's single-user image.
+
+        Chosen by the admin only; users cannot pick another base.
+        Default: $DS01HUB_SINGLEUSER_IMAGE.
+        """
+    ).tag(config=True)
+
+    @default("base_image")
+    def _default_base_image(self) -> str:
+        return os.environ.get("DS01HUB_SINGLEUSER_IMAGE", "")
+
+    ca_bundle = Unicode(
+        "",
+        help="""PEM CA bundle trusted inside image builds (pip, requests, OpenSSL, apt).
+
+        Set it when the host reaches PyPI/Debian through a TLS-intercepting proxy, e.g.
+        /etc/ssl/certs/ca-certificates.crt. Empty: builds use the image's own CAs.
+        """,
+    ).tag(config=True)
+
+    max_images_per_user = Integer(10, help="How many images one user may keep (0 = no limit).").tag(
+        config=True
+    )
+
+    max_concurrent_builds = Integer(
+        2, help="Builds running at once across all users; more wait in a queue."
+    ).tag(config=True)
+
+    build_memory_limit = Integer(
+        4 * 1024**3, help="Memory (bytes) for each build step's container (0 = unlimited)."
+    ).tag(config=True)
+
+    limits_path = Unicode(
+        "",
+        help="resource-limits.yaml for quota answers. Empty: $DS01HUB_LIMITS or the default path.",
+    ).tag(config=True)
+
+    state_dir = Unicode(
+        help="""The spawner's state directory (default $DS01HUB_STATE_DIR, else
+        /var/lib/ds01hub): its label key and deployment id decide which containers are this
+        hub's (docs/architecture.md, "Trust: labels").""",
+    ).tag(config=True)
+
+    @default("state_dir")
+    def _default_state_dir(self) -> str:
+        return str(provenance.default_state_dir())
+
+    hub_api_url = Unicode(help="The hub API URL. Default: $JUPYTERHUB_API_URL.").tag(config=True)
+
+    @default("hub_api_url")
+    def _default_hub_api_url(self) -> str:
+        return os.environ.get("JUPYTERHUB_API_URL", "http://127.0.0.1:8081/hub/api")
+
+    service_url = Unicode(
+        help="Where to listen. Default: $JUPYTERHUB_SERVICE_URL (set by JupyterHub)."
+    ).tag(config=True)
+
+    @default("service_url")
+    def _default_service_url(self) -> str:
+        return os.environ.get("JUPYTERHUB_SERVICE_URL", f"http://127.0.0.1:{NOTEBOOK_PORT}")
+
+    service_prefix = Unicode(help="URL prefix. Default: $JUPYTERHUB_SERVICE_PREFIX.").tag(
+        config=True
+    )
+
+    @default("service_prefix")
+    def _default_service_prefix(self) -> str:
+        return os.environ.get("JUPYTERHUB_SERVICE_PREFIX", f"/services/{NOTEBOOK_SERVICE}/")
+
+    allow_project_servers = Bool(
+        True, help="Whether notebooks may ask for a container (named server) per project."
+    ).tag(config=True)
+
+    aliases = {
+        "base-image": "DS01Service.base_image",
+        "ca-bundle": "DS01Service.ca_bundle",
+        "limits": "DS01Service.limits_path",
+        "state-dir": "DS01Service.state_dir",
+    }
+
+    def initialize(self, argv: list[str] | None = None) -> None:
+        super().initialize(argv)
+        import docker
+
+        self.docker = docker.from_env()
+        self.trust = provenance.load(self.state_dir)
+        self.engine = EngineState(
+            f"the Docker engine at {engine_url()}",
+            self.log,
+            connect=docker.from_env,
+            ping_interval=2.0,
+        )
+        self.builds = BuildManager(self._run_build, max_concurrent=self.max_concurrent_builds)
+        self._limits_store = None
+
+    def _run_build(self, spec: images.ImageSpec) -> Iterable[images.BuildEvent]:
+        if not self.base_image:
+            raise images.ImageError(
+                "the ds01 service has no base image configured: set DS01Service.base_image"
+            )
+        return images.build_image(
+            self.docker,
+            spec,
+            self.base_image,
+            ca_bundle=Path(self.ca_bundle) if self.ca_bundle else None,
+            memory_limit=self.build_memory_limit or None,
+        )
+
+    def limits_for(self, user: str, groups: Iterable[str]):
+        """The user's resolved limits, or None when no limits file can be read (called on the
+        event loop: a changed file is re-read on the store's thread, the last good one used
+        meanwhile)."""
+        try:
+            from ds01hub.limits import LimitsError, LimitsStore, default_limits_path
+        except ImportError:
+            return None
+        if self._limits_store is None:
+            path = self.limits_path or default_limits_path()
+            if not Path(path).is_file():
+                return None
+            try:
+                self._limits_store = LimitsStore(path, log=self.log)
+            except LimitsError as error:
+                self.log.error("%s:\n%s", error.summary(), "\n".join(error.lines()))
+                return None
+        self._limits_store.reload(wait=False)
+        return self._limits_store.current.resolve(user, groups)
+
+    def operations_context(self) -> OperationsContext:
+        token = os.environ.get("JUPYTERHUB_API_TOKEN", "")
+        return OperationsContext(
+            hub=HubClient(self.hub_api_url, token),
+            docker=self.docker,
+            trust=self.trust,
+            limits_for=self.limits_for,
+            auto_create_users=False,
+        )
+
+    def make_app(self) -> web.Application:
+        prefix = self.service_prefix.rstrip("/") + "/"
+        api = prefix + "api/"
+        routes: list[tuple] = [
+            (prefix, IndexHandler),
+            (prefix + "oauth_callback", HubOAuthCallbackHandler),
+            (api + "me", MeHandler),
+            (api + "quota", QuotaHandler),
+            (api + "containers", ContainersHandler),
+            (api + "templates", TemplatesHandler),
+            (api + "images", ImagesHandler),
+            (api + r"images/([^/]+)", ImageHandler),
+            (api + "builds", BuildsHandler),
+            (api + r"builds/([0-9a-f]{32})", BuildHandler),
+            (api + r"builds/([0-9a-f]{32})/stream", BuildStreamHandler),
+        ]
+        if self.allow_project_servers:
+            routes.append((api + r"projects/([^/]+)/server", ProjectServerHandler))
+        return web.Application(
+            routes,
+            ds01_service=self,
+            hub_auth=HubOAuth(api_url=self.hub_api_url, cache_max_age=60),
+            cookie_secret=os.urandom(32),
+        )
+
+    def start(self) -> None:
+        url = urlparse(self.service_url)
+        server = HTTPServer(self.make_app())
+        server.listen(url.port or NOTEBOOK_PORT, url.hostname or "127.0.0.1")
+        self.log.info("ds01 service listening on %s%s", self.service_url, self.service_prefix)
+        try:
+            IOLoop.current().start()
+        except KeyboardInterrupt:  # JupyterHub stops managed services with SIGINT first
+            self.log.info("ds01 service stopping")
+        finally:
+            self.builds.shutdown()
+
+
+def main(argv: list[str] | None = None) -> None:
+    app = DS01Service.instance()
+    app.initialize(argv)
+    app.start()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,292 @@
+"""The ds01-ops JupyterHub managed service and the `ds01hub cull` command.
+
+One process per hub (`python -m ds01hub.services.ops`, registered by
+`ds01hub.hub.services.configure_ops`) runs the
+GPU-aware cull loop (`ds01hub.services.ops.culler`) with the lifecycle pass
+(`ds01hub.services.ops.lifecycle`), and serves the admin page (`ds01hub.services.ops.admin_page`)
+and the state metrics (`ds01hub.services.ops.metrics`) under
+`/services/ds01-ops/`. Why a service and not a task inside the hub: Docker, NVML and SQLite
+calls (slow on a busy engine) never stall the hub's event loop, a crash here never takes the
+hub down (JupyterHub restarts its managed services), and the same code runs from a shell as
+`ds01hub cull --once`, talking to the hub through the same REST API.
+
+It shares the spawner's state directory (`$DS01HUB_STATE_DIR`: allocator lock, reservations,
+`events.db`) and limits file, so it sees the same holdings and writes the same event log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from traitlets import Bool, Float, Integer, List, Unicode, default
+from traitlets.config import Application
+
+from ds01hub import provenance
+from ds01hub.engine import EngineState, engine_unreachable, engine_url
+from ds01hub.hub.services import OPS_PORT, OPS_SERVICE
+from ds01hub.provenance import default_state_dir
+from ds01hub.services.ops.culler import Culler, utcnow
+
+__all__ = ["OpsService", "build_components"]
+
+EVENTLOG_FILE = "events.db"  # the spawner's default too (DS01Spawner.event_log_path)
+
+
+@dataclass
+class Components:
+    """The long-lived objects one culler process works with."""
+
+    culler: Culler
+    allocator: Any
+    eventlog: Any
+    limits: Any
+    inventory: Any
+    engine: EngineState
+
+    def overview(self) -> dict[str, Any]:
+        """The admin page's model (blocking: Docker and SQLite). While the Docker engine is
+        unreachable the page says so (and since when) instead of failing; slot holders are
+        unknown until it answers."""
+        from ds01hub.services.ops.admin_page import overview
+
+        self.limits.reload()
+        try:
+            status = self.allocator.status()
+            self.engine.back()
+        except Exception as error:
+            if not engine_unreachable(error):
+                raise
+            self.engine.lost(error)
+            status = []
+        return overview(
+            status,
+            self.inventory,
+            self.eventlog,
+            self.culler.clock(),
+            config_error=self.limits.last_error,
+            pending_culls=self.culler.warnings.load().values(),
+            engine=self.engine,
+        )
+
+
+def build_components(
+    hub: Any,
+    docker_client: Any,
+    limits_path: str | os.PathLike,
+    state_dir: str | os.PathLike,
+    *,
+    remove_stopped: bool = True,
+    inventory: Any = None,
+    extra_labels: Iterable[str] = (),
+    clock: Callable[[], datetime] = utcnow,
+    **culler_options: Any,
+) -> Components:
+    """Wire limits (reloaded on change, last good kept), the GPU inventory, the event log
+    (`state_dir/events.db`, as the spawner's), the allocator, the lifecycle pass and the culler."""
+    from ds01hub.gpu.allocator import GpuAllocator, docker_lister
+    from ds01hub.gpu.eventlog import EventLog
+    from ds01hub.gpu.inventory import load_inventory
+    from ds01hub.limits import LimitsStore
+    from ds01hub.services.ops.lifecycle import Lifecycle
+
+    limits = LimitsStore(limits_path, log=culler_options.get("log"))
+    inventory = inventory or load_inventory(limits.current.gpu_allocation)
+    eventlog = EventLog(Path(state_dir) / EVENTLOG_FILE)
+    extra_labels = list(extra_labels)
+    trust = provenance.load(state_dir)
+    allocator = GpuAllocator(
+        docker_client,
+        inventory,
+        state_dir,
+        eventlog,
+        clock,
+        limits=limits,
+        container_lister=docker_lister(docker_client, extra_labels, trust=trust),
+        trust=trust,
+    )
+    lifecycle = (
+        Lifecycle(docker_client, allocator, limits, eventlog, extra_labels=extra_labels)
+        if remove_stopped
+        else None
+    )
+    culler = Culler(
+        hub,
+        docker_client,
+        inventory,
+        limits,
+        eventlog=eventlog,
+        state_dir=state_dir,
+        lifecycle=lifecycle,
+        extra_labels=extra_labels,
+        clock=clock,
+        trust=trust,
+        **culler_options,
+    )
+    name = f"the Docker engine at {engine_url()}"
+    engine = EngineState(
+        name, culler_options.get("log"), connect=_docker_from_env, ping_interval=2.0
+    )
+    return Components(culler, allocator, eventlog, limits, inventory, engine)
+
+
+def _docker_from_env() -> Any:
+    import docker
+
+    return docker.from_env()
+
+
+class OpsService(Application):
+    """The ds01-ops managed service: the cull loop, the admin page, the state metrics."""
+
+    name = "ds01hub-ops"
+    description = __doc__
+
+    @default("log_level")
+    def _default_log_level(self) -> int:
+        return logging.INFO  # every warning, cull and removal is worth a line in the hub log
+
+    interval = Float(300.0, help="Seconds between cull passes.").tag(config=True)
+    warn_before = Float(
+        600.0,
+        help="Warn users this many seconds before their server is culled (0: no warning).",
+    ).tag(config=True)
+    gpu_threshold = Float(
+        5.0, help="GPU utilisation (percent) at or above which a slot counts as busy."
+    ).tag(config=True)
+    cpu_threshold = Float(
+        10.0, help="CPU use (percent of one core) at or above which a container is busy."
+    ).tag(config=True)
+    gpu_samples = Integer(
+        3, help="NVML utilisation samples per pass; all must be under the threshold."
+    ).tag(config=True)
+    gpu_sample_interval = Float(1.0, help="Seconds between those samples.").tag(config=True)
+    dry_run = Bool(False, help="Decide and report, but stop, warn and remove nothing.").tag(
+        config=True
+    )
+    remove_stopped = Bool(
+        True,
+        help="Run the lifecycle pass: record expired GPU holds, remove containers stopped "
+        "longer than container_hold_after_stop (their workspace mounts are kept).",
+    ).tag(config=True)
+    limits_path = Unicode(
+        "", help="The resource-limits YAML (default: $DS01HUB_LIMITS, else /etc/ds01hub/...)."
+    ).tag(config=True)
+    state_dir = Unicode(
+        "",
+        help="Allocator state and event log (default: $DS01HUB_STATE_DIR, else "
+        "/var/lib/ds01hub); the same directory as the spawner's.",
+    ).tag(config=True)
+
+    extra_labels = List(
+        Unicode(),
+        help="Only containers with these labels too (`key=value`): one hub of several on an "
+        "engine. Default: every ds01-managed container.",
+    ).tag(config=True)
+
+    aliases = {
+        "interval": "OpsService.interval",
+        "warn-before": "OpsService.warn_before",
+        "limits": "OpsService.limits_path",
+        "state-dir": "OpsService.state_dir",
+    }
+    flags = {"dry-run": ({"OpsService": {"dry_run": True}}, "decide only, act on nothing")}
+
+    def start(self) -> None:
+        import docker
+        from prometheus_client import CollectorRegistry
+        from tornado.httpserver import HTTPServer
+        from tornado.ioloop import IOLoop
+
+        from ds01hub.hub.client import HubClient
+        from ds01hub.limits import default_limits_path
+        from ds01hub.services.ops.metrics import LimitsCollector, StateCollector
+
+        hub = HubClient(os.environ["JUPYTERHUB_API_URL"], os.environ["JUPYTERHUB_API_TOKEN"])
+        parts = build_components(
+            hub,
+            docker.from_env(),
+            self.limits_path or default_limits_path(),
+            self.state_dir or default_state_dir(),
+            remove_stopped=self.remove_stopped,
+            extra_labels=self.extra_labels,
+            warn_before=self.warn_before,
+            gpu_threshold=self.gpu_threshold,
+            cpu_threshold=self.cpu_threshold,
+            gpu_samples=self.gpu_samples,
+            gpu_sample_interval=self.gpu_sample_interval,
+            log=self.log,
+        )
+        self._reconcile(parts)
+        registry = CollectorRegistry()
+        registry.register(StateCollector(parts.allocator, parts.eventlog, parts.engine))
+        registry.register(LimitsCollector([parts.limits]))
+        app = make_web_app(parts, hub, registry)
+        url = os.environ.get("JUPYTERHUB_SERVICE_URL", f"http://127.0.0.1:{OPS_PORT}")
+        host, _, port = url.split("://", 1)[-1].split("/", 1)[0].rpartition(":")
+        HTTPServer(app).listen(int(port or OPS_PORT), host or "127.0.0.1")
+        loop = IOLoop.current()
+        loop.spawn_callback(parts.culler.run_forever, self.interval, self.dry_run, parts.engine)
+        self.log.info("ds01-ops on %s: culling every %.0fs", url, self.interval)
+        loop.start()
+
+    def _reconcile(self, parts: Components) -> None:
+        """At hub start (this service starts with the hub): remove what a killed hub left
+        that nothing claims (never-started containers), each with a `reconcile` event. The
+        lifecycle pass does it again on every cull pass."""
+        from ds01hub.gpu.allocator import AllocationStateError
+
+        try:
+            actions = parts.allocator.reconcile()
+        except AllocationStateError as error:
+            self.log.error("reconcile at start: %s", error)
+            return
+        for action in actions:
+            self.log.warning("reconcile: %s (%s): %s", action.container, action.user, action.reason)
+
+
+def make_web_app(parts: Components, hub: Any, registry: Any) -> Any:
+    """The service's routes: the admin page, its JSON, the metrics, the OAuth callback."""
+    from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler
+    from tornado import web
+
+    from ds01hub.services.ops.admin_page import AdminApiHandler, AdminPageHandler, MetricsHandler
+
+    prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", f"/services/{OPS_SERVICE}/")
+    prefix = prefix.rstrip("/") + "/"
+
+    async def is_admin(name: str) -> bool:
+        model = await hub.get_user(name, include_stopped=False)
+        return bool(model and model.get("admin"))
+
+    return web.Application(
+        [
+            (prefix, AdminPageHandler),
+            (prefix + "api/overview", AdminApiHandler),
+            (prefix + "metrics", MetricsHandler),
+            (prefix + "oauth_callback", HubOAuthCallbackHandler),
+        ],
+        hub_auth=HubOAuth(api_url=os.environ.get("JUPYTERHUB_API_URL"), cache_max_age=60),
+        cookie_secret=os.urandom(32),
+        ds01_overview=parts.overview,
+        ds01_is_admin=is_admin,
+        ds01_registry=registry,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m ds01hub.services.ops`: the managed service (see `hub.services.configure_ops`)."""
+    app = OpsService.instance()
+    app.initialize(argv)
+    with contextlib.suppress(KeyboardInterrupt):  # JupyterHub stops services with SIGINT first
+        app.start()
+
+
+if __name__ == "__main__":
+    main()
