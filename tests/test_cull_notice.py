@@ -7,9 +7,9 @@ import io
 import json
 
 import pytest
-from ds01hub.server_extension import cull_notice
 from IPython.core.interactiveshell import InteractiveShell
 
+from ds01hub.server_extension import cull_notice
 from ds01hub.services.ops.culler import CONTAINER_WARNING_PATH
 
 MESSAGE = "Your container 'thesis' will be stopped at 2026-12-01 15:00 UTC (idle for 2h)."

@@ -10,9 +10,10 @@ import sys
 import types
 
 import pytest
+from traitlets.config import Config
+
 from ds01hub.spawner import DS01Spawner
 from ds01hub.spawner import spawner as spawner_module
-from traitlets.config import Config
 
 
 def fake_hub_module(config: Config, spawner_class: type) -> tuple[types.ModuleType, object]:

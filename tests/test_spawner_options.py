@@ -8,6 +8,12 @@ from dataclasses import replace
 from html.parser import HTMLParser
 
 import pytest
+from harness import wait_until_async
+from harness.inspect_docs import TRUST
+
+from ds01hub.gpu.decision import Decision, Holding
+from ds01hub.gpu.inventory import Slot
+from ds01hub.limits import parse_limits
 from ds01hub.spawner.container_plan import ContainerPlan, recreate_reason
 from ds01hub.spawner.gpu_queue import GpuQueue, GpuWaitTimeout
 from ds01hub.spawner.options import (
@@ -22,12 +28,6 @@ from ds01hub.spawner.options import (
     render_form,
     resolve_choice,
 )
-from harness import wait_until_async
-from harness.inspect_docs import TRUST
-
-from ds01hub.gpu.decision import Decision, Holding
-from ds01hub.gpu.inventory import Slot
-from ds01hub.limits import parse_limits
 
 DEFAULT_IMAGE = "ds01hub/singleuser:latest"
 LIMITS = parse_limits(

@@ -4,12 +4,13 @@ browser test shows them rendered in JupyterLab), plus fast tests of their pure p
 import uuid
 
 import pytest
+from harness import free_port
+from harness.service_hub import start_server, start_service_hub
+
 from ds01hub.widgets import Ds01Client, Ds01Error, ImageBuilder, ProjectWizard, QuotaPanel
 from ds01hub.widgets.client import _loopback
 from ds01hub.widgets.common import human_bytes, human_seconds
 from ds01hub.widgets.quota_panel import containers_table, limits_table
-from harness import free_port
-from harness.service_hub import start_server, start_service_hub
 
 # ---------------------------------------------------------------- fast
 
