@@ -63,12 +63,21 @@ class Gate:
 
 
 async def test_build_manager_runs_one_build_per_user_and_keeps_events_in_order(tmp_path):
-    manager = BuildManager(_events("a", "b", "c"), tmp_path, max_concurrent=1)
+    release = threading.Event()  # ann's build runs until the refusal has been checked
+
+    def run(spec):
+        yield BuildEvent("log", "a", 0.3)
+        yield BuildEvent("log", "b", 0.6)
+        release.wait(30)
+        yield from _events("c")(spec)
+
+    manager = BuildManager(run, tmp_path, max_concurrent=1)
     build = manager.start(ImageSpec("ann", "one"))
     with pytest.raises(OperationError) as refused:
         manager.start(ImageSpec("ann", "two"))
     assert refused.value.status == 409
     other = manager.start(ImageSpec("ben", "one"))  # another user may build meanwhile (queued)
+    release.set()
     await _finish(build)
     await _finish(other)
     assert [e["text"] for e in build.events] == ["a", "b", "c", "built"]
