@@ -49,34 +49,6 @@ def paint(text: str, colour: str, enabled: bool) -> str:
 STATE_COLOURS = {"running": "green", "starting": "yellow", "stopping": "yellow", "stopped": "grey"}
 
 
-def format_duration(seconds: float | None) -> str:
-    """Seconds -> '2d 3h', '3h 12m', '4m 10s', '12s'; '-' for unknown (None)."""
-    if seconds is None:
-        return "-"
-    seconds = max(0, int(seconds))
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    if days:
-        return f"{days}d {hours}h"
-    if hours:
-        return f"{hours}h {minutes}m"
-    if minutes:
-        return f"{minutes}m {secs}s"
-    return f"{secs}s"
-
-
-def format_bytes(n: float | None) -> str:
-    """Bytes -> '1.5G', '512M', '12K'; '-' for unknown."""
-    if n is None:
-        return "-"
-    for unit, size in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
-        if n >= size:
-            value = n / size
-            return f"{value:.1f}{unit}" if value < 10 else f"{value:.0f}{unit}"
-    return f"{int(n)}B"
-
-
 def format_percent(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}%"
 

@@ -56,6 +56,7 @@ from ds01hub.cli.user.images import (
     run_image_update,
 )
 from ds01hub.cli.user.projects import configure_project_init, run_project_init
+from ds01hub.cli.user.views import quota_line
 from ds01hub.host import siteenv
 
 # ---- the table of commands ------------------------------------------------------------------
@@ -74,13 +75,7 @@ def run_user_setup(ctx: Context) -> int:
     """First-time onboarding: who you are, your quota, a project, an image, a container."""
     ctx.require_terminal("user-setup")
     me = ctx.backend.whoami()
-    quota = ctx.backend.quota()
-    limits = quota.get("limits") or {}
-    ctx.note(
-        f"Welcome, {me['user']}! Your group: {limits.get('group') or '-'}; "
-        f"GPUs: up to {limits.get('max_gpus', '-')}, "
-        f"containers: up to {limits.get('max_containers_per_user') or 'no limit'}."
-    )
+    ctx.note(f"Welcome, {me['user']}! {quota_line(ctx.backend.quota())}.")
     if ctx.ask("Set up a project now? [Y/n] ", "y").lower().startswith("y"):
         project_args = build_parser(COMMANDS["project-init"]).parse_args(["--guided"])
         run_project_init(dataclasses.replace(ctx, args=project_args))
