@@ -35,6 +35,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ds01hub.errors import Ds01hubError
 from ds01hub.mig import PROFILE_FORM, is_profile, parse_profile
 from ds01hub.strict_yaml import (
     Document,
@@ -135,7 +136,7 @@ class Problem:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-class LimitsError(ValueError):
+class LimitsError(Ds01hubError, ValueError):
     """The limits file cannot be used; `problems` lists every problem found (at most
     MAX_PROBLEMS, then one saying how many more). `str()` is bounded: it shows the first 20."""
 

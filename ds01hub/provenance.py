@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ds01hub import labels
+from ds01hub.errors import Ds01hubError
 
 __all__ = [
     "DEPLOYMENT_FILE",
@@ -66,8 +67,10 @@ DEPLOYMENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
-class ProvenanceError(RuntimeError):
+class ProvenanceError(Ds01hubError, RuntimeError):
     """The label key or deployment id cannot be used; the message names the file and the fix."""
+
+    status = 500  # the host's failure, not the caller's
 
 
 def default_state_dir() -> Path:

@@ -22,6 +22,8 @@ from collections.abc import Mapping
 from fractions import Fraction
 from typing import Any
 
+from ds01hub.errors import Ds01hubError
+
 __all__ = [
     "UnitError",
     "parse_size",
@@ -34,7 +36,7 @@ __all__ = [
 ]
 
 
-class UnitError(ValueError):
+class UnitError(Ds01hubError, ValueError):
     """A size or duration that cannot be read; the message says which forms are accepted."""
 
 

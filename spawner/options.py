@@ -19,6 +19,7 @@ from typing import Any
 
 import jinja2
 
+from ds01hub.errors import Ds01hubError
 from ds01hub.gpu.decision import GpuRequest, Holding
 from ds01hub.gpu.inventory import Slot
 from ds01hub.limits import ResolvedLimits
@@ -53,13 +54,15 @@ OVERRIDE_KEYS = ("image", "gpus", "mig", "max_cpus", "memory")
 _TEMPLATES = Path(__file__).with_name("templates")
 
 
-class OptionsError(ValueError):
+class OptionsError(Ds01hubError, ValueError):
     """A spawn option was refused: `key` and `value` say which, `allowed` what would do;
     `status` is the HTTP status the hub answers with (400 bad value, 403 not allowed)."""
 
     def __init__(self, key: str, value: Any, problem: str, allowed: str, status: int = 400):
-        self.key, self.value, self.allowed, self.status = key, value, allowed, status
-        super().__init__(f"spawn option {key!r}={value!r}: {problem}; allowed: {allowed}")
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(
+            f"spawn option {key!r}={value!r}: {problem}; allowed: {allowed}", status=status
+        )
 
 
 def _slugify(text: str) -> str:

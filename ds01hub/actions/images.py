@@ -37,6 +37,8 @@ from pathlib import Path
 
 import escapism
 
+from ds01hub.errors import Ds01hubError
+
 __all__ = [
     "CA_BUNDLE_IN_IMAGE",
     "TEMPLATES",
@@ -86,15 +88,9 @@ IMAGE_NAME_RE = re.compile(r"^[a-z0-9]+(?:[._-][a-z0-9]+)*$")
 _STEP_RE = re.compile(r"^Step (\d+)/(\d+) :")
 
 
-class ImageError(ValueError):
+class ImageError(Ds01hubError, ValueError):
     """An image request cannot be honoured; the message names the problem and the fix.
     `status` is the HTTP status that the ds01 service and the broker answer it with."""
-
-    status = 400
-
-    def __init__(self, message: str, hint: str | None = None):
-        super().__init__(message)
-        self.hint = hint
 
 
 class ImageNotFoundError(ImageError):

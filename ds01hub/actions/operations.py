@@ -24,6 +24,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from ds01hub import labels
+from ds01hub.errors import Ds01hubError
 from ds01hub.hub.client import HubClient, HubError, HubUnreachable
 from ds01hub.provenance import Provenance
 
@@ -44,18 +45,9 @@ LOGIN_SHELL = ["/bin/sh", "-c", "if [ -x /bin/bash ]; then exec /bin/bash -l; fi
 SPAWN_OPTION_KEYS = ("image", "gpus", "mig", "profile")
 
 
-class OperationError(Exception):
+class OperationError(Ds01hubError):
     """A user action failed: `message` says what, `hint` how to fix it; `status` is HTTP-like
     (400 bad input, 403 refused, 404 no such container, 409 conflict/over quota, 502 hub)."""
-
-    def __init__(self, message: str, hint: str | None = None, status: int = 400):
-        super().__init__(message)
-        self.message = message
-        self.hint = hint
-        self.status = status
-
-    def to_json(self) -> dict[str, Any]:
-        return {"error": self.message, "hint": self.hint, "status": self.status}
 
 
 # ---- the services behind every action, when they fail --------------------------------------
@@ -97,14 +89,18 @@ def hub_failure(error: HubError, doing: str | None = None) -> OperationError:
     return OperationError(f"{doing or 'the hub said'}: {error.message}", status=status)
 
 
-def named_error(error: BaseException, docker_where: str) -> OperationError | None:
+def named_error(error: BaseException, docker_where: str) -> Ds01hubError | None:
     """The one place where a failure of the services behind every action -- the hub's API and
     the Docker engine (docker-py over requests) -- gets its name and a hint; None when
-    `error` is none of those (a bug: the caller reports an internal error)."""
-    if isinstance(error, OperationError):
-        return error
+    `error` is none of those (a bug: the caller reports an internal error). A refusal (any
+    Ds01hubError under status 500, e.g. an ImageError) is its own name; a host's failure
+    (500: a state file that cannot be written) is an internal error, its paths not shown."""
     if isinstance(error, HubError):
         return hub_failure(error)
+    if isinstance(error, OperationError) or (
+        isinstance(error, Ds01hubError) and error.status < 500
+    ):
+        return error
     try:
         import docker.errors
         import requests.exceptions

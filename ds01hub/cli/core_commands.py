@@ -24,12 +24,14 @@ from ds01hub.cli.output import (
     EXIT_OK,
     CliError,
     Column,
+    exit_code,
     paint,
     print_error,
     print_json,
     render_table,
     use_colour,
 )
+from ds01hub.errors import Ds01hubError
 from ds01hub.limits import (
     ENV_LIMITS,
     LimitsConfig,
@@ -170,14 +172,14 @@ def _parse_date(text: str) -> datetime:
 
 
 def _guard(handler):
-    """Turn CliError into a message and an exit code, so every command fails the same way."""
+    """Turn an error into a message and an exit code, so every command fails the same way."""
 
     def run(args: argparse.Namespace) -> int:
         try:
             return handler(args)
-        except CliError as error:
+        except Ds01hubError as error:
             print_error(error)
-            return error.code
+            return exit_code(error)
 
     return run
 

@@ -74,6 +74,7 @@ from urllib.parse import parse_qsl, quote, urlencode
 
 from ds01hub.actions.images import image_repository
 from ds01hub.dockerproxy import build_context
+from ds01hub.errors import Ds01hubError
 from ds01hub.labels import (
     AIME_NAME,
     GPUS,
@@ -109,13 +110,11 @@ GPU_HINT = (
 )
 
 
-class Denied(Exception):  # noqa: N818 -- reads as a decision: raise Denied(403, "...")
+class Denied(Ds01hubError):  # noqa: N818 -- reads as a decision: raise Denied(403, "...")
     """A refused request: `status` and `message` go back to the client as Docker's JSON error."""
 
     def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
+        super().__init__(message, status=status)
 
 
 def forbid(message: str) -> Denied:

@@ -42,6 +42,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from ds01hub.errors import Ds01hubError, render
 from ds01hub.units import UnitError, format_duration, parse_duration
 
 GPU_GROUP = "ds01-gpu"
@@ -61,7 +62,7 @@ NODE_PATTERNS = (
 MAX_GRANT = 30 * 86400  # a month: longer is a permanent member, added by hand
 
 
-class GpuAccessError(RuntimeError):
+class GpuAccessError(Ds01hubError, RuntimeError):
     """A grant could not be made or ended; the message says why and what to do."""
 
 
@@ -369,7 +370,7 @@ def run_command(args: argparse.Namespace) -> int:
                 ],
             )
     except (GpuAccessError, UnitError) as error:
-        print(f"ds01hub grant-gpu-access: {error}", file=sys.stderr)
+        print(render(error, "ds01hub grant-gpu-access"), file=sys.stderr)
         return 1
     except subprocess.CalledProcessError as error:
         detail = (error.stderr or b"").decode(errors="replace").strip()

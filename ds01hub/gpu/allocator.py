@@ -51,6 +51,7 @@ from typing import Any
 
 from ds01hub import labels, provenance
 from ds01hub.engine import engine_unreachable
+from ds01hub.errors import Ds01hubError
 from ds01hub.gpu.decision import Decision, GpuRequest, Holding, decide, describe_holding
 from ds01hub.gpu.eventlog import EventLog, EventLogError, NewEvent
 from ds01hub.gpu.inventory import Inventory
@@ -88,9 +89,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-class AllocationStateError(RuntimeError):
+class AllocationStateError(Ds01hubError, RuntimeError):
     """The allocation state could not be written (nothing was changed); names the path and
     the reason."""
+
+    status = 500  # the host's failure, not the caller's
 
 
 def _read_boot_id() -> str:

@@ -305,9 +305,7 @@ class HubBackend:
         try:
             return self.loop.run_until_complete(awaitable)
         except HubError as e:
-            error = hub_failure(e)
-            code = EXIT_USAGE if error.status == 400 else EXIT_FAILURE
-            raise CliError(error.message, error.hint, code) from None
+            raise hub_failure(e) from None
 
     def user(self) -> str:
         if self._user is None:

@@ -16,12 +16,10 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from ds01hub.actions.operations import OperationError
 from ds01hub.cli.output import (
-    EXIT_FAILURE,
     EXIT_OK,
     EXIT_USAGE,
-    CliError,
+    exit_code,
     paint,
     print_error,
     use_colour,
@@ -57,6 +55,7 @@ from ds01hub.cli.user.images import (
 )
 from ds01hub.cli.user.projects import configure_project_init, run_project_init
 from ds01hub.cli.user.views import quota_line
+from ds01hub.errors import Ds01hubError
 from ds01hub.host import siteenv
 
 # ---- the table of commands ------------------------------------------------------------------
@@ -177,12 +176,9 @@ def run_command(
     ctx = Context(args, **context)
     try:
         code = command.run(ctx)
-    except CliError as e:
+    except Ds01hubError as e:
         print_error(e, ctx.stderr)
-        code = e.code
-    except OperationError as e:
-        code = EXIT_USAGE if e.status == 400 else EXIT_FAILURE
-        print_error(CliError(e.message, e.hint, code), ctx.stderr)
+        code = exit_code(e)
     except KeyboardInterrupt:
         ctx.stderr.write("\ninterrupted\n")
         return 130
@@ -198,7 +194,7 @@ def show_cull_warnings(ctx: Context) -> None:
         return
     try:
         warnings = ctx.backend.cull_warnings()
-    except (CliError, OSError, ValueError):
+    except (Ds01hubError, OSError, ValueError):
         return
     colour = use_colour(ctx.stderr)
     for warning in warnings or ():

@@ -98,34 +98,23 @@ class BrokerImages:
         return [i.to_dict() for i in found]
 
     async def delete(self, user: str, name: str) -> dict[str, Any]:
-        try:
-            tag = await asyncio.to_thread(images.delete_user_image, self.docker, user, name)
-        except images.ImageError as e:
-            raise refusal(e) from None
+        tag = await asyncio.to_thread(images.delete_user_image, self.docker, user, name)
         return {"deleted": tag, "tag": tag}
 
     async def build(self, user: str, body: dict[str, Any]):
         """Yield the build's events (ds01hub.actions.images.BuildEvent dicts); the last is
         done, a failure is an OperationError. Leaving early (the user's Ctrl-C) stops the
-        watching, not the build."""
-        try:
-            spec = images.spec_from_request(user, body)
-            existing = await self.list(user)
-            images.check_image_quota(
-                (i["name"] for i in existing), spec.name, self.broker.max_images_per_user
-            )
-        except images.ImageError as e:
-            raise refusal(e) from None
+        watching, not the build. Refusals are images.ImageErrors (named by named_error)."""
+        spec = images.spec_from_request(user, body)
+        existing = await self.list(user)
+        images.check_image_quota(
+            (i["name"] for i in existing), spec.name, self.broker.max_images_per_user
+        )
         build = self.builds.start(spec)
         async for event in build.follow():
             if event.get("kind") == "error":
                 raise OperationError(f"build failed: {event.get('text')}", status=422)
             yield event
-
-
-def refusal(error: images.ImageError) -> OperationError:
-    """An images.ImageError as the broker's answer: its message, hint and status."""
-    return OperationError(str(error), error.hint, error.status)
 
 
 def docker_socket_path() -> str:
@@ -289,7 +278,7 @@ class Broker(Application):
             caller = peer.identify(creds, self.admin_rule)
             return caller, acting_for(caller, requested_user, self.min_uid)
         except peer.IdentityError as e:
-            raise OperationError(e.message, e.hint, e.status) from None
+            raise OperationError(e.message, e.hint, e.status) from None  # the handlers' one type
 
     def connect_docker(self) -> Any:
         """A docker-py client of `docker_socket`. An engine that does not answer now is no

@@ -23,6 +23,7 @@ from ds01hub.actions.operations import (
     named_error,
     validate_name,
 )
+from ds01hub.errors import Ds01hubError
 from ds01hub.peer import Caller
 from ds01hub.services.broker.protocol import (
     EXEC_UPGRADE,
@@ -113,7 +114,7 @@ class BrokerHandler(web.RequestHandler):
             raise OperationError("request body must be a JSON object")
         return body
 
-    def send_operation_error(self, error: OperationError) -> None:
+    def send_operation_error(self, error: Ds01hubError) -> None:
         self.set_status(error.status)
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps(error.to_json()))
@@ -140,8 +141,8 @@ class BrokerHandler(web.RequestHandler):
             self.write(json.dumps({"event": "error", **error.to_json()}) + "\n")
         self.finish()
 
-    def named(self, error: BaseException | None) -> OperationError | None:
-        """`error` as a named OperationError (ds01hub.actions.operations.named_error), or None."""
+    def named(self, error: BaseException | None) -> Ds01hubError | None:
+        """`error` as a named error (ds01hub.actions.operations.named_error), or None."""
         if error is None:
             return None
         return named_error(error, self.broker.docker_url)

@@ -46,6 +46,7 @@ from ds01hub.actions import images
 from ds01hub.actions.builds import MAX_CONCURRENT_BUILDS, Build, BuildManager, docker_builder
 from ds01hub.actions.operations import OperationError, OperationsContext, UserOperations
 from ds01hub.engine import EngineState, engine_unreachable, engine_url, short_error
+from ds01hub.errors import Ds01hubError
 from ds01hub.hub.client import HubClient
 from ds01hub.hub.services import NOTEBOOK_PORT, NOTEBOOK_SERVICE
 
@@ -102,7 +103,7 @@ class ServiceHandler(HubOAuthenticated, web.RequestHandler):
         error = kwargs.get("exc_info", (None, None, None))[1]
         message = getattr(error, "log_message", None) or self._reason
         hint = None
-        if isinstance(error, OperationError):
+        if isinstance(error, Ds01hubError):
             message, hint = error.message, error.hint
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps({"error": message, "hint": hint, "status": status_code}))
@@ -110,17 +111,15 @@ class ServiceHandler(HubOAuthenticated, web.RequestHandler):
     def _handle_request_exception(self, error: BaseException) -> None:
         """Refusals (bad input, not yours, over quota) answer with their status, unlogged; an
         unreachable Docker engine is a 503 that says so (logged once per outage)."""
-        if isinstance(error, images.ImageError):
-            error = OperationError(str(error), error.hint, error.status)
-        elif engine_unreachable(error):
+        if engine_unreachable(error):
             self.service.engine.lost(error)
             error = OperationError(
                 f"the Docker engine is unreachable ({short_error(error)})",
                 "it is stopped or restarting; try again in a minute",
                 503,
             )
-        if isinstance(error, OperationError) and not self._finished:
-            self.send_error(error.status, exc_info=(OperationError, error, None))
+        if isinstance(error, Ds01hubError) and error.status < 500 and not self._finished:
+            self.send_error(error.status, exc_info=(type(error), error, None))
         else:
             super()._handle_request_exception(error)
 
