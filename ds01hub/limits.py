@@ -32,9 +32,9 @@ import re
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
+from ds01hub import paths
 from ds01hub.errors import Ds01hubError
 from ds01hub.mig import PROFILE_FORM, is_profile, parse_profile
 from ds01hub.strict_yaml import (
@@ -56,7 +56,6 @@ from ds01hub.units import (
 )
 
 __all__ = [
-    "DEFAULT_LIMITS_PATH",
     "GpuAllocationConfig",
     "LimitsConfig",
     "LimitsError",
@@ -66,13 +65,11 @@ __all__ = [
     "ResolvedLimits",
     "SimulatedGpuSpec",
     "SimulateConfig",
-    "default_limits_path",
+    "load_limits_or_defaults",
     "load_limits",
     "parse_limits",
 ]
 
-DEFAULT_LIMITS_PATH = Path("/etc/ds01hub/resource-limits.yaml")
-ENV_LIMITS = "DS01HUB_LIMITS"
 PRIORITY_RANGE = (1, 100)
 IPC_MODES = ("private", "shareable", "host", "none")
 STRATEGIES = ("spread", "pack")
@@ -100,12 +97,6 @@ MIG_MEMORY_SLICES = 8  # ... and its memory in 8 slices
 MAX_PROBLEMS = 100  # listed; more are counted
 MAX_WARNINGS = 50
 DEFAULT_PARSE_TIMEOUT = 10.0  # seconds a reload may take before it counts as failed
-
-
-def default_limits_path() -> Path:
-    """`$DS01HUB_LIMITS` when set, else /etc/ds01hub/resource-limits.yaml."""
-    env = os.environ.get(ENV_LIMITS)
-    return Path(env) if env else DEFAULT_LIMITS_PATH
 
 
 # --------------------------------------------------------------------------------------------
@@ -1246,6 +1237,18 @@ def load_limits(path: str | os.PathLike) -> LimitsConfig:
     return _guarded(file, lambda: _load(path, file))
 
 
+def load_limits_or_defaults(given: str | os.PathLike | None = None) -> LimitsConfig:
+    """The one behaviour for "no limits file", in every process and command: a file someone
+    named (`given`: a setting or --limits; or $DS01HUB_LIMITS) must exist; when nobody named
+    one and the default /etc/ds01hub/resource-limits.yaml does not exist, the built-in
+    defaults are in force (no limits, no simulated GPUs). A file that exists is read strictly:
+    any problem is a LimitsError."""
+    path = paths.limits_path(given)
+    if not paths.limits_named(given) and not path.exists():
+        return parse_limits({}, file=f"(built-in defaults: {path} does not exist)")
+    return load_limits(path)
+
+
 def _load(path: str | os.PathLike, file: str) -> LimitsConfig:
     document = _read_document(path, file)
     return _validate(document.data, file, document.line_of)
@@ -1258,7 +1261,10 @@ def _read_document(path: str | os.PathLike, file: str) -> Document:
     try:
         return read_yaml_file(path)
     except FileNotFoundError:
-        fix = f"create it (see config/resource-limits.yaml) or point --limits / ${ENV_LIMITS} at it"
+        fix = (
+            f"create it (see config/resource-limits.yaml) or point --limits / "
+            f"${paths.ENV_LIMITS} at it"
+        )
         raise LimitsError([problem("file not found", fix, "file-not-found")]) from None
     except OSError as error:
         message = f"cannot read: {error.strerror or type(error).__name__}"
@@ -1302,7 +1308,9 @@ class LimitsStore:
     `last_problems`, `reload_failures` / `last_reload_ok` (the metrics) and one bounded record
     in `log`. A parse that outlives its time limit still finishes on the store's thread; its
     outcome (new configuration or problems) then replaces the timeout report.
-    The first load must succeed (a hub must not start on a broken file): LimitsError.
+    The first load must succeed (a hub must not start on a broken file): LimitsError; no
+    file at all is `load_limits_or_defaults`'s rule. Once a file is in force, its removal is
+    a failed reload (the last good configuration stays): deleting it never lifts the limits.
     """
 
     def __init__(
@@ -1312,7 +1320,7 @@ class LimitsStore:
         parse_timeout: float = DEFAULT_PARSE_TIMEOUT,
         log: logging.Logger | logging.LoggerAdapter | None = None,
     ):
-        self.path = Path(path) if path is not None else default_limits_path()
+        self.path = paths.limits_path(path)
         self.parse_timeout = parse_timeout
         self.log = log or logging.getLogger(__name__)
         self._lock = threading.Lock()
@@ -1323,7 +1331,7 @@ class LimitsStore:
         self.reload_failures = 0
         self.last_reload_ok = True
         stamp = self._file_stamp()
-        first = self._executor.submit(load_limits, self.path)
+        first = self._executor.submit(load_limits_or_defaults, path)
         try:
             self._current: LimitsConfig = first.result(timeout=parse_timeout)
         except concurrent.futures.TimeoutError:

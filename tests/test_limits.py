@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from ds01hub import paths
 from ds01hub.limits import (
     LimitsError,
     LimitsStore,
-    default_limits_path,
     load_limits,
     parse_limits,
 )
@@ -243,9 +243,9 @@ def test_missing_file_says_how_to_point_at_one(tmp_path):
 
 def test_default_path_follows_the_environment(monkeypatch):
     monkeypatch.delenv("DS01HUB_LIMITS", raising=False)
-    assert default_limits_path() == Path("/etc/ds01hub/resource-limits.yaml")
+    assert paths.limits_path() == Path("/etc/ds01hub/resource-limits.yaml")
     monkeypatch.setenv("DS01HUB_LIMITS", "/srv/limits.yaml")
-    assert default_limits_path() == Path("/srv/limits.yaml")
+    assert paths.limits_path() == Path("/srv/limits.yaml")
 
 
 def test_docker_args_and_host_config_enforce_the_same_limits():

@@ -17,14 +17,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ds01hub import provenance
+from ds01hub import paths, provenance
 from ds01hub.cli import core_commands
 from ds01hub.dockerproxy import server
 from ds01hub.gpu import access
 from ds01hub.host import backup, bootstrap, demo, install, siteenv
 from ds01hub.host.bootstrap import BootstrapError
 from ds01hub.hub.services import OPS_SCOPES
-from ds01hub.provenance import default_state_dir
 from ds01hub.services.ops.app import Components, build_components
 from ds01hub.services.ops.culler import PassReport
 
@@ -87,7 +86,7 @@ def register_proxy(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--listen",
-        default="/run/ds01hub/docker.sock",
+        default=str(paths.DOCKER_PROXY_SOCKET),
         help="socket to serve (created mode 0666; default %(default)s)",
     )
     parser.add_argument(
@@ -116,7 +115,7 @@ def register_proxy(subparsers: argparse._SubParsersAction) -> None:
         metavar="DIR",
         type=Path,
         help="the hub's state directory, for its label key and deployment id (default: "
-        f"${provenance.ENV_STATE_DIR}, else {provenance.DEFAULT_STATE_DIR}); it must be the "
+        f"${paths.ENV_STATE_DIR}, else {paths.DEFAULT_STATE_DIR}); it must be the "
         "hub's, or containers made through the proxy are nobody's to the hub and vice versa",
     )
     parser.add_argument(
@@ -137,7 +136,7 @@ def register_proxy(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--state-dir",
-        default="/var/lib/ds01hub/proxy",
+        default=str(paths.PROXY_STATE_DIR),
         help="the proxy's own directory (created 0700): per-user lock files that make "
         "count-and-create atomic, also between proxy processes (default %(default)s)",
     )
@@ -217,7 +216,7 @@ def register_demo(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--broker-socket",
-        default="/run/ds01hub/broker.sock",
+        default=str(paths.BROKER_SOCKET),
         help="the broker's socket, which the users' commands talk to (default %(default)s)",
     )
     parser.add_argument(
@@ -312,7 +311,7 @@ def _cli_components(args: Any) -> Components:
 
     from ds01hub.cli.output import CliError
     from ds01hub.hub.client import HubClient
-    from ds01hub.limits import LimitsError, default_limits_path
+    from ds01hub.limits import LimitsError
 
     token = os.environ.get("JUPYTERHUB_API_TOKEN", "")
     if args.token_file:
@@ -341,8 +340,8 @@ def _cli_components(args: Any) -> Components:
         return build_components(
             HubClient(api_url, token),
             client,
-            args.limits or default_limits_path(),
-            args.state_dir or default_state_dir(),
+            args.limits,
+            paths.state_dir(args.state_dir),
             remove_stopped=not args.keep_stopped,
             extra_labels=args.label,
             warn_before=args.warn_before,
@@ -428,7 +427,7 @@ def _backup_arguments(parser: argparse.ArgumentParser) -> None:
         "--state-dir", help="the hub's state (default: $DS01HUB_STATE_DIR, else /var/lib/ds01hub)"
     )
     parser.add_argument("--config", action="store_true", help="also the site config (--config-dir)")
-    parser.add_argument("--config-dir", default="/etc/ds01hub", help="default %(default)s")
+    parser.add_argument("--config-dir", default=str(paths.CONFIG_DIR), help="default %(default)s")
     parser.add_argument("--json", action="store_true", help="print JSON")
 
 

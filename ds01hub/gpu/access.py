@@ -42,6 +42,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from ds01hub import paths
 from ds01hub.errors import Ds01hubError, render
 from ds01hub.units import UnitError, format_duration, parse_duration
 
@@ -335,7 +336,7 @@ def _pid_namespace(process: Path) -> str | None:
 
 
 def _state_dir(args: argparse.Namespace) -> Path:
-    return Path(args.state_dir or os.environ.get("DS01HUB_STATE_DIR") or "/var/lib/ds01hub")
+    return paths.state_dir(args.state_dir)
 
 
 def run_command(args: argparse.Namespace) -> int:

@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ds01hub import __version__
+from ds01hub import __version__, paths
 from ds01hub.errors import Ds01hubError, render
 
 MANIFEST = "manifest.json"
@@ -203,7 +203,7 @@ def restore(source: Path, state_dir: Path, config_dir: Path | None = None) -> di
 
 
 def _state_dir(args: argparse.Namespace) -> Path:
-    return Path(args.state_dir or os.environ.get("DS01HUB_STATE_DIR") or "/var/lib/ds01hub")
+    return paths.state_dir(args.state_dir)
 
 
 def _config_dir(args: argparse.Namespace) -> Path | None:

@@ -47,6 +47,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ds01hub import paths
 from ds01hub.errors import Ds01hubError, render
 
 SIMULATED_GPU_BIN = Path("/usr/local/lib/ds01hub/simulated-gpu-bin")
@@ -61,7 +62,6 @@ exit 0
 DOCKERD_LOG = Path("/var/log/ds01hub-dockerd.log")
 SYSTEMD_DROPIN = Path("/etc/systemd/system/docker.service.d/ds01hub-simulated-gpu.conf")
 STANDARD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-STATE_DIR = Path("/var/lib/ds01hub")
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 
 #: Debian packages for the host; the test tools drive a real browser and real terminals.
@@ -227,7 +227,7 @@ def run(command: Sequence[str], **kwargs) -> subprocess.CompletedProcess:
 
 def lock_file() -> Path:
     """Root's lock lives in /var/lib/ds01hub (not in world-writable /tmp); others' in ~/.cache."""
-    directory = STATE_DIR if os.geteuid() == 0 else Path.home() / ".cache" / "ds01hub"
+    directory = paths.DEFAULT_STATE_DIR if os.geteuid() == 0 else Path.home() / ".cache" / "ds01hub"
     directory.mkdir(parents=True, exist_ok=True)
     return directory / "bootstrap.lock"
 

@@ -54,6 +54,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from ds01hub import paths
 from ds01hub.errors import Ds01hubError, render
 from ds01hub.gpu import access as gpu_access
 from ds01hub.host import bootstrap, siteenv
@@ -98,8 +99,8 @@ class Layout:
     venv = property(lambda self: self.at("/opt/ds01hub/venv"))
     share = property(lambda self: self.at("/opt/ds01hub/share"))
     bindir = property(lambda self: self.at("/usr/local/bin"))
-    etc = property(lambda self: self.at("/etc/ds01hub"))
-    state = property(lambda self: self.at("/var/lib/ds01hub"))
+    etc = property(lambda self: self.at(str(paths.CONFIG_DIR)))
+    state = property(lambda self: self.at(str(paths.DEFAULT_STATE_DIR)))
     logs = property(lambda self: self.at("/var/log/ds01hub"))
     workspaces = property(lambda self: self.at("/srv/ds01hub/workspaces"))
     units = property(lambda self: self.at("/etc/systemd/system"))

@@ -26,9 +26,8 @@ from pathlib import Path
 from typing import TextIO
 
 from ds01hub.errors import Ds01hubError
+from ds01hub.paths import ENV_FILE, ENV_FILE_VARIABLE
 
-ENV_FILE = Path("/etc/ds01hub/ds01hub.env")
-ENV_FILE_VARIABLE = "DS01HUB_ENV_FILE"
 NAME_RE = re.compile(r"^DS01HUB_[A-Z0-9_]+$")
 _LINE_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
 

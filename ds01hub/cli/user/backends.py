@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
+from ds01hub import paths
 from ds01hub.actions.operations import (
     DEFAULT_PROJECT,
     OperationError,
@@ -459,7 +460,7 @@ def hub_url_from(env: dict[str, str]) -> str | None:
 def connect(act_for: str | None = None, env: dict[str, str] | None = None):
     """Pick the backend: an explicit hub URL with a token wins; else the broker's socket."""
     env = dict(os.environ if env is None else env)
-    socket_path = env.get("DS01HUB_BROKER_SOCKET", DEFAULT_SOCKET)
+    socket_path = env.get(paths.ENV_BROKER_SOCKET, DEFAULT_SOCKET)
     hub_url = hub_url_from(env)
     if env.get("DS01HUB_HUB_URL") or (hub_url and not os.path.exists(socket_path)):
         token = read_token(env)

@@ -30,7 +30,7 @@ from tornado.iostream import IOStream, StreamClosedError
 from traitlets import Bool, Float, Integer, List, Unicode, default
 from traitlets.config import Application
 
-from ds01hub import peer, provenance
+from ds01hub import paths, peer, provenance
 from ds01hub.actions import images
 from ds01hub.actions.builds import MAX_CONCURRENT_BUILDS, BuildManager, docker_builder
 from ds01hub.actions.operations import (
@@ -40,7 +40,6 @@ from ds01hub.actions.operations import (
 )
 from ds01hub.hub.client import HubClient
 from ds01hub.peer import Caller
-from ds01hub.provenance import default_state_dir
 from ds01hub.services.broker.handlers import (
     CleanupHandler,
     ContainerHandler,
@@ -253,7 +252,7 @@ class Broker(Application):
 
     @default("state_dir")
     def _state_dir_default(self) -> str:
-        return str(default_state_dir())
+        return str(paths.state_dir())
 
     @default("docker_socket")
     def _docker_socket_default(self) -> str:
@@ -311,9 +310,9 @@ class Broker(Application):
         stops without them (the spawner enforces limits), so a missing file only logs."""
         try:
             from ds01hub.gpu.inventory import load_inventory
-            from ds01hub.limits import LimitsStore, default_limits_path
+            from ds01hub.limits import LimitsStore
 
-            store = LimitsStore(self.limits_path or default_limits_path(), log=self.log)
+            store = LimitsStore(self.limits_path or None, log=self.log)
         except Exception as e:  # LimitsError: bounded, names the file, the lines and the fixes
             self.log.warning("limits unavailable (%s): no hold times or quotas shown", e)
             return None, None

@@ -30,7 +30,6 @@ import asyncio
 import json
 import os
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -41,7 +40,7 @@ from tornado.ioloop import IOLoop
 from traitlets import Bool, Integer, Unicode, default
 from traitlets.config import Application
 
-from ds01hub import provenance
+from ds01hub import paths, provenance
 from ds01hub.actions import images
 from ds01hub.actions.builds import MAX_CONCURRENT_BUILDS, Build, BuildManager, docker_builder
 from ds01hub.actions.operations import OperationError, OperationsContext, UserOperations
@@ -279,7 +278,7 @@ class DS01Service(Application):
 
     @default("state_dir")
     def _default_state_dir(self) -> str:
-        return str(provenance.default_state_dir())
+        return str(paths.state_dir())
 
     hub_api_url = Unicode(help="The hub API URL. Default: $JUPYTERHUB_API_URL.").tag(config=True)
 
@@ -343,15 +342,12 @@ class DS01Service(Application):
         event loop: a changed file is re-read on the store's thread, the last good one used
         meanwhile)."""
         try:
-            from ds01hub.limits import LimitsError, LimitsStore, default_limits_path
+            from ds01hub.limits import LimitsError, LimitsStore
         except ImportError:
             return None
         if self._limits_store is None:
-            path = self.limits_path or default_limits_path()
-            if not Path(path).is_file():
-                return None
             try:
-                self._limits_store = LimitsStore(path, log=self.log)
+                self._limits_store = LimitsStore(self.limits_path or None, log=self.log)
             except LimitsError as error:
                 self.log.error("%s:\n%s", error.summary(), "\n".join(error.lines()))
                 return None

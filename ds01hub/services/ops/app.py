@@ -28,10 +28,9 @@ from typing import Any
 from traitlets import Bool, Float, Integer, List, Unicode, default
 from traitlets.config import Application
 
-from ds01hub import provenance
+from ds01hub import paths, provenance
 from ds01hub.engine import EngineState, engine_unreachable, engine_url
 from ds01hub.hub.services import OPS_PORT, OPS_SERVICE
-from ds01hub.provenance import default_state_dir
 from ds01hub.services.ops.culler import Culler, utcnow
 
 __all__ = ["OpsService", "build_components"]
@@ -79,7 +78,7 @@ class Components:
 def build_components(
     hub: Any,
     docker_client: Any,
-    limits_path: str | os.PathLike,
+    limits_path: str | os.PathLike | None,
     state_dir: str | os.PathLike,
     *,
     remove_stopped: bool = True,
@@ -88,7 +87,8 @@ def build_components(
     clock: Callable[[], datetime] = utcnow,
     **culler_options: Any,
 ) -> Components:
-    """Wire limits (reloaded on change, last good kept), the GPU inventory, the event log
+    """Wire limits (`limits_path` as set, None for the default: reloaded on change, last good
+    kept; ds01hub.limits.load_limits_or_defaults), the GPU inventory, the event log
     (`state_dir/events.db`, as the spawner's), the allocator, the lifecycle pass and the culler."""
     from ds01hub.gpu.allocator import GpuAllocator, docker_lister
     from ds01hub.gpu.eventlog import EventLog
@@ -205,15 +205,14 @@ class OpsService(Application):
         from tornado.ioloop import IOLoop
 
         from ds01hub.hub.client import HubClient
-        from ds01hub.limits import default_limits_path
         from ds01hub.services.ops.metrics import LimitsCollector, StateCollector
 
         hub = HubClient(os.environ["JUPYTERHUB_API_URL"], os.environ["JUPYTERHUB_API_TOKEN"])
         parts = build_components(
             hub,
             docker.from_env(),
-            self.limits_path or default_limits_path(),
-            self.state_dir or default_state_dir(),
+            self.limits_path or None,
+            paths.state_dir(self.state_dir),
             remove_stopped=self.remove_stopped,
             extra_labels=self.extra_labels,
             warn_before=self.warn_before,

@@ -43,11 +43,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from ds01hub import labels, provenance
+from ds01hub import labels, paths, provenance
 from ds01hub.actions.operations import cpu_percent as docker_cpu_percent
 from ds01hub.actions.operations import project_to_server
 from ds01hub.engine import EngineState, engine_unreachable
-from ds01hub.provenance import Provenance, default_state_dir
+from ds01hub.provenance import Provenance
 from ds01hub.services.ops.warnings import CullWarning, WarningStore
 from ds01hub.units import human_duration
 
@@ -339,7 +339,7 @@ class Culler:
         self.inventory = inventory
         self.limits = limits
         self.eventlog = eventlog
-        state_dir = state_dir if state_dir is not None else default_state_dir()
+        state_dir = paths.state_dir(state_dir)
         self.warnings = WarningStore(state_dir)
         self.trust = trust or provenance.load(state_dir)
         self.lifecycle = lifecycle
