@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import escapism
 
+from ds01hub.units import utcnow
+
 if TYPE_CHECKING:
     from ds01hub.provenance import Provenance
 
@@ -156,7 +158,7 @@ def container_labels(
     created_at: datetime | None = None,
 ) -> dict[str, str]:
     """The full label set of a managed container (Docker labels are strings)."""
-    created = (created_at or datetime.now(UTC)).astimezone(UTC)
+    created = (created_at or utcnow()).astimezone(UTC)
     project = project or DEFAULT_PROJECT
     slots = format_slot_list(gpus)
     return {

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from fractions import Fraction
 from typing import Any
 
@@ -33,6 +34,7 @@ __all__ = [
     "format_duration",
     "human_duration",
     "quota_rows",
+    "utcnow",
 ]
 
 
@@ -196,3 +198,9 @@ def quota_rows(quota: Mapping[str, Any]) -> list[tuple[str, str, str]]:
             "until the container is removed" if hold is None else format_duration(hold),
         ),
     ]
+
+
+def utcnow() -> datetime:
+    """The one clock: now, timezone-aware, in UTC (what every timestamp ds01hub writes or
+    compares is). Components take a `clock` argument defaulting to it, so tests set time."""
+    return datetime.now(UTC)

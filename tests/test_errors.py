@@ -13,9 +13,8 @@ from ds01hub.cli.output import CliError, exit_code
 from ds01hub.errors import Ds01hubError, render
 from ds01hub.gpu.allocator import AllocationStateError
 
-# the tornado HTTPError of the server extension answers a request; the private ones are control
-# flow (a walk that stops, a spawn that restarts), never shown
-NOT_OURS = {"HintedError", "_Bad", "_SlotsLost", "_Stop"}
+# the private ones are control flow (a walk that stops, a spawn that restarts), never shown
+NOT_OURS = {"_Bad", "_SlotsLost", "_Stop"}
 
 
 def test_render_says_what_and_how_to_fix_it():

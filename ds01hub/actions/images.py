@@ -32,12 +32,13 @@ import tarfile
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 import escapism
 
 from ds01hub.errors import Ds01hubError
+from ds01hub.units import utcnow
 
 __all__ = [
     "CA_BUNDLE_IN_IMAGE",
@@ -396,7 +397,7 @@ def image_labels(
     spec: ImageSpec, base_image: str, *, now: datetime | None = None
 ) -> dict[str, str]:
     """The ``ds01.image.*`` labels recording owner, name, template and packages."""
-    built_at = (now or datetime.now(UTC)).isoformat(timespec="seconds")
+    built_at = (now or utcnow()).isoformat(timespec="seconds")
     return {
         f"{LABEL_PREFIX}user": spec.user,
         f"{LABEL_PREFIX}name": spec.name,

@@ -20,13 +20,14 @@ import re
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from ds01hub import labels
 from ds01hub.errors import Ds01hubError
 from ds01hub.hub.client import HubClient, HubError, HubUnreachable
 from ds01hub.provenance import Provenance
+from ds01hub.units import utcnow
 
 #: Container (project) names the users' commands accept.
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -92,15 +93,14 @@ def hub_failure(error: HubError, doing: str | None = None) -> OperationError:
 def named_error(error: BaseException, docker_where: str) -> Ds01hubError | None:
     """The one place where a failure of the services behind every action -- the hub's API and
     the Docker engine (docker-py over requests) -- gets its name and a hint; None when
-    `error` is none of those (a bug: the caller reports an internal error). A refusal (any
-    Ds01hubError under status 500, e.g. an ImageError) is its own name; a host's failure
-    (500: a state file that cannot be written) is an internal error, its paths not shown."""
+    `error` is none of those (a bug: the caller reports an internal error). Any other
+    Ds01hubError (a refusal such as an ImageError, a 503 naming a service that is down) is
+    its own name, except a host's failure (status 500: a state file that cannot be written),
+    an internal error whose paths are not shown."""
     if isinstance(error, HubError):
         return hub_failure(error)
-    if isinstance(error, OperationError) or (
-        isinstance(error, Ds01hubError) and error.status < 500
-    ):
-        return error
+    if isinstance(error, Ds01hubError):
+        return None if error.status == 500 else error
     try:
         import docker.errors
         import requests.exceptions
@@ -296,10 +296,6 @@ _GONE = {"removed": True, "already_gone": True}
 
 def _running(attrs: Mapping[str, Any]) -> bool:
     return bool((attrs.get("State") or {}).get("Running"))
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass

@@ -58,6 +58,7 @@ from ds01hub.gpu.inventory import Inventory
 from ds01hub.labels import ContainerRecord
 from ds01hub.limits import LimitsConfig, LimitsStore, ResolvedLimits, parse_limits
 from ds01hub.provenance import Provenance
+from ds01hub.units import utcnow
 
 __all__ = [
     "DEFAULT_RESERVATION_TTL",
@@ -72,7 +73,6 @@ __all__ = [
     "StartCheck",
     "docker_lister",
     "docker_remover",
-    "utcnow",
 ]
 
 DEFAULT_RESERVATION_TTL = 120.0
@@ -83,10 +83,6 @@ CREATOR_LABEL = labels.CREATOR
 _HOST = socket.gethostname()
 #: Holding states, strongest first: one container's several claims on a slot show as one.
 _STRENGTH = {"running": 0, "starting": 1, "reserved": 2, "stopped": 3}
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class AllocationStateError(Ds01hubError, RuntimeError):

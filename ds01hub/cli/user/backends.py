@@ -14,7 +14,7 @@ import json
 import os
 import socket
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -30,6 +30,7 @@ from ds01hub.actions.operations import (
 )
 from ds01hub.cli.output import EXIT_FAILURE, EXIT_USAGE, CliError
 from ds01hub.services.broker.protocol import API_PREFIX, DEFAULT_SOCKET, EXEC_UPGRADE
+from ds01hub.units import utcnow
 
 BROKER_BROKE_OFF = (
     "see what happened with container-list --all; if it persists, tell your admin "
@@ -337,7 +338,7 @@ class HubBackend:
         return servers
 
     def list_containers(self, include_stopped: bool) -> list[dict[str, Any]]:
-        now = datetime.now(UTC)
+        now = utcnow()
         rows = [
             server_view(server, server_to_project(name), now)
             for name, server in sorted(self._servers().items())
@@ -351,7 +352,7 @@ class HubBackend:
                 f"you have no container named {project!r}",
                 hint="see your containers with `container-list --all`",
             )
-        view = server_view(server, project, datetime.now(UTC))
+        view = server_view(server, project, utcnow())
         view["processes"] = None
         return view
 

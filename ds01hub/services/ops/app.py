@@ -31,7 +31,8 @@ from traitlets.config import Application
 from ds01hub import paths, provenance
 from ds01hub.engine import EngineState, engine_unreachable, engine_url
 from ds01hub.hub.services import OPS_PORT, OPS_SERVICE
-from ds01hub.services.ops.culler import Culler, utcnow
+from ds01hub.services.ops.culler import Culler
+from ds01hub.units import utcnow
 
 __all__ = ["OpsService", "build_components"]
 

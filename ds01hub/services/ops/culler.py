@@ -39,7 +39,7 @@ import tarfile
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,7 @@ from ds01hub.actions.operations import project_to_server
 from ds01hub.engine import EngineState, engine_unreachable
 from ds01hub.provenance import Provenance
 from ds01hub.services.ops.warnings import CullWarning, WarningStore
-from ds01hub.units import human_duration
+from ds01hub.units import human_duration, utcnow
 
 __all__ = [
     "CullPolicy",
@@ -61,10 +61,6 @@ __all__ = [
 ]
 
 CONTAINER_WARNING_PATH = "/tmp/ds01hub/cull-warning.txt"
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 # -- the decision (pure) -----------------------------------------------------------------------
