@@ -27,6 +27,7 @@ from ds01hub import labels
 from ds01hub.errors import Ds01hubError
 from ds01hub.hub.client import HubClient, HubError, HubUnreachable
 from ds01hub.provenance import Provenance
+from ds01hub.spawn_options import GPUS_OR_MIG, SPAWN_OPTION_KEYS, asks_gpus_and_mig
 from ds01hub.units import utcnow
 
 #: Container (project) names the users' commands accept.
@@ -43,7 +44,6 @@ DEFAULT_PROJECT = labels.DEFAULT_PROJECT
 LOGIN_SHELL = ["/bin/sh", "-c", "if [ -x /bin/bash ]; then exec /bin/bash -l; fi; exec /bin/sh -l"]
 
 #: The spawn `user_options` keys (docs/architecture.md "Spawn options"), as the browser's form.
-SPAWN_OPTION_KEYS = ("image", "gpus", "mig", "profile")
 
 
 class OperationError(Ds01hubError):
@@ -181,11 +181,8 @@ def spawn_options(requested: Mapping[str, Any]) -> dict[str, Any] | None:
             hint=f"known options: {', '.join(SPAWN_OPTION_KEYS)}",
         )
     options = {k: v for k, v in requested.items() if v is not None}
-    if "gpus" in options and "mig" in options:
-        raise OperationError(
-            "ask for whole GPUs (--gpus) or a MIG slice (--mig), not both",
-            hint="drop one of the two options",
-        )
+    if asks_gpus_and_mig(options):
+        raise OperationError(f"ask for {GPUS_OR_MIG}", hint="drop one of the two options")
     return options or None
 
 
