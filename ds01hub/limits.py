@@ -71,6 +71,16 @@ __all__ = [
 ]
 
 PRIORITY_RANGE = (1, 100)
+#: The docker-py keywords of ResolvedLimits.host_config() -> their Engine API HostConfig names.
+HOST_CONFIG_FIELDS = {
+    "nano_cpus": "NanoCpus",
+    "mem_limit": "Memory",
+    "memswap_limit": "MemorySwap",
+    "shm_size": "ShmSize",
+    "ipc_mode": "IpcMode",
+    "pids_limit": "PidsLimit",
+    "cgroup_parent": "CgroupParent",
+}
 IPC_MODES = ("private", "shareable", "host", "none")
 STRATEGIES = ("spread", "pack")
 # DS01 spellings of the strategies.
@@ -539,7 +549,9 @@ class ResolvedLimits:
         return args
 
     def host_config(self) -> dict[str, Any]:
-        """docker-py keyword arguments (containers.create / create_host_config) for these limits."""
+        """docker-py keyword arguments (containers.create / create_host_config) for these limits:
+        the one map from limits to a container's HostConfig (`api_host_config` names the same
+        entries as the Engine API does)."""
         config: dict[str, Any] = {}
         if self.max_cpus is not None:
             config["nano_cpus"] = int(round(self.max_cpus * 1e9))
@@ -555,6 +567,11 @@ class ResolvedLimits:
         if self.cgroup_parent is not None:
             config["cgroup_parent"] = self.cgroup_parent
         return config
+
+    def api_host_config(self) -> dict[str, Any]:
+        """`host_config()` in the Engine API's HostConfig names (`NanoCpus`, `Memory`, ...):
+        what the Docker proxy enforces and what a created container's inspect document shows."""
+        return {HOST_CONFIG_FIELDS[key]: value for key, value in self.host_config().items()}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: numbers in bytes/seconds, plus human spellings under `display`."""

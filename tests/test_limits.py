@@ -521,3 +521,26 @@ def refused_problems(path: Path) -> list:
     with pytest.raises(LimitsError) as caught:
         load_limits(path)
     return caught.value.problems
+
+
+def test_the_engine_api_names_are_what_docker_py_makes_of_the_keywords():
+    """ResolvedLimits.api_host_config (the proxy's and the spawner's recreate check) is the
+    HostConfig docker-py sends for host_config() (the spawner's create)."""
+    from docker.types import HostConfig
+
+    config = parse_limits(
+        {
+            "defaults": {
+                "max_cpus": 2.5,
+                "memory": "4g",
+                "shm_size": "1g",
+                "ipc_mode": "private",
+                "pids_limit": 512,
+                "cgroup_parent": "ds01.slice",
+            }
+        }
+    )
+    resolved = config.resolve("ann", ())
+    api = resolved.api_host_config()
+    sent = HostConfig("1.41", **resolved.host_config())
+    assert api == {key: sent[key] for key in api} and len(api) == 7
