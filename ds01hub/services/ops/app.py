@@ -194,24 +194,28 @@ class OpsService(Application):
     aliases = {
         "interval": "OpsService.interval",
         "warn-before": "OpsService.warn_before",
+        "gpu-threshold": "OpsService.gpu_threshold",
+        "cpu-threshold": "OpsService.cpu_threshold",
+        "gpu-samples": "OpsService.gpu_samples",
+        "gpu-sample-interval": "OpsService.gpu_sample_interval",
         "limits": "OpsService.limits_path",
         "state-dir": "OpsService.state_dir",
+        "label": "OpsService.extra_labels",
     }
-    flags = {"dry-run": ({"OpsService": {"dry_run": True}}, "decide only, act on nothing")}
+    flags = {
+        "dry-run": ({"OpsService": {"dry_run": True}}, "decide only, act on nothing"),
+        "keep-stopped": (
+            {"OpsService": {"remove_stopped": False}},
+            "skip the lifecycle pass (no stopped container is removed)",
+        ),
+    }
 
-    def start(self) -> None:
-        import docker
-        from prometheus_client import CollectorRegistry
-        from tornado.httpserver import HTTPServer
-        from tornado.ioloop import IOLoop
-
-        from ds01hub.hub.client import HubClient
-        from ds01hub.services.ops.metrics import LimitsCollector, StateCollector
-
-        hub = HubClient(os.environ["JUPYTERHUB_API_URL"], os.environ["JUPYTERHUB_API_TOKEN"])
-        parts = build_components(
+    def components(self, hub: Any, docker_client: Any) -> Components:
+        """The culler and its parts with this service's settings (the service's loop and
+        `ds01hub cull` alike)."""
+        return build_components(
             hub,
-            docker.from_env(),
+            docker_client,
             self.limits_path or None,
             paths.state_dir(self.state_dir),
             remove_stopped=self.remove_stopped,
@@ -223,6 +227,18 @@ class OpsService(Application):
             gpu_sample_interval=self.gpu_sample_interval,
             log=self.log,
         )
+
+    def start(self) -> None:
+        import docker
+        from prometheus_client import CollectorRegistry
+        from tornado.httpserver import HTTPServer
+        from tornado.ioloop import IOLoop
+
+        from ds01hub.hub.client import HubClient
+        from ds01hub.services.ops.metrics import LimitsCollector, StateCollector
+
+        hub = HubClient(os.environ["JUPYTERHUB_API_URL"], os.environ["JUPYTERHUB_API_TOKEN"])
+        parts = self.components(hub, docker.from_env())
         self._reconcile(parts)
         registry = CollectorRegistry()
         registry.register(StateCollector(parts.allocator, parts.eventlog, parts.engine))
