@@ -6,8 +6,10 @@ import html
 
 import ipywidgets as w
 
+from ds01hub.units import quota_rows
+
 from .client import Ds01Client, Ds01Error
-from .common import error_box, human_bytes, human_seconds, table
+from .common import error_box, table
 
 
 class QuotaPanel(w.VBox):
@@ -53,20 +55,7 @@ def limits_table(quota: dict) -> str:
     limits = quota.get("limits")
     if not limits:
         return "<i>No resource limits are configured for you.</i>"
-    cap = limits.get("max_containers_per_user")
-    rows = [
-        ["GPUs", f"{quota.get('gpus_held', 0)} held", limits.get("max_gpus")],
-        ["GPUs per container", "", limits.get("max_gpus_per_container")],
-        ["CPUs per container", "", limits.get("max_cpus") or "no limit"],
-        ["Memory per container", "", human_bytes(limits.get("memory"))],
-        [
-            "Containers",
-            f"{quota.get('running', 0)} running, {quota.get('containers', 0)} total",
-            cap if cap is not None else "no limit",
-        ],
-        ["Idle containers stopped after", "", human_seconds(limits.get("idle_timeout"))],
-        ["GPUs kept after stop", "", human_seconds(limits.get("gpu_hold_after_stop"))],
-    ]
+    rows = [list(row) for row in quota_rows(quota)]
     group = html.escape(str(limits.get("group") or "none"))
     return f"<div>Group: <b>{group}</b></div>" + table(["", "in use", "limit"], rows, "ds01-limits")
 

@@ -48,6 +48,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from ds01hub import paths
+from ds01hub.errors import Ds01hubError, render
 from ds01hub.units import UnitError, format_duration, parse_duration
 
 GPU_GROUP = "ds01-gpu"
@@ -71,7 +73,7 @@ DRIVER_OWNED_CAPS = ("nvidia-cap1", "nvidia-cap2")
 MAX_GRANT = 30 * 86400  # a month: longer is a permanent member, added by hand
 
 
-class GpuAccessError(RuntimeError):
+class GpuAccessError(Ds01hubError, RuntimeError):
     """A grant could not be made or ended; the message says why and what to do."""
 
 
@@ -346,7 +348,7 @@ def _pid_namespace(process: Path) -> str | None:
 
 
 def _state_dir(args: argparse.Namespace) -> Path:
-    return Path(args.state_dir or os.environ.get("DS01HUB_STATE_DIR") or "/var/lib/ds01hub")
+    return paths.state_dir(args.state_dir)
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -381,7 +383,7 @@ def run_command(args: argparse.Namespace) -> int:
                 ],
             )
     except (GpuAccessError, UnitError) as error:
-        print(f"ds01hub grant-gpu-access: {error}", file=sys.stderr)
+        print(render(error, "ds01hub grant-gpu-access"), file=sys.stderr)
         return 1
     except subprocess.CalledProcessError as error:
         detail = (error.stderr or b"").decode(errors="replace").strip()
