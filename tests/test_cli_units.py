@@ -596,6 +596,25 @@ def test_ctrl_c_while_waiting_says_the_work_goes_on():
     assert "waiting for a GPU: position 2" in err and "thesis goes on in the hub" in err
 
 
+def test_a_gpu_wait_shows_the_same_headline_as_the_spawn_page_with_a_countdown():
+    from datetime import UTC, datetime, timedelta
+
+    from ds01hub.gpu.messages import EVENT_KEY, Message
+
+    deadline = datetime.now(UTC) + timedelta(minutes=10)
+    said = Message("wait", "busy", "You are 2nd in line for a whole GPU.", deadline=deadline)
+
+    class Waiting(ScriptedBackend):
+        def start(self, project, options, create):
+            yield {"event": "progress", "message": "x", EVENT_KEY: said.to_dict()}
+            raise KeyboardInterrupt
+
+    code, _, err = run("container-create", ["thesis", "--gpus", "1"], Waiting())
+    assert code == 130
+    assert "You are 2nd in line for a whole GPU. (gives up in " in err
+    assert f"(at {deadline:%H:%M} UTC)" in err
+
+
 def test_stats_table_shows_use_against_limits():
     rows = [
         {

@@ -24,6 +24,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from ds01hub import labels
+from ds01hub.gpu.messages import EVENT_KEY, Message
 from ds01hub.hub.client import HubClient, HubError, HubUnreachable
 from ds01hub.provenance import Provenance
 
@@ -527,11 +528,15 @@ class UserOperations:
                     )
                 if event.get("ready"):
                     return
-                yield {
+                progress = {
                     "event": "progress",
                     "progress": event.get("progress"),
                     "message": event.get("message", ""),
                 }
+                said = Message.from_event(event)  # checked: the hub's event, passed on
+                if said is not None:
+                    progress[EVENT_KEY] = said.to_dict()
+                yield progress
         except HubError as e:
             raise hub_failure(e, f"could not follow the start of {project!r}") from None
 
