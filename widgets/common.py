@@ -41,7 +41,7 @@ def error_box(error: Exception) -> str:
 
 def human_bytes(value: int | None) -> str:
     if value is None:
-        return "no limit"
+        return "unlimited"
     size = float(value)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if size < 1024 or unit == "TiB":

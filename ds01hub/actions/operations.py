@@ -761,7 +761,7 @@ class UserOperations:
         model = await self._hub_user()
         rows = await self.list_containers()
         limits = self.limits(model.get("groups") or ())
-        gpus_held = sum(len(r["gpus"]) for r in rows if r["gpus"] and not r["gpus_released"])
+        held = [slot for r in rows if not r["gpus_released"] for slot in r["gpus"]]
         keys = (
             "group",
             "max_gpus",
@@ -779,5 +779,14 @@ class UserOperations:
             "limits": {k: getattr(limits, k, None) for k in keys} if limits else None,
             "containers": len(rows),
             "running": sum(1 for r in rows if r["state"] != "stopped"),
-            "gpus_held": gpus_held,
+            "gpus_held": len(held),
+            "gpus": [{"slot": slot, "name": self._slot_name(slot)} for slot in held],
         }
+
+    def _slot_name(self, slot_id: str) -> str:
+        """'NVIDIA A100 80GB', '... (SIMULATED)'; 'GPU' for a slot this machine no longer has."""
+        inventory = self.ctx.inventory
+        if inventory is None or not inventory.has_slot(slot_id):
+            return "GPU"
+        slot = inventory.slot(slot_id)
+        return slot.name + (" (SIMULATED)" if slot.simulated else "")
