@@ -592,7 +592,7 @@ class DS01Spawner(DockerSpawner):
             {
                 "progress": progress,
                 "message": message.headline,
-                "html_message": message.html(self._form_url()),
+                "html_message": message.html(),
                 messages.EVENT_KEY: message.to_dict(),
             }
         )

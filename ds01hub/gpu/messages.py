@@ -115,7 +115,8 @@ class Message:
     def html(self, back_url: str | None = None) -> str:
         """The same message for a web page (everything escaped): the headline in bold, a
         countdown element a page script can tick (`data-ds01-deadline`, ISO UTC), the action,
-        the details folded behind a 'details' line, and a link back to the options form."""
+        the details folded behind a 'details' line, and a link back to the options form (for
+        a refusal: while a start waits, the hub's page offers "Stop Server" instead)."""
         parts = [f'<div class="ds01-message ds01-{html.escape(self.kind)}">']
         parts.append(f'<strong class="ds01-headline">{html.escape(self.headline)}</strong>')
         if self.deadline is not None:
@@ -133,9 +134,9 @@ class Message:
                 f'<ul class="small mb-0">{items}</ul></details>'
             )
         if back_url:
-            label = "Choose something else" if self.refused else "Cancel and choose something else"
             parts.append(
-                f'<div><a class="ds01-back" href="{html.escape(back_url)}">{label}</a></div>'
+                f'<div><a class="ds01-back" href="{html.escape(back_url)}">'
+                "Choose something else</a></div>"
             )
         parts.append("</div>")
         return "".join(parts)
@@ -333,7 +334,7 @@ def wait_message(situation: Situation, now: datetime) -> Message:
     free = _free_now(situation)
     if free:
         tail = _free_phrase(free)
-        action = "Keep waiting, or cancel and pick what is free (or no GPU) in the options."
+        action = "Keep waiting, or stop this start and pick what is free (or no GPU)."
     else:
         total = _of_kind(situation)
         tail = f"all {total} are in use" if total > 1 else "it is in use"
@@ -341,7 +342,7 @@ def wait_message(situation: Situation, now: datetime) -> Message:
             tail += f"; one is expected at {situation.expected:%H:%M} UTC"
         elif decision.earliest_expiry is not None:
             tail += f"; the first hold ends at {decision.earliest_expiry:%H:%M} UTC at the latest"
-        action = "Your server starts as soon as one is released; keep this page open or come back."
+        action = "Your server starts as soon as one is released."
     headline = f"You are {place} in line for {wanted}{_sim(situation)}; {tail}."
     details = [
         f"queue: position {situation.position or 1} of {situation.waiting or 1} "
