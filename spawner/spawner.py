@@ -602,12 +602,15 @@ class DS01Spawner(DockerSpawner):
     def _refusal(self, message: messages.Message, status: int) -> SpawnException:
         """A spawn refused with a message for people: plain text for the API and the CLI, HTML
         (details folded, a link back to the form) for the hub's pages."""
-        return SpawnException(
-            message.text(),
-            reason=message.code,
-            status_code=status,
-            message_html=message.html(self._form_url()),
+        html = message.html(self._form_url())
+        error = SpawnException(
+            message.text(), reason=message.code, status_code=status, message_html=html
         )
+        # what the hub's progress stream and its "spawn failed" page show (else str(error):
+        # "503 SpawnException(reason=...)")
+        error.jupyterhub_message = message.text()
+        error.jupyterhub_html_message = html
+        return error
 
     async def _record_failure(self, reason: str) -> None:
         await self._record_event("spawn-failure", reason)
