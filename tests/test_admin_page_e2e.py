@@ -7,8 +7,8 @@ from __future__ import annotations
 import os
 import re
 import uuid
-from pathlib import Path
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 import requests
