@@ -31,7 +31,7 @@ import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -280,7 +280,24 @@ def _environment() -> jinja2.Environment:
             jinja2.FileSystemLoader([str(TEMPLATES), hub_templates]),
         ]
     )
-    return jinja2.Environment(loader=loader, autoescape=True, undefined=jinja2.StrictUndefined)
+    environment = jinja2.Environment(
+        loader=loader, autoescape=True, undefined=jinja2.StrictUndefined
+    )
+    environment.filters["when"] = when
+    return environment
+
+
+def when(stamp: str | None) -> str:
+    """An ISO time of the model as people read it: '2026-03-04 12:00 UTC'; '-' for none."""
+    if not stamp:
+        return "-"
+    try:
+        moment = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    except ValueError:
+        return stamp
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC)
+    return f"{moment:%Y-%m-%d %H:%M} UTC"
 
 
 _STATE_BADGES = {
