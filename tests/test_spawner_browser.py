@@ -130,7 +130,7 @@ def test_the_form_the_wait_and_the_refusal_say_what_the_allocator_says(
         )
         details = page.locator("#progress-message details.ds01-details")
         assert details.get_attribute("open") is None  # folded behind "details"
-        assert details.inner_text().count(": filler (f") == 4  # who holds the whole GPUs
+        assert details.text_content().count(": filler (f") == 4  # who holds the whole GPUs
         page.screenshot(path=str(SCREENSHOTS / "spawn-wait.png"), full_page=True)
         page.click("#stop-server-btn")  # the way out of a wait: the hub's own button
         wait_until(lambda: hub.server(waiter) is None, 60, 0.5, hub.log)
