@@ -441,8 +441,8 @@ def refusal_message(situation: Situation) -> Message:
     else:
         headline = f"{_first_upper(wanted)} cannot be given to you."
         action = "Change what you ask for and try again."
-    if decision.reason:
-        details.append(f"allocator: {decision.reason}")
+    if decision.reason and decision.code not in ("user_limit", "per_container_limit"):
+        details.append(f"allocator: {decision.reason}")  # the others' facts are listed above
     details.extend(situation.notes)
     return Message("refused", decision.code, headline, action, tuple(details))
 

@@ -177,8 +177,10 @@ TEMPLATES = Path(__file__).with_name("templates")
 
 def configure_pages(c: Any) -> None:
     """The hub's pages with ds01hub's additions (`c.JupyterHub.template_paths`): a "GPUs"
-    navbar entry for admins (the ds01-ops page), and the spawn-pending page that ticks a GPU
-    wait's countdown. Each extends JupyterHub's own template (`templates/...`)."""
+    navbar entry for admins (the ds01-ops page), the spawn-pending page that ticks a GPU
+    wait's countdown, and the spawn page that shows a refusal's HTML message (details folded,
+    a way back) instead of its plain text. Each extends JupyterHub's own template
+    (`templates/...`)."""
     paths = c.JupyterHub.template_paths
     if isinstance(paths, list):
         if str(TEMPLATES) not in paths:
