@@ -25,6 +25,7 @@ from typing import Any
 
 from ds01hub import labels
 from ds01hub.errors import Ds01hubError
+from ds01hub.gpu.messages import EVENT_KEY, Message
 from ds01hub.hub.client import HubClient, HubError, HubUnreachable
 from ds01hub.provenance import Provenance
 from ds01hub.spawn_options import GPUS_OR_MIG, SPAWN_OPTION_KEYS, asks_gpus_and_mig
@@ -516,11 +517,15 @@ class UserOperations:
                     )
                 if event.get("ready"):
                     return
-                yield {
+                progress = {
                     "event": "progress",
                     "progress": event.get("progress"),
                     "message": event.get("message", ""),
                 }
+                said = Message.from_event(event)  # checked: the hub's event, passed on
+                if said is not None:
+                    progress[EVENT_KEY] = said.to_dict()
+                yield progress
         except HubError as e:
             raise hub_failure(e, f"could not follow the start of {project!r}") from None
 
@@ -745,7 +750,7 @@ class UserOperations:
         model = await self._hub_user()
         rows = await self.list_containers()
         limits = self.limits(model.get("groups") or ())
-        gpus_held = sum(len(r["gpus"]) for r in rows if r["gpus"] and not r["gpus_released"])
+        held = [slot for r in rows if not r["gpus_released"] for slot in r["gpus"]]
         keys = (
             "group",
             "max_gpus",
@@ -763,5 +768,14 @@ class UserOperations:
             "limits": {k: getattr(limits, k, None) for k in keys} if limits else None,
             "containers": len(rows),
             "running": sum(1 for r in rows if r["state"] != "stopped"),
-            "gpus_held": gpus_held,
+            "gpus_held": len(held),
+            "gpus": [{"slot": slot, "name": self._slot_name(slot)} for slot in held],
         }
+
+    def _slot_name(self, slot_id: str) -> str:
+        """'NVIDIA A100 80GB', '... (SIMULATED)'; 'GPU' for a slot this machine no longer has."""
+        inventory = self.ctx.inventory
+        if inventory is None or not inventory.has_slot(slot_id):
+            return "GPU"
+        slot = inventory.slot(slot_id)
+        return slot.name + (" (SIMULATED)" if slot.simulated else "")

@@ -12,6 +12,7 @@ Each takes `--limits FILE` (default: $DS01HUB_LIMITS, else /etc/ds01hub/resource
 from __future__ import annotations
 
 import argparse
+import csv
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -157,7 +158,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help=STATE_DIR_HELP,
     )
-    usage.add_argument("--json", action="store_true", help="print JSON")
+    formats = usage.add_mutually_exclusive_group()
+    formats.add_argument("--json", action="store_true", help="print JSON")
+    formats.add_argument(
+        "--csv",
+        action="store_true",
+        help="print CSV (user or group, gpu_hours) for a spreadsheet; names that a spreadsheet "
+        "would run as a formula are quoted with a leading '",
+    )
     usage.set_defaults(handler=_guard(cmd_usage))
 
 
@@ -469,6 +477,12 @@ def _state_colour(state: str | None) -> str | None:
     return colours.get(state or "")
 
 
+def _spreadsheet_safe(text: str) -> str:
+    """A cell a spreadsheet shows as text, never runs: names are users' and groups' (OWASP
+    "CSV injection": a leading = + - @ tab or CR starts a formula)."""
+    return f"'{text}" if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
 def cmd_usage(args: argparse.Namespace) -> int:
     from ds01hub.gpu.eventlog import EventLog
 
@@ -482,6 +496,11 @@ def cmd_usage(args: argparse.Namespace) -> int:
     ranked = sorted(hours.items(), key=lambda item: (-item[1], item[0]))
     if args.json:
         print_json({"by": args.by, "since": args.since, "gpu_hours": dict(ranked)})
+        return EXIT_OK
+    if args.csv:
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow([args.by, "gpu_hours"])
+        writer.writerows([_spreadsheet_safe(who), f"{value:.4f}"] for who, value in ranked)
         return EXIT_OK
     if not ranked:
         print("no GPU time recorded" + (f" since {args.since:%Y-%m-%d}" if args.since else ""))

@@ -7,6 +7,7 @@ import argparse
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from ds01hub.actions.operations import OperationError, validate_name
@@ -17,6 +18,7 @@ from ds01hub.cli.output import (
     use_colour,
 )
 from ds01hub.cli.user import backends
+from ds01hub.gpu.messages import Message
 from ds01hub.spawn_options import SPAWN_OPTION_KEYS
 
 
@@ -163,6 +165,10 @@ def follow(ctx: Context, events: Iterable[dict[str, Any]], what: str) -> dict[st
                 final = event
                 continue
             message = event.get("message") or event.get("text") or ""
+            said = Message.from_event(event)  # a wait: its headline and a countdown
+            if said is not None:
+                countdown = said.countdown(datetime.now(UTC))
+                message = f"{said.headline} ({countdown})" if countdown else said.headline
             progress = event.get("progress")
             if isinstance(progress, float) and progress <= 1.0 and kind in ("step", "log"):
                 progress = progress * 100

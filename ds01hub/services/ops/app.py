@@ -50,10 +50,10 @@ class Components:
     inventory: Any
     engine: EngineState
 
-    def overview(self) -> dict[str, Any]:
+    def overview(self, queue: Iterable[dict[str, Any]] = ()) -> dict[str, Any]:
         """The admin page's model (blocking: Docker and SQLite). While the Docker engine is
         unreachable the page says so (and since when) instead of failing; slot holders are
-        unknown until it answers."""
+        unknown until it answers. `queue`: the starts waiting for a GPU (from the hub)."""
         from ds01hub.services.ops.admin_page import overview
 
         self.limits.reload()
@@ -73,6 +73,7 @@ class Components:
             config_error=self.limits.last_error,
             pending_culls=self.culler.warnings.load().values(),
             engine=self.engine,
+            queue=queue,
         )
 
 
@@ -272,7 +273,12 @@ def make_web_app(parts: Components, hub: Any, registry: Any) -> Any:
     from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler
     from tornado import web
 
-    from ds01hub.services.ops.admin_page import AdminApiHandler, AdminPageHandler, MetricsHandler
+    from ds01hub.services.ops.admin_page import (
+        AdminApiHandler,
+        AdminPageHandler,
+        MetricsHandler,
+        queue_rows,
+    )
 
     prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", f"/services/{OPS_SERVICE}/")
     prefix = prefix.rstrip("/") + "/"
@@ -280,6 +286,10 @@ def make_web_app(parts: Components, hub: Any, registry: Any) -> Any:
     async def is_admin(name: str) -> bool:
         model = await hub.get_user(name, include_stopped=False)
         return bool(model and model.get("admin"))
+
+    async def queue() -> list[dict[str, Any]]:
+        """Starts pending in the hub (only users with a server that is active)."""
+        return queue_rows(await hub.request("GET", "/users", params={"state": "active"}) or [])
 
     return web.Application(
         [
@@ -292,6 +302,7 @@ def make_web_app(parts: Components, hub: Any, registry: Any) -> Any:
         cookie_secret=os.urandom(32),
         ds01_overview=parts.overview,
         ds01_is_admin=is_admin,
+        ds01_queue=queue,
         ds01_registry=registry,
     )
 
