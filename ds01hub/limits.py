@@ -35,6 +35,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ds01hub.mig import PROFILE_FORM, is_profile, parse_profile
 from ds01hub.strict_yaml import (
     Document,
     KeyPath,
@@ -59,7 +60,6 @@ __all__ = [
     "LimitsConfig",
     "LimitsError",
     "LimitsStore",
-    "MIG_PROFILE_RE",
     "Policies",
     "Problem",
     "ResolvedLimits",
@@ -96,9 +96,6 @@ MAX_SIMULATED_GPUS = 64
 MIN_GPU_MEMORY, MAX_GPU_MEMORY = 1 << 30, 1 << 40  # a simulated GPU: 1g .. 1t
 MIG_COMPUTE_SLICES = 7  # every MIG-capable GPU has at most 7 compute slices ...
 MIG_MEMORY_SLICES = 8  # ... and its memory in 8 slices
-# NVIDIA's GPU instance profiles: N compute slices (1, 2, 3, 4 or 7) and M GB; `+me` adds the
-# media engines. Examples: 1g.10gb, 2g.20gb, 3g.40gb, 7g.80gb, 1g.10gb+me, 1g.18gb (H200).
-MIG_PROFILE_RE = re.compile(r"^([12347])g\.([1-9][0-9]{0,3})gb(\+me)?$")
 MAX_PROBLEMS = 100  # listed; more are counted
 MAX_WARNINGS = 50
 DEFAULT_PARSE_TIMEOUT = 10.0  # seconds a reload may take before it counts as failed
@@ -798,13 +795,13 @@ def _read_mig(
     if len(mig) > MIG_COMPUTE_SLICES:
         out.problem(path, mig, f"more than {MIG_COMPUTE_SLICES} MIG instances", fix, "mig-capacity")
         return None
-    bad = [p for p in mig if not isinstance(p, str) or not MIG_PROFILE_RE.match(p)]
+    bad = [p for p in mig if not is_profile(p)]
     if bad:
         out.problem(
             path,
             bad,
             "bad MIG profile",
-            "use NVIDIA's profile names: <1|2|3|4|7>g.<GB>gb, e.g. 1g.10gb, 2g.20gb, 3g.40gb",
+            f"use NVIDIA's profile names: {PROFILE_FORM}",
         )
         return None
     return tuple(mig)
@@ -817,9 +814,9 @@ def _check_mig_capacity(
     memory (its name's GB, rounded as NVIDIA rounds it) fits in the GPU's."""
     compute = memory_slices = 0
     for profile in profiles:
-        match = MIG_PROFILE_RE.match(profile)
-        assert match is not None  # checked by _read_mig
-        slices, gigabytes = int(match.group(1)), int(match.group(2))
+        parsed = parse_profile(profile)
+        assert parsed is not None  # checked by _read_mig
+        slices, gigabytes = parsed.slices, parsed.gigabytes
         if gigabytes * 1024 > memory_mb * 1.05:
             out.problem(
                 path,
@@ -859,12 +856,12 @@ def _read_gpu_allocation(section: Any, out: _Collector) -> GpuAllocationConfig:
         out.problem(path + ("enable_mig",), enable_mig, "bad value", "use true or false")
         enable_mig = True
     profile = section.get("mig_profile")
-    if profile is not None and not (isinstance(profile, str) and MIG_PROFILE_RE.match(profile)):
+    if profile is not None and not is_profile(profile):
         out.problem(
             path + ("mig_profile",),
             profile,
             "bad MIG profile",
-            "use NVIDIA's profile name: <1|2|3|4|7>g.<GB>gb, e.g. 2g.20gb",
+            f"use NVIDIA's profile name: {PROFILE_FORM}",
         )
         profile = None
     given = section.get("strategy", "spread")

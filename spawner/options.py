@@ -22,6 +22,7 @@ import jinja2
 from ds01hub.gpu.decision import GpuRequest, Holding
 from ds01hub.gpu.inventory import Slot
 from ds01hub.limits import ResolvedLimits
+from ds01hub.mig import PROFILE_FORM, is_profile
 from ds01hub.units import format_size, parse_size
 
 __all__ = [
@@ -49,7 +50,6 @@ PROFILE_KEYS = ("display_name", "slug", "description", "default", "ds01_override
 #: Keys of a profile's `ds01_override`.
 OVERRIDE_KEYS = ("image", "gpus", "mig", "max_cpus", "memory")
 
-_MIG_PROFILE_RE = re.compile(r"^[1-9]g\.[0-9]+gb(\+[a-z0-9]+)*$")
 _TEMPLATES = Path(__file__).with_name("templates")
 
 
@@ -172,8 +172,8 @@ def _read_gpus(value: Any) -> int | None:
 def _read_mig(value: Any) -> str | None:
     if value is None or value == "":
         return None
-    if not isinstance(value, str) or not _MIG_PROFILE_RE.match(value):
-        raise OptionsError("mig", value, "not a MIG profile name", "names like '2g.20gb'")
+    if not is_profile(value):
+        raise OptionsError("mig", value, "not a MIG profile name", PROFILE_FORM)
     return value
 
 

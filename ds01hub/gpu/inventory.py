@@ -10,12 +10,12 @@ the inventory is empty with a one-line `reason`: a CPU-only machine must still r
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ds01hub.limits import GpuAllocationConfig
+from ds01hub.mig import profile_in_device_name
 
 __all__ = ["Gpu", "Inventory", "InventoryError", "Slot", "discover", "load_inventory"]
 
@@ -138,9 +138,6 @@ class Inventory:
         }
 
 
-_PROFILE_RE = re.compile(r"(\d+g\.\d+gb(?:\+me)?)")
-
-
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -203,7 +200,7 @@ def _walk(nvml: Any, *, enable_mig: bool, simulated: bool) -> Inventory:
                 skipped_mig += 1
                 continue
             mig_name = _text(nvml.nvmlDeviceGetName(mig_handle))
-            match = _PROFILE_RE.search(mig_name)
+            profile = profile_in_device_name(mig_name)
             slot_id = f"{index}:{mig_index}"
             slots.append(
                 Slot(
@@ -211,7 +208,7 @@ def _walk(nvml: Any, *, enable_mig: bool, simulated: bool) -> Inventory:
                     gpu_index=index,
                     uuid=_text(nvml.nvmlDeviceGetUUID(mig_handle)),
                     name=mig_name,
-                    profile=match.group(1) if match else "mig",
+                    profile=profile.name if profile else "mig",
                     memory_mb=int(nvml.nvmlDeviceGetMemoryInfo(mig_handle).total) >> 20,
                     simulated=simulated,
                 )

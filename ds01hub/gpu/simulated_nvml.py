@@ -20,7 +20,6 @@ reports itself as simulated (`simulated = True`, driver version `simulated`).
 
 from __future__ import annotations
 
-import re
 import threading
 import uuid
 from collections.abc import Iterable
@@ -29,6 +28,7 @@ from dataclasses import dataclass, field
 import pynvml
 
 from ds01hub.limits import SimulateConfig, SimulatedGpuSpec
+from ds01hub.mig import parse_profile
 
 __all__ = ["SimulatedNvml", "mig_profile_memory_mb", "simulated_uuid"]
 
@@ -47,9 +47,9 @@ def simulated_uuid(seed: str, kind: str, *path: object) -> str:
 
 
 def mig_profile_memory_mb(profile: str) -> int:
-    """`2g.20gb` -> its memory in MiB (the profile's nominal size)."""
-    match = re.match(r"^\d+g\.(\d+)gb", profile)
-    return int(match.group(1)) * 1024 if match else 0
+    """`2g.20gb` -> its memory in MiB (the profile's nominal size; 0 for no profile)."""
+    parsed = parse_profile(profile)
+    return parsed.memory_mb if parsed else 0
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,6 @@ import os
 import signal
 import socket
 import sys
-from pathlib import Path
 from typing import Any
 
 from tornado import web
@@ -33,6 +32,7 @@ from traitlets.config import Application
 
 from ds01hub import peer, provenance
 from ds01hub.actions import images
+from ds01hub.actions.builds import MAX_CONCURRENT_BUILDS, BuildManager, docker_builder
 from ds01hub.actions.operations import (
     OperationError,
     OperationsContext,
@@ -72,14 +72,23 @@ FALLBACK_DOCKER_API = "1.41"
 
 
 class BrokerImages:
-    """Image builds for SSH users through ds01hub.actions.images (the notebook wizard's code): only
-    in the caller's own namespace, one build per user at a time, a few at once overall."""
+    """Image builds for SSH users through ds01hub.actions (the notebook wizard's code, the
+    host's one `BuildManager`): only in the caller's own namespace, one build per user at a
+    time and a few at once on the whole host, whichever door they came through."""
 
     def __init__(self, broker: Broker, docker_client: Any):
         self.broker = broker
         self.docker = docker_client
-        self.building: set[str] = set()
-        self.slots = asyncio.Semaphore(max(1, broker.max_concurrent_builds))
+        run_build = docker_builder(
+            docker_client,
+            broker.base_image,
+            broker.ca_bundle,
+            broker.build_memory_limit,
+            who="Broker.base_image",
+        )
+        self.builds = BuildManager(
+            run_build, broker.state_dir, max_concurrent=broker.max_concurrent_builds
+        )
 
     def templates(self) -> list[dict[str, Any]]:
         return [t.to_dict() for t in images.list_templates()]
@@ -97,7 +106,8 @@ class BrokerImages:
 
     async def build(self, user: str, body: dict[str, Any]):
         """Yield the build's events (ds01hub.actions.images.BuildEvent dicts); the last is
-        done/error."""
+        done, a failure is an OperationError. Leaving early (the user's Ctrl-C) stops the
+        watching, not the build."""
         try:
             spec = images.spec_from_request(user, body)
             existing = await self.list(user)
@@ -106,41 +116,11 @@ class BrokerImages:
             )
         except images.ImageError as e:
             raise refusal(e) from None
-        if user in self.building:
-            raise OperationError("one of your builds is still running", status=409)
-        if not self.broker.base_image:
-            raise OperationError("no base image configured (Broker.base_image)", status=503)
-        self.building.add(user)
-        try:
-            async with self.slots:
-                queue: asyncio.Queue = asyncio.Queue()
-                loop = asyncio.get_running_loop()
-                ca = Path(self.broker.ca_bundle) if self.broker.ca_bundle else None
-
-                def work() -> None:
-                    try:
-                        for event in images.build_image(
-                            self.docker,
-                            spec,
-                            self.broker.base_image,
-                            ca_bundle=ca,
-                            memory_limit=self.broker.build_memory_limit or None,
-                        ):
-                            loop.call_soon_threadsafe(queue.put_nowait, event.to_dict())
-                    except images.ImageError as e:
-                        error = images.BuildEvent("error", str(e)).to_dict()
-                        loop.call_soon_threadsafe(queue.put_nowait, error)
-                    finally:
-                        loop.call_soon_threadsafe(queue.put_nowait, None)
-
-                worker = loop.run_in_executor(None, work)
-                while (event := await queue.get()) is not None:
-                    if event.get("kind") == "error":
-                        raise OperationError(f"build failed: {event.get('text')}", status=422)
-                    yield event
-                await worker
-        finally:
-            self.building.discard(user)
+        build = self.builds.start(spec)
+        async for event in build.follow():
+            if event.get("kind") == "error":
+                raise OperationError(f"build failed: {event.get('text')}", status=422)
+            yield event
 
 
 def refusal(error: images.ImageError) -> OperationError:
@@ -240,9 +220,11 @@ class Broker(Application):
         config=True
     )
 
-    max_concurrent_builds = Integer(2, help="Image builds running at once (all users).").tag(
-        config=True
-    )
+    max_concurrent_builds = Integer(
+        MAX_CONCURRENT_BUILDS,
+        help="Image builds running at once on the host, all users and both doors (the broker "
+        "and the ds01 service share the slots through the state directory).",
+    ).tag(config=True)
 
     build_memory_limit = Integer(
         4 * 1024**3, help="Memory (bytes) for each build step's container (0 = unlimited)."

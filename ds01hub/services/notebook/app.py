@@ -29,11 +29,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import uuid
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -47,139 +43,11 @@ from traitlets.config import Application
 
 from ds01hub import provenance
 from ds01hub.actions import images
+from ds01hub.actions.builds import MAX_CONCURRENT_BUILDS, Build, BuildManager, docker_builder
 from ds01hub.actions.operations import OperationError, OperationsContext, UserOperations
 from ds01hub.engine import EngineState, engine_unreachable, engine_url, short_error
 from ds01hub.hub.client import HubClient
 from ds01hub.hub.services import NOTEBOOK_PORT, NOTEBOOK_SERVICE
-
-# ---------------------------------------------------------------- builds
-
-
-@dataclass
-class Build:
-    """One image build and its events so far (kept in memory for this service run)."""
-
-    id: str
-    user: str
-    spec: images.ImageSpec
-    status: str = "queued"  # queued | running | done | error
-    events: list[dict] = field(default_factory=list)
-    created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
-    finished_at: str | None = None
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-
-    @property
-    def finished(self) -> bool:
-        return self.status in ("done", "error")
-
-    @property
-    def progress(self) -> float:
-        return self.events[-1].get("progress", 0.0) if self.events else 0.0
-
-    def to_dict(self, since: int | None = None) -> dict:
-        data = {
-            "id": self.id,
-            "name": self.spec.name,
-            "tag": self.spec.tag,
-            "template": self.spec.template,
-            "pip_packages": list(self.spec.pip_packages),
-            "apt_packages": list(self.spec.apt_packages),
-            "status": self.status,
-            "progress": self.progress,
-            "created_at": self.created_at,
-            "finished_at": self.finished_at,
-            "event_count": len(self.events),
-        }
-        if since is not None:
-            data["events"] = self.events[max(0, since) :]
-        return data
-
-
-class BuildManager:
-    """Runs builds in a bounded thread pool; one build at a time per user.
-
-    Docker's build API is blocking, so each build runs in a worker thread and hands its events
-    back to the event loop, where waiting streams are woken.
-    """
-
-    def __init__(
-        self,
-        run_build: Callable[[images.ImageSpec], Iterable[images.BuildEvent]],
-        max_concurrent: int = 2,
-        max_events: int = 5000,
-        keep_per_user: int = 10,
-    ):
-        self._run_build = run_build
-        self._keep_per_user = keep_per_user
-        self._pool = ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="ds01-build")
-        self._max_events = max_events
-        self.builds: dict[str, Build] = {}
-
-    def for_user(self, user: str) -> list[Build]:
-        return [b for b in self.builds.values() if b.user == user]
-
-    def get(self, user: str, build_id: str) -> Build | None:
-        build = self.builds.get(build_id)
-        return build if build is not None and build.user == user else None
-
-    def start(self, spec: images.ImageSpec) -> Build:
-        running = [b for b in self.for_user(spec.user) if not b.finished]
-        if running:
-            raise OperationError(
-                f"your build of {running[0].spec.name!r} is still running",
-                hint="wait for it to finish, then start the next one",
-                status=409,
-            )
-        self._forget_old(spec.user)
-        build = Build(id=uuid.uuid4().hex, user=spec.user, spec=spec)
-        self.builds[build.id] = build
-        loop = asyncio.get_running_loop()
-        loop.run_in_executor(self._pool, self._work, build, loop)
-        return build
-
-    def _forget_old(self, user: str) -> None:
-        """Forget all but the newest finished builds of ``user``: memory stays bounded."""
-        finished = [b for b in self.for_user(user) if b.finished]
-        for build in finished[: max(0, len(finished) - self._keep_per_user + 1)]:
-            del self.builds[build.id]
-
-    def _work(self, build: Build, loop: asyncio.AbstractEventLoop) -> None:
-        loop.call_soon_threadsafe(self._set_status, build, "running")
-        try:
-            for event in self._run_build(build.spec):
-                loop.call_soon_threadsafe(self._add_event, build, event.to_dict())
-        except Exception as error:  # the build must end with an event, whatever went wrong
-            text = str(error) if isinstance(error, images.ImageError) else f"build failed: {error}"
-            event = images.BuildEvent("error", text)
-            loop.call_soon_threadsafe(self._add_event, build, event.to_dict())
-        loop.call_soon_threadsafe(self._finish, build)
-
-    def _set_status(self, build: Build, status: str) -> None:
-        build.status = status
-        self._wake(build)
-
-    def _add_event(self, build: Build, event: dict) -> None:
-        if len(build.events) < self._max_events or event["kind"] in ("done", "error"):
-            build.events.append(event)
-        if event["kind"] in ("done", "error"):
-            build.status = event["kind"]
-        self._wake(build)
-
-    def _finish(self, build: Build) -> None:
-        if not build.finished:
-            build.status = "error"
-            build.events.append({"kind": "error", "text": "the build ended without a result"})
-        build.finished_at = datetime.now(UTC).isoformat(timespec="seconds")
-        self._wake(build)
-
-    @staticmethod
-    def _wake(build: Build) -> None:
-        build.changed.set()
-        build.changed = asyncio.Event()
-
-    def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
 
 # ---------------------------------------------------------------- handlers
 
@@ -325,16 +193,9 @@ class BuildStreamHandler(BuildHandler):
         build = self._build(build_id)
         self.set_header("Content-Type", "application/x-ndjson")
         self.set_header("Cache-Control", "no-cache")
-        sent = int(self.get_argument("since", "0") or 0)
-        while True:
-            waiter = build.changed
-            for event in build.events[sent:]:
-                self.write(json.dumps(event) + "\n")
-            sent = len(build.events)
+        async for event in build.follow(int(self.get_argument("since", "0") or 0)):
+            self.write(json.dumps(event) + "\n")
             await self.flush()
-            if build.finished:
-                break
-            await waiter.wait()
         self.finish()
 
 
@@ -397,7 +258,9 @@ class DS01Service(Application):
     )
 
     max_concurrent_builds = Integer(
-        2, help="Builds running at once across all users; more wait in a queue."
+        MAX_CONCURRENT_BUILDS,
+        help="Builds running at once on the host, all users and both doors (this service and "
+        "the broker share the slots through the state directory); more wait in a queue.",
     ).tag(config=True)
 
     build_memory_limit = Integer(
@@ -464,21 +327,17 @@ class DS01Service(Application):
             connect=docker.from_env,
             ping_interval=2.0,
         )
-        self.builds = BuildManager(self._run_build, max_concurrent=self.max_concurrent_builds)
-        self._limits_store = None
-
-    def _run_build(self, spec: images.ImageSpec) -> Iterable[images.BuildEvent]:
-        if not self.base_image:
-            raise images.ImageError(
-                "the ds01 service has no base image configured: set DS01Service.base_image"
-            )
-        return images.build_image(
+        run_build = docker_builder(
             self.docker,
-            spec,
             self.base_image,
-            ca_bundle=Path(self.ca_bundle) if self.ca_bundle else None,
-            memory_limit=self.build_memory_limit or None,
+            self.ca_bundle,
+            self.build_memory_limit,
+            who="DS01Service.base_image",
         )
+        self.builds = BuildManager(
+            run_build, self.state_dir, max_concurrent=self.max_concurrent_builds
+        )
+        self._limits_store = None
 
     def limits_for(self, user: str, groups: Iterable[str]):
         """The user's resolved limits, or None when no limits file can be read (called on the
