@@ -280,6 +280,14 @@ def memory_used(stats: Mapping[str, Any]) -> int | None:
     return max(0, int(mem["usage"]) - int(cache))
 
 
+def mig_profiles(inventory: Any) -> list[str] | None:
+    """The MIG slice profiles this machine offers (what a guided prompt may suggest), None
+    when the inventory is unknown here."""
+    if inventory is None:
+        return None
+    return sorted({slot.profile for slot in inventory.slots if slot.profile})
+
+
 def gpu_stats(inventory: Any, slot_id: str) -> dict[str, Any]:
     """One GPU slot of a container: its utilisation and memory in use now, and its size (the
     limit), as the inventory knows them (NVML, or SIMULATED, which it says)."""
@@ -814,4 +822,5 @@ class UserOperations:
             "containers": len(rows),
             "running": sum(1 for r in rows if r["state"] != "stopped"),
             "gpus_held": gpus_held,
+            "mig_profiles": mig_profiles(self.ctx.inventory),
         }

@@ -55,7 +55,7 @@ from ds01hub.cli.user.images import (
     run_image_list,
     run_image_update,
 )
-from ds01hub.cli.user.projects import configure_project_init, run_project_init
+from ds01hub.cli.user.projects import configure_project_init, my_workspace, run_project_init
 from ds01hub.host import siteenv
 
 # ---- the table of commands ------------------------------------------------------------------
@@ -81,11 +81,42 @@ def run_user_setup(ctx: Context) -> int:
         f"GPUs: up to {limits.get('max_gpus', '-')}, "
         f"containers: up to {limits.get('max_containers_per_user') or 'no limit'}."
     )
-    if ctx.ask("Set up a project now? [Y/n] ", "y").lower().startswith("y"):
+    already = already_set_up(ctx)
+    if already:
+        ctx.note("You are already set up:")
+        for line in already:
+            ctx.note(f"  {line}")
+    if ctx.ask_yes_no(
+        "Set up another project?" if already else "Set up a project now?", default=not already
+    ):
         project_args = build_parser(COMMANDS["project-init"]).parse_args(["--guided"])
         run_project_init(dataclasses.replace(ctx, args=project_args))
     ctx.stdout.write(CONNECT_HELP.format(user=me["user"], host=os.uname().nodename))
     return EXIT_OK
+
+
+def already_set_up(ctx: Context) -> list[str]:
+    """What an earlier setup left (workspace, containers, images), one line each; empty for a
+    first run."""
+    lines = []
+    workspace = my_workspace()
+    # what project-init writes into every project
+    projects = sorted(
+        p.parent.name
+        for p in workspace.glob("*/README.md")
+        if (p.parent / "requirements.txt").is_file()
+    )
+    if projects:
+        lines.append(f"projects in {workspace}: {', '.join(projects)}")
+    containers = ctx.backend.list_containers(include_stopped=True)
+    if containers:
+        lines.append(
+            "containers: " + ", ".join(f"{c['project']} ({c['state']})" for c in containers)
+        )
+    images = ctx.backend.images()
+    if images:
+        lines.append("images: " + ", ".join(str(i.get("tag")) for i in images))
+    return lines
 
 
 COMMANDS: dict[str, Command] = {

@@ -7,7 +7,7 @@ import argparse
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 from ds01hub.actions.operations import OperationError, validate_name
 from ds01hub.cli.output import (
@@ -17,6 +17,29 @@ from ds01hub.cli.output import (
     use_colour,
 )
 from ds01hub.cli.user import backends
+
+T = TypeVar("T")
+
+#: Answers tried per question before a guided command gives up (a script feeding a terminal
+#: must not loop forever).
+MAX_ATTEMPTS = 5
+
+
+def yes_or_no(answer: str) -> bool:
+    """`y`/`yes` -> True, `n`/`no` -> False (any case); anything else is asked again."""
+    word = answer.strip().lower()
+    if word in ("y", "yes"):
+        return True
+    if word in ("n", "no"):
+        return False
+    raise ValueError(f"answer y or n, not {answer[:40]!r}")
+
+
+def answer_problem(error: Exception) -> str:
+    """What was wrong with an answer, with the fix when the error names one."""
+    if isinstance(error, OperationError | CliError):
+        return f"{error.message}; {error.hint}" if error.hint else error.message
+    return str(error)
 
 
 @dataclass
@@ -68,16 +91,37 @@ class Context:
                 hint=f"pass {flag} to confirm",
                 code=EXIT_USAGE,
             )
-        return self.ask(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+        return self.ask_yes_no(question, default=False)
 
-    def ask(self, prompt: str, default: str = "") -> str:
-        shown = f"{prompt}" + (f"[{default}] " if default else "")
-        self.stderr.write(shown)
-        self.stderr.flush()
-        line = self.stdin.readline()
-        if not line:
-            raise CliError("input ended before the question was answered", code=EXIT_USAGE)
-        return line.strip() or default
+    def ask(self, question: str, default: str = "", check: Callable[[str], T] = str) -> T:
+        """Ask `question` until `check` accepts the answer (empty = `default`, shown once as
+        `[default]`). `check` returns the value or raises ValueError, OperationError or
+        CliError, whose message is shown before the question is asked again: one mistyped
+        answer never ends a guided command."""
+        shown = f"{question} [{default}]: " if default else f"{question}: "
+        return self._ask_until(shown, default, check)
+
+    def ask_yes_no(self, question: str, default: bool) -> bool:
+        """A yes/no question with its one default shown as `[Y/n]` or `[y/N]`."""
+        shown = f"{question} [{'Y/n' if default else 'y/N'}] "
+        return self._ask_until(shown, "yes" if default else "no", yes_or_no)
+
+    def _ask_until(self, shown: str, default: str, check: Callable[[str], T]) -> T:
+        for _ in range(MAX_ATTEMPTS):
+            self.stderr.write(shown)
+            self.stderr.flush()
+            line = self.stdin.readline()
+            if not line:
+                raise CliError("input ended before the question was answered", code=EXIT_USAGE)
+            try:
+                return check(line.strip() or default)
+            except (ValueError, OperationError, CliError) as error:
+                self.note(f"  {answer_problem(error)}")
+        raise CliError(
+            f"no usable answer after {MAX_ATTEMPTS} tries",
+            hint="run the command again, or pass the options instead of --guided",
+            code=EXIT_USAGE,
+        )
 
     def require_terminal(self, what: str) -> None:
         if not self.interactive():

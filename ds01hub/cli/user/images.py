@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from ds01hub.cli.output import (
@@ -65,6 +65,14 @@ def split_packages(values: Iterable[str]) -> list[str]:
 
 
 def guided_image(ctx: Context) -> None:
+    """Ask for the template, the name and extra packages, each checked as it is given."""
+    from ds01hub.actions.images import (
+        get_template,
+        validate_apt_package,
+        validate_image_name,
+        validate_pip_requirement,
+    )
+
     ctx.require_terminal("image-create --guided")
     args = ctx.args
     templates = ctx.backend.image_templates()
@@ -72,15 +80,24 @@ def guided_image(ctx: Context) -> None:
     for t in templates:
         ctx.note(f"  {t['key']:8} {t['title']}: {t.get('description', '')}")
     if args.template is None:
-        args.template = ctx.ask("Template: ", "general")
+        args.template = ctx.ask("Template", "general", check=lambda a: get_template(a).key)
     if not args.name:
-        args.name = ctx.ask("Image name: ", args.template)
-    extra = ctx.ask("Extra pip packages (comma-separated, empty for none): ")
-    if extra:
-        args.pip.append(extra)
-    extra = ctx.ask("Extra Debian packages (comma-separated, empty for none): ")
-    if extra:
-        args.apt.append(extra)
+        args.name = ctx.ask("Image name", args.template, check=validate_image_name)
+    extra = ctx.ask(
+        "Extra pip packages (comma-separated, empty for none)",
+        check=lambda a: packages(a, validate_pip_requirement),
+    )
+    args.pip.extend(extra)
+    extra = ctx.ask(
+        "Extra Debian packages (comma-separated, empty for none)",
+        check=lambda a: packages(a, validate_apt_package),
+    )
+    args.apt.extend(extra)
+
+
+def packages(answer: str, validate: Callable[[str], str]) -> list[str]:
+    """Each package of a comma-separated answer, checked."""
+    return [validate(p) for p in split_packages([answer])]
 
 
 def build(ctx: Context, request: dict[str, Any]) -> int:

@@ -1,0 +1,247 @@
+"""Guided prompts on a real pseudo-terminal: every answer is checked as it is given and asked
+again when wrong, one default is shown, only the MIG slices this machine has are offered, and
+a re-run says what is already set up. The commands run in-process against a scripted control
+plane (the transport is the only double; the terminal is a real pty)."""
+
+from __future__ import annotations
+
+import os
+import pty
+import select
+import threading
+import time
+
+import pytest
+
+from ds01hub.cli.user import commands as user
+
+TIMEOUT = 20.0
+
+
+class Backend:
+    """Answers like the broker; records what was asked of it."""
+
+    def __init__(self, containers=(), images=(), mig_profiles=None, max_gpus=2):
+        self.calls: list[tuple] = []
+        self.containers = [dict(c) for c in containers]
+        self.image_rows = [dict(i) for i in images]
+        self.mig_profiles = mig_profiles
+        self.max_gpus = max_gpus
+
+    def whoami(self):
+        return {"user": "alice"}
+
+    def cull_warnings(self):
+        return []
+
+    def quota(self):
+        return {
+            "user": "alice",
+            "limits": {"group": "students", "max_gpus": 2, "max_gpus_per_container": 2},
+            "mig_profiles": self.mig_profiles,
+        }
+
+    def list_containers(self, include_stopped):
+        return list(self.containers)
+
+    def images(self):
+        return list(self.image_rows)
+
+    def image_templates(self):
+        return [{"key": "general", "title": "General ML"}, {"key": "custom", "title": "Custom"}]
+
+    def start(self, project, options, create):
+        self.calls.append(("start", project, options, create))
+        yield {"event": "ready", "container": {"project": project, "state": "running"}}
+
+    def build_image(self, request):
+        self.calls.append(("build", request))
+        yield {"event": "done", "tag": f"ds01-alice/{request['name']}:latest"}
+
+
+class Terminal:
+    """A command running in a thread with a pty as its stdin, stdout and stderr."""
+
+    def __init__(self, command: str, argv: list[str], backend: Backend):
+        self.master, slave = pty.openpty()
+        self.stdin = open(slave, encoding="utf-8", closefd=False)  # noqa: SIM115
+        self.out = open(os.dup(slave), "w", encoding="utf-8", buffering=1)  # noqa: SIM115
+        self.slave = slave
+        self.seen = ""
+        self.code: int | None = None
+        self.thread = threading.Thread(target=self._run, args=(command, argv, backend), daemon=True)
+        self.thread.start()
+
+    def _run(self, command: str, argv: list[str], backend: Backend) -> None:
+        self.code = user.run_command(
+            user.COMMANDS[command],
+            argv,
+            stdin=self.stdin,
+            stdout=self.out,
+            stderr=self.out,
+            make_backend=lambda who: backend,
+        )
+        self.out.flush()
+
+    def expect(self, marker: str) -> str:
+        """Output up to and including `marker` (since the last expect)."""
+        deadline = time.monotonic() + TIMEOUT
+        while marker not in self.seen:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"no {marker!r} in {self.seen!r}"
+            ready, _, _ = select.select([self.master], [], [], remaining)
+            if ready:
+                self.seen += os.read(self.master, 4096).decode(errors="replace")
+        shown, _, self.seen = self.seen.partition(marker)
+        return shown + marker
+
+    def send(self, line: str) -> None:
+        os.write(self.master, (line + "\r").encode())
+
+    def finish(self) -> int:
+        self.thread.join(TIMEOUT)
+        assert not self.thread.is_alive(), self.seen
+        for fd in (self.master, self.slave):
+            os.close(fd)
+        self.out.close()
+        assert self.code is not None
+        return self.code
+
+
+@pytest.fixture(autouse=True)
+def workspace(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("DS01HUB_WORKSPACE_ROOT", raising=False)
+    (tmp_path / "workspace").mkdir()
+    return tmp_path / "workspace"
+
+
+def test_a_bad_name_and_a_missing_mig_slice_are_asked_again():
+    backend = Backend(
+        containers=[{"project": "taken", "state": "stopped"}], mig_profiles=["2g.20gb"]
+    )
+    term = Terminal("container-create", ["--guided"], backend)
+    term.expect("Container (project) name: ")
+    term.send("Not Valid")
+    assert "lowercase" in term.expect("Container (project) name: ")
+    term.send("taken")
+    assert "container-start taken" in term.expect("Container (project) name: ")
+    term.send("fresh")
+    prompt = term.expect("]: ")
+    assert "GPUs (0-2, or a MIG slice: 2g.20gb) [0]: " in prompt
+    term.send("1g.10gb")  # well formed, but no such slice on this machine
+    assert "one of the MIG slices here: 2g.20gb" in term.expect("[0]: ")
+    term.send("3")
+    assert "at most 2 GPU(s)" in term.expect("[0]: ")
+    term.send("2g.20gb")
+    term.expect("created and started")
+    assert term.finish() == 0
+    assert backend.calls == [("start", "fresh", {"mig": "2g.20gb"}, True)]
+
+
+def test_no_mig_slices_means_none_offered_and_the_default_is_taken():
+    backend = Backend(mig_profiles=[])
+    term = Terminal("container-create", ["--guided", "plain"], backend)
+    prompt = term.expect("]: ")
+    assert "MIG" not in prompt and prompt.endswith("GPUs (0-2) [0]: ")
+    term.send("1g.10gb")
+    assert "no MIG slices" in term.expect("[0]: ")
+    term.send("")
+    term.expect("created and started")
+    assert term.finish() == 0
+    assert backend.calls == [("start", "plain", {}, True)]
+
+
+def test_user_setup_survives_bad_answers_and_shows_one_default(workspace):
+    backend = Backend()
+    term = Terminal("user-setup", [], backend)
+    question = term.expect("] ")
+    assert question.endswith("Set up a project now? [Y/n] ") and "[y]" not in question
+    term.send("maybe")
+    assert "answer y or n" in term.expect("[Y/n] ")
+    term.send("")
+    term.expect("Project name: ")
+    term.send("../escape")
+    assert "invalid project name" in term.expect("Project name: ")
+    term.send("thesis")
+    term.expect("(empty for none): ")
+    term.send("")
+    term.expect("Use case [general]: ")
+    term.send("astrology")
+    assert "choose one of" in term.expect("Use case [general]: ")
+    term.send("")
+    term.expect("Build an image for it? [y/N] ")
+    term.send("y")
+    term.expect("Create a container for it? [y/N] ")
+    term.send("yes")
+    assert "container-run thesis" in term.expect("Connecting to your containers")
+    assert term.finish() == 0
+    assert (workspace / "thesis" / "README.md").is_file()
+    assert [c[0] for c in backend.calls] == ["build", "start"]
+
+
+def test_user_setup_again_says_what_is_already_set_up(workspace):
+    first = Backend()
+    term = Terminal("project-init", ["thesis", "--image", "--container"], first)
+    term.expect("container-run thesis")
+    assert term.finish() == 0
+    again = Backend(
+        containers=[{"project": "thesis", "state": "running"}],
+        images=[{"name": "thesis", "tag": "ds01-alice/thesis:latest"}],
+    )
+    term = Terminal("user-setup", [], again)
+    shown = term.expect("Set up another project? [y/N] ")
+    assert "You are already set up:" in shown
+    assert f"projects in {workspace}: thesis" in shown
+    assert "containers: thesis (running)" in shown and "ds01-alice/thesis:latest" in shown
+    term.send("n")
+    term.expect("Connecting to your containers")
+    assert term.finish() == 0
+    # project-init again: nothing rebuilt or recreated, and it says where things are
+    term = Terminal("project-init", ["thesis", "--image", "--container"], again)
+    shown = term.expect("container-run thesis")
+    assert f"Project already set up at {workspace / 'thesis'}: nothing changed" in shown
+    assert "Image thesis is already set up (ds01-alice/thesis:latest)" in shown
+    assert "Container thesis is already set up (running)" in shown
+    assert term.finish() == 0
+    assert again.calls == []
+
+
+def test_five_wrong_answers_end_with_a_named_error():
+    term = Terminal("image-create", ["--guided"], Backend())
+    for _ in range(5):
+        term.expect("Template [general]: ")
+        term.send("nope")
+    assert "no usable answer after 5 tries" in term.expect("--guided")
+    assert term.finish() == 2
+
+
+def test_image_packages_are_checked_at_their_prompt():
+    backend = Backend()
+    term = Terminal("image-create", ["--guided"], backend)
+    term.expect("Template [general]: ")
+    term.send("")
+    term.expect("Image name [general]: ")
+    term.send("Bad Name")
+    assert "invalid image name" in term.expect("Image name [general]: ")
+    term.send("mine")
+    term.expect("(comma-separated, empty for none): ")
+    term.send("six, --index-url=http://evil")
+    assert "invalid pip package" in term.expect("(comma-separated, empty for none): ")
+    term.send("six")
+    term.expect("(comma-separated, empty for none): ")
+    term.send("")
+    term.expect("Built ")
+    assert term.finish() == 0
+    assert backend.calls[0][1]["pip_packages"] == ["six"]
+
+
+def test_confirm_shows_one_default_and_no_keeps_the_container():
+    backend = Backend()
+    backend.describe = lambda project: {"project": project, "state": "running", "processes": 1}
+    term = Terminal("container-stop", ["x"], backend)
+    question = term.expect("] ")
+    assert question.endswith("Stop x? [y/N] ") and question.count("[") == 1
+    term.send("")
+    term.expect("Not stopped.")
+    assert term.finish() == 1
