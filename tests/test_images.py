@@ -7,6 +7,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ds01hub.actions.images import (
     CA_BUNDLE_IN_IMAGE,
@@ -21,6 +23,7 @@ from ds01hub.actions.images import (
     image_repository,
     image_tag,
     parse_package_list,
+    plain_text,
     render_dockerfile,
     spec_from_request,
     validate_apt_package,
@@ -239,6 +242,27 @@ def test_build_events_error_stops_the_stream():
 
 def test_build_events_without_image_is_an_error():
     assert list(build_events([{"stream": "hi"}], "t"))[-1].kind == "error"
+
+
+def test_stored_build_log_lines_carry_no_terminal_codes():
+    chunks = [
+        {"stream": "Step 1/1 : RUN pip install six\n"},
+        {"stream": "\x1b[1;31mERROR:\x1b[0m no \x1b]0;title\x07colour\n"},
+        {"stream": "Downloading  10%\rDownloading  55%\rDownloading 100%\n"},
+        {"stream": "\x1b[?25l\x1b[2K\x1b(Bdone\x1b[?25h\n"},
+        {"aux": {"ID": "i"}},
+    ]
+    texts = [e.text for e in build_events(chunks, "t")]
+    assert texts[1:4] == ["ERROR: no colour", "Downloading 100%", "done"]
+    failed = list(build_events([{"error": "\x1b[31mpip failed\x1b[0m\n"}], "t"))
+    assert failed[-1].text == "pip failed"
+
+
+@given(st.text())
+def test_plain_text_leaves_no_control_character_and_is_stable(line):
+    shown = plain_text(line)
+    assert not any(ord(c) < 32 and c not in "\t\n" or 0x7F <= ord(c) <= 0x9F for c in shown)
+    assert plain_text(shown) == shown
 
 
 # ---------------------------------------------------------------- real build (Docker)
