@@ -245,3 +245,34 @@ def test_confirm_shows_one_default_and_no_keeps_the_container():
     term.send("")
     term.expect("Not stopped.")
     assert term.finish() == 1
+
+
+class Interrupted(Backend):
+    """A build the user interrupts (Ctrl-C reaches Python as KeyboardInterrupt) mid-way."""
+
+    def build_image(self, request):
+        yield {"event": "log", "kind": "log", "text": "Step 1/3", "progress": 0.1}
+        raise KeyboardInterrupt
+
+    def cancel_build(self):
+        self.calls.append(("cancel",))
+        return {"image": "mine", "stopped": True}
+
+
+def test_ctrl_c_in_a_build_offers_image_cancel_not_container_stop():
+    backend = Interrupted()
+    term = Terminal("image-create", ["mine", "--template", "custom"], backend)
+    term.expect("Cancel the build of mine? [Y/n] ")
+    term.send("")
+    shown = term.expect("cancelled")
+    assert "container-stop" not in shown
+    assert term.finish() == 130 and backend.calls == [("cancel",)]
+
+
+def test_ctrl_c_in_a_build_kept_going_says_how_to_cancel_later():
+    backend = Interrupted()
+    term = Terminal("image-create", ["mine", "--template", "custom"], backend)
+    term.expect("Cancel the build of mine? [Y/n] ")
+    term.send("n")
+    assert "stop it with image-cancel" in term.expect("image-cancel")
+    assert term.finish() == 130 and backend.calls == []

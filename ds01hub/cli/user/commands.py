@@ -50,6 +50,7 @@ from ds01hub.cli.user.images import (
     configure_image_delete,
     configure_image_list,
     configure_image_update,
+    run_image_cancel,
     run_image_create,
     run_image_delete,
     run_image_list,
@@ -173,6 +174,7 @@ COMMANDS: dict[str, Command] = {
         Command(
             "image-delete", "delete one of your images", configure_image_delete, run_image_delete
         ),
+        Command("image-cancel", "cancel your running image build", no_options, run_image_cancel),
         Command(
             "project-init",
             "create a project: directories, git, README, image, container",
@@ -290,6 +292,7 @@ image_create = entry("image-create")
 image_list = entry("image-list")
 image_update = entry("image-update")
 image_delete = entry("image-delete")
+image_cancel = entry("image-cancel")
 project_init = entry("project-init")
 user_setup = entry("user-setup")
 container = dispatcher("container")

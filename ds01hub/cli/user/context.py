@@ -193,10 +193,16 @@ def spawn_options_from(args: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
-def follow(ctx: Context, events: Iterable[dict[str, Any]], what: str) -> dict[str, Any]:
+def follow(
+    ctx: Context,
+    events: Iterable[dict[str, Any]],
+    what: str,
+    interrupted: Callable[[], None] | None = None,
+) -> dict[str, Any]:
     """Show progress events on stderr; return the final event (ready / done), which must come:
     a stream that ends without one is a failure, never a success. Ctrl-C stops watching, not
-    the work: the hub goes on, and the user is told so."""
+    the work: the hub goes on, and the user is told so; `interrupted` (which raises) says
+    what else can be done instead (an image build offers to cancel it)."""
     final: dict[str, Any] = {}
     colour = use_colour(ctx.stderr)
     try:
@@ -213,6 +219,8 @@ def follow(ctx: Context, events: Iterable[dict[str, Any]], what: str) -> dict[st
             if message and not ctx.json:
                 ctx.note(paint(f"{what}: {prefix}{message}", "grey", colour))
     except KeyboardInterrupt:
+        if interrupted is not None:
+            interrupted()
         raise CliError(
             f"stopped watching; {what} goes on in the hub",
             hint="see it with container-list / image-list; stop it with container-stop NAME",

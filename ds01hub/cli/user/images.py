@@ -101,12 +101,56 @@ def packages(answer: str, validate: Callable[[str], str]) -> list[str]:
 
 
 def build(ctx: Context, request: dict[str, Any]) -> int:
-    final = follow(ctx, ctx.backend.build_image(request), f"image {request['name']}")
+    final = follow_build(ctx, request)
     if ctx.json:
         print_json(final, ctx.stdout)
     else:
         ctx.say(f"Built {final.get('tag', request['name'])}.")
         ctx.say(f"  use it: container-create NAME --image {final.get('tag', request['name'])}")
+    return EXIT_OK
+
+
+def follow_build(ctx: Context, request: dict[str, Any]) -> dict[str, Any]:
+    """Start a build and show it to its end; Ctrl-C offers to cancel it."""
+    name = request["name"]
+    return follow(
+        ctx,
+        ctx.backend.build_image(request),
+        f"image {name}",
+        interrupted=lambda: offer_cancel(ctx, name),
+    )
+
+
+def offer_cancel(ctx: Context, name: str) -> None:
+    """After Ctrl-C in a build: cancel it (asked on a terminal) or say that it goes on and
+    how to cancel it later. Always raises (exit 130)."""
+    ctx.stderr.write("\n")
+    if ctx.interactive() and ctx.ask_yes_no(f"Cancel the build of {name}?", default=True):
+        cancel(ctx)
+        raise CliError(f"the build of {name} is cancelled", code=130)
+    raise CliError(
+        f"stopped watching; the build of {name} goes on",
+        hint="see it with image-list; stop it with image-cancel",
+        code=130,
+    )
+
+
+def cancel(ctx: Context) -> dict[str, Any]:
+    """Cancel the user's running build; say whether it has stopped yet."""
+    result = ctx.backend.cancel_build()
+    if not result.get("stopped"):
+        ctx.note(
+            f"The build of {result.get('image')} was asked to stop; it stops at its next step."
+        )
+    return result
+
+
+def run_image_cancel(ctx: Context) -> int:
+    result = cancel(ctx)
+    if ctx.json:
+        print_json(result, ctx.stdout)
+    elif result.get("stopped"):
+        ctx.say(f"The build of {result.get('image')} is cancelled.")
     return EXIT_OK
 
 

@@ -16,6 +16,7 @@ from ds01hub.cli.output import (
     print_json,
 )
 from ds01hub.cli.user.context import Context, follow
+from ds01hub.cli.user.images import follow_build
 from ds01hub.cli.user.views import running_view
 
 
@@ -85,8 +86,7 @@ def _project_image(ctx: Context, name: str, use_case: str) -> dict[str, Any]:
         )
         return existing
     template = use_case if use_case in USE_CASES else "custom"
-    request = {"name": name, "template": template}
-    built = follow(ctx, ctx.backend.build_image(request), f"image {name}")
+    built = follow_build(ctx, {"name": name, "template": template})
     ctx.say(f"Built image {built.get('tag')}.")
     return built
 

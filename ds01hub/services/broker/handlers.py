@@ -258,6 +258,13 @@ class ImageTemplatesHandler(BrokerHandler):
         self.reply(self.broker.images.templates())
 
 
+class BuildHandler(BrokerHandler):
+    """The caller's running build: DELETE cancels it (`image-cancel`)."""
+
+    async def delete(self) -> None:
+        self.reply(await self.broker.images.cancel(self.user))
+
+
 class ImageHandler(BrokerHandler):
     async def delete(self, name: str) -> None:
         self.reply(await self.broker.images.delete(self.user, name))
