@@ -155,18 +155,20 @@ def test_interactive_shell_through_a_pty(hub, users, containers, client):
 def test_user_setup_walks_through_and_ends_with_how_to_connect(hub, users, containers):
     alice, bob = users
     with PtySession(alice, hub.socket_path, "user-setup") as term:
-        assert alice.name in term.expect("Set up a project now?")
-        term.send("n\r")
+        shown = term.expect("Set up another project? [y/N] ")  # she has a container already
+        assert alice.name in shown and "You are already set up:" in shown
+        assert "containers: work (running)" in shown
+        term.send("\r")  # the default: no
         assert "VS Code" in term.expect("Browser:")
         assert term.wait() == 0
     # yes: the guided project-init runs inside it, in the user's home
     with PtySession(bob, hub.socket_path, "user-setup") as term:
-        term.expect("Set up a project now?")
-        term.send("\r")  # the default: yes
+        term.expect("Set up another project? [y/N] ")
+        term.send("y\r")
         for prompt, answer in (
             ("Project name:", "first-steps"),
-            ("One-line description:", "learning the ropes"),
-            ("Use case:", "nlp"),
+            ("One-line description", "learning the ropes"),
+            ("Use case [general]:", "nlp"),
             ("Build an image for it?", "n"),
             ("Create a container for it?", "n"),
         ):

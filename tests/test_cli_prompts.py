@@ -174,6 +174,9 @@ def test_user_setup_survives_bad_answers_and_shows_one_default(workspace):
     term.send("y")
     term.expect("Create a container for it? [y/N] ")
     term.send("yes")
+    # the general template brings PyTorch with CUDA: its size is said and confirmed first
+    assert "downloads about 2.5 GB (torch with its libraries)" in term.expect("Build it? [y/N] ")
+    term.send("y")
     assert "container-run thesis" in term.expect("Connecting to your containers")
     assert term.finish() == 0
     assert (workspace / "thesis" / "README.md").is_file()
@@ -182,7 +185,7 @@ def test_user_setup_survives_bad_answers_and_shows_one_default(workspace):
 
 def test_user_setup_again_says_what_is_already_set_up(workspace):
     first = Backend()
-    term = Terminal("project-init", ["thesis", "--image", "--container"], first)
+    term = Terminal("project-init", ["thesis", "--image", "--container", "-y"], first)
     term.expect("container-run thesis")
     assert term.finish() == 0
     again = Backend(
@@ -231,6 +234,8 @@ def test_image_packages_are_checked_at_their_prompt():
     term.send("six")
     term.expect("(comma-separated, empty for none): ")
     term.send("")
+    term.expect("Build it? [y/N] ")
+    term.send("y")
     term.expect("Built ")
     assert term.finish() == 0
     assert backend.calls[0][1]["pip_packages"] == ["six"]
@@ -276,3 +281,20 @@ def test_ctrl_c_in_a_build_kept_going_says_how_to_cancel_later():
     term.send("n")
     assert "stop it with image-cancel" in term.expect("image-cancel")
     assert term.finish() == 130 and backend.calls == []
+
+
+def test_a_heavy_build_is_announced_and_not_started_without_a_yes():
+    backend = Backend()
+    term = Terminal(
+        "image-create", ["mine", "--template", "custom", "--pip", "Torch==2.4"], backend
+    )
+    assert "downloads about 2.5 GB" in term.expect("Build it? [y/N] ")
+    term.send("")
+    term.expect("not built")
+    assert term.finish() == 1 and backend.calls == []
+    light = Terminal("image-create", ["tools", "--template", "custom", "--pip", "six"], backend)
+    light.expect("Built ")
+    assert light.finish() == 0 and [c[0] for c in backend.calls] == ["build"]
+    heavy = Terminal("image-create", ["cv", "--template", "cv", "-y"], backend)
+    assert "downloads about 2.5 GB" in heavy.expect("Built ")
+    assert heavy.finish() == 0 and len(backend.calls) == 2

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from ds01hub.actions.images import (
     CA_BUNDLE_IN_IMAGE,
+    HEAVY_BUILD_MB,
     TEMPLATES,
     ImageError,
     ImageQuotaError,
@@ -19,6 +20,7 @@ from ds01hub.actions.images import (
     build_events,
     check_image_quota,
     dockerfile_steps,
+    download_estimate_mb,
     get_template,
     image_repository,
     image_tag,
@@ -242,6 +244,17 @@ def test_build_events_error_stops_the_stream():
 
 def test_build_events_without_image_is_an_error():
     assert list(build_events([{"stream": "hi"}], "t"))[-1].kind == "error"
+
+
+def test_download_estimate_names_the_heavy_packages_once():
+    assert download_estimate_mb(["six", "numpy"]) == (0, [])
+    assert download_estimate_mb(["Torch==2.4", "torch[opt]>=2", "TensorFlow"]) == (
+        3100,
+        ["torch", "tensorflow"],
+    )
+    size, heavy = download_estimate_mb(TEMPLATES["general"].pip_packages)
+    assert heavy == ["torch"] and size >= HEAVY_BUILD_MB
+    assert download_estimate_mb(TEMPLATES["custom"].pip_packages)[0] < HEAVY_BUILD_MB
 
 
 def test_stored_build_log_lines_carry_no_terminal_codes():

@@ -193,6 +193,26 @@ TEMPLATES: Mapping[str, ImageTemplate] = {
 }
 
 
+#: Rough download sizes (MB) of the packages that make a build heavy, by normalised name: PyTorch
+#: from PyPI brings its CUDA libraries (cuDNN, cuBLAS, NCCL, ...), about 2.5 GB together on
+#: Linux x86-64; TensorFlow about 0.6 GB. Estimates, for a warning before a build starts.
+HEAVY_DOWNLOADS_MB: Mapping[str, int] = {"torch": 2500, "tensorflow": 600}
+#: From this size on, a build is announced with its size and asked to be confirmed.
+HEAVY_BUILD_MB = 1000
+
+
+def download_estimate_mb(pip_packages: Iterable[str]) -> tuple[int, list[str]]:
+    """The rough download of `pip_packages` (MB) and which of them make it heavy (those in
+    `HEAVY_DOWNLOADS_MB`; the others count as small)."""
+    heavy = []
+    for requirement in pip_packages:
+        match = re.match(_PIP_NAME, requirement.strip())
+        name = re.sub(r"[-_.]+", "-", match.group(0)).lower() if match else ""
+        if name in HEAVY_DOWNLOADS_MB and name not in heavy:
+            heavy.append(name)
+    return sum(HEAVY_DOWNLOADS_MB[name] for name in heavy), heavy
+
+
 def list_templates() -> list[ImageTemplate]:
     """All templates, in the order a wizard shows them."""
     return list(TEMPLATES.values())

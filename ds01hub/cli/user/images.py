@@ -41,6 +41,7 @@ def configure_image_create(parser: argparse.ArgumentParser) -> None:
         help="extra Debian package (repeatable, or comma-separated)",
     )
     parser.add_argument("--guided", action="store_true", help="ask for each choice")
+    add_yes(parser)
 
 
 def run_image_create(ctx: Context) -> int:
@@ -101,7 +102,7 @@ def packages(answer: str, validate: Callable[[str], str]) -> list[str]:
 
 
 def build(ctx: Context, request: dict[str, Any]) -> int:
-    final = follow_build(ctx, request)
+    final = follow_build(ctx, request, getattr(ctx.args, "yes", False))
     if ctx.json:
         print_json(final, ctx.stdout)
     else:
@@ -110,8 +111,29 @@ def build(ctx: Context, request: dict[str, Any]) -> int:
     return EXIT_OK
 
 
-def follow_build(ctx: Context, request: dict[str, Any]) -> dict[str, Any]:
-    """Start a build and show it to its end; Ctrl-C offers to cancel it."""
+def confirm_download(ctx: Context, request: dict[str, Any], assume_yes: bool) -> None:
+    """Before a heavy build (PyTorch with CUDA, ...): say how much it downloads and ask."""
+    from ds01hub.actions.images import HEAVY_BUILD_MB, download_estimate_mb, get_template
+
+    try:
+        packages = list(get_template(request.get("template") or "custom").pip_packages)
+    except ValueError:
+        return  # the control plane names the unknown template
+    size, heavy = download_estimate_mb(packages + list(request.get("pip_packages") or ()))
+    if size < HEAVY_BUILD_MB:
+        return
+    ctx.note(
+        f"Image {request['name']} downloads about {size / 1000:.1f} GB "
+        f"({', '.join(heavy)} with its libraries) and takes several minutes to build."
+    )
+    if not ctx.confirm("Build it?", assume_yes):
+        raise CliError("not built", code=EXIT_FAILURE)
+
+
+def follow_build(ctx: Context, request: dict[str, Any], assume_yes: bool = False) -> dict[str, Any]:
+    """Start a build and show it to its end: heavy downloads are confirmed first, Ctrl-C
+    offers to cancel it."""
+    confirm_download(ctx, request, assume_yes)
     name = request["name"]
     return follow(
         ctx,
@@ -206,6 +228,7 @@ def configure_image_update(parser: argparse.ArgumentParser) -> None:
         metavar="PKG",
         help="add a Debian package (repeatable)",
     )
+    add_yes(parser)
 
 
 def run_image_update(ctx: Context) -> int:

@@ -15,7 +15,7 @@ from ds01hub.cli.output import (
     CliError,
     print_json,
 )
-from ds01hub.cli.user.context import Context, follow
+from ds01hub.cli.user.context import Context, add_yes, follow
 from ds01hub.cli.user.images import follow_build
 from ds01hub.cli.user.views import running_view
 
@@ -40,6 +40,7 @@ def configure_project_init(parser: argparse.ArgumentParser) -> None:
         "--container", action="store_true", help="also create a container NAME for the project"
     )
     parser.add_argument("--guided", action="store_true", help="ask for each choice")
+    add_yes(parser)
 
 
 def run_project_init(ctx: Context) -> int:
@@ -86,7 +87,7 @@ def _project_image(ctx: Context, name: str, use_case: str) -> dict[str, Any]:
         )
         return existing
     template = use_case if use_case in USE_CASES else "custom"
-    built = follow_build(ctx, {"name": name, "template": template})
+    built = follow_build(ctx, {"name": name, "template": template}, ctx.args.yes)
     ctx.say(f"Built image {built.get('tag')}.")
     return built
 
