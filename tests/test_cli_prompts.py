@@ -5,6 +5,7 @@ plane (the transport is the only double; the terminal is a real pty)."""
 
 from __future__ import annotations
 
+import io
 import os
 import pty
 import select
@@ -13,6 +14,7 @@ import time
 
 import pytest
 
+from ds01hub.cli import progress
 from ds01hub.cli.user import commands as user
 
 TIMEOUT = 20.0
@@ -298,3 +300,49 @@ def test_a_heavy_build_is_announced_and_not_started_without_a_yes():
     heavy = Terminal("image-create", ["cv", "--template", "cv", "-y"], backend)
     assert "downloads about 2.5 GB" in heavy.expect("Built ")
     assert heavy.finish() == 0 and len(backend.calls) == 2
+
+
+class Building(Backend):
+    def build_image(self, request):
+        self.calls.append(("build", request))
+        total = 4
+        for step in range(1, total + 1):
+            yield {"kind": "step", "text": f"Step {step}/{total} : RUN x", "progress": step / total}
+        yield {"event": "done", "tag": "ds01-alice/mine:latest"}
+
+
+def test_a_build_on_a_terminal_is_one_redrawn_line_with_a_bar_and_an_eta():
+    term = Terminal("image-create", ["mine", "--template", "custom"], Building())
+    shown = term.expect("Built ")
+    assert term.finish() == 0
+    assert shown.count(progress.REDRAW) == 4  # one line, redrawn per step
+    assert "[##########----------]  50%" in shown and "ETA " in shown
+    assert "Step 4/4 : RUN x" in shown
+
+
+def test_progress_without_a_terminal_is_plain_lines():
+    out = io.StringIO()
+    line = progress.ProgressLine(out, "image mine", colour=False)
+    line.update(0.25, "Step 2/4")
+    line.update(None, "waiting for a free build slot")
+    line.close()
+    assert out.getvalue() == (
+        "image mine: [ 25%] Step 2/4\nimage mine: waiting for a free build slot\n"
+    )
+
+
+def test_the_status_line_and_its_estimate():
+    assert progress.remaining_seconds(0.5, 60) == 60
+    assert progress.remaining_seconds(0.01, 60) is None  # too early to say
+    assert progress.remaining_seconds(1.0, 60) is None
+    line = progress.render("image x", 0.25, "Step 2/4 :\nRUN pip", 65, 195, 200)
+    assert line == "image x [#####---------------]  25% 1m 5s, ETA 3m 15s: Step 2/4 : RUN pip"
+    assert progress.render("wait", None, "waiting for a GPU", 5, None, 200) == (
+        "wait 5s: waiting for a GPU"
+    )
+    cut = progress.render("image x", 0.25, "m" * 300, 65, None, 60)
+    assert len(cut) == 60 and cut.endswith("…")
+    assert progress.event_fraction(50, "progress") == 0.5
+    assert progress.event_fraction(0.5, "step") == 0.5
+    assert progress.event_fraction(True, "step") is None
+    assert progress.event_fraction("50", "step") is None

@@ -13,9 +13,9 @@ from ds01hub.actions.operations import OperationError, validate_name
 from ds01hub.cli.output import (
     EXIT_USAGE,
     CliError,
-    paint,
     use_colour,
 )
+from ds01hub.cli.progress import ProgressLine, event_fraction
 from ds01hub.cli.user import backends
 
 T = TypeVar("T")
@@ -204,21 +204,18 @@ def follow(
     the work: the hub goes on, and the user is told so; `interrupted` (which raises) says
     what else can be done instead (an image build offers to cancel it)."""
     final: dict[str, Any] = {}
-    colour = use_colour(ctx.stderr)
+    line = ProgressLine(ctx.stderr, what, use_colour(ctx.stderr))
     try:
         for event in events:
             kind = event.get("event") or event.get("kind")
             if kind in ("ready", "done"):
                 final = event
                 continue
-            message = event.get("message") or event.get("text") or ""
-            progress = event.get("progress")
-            if isinstance(progress, float) and progress <= 1.0 and kind in ("step", "log"):
-                progress = progress * 100
-            prefix = f"[{progress:3.0f}%] " if isinstance(progress, int | float) else ""
-            if message and not ctx.json:
-                ctx.note(paint(f"{what}: {prefix}{message}", "grey", colour))
+            message = str(event.get("message") or event.get("text") or "")
+            if not ctx.json:
+                line.update(event_fraction(event.get("progress"), kind), message)
     except KeyboardInterrupt:
+        line.close()
         if interrupted is not None:
             interrupted()
         raise CliError(
@@ -226,6 +223,8 @@ def follow(
             hint="see it with container-list / image-list; stop it with container-stop NAME",
             code=130,
         ) from None
+    finally:
+        line.close()
     if not final:
         raise CliError(
             f"{what}: the control plane stopped answering before it said how this ended",
