@@ -99,11 +99,8 @@ def _project_container(ctx: Context, name: str, image: dict[str, Any] | None) ->
         None,
     )
     if existing is not None:
-        how = (
-            f"container-run {name}"
-            if existing["state"] == "running"
-            else (f"container-start {name}")
-        )
+        verb = "container-run" if existing["state"] == "running" else "container-start"
+        how = f"{verb} {name}"
         ctx.say(f"Container {name} is already set up ({existing['state']}): {how}")
         return existing
     options = {"image": image["tag"]} if image and image.get("tag") else {}
