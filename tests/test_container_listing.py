@@ -128,3 +128,19 @@ def test_an_unsigned_entry_is_not_listed_nor_inspected():
 def test_time_cell_ignores_a_status_line_it_does_not_know():
     assert views.time_cell({"status": "Created"}) == "-"
     assert views.time_cell({"status": "Exited (0) " + "x" * 500}) == "-"
+
+
+def test_mig_profiles_are_the_slices_this_machine_has():
+    from ds01hub.gpu.inventory import discover
+    from ds01hub.gpu.simulated_nvml import SimulatedNvml
+    from ds01hub.limits import SimulatedGpuSpec
+
+    specs = [
+        SimulatedGpuSpec(),
+        SimulatedGpuSpec(mig=("2g.20gb", "1g.10gb", "1g.10gb")),
+    ]
+    inventory = discover(SimulatedNvml(specs, "unit"), simulated=True)
+    assert operations.mig_profiles(inventory) == ["1g.10gb", "2g.20gb"]
+    no_mig = discover(SimulatedNvml(specs, "unit"), enable_mig=False, simulated=True)
+    assert operations.mig_profiles(no_mig) == []
+    assert operations.mig_profiles(None) is None  # unknown here: nothing is offered
