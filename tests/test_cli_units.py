@@ -632,6 +632,12 @@ def test_user_setup_welcomes_with_the_quota_and_reads_unlimited():
         def cull_warnings(self):
             return []
 
+        def list_containers(self, include_stopped=False):
+            return []
+
+        def images(self):
+            return []
+
     code, out, err = run("user-setup", [], Backend(), FakeTTY("n\n"))
     assert code == 0
     assert err.startswith("Welcome, ann! Limits (group staff): GPUs: 0 GPUs in use of unlimited;")

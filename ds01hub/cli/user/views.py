@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from ds01hub.cli.output import (
@@ -21,11 +22,19 @@ def gpus_cell(row: dict[str, Any]) -> str:
     return gpus or "-"
 
 
+_EXITED = re.compile(r"Exited \(-?\d+\) (.{1,40})")
+
+
 def time_cell(row: dict[str, Any]) -> str:
+    """Uptime or time stopped; for a stopped container the listing did not inspect (no
+    stop time), Docker's own rough age from its status line (`Exited (0) 3 hours ago`)."""
     if row.get("uptime_s") is not None:
         return f"up {human_duration(row['uptime_s'])}"
     if row.get("stopped_for_s") is not None:
         return f"stopped {human_duration(row['stopped_for_s'])}"
+    exited = _EXITED.fullmatch(str(row.get("status") or ""))
+    if exited:
+        return f"stopped {exited.group(1)}"
     return "-"
 
 

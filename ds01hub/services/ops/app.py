@@ -169,6 +169,11 @@ class OpsService(Application):
         3, help="NVML utilisation samples per pass; all must be under the threshold."
     ).tag(config=True)
     gpu_sample_interval = Float(1.0, help="Seconds between those samples.").tag(config=True)
+    cpu_sample_interval = Float(
+        1.0,
+        help="Seconds between the two readings of a container's cgroup CPU counter that give "
+        "its CPU use (taken while the GPU is sampled).",
+    ).tag(config=True)
     dry_run = Bool(False, help="Decide and report, but stop, warn and remove nothing.").tag(
         config=True
     )
@@ -199,6 +204,7 @@ class OpsService(Application):
         "cpu-threshold": "OpsService.cpu_threshold",
         "gpu-samples": "OpsService.gpu_samples",
         "gpu-sample-interval": "OpsService.gpu_sample_interval",
+        "cpu-sample-interval": "OpsService.cpu_sample_interval",
         "limits": "OpsService.limits_path",
         "state-dir": "OpsService.state_dir",
         "label": "OpsService.extra_labels",
@@ -226,6 +232,7 @@ class OpsService(Application):
             cpu_threshold=self.cpu_threshold,
             gpu_samples=self.gpu_samples,
             gpu_sample_interval=self.gpu_sample_interval,
+            cpu_sample_interval=self.cpu_sample_interval,
             log=self.log,
         )
 
