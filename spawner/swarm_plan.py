@@ -36,6 +36,11 @@ def service_name(user: str, project: str | None = None) -> str:
             f"server name {name!r} is {len(name)} characters; Swarm allows "
             f"{MAX_SERVICE_NAME}: use a shorter server (project) name"
         )
+    if name.startswith("-"):
+        raise ClusterError(
+            f"server name {name!r} starts with '-' (Swarm wants a DNS label): start the "
+            "server (project) name with a letter or digit"
+        )
     return name
 
 
