@@ -62,12 +62,12 @@ def inventory_of(cluster):
     return cluster_inventory(parse_node(n, simulated=True) for n in cluster.node_objects())
 
 
-def allocator_for(cluster, manager, tmp_path, trust):
+def allocator_for(cluster, manager, tmp_path, trust, limits=LIMITS):
     return GpuAllocator(
         None,
         inventory_of(cluster),
         tmp_path / "state",
-        limits=LIMITS,
+        limits=limits,
         container_lister=swarm_lister(manager, trust),
         container_remover=swarm_remover(manager),
         trust=trust,
@@ -199,3 +199,54 @@ def test_eight_users_six_slots_three_nodes_nobody_shares(cluster, manager, tmp_p
     decision, service_id = spawn(allocator, manager, cluster, trust, "user6")
     assert decision.granted == (granted["user0"][0],)
     wait_until(lambda: running_task(manager, service_id), 90, message="user6's server")
+
+
+def _set_availability(manager, hostname, availability):
+    node = next(n for n in manager.api.nodes() if n["Description"]["Hostname"] == hostname)
+    spec = dict(node["Spec"], Availability=availability)
+    manager.api.update_node(node["ID"], node["Version"]["Index"], spec)
+
+
+def test_a_drained_node_takes_no_new_servers(cluster, manager, tmp_path):
+    _set_availability(manager, "node3", "drain")
+    try:
+        trust = provenance.load(tmp_path / "state")
+        allocator = allocator_for(cluster, manager, tmp_path, trust)
+        assert {s.node for s in allocator.inventory.slots} == {"node1", "node2"}
+        nodes = set()
+        for user in USERS[:4]:
+            decision, _ = spawn(allocator, manager, cluster, trust, user)
+            nodes |= {split_slot_id(s)[0] for s in decision.granted}
+        assert nodes == {"node1", "node2"}
+    finally:
+        _set_availability(manager, "node3", "active")
+
+
+def test_a_killed_worker_s_servers_are_reported_stopped_and_held(cluster, manager, tmp_path):
+    """Last in this module: node2 stays dead."""
+    limits = parse_limits({"defaults": {"max_gpus": 1, "gpu_hold_after_stop": "1h"}})
+    trust = provenance.load(tmp_path / "state")
+    allocator = allocator_for(cluster, manager, tmp_path, trust, limits)
+    services = {}
+    for user in USERS[:3]:
+        decision, service_id = spawn(allocator, manager, cluster, trust, user)
+        services[split_slot_id(decision.granted[0])[0]] = (user, service_id)
+    assert set(services) == {"node1", "node2", "node3"}
+    for _user, service_id in services.values():
+        wait_until(lambda s=service_id: running_task(manager, s), 90)
+    cluster.kill("node2")
+    wait_until(
+        lambda: any(
+            n["Description"]["Hostname"] == "node2" and n["Status"]["State"] == "down"
+            for n in manager.api.nodes()
+        ),
+        90,
+        message="the manager sees node2 down",
+    )
+    states = {h.container: h for h in allocator.holdings()}
+    lost = states[service_name(services["node2"][0])]
+    assert lost.state == "stopped" and lost.held_until is not None  # held for its hold
+    for node in ("node1", "node3"):
+        assert states[service_name(services[node][0])].state == "running"
+    nodes = [parse_node(n) for n in manager.api.nodes()]
+    assert "node2" not in {s.node for s in cluster_inventory(nodes).slots}
