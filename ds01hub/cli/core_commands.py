@@ -101,7 +101,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="GPUs and slots (whole GPUs, MIG instances) from NVML, or the simulated "
         "inventory declared in gpu_allocation.simulate.",
     )
-    gpus.add_argument("--json", action="store_true", help="print JSON")
+    form = gpus.add_mutually_exclusive_group()
+    form.add_argument("--json", action="store_true", help="print JSON")
+    form.add_argument(
+        "--swarm-daemon-json",
+        action="store_true",
+        help="print the node-generic-resources for this node's /etc/docker/daemon.json, so a "
+        "Docker Swarm of GPU servers offers these slots (README: More than one machine)",
+    )
     gpus.set_defaults(handler=_guard(cmd_gpus))
 
     status = subparsers.add_parser(
@@ -260,6 +267,14 @@ def cmd_gpus(args: argparse.Namespace) -> int:
     try:
         if args.json:
             print_json(inventory.to_dict())
+            return EXIT_OK
+        if args.swarm_daemon_json:
+            from ds01hub.gpu.cluster import daemon_json
+
+            if not inventory.slots:
+                print(f"ds01hub: no GPU slots to offer: {inventory.reason}", file=sys.stderr)
+                return EXIT_FAILURE
+            print_json(daemon_json(inventory))
             return EXIT_OK
         print(_inventory_text(inventory))
     finally:

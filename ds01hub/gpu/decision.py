@@ -189,36 +189,56 @@ def _check_quota(
     return None
 
 
-def _load(slots: Iterable[Slot], held: Iterable[str]) -> dict[int, list[int]]:
-    """Per physical GPU: [slots held, slots total]."""
-    load: dict[int, list[int]] = {}
+def _load(slots: Iterable[Slot], held: Iterable[str]) -> dict[tuple[str, int], list[int]]:
+    """Per physical GPU ((node, index): a cluster has one GPU 0 per node): [held, total]."""
+    load: dict[tuple[str, int], list[int]] = {}
     held_set = set(held)
     for slot in slots:
-        entry = load.setdefault(slot.gpu_index, [0, 0])
+        entry = load.setdefault((slot.node, slot.gpu_index), [0, 0])
         entry[1] += 1
         entry[0] += slot.id in held_set
     return load
 
 
+def _node_load(load: dict[tuple[str, int], list[int]]) -> dict[str, list[int]]:
+    """Per node: [held, total] (one entry, "", on a single host)."""
+    nodes: dict[str, list[int]] = {}
+    for (node, _index), (taken, total) in load.items():
+        entry = nodes.setdefault(node, [0, 0])
+        entry[0] += taken
+        entry[1] += total
+    return nodes
+
+
 def _pick(
     free: Sequence[Slot], all_slots: Sequence[Slot], held: set[str], count: int, strategy: str
 ) -> list[Slot]:
-    """Greedy by strategy, re-scoring after each pick so a multi-slot request also spreads."""
+    """Greedy by strategy, re-scoring after each pick so a multi-slot request also spreads.
+    In a cluster the node's load decides first (spread: the emptiest node, pack: the fullest
+    that has room), then the GPU's on it."""
     load = _load(all_slots, held)
+    nodes = _node_load(load)
+    sign = 1 if strategy == "spread" else -1
     pool = list(free)
     picked: list[Slot] = []
     for _ in range(count):
 
         def score(slot: Slot) -> tuple:
-            taken, total = load[slot.gpu_index]
-            fraction = taken / total
-            key = fraction if strategy == "spread" else -fraction
-            return (key, slot.gpu_index, slot.id)
+            node_taken, node_total = nodes[slot.node]
+            taken, total = load[(slot.node, slot.gpu_index)]
+            return (
+                sign * node_taken / node_total,
+                sign * taken / total,
+                slot.node,
+                slot.gpu_index,
+                slot.id,
+            )
 
         best = min(pool, key=score)
         pool.remove(best)
         picked.append(best)
-        load[best.gpu_index][0] += 1
+        load[(best.node, best.gpu_index)][0] += 1
+        nodes[best.node][0] += 1
     return picked
 
 
