@@ -14,6 +14,7 @@ import contextlib
 
 import pytest
 from harness.cli import busybox_image
+from harness.hub import Hub
 from harness.swarm import SwarmCluster, node_inventory
 from harness.wait import wait_until
 
@@ -199,6 +200,45 @@ def test_eight_users_six_slots_three_nodes_nobody_shares(cluster, manager, tmp_p
     decision, service_id = spawn(allocator, manager, cluster, trust, "user6")
     assert decision.granted == (granted["user0"][0],)
     wait_until(lambda: running_task(manager, service_id), 90, message="user6's server")
+
+
+def test_a_real_single_user_server_on_a_worker_through_the_hub(
+    cluster, manager, tmp_path, singleuser_image
+):
+    """DS01SwarmSpawner: the hub on this host, the single-user image from the cluster's
+    registry; a MIG request can only land on node3 (a worker): the server runs there, on its
+    slot, and answers through the hub's proxy. Stop scales its service to zero (kept)."""
+    reference = cluster.push_image(singleuser_image, "ds01hub/singleuser:swarm-test")
+    limits_file = tmp_path / "limits.yaml"
+    limits_file.write_text("defaults: {max_gpus: 1, gpu_hold_after_stop: 1h}\n")
+    hub = Hub(
+        directory=tmp_path / "hub",
+        hub_ip=cluster.gateway(),
+        image=reference,
+        spawner="ds01hub.spawner.swarm_spawner.DS01SwarmSpawner",
+        extra_config=(
+            f"c.DS01SwarmSpawner.client_kwargs = {{'base_url': {cluster.manager.url!r}}}\n"
+            f"c.DS01SwarmSpawner.limits_path = {str(limits_file)!r}\n"
+            "c.DS01SwarmSpawner.gpu_wait_interval = 0.5\n"
+        ),
+    )
+    hub.start()
+    try:
+        hub.create_user("mia")
+        hub.start_server("mia", options={"mig": "3g.40gb"})
+        hub.wait_ready("mia", timeout=240)
+        token = hub.token_for("mia")
+        response = hub.user_request(token, "GET", "mia", "api/status")
+        assert response.status_code == 200, response.text
+        (service,) = manager.api.services(filters={"name": "default--mia"})
+        assert service["Spec"]["Labels"]["ds01.gpus"].startswith("node3/0:")
+        task = running_task(manager, service["ID"])
+        assert manager.api.inspect_node(task["NodeID"])["Description"]["Hostname"] == "node3"
+        hub.stop_server("mia")
+        (service,) = manager.api.services(filters={"name": "default--mia"})
+        assert service["Spec"]["Mode"]["Replicated"]["Replicas"] == 0
+    finally:
+        hub.stop()
 
 
 def _set_availability(manager, hostname, availability):

@@ -256,6 +256,11 @@ class SwarmCluster:
         with contextlib.closing(self.manager.client()) as client:
             return client.api.nodes()
 
+    def gateway(self) -> str:
+        """This host's address on the cluster's network (where nodes reach the hub)."""
+        inspect = json.loads(_docker("network", "inspect", self.network).stdout)[0]
+        return inspect["IPAM"]["Config"][0]["Gateway"]
+
     def kill(self, hostname: str) -> None:
         """The node's power goes: its dind container is killed (its engine with it)."""
         _docker("kill", self.nodes[hostname].container)
