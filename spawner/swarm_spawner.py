@@ -114,9 +114,11 @@ class DS01SwarmSpawner(SwarmSpawner):
         gpus = options.get("gpus", 0)
         mig = options.get("mig")
         if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 0:
-            raise SpawnException(f"gpus must be a whole number of GPUs, not {gpus!r}")
+            raise SpawnException(
+                f"gpus must be a whole number of GPUs, not {gpus!r}", reason="options"
+            )
         if mig is not None and not isinstance(mig, str):
-            raise SpawnException(f"mig must be a MIG profile name, not {mig!r}")
+            raise SpawnException(f"mig must be a MIG profile name, not {mig!r}", reason="options")
         return GpuRequest(self.user.name, self.object_name, count=gpus, mig_profile=mig)
 
     async def _allocate(self, allocator: GpuAllocator, limits: Any) -> Decision:
@@ -135,13 +137,17 @@ class DS01SwarmSpawner(SwarmSpawner):
         allocator = await self._blocking(self._allocator, store)
         decision = await self._allocate(allocator, limits)
         if not decision.ok:
-            raise SpawnException(decision.reason or "no GPU slot")
+            raise SpawnException(
+                decision.reason or "no GPU slot", reason=decision.code, status_code=503
+            )
         slots = [allocator.inventory.slot(slot_id) for slot_id in decision.granted]
         try:
             service_id = await self._service_for(allocator, slots, limits)
             check = await self._blocking(allocator.begin_start, self.object_name, service_id)
             if not check.ok:
-                raise SpawnException(f"GPU slots no longer this server's: {check}")
+                raise SpawnException(
+                    f"GPU slots no longer this server's: {check}", reason="gpu_lost"
+                )
             await self._blocking(scale_service, self.client_holder, service_id, 1)
             await self._blocking(allocator.commit, self.object_name)
         except BaseException:
@@ -202,7 +208,11 @@ class DS01SwarmSpawner(SwarmSpawner):
                 break
             if state in ("failed", "rejected", "shutdown", "complete", "orphaned", "gone"):
                 error = task["Status"].get("Err", "") if task else "its service is gone"
-                raise SpawnException(f"server {self.object_name} did not start: {state} {error}")
+                raise SpawnException(
+                    f"server {self.object_name} did not start: {state} {error}",
+                    reason="start_failed",
+                    status_code=500,
+                )
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, 5)
         node = await self.docker("inspect_node", task["NodeID"])
