@@ -233,6 +233,9 @@ class DS01SwarmSpawner(SwarmSpawner):
             return None
         node = next((n for n in nodes if n["ID"] == document["Node"]), None)
         if node is not None and node["Status"]["State"] != "ready":
+            # stopped for good: when the node returns, the server must not come back unasked
+            # (its slots may be someone else's by then)
+            await self._blocking(scale_service, self.client_holder, service["ID"], 0)
             return f"its node {node['Description']['Hostname']} is {node['Status']['State']}"
         return 0
 

@@ -11,6 +11,7 @@ the single-user image (these tests are about placement and state, not Jupyter).
 from __future__ import annotations
 
 import contextlib
+from datetime import timedelta
 
 import pytest
 from harness.cli import busybox_image
@@ -19,7 +20,7 @@ from harness.swarm import SwarmCluster, node_inventory
 from harness.wait import wait_until
 
 from ds01hub import labels, provenance
-from ds01hub.gpu.allocator import GpuAllocator
+from ds01hub.gpu.allocator import GpuAllocator, utcnow
 from ds01hub.gpu.cluster import cluster_inventory, parse_node, split_slot_id
 from ds01hub.gpu.decision import GpuRequest
 from ds01hub.gpu.swarm_state import (
@@ -262,11 +263,16 @@ def test_a_drained_node_takes_no_new_servers(cluster, manager, tmp_path):
         _set_availability(manager, "node3", "active")
 
 
-def test_a_killed_worker_s_servers_are_reported_stopped_and_held(cluster, manager, tmp_path):
-    """Last in this module: node2 stays dead."""
+def test_a_killed_worker_s_servers_stop_their_slots_free_after_the_hold_and_it_rejoins(
+    cluster, manager, tmp_path
+):
+    """node2's power goes: its server is reported stopped and held for its hold (the clock is
+    moved past it), the others run on; node2 comes back and takes new servers again."""
     limits = parse_limits({"defaults": {"max_gpus": 1, "gpu_hold_after_stop": "1h"}})
     trust = provenance.load(tmp_path / "state")
+    later = timedelta()
     allocator = allocator_for(cluster, manager, tmp_path, trust, limits)
+    allocator.clock = lambda: utcnow() + later
     services = {}
     for user in USERS[:3]:
         decision, service_id = spawn(allocator, manager, cluster, trust, user)
@@ -275,14 +281,7 @@ def test_a_killed_worker_s_servers_are_reported_stopped_and_held(cluster, manage
     for _user, service_id in services.values():
         wait_until(lambda s=service_id: running_task(manager, s), 90)
     cluster.kill("node2")
-    wait_until(
-        lambda: any(
-            n["Description"]["Hostname"] == "node2" and n["Status"]["State"] == "down"
-            for n in manager.api.nodes()
-        ),
-        90,
-        message="the manager sees node2 down",
-    )
+    wait_until(lambda: node_state(manager, "node2") == "down", 90, message="node2 seen down")
     states = {h.container: h for h in allocator.holdings()}
     lost = states[service_name(services["node2"][0])]
     assert lost.state == "stopped" and lost.held_until is not None  # held for its hold
@@ -290,3 +289,22 @@ def test_a_killed_worker_s_servers_are_reported_stopped_and_held(cluster, manage
         assert states[service_name(services[node][0])].state == "running"
     nodes = [parse_node(n) for n in manager.api.nodes()]
     assert "node2" not in {s.node for s in cluster_inventory(nodes).slots}
+    # the hub's poll stops a server whose node is down (DS01SwarmSpawner.poll): zero replicas
+    scale_service(manager, services["node2"][1], 0)
+    later = timedelta(hours=2)
+    assert service_name(services["node2"][0]) not in {h.container for h in allocator.holdings()}
+    # node2 comes back (same data: it rejoins the swarm) and is offered again
+    cluster.revive("node2")
+    wait_until(lambda: node_state(manager, "node2") == "ready", 120, message="node2 back")
+    wait_until(lambda: running_task(manager, services["node2"][1]) is None, 60)
+    allocator = allocator_for(cluster, manager, tmp_path, trust, limits)
+    allocator.clock = lambda: utcnow() + later
+    decision, service_id = spawn(allocator, manager, cluster, trust, "user3")
+    assert split_slot_id(decision.granted[0])[0] == "node2", decision
+    task = wait_until(lambda: running_task(manager, service_id), 120, message="user3 on node2")
+    assert manager.api.inspect_node(task["NodeID"])["Description"]["Hostname"] == "node2"
+
+
+def node_state(manager, hostname):
+    node = next(n for n in manager.api.nodes() if n["Description"]["Hostname"] == hostname)
+    return node["Status"]["State"]

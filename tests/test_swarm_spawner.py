@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 from jupyterhub.spawner import SpawnException
 
+from ds01hub.spawner import swarm_spawner
 from ds01hub.spawner.swarm_spawner import DS01SwarmSpawner
 
 SERVICE = {
@@ -80,6 +81,12 @@ def test_bad_user_options_are_refused_by_name(options):
         spawner(options)._request()
 
 
-async def test_poll_says_the_node_is_down():
-    assert await spawner(manager=Manager("down")).poll() == "its node node2 is down"
+async def test_poll_says_the_node_is_down_and_stops_the_server_for_good(monkeypatch):
+    scaled = []
+    monkeypatch.setattr(
+        swarm_spawner, "scale_service", lambda client, sid, n: scaled.append((sid, n))
+    )
     assert await spawner(manager=Manager("ready")).poll() is None
+    assert scaled == []
+    assert await spawner(manager=Manager("down")).poll() == "its node node2 is down"
+    assert scaled == [("s1", 0)]  # it must not come back unasked with its node

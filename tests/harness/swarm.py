@@ -265,6 +265,10 @@ class SwarmCluster:
         """The node's power goes: its dind container is killed (its engine with it)."""
         _docker("kill", self.nodes[hostname].container)
 
+    def revive(self, hostname: str) -> None:
+        """Power back: the node's container starts again on its data (it rejoins the swarm)."""
+        _docker("start", self.nodes[hostname].container)
+
     def push_image(self, source_tag: str, name: str) -> str:
         """`source_tag` (on the shared engine) into the cluster's registry as `name`, the way
         a deployment's `image-create` does: saved here, loaded into the manager, pushed from
