@@ -31,7 +31,7 @@ from dockerspawner import SwarmSpawner
 from jupyterhub.spawner import SpawnException
 from traitlets import Float, Int, Unicode, default
 
-from ds01hub import labels, provenance
+from ds01hub import labels, paths, provenance
 from ds01hub.gpu.allocator import GpuAllocator
 from ds01hub.gpu.cluster import cluster_inventory, parse_node
 from ds01hub.gpu.decision import Decision, GpuRequest
@@ -42,7 +42,7 @@ from ds01hub.gpu.swarm_state import (
     swarm_lister,
     swarm_remover,
 )
-from ds01hub.limits import LimitsStore, default_limits_path
+from ds01hub.limits import LimitsStore
 from ds01hub.spawner.swarm_plan import service_name, service_spec
 
 __all__ = ["DS01SwarmSpawner"]
@@ -83,11 +83,10 @@ class DS01SwarmSpawner(SwarmSpawner):
     # -- shared pieces --------------------------------------------------------------------
 
     def _state_path(self) -> Path:
-        return Path(self.state_dir) if self.state_dir else provenance.default_state_dir()
+        return paths.state_dir(self.state_dir)
 
     def _limits(self) -> LimitsStore:
-        path = Path(self.limits_path) if self.limits_path else default_limits_path()
-        return LimitsStore(path)
+        return LimitsStore(self.limits_path or None, log=self.log)
 
     def _allocator(self, limits: LimitsStore) -> GpuAllocator:
         """The allocator over the swarm as it is now (nodes read from the manager)."""
