@@ -215,8 +215,15 @@ class DS01SwarmSpawner(SwarmSpawner):
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, 5)
         node = await self.docker("inspect_node", task["NodeID"])
-        port = task["Status"]["PortStatus"]["Ports"][0]["PublishedPort"]
-        return node["Status"]["Addr"], int(port)
+        ports = (task["Status"].get("PortStatus") or {}).get("Ports") or []
+        if not ports:
+            raise SpawnException(
+                f"server {self.object_name} runs but its node published no port "
+                "(its service lost the EndpointSpec?)",
+                reason="start_failed",
+                status_code=500,
+            )
+        return node["Status"]["Addr"], int(ports[0]["PublishedPort"])
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -243,3 +250,10 @@ class DS01SwarmSpawner(SwarmSpawner):
         service = await self.get_object()
         if service is not None:
             await self._blocking(scale_service, self.client_holder, service["ID"], 0)
+
+    async def delete_forever(self) -> None:
+        """A deleted server's service goes (and with it its hold), as the container does on
+        one host."""
+        service = await self.get_object()
+        if service is not None:
+            await self.docker("remove_service", service["ID"])

@@ -22,8 +22,12 @@ TASK = {"ServiceID": "s1", "NodeID": "n2", "Status": {"State": "running", "Times
 class Manager:
     """The calls `poll` makes, answered from `nodes` (node id -> state)."""
 
-    def __init__(self, node_state: str):
+    def __init__(self, node_state: str = "ready"):
         self.node_state = node_state
+        self.removed: list[str] = []
+
+    def remove_service(self, service_id):
+        self.removed.append(service_id)
 
     def inspect_service(self, name):
         assert name == "default--ann"
@@ -90,3 +94,9 @@ async def test_poll_says_the_node_is_down_and_stops_the_server_for_good(monkeypa
     assert scaled == []
     assert await spawner(manager=Manager("down")).poll() == "its node node2 is down"
     assert scaled == [("s1", 0)]  # it must not come back unasked with its node
+
+
+async def test_deleting_the_server_removes_its_service():
+    manager = Manager()
+    await spawner(manager=manager).delete_forever()
+    assert manager.removed == ["s1"]
