@@ -87,6 +87,7 @@ DOWN = [{"ID": "n2", "Status": {"State": "down"}, "UpdatedAt": "2026-01-01T12:30
         (1, [_task("running", "2026-01-01T10:01:00Z")], READY, "running", "0001-01-01T00:00:00Z"),
         (0, [_task("shutdown", "2026-01-01T12:00:00Z")], READY, "exited", "2026-01-01T12:00:00Z"),
         # the node died under a running task: stopped when the node was last updated (down)
+        (1, [_task("orphaned", "2026-01-01T12:29:00Z")], DOWN, "exited", "2026-01-01T12:30:00Z"),
         (1, [_task("running", "2026-01-01T10:01:00Z")], DOWN, "exited", "2026-01-01T12:30:00Z"),
     ],
 )

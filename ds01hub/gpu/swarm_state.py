@@ -34,8 +34,9 @@ __all__ = [
 ]
 
 ZERO_TIME = "0001-01-01T00:00:00Z"
-#: task states in which the task's container has been started
-_STARTED = {"running", "complete", "shutdown", "failed"}
+#: task states in which the task's container has been started; Swarm *orphans* the tasks of a
+#: node the moment it is marked down (they ran there, and ended with it)
+_STARTED = {"running", "complete", "shutdown", "failed", "orphaned"}
 
 
 def _replicas(service: Mapping[str, Any]) -> int:
