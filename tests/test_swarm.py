@@ -284,7 +284,9 @@ def test_a_killed_worker_s_servers_stop_their_slots_free_after_the_hold_and_it_r
     wait_until(lambda: node_state(manager, "node2") == "down", 90, message="node2 seen down")
     states = {h.container: h for h in allocator.holdings()}
     lost = states[service_name(services["node2"][0])]
-    assert lost.state == "stopped" and lost.held_until is not None  # held for its hold
+    documents = swarm_lister(manager, trust)()
+    assert lost.state == "stopped", documents
+    assert lost.held_until is not None  # held for its hold
     for node in ("node1", "node3"):
         assert states[service_name(services[node][0])].state == "running"
     nodes = [parse_node(n) for n in manager.api.nodes()]
