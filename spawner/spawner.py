@@ -61,6 +61,7 @@ from ds01hub.gpu.allocator import (
 )
 from ds01hub.gpu.decision import Decision
 from ds01hub.gpu.eventlog import EventLog, NewEvent
+from ds01hub.gpu.fairshare import FairShare
 from ds01hub.gpu.inventory import Inventory, Slot, load_inventory
 from ds01hub.limits import LimitsError, LimitsStore, ResolvedLimits, default_limits_path
 
@@ -322,8 +323,12 @@ class DS01Spawner(DockerSpawner):
             state_dir,
             trust.deployment,
         )
-        queue = GpuQueue(self.gpu_recheck_interval)
         executor = ThreadPoolExecutor(4, thread_name_prefix="ds01-allocator")
+
+        async def fair_share() -> FairShare:
+            return await asyncio.get_running_loop().run_in_executor(executor, allocator.fair_share)
+
+        queue = GpuQueue(self.gpu_recheck_interval, fair_share)
         recovery = EngineRecovery(
             client,
             allocator,
@@ -542,6 +547,7 @@ class DS01Spawner(DockerSpawner):
                     self.object_name,
                     limits.priority,
                     attempt,
+                    user=self.user.name,
                     timeout=self.gpu_wait_timeout,
                     abandon=abandon,
                     on_wait=on_wait,

@@ -31,7 +31,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-__all__ = ["KINDS", "Event", "EventLog", "EventLogError", "NewEvent", "OpenAllocation"]
+__all__ = [
+    "KINDS",
+    "Event",
+    "EventLog",
+    "EventLogError",
+    "GpuInterval",
+    "NewEvent",
+    "OpenAllocation",
+    "pair_intervals",
+]
 
 KINDS = ("allocate", "hold", "release", "expire", "reclaim", "cull", "spawn-failure", "reconcile")
 OPENS = "allocate"
@@ -330,6 +339,25 @@ class EventLog:
             ).fetchall()
         return [OpenAllocation(r[0], r[1], r[2], r[3], _moment(r[4]), r[5]) for r in rows]
 
+    def intervals(
+        self, since: datetime | None = None, until: datetime | None = None
+    ) -> list[GpuInterval]:
+        """GPU intervals that overlap [since, until] (default: all, up to now), unclipped;
+        those still open have `end` None. Fair share and `gpu_hours` read this."""
+        end = _epoch(until) if until is not None else time.time()
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT ts, kind, user, grp, slot, container FROM events"
+                " WHERE slot IS NOT NULL AND container IS NOT NULL AND ts <= ?"
+                " AND kind IN ('allocate', 'release', 'expire', 'reclaim') ORDER BY ts, id",
+                (end,),
+            ).fetchall()
+        found = pair_intervals(rows)
+        if since is None:
+            return found
+        start = _epoch(since)
+        return [i for i in found if i.end is None or i.end > start]
+
     def gpu_hours(
         self,
         by: str = "user",
@@ -342,29 +370,43 @@ class EventLog:
             raise ValueError("by must be 'user' or 'group'")
         start = _epoch(since) if since is not None else float("-inf")
         end = _epoch(until) if until is not None else time.time()
-        with self._connect() as db:
-            rows = db.execute(
-                "SELECT ts, kind, user, grp, slot, container FROM events"
-                " WHERE slot IS NOT NULL AND container IS NOT NULL AND ts <= ?"
-                " AND kind IN ('allocate', 'release', 'expire', 'reclaim') ORDER BY ts, id",
-                (end,),
-            ).fetchall()
-        opened: dict[tuple[str, str], tuple[float, str]] = {}
         totals: dict[str, float] = {}
-
-        def add(key: str, begin: float, finish: float) -> None:
-            seconds = min(finish, end) - max(begin, start)
+        for interval in self.intervals(until=_moment(end)):
+            key = interval.user if by == "user" else (interval.group or "(no group)")
+            finish = interval.end if interval.end is not None else end
+            seconds = min(finish, end) - max(interval.start, start)
             if seconds > 0:
                 totals[key] = totals.get(key, 0.0) + seconds / 3600.0
-
-        for ts, kind, user, grp, slot, container in rows:
-            key = user if by == "user" else (grp or "(no group)")
-            interval = (container, slot)
-            if kind == OPENS:
-                opened.setdefault(interval, (ts, key))
-            elif interval in opened:
-                begin, owner = opened.pop(interval)
-                add(owner, begin, ts)
-        for begin, owner in opened.values():
-            add(owner, begin, end)
         return totals
+
+
+@dataclass(frozen=True)
+class GpuInterval:
+    """One slot used by one container from `start` to `end` (epoch seconds; None: open)."""
+
+    user: str
+    group: str | None
+    slot: str
+    container: str
+    start: float
+    end: float | None
+
+
+def pair_intervals(rows: Iterable[tuple]) -> list[GpuInterval]:
+    """Pure: (ts, kind, user, group, slot, container) rows in time order -> intervals, an
+    `allocate` opening one per (container, slot) and release/expire/reclaim closing it (a
+    second `allocate` of an open interval continues it: a restart within the hold)."""
+    opened: dict[tuple[str, str], tuple[float, str, str | None]] = {}
+    found: list[GpuInterval] = []
+    for ts, kind, user, grp, slot, container in rows:
+        key = (container, slot)
+        if kind == OPENS:
+            opened.setdefault(key, (ts, user, grp))
+        elif kind in CLOSES and key in opened:
+            begin, owner, group = opened.pop(key)
+            found.append(GpuInterval(owner, group, slot, container, begin, ts))
+    found += [
+        GpuInterval(user, grp, slot, container, begin, None)
+        for (container, slot), (begin, user, grp) in opened.items()
+    ]
+    return found
