@@ -517,7 +517,7 @@ def cmd_usage(args: argparse.Namespace) -> int:
 
 
 def cmd_fairshare(args: argparse.Namespace) -> int:
-    from ds01hub.gpu.fairshare import FairShare, relevant_since
+    from ds01hub.gpu.fairshare import FairShare, relevant_since, report
     from ds01hub.limits import FairShareConfig
 
     config = _load_config(args, required=False)
@@ -527,11 +527,7 @@ def cmd_fairshare(args: argparse.Namespace) -> int:
     since = datetime.fromtimestamp(relevant_since(now.timestamp(), settings.half_life), UTC)
     intervals = _event_log(args.state_dir).intervals(since=since, until=now)
     fair = FairShare.compute(settings, intervals, now.timestamp())
-    rows = []
-    for entry in sorted(fair.users.values(), key=lambda e: (-e.factor, e.user)):
-        priority = config.resolve(entry.user, [entry.group] if entry.group else []).priority
-        effective = fair.effective(entry.user, priority) if configured else float(priority)
-        rows.append({**entry.to_dict(), "priority": priority, "effective": round(effective, 3)})
+    rows = report(fair if configured else FairShare(0.0, fair.users), config)
     if args.json:
         print_json(
             {

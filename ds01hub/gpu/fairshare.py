@@ -21,9 +21,17 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ds01hub.gpu.eventlog import GpuInterval
-from ds01hub.limits import FairShareConfig
+from ds01hub.limits import FairShareConfig, LimitsConfig
 
-__all__ = ["FairShare", "UserShare", "Waiting", "decayed_usage", "rank", "relevant_since"]
+__all__ = [
+    "FairShare",
+    "UserShare",
+    "Waiting",
+    "decayed_usage",
+    "rank",
+    "relevant_since",
+    "report",
+]
 
 #: Intervals that ended this many half-lives ago weigh under 2^-20 (one in a million): skip.
 HORIZON_HALF_LIVES = 20
@@ -106,6 +114,18 @@ class FairShare:
     def effective(self, user: str, priority: float) -> float:
         """Configured priority + weight x factor (just `priority` when fair share is off)."""
         return priority + self.weight * self.factor(user) if self.weight else float(priority)
+
+
+def report(fair: FairShare, config: LimitsConfig) -> list[dict]:
+    """`ds01hub fairshare`'s and the admin page's rows, highest factor first: each user's
+    `UserShare` with their configured priority (resolved in their logged group) and the
+    effective one."""
+    rows = []
+    for entry in sorted(fair.users.values(), key=lambda e: (-e.factor, e.user)):
+        priority = config.resolve(entry.user, [entry.group] if entry.group else []).priority
+        effective = round(fair.effective(entry.user, priority), 3)
+        rows.append({**entry.to_dict(), "priority": priority, "effective": effective})
+    return rows
 
 
 def _shares(

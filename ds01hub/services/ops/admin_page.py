@@ -119,10 +119,12 @@ def overview(
     config_error: str | None = None,
     pending_culls: Iterable[Any] = (),
     engine: Any = None,
+    fairshare: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Everything the page shows, JSON-ready (also served as `api/overview`).
     `pending_culls`: the culler's standing warnings (`ds01hub.services.ops.warnings.CullWarning`);
-    `engine`: the Docker engine's `ds01hub.engine.EngineState` (its current or last outage)."""
+    `engine`: the Docker engine's `ds01hub.engine.EngineState` (its current or last outage);
+    `fairshare`: `ds01hub.gpu.fairshare.report`'s rows (None: fair share is off)."""
     since = week_start(now)
     slots = slot_rows(status, inventory)
     usage = {}
@@ -153,6 +155,7 @@ def overview(
         "slots": slots,
         "alerts": alerts(slots, eventlog.health() if eventlog is not None else None),
         "usage": usage,
+        "fairshare": fairshare,
     }
 
 
@@ -245,6 +248,18 @@ def render_page(model: dict[str, Any]) -> str:
             f"<h2>GPU-hours by {by}</h2>"
             + _table(f"usage-{by}", [title, "This week", "All time"], body)
         )
+    if model.get("fairshare") is not None:
+        body = [
+            _cell(r["user"])
+            + _cell(r["group"] or "-")
+            + _cell(f"{r['usage_gpu_hours']:.2f}", "num")
+            + _cell(f"{r['factor']:.3f}", "num")
+            + _cell(r["priority"], "num")
+            + _cell(f"{r['effective']:g}", "num")
+            for r in model["fairshare"]
+        ]
+        headers = ["User", "Group", "Decayed GPU-hours", "Factor", "Priority", "Effective"]
+        parts.append("<h2>Fair share</h2>" + _table("fairshare", headers, body))
     parts.append(
         f'<p class="note">As of {escape(model["at"])}; the week starts '
         f"{escape(model['week_start'])}.</p></body></html>"
