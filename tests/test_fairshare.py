@@ -278,5 +278,5 @@ def test_usage_only_decays_once_nothing_runs(found, now, later, half_life):
     before = decayed_usage(found, now, half_life)
     after = decayed_usage(found, now + later, half_life)
     for user, value in after.items():
-        assert value <= before[user] * (1 + 1e-9)
+        assert value <= before[user] * (1 + 1e-9) + 1e-12  # float noise on near-0 usage
         assert value == pytest.approx(before[user] * 2 ** (-later / half_life), rel=1e-6, abs=1e-12)

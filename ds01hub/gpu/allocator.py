@@ -35,9 +35,8 @@ slots, and the event log gets a `reclaim` event naming the winner. Entries disap
 container.
 
 Fair share. With `gpu_allocation.fairshare`, priorities in the decision are effective ones
-(`gpu.fairshare`), computed from the event log's intervals; the intervals are read at most every
-`fair_share_refresh` seconds (usage decays over days: a few seconds of lag change nothing) and
-the decay is computed at each decision's own `now`.
+(`gpu.fairshare`), computed from the event log's intervals at most every `fair_share_refresh`
+seconds of the clock (usage decays over days: seconds of lag change nothing).
 """
 
 from __future__ import annotations
@@ -57,11 +56,17 @@ from typing import Any
 from ds01hub import labels, provenance
 from ds01hub.engine import engine_unreachable
 from ds01hub.gpu.decision import Decision, GpuRequest, Holding, decide, describe_holding
-from ds01hub.gpu.eventlog import EventLog, EventLogError, GpuInterval, NewEvent
+from ds01hub.gpu.eventlog import EventLog, EventLogError, NewEvent
 from ds01hub.gpu.fairshare import FairShare, relevant_since
 from ds01hub.gpu.inventory import Inventory
 from ds01hub.labels import ContainerRecord
-from ds01hub.limits import LimitsConfig, LimitsStore, ResolvedLimits, parse_limits
+from ds01hub.limits import (
+    FairShareConfig,
+    LimitsConfig,
+    LimitsStore,
+    ResolvedLimits,
+    parse_limits,
+)
 from ds01hub.provenance import Provenance
 
 __all__ = [
@@ -414,7 +419,7 @@ class GpuAllocator:
         self._claims_path = self.state_dir / "reservations.json"
         self._revoked_path = self.state_dir / "revoked.json"
         self._hold_cache: tuple[LimitsConfig | None, dict] = (None, {})
-        self._intervals_cache: tuple[float, float, list[GpuInterval]] | None = None
+        self._fair_cache: tuple[float, FairShareConfig, FairShare] | None = None
         self._parsed: dict[tuple, ContainerRecord | None] = {}
 
     # -- configuration ------------------------------------------------------------------------
@@ -428,26 +433,27 @@ class GpuAllocator:
             return self._limits.current
         return self._limits if self._limits is not None else parse_limits({})
 
-    #: Seconds the event log's intervals are reused for fair share before being read again.
+    #: Seconds a fair-share computation (the event log read, the decayed usage) is reused.
     fair_share_refresh = 30.0
 
     def fair_share(self, now: datetime | None = None) -> FairShare:
         """Everyone's fair-share factor at `now` (default: the clock); off (no effect) when
-        `gpu_allocation.fairshare` is not configured or there is no event log."""
+        `gpu_allocation.fairshare` is not configured or there is no event log. Reused for
+        `fair_share_refresh` seconds of the clock: usage decays over days, so a lag of
+        seconds changes no order, and a queue round asks once per waiter."""
         config = self.config.gpu_allocation.fairshare
         if config is None or self.eventlog is None:
             return FairShare()
         moment = (now or self.clock()).timestamp()
+        cached = self._fair_cache
+        fresh = cached is not None and cached[0] <= moment < cached[0] + self.fair_share_refresh
+        if cached is not None and fresh and cached[1] == config:
+            return cached[2]
         since = relevant_since(moment, config.half_life)
-        cached = self._intervals_cache
-        if (
-            cached is None
-            or not (cached[0] <= moment < cached[0] + self.fair_share_refresh)
-            or (cached[1] > since)
-        ):
-            intervals = self.eventlog.intervals(since=_moment(since), until=_moment(moment))
-            cached = self._intervals_cache = (moment, since, intervals)
-        return FairShare.compute(config, cached[2], moment)
+        intervals = self.eventlog.intervals(since=_moment(since), until=_moment(moment))
+        fair = FairShare.compute(config, intervals, moment)
+        self._fair_cache = (moment, config, fair)
+        return fair
 
     # -- the lock and the state files ----------------------------------------------------------
 
