@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 #: The keys of `user_options`, the same as the form's field names.
-SPAWN_OPTION_KEYS = ("profile", "image", "gpus", "mig")
+SPAWN_OPTION_KEYS = ("profile", "image", "gpus", "mig", "queue")
 #: Keys of one `profile_list` entry (KubeSpawner's shape; `ds01_override` for the overrides).
 PROFILE_KEYS = ("display_name", "slug", "description", "default", "ds01_override")
 #: Keys of a profile's `ds01_override`.
@@ -208,6 +208,11 @@ def normalize_user_options(raw: Mapping[str, Any] | None) -> dict[str, Any]:
     ):
         if value is not None:
             options[key] = value
+    queue = raw.get("queue", False)
+    if not isinstance(queue, bool):
+        raise OptionsError("queue", queue, "not true or false", "true (wait for a GPU) or false")
+    if queue:
+        options["queue"] = True
     if options.get("gpus") and options.get("mig"):
         raise OptionsError(
             "mig",
@@ -239,6 +244,8 @@ def options_from_form(formdata: Mapping[str, Sequence[str]]) -> dict[str, Any]:
         options["mig"] = gpu.removeprefix("mig:")
     elif gpu:
         raise OptionsError("gpu", gpu, "not a choice of the form", "none, gpus:N, mig:PROFILE")
+    if first("queue") == "on":
+        options["queue"] = True
     return normalize_user_options(options)
 
 
@@ -313,6 +320,8 @@ class SpawnChoice:
     max_cpus: float | None = None
     memory: int | None = None
     notes: tuple[str, ...] = field(default=(), compare=False)
+    #: Wait for a GPU without `gpu_wait_timeout`: the request is stored (`spawner.queued`).
+    queue: bool = False
 
     @property
     def wants_gpu(self) -> bool:
@@ -333,6 +342,8 @@ class SpawnChoice:
             options = {"image": self.image, "mig": self.mig}
         if self.profile:
             options["profile"] = self.profile
+        if self.queue:
+            options["queue"] = True
         return options
 
 
@@ -459,6 +470,7 @@ def resolve_choice(
         max_cpus=max_cpus,
         memory=memory,
         notes=tuple(notes),
+        queue=bool(options.get("queue")),
     )
 
 

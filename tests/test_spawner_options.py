@@ -100,7 +100,8 @@ def test_user_options_are_typed_and_unknown_keys_named():
     assert normalize_user_options(None) == {}
     error = pytest.raises(OptionsError, normalize_user_options, {"gpu": 1, "cpus": 2}).value
     assert str(error) == (
-        "spawn option 'cpus'=2: unknown option(s) cpus, gpu; allowed: profile, image, gpus, mig"
+        "spawn option 'cpus'=2: unknown option(s) cpus, gpu; "
+        "allowed: profile, image, gpus, mig, queue"
     )
     for bad in (-1, 1.5, True, "two"):
         error = pytest.raises(OptionsError, normalize_user_options, {"gpus": bad}).value
