@@ -41,7 +41,7 @@ DEFAULT_PROJECT = labels.DEFAULT_PROJECT
 LOGIN_SHELL = ["/bin/sh", "-c", "if [ -x /bin/bash ]; then exec /bin/bash -l; fi; exec /bin/sh -l"]
 
 #: The spawn `user_options` keys (docs/architecture.md "Spawn options"), as the browser's form.
-SPAWN_OPTION_KEYS = ("image", "gpus", "mig", "profile")
+SPAWN_OPTION_KEYS = ("image", "gpus", "mig", "profile", "queue")
 
 
 class OperationError(Exception):

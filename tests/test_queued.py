@@ -1,0 +1,120 @@
+"""Queued spawn requests (the `queue` option): the stored file, its strict reading, the
+per-user limit, and the hub-side tasks that resume them after a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from harness import wait_until_async
+
+from ds01hub.spawner.options import OptionsError, normalize_user_options, options_from_form
+from ds01hub.spawner.queued import (
+    QueuedRequest,
+    QueuedStarter,
+    QueuedStore,
+    QueueFileError,
+    QueueLimitError,
+)
+
+
+def request(user="alice", server="q", priority=10, since=1000.0) -> QueuedRequest:
+    return QueuedRequest(
+        user, server, f"{server}._.{user}", {"image": "img", "gpus": 1}, priority, ("lab",), since
+    )
+
+
+def test_requests_are_kept_in_arrival_order_across_instances(tmp_path):
+    store = QueuedStore(tmp_path)
+    assert store.load() == []
+    store.add(request("alice"), limit=2)
+    store.add(request("bob"), limit=2)
+    assert [r.user for r in QueuedStore(tmp_path).load()] == ["alice", "bob"]
+    assert QueuedStore(tmp_path).load()[0] == request("alice")  # every field round-trips
+
+
+def test_asking_again_keeps_the_place_and_the_limit_counts_per_user(tmp_path):
+    store = QueuedStore(tmp_path)
+    store.add(request("alice", "a", since=1.0), limit=2)
+    kept = store.add(request("alice", "a", since=99.0), limit=2)
+    assert kept.since == 1.0 and len(store.load()) == 1
+    store.add(request("alice", "b"), limit=2)
+    with pytest.raises(QueueLimitError, match=r"alice already has 2 queued request\(s\).*a, b"):
+        store.add(request("alice", "c"), limit=2)
+    store.add(request("bob", "c"), limit=2)  # another user is not affected
+    assert store.remove("a._.alice") and not store.remove("a._.alice")
+    store.add(request("alice", "c"), limit=2)
+    assert [r.container for r in store.load()] == ["b._.alice", "c._.bob", "c._.alice"]
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        ("{not json", "cannot read"),
+        ('{"a": 1}', "not a list of requests"),
+        ("[1]", "an entry is not an object"),
+        ('[{"user": "", "server": "", "container": "x"}]', "must be strings"),
+        (
+            '[{"user": "u", "server": "", "container": "x", "options": {}, "priority": true,'
+            ' "since": 1}]',
+            "priority must be a whole number",
+        ),
+        (
+            '[{"user": "u", "server": "", "container": "x", "options": {}, "priority": 1,'
+            ' "since": 1, "groups": [1]}]',
+            "groups must be a list of strings",
+        ),
+    ],
+)
+def test_a_bad_file_is_refused_naming_it_and_the_fix(tmp_path, content, problem):
+    store = QueuedStore(tmp_path)
+    store.path.write_text(content)
+    with pytest.raises(QueueFileError) as caught:
+        store.load()
+    assert problem in str(caught.value) and str(store.path) in str(caught.value)
+    assert "fix or remove" in str(caught.value)
+
+
+def test_the_file_is_replaced_whole(tmp_path):
+    store = QueuedStore(tmp_path)
+    store.add(request(), limit=None)
+    assert json.loads(store.path.read_text())[0]["groups"] == ["lab"]
+    assert not store.path.with_suffix(".tmp").exists()
+
+
+async def test_stored_requests_are_resumed_and_removed_when_served(tmp_path):
+    store = QueuedStore(tmp_path)
+    store.add(request("alice"), limit=None)
+    store.add(request("bob"), limit=None)
+    served: list[str] = []
+    release = asyncio.Event()
+
+    async def serve(entry: QueuedRequest) -> None:
+        served.append(entry.user)
+        if entry.user == "bob":
+            await release.wait()  # bob still waits for a GPU
+
+    class Log:
+        def error(self, *args):
+            raise AssertionError(args)
+
+        def exception(self, *args):
+            raise AssertionError(args)
+
+    starter = QueuedStarter(store, serve, Log())
+    assert starter.resume() == 2
+    await wait_until_async(lambda: [r.user for r in store.load()] == ["bob"], 10, message="served")
+    assert starter.waiting("q._.bob") and not starter.waiting("q._.alice")
+    # The user withdraws bob's request: the task ends, the file forgets it.
+    assert starter.stop_waiting("q._.bob") and store.remove("q._.bob")
+    assert store.load() == [] and sorted(served) == ["alice", "bob"]
+
+
+def test_the_queue_option_from_the_form_and_the_rest_api():
+    assert options_from_form({"gpu": ["gpus:1"], "queue": ["on"]}) == {"gpus": 1, "queue": True}
+    assert options_from_form({"gpu": ["gpus:1"]}) == {"gpus": 1}
+    assert normalize_user_options({"queue": True, "gpus": 1}) == {"queue": True, "gpus": 1}
+    assert normalize_user_options({"queue": False}) == {}
+    with pytest.raises(OptionsError, match="'queue'='yes': not true or false"):
+        normalize_user_options({"queue": "yes"})
