@@ -63,12 +63,12 @@ from ds01hub.gpu.decision import Decision
 from ds01hub.gpu.eventlog import EventLog, NewEvent
 from ds01hub.gpu.fairshare import FairShare
 from ds01hub.gpu.inventory import Inventory, Slot, load_inventory
+from ds01hub.gpu.queued import QueuedRequest, QueuedStore, QueueLimitError
 from ds01hub.limits import LimitsError, LimitsStore, ResolvedLimits, default_limits_path
 
 from . import metrics
 from .container_plan import ContainerPlan, recreate_reason
 from .gpu_queue import GpuQueue, GpuWaitTimeout, QueueStatus
-from .queued import QueuedRequest, QueuedStarter, QueuedStore, QueueLimitError
 from .options import (
     GpuOffer,
     OptionsError,
@@ -80,6 +80,7 @@ from .options import (
     render_form,
     resolve_choice,
 )
+from .queued import QueuedStarter
 from .recovery import EngineRecovery
 
 __all__ = ["DS01Spawner"]
@@ -1205,6 +1206,17 @@ async def _serve_queued(
         event = NewEvent("spawn-failure", request.user, container=request.container, reason=reason)
         context.eventlog.record_many([event], defer=True)
 
+    noted: list[tuple] = []
+
+    def on_wait(status: QueueStatus) -> None:
+        """Note where the request stands (for `container-list`) when that changed."""
+        expiry = status.decision.earliest_expiry
+        seen = (status.position, status.waiting, expiry.timestamp() if expiry else None)
+        if noted[-1:] != [seen] and context.queued is not None:
+            noted.append(seen)
+            note = context.queued.store.note
+            loop.run_in_executor(context.executor, note, request.container, *seen)
+
     while True:
         decision = await context.queue.acquire(
             request.container,
@@ -1213,6 +1225,7 @@ async def _serve_queued(
             user=request.user,
             timeout=None,
             abandon=release,
+            on_wait=on_wait,
         )
         if not decision.ok:
             failed(f"queued request ended: {decision.reason}")

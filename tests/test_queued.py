@@ -9,14 +9,9 @@ import json
 import pytest
 from harness import wait_until_async
 
+from ds01hub.gpu.queued import QueuedRequest, QueuedStore, QueueFileError, QueueLimitError
 from ds01hub.spawner.options import OptionsError, normalize_user_options, options_from_form
-from ds01hub.spawner.queued import (
-    QueuedRequest,
-    QueuedStarter,
-    QueuedStore,
-    QueueFileError,
-    QueueLimitError,
-)
+from ds01hub.spawner.queued import QueuedStarter
 
 
 def request(user="alice", server="q", priority=10, since=1000.0) -> QueuedRequest:
@@ -118,3 +113,24 @@ def test_the_queue_option_from_the_form_and_the_rest_api():
     assert normalize_user_options({"queue": False}) == {}
     with pytest.raises(OptionsError, match="'queue'='yes': not true or false"):
         normalize_user_options({"queue": "yes"})
+
+
+def test_the_hub_notes_where_a_request_stands_and_container_list_shows_it(tmp_path):
+    from ds01hub.actions.operations import queued_view
+    from ds01hub.cli.user.views import time_cell
+
+    store = QueuedStore(tmp_path)
+    store.add(request("alice", "q", since=0.0), limit=None)
+    assert store.of_user("alice")[0].position is None
+    row = queued_view(store.of_user("alice")[0], "q")
+    assert row["state"] == "queued" and time_cell(row) == "queued, no est."
+    store.note("q._.alice", 2, 5, 7200.0)
+    store.note("q._.nobody", 1, 1, None)  # a request already gone: nothing to note
+    [noted] = store.of_user("alice")
+    assert (noted.position, noted.waiting, noted.estimate) == (2, 5, 7200.0)
+    row = queued_view(noted, "q")
+    assert row["queued_since"] == "1970-01-01T00:00:00Z"
+    assert time_cell(row) == "position 2 of 5, est. 1970-01-01 02:00 UTC"
+    assert store.of_user("bob") == []
+    store.path.write_text("garbage")
+    assert store.of_user("alice") == []  # container-list still works; the hub logs the file

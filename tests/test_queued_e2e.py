@@ -8,7 +8,7 @@ import pytest
 from harness import unique_name, wait_until
 from harness.ds01_spawner import Ds01Hub
 
-from ds01hub.spawner.queued import QueuedStore
+from ds01hub.gpu.queued import QueuedStore
 
 pytestmark = [pytest.mark.e2e, pytest.mark.docker]
 
@@ -54,6 +54,14 @@ def test_a_queued_request_survives_a_hub_restart_and_starts_when_a_slot_frees(
         hub.start()
         assert [r.container for r in store.load()] == [stored.container]
         assert not (hub.server(waiter, "q") or {}).get("ready")
+        # The restarted hub waits for it again and notes where it stands (container-list):
+        # first of one; the shutdown stopped the other servers, so their holds' end is known.
+        [noted] = wait_until(
+            lambda: [r for r in store.load() if r.position == 1 and r.estimate],
+            60,
+            message=lambda: f"the request's position is noted\n{store.load()}\n{hub.log()}",
+        )
+        assert noted.waiting == 1
 
         hub.delete_server(first, "m")  # its container is removed and its slot released
         wait_until(

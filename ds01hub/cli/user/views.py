@@ -23,11 +23,21 @@ def gpus_cell(row: dict[str, Any]) -> str:
 
 
 def time_cell(row: dict[str, Any]) -> str:
+    if row.get("state") == "queued":
+        return queue_cell(row)
     if row.get("uptime_s") is not None:
         return f"up {format_duration(row['uptime_s'])}"
     if row.get("stopped_for_s") is not None:
         return f"stopped {format_duration(row['stopped_for_s'])}"
     return "-"
+
+
+def queue_cell(row: dict[str, Any]) -> str:
+    """`position 2 of 5, est. 2026-03-01 14:00 UTC` for a queued request."""
+    position, waiting = row.get("queue_position"), row.get("queue_waiting")
+    text = f"position {position} of {waiting}" if position else "queued"
+    estimate = row.get("queue_estimate")
+    return text + (f", est. {estimate.replace('T', ' ')[:16]} UTC" if estimate else ", no est.")
 
 
 def held_cell(row: dict[str, Any]) -> str:
