@@ -772,7 +772,7 @@ class DS01Spawner(DockerSpawner):
             slots = await self._allocate(choice, limits)
             try:
                 started = await self._attempt(limits, choice, slots, began)
-                await self._forget_queued()
+                await self._forget_queued(started_at=time.time())
                 return started
             except _SlotsLost as lost:
                 if attempt == _START_ATTEMPTS:
@@ -1086,13 +1086,15 @@ class DS01Spawner(DockerSpawner):
         if await self._forget_queued():
             await self._record_event("reconcile", "queued request withdrawn: server deleted")
 
-    async def _forget_queued(self) -> bool:
-        """The server started (from the queue or not) or is gone: no request waits for it."""
+    async def _forget_queued(self, started_at: float | None = None) -> bool:
+        """The server started (from the queue or not: the user's hub pages say so for a day)
+        or is gone: no request waits for it."""
         queued = self.context.queued
         if queued is None:
             return False
         stopped = queued.stop_waiting(self.object_name)
-        return await self._blocking(queued.store.remove, self.object_name) or stopped
+        removed = await self._blocking(queued.store.remove, self.object_name, started_at)
+        return removed or stopped
 
     async def run_post_stop_hook(self):
         """After JupyterHub stopped a server, also one it found not running after its own

@@ -134,3 +134,33 @@ def test_the_hub_notes_where_a_request_stands_and_container_list_shows_it(tmp_pa
     assert store.of_user("bob") == []
     store.path.write_text("garbage")
     assert store.of_user("alice") == []  # container-list still works; the hub logs the file
+
+
+def test_hub_pages_show_queued_requests_and_recent_starts(tmp_path):
+    from types import SimpleNamespace
+
+    from ds01hub.services.ops.warnings import hub_announcement
+
+    store = QueuedStore(tmp_path)
+    store.add(request("<b>al</b>", "q", since=0.0), limit=None)
+    store.add(request("bob", "r"), limit=None)
+    announce = hub_announcement(tmp_path)
+    alice = SimpleNamespace(name="<b>al</b>")
+    assert announce(alice) == (
+        "Your server q waits for a GPU: queued, no estimate (the GPUs are in use by running "
+        "servers). It starts by itself."
+    )
+    store.note("q._.<b>al</b>", 1, 2, 3600.0)
+    assert "position 1 of 2, estimate: 1970-01-01 01:00 UTC" in announce(alice)
+    # It starts: the request is gone, the pages say so (escaped: user data) for a day.
+    import time
+
+    now = time.time()
+    assert store.remove("q._.<b>al</b>", started_at=now)
+    text = announce(alice)
+    assert "waits for a GPU" not in text and "Your queued server q got its GPU" in text
+    assert store.notices("<b>al</b>", now + 3600) and not store.notices("<b>al</b>", now + 90000)
+    assert store.notices("bob", now) == [] and "waits for a GPU" in announce(
+        SimpleNamespace(name="bob")
+    )
+    assert "<b>" not in announce(SimpleNamespace(name="<b>al</b>"))

@@ -16,7 +16,9 @@ MIG = {"mig": "2g.20gb"}  # the test hub's simulated inventory has two of these
 
 QUEUE_CONFIG = """
 from ds01hub.hub.services import configure_queue
+from ds01hub.services.ops.warnings import hub_announcement
 configure_queue(c, {state_dir!r})
+c.JupyterHub.template_vars = {{"announcement": hub_announcement({state_dir!r})}}
 c.DS01Spawner.queue_first_wait = 2.0
 c.DS01Spawner.max_queued_per_user = 1
 """
@@ -62,6 +64,8 @@ def test_a_queued_request_survives_a_hub_restart_and_starts_when_a_slot_frees(
             message=lambda: f"the request's position is noted\n{store.load()}\n{hub.log()}",
         )
         assert noted.waiting == 1
+        home = hub.login(waiter).get(f"{hub.hub_url}home", timeout=30).text
+        assert "Your server q waits for a GPU: position 1 of 1, estimate: " in home
 
         hub.delete_server(first, "m")  # its container is removed and its slot released
         wait_until(
@@ -73,6 +77,8 @@ def test_a_queued_request_survives_a_hub_restart_and_starts_when_a_slot_frees(
         container = hub.container_of(waiter, "q")
         assert container.status == "running" and container.labels["ds01.gpus"].startswith("4:")
         assert store.load() == []
+        home = hub.login(waiter).get(f"{hub.hub_url}home", timeout=30).text
+        assert "Your queued server q got its GPU and started at" in home
         assert "ds01: 1 queued spawn request(s) wait for GPUs" in hub.log(500_000)
     finally:
         hub.stop()

@@ -26,6 +26,7 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,8 @@ __all__ = ["QueueFileError", "QueueLimitError", "QueuedRequest", "QueuedStore"]
 #: Entries a queue file may hold at most (a file that grew past this is refused, not parsed).
 MAX_ENTRIES = 10_000
 MAX_FILE_BYTES = 8 << 20
+#: How long the hub's pages show "your queued server started" after it did.
+NOTICE_SECONDS = 86400.0
 
 
 class QueueFileError(RuntimeError):
@@ -104,6 +107,7 @@ class QueuedStore:
 
     def __init__(self, state_dir: str | os.PathLike):
         self.path = Path(state_dir) / "queued.json"
+        self.notices_path = Path(state_dir) / "queued-notices.json"
         self._lock_path = Path(state_dir) / "queued.lock"
 
     @contextlib.contextmanager
@@ -134,12 +138,7 @@ class QueuedStore:
             raise QueueFileError(f"{self.path}: {error}; {fix}") from None
 
     def _save(self, requests: list[QueuedRequest]) -> None:
-        temporary = self.path.with_suffix(".tmp")
-        with open(temporary, "w") as handle:
-            json.dump([r.to_dict() for r in requests], handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, self.path)
+        _write_json(self.path, [r.to_dict() for r in requests])
 
     def add(self, request: QueuedRequest, limit: int | None) -> QueuedRequest:
         """Store `request`; one for the same container keeps its place (and its `since`).
@@ -180,10 +179,56 @@ class QueuedStore:
         except QueueFileError:
             return []
 
-    def remove(self, container: str) -> bool:
+    def remove(self, container: str, started_at: float | None = None) -> bool:
+        """Forget the request; `started_at`: its server started then, which the user's hub
+        pages say for `NOTICE_SECONDS` (`notices`)."""
         with self._locked():
             stored = self.load()
             kept = [e for e in stored if e.container != container]
-            if len(kept) != len(stored):
-                self._save(kept)
-            return len(kept) != len(stored)
+            if len(kept) == len(stored):
+                return False
+            self._save(kept)
+            if started_at is not None:
+                [gone] = [e for e in stored if e.container == container]
+                notices = [n for n in self._notices() if n["at"] > started_at - NOTICE_SECONDS]
+                notice = {"user": gone.user, "server": gone.server, "since": gone.since}
+                _write_json(self.notices_path, [*notices, {**notice, "at": started_at}])
+            return True
+
+    def _notices(self) -> list[dict[str, Any]]:
+        try:
+            data = json.loads(self.notices_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return []
+        if not isinstance(data, list):
+            return []
+        wanted = {"user": str, "server": str, "since": (int, float), "at": (int, float)}
+        return [
+            n
+            for n in data
+            if isinstance(n, dict) and all(isinstance(n.get(k), t) for k, t in wanted.items())
+        ]
+
+    def notices(self, user: str, now: float) -> list[str]:
+        """'your server q, queued 12 min, started at 2026-03-01 14:00 UTC' lines, recent ones."""
+        lines = []
+        for notice in self._notices():
+            if notice["user"] == user and now - NOTICE_SECONDS < notice["at"] <= now:
+                waited = max(0, int(notice["at"] - notice["since"])) // 60
+                at = datetime.fromtimestamp(notice["at"], UTC)
+                name = notice["server"] or "(default)"
+                lines.append(
+                    f"Your queued server {name} got its GPU and started at "
+                    f"{at:%Y-%m-%d %H:%M} UTC after waiting {waited} min."
+                )
+        return lines
+
+
+def _write_json(path: Path, data: Any) -> None:
+    """Replace `path` whole (temporary file, fsync, rename)."""
+    temporary = path.with_suffix(".tmp")
+    with open(temporary, "w") as handle:
+        json.dump(data, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
