@@ -41,17 +41,20 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 from dockerspawner import DockerSpawner
 from jupyterhub.spawner import SpawnException
+from jupyterhub.utils import url_path_join
 from traitlets import Callable as CallableTrait
 from traitlets import CaselessStrEnum, Dict, Float, Int, List, Unicode, Union, default, validate
 
-from ds01hub import labels, provenance
+from ds01hub import labels, paths, provenance
 from ds01hub.engine import engine_unreachable, engine_url, short_error
+from ds01hub.gpu import messages
 from ds01hub.gpu.allocator import (
     DEFAULT_RESERVATION_TTL,
     DEFAULT_START_GRACE,
@@ -64,7 +67,7 @@ from ds01hub.gpu.eventlog import EventLog, NewEvent
 from ds01hub.gpu.fairshare import FairShare
 from ds01hub.gpu.inventory import Inventory, Slot, load_inventory
 from ds01hub.gpu.queued import QueuedRequest, QueuedStore, QueueLimitError
-from ds01hub.limits import LimitsError, LimitsStore, ResolvedLimits, default_limits_path
+from ds01hub.limits import LimitsError, LimitsStore, ResolvedLimits
 
 from . import metrics
 from .container_plan import ContainerPlan, recreate_reason
@@ -274,11 +277,14 @@ class DS01Spawner(DockerSpawner):
 
     def _shared_context(self) -> _HubContext:
         """The context of this hub's settings, built once (LimitsError: the file is broken)."""
-        limits_path = self.limits_path or str(default_limits_path())
-        state_dir = self.state_dir or str(provenance.default_state_dir())
-        key = (limits_path, state_dir, tuple(self.container_label_filter))
+        state_dir = str(paths.state_dir(self.state_dir))
+        key = (
+            str(paths.limits_path(self.limits_path)),
+            state_dir,
+            tuple(self.container_label_filter),
+        )
         if key not in self._contexts:
-            self._contexts[key] = self._new_context(limits_path, Path(state_dir))
+            self._contexts[key] = self._new_context(self.limits_path or None, Path(state_dir))
         return self._contexts[key]
 
     @classmethod
@@ -315,7 +321,7 @@ class DS01Spawner(DockerSpawner):
                 if resumed:
                     app.log.info("ds01: %d queued spawn request(s) wait for GPUs", resumed)
 
-    def _new_context(self, limits_path: str, state_dir: Path) -> _HubContext:
+    def _new_context(self, limits_path: str | None, state_dir: Path) -> _HubContext:
         import docker
 
         store = LimitsStore(limits_path, parse_timeout=self.limits_parse_timeout, log=self.log)
@@ -562,7 +568,20 @@ class DS01Spawner(DockerSpawner):
         sim = " (SIMULATED)" if context.inventory.simulated else ""
         self._emit(30, f"asking for {choice.gpu_text()}{sim}, priority {limits.priority}")
         request = choice.gpu_request(self.user.name, self.object_name)
+        deadline = datetime.now(UTC) + timedelta(seconds=self.gpu_wait_timeout)
         last_status: list[tuple] = []
+
+        def situation(decision: Decision, **queue: Any) -> messages.Situation:
+            return messages.Situation(
+                request,
+                decision,
+                context.inventory.slots,
+                limits,
+                simulated=context.inventory.simulated,
+                deadline=deadline,
+                timeout=self.gpu_wait_timeout,
+                **queue,
+            )
 
         async def attempt() -> Decision:
             return await self._blocking(context.allocator.allocate, request, limits)
@@ -574,11 +593,8 @@ class DS01Spawner(DockerSpawner):
             seen = (status.position, status.waiting, status.decision.reason)
             if last_status[-1:] != [seen]:
                 last_status.append(seen)
-                self._emit(
-                    35,
-                    f"waiting for a GPU: position {status.position} of {status.waiting} in the "
-                    f"queue (wanted: {choice.gpu_text()}{sim}); {status.decision.reason}",
-                )
+                where = situation(status.decision, position=status.position, waiting=status.waiting)
+                self._emit_message(35, messages.wait_message(where, datetime.now(UTC)))
 
         timeout = self.gpu_wait_timeout
         if choice.queue:
@@ -604,30 +620,17 @@ class DS01Spawner(DockerSpawner):
                     on_wait=on_wait,
                 )
         except AllocationStateError as error:
-            raise SpawnException(
-                f"GPU allocation failed: {error}. An admin must fix the state directory.",
-                reason="state",
-                status_code=503,
-            ) from None
+            raise self._refusal(messages.state_message(str(error)), 503) from None
         except GpuWaitTimeout as error:
             if choice.queue:
                 raise await self._enqueue(choice, limits, error) from None
             await self._record_failure(str(error))
-            raise SpawnException(
-                f"gave up waiting for {choice.gpu_text()}{sim} after "
-                f"{self.gpu_wait_timeout:.0f}s (gpu_wait_timeout): "
-                f"{error.decision.reason if error.decision else 'no slot'} Try again later, ask "
-                "for less (or no) GPU, or stop a container of yours that holds one.",
-                reason="gpu_wait",
-                status_code=503,
-            ) from None
+            last = error.decision or Decision(reason="no attempt finished", code="busy")
+            raise self._refusal(messages.timeout_message(situation(last)), 503) from None
         if not decision.ok:
             await self._record_failure(decision.reason or "")
-            raise SpawnException(
-                f"GPU refused: {decision.reason}",
-                reason=decision.code or "gpu",
-                status_code=_STATUS_OF_CODE.get(decision.code, 400),
-            )
+            status = _STATUS_OF_CODE.get(decision.code, 400)
+            raise self._refusal(messages.refusal_message(situation(decision)), status)
         slots = tuple(context.inventory.slot(slot_id) for slot_id in decision.granted)
         taken = "".join(
             f"; took slot {h.slot_id} from {h.user} ({h.state}, priority {h.priority})"
@@ -673,11 +676,42 @@ class DS01Spawner(DockerSpawner):
         return SpawnException(
             f"queued: no {choice.gpu_text()} is free now; your request waits in the GPU queue "
             f"({len(context.queue)} waiting, by priority then arrival) and this server starts "
-            f"by itself when a GPU is granted, also after a hub restart ({estimate}). Stop the "
-            "server to cancel.",
+            f"by itself when a GPU is granted, also after a hub restart ({estimate}). Delete "
+            "the server (or start it without the queue option) to withdraw the request.",
             reason="queued",
             status_code=202,
         )
+
+    def _form_url(self) -> str:
+        """This server's options form (the way back from a wait or a refusal)."""
+        return url_path_join(self.hub.base_url, "spawn", self.user.escaped_name, self.name or "")
+
+    def _emit_message(self, progress: int, message: messages.Message) -> None:
+        """A progress event people read (ds01hub.gpu.messages): the headline as the event's
+        text, the whole message as HTML for the spawn page and as data for the CLI."""
+        self._events.append(
+            {
+                "progress": progress,
+                "message": message.headline,
+                "html_message": message.html(),
+                messages.EVENT_KEY: message.to_dict(),
+            }
+        )
+        self._event_signal.set()
+        self.log.info("ds01 %s: %s", self._log_name, message.text())
+
+    def _refusal(self, message: messages.Message, status: int) -> SpawnException:
+        """A spawn refused with a message for people: plain text for the API and the CLI, HTML
+        (details folded, a link back to the form) for the hub's pages."""
+        html = message.html(self._form_url())
+        error = SpawnException(
+            message.text(), reason=message.code, status_code=status, message_html=html
+        )
+        # what the hub's progress stream and its "spawn failed" page show (else str(error):
+        # "503 SpawnException(reason=...)")
+        error.jupyterhub_message = message.text()
+        error.jupyterhub_html_message = html
+        return error
 
     async def _record_failure(self, reason: str) -> None:
         await self._record_event("spawn-failure", reason)
@@ -776,12 +810,7 @@ class DS01Spawner(DockerSpawner):
                 return started
             except _SlotsLost as lost:
                 if attempt == _START_ATTEMPTS:
-                    raise SpawnException(
-                        f"the GPU slot(s) granted to {self.object_name} were not its own when "
-                        f"it was to start ({lost}), {attempt} times in a row; try again",
-                        reason="gpu_lost",
-                        status_code=503,
-                    ) from None
+                    raise self._refusal(messages.lost_message(str(lost), attempt), 503) from None
                 self._emit(40, f"not starting on those GPU slots: {lost}; asking again")
         raise AssertionError("unreachable: the last attempt returns or raises")
 
@@ -992,7 +1021,7 @@ class DS01Spawner(DockerSpawner):
         in time fails the spawn at once with the reason, and the undo of the failed start gives
         back what it holds. (The hub waited on an address where nothing ran, then stopped a
         server whose container kept its GPU for the whole hold.)"""
-        from jupyterhub.utils import url_path_join, wait_for_http_server
+        from jupyterhub.utils import wait_for_http_server
 
         if self.internal_ssl or self.server is None:
             return  # the hub's own wait (with its TLS context) decides

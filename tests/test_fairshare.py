@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from ds01hub.gpu.allocator import GpuAllocator
 from ds01hub.gpu.decision import Decision, GpuRequest, Holding, decide
-from ds01hub.gpu.eventlog import EventLog, GpuInterval
+from ds01hub.gpu.eventlog import EventLog, Interval
 from ds01hub.gpu.fairshare import FairShare, Waiting, decayed_usage, rank
 from ds01hub.gpu.inventory import discover
 from ds01hub.gpu.simulated_nvml import SimulatedNvml
@@ -75,8 +75,9 @@ def test_usage_halves_over_one_half_life(log):
 
 def test_an_open_interval_counts_up_to_now_and_grows(log):
     log.record("allocate", "bob", slot="1", container="c", at=T0)
-    one = FairShare.compute(CONFIG, log.intervals(), (T0 + timedelta(hours=1)).timestamp())
-    two = FairShare.compute(CONFIG, log.intervals(), (T0 + timedelta(hours=2)).timestamp())
+    hour, later = T0 + timedelta(hours=1), T0 + timedelta(hours=2)
+    one = FairShare.compute(CONFIG, log.intervals(until=hour), hour.timestamp())
+    two = FairShare.compute(CONFIG, log.intervals(until=later), later.timestamp())
     assert two.users["bob"].usage > one.users["bob"].usage > 0.99
 
 
@@ -247,8 +248,13 @@ def test_limits_fairshare_defaults_and_values():
 
 intervals = st.lists(
     st.builds(
-        lambda user, start, length: GpuInterval(
-            user, None, "0", f"c{start}", start, start + length
+        lambda user, start, length: Interval(
+            user,
+            None,
+            "0",
+            f"c{start}",
+            datetime.fromtimestamp(start, UTC),
+            datetime.fromtimestamp(start + length, UTC),
         ),
         st.sampled_from(["a", "b", "c", "d"]),
         st.floats(0, 25 * DAY),  # all end by day 30: before any `now` below

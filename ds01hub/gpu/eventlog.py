@@ -31,20 +31,22 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from ds01hub.errors import Ds01hubError
+
 __all__ = [
     "KINDS",
     "Event",
     "EventLog",
     "EventLogError",
-    "GpuInterval",
+    "Interval",
     "NewEvent",
     "OpenAllocation",
-    "pair_intervals",
 ]
 
 KINDS = ("allocate", "hold", "release", "expire", "reclaim", "cull", "spawn-failure", "reconcile")
 OPENS = "allocate"
 CLOSES = frozenset({"release", "expire", "reclaim"})
+NO_GROUP = "(no group)"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -97,8 +99,10 @@ class Event:
         }
 
 
-class EventLogError(RuntimeError):
+class EventLogError(Ds01hubError, RuntimeError):
     """An event could not be written; the message names the file and SQLite's reason."""
+
+    status = 500  # the host's failure, not the caller's
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,26 @@ class NewEvent:
     group: str | None = None
     reason: str = ""
     at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Interval:
+    """One container's time on one slot, from its allocate to its release (or a clip)."""
+
+    user: str
+    group: str | None
+    slot: str
+    container: str
+    begin: datetime
+    end: datetime
+
+    @property
+    def hours(self) -> float:
+        return (self.end - self.begin).total_seconds() / 3600.0
+
+    def key(self, by: str) -> str:
+        """Its user, or its group (`(no group)` for none)."""
+        return self.user if by == "user" else (self.group or NO_GROUP)
 
 
 @dataclass(frozen=True)
@@ -341,9 +365,11 @@ class EventLog:
 
     def intervals(
         self, since: datetime | None = None, until: datetime | None = None
-    ) -> list[GpuInterval]:
-        """GPU intervals that overlap [since, until] (default: all, up to now), unclipped;
-        those still open have `end` None. Fair share and `gpu_hours` read this."""
+    ) -> list[Interval]:
+        """Every GPU interval (allocate to release/expire/reclaim of one container's slot)
+        that overlaps [since, until], clipped to it; open ones end at `until` (default now).
+        GPU-hours and the admin page's charts are sums over these."""
+        start = _epoch(since) if since is not None else float("-inf")
         end = _epoch(until) if until is not None else time.time()
         with self._connect() as db:
             rows = db.execute(
@@ -352,11 +378,24 @@ class EventLog:
                 " AND kind IN ('allocate', 'release', 'expire', 'reclaim') ORDER BY ts, id",
                 (end,),
             ).fetchall()
-        found = pair_intervals(rows)
-        if since is None:
-            return found
-        start = _epoch(since)
-        return [i for i in found if i.end is None or i.end > start]
+        opened: dict[tuple[str, str], tuple[float, str, str | None]] = {}
+        found: list[Interval] = []
+
+        def add(key: tuple[str, str], opening: tuple[float, str, str | None], finish: float):
+            begin, user, group = opening
+            begin, finish = max(begin, start), min(finish, end)
+            if finish > begin:
+                found.append(Interval(user, group, key[1], key[0], _moment(begin), _moment(finish)))
+
+        for ts, kind, user, grp, slot, container in rows:
+            interval = (container, slot)
+            if kind == OPENS:
+                opened.setdefault(interval, (ts, user, grp))
+            elif interval in opened:
+                add(interval, opened.pop(interval), ts)
+        for interval, opening in opened.items():
+            add(interval, opening, end)
+        return found
 
     def gpu_hours(
         self,
@@ -368,45 +407,8 @@ class EventLog:
         [since, until]; intervals still open count up to `until` (default: now)."""
         if by not in ("user", "group"):
             raise ValueError("by must be 'user' or 'group'")
-        start = _epoch(since) if since is not None else float("-inf")
-        end = _epoch(until) if until is not None else time.time()
         totals: dict[str, float] = {}
-        for interval in self.intervals(until=_moment(end)):
-            key = interval.user if by == "user" else (interval.group or "(no group)")
-            finish = interval.end if interval.end is not None else end
-            seconds = min(finish, end) - max(interval.start, start)
-            if seconds > 0:
-                totals[key] = totals.get(key, 0.0) + seconds / 3600.0
+        for interval in self.intervals(since, until):
+            key = interval.key(by)
+            totals[key] = totals.get(key, 0.0) + interval.hours
         return totals
-
-
-@dataclass(frozen=True)
-class GpuInterval:
-    """One slot used by one container from `start` to `end` (epoch seconds; None: open)."""
-
-    user: str
-    group: str | None
-    slot: str
-    container: str
-    start: float
-    end: float | None
-
-
-def pair_intervals(rows: Iterable[tuple]) -> list[GpuInterval]:
-    """Pure: (ts, kind, user, group, slot, container) rows in time order -> intervals, an
-    `allocate` opening one per (container, slot) and release/expire/reclaim closing it (a
-    second `allocate` of an open interval continues it: a restart within the hold)."""
-    opened: dict[tuple[str, str], tuple[float, str, str | None]] = {}
-    found: list[GpuInterval] = []
-    for ts, kind, user, grp, slot, container in rows:
-        key = (container, slot)
-        if kind == OPENS:
-            opened.setdefault(key, (ts, user, grp))
-        elif kind in CLOSES and key in opened:
-            begin, owner, group = opened.pop(key)
-            found.append(GpuInterval(owner, group, slot, container, begin, ts))
-    found += [
-        GpuInterval(user, grp, slot, container, begin, None)
-        for (container, slot), (begin, user, grp) in opened.items()
-    ]
-    return found

@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from ds01hub.gpu.eventlog import GpuInterval
+from ds01hub.gpu.eventlog import Interval
 from ds01hub.limits import FairShareConfig, LimitsConfig
 
 __all__ = [
@@ -42,16 +42,15 @@ def relevant_since(now: float, half_life: float) -> float:
     return now - HORIZON_HALF_LIVES * half_life
 
 
-def decayed_usage(
-    intervals: Iterable[GpuInterval], now: float, half_life: float
-) -> dict[str, float]:
+def decayed_usage(intervals: Iterable[Interval], now: float, half_life: float) -> dict[str, float]:
     """Decayed GPU-hours per user: the integral of 2^-((now - t) / half_life) over each
-    interval (open ones end now; anything after `now` does not count)."""
+    interval (`EventLog.intervals(until=now)`: open ones end now; time after `now` does not
+    count)."""
     rate = math.log(2) / half_life
     usage: dict[str, float] = {}
     for interval in intervals:
-        end = min(interval.end if interval.end is not None else now, now)
-        start = min(interval.start, end)
+        end = min(interval.end.timestamp(), now)
+        start = min(interval.begin.timestamp(), end)
         hours = (math.exp(-rate * (now - end)) - math.exp(-rate * (now - start))) / rate / 3600
         if hours > 0:
             usage[interval.user] = usage.get(interval.user, 0.0) + hours
@@ -92,7 +91,7 @@ class FairShare:
     def compute(
         cls,
         config: FairShareConfig | None,
-        intervals: Iterable[GpuInterval],
+        intervals: Iterable[Interval],
         now: float,
     ) -> FairShare:
         """`config` None: fair share is off (everyone's effective priority is their own)."""
@@ -102,8 +101,9 @@ class FairShare:
         usage = decayed_usage(intervals, now, config.half_life)
         latest: dict[str, tuple[float, str | None]] = {}
         for interval in intervals:  # a user's group: the one of their latest interval
-            if interval.user not in latest or interval.start >= latest[interval.user][0]:
-                latest[interval.user] = (interval.start, interval.group)
+            begin = interval.begin.timestamp()
+            if interval.user not in latest or begin >= latest[interval.user][0]:
+                latest[interval.user] = (begin, interval.group)
         groups = {user: latest[user][1] for user in usage}
         return cls(config.weight, _shares(config, usage, groups), config.half_life)
 

@@ -30,6 +30,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from ds01hub.errors import Ds01hubError
+
 __all__ = ["QueueFileError", "QueueLimitError", "QueuedRequest", "QueuedStore"]
 
 #: Entries a queue file may hold at most (a file that grew past this is refused, not parsed).
@@ -39,12 +41,16 @@ MAX_FILE_BYTES = 8 << 20
 NOTICE_SECONDS = 86400.0
 
 
-class QueueFileError(RuntimeError):
+class QueueFileError(Ds01hubError):
     """`queued.json` is unreadable or malformed; the message names the file and the fix."""
 
+    status = 503
 
-class QueueLimitError(ValueError):
+
+class QueueLimitError(Ds01hubError):
     """The user already has the most queued requests allowed (`max_queued_per_user`)."""
+
+    status = 429
 
 
 @dataclass(frozen=True)
