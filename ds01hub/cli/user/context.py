@@ -190,6 +190,13 @@ def add_spawn_options(parser: argparse.ArgumentParser) -> None:
     gpu.add_argument("--gpus", type=positive_int, metavar="N", help="number of whole GPUs")
     gpu.add_argument("--mig", metavar="PROFILE", help="a MIG slice, e.g. 1g.10gb")
     parser.add_argument("--profile", help="a named profile from the lab's configuration")
+    parser.add_argument(
+        "--queue",
+        action="store_true",
+        default=None,
+        help="if no GPU is free, leave the request queued (no time limit, also across hub "
+        "restarts): the container starts by itself when a GPU is granted",
+    )
 
 
 def spawn_options_from(args: argparse.Namespace) -> dict[str, Any]:

@@ -38,6 +38,7 @@ from ds01hub.actions.operations import (
     OperationsContext,
     docker_unreachable,
 )
+from ds01hub.gpu.queued import QueuedStore
 from ds01hub.hub.client import HubClient
 from ds01hub.peer import Caller
 from ds01hub.services.broker.handlers import (
@@ -321,6 +322,7 @@ class Broker(Application):
             spawn_timeout=self.spawn_timeout,
             inspect_workers=self.inspect_workers,
             docker_url=self.docker_url,
+            queued_for=QueuedStore(self.state_dir).of_user,
         )
 
     def _limits_and_gpus(self):

@@ -74,7 +74,17 @@ class Components:
             pending_culls=self.culler.warnings.load().values(),
             engine=self.engine,
             queue=queue,
+            fairshare=self._fairshare(),
         )
+
+    def _fairshare(self) -> list[dict[str, Any]] | None:
+        """The fair-share rows (None when `gpu_allocation.fairshare` is off)."""
+        from ds01hub.gpu.fairshare import report
+
+        config = self.limits.current
+        if config.gpu_allocation.fairshare is None:
+            return None
+        return report(self.allocator.fair_share(), config)
 
 
 def build_components(
