@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,19 +23,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from ds01hub import labels
+from ds01hub.actions.names import OperationError, validate_name
 from ds01hub.errors import Ds01hubError
 from ds01hub.gpu.messages import EVENT_KEY, Message
 from ds01hub.hub.client import HubClient, HubError, HubUnreachable
 from ds01hub.provenance import Provenance
 from ds01hub.spawn_options import GPUS_OR_MIG, SPAWN_OPTION_KEYS, asks_gpus_and_mig
 from ds01hub.units import utcnow
-
-#: Container (project) names the users' commands accept.
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-NAME_RULE = (
-    "use lowercase letters, digits, '-' and '_' (starting with a letter or digit, "
-    "at most 63 characters)"
-)
 
 #: The project name shown for the user's default (unnamed) hub server.
 DEFAULT_PROJECT = labels.DEFAULT_PROJECT
@@ -45,11 +38,6 @@ DEFAULT_PROJECT = labels.DEFAULT_PROJECT
 LOGIN_SHELL = ["/bin/sh", "-c", "if [ -x /bin/bash ]; then exec /bin/bash -l; fi; exec /bin/sh -l"]
 
 #: The spawn `user_options` keys (docs/architecture.md "Spawn options"), as the browser's form.
-
-
-class OperationError(Ds01hubError):
-    """A user action failed: `message` says what, `hint` how to fix it; `status` is HTTP-like
-    (400 bad input, 403 refused, 404 no such container, 409 conflict/over quota, 502 hub)."""
 
 
 # ---- the services behind every action, when they fail --------------------------------------
@@ -144,24 +132,6 @@ def start_failure(project: str, state: str, docker_state: Mapping[str, Any]) -> 
         "admin to look at the hub's log",
         status=409,
     )
-
-
-def suggest_name(name: str) -> str:
-    """A valid name close to a rejected one (`My Project.v2` -> `my-project-v2`)."""
-    cleaned = re.sub(r"[^a-z0-9_-]+", "-", name.lower()).strip("-_")
-    return cleaned[:63] or "my-project"
-
-
-def validate_name(name: str, what: str = "container name") -> str:
-    """Return `name` if the commands accept it, else raise an OperationError that names the rule
-    and suggests a valid spelling."""
-    if not isinstance(name, str) or not NAME_RE.match(name):
-        raise OperationError(
-            f"bad {what} {name!r}: {NAME_RULE}",
-            hint=f"for example {suggest_name(str(name))!r}",
-            status=400,
-        )
-    return name
 
 
 def project_to_server(project: str) -> str:

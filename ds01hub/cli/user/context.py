@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TextIO, TypeVar
 
-from ds01hub.actions.operations import OperationError, validate_name
+from ds01hub.actions.names import OperationError, validate_name
 from ds01hub.cli.output import (
     EXIT_USAGE,
     CliError,
