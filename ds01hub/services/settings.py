@@ -9,12 +9,13 @@ working, and `c.HostSettings.state_dir` sets it for every service at once.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from traitlets import Integer, Unicode, default
 from traitlets.config import Configurable
 
 from ds01hub import paths
-from ds01hub.actions.builds import MAX_CONCURRENT_BUILDS
+from ds01hub.actions.builds import MAX_CONCURRENT_BUILDS, BuildManager, docker_builder
 
 __all__ = ["HostSettings", "ImageBuildSettings"]
 
@@ -76,3 +77,15 @@ class ImageBuildSettings(Configurable):
     build_memory_limit = Integer(
         4 * 1024**3, help="Memory (bytes) for each build step's container (0 = unlimited)."
     ).tag(config=True)
+
+    def build_manager(self, docker_client: Any, state_dir: str | os.PathLike) -> BuildManager:
+        """The door's build manager with these settings; its slots are the host's (in
+        `state_dir`), shared with the other door."""
+        run_build = docker_builder(
+            docker_client,
+            self.base_image,
+            self.ca_bundle,
+            self.build_memory_limit,
+            who=f"{type(self).__name__}.base_image",
+        )
+        return BuildManager(run_build, state_dir, max_concurrent=self.max_concurrent_builds)

@@ -32,7 +32,6 @@ from traitlets.config import Application
 
 from ds01hub import peer, provenance
 from ds01hub.actions import images
-from ds01hub.actions.builds import BuildManager, docker_builder
 from ds01hub.actions.operations import (
     OperationError,
     OperationsContext,
@@ -79,16 +78,7 @@ class BrokerImages:
     def __init__(self, broker: Broker, docker_client: Any):
         self.broker = broker
         self.docker = docker_client
-        run_build = docker_builder(
-            docker_client,
-            broker.base_image,
-            broker.ca_bundle,
-            broker.build_memory_limit,
-            who="Broker.base_image",
-        )
-        self.builds = BuildManager(
-            run_build, broker.state_dir, max_concurrent=broker.max_concurrent_builds
-        )
+        self.builds = broker.build_manager(docker_client, broker.state_dir)
 
     def templates(self) -> list[dict[str, Any]]:
         return [t.to_dict() for t in images.list_templates()]

@@ -40,7 +40,7 @@ from traitlets.config import Application
 
 from ds01hub import provenance
 from ds01hub.actions import images
-from ds01hub.actions.builds import Build, BuildManager, docker_builder
+from ds01hub.actions.builds import Build
 from ds01hub.actions.operations import OperationError, OperationsContext, UserOperations
 from ds01hub.engine import EngineState, engine_unreachable, engine_url, short_error
 from ds01hub.hub.client import HubClient
@@ -243,16 +243,7 @@ class DS01Service(HostSettings, ImageBuildSettings, Application):
             connect=docker.from_env,
             ping_interval=2.0,
         )
-        run_build = docker_builder(
-            self.docker,
-            self.base_image,
-            self.ca_bundle,
-            self.build_memory_limit,
-            who="DS01Service.base_image",
-        )
-        self.builds = BuildManager(
-            run_build, self.state_dir, max_concurrent=self.max_concurrent_builds
-        )
+        self.builds = self.build_manager(self.docker, self.state_dir)
         self._limits_store = None
 
     def limits_for(self, user: str, groups: Iterable[str]):
