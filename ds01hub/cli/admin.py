@@ -106,7 +106,7 @@ def register_proxy(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--upstream",
-        default="/var/run/docker.sock",
+        default=str(paths.DOCKER_SOCKET),
         help="the engine's socket (default %(default)s)",
     )
     parser.add_argument(
@@ -226,7 +226,7 @@ def register_demo(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--workspace-root",
         type=Path,
-        default=Path("/srv/ds01hub/workspaces"),
+        default=paths.WORKSPACE_ROOT,
         help="where the users' workspaces live (default %(default)s, as installed)",
     )
     parser.add_argument(

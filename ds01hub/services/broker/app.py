@@ -30,7 +30,7 @@ from tornado.iostream import IOStream, StreamClosedError
 from traitlets import Bool, Float, Integer, List, Unicode, default
 from traitlets.config import Application
 
-from ds01hub import peer, provenance
+from ds01hub import paths, peer, provenance
 from ds01hub.actions import images
 from ds01hub.actions.operations import (
     OperationError,
@@ -110,7 +110,7 @@ class BrokerImages:
 def docker_socket_path() -> str:
     """The Docker engine's unix socket from DOCKER_HOST (unix://...), else the default."""
     host = os.environ.get("DOCKER_HOST", "")
-    return host[len("unix://") :] if host.startswith("unix://") else "/var/run/docker.sock"
+    return host[len("unix://") :] if host.startswith("unix://") else str(paths.DOCKER_SOCKET)
 
 
 class Broker(HostSettings, ImageBuildSettings, Application):
