@@ -230,7 +230,8 @@ def test_stats_show_use_against_limits(hub, users):
     table = cli(hub, alice, "container-stats").stdout
     assert "thesis" in table and "/ 1.0G" in table
     assert f"{gpu['slot']} (SIMULATED): " in table and "0B / 80G" in table
-    assert "GPUs 1 of 1 held, containers 1 of 2, per container 1 CPU and 1.0G" in table
+    assert "GPUs 1 (1 held); GPUs per container 1; CPUs per container 1; " in table
+    assert "memory per container 1.0G; containers 2 (1 running, 1 total)" in table
 
 
 def test_stop_holds_the_gpu_then_start_and_remove(hub, users, docker_client):

@@ -122,8 +122,9 @@ def register_proxy(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--limits",
         metavar="FILE",
-        help="resource-limits YAML applied to containers users create "
-        "(default: none applied; the security policy still is)",
+        help="resource-limits YAML applied to containers users create (default: "
+        "$DS01HUB_LIMITS, else /etc/ds01hub/resource-limits.yaml; with neither, the built-in "
+        "defaults, which limit no container setting; the security policy applies regardless)",
     )
     parser.add_argument(
         "--hub-state-dir",
