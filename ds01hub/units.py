@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from fractions import Fraction
 from typing import Any
@@ -33,6 +33,7 @@ __all__ = [
     "parse_duration",
     "format_duration",
     "human_duration",
+    "gpu_use",
     "quota_rows",
     "utcnow",
 ]
@@ -164,15 +165,29 @@ def human_duration(seconds: float | None, none: str = "-") -> str:
     return " ".join(shown) or "0s"
 
 
+def gpu_use(held: Sequence[tuple[str, str]], max_gpus: int | None) -> str:
+    """'1 of 2 GPUs in use (slot 0: NVIDIA A100)', '0 of 1 GPU in use', '2 GPUs in use of
+    unlimited (slot 0: ...; slot 1: ...)'; `held` is (slot id, name) per slot held."""
+    slots = "; ".join(f"slot {slot}: {name}" for slot, name in held)
+    suffix = f" ({slots})" if slots else ""
+    if max_gpus is None:
+        noun = "GPU" if len(held) == 1 else "GPUs"
+        return f"{len(held)} {noun} in use of unlimited{suffix}"
+    noun = "GPU" if max_gpus == 1 else "GPUs"
+    return f"{len(held)} of {max_gpus} {noun} in use{suffix}"
+
+
 def quota_rows(quota: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     """(what, in use, limit) for a user's quota (`UserOperations.quota()`): the one rendering
     of it (`container-stats`, `user-setup`, the notebook's QuotaPanel). An absent limit reads
-    "no limit"; a GPU hold without end reads "until the container is removed"."""
+    "unlimited"; a GPU hold without end reads "until the container is removed". The GPU row
+    is one sentence (`gpu_use`) with the limit in it, so its limit cell is empty."""
     limits = quota.get("limits") or {}
+    held = [(str(g.get("slot")), str(g.get("name") or "GPU")) for g in quota.get("gpus") or []]
 
     def cap(value: Any) -> str:
         return (
-            "no limit"
+            "unlimited"
             if value is None
             else f"{value:g}"
             if isinstance(value, float)
@@ -182,10 +197,10 @@ def quota_rows(quota: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     hold = limits.get("gpu_hold_after_stop")
     idle = limits.get("idle_timeout")
     return [
-        ("GPUs", f"{quota.get('gpus_held', 0)} held", cap(limits.get("max_gpus"))),
+        ("GPUs", gpu_use(held, limits.get("max_gpus")), ""),
         ("GPUs per container", "", cap(limits.get("max_gpus_per_container"))),
         ("CPUs per container", "", cap(limits.get("max_cpus"))),
-        ("Memory per container", "", human_size(limits.get("memory"), none="no limit")),
+        ("Memory per container", "", human_size(limits.get("memory"), none="unlimited")),
         (
             "Containers",
             f"{quota.get('running', 0)} running, {quota.get('containers', 0)} total",

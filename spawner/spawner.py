@@ -41,17 +41,20 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 from dockerspawner import DockerSpawner
 from jupyterhub.spawner import SpawnException
+from jupyterhub.utils import url_path_join
 from traitlets import Callable as CallableTrait
 from traitlets import CaselessStrEnum, Dict, Float, List, Unicode, Union, default, validate
 
 from ds01hub import labels, paths, provenance
 from ds01hub.engine import engine_unreachable, engine_url, short_error
+from ds01hub.gpu import messages
 from ds01hub.gpu.allocator import (
     DEFAULT_RESERVATION_TTL,
     DEFAULT_START_GRACE,
@@ -521,7 +524,20 @@ class DS01Spawner(DockerSpawner):
         sim = " (SIMULATED)" if context.inventory.simulated else ""
         self._emit(30, f"asking for {choice.gpu_text()}{sim}, priority {limits.priority}")
         request = choice.gpu_request(self.user.name, self.object_name)
+        deadline = datetime.now(UTC) + timedelta(seconds=self.gpu_wait_timeout)
         last_status: list[tuple] = []
+
+        def situation(decision: Decision, **queue: Any) -> messages.Situation:
+            return messages.Situation(
+                request,
+                decision,
+                context.inventory.slots,
+                limits,
+                simulated=context.inventory.simulated,
+                deadline=deadline,
+                timeout=self.gpu_wait_timeout,
+                **queue,
+            )
 
         async def attempt() -> Decision:
             return await self._blocking(context.allocator.allocate, request, limits)
@@ -533,11 +549,8 @@ class DS01Spawner(DockerSpawner):
             seen = (status.position, status.waiting, status.decision.reason)
             if last_status[-1:] != [seen]:
                 last_status.append(seen)
-                self._emit(
-                    35,
-                    f"waiting for a GPU: position {status.position} of {status.waiting} in the "
-                    f"queue (wanted: {choice.gpu_text()}{sim}); {status.decision.reason}",
-                )
+                where = situation(status.decision, position=status.position, waiting=status.waiting)
+                self._emit_message(35, messages.wait_message(where, datetime.now(UTC)))
 
         try:
             with metrics.waiting_for_gpu(limits.group):
@@ -550,28 +563,15 @@ class DS01Spawner(DockerSpawner):
                     on_wait=on_wait,
                 )
         except AllocationStateError as error:
-            raise SpawnException(
-                f"GPU allocation failed: {error}. An admin must fix the state directory.",
-                reason="state",
-                status_code=503,
-            ) from None
+            raise self._refusal(messages.state_message(str(error)), 503) from None
         except GpuWaitTimeout as error:
             await self._record_failure(str(error))
-            raise SpawnException(
-                f"gave up waiting for {choice.gpu_text()}{sim} after "
-                f"{self.gpu_wait_timeout:.0f}s (gpu_wait_timeout): "
-                f"{error.decision.reason if error.decision else 'no slot'} Try again later, ask "
-                "for less (or no) GPU, or stop a container of yours that holds one.",
-                reason="gpu_wait",
-                status_code=503,
-            ) from None
+            last = error.decision or Decision(reason="no attempt finished", code="busy")
+            raise self._refusal(messages.timeout_message(situation(last)), 503) from None
         if not decision.ok:
             await self._record_failure(decision.reason or "")
-            raise SpawnException(
-                f"GPU refused: {decision.reason}",
-                reason=decision.code or "gpu",
-                status_code=_STATUS_OF_CODE.get(decision.code, 400),
-            )
+            status = _STATUS_OF_CODE.get(decision.code, 400)
+            raise self._refusal(messages.refusal_message(situation(decision)), status)
         slots = tuple(context.inventory.slot(slot_id) for slot_id in decision.granted)
         taken = "".join(
             f"; took slot {h.slot_id} from {h.user} ({h.state}, priority {h.priority})"
@@ -583,6 +583,37 @@ class DS01Spawner(DockerSpawner):
             f"{', '.join(s.uuid for s in slots)}{taken}",
         )
         return slots
+
+    def _form_url(self) -> str:
+        """This server's options form (the way back from a wait or a refusal)."""
+        return url_path_join(self.hub.base_url, "spawn", self.user.escaped_name, self.name or "")
+
+    def _emit_message(self, progress: int, message: messages.Message) -> None:
+        """A progress event people read (ds01hub.gpu.messages): the headline as the event's
+        text, the whole message as HTML for the spawn page and as data for the CLI."""
+        self._events.append(
+            {
+                "progress": progress,
+                "message": message.headline,
+                "html_message": message.html(),
+                messages.EVENT_KEY: message.to_dict(),
+            }
+        )
+        self._event_signal.set()
+        self.log.info("ds01 %s: %s", self._log_name, message.text())
+
+    def _refusal(self, message: messages.Message, status: int) -> SpawnException:
+        """A spawn refused with a message for people: plain text for the API and the CLI, HTML
+        (details folded, a link back to the form) for the hub's pages."""
+        html = message.html(self._form_url())
+        error = SpawnException(
+            message.text(), reason=message.code, status_code=status, message_html=html
+        )
+        # what the hub's progress stream and its "spawn failed" page show (else str(error):
+        # "503 SpawnException(reason=...)")
+        error.jupyterhub_message = message.text()
+        error.jupyterhub_html_message = html
+        return error
 
     async def _record_failure(self, reason: str) -> None:
         await self._record_event("spawn-failure", reason)
@@ -679,12 +710,7 @@ class DS01Spawner(DockerSpawner):
                 return await self._attempt(limits, choice, slots, began)
             except _SlotsLost as lost:
                 if attempt == _START_ATTEMPTS:
-                    raise SpawnException(
-                        f"the GPU slot(s) granted to {self.object_name} were not its own when "
-                        f"it was to start ({lost}), {attempt} times in a row; try again",
-                        reason="gpu_lost",
-                        status_code=503,
-                    ) from None
+                    raise self._refusal(messages.lost_message(str(lost), attempt), 503) from None
                 self._emit(40, f"not starting on those GPU slots: {lost}; asking again")
         raise AssertionError("unreachable: the last attempt returns or raises")
 
@@ -895,7 +921,7 @@ class DS01Spawner(DockerSpawner):
         in time fails the spawn at once with the reason, and the undo of the failed start gives
         back what it holds. (The hub waited on an address where nothing ran, then stopped a
         server whose container kept its GPU for the whole hold.)"""
-        from jupyterhub.utils import url_path_join, wait_for_http_server
+        from jupyterhub.utils import wait_for_http_server
 
         if self.internal_ssl or self.server is None:
             return  # the hub's own wait (with its TLS context) decides

@@ -575,6 +575,25 @@ def test_ctrl_c_while_waiting_says_the_work_goes_on():
     assert "waiting for a GPU: position 2" in err and "thesis goes on in the hub" in err
 
 
+def test_a_gpu_wait_shows_the_same_headline_as_the_spawn_page_with_a_countdown():
+    from datetime import UTC, datetime, timedelta
+
+    from ds01hub.gpu.messages import EVENT_KEY, Message
+
+    deadline = datetime.now(UTC) + timedelta(minutes=10)
+    said = Message("wait", "busy", "You are 2nd in line for a whole GPU.", deadline=deadline)
+
+    class Waiting(ScriptedBackend):
+        def start(self, project, options, create):
+            yield {"event": "progress", "message": "x", EVENT_KEY: said.to_dict()}
+            raise KeyboardInterrupt
+
+    code, _, err = run("container-create", ["thesis", "--gpus", "1"], Waiting())
+    assert code == 130
+    assert "You are 2nd in line for a whole GPU. (gives up in " in err
+    assert f"(at {deadline:%H:%M} UTC)" in err
+
+
 def test_stats_table_shows_use_against_limits():
     rows = [
         {
@@ -602,7 +621,7 @@ def test_stats_table_shows_use_against_limits():
     assert "0:1 (SIMULATED): 87%, 3.0G / 20G" in line
 
 
-def test_user_setup_welcomes_with_the_quota_and_unlimited_reads_no_limit():
+def test_user_setup_welcomes_with_the_quota_and_reads_unlimited():
     class Backend:
         def whoami(self):
             return {"user": "ann"}
@@ -613,9 +632,15 @@ def test_user_setup_welcomes_with_the_quota_and_unlimited_reads_no_limit():
         def cull_warnings(self):
             return []
 
+        def list_containers(self, include_stopped=False):
+            return []
+
+        def images(self):
+            return []
+
     code, out, err = run("user-setup", [], Backend(), FakeTTY("n\n"))
     assert code == 0
-    assert err.startswith("Welcome, ann! Limits (group staff): GPUs no limit (0 held);")
+    assert err.startswith("Welcome, ann! Limits (group staff): GPUs: 0 GPUs in use of unlimited;")
     assert "None" not in err and "Connecting to your containers" in out
 
 
@@ -623,6 +648,7 @@ def test_quota_line_reads_like_a_sentence():
     quota = {
         "containers": 1,
         "gpus_held": 1,
+        "gpus": [{"slot": "0", "name": "NVIDIA A100"}],
         "limits": {
             "group": "students",
             "max_gpus": 2,
@@ -634,8 +660,9 @@ def test_quota_line_reads_like_a_sentence():
         },
     }
     assert views.quota_line(quota) == (
-        "Limits (group students): GPUs 2 (1 held); GPUs per container no limit; CPUs per "
-        "container 4; memory per container 16G; containers no limit (0 running, 1 total); idle "
+        "Limits (group students): GPUs: 1 of 2 GPUs in use (slot 0: NVIDIA A100); GPUs per "
+        "container unlimited; CPUs per container 4; memory per container 16G; containers "
+        "unlimited (0 running, 1 total); idle "
         "containers stopped after 12h; GPUs kept after a stop 1h"
     )
     assert "no limits file" in views.quota_line({"containers": 0, "limits": None})

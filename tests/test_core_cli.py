@@ -1,5 +1,7 @@
 """`ds01hub limits | check-config | gpus | status`, run as the installed command."""
 
+import csv
+import io
 import json
 import os
 import subprocess
@@ -266,5 +268,16 @@ def test_usage_reports_gpu_hours_from_the_event_log(tmp_path):
     future = run("usage", "--since", "2999-01-01", "--state-dir", tmp_path)
     assert future.returncode == 0 and future.stdout.startswith("no GPU time recorded")
     assert run("usage", "--since", "yesterday", "--state-dir", tmp_path).returncode == 2
+    log.record("allocate", "=cmd|x", slot="2", container="c", at=start)
+    log.record("release", "=cmd|x", slot="2", container="c", at=start + timedelta(hours=2))
+    table = run("usage", "--state-dir", tmp_path, "--csv").stdout
+    rows = list(csv.reader(io.StringIO(table)))
+    assert rows == [
+        ["user", "gpu_hours"],
+        ["alice", "3.0000"],
+        ["'=cmd|x", "2.0000"],  # shown as text in a spreadsheet, never run
+        ["bob", "1.0000"],
+    ]
+    assert run("usage", "--csv", "--json", "--state-dir", tmp_path).returncode == 2
     missing = run("usage", "--state-dir", tmp_path / "nowhere")
     assert missing.returncode == 1 and "no event log" in missing.stderr

@@ -4,6 +4,7 @@ the GPU wait queue (no Docker, no hub)."""
 from __future__ import annotations
 
 import asyncio
+import re
 from dataclasses import replace
 from html.parser import HTMLParser
 
@@ -112,6 +113,14 @@ def test_user_options_are_typed_and_unknown_keys_named():
 
 def test_form_fields_become_the_same_keys_as_rest():
     assert options_from_form({"profile": ["gpu"], "image": [""], "gpu": [""]}) == {"profile": "gpu"}
+    # One choice of GPU: a configured profile brings its own; the select counts with custom.
+    assert options_from_form({"profile": ["cpu-only"], "gpu": ["gpus:1"]}) == {
+        "profile": "cpu-only"
+    }
+    assert options_from_form({"profile": ["custom"], "gpu": ["gpus:1"]}) == {
+        "profile": "custom",
+        "gpus": 1,
+    }
     assert options_from_form({"gpu": ["none"]}) == {"gpus": 0}
     assert options_from_form({"gpu": ["gpus:2"], "image": ["lab/torch:2"]}) == {
         "gpus": 2,
@@ -133,6 +142,20 @@ def test_default_profile_then_explicit_keys_win():
     assert mig.user_options() == {"image": "lab/torch:2", "mig": "2g.20gb", "profile": "gpu"}
 
 
+def test_the_custom_choice_is_stored_as_the_profile_and_takes_no_default():
+    custom = choose({"profile": "custom", "gpus": 1})
+    assert (custom.profile, custom.gpus, custom.image, custom.max_cpus) == (
+        "custom",
+        1,
+        DEFAULT_IMAGE,
+        2.0,
+    )
+    assert custom.user_options()["profile"] == "custom"
+    assert choose({"profile": "custom"}).gpus == 0
+    with pytest.raises(ValueError, match="slug 'custom' is reserved"):
+        parse_profile_list([{"display_name": "Custom"}])
+
+
 def test_profile_asking_more_than_the_limits_gets_the_limit_and_says_so():
     two = choose({"profile": "two-gpus"}, user="carol")
     assert (two.gpus, two.memory) == (2, 32 << 30)
@@ -142,7 +165,7 @@ def test_profile_asking_more_than_the_limits_gets_the_limit_and_says_so():
 def test_refusals_name_key_value_and_what_is_allowed():
     error = refusal({"profile": "huge"})
     assert (error.key, error.status) == ("profile", 400)
-    assert str(error).endswith("allowed: cpu-only, gpu, two-gpus, mig")
+    assert str(error).endswith("allowed: cpu-only, gpu, two-gpus, mig, custom")
     error = refusal({"gpus": 2})
     assert str(error) == (
         "spawn option 'gpus'=2: over your limit of 1 GPU(s) per container (group students); "
@@ -230,7 +253,7 @@ def form_for(user: str, previous=None) -> _Fields:
 def test_form_offers_what_the_limits_allow_and_what_is_free():
     fields = form_for("alice")
     radios = {i["value"]: i for i in fields.inputs if i.get("name") == "profile"}
-    assert set(radios) == {"cpu-only", "gpu", "two-gpus", "mig"}
+    assert set(radios) == {"cpu-only", "gpu", "two-gpus", "mig", "custom"}
     assert "disabled" in radios["two-gpus"] and "disabled" not in radios["gpu"]
     assert "checked" in radios["cpu-only"]
     gpu_values = {
@@ -246,6 +269,32 @@ def test_form_offers_what_the_limits_allow_and_what_is_free():
     assert "gpus:2" in selected
     radios = {i["value"]: i for i in carol.inputs if i.get("name") == "profile"}
     assert "checked" in radios["two-gpus"]
+    custom = form_for("alice", previous={"profile": "custom", "mig": "2g.20gb"})
+    radios = {i["value"]: i for i in custom.inputs if i.get("name") == "profile"}
+    assert "checked" in radios["custom"]
+    assert [o["value"] for o, _ in custom.options if "selected" in o][0] == "mig:2g.20gb"
+
+
+def test_each_profile_says_what_it_gives_and_how_many_are_free():
+    html = render_form(
+        profiles=PROFILES,
+        limits=LIMITS.resolve("carol"),
+        offer=OFFER,
+        images="*",
+        own_images=[],
+        default_image=DEFAULT_IMAGE,
+    )
+    badges = re.findall(r'data-free="(\d+)" data-total="(\d+)">([^<]*)<', html)
+    # one whole GPU of two is held (OFFER): the GPU profiles say so; the MIG one its own kind
+    assert badges == [
+        ("1", "2", "1 of 2 free now"),
+        ("1", "2", "1 of 2 free now"),
+        ("2", "2", "2 of 2 free now"),
+    ]
+    assert "1 whole GPU (SIMULATED), 1 CPU, 32g memory, image lab/torch:2" in html
+    assert "2 whole GPUs (SIMULATED), 8 CPUs, 32g memory" in html  # the limit, not 64g
+    assert "None free now: you would wait in line" in html  # two GPUs wanted, one free
+    assert 'class="form-text' in html and "help-block" not in html
 
 
 # -- the container plan -------------------------------------------------------------------------

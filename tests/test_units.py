@@ -98,9 +98,11 @@ def test_human_size_rounds_for_reading():
     assert human_size(32 * 2**30) == "32G"
 
 
-def test_quota_rows_say_no_limit_and_until_removed_never_none():
-    rows = quota_rows({"gpus_held": 1, "running": 1, "containers": 2, "limits": {"max_cpus": 4.0}})
-    assert ("GPUs", "1 held", "no limit") in rows
+def test_quota_rows_say_unlimited_and_until_removed_never_none():
+    quota = {"gpus": [{"slot": "0:1", "name": "A100 MIG 2g.20gb"}], "running": 1, "containers": 2}
+    rows = quota_rows(quota | {"limits": {"max_cpus": 4.0}})
+    assert ("GPUs", "1 GPU in use of unlimited (slot 0:1: A100 MIG 2g.20gb)", "") in rows
+    assert ("GPUs per container", "", "unlimited") in rows
     assert ("CPUs per container", "", "4") in rows
     assert ("GPUs kept after a stop", "", "until the container is removed") in rows
     assert ("Idle containers stopped after", "", "never") in rows

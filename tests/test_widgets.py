@@ -30,16 +30,20 @@ def test_limits_and_containers_tables_escape_and_show_use():
     quota = {
         "limits": {"group": "<students>", "max_gpus": 2, "memory": 32 * 1024**3},
         "gpus_held": 1,
+        "gpus": [{"slot": "0", "name": "NVIDIA A100"}],
         "running": 1,
         "containers": 2,
     }
     text = limits_table(quota)
     assert "&lt;students&gt;" in text and "<students>" not in text
-    assert "1 held" in text and "32G" in text and "1 running, 2 total" in text
-    assert "None" not in text and "no limit" in text  # unlimited, not Python's None
+    assert "1 of 2 GPUs in use (slot 0: NVIDIA A100)" in text
+    assert "32G" in text and "1 running, 2 total" in text
+    assert "None" not in text and text.count("unlimited") == 3  # per container, CPUs, count
+    assert "until the container is removed" in text
     assert "No resource limits" in limits_table({"limits": None})
     rows = containers_table([{"project": "p", "state": "running", "gpus": ["0:1"], "image": "i"}])
-    assert "0:1" in rows and "running" in rows
+    assert "slot 0:1" in rows and "running" in rows
+    assert "none" in containers_table([{"project": "p", "state": "stopped", "gpus": []}])
 
 
 def test_wizard_steps_validate_before_moving_on():

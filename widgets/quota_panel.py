@@ -51,7 +51,9 @@ class QuotaPanel(w.VBox):
 
 
 def limits_table(quota: dict) -> str:
-    """The limits next to current use (pure, for tests)."""
+    """The limits next to current use (pure, for tests): the GPUs in the one wording of
+    ds01hub.gpu.messages ("1 of 2 GPUs in use (slot 0: NVIDIA A100)"), absent limits as
+    "unlimited"."""
     limits = quota.get("limits")
     if not limits:
         return "<i>No resource limits are configured for you.</i>"
@@ -61,10 +63,16 @@ def limits_table(quota: dict) -> str:
 
 
 def containers_table(containers: list[dict]) -> str:
+    """One row per container; its GPUs as "slot 0", "slot 2:1" (a bare "0" reads as none)."""
     if not containers:
         return "<i>You have no containers.</i>"
     rows = [
-        [c.get("project"), c.get("state"), ", ".join(c.get("gpus") or []) or "-", c.get("image")]
+        [
+            c.get("project"),
+            c.get("state"),
+            ", ".join(f"slot {slot}" for slot in c.get("gpus") or []) or "none",
+            c.get("image"),
+        ]
         for c in containers
     ]
     return table(["project", "state", "GPUs", "image"], rows, "ds01-containers")

@@ -25,6 +25,7 @@ from typing import Any
 
 from ds01hub import labels
 from ds01hub.errors import Ds01hubError
+from ds01hub.gpu.messages import EVENT_KEY, Message
 from ds01hub.hub.client import HubClient, HubError, HubUnreachable
 from ds01hub.provenance import Provenance
 from ds01hub.spawn_options import GPUS_OR_MIG, SPAWN_OPTION_KEYS, asks_gpus_and_mig
@@ -207,14 +208,20 @@ def container_view(
     project: str,
     now: datetime,
     gpu_hold_after_stop: float | None,
+    status: str | None = None,
 ) -> dict[str, Any]:
-    """What `container-list` shows for one project, from its Docker inspect data (already
-    verified: `UserOperations._containers`) and its hub server model (either may be missing: a
-    server still spawning has no container yet)."""
+    """What `container-list` shows for one project, from its Docker inspect data or list entry
+    (already verified: `UserOperations._summaries`) and its hub server model (either may be
+    missing: a server still spawning has no container yet). A list entry has no start or stop
+    time: `started_at`/`finished_at` (and the durations) are then None, and `status`, Docker's
+    own line (`Exited (0) 3 hours ago`), says roughly how long ago."""
     record = labels.ContainerRecord.claimed(attrs) if attrs else None
     server = server or {}
     state = container_state(record.state if record else None, server.get("pending"))
-    started = labels.parse_docker_time(((attrs or {}).get("State") or {}).get("StartedAt"))
+    docker_state = (attrs or {}).get("State")
+    started = labels.parse_docker_time(
+        docker_state.get("StartedAt") if isinstance(docker_state, Mapping) else None
+    )
     finished = record.finished_at if record else None
     running = state in ("running", "stopping")
     gpus = list(record.gpus) if record else []
@@ -239,6 +246,7 @@ def container_view(
         "idle_s": (now - last_activity).total_seconds() if running and last_activity else None,
         "held_until": isoformat(held_until),
         "url": server.get("url") if server.get("ready") else None,
+        "status": status,
     }
 
 
@@ -264,6 +272,14 @@ def memory_used(stats: Mapping[str, Any]) -> int | None:
     detail = mem.get("stats") or {}
     cache = detail.get("inactive_file", detail.get("total_inactive_file", detail.get("cache", 0)))
     return max(0, int(mem["usage"]) - int(cache))
+
+
+def mig_profiles(inventory: Any) -> list[str] | None:
+    """The MIG slice profiles this machine offers (what a guided prompt may suggest), None
+    when the inventory is unknown here."""
+    if inventory is None:
+        return None
+    return sorted({slot.profile for slot in inventory.slots if slot.profile})
 
 
 def gpu_stats(inventory: Any, slot_id: str) -> dict[str, Any]:
@@ -293,6 +309,15 @@ _GONE = {"removed": True, "already_gone": True}
 
 def _running(attrs: Mapping[str, Any]) -> bool:
     return bool((attrs.get("State") or {}).get("Running"))
+
+
+def _needs_times(summary: Mapping[str, Any]) -> bool:
+    """Whether a container's list entry lacks a time the user is shown: the start of a
+    running one (uptime), the stop of a stopped one that holds GPUs (held until)."""
+    if summary.get("State") in labels.RUNNING_STATES:
+        return True
+    gpus = labels.labels_of(summary).get(labels.GPUS)
+    return summary.get("State") != "created" and bool(gpus)
 
 
 @dataclass
@@ -341,28 +366,53 @@ class UserOperations:
         except HubError as e:
             raise hub_failure(e) from None
 
-    def _containers(self, project: str | None = None) -> list[dict[str, Any]]:
-        """Inspect data of this user's managed containers (optionally one project's), only
-        those whose labels this deployment signed."""
+    def _summaries(self, project: str | None = None) -> list[dict[str, Any]]:
+        """List entries of this user's managed containers (optionally one project's), only
+        those whose labels this deployment signed. One call to Docker: an entry carries the
+        labels, the state and Docker's status line, but no start or stop time."""
         wanted = self.ctx.trust.label_filters([f"{labels.USER}={self.user}"])
         if project is not None:
             wanted.append(f"{labels.PROJECT}={project}")
-        api = self.ctx.docker.api
-        ids = []
-        for summary in api.containers(all=True, filters={"label": wanted}):
+        found = []
+        for summary in self.ctx.docker.api.containers(all=True, filters={"label": wanted}):
             # the label filter only pre-selects: a label set that anyone can copy into an
             # image proves nothing until its signature verifies for this very container
             record = labels.ContainerRecord.from_docker(summary, self.ctx.trust)
             if record is not None and record.user == self.user:
-                ids.append(summary["Id"])
+                found.append(summary)
+        return found
+
+    def _containers(self, project: str | None = None) -> list[dict[str, Any]]:
+        """Inspect data of this user's managed containers (optionally one project's), only
+        those whose labels this deployment signed."""
+        return self._inspect_all([summary["Id"] for summary in self._summaries(project)])
+
+    def _inspect_all(self, ids: list[str]) -> list[dict[str, Any]]:
+        """Inspect data of each id, a few at a time; containers removed meanwhile are left
+        out."""
         if len(ids) <= 1 or self.ctx.inspect_workers <= 1:
             inspected = [self._inspect(i) for i in ids]
         else:
-            # the list API lacks start/finish times: inspect each, a few at a time
             workers = min(self.ctx.inspect_workers, len(ids))
             with ThreadPoolExecutor(workers, thread_name_prefix="ds01-inspect") as pool:
                 inspected = list(pool.map(self._inspect, ids))
         return [attrs for attrs in inspected if attrs is not None]
+
+    def _listed(self) -> list[tuple[dict[str, Any], str | None]]:
+        """What `list_containers` shows, per container: (document, Docker's status line). The
+        list entry says enough for most; only running containers (for their uptime) and
+        stopped ones with GPU labels (for how long they still hold them, as the allocator
+        reads it) are inspected, so a user with 200 stopped containers costs one list call,
+        not 200 inspects."""
+        summaries = self._summaries()
+        wanted = [s["Id"] for s in summaries if _needs_times(s)]
+        detailed = {attrs["Id"]: attrs for attrs in self._inspect_all(wanted)}
+        listed = []
+        for summary in summaries:
+            if summary["Id"] in wanted and summary["Id"] not in detailed:
+                continue  # removed since it was listed
+            listed.append((detailed.get(summary["Id"], summary), summary.get("Status")))
+        return listed
 
     def _inspect(self, container_id: str) -> dict[str, Any] | None:
         """Inspect data, or None when the container is gone (removed since it was listed)."""
@@ -382,17 +432,15 @@ class UserOperations:
 
     async def list_containers(self, include_stopped: bool = True) -> list[dict[str, Any]]:
         """This user's containers (and servers still spawning), sorted by project."""
-        model, containers = await asyncio.gather(
-            self._hub_user(), asyncio.to_thread(self._containers)
-        )
+        model, containers = await asyncio.gather(self._hub_user(), asyncio.to_thread(self._listed))
         servers = model.get("servers") or {}
         hold = self._hold_after_stop(model.get("groups") or ())
         now = self.ctx.clock()
         views = {}
-        for attrs in containers:
-            project = labels.ContainerRecord.claimed(attrs).project  # verified in _containers
+        for attrs, status in containers:
+            project = labels.ContainerRecord.claimed(attrs).project  # verified in _summaries
             server = servers.get(project_to_server(project))
-            views[project] = container_view(attrs, server, project, now, hold)
+            views[project] = container_view(attrs, server, project, now, hold, status)
         for name, server in servers.items():
             project = server_to_project(name)
             if project not in views and server.get("pending"):
@@ -516,11 +564,15 @@ class UserOperations:
                     )
                 if event.get("ready"):
                     return
-                yield {
+                progress = {
                     "event": "progress",
                     "progress": event.get("progress"),
                     "message": event.get("message", ""),
                 }
+                said = Message.from_event(event)  # checked: the hub's event, passed on
+                if said is not None:
+                    progress[EVENT_KEY] = said.to_dict()
+                yield progress
         except HubError as e:
             raise hub_failure(e, f"could not follow the start of {project!r}") from None
 
@@ -745,7 +797,7 @@ class UserOperations:
         model = await self._hub_user()
         rows = await self.list_containers()
         limits = self.limits(model.get("groups") or ())
-        gpus_held = sum(len(r["gpus"]) for r in rows if r["gpus"] and not r["gpus_released"])
+        held = [slot for r in rows if not r["gpus_released"] for slot in r["gpus"]]
         keys = (
             "group",
             "max_gpus",
@@ -763,5 +815,15 @@ class UserOperations:
             "limits": {k: getattr(limits, k, None) for k in keys} if limits else None,
             "containers": len(rows),
             "running": sum(1 for r in rows if r["state"] != "stopped"),
-            "gpus_held": gpus_held,
+            "gpus_held": len(held),
+            "gpus": [{"slot": slot, "name": self._slot_name(slot)} for slot in held],
+            "mig_profiles": mig_profiles(self.ctx.inventory),
         }
+
+    def _slot_name(self, slot_id: str) -> str:
+        """'NVIDIA A100 80GB', '... (SIMULATED)'; 'GPU' for a slot this machine no longer has."""
+        inventory = self.ctx.inventory
+        if inventory is None or not inventory.has_slot(slot_id):
+            return "GPU"
+        slot = inventory.slot(slot_id)
+        return slot.name + (" (SIMULATED)" if slot.simulated else "")

@@ -12,6 +12,7 @@ Each takes `--limits FILE` (default: $DS01HUB_LIMITS, else /etc/ds01hub/resource
 from __future__ import annotations
 
 import argparse
+import csv
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -100,7 +101,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="GPUs and slots (whole GPUs, MIG instances) from NVML, or the simulated "
         "inventory declared in gpu_allocation.simulate.",
     )
-    gpus.add_argument("--json", action="store_true", help="print JSON")
+    form = gpus.add_mutually_exclusive_group()
+    form.add_argument("--json", action="store_true", help="print JSON")
+    form.add_argument(
+        "--swarm-daemon-json",
+        action="store_true",
+        help="print the node-generic-resources for this node's /etc/docker/daemon.json, so a "
+        "Docker Swarm of GPU servers offers these slots (README: More than one machine)",
+    )
     gpus.set_defaults(handler=_guard(cmd_gpus))
 
     status = subparsers.add_parser(
@@ -157,7 +165,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help=STATE_DIR_HELP,
     )
-    usage.add_argument("--json", action="store_true", help="print JSON")
+    formats = usage.add_mutually_exclusive_group()
+    formats.add_argument("--json", action="store_true", help="print JSON")
+    formats.add_argument(
+        "--csv",
+        action="store_true",
+        help="print CSV (user or group, gpu_hours) for a spreadsheet; names that a spreadsheet "
+        "would run as a formula are quoted with a leading '",
+    )
     usage.set_defaults(handler=_guard(cmd_usage))
 
 
@@ -252,6 +267,14 @@ def cmd_gpus(args: argparse.Namespace) -> int:
     try:
         if args.json:
             print_json(inventory.to_dict())
+            return EXIT_OK
+        if args.swarm_daemon_json:
+            from ds01hub.gpu.cluster import daemon_json
+
+            if not inventory.slots:
+                print(f"ds01hub: no GPU slots to offer: {inventory.reason}", file=sys.stderr)
+                return EXIT_FAILURE
+            print_json(daemon_json(inventory))
             return EXIT_OK
         print(_inventory_text(inventory))
     finally:
@@ -469,6 +492,12 @@ def _state_colour(state: str | None) -> str | None:
     return colours.get(state or "")
 
 
+def _spreadsheet_safe(text: str) -> str:
+    """A cell a spreadsheet shows as text, never runs: names are users' and groups' (OWASP
+    "CSV injection": a leading = + - @ tab or CR starts a formula)."""
+    return f"'{text}" if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
 def cmd_usage(args: argparse.Namespace) -> int:
     from ds01hub.gpu.eventlog import EventLog
 
@@ -482,6 +511,11 @@ def cmd_usage(args: argparse.Namespace) -> int:
     ranked = sorted(hours.items(), key=lambda item: (-item[1], item[0]))
     if args.json:
         print_json({"by": args.by, "since": args.since, "gpu_hours": dict(ranked)})
+        return EXIT_OK
+    if args.csv:
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow([args.by, "gpu_hours"])
+        writer.writerows([_spreadsheet_safe(who), f"{value:.4f}"] for who, value in ranked)
         return EXIT_OK
     if not ranked:
         print("no GPU time recorded" + (f" since {args.since:%Y-%m-%d}" if args.since else ""))

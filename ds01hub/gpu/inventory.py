@@ -30,7 +30,8 @@ class InventoryError(Ds01hubError, KeyError):
 
 @dataclass(frozen=True)
 class Slot:
-    """What the allocator hands out: a whole GPU or one MIG instance."""
+    """What the allocator hands out: a whole GPU or one MIG instance. `node` is the Swarm node's
+    hostname in a cluster (ds01hub/gpu/cluster.py; the id is then `node/slot`), "" on one host."""
 
     id: str
     gpu_index: int
@@ -39,6 +40,7 @@ class Slot:
     profile: str | None
     memory_mb: int
     simulated: bool
+    node: str = ""
 
     @property
     def is_mig(self) -> bool:

@@ -199,6 +199,9 @@ class BrokerBackend:
     def delete_image(self, name: str) -> dict[str, Any]:
         return self.call("DELETE", f"/images/{quote(name, safe='')}")
 
+    def cancel_build(self) -> dict[str, Any]:
+        return self.call("DELETE", "/builds/current")
+
     def open_exec(self, project: str, request: dict[str, Any]) -> tuple[socket.socket, str, bytes]:
         """Upgrade a connection to a shell in the container: returns the raw socket, the exec id
         and any output that arrived with the broker's 101 answer."""
@@ -417,6 +420,9 @@ class HubBackend:
 
     def build_image(self, request: dict[str, Any]) -> Iterator[dict[str, Any]]:
         raise host_only("image builds")
+
+    def cancel_build(self) -> dict[str, Any]:
+        raise host_only("image-cancel")
 
     def delete_image(self, name: str) -> dict[str, Any]:
         raise host_only("image-delete")

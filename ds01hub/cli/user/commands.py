@@ -48,12 +48,13 @@ from ds01hub.cli.user.images import (
     configure_image_delete,
     configure_image_list,
     configure_image_update,
+    run_image_cancel,
     run_image_create,
     run_image_delete,
     run_image_list,
     run_image_update,
 )
-from ds01hub.cli.user.projects import configure_project_init, run_project_init
+from ds01hub.cli.user.projects import configure_project_init, my_workspace, run_project_init
 from ds01hub.cli.user.views import quota_line
 from ds01hub.errors import Ds01hubError
 from ds01hub.host import siteenv
@@ -75,11 +76,42 @@ def run_user_setup(ctx: Context) -> int:
     ctx.require_terminal("user-setup")
     me = ctx.backend.whoami()
     ctx.note(f"Welcome, {me['user']}! {quota_line(ctx.backend.quota())}.")
-    if ctx.ask("Set up a project now? [Y/n] ", "y").lower().startswith("y"):
+    already = already_set_up(ctx)
+    if already:
+        ctx.note("You are already set up:")
+        for line in already:
+            ctx.note(f"  {line}")
+    if ctx.ask_yes_no(
+        "Set up another project?" if already else "Set up a project now?", default=not already
+    ):
         project_args = build_parser(COMMANDS["project-init"]).parse_args(["--guided"])
         run_project_init(dataclasses.replace(ctx, args=project_args))
     ctx.stdout.write(CONNECT_HELP.format(user=me["user"], host=os.uname().nodename))
     return EXIT_OK
+
+
+def already_set_up(ctx: Context) -> list[str]:
+    """What an earlier setup left (workspace, containers, images), one line each; empty for a
+    first run."""
+    lines = []
+    workspace = my_workspace()
+    # what project-init writes into every project
+    projects = sorted(
+        p.parent.name
+        for p in workspace.glob("*/README.md")
+        if (p.parent / "requirements.txt").is_file()
+    )
+    if projects:
+        lines.append(f"projects in {workspace}: {', '.join(projects)}")
+    containers = ctx.backend.list_containers(include_stopped=True)
+    if containers:
+        lines.append(
+            "containers: " + ", ".join(f"{c['project']} ({c['state']})" for c in containers)
+        )
+    images = ctx.backend.images()
+    if images:
+        lines.append("images: " + ", ".join(str(i.get("tag")) for i in images))
+    return lines
 
 
 COMMANDS: dict[str, Command] = {
@@ -136,6 +168,7 @@ COMMANDS: dict[str, Command] = {
         Command(
             "image-delete", "delete one of your images", configure_image_delete, run_image_delete
         ),
+        Command("image-cancel", "cancel your running image build", no_options, run_image_cancel),
         Command(
             "project-init",
             "create a project: directories, git, README, image, container",
@@ -250,6 +283,7 @@ image_create = entry("image-create")
 image_list = entry("image-list")
 image_update = entry("image-update")
 image_delete = entry("image-delete")
+image_cancel = entry("image-cancel")
 project_init = entry("project-init")
 user_setup = entry("user-setup")
 container = dispatcher("container")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from ds01hub.cli.output import (
@@ -21,11 +22,19 @@ def gpus_cell(row: dict[str, Any]) -> str:
     return gpus or "-"
 
 
+_EXITED = re.compile(r"Exited \(-?\d+\) (.{1,40})")
+
+
 def time_cell(row: dict[str, Any]) -> str:
+    """Uptime or time stopped; for a stopped container the listing did not inspect (no
+    stop time), Docker's own rough age from its status line (`Exited (0) 3 hours ago`)."""
     if row.get("uptime_s") is not None:
         return f"up {human_duration(row['uptime_s'])}"
     if row.get("stopped_for_s") is not None:
         return f"stopped {human_duration(row['stopped_for_s'])}"
+    exited = _EXITED.fullmatch(str(row.get("status") or ""))
+    if exited:
+        return f"stopped {exited.group(1)}"
     return "-"
 
 
@@ -119,14 +128,22 @@ def _sentence_case(label: str) -> str:
     return label if label[1:2].isupper() else label[0].lower() + label[1:]
 
 
+def _quota_part(what: str, use: str, limit: str) -> str:
+    """'memory per container 16G', 'containers 3 (1 running, 2 total)'; a row whose use is a
+    whole sentence with its limit in it (the GPUs) reads 'GPUs: 1 of 2 GPUs in use'."""
+    if not limit:
+        return f"{what}: {use}"
+    return f"{what} {limit}" + (f" ({use})" if use else "")
+
+
 def quota_line(quota: dict[str, Any]) -> str:
-    """`Limits (group students): GPUs 2 (1 held); GPUs per container 1; ...`: the quota's rows
-    (ds01hub.units.quota_rows) as one sentence."""
+    """`Limits (group students): GPUs: 1 of 2 GPUs in use; GPUs per container 1; ...`: the
+    quota's rows (ds01hub.units.quota_rows) as one sentence."""
     limits = quota.get("limits")
     if not limits:
         return f"Containers: {quota.get('containers', 0)} (no limits file on this host)"
     parts = [
-        f"{_sentence_case(what) if i else what} {limit}" + (f" ({use})" if use else "")
+        _quota_part(_sentence_case(what) if i else what, use, limit)
         for i, (what, use, limit) in enumerate(quota_rows(quota))
     ]
     return f"Limits (group {limits.get('group') or '-'}): " + "; ".join(parts)

@@ -40,6 +40,7 @@ from ds01hub.actions.operations import (
 from ds01hub.hub.client import HubClient
 from ds01hub.peer import Caller
 from ds01hub.services.broker.handlers import (
+    BuildHandler,
     CleanupHandler,
     ContainerHandler,
     ContainersHandler,
@@ -105,6 +106,23 @@ class BrokerImages:
             if event.get("kind") == "error":
                 raise OperationError(f"build failed: {event.get('text')}", status=422)
             yield event
+
+    async def cancel(self, user: str, wait: float = 30.0) -> dict[str, Any]:
+        """Stop the user's build, whichever door started it; wait (up to `wait` seconds) until
+        it has ended. A build stops at its next line of output or within a slot poll."""
+        name = await asyncio.to_thread(self.builds.locks.request_cancel, user)
+        if name is None:
+            raise OperationError(
+                "no build of yours is running",
+                hint="image-list shows your images; image-create starts a build",
+                status=404,
+            )
+        deadline = asyncio.get_running_loop().time() + wait
+        while await asyncio.to_thread(self.builds.locks.building, user):
+            if asyncio.get_running_loop().time() > deadline:
+                return {"image": name, "stopped": False}
+            await asyncio.sleep(0.1)
+        return {"image": name, "stopped": True}
 
 
 def docker_socket_path() -> str:
@@ -325,6 +343,7 @@ class Broker(HostSettings, ImageBuildSettings, Application):
                 (f"{p}/quota", QuotaHandler),
                 (f"{p}/images", ImagesHandler),
                 (f"{p}/images/templates", ImageTemplatesHandler),
+                (f"{p}/builds/current", BuildHandler),
                 (f"{p}/images/{name}", ImageHandler),
             ],
             broker=self,

@@ -211,6 +211,13 @@ class ImageTemplatesHandler(BrokerHandler):
         self.write_json(self.broker.images.templates())
 
 
+class BuildHandler(BrokerHandler):
+    """The caller's running build: DELETE cancels it (`image-cancel`)."""
+
+    async def delete(self) -> None:
+        self.reply(await self.broker.images.cancel(self.user))
+
+
 class ImageHandler(BrokerHandler):
     async def delete(self, name: str) -> None:
         self.write_json(await self.broker.images.delete(self.user, name))

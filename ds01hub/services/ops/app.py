@@ -51,10 +51,10 @@ class Components:
     inventory: Any
     engine: EngineState
 
-    def overview(self) -> dict[str, Any]:
+    def overview(self, queue: Iterable[dict[str, Any]] = ()) -> dict[str, Any]:
         """The admin page's model (blocking: Docker and SQLite). While the Docker engine is
         unreachable the page says so (and since when) instead of failing; slot holders are
-        unknown until it answers."""
+        unknown until it answers. `queue`: the starts waiting for a GPU (from the hub)."""
         from ds01hub.services.ops.admin_page import overview
 
         self.limits.reload()
@@ -74,6 +74,7 @@ class Components:
             config_error=self.limits.last_error,
             pending_culls=self.culler.warnings.load().values(),
             engine=self.engine,
+            queue=queue,
         )
 
 
@@ -169,6 +170,11 @@ class OpsService(HostSettings, Application):
         3, help="NVML utilisation samples per pass; all must be under the threshold."
     ).tag(config=True)
     gpu_sample_interval = Float(1.0, help="Seconds between those samples.").tag(config=True)
+    cpu_sample_interval = Float(
+        1.0,
+        help="Seconds between the two readings of a container's cgroup CPU counter that give "
+        "its CPU use (taken while the GPU is sampled).",
+    ).tag(config=True)
     dry_run = Bool(False, help="Decide and report, but stop, warn and remove nothing.").tag(
         config=True
     )
@@ -190,6 +196,7 @@ class OpsService(HostSettings, Application):
         "cpu-threshold": "OpsService.cpu_threshold",
         "gpu-samples": "OpsService.gpu_samples",
         "gpu-sample-interval": "OpsService.gpu_sample_interval",
+        "cpu-sample-interval": "OpsService.cpu_sample_interval",
         "limits": "OpsService.limits_path",
         "state-dir": "OpsService.state_dir",
         "label": "OpsService.extra_labels",
@@ -217,6 +224,7 @@ class OpsService(HostSettings, Application):
             cpu_threshold=self.cpu_threshold,
             gpu_samples=self.gpu_samples,
             gpu_sample_interval=self.gpu_sample_interval,
+            cpu_sample_interval=self.cpu_sample_interval,
             log=self.log,
         )
 
@@ -264,7 +272,12 @@ def make_web_app(parts: Components, hub: Any, registry: Any) -> Any:
     from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler
     from tornado import web
 
-    from ds01hub.services.ops.admin_page import AdminApiHandler, AdminPageHandler, MetricsHandler
+    from ds01hub.services.ops.admin_page import (
+        AdminApiHandler,
+        AdminPageHandler,
+        MetricsHandler,
+        queue_rows,
+    )
 
     prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", f"/services/{OPS_SERVICE}/")
     prefix = prefix.rstrip("/") + "/"
@@ -272,6 +285,10 @@ def make_web_app(parts: Components, hub: Any, registry: Any) -> Any:
     async def is_admin(name: str) -> bool:
         model = await hub.get_user(name, include_stopped=False)
         return bool(model and model.get("admin"))
+
+    async def queue() -> list[dict[str, Any]]:
+        """Starts pending in the hub (only users with a server that is active)."""
+        return queue_rows(await hub.request("GET", "/users", params={"state": "active"}) or [])
 
     return web.Application(
         [
@@ -284,6 +301,7 @@ def make_web_app(parts: Components, hub: Any, registry: Any) -> Any:
         cookie_secret=os.urandom(32),
         ds01_overview=parts.overview,
         ds01_is_admin=is_admin,
+        ds01_queue=queue,
         ds01_registry=registry,
     )
 

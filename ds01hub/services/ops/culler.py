@@ -9,7 +9,8 @@ hold:
 - no GPU activity: NVML utilisation of each of the container's slots under `gpu_threshold` in
   every one of several samples, and no compute process of the container on them (NVML pids are
   mapped to containers through `/proc/<pid>/cgroup`);
-- CPU (one `docker stats` sample, percent of one core) under `cpu_threshold`.
+- CPU (percent of one core, from the container's cgroup counter read twice
+  `cpu_sample_interval` apart: `ds01hub.services.ops.cgroups`) under `cpu_threshold`.
 
 So a long training run with no browser open is never culled, and a missing signal (stats
 unavailable) counts as activity: the culler never stops what it cannot see is idle. A null
@@ -36,6 +37,7 @@ import logging
 import os
 import re
 import tarfile
+import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -48,6 +50,7 @@ from ds01hub.actions.operations import cpu_percent as docker_cpu_percent
 from ds01hub.actions.operations import project_to_server
 from ds01hub.engine import EngineState, engine_unreachable
 from ds01hub.provenance import Provenance
+from ds01hub.services.ops.cgroups import CgroupCpu, cpu_percent_between
 from ds01hub.services.ops.warnings import CullWarning, WarningStore
 from ds01hub.units import human_duration, utcnow
 
@@ -322,7 +325,8 @@ class Culler:
         cpu_threshold: float = 10.0,
         gpu_samples: int = 3,
         gpu_sample_interval: float = 1.0,
-        stats_workers: int = 32,
+        cpu_sample_interval: float = 1.0,
+        stats_workers: int = 8,
         notify_containers: bool = True,
         proc_root: str | os.PathLike = "/proc",
         extra_labels: Iterable[str] = (),
@@ -344,7 +348,9 @@ class Culler:
         self.cpu_threshold = cpu_threshold
         self.gpu_samples = max(1, gpu_samples)
         self.gpu_sample_interval = gpu_sample_interval
-        # `docker stats` waits about a second on the engine per container: many at once
+        self.cpu_sample_interval = cpu_sample_interval
+        self.cgroups = CgroupCpu(self._main_pid, Path(proc_root) / "self" / "mountinfo", proc_root)
+        # only where no cgroup counter can be read: `docker stats` (a second per container)
         self._stats_pool = ThreadPoolExecutor(stats_workers, thread_name_prefix="ds01-cull-stats")
         self.notify_containers = notify_containers
         self.proc_root = proc_root
@@ -387,8 +393,19 @@ class Culler:
             cpu_threshold=self.cpu_threshold,
         )
 
+    def _main_pid(self, container_id: str) -> int | None:
+        """The container's main process (to find a cgroup outside the usual places)."""
+        try:
+            state = self.docker.api.inspect_container(container_id).get("State") or {}
+        except Exception as error:
+            self.log.warning("cannot inspect %s: %s", container_id[:12], error)
+            return None
+        pid = state.get("Pid")
+        return pid if isinstance(pid, int) and pid > 0 else None
+
     def cpu_percent(self, container_id: str) -> float | None:
-        """One `docker stats` sample (Docker averages over about a second); None on failure."""
+        """One `docker stats` sample (Docker averages over about a second); None on failure.
+        Only for containers whose cgroup counter cannot be read (`cpu_activity`)."""
         try:
             return docker_cpu_percent(self.docker.api.stats(container_id, stream=False))
         except Exception as error:
@@ -396,13 +413,24 @@ class Culler:
             return None
 
     async def cpu_activity(self, container_ids: Iterable[str]) -> dict[str, float | None]:
-        """`cpu_percent` of every container, sampled all at once."""
-        loop = asyncio.get_running_loop()
+        """CPU % of every container over `cpu_sample_interval`: its cgroup counter read
+        before and after (one file read each); `docker stats` for any without a counter."""
         ids = list(container_ids)
-        samples = await asyncio.gather(
-            *(loop.run_in_executor(self._stats_pool, self.cpu_percent, cid) for cid in ids)
-        )
-        return dict(zip(ids, samples, strict=True))
+        self.cgroups.forget_all_but(ids)
+        before = await asyncio.to_thread(self.cgroups.readings, ids)
+        start = time.monotonic()
+        await asyncio.sleep(self.cpu_sample_interval)
+        after = await asyncio.to_thread(self.cgroups.readings, ids)
+        elapsed = time.monotonic() - start
+        percent = {cid: cpu_percent_between(before[cid], after[cid], elapsed) for cid in ids}
+        missing = [cid for cid in ids if before[cid] is None]
+        if missing:
+            loop = asyncio.get_running_loop()
+            samples = await asyncio.gather(
+                *(loop.run_in_executor(self._stats_pool, self.cpu_percent, c) for c in missing)
+            )
+            percent.update(zip(missing, samples, strict=True))
+        return percent
 
     async def gpu_activity(
         self, containers: Mapping[str, tuple[str, ...]]
