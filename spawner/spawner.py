@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -68,6 +68,7 @@ from ds01hub.gpu.fairshare import FairShare
 from ds01hub.gpu.inventory import Inventory, Slot, load_inventory
 from ds01hub.gpu.queued import QueuedRequest, QueuedStore, QueueLimitError
 from ds01hub.limits import LimitsError, LimitsStore, ResolvedLimits
+from ds01hub.units import utcnow
 
 from . import metrics
 from .container_plan import ContainerPlan, recreate_reason
@@ -568,7 +569,7 @@ class DS01Spawner(DockerSpawner):
         sim = " (SIMULATED)" if context.inventory.simulated else ""
         self._emit(30, f"asking for {choice.gpu_text()}{sim}, priority {limits.priority}")
         request = choice.gpu_request(self.user.name, self.object_name)
-        deadline = datetime.now(UTC) + timedelta(seconds=self.gpu_wait_timeout)
+        deadline = utcnow() + timedelta(seconds=self.gpu_wait_timeout)
         last_status: list[tuple] = []
 
         def situation(decision: Decision, **queue: Any) -> messages.Situation:
@@ -594,7 +595,7 @@ class DS01Spawner(DockerSpawner):
             if last_status[-1:] != [seen]:
                 last_status.append(seen)
                 where = situation(status.decision, position=status.position, waiting=status.waiting)
-                self._emit_message(35, messages.wait_message(where, datetime.now(UTC)))
+                self._emit_message(35, messages.wait_message(where, utcnow()))
 
         timeout = self.gpu_wait_timeout
         if choice.queue:

@@ -991,17 +991,9 @@ class GpuAllocator:
             entry["slots"] = sorted(set(entry["slots"]) | slots)
             entry.update(reason=reason, at=now.isoformat())
             events = [
-                NewEvent(
-                    "release",
-                    interval.user,
-                    slot=interval.slot,
-                    container=interval.container,
-                    group=interval.group,
-                    reason=reason,
-                    at=now,
-                )
-                for interval in (self.eventlog.open_allocations() if self.eventlog else ())
-                if interval.container == mine[0].container and interval.slot in slots
+                event
+                for event in self._release_events(mine[0].container, reason, now)
+                if event.slot in slots
             ]
             self._commit(None, revoked, events)
         return sorted(slots)
