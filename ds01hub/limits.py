@@ -32,9 +32,10 @@ import re
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
+from ds01hub import paths
+from ds01hub.errors import Ds01hubError
 from ds01hub.mig import PROFILE_FORM, is_profile, parse_profile
 from ds01hub.strict_yaml import (
     Document,
@@ -55,7 +56,6 @@ from ds01hub.units import (
 )
 
 __all__ = [
-    "DEFAULT_LIMITS_PATH",
     "GpuAllocationConfig",
     "LimitsConfig",
     "LimitsError",
@@ -65,14 +65,22 @@ __all__ = [
     "ResolvedLimits",
     "SimulatedGpuSpec",
     "SimulateConfig",
-    "default_limits_path",
+    "load_limits_or_defaults",
     "load_limits",
     "parse_limits",
 ]
 
-DEFAULT_LIMITS_PATH = Path("/etc/ds01hub/resource-limits.yaml")
-ENV_LIMITS = "DS01HUB_LIMITS"
 PRIORITY_RANGE = (1, 100)
+#: The docker-py keywords of ResolvedLimits.host_config() -> their Engine API HostConfig names.
+HOST_CONFIG_FIELDS = {
+    "nano_cpus": "NanoCpus",
+    "mem_limit": "Memory",
+    "memswap_limit": "MemorySwap",
+    "shm_size": "ShmSize",
+    "ipc_mode": "IpcMode",
+    "pids_limit": "PidsLimit",
+    "cgroup_parent": "CgroupParent",
+}
 IPC_MODES = ("private", "shareable", "host", "none")
 STRATEGIES = ("spread", "pack")
 # DS01 spellings of the strategies.
@@ -99,12 +107,6 @@ MIG_MEMORY_SLICES = 8  # ... and its memory in 8 slices
 MAX_PROBLEMS = 100  # listed; more are counted
 MAX_WARNINGS = 50
 DEFAULT_PARSE_TIMEOUT = 10.0  # seconds a reload may take before it counts as failed
-
-
-def default_limits_path() -> Path:
-    """`$DS01HUB_LIMITS` when set, else /etc/ds01hub/resource-limits.yaml."""
-    env = os.environ.get(ENV_LIMITS)
-    return Path(env) if env else DEFAULT_LIMITS_PATH
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,7 +137,7 @@ class Problem:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-class LimitsError(ValueError):
+class LimitsError(Ds01hubError, ValueError):
     """The limits file cannot be used; `problems` lists every problem found (at most
     MAX_PROBLEMS, then one saying how many more). `str()` is bounded: it shows the first 20."""
 
@@ -547,7 +549,9 @@ class ResolvedLimits:
         return args
 
     def host_config(self) -> dict[str, Any]:
-        """docker-py keyword arguments (containers.create / create_host_config) for these limits."""
+        """docker-py keyword arguments (containers.create / create_host_config) for these limits:
+        the one map from limits to a container's HostConfig (`api_host_config` names the same
+        entries as the Engine API does)."""
         config: dict[str, Any] = {}
         if self.max_cpus is not None:
             config["nano_cpus"] = int(round(self.max_cpus * 1e9))
@@ -563,6 +567,11 @@ class ResolvedLimits:
         if self.cgroup_parent is not None:
             config["cgroup_parent"] = self.cgroup_parent
         return config
+
+    def api_host_config(self) -> dict[str, Any]:
+        """`host_config()` in the Engine API's HostConfig names (`NanoCpus`, `Memory`, ...):
+        what the Docker proxy enforces and what a created container's inspect document shows."""
+        return {HOST_CONFIG_FIELDS[key]: value for key, value in self.host_config().items()}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: numbers in bytes/seconds, plus human spellings under `display`."""
@@ -1245,6 +1254,18 @@ def load_limits(path: str | os.PathLike) -> LimitsConfig:
     return _guarded(file, lambda: _load(path, file))
 
 
+def load_limits_or_defaults(given: str | os.PathLike | None = None) -> LimitsConfig:
+    """The one behaviour for "no limits file", in every process and command: a file someone
+    named (`given`: a setting or --limits; or $DS01HUB_LIMITS) must exist; when nobody named
+    one and the default /etc/ds01hub/resource-limits.yaml does not exist, the built-in
+    defaults are in force (no limits, no simulated GPUs). A file that exists is read strictly:
+    any problem is a LimitsError."""
+    path = paths.limits_path(given)
+    if not paths.limits_named(given) and not path.exists():
+        return parse_limits({}, file=f"(built-in defaults: {path} does not exist)")
+    return load_limits(path)
+
+
 def _load(path: str | os.PathLike, file: str) -> LimitsConfig:
     document = _read_document(path, file)
     return _validate(document.data, file, document.line_of)
@@ -1257,7 +1278,10 @@ def _read_document(path: str | os.PathLike, file: str) -> Document:
     try:
         return read_yaml_file(path)
     except FileNotFoundError:
-        fix = f"create it (see config/resource-limits.yaml) or point --limits / ${ENV_LIMITS} at it"
+        fix = (
+            f"create it (see config/resource-limits.yaml) or point --limits / "
+            f"${paths.ENV_LIMITS} at it"
+        )
         raise LimitsError([problem("file not found", fix, "file-not-found")]) from None
     except OSError as error:
         message = f"cannot read: {error.strerror or type(error).__name__}"
@@ -1301,7 +1325,9 @@ class LimitsStore:
     `last_problems`, `reload_failures` / `last_reload_ok` (the metrics) and one bounded record
     in `log`. A parse that outlives its time limit still finishes on the store's thread; its
     outcome (new configuration or problems) then replaces the timeout report.
-    The first load must succeed (a hub must not start on a broken file): LimitsError.
+    The first load must succeed (a hub must not start on a broken file): LimitsError; no
+    file at all is `load_limits_or_defaults`'s rule. Once a file is in force, its removal is
+    a failed reload (the last good configuration stays): deleting it never lifts the limits.
     """
 
     def __init__(
@@ -1311,7 +1337,7 @@ class LimitsStore:
         parse_timeout: float = DEFAULT_PARSE_TIMEOUT,
         log: logging.Logger | logging.LoggerAdapter | None = None,
     ):
-        self.path = Path(path) if path is not None else default_limits_path()
+        self.path = paths.limits_path(path)
         self.parse_timeout = parse_timeout
         self.log = log or logging.getLogger(__name__)
         self._lock = threading.Lock()
@@ -1322,7 +1348,7 @@ class LimitsStore:
         self.reload_failures = 0
         self.last_reload_ok = True
         stamp = self._file_stamp()
-        first = self._executor.submit(load_limits, self.path)
+        first = self._executor.submit(load_limits_or_defaults, path)
         try:
             self._current: LimitsConfig = first.result(timeout=parse_timeout)
         except concurrent.futures.TimeoutError:

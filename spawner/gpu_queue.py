@@ -19,19 +19,20 @@ import itertools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from ds01hub.errors import Ds01hubError
 from ds01hub.gpu.decision import Decision
 
 __all__ = ["GpuQueue", "GpuWaitTimeout", "QueueStatus"]
 
 
-class GpuWaitTimeout(TimeoutError):
+class GpuWaitTimeout(Ds01hubError, TimeoutError):
     """No slot became free in time; `decision` is the last refusal (who holds what)."""
 
     def __init__(self, waited: float, decision: Decision | None):
         self.waited = waited
         self.decision = decision
         reason = decision.reason if decision else "no attempt finished"
-        super().__init__(f"no GPU became free within {waited:.0f}s: {reason}")
+        super().__init__(f"no GPU became free within {waited:.0f}s: {reason}", status=503)
 
 
 @dataclass(frozen=True)

@@ -19,17 +19,18 @@ from typing import Any
 
 import jinja2
 
+from ds01hub.errors import Ds01hubError
 from ds01hub.gpu.decision import GpuRequest, Holding
 from ds01hub.gpu.inventory import Slot
 from ds01hub.limits import ResolvedLimits
 from ds01hub.mig import PROFILE_FORM, is_profile
+from ds01hub.spawn_options import GPUS_OR_MIG, SPAWN_OPTION_KEYS, asks_gpus_and_mig
 from ds01hub.units import format_size, parse_size
 
 __all__ = [
     "CUSTOM",
     "OVERRIDE_KEYS",
     "PROFILE_KEYS",
-    "SPAWN_OPTION_KEYS",
     "GpuOffer",
     "OptionsError",
     "Profile",
@@ -45,7 +46,6 @@ __all__ = [
 ]
 
 #: The keys of `user_options`, the same as the form's field names.
-SPAWN_OPTION_KEYS = ("profile", "image", "gpus", "mig")
 #: Keys of one `profile_list` entry (KubeSpawner's shape; `ds01_override` for the overrides).
 PROFILE_KEYS = ("display_name", "slug", "description", "default", "ds01_override")
 #: Keys of a profile's `ds01_override`.
@@ -57,13 +57,15 @@ CUSTOM = "custom"
 _TEMPLATES = Path(__file__).with_name("templates")
 
 
-class OptionsError(ValueError):
+class OptionsError(Ds01hubError, ValueError):
     """A spawn option was refused: `key` and `value` say which, `allowed` what would do;
     `status` is the HTTP status the hub answers with (400 bad value, 403 not allowed)."""
 
     def __init__(self, key: str, value: Any, problem: str, allowed: str, status: int = 400):
-        self.key, self.value, self.allowed, self.status = key, value, allowed, status
-        super().__init__(f"spawn option {key!r}={value!r}: {problem}; allowed: {allowed}")
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(
+            f"spawn option {key!r}={value!r}: {problem}; allowed: {allowed}", status=status
+        )
 
 
 def _slugify(text: str) -> str:
@@ -116,8 +118,8 @@ class Profile:
             mig = _read_mig(override.get("mig"))
         except OptionsError as error:
             raise ValueError(f"{where}.ds01_override: {error}") from None
-        if gpus and mig:
-            raise ValueError(f"{where}.ds01_override: set gpus or mig, not both")
+        if asks_gpus_and_mig({"gpus": gpus, "mig": mig}):
+            raise ValueError(f"{where}.ds01_override: set {GPUS_OR_MIG}")
         memory = override.get("memory")
         max_cpus = override.get("max_cpus")
         if max_cpus is not None and (isinstance(max_cpus, bool) or float(max_cpus) <= 0):
@@ -217,12 +219,9 @@ def normalize_user_options(raw: Mapping[str, Any] | None) -> dict[str, Any]:
     ):
         if value is not None:
             options[key] = value
-    if options.get("gpus") and options.get("mig"):
+    if asks_gpus_and_mig(options):
         raise OptionsError(
-            "mig",
-            options["mig"],
-            f"asked together with gpus={options['gpus']}",
-            "whole GPUs (gpus) or one MIG instance (mig), not both",
+            "mig", options["mig"], f"asked together with gpus={options['gpus']}", GPUS_OR_MIG
         )
     return options
 

@@ -52,7 +52,7 @@ from jupyterhub.utils import url_path_join
 from traitlets import Callable as CallableTrait
 from traitlets import CaselessStrEnum, Dict, Float, List, Unicode, Union, default, validate
 
-from ds01hub import labels, provenance
+from ds01hub import labels, paths, provenance
 from ds01hub.engine import engine_unreachable, engine_url, short_error
 from ds01hub.gpu import messages
 from ds01hub.gpu.allocator import (
@@ -65,7 +65,7 @@ from ds01hub.gpu.allocator import (
 from ds01hub.gpu.decision import Decision
 from ds01hub.gpu.eventlog import EventLog, NewEvent
 from ds01hub.gpu.inventory import Inventory, Slot, load_inventory
-from ds01hub.limits import LimitsError, LimitsStore, ResolvedLimits, default_limits_path
+from ds01hub.limits import LimitsError, LimitsStore, ResolvedLimits
 
 from . import metrics
 from .container_plan import ContainerPlan, recreate_reason
@@ -250,11 +250,14 @@ class DS01Spawner(DockerSpawner):
 
     def _shared_context(self) -> _HubContext:
         """The context of this hub's settings, built once (LimitsError: the file is broken)."""
-        limits_path = self.limits_path or str(default_limits_path())
-        state_dir = self.state_dir or str(provenance.default_state_dir())
-        key = (limits_path, state_dir, tuple(self.container_label_filter))
+        state_dir = str(paths.state_dir(self.state_dir))
+        key = (
+            str(paths.limits_path(self.limits_path)),
+            state_dir,
+            tuple(self.container_label_filter),
+        )
         if key not in self._contexts:
-            self._contexts[key] = self._new_context(limits_path, Path(state_dir))
+            self._contexts[key] = self._new_context(self.limits_path or None, Path(state_dir))
         return self._contexts[key]
 
     @classmethod
@@ -286,7 +289,7 @@ class DS01Spawner(DockerSpawner):
         else:
             _reconcile_at_hub_start(context, app.log)
 
-    def _new_context(self, limits_path: str, state_dir: Path) -> _HubContext:
+    def _new_context(self, limits_path: str | None, state_dir: Path) -> _HubContext:
         import docker
 
         store = LimitsStore(limits_path, parse_timeout=self.limits_parse_timeout, log=self.log)

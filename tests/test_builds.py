@@ -20,10 +20,14 @@ from ds01hub.actions.images import BuildEvent, ImageSpec
 from ds01hub.actions.operations import OperationError
 
 
-def _events(*texts: str, fail: bool = False):
+def _events(*texts: str, fail: bool = False, hold: threading.Event | None = None):
+    """A build that logs `texts`, then (once `hold` is set, if given) fails or is done."""
+
     def run(spec):
         for text in texts:
             yield BuildEvent("log", text, 0.5)
+        if hold is not None:
+            hold.wait(30)
         if fail:
             raise RuntimeError("engine went away")
         yield BuildEvent("done", "built", 1.0, image_id="sha256:x", tag=spec.tag)
@@ -63,12 +67,14 @@ class Gate:
 
 
 async def test_build_manager_runs_one_build_per_user_and_keeps_events_in_order(tmp_path):
-    manager = BuildManager(_events("a", "b", "c"), tmp_path, max_concurrent=1)
+    hold = threading.Event()  # ann's build runs until the test has tried a second one
+    manager = BuildManager(_events("a", "b", "c", hold=hold), tmp_path, max_concurrent=1)
     build = manager.start(ImageSpec("ann", "one"))
     with pytest.raises(OperationError) as refused:
         manager.start(ImageSpec("ann", "two"))
     assert refused.value.status == 409
     other = manager.start(ImageSpec("ben", "one"))  # another user may build meanwhile (queued)
+    hold.set()
     await _finish(build)
     await _finish(other)
     assert [e["text"] for e in build.events] == ["a", "b", "c", "built"]

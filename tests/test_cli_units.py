@@ -109,27 +109,6 @@ def test_project_and_server_names_map_both_ways():
 # ---- output ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("seconds", "text"),
-    [
-        (None, "-"),
-        (5, "5s"),
-        (65, "1m 5s"),
-        (3600 * 3 + 60 * 12, "3h 12m"),
-        (86400 * 2 + 3600, "2d 1h"),
-    ],
-)
-def test_format_duration(seconds, text):
-    assert output.format_duration(seconds) == text
-
-
-def test_format_bytes():
-    assert output.format_bytes(None) == "-"
-    assert output.format_bytes(512) == "512B"
-    assert output.format_bytes(1.5 * 2**30) == "1.5G"
-    assert output.format_bytes(32 * 2**30) == "32G"
-
-
 def test_table_aligns_and_colours_only_when_asked():
     rows = [{"a": "x", "b": ["0", "1"]}, {"a": "longer", "b": None}]
     cols = (output.Column("A", "a"), output.Column("B", "b", lambda v: "green"))
@@ -237,7 +216,7 @@ def test_container_list_table_and_json():
         "UNTIL",
     ]
     assert "thesis" in lines[0] and "up 1h 1m" in lines[0] and "0:1" in lines[0]
-    assert "stopped 2m 0s" in lines[1] and "2026-11-23 10:00 UTC" in lines[1]
+    assert "stopped 2m" in lines[1] and "2026-11-23 10:00 UTC" in lines[1]
     code, out, _ = run("container-list", ["--json"], backend)
     assert code == 0 and [r["project"] for r in json.loads(out)] == ["thesis"]
     assert backend.calls[-1] == ("list", False)
@@ -642,10 +621,28 @@ def test_stats_table_shows_use_against_limits():
     assert "0:1 (SIMULATED): 87%, 3.0G / 20G" in line
 
 
+def test_user_setup_welcomes_with_the_quota_and_reads_unlimited():
+    class Backend:
+        def whoami(self):
+            return {"user": "ann"}
+
+        def quota(self):
+            return {"containers": 0, "gpus_held": 0, "limits": {"group": "staff", "max_gpus": None}}
+
+        def cull_warnings(self):
+            return []
+
+    code, out, err = run("user-setup", [], Backend(), FakeTTY("n\n"))
+    assert code == 0
+    assert err.startswith("Welcome, ann! Limits (group staff): GPUs: 0 GPUs in use of unlimited;")
+    assert "None" not in err and "Connecting to your containers" in out
+
+
 def test_quota_line_reads_like_a_sentence():
     quota = {
         "containers": 1,
         "gpus_held": 1,
+        "gpus": [{"slot": "0", "name": "NVIDIA A100"}],
         "limits": {
             "group": "students",
             "max_gpus": 2,
@@ -657,8 +654,10 @@ def test_quota_line_reads_like_a_sentence():
         },
     }
     assert views.quota_line(quota) == (
-        "Limits (group students): GPUs 1 of 2 held, containers 1 of no limit, per container "
-        "4 CPUs and 16G; idle timeout 12h 0m, GPUs held 1h 0m after a stop"
+        "Limits (group students): GPUs: 1 of 2 GPUs in use (slot 0: NVIDIA A100); GPUs per "
+        "container unlimited; CPUs per container 4; memory per container 16G; containers "
+        "unlimited (0 running, 1 total); idle "
+        "containers stopped after 12h; GPUs kept after a stop 1h"
     )
     assert "no limits file" in views.quota_line({"containers": 0, "limits": None})
 

@@ -488,3 +488,28 @@ async def test_a_grant_that_arrives_after_giving_up_is_released():
         await task
     await wait_until_async(lambda: pool.released, 10, message="the late grant is released")
     assert pool.released == ["slow"] and pool.free == 1
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"gpus": 1, "mig": "1g.10gb"}, {"gpus": 0, "mig": "1g.10gb"}, {"image": "x", "gpus": 2}],
+)
+def test_every_door_agrees_on_the_keys_and_on_gpus_or_mig(options):
+    """The broker/CLI (actions.operations) and the hub (spawner.options) accept the same spawn
+    options and refuse the same ones (ds01hub.spawn_options)."""
+    from ds01hub.actions.operations import OperationError, spawn_options
+    from ds01hub.spawn_options import SPAWN_OPTION_KEYS
+
+    def accepted(check, error) -> bool:
+        try:
+            check(options)
+        except error:
+            return False
+        return True
+
+    both = accepted(spawn_options, OperationError)
+    assert both == accepted(normalize_user_options, OptionsError)
+    assert both == (not (options.get("gpus") and options.get("mig")))
+    for key in SPAWN_OPTION_KEYS:  # a key one door knows, every door knows
+        value = 1 if key == "gpus" else "1g.10gb" if key == "mig" else "x"
+        assert spawn_options({key: value}) and normalize_user_options({key: value})

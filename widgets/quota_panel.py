@@ -6,10 +6,10 @@ import html
 
 import ipywidgets as w
 
-from ds01hub.gpu.messages import gpu_use
+from ds01hub.units import quota_rows
 
 from .client import Ds01Client, Ds01Error
-from .common import error_box, human_bytes, human_seconds, table
+from .common import error_box, table
 
 
 class QuotaPanel(w.VBox):
@@ -57,33 +57,9 @@ def limits_table(quota: dict) -> str:
     limits = quota.get("limits")
     if not limits:
         return "<i>No resource limits are configured for you.</i>"
-    held = [(str(g.get("slot")), str(g.get("name") or "GPU")) for g in quota.get("gpus") or []]
-    rows = [
-        ["GPUs", gpu_use(held, limits.get("max_gpus")), ""],
-        ["GPUs per container", "", _cap(limits.get("max_gpus_per_container"))],
-        ["CPUs per container", "", _cap(limits.get("max_cpus"))],
-        ["Memory per container", "", human_bytes(limits.get("memory"))],
-        [
-            "Containers",
-            f"{quota.get('running', 0)} running, {quota.get('containers', 0)} total",
-            _cap(limits.get("max_containers_per_user")),
-        ],
-        ["Idle containers stopped after", "", human_seconds(limits.get("idle_timeout"))],
-        ["GPUs kept after stop", "", _hold(limits.get("gpu_hold_after_stop"))],
-    ]
+    rows = [list(row) for row in quota_rows(quota)]
     group = html.escape(str(limits.get("group") or "none"))
     return f"<div>Group: <b>{group}</b></div>" + table(["", "in use", "limit"], rows, "ds01-limits")
-
-
-def _cap(value: object) -> str:
-    return (
-        "unlimited" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
-    )
-
-
-def _hold(seconds: float | None) -> str:
-    """No gpu_hold_after_stop: a stopped container keeps its GPU until it is removed."""
-    return "until the container is removed" if seconds is None else human_seconds(seconds)
 
 
 def containers_table(containers: list[dict]) -> str:

@@ -32,13 +32,13 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from ds01hub.actions import images
 from ds01hub.actions.operations import OperationError
 from ds01hub.labels import escape_name
+from ds01hub.units import utcnow
 
 #: Builds running at once on the host unless a service is configured otherwise.
 MAX_CONCURRENT_BUILDS = 2
@@ -55,7 +55,7 @@ class Build:
     spec: images.ImageSpec
     status: str = "queued"  # queued | running | done | error
     events: list[dict] = field(default_factory=list)
-    created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    created_at: str = field(default_factory=lambda: utcnow().isoformat(timespec="seconds"))
     finished_at: str | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -275,7 +275,7 @@ class BuildManager:
         if not build.finished:
             build.status = "error"
             build.events.append({"kind": "error", "text": "the build ended without a result"})
-        build.finished_at = datetime.now(UTC).isoformat(timespec="seconds")
+        build.finished_at = utcnow().isoformat(timespec="seconds")
         self._wake(build)
 
     @staticmethod

@@ -32,10 +32,13 @@ import tarfile
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 import escapism
+
+from ds01hub.errors import Ds01hubError
+from ds01hub.units import utcnow
 
 __all__ = [
     "CA_BUNDLE_IN_IMAGE",
@@ -86,15 +89,9 @@ IMAGE_NAME_RE = re.compile(r"^[a-z0-9]+(?:[._-][a-z0-9]+)*$")
 _STEP_RE = re.compile(r"^Step (\d+)/(\d+) :")
 
 
-class ImageError(ValueError):
+class ImageError(Ds01hubError, ValueError):
     """An image request cannot be honoured; the message names the problem and the fix.
     `status` is the HTTP status that the ds01 service and the broker answer it with."""
-
-    status = 400
-
-    def __init__(self, message: str, hint: str | None = None):
-        super().__init__(message)
-        self.hint = hint
 
 
 class ImageNotFoundError(ImageError):
@@ -400,7 +397,7 @@ def image_labels(
     spec: ImageSpec, base_image: str, *, now: datetime | None = None
 ) -> dict[str, str]:
     """The ``ds01.image.*`` labels recording owner, name, template and packages."""
-    built_at = (now or datetime.now(UTC)).isoformat(timespec="seconds")
+    built_at = (now or utcnow()).isoformat(timespec="seconds")
     return {
         f"{LABEL_PREFIX}user": spec.user,
         f"{LABEL_PREFIX}name": spec.name,

@@ -20,13 +20,16 @@ import re
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from ds01hub import labels
+from ds01hub.errors import Ds01hubError
 from ds01hub.gpu.messages import EVENT_KEY, Message
 from ds01hub.hub.client import HubClient, HubError, HubUnreachable
 from ds01hub.provenance import Provenance
+from ds01hub.spawn_options import GPUS_OR_MIG, SPAWN_OPTION_KEYS, asks_gpus_and_mig
+from ds01hub.units import utcnow
 
 #: Container (project) names the users' commands accept.
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -42,21 +45,11 @@ DEFAULT_PROJECT = labels.DEFAULT_PROJECT
 LOGIN_SHELL = ["/bin/sh", "-c", "if [ -x /bin/bash ]; then exec /bin/bash -l; fi; exec /bin/sh -l"]
 
 #: The spawn `user_options` keys (docs/architecture.md "Spawn options"), as the browser's form.
-SPAWN_OPTION_KEYS = ("image", "gpus", "mig", "profile")
 
 
-class OperationError(Exception):
+class OperationError(Ds01hubError):
     """A user action failed: `message` says what, `hint` how to fix it; `status` is HTTP-like
     (400 bad input, 403 refused, 404 no such container, 409 conflict/over quota, 502 hub)."""
-
-    def __init__(self, message: str, hint: str | None = None, status: int = 400):
-        super().__init__(message)
-        self.message = message
-        self.hint = hint
-        self.status = status
-
-    def to_json(self) -> dict[str, Any]:
-        return {"error": self.message, "hint": self.hint, "status": self.status}
 
 
 # ---- the services behind every action, when they fail --------------------------------------
@@ -98,14 +91,17 @@ def hub_failure(error: HubError, doing: str | None = None) -> OperationError:
     return OperationError(f"{doing or 'the hub said'}: {error.message}", status=status)
 
 
-def named_error(error: BaseException, docker_where: str) -> OperationError | None:
+def named_error(error: BaseException, docker_where: str) -> Ds01hubError | None:
     """The one place where a failure of the services behind every action -- the hub's API and
     the Docker engine (docker-py over requests) -- gets its name and a hint; None when
-    `error` is none of those (a bug: the caller reports an internal error)."""
-    if isinstance(error, OperationError):
-        return error
+    `error` is none of those (a bug: the caller reports an internal error). Any other
+    Ds01hubError (a refusal such as an ImageError, a 503 naming a service that is down) is
+    its own name, except a host's failure (status 500: a state file that cannot be written),
+    an internal error whose paths are not shown."""
     if isinstance(error, HubError):
         return hub_failure(error)
+    if isinstance(error, Ds01hubError):
+        return None if error.status == 500 else error
     try:
         import docker.errors
         import requests.exceptions
@@ -186,11 +182,8 @@ def spawn_options(requested: Mapping[str, Any]) -> dict[str, Any] | None:
             hint=f"known options: {', '.join(SPAWN_OPTION_KEYS)}",
         )
     options = {k: v for k, v in requested.items() if v is not None}
-    if "gpus" in options and "mig" in options:
-        raise OperationError(
-            "ask for whole GPUs (--gpus) or a MIG slice (--mig), not both",
-            hint="drop one of the two options",
-        )
+    if asks_gpus_and_mig(options):
+        raise OperationError(f"ask for {GPUS_OR_MIG}", hint="drop one of the two options")
     return options or None
 
 
@@ -301,10 +294,6 @@ _GONE = {"removed": True, "already_gone": True}
 
 def _running(attrs: Mapping[str, Any]) -> bool:
     return bool((attrs.get("State") or {}).get("Running"))
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass

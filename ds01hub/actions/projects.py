@@ -28,6 +28,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ds01hub.errors import Ds01hubError
+
 __all__ = [
     "ML_GITIGNORE",
     "USE_CASES",
@@ -130,7 +132,7 @@ outputs/
 """
 
 
-class ProjectError(ValueError):
+class ProjectError(Ds01hubError, ValueError):
     """A project cannot be created as asked; the message names the problem and the fix."""
 
 

@@ -13,38 +13,40 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ds01hub import provenance
+from ds01hub import paths, provenance
 from ds01hub.cli.output import (
     EXIT_FAILURE,
     EXIT_OK,
     CliError,
     Column,
+    exit_code,
     paint,
     print_error,
     print_json,
     render_table,
     use_colour,
 )
+from ds01hub.errors import Ds01hubError
 from ds01hub.limits import (
-    ENV_LIMITS,
     LimitsConfig,
     LimitsError,
-    default_limits_path,
     load_limits,
-    parse_limits,
+    load_limits_or_defaults,
 )
 
 __all__ = ["register"]
 
-ENV_STATE_DIR = provenance.ENV_STATE_DIR
-DEFAULT_STATE_DIR = provenance.DEFAULT_STATE_DIR
-default_state_dir = provenance.default_state_dir
+STATE_DIR_HELP = (
+    f"allocator state directory (default: ${paths.ENV_STATE_DIR}, else {paths.DEFAULT_STATE_DIR})"
+)
+LIMITS_HELP = (
+    f"the resource-limits YAML (default: ${paths.ENV_LIMITS}, else {paths.DEFAULT_LIMITS_PATH})"
+)
 
 
 def _limits_option() -> argparse.ArgumentParser:
@@ -53,7 +55,7 @@ def _limits_option() -> argparse.ArgumentParser:
         "--limits",
         metavar="FILE",
         type=Path,
-        help=f"the resource-limits YAML (default: ${ENV_LIMITS}, else {default_limits_path()})",
+        help=LIMITS_HELP,
     )
     return parent
 
@@ -135,7 +137,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--state-dir",
         type=Path,
         metavar="DIR",
-        help=f"allocator state directory (default: ${ENV_STATE_DIR}, else {DEFAULT_STATE_DIR})",
+        help=STATE_DIR_HELP,
     )
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(handler=_guard(cmd_status))
@@ -154,7 +156,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--state-dir",
         type=Path,
         metavar="DIR",
-        help=f"allocator state directory (default: ${ENV_STATE_DIR}, else {DEFAULT_STATE_DIR})",
+        help=STATE_DIR_HELP,
     )
     formats = usage.add_mutually_exclusive_group()
     formats.add_argument("--json", action="store_true", help="print JSON")
@@ -178,28 +180,25 @@ def _parse_date(text: str) -> datetime:
 
 
 def _guard(handler):
-    """Turn CliError into a message and an exit code, so every command fails the same way."""
+    """Turn an error into a message and an exit code, so every command fails the same way."""
 
     def run(args: argparse.Namespace) -> int:
         try:
             return handler(args)
-        except CliError as error:
+        except Ds01hubError as error:
             print_error(error)
-            return error.code
+            return exit_code(error)
 
     return run
 
 
-def _load_config(args: argparse.Namespace, required: bool = True) -> LimitsConfig:
-    """The limits named by --limits / env / default. When not `required` and no file was
-    named and the default does not exist, the built-in defaults (no simulated GPUs)."""
-    path = args.limits or default_limits_path()
-    explicit = args.limits is not None or os.environ.get(ENV_LIMITS)
-    if not required and not explicit and not Path(path).exists():
-        return parse_limits({}, file="(built-in defaults)")
+def _load_config(args: argparse.Namespace) -> LimitsConfig:
+    """The limits named by --limits / env / default, by the one rule for a missing file
+    (ds01hub.limits.load_limits_or_defaults)."""
     try:
-        return load_limits(path)
+        return load_limits_or_defaults(args.limits)
     except LimitsError as error:
+        path = paths.limits_path(args.limits)
         raise CliError(str(error), hint=f"run: ds01hub check-config {path}") from None
 
 
@@ -220,7 +219,7 @@ def cmd_limits(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    path = args.file or args.limits or default_limits_path()
+    path = args.file or paths.limits_path(args.limits)
     colour = use_colour(sys.stdout)
     try:
         config = load_limits(path)
@@ -256,7 +255,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_gpus(args: argparse.Namespace) -> int:
     from ds01hub.gpu.inventory import load_inventory
 
-    config = _load_config(args, required=False)
+    config = _load_config(args)
     inventory = load_inventory(config.gpu_allocation)
     try:
         if args.json:
@@ -313,7 +312,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from ds01hub.gpu.eventlog import EventLog
     from ds01hub.gpu.inventory import load_inventory
 
-    config = _load_config(args, required=False)
+    config = _load_config(args)
     try:
         client = docker.from_env()
         client.ping()
@@ -323,7 +322,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             hint="run as root or a member of the docker group; check dockerd runs",
         ) from None
     inventory = load_inventory(config.gpu_allocation)
-    state_dir = Path(args.state_dir or default_state_dir())
+    state_dir = paths.state_dir(args.state_dir)
     try:
         trust = provenance.load(state_dir)
     except provenance.ProvenanceError as error:
@@ -487,7 +486,7 @@ def _spreadsheet_safe(text: str) -> str:
 def cmd_usage(args: argparse.Namespace) -> int:
     from ds01hub.gpu.eventlog import EventLog
 
-    path = (args.state_dir or default_state_dir()) / "events.db"
+    path = paths.state_dir(args.state_dir) / "events.db"
     if not path.exists():
         raise CliError(
             f"no event log at {path}",

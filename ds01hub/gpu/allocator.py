@@ -51,12 +51,14 @@ from typing import Any
 
 from ds01hub import labels, provenance
 from ds01hub.engine import engine_unreachable
+from ds01hub.errors import Ds01hubError
 from ds01hub.gpu.decision import Decision, GpuRequest, Holding, decide, describe_holding
 from ds01hub.gpu.eventlog import EventLog, EventLogError, NewEvent
 from ds01hub.gpu.inventory import Inventory
 from ds01hub.labels import ContainerRecord
 from ds01hub.limits import LimitsConfig, LimitsStore, ResolvedLimits, parse_limits
 from ds01hub.provenance import Provenance
+from ds01hub.units import utcnow
 
 __all__ = [
     "DEFAULT_RESERVATION_TTL",
@@ -71,7 +73,6 @@ __all__ = [
     "StartCheck",
     "docker_lister",
     "docker_remover",
-    "utcnow",
 ]
 
 DEFAULT_RESERVATION_TTL = 120.0
@@ -84,13 +85,11 @@ _HOST = socket.gethostname()
 _STRENGTH = {"running": 0, "starting": 1, "reserved": 2, "stopped": 3}
 
 
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-class AllocationStateError(RuntimeError):
+class AllocationStateError(Ds01hubError, RuntimeError):
     """The allocation state could not be written (nothing was changed); names the path and
     the reason."""
+
+    status = 500  # the host's failure, not the caller's
 
 
 def _read_boot_id() -> str:

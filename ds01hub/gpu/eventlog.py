@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from ds01hub.errors import Ds01hubError
+
 __all__ = [
     "KINDS",
     "Event",
@@ -97,8 +99,10 @@ class Event:
         }
 
 
-class EventLogError(RuntimeError):
+class EventLogError(Ds01hubError, RuntimeError):
     """An event could not be written; the message names the file and SQLite's reason."""
+
+    status = 500  # the host's failure, not the caller's
 
 
 @dataclass(frozen=True)

@@ -14,13 +14,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ds01hub.errors import Ds01hubError
 from ds01hub.limits import GpuAllocationConfig
 from ds01hub.mig import profile_in_device_name
 
 __all__ = ["Gpu", "Inventory", "InventoryError", "Slot", "discover", "load_inventory"]
 
 
-class InventoryError(KeyError):
+class InventoryError(Ds01hubError, KeyError):
     """A slot id that this machine does not have."""
 
     def __str__(self) -> str:

@@ -30,10 +30,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from ds01hub.errors import Ds01hubError
 from ds01hub.gpu.decision import Decision, GpuRequest, Holding, describe_holding
 from ds01hub.gpu.inventory import Slot
 from ds01hub.limits import ResolvedLimits
-from ds01hub.units import format_duration
+from ds01hub.units import format_duration, gpu_use
 
 __all__ = [
     "EVENT_KEY",
@@ -62,7 +63,7 @@ _MAX_TEXT = 2000
 _MAX_DETAILS = 64
 
 
-class MessageError(ValueError):
+class MessageError(Ds01hubError, ValueError):
     """A message dict that is not one `Message.to_dict` makes (names the field)."""
 
 
@@ -491,18 +492,3 @@ def state_message(error: str) -> Message:
         "Tell an admin; you can start without a GPU meanwhile.",
         (f"allocation state: {error}",),
     )
-
-
-# -- a user's GPUs ---------------------------------------------------------------------------
-
-
-def gpu_use(held: Sequence[tuple[str, str]], max_gpus: int | None) -> str:
-    """'1 of 2 GPUs in use (slot 0: NVIDIA A100)', '0 of 1 GPU in use', '2 GPUs in use of
-    unlimited (slot 0: ...; slot 1: ...)'; `held` is (slot id, name) per slot held."""
-    slots = "; ".join(f"slot {slot}: {name}" for slot, name in held)
-    suffix = f" ({slots})" if slots else ""
-    if max_gpus is None:
-        noun = "GPU" if len(held) == 1 else "GPUs"
-        return f"{len(held)} {noun} in use of unlimited{suffix}"
-    noun = "GPU" if max_gpus == 1 else "GPUs"
-    return f"{len(held)} of {max_gpus} {noun} in use{suffix}"

@@ -17,8 +17,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ds01hub import provenance
-from ds01hub.provenance import default_state_dir
+from ds01hub import paths, provenance
 from ds01hub.services.broker.protocol import DEFAULT_SOCKET
 from ds01hub.services.ops.warnings import hub_announcement
 
@@ -207,7 +206,7 @@ def configure_ops(
     With `announce`, the hub's pages show each user their pending culls as a banner
     (`template_vars["announcement"]`). The hub's pages get ds01hub's (`configure_pages`).
     Prometheus scrapes `/services/ds01-ops/metrics` with a token that has `read:metrics`."""
-    state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
+    state_dir = paths.state_dir(state_dir)
     service = {
         "name": OPS_SERVICE,
         "url": url,

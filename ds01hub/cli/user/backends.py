@@ -14,11 +14,12 @@ import json
 import os
 import socket
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
+from ds01hub import paths
 from ds01hub.actions.operations import (
     DEFAULT_PROJECT,
     OperationError,
@@ -29,6 +30,7 @@ from ds01hub.actions.operations import (
 )
 from ds01hub.cli.output import EXIT_FAILURE, EXIT_USAGE, CliError
 from ds01hub.services.broker.protocol import API_PREFIX, DEFAULT_SOCKET, EXEC_UPGRADE
+from ds01hub.units import utcnow
 
 BROKER_BROKE_OFF = (
     "see what happened with container-list --all; if it persists, tell your admin "
@@ -305,9 +307,7 @@ class HubBackend:
         try:
             return self.loop.run_until_complete(awaitable)
         except HubError as e:
-            error = hub_failure(e)
-            code = EXIT_USAGE if error.status == 400 else EXIT_FAILURE
-            raise CliError(error.message, error.hint, code) from None
+            raise hub_failure(e) from None
 
     def user(self) -> str:
         if self._user is None:
@@ -338,7 +338,7 @@ class HubBackend:
         return servers
 
     def list_containers(self, include_stopped: bool) -> list[dict[str, Any]]:
-        now = datetime.now(UTC)
+        now = utcnow()
         rows = [
             server_view(server, server_to_project(name), now)
             for name, server in sorted(self._servers().items())
@@ -352,7 +352,7 @@ class HubBackend:
                 f"you have no container named {project!r}",
                 hint="see your containers with `container-list --all`",
             )
-        view = server_view(server, project, datetime.now(UTC))
+        view = server_view(server, project, utcnow())
         view["processes"] = None
         return view
 
@@ -461,7 +461,7 @@ def hub_url_from(env: dict[str, str]) -> str | None:
 def connect(act_for: str | None = None, env: dict[str, str] | None = None):
     """Pick the backend: an explicit hub URL with a token wins; else the broker's socket."""
     env = dict(os.environ if env is None else env)
-    socket_path = env.get("DS01HUB_BROKER_SOCKET", DEFAULT_SOCKET)
+    socket_path = env.get(paths.ENV_BROKER_SOCKET, DEFAULT_SOCKET)
     hub_url = hub_url_from(env)
     if env.get("DS01HUB_HUB_URL") or (hub_url and not os.path.exists(socket_path)):
         token = read_token(env)

@@ -16,12 +16,10 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from ds01hub.actions.operations import OperationError
 from ds01hub.cli.output import (
-    EXIT_FAILURE,
     EXIT_OK,
     EXIT_USAGE,
-    CliError,
+    exit_code,
     paint,
     print_error,
     use_colour,
@@ -56,6 +54,8 @@ from ds01hub.cli.user.images import (
     run_image_update,
 )
 from ds01hub.cli.user.projects import configure_project_init, run_project_init
+from ds01hub.cli.user.views import quota_line
+from ds01hub.errors import Ds01hubError
 from ds01hub.host import siteenv
 
 # ---- the table of commands ------------------------------------------------------------------
@@ -74,13 +74,7 @@ def run_user_setup(ctx: Context) -> int:
     """First-time onboarding: who you are, your quota, a project, an image, a container."""
     ctx.require_terminal("user-setup")
     me = ctx.backend.whoami()
-    quota = ctx.backend.quota()
-    limits = quota.get("limits") or {}
-    ctx.note(
-        f"Welcome, {me['user']}! Your group: {limits.get('group') or '-'}; "
-        f"GPUs: up to {limits.get('max_gpus', '-')}, "
-        f"containers: up to {limits.get('max_containers_per_user') or 'no limit'}."
-    )
+    ctx.note(f"Welcome, {me['user']}! {quota_line(ctx.backend.quota())}.")
     if ctx.ask("Set up a project now? [Y/n] ", "y").lower().startswith("y"):
         project_args = build_parser(COMMANDS["project-init"]).parse_args(["--guided"])
         run_project_init(dataclasses.replace(ctx, args=project_args))
@@ -182,12 +176,9 @@ def run_command(
     ctx = Context(args, **context)
     try:
         code = command.run(ctx)
-    except CliError as e:
+    except Ds01hubError as e:
         print_error(e, ctx.stderr)
-        code = e.code
-    except OperationError as e:
-        code = EXIT_USAGE if e.status == 400 else EXIT_FAILURE
-        print_error(CliError(e.message, e.hint, code), ctx.stderr)
+        code = exit_code(e)
     except KeyboardInterrupt:
         ctx.stderr.write("\ninterrupted\n")
         return 130
@@ -203,7 +194,7 @@ def show_cull_warnings(ctx: Context) -> None:
         return
     try:
         warnings = ctx.backend.cull_warnings()
-    except (CliError, OSError, ValueError):
+    except (Ds01hubError, OSError, ValueError):
         return
     colour = use_colour(ctx.stderr)
     for warning in warnings or ():

@@ -13,7 +13,6 @@ from ds01hub.cli.output import (
     EXIT_OK,
     EXIT_USAGE,
     CliError,
-    format_duration,
     paint,
     print_error,
     print_json,
@@ -30,6 +29,7 @@ from ds01hub.cli.user.context import (
     spawn_options_from,
 )
 from ds01hub.cli.user.views import container_table, quota_line, running_view, stats_table
+from ds01hub.units import human_duration
 
 
 def configure_create(parser: argparse.ArgumentParser) -> None:
@@ -193,7 +193,7 @@ def run_stop(ctx: Context) -> int:
         return EXIT_OK
     processes = view.get("processes")
     ctx.note(
-        f"{args.name}: up {format_duration(view.get('uptime_s'))}, "
+        f"{args.name}: up {human_duration(view.get('uptime_s'))}, "
         f"{processes if processes is not None else 'unknown number of'} processes"
         + (f", GPUs {', '.join(view['gpus'])}" if view.get("gpus") else "")
     )

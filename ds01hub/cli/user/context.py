@@ -19,6 +19,7 @@ from ds01hub.cli.output import (
 )
 from ds01hub.cli.user import backends
 from ds01hub.gpu.messages import Message
+from ds01hub.spawn_options import SPAWN_OPTION_KEYS
 
 
 @dataclass
@@ -147,8 +148,8 @@ def add_spawn_options(parser: argparse.ArgumentParser) -> None:
 
 
 def spawn_options_from(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ("image", "gpus", "mig", "profile")
-    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    """The spawn options (ds01hub.spawn_options) given on the command line."""
+    return {k: getattr(args, k) for k in SPAWN_OPTION_KEYS if getattr(args, k, None) is not None}
 
 
 def follow(ctx: Context, events: Iterable[dict[str, Any]], what: str) -> dict[str, Any]:

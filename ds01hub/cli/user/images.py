@@ -12,11 +12,11 @@ from ds01hub.cli.output import (
     EXIT_USAGE,
     CliError,
     Column,
-    format_bytes,
     print_json,
     render_table,
 )
 from ds01hub.cli.user.context import Context, add_yes, follow
+from ds01hub.units import human_size
 
 
 def configure_image_create(parser: argparse.ArgumentParser) -> None:
@@ -110,7 +110,7 @@ def run_image_list(ctx: Context) -> int:
     else:
         rows = ctx.backend.images()
         for row in rows:
-            row["size_text"] = format_bytes(row.get("size"))
+            row["size_text"] = human_size(row.get("size"))
             row["extra"] = " ".join(row.get("pip_packages", []) + row.get("apt_packages", []))
         columns = (
             Column("NAME", "name"),

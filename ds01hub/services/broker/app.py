@@ -30,7 +30,7 @@ from tornado.iostream import IOStream, StreamClosedError
 from traitlets import Bool, Float, Integer, List, Unicode, default
 from traitlets.config import Application
 
-from ds01hub import peer, provenance
+from ds01hub import paths, peer, provenance
 from ds01hub.actions import images
 from ds01hub.actions.builds import MAX_CONCURRENT_BUILDS, BuildManager, docker_builder
 from ds01hub.actions.operations import (
@@ -40,7 +40,6 @@ from ds01hub.actions.operations import (
 )
 from ds01hub.hub.client import HubClient
 from ds01hub.peer import Caller
-from ds01hub.provenance import default_state_dir
 from ds01hub.services.broker.handlers import (
     CleanupHandler,
     ContainerHandler,
@@ -98,34 +97,23 @@ class BrokerImages:
         return [i.to_dict() for i in found]
 
     async def delete(self, user: str, name: str) -> dict[str, Any]:
-        try:
-            tag = await asyncio.to_thread(images.delete_user_image, self.docker, user, name)
-        except images.ImageError as e:
-            raise refusal(e) from None
+        tag = await asyncio.to_thread(images.delete_user_image, self.docker, user, name)
         return {"deleted": tag, "tag": tag}
 
     async def build(self, user: str, body: dict[str, Any]):
         """Yield the build's events (ds01hub.actions.images.BuildEvent dicts); the last is
         done, a failure is an OperationError. Leaving early (the user's Ctrl-C) stops the
-        watching, not the build."""
-        try:
-            spec = images.spec_from_request(user, body)
-            existing = await self.list(user)
-            images.check_image_quota(
-                (i["name"] for i in existing), spec.name, self.broker.max_images_per_user
-            )
-        except images.ImageError as e:
-            raise refusal(e) from None
+        watching, not the build. Refusals are images.ImageErrors (named by named_error)."""
+        spec = images.spec_from_request(user, body)
+        existing = await self.list(user)
+        images.check_image_quota(
+            (i["name"] for i in existing), spec.name, self.broker.max_images_per_user
+        )
         build = self.builds.start(spec)
         async for event in build.follow():
             if event.get("kind") == "error":
                 raise OperationError(f"build failed: {event.get('text')}", status=422)
             yield event
-
-
-def refusal(error: images.ImageError) -> OperationError:
-    """An images.ImageError as the broker's answer: its message, hint and status."""
-    return OperationError(str(error), error.hint, error.status)
 
 
 def docker_socket_path() -> str:
@@ -264,7 +252,7 @@ class Broker(Application):
 
     @default("state_dir")
     def _state_dir_default(self) -> str:
-        return str(default_state_dir())
+        return str(paths.state_dir())
 
     @default("docker_socket")
     def _docker_socket_default(self) -> str:
@@ -289,7 +277,7 @@ class Broker(Application):
             caller = peer.identify(creds, self.admin_rule)
             return caller, acting_for(caller, requested_user, self.min_uid)
         except peer.IdentityError as e:
-            raise OperationError(e.message, e.hint, e.status) from None
+            raise OperationError(e.message, e.hint, e.status) from None  # the handlers' one type
 
     def connect_docker(self) -> Any:
         """A docker-py client of `docker_socket`. An engine that does not answer now is no
@@ -322,9 +310,9 @@ class Broker(Application):
         stops without them (the spawner enforces limits), so a missing file only logs."""
         try:
             from ds01hub.gpu.inventory import load_inventory
-            from ds01hub.limits import LimitsStore, default_limits_path
+            from ds01hub.limits import LimitsStore
 
-            store = LimitsStore(self.limits_path or default_limits_path(), log=self.log)
+            store = LimitsStore(self.limits_path or None, log=self.log)
         except Exception as e:  # LimitsError: bounded, names the file, the lines and the fixes
             self.log.warning("limits unavailable (%s): no hold times or quotas shown", e)
             return None, None

@@ -27,11 +27,8 @@ the index page. A build id of someone else's build answers 404, like one that ne
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from collections.abc import Iterable
-from pathlib import Path
-from typing import Any
 from urllib.parse import urlparse
 
 from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler, HubOAuthenticated
@@ -41,18 +38,19 @@ from tornado.ioloop import IOLoop
 from traitlets import Bool, Integer, Unicode, default
 from traitlets.config import Application
 
-from ds01hub import provenance
+from ds01hub import paths, provenance
 from ds01hub.actions import images
 from ds01hub.actions.builds import MAX_CONCURRENT_BUILDS, Build, BuildManager, docker_builder
 from ds01hub.actions.operations import OperationError, OperationsContext, UserOperations
 from ds01hub.engine import EngineState, engine_unreachable, engine_url, short_error
 from ds01hub.hub.client import HubClient
 from ds01hub.hub.services import NOTEBOOK_PORT, NOTEBOOK_SERVICE
+from ds01hub.services.web import JsonHandler
 
 # ---------------------------------------------------------------- handlers
 
 
-class ServiceHandler(HubOAuthenticated, web.RequestHandler):
+class ServiceHandler(HubOAuthenticated, JsonHandler):
     """Base: JSON in and out, the current *user* (never a service) or 403."""
 
     @property
@@ -81,48 +79,20 @@ class ServiceHandler(HubOAuthenticated, web.RequestHandler):
         if not self.request.headers.get("Authorization"):
             super().check_xsrf_cookie()
 
-    def write_json(self, data: Any, status: int = 200) -> None:
-        self.set_status(status)
-        self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps(data))
-
-    def json_body(self) -> dict:
-        try:
-            body = json.loads(self.request.body or b"{}")
-        except json.JSONDecodeError as error:
-            raise web.HTTPError(400, f"the request body is not JSON: {error}") from None
-        if not isinstance(body, dict):
-            raise web.HTTPError(400, "the request body must be a JSON object")
-        return body
-
     def operations(self) -> UserOperations:
         return UserOperations(self.service.operations_context(), self.user)
-
-    def write_error(self, status_code: int, **kwargs: Any) -> None:
-        error = kwargs.get("exc_info", (None, None, None))[1]
-        message = getattr(error, "log_message", None) or self._reason
-        hint = None
-        if isinstance(error, OperationError):
-            message, hint = error.message, error.hint
-        self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps({"error": message, "hint": hint, "status": status_code}))
 
     def _handle_request_exception(self, error: BaseException) -> None:
         """Refusals (bad input, not yours, over quota) answer with their status, unlogged; an
         unreachable Docker engine is a 503 that says so (logged once per outage)."""
-        if isinstance(error, images.ImageError):
-            error = OperationError(str(error), error.hint, error.status)
-        elif engine_unreachable(error):
+        if engine_unreachable(error):
             self.service.engine.lost(error)
             error = OperationError(
                 f"the Docker engine is unreachable ({short_error(error)})",
                 "it is stopped or restarting; try again in a minute",
                 503,
             )
-        if isinstance(error, OperationError) and not self._finished:
-            self.send_error(error.status, exc_info=(OperationError, error, None))
-        else:
-            super()._handle_request_exception(error)
+        super()._handle_request_exception(error)
 
 
 class MeHandler(ServiceHandler):
@@ -191,12 +161,7 @@ class BuildStreamHandler(BuildHandler):
 
     async def get(self, build_id: str) -> None:
         build = self._build(build_id)
-        self.set_header("Content-Type", "application/x-ndjson")
-        self.set_header("Cache-Control", "no-cache")
-        async for event in build.follow(int(self.get_argument("since", "0") or 0)):
-            self.write(json.dumps(event) + "\n")
-            await self.flush()
-        self.finish()
+        await self.stream_json(build.follow(int(self.get_argument("since", "0") or 0)))
 
 
 class ProjectServerHandler(ServiceHandler):
@@ -280,7 +245,7 @@ class DS01Service(Application):
 
     @default("state_dir")
     def _default_state_dir(self) -> str:
-        return str(provenance.default_state_dir())
+        return str(paths.state_dir())
 
     hub_api_url = Unicode(help="The hub API URL. Default: $JUPYTERHUB_API_URL.").tag(config=True)
 
@@ -344,15 +309,12 @@ class DS01Service(Application):
         event loop: a changed file is re-read on the store's thread, the last good one used
         meanwhile)."""
         try:
-            from ds01hub.limits import LimitsError, LimitsStore, default_limits_path
+            from ds01hub.limits import LimitsError, LimitsStore
         except ImportError:
             return None
         if self._limits_store is None:
-            path = self.limits_path or default_limits_path()
-            if not Path(path).is_file():
-                return None
             try:
-                self._limits_store = LimitsStore(path, log=self.log)
+                self._limits_store = LimitsStore(self.limits_path or None, log=self.log)
             except LimitsError as error:
                 self.log.error("%s:\n%s", error.summary(), "\n".join(error.lines()))
                 return None

@@ -28,11 +28,11 @@ from typing import Any
 from traitlets import Bool, Float, Integer, List, Unicode, default
 from traitlets.config import Application
 
-from ds01hub import provenance
+from ds01hub import paths, provenance
 from ds01hub.engine import EngineState, engine_unreachable, engine_url
 from ds01hub.hub.services import OPS_PORT, OPS_SERVICE
-from ds01hub.provenance import default_state_dir
-from ds01hub.services.ops.culler import Culler, utcnow
+from ds01hub.services.ops.culler import Culler
+from ds01hub.units import utcnow
 
 __all__ = ["OpsService", "build_components"]
 
@@ -80,7 +80,7 @@ class Components:
 def build_components(
     hub: Any,
     docker_client: Any,
-    limits_path: str | os.PathLike,
+    limits_path: str | os.PathLike | None,
     state_dir: str | os.PathLike,
     *,
     remove_stopped: bool = True,
@@ -89,7 +89,8 @@ def build_components(
     clock: Callable[[], datetime] = utcnow,
     **culler_options: Any,
 ) -> Components:
-    """Wire limits (reloaded on change, last good kept), the GPU inventory, the event log
+    """Wire limits (`limits_path` as set, None for the default: reloaded on change, last good
+    kept; ds01hub.limits.load_limits_or_defaults), the GPU inventory, the event log
     (`state_dir/events.db`, as the spawner's), the allocator, the lifecycle pass and the culler."""
     from ds01hub.gpu.allocator import GpuAllocator, docker_lister
     from ds01hub.gpu.eventlog import EventLog
@@ -194,27 +195,30 @@ class OpsService(Application):
     aliases = {
         "interval": "OpsService.interval",
         "warn-before": "OpsService.warn_before",
+        "gpu-threshold": "OpsService.gpu_threshold",
+        "cpu-threshold": "OpsService.cpu_threshold",
+        "gpu-samples": "OpsService.gpu_samples",
+        "gpu-sample-interval": "OpsService.gpu_sample_interval",
         "limits": "OpsService.limits_path",
         "state-dir": "OpsService.state_dir",
+        "label": "OpsService.extra_labels",
     }
-    flags = {"dry-run": ({"OpsService": {"dry_run": True}}, "decide only, act on nothing")}
+    flags = {
+        "dry-run": ({"OpsService": {"dry_run": True}}, "decide only, act on nothing"),
+        "keep-stopped": (
+            {"OpsService": {"remove_stopped": False}},
+            "skip the lifecycle pass (no stopped container is removed)",
+        ),
+    }
 
-    def start(self) -> None:
-        import docker
-        from prometheus_client import CollectorRegistry
-        from tornado.httpserver import HTTPServer
-        from tornado.ioloop import IOLoop
-
-        from ds01hub.hub.client import HubClient
-        from ds01hub.limits import default_limits_path
-        from ds01hub.services.ops.metrics import LimitsCollector, StateCollector
-
-        hub = HubClient(os.environ["JUPYTERHUB_API_URL"], os.environ["JUPYTERHUB_API_TOKEN"])
-        parts = build_components(
+    def components(self, hub: Any, docker_client: Any) -> Components:
+        """The culler and its parts with this service's settings (the service's loop and
+        `ds01hub cull` alike)."""
+        return build_components(
             hub,
-            docker.from_env(),
-            self.limits_path or default_limits_path(),
-            self.state_dir or default_state_dir(),
+            docker_client,
+            self.limits_path or None,
+            paths.state_dir(self.state_dir),
             remove_stopped=self.remove_stopped,
             extra_labels=self.extra_labels,
             warn_before=self.warn_before,
@@ -224,6 +228,18 @@ class OpsService(Application):
             gpu_sample_interval=self.gpu_sample_interval,
             log=self.log,
         )
+
+    def start(self) -> None:
+        import docker
+        from prometheus_client import CollectorRegistry
+        from tornado.httpserver import HTTPServer
+        from tornado.ioloop import IOLoop
+
+        from ds01hub.hub.client import HubClient
+        from ds01hub.services.ops.metrics import LimitsCollector, StateCollector
+
+        hub = HubClient(os.environ["JUPYTERHUB_API_URL"], os.environ["JUPYTERHUB_API_TOKEN"])
+        parts = self.components(hub, docker.from_env())
         self._reconcile(parts)
         registry = CollectorRegistry()
         registry.register(StateCollector(parts.allocator, parts.eventlog, parts.engine))

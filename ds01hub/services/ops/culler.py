@@ -39,16 +39,17 @@ import tarfile
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from ds01hub import labels, provenance
+from ds01hub import labels, paths, provenance
 from ds01hub.actions.operations import cpu_percent as docker_cpu_percent
 from ds01hub.actions.operations import project_to_server
 from ds01hub.engine import EngineState, engine_unreachable
-from ds01hub.provenance import Provenance, default_state_dir
+from ds01hub.provenance import Provenance
 from ds01hub.services.ops.warnings import CullWarning, WarningStore
+from ds01hub.units import human_duration, utcnow
 
 __all__ = [
     "CullPolicy",
@@ -60,22 +61,6 @@ __all__ = [
 ]
 
 CONTAINER_WARNING_PATH = "/tmp/ds01hub/cull-warning.txt"
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def _duration(seconds: float) -> str:
-    """3725 -> '1h 2m'; 45 -> '45s' (for reasons people read)."""
-    seconds = int(max(0, seconds))
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    parts = (
-        [f"{days}d"] * bool(days) + [f"{hours}h"] * bool(hours) + [f"{minutes}m"] * bool(minutes)
-    )
-    return " ".join(parts[:2]) or f"{secs}s"
 
 
 # -- the decision (pure) -----------------------------------------------------------------------
@@ -159,14 +144,14 @@ def busy_signals(activity: ServerActivity, policy: CullPolicy) -> list[str]:
 def idle_description(activity: ServerActivity, policy: CullPolicy, now: datetime) -> str:
     idle_for = (now - activity.idle_since).total_seconds() if activity.idle_since else 0
     slots = sorted(set(activity.gpu_samples) | set(activity.gpu_processes))
-    parts = [f"no hub activity for {_duration(idle_for)}"]
+    parts = [f"no hub activity for {human_duration(idle_for)}"]
     if slots:
         parts.append(
             f"GPU {','.join(slots)} under {policy.gpu_threshold:g}% with no compute processes"
         )
     if activity.cpu_percent is not None:
         parts.append(f"CPU {activity.cpu_percent:.1f}% < {policy.cpu_threshold:g}%")
-    return ", ".join(parts) + f" (idle_timeout {_duration(policy.idle_timeout or 0)})"
+    return ", ".join(parts) + f" (idle_timeout {human_duration(policy.idle_timeout or 0)})"
 
 
 def needs_sampling(activity: ServerActivity, policy: CullPolicy, now: datetime) -> bool:
@@ -218,8 +203,8 @@ def decide(
         due = activity.started + timedelta(seconds=policy.max_runtime)
         if now >= due - timedelta(seconds=max(policy.warn_before, 0)):
             reason = (
-                f"running for {_duration((now - activity.started).total_seconds())} "
-                f"(max_runtime {_duration(policy.max_runtime)})"
+                f"running for {human_duration((now - activity.started).total_seconds())} "
+                f"(max_runtime {human_duration(policy.max_runtime)})"
             )
             return _warn_or_cull(
                 activity, "max_runtime", reason, activity.started, due, policy, now, warning
@@ -230,7 +215,7 @@ def decide(
     if since is None:
         return Verdict("keep", "unknown", "the hub reports no start or activity time")
     if not needs_sampling(activity, policy, now):
-        ago = _duration((now - since).total_seconds())
+        ago = human_duration((now - since).total_seconds())
         return Verdict("keep", "active", f"hub activity {ago} ago")
     busy = busy_signals(activity, policy)
     if busy:
@@ -350,7 +335,7 @@ class Culler:
         self.inventory = inventory
         self.limits = limits
         self.eventlog = eventlog
-        state_dir = state_dir if state_dir is not None else default_state_dir()
+        state_dir = paths.state_dir(state_dir)
         self.warnings = WarningStore(state_dir)
         self.trust = trust or provenance.load(state_dir)
         self.lifecycle = lifecycle

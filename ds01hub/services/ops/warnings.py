@@ -16,7 +16,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from ds01hub.provenance import default_state_dir
+from ds01hub import paths
 
 WARNINGS_FILE = "cull-warnings.json"
 
@@ -82,7 +82,7 @@ class WarningStore:
 def pending_warnings(user: str, state_dir: str | os.PathLike | None = None) -> list[CullWarning]:
     """The user's containers that the culler has warned will be stopped (soonest first).
     For the CLI to show on the user's next command: `w.message()` is the sentence to print."""
-    store = WarningStore(state_dir if state_dir is not None else default_state_dir())
+    store = WarningStore(paths.state_dir(state_dir))
     return sorted((w for w in store.load().values() if w.user == user), key=lambda w: w.cull_at)
 
 
