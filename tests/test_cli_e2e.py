@@ -132,7 +132,7 @@ def test_a_start_waiting_for_a_gpu_shows_progress_and_can_be_cancelled(hub, user
 
             def queued() -> bool:
                 assert waiting.poll() is None, read_all(stderr)
-                return "waiting for a GPU" in read_all(stderr)
+                return "in line for a whole GPU" in read_all(stderr)  # gpu.messages
 
             wait_until(queued, 120, 0.5, lambda: read_all(stderr) + hub.log())
             assert listed(hub, carol)["waiting"]["state"] == "starting"
