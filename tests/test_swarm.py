@@ -11,14 +11,16 @@ the single-user image (these tests are about placement and state, not Jupyter).
 from __future__ import annotations
 
 import contextlib
+from datetime import timedelta
 
 import pytest
 from harness.cli import busybox_image
+from harness.hub import Hub
 from harness.swarm import SwarmCluster, node_inventory
 from harness.wait import wait_until
 
 from ds01hub import labels, provenance
-from ds01hub.gpu.allocator import GpuAllocator
+from ds01hub.gpu.allocator import GpuAllocator, utcnow
 from ds01hub.gpu.cluster import cluster_inventory, parse_node, split_slot_id
 from ds01hub.gpu.decision import GpuRequest
 from ds01hub.gpu.swarm_state import (
@@ -201,6 +203,45 @@ def test_eight_users_six_slots_three_nodes_nobody_shares(cluster, manager, tmp_p
     wait_until(lambda: running_task(manager, service_id), 90, message="user6's server")
 
 
+def test_a_real_single_user_server_on_a_worker_through_the_hub(
+    cluster, manager, tmp_path, singleuser_image
+):
+    """DS01SwarmSpawner: the hub on this host, the single-user image from the cluster's
+    registry; a MIG request can only land on node3 (a worker): the server runs there, on its
+    slot, and answers through the hub's proxy. Stop scales its service to zero (kept)."""
+    reference = cluster.push_image(singleuser_image, "ds01hub/singleuser:swarm-test")
+    limits_file = tmp_path / "limits.yaml"
+    limits_file.write_text("defaults: {max_gpus: 1, gpu_hold_after_stop: 1h}\n")
+    hub = Hub(
+        directory=tmp_path / "hub",
+        hub_ip=cluster.gateway(),
+        image=reference,
+        spawner="ds01hub.spawner.swarm_spawner.DS01SwarmSpawner",
+        extra_config=(
+            f"c.DS01SwarmSpawner.client_kwargs = {{'base_url': {cluster.manager.url!r}}}\n"
+            f"c.DS01SwarmSpawner.limits_path = {str(limits_file)!r}\n"
+            "c.DS01SwarmSpawner.gpu_wait_interval = 0.5\n"
+        ),
+    )
+    hub.start()
+    try:
+        hub.create_user("mia")
+        hub.start_server("mia", options={"mig": "3g.40gb"})
+        hub.wait_ready("mia", timeout=240)
+        token = hub.token_for("mia")
+        response = hub.user_request(token, "GET", "mia", "api/status")
+        assert response.status_code == 200, response.text
+        (service,) = manager.api.services(filters={"name": "default--mia"})
+        assert service["Spec"]["Labels"]["ds01.gpus"].startswith("node3/0:")
+        task = running_task(manager, service["ID"])
+        assert manager.api.inspect_node(task["NodeID"])["Description"]["Hostname"] == "node3"
+        hub.stop_server("mia")
+        (service,) = manager.api.services(filters={"name": "default--mia"})
+        assert service["Spec"]["Mode"]["Replicated"]["Replicas"] == 0
+    finally:
+        hub.stop()
+
+
 def _set_availability(manager, hostname, availability):
     node = next(n for n in manager.api.nodes() if n["Description"]["Hostname"] == hostname)
     spec = dict(node["Spec"], Availability=availability)
@@ -222,11 +263,16 @@ def test_a_drained_node_takes_no_new_servers(cluster, manager, tmp_path):
         _set_availability(manager, "node3", "active")
 
 
-def test_a_killed_worker_s_servers_are_reported_stopped_and_held(cluster, manager, tmp_path):
-    """Last in this module: node2 stays dead."""
+def test_a_killed_worker_s_servers_stop_their_slots_free_after_the_hold_and_it_rejoins(
+    cluster, manager, tmp_path
+):
+    """node2's power goes: its server is reported stopped and held for its hold (the clock is
+    moved past it), the others run on; node2 comes back and takes new servers again."""
     limits = parse_limits({"defaults": {"max_gpus": 1, "gpu_hold_after_stop": "1h"}})
     trust = provenance.load(tmp_path / "state")
+    later = timedelta()
     allocator = allocator_for(cluster, manager, tmp_path, trust, limits)
+    allocator.clock = lambda: utcnow() + later
     services = {}
     for user in USERS[:3]:
         decision, service_id = spawn(allocator, manager, cluster, trust, user)
@@ -235,18 +281,32 @@ def test_a_killed_worker_s_servers_are_reported_stopped_and_held(cluster, manage
     for _user, service_id in services.values():
         wait_until(lambda s=service_id: running_task(manager, s), 90)
     cluster.kill("node2")
-    wait_until(
-        lambda: any(
-            n["Description"]["Hostname"] == "node2" and n["Status"]["State"] == "down"
-            for n in manager.api.nodes()
-        ),
-        90,
-        message="the manager sees node2 down",
-    )
+    wait_until(lambda: node_state(manager, "node2") == "down", 90, message="node2 seen down")
     states = {h.container: h for h in allocator.holdings()}
     lost = states[service_name(services["node2"][0])]
-    assert lost.state == "stopped" and lost.held_until is not None  # held for its hold
+    documents = swarm_lister(manager, trust)()
+    assert lost.state == "stopped", documents
+    assert lost.held_until is not None  # held for its hold
     for node in ("node1", "node3"):
         assert states[service_name(services[node][0])].state == "running"
     nodes = [parse_node(n) for n in manager.api.nodes()]
     assert "node2" not in {s.node for s in cluster_inventory(nodes).slots}
+    # the hub's poll stops a server whose node is down (DS01SwarmSpawner.poll): zero replicas
+    scale_service(manager, services["node2"][1], 0)
+    later = timedelta(hours=2)
+    assert service_name(services["node2"][0]) not in {h.container for h in allocator.holdings()}
+    # node2 comes back (same data: it rejoins the swarm) and is offered again
+    cluster.revive("node2")
+    wait_until(lambda: node_state(manager, "node2") == "ready", 120, message="node2 back")
+    wait_until(lambda: running_task(manager, services["node2"][1]) is None, 60)
+    allocator = allocator_for(cluster, manager, tmp_path, trust, limits)
+    allocator.clock = lambda: utcnow() + later
+    decision, service_id = spawn(allocator, manager, cluster, trust, "user3")
+    assert split_slot_id(decision.granted[0])[0] == "node2", decision
+    task = wait_until(lambda: running_task(manager, service_id), 120, message="user3 on node2")
+    assert manager.api.inspect_node(task["NodeID"])["Description"]["Hostname"] == "node2"
+
+
+def node_state(manager, hostname):
+    node = next(n for n in manager.api.nodes() if n["Description"]["Hostname"] == hostname)
+    return node["Status"]["State"]

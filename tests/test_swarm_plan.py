@@ -75,18 +75,28 @@ def _task(state, when, node="n2", sid="s1"):
     return {"ServiceID": sid, "NodeID": node, "Status": {"State": state, "Timestamp": when}}
 
 
-READY = [{"ID": "n2", "Status": {"State": "ready"}, "UpdatedAt": "2026-01-01T11:00:00Z"}]
-DOWN = [{"ID": "n2", "Status": {"State": "down"}, "UpdatedAt": "2026-01-01T12:30:00Z"}]
+READY = [
+    {
+        "ID": "n2",
+        "Description": {"Hostname": "node2"},
+        "Status": {"State": "ready"},
+        "UpdatedAt": "2026-01-01T11:00:00Z",
+    }
+]
+DOWN = [dict(READY[0], Status={"State": "down"}, UpdatedAt="2026-01-01T12:30:00Z")]
 
 
 @pytest.mark.parametrize(
     ("replicas", "tasks", "nodes", "status", "finished"),
     [
         (0, [], READY, "created", "0001-01-01T00:00:00Z"),
-        (1, [_task("pending", "2026-01-01T10:01:00Z")], READY, "created", "0001-01-01T00:00:00Z"),
+        # desired to run, its task pending (an image pull): Swarm keeps its slot, so do we
+        (1, [_task("pending", "2026-01-01T10:01:00Z")], READY, "running", "0001-01-01T00:00:00Z"),
+        (1, [], READY, "running", "0001-01-01T00:00:00Z"),
         (1, [_task("running", "2026-01-01T10:01:00Z")], READY, "running", "0001-01-01T00:00:00Z"),
         (0, [_task("shutdown", "2026-01-01T12:00:00Z")], READY, "exited", "2026-01-01T12:00:00Z"),
         # the node died under a running task: stopped when the node was last updated (down)
+        (1, [_task("orphaned", "2026-01-01T12:29:00Z")], DOWN, "exited", "2026-01-01T12:29:00Z"),
         (1, [_task("running", "2026-01-01T10:01:00Z")], DOWN, "exited", "2026-01-01T12:30:00Z"),
     ],
 )
@@ -101,6 +111,22 @@ def test_services_become_container_documents(replicas, tasks, nodes, status, fin
 
 def test_other_services_tasks_are_not_counted():
     (document,) = service_documents(
-        [_service(1)], [_task("running", "2026-01-01T10:01:00Z", sid="other")], READY
+        [_service(0)], [_task("running", "2026-01-01T10:01:00Z", sid="other")], READY
     )
     assert document["State"]["Status"] == "created"
+
+
+def test_a_server_whose_slot_node_is_down_is_stopped_whatever_its_tasks_say():
+    """Swarm may drop, orphan or replace the task of a dead node; the slot's node decides."""
+    service = _service(1)
+    service["Spec"]["TaskTemplate"]["Placement"] = {"Constraints": ["node.hostname==node2"]}
+    replacement = {
+        "ServiceID": "s1",
+        "NodeID": "",
+        "Status": {"State": "pending", "Timestamp": "t"},
+    }
+    for tasks in ([], [replacement], [_task("running", "2026-01-01T10:01:00Z")]):
+        (document,) = service_documents([service], tasks, DOWN)
+        assert document["State"]["Status"] == "exited", tasks
+        assert document["State"]["FinishedAt"] == "2026-01-01T12:30:00Z"
+        assert document["Node"] == "n2"

@@ -19,7 +19,7 @@ import contextlib
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from ds01hub import labels
@@ -172,6 +172,22 @@ def container_state(docker_status: str | None, hub_pending: str | None) -> str:
     return "stopped"
 
 
+def queued_view(request: Any, project: str) -> dict[str, Any]:
+    """A queued spawn request (`ds01hub.gpu.queued.QueuedRequest`) in `container-list`:
+    state `queued`, its place in the hub's GPU queue and the estimate (earliest hold expiry)."""
+    estimate = request.estimate
+    return {
+        "project": project,
+        "state": "queued",
+        "image": request.options.get("image"),
+        "gpus": [],
+        "queued_since": isoformat(datetime.fromtimestamp(request.since, UTC)),
+        "queue_position": request.position,
+        "queue_waiting": request.waiting,
+        "queue_estimate": isoformat(datetime.fromtimestamp(estimate, UTC)) if estimate else None,
+    }
+
+
 def container_view(
     attrs: Mapping[str, Any] | None,
     server: Mapping[str, Any] | None,
@@ -306,6 +322,8 @@ class OperationsContext:
     spawn_timeout: float = 900.0
     inspect_workers: int = 8
     docker_url: str = "unix:///var/run/docker.sock"  # where `docker` talks to (for messages)
+    #: The user's queued spawn requests (`ds01hub.gpu.queued.QueuedStore.of_user`), if known.
+    queued_for: Callable[[str], list[Any]] | None = None
 
 
 class UserOperations:
@@ -415,6 +433,11 @@ class UserOperations:
             project = server_to_project(name)
             if project not in views and server.get("pending"):
                 views[project] = container_view(None, server, project, now, hold)
+        queued = self.ctx.queued_for(self.user) if self.ctx.queued_for else []
+        for request in queued:
+            project = server_to_project(request.server)
+            if views.get(project, {}).get("state") in (None, "stopped"):
+                views[project] = {**views.get(project, {}), **queued_view(request, project)}
         rows = [views[p] for p in sorted(views)]
         if not include_stopped:
             rows = [r for r in rows if r["state"] != "stopped"]

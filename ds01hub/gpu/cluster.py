@@ -29,6 +29,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ds01hub.errors import Ds01hubError
 from ds01hub.gpu.inventory import Inventory, Slot
 from ds01hub.mig import parse_profile
 
@@ -55,7 +56,7 @@ _MIG = re.compile(r"DS01-MIG-(?P<gpu>[0-9]{1,3}):(?P<mig>[0-9]{1,3})-(?P<profile
 _UUID = re.compile(r"(?:GPU|MIG)-[A-Za-z0-9._/-]{1,128}")
 
 
-class ClusterError(ValueError):
+class ClusterError(Ds01hubError, ValueError):
     """A node object, slot id or generic resource that ds01hub cannot read; says which."""
 
 

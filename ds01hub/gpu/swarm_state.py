@@ -7,11 +7,13 @@ its claims, holds, reclaim and ghost removal work unchanged and a hub restarted 
 loses nothing (nothing is on the hub's disk but in-flight claims):
 
 - the service's labels are the signed `ds01.*` labels (signed for the service's name);
-- `running` while a task of it runs on a ready node; `exited` when scaled to zero or its tasks
-  ended, `FinishedAt` the last task's end; a task "running" on a node that is down ended when
-  the node went down (`lost`): the server is reported stopped and its slots are held for its
+- `running` while it is desired to run and a task of it is not over (pending to running, on a
+  live node): Swarm keeps the slot for it, so the allocator must too;
+- `exited` when its tasks ended (scaled to zero, failed), `FinishedAt` the last end; when the
+  node of its slot is down, it ended when the node went down (Swarm's `UpdatedAt` of the node,
+  or the task's orphaning): the server is reported stopped and its slots are held for its
   hold, then free;
-- `created` while it was never started (replicas 0, no task yet, or tasks still pending).
+- `created` while it was never started (zero replicas, no task yet).
 
 `swarm_lister` / `swarm_remover` are the allocator's edges (`container_lister`,
 `container_remover`) over the manager's API.
@@ -34,8 +36,8 @@ __all__ = [
 ]
 
 ZERO_TIME = "0001-01-01T00:00:00Z"
-#: task states in which the task's container has been started
-_STARTED = {"running", "complete", "shutdown", "failed"}
+#: task states that end a task (Swarm *orphans* the tasks of a node the moment it is marked down)
+_ENDED = {"complete", "shutdown", "failed", "rejected", "orphaned", "remove"}
 
 
 def _replicas(service: Mapping[str, Any]) -> int:
@@ -51,27 +53,56 @@ def _task_time(task: Mapping[str, Any]) -> str:
     return str((task.get("Status") or {}).get("Timestamp") or ZERO_TIME)
 
 
+def _placed_on(service: Mapping[str, Any]) -> str | None:
+    """The hostname of the `node.hostname==X` constraint (a GPU server's slot node), if any."""
+    template = (service.get("Spec") or {}).get("TaskTemplate") or {}
+    for constraint in (template.get("Placement") or {}).get("Constraints") or []:
+        key, sep, value = str(constraint).partition("==")
+        if sep and key.strip() == "node.hostname":
+            return value.strip()
+    return None
+
+
 def service_document(
     service: Mapping[str, Any],
     tasks: Iterable[Mapping[str, Any]],
-    lost: Mapping[str, str],
+    lost: Mapping[str, tuple[str, str]],
 ) -> dict[str, Any]:
-    """One service as a container inspect document. `lost`: node id -> when it was last seen
-    (its `UpdatedAt`) for every node that is down."""
+    """One service as a container inspect document. `lost`: node id -> (hostname, when it was
+    last updated) for every node that is not ready.
+
+    - its node (the placement constraint) is lost: `exited`, when its task ended or the node
+      went down;
+    - desired to run (replicas > 0) with a task that is not over (pending to running, on a
+      live node) or none yet: `running` (Swarm keeps the slot for it);
+    - a task of it ended (or its node went under it): `exited` at that moment;
+    - else `created` (never started)."""
     spec = service.get("Spec") or {}
+    lost_hosts = {host: when for host, when in lost.values()}
     tasks = sorted(tasks, key=_task_time)
-    running = [t for t in tasks if _task_state(t) == "running" and t.get("NodeID") not in lost]
-    started = [t for t in tasks if _task_state(t) in _STARTED]
-    if running and _replicas(service):
+    ended: list[str] = []
+    live = []
+    for task in tasks:
+        node = lost.get(str(task.get("NodeID")))
+        if _task_state(task) in _ENDED:
+            ended.append(_task_time(task))
+        elif node is not None:
+            ended.append(node[1])
+        else:
+            live.append(task)
+    placed = _placed_on(service)
+    if placed in lost_hosts:
+        status, finished = "exited", max(ended, default=lost_hosts[placed])
+    elif _replicas(service) and (live or not tasks):
         status, finished = "running", ZERO_TIME
-    elif started:
-        status = "exited"
-        last = started[-1]
-        finished = lost.get(str(last.get("NodeID")), _task_time(last))
+    elif ended:
+        status, finished = "exited", max(ended)
     else:
         status, finished = "created", ZERO_TIME
-    first_start = _task_time(started[0]) if started else ZERO_TIME
-    node = (running or started or tasks or [{}])[-1].get("NodeID", "")
+    ran = [_task_time(t) for t in tasks if _task_state(t) not in ("new", "pending", "assigned")]
+    node_id = (live or tasks or [{}])[-1].get("NodeID", "")
+    if not node_id and placed:
+        node_id = next((nid for nid, (host, _) in lost.items() if host == placed), "")
     return {
         "Id": service["ID"],
         "Name": f"/{spec.get('Name', '')}",
@@ -80,10 +111,10 @@ def service_document(
         "State": {
             "Status": status,
             "Running": status == "running",
-            "StartedAt": first_start,
+            "StartedAt": min(ran, default=ZERO_TIME),
             "FinishedAt": finished,
         },
-        "Node": node,
+        "Node": node_id,
     }
 
 
@@ -98,7 +129,10 @@ def service_documents(
 ) -> list[dict[str, Any]]:
     """Every service as a container document (see the module doc)."""
     lost = {
-        str(n["ID"]): str(n.get("UpdatedAt") or ZERO_TIME)
+        str(n["ID"]): (
+            str((n.get("Description") or {}).get("Hostname", "")),
+            str(n.get("UpdatedAt") or ZERO_TIME),
+        )
         for n in nodes
         if (n.get("Status") or {}).get("State") != "ready"
     }

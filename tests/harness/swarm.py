@@ -256,9 +256,18 @@ class SwarmCluster:
         with contextlib.closing(self.manager.client()) as client:
             return client.api.nodes()
 
+    def gateway(self) -> str:
+        """This host's address on the cluster's network (where nodes reach the hub)."""
+        inspect = json.loads(_docker("network", "inspect", self.network).stdout)[0]
+        return inspect["IPAM"]["Config"][0]["Gateway"]
+
     def kill(self, hostname: str) -> None:
         """The node's power goes: its dind container is killed (its engine with it)."""
         _docker("kill", self.nodes[hostname].container)
+
+    def revive(self, hostname: str) -> None:
+        """Power back: the node's container starts again on its data (it rejoins the swarm)."""
+        _docker("start", self.nodes[hostname].container)
 
     def push_image(self, source_tag: str, name: str) -> str:
         """`source_tag` (on the shared engine) into the cluster's registry as `name`, the way
