@@ -13,19 +13,23 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlencode
 
 from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler
+from pydantic import Field
 from tornado import web
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from traitlets import Float, Unicode, default
 from traitlets.config import LoggingConfigurable
 
 from ds01hub.actions import projects
+from ds01hub.bodies import Body, BodyError, parse_body
 
 AUTH_RESOURCE = "ds01"
+
+B = TypeVar("B", bound=Body)
 
 #: Paths (relative to the service's ``api/``) the extension forwards, with the methods allowed.
 FORWARDED = {
@@ -84,14 +88,12 @@ class DS01Handler(APIHandler):
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps({"error": message, "hint": hint, "status": status_code}))
 
-    def json_body(self) -> dict:
+    def body(self, model: type[B]) -> B:
+        """The request body as `model` (ds01hub.bodies); a misfit is a named 400."""
         try:
-            body = json.loads(self.request.body or b"{}")
-        except json.JSONDecodeError as error:
-            raise web.HTTPError(400, f"the request body is not JSON: {error}") from None
-        if not isinstance(body, dict):
-            raise web.HTTPError(400, "the request body must be a JSON object")
-        return body
+            return parse_body(model, self.request.body)
+        except BodyError as error:
+            raise HintedError(error.status, error.message, error.hint) from None
 
 
 class HintedError(web.HTTPError):
@@ -119,34 +121,34 @@ class StatusHandler(DS01Handler):
         )
 
 
+class ProjectRequest(Body):
+    """``POST ds01/projects``; the values are checked by ds01hub.actions.projects."""
+
+    name: str = Field("", description="the project's folder name (letters, digits, . _ -)")
+    description: str = Field("", description="one line about the project")
+    use_case: str = Field(
+        "general", description="one of " + ", ".join(projects.USE_CASES) + " (default general)"
+    )
+    author: str = Field("", description="the author's name for the README and git")
+    git: bool = Field(True, description="true: git init and a first commit")
+    parent: str = Field("", description="a folder relative to your files' root (default: it)")
+
+
 class ProjectsHandler(DS01Handler):
-    """``POST ds01/projects``: create a project in the user's files.
-
-    Body: ``name`` (required), ``description``, ``use_case``, ``author``, ``git`` (default
-    true), ``parent`` (a folder relative to the server's root; default the root itself).
-    """
-
-    FIELDS = {"name", "description", "use_case", "author", "git", "parent"}
+    """``POST ds01/projects``: create a project in the user's files (ProjectRequest)."""
 
     @web.authenticated
     @authorized
     async def post(self) -> None:
-        body = self.json_body()
-        unknown = sorted(set(body) - self.FIELDS)
-        if unknown:
-            raise HintedError(
-                400,
-                f"unknown field(s) {', '.join(unknown)}",
-                f"send {', '.join(sorted(self.FIELDS))}",
-            )
+        body = self.body(ProjectRequest)
         root = Path(self.settings["server_root_dir"]).expanduser().resolve()
-        parent = self._parent(root, body.get("parent") or "")
+        parent = self._parent(root, body.parent)
         spec = projects.ProjectSpec(
-            name=body.get("name", ""),
-            description=str(body.get("description", "")),
-            use_case=body.get("use_case", "general"),
-            author=str(body.get("author", "")),
-            git=bool(body.get("git", True)),
+            name=body.name,
+            description=body.description,
+            use_case=body.use_case,
+            author=body.author,
+            git=body.git,
         )
         try:
             result = await asyncio.to_thread(projects.init_project, spec, parent)
@@ -161,7 +163,7 @@ class ProjectsHandler(DS01Handler):
     @staticmethod
     def _parent(root: Path, relative: str) -> Path:
         """The parent folder, refused if it leaves the server's root (``..``, symlinks, /abs)."""
-        if not isinstance(relative, str) or Path(relative).is_absolute():
+        if "\x00" in relative or Path(relative).is_absolute():
             raise HintedError(400, f"parent {relative!r} must be a folder relative to {root}")
         parent = (root / relative).resolve()
         if not parent.is_relative_to(root):

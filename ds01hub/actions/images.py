@@ -36,11 +36,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import escapism
+from pydantic import Field, field_validator
+
+from ds01hub.bodies import Body
 
 __all__ = [
     "CA_BUNDLE_IN_IMAGE",
     "TEMPLATES",
     "BuildEvent",
+    "BuildRequest",
     "ImageError",
     "ImageInUseError",
     "ImageNotFoundError",
@@ -295,24 +299,39 @@ class ImageSpec:
         return tuple(dict.fromkeys(get_template(self.template).apt_packages + self.apt_packages))
 
 
-BUILD_REQUEST_FIELDS = ("name", "template", "pip_packages", "apt_packages")
+class BuildRequest(Body):
+    """A build request as the notebook service and the CLI broker receive it (a JSON object).
+    The user is not in it: it comes from authentication, never from the body."""
+
+    name: str = Field("", description="the image's name: lowercase letters, digits, . _ -")
+    template: str | None = Field(
+        None, description="a use-case template (GET templates); default custom"
+    )
+    pip_packages: list[str] = Field(
+        [], description='pip requirements: a list of strings, or one string ("six, numpy==2.0")'
+    )
+    apt_packages: list[str] = Field(
+        [], description="Debian packages: a list of strings, or one string (spaces or commas)"
+    )
+
+    @field_validator("pip_packages", "apt_packages", mode="before")
+    @classmethod
+    def _one_string_is_a_list(cls, value: object) -> object:
+        """The widgets and the CLI send what the user typed: one string, split here."""
+        if value is None:
+            return []
+        return list(parse_package_list(value)) if isinstance(value, str) else value
 
 
-def spec_from_request(user: str, body: Mapping[str, object]) -> ImageSpec:
-    """A build request as the notebook service and the CLI broker receive it (a JSON object)
-    -> a validated ImageSpec for `user`, who comes from authentication, never from the body."""
-    unknown = sorted(set(body) - set(BUILD_REQUEST_FIELDS))
-    if unknown:
-        raise ImageError(
-            f"unknown field(s) {', '.join(unknown)}",
-            hint=f"send {', '.join(BUILD_REQUEST_FIELDS[:-1])} and {BUILD_REQUEST_FIELDS[-1]}",
-        )
+def spec_from_request(user: str, request: BuildRequest) -> ImageSpec:
+    """A parsed build request -> a validated ImageSpec for `user` (ImageError names the first
+    bad field: the request's shape is the model's, its values are checked here)."""
     return ImageSpec(
         user=user,
-        name=str(body.get("name") or ""),
-        template=str(body.get("template") or "custom"),
-        pip_packages=parse_package_list(body.get("pip_packages")),
-        apt_packages=parse_package_list(body.get("apt_packages")),
+        name=request.name,
+        template=request.template or "custom",
+        pip_packages=parse_package_list(request.pip_packages),
+        apt_packages=parse_package_list(request.apt_packages),
     ).validated()
 
 

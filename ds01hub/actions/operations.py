@@ -24,6 +24,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from ds01hub import labels
+from ds01hub.bodies import BodyError
 from ds01hub.hub.client import HubClient, HubError, HubUnreachable
 from ds01hub.provenance import Provenance
 
@@ -103,6 +104,8 @@ def named_error(error: BaseException, docker_where: str) -> OperationError | Non
     `error` is none of those (a bug: the caller reports an internal error)."""
     if isinstance(error, OperationError):
         return error
+    if isinstance(error, BodyError):
+        return OperationError(error.message, error.hint, error.status)
     if isinstance(error, HubError):
         return hub_failure(error)
     try:

@@ -104,12 +104,12 @@ class BrokerImages:
             raise refusal(e) from None
         return {"deleted": tag, "tag": tag}
 
-    async def build(self, user: str, body: dict[str, Any]):
+    async def build(self, user: str, request: images.BuildRequest):
         """Yield the build's events (ds01hub.actions.images.BuildEvent dicts); the last is
         done, a failure is an OperationError. Leaving early (the user's Ctrl-C) stops the
         watching, not the build."""
         try:
-            spec = images.spec_from_request(user, body)
+            spec = images.spec_from_request(user, request)
             existing = await self.list(user)
             images.check_image_quota(
                 (i["name"] for i in existing), spec.name, self.broker.max_images_per_user

@@ -31,10 +31,11 @@ import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler, HubOAuthenticated
+from pydantic import Field
 from tornado import web
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop
@@ -45,9 +46,13 @@ from ds01hub import provenance
 from ds01hub.actions import images
 from ds01hub.actions.builds import MAX_CONCURRENT_BUILDS, Build, BuildManager, docker_builder
 from ds01hub.actions.operations import OperationError, OperationsContext, UserOperations
+from ds01hub.bodies import Body, BodyError, parse_body, shown
 from ds01hub.engine import EngineState, engine_unreachable, engine_url, short_error
 from ds01hub.hub.client import HubClient
 from ds01hub.hub.services import NOTEBOOK_PORT, NOTEBOOK_SERVICE
+from ds01hub.spawner.options import SpawnOptions
+
+B = TypeVar("B", bound=Body)
 
 # ---------------------------------------------------------------- handlers
 
@@ -86,14 +91,18 @@ class ServiceHandler(HubOAuthenticated, web.RequestHandler):
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps(data))
 
-    def json_body(self) -> dict:
-        try:
-            body = json.loads(self.request.body or b"{}")
-        except json.JSONDecodeError as error:
-            raise web.HTTPError(400, f"the request body is not JSON: {error}") from None
-        if not isinstance(body, dict):
-            raise web.HTTPError(400, "the request body must be a JSON object")
-        return body
+    def body(self, model: type[B]) -> B:
+        """The request body as `model` (ds01hub.bodies); a misfit is a named 400."""
+        return parse_body(model, self.request.body)
+
+    def since(self) -> int:
+        """The `since` query argument: an event index >= 0 (a named 400 otherwise)."""
+        text = self.get_argument("since", "0") or "0"
+        if not text.isdigit() or len(text) > 12:
+            raise OperationError(
+                f"since={shown(text)} is not an event number", "send since=N with N >= 0"
+            )
+        return int(text)
 
     def operations(self) -> UserOperations:
         return UserOperations(self.service.operations_context(), self.user)
@@ -110,7 +119,7 @@ class ServiceHandler(HubOAuthenticated, web.RequestHandler):
     def _handle_request_exception(self, error: BaseException) -> None:
         """Refusals (bad input, not yours, over quota) answer with their status, unlogged; an
         unreachable Docker engine is a 503 that says so (logged once per outage)."""
-        if isinstance(error, images.ImageError):
+        if isinstance(error, images.ImageError | BodyError):
             error = OperationError(str(error), error.hint, error.status)
         elif engine_unreachable(error):
             self.service.engine.lost(error)
@@ -165,7 +174,7 @@ class BuildsHandler(ServiceHandler):
         self.write_json([b.to_dict() for b in self.service.builds.for_user(self.user)])
 
     async def post(self) -> None:
-        spec = images.spec_from_request(self.user, self.json_body())
+        spec = images.spec_from_request(self.user, self.body(images.BuildRequest))
         existing = await asyncio.to_thread(images.list_user_images, self.service.docker, self.user)
         images.check_image_quota(
             (i.name for i in existing), spec.name, self.service.max_images_per_user
@@ -182,30 +191,35 @@ class BuildHandler(ServiceHandler):
         return build
 
     def get(self, build_id: str) -> None:
-        since = int(self.get_argument("since", "0") or 0)
-        self.write_json(self._build(build_id).to_dict(since=since))
+        self.write_json(self._build(build_id).to_dict(since=self.since()))
 
 
 class BuildStreamHandler(BuildHandler):
     """Newline-delimited JSON events, flushed as they come, until the build ends."""
 
     async def get(self, build_id: str) -> None:
-        build = self._build(build_id)
+        build, since = self._build(build_id), self.since()
         self.set_header("Content-Type", "application/x-ndjson")
         self.set_header("Cache-Control", "no-cache")
-        async for event in build.follow(int(self.get_argument("since", "0") or 0)):
+        async for event in build.follow(since):
             self.write(json.dumps(event) + "\n")
             await self.flush()
         self.finish()
+
+
+class ProjectServerBody(Body):
+    options: SpawnOptions = Field(
+        default_factory=SpawnOptions, description="spawn options: profile, image, gpus, mig"
+    )
 
 
 class ProjectServerHandler(ServiceHandler):
     """Start a container for a project: the one project step that needs the hub."""
 
     async def post(self, project: str) -> None:
-        body = self.json_body()
+        options = self.body(ProjectServerBody).options.model_dump(exclude_none=True)
         last: dict = {}
-        async for event in self.operations().start(project, body.get("options"), create=True):
+        async for event in self.operations().start(project, options, create=True):
             last = event
         self.write_json(last.get("container") or last, status=201)
 
