@@ -39,14 +39,22 @@ class Body(BaseModel):
 
 class BodyError(ValueError):
     """A request body did not fit its model: `message` names the field and the value, `hint`
-    says what would do; `field` is the dotted path of the field (None: the body as a whole),
-    `reason` what is wrong with its value."""
+    says what would do; `field` is the dotted path of the field (None: the body as a whole;
+    cut to MAX_SHOWN), `value` the value refused, `reason` what is wrong with it."""
 
     status = 400
 
-    def __init__(self, message: str, hint: str, field: str | None = None, reason: str = ""):
+    def __init__(
+        self,
+        message: str,
+        hint: str,
+        field: str | None = None,
+        reason: str = "",
+        value: object = None,
+    ):
         super().__init__(message)
-        self.message, self.hint, self.field, self.reason = message, hint, field, reason or message
+        self.message, self.hint, self.field = message, hint, field
+        self.reason, self.value = reason or message, value
 
     def to_json(self) -> dict[str, Any]:
         return {"error": self.message, "hint": self.hint, "status": self.status}
@@ -54,7 +62,10 @@ class BodyError(ValueError):
 
 def shown(value: object) -> str:
     """`value` as the error shows it: a repr cut to MAX_SHOWN characters (cheap on any size)."""
-    text = _REPR.repr(value)
+    return _cut(_REPR.repr(value))
+
+
+def _cut(text: str) -> str:
     return text if len(text) <= MAX_SHOWN else text[: MAX_SHOWN - 3] + "..."
 
 
@@ -77,19 +88,20 @@ def parse_data(model: type[M], data: object, what: str = "the request body") -> 
 def body_error(model: type[BaseModel], error: ValidationError, what: str) -> BodyError:
     """The first problem pydantic found, in words: which field, which value, what would do."""
     first = error.errors(include_url=False)[0]
-    path = ".".join(str(part) for part in first["loc"])
-    value = shown(first.get("input"))
+    path = _cut(".".join(str(part) for part in first["loc"]))  # an unknown key may be long
+    refused = first.get("input")
+    value = shown(refused)
     allowed = f"send a JSON object with {field_list(model)}"
     if first["type"] == "json_invalid":
         return BodyError(f"{what} is not JSON ({first['msg']})", allowed)
     if not path and first["type"] in ("model_type", "dict_type", "model_attributes_type"):
-        return BodyError(f"{what} must be a JSON object, not {value}", allowed)
+        return BodyError(f"{what} must be a JSON object, not {value}", allowed, value=refused)
     if first["type"] == "extra_forbidden":
         message = f"{what}: unknown field {path!r} (= {value})"
-        return BodyError(message, allowed, path, "unknown field")
+        return BodyError(message, allowed, path, "unknown field", refused)
     reason = first["msg"].removeprefix("Value error, ")
     hint = f"{path}: {describe(model, first['loc'])}"
-    return BodyError(f"{what}: field {path!r} = {value}: {reason}", hint, path, reason)
+    return BodyError(f"{what}: field {path!r} = {value}: {reason}", hint, path, reason, refused)
 
 
 def field_list(model: type[BaseModel]) -> str:

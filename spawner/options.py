@@ -239,8 +239,7 @@ def normalize_user_options(raw: Mapping[str, Any] | None) -> dict[str, Any]:
         options = parse_data(SpawnOptions, raw, "user_options")
     except BodyError as error:
         key = error.field or "user_options"
-        value = raw.get(key) if isinstance(raw, Mapping) else raw
-        raise OptionsError(key, value, error.reason, error.hint) from None
+        raise OptionsError(key, error.value, error.reason, error.hint) from None
     return options.model_dump(exclude_none=True)
 
 
