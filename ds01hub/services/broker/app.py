@@ -341,8 +341,14 @@ class Broker(Application):
         return limits_for, inventory
 
     async def open_exec_stream(self, exec_id: str, tty: bool) -> IOStream:
-        """Start a docker exec and hijack its connection (Docker's own `Upgrade: tcp`), so its
-        bytes can be relayed; any bytes after the response head stay in the stream's buffer."""
+        """Start a docker exec and hijack its connection (the Engine API's documented
+        `POST /exec/{id}/start` with `Upgrade: tcp`), so its bytes can be relayed; any bytes
+        after the response head stay in the stream's buffer.
+
+        Not docker-py's `exec_start(socket=True)`: that reads the response head through
+        http.client's buffered reader and hands back the raw socket behind it, so output that
+        arrives in the same read as the head (a quick command on a loaded host) would be lost,
+        and it blocks a thread. The API version is docker-py's negotiated `api_version`."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         stream = IOStream(sock)
         try:
@@ -351,7 +357,7 @@ class Broker(Application):
             stream.close()
             raise docker_unreachable(self.docker_url, getattr(e, "real_error", None) or e) from None
         body = json.dumps({"Detach": False, "Tty": tty}).encode()
-        version = self.docker.api._version
+        version = self.docker.api.api_version
         head = (
             f"POST /v{version}/exec/{exec_id}/start HTTP/1.1\r\nHost: docker\r\n"
             "Content-Type: application/json\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n"
