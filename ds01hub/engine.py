@@ -147,8 +147,9 @@ class EngineState:
         return True
 
     def _probe_until_back(self) -> None:
+        interval = self.ping_interval or 1.0  # only started with a ping_interval
         while not self.up:
-            time.sleep(self.ping_interval)
+            time.sleep(interval)
             with contextlib.suppress(Exception):  # a slow engine: ask again
                 self.probe()
 
@@ -176,6 +177,8 @@ class EngineState:
 
     def probe(self) -> bool:
         """`check` on a new connection (`connect`); True when the engine is up."""
+        if self.connect is None:
+            raise ValueError("EngineState.probe needs `connect`")
         try:
             client = self.connect()  # docker-py may ask for the API version here already
         except Exception as error:

@@ -196,6 +196,13 @@ def spawn_options(requested: Mapping[str, Any]) -> dict[str, Any] | None:
     return options or None
 
 
+def _listed(attrs: Mapping[str, Any]) -> labels.ContainerRecord:
+    """The record of a container that `UserOperations._containers` listed (and verified)."""
+    record = labels.ContainerRecord.claimed(attrs)
+    assert record is not None, "_containers lists only containers with verified labels"
+    return record
+
+
 def isoformat(value: datetime | None) -> str | None:
     return value.isoformat().replace("+00:00", "Z") if value else None
 
@@ -404,7 +411,7 @@ class UserOperations:
         now = self.ctx.clock()
         views = {}
         for attrs in containers:
-            project = labels.ContainerRecord.claimed(attrs).project  # verified in _containers
+            project = _listed(attrs).project
             server = servers.get(project_to_server(project))
             views[project] = container_view(attrs, server, project, now, hold)
         for name, server in servers.items():
@@ -700,7 +707,7 @@ class UserOperations:
 
     async def record_activity(self, project: str) -> None:
         """A shell in the container is in use: keep the idle culler off it (best effort)."""
-        when = isoformat(self.ctx.clock())
+        when = isoformat(self.ctx.clock()) or ""
         # the hub may not know the server (started outside it): then there is nothing to keep
         with contextlib.suppress(HubError):
             await self.ctx.hub.record_activity(self.user, project_to_server(project), when)
@@ -728,7 +735,7 @@ class UserOperations:
         for attrs, sample in zip(containers, samples, strict=True):
             if sample is None:  # removed since it was listed
                 continue
-            record = labels.ContainerRecord.claimed(attrs)  # verified in _containers
+            record = _listed(attrs)
             host = attrs.get("HostConfig") or {}
             rows.append(
                 {

@@ -945,6 +945,7 @@ def run(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         task = asyncio.current_task()
+        assert task is not None  # inside asyncio.run
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, task.cancel)

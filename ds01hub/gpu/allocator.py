@@ -340,8 +340,8 @@ class SlotStatus:
     def conflict(self) -> bool:
         return len({h.container for h in self.holders}) > 1
 
-    def to_dict(self) -> dict:
-        data = {"slot": self.slot_id, "uuid": self.uuid, "profile": self.profile}
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"slot": self.slot_id, "uuid": self.uuid, "profile": self.profile}
         held = self.holding.to_dict() if self.holding else {}
         for key in ("user", "container", "state", "held_until", "priority"):
             data[key] = held.get(key)
