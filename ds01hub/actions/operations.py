@@ -21,12 +21,17 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ds01hub import labels
 from ds01hub.bodies import BodyError
+from ds01hub.gpu.inventory import Inventory
 from ds01hub.hub.client import HubClient, HubError, HubUnreachable
+from ds01hub.limits import ResolvedLimits
 from ds01hub.provenance import Provenance
+
+if TYPE_CHECKING:
+    import docker
 
 #: Container (project) names the users' commands accept.
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -283,7 +288,7 @@ def memory_used(stats: Mapping[str, Any]) -> int | None:
     return max(0, int(mem["usage"]) - int(cache))
 
 
-def gpu_stats(inventory: Any, slot_id: str) -> dict[str, Any]:
+def gpu_stats(inventory: Inventory | None, slot_id: str) -> dict[str, Any]:
     """One GPU slot of a container: its utilisation and memory in use now, and its size (the
     limit), as the inventory knows them (NVML, or SIMULATED, which it says)."""
     if inventory is None or not inventory.has_slot(slot_id):
@@ -323,10 +328,10 @@ class OperationsContext:
     limits and the GPU inventory (None where unavailable)."""
 
     hub: HubClient
-    docker: Any
+    docker: docker.DockerClient
     trust: Provenance
-    limits_for: Callable[[str, Iterable[str]], Any] | None = None
-    inventory: Any = None  # ds01hub.gpu.inventory.Inventory: slot sizes and live utilisation
+    limits_for: Callable[[str, Iterable[str]], ResolvedLimits] | None = None
+    inventory: Inventory | None = None  # slot sizes and live utilisation
     auto_create_users: bool = True
     clock: Callable[[], datetime] = utcnow
     spawn_timeout: float = 900.0

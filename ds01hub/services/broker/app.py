@@ -24,6 +24,8 @@ import socket
 import sys
 from typing import Any
 
+import docker
+from docker import DockerClient
 from tornado import web
 from tornado.httpserver import HTTPServer
 from tornado.iostream import IOStream, StreamClosedError
@@ -76,7 +78,7 @@ class BrokerImages:
     host's one `BuildManager`): only in the caller's own namespace, one build per user at a
     time and a few at once on the whole host, whichever door they came through."""
 
-    def __init__(self, broker: Broker, docker_client: Any):
+    def __init__(self, broker: Broker, docker_client: DockerClient):
         self.broker = broker
         self.docker = docker_client
         run_build = docker_builder(
@@ -271,7 +273,7 @@ class Broker(Application):
         return docker_socket_path()
 
     context: OperationsContext
-    docker: Any
+    docker: DockerClient
     images: BrokerImages
 
     @property
@@ -291,11 +293,9 @@ class Broker(Application):
         except peer.IdentityError as e:
             raise OperationError(e.message, e.hint, e.status) from None
 
-    def connect_docker(self) -> Any:
+    def connect_docker(self) -> DockerClient:
         """A docker-py client of `docker_socket`. An engine that does not answer now is no
         reason not to start: requests then say "Docker engine unreachable" until it does."""
-        import docker
-
         try:
             return docker.DockerClient(base_url=self.docker_url)
         except docker.errors.DockerException as e:

@@ -22,12 +22,17 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ds01hub import labels
+from ds01hub.gpu.allocator import GpuAllocator
+from ds01hub.gpu.eventlog import EventLog
 from ds01hub.labels import ContainerRecord
 from ds01hub.limits import LimitsConfig, LimitsStore, ResolvedLimits
 from ds01hub.provenance import Provenance
+
+if TYPE_CHECKING:
+    import docker
 
 __all__ = ["Lifecycle", "LifecycleAction", "expired_holds", "removals_due", "stopped_records"]
 
@@ -155,10 +160,10 @@ class Lifecycle:
 
     def __init__(
         self,
-        docker_client: Any,
-        allocator: Any,
+        docker_client: docker.DockerClient,
+        allocator: GpuAllocator,
         limits: LimitsStore | LimitsConfig,
-        eventlog: Any = None,
+        eventlog: EventLog | None = None,
         *,
         extra_labels: Iterable[str] = (),
     ):
