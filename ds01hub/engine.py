@@ -21,6 +21,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import requests
+import urllib3
+from docker.errors import DockerException
+
 from ds01hub import labels
 
 __all__ = [
@@ -40,10 +44,6 @@ def engine_unreachable(error: BaseException) -> bool:
     """True when `error` (from docker-py) means the engine did not answer at all: its socket is
     missing, refuses or dropped the connection. An engine that answered with an error, or a
     slow one (a timeout), is not unreachable."""
-    import requests
-    import urllib3
-    from docker.errors import DockerException
-
     seen: set[int] = set()
     current: BaseException | None = error
     while current is not None and id(current) not in seen:

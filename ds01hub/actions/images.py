@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import docker.errors
 import escapism
 from pydantic import Field, field_validator
 
@@ -538,8 +539,6 @@ def build_image(
     ``memory_limit``: bytes of memory for the build's containers (``None``: unlimited).
     Raises :class:`ImageError` before building if the request or the base image is unusable.
     """
-    import docker.errors
-
     spec = spec.validated()
     try:
         base_user = client.images.get(base_image).attrs.get("Config", {}).get("User") or None
@@ -629,8 +628,6 @@ def delete_user_image(client, user: str, name: str) -> str:
     Refuses an image that does not exist or is not theirs (:class:`ImageNotFoundError`) and one
     a container still uses (:class:`ImageInUseError`, with the fix in the message).
     """
-    import docker.errors
-
     tag = image_tag(user, name)
     try:
         image = client.images.get(tag)

@@ -56,6 +56,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from docker.types import HostConfig
+
 from ds01hub import peer, provenance
 from ds01hub.dockerproxy import policy
 from ds01hub.dockerproxy.http import (
@@ -88,6 +90,7 @@ from ds01hub.dockerproxy.policy import (
     VolumeFacts,
 )
 from ds01hub.labels import escape_name
+from ds01hub.limits import LimitsStore
 from ds01hub.peer import Caller
 from ds01hub.provenance import Provenance
 
@@ -840,10 +843,6 @@ def limits_loader(path: str | None) -> Callable[[Caller], policy.UserLimits | No
     """The caller's limits from the YAML file (re-read when it changes), or none configured."""
     if not path:
         return lambda caller: None
-    from docker.types import HostConfig
-
-    from ds01hub.limits import LimitsStore
-
     store = LimitsStore(path)
 
     def limits_for(caller: Caller) -> policy.UserLimits:

@@ -49,6 +49,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import docker.errors
+
 from ds01hub import labels, provenance
 from ds01hub.engine import engine_unreachable
 from ds01hub.gpu.decision import Decision, GpuRequest, Holding, decide, describe_holding
@@ -289,8 +291,6 @@ def docker_lister(
     filters = {"label": [*scope, *extra_labels]}
 
     def list_managed() -> list[dict]:
-        import docker.errors
-
         documents = []
         for entry in client.api.containers(all=True, filters=filters):
             gpus = (entry.get("Labels") or {}).get(labels.GPUS)
@@ -310,8 +310,6 @@ def docker_remover(client: Any) -> Callable[[str], bool]:
     container's own lock, so a late `docker start` either lands first or finds nothing)."""
 
     def remove(container_id: str) -> bool:
-        import docker.errors
-
         try:
             client.api.remove_container(container_id, v=True)
         except docker.errors.NotFound:

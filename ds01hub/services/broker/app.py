@@ -40,7 +40,9 @@ from ds01hub.actions.operations import (
     OperationsContext,
     docker_unreachable,
 )
+from ds01hub.gpu.inventory import load_inventory
 from ds01hub.hub.client import HubClient
+from ds01hub.limits import LimitsStore, default_limits_path
 from ds01hub.peer import Caller
 from ds01hub.provenance import default_state_dir
 from ds01hub.services.broker.handlers import (
@@ -321,9 +323,6 @@ class Broker(Application):
         """Limits and GPU utilisation from the lab's YAML; the broker still lists, starts and
         stops without them (the spawner enforces limits), so a missing file only logs."""
         try:
-            from ds01hub.gpu.inventory import load_inventory
-            from ds01hub.limits import LimitsStore, default_limits_path
-
             store = LimitsStore(self.limits_path or default_limits_path(), log=self.log)
         except Exception as e:  # LimitsError: bounded, names the file, the lines and the fixes
             self.log.warning("limits unavailable (%s): no hold times or quotas shown", e)

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
+import docker
 from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler, HubOAuthenticated
 from pydantic import Field
 from tornado import web
@@ -50,6 +51,7 @@ from ds01hub.bodies import Body, BodyError, parse_body, shown
 from ds01hub.engine import EngineState, engine_unreachable, engine_url, short_error
 from ds01hub.hub.client import HubClient
 from ds01hub.hub.services import NOTEBOOK_PORT, NOTEBOOK_SERVICE
+from ds01hub.limits import LimitsError, LimitsStore, default_limits_path
 from ds01hub.spawner.options import SpawnOptions
 
 B = TypeVar("B", bound=Body)
@@ -331,8 +333,6 @@ class DS01Service(Application):
 
     def initialize(self, argv: list[str] | None = None) -> None:
         super().initialize(argv)
-        import docker
-
         self.docker = docker.from_env()
         self.trust = provenance.load(self.state_dir)
         self.engine = EngineState(
@@ -357,10 +357,6 @@ class DS01Service(Application):
         """The user's resolved limits, or None when no limits file can be read (called on the
         event loop: a changed file is re-read on the store's thread, the last good one used
         meanwhile)."""
-        try:
-            from ds01hub.limits import LimitsError, LimitsStore, default_limits_path
-        except ImportError:
-            return None
         if self._limits_store is None:
             path = self.limits_path or default_limits_path()
             if not Path(path).is_file():

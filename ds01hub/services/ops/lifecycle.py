@@ -22,7 +22,9 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import docker.errors
 
 from ds01hub import labels
 from ds01hub.gpu.allocator import GpuAllocator
@@ -30,9 +32,6 @@ from ds01hub.gpu.eventlog import EventLog
 from ds01hub.labels import ContainerRecord
 from ds01hub.limits import LimitsConfig, LimitsStore, ResolvedLimits
 from ds01hub.provenance import Provenance
-
-if TYPE_CHECKING:
-    import docker
 
 __all__ = ["Lifecycle", "LifecycleAction", "expired_holds", "removals_due", "stopped_records"]
 
@@ -139,8 +138,6 @@ def stopped_records(
 ) -> list[ContainerRecord]:
     """`trust`'s deployment's managed containers that are not running, from inspect documents
     (the list API has no `FinishedAt`); `extra_labels` (`key=value`) narrows the listing."""
-    import docker.errors
-
     records = []
     filters = {"label": trust.label_filters(extra_labels)}
     for entry in client.api.containers(all=True, filters=filters):
