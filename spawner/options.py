@@ -239,7 +239,9 @@ def normalize_user_options(raw: Mapping[str, Any] | None) -> dict[str, Any]:
         options = parse_data(SpawnOptions, raw, "user_options")
     except BodyError as error:
         key = error.field or "user_options"
-        raise OptionsError(key, error.value, error.reason, error.hint) from None
+        known = ", ".join(SPAWN_OPTION_KEYS)
+        allowed = error.hint if error.field and error.reason != "unknown field" else known
+        raise OptionsError(key, error.value, error.reason, allowed) from None
     return options.model_dump(exclude_none=True)
 
 
