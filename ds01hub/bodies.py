@@ -7,16 +7,18 @@ JSON types are taken exactly (no ``"1"`` for ``1``, no ``NaN``), and each field'
 that names the field, shows the value (bounded: a body may be megabytes) and says the fix, so a
 door answers bad input of any size or shape with a named error, never a traceback.
 
-The doors turn a BodyError into their own JSON error (it has the same `message`, `hint` and
-`status` as ds01hub.actions.operations.OperationError).
+A BodyError is a ds01hub.errors.Ds01hubError: every door answers it as it answers any refusal
+(ds01hub.services.web.JsonHandler.body parses with a model).
 """
 
 from __future__ import annotations
 
 import reprlib
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ds01hub.errors import Ds01hubError
 
 __all__ = ["Body", "BodyError", "parse_body", "parse_data", "shown"]
 
@@ -37,7 +39,7 @@ class Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
-class BodyError(ValueError):
+class BodyError(Ds01hubError, ValueError):
     """A request body did not fit its model: `message` names the field and the value, `hint`
     says what would do; `field` is the dotted path of the field (None: the body as a whole;
     cut to MAX_SHOWN), `value` the value refused, `reason` what is wrong with it."""
@@ -52,12 +54,8 @@ class BodyError(ValueError):
         reason: str = "",
         value: object = None,
     ):
-        super().__init__(message)
-        self.message, self.hint, self.field = message, hint, field
-        self.reason, self.value = reason or message, value
-
-    def to_json(self) -> dict[str, Any]:
-        return {"error": self.message, "hint": self.hint, "status": self.status}
+        super().__init__(message, hint)
+        self.field, self.reason, self.value = field, reason or message, value
 
 
 def shown(value: object) -> str:

@@ -21,16 +21,18 @@ import jinja2
 from pydantic import Field, ValidationInfo, field_validator
 
 from ds01hub.bodies import Body, BodyError, parse_data, shown
+from ds01hub.errors import Ds01hubError
 from ds01hub.gpu.decision import GpuRequest, Holding
 from ds01hub.gpu.inventory import Slot
 from ds01hub.limits import ResolvedLimits
 from ds01hub.mig import PROFILE_FORM, is_profile
+from ds01hub.spawn_options import GPUS_OR_MIG, SPAWN_OPTION_KEYS, asks_gpus_and_mig
 from ds01hub.units import format_size, parse_size
 
 __all__ = [
+    "CUSTOM",
     "OVERRIDE_KEYS",
     "PROFILE_KEYS",
-    "SPAWN_OPTION_KEYS",
     "GpuOffer",
     "OptionsError",
     "Profile",
@@ -50,17 +52,22 @@ __all__ = [
 PROFILE_KEYS = ("display_name", "slug", "description", "default", "ds01_override")
 #: Keys of a profile's `ds01_override`.
 OVERRIDE_KEYS = ("image", "gpus", "mig", "max_cpus", "memory")
+#: The form's own choice besides the configured profiles: "choose the GPU yourself". Reserved
+#: as a slug; stored as the `profile` of such a spawn, so the admin pages show the override.
+CUSTOM = "custom"
 
 _TEMPLATES = Path(__file__).with_name("templates")
 
 
-class OptionsError(ValueError):
+class OptionsError(Ds01hubError, ValueError):
     """A spawn option was refused: `key` and `value` say which, `allowed` what would do;
     `status` is the HTTP status the hub answers with (400 bad value, 403 not allowed)."""
 
     def __init__(self, key: str, value: Any, problem: str, allowed: str, status: int = 400):
-        self.key, self.value, self.allowed, self.status = key, value, allowed, status
-        super().__init__(f"spawn option {key!r}={shown(value)}: {problem}; allowed: {allowed}")
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(
+            f"spawn option {key!r}={shown(value)}: {problem}; allowed: {allowed}", status=status
+        )
 
 
 def _slugify(text: str) -> str:
@@ -113,8 +120,8 @@ class Profile:
             mig = _read_mig(override.get("mig"))
         except OptionsError as error:
             raise ValueError(f"{where}.ds01_override: {error}") from None
-        if gpus and mig:
-            raise ValueError(f"{where}.ds01_override: set gpus or mig, not both")
+        if asks_gpus_and_mig({"gpus": gpus, "mig": mig}):
+            raise ValueError(f"{where}.ds01_override: set {GPUS_OR_MIG}")
         memory = override.get("memory")
         max_cpus = override.get("max_cpus")
         if max_cpus is not None and (isinstance(max_cpus, bool) or float(max_cpus) <= 0):
@@ -144,6 +151,11 @@ def parse_profile_list(entries: Iterable[Any]) -> tuple[Profile, ...]:
     duplicates = sorted({s for s in slugs if slugs.count(s) > 1})
     if duplicates:
         raise ValueError(f"profile_list: duplicate slug(s) {', '.join(duplicates)}; set `slug`")
+    if CUSTOM in slugs:
+        raise ValueError(
+            f"profile_list: the slug {CUSTOM!r} is reserved (the form's 'choose the GPU "
+            "yourself'); set another `slug`"
+        )
     if sum(p.default for p in profiles) > 1:
         raise ValueError("profile_list: more than one profile has default: true")
     return profiles
@@ -191,6 +203,9 @@ class SpawnOptions(Body):
     )
     gpus: int | None = Field(None, ge=0, description="a whole number of GPUs >= 0: 0, 1, 2, ...")
     mig: str | None = Field(None, description=f"one MIG instance: {PROFILE_FORM}")
+    queue: bool = Field(
+        False, description="true: wait for a GPU without a time limit (kept across hub restarts)"
+    )
 
     @field_validator("profile", "image", "gpus", "mig", mode="before")
     @classmethod
@@ -220,16 +235,9 @@ class SpawnOptions(Body):
         """A MIG profile name, and not together with whole GPUs (`gpus` is checked first)."""
         if value is not None and not is_profile(value):
             raise ValueError("not a MIG profile name")
-        if value is not None and info.data.get("gpus"):
-            raise ValueError(
-                f"asked together with gpus={info.data['gpus']}: "
-                "whole GPUs (gpus) or one MIG instance (mig), not both"
-            )
+        if value is not None and asks_gpus_and_mig({"gpus": info.data.get("gpus"), "mig": value}):
+            raise ValueError(f"asked together with gpus={info.data['gpus']}: {GPUS_OR_MIG}")
         return value
-
-
-#: The keys of `user_options`, the same as the form's field names.
-SPAWN_OPTION_KEYS = tuple(SpawnOptions.model_fields)
 
 
 def normalize_user_options(raw: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -242,12 +250,13 @@ def normalize_user_options(raw: Mapping[str, Any] | None) -> dict[str, Any]:
         known = ", ".join(SPAWN_OPTION_KEYS)
         allowed = error.hint if error.field and error.reason != "unknown field" else known
         raise OptionsError(key, error.value, error.reason, allowed) from None
-    return options.model_dump(exclude_none=True)
+    return options.model_dump(exclude_defaults=True)  # the keys given (queue only when true)
 
 
 def options_from_form(formdata: Mapping[str, Sequence[str]]) -> dict[str, Any]:
     """The options form's fields -> the `user_options` keys. The GPU select sends `gpu` as
-    `none`, `gpus:N` or `mig:PROFILE`; the empty value means "as the profile says"."""
+    `none`, `gpus:N` or `mig:PROFILE`; it counts only without a configured profile (with
+    `custom`, or where no profiles exist), so a profile and a GPU choice never disagree."""
 
     def first(key: str) -> str:
         values = formdata.get(key) or [""]
@@ -257,7 +266,7 @@ def options_from_form(formdata: Mapping[str, Sequence[str]]) -> dict[str, Any]:
     for key in ("profile", "image"):
         if first(key):
             options[key] = first(key)
-    gpu = first("gpu")
+    gpu = first("gpu") if first("profile") in ("", CUSTOM) else ""
     if gpu == "none":
         options["gpus"] = 0
     elif gpu.startswith("gpus:"):
@@ -266,6 +275,8 @@ def options_from_form(formdata: Mapping[str, Sequence[str]]) -> dict[str, Any]:
         options["mig"] = gpu.removeprefix("mig:")
     elif gpu:
         raise OptionsError("gpu", gpu, "not a choice of the form", "none, gpus:N, mig:PROFILE")
+    if first("queue") == "on":
+        options["queue"] = True
     return normalize_user_options(options)
 
 
@@ -340,6 +351,8 @@ class SpawnChoice:
     max_cpus: float | None = None
     memory: int | None = None
     notes: tuple[str, ...] = field(default=(), compare=False)
+    #: Wait for a GPU without `gpu_wait_timeout`: the request is stored (`spawner.queued`).
+    queue: bool = False
 
     @property
     def wants_gpu(self) -> bool:
@@ -360,11 +373,15 @@ class SpawnChoice:
             options = {"image": self.image, "mig": self.mig}
         if self.profile:
             options["profile"] = self.profile
+        if self.queue:
+            options["queue"] = True
         return options
 
 
 def _choose_profile(options: Mapping[str, Any], profiles: Sequence[Profile]) -> Profile | None:
     slug = options.get("profile")
+    if slug == CUSTOM:
+        return None
     if slug is None:
         return next((p for p in profiles if p.default), None)
     for profile in profiles:
@@ -374,7 +391,7 @@ def _choose_profile(options: Mapping[str, Any], profiles: Sequence[Profile]) -> 
         "profile",
         slug,
         "no such profile",
-        ", ".join(p.slug for p in profiles) or "none (no profiles are configured)",
+        ", ".join([*(p.slug for p in profiles), CUSTOM]),
     )
 
 
@@ -482,10 +499,11 @@ def resolve_choice(
         image=image,
         gpus=gpus,
         mig=mig,
-        profile=profile.slug if profile else None,
+        profile=profile.slug if profile else options.get("profile"),
         max_cpus=max_cpus,
         memory=memory,
         notes=tuple(notes),
+        queue=bool(options.get("queue")),
     )
 
 
@@ -496,14 +514,13 @@ def resolve_choice(
 class _GpuOption:
     value: str
     text: str
-    disabled: bool = False
 
 
 def _gpu_options(limits: ResolvedLimits, offer: GpuOffer) -> list[_GpuOption]:
     """`none`, `gpus:1..N` within the user's limits and the machine, each MIG profile; the
     free counts are a snapshot (a busy choice can still be picked: the spawn then queues)."""
     sim = " (SIMULATED)" if offer.simulated else ""
-    choices = [_GpuOption("", "as the profile says"), _GpuOption("none", "no GPU")]
+    choices = [_GpuOption("none", "no GPU")]
     cap = limits.gpus_per_container
     if limits.allow_full_gpu:
         most = offer.whole_total if cap is None else min(cap, offer.whole_total)
@@ -543,6 +560,72 @@ def _profile_problem(
     return None
 
 
+@dataclass(frozen=True)
+class _ProfileView:
+    """One profile as the form shows it: what it gives, how many such slots are free now
+    (`free`, `total`; None without a GPU) and why it cannot be picked (`problem`)."""
+
+    slug: str
+    display_name: str
+    description: str
+    gives: str
+    free: int | None
+    total: int | None
+    wanted: int
+    problem: str | None
+
+    @property
+    def free_text(self) -> str:
+        if self.free is None:
+            return ""
+        return f"{self.free} of {self.total} free now"
+
+    @property
+    def free_now(self) -> bool:
+        return self.free is not None and self.free >= self.wanted
+
+
+def _profile_view(
+    profile: Profile,
+    limits: ResolvedLimits,
+    offer: GpuOffer,
+    images: Sequence[str] | str,
+    default_image: str,
+) -> _ProfileView:
+    sim = " (SIMULATED)" if offer.simulated and (profile.gpus or profile.mig) else ""
+    cpus = _tighter(profile.max_cpus, limits.max_cpus)
+    memory = _tighter(profile.memory, limits.memory)
+    gives = [
+        profile.gpu_text() + sim,
+        f"{cpus:g} CPU{'s' if cpus != 1 else ''}" if cpus is not None else "CPUs unlimited",
+        f"{format_size(int(memory))} memory" if memory is not None else "memory unlimited",
+        f"image {profile.image or default_image}",
+    ]
+    if profile.mig:
+        free, total = offer.mig_free.get(profile.mig, 0), offer.mig_total.get(profile.mig, 0)
+    elif profile.gpus:
+        free, total = offer.whole_free, offer.whole_total
+    else:
+        free = total = None
+    return _ProfileView(
+        slug=profile.slug,
+        display_name=profile.display_name,
+        description=profile.description,
+        gives=", ".join(gives),
+        free=free,
+        total=total,
+        wanted=1 if profile.mig else profile.gpus or 0,
+        problem=_profile_problem(profile, limits, offer, images),
+    )
+
+
+def _tighter(profile_value: float | None, limit: float | None) -> float | None:
+    """What applies: the profile's value can only lower the user's limit (`resolve_choice`)."""
+    if profile_value is None:
+        return limit
+    return profile_value if limit is None else min(profile_value, limit)
+
+
 def render_form(
     *,
     profiles: Sequence[Profile],
@@ -553,22 +636,25 @@ def render_form(
     default_image: str,
     previous: Mapping[str, Any] | None = None,
 ) -> str:
-    """The options form's HTML (Jinja2, autoescaped): profiles as radios, then image and GPU
-    selects bounded by the user's limits with what is free now."""
+    """The options form's HTML (Jinja2, autoescaped; Bootstrap 5 like the hub's pages): one
+    choice of GPU: a profile (what it gives, how many such slots are free now), or "choose the
+    GPU yourself" with a select bounded by the user's limits; then the image."""
     environment = jinja2.Environment(
         loader=jinja2.FileSystemLoader(_TEMPLATES),
         autoescape=True,
         undefined=jinja2.StrictUndefined,
     )
     previous = previous or {}
+    views = [_profile_view(p, limits, offer, images, default_image) for p in profiles]
+    usable = {v.slug for v in views if v.problem is None} | {CUSTOM}
     chosen = previous.get("profile") or next((p.slug for p in profiles if p.default), None)
+    if profiles and chosen not in usable:
+        chosen = next((v.slug for v in views if v.problem is None), CUSTOM)
     image_choices = [default_image] if images == "*" else [i for i in images if "*" not in i]
     image_choices += [i for i in own_images if i not in image_choices]
-    rows = [(p, _profile_problem(p, limits, offer, images)) for p in profiles]
-    if chosen not in {p.slug for p, problem in rows if problem is None}:
-        chosen = next((p.slug for p, problem in rows if problem is None), None)
     return environment.get_template("options_form.html").render(
-        profiles=rows,
+        profiles=views,
+        custom=CUSTOM,
         chosen_profile=chosen,
         images=image_choices,
         own_images=set(own_images),
@@ -584,6 +670,6 @@ def render_form(
 def _previous_gpu(previous: Mapping[str, Any]) -> str:
     if previous.get("mig"):
         return f"mig:{previous['mig']}"
-    if "gpus" in previous:
-        return f"gpus:{previous['gpus']}" if previous["gpus"] else "none"
-    return ""
+    if previous.get("gpus"):
+        return f"gpus:{previous['gpus']}"
+    return "none"

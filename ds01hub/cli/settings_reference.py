@@ -21,10 +21,12 @@ from pathlib import Path
 from traitlets import TraitType
 from traitlets.config import Configurable
 
+from ds01hub.cli.admin import CullCommand
 from ds01hub.server_extension.handlers import DS01Extension
 from ds01hub.services.broker.app import Broker
 from ds01hub.services.notebook.app import DS01Service
 from ds01hub.services.ops.app import OpsService
+from ds01hub.services.settings import HostSettings, ImageBuildSettings
 from ds01hub.spawner import DS01Spawner
 
 #: Each configurable class with where its settings are set.
@@ -33,7 +35,10 @@ CLASSES: Sequence[tuple[type[Configurable], str]] = (
     (Broker, "`--Broker.NAME=...` in the broker's command (`configure_broker(broker_args=...)`)"),
     (DS01Service, "`--DS01Service.NAME=...` in the ds01 service's command"),
     (OpsService, "`--OpsService.NAME=...` in the ops service's command (also `ds01hub cull`)"),
+    (CullCommand, "`ds01hub cull --CullCommand.NAME=...` (its own flags: see --help)"),
     (DS01Extension, "`c.DS01Extension.NAME = ...` in the single-user server's jupyter config"),
+    (HostSettings, "`--HostSettings.NAME=...` for every service at once, or per service"),
+    (ImageBuildSettings, "`--ImageBuildSettings.NAME=...`, or per service"),
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -54,6 +59,9 @@ def render(classes: Sequence[tuple[type[Configurable], str]] = CLASSES) -> str:
     parts = [HEADER]
     for cls, where in classes:
         parts.append(f"\n## {cls.__name__}\n\n{_first_line(cls)}\nSet as {where}.\n")
+        mixins = [c.__name__ for c, _ in classes if c is not cls and issubclass(cls, c)]
+        if mixins:
+            parts.append(f"Also has the settings of {', '.join(mixins)} (below).\n")
         for name, trait in sorted(cls.class_own_traits(config=True).items()):
             parts.append(_setting(cls.__name__, name, trait))
     return "".join(parts)

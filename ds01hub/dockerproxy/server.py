@@ -56,8 +56,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from docker.types import HostConfig
-
 from ds01hub import peer, provenance
 from ds01hub.dockerproxy import policy
 from ds01hub.dockerproxy.http import (
@@ -111,7 +109,6 @@ USER_CONTENT_TYPES = (
 )
 # the images the platform itself provides (ds01hub.host.bootstrap's aliases)
 DEFAULT_SHARED_IMAGES = ("ds01hub/base:latest", "ds01hub/singleuser:latest")
-LIMIT_KEYS = ("Memory", "MemorySwap", "NanoCpus", "PidsLimit", "ShmSize", "IpcMode", "CgroupParent")
 
 
 # --------------------------------------------------------------------------------------------
@@ -840,16 +837,16 @@ async def send_error(client: Stream, status: int, message: str, method: str = "G
 
 
 def limits_loader(path: str | None) -> Callable[[Caller], policy.UserLimits | None]:
-    """The caller's limits from the YAML file (re-read when it changes), or none configured."""
-    if not path:
-        return lambda caller: None
-    store = LimitsStore(path)
+    """The caller's limits from the YAML file (re-read when it changes): `path`, else the
+    host's file, by the one rule for "no limits file" (ds01hub.limits.load_limits_or_defaults:
+    with none named and none at the default path, the built-in defaults, which limit no
+    container setting)."""
+    store = LimitsStore(path or None)
 
     def limits_for(caller: Caller) -> policy.UserLimits:
         resolved = store.resolve(caller.user, caller.groups)
-        host = HostConfig("1.41", **resolved.host_config())
         return policy.UserLimits(
-            host_config={k: v for k, v in host.items() if k in LIMIT_KEYS},
+            host_config=resolved.api_host_config(),
             allowed_images=resolved.allowed_images,
             max_containers=resolved.max_containers_per_user,
         )
