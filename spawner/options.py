@@ -203,9 +203,7 @@ class SpawnOptions(Body):
     )
     gpus: int | None = Field(None, ge=0, description="a whole number of GPUs >= 0: 0, 1, 2, ...")
     mig: str | None = Field(None, description=f"one MIG instance: {PROFILE_FORM}")
-    queue: bool = Field(
-        False, description="true: wait for a GPU without a time limit (kept across hub restarts)"
-    )
+    queue: bool = Field(False, description="true (wait for a GPU without a time limit) or false")
 
     @field_validator("profile", "image", "gpus", "mig", mode="before")
     @classmethod

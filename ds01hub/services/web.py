@@ -41,18 +41,6 @@ class JsonHandler(web.RequestHandler):
     #: What a caller reads for a failure that is not theirs to know about (the log has it).
     internal_error = "internal error"
 
-    def json_body(self) -> dict[str, Any]:
-        """The request body: a JSON object, {} when empty; anything else is a 400 naming it."""
-        if not self.request.body:
-            return {}
-        try:
-            body = json.loads(self.request.body)
-        except ValueError as error:
-            raise Ds01hubError(f"the request body is not JSON: {error}") from None
-        if not isinstance(body, dict):
-            raise Ds01hubError("the request body must be a JSON object")
-        return body
-
     def body(self, model: type[B]) -> B:
         """The request body parsed by `model` (ds01hub.bodies: unknown keys refused, exact
         types); a body that does not fit is a BodyError, a 400 naming the field."""
