@@ -212,6 +212,12 @@ class SpawnOptions(Body):
             return None
         return value
 
+    @field_validator("queue", mode="before")
+    @classmethod
+    def _null_is_false(cls, value: Any) -> Any:
+        """null means "not given", as for the other keys."""
+        return False if value is None else value
+
     @field_validator("gpus", mode="before")
     @classmethod
     def _digits_are_a_number(cls, value: Any) -> Any:
