@@ -57,8 +57,9 @@ test-unit:
 test-slow:
 	$(PYTEST) -m "$(SLOW_MARKERS)" -q -ra --durations=15 $(PYTEST_ARGS)
 
+# ruff on everything; mypy on the core packages (pyproject's [tool.mypy] files)
 lint:
-	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy
 
 python3:
 	@command -v python3 >/dev/null || { apt-get update -q && \

@@ -21,6 +21,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import requests
+import urllib3
+from docker.errors import DockerException
+
 from ds01hub import labels
 from ds01hub.units import utcnow
 
@@ -41,10 +45,6 @@ def engine_unreachable(error: BaseException) -> bool:
     """True when `error` (from docker-py) means the engine did not answer at all: its socket is
     missing, refuses or dropped the connection. An engine that answered with an error, or a
     slow one (a timeout), is not unreachable."""
-    import requests
-    import urllib3
-    from docker.errors import DockerException
-
     seen: set[int] = set()
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
@@ -144,8 +144,9 @@ class EngineState:
         return True
 
     def _probe_until_back(self) -> None:
+        interval = self.ping_interval or 1.0  # only started with a ping_interval
         while not self.up:
-            time.sleep(self.ping_interval)
+            time.sleep(interval)
             with contextlib.suppress(Exception):  # a slow engine: ask again
                 self.probe()
 
@@ -173,6 +174,8 @@ class EngineState:
 
     def probe(self) -> bool:
         """`check` on a new connection (`connect`); True when the engine is up."""
+        if self.connect is None:
+            raise ValueError("EngineState.probe needs `connect`")
         try:
             client = self.connect()  # docker-py may ask for the API version here already
         except Exception as error:

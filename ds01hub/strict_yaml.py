@@ -30,7 +30,7 @@ import reprlib
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 from yaml.nodes import ScalarNode
@@ -365,7 +365,7 @@ class _Builder:
         elif kind in (yaml.MappingEndEvent, yaml.SequenceEndEvent):
             self._close()
 
-    def _stop(self, code: str, message: str, fix: str, line: int | None) -> None:
+    def _stop(self, code: str, message: str, fix: str, line: int | None) -> NoReturn:
         raise _Stop(SourceProblem(code, message, fix, line, self._child_path(self._top())))
 
     def _top(self) -> _Frame | None:
@@ -418,7 +418,7 @@ class _Builder:
             )
         raise AssertionError("unreachable")  # _stop raises
 
-    def _unsupported_tag(self, tag: str, line: int | None) -> None:
+    def _unsupported_tag(self, tag: str, line: int | None) -> NoReturn:
         self._stop(
             "unsupported-tag",
             f"the tag {short_repr(tag)} is not allowed here",

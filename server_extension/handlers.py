@@ -17,16 +17,19 @@ from urllib.parse import urlencode
 
 from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler
+from pydantic import Field
 from tornado import web
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from traitlets import Float, Unicode, default
 from traitlets.config import LoggingConfigurable
 
 from ds01hub.actions import projects
+from ds01hub.bodies import Body
 from ds01hub.errors import Ds01hubError
 from ds01hub.services.web import JsonHandler
 
 AUTH_RESOURCE = "ds01"
+
 
 #: Paths (relative to the service's ``api/``) the extension forwards, with the methods allowed.
 FORWARDED = {
@@ -97,33 +100,34 @@ class StatusHandler(DS01Handler):
         )
 
 
+class ProjectRequest(Body):
+    """``POST ds01/projects``; the values are checked by ds01hub.actions.projects."""
+
+    name: str = Field("", description="the project's folder name (letters, digits, . _ -)")
+    description: str = Field("", description="one line about the project")
+    use_case: str = Field(
+        "general", description="one of " + ", ".join(projects.USE_CASES) + " (default general)"
+    )
+    author: str = Field("", description="the author's name for the README and git")
+    git: bool = Field(True, description="true: git init and a first commit")
+    parent: str = Field("", description="a folder relative to your files' root (default: it)")
+
+
 class ProjectsHandler(DS01Handler):
-    """``POST ds01/projects``: create a project in the user's files.
-
-    Body: ``name`` (required), ``description``, ``use_case``, ``author``, ``git`` (default
-    true), ``parent`` (a folder relative to the server's root; default the root itself).
-    """
-
-    FIELDS = {"name", "description", "use_case", "author", "git", "parent"}
+    """``POST ds01/projects``: create a project in the user's files (ProjectRequest)."""
 
     @web.authenticated
     @authorized
     async def post(self) -> None:
-        body = self.json_body()
-        unknown = sorted(set(body) - self.FIELDS)
-        if unknown:
-            raise Ds01hubError(
-                f"unknown field(s) {', '.join(unknown)}",
-                f"send {', '.join(sorted(self.FIELDS))}",
-            )
+        body = self.body(ProjectRequest)
         root = Path(self.settings["server_root_dir"]).expanduser().resolve()
-        parent = self._parent(root, body.get("parent") or "")
+        parent = self._parent(root, body.parent)
         spec = projects.ProjectSpec(
-            name=body.get("name", ""),
-            description=str(body.get("description", "")),
-            use_case=body.get("use_case", "general"),
-            author=str(body.get("author", "")),
-            git=bool(body.get("git", True)),
+            name=body.name,
+            description=body.description,
+            use_case=body.use_case,
+            author=body.author,
+            git=body.git,
         )
         result = await asyncio.to_thread(projects.init_project, spec, parent)  # ProjectError: 400
         data = result.to_dict()
@@ -134,7 +138,7 @@ class ProjectsHandler(DS01Handler):
     @staticmethod
     def _parent(root: Path, relative: str) -> Path:
         """The parent folder, refused if it leaves the server's root (``..``, symlinks, /abs)."""
-        if not isinstance(relative, str) or Path(relative).is_absolute():
+        if "\x00" in relative or Path(relative).is_absolute():
             raise Ds01hubError(f"parent {relative!r} must be a folder relative to {root}")
         parent = (root / relative).resolve()
         if not parent.is_relative_to(root):

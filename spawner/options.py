@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+from pydantic import Field, ValidationInfo, field_validator
 
+from ds01hub.bodies import Body, BodyError, parse_data, shown
 from ds01hub.errors import Ds01hubError
 from ds01hub.gpu.decision import GpuRequest, Holding
 from ds01hub.gpu.inventory import Slot
@@ -35,6 +37,7 @@ __all__ = [
     "OptionsError",
     "Profile",
     "SpawnChoice",
+    "SpawnOptions",
     "allowed_images",
     "image_allowed",
     "normalize_image",
@@ -45,7 +48,6 @@ __all__ = [
     "resolve_choice",
 ]
 
-#: The keys of `user_options`, the same as the form's field names.
 #: Keys of one `profile_list` entry (KubeSpawner's shape; `ds01_override` for the overrides).
 PROFILE_KEYS = ("display_name", "slug", "description", "default", "ds01_override")
 #: Keys of a profile's `ds01_override`.
@@ -64,7 +66,7 @@ class OptionsError(Ds01hubError, ValueError):
     def __init__(self, key: str, value: Any, problem: str, allowed: str, status: int = 400):
         self.key, self.value, self.allowed = key, value, allowed
         super().__init__(
-            f"spawn option {key!r}={value!r}: {problem}; allowed: {allowed}", status=status
+            f"spawn option {key!r}={shown(value)}: {problem}; allowed: {allowed}", status=status
         )
 
 
@@ -188,47 +190,71 @@ def _read_mig(value: Any) -> str | None:
     return value
 
 
-def _read_text(key: str, value: Any) -> str | None:
-    if value is None or value == "":
-        return None
-    if not isinstance(value, str) or len(value) > 255 or not value.isprintable():
-        raise OptionsError(key, value, "not a name", "a string (at most 255 printable characters)")
-    return value.strip()
+class SpawnOptions(Body):
+    """`user_options`, from the REST API (CLI, broker, wizard) and from the options form alike:
+    known keys only, `gpus` a whole number (the form's digit strings too), the others strings;
+    empty strings and None mean "not given"."""
+
+    profile: str | None = Field(
+        None, description="the slug of a profile of profile_list (at most 255 printable characters)"
+    )
+    image: str | None = Field(
+        None, description="an image you may use (at most 255 printable characters)"
+    )
+    gpus: int | None = Field(None, ge=0, description="a whole number of GPUs >= 0: 0, 1, 2, ...")
+    mig: str | None = Field(None, description=f"one MIG instance: {PROFILE_FORM}")
+    queue: bool = Field(False, description="true (wait for a GPU without a time limit) or false")
+
+    @field_validator("profile", "image", "gpus", "mig", mode="before")
+    @classmethod
+    def _empty_is_not_given(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    @field_validator("queue", mode="before")
+    @classmethod
+    def _null_is_false(cls, value: Any) -> Any:
+        """null means "not given", as for the other keys."""
+        return False if value is None else value
+
+    @field_validator("gpus", mode="before")
+    @classmethod
+    def _digits_are_a_number(cls, value: Any) -> Any:
+        """The form sends numbers as text."""
+        if isinstance(value, str) and value.strip().isdigit() and len(value) < 10:
+            return int(value.strip())
+        return value
+
+    @field_validator("profile", "image")
+    @classmethod
+    def _a_name(cls, value: str | None) -> str | None:
+        if value is not None and (len(value) > 255 or not value.isprintable()):
+            raise ValueError("not a name (at most 255 printable characters)")
+        return value.strip() if value is not None else None
+
+    @field_validator("mig")
+    @classmethod
+    def _a_mig_profile(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """A MIG profile name, and not together with whole GPUs (`gpus` is checked first)."""
+        if value is not None and not is_profile(value):
+            raise ValueError("not a MIG profile name")
+        if value is not None and asks_gpus_and_mig({"gpus": info.data.get("gpus"), "mig": value}):
+            raise ValueError(f"asked together with gpus={info.data['gpus']}: {GPUS_OR_MIG}")
+        return value
 
 
 def normalize_user_options(raw: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Type-check `user_options` (REST body or form result): known keys only, `gpus` an int,
-    the others strings; None values and empty strings dropped (= not given)."""
-    raw = raw or {}
-    if not isinstance(raw, Mapping):
-        raise OptionsError("user_options", raw, "not an object", "a JSON object")
-    unknown = sorted(set(raw) - set(SPAWN_OPTION_KEYS))
-    if unknown:
-        raise OptionsError(
-            unknown[0],
-            raw[unknown[0]],
-            f"unknown option(s) {', '.join(unknown)}",
-            ", ".join(SPAWN_OPTION_KEYS),
-        )
-    options: dict[str, Any] = {}
-    for key, value in (
-        ("profile", _read_text("profile", raw.get("profile"))),
-        ("image", _read_text("image", raw.get("image"))),
-        ("gpus", _read_gpus(raw.get("gpus"))),
-        ("mig", _read_mig(raw.get("mig"))),
-    ):
-        if value is not None:
-            options[key] = value
-    queue = raw.get("queue", False)
-    if not isinstance(queue, bool):
-        raise OptionsError("queue", queue, "not true or false", "true (wait for a GPU) or false")
-    if queue:
-        options["queue"] = True
-    if asks_gpus_and_mig(options):
-        raise OptionsError(
-            "mig", options["mig"], f"asked together with gpus={options['gpus']}", GPUS_OR_MIG
-        )
-    return options
+    """Validate `user_options` (REST body or form result) with :class:`SpawnOptions`; the keys
+    given, typed. OptionsError names the key, the value and what is allowed."""
+    try:
+        options = parse_data(SpawnOptions, raw, "user_options")
+    except BodyError as error:
+        key = error.field or "user_options"
+        known = ", ".join(SPAWN_OPTION_KEYS)
+        allowed = error.hint if error.field and error.reason != "unknown field" else known
+        raise OptionsError(key, error.value, error.reason, allowed) from None
+    return options.model_dump(exclude_defaults=True)  # the keys given (queue only when true)
 
 
 def options_from_form(formdata: Mapping[str, Sequence[str]]) -> dict[str, Any]:

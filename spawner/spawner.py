@@ -46,13 +46,17 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import docker
+import docker.errors
+from docker.utils import kwargs_from_env
 from dockerspawner import DockerSpawner
 from jupyterhub.spawner import SpawnException
-from jupyterhub.utils import url_path_join
+from jupyterhub.utils import url_path_join, wait_for_http_server
 from traitlets import Callable as CallableTrait
 from traitlets import CaselessStrEnum, Dict, Float, Int, List, Unicode, Union, default, validate
 
 from ds01hub import labels, paths, provenance
+from ds01hub.actions.images import list_user_images
 from ds01hub.engine import engine_unreachable, engine_url, short_error
 from ds01hub.gpu import messages
 from ds01hub.gpu.allocator import (
@@ -323,8 +327,6 @@ class DS01Spawner(DockerSpawner):
                     app.log.info("ds01: %d queued spawn request(s) wait for GPUs", resumed)
 
     def _new_context(self, limits_path: str | None, state_dir: Path) -> _HubContext:
-        import docker
-
         store = LimitsStore(limits_path, parse_timeout=self.limits_parse_timeout, log=self.log)
         metrics.watch_limits(store)
         inventory = load_inventory(store.current.gpu_allocation)
@@ -390,8 +392,6 @@ class DS01Spawner(DockerSpawner):
         return context
 
     def _docker_client_kwargs(self) -> dict[str, Any]:
-        from docker.utils import kwargs_from_env
-
         kwargs = kwargs_from_env()
         kwargs.update(self.client_kwargs)
         kwargs.setdefault("version", "auto")
@@ -479,8 +479,6 @@ class DS01Spawner(DockerSpawner):
         return allowed if allowed == "*" else list(allowed or {})
 
     async def _own_images(self) -> list[str]:
-        from ds01hub.actions.images import list_user_images
-
         found = await self._blocking(list_user_images, self.context.docker, self.user.name)
         return [image.tag for image in found]
 
@@ -901,8 +899,6 @@ class DS01Spawner(DockerSpawner):
         an existing one that failed to restart is stopped if it runs and kept (its hold runs
         as for any stop). Only then is the claim released, so the slots are never free while
         a container of this spawn may still run on them."""
-        import docker.errors
-
         if self.object_id:
             try:
                 if self._created_in_this_spawn:
@@ -1022,8 +1018,6 @@ class DS01Spawner(DockerSpawner):
         in time fails the spawn at once with the reason, and the undo of the failed start gives
         back what it holds. (The hub waited on an address where nothing ran, then stopped a
         server whose container kept its GPU for the whole hold.)"""
-        from jupyterhub.utils import wait_for_http_server
-
         if self.internal_ssl or self.server is None:
             return  # the hub's own wait (with its TLS context) decides
         ip, port = address
@@ -1145,8 +1139,6 @@ class DS01Spawner(DockerSpawner):
     async def _remove_if_never_started(self) -> bool:
         """True when the container had never started and is now removed (never forced: a
         start that lands first wins, and the container is then stopped as usual)."""
-        import docker.errors
-
         container = await self.get_object()
         if container is None or container["State"].get("Status") != "created":
             return False

@@ -14,6 +14,7 @@ from ds01hub.actions.images import (
     CA_BUNDLE_IN_IMAGE,
     HEAVY_BUILD_MB,
     TEMPLATES,
+    BuildRequest,
     ImageError,
     ImageQuotaError,
     ImageSpec,
@@ -32,6 +33,7 @@ from ds01hub.actions.images import (
     validate_image_name,
     validate_pip_requirement,
 )
+from ds01hub.bodies import BodyError, parse_body
 
 # ---------------------------------------------------------------- templates
 
@@ -318,16 +320,24 @@ def test_real_build_list_and_delete(docker_client, singleuser_image):
 
 
 def test_a_build_request_becomes_a_validated_spec_for_the_authenticated_user():
+    def request(body):
+        return parse_body(BuildRequest, json.dumps(body))
+
     spec = spec_from_request(
-        "alice", {"name": "nlp", "template": "nlp", "pip_packages": "rich, six==1.16.0"}
+        "alice", request({"name": "nlp", "template": "nlp", "pip_packages": "rich, six==1.16.0"})
     )
     assert spec == ImageSpec("alice", "nlp", "nlp", ("rich", "six==1.16.0"), ())
-    with pytest.raises(ImageError) as info:
-        spec_from_request("alice", {"name": "x", "user": "bob", "shell": "rm -rf /"})
-    assert str(info.value) == "unknown field(s) shell, user" and info.value.status == 400
-    assert info.value.hint == "send name, template, pip_packages and apt_packages"
+    with pytest.raises(BodyError) as info:
+        request({"name": "x", "user": "bob", "shell": "rm -rf /"})
+    assert info.value.message == "the request body: unknown field 'user' (= 'bob')"
+    assert info.value.status == 400
+    assert info.value.hint == (
+        "send a JSON object with the fields name, template, pip_packages, apt_packages"
+    )
+    with pytest.raises(BodyError, match="field 'pip_packages.0' = 3"):
+        request({"name": "x", "pip_packages": [3]})
     with pytest.raises(ImageError, match="invalid pip package"):
-        spec_from_request("alice", {"name": "x", "pip_packages": ["six; rm -rf /"]})
+        spec_from_request("alice", request({"name": "x", "pip_packages": ["six; rm -rf /"]}))
 
 
 def test_the_image_quota_counts_new_names_only():

@@ -111,7 +111,8 @@ def test_the_queue_option_from_the_form_and_the_rest_api():
     assert options_from_form({"gpu": ["gpus:1"]}) == {"gpus": 1}
     assert normalize_user_options({"queue": True, "gpus": 1}) == {"queue": True, "gpus": 1}
     assert normalize_user_options({"queue": False}) == {}
-    with pytest.raises(OptionsError, match="'queue'='yes': not true or false"):
+    assert normalize_user_options({"queue": None}) == {}
+    with pytest.raises(OptionsError, match="'queue'='yes': Input should be a valid boolean"):
         normalize_user_options({"queue": "yes"})
 
 

@@ -160,7 +160,9 @@ def test_refusals_over_rest_are_exact(ds01):
     )
     response = hub.start_server(user, "x", {"gpu": 1}, check=False)
     assert response.status_code == 400, response.text
-    assert "unknown option(s) gpu; allowed: profile, image, gpus, mig, queue" in error_of(response)
+    assert "spawn option 'gpu'=1: unknown field; allowed: profile, image, gpus, mig, queue" in (
+        error_of(response)
+    )
     response = hub.start_server(user, "x", {"mig": "3g.40gb"}, check=False)
     assert response.status_code == 400, response.text
     assert "no MIG instances of this profile on this machine; allowed: 2g.20gb" in error_of(

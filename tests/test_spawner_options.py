@@ -15,12 +15,14 @@ from harness.inspect_docs import TRUST
 from ds01hub.gpu.decision import Decision, Holding
 from ds01hub.gpu.inventory import Slot
 from ds01hub.limits import parse_limits
+from ds01hub.spawn_options import SPAWN_OPTION_KEYS
 from ds01hub.spawner.container_plan import ContainerPlan, recreate_reason
 from ds01hub.spawner.gpu_queue import GpuQueue, GpuWaitTimeout
 from ds01hub.spawner.options import (
     GpuOffer,
     OptionsError,
     SpawnChoice,
+    SpawnOptions,
     allowed_images,
     image_allowed,
     normalize_user_options,
@@ -101,14 +103,14 @@ def test_user_options_are_typed_and_unknown_keys_named():
     assert normalize_user_options(None) == {}
     error = pytest.raises(OptionsError, normalize_user_options, {"gpu": 1, "cpus": 2}).value
     assert str(error) == (
-        "spawn option 'cpus'=2: unknown option(s) cpus, gpu; "
-        "allowed: profile, image, gpus, mig, queue"
+        "spawn option 'gpu'=1: unknown field; allowed: profile, image, gpus, mig, queue"
     )
+    assert tuple(SpawnOptions.model_fields) == SPAWN_OPTION_KEYS  # one list of keys
     for bad in (-1, 1.5, True, "two"):
         error = pytest.raises(OptionsError, normalize_user_options, {"gpus": bad}).value
         assert error.key == "gpus" and error.value == bad
     error = pytest.raises(OptionsError, normalize_user_options, {"gpus": 1, "mig": "1g.10gb"})
-    assert "not both" in str(error.value)
+    assert "not both" in str(error.value) and error.value.key == "mig"
     assert pytest.raises(OptionsError, normalize_user_options, {"mig": "big"}).value.key == "mig"
 
 

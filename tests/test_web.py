@@ -5,18 +5,24 @@ import json
 
 import pytest
 from harness import free_port
+from pydantic import Field
 from tornado import web
 from tornado.httpclient import AsyncHTTPClient
 from tornado.httpserver import HTTPServer
 
+from ds01hub.bodies import Body
 from ds01hub.errors import Ds01hubError
 from ds01hub.gpu.allocator import AllocationStateError
 from ds01hub.services.web import NDJSON, JsonHandler
 
 
+class EchoBody(Body):
+    a: int = Field(0, description="a whole number")
+
+
 class Echo(JsonHandler):
     def post(self) -> None:
-        self.write_json({"got": self.json_body()}, 201)
+        self.write_json({"got": self.body(EchoBody).model_dump()}, 201)
 
 
 class Fails(JsonHandler):
@@ -54,14 +60,20 @@ async def fetch(url: str, **kwargs):
     return response.code, response.headers.get("Content-Type"), response.body.decode()
 
 
-async def test_a_json_object_is_read_and_anything_else_is_a_named_400(base_url):
+async def test_a_body_is_read_by_its_model_and_anything_else_is_a_named_400(base_url):
     code, _, body = await fetch(f"{base_url}/echo", method="POST", body='{"a": 1}')
     assert (code, json.loads(body)) == (201, {"got": {"a": 1}})
     code, kind, body = await fetch(f"{base_url}/echo", method="POST", body="[1]")
     assert code == 400 and kind == "application/json"
-    assert json.loads(body)["error"] == "the request body must be a JSON object"
+    assert json.loads(body)["error"] == "the request body must be a JSON object, not [1]"
     code, _, body = await fetch(f"{base_url}/echo", method="POST", body="{nope")
     assert code == 400 and json.loads(body)["error"].startswith("the request body is not JSON")
+    code, _, body = await fetch(f"{base_url}/echo", method="POST", body='{"a": "1", "b": 2}')
+    assert json.loads(body) == {
+        "error": "the request body: field 'a' = '1': Input should be a valid integer",
+        "hint": "a: a whole number",
+        "status": 400,
+    }
 
 
 @pytest.mark.parametrize(

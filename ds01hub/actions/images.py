@@ -35,8 +35,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+import docker.errors
 import escapism
+from pydantic import Field, field_validator
 
+from ds01hub.bodies import Body
 from ds01hub.errors import Ds01hubError
 from ds01hub.units import utcnow
 
@@ -44,6 +47,7 @@ __all__ = [
     "CA_BUNDLE_IN_IMAGE",
     "TEMPLATES",
     "BuildEvent",
+    "BuildRequest",
     "ImageError",
     "ImageInUseError",
     "ImageNotFoundError",
@@ -330,24 +334,39 @@ class ImageSpec:
         return tuple(dict.fromkeys(get_template(self.template).apt_packages + self.apt_packages))
 
 
-BUILD_REQUEST_FIELDS = ("name", "template", "pip_packages", "apt_packages")
+class BuildRequest(Body):
+    """A build request as the notebook service and the CLI broker receive it (a JSON object).
+    The user is not in it: it comes from authentication, never from the body."""
+
+    name: str = Field("", description="the image's name: lowercase letters, digits, . _ -")
+    template: str | None = Field(
+        None, description="a use-case template (GET templates); default custom"
+    )
+    pip_packages: list[str] = Field(
+        [], description='pip requirements: a list of strings, or one string ("six, numpy==2.0")'
+    )
+    apt_packages: list[str] = Field(
+        [], description="Debian packages: a list of strings, or one string (spaces or commas)"
+    )
+
+    @field_validator("pip_packages", "apt_packages", mode="before")
+    @classmethod
+    def _one_string_is_a_list(cls, value: object) -> object:
+        """The widgets and the CLI send what the user typed: one string, split here."""
+        if value is None:
+            return []
+        return list(parse_package_list(value)) if isinstance(value, str) else value
 
 
-def spec_from_request(user: str, body: Mapping[str, object]) -> ImageSpec:
-    """A build request as the notebook service and the CLI broker receive it (a JSON object)
-    -> a validated ImageSpec for `user`, who comes from authentication, never from the body."""
-    unknown = sorted(set(body) - set(BUILD_REQUEST_FIELDS))
-    if unknown:
-        raise ImageError(
-            f"unknown field(s) {', '.join(unknown)}",
-            hint=f"send {', '.join(BUILD_REQUEST_FIELDS[:-1])} and {BUILD_REQUEST_FIELDS[-1]}",
-        )
+def spec_from_request(user: str, request: BuildRequest) -> ImageSpec:
+    """A parsed build request -> a validated ImageSpec for `user` (ImageError names the first
+    bad field: the request's shape is the model's, its values are checked here)."""
     return ImageSpec(
         user=user,
-        name=str(body.get("name") or ""),
-        template=str(body.get("template") or "custom"),
-        pip_packages=parse_package_list(body.get("pip_packages")),
-        apt_packages=parse_package_list(body.get("apt_packages")),
+        name=request.name,
+        template=request.template or "custom",
+        pip_packages=parse_package_list(request.pip_packages),
+        apt_packages=parse_package_list(request.apt_packages),
     ).validated()
 
 
@@ -555,8 +574,6 @@ def build_image(
     ``memory_limit``: bytes of memory for the build's containers (``None``: unlimited).
     Raises :class:`ImageError` before building if the request or the base image is unusable.
     """
-    import docker.errors
-
     spec = spec.validated()
     try:
         base_user = client.images.get(base_image).attrs.get("Config", {}).get("User") or None
@@ -646,8 +663,6 @@ def delete_user_image(client, user: str, name: str) -> str:
     Refuses an image that does not exist or is not theirs (:class:`ImageNotFoundError`) and one
     a container still uses (:class:`ImageInUseError`, with the fix in the message).
     """
-    import docker.errors
-
     tag = image_tag(user, name)
     try:
         image = client.images.get(tag)

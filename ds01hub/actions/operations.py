@@ -20,16 +20,21 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ds01hub import labels
 from ds01hub.actions.names import OperationError, validate_name
 from ds01hub.errors import Ds01hubError
+from ds01hub.gpu.inventory import Inventory
 from ds01hub.gpu.messages import EVENT_KEY, Message
 from ds01hub.hub.client import HubClient, HubError, HubUnreachable
+from ds01hub.limits import ResolvedLimits
 from ds01hub.provenance import Provenance
 from ds01hub.spawn_options import GPUS_OR_MIG, SPAWN_OPTION_KEYS, asks_gpus_and_mig
 from ds01hub.units import utcnow
+
+if TYPE_CHECKING:
+    import docker
 
 #: The project name shown for the user's default (unnamed) hub server.
 DEFAULT_PROJECT = labels.DEFAULT_PROJECT
@@ -157,6 +162,13 @@ def spawn_options(requested: Mapping[str, Any]) -> dict[str, Any] | None:
     return options or None
 
 
+def _record_of(attrs: Mapping[str, Any]) -> labels.ContainerRecord:
+    """The record of a container that `UserOperations` listed (and verified)."""
+    record = labels.ContainerRecord.claimed(attrs)
+    assert record is not None, "UserOperations lists only containers with verified labels"
+    return record
+
+
 def isoformat(value: datetime | None) -> str | None:
     return value.isoformat().replace("+00:00", "Z") if value else None
 
@@ -260,7 +272,7 @@ def memory_used(stats: Mapping[str, Any]) -> int | None:
     return max(0, int(mem["usage"]) - int(cache))
 
 
-def mig_profiles(inventory: Any) -> list[str] | None:
+def mig_profiles(inventory: Inventory | None) -> list[str] | None:
     """The MIG slice profiles this machine offers (what a guided prompt may suggest), None
     when the inventory is unknown here."""
     if inventory is None:
@@ -268,7 +280,7 @@ def mig_profiles(inventory: Any) -> list[str] | None:
     return sorted({slot.profile for slot in inventory.slots if slot.profile})
 
 
-def gpu_stats(inventory: Any, slot_id: str) -> dict[str, Any]:
+def gpu_stats(inventory: Inventory | None, slot_id: str) -> dict[str, Any]:
     """One GPU slot of a container: its utilisation and memory in use now, and its size (the
     limit), as the inventory knows them (NVML, or SIMULATED, which it says)."""
     if inventory is None or not inventory.has_slot(slot_id):
@@ -313,10 +325,10 @@ class OperationsContext:
     limits and the GPU inventory (None where unavailable)."""
 
     hub: HubClient
-    docker: Any
+    docker: docker.DockerClient
     trust: Provenance
-    limits_for: Callable[[str, Iterable[str]], Any] | None = None
-    inventory: Any = None  # ds01hub.gpu.inventory.Inventory: slot sizes and live utilisation
+    limits_for: Callable[[str, Iterable[str]], ResolvedLimits] | None = None
+    inventory: Inventory | None = None  # slot sizes and live utilisation
     auto_create_users: bool = True
     clock: Callable[[], datetime] = utcnow
     spawn_timeout: float = 900.0
@@ -426,7 +438,7 @@ class UserOperations:
         now = self.ctx.clock()
         views = {}
         for attrs, status in containers:
-            project = labels.ContainerRecord.claimed(attrs).project  # verified in _summaries
+            project = _record_of(attrs).project
             server = servers.get(project_to_server(project))
             views[project] = container_view(attrs, server, project, now, hold, status)
         for name, server in servers.items():
@@ -731,7 +743,7 @@ class UserOperations:
 
     async def record_activity(self, project: str) -> None:
         """A shell in the container is in use: keep the idle culler off it (best effort)."""
-        when = isoformat(self.ctx.clock())
+        when = isoformat(self.ctx.clock()) or ""
         # the hub may not know the server (started outside it): then there is nothing to keep
         with contextlib.suppress(HubError):
             await self.ctx.hub.record_activity(self.user, project_to_server(project), when)
@@ -759,7 +771,7 @@ class UserOperations:
         for attrs, sample in zip(containers, samples, strict=True):
             if sample is None:  # removed since it was listed
                 continue
-            record = labels.ContainerRecord.claimed(attrs)  # verified in _containers
+            record = _record_of(attrs)
             host = attrs.get("HostConfig") or {}
             rows.append(
                 {

@@ -33,7 +33,7 @@ import posixpath
 import re
 import tarfile
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from ds01hub.errors import Ds01hubError
@@ -93,7 +93,7 @@ def _decompress(data: bytes, limit: int) -> bytes:
     return data
 
 
-def _bounded(decompress, data: bytes, limit: int) -> bytes:  # type: ignore[no-untyped-def]
+def _bounded(decompress: Callable[[bytes, int], bytes], data: bytes, limit: int) -> bytes:
     try:
         out = decompress(data, limit + 1) if limit >= 0 else b""
     except (OSError, EOFError, ValueError, zlib.error, lzma.LZMAError) as error:
@@ -258,7 +258,9 @@ def _expand(word: str, args: Mapping[str, str], where: str) -> str:
     return _VARIABLE.sub(value, word)
 
 
-def _meta_arg(rest: str, args: dict[str, str], build_args: Mapping[str, str | None], where: str):  # type: ignore[no-untyped-def]
+def _meta_arg(
+    rest: str, args: dict[str, str], build_args: Mapping[str, str | None], where: str
+) -> None:
     match = _ARG.match(rest.strip())
     if not match:
         raise ContextError(

@@ -348,7 +348,7 @@ class ClientStream(Stream):
                 raise HttpError("connection closed inside a request body")
             if isinstance(event, Request):  # pragma: no cover - llhttp ends a body first
                 raise HttpError("request head inside a body")
-            return None if event is END else event
+            return event if isinstance(event, bytes) else None  # END
         if not self.raw_left:
             return None
         data = await self.read_some(deadline)
@@ -535,6 +535,7 @@ async def relay_until_eof(src: Stream, dst: Stream) -> None:
     COALESCE_SECONDS so the kernel gathers the next lines into one large read.
     """
     transport = src.writer.transport
+    assert isinstance(transport, asyncio.ReadTransport)  # a socket's: it reads too
     while data := await src.read_some():
         await dst.write(data)
         if len(data) < COALESCE_BYTES and not src.eof:

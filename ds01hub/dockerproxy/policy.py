@@ -628,7 +628,7 @@ def filter_owned_containers(
 
 
 def owner_filters(
-    raw: str | None, user: str, trust: Provenance, extra: Mapping[str, list[str]] = ()
+    raw: str | None, user: str, trust: Provenance, extra: Mapping[str, list[str]] | None = None
 ) -> str:
     """The ``filters`` query value with the ownership label filters added (ANDed upstream)."""
     filters: dict[str, list[str]] = {}
@@ -648,7 +648,7 @@ def owner_filters(
             filters[str(key)] = list(values)
     labels = filters.setdefault("label", [])
     labels += [f"{k}={v}" for k, v in owned_labels(user, trust).items()]
-    for key, values in dict(extra).items():
+    for key, values in dict(extra or {}).items():
         filters[key] = list(values)
     return json.dumps(filters, separators=(",", ":"))
 
@@ -831,7 +831,8 @@ def bind_roots(caller: Caller, settings: Settings) -> tuple[str, ...]:
 
 
 def create_needs(caller: Caller, body: Mapping[str, Any], settings: Settings) -> CreateNeeds:
-    host = body.get("HostConfig") if isinstance(body.get("HostConfig"), dict) else {}
+    found = body.get("HostConfig")
+    host: Mapping[str, Any] = found if isinstance(found, dict) else {}
     refs: list[str] = []
     for key in CONTAINER_NAMESPACE_FIELDS:
         mode = host.get(key)

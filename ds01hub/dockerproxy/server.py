@@ -88,6 +88,7 @@ from ds01hub.dockerproxy.policy import (
     VolumeFacts,
 )
 from ds01hub.labels import escape_name
+from ds01hub.limits import LimitsStore
 from ds01hub.peer import Caller
 from ds01hub.provenance import Provenance
 
@@ -840,8 +841,6 @@ def limits_loader(path: str | None) -> Callable[[Caller], policy.UserLimits | No
     host's file, by the one rule for "no limits file" (ds01hub.limits.load_limits_or_defaults:
     with none named and none at the default path, the built-in defaults, which limit no
     container setting)."""
-    from ds01hub.limits import LimitsStore
-
     store = LimitsStore(path or None)
 
     def limits_for(caller: Caller) -> policy.UserLimits:
@@ -942,6 +941,7 @@ def run(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         task = asyncio.current_task()
+        assert task is not None  # inside asyncio.run
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, task.cancel)

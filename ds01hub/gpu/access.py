@@ -30,6 +30,7 @@ Standard library only: the install (before any venv) renders the files.
 from __future__ import annotations
 
 import argparse
+import builtins
 import contextlib
 import fcntl
 import grp
@@ -159,8 +160,13 @@ def install_steps(layout: Any, file_step: Callable, step: Callable, accounts: bo
             subprocess.run(["udevadm", "control", "--reload"], check=False)
 
     rule_file = file_step(rule, render_udev_rule(layout.gpu_group))
+
+    def write_rule() -> None:
+        rule_file.apply()
+        reload_udev()
+
     return [
-        step(rule_file.what, rule_file.needed, lambda: (rule_file.apply(), reload_udev())),
+        step(rule_file.what, rule_file.needed, write_rule),
         step(f"write {conf} (NVreg_DeviceFileGID of {layout.gpu_group})", conf_needed, write_conf),
         step(
             f"restrict the NVIDIA device nodes in {layout.dev} to root:{layout.gpu_group} 0660",
@@ -240,7 +246,7 @@ class GrantStore:
                 "(the group's members stay as they are)"
             ) from None
 
-    def list(self) -> list[Grant]:
+    def list(self) -> builtins.list[Grant]:
         return sorted(self._read().values(), key=lambda g: g.expires_at)
 
     def grant(self, user: str, seconds: float, by: str, reason: str, now: float) -> Grant:
@@ -270,7 +276,7 @@ class GrantStore:
                 raise GpuAccessError(f"{user} has no GPU access grant (see --list)")
             return self._end(grants, user)
 
-    def sweep(self, now: float) -> list[dict]:
+    def sweep(self, now: float) -> builtins.list[dict]:
         """End every grant that has expired."""
         with self.locked() as grants:
             expired = [u for u, g in grants.items() if g.expires_at <= now]
@@ -283,7 +289,7 @@ class GrantStore:
         stopped = self._stop_processes(user)
         return {"user": user, "stopped_processes": stopped}
 
-    def _stop_processes(self, user: str) -> list[int]:
+    def _stop_processes(self, user: str) -> builtins.list[int]:
         try:
             uid = pwd.getpwnam(user).pw_uid
             gid = grp.getgrnam(self.group).gr_gid
@@ -362,8 +368,8 @@ def run_command(args: argparse.Namespace) -> int:
         if os.geteuid() != 0:
             raise GpuAccessError("only root changes GPU access (sudo ds01hub grant-gpu-access)")
         if args.sweep:
-            ended = store.sweep(now)
-            _say(args, {"ended": ended}, [_ended_line(e, "expired") for e in ended])
+            swept = store.sweep(now)
+            _say(args, {"ended": swept}, [_ended_line(e, "expired") for e in swept])
         elif args.revoke:
             ended = store.revoke(args.user)
             _say(args, {"ended": [ended]}, [_ended_line(ended, "revoked")])

@@ -53,6 +53,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import docker.errors
+
 from ds01hub import labels, provenance
 from ds01hub.engine import engine_unreachable
 from ds01hub.errors import Ds01hubError
@@ -299,8 +301,6 @@ def docker_lister(
     filters = {"label": [*scope, *extra_labels]}
 
     def list_managed() -> list[dict]:
-        import docker.errors
-
         documents = []
         for entry in client.api.containers(all=True, filters=filters):
             gpus = (entry.get("Labels") or {}).get(labels.GPUS)
@@ -320,8 +320,6 @@ def docker_remover(client: Any) -> Callable[[str], bool]:
     container's own lock, so a late `docker start` either lands first or finds nothing)."""
 
     def remove(container_id: str) -> bool:
-        import docker.errors
-
         try:
             client.api.remove_container(container_id, v=True)
         except docker.errors.NotFound:
@@ -350,8 +348,8 @@ class SlotStatus:
     def conflict(self) -> bool:
         return len({h.container for h in self.holders}) > 1
 
-    def to_dict(self) -> dict:
-        data = {"slot": self.slot_id, "uuid": self.uuid, "profile": self.profile}
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"slot": self.slot_id, "uuid": self.uuid, "profile": self.profile}
         held = self.holding.to_dict() if self.holding else {}
         for key in ("user", "container", "state", "held_until", "priority"):
             data[key] = held.get(key)

@@ -149,8 +149,11 @@ class OpenAllocation:
 
 
 def _epoch(moment: datetime | None) -> float | None:
-    if moment is None:
-        return None
+    return None if moment is None else _seconds(moment)
+
+
+def _seconds(moment: datetime) -> float:
+    """Epoch seconds; a naive datetime is UTC."""
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return moment.timestamp()
@@ -335,10 +338,11 @@ class EventLog:
         limit: int | None = None,
     ) -> list[Event]:
         """Events oldest first (the newest `limit` when given)."""
-        clauses, params = [], []
+        clauses: list[str] = []
+        params: list[object] = []
         if since is not None:
             clauses.append("ts >= ?")
-            params.append(_epoch(since))
+            params.append(_seconds(since))
         if user is not None:
             clauses.append("user = ?")
             params.append(user)
@@ -369,8 +373,8 @@ class EventLog:
         """Every GPU interval (allocate to release/expire/reclaim of one container's slot)
         that overlaps [since, until], clipped to it; open ones end at `until` (default now).
         GPU-hours and the admin page's charts are sums over these."""
-        start = _epoch(since) if since is not None else float("-inf")
-        end = _epoch(until) if until is not None else time.time()
+        start = _seconds(since) if since is not None else float("-inf")
+        end = _seconds(until) if until is not None else time.time()
         with self._connect() as db:
             rows = db.execute(
                 "SELECT ts, kind, user, grp, slot, container FROM events"

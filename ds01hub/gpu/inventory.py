@@ -236,8 +236,9 @@ def load_inventory(config: GpuAllocationConfig | None = None, nvml: Any = None) 
         nvml = SimulatedNvml.from_config(config.simulate)
     if nvml is None:
         try:
-            import pynvml as nvml
+            import pynvml  # optional at import time: a host CLI without NVIDIA's library
         except ImportError:
             return Inventory([], [], False, reason="nvidia-ml-py (pynvml) is not installed")
+        nvml = pynvml
     simulated = bool(getattr(nvml, "simulated", False))
     return discover(nvml, enable_mig=config.enable_mig, simulated=simulated)

@@ -208,7 +208,13 @@ class QueuedStore:
             return []
         if not isinstance(data, list):
             return []
-        wanted = {"user": str, "server": str, "since": (int, float), "at": (int, float)}
+        number = (int, float)
+        wanted: dict[str, type | tuple[type, ...]] = {
+            "user": str,
+            "server": str,
+            "since": number,
+            "at": number,
+        }
         return [
             n
             for n in data

@@ -182,9 +182,11 @@ class SimulatedNvml:
         return gpu
 
     @staticmethod
-    def _require_mig(handle: _Handle) -> None:
+    def _require_mig(handle: _Handle) -> int:
+        """The handle's MIG index; NVML's invalid-argument error for a whole GPU's handle."""
         if handle.mig is None:
             raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        return handle.mig
 
     # -- the pynvml API ----------------------------------------------------------------------
 
@@ -235,7 +237,7 @@ class SimulatedNvml:
         gpu = self._gpu(handle)
         if handle.mig is None:
             return gpu.spec.name
-        return f"{gpu.spec.name} MIG {gpu.spec.mig[handle.mig]}"
+        return f"{gpu.spec.name} MIG {(gpu.spec.mig or ())[handle.mig]}"
 
     def nvmlDeviceGetUUID(self, handle: _Handle) -> str:  # noqa: N802
         gpu = self._gpu(handle)
@@ -247,7 +249,7 @@ class SimulatedNvml:
             total = gpu.spec.memory_mb << 20
             owners = [p for procs in gpu.processes.values() for p in procs]
         else:
-            total = mig_profile_memory_mb(gpu.spec.mig[handle.mig]) << 20
+            total = mig_profile_memory_mb((gpu.spec.mig or ())[handle.mig]) << 20
             owners = gpu.processes.get(handle.mig, [])
         used = min(total, sum(p.usedGpuMemory or 0 for p in owners))
         return _Memory(total=total, free=total - used, used=used)
@@ -282,8 +284,7 @@ class SimulatedNvml:
 
     def nvmlDeviceGetGpuInstanceId(self, handle: _Handle) -> int:  # noqa: N802
         gpu = self._gpu(handle)
-        self._require_mig(handle)
-        return self._gi_id(gpu, handle.mig)
+        return self._gi_id(gpu, self._require_mig(handle))
 
     def nvmlDeviceGetComputeInstanceId(self, handle: _Handle) -> int:  # noqa: N802
         self._gpu(handle)

@@ -110,7 +110,7 @@ class HubClient:
         except OSError as e:
             raise self.unreachable(e) from None
 
-    def unreachable(self, error: Exception) -> HubUnreachable:
+    def unreachable(self, error: BaseException) -> HubUnreachable:
         reason = getattr(error, "strerror", None) or str(error)
         status = 599 if getattr(error, "code", 0) == 599 else 0
         return HubUnreachable(status, f"cannot reach the hub at {self.api_url}: {reason}")

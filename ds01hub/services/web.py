@@ -17,11 +17,12 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterable
-from typing import Any
+from typing import Any, TypeVar
 
 from tornado import web
 from tornado.iostream import StreamClosedError
 
+from ds01hub.bodies import Body, parse_body
 from ds01hub.errors import Ds01hubError
 
 __all__ = ["JSON", "NDJSON", "JsonHandler"]
@@ -31,6 +32,8 @@ NDJSON = "application/x-ndjson"
 
 log = logging.getLogger("ds01hub.services.web")
 
+B = TypeVar("B", bound=Body)
+
 
 class JsonHandler(web.RequestHandler):
     """Mixed in before a door's tornado handler base (`class H(JsonHandler, APIHandler)`)."""
@@ -38,17 +41,10 @@ class JsonHandler(web.RequestHandler):
     #: What a caller reads for a failure that is not theirs to know about (the log has it).
     internal_error = "internal error"
 
-    def json_body(self) -> dict[str, Any]:
-        """The request body: a JSON object, {} when empty; anything else is a 400 naming it."""
-        if not self.request.body:
-            return {}
-        try:
-            body = json.loads(self.request.body)
-        except ValueError as error:
-            raise Ds01hubError(f"the request body is not JSON: {error}") from None
-        if not isinstance(body, dict):
-            raise Ds01hubError("the request body must be a JSON object")
-        return body
+    def body(self, model: type[B]) -> B:
+        """The request body parsed by `model` (ds01hub.bodies: unknown keys refused, exact
+        types); a body that does not fit is a BodyError, a 400 naming the field."""
+        return parse_body(model, self.request.body)
 
     def write_json(self, data: Any, status: int = 200) -> None:
         self.set_status(status)

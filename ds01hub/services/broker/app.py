@@ -24,6 +24,8 @@ import socket
 import sys
 from typing import Any
 
+import docker
+from docker import DockerClient
 from tornado import web
 from tornado.httpserver import HTTPServer
 from tornado.iostream import IOStream, StreamClosedError
@@ -37,8 +39,10 @@ from ds01hub.actions.operations import (
     OperationsContext,
     docker_unreachable,
 )
+from ds01hub.gpu.inventory import load_inventory
 from ds01hub.gpu.queued import QueuedStore
 from ds01hub.hub.client import HubClient
+from ds01hub.limits import LimitsStore
 from ds01hub.peer import Caller
 from ds01hub.services.broker.handlers import (
     BuildHandler,
@@ -77,7 +81,7 @@ class BrokerImages:
     host's one `BuildManager`): only in the caller's own namespace, one build per user at a
     time and a few at once on the whole host, whichever door they came through."""
 
-    def __init__(self, broker: Broker, docker_client: Any):
+    def __init__(self, broker: Broker, docker_client: DockerClient):
         self.broker = broker
         self.docker = docker_client
         self.builds = broker.build_manager(docker_client, broker.state_dir)
@@ -93,11 +97,11 @@ class BrokerImages:
         tag = await asyncio.to_thread(images.delete_user_image, self.docker, user, name)
         return {"deleted": tag, "tag": tag}
 
-    async def build(self, user: str, body: dict[str, Any]):
+    async def build(self, user: str, request: images.BuildRequest):
         """Yield the build's events (ds01hub.actions.images.BuildEvent dicts); the last is
         done, a failure is an OperationError. Leaving early (the user's Ctrl-C) stops the
         watching, not the build. Refusals are images.ImageErrors (named by named_error)."""
-        spec = images.spec_from_request(user, body)
+        spec = images.spec_from_request(user, request)
         existing = await self.list(user)
         images.check_image_quota(
             (i["name"] for i in existing), spec.name, self.broker.max_images_per_user
@@ -224,7 +228,7 @@ class Broker(HostSettings, ImageBuildSettings, Application):
         return docker_socket_path()
 
     context: OperationsContext
-    docker: Any
+    docker: DockerClient
     images: BrokerImages
 
     @property
@@ -244,11 +248,9 @@ class Broker(HostSettings, ImageBuildSettings, Application):
         except peer.IdentityError as e:
             raise OperationError(e.message, e.hint, e.status) from None  # the handlers' one type
 
-    def connect_docker(self) -> Any:
+    def connect_docker(self) -> DockerClient:
         """A docker-py client of `docker_socket`. An engine that does not answer now is no
         reason not to start: requests then say "Docker engine unreachable" until it does."""
-        import docker
-
         try:
             return docker.DockerClient(base_url=self.docker_url)
         except docker.errors.DockerException as e:
@@ -275,9 +277,6 @@ class Broker(HostSettings, ImageBuildSettings, Application):
         """Limits and GPU utilisation from the lab's YAML; the broker still lists, starts and
         stops without them (the spawner enforces limits), so a missing file only logs."""
         try:
-            from ds01hub.gpu.inventory import load_inventory
-            from ds01hub.limits import LimitsStore
-
             store = LimitsStore(self.limits_path or None, log=self.log)
         except Exception as e:  # LimitsError: bounded, names the file, the lines and the fixes
             self.log.warning("limits unavailable (%s): no hold times or quotas shown", e)
@@ -295,8 +294,14 @@ class Broker(HostSettings, ImageBuildSettings, Application):
         return limits_for, inventory
 
     async def open_exec_stream(self, exec_id: str, tty: bool) -> IOStream:
-        """Start a docker exec and hijack its connection (Docker's own `Upgrade: tcp`), so its
-        bytes can be relayed; any bytes after the response head stay in the stream's buffer."""
+        """Start a docker exec and hijack its connection (the Engine API's documented
+        `POST /exec/{id}/start` with `Upgrade: tcp`), so its bytes can be relayed; any bytes
+        after the response head stay in the stream's buffer.
+
+        Not docker-py's `exec_start(socket=True)`: that reads the response head through
+        http.client's buffered reader and hands back the raw socket behind it, so output that
+        arrives in the same read as the head (a quick command on a loaded host) would be lost,
+        and it blocks a thread. The API version is docker-py's negotiated `api_version`."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         stream = IOStream(sock)
         try:
@@ -305,7 +310,7 @@ class Broker(HostSettings, ImageBuildSettings, Application):
             stream.close()
             raise docker_unreachable(self.docker_url, getattr(e, "real_error", None) or e) from None
         body = json.dumps({"Detach": False, "Tty": tty}).encode()
-        version = self.docker.api._version
+        version = self.docker.api.api_version
         head = (
             f"POST /v{version}/exec/{exec_id}/start HTTP/1.1\r\nHost: docker\r\n"
             "Content-Type: application/json\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n"

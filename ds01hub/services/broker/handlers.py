@@ -12,15 +12,18 @@ import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from pydantic import Field
 from tornado.iostream import IOStream, StreamClosedError
 
 from ds01hub import peer
+from ds01hub.actions import images
 from ds01hub.actions.operations import (
     OperationError,
     UserOperations,
     named_error,
     validate_name,
 )
+from ds01hub.bodies import Body
 from ds01hub.errors import Ds01hubError
 from ds01hub.peer import Caller
 from ds01hub.services.broker.protocol import (
@@ -34,6 +37,7 @@ from ds01hub.services.broker.protocol import (
 )
 from ds01hub.services.ops.warnings import pending_warnings
 from ds01hub.services.web import JsonHandler
+from ds01hub.spawner.options import SpawnOptions
 
 if TYPE_CHECKING:
     from ds01hub.services.broker.app import Broker
@@ -159,29 +163,42 @@ class ContainerHandler(BrokerHandler):
         self.write_json(await self.ops().remove(project, force=force))
 
 
+class StartBody(Body):
+    options: SpawnOptions = Field(
+        default_factory=SpawnOptions,
+        description="spawn options: profile, image, gpus, mig (none: as last time)",
+    )
+    create: bool = Field(False, description="true: create the container if there is none")
+
+
 class StartHandler(BrokerHandler):
     async def post(self, project: str) -> None:
-        body = self.json_body()
-        options = body.get("options") or {}
-        if not isinstance(options, dict):
-            raise OperationError("options must be a JSON object")
+        body = self.body(StartBody)
         validate_name(project)
-        await self.stream_json(self.ops().start(project, options, create=bool(body.get("create"))))
+        options = body.options.model_dump(exclude_defaults=True)
+        await self.stream_json(self.ops().start(project, options, create=body.create))
+
+
+class StopBody(Body):
+    timeout: float | None = Field(
+        None, ge=0, description="seconds to wait before the container is killed (>= 0)"
+    )
+    force: bool = Field(False, description="true: stop even with a build or shell running")
 
 
 class StopHandler(BrokerHandler):
     async def post(self, project: str) -> None:
-        body = self.json_body()
-        timeout = body.get("timeout")
-        if timeout is not None and (not isinstance(timeout, int | float) or timeout < 0):
-            raise OperationError("timeout must be a number of seconds >= 0")
-        force = bool(body.get("force"))
-        self.write_json(await self.ops().stop(project, timeout=timeout, force=force))
+        body = self.body(StopBody)
+        self.write_json(await self.ops().stop(project, timeout=body.timeout, force=body.force))
+
+
+class CleanupBody(Body):
+    all: bool = Field(False, description="true: running containers too, not only stopped ones")
 
 
 class CleanupHandler(BrokerHandler):
     async def post(self) -> None:
-        include_running = bool(self.json_body().get("all"))
+        include_running = self.body(CleanupBody).all
         self.write_json(await self.ops().cleanup(include_running=include_running))
 
 
@@ -202,8 +219,8 @@ class ImagesHandler(BrokerHandler):
         self.write_json(await self.broker.images.list(self.user))
 
     async def post(self) -> None:
-        body = self.json_body()
-        await self.stream_json(self.broker.images.build(self.user, body))
+        request = self.body(images.BuildRequest)
+        await self.stream_json(self.broker.images.build(self.user, request))
 
 
 class ImageTemplatesHandler(BrokerHandler):
@@ -223,23 +240,27 @@ class ImageHandler(BrokerHandler):
         self.write_json(await self.broker.images.delete(self.user, name))
 
 
+class ExecBody(Body):
+    command: list[str] | None = Field(
+        None, description="the command and its arguments (none or []: a login shell)"
+    )
+    tty: bool = Field(True, description="true: a terminal (raw keys, resizes); false: pipes")
+    env: dict[str, str] = Field({}, description="TERM, LANG, COLORTERM (others are dropped)")
+    rows: int | None = Field(None, ge=1, le=65535, description="the terminal's rows, 1..65535")
+    cols: int | None = Field(None, ge=1, le=65535, description="the terminal's columns, 1..65535")
+
+
 class ExecHandler(BrokerHandler):
     """Upgrade the connection and relay it to a docker exec session in the user's container."""
 
     async def post(self, project: str) -> None:
         if self.request.headers.get("Upgrade", "").lower() != EXEC_UPGRADE:
             raise OperationError(f"exec needs `Upgrade: {EXEC_UPGRADE}`")
-        body = self.json_body()
-        command = body.get("command")
-        if command is not None and not (
-            isinstance(command, list) and all(isinstance(c, str) for c in command)
-        ):
-            raise OperationError("command must be a list of strings")
-        tty = bool(body.get("tty", True))
-        created = await self.ops().exec_create(project, command, tty, body.get("env") or {})
-        docker_stream = await self.broker.open_exec_stream(created["exec_id"], tty)
-        if body.get("rows") and body.get("cols"):
-            await self.broker.resize_exec(created["exec_id"], body["rows"], body["cols"])
+        body = self.body(ExecBody)
+        created = await self.ops().exec_create(project, body.command, body.tty, body.env)
+        docker_stream = await self.broker.open_exec_stream(created["exec_id"], body.tty)
+        if body.rows and body.cols:
+            await self.broker.resize_exec(created["exec_id"], body.rows, body.cols)
         self.set_status(101)
         self.set_header("Upgrade", EXEC_UPGRADE)
         self.set_header("Connection", "Upgrade")

@@ -31,7 +31,9 @@ import os
 from collections.abc import Iterable
 from urllib.parse import urlparse
 
+import docker
 from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler, HubOAuthenticated
+from pydantic import Field
 from tornado import web
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop
@@ -42,11 +44,14 @@ from ds01hub import provenance
 from ds01hub.actions import images
 from ds01hub.actions.builds import Build
 from ds01hub.actions.operations import OperationError, OperationsContext, UserOperations
+from ds01hub.bodies import Body, shown
 from ds01hub.engine import EngineState, engine_unreachable, engine_url, short_error
 from ds01hub.hub.client import HubClient
 from ds01hub.hub.services import NOTEBOOK_PORT, NOTEBOOK_SERVICE
+from ds01hub.limits import LimitsError, LimitsStore
 from ds01hub.services.settings import HostSettings, ImageBuildSettings
 from ds01hub.services.web import JsonHandler
+from ds01hub.spawner.options import SpawnOptions
 
 # ---------------------------------------------------------------- handlers
 
@@ -79,6 +84,15 @@ class ServiceHandler(HubOAuthenticated, JsonHandler):
         # Token-authenticated API calls need no xsrf token; cookie (browser) sessions do.
         if not self.request.headers.get("Authorization"):
             super().check_xsrf_cookie()
+
+    def since(self) -> int:
+        """The `since` query argument: an event index >= 0 (a named 400 otherwise)."""
+        text = self.get_argument("since", "0") or "0"
+        if not text.isdigit() or len(text) > 12:
+            raise OperationError(
+                f"since={shown(text)} is not an event number", "send since=N with N >= 0"
+            )
+        return int(text)
 
     def operations(self) -> UserOperations:
         return UserOperations(self.service.operations_context(), self.user)
@@ -136,7 +150,7 @@ class BuildsHandler(ServiceHandler):
         self.write_json([b.to_dict() for b in self.service.builds.for_user(self.user)])
 
     async def post(self) -> None:
-        spec = images.spec_from_request(self.user, self.json_body())
+        spec = images.spec_from_request(self.user, self.body(images.BuildRequest))
         existing = await asyncio.to_thread(images.list_user_images, self.service.docker, self.user)
         images.check_image_quota(
             (i.name for i in existing), spec.name, self.service.max_images_per_user
@@ -153,25 +167,30 @@ class BuildHandler(ServiceHandler):
         return build
 
     def get(self, build_id: str) -> None:
-        since = int(self.get_argument("since", "0") or 0)
-        self.write_json(self._build(build_id).to_dict(since=since))
+        self.write_json(self._build(build_id).to_dict(since=self.since()))
 
 
 class BuildStreamHandler(BuildHandler):
     """Newline-delimited JSON events, flushed as they come, until the build ends."""
 
     async def get(self, build_id: str) -> None:
-        build = self._build(build_id)
-        await self.stream_json(build.follow(int(self.get_argument("since", "0") or 0)))
+        build, since = self._build(build_id), self.since()
+        await self.stream_json(build.follow(since))
+
+
+class ProjectServerBody(Body):
+    options: SpawnOptions = Field(
+        default_factory=SpawnOptions, description="spawn options: profile, image, gpus, mig"
+    )
 
 
 class ProjectServerHandler(ServiceHandler):
     """Start a container for a project: the one project step that needs the hub."""
 
     async def post(self, project: str) -> None:
-        body = self.json_body()
+        options = self.body(ProjectServerBody).options.model_dump(exclude_defaults=True)
         last: dict = {}
-        async for event in self.operations().start(project, body.get("options"), create=True):
+        async for event in self.operations().start(project, options, create=True):
             last = event
         self.write_json(last.get("container") or last, status=201)
 
@@ -233,8 +252,6 @@ class DS01Service(HostSettings, ImageBuildSettings, Application):
 
     def initialize(self, argv: list[str] | None = None) -> None:
         super().initialize(argv)
-        import docker
-
         self.docker = docker.from_env()
         self.trust = provenance.load(self.state_dir)
         self.engine = EngineState(
@@ -250,10 +267,6 @@ class DS01Service(HostSettings, ImageBuildSettings, Application):
         """The user's resolved limits, or None when no limits file can be read (called on the
         event loop: a changed file is re-read on the store's thread, the last good one used
         meanwhile)."""
-        try:
-            from ds01hub.limits import LimitsError, LimitsStore
-        except ImportError:
-            return None
         if self._limits_store is None:
             try:
                 self._limits_store = LimitsStore(self.limits_path or None, log=self.log)

@@ -43,7 +43,12 @@ from markupsafe import Markup
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from tornado import web
 
+from ds01hub.engine import EngineState
+from ds01hub.gpu.allocator import SlotStatus
+from ds01hub.gpu.eventlog import EventLog
+from ds01hub.gpu.inventory import Inventory
 from ds01hub.services.ops import charts
+from ds01hub.services.ops.warnings import CullWarning
 
 __all__ = [
     "AdminApiHandler",
@@ -70,7 +75,7 @@ def week_start(now: datetime) -> datetime:
     return monday.replace(hour=0, minute=0, second=0, microsecond=0)
 
 
-def slot_rows(status: Iterable[Any], inventory: Any) -> list[dict[str, Any]]:
+def slot_rows(status: Iterable[SlotStatus], inventory: Inventory) -> list[dict[str, Any]]:
     """One row per slot: who holds it, state, live utilisation, held-until; a slot that more
     than one container holds is a `conflict` row listing every holder."""
     rows = []
@@ -135,13 +140,13 @@ def usage_rows(week: dict[str, float], total: dict[str, float]) -> list[dict[str
 
 
 def overview(
-    status: Iterable[Any],
-    inventory: Any,
-    eventlog: Any,
+    status: Iterable[SlotStatus],
+    inventory: Inventory,
+    eventlog: EventLog,
     now: datetime,
     config_error: str | None = None,
-    pending_culls: Iterable[Any] = (),
-    engine: Any = None,
+    pending_culls: Iterable[CullWarning] = (),
+    engine: EngineState | None = None,
     queue: Iterable[Mapping[str, Any]] = (),
     fairshare: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:

@@ -25,13 +25,33 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import docker
+from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler
+from prometheus_client import CollectorRegistry
+from tornado import web
+from tornado.httpserver import HTTPServer
+from tornado.ioloop import IOLoop
 from traitlets import Bool, Float, Integer, List, Unicode, default
 from traitlets.config import Application
 
 from ds01hub import paths, provenance
 from ds01hub.engine import EngineState, engine_unreachable, engine_url
+from ds01hub.gpu.allocator import AllocationStateError, GpuAllocator, docker_lister
+from ds01hub.gpu.eventlog import EventLog
+from ds01hub.gpu.inventory import Inventory, load_inventory
+from ds01hub.hub.client import HubClient
 from ds01hub.hub.services import OPS_PORT, OPS_SERVICE
+from ds01hub.limits import LimitsStore
+from ds01hub.services.ops.admin_page import (
+    AdminApiHandler,
+    AdminPageHandler,
+    MetricsHandler,
+    overview,
+    queue_rows,
+)
 from ds01hub.services.ops.culler import Culler
+from ds01hub.services.ops.lifecycle import Lifecycle
+from ds01hub.services.ops.metrics import LimitsCollector, StateCollector
 from ds01hub.services.settings import HostSettings
 from ds01hub.units import utcnow
 
@@ -45,18 +65,16 @@ class Components:
     """The long-lived objects one culler process works with."""
 
     culler: Culler
-    allocator: Any
-    eventlog: Any
-    limits: Any
-    inventory: Any
+    allocator: GpuAllocator
+    eventlog: EventLog
+    limits: LimitsStore
+    inventory: Inventory
     engine: EngineState
 
     def overview(self, queue: Iterable[dict[str, Any]] = ()) -> dict[str, Any]:
         """The admin page's model (blocking: Docker and SQLite). While the Docker engine is
         unreachable the page says so (and since when) instead of failing; slot holders are
         unknown until it answers. `queue`: the starts waiting for a GPU (from the hub)."""
-        from ds01hub.services.ops.admin_page import overview
-
         self.limits.reload()
         try:
             status = self.allocator.status()
@@ -89,13 +107,13 @@ class Components:
 
 
 def build_components(
-    hub: Any,
-    docker_client: Any,
+    hub: HubClient,
+    docker_client: docker.DockerClient,
     limits_path: str | os.PathLike | None,
     state_dir: str | os.PathLike,
     *,
     remove_stopped: bool = True,
-    inventory: Any = None,
+    inventory: Inventory | None = None,
     extra_labels: Iterable[str] = (),
     clock: Callable[[], datetime] = utcnow,
     **culler_options: Any,
@@ -103,12 +121,6 @@ def build_components(
     """Wire limits (`limits_path` as set, None for the default: reloaded on change, last good
     kept; ds01hub.limits.load_limits_or_defaults), the GPU inventory, the event log
     (`state_dir/events.db`, as the spawner's), the allocator, the lifecycle pass and the culler."""
-    from ds01hub.gpu.allocator import GpuAllocator, docker_lister
-    from ds01hub.gpu.eventlog import EventLog
-    from ds01hub.gpu.inventory import load_inventory
-    from ds01hub.limits import LimitsStore
-    from ds01hub.services.ops.lifecycle import Lifecycle
-
     limits = LimitsStore(limits_path, log=culler_options.get("log"))
     inventory = inventory or load_inventory(limits.current.gpu_allocation)
     eventlog = EventLog(Path(state_dir) / EVENTLOG_FILE)
@@ -149,9 +161,7 @@ def build_components(
     return Components(culler, allocator, eventlog, limits, inventory, engine)
 
 
-def _docker_from_env() -> Any:
-    import docker
-
+def _docker_from_env() -> docker.DockerClient:
     return docker.from_env()
 
 
@@ -239,14 +249,6 @@ class OpsService(HostSettings, Application):
         )
 
     def start(self) -> None:
-        import docker
-        from prometheus_client import CollectorRegistry
-        from tornado.httpserver import HTTPServer
-        from tornado.ioloop import IOLoop
-
-        from ds01hub.hub.client import HubClient
-        from ds01hub.services.ops.metrics import LimitsCollector, StateCollector
-
         hub = HubClient(os.environ["JUPYTERHUB_API_URL"], os.environ["JUPYTERHUB_API_TOKEN"])
         parts = self.components(hub, docker.from_env())
         self._reconcile(parts)
@@ -266,8 +268,6 @@ class OpsService(HostSettings, Application):
         """At hub start (this service starts with the hub): remove what a killed hub left
         that nothing claims (never-started containers), each with a `reconcile` event. The
         lifecycle pass does it again on every cull pass."""
-        from ds01hub.gpu.allocator import AllocationStateError
-
         try:
             actions = parts.allocator.reconcile()
         except AllocationStateError as error:
@@ -277,18 +277,8 @@ class OpsService(HostSettings, Application):
             self.log.warning("reconcile: %s (%s): %s", action.container, action.user, action.reason)
 
 
-def make_web_app(parts: Components, hub: Any, registry: Any) -> Any:
+def make_web_app(parts: Components, hub: HubClient, registry: CollectorRegistry) -> web.Application:
     """The service's routes: the admin page, its JSON, the metrics, the OAuth callback."""
-    from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler
-    from tornado import web
-
-    from ds01hub.services.ops.admin_page import (
-        AdminApiHandler,
-        AdminPageHandler,
-        MetricsHandler,
-        queue_rows,
-    )
-
     prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", f"/services/{OPS_SERVICE}/")
     prefix = prefix.rstrip("/") + "/"
 

@@ -43,16 +43,24 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ds01hub import labels, paths, provenance
 from ds01hub.actions.operations import cpu_percent as docker_cpu_percent
 from ds01hub.actions.operations import project_to_server
 from ds01hub.engine import EngineState, engine_unreachable
+from ds01hub.gpu.eventlog import EventLog
+from ds01hub.gpu.inventory import Inventory
+from ds01hub.hub.client import HubClient
+from ds01hub.limits import LimitsConfig, LimitsStore
 from ds01hub.provenance import Provenance
 from ds01hub.services.ops.cgroups import CgroupCpu, cpu_percent_between
+from ds01hub.services.ops.lifecycle import Lifecycle
 from ds01hub.services.ops.warnings import CullWarning, WarningStore
 from ds01hub.units import human_duration, utcnow
+
+if TYPE_CHECKING:
+    import docker
 
 __all__ = [
     "CullPolicy",
@@ -312,14 +320,14 @@ class Culler:
 
     def __init__(
         self,
-        hub: Any,
-        docker_client: Any,
-        inventory: Any,
-        limits: Any,
+        hub: HubClient,
+        docker_client: docker.DockerClient,
+        inventory: Inventory,
+        limits: LimitsStore | LimitsConfig,
         *,
-        eventlog: Any = None,
+        eventlog: EventLog | None = None,
         state_dir: str | os.PathLike | None = None,
-        lifecycle: Any = None,
+        lifecycle: Lifecycle | None = None,
         warn_before: float = 600.0,
         gpu_threshold: float = 5.0,
         cpu_threshold: float = 10.0,

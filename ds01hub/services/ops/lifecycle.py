@@ -24,7 +24,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+import docker.errors
+
 from ds01hub import labels
+from ds01hub.gpu.allocator import GpuAllocator
+from ds01hub.gpu.eventlog import EventLog
 from ds01hub.labels import ContainerRecord
 from ds01hub.limits import LimitsConfig, LimitsStore, ResolvedLimits
 from ds01hub.provenance import Provenance
@@ -131,8 +135,6 @@ def stopped_records(
 ) -> list[ContainerRecord]:
     """`trust`'s deployment's managed containers that are not running, from inspect documents
     (the list API has no `FinishedAt`); `extra_labels` (`key=value`) narrows the listing."""
-    import docker.errors
-
     records = []
     filters = {"label": trust.label_filters(extra_labels)}
     for entry in client.api.containers(all=True, filters=filters):
@@ -152,10 +154,10 @@ class Lifecycle:
 
     def __init__(
         self,
-        docker_client: Any,
-        allocator: Any,
+        docker_client: docker.DockerClient,
+        allocator: GpuAllocator,
         limits: LimitsStore | LimitsConfig,
-        eventlog: Any = None,
+        eventlog: EventLog | None = None,
         *,
         extra_labels: Iterable[str] = (),
     ):

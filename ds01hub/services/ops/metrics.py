@@ -35,7 +35,10 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from ds01hub.engine import engine_unreachable
+from ds01hub.engine import EngineState, engine_unreachable
+from ds01hub.gpu.allocator import GpuAllocator
+from ds01hub.gpu.eventlog import EventLog
+from ds01hub.limits import LimitsStore
 
 __all__ = [
     "EventLogHealth",
@@ -94,7 +97,12 @@ class StateCollector(Collector):
     """Computes the state metrics on each scrape from the allocator's `status()`, the
     inventory's live utilisation and the event log."""
 
-    def __init__(self, allocator: Any, eventlog: Any = None, engine: Any = None):
+    def __init__(
+        self,
+        allocator: GpuAllocator,
+        eventlog: EventLog | None = None,
+        engine: EngineState | None = None,
+    ):
         self.allocator = allocator
         self.eventlog = eventlog
         self.engine = engine  # a ds01hub.engine.EngineState: outages are recorded there too
@@ -194,7 +202,7 @@ class LimitsCollector(Collector):
         for store in stores:
             self.watch(store)
 
-    def watch(self, store: Any) -> None:
+    def watch(self, store: LimitsStore) -> None:
         self.stores[str(store.path)] = store  # one series per file: the latest store wins
 
     def collect(self) -> Iterator[Any]:
