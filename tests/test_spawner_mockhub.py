@@ -11,6 +11,7 @@ file's SIMULATED inventory (tests/harness/ds01_spawner.py).
 from __future__ import annotations
 
 import json
+import secrets
 
 import docker
 import pytest
@@ -46,6 +47,9 @@ async def app(tmp_path_factory, client):
     config = Config()
     config.JupyterHub.spawner_class = DS01Spawner
     config.JupyterHub.allow_named_servers = True
+    # in memory: never a cookie secret file in the working directory (whose mode a later run
+    # would refuse)
+    config.JupyterHub.cookie_secret = secrets.token_bytes(32)
     config.DS01Spawner.limits_path = str(limits)
     config.DS01Spawner.state_dir = str(directory / "state")
     config.DS01Spawner.container_label_filter = [f"{SPAWNER_LABEL}={tag}"]
