@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import difflib
 import logging
 import math
@@ -32,6 +33,7 @@ import re
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
+from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +58,9 @@ from ds01hub.units import (
 
 __all__ = [
     "DEFAULT_LIMITS_PATH",
+    "EXPIRY_EVENT",
+    "EXPIRY_WARN_DAYS",
+    "Expiry",
     "GpuAllocationConfig",
     "LimitsConfig",
     "LimitsError",
@@ -68,6 +73,7 @@ __all__ = [
     "default_limits_path",
     "load_limits",
     "parse_limits",
+    "record_expired",
 ]
 
 DEFAULT_LIMITS_PATH = Path("/etc/ds01hub/resource-limits.yaml")
@@ -99,6 +105,9 @@ MIG_MEMORY_SLICES = 8  # ... and its memory in 8 slices
 MAX_PROBLEMS = 100  # listed; more are counted
 MAX_WARNINGS = 50
 DEFAULT_PARSE_TIMEOUT = 10.0  # seconds a reload may take before it counts as failed
+MIN_EXPIRES, MAX_EXPIRES = date(2000, 1, 1), date(9998, 12, 31)  # a day after stays a date
+EXPIRY_WARN_DAYS = 7  # users are told this many days before their limits expire
+EXPIRY_EVENT = "limits-expired"  # the event log's kind for an expiry
 
 
 def default_limits_path() -> Path:
@@ -363,6 +372,24 @@ def _read_cgroup_parent(value: Any) -> str | None:
     return value
 
 
+_EXPIRES_FIX = "use a date such as 2027-01-31 (the limits apply through that day, UTC), or null"
+
+
+def _read_expires(value: Any) -> date | None:
+    """`expires: 2027-01-31` (YAML's date, or the same text from JSON: hub group properties).
+    A date and time is refused: an expiry is a day, so nobody guesses the time zone."""
+    if value is None:
+        return None
+    if isinstance(value, str) and len(value) <= 10:
+        with contextlib.suppress(ValueError):
+            value = date.fromisoformat(value)
+    if isinstance(value, datetime) or not isinstance(value, date):
+        raise _Bad("not a date (YYYY-MM-DD)", _EXPIRES_FIX, "wrong-type")
+    if not MIN_EXPIRES <= value <= MAX_EXPIRES:
+        raise _Bad(f"outside {MIN_EXPIRES}..{MAX_EXPIRES}", _EXPIRES_FIX, "out-of-range")
+    return value
+
+
 def _read_bool(value: Any) -> bool:
     if not isinstance(value, bool):
         raise _Bad("not true or false", "use true or false", "wrong-type")
@@ -492,6 +519,58 @@ def _read_limits_section(
 
 
 @dataclass(frozen=True)
+class Expiry:
+    """A layer of limits (`user_overrides.NAME`, a hub group's properties) that applies
+    through the day `expires` (UTC) and no longer from the next midnight UTC."""
+
+    source: str
+    expires: date
+
+    @property
+    def ends(self) -> datetime:
+        """The moment it stops applying: midnight UTC after `expires`."""
+        return datetime.combine(self.expires + timedelta(days=1), time(), UTC)
+
+    def expired(self, now: datetime) -> bool:
+        return now >= self.ends
+
+    def notice(self, now: datetime, warn_days: int = EXPIRY_WARN_DAYS) -> str | None:
+        """What to tell the user: that it expired, or that it expires within `warn_days`."""
+        if self.expired(now):
+            return f"your limits from {self.source} expired on {self.expires} and no longer apply"
+        left = self.ends - now
+        if left > timedelta(days=warn_days):
+            return None
+        days = left.days
+        when = "today" if days == 0 else f"in {days} day{'s' if days != 1 else ''}"
+        return (
+            f"your limits from {self.source} expire after {self.expires} (UTC; {when}): then "
+            "your group's or the default limits apply. Ask an admin to extend them if needed"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "expires": self.expires.isoformat()}
+
+
+def record_expired(eventlog: Any, user: str, group: str | None, expired: Iterable[Expiry]) -> int:
+    """Record each expiry once in the event log (`EXPIRY_EVENT`, reason `SOURCE expired on
+    DATE`), at the moment it took effect; `eventlog` is a `ds01hub.gpu.eventlog.EventLog`.
+    Returns how many were new. Whoever notices first records it (a spawn, the culler's pass)."""
+    pending = list(expired)
+    if not pending:
+        return 0
+    seen = {e.reason for e in eventlog.events(user=user, kind=EXPIRY_EVENT)}
+    new = 0
+    for expiry in pending:
+        reason = f"{expiry.source} expired on {expiry.expires}"
+        if reason not in seen:
+            eventlog.record(EXPIRY_EVENT, user, group=group, reason=reason, at=expiry.ends)
+            seen.add(reason)
+            new += 1
+    return new
+
+
+@dataclass(frozen=True)
 class ResolvedLimits:
     """One user's effective limits after `user_overrides` > group > `defaults` > built-ins.
 
@@ -521,6 +600,17 @@ class ResolvedLimits:
     allow_full_gpu: bool = True
     max_runtime: float | None = None
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
+    # layers in force that expire, and layers skipped because they have expired
+    expiries: tuple[Expiry, ...] = ()
+    expired: tuple[Expiry, ...] = ()
+    resolved_at: datetime | None = field(default=None, compare=False)
+
+    def notices(self, warn_days: int = EXPIRY_WARN_DAYS) -> list[str]:
+        """Warnings for the user (spawn page, CLI, notebook): limits that expired, or that
+        expire within `warn_days` of when these were resolved."""
+        now = self.resolved_at or datetime.now(UTC)
+        found = (e.notice(now, warn_days) for e in (*self.expired, *self.expiries))
+        return [text for text in found if text]
 
     @property
     def gpus_per_container(self) -> int | None:
@@ -569,11 +659,20 @@ class ResolvedLimits:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["allowed_images"] = list(self.allowed_images) if self.allowed_images else None
         data["sources"] = dict(self.sources)
+        data["expiries"] = [e.to_dict() for e in self.expiries]
+        data["expired"] = [e.to_dict() for e in self.expired]
+        data["notices"] = self.notices()
+        data["resolved_at"] = self.resolved_at.isoformat() if self.resolved_at else None
         data["display"] = dict(self.display_rows())
         return data
 
     def display_rows(self) -> list[tuple[str, str]]:
         """(label, text) rows in the order DS01's `get_resource_limits` prints them."""
+        return [(label, text) for label, text, _ in self.source_rows()]
+
+    def source_rows(self) -> list[tuple[str, str, str]]:
+        """(label, text, where the value came from) rows; the source is '' for rows that are
+        not one limit (the user, the group, the expiries)."""
 
         def size(n: int | None) -> str:
             return "unlimited" if n is None else format_size(n)
@@ -584,31 +683,61 @@ class ResolvedLimits:
         def count(n: int | None) -> str:
             return "unlimited" if n is None else str(n)
 
+        per_container = "max_gpus_per_container"
+        if self.max_gpus_per_container is None or (
+            self.max_gpus is not None and self.max_gpus < self.max_gpus_per_container
+        ):
+            per_container = "max_gpus"
         rows = [
-            ("User", self.user),
-            ("Group", f"{self.group or '-'} ({self.group_reason})"),
-            ("Priority", str(self.priority)),
-            ("Max GPUs", count(self.max_gpus)),
-            ("Max GPUs per Container", count(self.gpus_per_container)),
-            ("Whole GPUs Allowed", "yes" if self.allow_full_gpu else "no (MIG instances only)"),
-            ("Max CPUs", "unlimited" if self.max_cpus is None else f"{self.max_cpus:g}"),
-            ("Memory", size(self.memory)),
-            ("Shared Memory", "default" if self.shm_size is None else size(self.shm_size)),
-            ("IPC Mode", self.ipc_mode or "default"),
-            ("PIDs Limit", count(self.pids_limit)),
-            ("Max Containers", count(self.max_containers_per_user)),
-            ("Idle Timeout", duration(self.idle_timeout, "never")),
-            ("Max Runtime", duration(self.max_runtime, "unlimited")),
-            ("GPU Hold After Stop", duration(self.gpu_hold_after_stop, "until removed")),
+            ("User", self.user, ""),
+            ("Group", f"{self.group or '-'} ({self.group_reason})", ""),
+            ("Priority", str(self.priority), "priority"),
+            ("Max GPUs", count(self.max_gpus), "max_gpus"),
+            ("Max GPUs per Container", count(self.gpus_per_container), per_container),
+            (
+                "Whole GPUs Allowed",
+                "yes" if self.allow_full_gpu else "no (MIG instances only)",
+                "allow_full_gpu",
+            ),
+            (
+                "Max CPUs",
+                "unlimited" if self.max_cpus is None else f"{self.max_cpus:g}",
+                "max_cpus",
+            ),
+            ("Memory", size(self.memory), "memory"),
+            (
+                "Shared Memory",
+                "default" if self.shm_size is None else size(self.shm_size),
+                "shm_size",
+            ),
+            ("IPC Mode", self.ipc_mode or "default", "ipc_mode"),
+            ("PIDs Limit", count(self.pids_limit), "pids_limit"),
+            ("Max Containers", count(self.max_containers_per_user), "max_containers_per_user"),
+            ("Idle Timeout", duration(self.idle_timeout, "never"), "idle_timeout"),
+            ("Max Runtime", duration(self.max_runtime, "unlimited"), "max_runtime"),
+            (
+                "GPU Hold After Stop",
+                duration(self.gpu_hold_after_stop, "until removed"),
+                "gpu_hold_after_stop",
+            ),
             (
                 "Container Hold After Stop",
                 duration(self.container_hold_after_stop, "never removed"),
+                "container_hold_after_stop",
             ),
-            ("Allowed Images", ", ".join(self.allowed_images) if self.allowed_images else "any"),
+            (
+                "Allowed Images",
+                ", ".join(self.allowed_images) if self.allowed_images else "any",
+                "allowed_images",
+            ),
         ]
         if self.reason:
-            rows.append(("Reason", self.reason))
-        return rows
+            rows.append(("Reason", self.reason, ""))
+        for expiry in self.expiries:
+            rows.append(("Expires", f"{expiry.source}: after {expiry.expires} (UTC)", ""))
+        for expiry in self.expired:
+            rows.append(("Expired", f"{expiry.source}: on {expiry.expires}, not applied", ""))
+        return [(label, text, self.sources.get(name, "")) for label, text, name in rows]
 
 
 # --------------------------------------------------------------------------------------------
@@ -958,12 +1087,23 @@ class LimitsConfig:
         listing = ", ".join(f"{g} ({self.group_priority(g)})" for g in candidates)
         return best, f"highest priority of {listing}; ties go to the first listed"
 
-    def resolve(self, user: str, groups: Iterable[str] = ()) -> ResolvedLimits:
-        """Field by field: user_overrides > chosen group > defaults > policies > built-ins."""
+    def resolve(
+        self, user: str, groups: Iterable[str] = (), now: datetime | None = None
+    ) -> ResolvedLimits:
+        """Field by field: user_overrides > chosen group > defaults > policies > built-ins.
+        An override past its `expires` date (at `now`, default the clock's) is skipped."""
+        now = now or datetime.now(UTC)
         group, group_reason = self._choose_group(user, groups)
-        layers: list[tuple[str, Mapping[str, Any]]] = [
-            (f"user_overrides.{user}", self.user_overrides.get(user, {})),
-        ]
+        override = self.user_overrides.get(user, {})
+        expiries: list[Expiry] = []
+        expired: list[Expiry] = []
+        layers: list[tuple[str, Mapping[str, Any]]] = []
+        if override.get("expires") is not None:
+            expiry = Expiry(f"user_overrides.{user}", override["expires"])
+            (expired if expiry.expired(now) else expiries).append(expiry)
+            if expiry.expired(now):
+                override = {}
+        layers.append((f"user_overrides.{user}", override))
         if group:
             layers.append((f"groups.{group}", self.groups[group].limits))
         layers.append(("defaults", self.defaults))
@@ -984,15 +1124,27 @@ class LimitsConfig:
             # A user's override and their (caller-supplied) group can still meet here; the
             # host's /dev/shm is what ipc_mode host means, so shm_size goes.
             values["shm_size"], sources["shm_size"] = None, "dropped: ipc_mode host"
-        reason = self.user_overrides.get(user, {}).get("reason")
         return ResolvedLimits(
             user=user,
             group=group,
             group_reason=group_reason,
-            reason=reason,
+            reason=override.get("reason"),
             sources=sources,
+            expiries=tuple(expiries),
+            expired=tuple(expired),
+            resolved_at=now,
             **values,
         )
+
+    def expired_overrides(self, now: datetime) -> list[tuple[str, Expiry]]:
+        """(user, expiry) of every override past its date: for the event log."""
+        found = []
+        for user, override in self.user_overrides.items():
+            if override.get("expires") is not None:
+                expiry = Expiry(f"user_overrides.{user}", override["expires"])
+                if expiry.expired(now):
+                    found.append((user, expiry))
+        return found
 
 
 def _builtin(name: str) -> Any:
@@ -1094,6 +1246,15 @@ def _read_groups(section: Any, out: _Collector) -> dict[str, Group]:
     return groups
 
 
+def _read_expires_key(body: Mapping, path: KeyPath, out: _Collector) -> date | None:
+    try:
+        return _read_expires(body.get("expires"))
+    except _Bad as bad:
+        message = f"invalid expires: {bad.message}"
+        out.problem(path + ("expires",), body.get("expires"), message, bad.fix, bad.code)
+        return None
+
+
 def _read_overrides(section: Any, out: _Collector) -> dict[str, dict[str, Any]]:
     section = _mapping(section, ("user_overrides",), out, "use user_overrides: {alice: {...}}")
     if section is None:
@@ -1105,12 +1266,15 @@ def _read_overrides(section: Any, out: _Collector) -> dict[str, dict[str, Any]]:
         if bad:
             out.problem(path, user, *bad, "bad-name")
             continue
-        limits = _read_limits_section(body, path, out, extra_keys={"reason"})
+        limits = _read_limits_section(body, path, out, extra_keys={"reason", "expires"})
         _check_combination(limits, path, out)
         if isinstance(body, Mapping):
             reason = _read_text(body.get("reason"), path + ("reason",), out)
             if reason is not None:
                 limits["reason"] = reason
+            expires = _read_expires_key(body, path, out)
+            if expires is not None:
+                limits["expires"] = expires
         overrides[user] = limits
     return overrides
 

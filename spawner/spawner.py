@@ -60,9 +60,15 @@ from ds01hub.gpu.allocator import (
     docker_lister,
 )
 from ds01hub.gpu.decision import Decision
-from ds01hub.gpu.eventlog import EventLog, NewEvent
+from ds01hub.gpu.eventlog import EventLog, EventLogError, NewEvent
 from ds01hub.gpu.inventory import Inventory, Slot, load_inventory
-from ds01hub.limits import LimitsError, LimitsStore, ResolvedLimits, default_limits_path
+from ds01hub.limits import (
+    LimitsError,
+    LimitsStore,
+    ResolvedLimits,
+    default_limits_path,
+    record_expired,
+)
 
 from . import metrics
 from .container_plan import ContainerPlan, recreate_reason
@@ -455,6 +461,18 @@ class DS01Spawner(DockerSpawner):
             limits = replace(limits, cgroup_parent=cgroup)
         return limits
 
+    async def _record_expired(self, limits: ResolvedLimits) -> None:
+        """The event log records an expiry once; a log that cannot be written never stops
+        the spawn (the expiry applies either way)."""
+        if not limits.expired:
+            return
+        try:
+            await self._blocking(
+                record_expired, self.context.eventlog, self.user.name, limits.group, limits.expired
+            )
+        except EventLogError as error:
+            self.log.warning("ds01: %s: expiry not recorded: %s", self._log_name, error)
+
     async def _choose(self, limits: ResolvedLimits) -> SpawnChoice:
         context = self.context
         profiles = self._profiles()
@@ -664,6 +682,9 @@ class DS01Spawner(DockerSpawner):
             f"limits: group {limits.group or '-'} ({limits.group_reason}), "
             f"priority {limits.priority}",
         )
+        for notice in limits.notices():
+            self._emit(6, f"note: {notice}")
+        await self._record_expired(limits)
         choice = await self._choose(limits)
         self._choice = choice
         for note in choice.notes:

@@ -68,7 +68,15 @@ def limits_table(quota: dict) -> str:
         ["GPUs kept after stop", "", human_seconds(limits.get("gpu_hold_after_stop"))],
     ]
     group = html.escape(str(limits.get("group") or "none"))
-    return f"<div>Group: <b>{group}</b></div>" + table(["", "in use", "limit"], rows, "ds01-limits")
+    notices = "".join(
+        f"<div class='ds01-notice'><b>Note:</b> {html.escape(str(text))}</div>"
+        for text in quota.get("notices") or ()
+    )
+    return (
+        notices
+        + f"<div>Group: <b>{group}</b></div>"
+        + table(["", "in use", "limit"], rows, "ds01-limits")
+    )
 
 
 def containers_table(containers: list[dict]) -> str:

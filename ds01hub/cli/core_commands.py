@@ -203,11 +203,19 @@ def cmd_limits(args: argparse.Namespace) -> int:
     elif args.docker_args:
         print(" ".join(resolved.docker_args()))
     else:
-        rows = resolved.display_rows()
-        width = max(len(label) for label, _ in rows) + 2
+        rows = resolved.source_rows()
+        width = max(len(label) for label, _, _ in rows) + 2
+        text_width = max(len(text) for _, text, source in rows if source) + 2
         colour = use_colour(sys.stdout)
-        for label, text in rows:
-            print(paint(f"{label + ':':<{width}}", "bold", colour) + text)
+        for label, text, source in rows:
+            line = paint(f"{label + ':':<{width}}", "bold", colour) + text
+            if source:
+                line = f"{line:<{len(line) - len(text) + text_width}}" + paint(
+                    f"({source})", "dim", colour
+                )
+            print(line.rstrip())
+        for notice in resolved.notices():
+            print(f"{paint('note:', 'yellow', colour)} {notice}")
     return EXIT_OK
 
 

@@ -33,7 +33,17 @@ from pathlib import Path
 
 __all__ = ["KINDS", "Event", "EventLog", "EventLogError", "NewEvent", "OpenAllocation"]
 
-KINDS = ("allocate", "hold", "release", "expire", "reclaim", "cull", "spawn-failure", "reconcile")
+KINDS = (
+    "allocate",
+    "hold",
+    "release",
+    "expire",
+    "reclaim",
+    "cull",
+    "spawn-failure",
+    "reconcile",
+    "limits-expired",  # a user's override or group property limits passed their date
+)
 OPENS = "allocate"
 CLOSES = frozenset({"release", "expire", "reclaim"})
 

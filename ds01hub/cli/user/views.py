@@ -121,6 +121,7 @@ def quota_line(quota: dict[str, Any]) -> str:
     limits = quota.get("limits")
     if not limits:
         return f"Containers: {quota.get('containers', 0)} (no limits file on this host)"
+    notices = "".join(f"\nNote: {text}" for text in quota.get("notices") or ())
 
     def cap(value: Any) -> str:
         return "no limit" if value is None else str(value)
@@ -136,4 +137,5 @@ def quota_line(quota: dict[str, Any]) -> str:
         f"per container {cpus} and {memory}; "
         f"idle timeout {'never' if idle is None else format_duration(idle)}, "
         f"GPUs held {format_duration(limits.get('gpu_hold_after_stop'))} after a stop"
+        f"{notices}"
     )

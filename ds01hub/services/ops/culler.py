@@ -47,6 +47,7 @@ from ds01hub import labels, provenance
 from ds01hub.actions.operations import cpu_percent as docker_cpu_percent
 from ds01hub.actions.operations import project_to_server
 from ds01hub.engine import EngineState, engine_unreachable
+from ds01hub.limits import record_expired
 from ds01hub.provenance import Provenance, default_state_dir
 from ds01hub.services.ops.warnings import CullWarning, WarningStore
 
@@ -402,6 +403,21 @@ class Culler:
             cpu_threshold=self.cpu_threshold,
         )
 
+    def record_expired_limits(self, now: datetime) -> int:
+        """Put every `user_overrides` expiry that has passed in the event log (once each), so
+        the log says when a user's limits changed even if they never spawn again."""
+        if self.eventlog is None:
+            return 0
+        config = getattr(self.limits, "current", self.limits)
+        new = 0
+        for user, expiry in config.expired_overrides(now):
+            try:
+                new += record_expired(self.eventlog, user, None, [expiry])
+            except Exception as error:  # a full disk must not stop the culling
+                self.log.warning("expiry of %s not recorded: %s", expiry.source, error)
+                break
+        return new
+
     def cpu_percent(self, container_id: str) -> float | None:
         """One `docker stats` sample (Docker averages over about a second); None on failure."""
         try:
@@ -455,6 +471,8 @@ class Culler:
         report = PassReport(now, dry_run)
         if hasattr(self.limits, "refresh"):  # a LimitsStore: read off the loop, time-limited
             await self.limits.refresh()
+        if not dry_run:
+            await asyncio.to_thread(self.record_expired_limits, now)
         users = await self.hub_users()
         records = await asyncio.to_thread(self.running_records)
         previous = self.warnings.load()
