@@ -37,7 +37,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
 
-from ds01hub.mig import PROFILE_FORM, is_profile, parse_profile
+from ds01hub.mig import COMPUTE_SLICES, PROFILE_FORM, is_profile, parse_profile
 from ds01hub.strict_yaml import (
     Document,
     KeyPath,
@@ -84,7 +84,15 @@ STRATEGIES = ("spread", "pack")
 # DS01 spellings of the strategies.
 STRATEGY_ALIASES = {"least_allocated": "spread", "round_robin": "spread", "most_allocated": "pack"}
 # Legacy DS01 spellings of limit keys -> the ds01hub name.
-LIMIT_ALIASES = {"max_mig_instances": "max_gpus", "gpus": "max_gpus", "cpus": "max_cpus"}
+LIMIT_ALIASES = {
+    "max_mig_instances": "max_gpus",
+    "gpus": "max_gpus",
+    "cpus": "max_cpus",
+    "max_mig_per_container": "max_gpus_per_container",  # DS01's newer spellings
+    "max_gpu_slots_per_container": "max_gpus_per_container",
+    "gpu_equivalents": "max_gpu_equivalents",
+    "max_gpu_equivalent": "max_gpu_equivalents",
+}
 
 # -- what Docker and the machine accept (and what a sane file stays within) --------------------
 MIN_MEMORY = 6 << 20  # Docker refuses less ("Minimum memory limit allowed is 6MB")
@@ -100,7 +108,7 @@ MAX_TEXT = 1000  # characters of a reason or description
 MAX_IMAGES = 1000
 MAX_SIMULATED_GPUS = 64
 MIN_GPU_MEMORY, MAX_GPU_MEMORY = 1 << 30, 1 << 40  # a simulated GPU: 1g .. 1t
-MIG_COMPUTE_SLICES = 7  # every MIG-capable GPU has at most 7 compute slices ...
+MIG_COMPUTE_SLICES = COMPUTE_SLICES  # every MIG-capable GPU has at most 7 compute slices ...
 MIG_MEMORY_SLICES = 8  # ... and its memory in 8 slices
 MAX_PROBLEMS = 100  # listed; more are counted
 MAX_WARNINGS = 50
@@ -286,6 +294,20 @@ def _read_cpus(value: Any) -> float | None:
     return float(value)
 
 
+def _read_equivalents(value: Any) -> float | None:
+    """GPU equivalents: a whole GPU is 1, a MIG instance its share (2g.20gb = 2/7)."""
+    fix = f"use a number of GPUs from 0 to {MAX_GPU_COUNT} such as 1.5 or 0.5, or null"
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _Bad("not a number", fix, "wrong-type")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _Bad("not a finite number", fix, "out-of-range")
+    if not 0 <= value <= MAX_GPU_COUNT:
+        raise _Bad(f"outside 0..{MAX_GPU_COUNT}", fix, "out-of-range")
+    return float(value)
+
+
 def _size_reader(low: int, zero_means: str) -> Callable[[Any], int | None]:
     """Sizes from `low` to MAX_SIZE, or null for no limit; 0 is refused (`zero_means`)."""
     fix = f"use a size from {format_size(low)} to {format_size(MAX_SIZE)} such as 8g, or null"
@@ -406,6 +428,7 @@ class _Field:
 LIMIT_FIELDS: dict[str, _Field] = {
     "max_gpus": _Field(_count_reader(0, MAX_GPU_COUNT), 1),
     "max_gpus_per_container": _Field(_count_reader(0, MAX_GPU_COUNT), None),
+    "max_gpu_equivalents": _Field(_read_equivalents, None),
     "allow_full_gpu": _Field(_read_bool, True),
     "max_cpus": _Field(_read_cpus, None),
     "memory": _Field(_size_reader(MIN_MEMORY, "means no limit to Docker: use null"), None),
@@ -599,6 +622,7 @@ class ResolvedLimits:
     reason: str | None
     allow_full_gpu: bool = True
     max_runtime: float | None = None
+    max_gpu_equivalents: float | None = None
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
     # layers in force that expire, and layers skipped because they have expired
     expiries: tuple[Expiry, ...] = ()
@@ -680,9 +704,10 @@ class ResolvedLimits:
         def duration(s: float | None, none: str) -> str:
             return none if s is None else format_duration(s)
 
-        def count(n: int | None) -> str:
+        def count(n: int | str | None) -> str:
             return "unlimited" if n is None else str(n)
 
+        equivalents = self.max_gpu_equivalents
         per_container = "max_gpus_per_container"
         if self.max_gpus_per_container is None or (
             self.max_gpus is not None and self.max_gpus < self.max_gpus_per_container
@@ -694,6 +719,11 @@ class ResolvedLimits:
             ("Priority", str(self.priority), "priority"),
             ("Max GPUs", count(self.max_gpus), "max_gpus"),
             ("Max GPUs per Container", count(self.gpus_per_container), per_container),
+            (
+                "Max GPU Equivalents",
+                count(None if equivalents is None else f"{equivalents:g}"),
+                "max_gpu_equivalents",
+            ),
             (
                 "Whole GPUs Allowed",
                 "yes" if self.allow_full_gpu else "no (MIG instances only)",

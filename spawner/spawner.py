@@ -88,7 +88,12 @@ from .recovery import EngineRecovery
 
 __all__ = ["DS01Spawner"]
 
-_STATUS_OF_CODE = {"per_container_limit": 403, "user_limit": 409, "not_available": 400}
+_STATUS_OF_CODE = {
+    "per_container_limit": 403,
+    "user_limit": 409,
+    "equivalents_limit": 409,
+    "not_available": 400,
+}
 #: How often one spawn asks for GPUs when the check before `docker start` finds its slots gone.
 _START_ATTEMPTS = 3
 
