@@ -62,6 +62,8 @@ __all__ = [
     "EXPIRY_WARN_DAYS",
     "Expiry",
     "GpuAllocationConfig",
+    "HUB_PROPERTY",
+    "HubGroupLimits",
     "LimitsConfig",
     "LimitsError",
     "LimitsStore",
@@ -72,6 +74,7 @@ __all__ = [
     "SimulateConfig",
     "default_limits_path",
     "load_limits",
+    "parse_group_properties",
     "parse_limits",
     "record_expired",
 ]
@@ -116,6 +119,7 @@ DEFAULT_PARSE_TIMEOUT = 10.0  # seconds a reload may take before it counts as fa
 MIN_EXPIRES, MAX_EXPIRES = date(2000, 1, 1), date(9998, 12, 31)  # a day after stays a date
 EXPIRY_WARN_DAYS = 7  # users are told this many days before their limits expire
 EXPIRY_EVENT = "limits-expired"  # the event log's kind for an expiry
+HUB_PROPERTY = "ds01"  # a JupyterHub group's properties key that holds its limits
 
 
 def default_limits_path() -> Path:
@@ -166,7 +170,8 @@ class LimitsError(ValueError):
         """One line: how many problems, in which file."""
         count = len(self.problems)
         file = self.problems[0].file if self.problems else "the limits file"
-        return f"{count} problem{'s' if count != 1 else ''} in the limits file {file}"
+        where = file if file.startswith("JupyterHub group ") else f"the limits file {file}"
+        return f"{count} problem{'s' if count != 1 else ''} in {where}"
 
     def lines(self, limit: int = SHOWN) -> list[str]:
         shown = [f"  - {p}" for p in self.problems[:limit]]
@@ -1118,10 +1123,16 @@ class LimitsConfig:
         return best, f"highest priority of {listing}; ties go to the first listed"
 
     def resolve(
-        self, user: str, groups: Iterable[str] = (), now: datetime | None = None
+        self,
+        user: str,
+        groups: Iterable[str] = (),
+        now: datetime | None = None,
+        hub_groups: Iterable[HubGroupLimits] = (),
     ) -> ResolvedLimits:
-        """Field by field: user_overrides > chosen group > defaults > policies > built-ins.
-        An override past its `expires` date (at `now`, default the clock's) is skipped."""
+        """Field by field: user_overrides > the user's JupyterHub group properties (`hub_groups`:
+        those of the user's groups, already validated) > chosen YAML group > defaults >
+        policies > built-ins. A layer past its `expires` date (at `now`, default the clock's)
+        is skipped whole."""
         now = now or datetime.now(UTC)
         group, group_reason = self._choose_group(user, groups)
         override = self.user_overrides.get(user, {})
@@ -1134,7 +1145,12 @@ class LimitsConfig:
             if expiry.expired(now):
                 override = {}
         layers.append((f"user_overrides.{user}", override))
-        if group:
+        hub = self._choose_hub_group(hub_groups, now, expiries, expired)
+        if hub is not None:
+            layers.append((f"hub_groups.{hub.name}", hub.limits))
+            group_reason += f"; JupyterHub group {hub.name}'s properties over it"
+            group = group or hub.name
+        if group and group in self.groups:
             layers.append((f"groups.{group}", self.groups[group].limits))
         layers.append(("defaults", self.defaults))
         if self.policies.max_containers_per_user is not None:
@@ -1158,13 +1174,44 @@ class LimitsConfig:
             user=user,
             group=group,
             group_reason=group_reason,
-            reason=override.get("reason"),
+            reason=override.get("reason") or (hub.reason if hub else None),
             sources=sources,
             expiries=tuple(expiries),
             expired=tuple(expired),
             resolved_at=now,
             **values,
         )
+
+    def _choose_hub_group(
+        self,
+        hub_groups: Iterable[HubGroupLimits],
+        now: datetime,
+        expiries: list[Expiry],
+        expired: list[Expiry],
+    ) -> HubGroupLimits | None:
+        """The hub group whose properties apply: of those not expired, the highest priority
+        (its own, else its YAML group's, else the defaults'); ties go to the first given."""
+        live: list[HubGroupLimits] = []
+        for hub in hub_groups:
+            expiry = hub.expiry
+            if expiry is not None and expiry.expired(now):
+                expired.append(expiry)
+            else:
+                live.append(hub)
+        if not live:
+            return None
+
+        def priority(hub: HubGroupLimits) -> int:
+            if "priority" in hub.limits:
+                return hub.limits["priority"]
+            if hub.name in self.groups:
+                return self.group_priority(hub.name)
+            return self.defaults.get("priority", _builtin("priority"))
+
+        chosen = max(live, key=priority)  # max() keeps the first among equals
+        if chosen.expiry is not None:
+            expiries.append(chosen.expiry)
+        return chosen
 
     def expired_overrides(self, now: datetime) -> list[tuple[str, Expiry]]:
         """(user, expiry) of every override past its date: for the event log."""
@@ -1175,6 +1222,47 @@ class LimitsConfig:
                 if expiry.expired(now):
                     found.append((user, expiry))
         return found
+
+
+@dataclass(frozen=True)
+class HubGroupLimits:
+    """A JupyterHub group's limits: its `properties["ds01"]`, checked by the same readers, with
+    the same messages, as a YAML group (`parse_group_properties`)."""
+
+    name: str
+    limits: Mapping[str, Any]
+    expires: date | None = None
+    reason: str | None = None
+
+    @property
+    def expiry(self) -> Expiry | None:
+        return Expiry(f"hub_groups.{self.name}", self.expires) if self.expires else None
+
+
+def parse_group_properties(name: str, properties: Any) -> HubGroupLimits | None:
+    """The limits in a JupyterHub group's `properties` (edited in the admin panel or over
+    `PUT /hub/api/groups/NAME/properties`): None when it has no `ds01` key; LimitsError
+    listing every problem (file `JupyterHub group NAME properties`, key path `ds01.KEY`) when
+    any value is wrong, so a bad property is never half-applied."""
+    if not isinstance(properties, Mapping) or HUB_PROPERTY not in properties:
+        return None
+    file = f"JupyterHub group {short_repr(name, 80)} properties"
+
+    def check() -> HubGroupLimits:
+        out = _Collector(file, lambda path: None)
+        path: KeyPath = (HUB_PROPERTY,)
+        section = properties[HUB_PROPERTY]
+        limits = _read_limits_section(section, path, out, extra_keys={"reason", "expires"})
+        _check_combination(limits, path, out)
+        reason = expires = None
+        if isinstance(section, Mapping):
+            reason = _read_text(section.get("reason"), path + ("reason",), out)
+            expires = _read_expires_key(section, path, out)
+        if out.problems:
+            raise LimitsError(out.all_problems())
+        return HubGroupLimits(name, limits, expires, reason)
+
+    return _guarded(file, check)
 
 
 def _builtin(name: str) -> Any:

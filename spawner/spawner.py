@@ -62,6 +62,7 @@ from ds01hub.gpu.allocator import (
 from ds01hub.gpu.decision import Decision
 from ds01hub.gpu.eventlog import EventLog, EventLogError, NewEvent
 from ds01hub.gpu.inventory import Inventory, Slot, load_inventory
+from ds01hub.hub.group_limits import hub_group_limits
 from ds01hub.limits import (
     LimitsError,
     LimitsStore,
@@ -460,7 +461,18 @@ class DS01Spawner(DockerSpawner):
                 len(store.last_problems),
             )
         groups = [group.name for group in self.user.groups]
-        limits = store.current.resolve(self.user.name, groups)
+        try:  # the groups' properties as the hub has them now: an edit applies at once
+            hub_groups = hub_group_limits((g.name, g.properties) for g in self.user.groups)
+        except LimitsError as error:
+            raise SpawnException(
+                f"{error.summary()} (a group of {self.user.name}):\n"
+                + "\n".join(error.lines())
+                + "\nAn admin fixes the group's properties (hub admin panel, or PUT "
+                "/hub/api/groups/NAME/properties); until then its members cannot start servers.",
+                reason="limits",
+                status_code=409,
+            ) from None
+        limits = store.current.resolve(self.user.name, groups, hub_groups=hub_groups)
         cgroup = self.cgroup_parents.get(limits.group or "")
         if cgroup:
             limits = replace(limits, cgroup_parent=cgroup)
