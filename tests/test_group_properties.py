@@ -113,3 +113,29 @@ def test_property_any_json_is_a_layer_or_a_limits_error(value):
         return
     assert layer is not None
     CONFIG.resolve("u", ["g"], now=NOW, hub_groups=[layer])  # and it resolves
+
+
+def test_the_culler_and_the_admin_page_use_the_groups_the_hub_reported(tmp_path):
+    from ds01hub import provenance
+    from ds01hub.services.ops.admin_page import render_page
+    from ds01hub.services.ops.culler import Culler
+
+    config = parse_limits({"defaults": {"idle_timeout": "1h"}})
+    culler = Culler(None, None, None, config, state_dir=tmp_path, trust=provenance.load(tmp_path))
+    bad = pytest.raises(LimitsError, parse_group_properties, "broken", {"ds01": {"memory": 0}})
+    culler.group_limits = GroupLimits(
+        layers={"night": parse_group_properties("night", {"ds01": {"idle_timeout": "8h"}})},
+        problems={"broken": bad.value.problems},
+    )
+    assert culler.policy_for("u", ["night"]).idle_timeout == 8 * 3600
+    assert culler.policy_for("u", ["broken"]).idle_timeout == 3600  # the file's, not half of it
+    model = {
+        "at": "now",
+        "week_start": "monday",
+        "slots": [],
+        "usage": {"user": [], "group": []},
+        "group_problems": {"broken": [str(p) for p in bad.value.problems]},
+    }
+    page = render_page(model)
+    assert "JupyterHub group broken: its ds01 properties are refused" in page
+    assert "ds01.memory: invalid memory: 0 means no limit to Docker" in page

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from html import escape
 from typing import Any
@@ -119,10 +119,13 @@ def overview(
     config_error: str | None = None,
     pending_culls: Iterable[Any] = (),
     engine: Any = None,
+    group_problems: Mapping[str, Iterable[Any]] | None = None,
 ) -> dict[str, Any]:
     """Everything the page shows, JSON-ready (also served as `api/overview`).
     `pending_culls`: the culler's standing warnings (`ds01hub.services.ops.warnings.CullWarning`);
-    `engine`: the Docker engine's `ds01hub.engine.EngineState` (its current or last outage)."""
+    `engine`: the Docker engine's `ds01hub.engine.EngineState` (its current or last outage);
+    `group_problems`: hub group -> the problems of its `ds01` properties (its members' spawns
+    are refused until an admin fixes them)."""
     since = week_start(now)
     slots = slot_rows(status, inventory)
     usage = {}
@@ -139,6 +142,9 @@ def overview(
         "simulated": bool(inventory.simulated),
         "inventory_note": inventory.reason,
         "config_error": config_error,
+        "group_problems": {
+            name: [str(p) for p in problems] for name, problems in (group_problems or {}).items()
+        },
         "engine": engine.to_dict() if engine is not None else None,
         "engine_note": engine.note() if engine is not None else None,
         "pending_culls": [
@@ -196,6 +202,13 @@ def render_page(model: dict[str, Any]) -> str:
         parts.append(
             '<div class="error" id="config-error"><strong>Limits file failed to reload:</strong> '
             f"{escape(model['config_error'])}</div>"
+        )
+    for name, problems in sorted((model.get("group_problems") or {}).items()):
+        listed = "".join(f"<li>{escape(p)}</li>" for p in problems)
+        parts.append(
+            f'<div class="error group-problem"><strong>JupyterHub group {escape(name)}: its '
+            "ds01 properties are refused (its members cannot start servers):</strong>"
+            f"<ul>{listed}</ul></div>"
         )
     for alert in model.get("alerts", []):
         parts.append(f'<div class="error alert">{escape(alert)}</div>')

@@ -73,6 +73,7 @@ class Components:
             config_error=self.limits.last_error,
             pending_culls=self.culler.warnings.load().values(),
             engine=self.engine,
+            group_problems=self.culler.group_limits.problems,
         )
 
 

@@ -47,7 +47,8 @@ from ds01hub import labels, provenance
 from ds01hub.actions.operations import cpu_percent as docker_cpu_percent
 from ds01hub.actions.operations import project_to_server
 from ds01hub.engine import EngineState, engine_unreachable
-from ds01hub.limits import record_expired
+from ds01hub.hub.group_limits import GroupLimits, fetch_group_limits
+from ds01hub.limits import LimitsError, record_expired
 from ds01hub.provenance import Provenance, default_state_dir
 from ds01hub.services.ops.warnings import CullWarning, WarningStore
 
@@ -367,6 +368,8 @@ class Culler:
         self.extra_labels = list(extra_labels)
         self.clock = clock
         self.log = log or logging.getLogger("ds01hub.services.ops.culler")
+        # the hub groups' limits as of the last pass (the admin page lists the bad ones)
+        self.group_limits = GroupLimits()
 
     # -- gathering ----------------------------------------------------------------------------
 
@@ -392,9 +395,21 @@ class Culler:
                 records[(record.user, project_to_server(record.project))] = record
         return records
 
+    async def refresh_group_limits(self) -> None:
+        """The hub groups' limits for this pass; on failure the last ones stay (logged)."""
+        try:
+            self.group_limits = await fetch_group_limits(self.hub)
+        except Exception as error:
+            self.log.warning("group properties not read (keeping the last): %s", error)
+
     def policy_for(self, user: str, groups: Iterable[str]) -> CullPolicy:
         limits = getattr(self.limits, "current", self.limits)  # a store: refreshed per pass
-        resolved = limits.resolve(user, list(groups))
+        groups = list(groups)
+        try:
+            hub_groups = self.group_limits.for_groups(groups)
+        except LimitsError:  # a bad group property: its spawns are refused; the file rules here
+            hub_groups = []
+        resolved = limits.resolve(user, groups, hub_groups=hub_groups)
         return CullPolicy(
             idle_timeout=resolved.idle_timeout,
             max_runtime=resolved.max_runtime,
@@ -473,6 +488,7 @@ class Culler:
             await self.limits.refresh()
         if not dry_run:
             await asyncio.to_thread(self.record_expired_limits, now)
+        await self.refresh_group_limits()
         users = await self.hub_users()
         records = await asyncio.to_thread(self.running_records)
         previous = self.warnings.load()
