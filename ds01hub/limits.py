@@ -477,8 +477,6 @@ DS01_UNENFORCED_POLICIES = frozenset(
         "require_workspace_mount",
         "enforce_storage_quotas",
         "soft_limit_threshold",
-        "high_demand_threshold",
-        "high_demand_idle_reduction",
         "graceful_errors",
         "suggest_alternatives",
         "allow_priority_preemption",
@@ -786,6 +784,13 @@ class Policies:
 
     preempt_running: bool = False
     max_containers_per_user: int | None = None
+    # High demand (DS01): above this share of GPU slots allocated, idle timeouts shrink by
+    # `high_demand_idle_reduction` (0.5: halved); None = never.
+    high_demand_threshold: float | None = None
+    high_demand_idle_reduction: float = 0.5
+    # How long a `.keep-alive` file in the workspace holds off idle culling past its due
+    # time at most; None = the file is ignored.
+    keepalive_max_duration: float | None = 24 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -1052,7 +1057,7 @@ def _read_policies(section: Any, out: _Collector) -> Policies:
     section = _mapping(section, path, out, "indent its keys under policies:")
     if section is None:
         return Policies()
-    known = {"preempt_running", "max_containers_per_user"}
+    known = {"preempt_running", "max_containers_per_user", *_DEMAND_KEYS}
     for key in section:
         if key in DS01_UNENFORCED_POLICIES:
             out.warn(path + (key,), "DS01 key accepted but not enforced by ds01hub")
@@ -1069,7 +1074,44 @@ def _read_policies(section: Any, out: _Collector) -> Policies:
         key_path = path + ("max_containers_per_user",)
         out.problem(key_path, max_containers, f"bad value: {bad.message}", bad.fix, bad.code)
         max_containers = None
-    return Policies(preempt, max_containers)
+    demand: dict[str, Any] = {}
+    for key, read in _DEMAND_KEYS.items():
+        if key in section:
+            try:
+                demand[key] = read(section[key])
+            except _Bad as bad:
+                out.problem(path + (key,), section[key], f"bad value: {bad.message}", bad.fix)
+    return Policies(preempt, max_containers, **demand)
+
+
+def _share_reader(low: float, high: float, nothing: str) -> Callable[[Any], float | None]:
+    """A share (0.8 = 80 %) from `low` to `high`; null means `nothing`."""
+    fix = f"use a number from {low:g} to {high:g} such as 0.8 (80 %), or null for {nothing}"
+
+    def read(value: Any) -> float | None:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _Bad("not a number", fix, "wrong-type")
+        if not (math.isfinite(value) and low <= value <= high):
+            raise _Bad(f"outside {low:g}..{high:g}", fix, "out-of-range")
+        return float(value)
+
+    return read
+
+
+def _read_reduction(value: Any) -> float:
+    read = _share_reader(0.0, 0.95, "")(value)
+    if read is None:
+        raise _Bad("null", "use a share from 0 to 0.95 such as 0.5 (halved)", "wrong-type")
+    return read
+
+
+_DEMAND_KEYS: dict[str, Callable[[Any], Any]] = {
+    "high_demand_threshold": _share_reader(0.0, 1.0, "never"),
+    "high_demand_idle_reduction": _read_reduction,
+    "keepalive_max_duration": _read_duration,
+}
 
 
 # --------------------------------------------------------------------------------------------

@@ -117,6 +117,14 @@ def build_components(
         if remove_stopped
         else None
     )
+
+    def demand() -> float | None:
+        """The share of GPU slots held (running, stopped within its hold, or being started)."""
+        if not inventory.slots:
+            return None
+        held = {h.slot_id for h in allocator.holdings()}
+        return len(held & {s.id for s in inventory.slots}) / len(inventory.slots)
+
     culler = Culler(
         hub,
         docker_client,
@@ -128,6 +136,7 @@ def build_components(
         extra_labels=extra_labels,
         clock=clock,
         trust=trust,
+        demand=demand,
         **culler_options,
     )
     name = f"the Docker engine at {engine_url()}"
