@@ -58,6 +58,7 @@ from ds01hub.units import (
 
 __all__ = [
     "DEFAULT_LIMITS_PATH",
+    "AggregateLimits",
     "EXPIRY_EVENT",
     "EXPIRY_WARN_DAYS",
     "Expiry",
@@ -417,6 +418,90 @@ def _read_expires(value: Any) -> date | None:
     return value
 
 
+@dataclass(frozen=True)
+class AggregateLimits:
+    """Caps across all of one user's running containers (DS01's `aggregate`): CPUs, memory
+    (`memory_high`: a soft limit the kernel reclaims towards first), tasks (PIDs) and GPU slots;
+    None = no cap on that one."""
+
+    cpus: float | None = None
+    memory: int | None = None
+    memory_high: int | None = None
+    pids: int | None = None
+    gpus: int | None = None
+
+    def describe(self) -> str:
+        parts = []
+        if self.cpus is not None:
+            parts.append(f"{self.cpus:g} CPUs")
+        if self.memory is not None:
+            parts.append(f"{format_size(self.memory)} memory")
+        if self.memory_high is not None:
+            parts.append(f"(soft {format_size(self.memory_high)})")
+        if self.pids is not None:
+            parts.append(f"{self.pids} tasks")
+        if self.gpus is not None:
+            parts.append(f"{self.gpus} GPU slots")
+        return ", ".join(parts) or "none"
+
+
+_AGGREGATE_FIX = (
+    "use aggregate: {cpu_quota: '9600%' (or cpus: 96), memory_max: 96g, memory_high: 86g, "
+    "tasks_max: 12288, gpu_limit: 3}, or null for none"
+)
+
+
+def _read_cpu_quota(value: Any) -> float | None:
+    """systemd's CPUQuota (`9600%` = 96 CPUs), as DS01 writes it."""
+    if value is None:
+        return None
+    text = value.strip() if isinstance(value, str) else ""
+    try:
+        percent = float(text[:-1]) if text.endswith("%") and len(text) <= 12 else math.nan
+    except ValueError:
+        percent = math.nan
+    if not math.isfinite(percent):
+        raise _Bad("cpu_quota: not a percentage", "use systemd's form such as '9600%' (96 CPUs)")
+    try:
+        return _read_cpus(percent / 100)
+    except _Bad as bad:
+        raise _Bad(f"cpu_quota: {bad.message}", bad.fix, bad.code) from None
+
+
+_AGGREGATE_READERS: dict[str, Callable[[Any], Any]] = {
+    "cpu_quota": _read_cpu_quota,
+    "cpus": _read_cpus,
+    "memory_max": _size_reader(MIN_MEMORY, "means no limit: use null"),
+    "memory_high": _size_reader(MIN_MEMORY, "means no limit: use null"),
+    "tasks_max": _count_reader(1, MAX_PIDS, "allows nothing: use null for no limit"),
+    "gpu_limit": _count_reader(0, MAX_GPU_COUNT),
+}
+
+
+def _read_aggregate(value: Any) -> AggregateLimits | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise _Bad("not a mapping", _AGGREGATE_FIX, "wrong-type")
+    read: dict[str, Any] = {}
+    for key, item in value.items():
+        if key not in _AGGREGATE_READERS:
+            known = ", ".join(_AGGREGATE_READERS)
+            raise _Bad(f"unknown key {short_repr(key)}", f"use only {known}", "unknown-key")
+        try:
+            read[key] = _AGGREGATE_READERS[key](item)
+        except _Bad as bad:
+            message = bad.message if bad.message.startswith(key) else f"{key}: {bad.message}"
+            raise _Bad(message, bad.fix, bad.code) from None
+    if "cpu_quota" in read and "cpus" in read:
+        raise _Bad("both cpu_quota and cpus", "keep one of them", "conflict")
+    cpus = read.get("cpus", read.get("cpu_quota"))
+    memory, high = read.get("memory_max"), read.get("memory_high")
+    if memory is not None and high is not None and high > memory:
+        raise _Bad("memory_high above memory_max", "make memory_high at most memory_max")
+    return AggregateLimits(cpus, memory, high, read.get("tasks_max"), read.get("gpu_limit"))
+
+
 def _read_bool(value: Any) -> bool:
     if not isinstance(value, bool):
         raise _Bad("not true or false", "use true or false", "wrong-type")
@@ -448,6 +533,7 @@ LIMIT_FIELDS: dict[str, _Field] = {
     "priority": _Field(_read_priority, 10),
     "allowed_images": _Field(_read_images, None),
     "cgroup_parent": _Field(_read_cgroup_parent, None),
+    "aggregate": _Field(_read_aggregate, None),
 }
 # DS01 limit keys that ds01hub accepts (so DS01 files load) but does not enforce.
 DS01_UNENFORCED_LIMITS = frozenset(
@@ -626,6 +712,7 @@ class ResolvedLimits:
     allow_full_gpu: bool = True
     max_runtime: float | None = None
     max_gpu_equivalents: float | None = None
+    aggregate: AggregateLimits | None = None
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
     # layers in force that expire, and layers skipped because they have expired
     expiries: tuple[Expiry, ...] = ()
@@ -764,6 +851,8 @@ class ResolvedLimits:
                 "allowed_images",
             ),
         ]
+        aggregate = self.aggregate.describe() if self.aggregate else "none"
+        rows.append(("Aggregate (all containers)", aggregate, "aggregate"))
         if self.reason:
             rows.append(("Reason", self.reason, ""))
         for expiry in self.expiries:
@@ -1208,6 +1297,11 @@ class LimitsConfig:
                     break
             else:
                 values[name], sources[name] = spec.builtin, "built-in"
+        aggregate = values["aggregate"]
+        tighter = aggregate is not None and aggregate.gpus is not None
+        if tighter and (values["max_gpus"] is None or aggregate.gpus < values["max_gpus"]):
+            values["max_gpus"] = aggregate.gpus
+            sources["max_gpus"] = f"{sources['aggregate']}.aggregate.gpu_limit"
         if values["ipc_mode"] == "host" and values["shm_size"] is not None:
             # A user's override and their (caller-supplied) group can still meet here; the
             # host's /dev/shm is what ipc_mode host means, so shm_size goes.

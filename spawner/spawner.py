@@ -51,6 +51,7 @@ from traitlets import Callable as CallableTrait
 from traitlets import CaselessStrEnum, Dict, Float, List, Unicode, Union, default, validate
 
 from ds01hub import labels, provenance
+from ds01hub.aggregate import ContainerUse, aggregate_refusal, user_cgroup_parent
 from ds01hub.engine import engine_unreachable, engine_url, short_error
 from ds01hub.gpu.allocator import (
     DEFAULT_RESERVATION_TTL,
@@ -62,6 +63,7 @@ from ds01hub.gpu.allocator import (
 from ds01hub.gpu.decision import Decision
 from ds01hub.gpu.eventlog import EventLog, EventLogError, NewEvent
 from ds01hub.gpu.inventory import Inventory, Slot, load_inventory
+from ds01hub.host.cgroups import CgroupError, ensure_parent
 from ds01hub.hub.group_limits import hub_group_limits
 from ds01hub.limits import (
     LimitsError,
@@ -226,6 +228,15 @@ class DS01Spawner(DockerSpawner):
         value_trait=List(),
         config=True,
         help="""Explicit uid/gid per user name: {"alice": [1001, 1001]}.""",
+    )
+    aggregate_cgroup_root = Unicode(
+        "",
+        config=True,
+        help="""Where the cgroup v1 controllers are mounted (`/sys/fs/cgroup`) when Docker uses
+        the cgroupfs driver: a user with `aggregate` limits then gets a parent cgroup
+        `<cgroup_parent or /ds01>/u-<user>` there, with their caps written into it (memory,
+        cpu, pids), so the kernel caps all their containers together (the hub must run as
+        root). Empty: aggregate limits are checked at spawn only. Not for systemd slices.""",
     )
     cgroup_parents = Dict(
         key_trait=Unicode(),
@@ -536,6 +547,46 @@ class DS01Spawner(DockerSpawner):
             status_code=409,
         )
 
+    async def _apply_aggregate(self, limits: ResolvedLimits, choice: SpawnChoice) -> ResolvedLimits:
+        """Refuse a spawn beyond the user's aggregate caps (the sum of their running
+        containers' limits and this one's); with `aggregate_cgroup_root`, start it under the
+        user's parent cgroup, which has the caps written into it."""
+        cap = limits.aggregate
+        if cap is None:
+            return limits
+        running = await self._blocking(self._running_uses)
+        new = ContainerUse(self.object_name, choice.max_cpus, choice.memory, limits.pids_limit)
+        refusal = aggregate_refusal(self.user.name, cap, running, new)
+        if refusal:
+            raise SpawnException(refusal, reason="aggregate", status_code=409)
+        if not self.aggregate_cgroup_root:
+            return limits
+        base = limits.cgroup_parent or "/ds01"
+        if base.endswith(".slice"):
+            self.log.warning(
+                "ds01: %s: aggregate caps not enforced by a cgroup: %s is a systemd slice",
+                self._log_name,
+                base,
+            )
+            return limits
+        parent = user_cgroup_parent(base, self.user.name)
+        try:
+            await self._blocking(ensure_parent, self.aggregate_cgroup_root, parent, cap)
+        except CgroupError as error:
+            raise SpawnException(str(error), reason="aggregate", status_code=500) from None
+        self._emit(11, f"aggregate caps {cap.describe()}: cgroup {parent}")
+        return replace(limits, cgroup_parent=parent)
+
+    def _running_uses(self) -> list[ContainerUse]:
+        """The limits of the user's other running containers, as Docker has them."""
+        uses = []
+        for record in self._user_records():
+            if record.name == self.object_name or record.state != "running":
+                continue
+            host = self.context.docker.api.inspect_container(record.id)["HostConfig"]
+            uses.append(ContainerUse.from_host_config(record.name, host))
+        return uses
+
     def _user_records(self) -> list[labels.ContainerRecord]:
         """The user's containers of this deployment (signatures verified: an image or a build
         step that claims the user never counts against their quota)."""
@@ -707,6 +758,7 @@ class DS01Spawner(DockerSpawner):
         for note in choice.notes:
             self._emit(8, note)
         await self._check_container_quota(limits)
+        limits = await self._apply_aggregate(limits, choice)
         self._emit(10, f"quota ok; image {choice.image}, {choice.gpu_text()}")
         for attempt in range(1, _START_ATTEMPTS + 1):
             slots = await self._allocate(choice, limits)
