@@ -15,7 +15,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 CA_BUNDLE ?= /etc/ssl/certs/ca-certificates.crt
 PYTEST_ARGS ?=
-SLOW_MARKERS := docker or e2e or browser or root
+SLOW_MARKERS := docker or e2e or browser or root or swarm
 # Every exit but 0 fails, 5 ("no tests collected") too: a selection that matches nothing (a
 # marker or path typo) is a broken run, never a green one. No run here is meant to be empty.
 PYTEST := $(VENV)/bin/pytest

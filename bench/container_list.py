@@ -9,8 +9,10 @@ times, for each user, over --runs runs:
 
   cli            `container-list --all` run as the user (process start, broker, hub, Docker)
   broker         the broker's /v1/containers over its unix socket (no process start)
-  operations/1   UserOperations.list_containers in-process, inspecting one container at a time
-  operations/8   the same with 8 inspects at once (the broker's default)
+  ops/before     UserOperations.list_containers in-process as it was: one inspect per
+                 container (8 at once, the broker's default) for start/stop times
+  ops/now        the same as it is: Docker's list call + labels, inspecting only running
+                 containers (uptime) and stopped GPU holders (hold)
   docker-list    Docker's list call alone (label filter, no inspect): the floor
 
 Everything it creates (containers, user, hub) is removed at the end. Needs root (useradd).
@@ -41,6 +43,13 @@ from ds01hub import labels, provenance  # noqa: E402
 from ds01hub.actions.operations import OperationsContext, UserOperations  # noqa: E402
 from ds01hub.cli.user.backends import BrokerBackend  # noqa: E402
 from ds01hub.hub.client import HubClient  # noqa: E402
+
+
+class InspectEach(UserOperations):
+    """The listing as it was before it read the list call: inspect every container."""
+
+    def _listed(self):
+        return [(attrs, None) for attrs in self._containers()]
 
 
 class BenchHub:
@@ -149,7 +158,7 @@ def measure(hub: BenchHub, client, person, runs: int, expected: int) -> dict[str
     def via_broker() -> None:
         assert len(broker.list_containers(include_stopped=True)) == expected
 
-    def operations(workers: int):
+    def operations(kind: type[UserOperations]):
         loop = asyncio.new_event_loop()
 
         async def make() -> UserOperations:
@@ -157,9 +166,8 @@ def measure(hub: BenchHub, client, person, runs: int, expected: int) -> dict[str
                 hub=HubClient(f"{hub.url}/hub/api", hub.token),
                 docker=client,
                 trust=provenance.load(hub.state_dir),
-                inspect_workers=workers,
             )
-            return UserOperations(context, person.name)
+            return kind(context, person.name)
 
         ops = loop.run_until_complete(make())
 
@@ -179,8 +187,8 @@ def measure(hub: BenchHub, client, person, runs: int, expected: int) -> dict[str
     return {
         "cli": timed(cli, runs),
         "broker": timed(via_broker, runs),
-        "operations/1": timed(operations(1), runs),
-        "operations/8": timed(operations(8), runs),
+        "ops/before": timed(operations(InspectEach), runs),
+        "ops/now": timed(operations(UserOperations), runs),
         "docker-list": timed(docker_list, runs),
     }
 
@@ -200,6 +208,11 @@ def print_table(results: dict[str, dict[str, list[float]]], args: argparse.Names
             p95 = samples[min(len(samples) - 1, round(0.95 * (len(samples) - 1)))]
             cells.append(f"{statistics.median(samples):8.0f} ({p95:5.0f})")
         print(f"{path:14}" + "".join(f"{c:>18}" for c in cells))
+    ratios = [
+        statistics.median(results[name]["ops/before"]) / statistics.median(results[name]["ops/now"])
+        for name in scenarios
+    ]
+    print(f"{'before/now':14}" + "".join(f"{r:>17.1f}x" for r in ratios))
 
 
 if __name__ == "__main__":

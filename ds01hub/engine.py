@@ -18,10 +18,11 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from ds01hub import labels
+from ds01hub.units import utcnow
 
 __all__ = [
     "EngineState",
@@ -70,10 +71,6 @@ def short_error(error: BaseException | str) -> str:
     """An error as one bounded line (for logs, pages and users' messages)."""
     text = " ".join(str(error).split()) or type(error).__name__
     return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import escapism
 
+from ds01hub.units import utcnow
+
 if TYPE_CHECKING:
     from ds01hub.provenance import Provenance
 
@@ -55,6 +57,7 @@ __all__ = [
     "container_name_of",
     "escape_name",
     "format_slot_list",
+    "USER_SETTABLE",
     "is_reserved",
     "is_routing",
     "labels_of",
@@ -82,6 +85,11 @@ AIME_USER = "aime.mlc.USER"
 AIME_NAME = "aime.mlc.NAME"
 AIME_MANAGED = "aime.mlc.DS01_MANAGED"
 AIME_GPUS = "aime.mlc.GPUS"
+#: A mark tests put on what they create (the proxy's users may set it too).
+TEST = "ds01.test"
+#: Reserved keys a user may give their own containers (ds01.project is then signed as theirs);
+#: every other ds01.* / aime.mlc.* key is the system's, overwritten in a user's create.
+USER_SETTABLE = frozenset({PROJECT, TEST})
 
 #: The fields `ds01.signature` covers (with the container name), in this order, forever:
 #: everything a reader takes a decision on. Never reorder; a new field needs a new scheme.
@@ -156,7 +164,7 @@ def container_labels(
     created_at: datetime | None = None,
 ) -> dict[str, str]:
     """The full label set of a managed container (Docker labels are strings)."""
-    created = (created_at or datetime.now(UTC)).astimezone(UTC)
+    created = (created_at or utcnow()).astimezone(UTC)
     project = project or DEFAULT_PROJECT
     slots = format_slot_list(gpus)
     return {

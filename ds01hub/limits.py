@@ -34,9 +34,10 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import UTC, date, datetime, time, timedelta
-from pathlib import Path
 from typing import Any
 
+from ds01hub import paths
+from ds01hub.errors import Ds01hubError
 from ds01hub.mig import COMPUTE_SLICES, PROFILE_FORM, is_profile, parse_profile
 from ds01hub.strict_yaml import (
     Document,
@@ -57,11 +58,11 @@ from ds01hub.units import (
 )
 
 __all__ = [
-    "DEFAULT_LIMITS_PATH",
     "AggregateLimits",
     "EXPIRY_EVENT",
     "EXPIRY_WARN_DAYS",
     "Expiry",
+    "FairShareConfig",
     "GpuAllocationConfig",
     "HUB_PROPERTY",
     "HubGroupLimits",
@@ -73,16 +74,24 @@ __all__ = [
     "ResolvedLimits",
     "SimulatedGpuSpec",
     "SimulateConfig",
-    "default_limits_path",
+    "load_limits_or_defaults",
     "load_limits",
     "parse_group_properties",
     "parse_limits",
     "record_expired",
 ]
 
-DEFAULT_LIMITS_PATH = Path("/etc/ds01hub/resource-limits.yaml")
-ENV_LIMITS = "DS01HUB_LIMITS"
 PRIORITY_RANGE = (1, 100)
+#: The docker-py keywords of ResolvedLimits.host_config() -> their Engine API HostConfig names.
+HOST_CONFIG_FIELDS = {
+    "nano_cpus": "NanoCpus",
+    "mem_limit": "Memory",
+    "memswap_limit": "MemorySwap",
+    "shm_size": "ShmSize",
+    "ipc_mode": "IpcMode",
+    "pids_limit": "PidsLimit",
+    "cgroup_parent": "CgroupParent",
+}
 IPC_MODES = ("private", "shareable", "host", "none")
 STRATEGIES = ("spread", "pack")
 # DS01 spellings of the strategies.
@@ -116,17 +125,13 @@ MIG_COMPUTE_SLICES = COMPUTE_SLICES  # every MIG-capable GPU has at most 7 compu
 MIG_MEMORY_SLICES = 8  # ... and its memory in 8 slices
 MAX_PROBLEMS = 100  # listed; more are counted
 MAX_WARNINGS = 50
+MAX_FAIRSHARE_WEIGHT = 1000.0  # points of priority fair share may add (priorities are 1..100)
+MAX_SHARE = 1_000_000.0
 DEFAULT_PARSE_TIMEOUT = 10.0  # seconds a reload may take before it counts as failed
 MIN_EXPIRES, MAX_EXPIRES = date(2000, 1, 1), date(9998, 12, 31)  # a day after stays a date
 EXPIRY_WARN_DAYS = 7  # users are told this many days before their limits expire
 EXPIRY_EVENT = "limits-expired"  # the event log's kind for an expiry
 HUB_PROPERTY = "ds01"  # a JupyterHub group's properties key that holds its limits
-
-
-def default_limits_path() -> Path:
-    """`$DS01HUB_LIMITS` when set, else /etc/ds01hub/resource-limits.yaml."""
-    env = os.environ.get(ENV_LIMITS)
-    return Path(env) if env else DEFAULT_LIMITS_PATH
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,7 +162,7 @@ class Problem:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-class LimitsError(ValueError):
+class LimitsError(Ds01hubError, ValueError):
     """The limits file cannot be used; `problems` lists every problem found (at most
     MAX_PROBLEMS, then one saying how many more). `str()` is bounded: it shows the first 20."""
 
@@ -751,7 +756,9 @@ class ResolvedLimits:
         return args
 
     def host_config(self) -> dict[str, Any]:
-        """docker-py keyword arguments (containers.create / create_host_config) for these limits."""
+        """docker-py keyword arguments (containers.create / create_host_config) for these limits:
+        the one map from limits to a container's HostConfig (`api_host_config` names the same
+        entries as the Engine API does)."""
         config: dict[str, Any] = {}
         if self.max_cpus is not None:
             config["nano_cpus"] = int(round(self.max_cpus * 1e9))
@@ -767,6 +774,11 @@ class ResolvedLimits:
         if self.cgroup_parent is not None:
             config["cgroup_parent"] = self.cgroup_parent
         return config
+
+    def api_host_config(self) -> dict[str, Any]:
+        """`host_config()` in the Engine API's HostConfig names (`NanoCpus`, `Memory`, ...):
+        what the Docker proxy enforces and what a created container's inspect document shows."""
+        return {HOST_CONFIG_FIELDS[key]: value for key, value in self.host_config().items()}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: numbers in bytes/seconds, plus human spellings under `display`."""
@@ -902,15 +914,31 @@ class SimulateConfig:
 
 
 @dataclass(frozen=True)
+class FairShareConfig:
+    """`gpu_allocation.fairshare` (Slurm's fair share): recent GPU-hours, decayed with
+    `half_life` seconds, lower a user's effective priority; `weight` is the most it adds
+    (a user with no recent use gets all of it); `shares` weighs groups (default 1 each)."""
+
+    half_life: float = 7 * 86400.0
+    weight: float = 10.0
+    shares: Mapping[str, float] = field(default_factory=dict)
+
+    def share(self, group: str | None) -> float:
+        """A group's share; users in no group share one pool."""
+        return self.shares.get(group, 1.0) if group is not None else 1.0
+
+
+@dataclass(frozen=True)
 class GpuAllocationConfig:
     """`gpu_allocation`: whether MIG instances are handed out, the expected MIG profile,
     the placement strategy (`spread`: least-allocated GPU first; `pack`: fill GPUs up),
-    and an optional simulated inventory."""
+    an optional simulated inventory, and fair share (None: off, configured priority only)."""
 
     enable_mig: bool = True
     mig_profile: str | None = None
     strategy: str = "spread"
     simulate: SimulateConfig | None = None
+    fairshare: FairShareConfig | None = None
 
 
 def _read_simulate(
@@ -1103,7 +1131,7 @@ def _read_gpu_allocation(section: Any, out: _Collector) -> GpuAllocationConfig:
     section = _mapping(section, path, out, "indent its keys under gpu_allocation:")
     if section is None:
         return GpuAllocationConfig()
-    known = {"enable_mig", "mig_profile", "strategy", "simulate"}
+    known = {"enable_mig", "mig_profile", "strategy", "simulate", "fairshare"}
     for key in section:
         if key in DS01_UNENFORCED_GPU:
             out.warn(path + (key,), "DS01 key accepted but not enforced by ds01hub")
@@ -1135,7 +1163,94 @@ def _read_gpu_allocation(section: Any, out: _Collector) -> GpuAllocationConfig:
     simulate = None
     if section.get("simulate") is not None:
         simulate = _read_simulate(section["simulate"], path + ("simulate",), profile, out)
-    return GpuAllocationConfig(enable_mig, profile, strategy, simulate)
+    fairshare = None
+    if "fairshare" in section:
+        fairshare = _read_fairshare(section["fairshare"], path + ("fairshare",), out)
+    return GpuAllocationConfig(enable_mig, profile, strategy, simulate, fairshare)
+
+
+def _read_number(value: Any, low: float, high: float, fix: str) -> float:
+    """A finite number in [low, high] (0 < low means above 0)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise _Bad("not a number", fix, "wrong-type")
+    if not low <= value <= high:
+        raise _Bad(f"outside {low:g}..{high:g}", fix, "out-of-range")
+    return float(value)
+
+
+def _read_fairshare(section: Any, path: KeyPath, out: _Collector) -> FairShareConfig | None:
+    """`fairshare: {half_life: 7d, weight: 10, shares: {GROUP: N}}`; null or {} turns it on
+    with the defaults. Group names are checked against `groups` in `_check_fairshare_groups`."""
+    if section is None:
+        return FairShareConfig()
+    section = _mapping(section, path, out, "indent half_life, weight and shares under fairshare:")
+    if section is None:
+        return None
+    known = {"half_life", "weight", "shares"}
+    for key in section:
+        if key not in known:
+            out.unknown_key(path + (key,), key, known)
+    defaults = FairShareConfig()
+    values: dict[str, Any] = {}
+    readers: dict[str, Callable[[Any], float | None]] = {
+        "half_life": _read_half_life,
+        "weight": lambda v: _read_number(
+            v, 0.0, MAX_FAIRSHARE_WEIGHT, f"use a number from 0 to {MAX_FAIRSHARE_WEIGHT:g}"
+        ),
+    }
+    for key, read in readers.items():
+        if key in section:
+            try:
+                values[key] = read(section[key])
+            except _Bad as bad:
+                out.problem(
+                    path + (key,), section[key], f"bad value: {bad.message}", bad.fix, bad.code
+                )
+    shares = _read_shares(section.get("shares"), path + ("shares",), out)
+    return FairShareConfig(
+        values.get("half_life", defaults.half_life), values.get("weight", defaults.weight), shares
+    )
+
+
+def _read_half_life(value: Any) -> float:
+    seconds = _read_duration(value)
+    if not seconds:
+        raise _Bad("0 or null decays nothing", "use a duration such as 7d or 36h", "out-of-range")
+    if seconds < 60:
+        raise _Bad("below the minimum of 1m", "use a duration such as 7d or 36h", "out-of-range")
+    return seconds
+
+
+def _read_shares(value: Any, path: KeyPath, out: _Collector) -> dict[str, float]:
+    section = _mapping(value, path, out, "indent GROUP: NUMBER lines under shares:")
+    shares: dict[str, float] = {}
+    for group, share in (section or {}).items():
+        fix = f"use a number above 0 and up to {MAX_SHARE:g} (a group's weight among groups)"
+        try:
+            shares[group] = _read_number(share, 0.0, MAX_SHARE, fix)
+            if shares[group] == 0:
+                raise _Bad("0 gives the group no share at all", fix, "out-of-range")
+        except _Bad as bad:
+            shares.pop(group, None)
+            out.problem(path + (group,), share, f"bad value: {bad.message}", bad.fix, bad.code)
+    return shares
+
+
+def _check_fairshare_groups(
+    gpu_allocation: GpuAllocationConfig, groups: Mapping[str, Group], out: _Collector
+) -> None:
+    """Every group given a share is defined under `groups` (a typo would silently get 1)."""
+    fairshare = gpu_allocation.fairshare
+    for name in fairshare.shares if fairshare else ():
+        if name not in groups:
+            names = ", ".join(short_repr(g) for g in list(groups)[:10])
+            out.problem(
+                ("gpu_allocation", "fairshare", "shares", name),
+                name,
+                "names no group defined under groups",
+                f"use one of: {names}" if names else "define the group under groups first",
+                "unknown-group",
+            )
 
 
 _POLICY_MAX_CONTAINERS = _count_reader(1, MAX_CONTAINERS, "allows nothing")
@@ -1610,6 +1725,7 @@ def _validate(data: Any, file: str, line_of: Callable[[KeyPath], int | None]) ->
         )
         default_group = None
     _check_resolved_combinations(defaults, groups, overrides, out)
+    _check_fairshare_groups(gpu_allocation, groups, out)
     if out.problems:
         raise LimitsError(out.all_problems())
     return LimitsConfig(
@@ -1663,6 +1779,18 @@ def load_limits(path: str | os.PathLike) -> LimitsConfig:
     return _guarded(file, lambda: _load(path, file))
 
 
+def load_limits_or_defaults(given: str | os.PathLike | None = None) -> LimitsConfig:
+    """The one behaviour for "no limits file", in every process and command: a file someone
+    named (`given`: a setting or --limits; or $DS01HUB_LIMITS) must exist; when nobody named
+    one and the default /etc/ds01hub/resource-limits.yaml does not exist, the built-in
+    defaults are in force (no limits, no simulated GPUs). A file that exists is read strictly:
+    any problem is a LimitsError."""
+    path = paths.limits_path(given)
+    if not paths.limits_named(given) and not path.exists():
+        return parse_limits({}, file=f"(built-in defaults: {path} does not exist)")
+    return load_limits(path)
+
+
 def _load(path: str | os.PathLike, file: str) -> LimitsConfig:
     document = _read_document(path, file)
     return _validate(document.data, file, document.line_of)
@@ -1675,7 +1803,10 @@ def _read_document(path: str | os.PathLike, file: str) -> Document:
     try:
         return read_yaml_file(path)
     except FileNotFoundError:
-        fix = f"create it (see config/resource-limits.yaml) or point --limits / ${ENV_LIMITS} at it"
+        fix = (
+            f"create it (see config/resource-limits.yaml) or point --limits / "
+            f"${paths.ENV_LIMITS} at it"
+        )
         raise LimitsError([problem("file not found", fix, "file-not-found")]) from None
     except OSError as error:
         message = f"cannot read: {error.strerror or type(error).__name__}"
@@ -1719,7 +1850,9 @@ class LimitsStore:
     `last_problems`, `reload_failures` / `last_reload_ok` (the metrics) and one bounded record
     in `log`. A parse that outlives its time limit still finishes on the store's thread; its
     outcome (new configuration or problems) then replaces the timeout report.
-    The first load must succeed (a hub must not start on a broken file): LimitsError.
+    The first load must succeed (a hub must not start on a broken file): LimitsError; no
+    file at all is `load_limits_or_defaults`'s rule. Once a file is in force, its removal is
+    a failed reload (the last good configuration stays): deleting it never lifts the limits.
     """
 
     def __init__(
@@ -1729,7 +1862,7 @@ class LimitsStore:
         parse_timeout: float = DEFAULT_PARSE_TIMEOUT,
         log: logging.Logger | logging.LoggerAdapter | None = None,
     ):
-        self.path = Path(path) if path is not None else default_limits_path()
+        self.path = paths.limits_path(path)
         self.parse_timeout = parse_timeout
         self.log = log or logging.getLogger(__name__)
         self._lock = threading.Lock()
@@ -1740,7 +1873,7 @@ class LimitsStore:
         self.reload_failures = 0
         self.last_reload_ok = True
         stamp = self._file_stamp()
-        first = self._executor.submit(load_limits, self.path)
+        first = self._executor.submit(load_limits_or_defaults, path)
         try:
             self._current: LimitsConfig = first.result(timeout=parse_timeout)
         except concurrent.futures.TimeoutError:

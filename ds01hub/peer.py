@@ -37,6 +37,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ds01hub.errors import Ds01hubError
+
 #: What an admin does about an account the name rule refuses.
 RENAME_HINT = (
     "an admin must give the account a lower-case name that no other account has "
@@ -65,15 +67,11 @@ class Credentials:
     gid: int
 
 
-class IdentityError(Exception):
+class IdentityError(Ds01hubError):
     """A caller that may not use the socket: `message` says why (for the caller and the admin's
     log), `hint` what to do, `status` is HTTP-like (403 refused, 404 no such account)."""
 
-    def __init__(self, message: str, hint: str | None = None, status: int = 403):
-        super().__init__(message)
-        self.message = message
-        self.hint = hint
-        self.status = status
+    status = 403
 
 
 def credentials(sock: socket.socket) -> Credentials:
@@ -232,12 +230,8 @@ def account_named(name: str, lookup_name: Callable[[str], Any] = pwd.getpwnam) -
 # The listening socket
 
 
-class SocketPathError(Exception):
+class SocketPathError(Ds01hubError):
     """The listening socket's path cannot be taken: `message` says why and what to do."""
-
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
 
 
 @dataclass

@@ -43,21 +43,18 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ds01hub import labels
+from ds01hub import labels, paths
+from ds01hub.errors import Ds01hubError
 
 __all__ = [
     "DEPLOYMENT_FILE",
-    "ENV_STATE_DIR",
     "KEY_FILE",
     "Provenance",
     "ProvenanceError",
-    "default_state_dir",
     "load",
     "service_environment",
 ]
 
-ENV_STATE_DIR = "DS01HUB_STATE_DIR"
-DEFAULT_STATE_DIR = Path("/var/lib/ds01hub")
 KEY_FILE = "label-key"
 DEPLOYMENT_FILE = "deployment"
 #: Prefix of the signature value: a later scheme gets a new one, never a new meaning of this.
@@ -66,22 +63,18 @@ DEPLOYMENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
-class ProvenanceError(RuntimeError):
+class ProvenanceError(Ds01hubError, RuntimeError):
     """The label key or deployment id cannot be used; the message names the file and the fix."""
 
-
-def default_state_dir() -> Path:
-    """`$DS01HUB_STATE_DIR` when set, else /var/lib/ds01hub: the state every ds01hub process
-    on the host shares (allocator lock and reservations, event log, label key, deployment)."""
-    return Path(os.environ.get(ENV_STATE_DIR) or DEFAULT_STATE_DIR)
+    status = 500  # the host's failure, not the caller's
 
 
 def service_environment(environment: Mapping[str, str] | None = None) -> dict[str, str]:
     """A managed service's environment, with the hub's `$DS01HUB_STATE_DIR` when it has one:
     JupyterHub starts services with a bare environment, and a service given no state directory
     must still read the hub's label key and deployment id."""
-    inherited = os.environ.get(ENV_STATE_DIR)
-    return ({ENV_STATE_DIR: inherited} if inherited else {}) | dict(environment or {})
+    inherited = os.environ.get(paths.ENV_STATE_DIR)
+    return ({paths.ENV_STATE_DIR: inherited} if inherited else {}) | dict(environment or {})
 
 
 @dataclass(frozen=True)
@@ -134,14 +127,14 @@ class Provenance:
 
 def load(state_dir: str | os.PathLike | None = None) -> Provenance:
     """This host's deployment id and label key from `state_dir` (default
-    `default_state_dir()`), each created on first use. Raises ProvenanceError."""
-    directory = Path(state_dir) if state_dir is not None else default_state_dir()
+    `paths.state_dir()`), each created on first use. Raises ProvenanceError."""
+    directory = paths.state_dir(state_dir)
     try:
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as error:
         raise ProvenanceError(
             f"cannot create the state directory {directory}: {error}; "
-            f"run as root or point ${ENV_STATE_DIR} at a writable directory"
+            f"run as root or point ${paths.ENV_STATE_DIR} at a writable directory"
         ) from None
     key = _read_or_create(directory / KEY_FILE, secrets.token_hex(32), secret=True)
     if not _KEY_RE.match(key):
@@ -161,6 +154,12 @@ def load(state_dir: str | os.PathLike | None = None) -> Provenance:
 def _new_deployment_id() -> str:
     host = re.sub(r"[^a-z0-9-]+", "-", socket.gethostname().lower()).strip("-")[:40] or "ds01"
     return f"{host}-{secrets.token_hex(3)}"
+
+
+def secret_file(path: Path) -> str:
+    """A random token kept in `path` (mode 0600; made atomically on first use): a service
+    token the hub's configuration and the process that uses it both read."""
+    return _read_or_create(path, secrets.token_hex(32), secret=True)
 
 
 def _read_or_create(path: Path, initial: str, *, secret: bool) -> str:

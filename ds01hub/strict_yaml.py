@@ -35,6 +35,8 @@ from typing import Any
 import yaml
 from yaml.nodes import ScalarNode
 
+from ds01hub.errors import Ds01hubError
+
 __all__ = [
     "Bounds",
     "Document",
@@ -80,7 +82,7 @@ class SourceProblem:
     path: KeyPath = ()
 
 
-class StrictYamlError(ValueError):
+class StrictYamlError(Ds01hubError, ValueError):
     """The text cannot be used; `problems` says why (usually one, several duplicate keys).
     When only duplicate keys were wrong, `document` holds what was read anyway (the last of
     each duplicate), so a validator can report the file's other problems in the same pass."""

@@ -1,27 +1,45 @@
-"""Sizes (`32g`, `512m`, `1.5G`) and durations (`48h`, `1h30m`, `7d`) to numbers and back.
+"""Sizes (`32g`, `512m`, `1.5G`) and durations (`48h`, `1h30m`, `7d`) to numbers and back, and
+the only formatters of sizes, durations and quotas for people.
 
 The YAML limits file and the command line speak Docker's units (binary multiples, one-letter
 suffixes, case-insensitive) and DS01's durations; everything inside ds01hub works in bytes and
 seconds. Parsing is strict: a value that is not clearly a size or a duration is an error naming
 the accepted forms, never a silent guess.
+
+Two kinds of output, one function each:
+- a value someone configured, exactly, in the form the limits file takes back:
+  `format_size` (`32g`), `format_duration` (`1h30m`);
+- a measured amount, rounded for reading: `human_size` (`1.5G`), `human_duration` (`2d 3h`).
+`quota_rows` renders a user's quota (`UserOperations.quota()`) for the users' commands and the
+notebook's panel alike.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from fractions import Fraction
+from typing import Any
+
+from ds01hub.errors import Ds01hubError
 
 __all__ = [
     "UnitError",
     "parse_size",
     "format_size",
+    "human_size",
     "parse_duration",
     "format_duration",
+    "human_duration",
+    "gpu_use",
+    "quota_rows",
+    "utcnow",
 ]
 
 
-class UnitError(ValueError):
+class UnitError(Ds01hubError, ValueError):
     """A size or duration that cannot be read; the message says which forms are accepted."""
 
 
@@ -118,3 +136,86 @@ def format_duration(seconds: float) -> str:
         if count:
             parts.append(f"{count}{unit}")
     return "".join(parts)
+
+
+def human_size(n_bytes: float | None, none: str = "-") -> str:
+    """A measured size, rounded: 512 -> '512B', 1.5 GiB -> '1.5G', 32 GiB -> '32G'; `none`
+    for an unknown (or unlimited) one."""
+    if n_bytes is None:
+        return none
+    for unit, size in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n_bytes >= size:
+            value = n_bytes / size
+            return f"{value:.1f}{unit}" if value < 10 else f"{value:.0f}{unit}"
+    return f"{int(n_bytes)}B"
+
+
+def human_duration(seconds: float | None, none: str = "-") -> str:
+    """A measured time, to its two largest units: 3725 -> '1h 2m', 7200 -> '2h', 45 -> '45s',
+    90061 -> '1d 1h'; `none` for an unknown one."""
+    if seconds is None:
+        return none
+    remaining = int(max(0, seconds))
+    counts = []
+    for unit in ("d", "h", "m", "s"):
+        count, remaining = divmod(remaining, _DURATION_SECONDS[unit])
+        counts.append((count, unit))
+    first = next((i for i, (count, _) in enumerate(counts) if count), len(counts) - 1)
+    shown = [f"{count}{unit}" for count, unit in counts[first : first + 2] if count]
+    return " ".join(shown) or "0s"
+
+
+def gpu_use(held: Sequence[tuple[str, str]], max_gpus: int | None) -> str:
+    """'1 of 2 GPUs in use (slot 0: NVIDIA A100)', '0 of 1 GPU in use', '2 GPUs in use of
+    unlimited (slot 0: ...; slot 1: ...)'; `held` is (slot id, name) per slot held."""
+    slots = "; ".join(f"slot {slot}: {name}" for slot, name in held)
+    suffix = f" ({slots})" if slots else ""
+    if max_gpus is None:
+        noun = "GPU" if len(held) == 1 else "GPUs"
+        return f"{len(held)} {noun} in use of unlimited{suffix}"
+    noun = "GPU" if max_gpus == 1 else "GPUs"
+    return f"{len(held)} of {max_gpus} {noun} in use{suffix}"
+
+
+def quota_rows(quota: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """(what, in use, limit) for a user's quota (`UserOperations.quota()`): the one rendering
+    of it (`container-stats`, `user-setup`, the notebook's QuotaPanel). An absent limit reads
+    "unlimited"; a GPU hold without end reads "until the container is removed". The GPU row
+    is one sentence (`gpu_use`) with the limit in it, so its limit cell is empty."""
+    limits = quota.get("limits") or {}
+    held = [(str(g.get("slot")), str(g.get("name") or "GPU")) for g in quota.get("gpus") or []]
+
+    def cap(value: Any) -> str:
+        return (
+            "unlimited"
+            if value is None
+            else f"{value:g}"
+            if isinstance(value, float)
+            else str(value)
+        )
+
+    hold = limits.get("gpu_hold_after_stop")
+    idle = limits.get("idle_timeout")
+    return [
+        ("GPUs", gpu_use(held, limits.get("max_gpus")), ""),
+        ("GPUs per container", "", cap(limits.get("max_gpus_per_container"))),
+        ("CPUs per container", "", cap(limits.get("max_cpus"))),
+        ("Memory per container", "", human_size(limits.get("memory"), none="unlimited")),
+        (
+            "Containers",
+            f"{quota.get('running', 0)} running, {quota.get('containers', 0)} total",
+            cap(limits.get("max_containers_per_user")),
+        ),
+        ("Idle containers stopped after", "", "never" if idle is None else format_duration(idle)),
+        (
+            "GPUs kept after a stop",
+            "",
+            "until the container is removed" if hold is None else format_duration(hold),
+        ),
+    ]
+
+
+def utcnow() -> datetime:
+    """The one clock: now, timezone-aware, in UTC (what every timestamp ds01hub writes or
+    compares is). Components take a `clock` argument defaulting to it, so tests set time."""
+    return datetime.now(UTC)

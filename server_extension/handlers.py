@@ -13,7 +13,6 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlencode
 
 from jupyter_server.auth.decorator import authorized
@@ -24,6 +23,8 @@ from traitlets import Float, Unicode, default
 from traitlets.config import LoggingConfigurable
 
 from ds01hub.actions import projects
+from ds01hub.errors import Ds01hubError
+from ds01hub.services.web import JsonHandler
 
 AUTH_RESOURCE = "ds01"
 
@@ -68,38 +69,15 @@ class DS01Extension(LoggingConfigurable):
     ).tag(config=True)
 
 
-class DS01Handler(APIHandler):
-    """Common parts: JSON errors with a hint, the extension's settings."""
+class DS01Handler(JsonHandler, APIHandler):
+    """Common parts: JSON bodies and errors as every ds01hub door has them
+    (ds01hub.services.web), the extension's settings."""
 
     auth_resource = AUTH_RESOURCE
 
     @property
     def extension(self) -> DS01Extension:
         return self.settings["ds01_extension"]
-
-    def write_error(self, status_code: int, **kwargs: Any) -> None:
-        error = kwargs.get("exc_info", (None, None, None))[1]
-        message = getattr(error, "log_message", None) or self._reason
-        hint = getattr(error, "hint", None)
-        self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps({"error": message, "hint": hint, "status": status_code}))
-
-    def json_body(self) -> dict:
-        try:
-            body = json.loads(self.request.body or b"{}")
-        except json.JSONDecodeError as error:
-            raise web.HTTPError(400, f"the request body is not JSON: {error}") from None
-        if not isinstance(body, dict):
-            raise web.HTTPError(400, "the request body must be a JSON object")
-        return body
-
-
-class HintedError(web.HTTPError):
-    """An HTTP error with a hint for the user."""
-
-    def __init__(self, status: int, message: str, hint: str | None = None):
-        super().__init__(status, message)
-        self.hint = hint
 
 
 class StatusHandler(DS01Handler):
@@ -134,8 +112,7 @@ class ProjectsHandler(DS01Handler):
         body = self.json_body()
         unknown = sorted(set(body) - self.FIELDS)
         if unknown:
-            raise HintedError(
-                400,
+            raise Ds01hubError(
                 f"unknown field(s) {', '.join(unknown)}",
                 f"send {', '.join(sorted(self.FIELDS))}",
             )
@@ -148,24 +125,20 @@ class ProjectsHandler(DS01Handler):
             author=str(body.get("author", "")),
             git=bool(body.get("git", True)),
         )
-        try:
-            result = await asyncio.to_thread(projects.init_project, spec, parent)
-        except projects.ProjectError as error:
-            raise HintedError(400, str(error)) from None
+        result = await asyncio.to_thread(projects.init_project, spec, parent)  # ProjectError: 400
         data = result.to_dict()
         data["relative_path"] = str(result.path.relative_to(root))
         data["summary"] = result.summary()
-        self.set_status(201)
-        self.finish(json.dumps(data))
+        self.write_json(data, 201)
 
     @staticmethod
     def _parent(root: Path, relative: str) -> Path:
         """The parent folder, refused if it leaves the server's root (``..``, symlinks, /abs)."""
         if not isinstance(relative, str) or Path(relative).is_absolute():
-            raise HintedError(400, f"parent {relative!r} must be a folder relative to {root}")
+            raise Ds01hubError(f"parent {relative!r} must be a folder relative to {root}")
         parent = (root / relative).resolve()
         if not parent.is_relative_to(root):
-            raise HintedError(400, f"parent {relative!r} is outside your files ({root})")
+            raise Ds01hubError(f"parent {relative!r} is outside your files ({root})")
         return parent
 
 
@@ -176,13 +149,13 @@ class ForwardHandler(DS01Handler):
         method = self.request.method
         allowed = next((m for p, m in _FORWARD_PATTERNS if p.fullmatch(path)), ())
         if method not in allowed:
-            raise HintedError(404, f"no such ds01 endpoint: {method} {path}")
+            raise Ds01hubError(f"no such ds01 endpoint: {method} {path}", status=404)
         extension = self.extension
         if not extension.service_url:
-            raise HintedError(
-                503,
+            raise Ds01hubError(
                 "this server does not know where the ds01 service is (DS01_SERVICE_URL is unset)",
                 "ask your administrator to register the ds01 service in jupyterhub_config.py",
+                status=503,
             )
         query = urlencode(self.request.query_arguments, doseq=True)
         url = f"{extension.service_url}api/{path}" + (f"?{query}" if query else "")
@@ -211,12 +184,12 @@ class ForwardHandler(DS01Handler):
         self.finish(response.body)
 
     @staticmethod
-    def _unreachable(url: str, reason: str) -> HintedError:
-        return HintedError(
-            503,
+    def _unreachable(url: str, reason: str) -> Ds01hubError:
+        return Ds01hubError(
             f"the ds01 service is not reachable ({reason}); your files are not affected",
             "try again in a minute; if it keeps failing, tell your administrator "
             f"(service URL: {url.split('/api/')[0]}/)",
+            status=503,
         )
 
     @web.authenticated

@@ -9,7 +9,7 @@ is created: a restart whose GPUs or limits changed must create the container ane
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import KW_ONLY, dataclass, field
+from dataclasses import KW_ONLY, dataclass, field, replace
 from typing import Any
 
 from ds01hub import labels
@@ -21,18 +21,8 @@ from .options import SpawnChoice, normalize_image
 
 __all__ = ["ContainerPlan", "device_requests", "gpu_environment", "recreate_reason"]
 
+
 #: docker-py host-config keyword -> the HostConfig field `docker inspect` shows.
-_HOST_FIELDS = {
-    "nano_cpus": "NanoCpus",
-    "mem_limit": "Memory",
-    "memswap_limit": "MemorySwap",
-    "shm_size": "ShmSize",
-    "ipc_mode": "IpcMode",
-    "pids_limit": "PidsLimit",
-    "cgroup_parent": "CgroupParent",
-}
-
-
 def device_requests(slots: Sequence[Slot]) -> list[dict[str, Any]]:
     """One NVIDIA device request naming the slots' UUIDs (MIG-... for MIG instances)."""
     if not slots:
@@ -109,17 +99,14 @@ class ContainerPlan:
             env["HOME"] = self.workspace[1]
         return env
 
+    def enforced_limits(self) -> ResolvedLimits:
+        """The user's limits with the choice's CPUs and memory (a profile may lower them)."""
+        return replace(self.limits, max_cpus=self.choice.max_cpus, memory=self.choice.memory)
+
     def host_config(self) -> dict[str, Any]:
         """docker-py keywords: the limits (choice's cpu/memory, which may be lower), the GPUs,
         the workspace bind."""
-        config = self.limits.host_config()
-        config.pop("nano_cpus", None)
-        config.pop("mem_limit", None)
-        config.pop("memswap_limit", None)
-        if self.choice.max_cpus is not None:
-            config["nano_cpus"] = int(round(self.choice.max_cpus * 1e9))
-        if self.choice.memory is not None:
-            config["mem_limit"] = config["memswap_limit"] = self.choice.memory
+        config = self.enforced_limits().host_config()
         config["device_requests"] = device_requests(self.slots)
         if self.workspace:
             host, mount = self.workspace
@@ -134,8 +121,7 @@ class ContainerPlan:
 
 
 def _expected_host_fields(plan: ContainerPlan) -> dict[str, Any]:
-    config = plan.host_config()
-    return {_HOST_FIELDS[k]: v for k, v in config.items() if k in _HOST_FIELDS}
+    return plan.enforced_limits().api_host_config()
 
 
 def recreate_reason(attrs: Mapping[str, Any], plan: ContainerPlan) -> str | None:

@@ -19,16 +19,18 @@ from typing import Any
 
 import jinja2
 
+from ds01hub.errors import Ds01hubError
 from ds01hub.gpu.decision import GpuRequest, Holding
 from ds01hub.gpu.inventory import Slot
 from ds01hub.limits import ResolvedLimits
 from ds01hub.mig import PROFILE_FORM, is_profile
+from ds01hub.spawn_options import GPUS_OR_MIG, SPAWN_OPTION_KEYS, asks_gpus_and_mig
 from ds01hub.units import format_size, parse_size
 
 __all__ = [
+    "CUSTOM",
     "OVERRIDE_KEYS",
     "PROFILE_KEYS",
-    "SPAWN_OPTION_KEYS",
     "GpuOffer",
     "OptionsError",
     "Profile",
@@ -44,22 +46,26 @@ __all__ = [
 ]
 
 #: The keys of `user_options`, the same as the form's field names.
-SPAWN_OPTION_KEYS = ("profile", "image", "gpus", "mig")
 #: Keys of one `profile_list` entry (KubeSpawner's shape; `ds01_override` for the overrides).
 PROFILE_KEYS = ("display_name", "slug", "description", "default", "ds01_override")
 #: Keys of a profile's `ds01_override`.
 OVERRIDE_KEYS = ("image", "gpus", "mig", "max_cpus", "memory")
+#: The form's own choice besides the configured profiles: "choose the GPU yourself". Reserved
+#: as a slug; stored as the `profile` of such a spawn, so the admin pages show the override.
+CUSTOM = "custom"
 
 _TEMPLATES = Path(__file__).with_name("templates")
 
 
-class OptionsError(ValueError):
+class OptionsError(Ds01hubError, ValueError):
     """A spawn option was refused: `key` and `value` say which, `allowed` what would do;
     `status` is the HTTP status the hub answers with (400 bad value, 403 not allowed)."""
 
     def __init__(self, key: str, value: Any, problem: str, allowed: str, status: int = 400):
-        self.key, self.value, self.allowed, self.status = key, value, allowed, status
-        super().__init__(f"spawn option {key!r}={value!r}: {problem}; allowed: {allowed}")
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(
+            f"spawn option {key!r}={value!r}: {problem}; allowed: {allowed}", status=status
+        )
 
 
 def _slugify(text: str) -> str:
@@ -112,8 +118,8 @@ class Profile:
             mig = _read_mig(override.get("mig"))
         except OptionsError as error:
             raise ValueError(f"{where}.ds01_override: {error}") from None
-        if gpus and mig:
-            raise ValueError(f"{where}.ds01_override: set gpus or mig, not both")
+        if asks_gpus_and_mig({"gpus": gpus, "mig": mig}):
+            raise ValueError(f"{where}.ds01_override: set {GPUS_OR_MIG}")
         memory = override.get("memory")
         max_cpus = override.get("max_cpus")
         if max_cpus is not None and (isinstance(max_cpus, bool) or float(max_cpus) <= 0):
@@ -143,6 +149,11 @@ def parse_profile_list(entries: Iterable[Any]) -> tuple[Profile, ...]:
     duplicates = sorted({s for s in slugs if slugs.count(s) > 1})
     if duplicates:
         raise ValueError(f"profile_list: duplicate slug(s) {', '.join(duplicates)}; set `slug`")
+    if CUSTOM in slugs:
+        raise ValueError(
+            f"profile_list: the slug {CUSTOM!r} is reserved (the form's 'choose the GPU "
+            "yourself'); set another `slug`"
+        )
     if sum(p.default for p in profiles) > 1:
         raise ValueError("profile_list: more than one profile has default: true")
     return profiles
@@ -208,19 +219,22 @@ def normalize_user_options(raw: Mapping[str, Any] | None) -> dict[str, Any]:
     ):
         if value is not None:
             options[key] = value
-    if options.get("gpus") and options.get("mig"):
+    queue = raw.get("queue", False)
+    if not isinstance(queue, bool):
+        raise OptionsError("queue", queue, "not true or false", "true (wait for a GPU) or false")
+    if queue:
+        options["queue"] = True
+    if asks_gpus_and_mig(options):
         raise OptionsError(
-            "mig",
-            options["mig"],
-            f"asked together with gpus={options['gpus']}",
-            "whole GPUs (gpus) or one MIG instance (mig), not both",
+            "mig", options["mig"], f"asked together with gpus={options['gpus']}", GPUS_OR_MIG
         )
     return options
 
 
 def options_from_form(formdata: Mapping[str, Sequence[str]]) -> dict[str, Any]:
     """The options form's fields -> the `user_options` keys. The GPU select sends `gpu` as
-    `none`, `gpus:N` or `mig:PROFILE`; the empty value means "as the profile says"."""
+    `none`, `gpus:N` or `mig:PROFILE`; it counts only without a configured profile (with
+    `custom`, or where no profiles exist), so a profile and a GPU choice never disagree."""
 
     def first(key: str) -> str:
         values = formdata.get(key) or [""]
@@ -230,7 +244,7 @@ def options_from_form(formdata: Mapping[str, Sequence[str]]) -> dict[str, Any]:
     for key in ("profile", "image"):
         if first(key):
             options[key] = first(key)
-    gpu = first("gpu")
+    gpu = first("gpu") if first("profile") in ("", CUSTOM) else ""
     if gpu == "none":
         options["gpus"] = 0
     elif gpu.startswith("gpus:"):
@@ -239,6 +253,8 @@ def options_from_form(formdata: Mapping[str, Sequence[str]]) -> dict[str, Any]:
         options["mig"] = gpu.removeprefix("mig:")
     elif gpu:
         raise OptionsError("gpu", gpu, "not a choice of the form", "none, gpus:N, mig:PROFILE")
+    if first("queue") == "on":
+        options["queue"] = True
     return normalize_user_options(options)
 
 
@@ -313,6 +329,8 @@ class SpawnChoice:
     max_cpus: float | None = None
     memory: int | None = None
     notes: tuple[str, ...] = field(default=(), compare=False)
+    #: Wait for a GPU without `gpu_wait_timeout`: the request is stored (`spawner.queued`).
+    queue: bool = False
 
     @property
     def wants_gpu(self) -> bool:
@@ -333,11 +351,15 @@ class SpawnChoice:
             options = {"image": self.image, "mig": self.mig}
         if self.profile:
             options["profile"] = self.profile
+        if self.queue:
+            options["queue"] = True
         return options
 
 
 def _choose_profile(options: Mapping[str, Any], profiles: Sequence[Profile]) -> Profile | None:
     slug = options.get("profile")
+    if slug == CUSTOM:
+        return None
     if slug is None:
         return next((p for p in profiles if p.default), None)
     for profile in profiles:
@@ -347,7 +369,7 @@ def _choose_profile(options: Mapping[str, Any], profiles: Sequence[Profile]) -> 
         "profile",
         slug,
         "no such profile",
-        ", ".join(p.slug for p in profiles) or "none (no profiles are configured)",
+        ", ".join([*(p.slug for p in profiles), CUSTOM]),
     )
 
 
@@ -455,10 +477,11 @@ def resolve_choice(
         image=image,
         gpus=gpus,
         mig=mig,
-        profile=profile.slug if profile else None,
+        profile=profile.slug if profile else options.get("profile"),
         max_cpus=max_cpus,
         memory=memory,
         notes=tuple(notes),
+        queue=bool(options.get("queue")),
     )
 
 
@@ -469,14 +492,13 @@ def resolve_choice(
 class _GpuOption:
     value: str
     text: str
-    disabled: bool = False
 
 
 def _gpu_options(limits: ResolvedLimits, offer: GpuOffer) -> list[_GpuOption]:
     """`none`, `gpus:1..N` within the user's limits and the machine, each MIG profile; the
     free counts are a snapshot (a busy choice can still be picked: the spawn then queues)."""
     sim = " (SIMULATED)" if offer.simulated else ""
-    choices = [_GpuOption("", "as the profile says"), _GpuOption("none", "no GPU")]
+    choices = [_GpuOption("none", "no GPU")]
     cap = limits.gpus_per_container
     if limits.allow_full_gpu:
         most = offer.whole_total if cap is None else min(cap, offer.whole_total)
@@ -516,6 +538,72 @@ def _profile_problem(
     return None
 
 
+@dataclass(frozen=True)
+class _ProfileView:
+    """One profile as the form shows it: what it gives, how many such slots are free now
+    (`free`, `total`; None without a GPU) and why it cannot be picked (`problem`)."""
+
+    slug: str
+    display_name: str
+    description: str
+    gives: str
+    free: int | None
+    total: int | None
+    wanted: int
+    problem: str | None
+
+    @property
+    def free_text(self) -> str:
+        if self.free is None:
+            return ""
+        return f"{self.free} of {self.total} free now"
+
+    @property
+    def free_now(self) -> bool:
+        return self.free is not None and self.free >= self.wanted
+
+
+def _profile_view(
+    profile: Profile,
+    limits: ResolvedLimits,
+    offer: GpuOffer,
+    images: Sequence[str] | str,
+    default_image: str,
+) -> _ProfileView:
+    sim = " (SIMULATED)" if offer.simulated and (profile.gpus or profile.mig) else ""
+    cpus = _tighter(profile.max_cpus, limits.max_cpus)
+    memory = _tighter(profile.memory, limits.memory)
+    gives = [
+        profile.gpu_text() + sim,
+        f"{cpus:g} CPU{'s' if cpus != 1 else ''}" if cpus is not None else "CPUs unlimited",
+        f"{format_size(int(memory))} memory" if memory is not None else "memory unlimited",
+        f"image {profile.image or default_image}",
+    ]
+    if profile.mig:
+        free, total = offer.mig_free.get(profile.mig, 0), offer.mig_total.get(profile.mig, 0)
+    elif profile.gpus:
+        free, total = offer.whole_free, offer.whole_total
+    else:
+        free = total = None
+    return _ProfileView(
+        slug=profile.slug,
+        display_name=profile.display_name,
+        description=profile.description,
+        gives=", ".join(gives),
+        free=free,
+        total=total,
+        wanted=1 if profile.mig else profile.gpus or 0,
+        problem=_profile_problem(profile, limits, offer, images),
+    )
+
+
+def _tighter(profile_value: float | None, limit: float | None) -> float | None:
+    """What applies: the profile's value can only lower the user's limit (`resolve_choice`)."""
+    if profile_value is None:
+        return limit
+    return profile_value if limit is None else min(profile_value, limit)
+
+
 def render_form(
     *,
     profiles: Sequence[Profile],
@@ -526,22 +614,25 @@ def render_form(
     default_image: str,
     previous: Mapping[str, Any] | None = None,
 ) -> str:
-    """The options form's HTML (Jinja2, autoescaped): profiles as radios, then image and GPU
-    selects bounded by the user's limits with what is free now."""
+    """The options form's HTML (Jinja2, autoescaped; Bootstrap 5 like the hub's pages): one
+    choice of GPU: a profile (what it gives, how many such slots are free now), or "choose the
+    GPU yourself" with a select bounded by the user's limits; then the image."""
     environment = jinja2.Environment(
         loader=jinja2.FileSystemLoader(_TEMPLATES),
         autoescape=True,
         undefined=jinja2.StrictUndefined,
     )
     previous = previous or {}
+    views = [_profile_view(p, limits, offer, images, default_image) for p in profiles]
+    usable = {v.slug for v in views if v.problem is None} | {CUSTOM}
     chosen = previous.get("profile") or next((p.slug for p in profiles if p.default), None)
+    if profiles and chosen not in usable:
+        chosen = next((v.slug for v in views if v.problem is None), CUSTOM)
     image_choices = [default_image] if images == "*" else [i for i in images if "*" not in i]
     image_choices += [i for i in own_images if i not in image_choices]
-    rows = [(p, _profile_problem(p, limits, offer, images)) for p in profiles]
-    if chosen not in {p.slug for p, problem in rows if problem is None}:
-        chosen = next((p.slug for p, problem in rows if problem is None), None)
     return environment.get_template("options_form.html").render(
-        profiles=rows,
+        profiles=views,
+        custom=CUSTOM,
         chosen_profile=chosen,
         images=image_choices,
         own_images=set(own_images),
@@ -557,6 +648,6 @@ def render_form(
 def _previous_gpu(previous: Mapping[str, Any]) -> str:
     if previous.get("mig"):
         return f"mig:{previous['mig']}"
-    if "gpus" in previous:
-        return f"gpus:{previous['gpus']}" if previous["gpus"] else "none"
-    return ""
+    if previous.get("gpus"):
+        return f"gpus:{previous['gpus']}"
+    return "none"

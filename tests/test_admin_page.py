@@ -4,17 +4,26 @@ recorded container list, NVML by the SIMULATED one)."""
 from __future__ import annotations
 
 import functools
+import re
 from datetime import UTC, datetime, timedelta
 
 from harness.allocation_fakes import fill_event_log
 from harness.inspect_docs import TRUST, inspect_doc
 
 from ds01hub.gpu.allocator import GpuAllocator
-from ds01hub.gpu.eventlog import EventLog, NewEvent
+from ds01hub.gpu.eventlog import EventLog, Interval, NewEvent
 from ds01hub.gpu.inventory import discover
 from ds01hub.gpu.simulated_nvml import SimulatedNvml
 from ds01hub.limits import SimulatedGpuSpec, parse_limits
-from ds01hub.services.ops.admin_page import overview, render_page, week_start
+from ds01hub.services.ops import charts
+from ds01hub.services.ops.admin_page import (
+    PageContext,
+    overview,
+    page_policy,
+    queue_rows,
+    render_page,
+    week_start,
+)
 from ds01hub.services.ops.warnings import CullWarning
 
 NOW = datetime(2026, 3, 4, 12, 0, tzinfo=UTC)  # a Wednesday
@@ -99,8 +108,7 @@ def test_the_page_escapes_names_and_shows_a_config_error_and_pending_culls(tmp_p
     assert model["pending_culls"][0]["project"] == "default"
     page = render_page(model)
     assert 'id="pending-culls"' in page and "idle for 2h" in page
-    assert "<script>" not in page
-    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert evil not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert 'id="config-error"' in page and "line 3: &lt;bad&gt; key" in page
     assert 'id="slots"' in page and "SIMULATED" in page
 
@@ -108,9 +116,10 @@ def test_the_page_escapes_names_and_shows_a_config_error_and_pending_culls(tmp_p
 def test_an_empty_machine_renders_none_rows(tmp_path):
     _, inventory, log, allocator = machine(tmp_path, [])
     page = render_page(overview(allocator.status(), inventory, None, NOW))
-    assert page.count('<td class="state-free">free</td>') == 3
-    assert '<td colspan="3" class="note">none</td>' in page
-    assert '<td colspan="4" class="note">none</td>' in page  # no pending culls
+    assert page.count('class="state-free"') == 3
+    assert '<td colspan="3" class="note text-body-secondary">none</td>' in page  # no usage
+    assert '<td colspan="4" class="note text-body-secondary">none</td>' in page  # no culls
+    assert "no GPU time recorded" in page  # the charts say so too
     assert "config-error" not in page
 
 
@@ -124,8 +133,8 @@ def test_a_slot_held_twice_is_a_conflict_row_and_an_alert(tmp_path):
     [alert] = [a for a in model["alerts"] if a.startswith("slot 0")]
     assert "a (alice, running)" in alert and "b (bob, running)" in alert
     page = render_page(model)
-    assert '<td class="state-conflict">conflict</td>' in page
-    assert 'class="error alert"' in page
+    assert '<td class="state-conflict"><span class="badge text-bg-danger">conflict</span>' in page
+    assert 'class="alert alert-danger error"' in page
 
 
 def test_events_that_wait_for_a_full_event_log_are_an_alert(tmp_path):
@@ -136,3 +145,138 @@ def test_events_that_wait_for_a_full_event_log_are_an_alert(tmp_path):
     [alert] = [a for a in alerts if a.startswith("event log")]
     assert alert.startswith("event log: 1 event(s) wait to be written, 0 lost")
     assert "database or disk is full" in alert
+
+
+def test_charts_show_the_event_logs_hours_per_week_and_each_slots_day(tmp_path):
+    """The numbers drawn (each mark's data-value) are the event log's."""
+    _, inventory, log, allocator = machine(tmp_path, [])
+    last_week = NOW - timedelta(days=8)  # Tuesday of the week before
+    log.record("allocate", "alice", "0", "old", "students", at=last_week)
+    log.record("release", "alice", "0", "old", "students", at=last_week + timedelta(hours=10))
+    log.record("allocate", "bob", "1:0", "b", "staff", at=NOW - timedelta(minutes=90))
+    model = overview(allocator.status(), inventory, log, NOW)
+    data = model["charts"]
+    assert data["weeks"][-2:] == ["02-23", "03-02"]
+    assert data["user"] == {"alice": [0.0] * 6 + [10.0, 0.0], "bob": [0.0] * 7 + [1.5]}
+    assert data["group"]["staff"][-1] == 1.5
+    # 12:00 now: the last hour (11-12) held all of it, the one before (10-11) half
+    assert data["hours"][-1] == "11:00" and data["slots"]["1:0"][-2:] == [0.5, 1.0]
+    assert set(data["slots"]) == {"0", "1:0", "1:1"} and not any(data["slots"]["1:1"])
+
+    page = render_page(model)
+    bars = dict(
+        ((name, week), float(value))
+        for name, week, value in re.findall(
+            r'class="ds01-bar"[^>]*data-name="([^"]*)" data-label="([^"]*)" data-value="([^"]*)"',
+            page,
+        )
+    )
+    assert bars[("alice", "02-23")] == 10.0 and bars[("bob", "03-02")] == 1.5
+    cells = re.findall(r'data-slot="1:0" data-label="([^"]*)" data-value="([^"]*)"', page)
+    assert cells[-2:] == [("10:00", "0.5"), ("11:00", "1")]
+    assert "<title>bob: 1.5 GPU-hours (03-02)</title>" in page
+
+
+def test_chart_names_are_escaped_and_many_users_share_others():
+    series = {f"<u{i}>": [float(i)] for i in range(10)}
+    intervals = [
+        Interval(name, None, "0", f"c{i}", NOW - timedelta(hours=i + 1), NOW)
+        for i, name in enumerate(series)
+    ]
+    weekly = charts.weekly_hours(intervals, "user", [week_start(NOW)], NOW)
+    assert len(weekly) == len(charts.PALETTE) + 1 and charts.OTHERS in weekly
+    assert weekly[charts.OTHERS] == [round(1 + 2 + 3, 2)]  # the three smallest
+    svg = charts.stacked_bars(weekly, ["03-02"], "GPU-hours", "t")
+    assert "<u9>" not in svg and "&lt;u9&gt;" in svg
+
+
+def test_the_page_is_the_hubs_page_with_a_navbar_entry_and_reloads():
+    model = overview([], _Inventory(), None, NOW)
+    page = render_page(model, PageContext(user="root", prefix="/jhub/"))
+    assert 'href="/jhub/hub/static/css/style.min.css' in page  # the hub's own styles
+    assert 'id="ds01-gpus-link" href="/jhub/services/ds01-ops/"' in page
+    assert '<meta http-equiv="refresh" content="60">' in page
+    assert "<title>ds01 GPUs</title>" in page
+    policy = page_policy(page)
+    assert policy.startswith("default-src 'none'; script-src 'self' 'sha256-")
+    assert policy.count("'sha256-") == 1  # the hub's configuration script in <head>, only
+
+
+def test_pending_spawns_are_the_queue_oldest_first():
+    users = [
+        {
+            "name": "b",
+            "servers": {
+                "": {
+                    "pending": "spawn",
+                    "started": "2026-03-04T11:00:00Z",
+                    "user_options": {"gpus": 1},
+                }
+            },
+        },
+        {
+            "name": "a",
+            "servers": {
+                "p": {
+                    "pending": "spawn",
+                    "started": "2026-03-04T10:00:00Z",
+                    "user_options": {"mig": "2g.20gb"},
+                },
+                "q": {"pending": None, "ready": True},
+            },
+        },
+    ]
+    rows = queue_rows(users)
+    assert [(r["user"], r["project"], r["wants"]) for r in rows] == [
+        ("a", "p", "MIG 2g.20gb"),
+        ("b", "default", "1 GPU(s)"),
+    ]
+    page = render_page(overview([], _Inventory(), None, NOW, queue=rows))
+    assert re.search(r'<table class="table table-sm" id="queue">.*MIG 2g\.20gb', page, re.S)
+
+
+class _Inventory:
+    simulated = False
+    reason = None
+
+
+def test_the_hub_gets_ds01_pages_once_and_the_ds01_api_stays_out_of_the_menu():
+    from traitlets.config import Config
+
+    from ds01hub.hub.services import TEMPLATES, configure_notebook, configure_ops, configure_pages
+
+    c = Config()
+    c.JupyterHub.template_paths = ["/site/templates"]
+    configure_ops(c, announce=False)
+    configure_pages(c)
+    assert c.JupyterHub.template_paths == [str(TEMPLATES), "/site/templates"]
+    configure_notebook(c)
+    [notebook] = [s for s in c.JupyterHub.services.get_value([]) if s["name"] == "ds01"]
+    assert notebook["display"] is False
+
+
+def test_the_fair_share_table_shows_each_users_factor_and_effective_priority(tmp_path):
+    from ds01hub.gpu.fairshare import report
+
+    config = parse_limits({"gpu_allocation": {"fairshare": {"half_life": "7d", "weight": 10}}})
+    _, inventory, log, _ = machine(tmp_path, [])
+    allocator = GpuAllocator(
+        None,
+        inventory,
+        tmp_path / "s2",
+        log,
+        clock=lambda: NOW,
+        limits=config,
+        trust=TRUST,
+        container_lister=list,
+    )
+    log.record("allocate", "<b>eve</b>", "0", "a", "lab", at=NOW - timedelta(hours=5))
+    log.record("release", "<b>eve</b>", "0", "a", "lab", at=NOW - timedelta(hours=1))
+    log.record("allocate", "dan", "0", "b", "lab", at=NOW - timedelta(hours=1))
+    rows = report(allocator.fair_share(), config)
+    model = overview(allocator.status(), inventory, log, NOW, fairshare=rows)
+    assert [r["user"] for r in model["fairshare"]] == ["dan", "<b>eve</b>"]
+    assert model["fairshare"][0]["effective"] > model["fairshare"][1]["effective"] > 10
+    page = render_page(model)
+    assert 'id="fairshare"' in page and "&lt;b&gt;eve&lt;/b&gt;" in page
+    assert "Fair share" not in render_page(overview(allocator.status(), inventory, log, NOW))

@@ -4,9 +4,11 @@ SIMULATED GPU slots, the event log holds a known history."""
 
 from __future__ import annotations
 
+import os
 import re
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 import requests
@@ -21,6 +23,7 @@ from ds01hub.services.ops.app import EVENTLOG_FILE
 from ds01hub.services.ops.warnings import CullWarning, WarningStore
 
 pytestmark = [pytest.mark.e2e, pytest.mark.docker]
+SCREENSHOTS = Path(os.environ.get("DS01_SCREENSHOTS", "/tmp/ds01hub-screenshots"))
 
 LIMITS_YAML = """\
 defaults: {gpu_hold_after_stop: 1h, max_gpus: 4}
@@ -180,7 +183,7 @@ def test_the_page_is_for_admins_only(ops):
     session = hub.login(ops["admin"])
     page = session.get(ops["base"], timeout=30)  # through the hub's OAuth redirects
     assert page.status_code == 200, page.text[:500]
-    row = re.search(r"<tr><td>0</td>(.*?)</tr>", page.text).group(1)
+    row = re.search(r"<tr><td>0</td>(.*?)</tr>", page.text, re.S).group(1)
     assert ops["alice"] in row and "running" in row
     assert page.headers["Content-Security-Policy"].startswith("default-src 'none'")
 
@@ -283,5 +286,26 @@ def test_an_admin_sees_the_slot_table_in_chromium(ops, chromium):
         usage = page.locator("#usage-user tbody tr", has_text=ops["alice"]).inner_text()
         assert f"{6 + ops['alice_week']:.2f}" in usage
         assert page.locator("#config-error").count() == 0
+        # in the hub's look: its navbar with the admins' entry; the charts drawn in the page
+        assert page.locator("nav.navbar #ds01-gpus-link").count() == 1
+        model = get(ops, "api/overview", hub.token_for(ops["admin"])).json()
+        bars = page.locator(f'#chart-user rect.ds01-bar[data-name="{ops["alice"]}"]')
+        drawn = sum(float(bars.nth(i).get_attribute("data-value")) for i in range(bars.count()))
+        assert drawn == pytest.approx(sum(model["charts"]["user"][ops["alice"]]), abs=0.01)
+        assert drawn == pytest.approx(6 + ops["alice_week"], abs=0.05)  # the event log's
+        assert page.locator("#chart-slots rect.ds01-cell").count() == 4 * 24
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SCREENSHOTS / "admin-page.png"), full_page=True)
+        # the hub's own pages have the entry for admins only
+        page.goto(f"{hub.hub_url}home")
+        assert page.locator("#ds01-gpus-link").count() == 1
+    finally:
+        context.close()
+    context = chromium.new_context()
+    try:
+        page = context.new_page()
+        log_in(page, hub.hub_url, ops["student"], hub.password)
+        page.goto(f"{hub.hub_url}home")
+        assert page.locator("#ds01-gpus-link").count() == 0
     finally:
         context.close()

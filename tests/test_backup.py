@@ -94,9 +94,10 @@ def test_restore_checks_the_backup_and_refuses_a_running_hub(tmp_path):
     (saved / "state" / "revoked.json").write_text('{"c1": []}\n')
     sleeper = subprocess.Popen(["bash", "-c", "exec -a jupyterhub sleep 60"])
     try:
-        # bash replaces itself with the renamed sleep a moment later: wait for that (bounded)
+        # bash replaces itself with the renamed sleep a moment later: wait for that (bounded).
+        # bash's own command line names jupyterhub too, so wait for it as argv[0].
         deadline = time.monotonic() + 30
-        while b"jupyterhub" not in Path(f"/proc/{sleeper.pid}/cmdline").read_bytes():
+        while not Path(f"/proc/{sleeper.pid}/cmdline").read_bytes().startswith(b"jupyterhub\0"):
             assert time.monotonic() < deadline, "the stand-in hub process never started"
             time.sleep(0.01)
         (state / "jupyterhub.pid").write_text(f"{sleeper.pid}\n")

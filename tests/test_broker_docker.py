@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import threading
 from pathlib import Path
 
 import docker
@@ -154,18 +155,20 @@ def test_interactive_shell_through_a_pty(hub, users, containers, client):
 def test_user_setup_walks_through_and_ends_with_how_to_connect(hub, users, containers):
     alice, bob = users
     with PtySession(alice, hub.socket_path, "user-setup") as term:
-        assert alice.name in term.expect("Set up a project now?")
-        term.send("n\r")
+        shown = term.expect("Set up another project? [y/N] ")  # she has a container already
+        assert alice.name in shown and "You are already set up:" in shown
+        assert "containers: work (running)" in shown
+        term.send("\r")  # the default: no
         assert "VS Code" in term.expect("Browser:")
         assert term.wait() == 0
     # yes: the guided project-init runs inside it, in the user's home
     with PtySession(bob, hub.socket_path, "user-setup") as term:
-        term.expect("Set up a project now?")
-        term.send("\r")  # the default: yes
+        term.expect("Set up another project? [y/N] ")
+        term.send("y\r")
         for prompt, answer in (
             ("Project name:", "first-steps"),
-            ("One-line description:", "learning the ropes"),
-            ("Use case:", "nlp"),
+            ("One-line description", "learning the ropes"),
+            ("Use case [general]:", "nlp"),
             ("Build an image for it?", "n"),
             ("Create a container for it?", "n"),
         ):
@@ -298,9 +301,9 @@ def test_guided_image_create_in_a_terminal(hub, users, client):
     _, bob = users
     try:
         with PtySession(bob, hub.socket_path, "image-create", "--guided") as term:
-            assert "cv" in term.expect("Template:")  # the templates are listed first
+            assert "cv" in term.expect("Template [general]: ")  # the templates are listed first
             term.send("custom\r")
-            term.expect("Image name:")
+            term.expect("Image name [custom]: ")
             term.send("tools\r")
             term.expect("Extra pip packages")
             term.send("\r")
@@ -312,6 +315,36 @@ def test_guided_image_create_in_a_terminal(hub, users, client):
     finally:
         for image in client.images.list(name=f"ds01-{bob.name}/tools"):
             client.images.remove(image.id, force=True)
+
+
+def test_ctrl_c_in_an_image_build_offers_to_cancel_it(hub, users, client):
+    """While the build waits for a slot (the test holds them all), Ctrl-C asks whether to
+    cancel it; yes cancels it in the broker: the user may build again at once."""
+    from ds01hub.actions.builds import MAX_CONCURRENT_BUILDS, HostBuildLocks
+
+    alice, _ = users
+    locks = HostBuildLocks(hub.state_dir, MAX_CONCURRENT_BUILDS)
+    held = [locks.take_slot(threading.Event(), lambda: None) for _ in range(MAX_CONCURRENT_BUILDS)]
+    try:
+        with PtySession(
+            alice, hub.socket_path, "image-create", "slow", "--template", "custom"
+        ) as term:
+            term.expect("waiting for a free build slot")
+            assert locks.building(alice.name)
+            term.send("\x03")
+            term.expect("Cancel the build of slow? [Y/n] ")
+            term.send("\r")
+            shown = term.expect("cancelled")
+            assert "container-stop" not in shown
+            assert term.wait() == 130
+        assert not locks.building(alice.name)
+        result = as_user(hub, alice, "image-cancel")
+        assert result.returncode == 1 and "no build of yours is running" in result.stderr
+    finally:
+        for fd in held:
+            locks.release(fd)
+    with pytest.raises(docker.errors.ImageNotFound):
+        client.images.get(f"ds01-{alice.name}/slow:latest")
 
 
 def test_large_output_and_input_arrive_whole(hub, users, containers):

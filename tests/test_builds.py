@@ -15,15 +15,19 @@ import threading
 import pytest
 from harness import wait_until_async
 
-from ds01hub.actions.builds import BuildManager, HostBuildLocks
+from ds01hub.actions.builds import CANCELLED, BuildManager, HostBuildLocks
 from ds01hub.actions.images import BuildEvent, ImageSpec
 from ds01hub.actions.operations import OperationError
 
 
-def _events(*texts: str, fail: bool = False):
+def _events(*texts: str, fail: bool = False, hold: threading.Event | None = None):
+    """A build that logs `texts`, then (once `hold` is set, if given) fails or is done."""
+
     def run(spec):
         for text in texts:
             yield BuildEvent("log", text, 0.5)
+        if hold is not None:
+            hold.wait(30)
         if fail:
             raise RuntimeError("engine went away")
         yield BuildEvent("done", "built", 1.0, image_id="sha256:x", tag=spec.tag)
@@ -63,12 +67,14 @@ class Gate:
 
 
 async def test_build_manager_runs_one_build_per_user_and_keeps_events_in_order(tmp_path):
-    manager = BuildManager(_events("a", "b", "c"), tmp_path, max_concurrent=1)
+    hold = threading.Event()  # ann's build runs until the test has tried a second one
+    manager = BuildManager(_events("a", "b", "c", hold=hold), tmp_path, max_concurrent=1)
     build = manager.start(ImageSpec("ann", "one"))
     with pytest.raises(OperationError) as refused:
         manager.start(ImageSpec("ann", "two"))
     assert refused.value.status == 409
     other = manager.start(ImageSpec("ben", "one"))  # another user may build meanwhile (queued)
+    hold.set()
     await _finish(build)
     await _finish(other)
     assert [e["text"] for e in build.events] == ["a", "b", "c", "built"]
@@ -193,3 +199,55 @@ def test_a_slot_waiter_stops_at_shutdown(tmp_path):
     waiter.join(10)
     assert told == [None]
     locks.release(held)
+
+
+class Chatty:
+    """A build that prints a line every few milliseconds until released, and notes whether
+    its stream was closed (what makes Docker end a real build)."""
+
+    def __init__(self):
+        self.release = threading.Event()
+        self.closed = threading.Event()
+
+    def run(self, spec):
+        try:
+            while not self.release.wait(0.01):
+                yield BuildEvent("log", "working", 0.5)
+            yield BuildEvent("done", "built", 1.0, image_id="sha256:x", tag=spec.tag)
+        finally:
+            self.closed.set()
+
+
+async def test_a_running_build_is_cancelled_through_the_other_door(tmp_path):
+    chatty = Chatty()
+    service = BuildManager(chatty.run, tmp_path)
+    broker = BuildManager(_events("x"), tmp_path)  # the broker, where image-cancel arrives
+    assert broker.locks.request_cancel("ann") is None  # nothing to cancel yet
+    build = service.start(ImageSpec("ann", "torch"))
+    await wait_until_async(lambda: build.events, 10, message="the build runs")
+    assert broker.locks.request_cancel("ann") == "torch"
+    await _finish(build)
+    assert build.status == "error" and build.events[-1]["text"] == CANCELLED
+    assert chatty.closed.is_set() and not broker.locks.building("ann")
+    # the request was for that build: the next one runs to its end
+    again = broker.start(ImageSpec("ann", "torch"))
+    assert (await _finish(again)).status == "done"
+    service.shutdown()
+    broker.shutdown()
+
+
+async def test_a_queued_build_is_cancelled_before_it_takes_a_slot(tmp_path):
+    gate = Gate()
+    broker = BuildManager(gate.run, tmp_path, max_concurrent=1)
+    service = BuildManager(gate.run, tmp_path, max_concurrent=1)
+    running = broker.start(ImageSpec("ben", "one"))
+    await wait_until_async(lambda: gate.running, 10, message="ben's build runs")
+    queued = service.start(ImageSpec("ann", "two"))
+    await wait_until_async(lambda: queued.events, 10, message="ann's build waits for the slot")
+    assert broker.locks.request_cancel("ann") == "two"
+    await _finish(queued)
+    assert queued.events[-1]["text"] == CANCELLED and "ann" not in gate.running
+    gate.finish("ben")
+    assert (await _finish(running)).status == "done"
+    broker.shutdown()
+    service.shutdown()

@@ -14,10 +14,10 @@ from types import SimpleNamespace
 import pytest
 
 from ds01hub import peer
-from ds01hub.actions import operations
+from ds01hub.actions import names, operations
 from ds01hub.cli import output
 from ds01hub.cli.terminal import FrameDecoder
-from ds01hub.cli.user import backends, context, views
+from ds01hub.cli.user import backends, context, remote, views
 from ds01hub.cli.user import commands as user
 from ds01hub.hub.client import hub_error_message, parse_sse, server_path
 from ds01hub.services.broker import app as broker
@@ -61,7 +61,7 @@ def test_bad_names_are_refused_with_the_rule_and_a_suggestion(name):
         operations.validate_name(name)
     assert "lowercase letters, digits, '-' and '_'" in info.value.message
     suggestion = info.value.hint.split("'")[1]
-    assert operations.NAME_RE.match(suggestion)
+    assert names.NAME_RE.match(suggestion)
 
 
 def test_bad_name_on_the_command_line_exits_2_and_says_why(capsys):
@@ -107,27 +107,6 @@ def test_project_and_server_names_map_both_ways():
 
 
 # ---- output ----------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("seconds", "text"),
-    [
-        (None, "-"),
-        (5, "5s"),
-        (65, "1m 5s"),
-        (3600 * 3 + 60 * 12, "3h 12m"),
-        (86400 * 2 + 3600, "2d 1h"),
-    ],
-)
-def test_format_duration(seconds, text):
-    assert output.format_duration(seconds) == text
-
-
-def test_format_bytes():
-    assert output.format_bytes(None) == "-"
-    assert output.format_bytes(512) == "512B"
-    assert output.format_bytes(1.5 * 2**30) == "1.5G"
-    assert output.format_bytes(32 * 2**30) == "32G"
 
 
 def test_table_aligns_and_colours_only_when_asked():
@@ -237,7 +216,7 @@ def test_container_list_table_and_json():
         "UNTIL",
     ]
     assert "thesis" in lines[0] and "up 1h 1m" in lines[0] and "0:1" in lines[0]
-    assert "stopped 2m 0s" in lines[1] and "2026-11-23 10:00 UTC" in lines[1]
+    assert "stopped 2m" in lines[1] and "2026-11-23 10:00 UTC" in lines[1]
     code, out, _ = run("container-list", ["--json"], backend)
     assert code == 0 and [r["project"] for r in json.loads(out)] == ["thesis"]
     assert backend.calls[-1] == ("list", False)
@@ -560,7 +539,7 @@ def test_backend_choice_broker_by_default_hub_with_url_and_token(tmp_path):
         backends.connect(env=env)
     token_file.chmod(0o600)
     chosen = backends.connect(env=env)
-    assert isinstance(chosen, backends.HubBackend)
+    assert isinstance(chosen, remote.HubBackend)
     assert chosen.api_url == "http://hub:8000/hub/api" and chosen.token == "secret"
 
 
@@ -596,6 +575,25 @@ def test_ctrl_c_while_waiting_says_the_work_goes_on():
     assert "waiting for a GPU: position 2" in err and "thesis goes on in the hub" in err
 
 
+def test_a_gpu_wait_shows_the_same_headline_as_the_spawn_page_with_a_countdown():
+    from datetime import UTC, datetime, timedelta
+
+    from ds01hub.gpu.messages import EVENT_KEY, Message
+
+    deadline = datetime.now(UTC) + timedelta(minutes=10)
+    said = Message("wait", "busy", "You are 2nd in line for a whole GPU.", deadline=deadline)
+
+    class Waiting(ScriptedBackend):
+        def start(self, project, options, create):
+            yield {"event": "progress", "message": "x", EVENT_KEY: said.to_dict()}
+            raise KeyboardInterrupt
+
+    code, _, err = run("container-create", ["thesis", "--gpus", "1"], Waiting())
+    assert code == 130
+    assert "You are 2nd in line for a whole GPU. (gives up in " in err
+    assert f"(at {deadline:%H:%M} UTC)" in err
+
+
 def test_stats_table_shows_use_against_limits():
     rows = [
         {
@@ -623,10 +621,34 @@ def test_stats_table_shows_use_against_limits():
     assert "0:1 (SIMULATED): 87%, 3.0G / 20G" in line
 
 
+def test_user_setup_welcomes_with_the_quota_and_reads_unlimited():
+    class Backend:
+        def whoami(self):
+            return {"user": "ann"}
+
+        def quota(self):
+            return {"containers": 0, "gpus_held": 0, "limits": {"group": "staff", "max_gpus": None}}
+
+        def cull_warnings(self):
+            return []
+
+        def list_containers(self, include_stopped=False):
+            return []
+
+        def images(self):
+            return []
+
+    code, out, err = run("user-setup", [], Backend(), FakeTTY("n\n"))
+    assert code == 0
+    assert err.startswith("Welcome, ann! Limits (group staff): GPUs: 0 GPUs in use of unlimited;")
+    assert "None" not in err and "Connecting to your containers" in out
+
+
 def test_quota_line_reads_like_a_sentence():
     quota = {
         "containers": 1,
         "gpus_held": 1,
+        "gpus": [{"slot": "0", "name": "NVIDIA A100"}],
         "limits": {
             "group": "students",
             "max_gpus": 2,
@@ -638,8 +660,10 @@ def test_quota_line_reads_like_a_sentence():
         },
     }
     assert views.quota_line(quota) == (
-        "Limits (group students): GPUs 1 of 2 held, containers 1 of no limit, per container "
-        "4 CPUs and 16G; idle timeout 12h 0m, GPUs held 1h 0m after a stop"
+        "Limits (group students): GPUs: 1 of 2 GPUs in use (slot 0: NVIDIA A100); GPUs per "
+        "container unlimited; CPUs per container 4; memory per container 16G; containers "
+        "unlimited (0 running, 1 total); idle "
+        "containers stopped after 12h; GPUs kept after a stop 1h"
     )
     assert "no limits file" in views.quota_line({"containers": 0, "limits": None})
 

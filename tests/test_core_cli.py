@@ -1,5 +1,7 @@
 """`ds01hub limits | check-config | gpus | status`, run as the installed command."""
 
+import csv
+import io
 import json
 import os
 import subprocess
@@ -267,5 +269,51 @@ def test_usage_reports_gpu_hours_from_the_event_log(tmp_path):
     future = run("usage", "--since", "2999-01-01", "--state-dir", tmp_path)
     assert future.returncode == 0 and future.stdout.startswith("no GPU time recorded")
     assert run("usage", "--since", "yesterday", "--state-dir", tmp_path).returncode == 2
+    log.record("allocate", "=cmd|x", slot="2", container="c", at=start)
+    log.record("release", "=cmd|x", slot="2", container="c", at=start + timedelta(hours=2))
+    table = run("usage", "--state-dir", tmp_path, "--csv").stdout
+    rows = list(csv.reader(io.StringIO(table)))
+    assert rows == [
+        ["user", "gpu_hours"],
+        ["alice", "3.0000"],
+        ["'=cmd|x", "2.0000"],  # shown as text in a spreadsheet, never run
+        ["bob", "1.0000"],
+    ]
+    assert run("usage", "--csv", "--json", "--state-dir", tmp_path).returncode == 2
     missing = run("usage", "--state-dir", tmp_path / "nowhere")
+    assert missing.returncode == 1 and "no event log" in missing.stderr
+
+
+def test_fairshare_shows_usage_factor_and_effective_priority(tmp_path):
+    from datetime import UTC, datetime, timedelta
+
+    from ds01hub.gpu.eventlog import EventLog
+
+    limits = tmp_path / "limits.yaml"
+    limits.write_text(
+        "defaults: {priority: 20}\n"
+        "groups:\n  lab: {members: [alice, bob], priority: 30}\n"
+        "gpu_allocation:\n  fairshare: {half_life: 7d, weight: 10}\n"
+    )
+    start = datetime.now(UTC) - timedelta(hours=10)
+    log = EventLog(tmp_path / "events.db")
+    for user, hours in (("alice", 6), ("bob", 1), ("carol", 3)):
+        group = None if user == "carol" else "lab"
+        log.record("allocate", user, slot="0", container=user, group=group, at=start)
+        end = start + timedelta(hours=hours)
+        log.record("release", user, slot="0", container=user, group=group, at=end)
+    result = run("fairshare", "--limits", limits, "--state-dir", tmp_path, "--json")
+    data = json.loads(result.stdout)
+    assert data["enabled"] and data["weight"] == 10
+    users = {row["user"]: row for row in data["users"]}
+    assert [row["user"] for row in data["users"]] == ["bob", "carol", "alice"]  # by factor
+    assert users["alice"]["priority"] == 30 and users["carol"]["priority"] == 20
+    assert users["bob"]["factor"] > users["alice"]["factor"]
+    assert users["alice"]["effective"] == pytest.approx(30 + 10 * users["alice"]["factor"], 1e-3)
+    text = run("fairshare", "--limits", limits, "--state-dir", tmp_path).stdout.splitlines()
+    assert text[0].split()[:2] == ["USER", "GROUP"] and text[1].split()[:2] == ["bob", "lab"]
+    limits.write_text("defaults: {priority: 20}\n")
+    off = run("fairshare", "--limits", limits, "--state-dir", tmp_path)
+    assert off.returncode == 0 and off.stdout.startswith("fair share is off")
+    missing = run("fairshare", "--limits", limits, "--state-dir", tmp_path / "nowhere")
     assert missing.returncode == 1 and "no event log" in missing.stderr

@@ -34,6 +34,34 @@ def test_usage_errors_exit_2_and_a_missing_token_says_how_to_fix_it(tmp_path):
     assert "no hub API token" in missing.stderr and "JUPYTERHUB_API_TOKEN" in missing.stderr
 
 
+def test_cull_is_the_ops_service_with_its_settings_and_no_copies_of_them():
+    """`ds01hub cull` declares only what a shell needs (--once, --json, the hub URL and token);
+    every culling setting is the ds01-ops service's, set by the same option."""
+    from traitlets.config import Application
+
+    from ds01hub.cli.admin import CullCommand
+    from ds01hub.services.ops.app import OpsService
+
+    service = set(OpsService.class_traits(config=True)) - set(Application.class_traits(config=True))
+    assert set(CullCommand.class_own_traits(config=True)) == {
+        "once",
+        "json",
+        "hub_api",
+        "token_file",
+    }
+    app = CullCommand()
+    app.initialize(
+        ["--once", "--label=a=b", "--label", "c=d", "--gpu-threshold", "7", "--cpu-threshold=2"]
+        + ["--gpu-samples=5", "--gpu-sample-interval=0.5", "--keep-stopped", "--warn-before=0"]
+    )
+    assert (app.extra_labels, app.gpu_threshold, app.cpu_threshold) == (["a=b", "c=d"], 7, 2)
+    assert (app.gpu_samples, app.gpu_sample_interval, app.remove_stopped) == (5, 0.5, False)
+    assert app.warn_before == 0 and app.once
+    aliased = {target.split(".")[1] for target in CullCommand.aliases.values()}
+    flagged = {k for config, _ in CullCommand.flags.values() for k in config.get("OpsService", {})}
+    assert service <= aliased | flagged  # every setting of the service has its option
+
+
 @pytest.mark.e2e
 @pytest.mark.docker
 def test_cull_once_dry_run_reports_and_a_real_pass_culls(hub_factory, tmp_path):

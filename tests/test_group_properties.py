@@ -117,7 +117,7 @@ def test_property_any_json_is_a_layer_or_a_limits_error(value):
 
 def test_the_culler_and_the_admin_page_use_the_groups_the_hub_reported(tmp_path):
     from ds01hub import provenance
-    from ds01hub.services.ops.admin_page import render_page
+    from ds01hub.services.ops.admin_page import overview, render_page
     from ds01hub.services.ops.culler import Culler
 
     config = parse_limits({"defaults": {"idle_timeout": "1h"}})
@@ -129,13 +129,10 @@ def test_the_culler_and_the_admin_page_use_the_groups_the_hub_reported(tmp_path)
     )
     assert culler.policy_for("u", ["night"]).idle_timeout == 8 * 3600
     assert culler.policy_for("u", ["broken"]).idle_timeout == 3600  # the file's, not half of it
-    model = {
-        "at": "now",
-        "week_start": "monday",
-        "slots": [],
-        "usage": {"user": [], "group": []},
-        "group_problems": {"broken": [str(p) for p in bad.value.problems]},
-    }
+    from types import SimpleNamespace
+
+    inventory = SimpleNamespace(simulated=False, reason=None, slots=[])
+    model = overview([], inventory, None, NOW, group_problems={"broken": bad.value.problems})
     page = render_page(model)
     assert "JupyterHub group broken: its ds01 properties are refused" in page
     assert "ds01.memory: invalid memory: 0 means no limit to Docker" in page

@@ -7,9 +7,12 @@ import uuid
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ds01hub.actions.images import (
     CA_BUNDLE_IN_IMAGE,
+    HEAVY_BUILD_MB,
     TEMPLATES,
     ImageError,
     ImageQuotaError,
@@ -17,10 +20,12 @@ from ds01hub.actions.images import (
     build_events,
     check_image_quota,
     dockerfile_steps,
+    download_estimate_mb,
     get_template,
     image_repository,
     image_tag,
     parse_package_list,
+    plain_text,
     render_dockerfile,
     spec_from_request,
     validate_apt_package,
@@ -239,6 +244,38 @@ def test_build_events_error_stops_the_stream():
 
 def test_build_events_without_image_is_an_error():
     assert list(build_events([{"stream": "hi"}], "t"))[-1].kind == "error"
+
+
+def test_download_estimate_names_the_heavy_packages_once():
+    assert download_estimate_mb(["six", "numpy"]) == (0, [])
+    assert download_estimate_mb(["Torch==2.4", "torch[opt]>=2", "TensorFlow"]) == (
+        3100,
+        ["torch", "tensorflow"],
+    )
+    size, heavy = download_estimate_mb(TEMPLATES["general"].pip_packages)
+    assert heavy == ["torch"] and size >= HEAVY_BUILD_MB
+    assert download_estimate_mb(TEMPLATES["custom"].pip_packages)[0] < HEAVY_BUILD_MB
+
+
+def test_stored_build_log_lines_carry_no_terminal_codes():
+    chunks = [
+        {"stream": "Step 1/1 : RUN pip install six\n"},
+        {"stream": "\x1b[1;31mERROR:\x1b[0m no \x1b]0;title\x07colour\n"},
+        {"stream": "Downloading  10%\rDownloading  55%\rDownloading 100%\n"},
+        {"stream": "\x1b[?25l\x1b[2K\x1b(Bdone\x1b[?25h\n"},
+        {"aux": {"ID": "i"}},
+    ]
+    texts = [e.text for e in build_events(chunks, "t")]
+    assert texts[1:4] == ["ERROR: no colour", "Downloading 100%", "done"]
+    failed = list(build_events([{"error": "\x1b[31mpip failed\x1b[0m\n"}], "t"))
+    assert failed[-1].text == "pip failed"
+
+
+@given(st.text())
+def test_plain_text_leaves_no_control_character_and_is_stable(line):
+    shown = plain_text(line)
+    assert not any(ord(c) < 32 and c not in "\t\n" or 0x7F <= ord(c) <= 0x9F for c in shown)
+    assert plain_text(shown) == shown
 
 
 # ---------------------------------------------------------------- real build (Docker)

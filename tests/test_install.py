@@ -124,11 +124,14 @@ def test_install_restricts_existing_nvidia_device_nodes_to_the_gpu_group(tmp_pat
         dev / "nvidia0",
         dev / "nvidiactl",
         dev / "nvidia-uvm",
-        dev / "nvidia-caps/nvidia-cap1",
+        dev / "nvidia-caps/nvidia-cap3",  # a MIG instance's access capability
     ]
     for node in nodes:
         node.write_text("")
         node.chmod(0o666)
+    config_cap = dev / "nvidia-caps/nvidia-cap1"  # MIG config: stays the driver's root 0400
+    config_cap.write_text("")
+    config_cap.chmod(0o400)
     (dev / "null").write_text("")
     (dev / "null").chmod(0o666)
     install.install(opts)
@@ -136,6 +139,7 @@ def test_install_restricts_existing_nvidia_device_nodes_to_the_gpu_group(tmp_pat
     for node in nodes:
         assert (node.stat().st_gid, stat.S_IMODE(node.stat().st_mode)) == (gid, 0o660), node
     assert stat.S_IMODE((dev / "null").stat().st_mode) == 0o666  # not an NVIDIA node
+    assert (config_cap.stat().st_gid, stat.S_IMODE(config_cap.stat().st_mode)) == (0, 0o400)
     conf = (tmp_path / "etc/modprobe.d/ds01hub-nvidia.conf").read_text()
     assert f"NVreg_DeviceFileGID={gid} NVreg_DeviceFileMode=432" in conf  # 432 = 0o660
     rule = (tmp_path / "etc/udev/rules.d/70-ds01hub-nvidia.rules").read_text()

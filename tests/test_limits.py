@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from ds01hub import paths
 from ds01hub.limits import (
     LimitsError,
     LimitsStore,
-    default_limits_path,
     load_limits,
     parse_limits,
 )
@@ -243,9 +243,9 @@ def test_missing_file_says_how_to_point_at_one(tmp_path):
 
 def test_default_path_follows_the_environment(monkeypatch):
     monkeypatch.delenv("DS01HUB_LIMITS", raising=False)
-    assert default_limits_path() == Path("/etc/ds01hub/resource-limits.yaml")
+    assert paths.limits_path() == Path("/etc/ds01hub/resource-limits.yaml")
     monkeypatch.setenv("DS01HUB_LIMITS", "/srv/limits.yaml")
-    assert default_limits_path() == Path("/srv/limits.yaml")
+    assert paths.limits_path() == Path("/srv/limits.yaml")
 
 
 def test_docker_args_and_host_config_enforce_the_same_limits():
@@ -521,3 +521,26 @@ def refused_problems(path: Path) -> list:
     with pytest.raises(LimitsError) as caught:
         load_limits(path)
     return caught.value.problems
+
+
+def test_the_engine_api_names_are_what_docker_py_makes_of_the_keywords():
+    """ResolvedLimits.api_host_config (the proxy's and the spawner's recreate check) is the
+    HostConfig docker-py sends for host_config() (the spawner's create)."""
+    from docker.types import HostConfig
+
+    config = parse_limits(
+        {
+            "defaults": {
+                "max_cpus": 2.5,
+                "memory": "4g",
+                "shm_size": "1g",
+                "ipc_mode": "private",
+                "pids_limit": 512,
+                "cgroup_parent": "ds01.slice",
+            }
+        }
+    )
+    resolved = config.resolve("ann", ())
+    api = resolved.api_host_config()
+    sent = HostConfig("1.41", **resolved.host_config())
+    assert api == {key: sent[key] for key in api} and len(api) == 7

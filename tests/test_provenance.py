@@ -13,7 +13,7 @@ from harness.inspect_docs import TRUST
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from ds01hub import labels, provenance
+from ds01hub import labels, paths, provenance
 from ds01hub.gpu.allocator import GpuAllocator
 from ds01hub.gpu.inventory import discover
 from ds01hub.gpu.simulated_nvml import SimulatedNvml
@@ -175,14 +175,14 @@ def test_unusable_files_are_named_with_the_fix(tmp_path, setup, message):
 
 
 def test_managed_services_inherit_the_hubs_state_directory(monkeypatch):
-    monkeypatch.setenv(provenance.ENV_STATE_DIR, "/srv/ds01")
+    monkeypatch.setenv(paths.ENV_STATE_DIR, "/srv/ds01")
     assert provenance.service_environment({"A": "1"}) == {
         "DS01HUB_STATE_DIR": "/srv/ds01",
         "A": "1",
     }
     explicit = {"DS01HUB_STATE_DIR": "/elsewhere"}
     assert provenance.service_environment(explicit) == explicit  # what the admin says wins
-    monkeypatch.delenv(provenance.ENV_STATE_DIR)
+    monkeypatch.delenv(paths.ENV_STATE_DIR)
     assert provenance.service_environment() == {}
 
 

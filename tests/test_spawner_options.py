@@ -4,6 +4,7 @@ the GPU wait queue (no Docker, no hub)."""
 from __future__ import annotations
 
 import asyncio
+import re
 from dataclasses import replace
 from html.parser import HTMLParser
 
@@ -100,7 +101,8 @@ def test_user_options_are_typed_and_unknown_keys_named():
     assert normalize_user_options(None) == {}
     error = pytest.raises(OptionsError, normalize_user_options, {"gpu": 1, "cpus": 2}).value
     assert str(error) == (
-        "spawn option 'cpus'=2: unknown option(s) cpus, gpu; allowed: profile, image, gpus, mig"
+        "spawn option 'cpus'=2: unknown option(s) cpus, gpu; "
+        "allowed: profile, image, gpus, mig, queue"
     )
     for bad in (-1, 1.5, True, "two"):
         error = pytest.raises(OptionsError, normalize_user_options, {"gpus": bad}).value
@@ -112,6 +114,14 @@ def test_user_options_are_typed_and_unknown_keys_named():
 
 def test_form_fields_become_the_same_keys_as_rest():
     assert options_from_form({"profile": ["gpu"], "image": [""], "gpu": [""]}) == {"profile": "gpu"}
+    # One choice of GPU: a configured profile brings its own; the select counts with custom.
+    assert options_from_form({"profile": ["cpu-only"], "gpu": ["gpus:1"]}) == {
+        "profile": "cpu-only"
+    }
+    assert options_from_form({"profile": ["custom"], "gpu": ["gpus:1"]}) == {
+        "profile": "custom",
+        "gpus": 1,
+    }
     assert options_from_form({"gpu": ["none"]}) == {"gpus": 0}
     assert options_from_form({"gpu": ["gpus:2"], "image": ["lab/torch:2"]}) == {
         "gpus": 2,
@@ -133,6 +143,20 @@ def test_default_profile_then_explicit_keys_win():
     assert mig.user_options() == {"image": "lab/torch:2", "mig": "2g.20gb", "profile": "gpu"}
 
 
+def test_the_custom_choice_is_stored_as_the_profile_and_takes_no_default():
+    custom = choose({"profile": "custom", "gpus": 1})
+    assert (custom.profile, custom.gpus, custom.image, custom.max_cpus) == (
+        "custom",
+        1,
+        DEFAULT_IMAGE,
+        2.0,
+    )
+    assert custom.user_options()["profile"] == "custom"
+    assert choose({"profile": "custom"}).gpus == 0
+    with pytest.raises(ValueError, match="slug 'custom' is reserved"):
+        parse_profile_list([{"display_name": "Custom"}])
+
+
 def test_profile_asking_more_than_the_limits_gets_the_limit_and_says_so():
     two = choose({"profile": "two-gpus"}, user="carol")
     assert (two.gpus, two.memory) == (2, 32 << 30)
@@ -142,7 +166,7 @@ def test_profile_asking_more_than_the_limits_gets_the_limit_and_says_so():
 def test_refusals_name_key_value_and_what_is_allowed():
     error = refusal({"profile": "huge"})
     assert (error.key, error.status) == ("profile", 400)
-    assert str(error).endswith("allowed: cpu-only, gpu, two-gpus, mig")
+    assert str(error).endswith("allowed: cpu-only, gpu, two-gpus, mig, custom")
     error = refusal({"gpus": 2})
     assert str(error) == (
         "spawn option 'gpus'=2: over your limit of 1 GPU(s) per container (group students); "
@@ -230,7 +254,7 @@ def form_for(user: str, previous=None) -> _Fields:
 def test_form_offers_what_the_limits_allow_and_what_is_free():
     fields = form_for("alice")
     radios = {i["value"]: i for i in fields.inputs if i.get("name") == "profile"}
-    assert set(radios) == {"cpu-only", "gpu", "two-gpus", "mig"}
+    assert set(radios) == {"cpu-only", "gpu", "two-gpus", "mig", "custom"}
     assert "disabled" in radios["two-gpus"] and "disabled" not in radios["gpu"]
     assert "checked" in radios["cpu-only"]
     gpu_values = {
@@ -246,6 +270,32 @@ def test_form_offers_what_the_limits_allow_and_what_is_free():
     assert "gpus:2" in selected
     radios = {i["value"]: i for i in carol.inputs if i.get("name") == "profile"}
     assert "checked" in radios["two-gpus"]
+    custom = form_for("alice", previous={"profile": "custom", "mig": "2g.20gb"})
+    radios = {i["value"]: i for i in custom.inputs if i.get("name") == "profile"}
+    assert "checked" in radios["custom"]
+    assert [o["value"] for o, _ in custom.options if "selected" in o][0] == "mig:2g.20gb"
+
+
+def test_each_profile_says_what_it_gives_and_how_many_are_free():
+    html = render_form(
+        profiles=PROFILES,
+        limits=LIMITS.resolve("carol"),
+        offer=OFFER,
+        images="*",
+        own_images=[],
+        default_image=DEFAULT_IMAGE,
+    )
+    badges = re.findall(r'data-free="(\d+)" data-total="(\d+)">([^<]*)<', html)
+    # one whole GPU of two is held (OFFER): the GPU profiles say so; the MIG one its own kind
+    assert badges == [
+        ("1", "2", "1 of 2 free now"),
+        ("1", "2", "1 of 2 free now"),
+        ("2", "2", "2 of 2 free now"),
+    ]
+    assert "1 whole GPU (SIMULATED), 1 CPU, 32g memory, image lab/torch:2" in html
+    assert "2 whole GPUs (SIMULATED), 8 CPUs, 32g memory" in html  # the limit, not 64g
+    assert "None free now: you would wait in line" in html  # two GPUs wanted, one free
+    assert 'class="form-text' in html and "help-block" not in html
 
 
 # -- the container plan -------------------------------------------------------------------------
@@ -370,7 +420,13 @@ async def test_queue_serves_priority_then_arrival_and_reports_positions():
             positions.setdefault(key, []).append((status.position, status.waiting))
 
         return queue.acquire(
-            key, priority, pool.attempt_for(key), timeout=30, abandon=pool.abandon, on_wait=on_wait
+            key,
+            priority,
+            pool.attempt_for(key),
+            user=key,
+            timeout=30,
+            abandon=pool.abandon,
+            on_wait=on_wait,
         )
 
     first = asyncio.create_task(waiter("first", 10))
@@ -398,7 +454,7 @@ async def test_queue_fails_fast_on_refusals_that_waiting_cannot_fix():
     async def over_quota() -> Decision:
         return Decision(reason="alice holds 1 of max 1", code="user_limit")
 
-    decision = await queue.acquire("k", 10, over_quota, timeout=5, abandon=None)
+    decision = await queue.acquire("k", 10, over_quota, user="u", timeout=5, abandon=None)
     assert decision.code == "user_limit" and len(queue) == 0
 
 
@@ -406,7 +462,9 @@ async def test_queue_rechecks_periodically_and_times_out_with_the_last_reason():
     queue = GpuQueue(recheck_interval=0.02)
     pool = FakeSlots(free=0)
     with pytest.raises(GpuWaitTimeout) as caught:
-        await queue.acquire("k", 10, pool.attempt_for("k"), timeout=0.1, abandon=pool.abandon)
+        await queue.acquire(
+            "k", 10, pool.attempt_for("k"), user="u", timeout=0.1, abandon=pool.abandon
+        )
     assert caught.value.decision is BUSY and "no free GPU slot" in str(caught.value)
     assert len(queue) == 0
 
@@ -416,7 +474,9 @@ async def test_queue_rechecks_periodically_and_times_out_with_the_last_reason():
         pool.free = 1
 
     asyncio.create_task(free_later())
-    decision = await queue.acquire("k2", 10, pool.attempt_for("k2"), timeout=2, abandon=None)
+    decision = await queue.acquire(
+        "k2", 10, pool.attempt_for("k2"), user="u", timeout=2, abandon=None
+    )
     assert decision.granted == ("k2",)
 
 
@@ -431,7 +491,7 @@ async def test_a_grant_that_arrives_after_giving_up_is_released():
         return await pool.attempt_for("slow")()
 
     task = asyncio.create_task(
-        queue.acquire("slow", 10, slow_attempt, timeout=30, abandon=pool.abandon)
+        queue.acquire("slow", 10, slow_attempt, user="u", timeout=30, abandon=pool.abandon)
     )
     await started.wait()
     task.cancel()  # the hub cancelled the spawn while the allocator was deciding
@@ -439,3 +499,29 @@ async def test_a_grant_that_arrives_after_giving_up_is_released():
         await task
     await wait_until_async(lambda: pool.released, 10, message="the late grant is released")
     assert pool.released == ["slow"] and pool.free == 1
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"gpus": 1, "mig": "1g.10gb"}, {"gpus": 0, "mig": "1g.10gb"}, {"image": "x", "gpus": 2}],
+)
+def test_every_door_agrees_on_the_keys_and_on_gpus_or_mig(options):
+    """The broker/CLI (actions.operations) and the hub (spawner.options) accept the same spawn
+    options and refuse the same ones (ds01hub.spawn_options)."""
+    from ds01hub.actions.operations import OperationError, spawn_options
+    from ds01hub.spawn_options import SPAWN_OPTION_KEYS
+
+    def accepted(check, error) -> bool:
+        try:
+            check(options)
+        except error:
+            return False
+        return True
+
+    both = accepted(spawn_options, OperationError)
+    assert both == accepted(normalize_user_options, OptionsError)
+    assert both == (not (options.get("gpus") and options.get("mig")))
+    for key in SPAWN_OPTION_KEYS:  # a key one door knows, every door knows
+        value = 1 if key == "gpus" else "1g.10gb" if key == "mig" else "x"
+        value = True if key == "queue" else value
+        assert spawn_options({key: value}) and normalize_user_options({key: value})

@@ -2,7 +2,16 @@
 
 import pytest
 
-from ds01hub.units import UnitError, format_duration, format_size, parse_duration, parse_size
+from ds01hub.units import (
+    UnitError,
+    format_duration,
+    format_size,
+    human_duration,
+    human_size,
+    parse_duration,
+    parse_size,
+    quota_rows,
+)
 
 
 @pytest.mark.parametrize(
@@ -71,3 +80,30 @@ def test_format_size_round_trips(n, text):
 def test_format_duration_round_trips(seconds, text):
     assert format_duration(seconds) == text
     assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(None, "-"), (0, "0s"), (5, "5s"), (65, "1m 5s"), (3600, "1h"), (3 * 3600 + 720, "3h 12m")]
+    + [(86400 * 2 + 3600, "2d 1h"), (86400 + 60, "1d")],
+)
+def test_human_duration_shows_the_two_largest_units(seconds, text):
+    assert human_duration(seconds) == text
+
+
+def test_human_size_rounds_for_reading():
+    assert human_size(None) == "-" and human_size(None, none="no limit") == "no limit"
+    assert human_size(512) == "512B"
+    assert human_size(1.5 * 2**30) == "1.5G"
+    assert human_size(32 * 2**30) == "32G"
+
+
+def test_quota_rows_say_unlimited_and_until_removed_never_none():
+    quota = {"gpus": [{"slot": "0:1", "name": "A100 MIG 2g.20gb"}], "running": 1, "containers": 2}
+    rows = quota_rows(quota | {"limits": {"max_cpus": 4.0}})
+    assert ("GPUs", "1 GPU in use of unlimited (slot 0:1: A100 MIG 2g.20gb)", "") in rows
+    assert ("GPUs per container", "", "unlimited") in rows
+    assert ("CPUs per container", "", "4") in rows
+    assert ("GPUs kept after a stop", "", "until the container is removed") in rows
+    assert ("Idle containers stopped after", "", "never") in rows
+    assert not any("None" in cell for row in rows for cell in row)

@@ -9,7 +9,6 @@ from harness.service_hub import start_server, start_service_hub
 
 from ds01hub.widgets import Ds01Client, Ds01Error, ImageBuilder, ProjectWizard, QuotaPanel
 from ds01hub.widgets.client import _loopback
-from ds01hub.widgets.common import human_bytes, human_seconds
 from ds01hub.widgets.quota_panel import containers_table, limits_table
 
 # ---------------------------------------------------------------- fast
@@ -27,27 +26,24 @@ def test_discover_uses_the_hub_environment(monkeypatch):
     assert (client.server_url, client.token) == ("http://127.0.0.1:8888/user/a/", "t0k")
 
 
-def test_human_numbers():
-    assert human_bytes(32 * 1024**3) == "32 GiB"
-    assert human_bytes(None) == "no limit"
-    assert human_seconds(48 * 3600) == "2d"
-    assert human_seconds(5400) == "1h30m"
-    assert human_seconds(None) == "never"
-
-
 def test_limits_and_containers_tables_escape_and_show_use():
     quota = {
         "limits": {"group": "<students>", "max_gpus": 2, "memory": 32 * 1024**3},
         "gpus_held": 1,
+        "gpus": [{"slot": "0", "name": "NVIDIA A100"}],
         "running": 1,
         "containers": 2,
     }
     text = limits_table(quota)
     assert "&lt;students&gt;" in text and "<students>" not in text
-    assert "1 held" in text and "32 GiB" in text and "1 running, 2 total" in text
+    assert "1 of 2 GPUs in use (slot 0: NVIDIA A100)" in text
+    assert "32G" in text and "1 running, 2 total" in text
+    assert "None" not in text and text.count("unlimited") == 3  # per container, CPUs, count
+    assert "until the container is removed" in text
     assert "No resource limits" in limits_table({"limits": None})
     rows = containers_table([{"project": "p", "state": "running", "gpus": ["0:1"], "image": "i"}])
-    assert "0:1" in rows and "running" in rows
+    assert "slot 0:1" in rows and "running" in rows
+    assert "none" in containers_table([{"project": "p", "state": "stopped", "gpus": []}])
 
 
 def test_wizard_steps_validate_before_moving_on():

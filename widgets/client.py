@@ -16,18 +16,16 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse, urlunparse
 
+from ds01hub.errors import Ds01hubError
 
-class Ds01Error(Exception):
+
+class Ds01Error(Ds01hubError):
     """A request failed; ``message`` and ``hint`` are meant to be shown to the user as they are.
 
     ``status`` is the HTTP status (0 when nothing answered).
     """
 
-    def __init__(self, message: str, hint: str | None = None, status: int = 0):
-        super().__init__(message)
-        self.message = message
-        self.hint = hint
-        self.status = status
+    status = 0
 
     @property
     def unreachable(self) -> bool:

@@ -39,29 +39,6 @@ def error_box(error: Exception) -> str:
     return box("error", str(error))
 
 
-def human_bytes(value: int | None) -> str:
-    if value is None:
-        return "no limit"
-    size = float(value)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if size == int(size) else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{value} B"
-
-
-def human_seconds(value: float | None) -> str:
-    if value is None:
-        return "never"
-    seconds = int(value)
-    if seconds and seconds % 86400 == 0:
-        return f"{seconds // 86400}d"
-    if seconds >= 3600:
-        hours, rest = divmod(seconds, 3600)
-        return f"{hours}h{rest // 60:02d}m" if rest else f"{hours}h"
-    return f"{seconds // 60}m" if seconds >= 60 else f"{seconds}s"
-
-
 def table(headers: list[str], rows: list[list[object]], css_class: str) -> str:
     """A plain HTML table (cells escaped)."""
     head = "".join(

@@ -15,9 +15,10 @@ import time
 import ipywidgets as w
 
 from ds01hub.actions import images
+from ds01hub.units import human_size
 
 from .client import Ds01Client, Ds01Error
-from .common import box, error_box, human_bytes, table
+from .common import box, error_box, table
 
 MAX_LOG_LINES = 400
 LOG_TAIL_LINES = 12
@@ -209,7 +210,7 @@ class ImageBuilder(w.VBox):
             self.images_html.value = "<i>You have no custom images yet.</i>"
             return []
         rows = [
-            [i["tag"], i["template"], " ".join(i["pip_packages"]) or "-", human_bytes(i["size"])]
+            [i["tag"], i["template"], " ".join(i["pip_packages"]) or "-", human_size(i["size"])]
             for i in mine
         ]
         self.images_html.value = table(

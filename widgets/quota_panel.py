@@ -6,8 +6,10 @@ import html
 
 import ipywidgets as w
 
+from ds01hub.units import quota_rows
+
 from .client import Ds01Client, Ds01Error
-from .common import error_box, human_bytes, human_seconds, table
+from .common import error_box, table
 
 
 class QuotaPanel(w.VBox):
@@ -49,24 +51,13 @@ class QuotaPanel(w.VBox):
 
 
 def limits_table(quota: dict) -> str:
-    """The limits next to current use (pure, for tests)."""
+    """The limits next to current use (pure, for tests): the GPUs in the one wording of
+    ds01hub.gpu.messages ("1 of 2 GPUs in use (slot 0: NVIDIA A100)"), absent limits as
+    "unlimited"."""
     limits = quota.get("limits")
     if not limits:
         return "<i>No resource limits are configured for you.</i>"
-    cap = limits.get("max_containers_per_user")
-    rows = [
-        ["GPUs", f"{quota.get('gpus_held', 0)} held", limits.get("max_gpus")],
-        ["GPUs per container", "", limits.get("max_gpus_per_container")],
-        ["CPUs per container", "", limits.get("max_cpus") or "no limit"],
-        ["Memory per container", "", human_bytes(limits.get("memory"))],
-        [
-            "Containers",
-            f"{quota.get('running', 0)} running, {quota.get('containers', 0)} total",
-            cap if cap is not None else "no limit",
-        ],
-        ["Idle containers stopped after", "", human_seconds(limits.get("idle_timeout"))],
-        ["GPUs kept after stop", "", human_seconds(limits.get("gpu_hold_after_stop"))],
-    ]
+    rows = [list(row) for row in quota_rows(quota)]
     group = html.escape(str(limits.get("group") or "none"))
     notices = "".join(
         f"<div class='ds01-notice'><b>Note:</b> {html.escape(str(text))}</div>"
@@ -80,10 +71,16 @@ def limits_table(quota: dict) -> str:
 
 
 def containers_table(containers: list[dict]) -> str:
+    """One row per container; its GPUs as "slot 0", "slot 2:1" (a bare "0" reads as none)."""
     if not containers:
         return "<i>You have no containers.</i>"
     rows = [
-        [c.get("project"), c.get("state"), ", ".join(c.get("gpus") or []) or "-", c.get("image")]
+        [
+            c.get("project"),
+            c.get("state"),
+            ", ".join(f"slot {slot}" for slot in c.get("gpus") or []) or "none",
+            c.get("image"),
+        ]
         for c in containers
     ]
     return table(["project", "state", "GPUs", "image"], rows, "ds01-containers")

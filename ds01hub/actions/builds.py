@@ -17,6 +17,11 @@ drops a lock when its holder dies, kill -9 included, so a crashed service never 
 or a user's build taken. Both services default to `MAX_CONCURRENT_BUILDS`; a process
 configured with more slots than the others may use those too.
 
+A user cancels their build (`image-cancel`, or Ctrl-C during `image-create`) through either
+door: `request_cancel` leaves `cancel-<user>` in the same directory, which the process running
+the build checks while it waits for a slot and at each line of output; it then stops reading
+Docker's build stream (the engine ends a build whose client went away).
+
 Docker's build API is blocking: each build runs in a worker thread and hands its events back to
 the event loop, where waiting streams are woken.
 """
@@ -28,22 +33,25 @@ import contextlib
 import fcntl
 import os
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from ds01hub.actions import images
 from ds01hub.actions.operations import OperationError
 from ds01hub.labels import escape_name
+from ds01hub.units import utcnow
 
 #: Builds running at once on the host unless a service is configured otherwise.
 MAX_CONCURRENT_BUILDS = 2
 #: How often a queued build looks for a free slot (builds take minutes).
 SLOT_POLL_SECONDS = 0.25
+#: The last event's text of a build its user cancelled.
+CANCELLED = "the build was cancelled"
 
 
 @dataclass
@@ -55,7 +63,7 @@ class Build:
     spec: images.ImageSpec
     status: str = "queued"  # queued | running | done | error
     events: list[dict] = field(default_factory=list)
-    created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    created_at: str = field(default_factory=lambda: utcnow().isoformat(timespec="seconds"))
     finished_at: str | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -121,7 +129,7 @@ class HostBuildLocks:
     def claim_user(self, user: str, image: str) -> int:
         """Hold the user's build lock (a descriptor to `release`), or OperationError 409 naming
         the build that holds it, in this process or another."""
-        fd = self._open(f"user-{escape_name(user)}.lock")
+        fd = self._open(self._user_lock(user))
         if not self._try_lock(fd):
             running = os.pread(fd, 256, 0).decode(errors="replace").strip()
             os.close(fd)
@@ -136,12 +144,54 @@ class HostBuildLocks:
         os.pwrite(fd, image.encode(), 0)
         return fd
 
-    def take_slot(self, stop: threading.Event, waiting: Callable[[], None]) -> int | None:
+    def request_cancel(self, user: str) -> str | None:
+        """Ask the user's running build to stop, in whichever process runs it: the name of the
+        image it builds, or None when no build of the user runs on the host."""
+        fd = self._open(self._user_lock(user))
+        try:
+            if self._try_lock(fd):
+                return None  # nobody holds it: no build (closing the descriptor frees it)
+            running = os.pread(fd, 256, 0).decode(errors="replace").strip()
+        finally:
+            os.close(fd)
+        (self.directory / self._cancel_file(user)).write_text(running)
+        return running or "your build"
+
+    def cancel_requested(self, user: str, since: float) -> bool:
+        """Whether the user asked (`request_cancel`) at or after `since` (`time.time()`) for
+        their build to stop: an older request was for an earlier build."""
+        try:
+            return (self.directory / self._cancel_file(user)).stat().st_mtime >= since
+        except OSError:
+            return False
+
+    def building(self, user: str) -> bool:
+        """Whether a build of the user runs (or waits for a slot) anywhere on the host."""
+        fd = self._open(self._user_lock(user))
+        try:
+            return not self._try_lock(fd)
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _user_lock(user: str) -> str:
+        return f"user-{escape_name(user)}.lock"
+
+    @staticmethod
+    def _cancel_file(user: str) -> str:
+        return f"cancel-{escape_name(user)}"
+
+    def take_slot(
+        self,
+        stop: threading.Event,
+        waiting: Callable[[], None],
+        cancelled: Callable[[], bool] = lambda: False,
+    ) -> int | None:
         """Wait for one of the host's build slots (a descriptor to `release`), calling
-        `waiting` once if none is free; None once `stop` is set. Blocking: call it from a
-        worker thread."""
+        `waiting` once if none is free; None once `stop` is set or `cancelled()` says so.
+        Blocking: call it from a worker thread."""
         told = False
-        while not stop.is_set():
+        while not stop.is_set() and not cancelled():
             for index in range(self.max_concurrent):
                 fd = self._open(f"slot-{index}.lock")
                 if self._try_lock(fd):
@@ -232,16 +282,19 @@ class BuildManager:
 
     def _work(self, build: Build, user_lock: int, loop: asyncio.AbstractEventLoop) -> None:
         slot, final = None, None
+        started = time.time()
+
+        def cancelled() -> bool:
+            return self.locks.cancel_requested(build.user, started)
+
         try:
-            slot = self.locks.take_slot(self._stop, lambda: self._queued(build, loop))
+            slot = self.locks.take_slot(self._stop, lambda: self._queued(build, loop), cancelled)
             if slot is None:
-                return  # shutting down: the process is going away with its builds
+                if cancelled():
+                    final = images.BuildEvent("error", CANCELLED)
+                return  # else shutting down: the process is going away with its builds
             loop.call_soon_threadsafe(self._set_status, build, "running")
-            for event in self._run_build(build.spec):
-                if event.kind in ("done", "error"):
-                    final = event  # told once the build's locks are free (see below)
-                else:
-                    loop.call_soon_threadsafe(self._add_event, build, event.to_dict())
+            final = self._stream(build, loop, cancelled)
         except Exception as error:  # the build must end with an event, whatever went wrong
             text = str(error) if isinstance(error, images.ImageError) else f"build failed: {error}"
             final = images.BuildEvent("error", text)
@@ -253,6 +306,25 @@ class BuildManager:
             if final is not None:
                 loop.call_soon_threadsafe(self._add_event, build, final.to_dict())
             loop.call_soon_threadsafe(self._finish, build)
+
+    def _stream(
+        self, build: Build, loop: asyncio.AbstractEventLoop, cancelled: Callable[[], bool]
+    ) -> images.BuildEvent | None:
+        """Relay the build's events; the final one (done / error) is returned, to be told once
+        the locks are free. A cancel closes the stream, and with it Docker's build."""
+        events = iter(self._run_build(build.spec))
+        try:
+            for event in events:
+                if cancelled():
+                    return images.BuildEvent("error", CANCELLED, event.progress)
+                if event.kind in ("done", "error"):
+                    return event
+                loop.call_soon_threadsafe(self._add_event, build, event.to_dict())
+        finally:
+            close = getattr(events, "close", None)
+            if close is not None:
+                close()
+        return None
 
     def _queued(self, build: Build, loop: asyncio.AbstractEventLoop) -> None:
         n = self.locks.max_concurrent
@@ -275,7 +347,7 @@ class BuildManager:
         if not build.finished:
             build.status = "error"
             build.events.append({"kind": "error", "text": "the build ended without a result"})
-        build.finished_at = datetime.now(UTC).isoformat(timespec="seconds")
+        build.finished_at = utcnow().isoformat(timespec="seconds")
         self._wake(build)
 
     @staticmethod

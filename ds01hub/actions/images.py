@@ -32,10 +32,13 @@ import tarfile
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 import escapism
+
+from ds01hub.errors import Ds01hubError
+from ds01hub.units import utcnow
 
 __all__ = [
     "CA_BUNDLE_IN_IMAGE",
@@ -84,17 +87,29 @@ APT_PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]{1,99}(?:=[A-Za-z0-9][A-Za-z0-
 # One docker repository path component, kept short.
 IMAGE_NAME_RE = re.compile(r"^[a-z0-9]+(?:[._-][a-z0-9]+)*$")
 _STEP_RE = re.compile(r"^Step (\d+)/(\d+) :")
+# Terminal control sequences a build's tools print (pip's and apt's colours, cursor moves,
+# window titles), which a stored log must not keep: a browser shows them as garbage, a
+# terminal would obey them.
+_TERMINAL_CODES = re.compile(
+    r"\x1b\[[0-?]*[ -/]*[@-~]"  # CSI: colours, cursor moves
+    r"|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?"  # OSC: window titles, links
+    r"|\x1b[ -/]*[0-~]?"  # other escapes (charset selection, ...)
+    r"|\x9b[0-?]*[ -/]*[@-~]"  # 8-bit CSI
+    r"|[\x00-\x08\x0b-\x1f\x7f-\x9f]"  # other controls, C0 and C1 (tab and newline kept)
+)
 
 
-class ImageError(ValueError):
+def plain_text(line: str) -> str:
+    """A build log line as it should be stored and shown anywhere: without colour codes or
+    other terminal controls, and, for a line redrawn with carriage returns (a progress bar),
+    only its last state."""
+    shown = line.rstrip("\r").rsplit("\r", 1)[-1]
+    return _TERMINAL_CODES.sub("", shown)
+
+
+class ImageError(Ds01hubError, ValueError):
     """An image request cannot be honoured; the message names the problem and the fix.
     `status` is the HTTP status that the ds01 service and the broker answer it with."""
-
-    status = 400
-
-    def __init__(self, message: str, hint: str | None = None):
-        super().__init__(message)
-        self.hint = hint
 
 
 class ImageNotFoundError(ImageError):
@@ -173,6 +188,26 @@ TEMPLATES: Mapping[str, ImageTemplate] = {
         ),
     )
 }
+
+
+#: Rough download sizes (MB) of the packages that make a build heavy, by normalised name: PyTorch
+#: from PyPI brings its CUDA libraries (cuDNN, cuBLAS, NCCL, ...), about 2.5 GB together on
+#: Linux x86-64; TensorFlow about 0.6 GB. Estimates, for a warning before a build starts.
+HEAVY_DOWNLOADS_MB: Mapping[str, int] = {"torch": 2500, "tensorflow": 600}
+#: From this size on, a build is announced with its size and asked to be confirmed.
+HEAVY_BUILD_MB = 1000
+
+
+def download_estimate_mb(pip_packages: Iterable[str]) -> tuple[int, list[str]]:
+    """The rough download of `pip_packages` (MB) and which of them make it heavy (those in
+    `HEAVY_DOWNLOADS_MB`; the others count as small)."""
+    heavy = []
+    for requirement in pip_packages:
+        match = re.match(_PIP_NAME, requirement.strip())
+        name = re.sub(r"[-_.]+", "-", match.group(0)).lower() if match else ""
+        if name in HEAVY_DOWNLOADS_MB and name not in heavy:
+            heavy.append(name)
+    return sum(HEAVY_DOWNLOADS_MB[name] for name in heavy), heavy
 
 
 def list_templates() -> list[ImageTemplate]:
@@ -400,7 +435,7 @@ def image_labels(
     spec: ImageSpec, base_image: str, *, now: datetime | None = None
 ) -> dict[str, str]:
     """The ``ds01.image.*`` labels recording owner, name, template and packages."""
-    built_at = (now or datetime.now(UTC)).isoformat(timespec="seconds")
+    built_at = (now or utcnow()).isoformat(timespec="seconds")
     return {
         f"{LABEL_PREFIX}user": spec.user,
         f"{LABEL_PREFIX}name": spec.name,
@@ -483,12 +518,13 @@ def build_events(
     state = _Progress(work_steps=work_steps)
     for chunk in chunks:
         if "error" in chunk:
-            state.error = str(chunk.get("error", "")).strip()
+            state.error = plain_text(str(chunk.get("error", ""))).strip()
             yield BuildEvent("error", state.error, state.fraction)
             return
         if "aux" in chunk and isinstance(chunk["aux"], Mapping) and "ID" in chunk["aux"]:
             state.image_id = chunk["aux"]["ID"]
-        for line in str(chunk.get("stream", "")).splitlines():
+        for raw in str(chunk.get("stream", "")).split("\n"):
+            line = plain_text(raw)
             if not line.strip():
                 continue
             match = _STEP_RE.match(line)

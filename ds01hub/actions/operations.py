@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,15 +23,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from ds01hub import labels
+from ds01hub.actions.names import OperationError, validate_name
+from ds01hub.errors import Ds01hubError
+from ds01hub.gpu.messages import EVENT_KEY, Message
 from ds01hub.hub.client import HubClient, HubError, HubUnreachable
 from ds01hub.provenance import Provenance
-
-#: Container (project) names the users' commands accept.
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-NAME_RULE = (
-    "use lowercase letters, digits, '-' and '_' (starting with a letter or digit, "
-    "at most 63 characters)"
-)
+from ds01hub.spawn_options import GPUS_OR_MIG, SPAWN_OPTION_KEYS, asks_gpus_and_mig
+from ds01hub.units import utcnow
 
 #: The project name shown for the user's default (unnamed) hub server.
 DEFAULT_PROJECT = labels.DEFAULT_PROJECT
@@ -41,21 +38,6 @@ DEFAULT_PROJECT = labels.DEFAULT_PROJECT
 LOGIN_SHELL = ["/bin/sh", "-c", "if [ -x /bin/bash ]; then exec /bin/bash -l; fi; exec /bin/sh -l"]
 
 #: The spawn `user_options` keys (docs/architecture.md "Spawn options"), as the browser's form.
-SPAWN_OPTION_KEYS = ("image", "gpus", "mig", "profile")
-
-
-class OperationError(Exception):
-    """A user action failed: `message` says what, `hint` how to fix it; `status` is HTTP-like
-    (400 bad input, 403 refused, 404 no such container, 409 conflict/over quota, 502 hub)."""
-
-    def __init__(self, message: str, hint: str | None = None, status: int = 400):
-        super().__init__(message)
-        self.message = message
-        self.hint = hint
-        self.status = status
-
-    def to_json(self) -> dict[str, Any]:
-        return {"error": self.message, "hint": self.hint, "status": self.status}
 
 
 # ---- the services behind every action, when they fail --------------------------------------
@@ -97,14 +79,17 @@ def hub_failure(error: HubError, doing: str | None = None) -> OperationError:
     return OperationError(f"{doing or 'the hub said'}: {error.message}", status=status)
 
 
-def named_error(error: BaseException, docker_where: str) -> OperationError | None:
+def named_error(error: BaseException, docker_where: str) -> Ds01hubError | None:
     """The one place where a failure of the services behind every action -- the hub's API and
     the Docker engine (docker-py over requests) -- gets its name and a hint; None when
-    `error` is none of those (a bug: the caller reports an internal error)."""
-    if isinstance(error, OperationError):
-        return error
+    `error` is none of those (a bug: the caller reports an internal error). Any other
+    Ds01hubError (a refusal such as an ImageError, a 503 naming a service that is down) is
+    its own name, except a host's failure (status 500: a state file that cannot be written),
+    an internal error whose paths are not shown."""
     if isinstance(error, HubError):
         return hub_failure(error)
+    if isinstance(error, Ds01hubError):
+        return None if error.status == 500 else error
     try:
         import docker.errors
         import requests.exceptions
@@ -149,24 +134,6 @@ def start_failure(project: str, state: str, docker_state: Mapping[str, Any]) -> 
     )
 
 
-def suggest_name(name: str) -> str:
-    """A valid name close to a rejected one (`My Project.v2` -> `my-project-v2`)."""
-    cleaned = re.sub(r"[^a-z0-9_-]+", "-", name.lower()).strip("-_")
-    return cleaned[:63] or "my-project"
-
-
-def validate_name(name: str, what: str = "container name") -> str:
-    """Return `name` if the commands accept it, else raise an OperationError that names the rule
-    and suggests a valid spelling."""
-    if not isinstance(name, str) or not NAME_RE.match(name):
-        raise OperationError(
-            f"bad {what} {name!r}: {NAME_RULE}",
-            hint=f"for example {suggest_name(str(name))!r}",
-            status=400,
-        )
-    return name
-
-
 def project_to_server(project: str) -> str:
     """Hub server name of a project: the default project is the user's unnamed server."""
     return "" if project == DEFAULT_PROJECT else project
@@ -185,11 +152,8 @@ def spawn_options(requested: Mapping[str, Any]) -> dict[str, Any] | None:
             hint=f"known options: {', '.join(SPAWN_OPTION_KEYS)}",
         )
     options = {k: v for k, v in requested.items() if v is not None}
-    if "gpus" in options and "mig" in options:
-        raise OperationError(
-            "ask for whole GPUs (--gpus) or a MIG slice (--mig), not both",
-            hint="drop one of the two options",
-        )
+    if asks_gpus_and_mig(options):
+        raise OperationError(f"ask for {GPUS_OR_MIG}", hint="drop one of the two options")
     return options or None
 
 
@@ -208,20 +172,42 @@ def container_state(docker_status: str | None, hub_pending: str | None) -> str:
     return "stopped"
 
 
+def queued_view(request: Any, project: str) -> dict[str, Any]:
+    """A queued spawn request (`ds01hub.gpu.queued.QueuedRequest`) in `container-list`:
+    state `queued`, its place in the hub's GPU queue and the estimate (earliest hold expiry)."""
+    estimate = request.estimate
+    return {
+        "project": project,
+        "state": "queued",
+        "image": request.options.get("image"),
+        "gpus": [],
+        "queued_since": isoformat(datetime.fromtimestamp(request.since, UTC)),
+        "queue_position": request.position,
+        "queue_waiting": request.waiting,
+        "queue_estimate": isoformat(datetime.fromtimestamp(estimate, UTC)) if estimate else None,
+    }
+
+
 def container_view(
     attrs: Mapping[str, Any] | None,
     server: Mapping[str, Any] | None,
     project: str,
     now: datetime,
     gpu_hold_after_stop: float | None,
+    status: str | None = None,
 ) -> dict[str, Any]:
-    """What `container-list` shows for one project, from its Docker inspect data (already
-    verified: `UserOperations._containers`) and its hub server model (either may be missing: a
-    server still spawning has no container yet)."""
+    """What `container-list` shows for one project, from its Docker inspect data or list entry
+    (already verified: `UserOperations._summaries`) and its hub server model (either may be
+    missing: a server still spawning has no container yet). A list entry has no start or stop
+    time: `started_at`/`finished_at` (and the durations) are then None, and `status`, Docker's
+    own line (`Exited (0) 3 hours ago`), says roughly how long ago."""
     record = labels.ContainerRecord.claimed(attrs) if attrs else None
     server = server or {}
     state = container_state(record.state if record else None, server.get("pending"))
-    started = labels.parse_docker_time(((attrs or {}).get("State") or {}).get("StartedAt"))
+    docker_state = (attrs or {}).get("State")
+    started = labels.parse_docker_time(
+        docker_state.get("StartedAt") if isinstance(docker_state, Mapping) else None
+    )
     finished = record.finished_at if record else None
     running = state in ("running", "stopping")
     gpus = list(record.gpus) if record else []
@@ -246,6 +232,7 @@ def container_view(
         "idle_s": (now - last_activity).total_seconds() if running and last_activity else None,
         "held_until": isoformat(held_until),
         "url": server.get("url") if server.get("ready") else None,
+        "status": status,
     }
 
 
@@ -271,6 +258,14 @@ def memory_used(stats: Mapping[str, Any]) -> int | None:
     detail = mem.get("stats") or {}
     cache = detail.get("inactive_file", detail.get("total_inactive_file", detail.get("cache", 0)))
     return max(0, int(mem["usage"]) - int(cache))
+
+
+def mig_profiles(inventory: Any) -> list[str] | None:
+    """The MIG slice profiles this machine offers (what a guided prompt may suggest), None
+    when the inventory is unknown here."""
+    if inventory is None:
+        return None
+    return sorted({slot.profile for slot in inventory.slots if slot.profile})
 
 
 def gpu_stats(inventory: Any, slot_id: str) -> dict[str, Any]:
@@ -302,8 +297,13 @@ def _running(attrs: Mapping[str, Any]) -> bool:
     return bool((attrs.get("State") or {}).get("Running"))
 
 
-def utcnow() -> datetime:
-    return datetime.now(UTC)
+def _needs_times(summary: Mapping[str, Any]) -> bool:
+    """Whether a container's list entry lacks a time the user is shown: the start of a
+    running one (uptime), the stop of a stopped one that holds GPUs (held until)."""
+    if summary.get("State") in labels.RUNNING_STATES:
+        return True
+    gpus = labels.labels_of(summary).get(labels.GPUS)
+    return summary.get("State") != "created" and bool(gpus)
 
 
 @dataclass
@@ -322,6 +322,8 @@ class OperationsContext:
     spawn_timeout: float = 900.0
     inspect_workers: int = 8
     docker_url: str = "unix:///var/run/docker.sock"  # where `docker` talks to (for messages)
+    #: The user's queued spawn requests (`ds01hub.gpu.queued.QueuedStore.of_user`), if known.
+    queued_for: Callable[[str], list[Any]] | None = None
 
 
 class UserOperations:
@@ -352,28 +354,53 @@ class UserOperations:
         except HubError as e:
             raise hub_failure(e) from None
 
-    def _containers(self, project: str | None = None) -> list[dict[str, Any]]:
-        """Inspect data of this user's managed containers (optionally one project's), only
-        those whose labels this deployment signed."""
+    def _summaries(self, project: str | None = None) -> list[dict[str, Any]]:
+        """List entries of this user's managed containers (optionally one project's), only
+        those whose labels this deployment signed. One call to Docker: an entry carries the
+        labels, the state and Docker's status line, but no start or stop time."""
         wanted = self.ctx.trust.label_filters([f"{labels.USER}={self.user}"])
         if project is not None:
             wanted.append(f"{labels.PROJECT}={project}")
-        api = self.ctx.docker.api
-        ids = []
-        for summary in api.containers(all=True, filters={"label": wanted}):
+        found = []
+        for summary in self.ctx.docker.api.containers(all=True, filters={"label": wanted}):
             # the label filter only pre-selects: a label set that anyone can copy into an
             # image proves nothing until its signature verifies for this very container
             record = labels.ContainerRecord.from_docker(summary, self.ctx.trust)
             if record is not None and record.user == self.user:
-                ids.append(summary["Id"])
+                found.append(summary)
+        return found
+
+    def _containers(self, project: str | None = None) -> list[dict[str, Any]]:
+        """Inspect data of this user's managed containers (optionally one project's), only
+        those whose labels this deployment signed."""
+        return self._inspect_all([summary["Id"] for summary in self._summaries(project)])
+
+    def _inspect_all(self, ids: list[str]) -> list[dict[str, Any]]:
+        """Inspect data of each id, a few at a time; containers removed meanwhile are left
+        out."""
         if len(ids) <= 1 or self.ctx.inspect_workers <= 1:
             inspected = [self._inspect(i) for i in ids]
         else:
-            # the list API lacks start/finish times: inspect each, a few at a time
             workers = min(self.ctx.inspect_workers, len(ids))
             with ThreadPoolExecutor(workers, thread_name_prefix="ds01-inspect") as pool:
                 inspected = list(pool.map(self._inspect, ids))
         return [attrs for attrs in inspected if attrs is not None]
+
+    def _listed(self) -> list[tuple[dict[str, Any], str | None]]:
+        """What `list_containers` shows, per container: (document, Docker's status line). The
+        list entry says enough for most; only running containers (for their uptime) and
+        stopped ones with GPU labels (for how long they still hold them, as the allocator
+        reads it) are inspected, so a user with 200 stopped containers costs one list call,
+        not 200 inspects."""
+        summaries = self._summaries()
+        wanted = [s["Id"] for s in summaries if _needs_times(s)]
+        detailed = {attrs["Id"]: attrs for attrs in self._inspect_all(wanted)}
+        listed = []
+        for summary in summaries:
+            if summary["Id"] in wanted and summary["Id"] not in detailed:
+                continue  # removed since it was listed
+            listed.append((detailed.get(summary["Id"], summary), summary.get("Status")))
+        return listed
 
     def _inspect(self, container_id: str) -> dict[str, Any] | None:
         """Inspect data, or None when the container is gone (removed since it was listed)."""
@@ -393,21 +420,24 @@ class UserOperations:
 
     async def list_containers(self, include_stopped: bool = True) -> list[dict[str, Any]]:
         """This user's containers (and servers still spawning), sorted by project."""
-        model, containers = await asyncio.gather(
-            self._hub_user(), asyncio.to_thread(self._containers)
-        )
+        model, containers = await asyncio.gather(self._hub_user(), asyncio.to_thread(self._listed))
         servers = model.get("servers") or {}
         hold = self._hold_after_stop(model.get("groups") or ())
         now = self.ctx.clock()
         views = {}
-        for attrs in containers:
-            project = labels.ContainerRecord.claimed(attrs).project  # verified in _containers
+        for attrs, status in containers:
+            project = labels.ContainerRecord.claimed(attrs).project  # verified in _summaries
             server = servers.get(project_to_server(project))
-            views[project] = container_view(attrs, server, project, now, hold)
+            views[project] = container_view(attrs, server, project, now, hold, status)
         for name, server in servers.items():
             project = server_to_project(name)
             if project not in views and server.get("pending"):
                 views[project] = container_view(None, server, project, now, hold)
+        queued = self.ctx.queued_for(self.user) if self.ctx.queued_for else []
+        for request in queued:
+            project = server_to_project(request.server)
+            if views.get(project, {}).get("state") in (None, "stopped"):
+                views[project] = {**views.get(project, {}), **queued_view(request, project)}
         rows = [views[p] for p in sorted(views)]
         if not include_stopped:
             rows = [r for r in rows if r["state"] != "stopped"]
@@ -527,11 +557,15 @@ class UserOperations:
                     )
                 if event.get("ready"):
                     return
-                yield {
+                progress = {
                     "event": "progress",
                     "progress": event.get("progress"),
                     "message": event.get("message", ""),
                 }
+                said = Message.from_event(event)  # checked: the hub's event, passed on
+                if said is not None:
+                    progress[EVENT_KEY] = said.to_dict()
+                yield progress
         except HubError as e:
             raise hub_failure(e, f"could not follow the start of {project!r}") from None
 
@@ -756,7 +790,7 @@ class UserOperations:
         model = await self._hub_user()
         rows = await self.list_containers()
         limits = self.limits(model.get("groups") or ())
-        gpus_held = sum(len(r["gpus"]) for r in rows if r["gpus"] and not r["gpus_released"])
+        held = [slot for r in rows if not r["gpus_released"] for slot in r["gpus"]]
         keys = (
             "group",
             "max_gpus",
@@ -775,5 +809,15 @@ class UserOperations:
             "notices": limits.notices() if limits else [],
             "containers": len(rows),
             "running": sum(1 for r in rows if r["state"] != "stopped"),
-            "gpus_held": gpus_held,
+            "gpus_held": len(held),
+            "gpus": [{"slot": slot, "name": self._slot_name(slot)} for slot in held],
+            "mig_profiles": mig_profiles(self.ctx.inventory),
         }
+
+    def _slot_name(self, slot_id: str) -> str:
+        """'NVIDIA A100 80GB', '... (SIMULATED)'; 'GPU' for a slot this machine no longer has."""
+        inventory = self.ctx.inventory
+        if inventory is None or not inventory.has_slot(slot_id):
+            return "GPU"
+        slot = inventory.slot(slot_id)
+        return slot.name + (" (SIMULATED)" if slot.simulated else "")

@@ -28,6 +28,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ds01hub.errors import Ds01hubError
+
 __all__ = [
     "ML_GITIGNORE",
     "USE_CASES",
@@ -130,7 +132,7 @@ outputs/
 """
 
 
-class ProjectError(ValueError):
+class ProjectError(Ds01hubError, ValueError):
     """A project cannot be created as asked; the message names the problem and the fix."""
 
 
@@ -190,11 +192,14 @@ class ProjectResult:
 
     def summary(self) -> str:
         """A few human lines for the CLI and the wizard."""
-        lines = [f"Project ready at {self.path}"]
-        lines.append(
-            f"  {len(self.created_directories)} directories and "
-            f"{len(self.created_files)} files created"
-        )
+        if not self.created_directories and not self.created_files:
+            lines = [f"Project already set up at {self.path}: nothing changed"]
+        else:
+            lines = [f"Project ready at {self.path}"]
+            lines.append(
+                f"  {len(self.created_directories)} directories and "
+                f"{len(self.created_files)} files created"
+            )
         if self.kept_files:
             kept = ", ".join(p.name for p in self.kept_files)
             lines.append(f"  kept existing files untouched: {kept}")
@@ -225,7 +230,7 @@ def python_package_name(project_name: str) -> str:
     return f"p_{package}" if package[0].isdigit() else package
 
 
-def _validate_use_case(use_case: str) -> str:
+def validate_use_case(use_case: str) -> str:
     if use_case not in USE_CASES:
         choices = ", ".join(USE_CASES)
         raise ProjectError(f"unknown use case {use_case!r}: choose one of {choices}")
@@ -234,7 +239,7 @@ def _validate_use_case(use_case: str) -> str:
 
 def directory_purposes(use_case: str = "general") -> dict[str, str]:
     """Directories of a project of this use case, each with why it exists."""
-    return {**BASE_DIRECTORIES, **USE_CASE_DIRECTORIES.get(_validate_use_case(use_case), {})}
+    return {**BASE_DIRECTORIES, **USE_CASE_DIRECTORIES.get(validate_use_case(use_case), {})}
 
 
 def render_readme(spec: ProjectSpec, purposes: Mapping[str, str]) -> str:

@@ -11,21 +11,32 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ds01hub import provenance
+from traitlets import Bool, Unicode, default
+
+from ds01hub import paths, provenance
 from ds01hub.cli import core_commands
+from ds01hub.cli.output import (
+    EXIT_USAGE,
+    CliError,
+    Column,
+    print_error,
+    print_json,
+    render_table,
+    use_colour,
+)
 from ds01hub.dockerproxy import server
 from ds01hub.gpu import access
 from ds01hub.host import backup, bootstrap, demo, install, siteenv
 from ds01hub.host.bootstrap import BootstrapError
 from ds01hub.hub.services import OPS_SCOPES
-from ds01hub.provenance import default_state_dir
-from ds01hub.services.ops.app import Components, build_components
+from ds01hub.services.ops.app import Components, OpsService
 from ds01hub.services.ops.culler import PassReport
 
 
@@ -51,7 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     # environment file, so the admin commands find the running hub without flags.
     siteenv.load_or_warn()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "passes_through", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest  # a sub-command that passes its arguments through (cull) parses them
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
@@ -87,12 +101,12 @@ def register_proxy(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--listen",
-        default="/run/ds01hub/docker.sock",
+        default=str(paths.DOCKER_PROXY_SOCKET),
         help="socket to serve (created mode 0666; default %(default)s)",
     )
     parser.add_argument(
         "--upstream",
-        default="/var/run/docker.sock",
+        default=str(paths.DOCKER_SOCKET),
         help="the engine's socket (default %(default)s)",
     )
     parser.add_argument(
@@ -108,15 +122,16 @@ def register_proxy(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--limits",
         metavar="FILE",
-        help="resource-limits YAML applied to containers users create "
-        "(default: none applied; the security policy still is)",
+        help="resource-limits YAML applied to containers users create (default: "
+        "$DS01HUB_LIMITS, else /etc/ds01hub/resource-limits.yaml; with neither, the built-in "
+        "defaults, which limit no container setting; the security policy applies regardless)",
     )
     parser.add_argument(
         "--hub-state-dir",
         metavar="DIR",
         type=Path,
         help="the hub's state directory, for its label key and deployment id (default: "
-        f"${provenance.ENV_STATE_DIR}, else {provenance.DEFAULT_STATE_DIR}); it must be the "
+        f"${paths.ENV_STATE_DIR}, else {paths.DEFAULT_STATE_DIR}); it must be the "
         "hub's, or containers made through the proxy are nobody's to the hub and vice versa",
     )
     parser.add_argument(
@@ -137,7 +152,7 @@ def register_proxy(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--state-dir",
-        default="/var/lib/ds01hub/proxy",
+        default=str(paths.PROXY_STATE_DIR),
         help="the proxy's own directory (created 0700): per-user lock files that make "
         "count-and-create atomic, also between proxy processes (default %(default)s)",
     )
@@ -212,12 +227,12 @@ def register_demo(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--workspace-root",
         type=Path,
-        default=Path("/srv/ds01hub/workspaces"),
+        default=paths.WORKSPACE_ROOT,
         help="where the users' workspaces live (default %(default)s, as installed)",
     )
     parser.add_argument(
         "--broker-socket",
-        default="/run/ds01hub/broker.sock",
+        default=str(paths.BROKER_SOCKET),
         help="the broker's socket, which the users' commands talk to (default %(default)s)",
     )
     parser.add_argument(
@@ -241,52 +256,19 @@ def register_demo(subparsers: argparse._SubParsersAction) -> None:
 
 
 def register_cull(subparsers: Any) -> None:
-    """Add `ds01hub cull [--once] [--dry-run]` to the admin command."""
+    """`ds01hub cull ...`: its options are the ds01-ops service's own (CullCommand), so the
+    sub-command passes its arguments through rather than declaring any."""
     parser = subparsers.add_parser(
         "cull",
-        help="stop idle servers, expire GPU holds, remove old stopped containers",
-        description="Run the GPU-aware idle culler against the hub: a single pass with --once, "
-        "else a pass every --interval seconds. Needs a hub API token with "
-        + ", ".join(OPS_SCOPES)
-        + " ($JUPYTERHUB_API_TOKEN or --token-file).",
+        add_help=False,
+        help="stop idle servers, expire GPU holds, remove old stopped containers "
+        "(the ds01-ops service's culler: ds01hub cull --help-all)",
     )
-    parser.add_argument("--once", action="store_true", help="one pass, then exit")
-    parser.add_argument("--dry-run", action="store_true", help="decide and report; change nothing")
-    parser.add_argument("--json", action="store_true", help="print each pass as JSON")
-    parser.add_argument("--limits", metavar="FILE", help="the resource-limits YAML")
-    parser.add_argument("--state-dir", metavar="DIR", help="allocator state and event log")
-    parser.add_argument(
-        "--hub-api",
-        metavar="URL",
-        help="the hub's API URL (default: $JUPYTERHUB_API_URL, else the hub's port "
-        "$DS01HUB_HUB_PORT on the Docker bridge, as the site's ds01hub.env says)",
-    )
-    parser.add_argument(
-        "--token-file",
-        metavar="FILE",
-        default=os.environ.get("DS01HUB_ADMIN_TOKEN_FILE") or None,
-        help="file holding the hub API token (default: $DS01HUB_ADMIN_TOKEN_FILE, which "
-        "ds01hub install makes and the hub registers as the ds01hub-cli service)",
-    )
-    parser.add_argument("--interval", type=float, default=300.0, help="seconds between passes")
-    parser.add_argument(
-        "--warn-before", type=float, default=600.0, help="warning lead time in seconds"
-    )
-    parser.add_argument("--keep-stopped", action="store_true", help="skip the lifecycle pass")
-    parser.add_argument(
-        "--label",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="only containers that also carry this label (repeatable)",
-    )
-    parser.set_defaults(handler=cmd_cull)
+    parser.set_defaults(handler=cmd_cull, passes_through=True)
 
 
 def report_lines(report: PassReport, colour: bool = False) -> list[str]:
     """A pass as `ds01hub cull` prints it: a table of servers, then lifecycle actions, errors."""
-    from ds01hub.cli.output import Column, render_table
-
     lines = [
         f"{'DRY RUN: ' if report.dry_run else ''}cull pass at {report.at:%Y-%m-%d %H:%M:%S} UTC"
     ]
@@ -305,81 +287,141 @@ def report_lines(report: PassReport, colour: bool = False) -> list[str]:
     return lines
 
 
-def _cli_components(args: Any) -> Components:
-    """The culler for `ds01hub cull`, or CliError naming what is missing and how to fix it.
-    Called inside the running event loop (the hub client binds to it)."""
-    import docker
+class CullCommand(OpsService):
+    """`ds01hub cull`: the ds01-ops service's culler run from a shell, with the service's own
+    settings (`--interval`, `--warn-before`, `--gpu-threshold`, `--limits`, `--label`, ... and
+    `c.OpsService.*` in a config file), as jupyterhub-idle-culler runs as a service or by hand.
+    One pass with --once, else a pass every --interval seconds; each pass printed, nothing
+    served. Needs a hub API token with the ds01-ops scopes."""
 
-    from ds01hub.cli.output import CliError
-    from ds01hub.hub.client import HubClient
-    from ds01hub.limits import LimitsError, default_limits_path
+    name = "ds01hub cull"
+    description = __doc__
 
-    token = os.environ.get("JUPYTERHUB_API_TOKEN", "")
-    if args.token_file:
+    @default("log_level")
+    def _default_log_level(self) -> int:
+        return logging.WARNING  # the passes are the output; the service logs each step
+
+    once = Bool(False, help="One pass, then exit (status 1 when the pass had errors).").tag(
+        config=True
+    )
+    json = Bool(False, help="Print each pass as JSON.").tag(config=True)
+    hub_api = Unicode(
+        "",
+        help="The hub's API URL (default: $JUPYTERHUB_API_URL, else the hub's port "
+        "$DS01HUB_HUB_PORT on the Docker bridge, as the site's ds01hub.env says).",
+    ).tag(config=True)
+    token_file = Unicode(
+        help="File holding the hub API token (default: $JUPYTERHUB_API_TOKEN itself, else "
+        "$DS01HUB_ADMIN_TOKEN_FILE, which ds01hub install makes and the hub registers as the "
+        "ds01hub-cli service).",
+    ).tag(config=True)
+
+    @default("token_file")
+    def _default_token_file(self) -> str:
+        return os.environ.get("DS01HUB_ADMIN_TOKEN_FILE", "")
+
+    aliases = {
+        **OpsService.aliases,
+        "hub-api": "CullCommand.hub_api",
+        "token-file": "CullCommand.token_file",
+    }
+    flags = {
+        **OpsService.flags,
+        "once": ({"CullCommand": {"once": True}}, "one pass, then exit"),
+        "json": ({"CullCommand": {"json": True}}, "print each pass as JSON"),
+    }
+
+    _parsing = False
+
+    def initialize(self, argv: list[str] | None = None) -> None:
+        self._parsing = True
         try:
-            token = Path(args.token_file).read_text().strip()
-        except OSError as error:
-            raise CliError(f"cannot read the token file: {error}") from None
-    if not token:
-        raise CliError(
-            "no hub API token",
-            hint="set $JUPYTERHUB_API_TOKEN or pass --token-file FILE (an installed host has "
-            "/etc/ds01hub/admin-token, named by DS01HUB_ADMIN_TOKEN_FILE in ds01hub.env)",
-        )
-    try:
-        client = docker.from_env()
-        client.ping()
-    except docker.errors.DockerException as error:
-        raise CliError(
-            f"cannot reach the Docker engine: {error}", hint="run as root; check dockerd"
-        ) from None
-    try:
-        api_url = args.hub_api or siteenv.hub_api_url()
-    except BootstrapError as error:
-        raise CliError(str(error), hint="pass --hub-api URL") from None
-    try:
-        return build_components(
-            HubClient(api_url, token),
-            client,
-            args.limits or default_limits_path(),
-            args.state_dir or default_state_dir(),
-            remove_stopped=not args.keep_stopped,
-            extra_labels=args.label,
-            warn_before=args.warn_before,
-        )
-    except LimitsError as error:
-        raise CliError(str(error), hint="run: ds01hub check-config") from None
-    except (OSError, provenance.ProvenanceError) as error:
-        raise CliError(str(error), hint="check --limits and --state-dir") from None
+            super().initialize(argv)
+        finally:
+            self._parsing = False
 
+    def exit(self, exit_status: int | str | None = 0) -> None:
+        """traitlets exits 1 on a bad option; for a ds01hub command that is a usage error (2)."""
+        usage = self._parsing and exit_status == 1
+        super().exit(EXIT_USAGE if usage else exit_status)
 
-async def _cli_passes(args: Any) -> int:
-    from ds01hub.cli.output import CliError, print_error, print_json, use_colour
-    from ds01hub.hub.client import HubError
+    def start(self) -> None:
+        self.exit(asyncio.run(self.passes()))
 
-    try:
-        parts = _cli_components(args)
-    except CliError as error:
-        print_error(error)
-        return error.code
-    while True:
+    def token(self) -> str:
+        token = os.environ.get("JUPYTERHUB_API_TOKEN", "")
+        if self.token_file and not token:
+            try:
+                token = Path(self.token_file).read_text().strip()
+            except OSError as error:
+                raise CliError(f"cannot read the token file: {error}") from None
+        if not token:
+            raise CliError(
+                "no hub API token",
+                hint="set $JUPYTERHUB_API_TOKEN or pass --token-file FILE (an installed host "
+                "has /etc/ds01hub/admin-token, named by DS01HUB_ADMIN_TOKEN_FILE in ds01hub.env)",
+            )
+        return token
+
+    def cli_components(self) -> Components:
+        """The culler, or CliError naming what is missing and how to fix it. Called inside the
+        running event loop (the hub client binds to it)."""
+        import docker
+
+        from ds01hub.hub.client import HubClient
+        from ds01hub.limits import LimitsError
+
+        token = self.token()
         try:
-            report = await parts.culler.run_once(args.dry_run)
-        except HubError as error:
-            hint = "check --hub-api and the token's scopes: " + ", ".join(OPS_SCOPES)
-            print_error(CliError(f"the hub refused: {error}", hint=hint))
-            return 1
-        if args.json:
-            print_json(report.to_dict())
-        else:
-            print("\n".join(report_lines(report, use_colour(sys.stdout))), flush=True)
-        if args.once:
-            return 1 if report.errors else 0
-        await asyncio.sleep(args.interval)
+            client = docker.from_env()
+            client.ping()
+        except docker.errors.DockerException as error:
+            raise CliError(
+                f"cannot reach the Docker engine: {error}", hint="run as root; check dockerd"
+            ) from None
+        try:
+            api_url = self.hub_api or siteenv.hub_api_url()
+        except BootstrapError as error:
+            raise CliError(str(error), hint="pass --hub-api URL") from None
+        try:
+            return self.components(HubClient(api_url, token), client)
+        except LimitsError as error:
+            raise CliError(str(error), hint="run: ds01hub check-config") from None
+        except (OSError, provenance.ProvenanceError) as error:
+            raise CliError(str(error), hint="check --limits and --state-dir") from None
+
+    async def passes(self) -> int:
+        from ds01hub.hub.client import HubError
+
+        try:
+            parts = self.cli_components()
+        except CliError as error:
+            print_error(error)
+            return error.code
+        while True:
+            try:
+                report = await parts.culler.run_once(self.dry_run)
+            except HubError as error:
+                hint = "check --hub-api and the token's scopes: " + ", ".join(OPS_SCOPES)
+                print_error(CliError(f"the hub refused: {error}", hint=hint))
+                return 1
+            if self.json:
+                print_json(report.to_dict())
+            else:
+                print("\n".join(report_lines(report, use_colour(sys.stdout))), flush=True)
+            if self.once:
+                return 1 if report.errors else 0
+            await asyncio.sleep(self.interval)
 
 
-def cmd_cull(args: Any) -> int:
-    return asyncio.run(_cli_passes(args))
+def cmd_cull(args: argparse.Namespace) -> int:
+    app = CullCommand()
+    try:
+        app.initialize(args.rest)
+        app.start()
+    except SystemExit as done:
+        return int(done.code or 0)
+    return 0
 
 
 def register_gpu_access(subparsers: argparse._SubParsersAction) -> None:
@@ -428,7 +470,7 @@ def _backup_arguments(parser: argparse.ArgumentParser) -> None:
         "--state-dir", help="the hub's state (default: $DS01HUB_STATE_DIR, else /var/lib/ds01hub)"
     )
     parser.add_argument("--config", action="store_true", help="also the site config (--config-dir)")
-    parser.add_argument("--config-dir", default="/etc/ds01hub", help="default %(default)s")
+    parser.add_argument("--config-dir", default=str(paths.CONFIG_DIR), help="default %(default)s")
     parser.add_argument("--json", action="store_true", help="print JSON")
 
 

@@ -5,6 +5,7 @@
     ds01hub gpus [--json]                         the GPU inventory (NVML or simulated)
     ds01hub status [--reconcile] [--all-deployments] [--json]   slots -> holders; conflicts exit 1
     ds01hub usage [--by user|group] [--since DATE] [--json]   GPU-hours from the event log
+    ds01hub fairshare [--json]                    each user's decayed usage, factor, priority
 
 Each takes `--limits FILE` (default: $DS01HUB_LIMITS, else /etc/ds01hub/resource-limits.yaml).
 """
@@ -12,38 +13,42 @@ Each takes `--limits FILE` (default: $DS01HUB_LIMITS, else /etc/ds01hub/resource
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ds01hub import provenance
+from ds01hub import paths, provenance
 from ds01hub.cli.output import (
     EXIT_FAILURE,
     EXIT_OK,
     CliError,
     Column,
+    exit_code,
     paint,
     print_error,
     print_json,
     render_table,
     use_colour,
 )
+from ds01hub.errors import Ds01hubError
 from ds01hub.limits import (
-    ENV_LIMITS,
     LimitsConfig,
     LimitsError,
-    default_limits_path,
     load_limits,
-    parse_limits,
+    load_limits_or_defaults,
 )
 
 __all__ = ["register"]
 
-ENV_STATE_DIR = provenance.ENV_STATE_DIR
-DEFAULT_STATE_DIR = provenance.DEFAULT_STATE_DIR
-default_state_dir = provenance.default_state_dir
+STATE_DIR_HELP = (
+    f"allocator state directory (default: ${paths.ENV_STATE_DIR}, else {paths.DEFAULT_STATE_DIR})"
+)
+LIMITS_HELP = (
+    f"the resource-limits YAML (default: ${paths.ENV_LIMITS}, else {paths.DEFAULT_LIMITS_PATH})"
+)
 
 
 def _limits_option() -> argparse.ArgumentParser:
@@ -52,7 +57,7 @@ def _limits_option() -> argparse.ArgumentParser:
         "--limits",
         metavar="FILE",
         type=Path,
-        help=f"the resource-limits YAML (default: ${ENV_LIMITS}, else {default_limits_path()})",
+        help=LIMITS_HELP,
     )
     return parent
 
@@ -106,7 +111,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="GPUs and slots (whole GPUs, MIG instances) from NVML, or the simulated "
         "inventory declared in gpu_allocation.simulate.",
     )
-    gpus.add_argument("--json", action="store_true", help="print JSON")
+    form = gpus.add_mutually_exclusive_group()
+    form.add_argument("--json", action="store_true", help="print JSON")
+    form.add_argument(
+        "--swarm-daemon-json",
+        action="store_true",
+        help="print the node-generic-resources for this node's /etc/docker/daemon.json, so a "
+        "Docker Swarm of GPU servers offers these slots (README: More than one machine)",
+    )
     gpus.set_defaults(handler=_guard(cmd_gpus))
 
     status = subparsers.add_parser(
@@ -142,7 +154,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--state-dir",
         type=Path,
         metavar="DIR",
-        help=f"allocator state directory (default: ${ENV_STATE_DIR}, else {DEFAULT_STATE_DIR})",
+        help=STATE_DIR_HELP,
     )
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(handler=_guard(cmd_status))
@@ -161,10 +173,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--state-dir",
         type=Path,
         metavar="DIR",
-        help=f"allocator state directory (default: ${ENV_STATE_DIR}, else {DEFAULT_STATE_DIR})",
+        help=STATE_DIR_HELP,
     )
-    usage.add_argument("--json", action="store_true", help="print JSON")
+    formats = usage.add_mutually_exclusive_group()
+    formats.add_argument("--json", action="store_true", help="print JSON")
+    formats.add_argument(
+        "--csv",
+        action="store_true",
+        help="print CSV (user or group, gpu_hours) for a spreadsheet; names that a spreadsheet "
+        "would run as a formula are quoted with a leading '",
+    )
     usage.set_defaults(handler=_guard(cmd_usage))
+
+    fairshare = subparsers.add_parser(
+        "fairshare",
+        parents=[_limits_option()],
+        help="each user's recent GPU usage, fair-share factor and effective priority",
+        description="Fair share (gpu_allocation.fairshare): GPU-hours from the event log decayed "
+        "with the half-life, the normalized usage and share, the factor 2^(-usage/share) and "
+        "the effective priority (configured + weight x factor) that orders the GPU queue and "
+        "decides reclaims. Users without recent GPU use have factor 1.",
+    )
+    fairshare.add_argument(
+        "--state-dir",
+        type=Path,
+        metavar="DIR",
+        help=STATE_DIR_HELP,
+    )
+    fairshare.add_argument("--json", action="store_true", help="print JSON")
+    fairshare.set_defaults(handler=_guard(cmd_fairshare))
 
 
 def _parse_date(text: str) -> datetime:
@@ -178,28 +215,25 @@ def _parse_date(text: str) -> datetime:
 
 
 def _guard(handler):
-    """Turn CliError into a message and an exit code, so every command fails the same way."""
+    """Turn an error into a message and an exit code, so every command fails the same way."""
 
     def run(args: argparse.Namespace) -> int:
         try:
             return handler(args)
-        except CliError as error:
+        except Ds01hubError as error:
             print_error(error)
-            return error.code
+            return exit_code(error)
 
     return run
 
 
-def _load_config(args: argparse.Namespace, required: bool = True) -> LimitsConfig:
-    """The limits named by --limits / env / default. When not `required` and no file was
-    named and the default does not exist, the built-in defaults (no simulated GPUs)."""
-    path = args.limits or default_limits_path()
-    explicit = args.limits is not None or os.environ.get(ENV_LIMITS)
-    if not required and not explicit and not Path(path).exists():
-        return parse_limits({}, file="(built-in defaults)")
+def _load_config(args: argparse.Namespace) -> LimitsConfig:
+    """The limits named by --limits / env / default, by the one rule for a missing file
+    (ds01hub.limits.load_limits_or_defaults)."""
     try:
-        return load_limits(path)
+        return load_limits_or_defaults(args.limits)
     except LimitsError as error:
+        path = paths.limits_path(args.limits)
         raise CliError(str(error), hint=f"run: ds01hub check-config {path}") from None
 
 
@@ -255,7 +289,7 @@ def cmd_limits(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    path = args.file or args.limits or default_limits_path()
+    path = args.file or paths.limits_path(args.limits)
     colour = use_colour(sys.stdout)
     try:
         config = load_limits(path)
@@ -291,11 +325,19 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_gpus(args: argparse.Namespace) -> int:
     from ds01hub.gpu.inventory import load_inventory
 
-    config = _load_config(args, required=False)
+    config = _load_config(args)
     inventory = load_inventory(config.gpu_allocation)
     try:
         if args.json:
             print_json(inventory.to_dict())
+            return EXIT_OK
+        if args.swarm_daemon_json:
+            from ds01hub.gpu.cluster import daemon_json
+
+            if not inventory.slots:
+                print(f"ds01hub: no GPU slots to offer: {inventory.reason}", file=sys.stderr)
+                return EXIT_FAILURE
+            print_json(daemon_json(inventory))
             return EXIT_OK
         print(_inventory_text(inventory))
     finally:
@@ -348,7 +390,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from ds01hub.gpu.eventlog import EventLog
     from ds01hub.gpu.inventory import load_inventory
 
-    config = _load_config(args, required=False)
+    config = _load_config(args)
     try:
         client = docker.from_env()
         client.ping()
@@ -358,7 +400,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             hint="run as root or a member of the docker group; check dockerd runs",
         ) from None
     inventory = load_inventory(config.gpu_allocation)
-    state_dir = Path(args.state_dir or default_state_dir())
+    state_dir = paths.state_dir(args.state_dir)
     try:
         trust = provenance.load(state_dir)
     except provenance.ProvenanceError as error:
@@ -513,19 +555,34 @@ def _state_colour(state: str | None) -> str | None:
     return colours.get(state or "")
 
 
-def cmd_usage(args: argparse.Namespace) -> int:
+def _spreadsheet_safe(text: str) -> str:
+    """A cell a spreadsheet shows as text, never runs: names are users' and groups' (OWASP
+    "CSV injection": a leading = + - @ tab or CR starts a formula)."""
+    return f"'{text}" if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
+def _event_log(state_dir: Path | None) -> Any:
     from ds01hub.gpu.eventlog import EventLog
 
-    path = (args.state_dir or default_state_dir()) / "events.db"
+    path = paths.state_dir(state_dir) / "events.db"
     if not path.exists():
         raise CliError(
             f"no event log at {path}",
             hint="the hub writes it on the first GPU allocation; check --state-dir",
         )
-    hours = EventLog(path).gpu_hours(by=args.by, since=args.since)
+    return EventLog(path)
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    hours = _event_log(args.state_dir).gpu_hours(by=args.by, since=args.since)
     ranked = sorted(hours.items(), key=lambda item: (-item[1], item[0]))
     if args.json:
         print_json({"by": args.by, "since": args.since, "gpu_hours": dict(ranked)})
+        return EXIT_OK
+    if args.csv:
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow([args.by, "gpu_hours"])
+        writer.writerows([_spreadsheet_safe(who), f"{value:.4f}"] for who, value in ranked)
         return EXIT_OK
     if not ranked:
         print("no GPU time recorded" + (f" since {args.since:%Y-%m-%d}" if args.since else ""))
@@ -533,4 +590,61 @@ def cmd_usage(args: argparse.Namespace) -> int:
     rows = [{"who": who, "hours": f"{value:.2f}"} for who, value in ranked]
     columns = [Column(args.by.upper(), "who"), Column("GPU-HOURS", "hours")]
     print(render_table(rows, columns, colour=use_colour(sys.stdout)))
+    return EXIT_OK
+
+
+def cmd_fairshare(args: argparse.Namespace) -> int:
+    from ds01hub.gpu.fairshare import FairShare, relevant_since, report
+    from ds01hub.limits import FairShareConfig
+
+    config = _load_config(args)
+    configured = config.gpu_allocation.fairshare
+    settings = configured or FairShareConfig()
+    now = datetime.now(UTC)
+    since = datetime.fromtimestamp(relevant_since(now.timestamp(), settings.half_life), UTC)
+    intervals = _event_log(args.state_dir).intervals(since=since, until=now)
+    fair = FairShare.compute(settings, intervals, now.timestamp())
+    rows = report(fair if configured else FairShare(0.0, fair.users), config)
+    if args.json:
+        print_json(
+            {
+                "enabled": configured is not None,
+                "half_life_seconds": settings.half_life,
+                "weight": settings.weight if configured else 0,
+                "users": rows,
+            }
+        )
+        return EXIT_OK
+    if configured is None:
+        print(
+            "fair share is off (no gpu_allocation.fairshare in the limits file): the effective "
+            "priority is the configured one; usage shown with the default half-life"
+        )
+    if not rows:
+        print("no GPU time recorded within the half-life's horizon")
+        return EXIT_OK
+    shown = [
+        {
+            **row,
+            "group": row["group"] or "-",
+            "usage": f"{row['usage_gpu_hours']:.2f}",
+            "norm": f"{row['normalized_usage']:.3f}",
+            "share": f"{row['share']:.3f}",
+            "factor": f"{row['factor']:.3f}",
+            "priority": str(row["priority"]),
+            "effective": f"{row['effective']:g}",
+        }
+        for row in rows
+    ]
+    columns = [
+        Column("USER", "user"),
+        Column("GROUP", "group"),
+        Column("USAGE (GPU-H, DECAYED)", "usage"),
+        Column("NORM. USAGE", "norm"),
+        Column("SHARE", "share"),
+        Column("FACTOR", "factor"),
+        Column("PRIORITY", "priority"),
+        Column("EFFECTIVE", "effective"),
+    ]
+    print(render_table(shown, columns, colour=use_colour(sys.stdout)))
     return EXIT_OK

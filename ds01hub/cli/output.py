@@ -13,19 +13,26 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+from ds01hub.errors import Ds01hubError, render
+
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
 
-class CliError(Exception):
+class CliError(Ds01hubError):
     """A failure to report to the user: what went wrong, how to fix it, and the exit code."""
 
     def __init__(self, message: str, hint: str | None = None, code: int = EXIT_FAILURE):
-        super().__init__(message)
-        self.message = message
-        self.hint = hint
+        super().__init__(message, hint)
         self.code = code
+
+
+def exit_code(error: Ds01hubError) -> int:
+    """A CliError's own code; otherwise 2 (usage) for bad input (status 400), else 1."""
+    if isinstance(error, CliError):
+        return error.code
+    return EXIT_USAGE if error.status == 400 else EXIT_FAILURE
 
 
 def use_colour(stream: TextIO) -> bool:
@@ -46,35 +53,13 @@ def paint(text: str, colour: str, enabled: bool) -> str:
     return f"\033[{_COLOURS[colour]}m{text}\033[0m"
 
 
-STATE_COLOURS = {"running": "green", "starting": "yellow", "stopping": "yellow", "stopped": "grey"}
-
-
-def format_duration(seconds: float | None) -> str:
-    """Seconds -> '2d 3h', '3h 12m', '4m 10s', '12s'; '-' for unknown (None)."""
-    if seconds is None:
-        return "-"
-    seconds = max(0, int(seconds))
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    if days:
-        return f"{days}d {hours}h"
-    if hours:
-        return f"{hours}h {minutes}m"
-    if minutes:
-        return f"{minutes}m {secs}s"
-    return f"{secs}s"
-
-
-def format_bytes(n: float | None) -> str:
-    """Bytes -> '1.5G', '512M', '12K'; '-' for unknown."""
-    if n is None:
-        return "-"
-    for unit, size in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
-        if n >= size:
-            value = n / size
-            return f"{value:.1f}{unit}" if value < 10 else f"{value:.0f}{unit}"
-    return f"{int(n)}B"
+STATE_COLOURS = {
+    "running": "green",
+    "starting": "yellow",
+    "stopping": "yellow",
+    "stopped": "grey",
+    "queued": "yellow",
+}
 
 
 def format_percent(value: float | None) -> str:
@@ -125,12 +110,11 @@ def print_json(data: Any, stream: TextIO | None = None) -> None:
     stream.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def print_error(error: CliError, stream: TextIO | None = None) -> None:
+def print_error(error: BaseException, stream: TextIO | None = None) -> None:
+    """ds01hub.errors.render on `stream` (stderr), its labels coloured on a terminal."""
     stream = stream or sys.stderr
     colour = use_colour(stream)
-    stream.write(f"{paint('error:', 'red', colour)} {error.message}\n")
-    if error.hint:
-        stream.write(f"{paint('hint:', 'yellow', colour)} {error.hint}\n")
+    stream.write(render(error, paint=lambda text, c: paint(text, c, colour)) + "\n")
 
 
 def print_lines(lines: Iterable[str], stream: TextIO | None = None) -> None:

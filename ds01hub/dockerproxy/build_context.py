@@ -36,6 +36,8 @@ import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from ds01hub.errors import Ds01hubError
+
 MAX_DOCKERFILE = 1024 * 1024
 DEFAULT_DOCKERFILE = "Dockerfile"
 UNPACK_FACTOR = 8  # a context may unpack to at most this many times its limit (tar bombs)
@@ -56,7 +58,7 @@ _ARG = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)(?:=(.*))?$")
 _FROM_FLAG = re.compile(r"(?i)--from=(\S*)")
 
 
-class ContextError(ValueError):
+class ContextError(Ds01hubError, ValueError):
     """A build the proxy cannot read unambiguously; the message says what to change."""
 
 

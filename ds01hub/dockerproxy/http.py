@@ -23,6 +23,7 @@ import httptools
 from ds01hub.dockerproxy.policy import (
     Denied,
 )
+from ds01hub.errors import Ds01hubError
 
 MAX_HEAD = 64 * 1024  # bytes of one request head (target, names, values)
 
@@ -66,12 +67,11 @@ REASONS = {
 }
 
 
-class HttpError(Exception):
+class HttpError(Ds01hubError):
     """A malformed message: answered with `status` (400 unless said) and the connection closed."""
 
     def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
+        super().__init__(message, status=status)
 
 
 class Stream:

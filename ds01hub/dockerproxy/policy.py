@@ -74,6 +74,7 @@ from urllib.parse import parse_qsl, quote, urlencode
 
 from ds01hub.actions.images import image_repository
 from ds01hub.dockerproxy import build_context
+from ds01hub.errors import Ds01hubError
 from ds01hub.labels import (
     AIME_NAME,
     GPUS,
@@ -81,6 +82,7 @@ from ds01hub.labels import (
     OWNER,
     PROJECT,
     USER,
+    USER_SETTABLE,
     container_labels,
     container_name_of,
     escape_name,
@@ -93,9 +95,6 @@ from ds01hub.labels import (
 from ds01hub.peer import Caller
 from ds01hub.provenance import Provenance
 
-# Reserved labels a user may give their own containers (ds01.project is then signed as theirs);
-# every other ds01.* / aime.mlc.* label is the system's and is overwritten in a user's create.
-USER_SETTABLE_LABELS = frozenset({PROJECT, "ds01.test"})
 MIN_API_VERSION = (1, 24)  # older versions accept HostConfig at start: a create-check bypass
 MAX_JSON_BODY = 4 * 1024 * 1024
 BUILDKIT_REFUSED = (
@@ -109,13 +108,11 @@ GPU_HINT = (
 )
 
 
-class Denied(Exception):  # noqa: N818 -- reads as a decision: raise Denied(403, "...")
+class Denied(Ds01hubError):  # noqa: N818 -- reads as a decision: raise Denied(403, "...")
     """A refused request: `status` and `message` go back to the client as Docker's JSON error."""
 
     def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
+        super().__init__(message, status=status)
 
 
 def forbid(message: str) -> Denied:
@@ -1043,9 +1040,7 @@ class CreateCheck:
                     "are reserved to admins (they could claim the hub's own address)"
                 )
         kept = {
-            k: str(v)
-            for k, v in (value or {}).items()
-            if k in USER_SETTABLE_LABELS or not is_reserved(k)
+            k: str(v) for k, v in (value or {}).items() if k in USER_SETTABLE or not is_reserved(k)
         }
         own = container_labels(
             user=self.caller.user, project=None, group=None, priority=0, image=image

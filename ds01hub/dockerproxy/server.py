@@ -108,7 +108,6 @@ USER_CONTENT_TYPES = (
 )
 # the images the platform itself provides (ds01hub.host.bootstrap's aliases)
 DEFAULT_SHARED_IMAGES = ("ds01hub/base:latest", "ds01hub/singleuser:latest")
-LIMIT_KEYS = ("Memory", "MemorySwap", "NanoCpus", "PidsLimit", "ShmSize", "IpcMode", "CgroupParent")
 
 
 # --------------------------------------------------------------------------------------------
@@ -837,20 +836,18 @@ async def send_error(client: Stream, status: int, message: str, method: str = "G
 
 
 def limits_loader(path: str | None) -> Callable[[Caller], policy.UserLimits | None]:
-    """The caller's limits from the YAML file (re-read when it changes), or none configured."""
-    if not path:
-        return lambda caller: None
-    from docker.types import HostConfig
-
+    """The caller's limits from the YAML file (re-read when it changes): `path`, else the
+    host's file, by the one rule for "no limits file" (ds01hub.limits.load_limits_or_defaults:
+    with none named and none at the default path, the built-in defaults, which limit no
+    container setting)."""
     from ds01hub.limits import LimitsStore
 
-    store = LimitsStore(path)
+    store = LimitsStore(path or None)
 
     def limits_for(caller: Caller) -> policy.UserLimits:
         resolved = store.resolve(caller.user, caller.groups)
-        host = HostConfig("1.41", **resolved.host_config())
         return policy.UserLimits(
-            host_config={k: v for k, v in host.items() if k in LIMIT_KEYS},
+            host_config=resolved.api_host_config(),
             allowed_images=resolved.allowed_images,
             max_containers=resolved.max_containers_per_user,
         )

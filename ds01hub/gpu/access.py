@@ -4,7 +4,13 @@ join it only for an admin-approved, expiring time (DS01's bare-metal restriction
 * The install makes the nodes ``root:ds01-gpu 0660`` three ways: the driver's own module
   options (``NVreg_DeviceFileGID``/``NVreg_DeviceFileMode`` in /etc/modprobe.d, used when the
   driver or nvidia-modprobe creates the nodes), a udev rule (nodes udev creates, the MIG
-  capability nodes under /dev/nvidia-caps), and at once for the nodes already there.
+  instances' access capabilities under /dev/nvidia-caps), and at once for the nodes already
+  there. The two MIG capabilities that are not a GPU to compute on keep the driver's own
+  modes: ``nvidia-cap1`` (``mig/config``: create and destroy MIG instances, root only, 0400)
+  and ``nvidia-cap2`` (``mig/monitor``: read-only for all, 0444). Their minors are fixed by
+  the driver (``/proc/driver/nvidia-caps/mig-minors``: ``config 1``, ``monitor 2``); making
+  them ``0660`` for the group would hand every grantee the power to repartition the GPUs
+  under the allocator (found on a real H100: the driver creates them 0400 and 0444).
 * Containers still get their GPUs: the NVIDIA runtime gives a container the device nodes of its
   device request, and DS01Spawner's containers carry the group as a supplementary group
   (``DS01HUB_GPU_GROUP`` in the hub config) for a process running as the user's own uid. A
@@ -42,6 +48,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from ds01hub import paths
+from ds01hub.errors import Ds01hubError, render
 from ds01hub.units import UnitError, format_duration, parse_duration
 
 GPU_GROUP = "ds01-gpu"
@@ -49,19 +57,23 @@ DEVICE_MODE = 0o660
 GRANTS_FILE = "gpu-access.json"
 UDEV_RULE = "/etc/udev/rules.d/70-ds01hub-nvidia.rules"
 MODPROBE_CONF = "/etc/modprobe.d/ds01hub-nvidia.conf"
-#: The NVIDIA device nodes: GPUs, the control device, UVM, modeset, MIG capabilities.
+#: The NVIDIA device nodes: GPUs, the control device, UVM, modeset, MIG instances' access
+#: capabilities (minor 3 and up: globs, as udev's KERNEL== matches them).
 NODE_PATTERNS = (
     "nvidia[0-9]*",
     "nvidiactl",
     "nvidia-uvm",
     "nvidia-uvm-tools",
     "nvidia-modeset",
-    "nvidia-caps/nvidia-cap[0-9]*",
+    "nvidia-caps/nvidia-cap[3-9]",
+    "nvidia-caps/nvidia-cap[1-9][0-9]*",
 )
+#: MIG ``config`` (1) and ``monitor`` (2): never touched (see the module docstring).
+DRIVER_OWNED_CAPS = ("nvidia-cap1", "nvidia-cap2")
 MAX_GRANT = 30 * 86400  # a month: longer is a permanent member, added by hand
 
 
-class GpuAccessError(RuntimeError):
+class GpuAccessError(Ds01hubError, RuntimeError):
     """A grant could not be made or ended; the message says why and what to do."""
 
 
@@ -75,8 +87,10 @@ def render_udev_rule(group: str) -> str:
         "# an admin's time-limited grant (ds01hub grant-gpu-access), not for every process.\n"
         f'KERNEL=="nvidia[0-9]*|nvidiactl|nvidia-uvm|nvidia-uvm-tools|nvidia-modeset", '
         f'GROUP="{group}", MODE="{DEVICE_MODE:04o}"\n'
-        f'SUBSYSTEM=="nvidia-caps", GROUP="{group}", MODE="{DEVICE_MODE:04o}"\n'
-        f'KERNEL=="nvidia-cap[0-9]*", GROUP="{group}", MODE="{DEVICE_MODE:04o}"\n'
+        "# MIG instances' access capabilities; nvidia-cap1 (config) and nvidia-cap2 (monitor)\n"
+        "# keep the driver's 0400/0444.\n"
+        f'KERNEL=="nvidia-cap[3-9]|nvidia-cap[1-9][0-9]*", GROUP="{group}", '
+        f'MODE="{DEVICE_MODE:04o}"\n'
     )
 
 
@@ -334,7 +348,7 @@ def _pid_namespace(process: Path) -> str | None:
 
 
 def _state_dir(args: argparse.Namespace) -> Path:
-    return Path(args.state_dir or os.environ.get("DS01HUB_STATE_DIR") or "/var/lib/ds01hub")
+    return paths.state_dir(args.state_dir)
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -369,7 +383,7 @@ def run_command(args: argparse.Namespace) -> int:
                 ],
             )
     except (GpuAccessError, UnitError) as error:
-        print(f"ds01hub grant-gpu-access: {error}", file=sys.stderr)
+        print(render(error, "ds01hub grant-gpu-access"), file=sys.stderr)
         return 1
     except subprocess.CalledProcessError as error:
         detail = (error.stderr or b"").decode(errors="replace").strip()

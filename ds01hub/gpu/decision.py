@@ -17,17 +17,19 @@ Rules, in order:
 4. Not enough free: a request of higher priority may take slots that lower-priority users only
    hold (stopped containers), never slots of running containers unless `preempt_running`, and
    never in-flight reservations. Otherwise the reason names who holds what and when the
-   earliest hold expires.
+   earliest hold expires. Priorities compared here are effective ones (`gpu.fairshare`):
+   configured priority + fair-share weight x factor, when fair share is on.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from fractions import Fraction
 
+from ds01hub.gpu.fairshare import FairShare
 from ds01hub.gpu.inventory import Slot
 from ds01hub.limits import ResolvedLimits
 from ds01hub.mig import COMPUTE_SLICES, format_share, gpu_share
@@ -90,13 +92,19 @@ class GpuRequest:
 class Decision:
     """`granted` slot ids (in the order given to the container), the holdings taken from
     others, and, when refused, `reason` (human) and `code` (machine: per_container_limit,
-    user_limit, equivalents_limit, not_available, busy, bad_request)."""
+    user_limit, equivalents_limit, not_available, busy, bad_request). A refusal also carries
+    the facts behind it for the messages people read (`ds01hub.gpu.messages`): `holders` (who
+    holds the slots asked for, or the user's own holdings for `user_limit` and
+    `equivalents_limit`) and `free` (every slot nobody holds, of any kind: what the user could
+    have instead)."""
 
     granted: tuple[str, ...] = ()
     reclaimed: tuple[Holding, ...] = ()
     reason: str | None = None
     code: str = "ok"
     earliest_expiry: datetime | None = None
+    holders: tuple[Holding, ...] = ()
+    free: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -110,11 +118,21 @@ class Decision:
             "reason": self.reason,
             "code": self.code,
             "earliest_expiry": self.earliest_expiry.isoformat() if self.earliest_expiry else None,
+            "holders": [h.to_dict() for h in self.holders],
+            "free": list(self.free),
         }
 
 
-def _refuse(code: str, reason: str, earliest: datetime | None = None) -> Decision:
-    return Decision(reason=reason, code=code, earliest_expiry=earliest)
+def _refuse(
+    code: str,
+    reason: str,
+    earliest: datetime | None = None,
+    holders: Sequence[Holding] = (),
+    free: Sequence[str] = (),
+) -> Decision:
+    return Decision(
+        reason=reason, code=code, earliest_expiry=earliest, holders=tuple(holders), free=tuple(free)
+    )
 
 
 def describe_holding(holding: Holding) -> str:
@@ -174,40 +192,61 @@ def _check_quota(
             f"{request.user} holds {used} of max {limits.max_gpus} GPU slot(s) and asked for "
             f"{wanted} more; held: {listing}. Stop or remove a container (a stopped one keeps "
             "its GPU until its hold expires) or ask for fewer",
+            holders=others,
         )
     return None
 
 
-def _load(slots: Iterable[Slot], held: Iterable[str]) -> dict[int, list[int]]:
-    """Per physical GPU: [slots held, slots total]."""
-    load: dict[int, list[int]] = {}
+def _load(slots: Iterable[Slot], held: Iterable[str]) -> dict[tuple[str, int], list[int]]:
+    """Per physical GPU ((node, index): a cluster has one GPU 0 per node): [held, total]."""
+    load: dict[tuple[str, int], list[int]] = {}
     held_set = set(held)
     for slot in slots:
-        entry = load.setdefault(slot.gpu_index, [0, 0])
+        entry = load.setdefault((slot.node, slot.gpu_index), [0, 0])
         entry[1] += 1
         entry[0] += slot.id in held_set
     return load
 
 
+def _node_load(load: dict[tuple[str, int], list[int]]) -> dict[str, list[int]]:
+    """Per node: [held, total] (one entry, "", on a single host)."""
+    nodes: dict[str, list[int]] = {}
+    for (node, _index), (taken, total) in load.items():
+        entry = nodes.setdefault(node, [0, 0])
+        entry[0] += taken
+        entry[1] += total
+    return nodes
+
+
 def _pick(
     free: Sequence[Slot], all_slots: Sequence[Slot], held: set[str], count: int, strategy: str
 ) -> list[Slot]:
-    """Greedy by strategy, re-scoring after each pick so a multi-slot request also spreads."""
+    """Greedy by strategy, re-scoring after each pick so a multi-slot request also spreads.
+    In a cluster the node's load decides first (spread: the emptiest node, pack: the fullest
+    that has room), then the GPU's on it."""
     load = _load(all_slots, held)
+    nodes = _node_load(load)
+    sign = 1 if strategy == "spread" else -1
     pool = list(free)
     picked: list[Slot] = []
     for _ in range(count):
 
         def score(slot: Slot) -> tuple:
-            taken, total = load[slot.gpu_index]
-            fraction = taken / total
-            key = fraction if strategy == "spread" else -fraction
-            return (key, slot.gpu_index, slot.id)
+            node_taken, node_total = nodes[slot.node]
+            taken, total = load[(slot.node, slot.gpu_index)]
+            return (
+                sign * node_taken / node_total,
+                sign * taken / total,
+                slot.node,
+                slot.gpu_index,
+                slot.id,
+            )
 
         best = min(pool, key=score)
         pool.remove(best)
         picked.append(best)
-        load[best.gpu_index][0] += 1
+        load[(best.node, best.gpu_index)][0] += 1
+        nodes[best.node][0] += 1
     return picked
 
 
@@ -219,11 +258,14 @@ def decide(
     strategy: str = "spread",
     now: datetime | None = None,
     preempt_running: bool = False,
+    fair: FairShare | None = None,
 ) -> Decision:
-    """Which slots `request` gets (see the module doc for the rules)."""
+    """Which slots `request` gets (see the module doc for the rules); `fair` (default: off)
+    turns the priorities of rule 4 into effective ones."""
+    args = (strategy, now, preempt_running, fair)
     if limits.max_gpu_equivalents is None or request.wanted <= 0:
-        return _decide(request, slots, holdings, limits, strategy, now, preempt_running)
-    return _within_equivalents(request, slots, holdings, limits, strategy, now, preempt_running)
+        return _decide(request, slots, holdings, limits, *args)
+    return _within_equivalents(request, slots, holdings, limits, *args)
 
 
 def _within_equivalents(
@@ -234,6 +276,7 @@ def _within_equivalents(
     strategy: str,
     now: datetime | None,
     preempt_running: bool,
+    fair: FairShare | None,
 ) -> Decision:
     """The `max_gpu_equivalents` quota: placement among the slots that fit what the user's
     other containers leave, then the sum of what was granted checked."""
@@ -247,14 +290,15 @@ def _within_equivalents(
     used = sum((share.get(slot_id, Fraction(1)) for slot_id in others), Fraction(0))
     left = cap - used
     fitting = [slot for slot in slots if share[slot.id] <= left]
-    decision = _decide(request, fitting, holdings, limits, strategy, now, preempt_running)
+    args = (strategy, now, preempt_running, fair)
+    decision = _decide(request, fitting, holdings, limits, *args)
     granted = sum((share[slot_id] for slot_id in decision.granted), Fraction(0))
     if decision.ok and granted <= left:
         return decision
     if not decision.ok and (decision.code != "not_available" or len(fitting) == len(slots)):
         return decision
     if not decision.ok:  # not available: because of the quota, or on this machine at all?
-        unfiltered = _decide(request, slots, holdings, limits, strategy, now, preempt_running)
+        unfiltered = _decide(request, slots, holdings, limits, *args)
         if unfiltered.code == "not_available":
             return unfiltered
     listing = "; ".join(
@@ -274,6 +318,7 @@ def _within_equivalents(
         f"slices of {COMPUTE_SLICES}: 2g.20gb = 2/7) and asked for {asked} more; held: "
         f"{listing or 'none'}. Ask for a smaller MIG instance or fewer GPUs, or stop or remove "
         "a container (a stopped one keeps its GPU until its hold expires)",
+        holders=tuple(others.values()),
     )
 
 
@@ -285,6 +330,7 @@ def _decide(
     strategy: str,
     now: datetime | None,
     preempt_running: bool,
+    fair: FairShare | None,
 ) -> Decision:
     """The decision without the equivalents quota (rules 1-4)."""
     if strategy not in STRATEGIES:
@@ -321,9 +367,19 @@ def _decide(
             chosen += _pick(free, slots, held_ids, rest, strategy)
             return Decision(granted=tuple(s.id for s in chosen))
         chosen += free
-        return _reclaim_or_refuse(
-            request, limits, candidates, by_slot, chosen, wanted, preempt_running
+        decision = _reclaim_or_refuse(
+            request,
+            limits,
+            candidates,
+            by_slot,
+            chosen,
+            wanted,
+            preempt_running,
+            fair or FairShare(),
         )
+        if decision.ok:
+            return decision
+        return replace(decision, free=tuple(s.id for s in slots if s.id not in by_slot))
     return Decision(granted=tuple(s.id for s in chosen))
 
 
@@ -340,8 +396,10 @@ def _reclaim_or_refuse(
     chosen: list[Slot],
     wanted: int,
     preempt_running: bool,
+    fair: FairShare,
 ) -> Decision:
-    priority = request.priority if request.priority is not None else limits.priority
+    configured = request.priority if request.priority is not None else limits.priority
+    priority = fair.effective(request.user, configured)
     chosen_ids = {s.id for s in chosen}
     victims: list[tuple[tuple, Slot, list[Holding]]] = []
     for slot in candidates:
@@ -350,13 +408,13 @@ def _reclaim_or_refuse(
             continue
         takeable = all(
             h.user != request.user
-            and h.priority < priority
+            and fair.effective(h.user, h.priority) < priority
             and (h.state == "stopped" or (h.state == "running" and preempt_running))
             for h in holders
         )
         if takeable:
             running = any(h.state == "running" for h in holders)
-            lowest = min(h.priority for h in holders)
+            lowest = min(fair.effective(h.user, h.priority) for h in holders)
             expiry = min((h.held_until for h in holders if h.held_until), default=None)
             order = (running, lowest, expiry is None, expiry or datetime.max, slot.id)
             victims.append((order, slot, holders))
@@ -372,7 +430,7 @@ def _reclaim_or_refuse(
 
 def _busy(
     request: GpuRequest,
-    priority: int,
+    priority: float,
     candidates: Sequence[Slot],
     by_slot: dict[str, list[Holding]],
     wanted: int,
@@ -383,7 +441,9 @@ def _busy(
     earliest = min(expiries, default=None)
     per_user = Counter(h.user for h in holders)
     listing = "; ".join(describe_holding(h) for h in holders)
-    text = f"no free GPU slot for {request.user} ({wanted} wanted, priority {priority}): {listing}."
+    text = (
+        f"no free GPU slot for {request.user} ({wanted} wanted, priority {priority:g}): {listing}."
+    )
     if earliest is not None:
         first = min((h for h in holders if h.held_until == earliest), key=lambda h: h.slot_id)
         text += (
@@ -395,4 +455,4 @@ def _busy(
     if not preempt_running and any(h.state == "running" for h in holders):
         text += " Running containers are never preempted (policies.preempt_running is off)."
     text += f" Holders: {', '.join(f'{u} x{n}' for u, n in per_user.most_common())}."
-    return _refuse("busy", text, earliest)
+    return _refuse("busy", text, earliest, holders)

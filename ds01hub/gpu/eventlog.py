@@ -31,7 +31,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-__all__ = ["KINDS", "Event", "EventLog", "EventLogError", "NewEvent", "OpenAllocation"]
+from ds01hub.errors import Ds01hubError
+
+__all__ = [
+    "KINDS",
+    "Event",
+    "EventLog",
+    "EventLogError",
+    "Interval",
+    "NewEvent",
+    "OpenAllocation",
+]
 
 KINDS = (
     "allocate",
@@ -46,6 +56,7 @@ KINDS = (
 )
 OPENS = "allocate"
 CLOSES = frozenset({"release", "expire", "reclaim"})
+NO_GROUP = "(no group)"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -98,8 +109,10 @@ class Event:
         }
 
 
-class EventLogError(RuntimeError):
+class EventLogError(Ds01hubError, RuntimeError):
     """An event could not be written; the message names the file and SQLite's reason."""
+
+    status = 500  # the host's failure, not the caller's
 
 
 @dataclass(frozen=True)
@@ -113,6 +126,26 @@ class NewEvent:
     group: str | None = None
     reason: str = ""
     at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Interval:
+    """One container's time on one slot, from its allocate to its release (or a clip)."""
+
+    user: str
+    group: str | None
+    slot: str
+    container: str
+    begin: datetime
+    end: datetime
+
+    @property
+    def hours(self) -> float:
+        return (self.end - self.begin).total_seconds() / 3600.0
+
+    def key(self, by: str) -> str:
+        """Its user, or its group (`(no group)` for none)."""
+        return self.user if by == "user" else (self.group or NO_GROUP)
 
 
 @dataclass(frozen=True)
@@ -340,6 +373,40 @@ class EventLog:
             ).fetchall()
         return [OpenAllocation(r[0], r[1], r[2], r[3], _moment(r[4]), r[5]) for r in rows]
 
+    def intervals(
+        self, since: datetime | None = None, until: datetime | None = None
+    ) -> list[Interval]:
+        """Every GPU interval (allocate to release/expire/reclaim of one container's slot)
+        that overlaps [since, until], clipped to it; open ones end at `until` (default now).
+        GPU-hours and the admin page's charts are sums over these."""
+        start = _epoch(since) if since is not None else float("-inf")
+        end = _epoch(until) if until is not None else time.time()
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT ts, kind, user, grp, slot, container FROM events"
+                " WHERE slot IS NOT NULL AND container IS NOT NULL AND ts <= ?"
+                " AND kind IN ('allocate', 'release', 'expire', 'reclaim') ORDER BY ts, id",
+                (end,),
+            ).fetchall()
+        opened: dict[tuple[str, str], tuple[float, str, str | None]] = {}
+        found: list[Interval] = []
+
+        def add(key: tuple[str, str], opening: tuple[float, str, str | None], finish: float):
+            begin, user, group = opening
+            begin, finish = max(begin, start), min(finish, end)
+            if finish > begin:
+                found.append(Interval(user, group, key[1], key[0], _moment(begin), _moment(finish)))
+
+        for ts, kind, user, grp, slot, container in rows:
+            interval = (container, slot)
+            if kind == OPENS:
+                opened.setdefault(interval, (ts, user, grp))
+            elif interval in opened:
+                add(interval, opened.pop(interval), ts)
+        for interval, opening in opened.items():
+            add(interval, opening, end)
+        return found
+
     def gpu_hours(
         self,
         by: str = "user",
@@ -350,31 +417,8 @@ class EventLog:
         [since, until]; intervals still open count up to `until` (default: now)."""
         if by not in ("user", "group"):
             raise ValueError("by must be 'user' or 'group'")
-        start = _epoch(since) if since is not None else float("-inf")
-        end = _epoch(until) if until is not None else time.time()
-        with self._connect() as db:
-            rows = db.execute(
-                "SELECT ts, kind, user, grp, slot, container FROM events"
-                " WHERE slot IS NOT NULL AND container IS NOT NULL AND ts <= ?"
-                " AND kind IN ('allocate', 'release', 'expire', 'reclaim') ORDER BY ts, id",
-                (end,),
-            ).fetchall()
-        opened: dict[tuple[str, str], tuple[float, str]] = {}
         totals: dict[str, float] = {}
-
-        def add(key: str, begin: float, finish: float) -> None:
-            seconds = min(finish, end) - max(begin, start)
-            if seconds > 0:
-                totals[key] = totals.get(key, 0.0) + seconds / 3600.0
-
-        for ts, kind, user, grp, slot, container in rows:
-            key = user if by == "user" else (grp or "(no group)")
-            interval = (container, slot)
-            if kind == OPENS:
-                opened.setdefault(interval, (ts, key))
-            elif interval in opened:
-                begin, owner = opened.pop(interval)
-                add(owner, begin, ts)
-        for begin, owner in opened.values():
-            add(owner, begin, end)
+        for interval in self.intervals(since, until):
+            key = interval.key(by)
+            totals[key] = totals.get(key, 0.0) + interval.hours
         return totals

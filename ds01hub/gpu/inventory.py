@@ -14,13 +14,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ds01hub.errors import Ds01hubError
 from ds01hub.limits import GpuAllocationConfig
 from ds01hub.mig import profile_in_device_name
 
 __all__ = ["Gpu", "Inventory", "InventoryError", "Slot", "discover", "load_inventory"]
 
 
-class InventoryError(KeyError):
+class InventoryError(Ds01hubError, KeyError):
     """A slot id that this machine does not have."""
 
     def __str__(self) -> str:
@@ -29,7 +30,8 @@ class InventoryError(KeyError):
 
 @dataclass(frozen=True)
 class Slot:
-    """What the allocator hands out: a whole GPU or one MIG instance."""
+    """What the allocator hands out: a whole GPU or one MIG instance. `node` is the Swarm node's
+    hostname in a cluster (ds01hub/gpu/cluster.py; the id is then `node/slot`), "" on one host."""
 
     id: str
     gpu_index: int
@@ -38,6 +40,7 @@ class Slot:
     profile: str | None
     memory_mb: int
     simulated: bool
+    node: str = ""
 
     @property
     def is_mig(self) -> bool:

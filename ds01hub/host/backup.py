@@ -33,7 +33,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ds01hub import __version__
+from ds01hub import __version__, paths
+from ds01hub.errors import Ds01hubError, render
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -41,8 +42,10 @@ SQLITE_MAGIC = b"SQLite format 3\x00"
 SKIPPED_SUFFIXES = (".lock", ".pid", "-wal", "-shm", "-journal", ".tmp", ".sock")
 
 
-class BackupError(RuntimeError):
+class BackupError(Ds01hubError, RuntimeError):
     """A backup or restore cannot be done; the message says why and how to fix it."""
+
+    status = 500  # the host's failure, not the caller's
 
 
 @dataclass(frozen=True)
@@ -200,7 +203,7 @@ def restore(source: Path, state_dir: Path, config_dir: Path | None = None) -> di
 
 
 def _state_dir(args: argparse.Namespace) -> Path:
-    return Path(args.state_dir or os.environ.get("DS01HUB_STATE_DIR") or "/var/lib/ds01hub")
+    return paths.state_dir(args.state_dir)
 
 
 def _config_dir(args: argparse.Namespace) -> Path | None:
@@ -211,7 +214,7 @@ def run_backup(args: argparse.Namespace) -> int:
     try:
         manifest = backup(_state_dir(args), Path(args.directory), _config_dir(args))
     except (BackupError, OSError, sqlite3.Error) as error:
-        print(f"ds01hub backup: {error}", file=sys.stderr)
+        print(render(error, "ds01hub backup"), file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(manifest, indent=2))
@@ -226,7 +229,7 @@ def run_restore(args: argparse.Namespace) -> int:
     try:
         result = restore(Path(args.directory), _state_dir(args), _config_dir(args))
     except (BackupError, OSError, sqlite3.Error) as error:
-        print(f"ds01hub restore: {error}", file=sys.stderr)
+        print(render(error, "ds01hub restore"), file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(result, indent=2))

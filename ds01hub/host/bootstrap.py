@@ -47,6 +47,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ds01hub import paths
+from ds01hub.errors import Ds01hubError, render
+
 SIMULATED_GPU_BIN = Path("/usr/local/lib/ds01hub/simulated-gpu-bin")
 GPU_HOOK_NAME = "nvidia-container-runtime-hook"
 SIMULATED_GPU_HOOK = """#!/bin/sh
@@ -59,7 +62,6 @@ exit 0
 DOCKERD_LOG = Path("/var/log/ds01hub-dockerd.log")
 SYSTEMD_DROPIN = Path("/etc/systemd/system/docker.service.d/ds01hub-simulated-gpu.conf")
 STANDARD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-STATE_DIR = Path("/var/lib/ds01hub")
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 
 #: Debian packages for the host; the test tools drive a real browser and real terminals.
@@ -96,8 +98,10 @@ SYSTEM_CA_BUNDLE_IN_IMAGE = "/etc/ssl/certs/ca-certificates.crt"
 BASE_IMAGE_CHANGES = ("ENV LANG=C.UTF-8", 'CMD ["/bin/bash"]')
 
 
-class BootstrapError(RuntimeError):
+class BootstrapError(Ds01hubError, RuntimeError):
     """A step could not be done; the message says what failed and what to do about it."""
+
+    status = 500  # the host's failure, not the caller's
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,7 +227,7 @@ def run(command: Sequence[str], **kwargs) -> subprocess.CompletedProcess:
 
 def lock_file() -> Path:
     """Root's lock lives in /var/lib/ds01hub (not in world-writable /tmp); others' in ~/.cache."""
-    directory = STATE_DIR if os.geteuid() == 0 else Path.home() / ".cache" / "ds01hub"
+    directory = paths.DEFAULT_STATE_DIR if os.geteuid() == 0 else Path.home() / ".cache" / "ds01hub"
     directory.mkdir(parents=True, exist_ok=True)
     return directory / "bootstrap.lock"
 
@@ -812,7 +816,7 @@ def run_command(args: argparse.Namespace) -> int:
             if args.prune:
                 result["pruned"] = prune_images(image.tag for image in images.values())
     except BootstrapError as error:
-        print(f"ds01hub bootstrap: {error}", file=sys.stderr)
+        print(render(error, "ds01hub bootstrap"), file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(result, indent=2))

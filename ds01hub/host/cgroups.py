@@ -14,12 +14,13 @@ import errno
 from pathlib import Path
 
 from ds01hub.aggregate import cgroup_settings
+from ds01hub.errors import Ds01hubError
 from ds01hub.limits import AggregateLimits
 
 __all__ = ["CgroupError", "ensure_parent"]
 
 
-class CgroupError(RuntimeError):
+class CgroupError(Ds01hubError):
     """The parent could not be set up: the message names the file and the fix."""
 
 

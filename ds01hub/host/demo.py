@@ -41,6 +41,7 @@ import urllib.request
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from ds01hub.errors import Ds01hubError, render
 from ds01hub.host import bootstrap, install, siteenv
 from ds01hub.labels import escape_name
 
@@ -66,8 +67,10 @@ ADMIN_GROUP = "ds01-admin"
 DEMO_LABEL = "ds01.demo"
 
 
-class DemoError(RuntimeError):
+class DemoError(Ds01hubError, RuntimeError):
     """The demo could not be started or stopped; the message says why and what to do."""
+
+    status = 500  # the host's failure, not the caller's
 
 
 @dataclass(frozen=True)
@@ -494,7 +497,7 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         result = actions[args.action](args)
     except (DemoError, bootstrap.BootstrapError) as error:
-        print(f"ds01hub demo: {error}", file=sys.stderr)
+        print(render(error, "ds01hub demo"), file=sys.stderr)
         return 1
     print(json.dumps(result, indent=2) if args.json else describe(result))
     return 0

@@ -54,6 +54,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from ds01hub import paths
+from ds01hub.errors import Ds01hubError, render
 from ds01hub.gpu import access as gpu_access
 from ds01hub.host import bootstrap, siteenv
 
@@ -70,8 +72,10 @@ SWEEP_TIMER = "ds01hub-gpu-access.timer"
 STARTED_UNITS = (HUB_UNIT, PROXY_UNIT, SWEEP_TIMER)
 
 
-class InstallError(RuntimeError):
+class InstallError(Ds01hubError, RuntimeError):
     """A step cannot be done; the message says what and how to fix it."""
+
+    status = 500  # the host's failure, not the caller's
 
 
 @dataclass(frozen=True)
@@ -95,10 +99,10 @@ class Layout:
     venv = property(lambda self: self.at("/opt/ds01hub/venv"))
     share = property(lambda self: self.at("/opt/ds01hub/share"))
     bindir = property(lambda self: self.at("/usr/local/bin"))
-    etc = property(lambda self: self.at("/etc/ds01hub"))
-    state = property(lambda self: self.at("/var/lib/ds01hub"))
+    etc = property(lambda self: self.at(str(paths.CONFIG_DIR)))
+    state = property(lambda self: self.at(str(paths.DEFAULT_STATE_DIR)))
     logs = property(lambda self: self.at("/var/log/ds01hub"))
-    workspaces = property(lambda self: self.at("/srv/ds01hub/workspaces"))
+    workspaces = property(lambda self: self.at(str(paths.WORKSPACE_ROOT)))
     units = property(lambda self: self.at("/etc/systemd/system"))
     logrotate = property(lambda self: self.at("/etc/logrotate.d/ds01hub"))
     dev = property(lambda self: self.at("/dev"))
@@ -834,7 +838,7 @@ def run_install(args: argparse.Namespace) -> int:
         )
         result = install(options, dry_run=args.dry_run)
     except (InstallError, bootstrap.BootstrapError, gpu_access.GpuAccessError) as error:
-        print(f"ds01hub install: {error}", file=sys.stderr)
+        print(render(error, "ds01hub install"), file=sys.stderr)
         return 1
     _print(result, args.json)
     return 0
@@ -844,7 +848,7 @@ def run_uninstall(args: argparse.Namespace) -> int:
     try:
         result = uninstall(_layout(args), purge=args.purge, dry_run=args.dry_run)
     except (InstallError, bootstrap.BootstrapError) as error:
-        print(f"ds01hub uninstall: {error}", file=sys.stderr)
+        print(render(error, "ds01hub uninstall"), file=sys.stderr)
         return 1
     _print(result, args.json)
     return 0

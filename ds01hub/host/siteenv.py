@@ -25,13 +25,14 @@ from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import TextIO
 
-ENV_FILE = Path("/etc/ds01hub/ds01hub.env")
-ENV_FILE_VARIABLE = "DS01HUB_ENV_FILE"
+from ds01hub.errors import Ds01hubError
+from ds01hub.paths import ENV_FILE, ENV_FILE_VARIABLE
+
 NAME_RE = re.compile(r"^DS01HUB_[A-Z0-9_]+$")
 _LINE_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
 
 
-class SiteEnvError(ValueError):
+class SiteEnvError(Ds01hubError, ValueError):
     """The environment file is unsafe or malformed; the message names the file, line and fix."""
 
 

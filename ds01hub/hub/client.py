@@ -15,17 +15,20 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
 
+from ds01hub.errors import Ds01hubError
+
 if TYPE_CHECKING:
     from tornado.httpclient import HTTPRequest, HTTPResponse
 
 
-class HubError(Exception):
+class HubError(Ds01hubError):
     """The hub refused or failed a request; `status` is the HTTP status, `message` the hub's."""
 
     def __init__(self, status: int, message: str):
-        super().__init__(f"{status}: {message}")
-        self.status = status
-        self.message = message
+        super().__init__(message, status=status)
+
+    def __str__(self) -> str:
+        return f"{self.status}: {self.message}"
 
 
 class HubUnreachable(HubError):  # noqa: N818 -- reads as what happened: raise HubUnreachable

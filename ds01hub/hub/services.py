@@ -17,8 +17,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ds01hub import provenance
-from ds01hub.provenance import default_state_dir
+from ds01hub import paths, provenance
 from ds01hub.services.broker.protocol import DEFAULT_SOCKET
 from ds01hub.services.ops.warnings import hub_announcement
 
@@ -123,6 +122,8 @@ def configure_notebook(
         "command": [sys.executable, "-m", "ds01hub.services.notebook", *service_args],
         "oauth_no_confirm": True,
         "environment": provenance.service_environment(environment),
+        # an API behind the notebook widgets, not a page: kept out of the Services menu
+        "display": False,
     }
     replace_named(c.JupyterHub, "services", service)
     _add_roles(
@@ -176,6 +177,25 @@ def _as_list(value) -> list:
     return [dict(v) if isinstance(v, dict) else v for v in value] if isinstance(value, list) else []
 
 
+# -- the hub's pages (ds01hub/hub/templates) ------------------------------------------------
+
+TEMPLATES = Path(__file__).with_name("templates")
+
+
+def configure_pages(c: Any) -> None:
+    """The hub's pages with ds01hub's additions (`c.JupyterHub.template_paths`): a "GPUs"
+    navbar entry for admins (the ds01-ops page), the spawn-pending page that ticks a GPU
+    wait's countdown, and the spawn page that shows a refusal's HTML message (details folded,
+    a way back) instead of its plain text. Each extends JupyterHub's own template
+    (`templates/...`)."""
+    paths = c.JupyterHub.template_paths
+    if isinstance(paths, list):
+        if str(TEMPLATES) not in paths:
+            c.JupyterHub.template_paths = [str(TEMPLATES), *paths]
+    elif str(TEMPLATES) not in paths.to_dict().get("prepend", []):
+        paths.prepend([str(TEMPLATES)])
+
+
 # -- ds01-ops (ds01hub.services.ops) ----------------------------------------------------------
 
 
@@ -192,9 +212,9 @@ def configure_ops(
     `state_dir`, default `$DS01HUB_STATE_DIR` or /var/lib/ds01hub: the spawner's), its role
     (`OPS_SCOPES`), and admin-only access to its page (admins hold `access:services`).
     With `announce`, the hub's pages show each user their pending culls as a banner
-    (`template_vars["announcement"]`). Prometheus scrapes `/services/ds01-ops/metrics` with a
-    token that has `read:metrics`."""
-    state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
+    (`template_vars["announcement"]`). The hub's pages get ds01hub's (`configure_pages`).
+    Prometheus scrapes `/services/ds01-ops/metrics` with a token that has `read:metrics`."""
+    state_dir = paths.state_dir(state_dir)
     service = {
         "name": OPS_SERVICE,
         "url": url,
@@ -212,5 +232,24 @@ def configure_ops(
     role = {"name": OPS_SERVICE, "services": [OPS_SERVICE], "scopes": OPS_SCOPES}
     replace_named(c.JupyterHub, "services", service)
     replace_named(c.JupyterHub, "load_roles", role)
+    configure_pages(c)
     if announce:
         c.JupyterHub.template_vars.update({"announcement": hub_announcement(state_dir)})
+
+
+QUEUE_SERVICE = "ds01-queue"
+QUEUE_SCOPES = ["servers", "read:users", "read:servers"]
+
+
+def configure_queue(c: Any, state_dir: str | os.PathLike | None = None) -> None:
+    """Let users leave a spawn request queued ("wait for a GPU", the `queue` spawn option):
+    the hub starts such a server itself when its GPU is granted, through its own REST API,
+    with the token of a token-only service (`QUEUE_SCOPES`), kept in the state directory
+    (`queue-token`, mode 0600, made on first use) and given to `DS01Spawner.queue_api_token`."""
+    state_dir = paths.state_dir(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    token = provenance.secret_file(state_dir / "queue-token")
+    replace_named(c.JupyterHub, "services", {"name": QUEUE_SERVICE, "api_token": token})
+    role = {"name": QUEUE_SERVICE, "services": [QUEUE_SERVICE], "scopes": QUEUE_SCOPES}
+    replace_named(c.JupyterHub, "load_roles", role)
+    c.DS01Spawner.queue_api_token = token

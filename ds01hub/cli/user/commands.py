@@ -16,12 +16,10 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from ds01hub.actions.operations import OperationError
 from ds01hub.cli.output import (
-    EXIT_FAILURE,
     EXIT_OK,
     EXIT_USAGE,
-    CliError,
+    exit_code,
     paint,
     print_error,
     use_colour,
@@ -50,12 +48,15 @@ from ds01hub.cli.user.images import (
     configure_image_delete,
     configure_image_list,
     configure_image_update,
+    run_image_cancel,
     run_image_create,
     run_image_delete,
     run_image_list,
     run_image_update,
 )
-from ds01hub.cli.user.projects import configure_project_init, run_project_init
+from ds01hub.cli.user.projects import configure_project_init, my_workspace, run_project_init
+from ds01hub.cli.user.views import quota_line
+from ds01hub.errors import Ds01hubError
 from ds01hub.host import siteenv
 
 # ---- the table of commands ------------------------------------------------------------------
@@ -74,18 +75,43 @@ def run_user_setup(ctx: Context) -> int:
     """First-time onboarding: who you are, your quota, a project, an image, a container."""
     ctx.require_terminal("user-setup")
     me = ctx.backend.whoami()
-    quota = ctx.backend.quota()
-    limits = quota.get("limits") or {}
-    ctx.note(
-        f"Welcome, {me['user']}! Your group: {limits.get('group') or '-'}; "
-        f"GPUs: up to {limits.get('max_gpus', '-')}, "
-        f"containers: up to {limits.get('max_containers_per_user') or 'no limit'}."
-    )
-    if ctx.ask("Set up a project now? [Y/n] ", "y").lower().startswith("y"):
+    ctx.note(f"Welcome, {me['user']}! {quota_line(ctx.backend.quota())}.")
+    already = already_set_up(ctx)
+    if already:
+        ctx.note("You are already set up:")
+        for line in already:
+            ctx.note(f"  {line}")
+    if ctx.ask_yes_no(
+        "Set up another project?" if already else "Set up a project now?", default=not already
+    ):
         project_args = build_parser(COMMANDS["project-init"]).parse_args(["--guided"])
         run_project_init(dataclasses.replace(ctx, args=project_args))
     ctx.stdout.write(CONNECT_HELP.format(user=me["user"], host=os.uname().nodename))
     return EXIT_OK
+
+
+def already_set_up(ctx: Context) -> list[str]:
+    """What an earlier setup left (workspace, containers, images), one line each; empty for a
+    first run."""
+    lines = []
+    workspace = my_workspace()
+    # what project-init writes into every project
+    projects = sorted(
+        p.parent.name
+        for p in workspace.glob("*/README.md")
+        if (p.parent / "requirements.txt").is_file()
+    )
+    if projects:
+        lines.append(f"projects in {workspace}: {', '.join(projects)}")
+    containers = ctx.backend.list_containers(include_stopped=True)
+    if containers:
+        lines.append(
+            "containers: " + ", ".join(f"{c['project']} ({c['state']})" for c in containers)
+        )
+    images = ctx.backend.images()
+    if images:
+        lines.append("images: " + ", ".join(str(i.get("tag")) for i in images))
+    return lines
 
 
 COMMANDS: dict[str, Command] = {
@@ -142,6 +168,7 @@ COMMANDS: dict[str, Command] = {
         Command(
             "image-delete", "delete one of your images", configure_image_delete, run_image_delete
         ),
+        Command("image-cancel", "cancel your running image build", no_options, run_image_cancel),
         Command(
             "project-init",
             "create a project: directories, git, README, image, container",
@@ -182,12 +209,9 @@ def run_command(
     ctx = Context(args, **context)
     try:
         code = command.run(ctx)
-    except CliError as e:
+    except Ds01hubError as e:
         print_error(e, ctx.stderr)
-        code = e.code
-    except OperationError as e:
-        code = EXIT_USAGE if e.status == 400 else EXIT_FAILURE
-        print_error(CliError(e.message, e.hint, code), ctx.stderr)
+        code = exit_code(e)
     except KeyboardInterrupt:
         ctx.stderr.write("\ninterrupted\n")
         return 130
@@ -203,7 +227,7 @@ def show_cull_warnings(ctx: Context) -> None:
         return
     try:
         warnings = ctx.backend.cull_warnings()
-    except (CliError, OSError, ValueError):
+    except (Ds01hubError, OSError, ValueError):
         return
     colour = use_colour(ctx.stderr)
     for warning in warnings or ():
@@ -259,6 +283,7 @@ image_create = entry("image-create")
 image_list = entry("image-list")
 image_update = entry("image-update")
 image_delete = entry("image-delete")
+image_cancel = entry("image-cancel")
 project_init = entry("project-init")
 user_setup = entry("user-setup")
 container = dispatcher("container")

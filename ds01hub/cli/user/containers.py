@@ -7,13 +7,12 @@ import argparse
 import os
 from typing import Any
 
-from ds01hub.actions.operations import OperationError, validate_name
+from ds01hub.actions.names import validate_name
 from ds01hub.cli.output import (
     EXIT_FAILURE,
     EXIT_OK,
     EXIT_USAGE,
     CliError,
-    format_duration,
     paint,
     print_error,
     print_json,
@@ -30,6 +29,8 @@ from ds01hub.cli.user.context import (
     spawn_options_from,
 )
 from ds01hub.cli.user.views import container_table, quota_line, running_view, stats_table
+from ds01hub.mig import is_profile
+from ds01hub.units import human_duration
 
 
 def configure_create(parser: argparse.ArgumentParser) -> None:
@@ -56,28 +57,74 @@ def run_create(ctx: Context) -> int:
 
 
 def guided_create(ctx: Context) -> None:
-    """Ask for name, image and GPUs, offering what the user's quota allows."""
+    """Ask for name, image and GPUs, offering what the user's quota and this machine allow;
+    each answer is checked as it is given and asked again when wrong."""
     ctx.require_terminal("container-create --guided")
     args = ctx.args
     quota = ctx.backend.quota()
     limits = quota.get("limits") or {}
     ctx.note(f"Creating a container for {quota.get('user')}.")
-    while args.name is None:
-        try:
-            args.name = validate_name(ctx.ask("Container (project) name: "))
-        except OperationError as e:
-            ctx.note(f"  {e.message}; {e.hint}")
+    if args.name is None:
+        taken = {c["project"]: c["state"] for c in ctx.backend.list_containers(True)}
+        args.name = ctx.ask("Container (project) name", check=lambda a: new_name(a, taken))
     images = [i["tag"] for i in ctx.backend.images()] + list(limits.get("allowed_images") or [])
     if images and args.image is None:
         ctx.note("Images you can use: " + ", ".join(images))
-        args.image = ctx.ask("Image (empty for the default): ") or None
+        args.image = ctx.ask("Image (empty for the default)", check=lambda a: one_of(a, images))
     max_gpus = limits.get("max_gpus_per_container")
     if args.gpus is None and args.mig is None and max_gpus:
-        answer = ctx.ask(f"GPUs (0-{max_gpus}, or a MIG profile like 1g.10gb): ", "0")
-        if answer.isdigit():
-            args.gpus = int(answer) or None
+        profiles = quota.get("mig_profiles")
+        offer = f", or a MIG slice: {', '.join(profiles)}" if profiles else ""
+        kind, value = ctx.ask(
+            f"GPUs (0-{max_gpus}{offer})",
+            "0",
+            check=lambda a: gpu_answer(a, int(max_gpus), profiles),
+        )
+        if kind == "mig":
+            args.mig = value
         else:
-            args.mig = answer
+            args.gpus = value or None
+
+
+def new_name(answer: str, taken: dict[str, str]) -> str:
+    """A valid container name the user does not have yet."""
+    name = validate_name(answer)
+    if name in taken:
+        how = "container-run" if taken[name] == "running" else "container-start"
+        raise ValueError(
+            f"you already have a container {name!r} ({taken[name]}): pick another name, "
+            f"or use it with {how} {name}"
+        )
+    return name
+
+
+def one_of(answer: str, choices: list[str]) -> str | None:
+    """One of `choices`, or None (the default) for an empty answer."""
+    if not answer:
+        return None
+    if answer not in choices:
+        raise ValueError(f"{answer!r} is not one of your images: {', '.join(choices)}")
+    return answer
+
+
+def gpu_answer(answer: str, max_gpus: int, profiles: list[str] | None) -> tuple[str, Any]:
+    """`("gpus", N)` for a number up to `max_gpus`, `("mig", PROFILE)` for a MIG slice this
+    machine has (`profiles`; None when the control plane did not say: any well-formed name,
+    which the allocator then checks)."""
+    if answer.isdigit():
+        if int(answer) > max_gpus:
+            raise ValueError(f"at most {max_gpus} GPU(s) per container, not {answer}")
+        return "gpus", int(answer)
+    if profiles is None and is_profile(answer):
+        return "mig", answer
+    if profiles and answer in profiles:
+        return "mig", answer
+    slices = (
+        f"or one of the MIG slices here: {', '.join(profiles)}"
+        if profiles
+        else ("(this machine has no MIG slices)")
+    )
+    raise ValueError(f"{answer[:40]!r} is neither a number from 0 to {max_gpus} {slices}")
 
 
 def report_started(ctx: Context, final: dict[str, Any], name: str, created: bool) -> int:
@@ -193,7 +240,7 @@ def run_stop(ctx: Context) -> int:
         return EXIT_OK
     processes = view.get("processes")
     ctx.note(
-        f"{args.name}: up {format_duration(view.get('uptime_s'))}, "
+        f"{args.name}: up {human_duration(view.get('uptime_s'))}, "
         f"{processes if processes is not None else 'unknown number of'} processes"
         + (f", GPUs {', '.join(view['gpus'])}" if view.get("gpus") else "")
     )

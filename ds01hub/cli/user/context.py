@@ -7,16 +7,43 @@ import argparse
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
-from ds01hub.actions.operations import OperationError, validate_name
+from ds01hub.actions.names import OperationError, validate_name
 from ds01hub.cli.output import (
     EXIT_USAGE,
     CliError,
-    paint,
     use_colour,
 )
+from ds01hub.cli.progress import ProgressLine, event_fraction
 from ds01hub.cli.user import backends
+from ds01hub.errors import Ds01hubError
+from ds01hub.gpu.messages import Message
+from ds01hub.spawn_options import SPAWN_OPTION_KEYS
+from ds01hub.units import utcnow
+
+T = TypeVar("T")
+
+#: Answers tried per question before a guided command gives up (a script feeding a terminal
+#: must not loop forever).
+MAX_ATTEMPTS = 5
+
+
+def yes_or_no(answer: str) -> bool:
+    """`y`/`yes` -> True, `n`/`no` -> False (any case); anything else is asked again."""
+    word = answer.strip().lower()
+    if word in ("y", "yes"):
+        return True
+    if word in ("n", "no"):
+        return False
+    raise ValueError(f"answer y or n, not {answer[:40]!r}")
+
+
+def answer_problem(error: Exception) -> str:
+    """What was wrong with an answer, with the fix when the error names one."""
+    if isinstance(error, Ds01hubError):
+        return f"{error.message}; {error.hint}" if error.hint else error.message
+    return str(error)
 
 
 @dataclass
@@ -68,16 +95,37 @@ class Context:
                 hint=f"pass {flag} to confirm",
                 code=EXIT_USAGE,
             )
-        return self.ask(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+        return self.ask_yes_no(question, default=False)
 
-    def ask(self, prompt: str, default: str = "") -> str:
-        shown = f"{prompt}" + (f"[{default}] " if default else "")
-        self.stderr.write(shown)
-        self.stderr.flush()
-        line = self.stdin.readline()
-        if not line:
-            raise CliError("input ended before the question was answered", code=EXIT_USAGE)
-        return line.strip() or default
+    def ask(self, question: str, default: str = "", check: Callable[[str], T] = str) -> T:
+        """Ask `question` until `check` accepts the answer (empty = `default`, shown once as
+        `[default]`). `check` returns the value or raises ValueError, OperationError or
+        CliError, whose message is shown before the question is asked again: one mistyped
+        answer never ends a guided command."""
+        shown = f"{question} [{default}]: " if default else f"{question}: "
+        return self._ask_until(shown, default, check)
+
+    def ask_yes_no(self, question: str, default: bool) -> bool:
+        """A yes/no question with its one default shown as `[Y/n]` or `[y/N]`."""
+        shown = f"{question} [{'Y/n' if default else 'y/N'}] "
+        return self._ask_until(shown, "yes" if default else "no", yes_or_no)
+
+    def _ask_until(self, shown: str, default: str, check: Callable[[str], T]) -> T:
+        for _ in range(MAX_ATTEMPTS):
+            self.stderr.write(shown)
+            self.stderr.flush()
+            line = self.stdin.readline()
+            if not line:
+                raise CliError("input ended before the question was answered", code=EXIT_USAGE)
+            try:
+                return check(line.strip() or default)
+            except (ValueError, OperationError, CliError) as error:
+                self.note(f"  {answer_problem(error)}")
+        raise CliError(
+            f"no usable answer after {MAX_ATTEMPTS} tries",
+            hint="run the command again, or pass the options instead of --guided",
+            code=EXIT_USAGE,
+        )
 
     def require_terminal(self, what: str) -> None:
         if not self.interactive():
@@ -142,38 +190,56 @@ def add_spawn_options(parser: argparse.ArgumentParser) -> None:
     gpu.add_argument("--gpus", type=positive_int, metavar="N", help="number of whole GPUs")
     gpu.add_argument("--mig", metavar="PROFILE", help="a MIG slice, e.g. 1g.10gb")
     parser.add_argument("--profile", help="a named profile from the lab's configuration")
+    parser.add_argument(
+        "--queue",
+        action="store_true",
+        default=None,
+        help="if no GPU is free, leave the request queued (no time limit, also across hub "
+        "restarts): the container starts by itself when a GPU is granted",
+    )
 
 
 def spawn_options_from(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ("image", "gpus", "mig", "profile")
-    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    """The spawn options (ds01hub.spawn_options) given on the command line."""
+    return {k: getattr(args, k) for k in SPAWN_OPTION_KEYS if getattr(args, k, None) is not None}
 
 
-def follow(ctx: Context, events: Iterable[dict[str, Any]], what: str) -> dict[str, Any]:
+def follow(
+    ctx: Context,
+    events: Iterable[dict[str, Any]],
+    what: str,
+    interrupted: Callable[[], None] | None = None,
+) -> dict[str, Any]:
     """Show progress events on stderr; return the final event (ready / done), which must come:
     a stream that ends without one is a failure, never a success. Ctrl-C stops watching, not
-    the work: the hub goes on, and the user is told so."""
+    the work: the hub goes on, and the user is told so; `interrupted` (which raises) says
+    what else can be done instead (an image build offers to cancel it)."""
     final: dict[str, Any] = {}
-    colour = use_colour(ctx.stderr)
+    line = ProgressLine(ctx.stderr, what, use_colour(ctx.stderr))
     try:
         for event in events:
             kind = event.get("event") or event.get("kind")
             if kind in ("ready", "done"):
                 final = event
                 continue
-            message = event.get("message") or event.get("text") or ""
-            progress = event.get("progress")
-            if isinstance(progress, float) and progress <= 1.0 and kind in ("step", "log"):
-                progress = progress * 100
-            prefix = f"[{progress:3.0f}%] " if isinstance(progress, int | float) else ""
-            if message and not ctx.json:
-                ctx.note(paint(f"{what}: {prefix}{message}", "grey", colour))
+            message = str(event.get("message") or event.get("text") or "")
+            said = Message.from_event(event)  # a wait: its headline and a countdown
+            if said is not None:
+                countdown = said.countdown(utcnow())
+                message = f"{said.headline} ({countdown})" if countdown else said.headline
+            if not ctx.json:
+                line.update(event_fraction(event.get("progress"), kind), message)
     except KeyboardInterrupt:
+        line.close()
+        if interrupted is not None:
+            interrupted()
         raise CliError(
             f"stopped watching; {what} goes on in the hub",
             hint="see it with container-list / image-list; stop it with container-stop NAME",
             code=130,
         ) from None
+    finally:
+        line.close()
     if not final:
         raise CliError(
             f"{what}: the control plane stopped answering before it said how this ended",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from ds01hub.cli.output import (
@@ -12,11 +12,11 @@ from ds01hub.cli.output import (
     EXIT_USAGE,
     CliError,
     Column,
-    format_bytes,
     print_json,
     render_table,
 )
 from ds01hub.cli.user.context import Context, add_yes, follow
+from ds01hub.units import human_size
 
 
 def configure_image_create(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +41,7 @@ def configure_image_create(parser: argparse.ArgumentParser) -> None:
         help="extra Debian package (repeatable, or comma-separated)",
     )
     parser.add_argument("--guided", action="store_true", help="ask for each choice")
+    add_yes(parser)
 
 
 def run_image_create(ctx: Context) -> int:
@@ -65,6 +66,14 @@ def split_packages(values: Iterable[str]) -> list[str]:
 
 
 def guided_image(ctx: Context) -> None:
+    """Ask for the template, the name and extra packages, each checked as it is given."""
+    from ds01hub.actions.images import (
+        get_template,
+        validate_apt_package,
+        validate_image_name,
+        validate_pip_requirement,
+    )
+
     ctx.require_terminal("image-create --guided")
     args = ctx.args
     templates = ctx.backend.image_templates()
@@ -72,24 +81,98 @@ def guided_image(ctx: Context) -> None:
     for t in templates:
         ctx.note(f"  {t['key']:8} {t['title']}: {t.get('description', '')}")
     if args.template is None:
-        args.template = ctx.ask("Template: ", "general")
+        args.template = ctx.ask("Template", "general", check=lambda a: get_template(a).key)
     if not args.name:
-        args.name = ctx.ask("Image name: ", args.template)
-    extra = ctx.ask("Extra pip packages (comma-separated, empty for none): ")
-    if extra:
-        args.pip.append(extra)
-    extra = ctx.ask("Extra Debian packages (comma-separated, empty for none): ")
-    if extra:
-        args.apt.append(extra)
+        args.name = ctx.ask("Image name", args.template, check=validate_image_name)
+    extra = ctx.ask(
+        "Extra pip packages (comma-separated, empty for none)",
+        check=lambda a: packages(a, validate_pip_requirement),
+    )
+    args.pip.extend(extra)
+    extra = ctx.ask(
+        "Extra Debian packages (comma-separated, empty for none)",
+        check=lambda a: packages(a, validate_apt_package),
+    )
+    args.apt.extend(extra)
+
+
+def packages(answer: str, validate: Callable[[str], str]) -> list[str]:
+    """Each package of a comma-separated answer, checked."""
+    return [validate(p) for p in split_packages([answer])]
 
 
 def build(ctx: Context, request: dict[str, Any]) -> int:
-    final = follow(ctx, ctx.backend.build_image(request), f"image {request['name']}")
+    final = follow_build(ctx, request, getattr(ctx.args, "yes", False))
     if ctx.json:
         print_json(final, ctx.stdout)
     else:
         ctx.say(f"Built {final.get('tag', request['name'])}.")
         ctx.say(f"  use it: container-create NAME --image {final.get('tag', request['name'])}")
+    return EXIT_OK
+
+
+def confirm_download(ctx: Context, request: dict[str, Any], assume_yes: bool) -> None:
+    """Before a heavy build (PyTorch with CUDA, ...): say how much it downloads and ask."""
+    from ds01hub.actions.images import HEAVY_BUILD_MB, download_estimate_mb, get_template
+
+    try:
+        packages = list(get_template(request.get("template") or "custom").pip_packages)
+    except ValueError:
+        return  # the control plane names the unknown template
+    size, heavy = download_estimate_mb(packages + list(request.get("pip_packages") or ()))
+    if size < HEAVY_BUILD_MB:
+        return
+    ctx.note(
+        f"Image {request['name']} downloads about {size / 1000:.1f} GB "
+        f"({', '.join(heavy)} with its libraries) and takes several minutes to build."
+    )
+    if not ctx.confirm("Build it?", assume_yes):
+        raise CliError("not built", code=EXIT_FAILURE)
+
+
+def follow_build(ctx: Context, request: dict[str, Any], assume_yes: bool = False) -> dict[str, Any]:
+    """Start a build and show it to its end: heavy downloads are confirmed first, Ctrl-C
+    offers to cancel it."""
+    confirm_download(ctx, request, assume_yes)
+    name = request["name"]
+    return follow(
+        ctx,
+        ctx.backend.build_image(request),
+        f"image {name}",
+        interrupted=lambda: offer_cancel(ctx, name),
+    )
+
+
+def offer_cancel(ctx: Context, name: str) -> None:
+    """After Ctrl-C in a build: cancel it (asked on a terminal) or say that it goes on and
+    how to cancel it later. Always raises (exit 130)."""
+    ctx.stderr.write("\n")
+    if ctx.interactive() and ctx.ask_yes_no(f"Cancel the build of {name}?", default=True):
+        cancel(ctx)
+        raise CliError(f"the build of {name} is cancelled", code=130)
+    raise CliError(
+        f"stopped watching; the build of {name} goes on",
+        hint="see it with image-list; stop it with image-cancel",
+        code=130,
+    )
+
+
+def cancel(ctx: Context) -> dict[str, Any]:
+    """Cancel the user's running build; say whether it has stopped yet."""
+    result = ctx.backend.cancel_build()
+    if not result.get("stopped"):
+        ctx.note(
+            f"The build of {result.get('image')} was asked to stop; it stops at its next step."
+        )
+    return result
+
+
+def run_image_cancel(ctx: Context) -> int:
+    result = cancel(ctx)
+    if ctx.json:
+        print_json(result, ctx.stdout)
+    elif result.get("stopped"):
+        ctx.say(f"The build of {result.get('image')} is cancelled.")
     return EXIT_OK
 
 
@@ -110,7 +193,7 @@ def run_image_list(ctx: Context) -> int:
     else:
         rows = ctx.backend.images()
         for row in rows:
-            row["size_text"] = format_bytes(row.get("size"))
+            row["size_text"] = human_size(row.get("size"))
             row["extra"] = " ".join(row.get("pip_packages", []) + row.get("apt_packages", []))
         columns = (
             Column("NAME", "name"),
@@ -145,6 +228,7 @@ def configure_image_update(parser: argparse.ArgumentParser) -> None:
         metavar="PKG",
         help="add a Debian package (repeatable)",
     )
+    add_yes(parser)
 
 
 def run_image_update(ctx: Context) -> int:

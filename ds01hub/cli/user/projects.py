@@ -8,14 +8,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ds01hub.actions.operations import OperationError, validate_name
+from ds01hub.actions.names import OperationError, validate_name
 from ds01hub.cli.output import (
     EXIT_OK,
     EXIT_USAGE,
     CliError,
     print_json,
 )
-from ds01hub.cli.user.context import Context, follow
+from ds01hub.cli.user.context import Context, add_yes, follow
+from ds01hub.cli.user.images import follow_build
 from ds01hub.cli.user.views import running_view
 
 
@@ -39,22 +40,15 @@ def configure_project_init(parser: argparse.ArgumentParser) -> None:
         "--container", action="store_true", help="also create a container NAME for the project"
     )
     parser.add_argument("--guided", action="store_true", help="ask for each choice")
+    add_yes(parser)
 
 
 def run_project_init(ctx: Context) -> int:
-    from ds01hub.actions.projects import USE_CASES, ProjectError, ProjectSpec, init_project
+    from ds01hub.actions.projects import ProjectError, ProjectSpec, init_project
 
     args = ctx.args
     if args.guided:
-        ctx.require_terminal("project-init --guided")
-        args.name = args.name or ctx.ask("Project name: ")
-        args.description = args.description or ctx.ask("One-line description: ")
-        ctx.note("Use cases: " + ", ".join(f"{k} ({v})" for k, v in USE_CASES.items()))
-        args.use_case = args.use_case or ctx.ask("Use case: ", "general")
-        args.image = args.image or ctx.ask("Build an image for it? [y/N] ").lower() == "y"
-        args.container = (
-            args.container or ctx.ask("Create a container for it? [y/N] ").lower() == "y"
-        )
+        guided_project(ctx)
     if not args.name:
         raise CliError("project-init needs a NAME", hint="or use --guided", code=EXIT_USAGE)
     if args.container:
@@ -73,18 +67,66 @@ def run_project_init(ctx: Context) -> int:
     if not ctx.json:
         ctx.say(result.summary())
     if args.image:
-        template = spec.use_case if spec.use_case in USE_CASES else "custom"
-        request = {"name": args.name.lower(), "template": template}
-        report["image"] = follow(ctx, ctx.backend.build_image(request), f"image {args.name}")
-        ctx.say(f"Built image {report['image'].get('tag')}.")
+        report["image"] = _project_image(ctx, args.name.lower(), spec.use_case)
     if args.container:
-        options = {"image": report["image"]["tag"]} if report.get("image") else {}
-        final = follow(ctx, ctx.backend.start(args.name, options, create=True), args.name)
-        report["container"] = running_view(final, args.name)
-        ctx.say(f"Container {args.name} is running: container-run {args.name}")
+        report["container"] = _project_container(ctx, args.name, report.get("image"))
     if ctx.json:
         print_json(report, ctx.stdout)
     return EXIT_OK
+
+
+def _project_image(ctx: Context, name: str, use_case: str) -> dict[str, Any]:
+    """Build the project's image, unless one of that name exists already (a re-run)."""
+    from ds01hub.actions.projects import USE_CASES
+
+    existing = next((i for i in ctx.backend.images() if i.get("name") == name), None)
+    if existing is not None:
+        ctx.say(
+            f"Image {name} is already set up ({existing.get('tag')}); "
+            f"rebuild it with: image-update {name}"
+        )
+        return existing
+    template = use_case if use_case in USE_CASES else "custom"
+    built = follow_build(ctx, {"name": name, "template": template}, ctx.args.yes)
+    ctx.say(f"Built image {built.get('tag')}.")
+    return built
+
+
+def _project_container(ctx: Context, name: str, image: dict[str, Any] | None) -> dict[str, Any]:
+    """Create the project's container, unless it exists already (a re-run)."""
+    existing = next(
+        (c for c in ctx.backend.list_containers(include_stopped=True) if c["project"] == name),
+        None,
+    )
+    if existing is not None:
+        verb = "container-run" if existing["state"] == "running" else "container-start"
+        how = f"{verb} {name}"
+        ctx.say(f"Container {name} is already set up ({existing['state']}): {how}")
+        return existing
+    options = {"image": image["tag"]} if image and image.get("tag") else {}
+    final = follow(ctx, ctx.backend.start(name, options, create=True), name)
+    ctx.say(f"Container {name} is running: container-run {name}")
+    return running_view(final, name)
+
+
+def guided_project(ctx: Context) -> None:
+    """Ask for each choice not given, each answer checked as it is given."""
+    from ds01hub.actions.projects import USE_CASES, validate_project_name, validate_use_case
+
+    ctx.require_terminal("project-init --guided")
+    args = ctx.args
+    args.name = args.name or ctx.ask("Project name", check=validate_project_name)
+    args.description = args.description or ctx.ask("One-line description (empty for none)")
+    if args.use_case is None:
+        ctx.note("Use cases: " + ", ".join(f"{k} ({v})" for k, v in USE_CASES.items()))
+        args.use_case = ctx.ask("Use case", "general", check=validate_use_case)
+    args.image = args.image or ctx.ask_yes_no("Build an image for it?", default=False)
+    if not args.container and ctx.ask_yes_no("Create a container for it?", default=False):
+        try:
+            _check_container_name(args.name)
+            args.container = True
+        except CliError as e:
+            ctx.note(f"  no container: {e.message}; {e.hint}")
 
 
 def my_workspace() -> Path:

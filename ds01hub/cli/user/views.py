@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from ds01hub.cli.output import (
     STATE_COLOURS,
     CliError,
     Column,
-    format_bytes,
-    format_duration,
     format_percent,
     render_table,
 )
+from ds01hub.units import human_duration, human_size, quota_rows
 
 
 def gpus_cell(row: dict[str, Any]) -> str:
@@ -22,12 +22,30 @@ def gpus_cell(row: dict[str, Any]) -> str:
     return gpus or "-"
 
 
+_EXITED = re.compile(r"Exited \(-?\d+\) (.{1,40})")
+
+
 def time_cell(row: dict[str, Any]) -> str:
+    """Uptime or time stopped; for a stopped container the listing did not inspect (no
+    stop time), Docker's own rough age from its status line (`Exited (0) 3 hours ago`)."""
+    if row.get("state") == "queued":
+        return queue_cell(row)
     if row.get("uptime_s") is not None:
-        return f"up {format_duration(row['uptime_s'])}"
+        return f"up {human_duration(row['uptime_s'])}"
     if row.get("stopped_for_s") is not None:
-        return f"stopped {format_duration(row['stopped_for_s'])}"
+        return f"stopped {human_duration(row['stopped_for_s'])}"
+    exited = _EXITED.fullmatch(str(row.get("status") or ""))
+    if exited:
+        return f"stopped {exited.group(1)}"
     return "-"
+
+
+def queue_cell(row: dict[str, Any]) -> str:
+    """`position 2 of 5, est. 2026-03-01 14:00 UTC` for a queued request."""
+    position, waiting = row.get("queue_position"), row.get("queue_waiting")
+    text = f"position {position} of {waiting}" if position else "queued"
+    estimate = row.get("queue_estimate")
+    return text + (f", est. {estimate.replace('T', ' ')[:16]} UTC" if estimate else ", no est.")
 
 
 def held_cell(row: dict[str, Any]) -> str:
@@ -52,7 +70,7 @@ def container_table(rows: list[dict[str, Any]], colour: bool) -> str:
             **row,
             "gpus_text": gpus_cell(row),
             "time_text": time_cell(row),
-            "idle_text": format_duration(row.get("idle_s")),
+            "idle_text": human_duration(row.get("idle_s")),
             "held_text": held_cell(row),
         }
         for row in rows
@@ -65,9 +83,9 @@ def gpu_cell(gpu: dict[str, Any]) -> str:
     against its size."""
     slot = f"{gpu['slot']} (SIMULATED)" if gpu.get("simulated") else str(gpu["slot"])
     used, size = gpu.get("memory_used_mb"), gpu.get("memory_mb")
-    memory = format_bytes(None if used is None else used * 2**20)
+    memory = human_size(None if used is None else used * 2**20)
     if size:
-        memory += f" / {format_bytes(size * 2**20)}"
+        memory += f" / {human_size(size * 2**20)}"
     return f"{slot}: {format_percent(gpu.get('utilization_percent'))}, {memory}"
 
 
@@ -86,8 +104,8 @@ def stats_table(rows: list[dict[str, Any]], colour: bool) -> str:
                     format_percent(row.get("cpu_limit_percent")),
                 ),
                 "memory": against(
-                    format_bytes(row.get("memory_bytes")),
-                    format_bytes(row.get("memory_limit_bytes")),
+                    human_size(row.get("memory_bytes")),
+                    human_size(row.get("memory_limit_bytes")),
                 ),
                 "pids": against(str(row.get("pids") or "-"), str(row.get("pids_limit") or "-")),
                 "gpus": ", ".join(gpu_cell(g) for g in gpus) or "-",
@@ -115,27 +133,28 @@ def running_view(final: dict[str, Any], name: str) -> dict[str, Any]:
     return view
 
 
+def _sentence_case(label: str) -> str:
+    """'Memory per container' -> 'memory per container'; 'GPUs ...' (an acronym) stays."""
+    return label if label[1:2].isupper() else label[0].lower() + label[1:]
+
+
+def _quota_part(what: str, use: str, limit: str) -> str:
+    """'memory per container 16G', 'containers 3 (1 running, 2 total)'; a row whose use is a
+    whole sentence with its limit in it (the GPUs) reads 'GPUs: 1 of 2 GPUs in use'."""
+    if not limit:
+        return f"{what}: {use}"
+    return f"{what} {limit}" + (f" ({use})" if use else "")
+
+
 def quota_line(quota: dict[str, Any]) -> str:
-    """`Limits (group students): GPUs 1 of 1 held, containers 2 of 2, per container 4 CPUs and
-    16G; idle timeout 12h, GPUs held 1h after a stop`; None limits read "no limit"."""
+    """`Limits (group students): GPUs: 1 of 2 GPUs in use; GPUs per container 1; ...`: the
+    quota's rows (ds01hub.units.quota_rows) as one sentence."""
     limits = quota.get("limits")
     if not limits:
         return f"Containers: {quota.get('containers', 0)} (no limits file on this host)"
     notices = "".join(f"\nNote: {text}" for text in quota.get("notices") or ())
-
-    def cap(value: Any) -> str:
-        return "no limit" if value is None else str(value)
-
-    max_cpus = limits.get("max_cpus")
-    cpus = "any CPUs" if max_cpus is None else f"{max_cpus:g} CPU{'' if max_cpus == 1 else 's'}"
-    memory = "any memory" if limits.get("memory") is None else format_bytes(limits["memory"])
-    idle = limits.get("idle_timeout")
-    return (
-        f"Limits (group {limits.get('group') or '-'}): "
-        f"GPUs {quota.get('gpus_held', 0)} of {cap(limits.get('max_gpus'))} held, "
-        f"containers {quota.get('containers', 0)} of {cap(limits.get('max_containers_per_user'))}, "
-        f"per container {cpus} and {memory}; "
-        f"idle timeout {'never' if idle is None else format_duration(idle)}, "
-        f"GPUs held {format_duration(limits.get('gpu_hold_after_stop'))} after a stop"
-        f"{notices}"
-    )
+    parts = [
+        _quota_part(_sentence_case(what) if i else what, use, limit)
+        for i, (what, use, limit) in enumerate(quota_rows(quota))
+    ]
+    return f"Limits (group {limits.get('group') or '-'}): " + "; ".join(parts) + notices

@@ -30,18 +30,18 @@ from tornado.iostream import IOStream, StreamClosedError
 from traitlets import Bool, Float, Integer, List, Unicode, default
 from traitlets.config import Application
 
-from ds01hub import peer, provenance
+from ds01hub import paths, peer, provenance
 from ds01hub.actions import images
-from ds01hub.actions.builds import MAX_CONCURRENT_BUILDS, BuildManager, docker_builder
 from ds01hub.actions.operations import (
     OperationError,
     OperationsContext,
     docker_unreachable,
 )
+from ds01hub.gpu.queued import QueuedStore
 from ds01hub.hub.client import HubClient
 from ds01hub.peer import Caller
-from ds01hub.provenance import default_state_dir
 from ds01hub.services.broker.handlers import (
+    BuildHandler,
     CleanupHandler,
     ContainerHandler,
     ContainersHandler,
@@ -63,6 +63,7 @@ from ds01hub.services.broker.protocol import (
     API_PREFIX,
     DEFAULT_SOCKET,
 )
+from ds01hub.services.settings import HostSettings, ImageBuildSettings
 
 log = logging.getLogger("ds01hub.services.broker")
 
@@ -79,16 +80,7 @@ class BrokerImages:
     def __init__(self, broker: Broker, docker_client: Any):
         self.broker = broker
         self.docker = docker_client
-        run_build = docker_builder(
-            docker_client,
-            broker.base_image,
-            broker.ca_bundle,
-            broker.build_memory_limit,
-            who="Broker.base_image",
-        )
-        self.builds = BuildManager(
-            run_build, broker.state_dir, max_concurrent=broker.max_concurrent_builds
-        )
+        self.builds = broker.build_manager(docker_client, broker.state_dir)
 
     def templates(self) -> list[dict[str, Any]]:
         return [t.to_dict() for t in images.list_templates()]
@@ -98,43 +90,49 @@ class BrokerImages:
         return [i.to_dict() for i in found]
 
     async def delete(self, user: str, name: str) -> dict[str, Any]:
-        try:
-            tag = await asyncio.to_thread(images.delete_user_image, self.docker, user, name)
-        except images.ImageError as e:
-            raise refusal(e) from None
+        tag = await asyncio.to_thread(images.delete_user_image, self.docker, user, name)
         return {"deleted": tag, "tag": tag}
 
     async def build(self, user: str, body: dict[str, Any]):
         """Yield the build's events (ds01hub.actions.images.BuildEvent dicts); the last is
         done, a failure is an OperationError. Leaving early (the user's Ctrl-C) stops the
-        watching, not the build."""
-        try:
-            spec = images.spec_from_request(user, body)
-            existing = await self.list(user)
-            images.check_image_quota(
-                (i["name"] for i in existing), spec.name, self.broker.max_images_per_user
-            )
-        except images.ImageError as e:
-            raise refusal(e) from None
+        watching, not the build. Refusals are images.ImageErrors (named by named_error)."""
+        spec = images.spec_from_request(user, body)
+        existing = await self.list(user)
+        images.check_image_quota(
+            (i["name"] for i in existing), spec.name, self.broker.max_images_per_user
+        )
         build = self.builds.start(spec)
         async for event in build.follow():
             if event.get("kind") == "error":
                 raise OperationError(f"build failed: {event.get('text')}", status=422)
             yield event
 
-
-def refusal(error: images.ImageError) -> OperationError:
-    """An images.ImageError as the broker's answer: its message, hint and status."""
-    return OperationError(str(error), error.hint, error.status)
+    async def cancel(self, user: str, wait: float = 30.0) -> dict[str, Any]:
+        """Stop the user's build, whichever door started it; wait (up to `wait` seconds) until
+        it has ended. A build stops at its next line of output or within a slot poll."""
+        name = await asyncio.to_thread(self.builds.locks.request_cancel, user)
+        if name is None:
+            raise OperationError(
+                "no build of yours is running",
+                hint="image-list shows your images; image-create starts a build",
+                status=404,
+            )
+        deadline = asyncio.get_running_loop().time() + wait
+        while await asyncio.to_thread(self.builds.locks.building, user):
+            if asyncio.get_running_loop().time() > deadline:
+                return {"image": name, "stopped": False}
+            await asyncio.sleep(0.1)
+        return {"image": name, "stopped": True}
 
 
 def docker_socket_path() -> str:
     """The Docker engine's unix socket from DOCKER_HOST (unix://...), else the default."""
     host = os.environ.get("DOCKER_HOST", "")
-    return host[len("unix://") :] if host.startswith("unix://") else "/var/run/docker.sock"
+    return host[len("unix://") :] if host.startswith("unix://") else str(paths.DOCKER_SOCKET)
 
 
-class Broker(Application):
+class Broker(HostSettings, ImageBuildSettings, Application):
     """Run the ds01 broker as a JupyterHub managed service."""
 
     name = "ds01hub-broker"
@@ -184,50 +182,13 @@ class Broker(Application):
         help="The service's token; JupyterHub gives managed services $JUPYTERHUB_API_TOKEN.",
     ).tag(config=True)
 
-    limits_path = Unicode(
-        "",
-        help="resource-limits.yaml (default: $DS01HUB_LIMITS or "
-        "/etc/ds01hub/resource-limits.yaml); used for GPU hold times, quotas and stats.",
-    ).tag(config=True)
-
     docker_socket = Unicode(
         help="The Docker engine's unix socket (default from $DOCKER_HOST).",
-    ).tag(config=True)
-
-    state_dir = Unicode(
-        help="""The spawner's state directory (default $DS01HUB_STATE_DIR, else
-        /var/lib/ds01hub), where the culler keeps its pending warnings (each command tells
-        its user which of their containers are about to be stopped as idle) and whose label
-        key and deployment id decide which containers are this hub's.""",
     ).tag(config=True)
 
     spawn_timeout = Float(
         900.0,
         help="Longest a start may wait for the hub (e.g. for a GPU) before the command gives up.",
-    ).tag(config=True)
-
-    base_image = Unicode(
-        help="Image that users' images are built FROM (default $DS01HUB_SINGLEUSER_IMAGE), as "
-        "for the ds01 service: the admin's choice, never the user's.",
-    ).tag(config=True)
-
-    ca_bundle = Unicode(
-        "",
-        help="PEM CA bundle trusted inside image builds (sites behind a TLS-intercepting proxy).",
-    ).tag(config=True)
-
-    max_images_per_user = Integer(10, help="Images one user may keep (0 = no limit).").tag(
-        config=True
-    )
-
-    max_concurrent_builds = Integer(
-        MAX_CONCURRENT_BUILDS,
-        help="Image builds running at once on the host, all users and both doors (the broker "
-        "and the ds01 service share the slots through the state directory).",
-    ).tag(config=True)
-
-    build_memory_limit = Integer(
-        4 * 1024**3, help="Memory (bytes) for each build step's container (0 = unlimited)."
     ).tag(config=True)
 
     inspect_workers = Integer(
@@ -258,14 +219,6 @@ class Broker(Application):
     def _api_token_default(self) -> str:
         return os.environ.get("JUPYTERHUB_API_TOKEN", "")
 
-    @default("base_image")
-    def _base_image_default(self) -> str:
-        return os.environ.get("DS01HUB_SINGLEUSER_IMAGE", "")
-
-    @default("state_dir")
-    def _state_dir_default(self) -> str:
-        return str(default_state_dir())
-
     @default("docker_socket")
     def _docker_socket_default(self) -> str:
         return docker_socket_path()
@@ -289,7 +242,7 @@ class Broker(Application):
             caller = peer.identify(creds, self.admin_rule)
             return caller, acting_for(caller, requested_user, self.min_uid)
         except peer.IdentityError as e:
-            raise OperationError(e.message, e.hint, e.status) from None
+            raise OperationError(e.message, e.hint, e.status) from None  # the handlers' one type
 
     def connect_docker(self) -> Any:
         """A docker-py client of `docker_socket`. An engine that does not answer now is no
@@ -315,6 +268,7 @@ class Broker(Application):
             spawn_timeout=self.spawn_timeout,
             inspect_workers=self.inspect_workers,
             docker_url=self.docker_url,
+            queued_for=QueuedStore(self.state_dir).of_user,
         )
 
     def _limits_and_gpus(self):
@@ -322,9 +276,9 @@ class Broker(Application):
         stops without them (the spawner enforces limits), so a missing file only logs."""
         try:
             from ds01hub.gpu.inventory import load_inventory
-            from ds01hub.limits import LimitsStore, default_limits_path
+            from ds01hub.limits import LimitsStore
 
-            store = LimitsStore(self.limits_path or default_limits_path(), log=self.log)
+            store = LimitsStore(self.limits_path or None, log=self.log)
         except Exception as e:  # LimitsError: bounded, names the file, the lines and the fixes
             self.log.warning("limits unavailable (%s): no hold times or quotas shown", e)
             return None, None
@@ -391,6 +345,7 @@ class Broker(Application):
                 (f"{p}/quota", QuotaHandler),
                 (f"{p}/images", ImagesHandler),
                 (f"{p}/images/templates", ImageTemplatesHandler),
+                (f"{p}/builds/current", BuildHandler),
                 (f"{p}/images/{name}", ImageHandler),
             ],
             broker=self,

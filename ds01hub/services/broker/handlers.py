@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import pwd
 import socket
@@ -13,7 +12,6 @@ import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from tornado import web
 from tornado.iostream import IOStream, StreamClosedError
 
 from ds01hub import peer
@@ -23,6 +21,7 @@ from ds01hub.actions.operations import (
     named_error,
     validate_name,
 )
+from ds01hub.errors import Ds01hubError
 from ds01hub.peer import Caller
 from ds01hub.services.broker.protocol import (
     EXEC_UPGRADE,
@@ -34,6 +33,7 @@ from ds01hub.services.broker.protocol import (
     decode_input_header,
 )
 from ds01hub.services.ops.warnings import pending_warnings
+from ds01hub.services.web import JsonHandler
 
 if TYPE_CHECKING:
     from ds01hub.services.broker.app import Broker
@@ -74,8 +74,11 @@ def acting_for(
     return caller.user
 
 
-class BrokerHandler(web.RequestHandler):
-    """Base: identify the caller from the socket before anything else; JSON errors."""
+class BrokerHandler(JsonHandler):
+    """Base: identify the caller from the socket before anything else; JSON answers and
+    errors as every door gives them (ds01hub.services.web)."""
+
+    internal_error = INTERNAL_ERROR
 
     caller: Caller  # who connected (ds01hub.peer)
     user: str  # the hub user this request acts for
@@ -93,7 +96,7 @@ class BrokerHandler(web.RequestHandler):
             self.caller, self.user = await asyncio.to_thread(self.broker.resolve, creds, requested)
         except OperationError as e:
             log.warning("refused uid %s (pid %s): %s", creds.uid, creds.pid, e.message)
-            self.send_operation_error(e)
+            self.send_json_error(e)
             return
         log.info(
             "%s %s by uid %s for %s", self.request.method, self.request.path, creds.uid, self.user
@@ -102,58 +105,10 @@ class BrokerHandler(web.RequestHandler):
     def ops(self) -> UserOperations:
         return UserOperations(self.broker.context, self.user)
 
-    def json_body(self) -> dict[str, Any]:
-        if not self.request.body:
-            return {}
-        try:
-            body = json.loads(self.request.body)
-        except ValueError:
-            raise OperationError("request body is not JSON") from None
-        if not isinstance(body, dict):
-            raise OperationError("request body must be a JSON object")
-        return body
-
-    def send_operation_error(self, error: OperationError) -> None:
-        self.set_status(error.status)
-        self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps(error.to_json()))
-
-    def reply(self, data: Any) -> None:
-        self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps(data, default=str))
-
-    async def stream_events(self, events) -> None:
-        """Send an async iterator of events as newline-delimited JSON; an error mid-way is sent
-        as a final `{"event": "error", ...}` line (the status line has gone already)."""
-        self.set_header("Content-Type", "application/x-ndjson")
-        try:
-            async for event in events:
-                self.write(json.dumps(event, default=str) + "\n")
-                await self.flush()
-        except StreamClosedError:
-            return
-        except Exception as e:  # the status line has gone: the error is the last event
-            error = self.named(e)
-            if error is None:
-                log.exception("%s %s failed", self.request.method, self.request.path)
-                error = OperationError(INTERNAL_ERROR, status=500)
-            self.write(json.dumps({"event": "error", **error.to_json()}) + "\n")
-        self.finish()
-
-    def named(self, error: BaseException | None) -> OperationError | None:
-        """`error` as a named OperationError (ds01hub.actions.operations.named_error), or None."""
-        if error is None:
-            return None
+    def named(self, error: BaseException) -> Ds01hubError | None:
+        """`error` as a named error (ds01hub.actions.operations.named_error: refusals, the
+        Docker engine's and the hub's failures), or None."""
         return named_error(error, self.broker.docker_url)
-
-    def write_error(self, status_code: int, **kwargs: Any) -> None:
-        error = self.named(kwargs.get("exc_info", (None, None, None))[1])
-        if error is not None:
-            self.send_operation_error(error)
-            return
-        message = self._reason if status_code < 500 else INTERNAL_ERROR
-        self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps({"error": message, "hint": None, "status": status_code}))
 
     def log_exception(self, typ, value, tb) -> None:
         error = self.named(value)
@@ -171,14 +126,14 @@ class NotFoundHandler(BrokerHandler):
     async def prepare(self) -> None:
         await super().prepare()
         if not self._finished:
-            self.send_operation_error(
+            self.send_json_error(
                 OperationError(f"no such endpoint {self.request.path}", status=404)
             )
 
 
 class WhoAmIHandler(BrokerHandler):
     def get(self) -> None:
-        self.reply({"user": self.user, "uid": self.caller.uid, "admin": self.caller.admin})
+        self.write_json({"user": self.user, "uid": self.caller.uid, "admin": self.caller.admin})
 
 
 class WarningsHandler(BrokerHandler):
@@ -186,22 +141,22 @@ class WarningsHandler(BrokerHandler):
 
     def get(self) -> None:
         warnings = pending_warnings(self.user, self.broker.state_dir)
-        self.reply([w.to_dict() for w in warnings])
+        self.write_json([w.to_dict() for w in warnings])
 
 
 class ContainersHandler(BrokerHandler):
     async def get(self) -> None:
         show_all = self.get_query_argument("all", "0") not in ("0", "false")
-        self.reply(await self.ops().list_containers(include_stopped=show_all))
+        self.write_json(await self.ops().list_containers(include_stopped=show_all))
 
 
 class ContainerHandler(BrokerHandler):
     async def get(self, project: str) -> None:
-        self.reply(await self.ops().describe(project))
+        self.write_json(await self.ops().describe(project))
 
     async def delete(self, project: str) -> None:
         force = self.get_query_argument("force", "0") not in ("0", "false")
-        self.reply(await self.ops().remove(project, force=force))
+        self.write_json(await self.ops().remove(project, force=force))
 
 
 class StartHandler(BrokerHandler):
@@ -211,9 +166,7 @@ class StartHandler(BrokerHandler):
         if not isinstance(options, dict):
             raise OperationError("options must be a JSON object")
         validate_name(project)
-        await self.stream_events(
-            self.ops().start(project, options, create=bool(body.get("create")))
-        )
+        await self.stream_json(self.ops().start(project, options, create=bool(body.get("create"))))
 
 
 class StopHandler(BrokerHandler):
@@ -223,44 +176,51 @@ class StopHandler(BrokerHandler):
         if timeout is not None and (not isinstance(timeout, int | float) or timeout < 0):
             raise OperationError("timeout must be a number of seconds >= 0")
         force = bool(body.get("force"))
-        self.reply(await self.ops().stop(project, timeout=timeout, force=force))
+        self.write_json(await self.ops().stop(project, timeout=timeout, force=force))
 
 
 class CleanupHandler(BrokerHandler):
     async def post(self) -> None:
         include_running = bool(self.json_body().get("all"))
-        self.reply(await self.ops().cleanup(include_running=include_running))
+        self.write_json(await self.ops().cleanup(include_running=include_running))
 
 
 class StatsHandler(BrokerHandler):
     async def get(self) -> None:
-        self.reply(await self.ops().stats())
+        self.write_json(await self.ops().stats())
 
 
 class QuotaHandler(BrokerHandler):
     async def get(self) -> None:
-        self.reply(await self.ops().quota())
+        self.write_json(await self.ops().quota())
 
 
 class ImagesHandler(BrokerHandler):
     """The caller's images (ds01hub.actions.images): list, and build with streamed progress."""
 
     async def get(self) -> None:
-        self.reply(await self.broker.images.list(self.user))
+        self.write_json(await self.broker.images.list(self.user))
 
     async def post(self) -> None:
         body = self.json_body()
-        await self.stream_events(self.broker.images.build(self.user, body))
+        await self.stream_json(self.broker.images.build(self.user, body))
 
 
 class ImageTemplatesHandler(BrokerHandler):
     def get(self) -> None:
-        self.reply(self.broker.images.templates())
+        self.write_json(self.broker.images.templates())
+
+
+class BuildHandler(BrokerHandler):
+    """The caller's running build: DELETE cancels it (`image-cancel`)."""
+
+    async def delete(self) -> None:
+        self.reply(await self.broker.images.cancel(self.user))
 
 
 class ImageHandler(BrokerHandler):
     async def delete(self, name: str) -> None:
-        self.reply(await self.broker.images.delete(self.user, name))
+        self.write_json(await self.broker.images.delete(self.user, name))
 
 
 class ExecHandler(BrokerHandler):
@@ -307,7 +267,7 @@ class ExecSessionHandler(BrokerHandler):
 
     async def get(self, exec_id: str) -> None:
         info = await self.ops().owns_exec(exec_id)
-        self.reply({"running": info.get("Running"), "exit_code": info.get("ExitCode")})
+        self.write_json({"running": info.get("Running"), "exit_code": info.get("ExitCode")})
 
 
 class ActivityReporter:

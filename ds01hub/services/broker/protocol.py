@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import struct
 
-DEFAULT_SOCKET = "/run/ds01hub/broker.sock"
+from ds01hub import paths
+
+DEFAULT_SOCKET = str(paths.BROKER_SOCKET)
 API_PREFIX = "/v1"
 EXEC_UPGRADE = "ds01-exec"
 

@@ -27,32 +27,31 @@ the index page. A build id of someone else's build answers 404, like one that ne
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from collections.abc import Iterable
-from pathlib import Path
-from typing import Any
 from urllib.parse import urlparse
 
 from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler, HubOAuthenticated
 from tornado import web
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop
-from traitlets import Bool, Integer, Unicode, default
+from traitlets import Bool, Unicode, default
 from traitlets.config import Application
 
 from ds01hub import provenance
 from ds01hub.actions import images
-from ds01hub.actions.builds import MAX_CONCURRENT_BUILDS, Build, BuildManager, docker_builder
+from ds01hub.actions.builds import Build
 from ds01hub.actions.operations import OperationError, OperationsContext, UserOperations
 from ds01hub.engine import EngineState, engine_unreachable, engine_url, short_error
 from ds01hub.hub.client import HubClient
 from ds01hub.hub.services import NOTEBOOK_PORT, NOTEBOOK_SERVICE
+from ds01hub.services.settings import HostSettings, ImageBuildSettings
+from ds01hub.services.web import JsonHandler
 
 # ---------------------------------------------------------------- handlers
 
 
-class ServiceHandler(HubOAuthenticated, web.RequestHandler):
+class ServiceHandler(HubOAuthenticated, JsonHandler):
     """Base: JSON in and out, the current *user* (never a service) or 403."""
 
     @property
@@ -81,48 +80,20 @@ class ServiceHandler(HubOAuthenticated, web.RequestHandler):
         if not self.request.headers.get("Authorization"):
             super().check_xsrf_cookie()
 
-    def write_json(self, data: Any, status: int = 200) -> None:
-        self.set_status(status)
-        self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps(data))
-
-    def json_body(self) -> dict:
-        try:
-            body = json.loads(self.request.body or b"{}")
-        except json.JSONDecodeError as error:
-            raise web.HTTPError(400, f"the request body is not JSON: {error}") from None
-        if not isinstance(body, dict):
-            raise web.HTTPError(400, "the request body must be a JSON object")
-        return body
-
     def operations(self) -> UserOperations:
         return UserOperations(self.service.operations_context(), self.user)
-
-    def write_error(self, status_code: int, **kwargs: Any) -> None:
-        error = kwargs.get("exc_info", (None, None, None))[1]
-        message = getattr(error, "log_message", None) or self._reason
-        hint = None
-        if isinstance(error, OperationError):
-            message, hint = error.message, error.hint
-        self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps({"error": message, "hint": hint, "status": status_code}))
 
     def _handle_request_exception(self, error: BaseException) -> None:
         """Refusals (bad input, not yours, over quota) answer with their status, unlogged; an
         unreachable Docker engine is a 503 that says so (logged once per outage)."""
-        if isinstance(error, images.ImageError):
-            error = OperationError(str(error), error.hint, error.status)
-        elif engine_unreachable(error):
+        if engine_unreachable(error):
             self.service.engine.lost(error)
             error = OperationError(
                 f"the Docker engine is unreachable ({short_error(error)})",
                 "it is stopped or restarting; try again in a minute",
                 503,
             )
-        if isinstance(error, OperationError) and not self._finished:
-            self.send_error(error.status, exc_info=(OperationError, error, None))
-        else:
-            super()._handle_request_exception(error)
+        super()._handle_request_exception(error)
 
 
 class MeHandler(ServiceHandler):
@@ -191,12 +162,7 @@ class BuildStreamHandler(BuildHandler):
 
     async def get(self, build_id: str) -> None:
         build = self._build(build_id)
-        self.set_header("Content-Type", "application/x-ndjson")
-        self.set_header("Cache-Control", "no-cache")
-        async for event in build.follow(int(self.get_argument("since", "0") or 0)):
-            self.write(json.dumps(event) + "\n")
-            await self.flush()
-        self.finish()
+        await self.stream_json(build.follow(int(self.get_argument("since", "0") or 0)))
 
 
 class ProjectServerHandler(ServiceHandler):
@@ -226,61 +192,11 @@ class IndexHandler(ServiceHandler):
 # ---------------------------------------------------------------- application
 
 
-class DS01Service(Application):
+class DS01Service(HostSettings, ImageBuildSettings, Application):
     """The ds01 hub-side service (a JupyterHub managed service)."""
 
     name = "ds01hub-service"
     description = "Hub-side ds01 service: quota, containers and image builds for notebooks"
-
-    base_image = Unicode(
-        help="""Image that user images are built FROM: the lab's single-user image.
-
-        Chosen by the admin only; users cannot pick another base.
-        Default: $DS01HUB_SINGLEUSER_IMAGE.
-        """
-    ).tag(config=True)
-
-    @default("base_image")
-    def _default_base_image(self) -> str:
-        return os.environ.get("DS01HUB_SINGLEUSER_IMAGE", "")
-
-    ca_bundle = Unicode(
-        "",
-        help="""PEM CA bundle trusted inside image builds (pip, requests, OpenSSL, apt).
-
-        Set it when the host reaches PyPI/Debian through a TLS-intercepting proxy, e.g.
-        /etc/ssl/certs/ca-certificates.crt. Empty: builds use the image's own CAs.
-        """,
-    ).tag(config=True)
-
-    max_images_per_user = Integer(10, help="How many images one user may keep (0 = no limit).").tag(
-        config=True
-    )
-
-    max_concurrent_builds = Integer(
-        MAX_CONCURRENT_BUILDS,
-        help="Builds running at once on the host, all users and both doors (this service and "
-        "the broker share the slots through the state directory); more wait in a queue.",
-    ).tag(config=True)
-
-    build_memory_limit = Integer(
-        4 * 1024**3, help="Memory (bytes) for each build step's container (0 = unlimited)."
-    ).tag(config=True)
-
-    limits_path = Unicode(
-        "",
-        help="resource-limits.yaml for quota answers. Empty: $DS01HUB_LIMITS or the default path.",
-    ).tag(config=True)
-
-    state_dir = Unicode(
-        help="""The spawner's state directory (default $DS01HUB_STATE_DIR, else
-        /var/lib/ds01hub): its label key and deployment id decide which containers are this
-        hub's (docs/architecture.md, "Trust: labels").""",
-    ).tag(config=True)
-
-    @default("state_dir")
-    def _default_state_dir(self) -> str:
-        return str(provenance.default_state_dir())
 
     hub_api_url = Unicode(help="The hub API URL. Default: $JUPYTERHUB_API_URL.").tag(config=True)
 
@@ -327,16 +243,7 @@ class DS01Service(Application):
             connect=docker.from_env,
             ping_interval=2.0,
         )
-        run_build = docker_builder(
-            self.docker,
-            self.base_image,
-            self.ca_bundle,
-            self.build_memory_limit,
-            who="DS01Service.base_image",
-        )
-        self.builds = BuildManager(
-            run_build, self.state_dir, max_concurrent=self.max_concurrent_builds
-        )
+        self.builds = self.build_manager(self.docker, self.state_dir)
         self._limits_store = None
 
     def limits_for(self, user: str, groups: Iterable[str]):
@@ -344,15 +251,12 @@ class DS01Service(Application):
         event loop: a changed file is re-read on the store's thread, the last good one used
         meanwhile)."""
         try:
-            from ds01hub.limits import LimitsError, LimitsStore, default_limits_path
+            from ds01hub.limits import LimitsError, LimitsStore
         except ImportError:
             return None
         if self._limits_store is None:
-            path = self.limits_path or default_limits_path()
-            if not Path(path).is_file():
-                return None
             try:
-                self._limits_store = LimitsStore(path, log=self.log)
+                self._limits_store = LimitsStore(self.limits_path or None, log=self.log)
             except LimitsError as error:
                 self.log.error("%s:\n%s", error.summary(), "\n".join(error.lines()))
                 return None

@@ -1,5 +1,11 @@
-"""The ds01 admin page: every GPU/MIG slot and its holder, usage in GPU-hours, config errors,
-and the servers the culler has warned it will stop.
+"""The ds01 admin page: every GPU/MIG slot and its holder, the queue of starts waiting for a
+GPU, usage in GPU-hours (tables and charts), config errors, and the servers the culler has
+warned it will stop.
+
+In the hub's look: rendered with Jinja2 from `ds01hub/hub/templates/ds01_admin.html`, which
+extends the hub's page template through the same loader JupyterHub uses (ds01hub's templates,
+then JupyterHub's own as `templates/...`), so the navbar, styles and dark mode are the hub's.
+Charts are inline SVG drawn here (`ds01hub.services.ops.charts`); the page reloads itself.
 
 Served by the ds01-ops managed service (`ds01hub.services.ops.app`) under
 `/services/ds01-ops/`, not as a hub page: the figures come from Docker, NVML and the event log,
@@ -18,24 +24,41 @@ Routes (prefix `/services/ds01-ops/`): `` (HTML), `api/overview` (the same model
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
+import os
+import re
 from collections.abc import Callable, Iterable, Mapping
-from datetime import datetime, timedelta
-from html import escape
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import jinja2
+from jupyterhub._data import DATA_FILES_PATH
 from jupyterhub.services.auth import HubOAuthenticated
+from markupsafe import Markup
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from tornado import web
+
+from ds01hub.services.ops import charts
 
 __all__ = [
     "AdminApiHandler",
     "AdminPageHandler",
     "MetricsHandler",
+    "PageContext",
     "overview",
     "render_page",
     "week_start",
 ]
+
+#: How many weeks the GPU-hours charts show (the current one last).
+CHART_WEEKS = 8
+#: Seconds between the page's reloads.
+REFRESH_SECONDS = 60
 
 
 # -- the page model (pure) --------------------------------------------------------------------
@@ -119,11 +142,15 @@ def overview(
     config_error: str | None = None,
     pending_culls: Iterable[Any] = (),
     engine: Any = None,
+    queue: Iterable[Mapping[str, Any]] = (),
+    fairshare: list[dict[str, Any]] | None = None,
     group_problems: Mapping[str, Iterable[Any]] | None = None,
 ) -> dict[str, Any]:
     """Everything the page shows, JSON-ready (also served as `api/overview`).
     `pending_culls`: the culler's standing warnings (`ds01hub.services.ops.warnings.CullWarning`);
     `engine`: the Docker engine's `ds01hub.engine.EngineState` (its current or last outage);
+    `queue`: the starts waiting for a GPU, in the order they are served (`queue_rows`);
+    `fairshare`: `ds01hub.gpu.fairshare.report`'s rows (None: fair share is off);
     `group_problems`: hub group -> the problems of its `ds01` properties (its members' spawns
     are refused until an admin fixes them)."""
     since = week_start(now)
@@ -137,6 +164,8 @@ def overview(
             eventlog.gpu_hours(by=by, since=since, until=now), eventlog.gpu_hours(by=by, until=now)
         )
     return {
+        "queue": [dict(entry) for entry in queue],
+        "charts": chart_data(eventlog, [row["slot"] for row in slots], now),
         "at": now.isoformat(),
         "week_start": since.isoformat(),
         "simulated": bool(inventory.simulated),
@@ -159,110 +188,158 @@ def overview(
         "slots": slots,
         "alerts": alerts(slots, eventlog.health() if eventlog is not None else None),
         "usage": usage,
+        "fairshare": fairshare,
     }
+
+
+def chart_data(eventlog: Any, slots: list[str], now: datetime) -> dict[str, Any]:
+    """The charts' numbers (JSON-ready, in `api/overview` too): GPU-hours per user and group
+    in each of the last CHART_WEEKS weeks, and each slot's share held in each of the last 24
+    hours; from one read of the event log's intervals."""
+    starts = charts.week_starts(now, CHART_WEEKS)
+    day_start = now - timedelta(hours=25)
+    intervals = eventlog.intervals(since=min(starts[0], day_start), until=now) if eventlog else []
+    end = now.replace(minute=0, second=0, microsecond=0)
+    end += timedelta(hours=1) if end < now else timedelta(0)
+    return {
+        "weeks": [f"{start:%m-%d}" for start in starts],
+        "user": charts.weekly_hours(intervals, "user", starts, now),
+        "group": charts.weekly_hours(intervals, "group", starts, now),
+        "hours": [f"{end - timedelta(hours=24 - i):%H}:00" for i in range(24)],
+        "slots": charts.slot_day(intervals, slots, now),
+    }
+
+
+def queue_rows(users: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The starts waiting for a GPU, from the hub's user models: servers pending `spawn` whose
+    newest progress says they are in line, oldest first. A queue status with positions
+    (fair-sched) replaces this where the hub publishes one."""
+    rows = []
+    for user in users:
+        for name, server in (user.get("servers") or {}).items():
+            if server.get("pending") != "spawn":
+                continue
+            options = server.get("user_options") or {}
+            wants = (
+                f"MIG {options['mig']}"
+                if options.get("mig")
+                else f"{options['gpus']} GPU(s)"
+                if options.get("gpus")
+                else options.get("profile")
+            )
+            rows.append(
+                {
+                    "user": user.get("name"),
+                    "project": name or "default",
+                    "since": server.get("started"),
+                    "wants": wants,
+                    "position": None,
+                }
+            )
+    return sorted(rows, key=lambda r: (r["since"] or "", r["user"] or ""))
 
 
 # -- HTML (pure) ------------------------------------------------------------------------------
 
-_STYLE = """
-body { font-family: system-ui, sans-serif; margin: 1.5rem; color: #222; }
-table { border-collapse: collapse; margin-bottom: 1.5rem; }
-th, td { border: 1px solid #ccc; padding: .3rem .6rem; text-align: left; }
-th { background: #f3f3f3; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
-.state-free { color: #1a7f37; } .state-running { color: #0550ae; }
-.state-stopped { color: #9a6700; } .state-reserved, .state-starting { color: #666; }
-.state-conflict { color: #cf222e; font-weight: bold; }
-.error { background: #ffebe9; border: 1px solid #cf222e; padding: .6rem; margin-bottom: 1rem; }
-.note { color: #666; }
-"""
+TEMPLATES = Path(__file__).resolve().parents[2] / "hub" / "templates"
 
 
-def _cell(value: Any, css: str = "") -> str:
-    text = "-" if value is None or value == "" else str(value)
-    attr = f' class="{css}"' if css else ""
-    return f"<td{attr}>{escape(text)}</td>"
+@dataclass(frozen=True)
+class PageContext:
+    """What the hub's page template needs besides the model: where the hub is (its URL
+    prefix, e.g. `/` or `/jhub/`) and who is looking."""
+
+    user: str
+    prefix: str = "/"
+    refresh: int = REFRESH_SECONDS
+
+    @classmethod
+    def from_environment(cls, user: str) -> PageContext:
+        """In the managed service: JupyterHub passes its prefix as JUPYTERHUB_BASE_URL."""
+        return cls(user=user, prefix=os.environ.get("JUPYTERHUB_BASE_URL", "/") or "/")
+
+    def variables(self) -> dict[str, Any]:
+        hub = self.prefix.rstrip("/") + "/hub/"
+        escaped = json.dumps(self.user)[1:-1].replace("<", "\\u003c").replace(">", "\\u003e")
+        return {
+            "prefix": self.prefix,
+            "base_url": hub,
+            "logo_url": "",
+            "static_url": lambda path, include_version=True: f"{hub}static/{path}",
+            "user": SimpleNamespace(name=self.user, json_escaped_name=escaped),
+            "parsed_scopes": {"admin-ui"},  # the handler let only admins in
+            "services": [],
+            "admin_access": True,
+            "no_spawner_check": True,
+            "xsrf_token": "",
+            "version_hash": "",
+            "logout_url": f"{hub}logout",
+            "login_url": f"{hub}login",
+            "announcement": None,
+            "refresh": self.refresh,
+        }
 
 
-def _table(table_id: str, headers: list[str], body: list[str]) -> str:
-    head = "".join(f"<th>{escape(h)}</th>" for h in headers)
-    rows = "".join(f"<tr>{row}</tr>" for row in body) or (
-        f'<tr><td colspan="{len(headers)}" class="note">none</td></tr>'
-    )
-    return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>'
-
-
-def render_page(model: dict[str, Any]) -> str:
-    """The admin page as one self-contained HTML document (no scripts, no external assets)."""
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>ds01 GPUs</title>",
-        f"<style>{_STYLE}</style></head><body><h1>ds01 GPU allocation</h1>",
-    ]
-    if model.get("config_error"):
-        parts.append(
-            '<div class="error" id="config-error"><strong>Limits file failed to reload:</strong> '
-            f"{escape(model['config_error'])}</div>"
-        )
-    for name, problems in sorted((model.get("group_problems") or {}).items()):
-        listed = "".join(f"<li>{escape(p)}</li>" for p in problems)
-        parts.append(
-            f'<div class="error group-problem"><strong>JupyterHub group {escape(name)}: its '
-            "ds01 properties are refused (its members cannot start servers):</strong>"
-            f"<ul>{listed}</ul></div>"
-        )
-    for alert in model.get("alerts", []):
-        parts.append(f'<div class="error alert">{escape(alert)}</div>')
-    engine = model.get("engine") or {}
-    if engine.get("current"):
-        parts.append(
-            '<div class="error" id="engine"><strong>Docker engine unreachable:</strong> '
-            f"{escape(model['engine_note'])}. Slot holders are unknown until it answers; the "
-            "hub reports the servers it stopped as stopped.</div>"
-        )
-    elif model.get("engine_note"):
-        parts.append(f'<p class="note" id="engine">{escape(model["engine_note"])}.</p>')
-    if model.get("simulated"):
-        parts.append('<p class="note" id="simulated">SIMULATED GPUs (gpu_allocation.simulate)</p>')
-    if model.get("inventory_note"):
-        parts.append(f'<p class="note">{escape(model["inventory_note"])}</p>')
-    slot_body = []
-    for row in model["slots"]:
-        util = None if row["utilization"] is None else f"{row['utilization']}%"
-        slot_body.append(
-            _cell(row["slot"])
-            + _cell(row["kind"])
-            + _cell(row["user"])
-            + _cell(row["group"])
-            + _cell(row["container"])
-            + _cell(row["state"], f"state-{row['state']}")
-            + _cell(util, "num")
-            + _cell(row["processes"], "num")
-            + _cell(row["held_until"])
-        )
-    headers = ["Slot", "Kind", "User", "Group", "Container", "State", "Util", "Procs"]
-    parts.append("<h2>Slots</h2>" + _table("slots", [*headers, "Held until"], slot_body))
-    culls = [
-        _cell(w["user"]) + _cell(w["project"]) + _cell(w["cull_at"]) + _cell(w["reason"])
-        for w in model.get("pending_culls", [])
-    ]
-    parts.append(
-        "<h2>Pending culls (users warned)</h2>"
-        + _table("pending-culls", ["User", "Project", "Stopped at", "Why"], culls)
-    )
-    for by, title in (("user", "User"), ("group", "Group")):
-        body = [
-            _cell(r["name"]) + _cell(f"{r['week']:.2f}", "num") + _cell(f"{r['total']:.2f}", "num")
-            for r in model["usage"][by]
+def _environment() -> jinja2.Environment:
+    """JupyterHub's own loader arrangement (app.py): ours first, the hub's as `templates/`."""
+    hub_templates = str(Path(DATA_FILES_PATH) / "templates")
+    loader = jinja2.ChoiceLoader(
+        [
+            jinja2.PrefixLoader({"templates": jinja2.FileSystemLoader([hub_templates])}, "/"),
+            jinja2.FileSystemLoader([str(TEMPLATES), hub_templates]),
         ]
-        parts.append(
-            f"<h2>GPU-hours by {by}</h2>"
-            + _table(f"usage-{by}", [title, "This week", "All time"], body)
-        )
-    parts.append(
-        f'<p class="note">As of {escape(model["at"])}; the week starts '
-        f"{escape(model['week_start'])}.</p></body></html>"
     )
-    return "".join(parts)
+    environment = jinja2.Environment(
+        loader=loader, autoescape=True, undefined=jinja2.StrictUndefined
+    )
+    environment.filters["when"] = when
+    return environment
+
+
+def when(stamp: str | None) -> str:
+    """An ISO time of the model as people read it: '2026-03-04 12:00 UTC'; '-' for none."""
+    if not stamp:
+        return "-"
+    try:
+        moment = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    except ValueError:
+        return stamp
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC)
+    return f"{moment:%Y-%m-%d %H:%M} UTC"
+
+
+_STATE_BADGES = {
+    "free": "text-bg-success",
+    "running": "text-bg-primary",
+    "stopped": "text-bg-warning",
+    "conflict": "text-bg-danger",
+}
+
+
+def render_page(model: dict[str, Any], page: PageContext | None = None) -> str:
+    """The admin page: the hub's page with the model's tables and the charts (inline SVG)."""
+    page = page or PageContext(user="admin")
+    data = model.get("charts") or chart_data(None, [r["slot"] for r in model["slots"]], _at(model))
+    drawn = {
+        by: Markup(charts.stacked_bars(data[by], data["weeks"], "GPU-hours", f"GPU-hours per {by}"))
+        for by in ("user", "group")
+    }
+    drawn["slots"] = Markup(charts.heatmap(data["slots"], data["hours"], "Slots held per hour"))
+    return (
+        _environment()
+        .get_template("ds01_admin.html")
+        .render(
+            model=model,
+            charts=drawn,
+            state_badge=lambda state: _STATE_BADGES.get(state, "text-bg-secondary"),
+            **page.variables(),
+        )
+    )
+
+
+def _at(model: Mapping[str, Any]) -> datetime:
+    return datetime.fromisoformat(model["at"])
 
 
 # -- handlers ---------------------------------------------------------------------------------
@@ -270,7 +347,8 @@ def render_page(model: dict[str, Any]) -> str:
 
 class AdminBase(HubOAuthenticated, web.RequestHandler):
     """Logged in through the hub, then admins only. Settings: `ds01_overview` (a callable
-    returning the page model), `ds01_is_admin` (async name -> bool)."""
+    returning the page model, given the queue), `ds01_is_admin` (async name -> bool),
+    `ds01_queue` (async, the starts waiting for a GPU; optional)."""
 
     async def prepare(self) -> None:
         model = self.current_user
@@ -281,7 +359,9 @@ class AdminBase(HubOAuthenticated, web.RequestHandler):
             raise web.HTTPError(403, "the ds01 admin page is for JupyterHub admins only")
 
     async def model(self) -> dict[str, Any]:
-        return await asyncio.to_thread(self.settings["ds01_overview"])
+        queue = self.settings.get("ds01_queue")
+        waiting = await queue() if queue is not None else []
+        return await asyncio.to_thread(self.settings["ds01_overview"], waiting)
 
     def set_default_headers(self) -> None:
         self.set_header("Cache-Control", "no-store")
@@ -292,8 +372,33 @@ class AdminBase(HubOAuthenticated, web.RequestHandler):
 class AdminPageHandler(AdminBase):
     @web.authenticated
     async def get(self) -> None:
+        page = render_page(
+            await self.model(), PageContext.from_environment(self.current_user["name"])
+        )
         self.set_header("Content-Type", "text/html; charset=utf-8")
-        self.finish(render_page(await self.model()))
+        self.set_header("Content-Security-Policy", page_policy(page))
+        self.finish(page)
+
+
+def page_policy(page: str) -> str:
+    """The admin page's Content-Security-Policy: the hub's own styles, scripts and images
+    (same origin), and of inline scripts only those in the <head>, by hash: that is the hub's
+    page template's configuration script, rendered before any model value, so a value that
+    escaped its escaping still could not run."""
+    head = page.split("</head>", 1)[0]
+    hashes = " ".join(
+        "'sha256-" + base64.b64encode(hashlib.sha256(body.encode()).digest()).decode() + "'"
+        for body in _INLINE_SCRIPT.findall(head)
+    )
+    return (
+        "default-src 'none'; "
+        f"script-src 'self' {hashes}; "
+        "style-src 'self' 'unsafe-inline'; img-src 'self' data:; font-src 'self'; "
+        "connect-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
+    )
+
+
+_INLINE_SCRIPT = re.compile(r"<script(?![^>]*\bsrc=)[^>]*>(.*?)</script>", re.S | re.I)
 
 
 class AdminApiHandler(AdminBase):

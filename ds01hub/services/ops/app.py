@@ -28,11 +28,12 @@ from typing import Any
 from traitlets import Bool, Float, Integer, List, Unicode, default
 from traitlets.config import Application
 
-from ds01hub import provenance
+from ds01hub import paths, provenance
 from ds01hub.engine import EngineState, engine_unreachable, engine_url
 from ds01hub.hub.services import OPS_PORT, OPS_SERVICE
-from ds01hub.provenance import default_state_dir
-from ds01hub.services.ops.culler import Culler, utcnow
+from ds01hub.services.ops.culler import Culler
+from ds01hub.services.settings import HostSettings
+from ds01hub.units import utcnow
 
 __all__ = ["OpsService", "build_components"]
 
@@ -50,10 +51,10 @@ class Components:
     inventory: Any
     engine: EngineState
 
-    def overview(self) -> dict[str, Any]:
+    def overview(self, queue: Iterable[dict[str, Any]] = ()) -> dict[str, Any]:
         """The admin page's model (blocking: Docker and SQLite). While the Docker engine is
         unreachable the page says so (and since when) instead of failing; slot holders are
-        unknown until it answers."""
+        unknown until it answers. `queue`: the starts waiting for a GPU (from the hub)."""
         from ds01hub.services.ops.admin_page import overview
 
         self.limits.reload()
@@ -73,14 +74,25 @@ class Components:
             config_error=self.limits.last_error,
             pending_culls=self.culler.warnings.load().values(),
             engine=self.engine,
+            queue=queue,
+            fairshare=self._fairshare(),
             group_problems=self.culler.group_limits.problems,
         )
+
+    def _fairshare(self) -> list[dict[str, Any]] | None:
+        """The fair-share rows (None when `gpu_allocation.fairshare` is off)."""
+        from ds01hub.gpu.fairshare import report
+
+        config = self.limits.current
+        if config.gpu_allocation.fairshare is None:
+            return None
+        return report(self.allocator.fair_share(), config)
 
 
 def build_components(
     hub: Any,
     docker_client: Any,
-    limits_path: str | os.PathLike,
+    limits_path: str | os.PathLike | None,
     state_dir: str | os.PathLike,
     *,
     remove_stopped: bool = True,
@@ -89,7 +101,8 @@ def build_components(
     clock: Callable[[], datetime] = utcnow,
     **culler_options: Any,
 ) -> Components:
-    """Wire limits (reloaded on change, last good kept), the GPU inventory, the event log
+    """Wire limits (`limits_path` as set, None for the default: reloaded on change, last good
+    kept; ds01hub.limits.load_limits_or_defaults), the GPU inventory, the event log
     (`state_dir/events.db`, as the spawner's), the allocator, the lifecycle pass and the culler."""
     from ds01hub.gpu.allocator import GpuAllocator, docker_lister
     from ds01hub.gpu.eventlog import EventLog
@@ -152,7 +165,7 @@ def _docker_from_env() -> Any:
     return docker.from_env()
 
 
-class OpsService(Application):
+class OpsService(HostSettings, Application):
     """The ds01-ops managed service: the cull loop, the admin page, the state metrics."""
 
     name = "ds01hub-ops"
@@ -177,6 +190,11 @@ class OpsService(Application):
         3, help="NVML utilisation samples per pass; all must be under the threshold."
     ).tag(config=True)
     gpu_sample_interval = Float(1.0, help="Seconds between those samples.").tag(config=True)
+    cpu_sample_interval = Float(
+        1.0,
+        help="Seconds between the two readings of a container's cgroup CPU counter that give "
+        "its CPU use (taken while the GPU is sampled).",
+    ).tag(config=True)
     dry_run = Bool(False, help="Decide and report, but stop, warn and remove nothing.").tag(
         config=True
     )
@@ -185,15 +203,6 @@ class OpsService(Application):
         help="Run the lifecycle pass: record expired GPU holds, remove containers stopped "
         "longer than container_hold_after_stop (their workspace mounts are kept).",
     ).tag(config=True)
-    limits_path = Unicode(
-        "", help="The resource-limits YAML (default: $DS01HUB_LIMITS, else /etc/ds01hub/...)."
-    ).tag(config=True)
-    state_dir = Unicode(
-        "",
-        help="Allocator state and event log (default: $DS01HUB_STATE_DIR, else "
-        "/var/lib/ds01hub); the same directory as the spawner's.",
-    ).tag(config=True)
-
     extra_labels = List(
         Unicode(),
         help="Only containers with these labels too (`key=value`): one hub of several on an "
@@ -203,10 +212,41 @@ class OpsService(Application):
     aliases = {
         "interval": "OpsService.interval",
         "warn-before": "OpsService.warn_before",
+        "gpu-threshold": "OpsService.gpu_threshold",
+        "cpu-threshold": "OpsService.cpu_threshold",
+        "gpu-samples": "OpsService.gpu_samples",
+        "gpu-sample-interval": "OpsService.gpu_sample_interval",
+        "cpu-sample-interval": "OpsService.cpu_sample_interval",
         "limits": "OpsService.limits_path",
         "state-dir": "OpsService.state_dir",
+        "label": "OpsService.extra_labels",
     }
-    flags = {"dry-run": ({"OpsService": {"dry_run": True}}, "decide only, act on nothing")}
+    flags = {
+        "dry-run": ({"OpsService": {"dry_run": True}}, "decide only, act on nothing"),
+        "keep-stopped": (
+            {"OpsService": {"remove_stopped": False}},
+            "skip the lifecycle pass (no stopped container is removed)",
+        ),
+    }
+
+    def components(self, hub: Any, docker_client: Any) -> Components:
+        """The culler and its parts with this service's settings (the service's loop and
+        `ds01hub cull` alike)."""
+        return build_components(
+            hub,
+            docker_client,
+            self.limits_path or None,
+            paths.state_dir(self.state_dir),
+            remove_stopped=self.remove_stopped,
+            extra_labels=self.extra_labels,
+            warn_before=self.warn_before,
+            gpu_threshold=self.gpu_threshold,
+            cpu_threshold=self.cpu_threshold,
+            gpu_samples=self.gpu_samples,
+            gpu_sample_interval=self.gpu_sample_interval,
+            cpu_sample_interval=self.cpu_sample_interval,
+            log=self.log,
+        )
 
     def start(self) -> None:
         import docker
@@ -215,24 +255,10 @@ class OpsService(Application):
         from tornado.ioloop import IOLoop
 
         from ds01hub.hub.client import HubClient
-        from ds01hub.limits import default_limits_path
         from ds01hub.services.ops.metrics import LimitsCollector, StateCollector
 
         hub = HubClient(os.environ["JUPYTERHUB_API_URL"], os.environ["JUPYTERHUB_API_TOKEN"])
-        parts = build_components(
-            hub,
-            docker.from_env(),
-            self.limits_path or default_limits_path(),
-            self.state_dir or default_state_dir(),
-            remove_stopped=self.remove_stopped,
-            extra_labels=self.extra_labels,
-            warn_before=self.warn_before,
-            gpu_threshold=self.gpu_threshold,
-            cpu_threshold=self.cpu_threshold,
-            gpu_samples=self.gpu_samples,
-            gpu_sample_interval=self.gpu_sample_interval,
-            log=self.log,
-        )
+        parts = self.components(hub, docker.from_env())
         self._reconcile(parts)
         registry = CollectorRegistry()
         registry.register(StateCollector(parts.allocator, parts.eventlog, parts.engine))
@@ -266,7 +292,12 @@ def make_web_app(parts: Components, hub: Any, registry: Any) -> Any:
     from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler
     from tornado import web
 
-    from ds01hub.services.ops.admin_page import AdminApiHandler, AdminPageHandler, MetricsHandler
+    from ds01hub.services.ops.admin_page import (
+        AdminApiHandler,
+        AdminPageHandler,
+        MetricsHandler,
+        queue_rows,
+    )
 
     prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", f"/services/{OPS_SERVICE}/")
     prefix = prefix.rstrip("/") + "/"
@@ -274,6 +305,10 @@ def make_web_app(parts: Components, hub: Any, registry: Any) -> Any:
     async def is_admin(name: str) -> bool:
         model = await hub.get_user(name, include_stopped=False)
         return bool(model and model.get("admin"))
+
+    async def queue() -> list[dict[str, Any]]:
+        """Starts pending in the hub (only users with a server that is active)."""
+        return queue_rows(await hub.request("GET", "/users", params={"state": "active"}) or [])
 
     return web.Application(
         [
@@ -286,6 +321,7 @@ def make_web_app(parts: Components, hub: Any, registry: Any) -> Any:
         cookie_secret=os.urandom(32),
         ds01_overview=parts.overview,
         ds01_is_admin=is_admin,
+        ds01_queue=queue,
         ds01_registry=registry,
     )
 

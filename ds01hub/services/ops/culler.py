@@ -9,7 +9,8 @@ hold:
 - no GPU activity: NVML utilisation of each of the container's slots under `gpu_threshold` in
   every one of several samples, and no compute process of the container on them (NVML pids are
   mapped to containers through `/proc/<pid>/cgroup`);
-- CPU (one `docker stats` sample, percent of one core) under `cpu_threshold`.
+- CPU (percent of one core, from the container's cgroup counter read twice
+  `cpu_sample_interval` apart: `ds01hub.services.ops.cgroups`) under `cpu_threshold`.
 
 So a long training run with no browser open is never culled, and a missing signal (stats
 unavailable) counts as activity: the culler never stops what it cannot see is idle. A null
@@ -44,21 +45,24 @@ import logging
 import os
 import re
 import tarfile
+import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from ds01hub import labels, provenance
+from ds01hub import labels, paths, provenance
 from ds01hub.actions.operations import cpu_percent as docker_cpu_percent
 from ds01hub.actions.operations import project_to_server
 from ds01hub.engine import EngineState, engine_unreachable
 from ds01hub.hub.group_limits import GroupLimits, fetch_group_limits
 from ds01hub.limits import LimitsError, record_expired
-from ds01hub.provenance import Provenance, default_state_dir
+from ds01hub.provenance import Provenance
+from ds01hub.services.ops.cgroups import CgroupCpu, cpu_percent_between
 from ds01hub.services.ops.warnings import CullWarning, WarningStore
+from ds01hub.units import human_duration, utcnow
 
 __all__ = [
     "CullPolicy",
@@ -94,22 +98,6 @@ def is_regular_file(stat_header: str | None) -> bool:
     )
 
 
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def _duration(seconds: float) -> str:
-    """3725 -> '1h 2m'; 45 -> '45s' (for reasons people read)."""
-    seconds = int(max(0, seconds))
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    parts = (
-        [f"{days}d"] * bool(days) + [f"{hours}h"] * bool(hours) + [f"{minutes}m"] * bool(minutes)
-    )
-    return " ".join(parts[:2]) or f"{secs}s"
-
-
 # -- the decision (pure) -----------------------------------------------------------------------
 
 
@@ -138,11 +126,12 @@ class CullPolicy:
             limit = self.idle_timeout * (1 - self.high_demand_reduction)
             notes.append(
                 f"high demand: {demand:.0%} of GPU slots allocated (over {threshold:.0%}), "
-                f"idle_timeout {_duration(self.idle_timeout)} cut to {_duration(limit)}"
+                f"idle_timeout {human_duration(self.idle_timeout)} cut to {human_duration(limit)}"
             )
         if keep_alive and self.keep_alive_max:
             limit += self.keep_alive_max
-            notes.append(f".keep-alive in the workspace: {_duration(self.keep_alive_max)} more")
+            more = human_duration(self.keep_alive_max)
+            notes.append(f".keep-alive in the workspace: {more} more")
         return limit, "; ".join(notes)
 
 
@@ -216,7 +205,7 @@ def idle_description(
 ) -> str:
     idle_for = (now - activity.idle_since).total_seconds() if activity.idle_since else 0
     slots = sorted(set(activity.gpu_samples) | set(activity.gpu_processes))
-    parts = [f"no hub activity for {_duration(idle_for)}"]
+    parts = [f"no hub activity for {human_duration(idle_for)}"]
     if slots:
         parts.append(
             f"GPU {','.join(slots)} under {policy.gpu_threshold:g}% with no compute processes"
@@ -225,7 +214,7 @@ def idle_description(
         parts.append(f"CPU {activity.cpu_percent:.1f}% < {policy.cpu_threshold:g}%")
     _, note = policy.idle_limit(demand, activity.keep_alive)
     extra = f"; {note}" if note else ""
-    return ", ".join(parts) + f" (idle_timeout {_duration(policy.idle_timeout or 0)}{extra})"
+    return ", ".join(parts) + f" (idle_timeout {human_duration(policy.idle_timeout or 0)}{extra})"
 
 
 def needs_sampling(
@@ -283,8 +272,8 @@ def decide(
         due = activity.started + timedelta(seconds=policy.max_runtime)
         if now >= due - timedelta(seconds=max(policy.warn_before, 0)):
             reason = (
-                f"running for {_duration((now - activity.started).total_seconds())} "
-                f"(max_runtime {_duration(policy.max_runtime)})"
+                f"running for {human_duration((now - activity.started).total_seconds())} "
+                f"(max_runtime {human_duration(policy.max_runtime)})"
             )
             return _warn_or_cull(
                 activity, "max_runtime", reason, activity.started, due, policy, now, warning
@@ -295,7 +284,7 @@ def decide(
     if since is None:
         return Verdict("keep", "unknown", "the hub reports no start or activity time")
     if not needs_sampling(activity, policy, now, demand):
-        ago = _duration((now - since).total_seconds())
+        ago = human_duration((now - since).total_seconds())
         _, note = policy.idle_limit(demand, activity.keep_alive)
         return Verdict("keep", "active", f"hub activity {ago} ago" + (f" ({note})" if note else ""))
     busy = busy_signals(activity, policy)
@@ -407,7 +396,8 @@ class Culler:
         cpu_threshold: float = 10.0,
         gpu_samples: int = 3,
         gpu_sample_interval: float = 1.0,
-        stats_workers: int = 32,
+        cpu_sample_interval: float = 1.0,
+        stats_workers: int = 8,
         notify_containers: bool = True,
         proc_root: str | os.PathLike = "/proc",
         extra_labels: Iterable[str] = (),
@@ -422,7 +412,7 @@ class Culler:
         self.inventory = inventory
         self.limits = limits
         self.eventlog = eventlog
-        state_dir = state_dir if state_dir is not None else default_state_dir()
+        state_dir = paths.state_dir(state_dir)
         self.warnings = WarningStore(state_dir)
         self.trust = trust or provenance.load(state_dir)
         self.lifecycle = lifecycle
@@ -431,7 +421,9 @@ class Culler:
         self.cpu_threshold = cpu_threshold
         self.gpu_samples = max(1, gpu_samples)
         self.gpu_sample_interval = gpu_sample_interval
-        # `docker stats` waits about a second on the engine per container: many at once
+        self.cpu_sample_interval = cpu_sample_interval
+        self.cgroups = CgroupCpu(self._main_pid, Path(proc_root) / "self" / "mountinfo", proc_root)
+        # only where no cgroup counter can be read: `docker stats` (a second per container)
         self._stats_pool = ThreadPoolExecutor(stats_workers, thread_name_prefix="ds01-cull-stats")
         self.notify_containers = notify_containers
         self.proc_root = proc_root
@@ -533,8 +525,19 @@ class Culler:
                 break
         return new
 
+    def _main_pid(self, container_id: str) -> int | None:
+        """The container's main process (to find a cgroup outside the usual places)."""
+        try:
+            state = self.docker.api.inspect_container(container_id).get("State") or {}
+        except Exception as error:
+            self.log.warning("cannot inspect %s: %s", container_id[:12], error)
+            return None
+        pid = state.get("Pid")
+        return pid if isinstance(pid, int) and pid > 0 else None
+
     def cpu_percent(self, container_id: str) -> float | None:
-        """One `docker stats` sample (Docker averages over about a second); None on failure."""
+        """One `docker stats` sample (Docker averages over about a second); None on failure.
+        Only for containers whose cgroup counter cannot be read (`cpu_activity`)."""
         try:
             return docker_cpu_percent(self.docker.api.stats(container_id, stream=False))
         except Exception as error:
@@ -542,13 +545,24 @@ class Culler:
             return None
 
     async def cpu_activity(self, container_ids: Iterable[str]) -> dict[str, float | None]:
-        """`cpu_percent` of every container, sampled all at once."""
-        loop = asyncio.get_running_loop()
+        """CPU % of every container over `cpu_sample_interval`: its cgroup counter read
+        before and after (one file read each); `docker stats` for any without a counter."""
         ids = list(container_ids)
-        samples = await asyncio.gather(
-            *(loop.run_in_executor(self._stats_pool, self.cpu_percent, cid) for cid in ids)
-        )
-        return dict(zip(ids, samples, strict=True))
+        self.cgroups.forget_all_but(ids)
+        before = await asyncio.to_thread(self.cgroups.readings, ids)
+        start = time.monotonic()
+        await asyncio.sleep(self.cpu_sample_interval)
+        after = await asyncio.to_thread(self.cgroups.readings, ids)
+        elapsed = time.monotonic() - start
+        percent = {cid: cpu_percent_between(before[cid], after[cid], elapsed) for cid in ids}
+        missing = [cid for cid in ids if before[cid] is None]
+        if missing:
+            loop = asyncio.get_running_loop()
+            samples = await asyncio.gather(
+                *(loop.run_in_executor(self._stats_pool, self.cpu_percent, c) for c in missing)
+            )
+            percent.update(zip(missing, samples, strict=True))
+        return percent
 
     async def gpu_activity(
         self, containers: Mapping[str, tuple[str, ...]]

@@ -28,6 +28,7 @@ from ds01hub import labels
 from ds01hub.labels import ContainerRecord
 from ds01hub.limits import LimitsConfig, LimitsStore, ResolvedLimits
 from ds01hub.provenance import Provenance
+from ds01hub.units import format_duration
 
 __all__ = ["Lifecycle", "LifecycleAction", "expired_holds", "removals_due", "stopped_records"]
 
@@ -57,10 +58,6 @@ class LifecycleAction:
             "due": self.due.isoformat(),
             "reason": self.reason,
         }
-
-
-def _hours(seconds: float) -> str:
-    return f"{seconds / 3600:g}h" if seconds >= 3600 else f"{seconds:g}s"
 
 
 def _past_hold(
@@ -106,7 +103,7 @@ def expired_holds(
         "expire",
         lambda r, hold: (
             f"GPU hold expired: stopped at {r.finished_at:%Y-%m-%d %H:%M} UTC, "
-            f"gpu_hold_after_stop {_hours(hold)}"
+            f"gpu_hold_after_stop {format_duration(hold)}"
         ),
     )
 
@@ -124,7 +121,7 @@ def removals_due(
         "remove",
         lambda r, hold: (
             f"removed: stopped at {r.finished_at:%Y-%m-%d %H:%M} UTC, "
-            f"container_hold_after_stop {_hours(hold)}; workspace kept"
+            f"container_hold_after_stop {format_duration(hold)}; workspace kept"
         ),
     )
 
