@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import difflib
 import logging
 import math
@@ -32,11 +33,12 @@ import re
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Any, TypeVar
 
 from ds01hub import paths
 from ds01hub.errors import Ds01hubError
-from ds01hub.mig import PROFILE_FORM, is_profile, parse_profile
+from ds01hub.mig import COMPUTE_SLICES, PROFILE_FORM, is_profile, parse_profile
 from ds01hub.strict_yaml import (
     Document,
     KeyPath,
@@ -56,8 +58,14 @@ from ds01hub.units import (
 )
 
 __all__ = [
-    "GpuAllocationConfig",
+    "AggregateLimits",
+    "EXPIRY_EVENT",
+    "EXPIRY_WARN_DAYS",
+    "Expiry",
     "FairShareConfig",
+    "GpuAllocationConfig",
+    "HUB_PROPERTY",
+    "HubGroupLimits",
     "LimitsConfig",
     "LimitsError",
     "LimitsStore",
@@ -68,7 +76,9 @@ __all__ = [
     "SimulateConfig",
     "load_limits_or_defaults",
     "load_limits",
+    "parse_group_properties",
     "parse_limits",
+    "record_expired",
 ]
 
 PRIORITY_RANGE = (1, 100)
@@ -87,7 +97,15 @@ STRATEGIES = ("spread", "pack")
 # DS01 spellings of the strategies.
 STRATEGY_ALIASES = {"least_allocated": "spread", "round_robin": "spread", "most_allocated": "pack"}
 # Legacy DS01 spellings of limit keys -> the ds01hub name.
-LIMIT_ALIASES = {"max_mig_instances": "max_gpus", "gpus": "max_gpus", "cpus": "max_cpus"}
+LIMIT_ALIASES = {
+    "max_mig_instances": "max_gpus",
+    "gpus": "max_gpus",
+    "cpus": "max_cpus",
+    "max_mig_per_container": "max_gpus_per_container",  # DS01's newer spellings
+    "max_gpu_slots_per_container": "max_gpus_per_container",
+    "gpu_equivalents": "max_gpu_equivalents",
+    "max_gpu_equivalent": "max_gpu_equivalents",
+}
 
 # -- what Docker and the machine accept (and what a sane file stays within) --------------------
 MIN_MEMORY = 6 << 20  # Docker refuses less ("Minimum memory limit allowed is 6MB")
@@ -103,13 +121,17 @@ MAX_TEXT = 1000  # characters of a reason or description
 MAX_IMAGES = 1000
 MAX_SIMULATED_GPUS = 64
 MIN_GPU_MEMORY, MAX_GPU_MEMORY = 1 << 30, 1 << 40  # a simulated GPU: 1g .. 1t
-MIG_COMPUTE_SLICES = 7  # every MIG-capable GPU has at most 7 compute slices ...
+MIG_COMPUTE_SLICES = COMPUTE_SLICES  # every MIG-capable GPU has at most 7 compute slices ...
 MIG_MEMORY_SLICES = 8  # ... and its memory in 8 slices
 MAX_PROBLEMS = 100  # listed; more are counted
 MAX_WARNINGS = 50
 MAX_FAIRSHARE_WEIGHT = 1000.0  # points of priority fair share may add (priorities are 1..100)
 MAX_SHARE = 1_000_000.0
 DEFAULT_PARSE_TIMEOUT = 10.0  # seconds a reload may take before it counts as failed
+MIN_EXPIRES, MAX_EXPIRES = date(2000, 1, 1), date(9998, 12, 31)  # a day after stays a date
+EXPIRY_WARN_DAYS = 7  # users are told this many days before their limits expire
+EXPIRY_EVENT = "limits-expired"  # the event log's kind for an expiry
+HUB_PROPERTY = "ds01"  # a JupyterHub group's properties key that holds its limits
 
 
 # --------------------------------------------------------------------------------------------
@@ -154,7 +176,8 @@ class LimitsError(Ds01hubError, ValueError):
         """One line: how many problems, in which file."""
         count = len(self.problems)
         file = self.problems[0].file if self.problems else "the limits file"
-        return f"{count} problem{'s' if count != 1 else ''} in the limits file {file}"
+        where = file if file.startswith("JupyterHub group ") else f"the limits file {file}"
+        return f"{count} problem{'s' if count != 1 else ''} in {where}"
 
     def lines(self, limit: int = SHOWN) -> list[str]:
         shown = [f"  - {p}" for p in self.problems[:limit]]
@@ -282,6 +305,20 @@ def _read_cpus(value: Any) -> float | None:
     return float(value)
 
 
+def _read_equivalents(value: Any) -> float | None:
+    """GPU equivalents: a whole GPU is 1, a MIG instance its share (2g.20gb = 2/7)."""
+    fix = f"use a number of GPUs from 0 to {MAX_GPU_COUNT} such as 1.5 or 0.5, or null"
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _Bad("not a number", fix, "wrong-type")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _Bad("not a finite number", fix, "out-of-range")
+    if not 0 <= value <= MAX_GPU_COUNT:
+        raise _Bad(f"outside 0..{MAX_GPU_COUNT}", fix, "out-of-range")
+    return float(value)
+
+
 def _size_reader(low: int, zero_means: str) -> Callable[[Any], int | None]:
     """Sizes from `low` to MAX_SIZE, or null for no limit; 0 is refused (`zero_means`)."""
     fix = f"use a size from {format_size(low)} to {format_size(MAX_SIZE)} such as 8g, or null"
@@ -368,6 +405,108 @@ def _read_cgroup_parent(value: Any) -> str | None:
     return value
 
 
+_EXPIRES_FIX = "use a date such as 2027-01-31 (the limits apply through that day, UTC), or null"
+
+
+def _read_expires(value: Any) -> date | None:
+    """`expires: 2027-01-31` (YAML's date, or the same text from JSON: hub group properties).
+    A date and time is refused: an expiry is a day, so nobody guesses the time zone."""
+    if value is None:
+        return None
+    if isinstance(value, str) and len(value) <= 10:
+        with contextlib.suppress(ValueError):
+            value = date.fromisoformat(value)
+    if isinstance(value, datetime) or not isinstance(value, date):
+        raise _Bad("not a date (YYYY-MM-DD)", _EXPIRES_FIX, "wrong-type")
+    if not MIN_EXPIRES <= value <= MAX_EXPIRES:
+        raise _Bad(f"outside {MIN_EXPIRES}..{MAX_EXPIRES}", _EXPIRES_FIX, "out-of-range")
+    return value
+
+
+@dataclass(frozen=True)
+class AggregateLimits:
+    """Caps across all of one user's running containers (DS01's `aggregate`): CPUs, memory
+    (`memory_high`: a soft limit the kernel reclaims towards first), tasks (PIDs) and GPU slots;
+    None = no cap on that one."""
+
+    cpus: float | None = None
+    memory: int | None = None
+    memory_high: int | None = None
+    pids: int | None = None
+    gpus: int | None = None
+
+    def describe(self) -> str:
+        parts = []
+        if self.cpus is not None:
+            parts.append(f"{self.cpus:g} CPUs")
+        if self.memory is not None:
+            parts.append(f"{format_size(self.memory)} memory")
+        if self.memory_high is not None:
+            parts.append(f"(soft {format_size(self.memory_high)})")
+        if self.pids is not None:
+            parts.append(f"{self.pids} tasks")
+        if self.gpus is not None:
+            parts.append(f"{self.gpus} GPU slots")
+        return ", ".join(parts) or "none"
+
+
+_AGGREGATE_FIX = (
+    "use aggregate: {cpu_quota: '9600%' (or cpus: 96), memory_max: 96g, memory_high: 86g, "
+    "tasks_max: 12288, gpu_limit: 3}, or null for none"
+)
+
+
+def _read_cpu_quota(value: Any) -> float | None:
+    """systemd's CPUQuota (`9600%` = 96 CPUs), as DS01 writes it."""
+    if value is None:
+        return None
+    text = value.strip() if isinstance(value, str) else ""
+    try:
+        percent = float(text[:-1]) if text.endswith("%") and len(text) <= 12 else math.nan
+    except ValueError:
+        percent = math.nan
+    if not math.isfinite(percent):
+        raise _Bad("cpu_quota: not a percentage", "use systemd's form such as '9600%' (96 CPUs)")
+    try:
+        return _read_cpus(percent / 100)
+    except _Bad as bad:
+        raise _Bad(f"cpu_quota: {bad.message}", bad.fix, bad.code) from None
+
+
+_AGGREGATE_READERS: dict[str, Callable[[Any], Any]] = {
+    "cpu_quota": _read_cpu_quota,
+    "cpus": _read_cpus,
+    "memory_max": _size_reader(MIN_MEMORY, "means no limit: use null"),
+    "memory_high": _size_reader(MIN_MEMORY, "means no limit: use null"),
+    "tasks_max": _count_reader(1, MAX_PIDS, "allows nothing: use null for no limit"),
+    "gpu_limit": _count_reader(0, MAX_GPU_COUNT),
+}
+
+
+def _read_aggregate(value: Any) -> AggregateLimits | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise _Bad("not a mapping", _AGGREGATE_FIX, "wrong-type")
+    read: dict[str, Any] = {}
+    for key, item in value.items():
+        if key not in _AGGREGATE_READERS:
+            known = ", ".join(_AGGREGATE_READERS)
+            raise _Bad(f"unknown key {short_repr(key)}", f"use only {known}", "unknown-key")
+        try:
+            read[key] = _AGGREGATE_READERS[key](item)
+        except _Bad as bad:
+            message = bad.message if bad.message.startswith(key) else f"{key}: {bad.message}"
+            raise _Bad(message, bad.fix, bad.code) from None
+    if "cpu_quota" in read and "cpus" in read:
+        raise _Bad("both cpu_quota and cpus", "keep one of them", "conflict")
+    cpus = read.get("cpus", read.get("cpu_quota"))
+    memory, high = read.get("memory_max"), read.get("memory_high")
+    if memory is not None and high is not None and high > memory:
+        raise _Bad("memory_high above memory_max", "make memory_high at most memory_max")
+    return AggregateLimits(cpus, memory, high, read.get("tasks_max"), read.get("gpu_limit"))
+
+
 def _read_bool(value: Any) -> bool:
     if not isinstance(value, bool):
         raise _Bad("not true or false", "use true or false", "wrong-type")
@@ -384,6 +523,7 @@ class _Field:
 LIMIT_FIELDS: dict[str, _Field] = {
     "max_gpus": _Field(_count_reader(0, MAX_GPU_COUNT), 1),
     "max_gpus_per_container": _Field(_count_reader(0, MAX_GPU_COUNT), None),
+    "max_gpu_equivalents": _Field(_read_equivalents, None),
     "allow_full_gpu": _Field(_read_bool, True),
     "max_cpus": _Field(_read_cpus, None),
     "memory": _Field(_size_reader(MIN_MEMORY, "means no limit to Docker: use null"), None),
@@ -398,6 +538,7 @@ LIMIT_FIELDS: dict[str, _Field] = {
     "priority": _Field(_read_priority, 10),
     "allowed_images": _Field(_read_images, None),
     "cgroup_parent": _Field(_read_cgroup_parent, None),
+    "aggregate": _Field(_read_aggregate, None),
 }
 # DS01 limit keys that ds01hub accepts (so DS01 files load) but does not enforce.
 DS01_UNENFORCED_LIMITS = frozenset(
@@ -427,8 +568,6 @@ DS01_UNENFORCED_POLICIES = frozenset(
         "require_workspace_mount",
         "enforce_storage_quotas",
         "soft_limit_threshold",
-        "high_demand_threshold",
-        "high_demand_idle_reduction",
         "graceful_errors",
         "suggest_alternatives",
         "allow_priority_preemption",
@@ -497,6 +636,58 @@ def _read_limits_section(
 
 
 @dataclass(frozen=True)
+class Expiry:
+    """A layer of limits (`user_overrides.NAME`, a hub group's properties) that applies
+    through the day `expires` (UTC) and no longer from the next midnight UTC."""
+
+    source: str
+    expires: date
+
+    @property
+    def ends(self) -> datetime:
+        """The moment it stops applying: midnight UTC after `expires`."""
+        return datetime.combine(self.expires + timedelta(days=1), time(), UTC)
+
+    def expired(self, now: datetime) -> bool:
+        return now >= self.ends
+
+    def notice(self, now: datetime, warn_days: int = EXPIRY_WARN_DAYS) -> str | None:
+        """What to tell the user: that it expired, or that it expires within `warn_days`."""
+        if self.expired(now):
+            return f"your limits from {self.source} expired on {self.expires} and no longer apply"
+        left = self.ends - now
+        if left > timedelta(days=warn_days):
+            return None
+        days = left.days
+        when = "today" if days == 0 else f"in {days} day{'s' if days != 1 else ''}"
+        return (
+            f"your limits from {self.source} expire after {self.expires} (UTC; {when}): then "
+            "your group's or the default limits apply. Ask an admin to extend them if needed"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "expires": self.expires.isoformat()}
+
+
+def record_expired(eventlog: Any, user: str, group: str | None, expired: Iterable[Expiry]) -> int:
+    """Record each expiry once in the event log (`EXPIRY_EVENT`, reason `SOURCE expired on
+    DATE`), at the moment it took effect; `eventlog` is a `ds01hub.gpu.eventlog.EventLog`.
+    Returns how many were new. Whoever notices first records it (a spawn, the culler's pass)."""
+    pending = list(expired)
+    if not pending:
+        return 0
+    seen = {e.reason for e in eventlog.events(user=user, kind=EXPIRY_EVENT)}
+    new = 0
+    for expiry in pending:
+        reason = f"{expiry.source} expired on {expiry.expires}"
+        if reason not in seen:
+            eventlog.record(EXPIRY_EVENT, user, group=group, reason=reason, at=expiry.ends)
+            seen.add(reason)
+            new += 1
+    return new
+
+
+@dataclass(frozen=True)
 class ResolvedLimits:
     """One user's effective limits after `user_overrides` > group > `defaults` > built-ins.
 
@@ -525,7 +716,20 @@ class ResolvedLimits:
     reason: str | None
     allow_full_gpu: bool = True
     max_runtime: float | None = None
+    max_gpu_equivalents: float | None = None
+    aggregate: AggregateLimits | None = None
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
+    # layers in force that expire, and layers skipped because they have expired
+    expiries: tuple[Expiry, ...] = ()
+    expired: tuple[Expiry, ...] = ()
+    resolved_at: datetime | None = field(default=None, compare=False)
+
+    def notices(self, warn_days: int = EXPIRY_WARN_DAYS) -> list[str]:
+        """Warnings for the user (spawn page, CLI, notebook): limits that expired, or that
+        expire within `warn_days` of when these were resolved."""
+        now = self.resolved_at or datetime.now(UTC)
+        found = (e.notice(now, warn_days) for e in (*self.expired, *self.expiries))
+        return [text for text in found if text]
 
     @property
     def gpus_per_container(self) -> int | None:
@@ -581,11 +785,20 @@ class ResolvedLimits:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["allowed_images"] = list(self.allowed_images) if self.allowed_images else None
         data["sources"] = dict(self.sources)
+        data["expiries"] = [e.to_dict() for e in self.expiries]
+        data["expired"] = [e.to_dict() for e in self.expired]
+        data["notices"] = self.notices()
+        data["resolved_at"] = self.resolved_at.isoformat() if self.resolved_at else None
         data["display"] = dict(self.display_rows())
         return data
 
     def display_rows(self) -> list[tuple[str, str]]:
         """(label, text) rows in the order DS01's `get_resource_limits` prints them."""
+        return [(label, text) for label, text, _ in self.source_rows()]
+
+    def source_rows(self) -> list[tuple[str, str, str]]:
+        """(label, text, where the value came from) rows; the source is '' for rows that are
+        not one limit (the user, the group, the expiries)."""
 
         def size(n: int | None) -> str:
             return "unlimited" if n is None else format_size(n)
@@ -593,34 +806,72 @@ class ResolvedLimits:
         def duration(s: float | None, none: str) -> str:
             return none if s is None else format_duration(s)
 
-        def count(n: int | None) -> str:
+        def count(n: int | str | None) -> str:
             return "unlimited" if n is None else str(n)
 
+        equivalents = self.max_gpu_equivalents
+        per_container = "max_gpus_per_container"
+        if self.max_gpus_per_container is None or (
+            self.max_gpus is not None and self.max_gpus < self.max_gpus_per_container
+        ):
+            per_container = "max_gpus"
         rows = [
-            ("User", self.user),
-            ("Group", f"{self.group or '-'} ({self.group_reason})"),
-            ("Priority", str(self.priority)),
-            ("Max GPUs", count(self.max_gpus)),
-            ("Max GPUs per Container", count(self.gpus_per_container)),
-            ("Whole GPUs Allowed", "yes" if self.allow_full_gpu else "no (MIG instances only)"),
-            ("Max CPUs", "unlimited" if self.max_cpus is None else f"{self.max_cpus:g}"),
-            ("Memory", size(self.memory)),
-            ("Shared Memory", "default" if self.shm_size is None else size(self.shm_size)),
-            ("IPC Mode", self.ipc_mode or "default"),
-            ("PIDs Limit", count(self.pids_limit)),
-            ("Max Containers", count(self.max_containers_per_user)),
-            ("Idle Timeout", duration(self.idle_timeout, "never")),
-            ("Max Runtime", duration(self.max_runtime, "unlimited")),
-            ("GPU Hold After Stop", duration(self.gpu_hold_after_stop, "until removed")),
+            ("User", self.user, ""),
+            ("Group", f"{self.group or '-'} ({self.group_reason})", ""),
+            ("Priority", str(self.priority), "priority"),
+            ("Max GPUs", count(self.max_gpus), "max_gpus"),
+            ("Max GPUs per Container", count(self.gpus_per_container), per_container),
+            (
+                "Max GPU Equivalents",
+                count(None if equivalents is None else f"{equivalents:g}"),
+                "max_gpu_equivalents",
+            ),
+            (
+                "Whole GPUs Allowed",
+                "yes" if self.allow_full_gpu else "no (MIG instances only)",
+                "allow_full_gpu",
+            ),
+            (
+                "Max CPUs",
+                "unlimited" if self.max_cpus is None else f"{self.max_cpus:g}",
+                "max_cpus",
+            ),
+            ("Memory", size(self.memory), "memory"),
+            (
+                "Shared Memory",
+                "default" if self.shm_size is None else size(self.shm_size),
+                "shm_size",
+            ),
+            ("IPC Mode", self.ipc_mode or "default", "ipc_mode"),
+            ("PIDs Limit", count(self.pids_limit), "pids_limit"),
+            ("Max Containers", count(self.max_containers_per_user), "max_containers_per_user"),
+            ("Idle Timeout", duration(self.idle_timeout, "never"), "idle_timeout"),
+            ("Max Runtime", duration(self.max_runtime, "unlimited"), "max_runtime"),
+            (
+                "GPU Hold After Stop",
+                duration(self.gpu_hold_after_stop, "until removed"),
+                "gpu_hold_after_stop",
+            ),
             (
                 "Container Hold After Stop",
                 duration(self.container_hold_after_stop, "never removed"),
+                "container_hold_after_stop",
             ),
-            ("Allowed Images", ", ".join(self.allowed_images) if self.allowed_images else "any"),
+            (
+                "Allowed Images",
+                ", ".join(self.allowed_images) if self.allowed_images else "any",
+                "allowed_images",
+            ),
         ]
+        aggregate = self.aggregate.describe() if self.aggregate else "none"
+        rows.append(("Aggregate (all containers)", aggregate, "aggregate"))
         if self.reason:
-            rows.append(("Reason", self.reason))
-        return rows
+            rows.append(("Reason", self.reason, ""))
+        for expiry in self.expiries:
+            rows.append(("Expires", f"{expiry.source}: after {expiry.expires} (UTC)", ""))
+        for expiry in self.expired:
+            rows.append(("Expired", f"{expiry.source}: on {expiry.expires}, not applied", ""))
+        return [(label, text, self.sources.get(name, "")) for label, text, name in rows]
 
 
 # --------------------------------------------------------------------------------------------
@@ -634,6 +885,13 @@ class Policies:
 
     preempt_running: bool = False
     max_containers_per_user: int | None = None
+    # High demand (DS01): above this share of GPU slots allocated, idle timeouts shrink by
+    # `high_demand_idle_reduction` (0.5: halved); None = never.
+    high_demand_threshold: float | None = None
+    high_demand_idle_reduction: float = 0.5
+    # How long a `.keep-alive` file in the workspace holds off idle culling past its due
+    # time at most; None = the file is ignored.
+    keepalive_max_duration: float | None = 24 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -1003,7 +1261,7 @@ def _read_policies(section: Any, out: _Collector) -> Policies:
     section = _mapping(section, path, out, "indent its keys under policies:")
     if section is None:
         return Policies()
-    known = {"preempt_running", "max_containers_per_user"}
+    known = {"preempt_running", "max_containers_per_user", *_DEMAND_KEYS}
     for key in section:
         if key in DS01_UNENFORCED_POLICIES:
             out.warn(path + (key,), "DS01 key accepted but not enforced by ds01hub")
@@ -1020,7 +1278,44 @@ def _read_policies(section: Any, out: _Collector) -> Policies:
         key_path = path + ("max_containers_per_user",)
         out.problem(key_path, max_containers, f"bad value: {bad.message}", bad.fix, bad.code)
         max_containers = None
-    return Policies(preempt, max_containers)
+    demand: dict[str, Any] = {}
+    for key, read in _DEMAND_KEYS.items():
+        if key in section:
+            try:
+                demand[key] = read(section[key])
+            except _Bad as bad:
+                out.problem(path + (key,), section[key], f"bad value: {bad.message}", bad.fix)
+    return Policies(preempt, max_containers, **demand)
+
+
+def _share_reader(low: float, high: float, nothing: str) -> Callable[[Any], float | None]:
+    """A share (0.8 = 80 %) from `low` to `high`; null means `nothing`."""
+    fix = f"use a number from {low:g} to {high:g} such as 0.8 (80 %), or null for {nothing}"
+
+    def read(value: Any) -> float | None:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _Bad("not a number", fix, "wrong-type")
+        if not (math.isfinite(value) and low <= value <= high):
+            raise _Bad(f"outside {low:g}..{high:g}", fix, "out-of-range")
+        return float(value)
+
+    return read
+
+
+def _read_reduction(value: Any) -> float:
+    read = _share_reader(0.0, 0.95, "")(value)
+    if read is None:
+        raise _Bad("null", "use a share from 0 to 0.95 such as 0.5 (halved)", "wrong-type")
+    return read
+
+
+_DEMAND_KEYS: dict[str, Callable[[Any], Any]] = {
+    "high_demand_threshold": _share_reader(0.0, 1.0, "never"),
+    "high_demand_idle_reduction": _read_reduction,
+    "keepalive_max_duration": _read_duration,
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -1073,13 +1368,35 @@ class LimitsConfig:
         listing = ", ".join(f"{g} ({self.group_priority(g)})" for g in candidates)
         return best, f"highest priority of {listing}; ties go to the first listed"
 
-    def resolve(self, user: str, groups: Iterable[str] = ()) -> ResolvedLimits:
-        """Field by field: user_overrides > chosen group > defaults > policies > built-ins."""
+    def resolve(
+        self,
+        user: str,
+        groups: Iterable[str] = (),
+        now: datetime | None = None,
+        hub_groups: Iterable[HubGroupLimits] = (),
+    ) -> ResolvedLimits:
+        """Field by field: user_overrides > the user's JupyterHub group properties (`hub_groups`:
+        those of the user's groups, already validated) > chosen YAML group > defaults >
+        policies > built-ins. A layer past its `expires` date (at `now`, default the clock's)
+        is skipped whole."""
+        now = now or datetime.now(UTC)
         group, group_reason = self._choose_group(user, groups)
-        layers: list[tuple[str, Mapping[str, Any]]] = [
-            (f"user_overrides.{user}", self.user_overrides.get(user, {})),
-        ]
-        if group:
+        override = self.user_overrides.get(user, {})
+        expiries: list[Expiry] = []
+        expired: list[Expiry] = []
+        layers: list[tuple[str, Mapping[str, Any]]] = []
+        if override.get("expires") is not None:
+            expiry = Expiry(f"user_overrides.{user}", override["expires"])
+            (expired if expiry.expired(now) else expiries).append(expiry)
+            if expiry.expired(now):
+                override = {}
+        layers.append((f"user_overrides.{user}", override))
+        hub = self._choose_hub_group(hub_groups, now, expiries, expired)
+        if hub is not None:
+            layers.append((f"hub_groups.{hub.name}", hub.limits))
+            group_reason += f"; JupyterHub group {hub.name}'s properties over it"
+            group = group or hub.name
+        if group and group in self.groups:
             layers.append((f"groups.{group}", self.groups[group].limits))
         layers.append(("defaults", self.defaults))
         if self.policies.max_containers_per_user is not None:
@@ -1095,19 +1412,108 @@ class LimitsConfig:
                     break
             else:
                 values[name], sources[name] = spec.builtin, "built-in"
+        aggregate = values["aggregate"]
+        tighter = aggregate is not None and aggregate.gpus is not None
+        if tighter and (values["max_gpus"] is None or aggregate.gpus < values["max_gpus"]):
+            values["max_gpus"] = aggregate.gpus
+            sources["max_gpus"] = f"{sources['aggregate']}.aggregate.gpu_limit"
         if values["ipc_mode"] == "host" and values["shm_size"] is not None:
             # A user's override and their (caller-supplied) group can still meet here; the
             # host's /dev/shm is what ipc_mode host means, so shm_size goes.
             values["shm_size"], sources["shm_size"] = None, "dropped: ipc_mode host"
-        reason = self.user_overrides.get(user, {}).get("reason")
         return ResolvedLimits(
             user=user,
             group=group,
             group_reason=group_reason,
-            reason=reason,
+            reason=override.get("reason") or (hub.reason if hub else None),
             sources=sources,
+            expiries=tuple(expiries),
+            expired=tuple(expired),
+            resolved_at=now,
             **values,
         )
+
+    def _choose_hub_group(
+        self,
+        hub_groups: Iterable[HubGroupLimits],
+        now: datetime,
+        expiries: list[Expiry],
+        expired: list[Expiry],
+    ) -> HubGroupLimits | None:
+        """The hub group whose properties apply: of those not expired, the highest priority
+        (its own, else its YAML group's, else the defaults'); ties go to the first given."""
+        live: list[HubGroupLimits] = []
+        for hub in hub_groups:
+            expiry = hub.expiry
+            if expiry is not None and expiry.expired(now):
+                expired.append(expiry)
+            else:
+                live.append(hub)
+        if not live:
+            return None
+
+        def priority(hub: HubGroupLimits) -> int:
+            if "priority" in hub.limits:
+                return hub.limits["priority"]
+            if hub.name in self.groups:
+                return self.group_priority(hub.name)
+            return self.defaults.get("priority", _builtin("priority"))
+
+        chosen = max(live, key=priority)  # max() keeps the first among equals
+        if chosen.expiry is not None:
+            expiries.append(chosen.expiry)
+        return chosen
+
+    def expired_overrides(self, now: datetime) -> list[tuple[str, Expiry]]:
+        """(user, expiry) of every override past its date: for the event log."""
+        found = []
+        for user, override in self.user_overrides.items():
+            if override.get("expires") is not None:
+                expiry = Expiry(f"user_overrides.{user}", override["expires"])
+                if expiry.expired(now):
+                    found.append((user, expiry))
+        return found
+
+
+@dataclass(frozen=True)
+class HubGroupLimits:
+    """A JupyterHub group's limits: its `properties["ds01"]`, checked by the same readers, with
+    the same messages, as a YAML group (`parse_group_properties`)."""
+
+    name: str
+    limits: Mapping[str, Any]
+    expires: date | None = None
+    reason: str | None = None
+
+    @property
+    def expiry(self) -> Expiry | None:
+        return Expiry(f"hub_groups.{self.name}", self.expires) if self.expires else None
+
+
+def parse_group_properties(name: str, properties: Any) -> HubGroupLimits | None:
+    """The limits in a JupyterHub group's `properties` (edited in the admin panel or over
+    `PUT /hub/api/groups/NAME/properties`): None when it has no `ds01` key; LimitsError
+    listing every problem (file `JupyterHub group NAME properties`, key path `ds01.KEY`) when
+    any value is wrong, so a bad property is never half-applied."""
+    if not isinstance(properties, Mapping) or HUB_PROPERTY not in properties:
+        return None
+    file = f"JupyterHub group {short_repr(name, 80)} properties"
+
+    def check() -> HubGroupLimits:
+        out = _Collector(file, lambda path: None)
+        path: KeyPath = (HUB_PROPERTY,)
+        section = properties[HUB_PROPERTY]
+        limits = _read_limits_section(section, path, out, extra_keys={"reason", "expires"})
+        _check_combination(limits, path, out)
+        reason = expires = None
+        if isinstance(section, Mapping):
+            reason = _read_text(section.get("reason"), path + ("reason",), out)
+            expires = _read_expires_key(section, path, out)
+        if out.problems:
+            raise LimitsError(out.all_problems())
+        return HubGroupLimits(name, limits, expires, reason)
+
+    return _guarded(file, check)
 
 
 def _builtin(name: str) -> Any:
@@ -1209,6 +1615,15 @@ def _read_groups(section: Any, out: _Collector) -> dict[str, Group]:
     return groups
 
 
+def _read_expires_key(body: Mapping, path: KeyPath, out: _Collector) -> date | None:
+    try:
+        return _read_expires(body.get("expires"))
+    except _Bad as bad:
+        message = f"invalid expires: {bad.message}"
+        out.problem(path + ("expires",), body.get("expires"), message, bad.fix, bad.code)
+        return None
+
+
 def _read_overrides(section: Any, out: _Collector) -> dict[str, dict[str, Any]]:
     section = _mapping(section, ("user_overrides",), out, "use user_overrides: {alice: {...}}")
     if section is None:
@@ -1220,12 +1635,15 @@ def _read_overrides(section: Any, out: _Collector) -> dict[str, dict[str, Any]]:
         if bad:
             out.problem(path, user, *bad, "bad-name")
             continue
-        limits = _read_limits_section(body, path, out, extra_keys={"reason"})
+        limits = _read_limits_section(body, path, out, extra_keys={"reason", "expires"})
         _check_combination(limits, path, out)
         if isinstance(body, Mapping):
             reason = _read_text(body.get("reason"), path + ("reason",), out)
             if reason is not None:
                 limits["reason"] = reason
+            expires = _read_expires_key(body, path, out)
+            if expires is not None:
+                limits["expires"] = expires
         overrides[user] = limits
     return overrides
 
@@ -1322,7 +1740,10 @@ def _validate(data: Any, file: str, line_of: Callable[[KeyPath], int | None]) ->
     )
 
 
-def _guarded(file: str, check: Callable[[], LimitsConfig]) -> LimitsConfig:
+_Checked = TypeVar("_Checked")
+
+
+def _guarded(file: str, check: Callable[[], _Checked]) -> _Checked:
     """The boundary: whatever goes wrong while checking a file is a LimitsError naming it,
     never a traceback into a spawn, a reload or a command."""
     try:

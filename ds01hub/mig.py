@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from fractions import Fraction
+
+#: Compute slices of a MIG-capable GPU (A100, H100, H200, B200: 7; a `7g` profile is the whole GPU).
+COMPUTE_SLICES = 7
 
 #: What a profile name looks like, for error messages.
 PROFILE_FORM = "<1|2|3|4|7>g.<GB>gb[+me], e.g. 1g.10gb, 2g.20gb, 3g.40gb"
@@ -54,3 +58,22 @@ def profile_in_device_name(name: str) -> MigProfile | None:
     """The profile NVML names in a MIG device's name, or None when it names none we know."""
     match = _IN_NAME.search(name)
     return _profile(match) if match else None
+
+
+def gpu_share(profile: str | None) -> Fraction:
+    """The share of a GPU's compute that a slot is (GPU equivalents): a whole GPU (`None`) is 1,
+    a MIG instance its compute slices of COMPUTE_SLICES (`2g.20gb` = 2/7). A name that is not a
+    profile counts as a whole GPU: a quota never undercounts what it cannot read."""
+    parsed = parse_profile(profile) if profile is not None else None
+    if parsed is None:
+        return Fraction(1)
+    return Fraction(min(parsed.slices, COMPUTE_SLICES), COMPUTE_SLICES)
+
+
+def format_share(share: Fraction) -> str:
+    """`1`, `2.5`, `0.29 (2/7)`: exact when a decimal is, with the fraction when it is not."""
+    if share.denominator == 1:
+        return str(share.numerator)
+    if 1000 % share.denominator == 0:
+        return f"{float(share):g}"
+    return f"{float(share):.2f} ({share.numerator}/{share.denominator})"

@@ -57,6 +57,7 @@ from traitlets import CaselessStrEnum, Dict, Float, Int, List, Unicode, Union, d
 
 from ds01hub import labels, paths, provenance
 from ds01hub.actions.images import list_user_images
+from ds01hub.aggregate import ContainerUse, aggregate_refusal, user_cgroup_parent
 from ds01hub.engine import engine_unreachable, engine_url, short_error
 from ds01hub.gpu import messages
 from ds01hub.gpu.allocator import (
@@ -67,11 +68,13 @@ from ds01hub.gpu.allocator import (
     docker_lister,
 )
 from ds01hub.gpu.decision import Decision
-from ds01hub.gpu.eventlog import EventLog, NewEvent
+from ds01hub.gpu.eventlog import EventLog, EventLogError, NewEvent
 from ds01hub.gpu.fairshare import FairShare
 from ds01hub.gpu.inventory import Inventory, Slot, load_inventory
 from ds01hub.gpu.queued import QueuedRequest, QueuedStore, QueueLimitError
-from ds01hub.limits import LimitsError, LimitsStore, ResolvedLimits
+from ds01hub.host.cgroups import CgroupError, ensure_parent
+from ds01hub.hub.group_limits import hub_group_limits
+from ds01hub.limits import LimitsError, LimitsStore, ResolvedLimits, record_expired
 from ds01hub.units import utcnow
 
 from . import metrics
@@ -93,7 +96,12 @@ from .recovery import EngineRecovery
 
 __all__ = ["DS01Spawner"]
 
-_STATUS_OF_CODE = {"per_container_limit": 403, "user_limit": 409, "not_available": 400}
+_STATUS_OF_CODE = {
+    "per_container_limit": 403,
+    "user_limit": 409,
+    "equivalents_limit": 409,
+    "not_available": 400,
+}
 #: How often one spawn asks for GPUs when the check before `docker start` finds its slots gone.
 _START_ATTEMPTS = 3
 
@@ -249,6 +257,15 @@ class DS01Spawner(DockerSpawner):
         value_trait=List(),
         config=True,
         help="""Explicit uid/gid per user name: {"alice": [1001, 1001]}.""",
+    )
+    aggregate_cgroup_root = Unicode(
+        "",
+        config=True,
+        help="""Where the cgroup v1 controllers are mounted (`/sys/fs/cgroup`) when Docker uses
+        the cgroupfs driver: a user with `aggregate` limits then gets a parent cgroup
+        `<cgroup_parent or /ds01>/u-<user>` there, with their caps written into it (memory,
+        cpu, pids), so the kernel caps all their containers together (the hub must run as
+        root). Empty: aggregate limits are checked at spawn only. Not for systemd slices.""",
     )
     cgroup_parents = Dict(
         key_trait=Unicode(),
@@ -498,11 +515,34 @@ class DS01Spawner(DockerSpawner):
                 len(store.last_problems),
             )
         groups = [group.name for group in self.user.groups]
-        limits = store.current.resolve(self.user.name, groups)
+        try:  # the groups' properties as the hub has them now: an edit applies at once
+            hub_groups = hub_group_limits((g.name, g.properties) for g in self.user.groups)
+        except LimitsError as error:
+            raise SpawnException(
+                f"{error.summary()} (a group of {self.user.name}):\n"
+                + "\n".join(error.lines())
+                + "\nAn admin fixes the group's properties (hub admin panel, or PUT "
+                "/hub/api/groups/NAME/properties); until then its members cannot start servers.",
+                reason="limits",
+                status_code=409,
+            ) from None
+        limits = store.current.resolve(self.user.name, groups, hub_groups=hub_groups)
         cgroup = self.cgroup_parents.get(limits.group or "")
         if cgroup:
             limits = replace(limits, cgroup_parent=cgroup)
         return limits
+
+    async def _record_expired(self, limits: ResolvedLimits) -> None:
+        """The event log records an expiry once; a log that cannot be written never stops
+        the spawn (the expiry applies either way)."""
+        if not limits.expired:
+            return
+        try:
+            await self._blocking(
+                record_expired, self.context.eventlog, self.user.name, limits.group, limits.expired
+            )
+        except EventLogError as error:
+            self.log.warning("ds01: %s: expiry not recorded: %s", self._log_name, error)
 
     async def _choose(self, limits: ResolvedLimits) -> SpawnChoice:
         context = self.context
@@ -549,6 +589,46 @@ class DS01Spawner(DockerSpawner):
             reason="quota",
             status_code=409,
         )
+
+    async def _apply_aggregate(self, limits: ResolvedLimits, choice: SpawnChoice) -> ResolvedLimits:
+        """Refuse a spawn beyond the user's aggregate caps (the sum of their running
+        containers' limits and this one's); with `aggregate_cgroup_root`, start it under the
+        user's parent cgroup, which has the caps written into it."""
+        cap = limits.aggregate
+        if cap is None:
+            return limits
+        running = await self._blocking(self._running_uses)
+        new = ContainerUse(self.object_name, choice.max_cpus, choice.memory, limits.pids_limit)
+        refusal = aggregate_refusal(self.user.name, cap, running, new)
+        if refusal:
+            raise SpawnException(refusal, reason="aggregate", status_code=409)
+        if not self.aggregate_cgroup_root:
+            return limits
+        base = limits.cgroup_parent or "/ds01"
+        if base.endswith(".slice"):
+            self.log.warning(
+                "ds01: %s: aggregate caps not enforced by a cgroup: %s is a systemd slice",
+                self._log_name,
+                base,
+            )
+            return limits
+        parent = user_cgroup_parent(base, self.user.name)
+        try:
+            await self._blocking(ensure_parent, self.aggregate_cgroup_root, parent, cap)
+        except CgroupError as error:
+            raise SpawnException(str(error), reason="aggregate", status_code=500) from None
+        self._emit(11, f"aggregate caps {cap.describe()}: cgroup {parent}")
+        return replace(limits, cgroup_parent=parent)
+
+    def _running_uses(self) -> list[ContainerUse]:
+        """The limits of the user's other running containers, as Docker has them."""
+        uses = []
+        for record in self._user_records():
+            if record.name == self.object_name or record.state != "running":
+                continue
+            host = self.context.docker.api.inspect_container(record.id)["HostConfig"]
+            uses.append(ContainerUse.from_host_config(record.name, host))
+        return uses
 
     def _user_records(self) -> list[labels.ContainerRecord]:
         """The user's containers of this deployment (signatures verified: an image or a build
@@ -795,11 +875,15 @@ class DS01Spawner(DockerSpawner):
             f"limits: group {limits.group or '-'} ({limits.group_reason}), "
             f"priority {limits.priority}",
         )
+        for notice in limits.notices():
+            self._emit(6, f"note: {notice}")
+        await self._record_expired(limits)
         choice = await self._choose(limits)
         self._choice = choice
         for note in choice.notes:
             self._emit(8, note)
         await self._check_container_quota(limits)
+        limits = await self._apply_aggregate(limits, choice)
         self._emit(10, f"quota ok; image {choice.image}, {choice.gpu_text()}")
         for attempt in range(1, _START_ATTEMPTS + 1):
             slots = await self._allocate(choice, limits)

@@ -31,7 +31,8 @@ def test_limits_prints_the_resolved_table():
     result = run("limits", "henry", "--limits", FIXTURES / "limits-thesis-override.yaml")
     assert result.returncode == 0, result.stderr
     lines = dict(line.split(":", 1) for line in result.stdout.splitlines())
-    fields = {k.strip(): v.strip() for k, v in lines.items()}
+    fields = {k.strip(): v.strip().split("  (")[0].strip() for k, v in lines.items()}
+    assert lines["Memory"].rstrip().endswith("(user_overrides.henry)")  # where it came from
     for label in (
         "User",
         "Group",

@@ -59,7 +59,15 @@ def limits_table(quota: dict) -> str:
         return "<i>No resource limits are configured for you.</i>"
     rows = [list(row) for row in quota_rows(quota)]
     group = html.escape(str(limits.get("group") or "none"))
-    return f"<div>Group: <b>{group}</b></div>" + table(["", "in use", "limit"], rows, "ds01-limits")
+    notices = "".join(
+        f"<div class='ds01-notice'><b>Note:</b> {html.escape(str(text))}</div>"
+        for text in quota.get("notices") or ()
+    )
+    return (
+        notices
+        + f"<div>Group: <b>{group}</b></div>"
+        + table(["", "in use", "limit"], rows, "ds01-limits")
+    )
 
 
 def containers_table(containers: list[dict]) -> str:

@@ -818,6 +818,7 @@ class UserOperations:
             "user": self.user,
             "groups": model.get("groups") or [],
             "limits": {k: getattr(limits, k, None) for k in keys} if limits else None,
+            "notices": limits.notices() if limits else [],
             "containers": len(rows),
             "running": sum(1 for r in rows if r["state"] != "stopped"),
             "gpus_held": len(held),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -68,7 +69,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "limits",
         parents=[common],
         help="show a user's resolved limits",
-        description="Resolve a user's limits: user_overrides > group > defaults.",
+        description="Resolve a user's limits: user_overrides > JupyterHub group properties "
+        "(with --hub) > YAML group > defaults; each value shows where it came from.",
     )
     limits.add_argument("user", metavar="USER")
     limits.add_argument(
@@ -77,6 +79,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=[],
         metavar="G",
         help="a group the user belongs to besides the YAML members lists (repeatable)",
+    )
+    limits.add_argument(
+        "--hub",
+        metavar="API_URL",
+        help="also the user's JupyterHub groups and their properties, from this hub API "
+        "(e.g. http://127.0.0.1:8081/hub/api; a token that may read users and groups in "
+        "$JUPYTERHUB_API_TOKEN)",
     )
     form = limits.add_mutually_exclusive_group()
     form.add_argument("--json", action="store_true", help="print JSON")
@@ -228,19 +237,54 @@ def _load_config(args: argparse.Namespace) -> LimitsConfig:
         raise CliError(str(error), hint=f"run: ds01hub check-config {path}") from None
 
 
+def _hub_groups(api_url: str, user: str) -> tuple[list[str], list[Any]]:
+    """The user's hub groups and their validated limits (`--hub`); CliError on any failure."""
+    import asyncio
+
+    from ds01hub.hub.client import HubClient, HubError
+    from ds01hub.hub.group_limits import user_group_limits
+
+    token = os.environ.get("JUPYTERHUB_API_TOKEN", "")
+    if not token:
+        raise CliError(
+            "--hub needs an API token in $JUPYTERHUB_API_TOKEN",
+            hint="create one with the scopes read:users and read:groups (hub: Token page)",
+        )
+    try:
+        return asyncio.run(user_group_limits(HubClient(api_url, token), user))
+    except LimitsError as error:
+        raise CliError(
+            str(error), hint="fix the group's properties in the hub's admin panel"
+        ) from None
+    except HubError as error:
+        raise CliError(f"the hub at {api_url} answered {error}") from None
+
+
 def cmd_limits(args: argparse.Namespace) -> int:
     config = _load_config(args)
-    resolved = config.resolve(args.user, args.group)
+    groups, hub_groups = list(args.group), []
+    if args.hub:
+        names, hub_groups = _hub_groups(args.hub, args.user)
+        groups += names
+    resolved = config.resolve(args.user, groups, hub_groups=hub_groups)
     if args.json:
         print_json(resolved.to_dict())
     elif args.docker_args:
         print(" ".join(resolved.docker_args()))
     else:
-        rows = resolved.display_rows()
-        width = max(len(label) for label, _ in rows) + 2
+        rows = resolved.source_rows()
+        width = max(len(label) for label, _, _ in rows) + 2
+        text_width = max(len(text) for _, text, source in rows if source) + 2
         colour = use_colour(sys.stdout)
-        for label, text in rows:
-            print(paint(f"{label + ':':<{width}}", "bold", colour) + text)
+        for label, text, source in rows:
+            line = paint(f"{label + ':':<{width}}", "bold", colour) + text
+            if source:
+                line = f"{line:<{len(line) - len(text) + text_width}}" + paint(
+                    f"({source})", "dim", colour
+                )
+            print(line.rstrip())
+        for notice in resolved.notices():
+            print(f"{paint('note:', 'yellow', colour)} {notice}")
     return EXIT_OK
 
 

@@ -8,7 +8,10 @@ Rules, in order:
 1. A request asks for `count` slots, or one MIG instance of `mig_profile`, or whole GPUs only.
 2. It must fit `max_gpus_per_container` and, together with the user's other containers'
    holdings, `max_gpus`. A container's own holdings are not counted against it: a stopped
-   container restarting within its hold gets its slots back first.
+   container restarting within its hold gets its slots back first. With
+   `max_gpu_equivalents`, the GPU equivalents held and granted (a whole GPU 1, a MIG instance
+   its share of the GPU's compute: `ds01hub.mig.gpu_share`) must fit too; only slots that fit
+   what is left are considered (`_within_equivalents`, a filter around the placement).
 3. Free slots are chosen by strategy: `spread` takes the least-allocated physical GPU first
    (fraction of its slots held), `pack` the most-allocated one that still has room.
 4. Not enough free: a request of higher priority may take slots that lower-priority users only
@@ -24,10 +27,12 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
+from fractions import Fraction
 
 from ds01hub.gpu.fairshare import FairShare
 from ds01hub.gpu.inventory import Slot
 from ds01hub.limits import ResolvedLimits
+from ds01hub.mig import COMPUTE_SLICES, format_share, gpu_share
 
 __all__ = ["Decision", "GpuRequest", "Holding", "decide", "describe_holding"]
 
@@ -87,10 +92,11 @@ class GpuRequest:
 class Decision:
     """`granted` slot ids (in the order given to the container), the holdings taken from
     others, and, when refused, `reason` (human) and `code` (machine: per_container_limit,
-    user_limit, not_available, busy, bad_request). A refusal also carries the facts behind it
-    for the messages people read (`ds01hub.gpu.messages`): `holders` (who holds the slots
-    asked for, or the user's own holdings for `user_limit`) and `free` (every slot nobody
-    holds, of any kind: what the user could have instead)."""
+    user_limit, equivalents_limit, not_available, busy, bad_request). A refusal also carries
+    the facts behind it for the messages people read (`ds01hub.gpu.messages`): `holders` (who
+    holds the slots asked for, or the user's own holdings for `user_limit` and
+    `equivalents_limit`) and `free` (every slot nobody holds, of any kind: what the user could
+    have instead)."""
 
     granted: tuple[str, ...] = ()
     reclaimed: tuple[Holding, ...] = ()
@@ -256,6 +262,77 @@ def decide(
 ) -> Decision:
     """Which slots `request` gets (see the module doc for the rules); `fair` (default: off)
     turns the priorities of rule 4 into effective ones."""
+    args = (strategy, now, preempt_running, fair)
+    if limits.max_gpu_equivalents is None or request.wanted <= 0:
+        return _decide(request, slots, holdings, limits, *args)
+    return _within_equivalents(request, slots, holdings, limits, *args)
+
+
+def _within_equivalents(
+    request: GpuRequest,
+    slots: Sequence[Slot],
+    holdings: Sequence[Holding],
+    limits: ResolvedLimits,
+    strategy: str,
+    now: datetime | None,
+    preempt_running: bool,
+    fair: FairShare | None,
+) -> Decision:
+    """The `max_gpu_equivalents` quota: placement among the slots that fit what the user's
+    other containers leave, then the sum of what was granted checked."""
+    assert limits.max_gpu_equivalents is not None
+    cap = Fraction(str(limits.max_gpu_equivalents))  # 0.5 is 1/2 exactly
+    share = {slot.id: gpu_share(slot.profile) for slot in slots}
+    live = holdings if now is None else [h for h in holdings if h.live(now)]
+    others = {
+        h.slot_id: h for h in live if h.user == request.user and h.container != request.container
+    }
+    used = sum((share.get(slot_id, Fraction(1)) for slot_id in others), Fraction(0))
+    left = cap - used
+    fitting = [slot for slot in slots if share[slot.id] <= left]
+    args = (strategy, now, preempt_running, fair)
+    decision = _decide(request, fitting, holdings, limits, *args)
+    granted = sum((share[slot_id] for slot_id in decision.granted), Fraction(0))
+    if decision.ok and granted <= left:
+        return decision
+    if not decision.ok and (decision.code != "not_available" or len(fitting) == len(slots)):
+        return decision
+    if not decision.ok:  # not available: because of the quota, or on this machine at all?
+        unfiltered = _decide(request, slots, holdings, limits, *args)
+        if unfiltered.code == "not_available":
+            return unfiltered
+    listing = "; ".join(
+        f"{describe_holding(h)} = {format_share(share.get(h.slot_id, Fraction(1)))}"
+        for h in others.values()
+    )
+    if decision.ok:
+        asked = format_share(granted)
+    elif request.mig_profile or request.whole_gpu:
+        asked = format_share(request.wanted * gpu_share(request.mig_profile))
+    else:
+        asked = f"{request.wanted} slot(s), each at least {format_share(min(share.values()))}"
+    return _refuse(
+        "equivalents_limit",
+        f"{request.user} holds {format_share(used)} of max {format_share(cap)} GPU "
+        f"equivalents (max_gpu_equivalents; a whole GPU is 1, a MIG instance its compute "
+        f"slices of {COMPUTE_SLICES}: 2g.20gb = 2/7) and asked for {asked} more; held: "
+        f"{listing or 'none'}. Ask for a smaller MIG instance or fewer GPUs, or stop or remove "
+        "a container (a stopped one keeps its GPU until its hold expires)",
+        holders=tuple(others.values()),
+    )
+
+
+def _decide(
+    request: GpuRequest,
+    slots: Sequence[Slot],
+    holdings: Sequence[Holding],
+    limits: ResolvedLimits,
+    strategy: str,
+    now: datetime | None,
+    preempt_running: bool,
+    fair: FairShare | None,
+) -> Decision:
+    """The decision without the equivalents quota (rules 1-4)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; use one of {STRATEGIES}")
     if request.count < 0:

@@ -43,7 +43,17 @@ __all__ = [
     "OpenAllocation",
 ]
 
-KINDS = ("allocate", "hold", "release", "expire", "reclaim", "cull", "spawn-failure", "reconcile")
+KINDS = (
+    "allocate",
+    "hold",
+    "release",
+    "expire",
+    "reclaim",
+    "cull",
+    "spawn-failure",
+    "reconcile",
+    "limits-expired",  # a user's override or group property limits passed their date
+)
 OPENS = "allocate"
 CLOSES = frozenset({"release", "expire", "reclaim"})
 NO_GROUP = "(no group)"

@@ -441,6 +441,15 @@ def refusal_message(situation: Situation) -> Message:
             f"{_source(limits, 'max_gpus_per_container')}; max_gpus: {limits.max_gpus}"
             f"{_source(limits, 'max_gpus')}"
         )
+    elif decision.code == "equivalents_limit" and limits is not None:
+        headline = (
+            f"{_first_upper(wanted)} would take you past your {limits.max_gpu_equivalents:g} "
+            "GPU equivalents (a whole GPU is 1, a MIG instance its share of the GPU)."
+        )
+        action = (
+            "Ask for a smaller MIG instance or fewer GPUs, or stop or remove a container that "
+            "holds one."
+        )
     elif decision.code == "not_available":
         headline, action = _not_available(situation)
     else:

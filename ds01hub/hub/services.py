@@ -28,7 +28,15 @@ NOTEBOOK_ACCESS_SCOPE = f"access:services!service={NOTEBOOK_SERVICE}"
 OPS_SERVICE = "ds01-ops"
 OPS_PORT = 10102
 #: What the culler's token may do: see users, their groups, activity and servers; stop servers.
-OPS_SCOPES = ["list:users", "read:users", "read:users:activity", "read:servers", "servers"]
+OPS_SCOPES = [
+    "list:users",
+    "read:users",
+    "read:users:activity",
+    "read:servers",
+    "servers",
+    "list:groups",  # group properties: limits (ds01hub.hub.group_limits)
+    "read:groups",
+]
 
 
 # A config file loaded with load_subconfig() starts from an empty config, where list and dict

@@ -152,8 +152,9 @@ def quota_line(quota: dict[str, Any]) -> str:
     limits = quota.get("limits")
     if not limits:
         return f"Containers: {quota.get('containers', 0)} (no limits file on this host)"
+    notices = "".join(f"\nNote: {text}" for text in quota.get("notices") or ())
     parts = [
         _quota_part(_sentence_case(what) if i else what, use, limit)
         for i, (what, use, limit) in enumerate(quota_rows(quota))
     ]
-    return f"Limits (group {limits.get('group') or '-'}): " + "; ".join(parts)
+    return f"Limits (group {limits.get('group') or '-'}): " + "; ".join(parts) + notices

@@ -149,12 +149,15 @@ def overview(
     engine: EngineState | None = None,
     queue: Iterable[Mapping[str, Any]] = (),
     fairshare: list[dict[str, Any]] | None = None,
+    group_problems: Mapping[str, Iterable[Any]] | None = None,
 ) -> dict[str, Any]:
     """Everything the page shows, JSON-ready (also served as `api/overview`).
     `pending_culls`: the culler's standing warnings (`ds01hub.services.ops.warnings.CullWarning`);
     `engine`: the Docker engine's `ds01hub.engine.EngineState` (its current or last outage);
     `queue`: the starts waiting for a GPU, in the order they are served (`queue_rows`);
-    `fairshare`: `ds01hub.gpu.fairshare.report`'s rows (None: fair share is off)."""
+    `fairshare`: `ds01hub.gpu.fairshare.report`'s rows (None: fair share is off);
+    `group_problems`: hub group -> the problems of its `ds01` properties (its members' spawns
+    are refused until an admin fixes them)."""
     since = week_start(now)
     slots = slot_rows(status, inventory)
     usage = {}
@@ -173,6 +176,9 @@ def overview(
         "simulated": bool(inventory.simulated),
         "inventory_note": inventory.reason,
         "config_error": config_error,
+        "group_problems": {
+            name: [str(p) for p in problems] for name, problems in (group_problems or {}).items()
+        },
         "engine": engine.to_dict() if engine is not None else None,
         "engine_note": engine.note() if engine is not None else None,
         "pending_culls": [

@@ -94,6 +94,7 @@ class Components:
             engine=self.engine,
             queue=queue,
             fairshare=self._fairshare(),
+            group_problems=self.culler.group_limits.problems,
         )
 
     def _fairshare(self) -> list[dict[str, Any]] | None:
@@ -141,6 +142,14 @@ def build_components(
         if remove_stopped
         else None
     )
+
+    def demand() -> float | None:
+        """The share of GPU slots held (running, stopped within its hold, or being started)."""
+        if not inventory.slots:
+            return None
+        held = {h.slot_id for h in allocator.holdings()}
+        return len(held & {s.id for s in inventory.slots}) / len(inventory.slots)
+
     culler = Culler(
         hub,
         docker_client,
@@ -152,6 +161,7 @@ def build_components(
         extra_labels=extra_labels,
         clock=clock,
         trust=trust,
+        demand=demand,
         **culler_options,
     )
     name = f"the Docker engine at {engine_url()}"

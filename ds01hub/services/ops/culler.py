@@ -16,6 +16,12 @@ So a long training run with no browser open is never culled, and a missing signa
 unavailable) counts as activity: the culler never stops what it cannot see is idle. A null
 `idle_timeout` means never. `max_runtime` (when set) stops a server after that long regardless.
 
+High demand (DS01's `policies.high_demand_threshold` / `high_demand_idle_reduction`): while
+more than that share of the GPU slots is allocated, idle timeouts shrink (0.5: halved). A
+`.keep-alive` file in the workspace (a regular file; its times are the user's and are not
+trusted) holds off idle culling for at most `policies.keepalive_max_duration` (24 h) past the
+moment it would be due; it never holds off `max_runtime`.
+
 Users are warned `warn_before` ahead: the warning is kept in `state_dir/cull-warnings.json`
 (the CLI shows it on the user's next command via `pending_warnings`, the hub's pages as a
 banner via `hub_announcement`) and written into the container
@@ -32,7 +38,9 @@ serves the admin page and the metrics) and as `ds01hub cull [--once] [--dry-run]
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
+import json
 import logging
 import os
 import re
@@ -52,7 +60,8 @@ from ds01hub.engine import EngineState, engine_unreachable
 from ds01hub.gpu.eventlog import EventLog
 from ds01hub.gpu.inventory import Inventory
 from ds01hub.hub.client import HubClient
-from ds01hub.limits import LimitsConfig, LimitsStore
+from ds01hub.hub.group_limits import GroupLimits, fetch_group_limits
+from ds01hub.limits import LimitsConfig, LimitsError, LimitsStore, record_expired
 from ds01hub.provenance import Provenance
 from ds01hub.services.ops.cgroups import CgroupCpu, cpu_percent_between
 from ds01hub.services.ops.lifecycle import Lifecycle
@@ -72,6 +81,28 @@ __all__ = [
 ]
 
 CONTAINER_WARNING_PATH = "/tmp/ds01hub/cull-warning.txt"
+KEEP_ALIVE_PATH = "/workspace/.keep-alive"  # the default workspace mount's
+# Go's os.ModeType bits (Docker's path stat `mode`): dir, symlink, named pipe, socket, device,
+# char device, irregular. A `.keep-alive` counts only as a regular file.
+_GO_MODE_TYPE = (1 << 31) | (1 << 27) | (1 << 25) | (1 << 24) | (1 << 26) | (1 << 21) | (1 << 19)
+
+
+def is_regular_file(stat_header: str | None) -> bool:
+    """Whether Docker's `X-Docker-Container-Path-Stat` header (base64 JSON) is a regular file;
+    anything unreadable is not."""
+    if not stat_header or len(stat_header) > 4096:
+        return False
+    try:
+        stat = json.loads(base64.b64decode(stat_header, validate=True))
+        mode = stat["mode"]
+    except (ValueError, TypeError, KeyError):
+        return False
+    return (
+        isinstance(mode, int)
+        and not isinstance(mode, bool)
+        and mode >= 0
+        and not (mode & _GO_MODE_TYPE)
+    )
 
 
 # -- the decision (pure) -----------------------------------------------------------------------
@@ -86,6 +117,29 @@ class CullPolicy:
     warn_before: float = 600.0  # lead time of the warning; 0 = cull without one
     gpu_threshold: float = 5.0  # percent utilisation; at or above = busy
     cpu_threshold: float = 10.0  # percent of one core; at or above = busy
+    high_demand_threshold: float | None = None  # share of GPU slots allocated; None = never
+    high_demand_reduction: float = 0.5  # the idle timeout shrinks by this share then
+    keep_alive_max: float | None = 24 * 3600.0  # seconds `.keep-alive` may add; None = ignored
+
+    def idle_limit(self, demand: float | None, keep_alive: bool) -> tuple[float | None, str]:
+        """The idle time after which the server is due, and why it differs from
+        `idle_timeout` ('' when it does not): high demand shrinks it, `.keep-alive` extends
+        it by at most `keep_alive_max`."""
+        if self.idle_timeout is None:
+            return None, ""
+        limit, notes = self.idle_timeout, []
+        threshold = self.high_demand_threshold
+        if threshold is not None and demand is not None and demand > threshold:
+            limit = self.idle_timeout * (1 - self.high_demand_reduction)
+            notes.append(
+                f"high demand: {demand:.0%} of GPU slots allocated (over {threshold:.0%}), "
+                f"idle_timeout {human_duration(self.idle_timeout)} cut to {human_duration(limit)}"
+            )
+        if keep_alive and self.keep_alive_max:
+            limit += self.keep_alive_max
+            more = human_duration(self.keep_alive_max)
+            notes.append(f".keep-alive in the workspace: {more} more")
+        return limit, "; ".join(notes)
 
 
 @dataclass(frozen=True)
@@ -108,6 +162,7 @@ class ServerActivity:
     gpu_samples: Mapping[str, tuple[int | None, ...]] = field(default_factory=dict)
     gpu_processes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     cpu_percent: float | None = None
+    keep_alive: bool = False  # a `.keep-alive` file is in its workspace
 
     @property
     def idle_since(self) -> datetime | None:
@@ -152,7 +207,9 @@ def busy_signals(activity: ServerActivity, policy: CullPolicy) -> list[str]:
     return signals
 
 
-def idle_description(activity: ServerActivity, policy: CullPolicy, now: datetime) -> str:
+def idle_description(
+    activity: ServerActivity, policy: CullPolicy, now: datetime, demand: float | None = None
+) -> str:
     idle_for = (now - activity.idle_since).total_seconds() if activity.idle_since else 0
     slots = sorted(set(activity.gpu_samples) | set(activity.gpu_processes))
     parts = [f"no hub activity for {human_duration(idle_for)}"]
@@ -162,16 +219,22 @@ def idle_description(activity: ServerActivity, policy: CullPolicy, now: datetime
         )
     if activity.cpu_percent is not None:
         parts.append(f"CPU {activity.cpu_percent:.1f}% < {policy.cpu_threshold:g}%")
-    return ", ".join(parts) + f" (idle_timeout {human_duration(policy.idle_timeout or 0)})"
+    _, note = policy.idle_limit(demand, activity.keep_alive)
+    extra = f"; {note}" if note else ""
+    return ", ".join(parts) + f" (idle_timeout {human_duration(policy.idle_timeout or 0)}{extra})"
 
 
-def needs_sampling(activity: ServerActivity, policy: CullPolicy, now: datetime) -> bool:
+def needs_sampling(
+    activity: ServerActivity, policy: CullPolicy, now: datetime, demand: float | None = None
+) -> bool:
     """True when the hub signal alone no longer protects the server, so GPU and CPU must be
-    sampled (sampling is slow; most servers are skipped here)."""
-    if policy.idle_timeout is None or activity.idle_since is None:
+    sampled (sampling is slow; most servers are skipped here). `demand`: the share of GPU
+    slots allocated now."""
+    limit, _ = policy.idle_limit(demand, activity.keep_alive)
+    if limit is None or activity.idle_since is None:
         return False
     lead = max(policy.warn_before, 0.0)
-    return now >= activity.idle_since + timedelta(seconds=max(policy.idle_timeout - lead, 0))
+    return now >= activity.idle_since + timedelta(seconds=max(limit - lead, 0))
 
 
 def _warn_or_cull(
@@ -208,8 +271,10 @@ def decide(
     policy: CullPolicy,
     now: datetime,
     warning: CullWarning | None = None,
+    demand: float | None = None,
 ) -> Verdict:
-    """Keep, warn or cull one running server. `warning` is the one given earlier, if any."""
+    """Keep, warn or cull one running server. `warning` is the one given earlier, if any;
+    `demand` the share of GPU slots allocated now (None: unknown, no high demand)."""
     if policy.max_runtime is not None and activity.started is not None:
         due = activity.started + timedelta(seconds=policy.max_runtime)
         if now >= due - timedelta(seconds=max(policy.warn_before, 0)):
@@ -225,14 +290,17 @@ def decide(
     since = activity.idle_since
     if since is None:
         return Verdict("keep", "unknown", "the hub reports no start or activity time")
-    if not needs_sampling(activity, policy, now):
+    if not needs_sampling(activity, policy, now, demand):
         ago = human_duration((now - since).total_seconds())
-        return Verdict("keep", "active", f"hub activity {ago} ago")
+        _, note = policy.idle_limit(demand, activity.keep_alive)
+        return Verdict("keep", "active", f"hub activity {ago} ago" + (f" ({note})" if note else ""))
     busy = busy_signals(activity, policy)
     if busy:
         return Verdict("keep", "busy", "busy: " + ", ".join(busy))
-    due = since + timedelta(seconds=policy.idle_timeout)
-    reason = idle_description(activity, policy, now)
+    limit, _ = policy.idle_limit(demand, activity.keep_alive)
+    assert limit is not None  # idle_timeout is set
+    due = since + timedelta(seconds=limit)
+    reason = idle_description(activity, policy, now, demand)
     return _warn_or_cull(activity, "idle", reason, since, due, policy, now, warning)
 
 
@@ -294,11 +362,13 @@ class PassReport:
     servers: list[ServerReport] = field(default_factory=list)
     lifecycle: list[Any] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    demand: float | None = None  # the share of GPU slots allocated during the pass
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "at": self.at.isoformat(),
             "dry_run": self.dry_run,
+            "demand": self.demand,
             "servers": [s.to_dict() for s in self.servers],
             "lifecycle": [a.to_dict() for a in self.lifecycle],
             "errors": list(self.errors),
@@ -341,6 +411,8 @@ class Culler:
         clock: Callable[[], datetime] = utcnow,
         log: logging.Logger | None = None,
         trust: Provenance | None = None,
+        demand: Callable[[], float | None] | None = None,
+        keep_alive_path: str = KEEP_ALIVE_PATH,
     ):
         self.hub = hub
         self.docker = docker_client
@@ -365,6 +437,10 @@ class Culler:
         self.extra_labels = list(extra_labels)
         self.clock = clock
         self.log = log or logging.getLogger("ds01hub.services.ops.culler")
+        # the hub groups' limits as of the last pass (the admin page lists the bad ones)
+        self.group_limits = GroupLimits()
+        self.demand = demand
+        self.keep_alive_path = keep_alive_path
 
     # -- gathering ----------------------------------------------------------------------------
 
@@ -390,16 +466,71 @@ class Culler:
                 records[(record.user, project_to_server(record.project))] = record
         return records
 
+    async def refresh_group_limits(self) -> None:
+        """The hub groups' limits for this pass; on failure the last ones stay (logged)."""
+        try:
+            self.group_limits = await fetch_group_limits(self.hub)
+        except Exception as error:
+            self.log.warning("group properties not read (keeping the last): %s", error)
+
     def policy_for(self, user: str, groups: Iterable[str]) -> CullPolicy:
         limits = getattr(self.limits, "current", self.limits)  # a store: refreshed per pass
-        resolved = limits.resolve(user, list(groups))
+        groups = list(groups)
+        try:
+            hub_groups = self.group_limits.for_groups(groups)
+        except LimitsError:  # a bad group property: its spawns are refused; the file rules here
+            hub_groups = []
+        resolved = limits.resolve(user, groups, hub_groups=hub_groups)
+        policies = limits.policies
         return CullPolicy(
             idle_timeout=resolved.idle_timeout,
             max_runtime=resolved.max_runtime,
             warn_before=self.warn_before,
             gpu_threshold=self.gpu_threshold,
             cpu_threshold=self.cpu_threshold,
+            high_demand_threshold=policies.high_demand_threshold,
+            high_demand_reduction=policies.high_demand_idle_reduction,
+            keep_alive_max=policies.keepalive_max_duration,
         )
+
+    def current_demand(self) -> float | None:
+        """The share of GPU slots allocated now; None when unknown (no high demand then)."""
+        if self.demand is None:
+            return None
+        try:
+            return self.demand()
+        except Exception as error:
+            self.log.warning("GPU demand unknown this pass: %s", error)
+            return None
+
+    def has_keep_alive(self, container_id: str) -> bool:
+        """Whether the container's workspace has a `.keep-alive` regular file (Docker's path
+        stat, a HEAD: nothing of the file is read). Unknown counts as absent."""
+        api = self.docker.api
+        try:
+            url = api._url("/containers/{0}/archive", container_id)
+            response = api.head(url, params={"path": self.keep_alive_path}, timeout=30)
+        except Exception as error:
+            self.log.warning("no .keep-alive check for %s: %s", container_id[:12], error)
+            return False
+        if response.status_code != 200:
+            return False
+        return is_regular_file(response.headers.get("X-Docker-Container-Path-Stat"))
+
+    def record_expired_limits(self, now: datetime) -> int:
+        """Put every `user_overrides` expiry that has passed in the event log (once each), so
+        the log says when a user's limits changed even if they never spawn again."""
+        if self.eventlog is None:
+            return 0
+        config = getattr(self.limits, "current", self.limits)
+        new = 0
+        for user, expiry in config.expired_overrides(now):
+            try:
+                new += record_expired(self.eventlog, user, None, [expiry])
+            except Exception as error:  # a full disk must not stop the culling
+                self.log.warning("expiry of %s not recorded: %s", expiry.source, error)
+                break
+        return new
 
     def _main_pid(self, container_id: str) -> int | None:
         """The container's main process (to find a cgroup outside the usual places)."""
@@ -476,6 +607,9 @@ class Culler:
         report = PassReport(now, dry_run)
         if hasattr(self.limits, "refresh"):  # a LimitsStore: read off the loop, time-limited
             await self.limits.refresh()
+        if not dry_run:
+            await asyncio.to_thread(self.record_expired_limits, now)
+        await self.refresh_group_limits()
         users = await self.hub_users()
         records = await asyncio.to_thread(self.running_records)
         previous = self.warnings.load()
@@ -496,10 +630,13 @@ class Culler:
                     last_activity=labels.parse_docker_time(model.get("last_activity")),
                 )
                 candidates.append((activity, self.policy_for(user["name"], user.get("groups", []))))
-        candidates = await self._sample(candidates, now)
+        demand = await asyncio.to_thread(self.current_demand)
+        report.demand = demand
+        candidates = await self._keep_alives(candidates, now, demand)
+        candidates = await self._sample(candidates, now, demand)
         kept: list[CullWarning] = []
         for activity, policy in candidates:
-            verdict = decide(activity, policy, now, previous.get(activity.container))
+            verdict = decide(activity, policy, now, previous.get(activity.container), demand)
             report.servers.append(
                 ServerReport(activity.user, activity.server, activity.container, verdict)
             )
@@ -520,11 +657,29 @@ class Culler:
             self.warnings.save(kept)
         return report
 
+    async def _keep_alives(
+        self,
+        candidates: list[tuple[ServerActivity, CullPolicy]],
+        now: datetime,
+        demand: float | None,
+    ) -> list[tuple[ServerActivity, CullPolicy]]:
+        """Look for `.keep-alive` only where it could matter: servers that would be sampled
+        without one."""
+        result = list(candidates)
+        for i, (activity, policy) in enumerate(candidates):
+            if policy.keep_alive_max and needs_sampling(activity, policy, now, demand):
+                found = await asyncio.to_thread(self.has_keep_alive, activity.container_id)
+                result[i] = (replace(activity, keep_alive=found), policy)
+        return result
+
     async def _sample(
-        self, candidates: list[tuple[ServerActivity, CullPolicy]], now: datetime
+        self,
+        candidates: list[tuple[ServerActivity, CullPolicy]],
+        now: datetime,
+        demand: float | None = None,
     ) -> list[tuple[ServerActivity, CullPolicy]]:
         """Add GPU and CPU signals to the servers the hub signal no longer protects."""
-        due = [i for i, (a, p) in enumerate(candidates) if needs_sampling(a, p, now)]
+        due = [i for i, (a, p) in enumerate(candidates) if needs_sampling(a, p, now, demand)]
         if not due:
             return candidates
         targets = {candidates[i][0].container_id: candidates[i][0] for i in due}
