@@ -258,6 +258,30 @@ def test_container_create_shows_progress_on_stderr_and_result_on_stdout():
     assert backend.calls == [("start", "thesis", {"gpus": 1}, True)]
 
 
+def test_a_queued_create_is_a_request_that_waits_not_a_failure():
+    class Queued(ScriptedBackend):
+        def start(self, project, options, create):
+            self.calls.append(("start", project, options, create))
+            yield {"event": "progress", "progress": 35, "message": "You are 1st in line"}
+            yield {"event": "queued", "project": project, "message": "queued: no whole GPU is free"}
+
+    backend = Queued()
+    code, out, err = run("container-create", ["thesis", "--gpus", "1", "--queue"], backend)
+    assert code == 0, err
+    assert "thesis is queued for a GPU" in out and "queued: no whole GPU is free" in out
+    assert "container-list" in out and "created and started" not in out
+    code, out, _ = run("container-create", ["thesis", "--gpus", "1", "--queue", "--json"], Queued())
+    assert code == 0 and json.loads(out)["state"] == "queued"
+
+
+def test_the_hubs_queued_spawn_end_is_recognised_and_nothing_else_is():
+    match = operations.QUEUED_SPAWN.match
+    assert match("Spawn failed: queued: no whole GPU is free now; ...")[1].startswith("queued: ")
+    assert match("queued: no whole GPU")[1] == "queued: no whole GPU"
+    assert match("Spawn failed: You already hold 1 of your 1 GPU") is None
+    assert match("Spawn failed: the image is not queued: ...") is None
+
+
 def test_a_start_that_did_not_start_is_an_error():
     code, out, err = run("container-start", ["thesis"], ScriptedBackend(started="stopped"))
     assert code == 1 and "thesis did not start: it is stopped" in err

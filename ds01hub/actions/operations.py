@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -42,8 +43,9 @@ DEFAULT_PROJECT = labels.DEFAULT_PROJECT
 #: What `container-run` starts without a command: bash if the image has it, else sh.
 LOGIN_SHELL = ["/bin/sh", "-c", "if [ -x /bin/bash ]; then exec /bin/bash -l; fi; exec /bin/sh -l"]
 
-#: The spawn `user_options` keys (docs/architecture.md "Spawn options"), as the browser's form.
-
+#: How the hub ends a spawn left in the GPU queue (DS01Spawner's `queue` option): JupyterHub's
+#: failed progress event, "Spawn failed: queued: ...". Not a failure: a request that waits.
+QUEUED_SPAWN = re.compile(r"(?:Spawn failed: )?(queued: .*)", re.DOTALL)
 
 # ---- the services behind every action, when they fail --------------------------------------
 
@@ -532,6 +534,8 @@ class UserOperations:
         if pending:
             async for event in self._progress(project, server_name):
                 yield event
+                if event["event"] == "queued":
+                    return  # left in the GPU queue: the hub starts it when a GPU is granted
         yield {"event": "ready", "container": await self._started(project)}
 
     async def _ask_to_start(
@@ -561,6 +565,10 @@ class UserOperations:
             ):
                 if event.get("failed"):
                     message = str(event.get("message") or "spawn failed")
+                    queued = QUEUED_SPAWN.match(message)
+                    if queued:  # the `queue` option: not a failure, a request that waits
+                        yield {"event": "queued", "project": project, "message": queued[1]}
+                        return
                     raise OperationError(
                         f"could not start {project!r}: {message}",
                         hint="see your limits and use with `container-stats`; stopped "

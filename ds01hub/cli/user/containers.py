@@ -128,7 +128,19 @@ def gpu_answer(answer: str, max_gpus: int, profiles: list[str] | None) -> tuple[
 
 
 def report_started(ctx: Context, final: dict[str, Any], name: str, created: bool) -> int:
-    """Say that `name` runs -- only if it does."""
+    """Say that `name` runs -- only if it does -- or that its start waits in the GPU queue
+    (`--queue`: the hub starts it when a GPU is granted; `container-list` shows its place)."""
+    if final.get("event") == "queued":
+        if ctx.json:
+            print_json(
+                {"project": name, "state": "queued", "message": final["message"]}, ctx.stdout
+            )
+            return EXIT_OK
+        ctx.say(f"{paint(name, 'bold', ctx.colour)} is queued for a GPU.")
+        ctx.say(f"  {final.get('message', '')}")
+        ctx.say("  its place in line:  container-list")
+        ctx.say(f"  withdraw it:        container-stop {name}")
+        return EXIT_OK
     view = running_view(final, name)
     if ctx.json:
         print_json(view, ctx.stdout)

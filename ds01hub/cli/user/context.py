@@ -219,7 +219,7 @@ def follow(
     try:
         for event in events:
             kind = event.get("event") or event.get("kind")
-            if kind in ("ready", "done"):
+            if kind in ("ready", "done", "queued"):
                 final = event
                 continue
             message = str(event.get("message") or event.get("text") or "")
