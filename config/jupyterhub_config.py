@@ -122,6 +122,13 @@ configure_ops(
     environment={k: os.environ[k] for k in ("DS01HUB_LIMITS", "DOCKER_HOST") if k in os.environ},
 )
 
+# -- queue: "wait for a GPU" requests (the `queue` spawn option, `container-create --queue`) ---
+# kept in the state directory; the hub starts such a server itself when its GPU is granted,
+# with the token of the token-only service ds01-queue (state_dir/queue-token, mode 0600).
+from ds01hub.hub.services import configure_queue  # noqa: E402
+
+configure_queue(c, state_dir)
+
 # -- spawner: DS01Spawner (limits, quotas, GPUs on every spawn) -------------------------------
 # Limits come from $DS01HUB_LIMITS (re-read when the file changes), allocator state from
 # `state_dir` (shared with the broker, the culler and `ds01hub status`). Users pick a profile,

@@ -57,6 +57,7 @@ from ds01hub.units import (
 
 __all__ = [
     "GpuAllocationConfig",
+    "FairShareConfig",
     "LimitsConfig",
     "LimitsError",
     "LimitsStore",
@@ -106,6 +107,8 @@ MIG_COMPUTE_SLICES = 7  # every MIG-capable GPU has at most 7 compute slices ...
 MIG_MEMORY_SLICES = 8  # ... and its memory in 8 slices
 MAX_PROBLEMS = 100  # listed; more are counted
 MAX_WARNINGS = 50
+MAX_FAIRSHARE_WEIGHT = 1000.0  # points of priority fair share may add (priorities are 1..100)
+MAX_SHARE = 1_000_000.0
 DEFAULT_PARSE_TIMEOUT = 10.0  # seconds a reload may take before it counts as failed
 
 
@@ -653,15 +656,31 @@ class SimulateConfig:
 
 
 @dataclass(frozen=True)
+class FairShareConfig:
+    """`gpu_allocation.fairshare` (Slurm's fair share): recent GPU-hours, decayed with
+    `half_life` seconds, lower a user's effective priority; `weight` is the most it adds
+    (a user with no recent use gets all of it); `shares` weighs groups (default 1 each)."""
+
+    half_life: float = 7 * 86400.0
+    weight: float = 10.0
+    shares: Mapping[str, float] = field(default_factory=dict)
+
+    def share(self, group: str | None) -> float:
+        """A group's share; users in no group share one pool."""
+        return self.shares.get(group, 1.0) if group is not None else 1.0
+
+
+@dataclass(frozen=True)
 class GpuAllocationConfig:
     """`gpu_allocation`: whether MIG instances are handed out, the expected MIG profile,
     the placement strategy (`spread`: least-allocated GPU first; `pack`: fill GPUs up),
-    and an optional simulated inventory."""
+    an optional simulated inventory, and fair share (None: off, configured priority only)."""
 
     enable_mig: bool = True
     mig_profile: str | None = None
     strategy: str = "spread"
     simulate: SimulateConfig | None = None
+    fairshare: FairShareConfig | None = None
 
 
 def _read_simulate(
@@ -854,7 +873,7 @@ def _read_gpu_allocation(section: Any, out: _Collector) -> GpuAllocationConfig:
     section = _mapping(section, path, out, "indent its keys under gpu_allocation:")
     if section is None:
         return GpuAllocationConfig()
-    known = {"enable_mig", "mig_profile", "strategy", "simulate"}
+    known = {"enable_mig", "mig_profile", "strategy", "simulate", "fairshare"}
     for key in section:
         if key in DS01_UNENFORCED_GPU:
             out.warn(path + (key,), "DS01 key accepted but not enforced by ds01hub")
@@ -886,7 +905,94 @@ def _read_gpu_allocation(section: Any, out: _Collector) -> GpuAllocationConfig:
     simulate = None
     if section.get("simulate") is not None:
         simulate = _read_simulate(section["simulate"], path + ("simulate",), profile, out)
-    return GpuAllocationConfig(enable_mig, profile, strategy, simulate)
+    fairshare = None
+    if "fairshare" in section:
+        fairshare = _read_fairshare(section["fairshare"], path + ("fairshare",), out)
+    return GpuAllocationConfig(enable_mig, profile, strategy, simulate, fairshare)
+
+
+def _read_number(value: Any, low: float, high: float, fix: str) -> float:
+    """A finite number in [low, high] (0 < low means above 0)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise _Bad("not a number", fix, "wrong-type")
+    if not low <= value <= high:
+        raise _Bad(f"outside {low:g}..{high:g}", fix, "out-of-range")
+    return float(value)
+
+
+def _read_fairshare(section: Any, path: KeyPath, out: _Collector) -> FairShareConfig | None:
+    """`fairshare: {half_life: 7d, weight: 10, shares: {GROUP: N}}`; null or {} turns it on
+    with the defaults. Group names are checked against `groups` in `_check_fairshare_groups`."""
+    if section is None:
+        return FairShareConfig()
+    section = _mapping(section, path, out, "indent half_life, weight and shares under fairshare:")
+    if section is None:
+        return None
+    known = {"half_life", "weight", "shares"}
+    for key in section:
+        if key not in known:
+            out.unknown_key(path + (key,), key, known)
+    defaults = FairShareConfig()
+    values: dict[str, Any] = {}
+    readers: dict[str, Callable[[Any], float | None]] = {
+        "half_life": _read_half_life,
+        "weight": lambda v: _read_number(
+            v, 0.0, MAX_FAIRSHARE_WEIGHT, f"use a number from 0 to {MAX_FAIRSHARE_WEIGHT:g}"
+        ),
+    }
+    for key, read in readers.items():
+        if key in section:
+            try:
+                values[key] = read(section[key])
+            except _Bad as bad:
+                out.problem(
+                    path + (key,), section[key], f"bad value: {bad.message}", bad.fix, bad.code
+                )
+    shares = _read_shares(section.get("shares"), path + ("shares",), out)
+    return FairShareConfig(
+        values.get("half_life", defaults.half_life), values.get("weight", defaults.weight), shares
+    )
+
+
+def _read_half_life(value: Any) -> float:
+    seconds = _read_duration(value)
+    if not seconds:
+        raise _Bad("0 or null decays nothing", "use a duration such as 7d or 36h", "out-of-range")
+    if seconds < 60:
+        raise _Bad("below the minimum of 1m", "use a duration such as 7d or 36h", "out-of-range")
+    return seconds
+
+
+def _read_shares(value: Any, path: KeyPath, out: _Collector) -> dict[str, float]:
+    section = _mapping(value, path, out, "indent GROUP: NUMBER lines under shares:")
+    shares: dict[str, float] = {}
+    for group, share in (section or {}).items():
+        fix = f"use a number above 0 and up to {MAX_SHARE:g} (a group's weight among groups)"
+        try:
+            shares[group] = _read_number(share, 0.0, MAX_SHARE, fix)
+            if shares[group] == 0:
+                raise _Bad("0 gives the group no share at all", fix, "out-of-range")
+        except _Bad as bad:
+            shares.pop(group, None)
+            out.problem(path + (group,), share, f"bad value: {bad.message}", bad.fix, bad.code)
+    return shares
+
+
+def _check_fairshare_groups(
+    gpu_allocation: GpuAllocationConfig, groups: Mapping[str, Group], out: _Collector
+) -> None:
+    """Every group given a share is defined under `groups` (a typo would silently get 1)."""
+    fairshare = gpu_allocation.fairshare
+    for name in fairshare.shares if fairshare else ():
+        if name not in groups:
+            names = ", ".join(short_repr(g) for g in list(groups)[:10])
+            out.problem(
+                ("gpu_allocation", "fairshare", "shares", name),
+                name,
+                "names no group defined under groups",
+                f"use one of: {names}" if names else "define the group under groups first",
+                "unknown-group",
+            )
 
 
 _POLICY_MAX_CONTAINERS = _count_reader(1, MAX_CONTAINERS, "allows nothing")
@@ -1201,6 +1307,7 @@ def _validate(data: Any, file: str, line_of: Callable[[KeyPath], int | None]) ->
         )
         default_group = None
     _check_resolved_combinations(defaults, groups, overrides, out)
+    _check_fairshare_groups(gpu_allocation, groups, out)
     if out.problems:
         raise LimitsError(out.all_problems())
     return LimitsConfig(

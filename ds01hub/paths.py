@@ -18,6 +18,7 @@ __all__ = [
     "DEFAULT_LIMITS_PATH",
     "DEFAULT_STATE_DIR",
     "DOCKER_PROXY_SOCKET",
+    "DOCKER_SOCKET",
     "ENV_BROKER_SOCKET",
     "ENV_FILE",
     "ENV_FILE_VARIABLE",
@@ -25,6 +26,7 @@ __all__ = [
     "ENV_STATE_DIR",
     "PROXY_STATE_DIR",
     "RUN_DIR",
+    "WORKSPACE_ROOT",
     "limits_named",
     "limits_path",
     "state_dir",
@@ -43,6 +45,11 @@ ENV_LIMITS = "DS01HUB_LIMITS"
 DEFAULT_LIMITS_PATH = CONFIG_DIR / "resource-limits.yaml"
 ENV_FILE_VARIABLE = "DS01HUB_ENV_FILE"
 ENV_FILE = CONFIG_DIR / "ds01hub.env"
+
+#: The users' workspaces (bind-mounted into their containers), as installed.
+WORKSPACE_ROOT = Path("/srv/ds01hub/workspaces")
+#: The Docker engine's own socket (the proxy's upstream; docker-py's default).
+DOCKER_SOCKET = Path("/var/run/docker.sock")
 
 #: The sockets users' commands reach: the broker (ds01 commands) and the Docker proxy.
 RUN_DIR = Path("/run/ds01hub")

@@ -156,6 +156,12 @@ def _new_deployment_id() -> str:
     return f"{host}-{secrets.token_hex(3)}"
 
 
+def secret_file(path: Path) -> str:
+    """A random token kept in `path` (mode 0600; made atomically on first use): a service
+    token the hub's configuration and the process that uses it both read."""
+    return _read_or_create(path, secrets.token_hex(32), secret=True)
+
+
 def _read_or_create(path: Path, initial: str, *, secret: bool) -> str:
     """The file's first line; created with `initial` when missing. Creation is atomic (a
     complete file is hard-linked into place), so processes starting together agree."""

@@ -14,8 +14,9 @@ from typing import Any
 __all__ = ["GPUS_OR_MIG", "SPAWN_OPTION_KEYS", "asks_gpus_and_mig"]
 
 #: `profile` (an entry of c.DS01Spawner.profile_list), `image`, `gpus` (whole GPUs, a count),
-#: `mig` (one MIG instance, a profile such as 1g.10gb: ds01hub.mig).
-SPAWN_OPTION_KEYS = ("profile", "image", "gpus", "mig")
+#: `mig` (one MIG instance, a profile such as 1g.10gb: ds01hub.mig), `queue` (true: wait for
+#: a GPU without a time limit, the request kept across hub restarts: ds01hub.gpu.queued).
+SPAWN_OPTION_KEYS = ("profile", "image", "gpus", "mig", "queue")
 
 #: What to ask for instead, when both were asked for.
 GPUS_OR_MIG = "whole GPUs (gpus) or one MIG instance (mig), not both"

@@ -1,5 +1,10 @@
 """The hub's wait queue for GPUs: concurrent spawns ask in priority order, then arrival order.
 
+The priority is the effective one (`gpu.fairshare.rank`): the configured priority plus the
+fair-share term when `gpu_allocation.fairshare` is on, recomputed at the start of every round
+(usage decays and grants change it), so a user who used little recently goes before one of
+the same configured priority who used much.
+
 All spawns of one hub run in one process (one asyncio loop), so one `GpuQueue` per hub orders
 them. Every attempt to allocate goes through the queue, also the first one, so a newcomer never
 overtakes someone who waits: a dispatcher runs *rounds* in which each waiter, highest priority
@@ -21,6 +26,7 @@ from dataclasses import dataclass, field
 
 from ds01hub.errors import Ds01hubError
 from ds01hub.gpu.decision import Decision
+from ds01hub.gpu.fairshare import FairShare, Waiting, rank
 
 __all__ = ["GpuQueue", "GpuWaitTimeout", "QueueStatus"]
 
@@ -44,22 +50,36 @@ class QueueStatus:
     decision: Decision
 
 
-@dataclass(order=True)
+@dataclass(eq=False)
 class _Waiter:
-    sort_key: tuple[int, int]
-    key: str = field(compare=False)
+    waiting: Waiting
     attempt: Callable[[], Awaitable[Decision]] = field(compare=False)
     abandon: Callable[[Decision], Awaitable[None]] = field(compare=False)
     on_wait: Callable[[QueueStatus], None] = field(compare=False)
     future: asyncio.Future = field(compare=False)
-    last: Decision | None = field(default=None, compare=False)
+    last: Decision | None = None
+
+    @property
+    def key(self) -> str:
+        return self.waiting.key
+
+
+async def _no_fair_share() -> FairShare:
+    return FairShare()
 
 
 class GpuQueue:
     """See the module docstring. `acquire` is the only way in."""
 
-    def __init__(self, recheck_interval: float = 5.0):
+    def __init__(
+        self,
+        recheck_interval: float = 5.0,
+        fair_share: Callable[[], Awaitable[FairShare]] = _no_fair_share,
+    ):
+        """`fair_share` gives everyone's factor now (the allocator's, read off the loop)."""
         self.recheck_interval = recheck_interval
+        self._fair_share = fair_share
+        self._fair = FairShare()
         self._waiters: list[_Waiter] = []
         self._arrivals = itertools.count()
         self._wake = asyncio.Event()
@@ -70,7 +90,12 @@ class GpuQueue:
 
     def keys(self) -> list[str]:
         """Waiting keys (container names) in the order they will be served."""
-        return [w.key for w in sorted(self._waiters)]
+        return [w.key for w in self._ordered()]
+
+    def _ordered(self) -> list[_Waiter]:
+        by_waiting = {id(w.waiting): w for w in self._waiters}
+        ranked = rank([w.waiting for w in self._waiters], self._fair)
+        return [by_waiting[id(waiting)] for waiting, _ in ranked]
 
     def notify(self) -> None:
         """Something was released: run a round now."""
@@ -82,16 +107,17 @@ class GpuQueue:
         priority: int,
         attempt: Callable[[], Awaitable[Decision]],
         *,
-        timeout: float,
+        user: str,
+        timeout: float | None,
         abandon: Callable[[Decision], Awaitable[None]],
         on_wait: Callable[[QueueStatus], None] = lambda status: None,
     ) -> Decision:
         """Wait for a decision that is not `busy`; `attempt` runs the allocator once.
-        Raises GpuWaitTimeout after `timeout` seconds; `abandon` undoes a grant that arrives
-        after the waiter gave up (timeout or cancellation)."""
+        `user`'s fair share adjusts `priority`. Raises GpuWaitTimeout after `timeout` seconds
+        (None: wait until granted or cancelled); `abandon` undoes a grant that arrives after
+        the waiter gave up (timeout or cancellation)."""
         waiter = _Waiter(
-            (-priority, next(self._arrivals)),
-            key,
+            Waiting(key, user, priority, next(self._arrivals)),
             attempt,
             abandon,
             on_wait,
@@ -124,7 +150,11 @@ class GpuQueue:
                 await asyncio.wait_for(self._wake.wait(), self.recheck_interval)
 
     async def _round(self) -> None:
-        for waiter in sorted(self._waiters):
+        try:
+            self._fair = await self._fair_share()
+        except Exception:  # an unreadable log orders by configured priority, never stops spawns
+            self._fair = FairShare()
+        for waiter in self._ordered():
             if waiter.future.done():
                 continue
             try:
@@ -142,7 +172,7 @@ class GpuQueue:
             else:
                 self._waiters.remove(waiter)
                 waiter.future.set_result(decision)
-        ordered = sorted(self._waiters)
+        ordered = self._ordered()
         for position, waiter in enumerate(ordered, 1):
             if waiter.last is not None and not waiter.future.done():
                 waiter.on_wait(QueueStatus(position, len(ordered), waiter.last))

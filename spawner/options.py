@@ -219,6 +219,11 @@ def normalize_user_options(raw: Mapping[str, Any] | None) -> dict[str, Any]:
     ):
         if value is not None:
             options[key] = value
+    queue = raw.get("queue", False)
+    if not isinstance(queue, bool):
+        raise OptionsError("queue", queue, "not true or false", "true (wait for a GPU) or false")
+    if queue:
+        options["queue"] = True
     if asks_gpus_and_mig(options):
         raise OptionsError(
             "mig", options["mig"], f"asked together with gpus={options['gpus']}", GPUS_OR_MIG
@@ -248,6 +253,8 @@ def options_from_form(formdata: Mapping[str, Sequence[str]]) -> dict[str, Any]:
         options["mig"] = gpu.removeprefix("mig:")
     elif gpu:
         raise OptionsError("gpu", gpu, "not a choice of the form", "none, gpus:N, mig:PROFILE")
+    if first("queue") == "on":
+        options["queue"] = True
     return normalize_user_options(options)
 
 
@@ -322,6 +329,8 @@ class SpawnChoice:
     max_cpus: float | None = None
     memory: int | None = None
     notes: tuple[str, ...] = field(default=(), compare=False)
+    #: Wait for a GPU without `gpu_wait_timeout`: the request is stored (`spawner.queued`).
+    queue: bool = False
 
     @property
     def wants_gpu(self) -> bool:
@@ -342,6 +351,8 @@ class SpawnChoice:
             options = {"image": self.image, "mig": self.mig}
         if self.profile:
             options["profile"] = self.profile
+        if self.queue:
+            options["queue"] = True
         return options
 
 
@@ -470,6 +481,7 @@ def resolve_choice(
         max_cpus=max_cpus,
         memory=memory,
         notes=tuple(notes),
+        queue=bool(options.get("queue")),
     )
 
 

@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -50,7 +50,7 @@ from dockerspawner import DockerSpawner
 from jupyterhub.spawner import SpawnException
 from jupyterhub.utils import url_path_join
 from traitlets import Callable as CallableTrait
-from traitlets import CaselessStrEnum, Dict, Float, List, Unicode, Union, default, validate
+from traitlets import CaselessStrEnum, Dict, Float, Int, List, Unicode, Union, default, validate
 
 from ds01hub import labels, paths, provenance
 from ds01hub.engine import engine_unreachable, engine_url, short_error
@@ -64,8 +64,11 @@ from ds01hub.gpu.allocator import (
 )
 from ds01hub.gpu.decision import Decision
 from ds01hub.gpu.eventlog import EventLog, NewEvent
+from ds01hub.gpu.fairshare import FairShare
 from ds01hub.gpu.inventory import Inventory, Slot, load_inventory
+from ds01hub.gpu.queued import QueuedRequest, QueuedStore, QueueLimitError
 from ds01hub.limits import LimitsError, LimitsStore, ResolvedLimits
+from ds01hub.units import utcnow
 
 from . import metrics
 from .container_plan import ContainerPlan, recreate_reason
@@ -81,6 +84,7 @@ from .options import (
     render_form,
     resolve_choice,
 )
+from .queued import QueuedStarter
 from .recovery import EngineRecovery
 
 __all__ = ["DS01Spawner"]
@@ -110,6 +114,10 @@ class _HubContext:
     executor: ThreadPoolExecutor
     #: Follows the engine: servers, spawns and GPU holds when it stops (.recovery).
     recovery: EngineRecovery
+    #: Spawn requests left in the GPU queue without a time limit (.queued).
+    queued: QueuedStarter | None = None
+    #: The hub's REST API root, for starting a queued request's server.
+    hub_api_url: str = ""
 
 
 class DS01Spawner(DockerSpawner):
@@ -176,6 +184,26 @@ class DS01Spawner(DockerSpawner):
         config=True,
         help="""While spawns wait for GPUs, the queue retries at least this often (holds of
         stopped containers expire by time; other processes free slots too).""",
+    )
+    queue_api_token = Unicode(
+        "",
+        config=True,
+        help="""A hub API token with the `servers` scope with which the hub starts the server of
+        a queued request (the `queue` spawn option: "wait for a GPU") when its GPU is granted.
+        `ds01hub.hub.services.configure_queue(c, state_dir)` registers one. Empty: the `queue`
+        option is refused.""",
+    )
+    max_queued_per_user = Int(
+        2,
+        config=True,
+        help="""Queued spawn requests (the `queue` option) a user may have at once.""",
+    )
+    queue_first_wait = Float(
+        10.0,
+        config=True,
+        help="""Seconds a spawn with the `queue` option waits in the GPU queue, like any spawn,
+        before its request is stored (it then waits without a time limit, across hub
+        restarts, and the spawn ends saying so).""",
     )
     reservation_ttl = Float(
         DEFAULT_RESERVATION_TTL,
@@ -288,6 +316,11 @@ class DS01Spawner(DockerSpawner):
             )
         else:
             _reconcile_at_hub_start(context, app.log)
+            context.hub_api_url = app.hub.api_url
+            if context.queued is not None:
+                resumed = context.queued.resume()
+                if resumed:
+                    app.log.info("ds01: %d queued spawn request(s) wait for GPUs", resumed)
 
     def _new_context(self, limits_path: str | None, state_dir: Path) -> _HubContext:
         import docker
@@ -328,8 +361,12 @@ class DS01Spawner(DockerSpawner):
             state_dir,
             trust.deployment,
         )
-        queue = GpuQueue(self.gpu_recheck_interval)
         executor = ThreadPoolExecutor(4, thread_name_prefix="ds01-allocator")
+
+        async def fair_share() -> FairShare:
+            return await asyncio.get_running_loop().run_in_executor(executor, allocator.fair_share)
+
+        queue = GpuQueue(self.gpu_recheck_interval, fair_share)
         recovery = EngineRecovery(
             client,
             allocator,
@@ -340,9 +377,17 @@ class DS01Spawner(DockerSpawner):
             fresh_client=lambda: docker.APIClient(**client_kwargs),
             engine_name=f"the Docker engine at {engine_url(client_kwargs.get('base_url'))}",
         )
-        return _HubContext(
+        context = _HubContext(
             store, inventory, allocator, eventlog, queue, client, label_filter, executor, recovery
         )
+        if self.queue_api_token:
+            token = self.queue_api_token
+            context.queued = QueuedStarter(
+                QueuedStore(state_dir),
+                functools.partial(_serve_queued, context, token, self.gpu_recheck_interval),
+                self.log,
+            )
+        return context
 
     def _docker_client_kwargs(self) -> dict[str, Any]:
         from docker.utils import kwargs_from_env
@@ -524,7 +569,7 @@ class DS01Spawner(DockerSpawner):
         sim = " (SIMULATED)" if context.inventory.simulated else ""
         self._emit(30, f"asking for {choice.gpu_text()}{sim}, priority {limits.priority}")
         request = choice.gpu_request(self.user.name, self.object_name)
-        deadline = datetime.now(UTC) + timedelta(seconds=self.gpu_wait_timeout)
+        deadline = utcnow() + timedelta(seconds=self.gpu_wait_timeout)
         last_status: list[tuple] = []
 
         def situation(decision: Decision, **queue: Any) -> messages.Situation:
@@ -550,21 +595,36 @@ class DS01Spawner(DockerSpawner):
             if last_status[-1:] != [seen]:
                 last_status.append(seen)
                 where = situation(status.decision, position=status.position, waiting=status.waiting)
-                self._emit_message(35, messages.wait_message(where, datetime.now(UTC)))
+                self._emit_message(35, messages.wait_message(where, utcnow()))
 
+        timeout = self.gpu_wait_timeout
+        if choice.queue:
+            if context.queued is None:
+                raise SpawnException(
+                    "waiting for a GPU without a time limit (the queue option) is not enabled "
+                    "on this hub; an administrator enables it with configure_queue in the hub's "
+                    "configuration. Start without it (the spawn then waits up to "
+                    f"{self.gpu_wait_timeout:.0f}s).",
+                    reason="options",
+                    status_code=400,
+                )
+            timeout = min(self.queue_first_wait, timeout)
         try:
             with metrics.waiting_for_gpu(limits.group):
                 decision = await context.queue.acquire(
                     self.object_name,
                     limits.priority,
                     attempt,
-                    timeout=self.gpu_wait_timeout,
+                    user=self.user.name,
+                    timeout=timeout,
                     abandon=abandon,
                     on_wait=on_wait,
                 )
         except AllocationStateError as error:
             raise self._refusal(messages.state_message(str(error)), 503) from None
         except GpuWaitTimeout as error:
+            if choice.queue:
+                raise await self._enqueue(choice, limits, error) from None
             await self._record_failure(str(error))
             last = error.decision or Decision(reason="no attempt finished", code="busy")
             raise self._refusal(messages.timeout_message(situation(last)), 503) from None
@@ -583,6 +643,45 @@ class DS01Spawner(DockerSpawner):
             f"{', '.join(s.uuid for s in slots)}{taken}",
         )
         return slots
+
+    async def _enqueue(
+        self, choice: SpawnChoice, limits: ResolvedLimits, waited: GpuWaitTimeout
+    ) -> SpawnException:
+        """Store the request (the `queue` option) and say so; the hub starts the server when
+        its GPU is granted (`_serve_queued`)."""
+        context = self.context
+        assert context.queued is not None
+        context.hub_api_url = context.hub_api_url or self.hub.api_url
+        options = {k: v for k, v in choice.user_options().items() if k != "queue"}
+        request = QueuedRequest(
+            self.user.name,
+            self.name,
+            self.object_name,
+            options,
+            limits.priority,
+            tuple(group.name for group in self.user.groups),
+        )
+        try:
+            stored = await self._blocking(
+                context.queued.store.add, request, self.max_queued_per_user
+            )
+        except QueueLimitError as error:
+            return SpawnException(str(error), reason="queue_limit", status_code=429)
+        context.queued.follow(stored)
+        decision = waited.decision
+        if decision is not None and decision.earliest_expiry is not None:
+            estimate = f"the earliest GPU hold ends {decision.earliest_expiry:%Y-%m-%d %H:%M} UTC"
+        else:
+            estimate = "no estimate: the GPUs are in use by running containers"
+        await self._record_event("spawn-failure", f"queued: {choice.gpu_text()}; {estimate}")
+        return SpawnException(
+            f"queued: no {choice.gpu_text()} is free now; your request waits in the GPU queue "
+            f"({len(context.queue)} waiting, by priority then arrival) and this server starts "
+            f"by itself when a GPU is granted, also after a hub restart ({estimate}). Delete "
+            "the server (or start it without the queue option) to withdraw the request.",
+            reason="queued",
+            status_code=202,
+        )
 
     def _form_url(self) -> str:
         """This server's options form (the way back from a wait or a refusal)."""
@@ -707,7 +806,9 @@ class DS01Spawner(DockerSpawner):
         for attempt in range(1, _START_ATTEMPTS + 1):
             slots = await self._allocate(choice, limits)
             try:
-                return await self._attempt(limits, choice, slots, began)
+                started = await self._attempt(limits, choice, slots, began)
+                await self._forget_queued(started_at=time.time())
+                return started
             except _SlotsLost as lost:
                 if attempt == _START_ATTEMPTS:
                     raise self._refusal(messages.lost_message(str(lost), attempt), 503) from None
@@ -1010,6 +1111,21 @@ class DS01Spawner(DockerSpawner):
         await self._blocking(context.allocator.sweep)
         context.queue.notify()
 
+    async def _cancel_queued(self) -> None:
+        """Deleting a server also withdraws its queued request."""
+        if await self._forget_queued():
+            await self._record_event("reconcile", "queued request withdrawn: server deleted")
+
+    async def _forget_queued(self, started_at: float | None = None) -> bool:
+        """The server started (from the queue or not: the user's hub pages say so for a day)
+        or is gone: no request waits for it."""
+        queued = self.context.queued
+        if queued is None:
+            return False
+        stopped = queued.stop_waiting(self.object_name)
+        removed = await self._blocking(queued.store.remove, self.object_name, started_at)
+        return removed or stopped
+
     async def run_post_stop_hook(self):
         """After JupyterHub stopped a server, also one it found not running after its own
         restart (it calls `stop` only for running ones): a container that never started
@@ -1049,6 +1165,7 @@ class DS01Spawner(DockerSpawner):
 
     async def delete_forever(self):
         """The named server is deleted: remove its container and release its GPUs."""
+        await self._cancel_queued()
         if await self.get_object() is not None:
             await self.remove_object()
         self.object_id = ""
@@ -1090,6 +1207,73 @@ def _merged(base: dict, override: dict) -> dict:
         else:
             result[key] = value
     return result
+
+
+async def _serve_queued(
+    context: _HubContext, token: str, retry: float, request: QueuedRequest
+) -> None:
+    """Wait in the hub's GPU queue for a stored request (no time limit), then ask the hub's
+    REST API to start its server: the spawn finds this process's claim on the slots and
+    starts on them. A refusal that waiting cannot fix (the user's quota changed) or a start
+    the hub refuses ends the request, with a `spawn-failure` event saying why."""
+    from ds01hub.hub.client import HubClient, HubError, HubUnreachable
+
+    loop = asyncio.get_running_loop()
+    limits = context.limits.current.resolve(request.user, request.groups)
+    options = request.options
+    choice = SpawnChoice(image=str(options.get("image", "")), gpus=int(options.get("gpus", 0)))
+    choice = replace(choice, mig=options.get("mig"))
+    gpu_request = choice.gpu_request(request.user, request.container)
+    allocator = context.allocator
+
+    async def attempt() -> Decision:
+        return await loop.run_in_executor(context.executor, allocator.allocate, gpu_request, limits)
+
+    async def release(decision: Decision | None = None) -> None:
+        await loop.run_in_executor(
+            context.executor, allocator.release, request.container, "queued start failed"
+        )
+
+    def failed(reason: str) -> None:
+        event = NewEvent("spawn-failure", request.user, container=request.container, reason=reason)
+        context.eventlog.record_many([event], defer=True)
+
+    noted: list[tuple] = []
+
+    def on_wait(status: QueueStatus) -> None:
+        """Note where the request stands (for `container-list`) when that changed."""
+        expiry = status.decision.earliest_expiry
+        seen = (status.position, status.waiting, expiry.timestamp() if expiry else None)
+        if noted[-1:] != [seen] and context.queued is not None:
+            noted.append(seen)
+            note = context.queued.store.note
+            loop.run_in_executor(context.executor, note, request.container, *seen)
+
+    while True:
+        decision = await context.queue.acquire(
+            request.container,
+            limits.priority,
+            attempt,
+            user=request.user,
+            timeout=None,
+            abandon=release,
+            on_wait=on_wait,
+        )
+        if not decision.ok:
+            failed(f"queued request ended: {decision.reason}")
+            return
+        client = HubClient(context.hub_api_url, token)
+        try:
+            await client.start_server(request.user, request.server, options)
+        except HubUnreachable:
+            await release()  # the hub's API is not up yet (hub start): ask again
+            await asyncio.sleep(retry)
+            continue
+        except HubError as error:
+            await release()
+            failed(f"queued request ended: the hub refused to start it: {error}")
+            return
+        return
 
 
 def _reconcile_at_hub_start(context: _HubContext, log: Any) -> None:

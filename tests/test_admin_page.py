@@ -253,3 +253,30 @@ def test_the_hub_gets_ds01_pages_once_and_the_ds01_api_stays_out_of_the_menu():
     configure_notebook(c)
     [notebook] = [s for s in c.JupyterHub.services.get_value([]) if s["name"] == "ds01"]
     assert notebook["display"] is False
+
+
+def test_the_fair_share_table_shows_each_users_factor_and_effective_priority(tmp_path):
+    from ds01hub.gpu.fairshare import report
+
+    config = parse_limits({"gpu_allocation": {"fairshare": {"half_life": "7d", "weight": 10}}})
+    _, inventory, log, _ = machine(tmp_path, [])
+    allocator = GpuAllocator(
+        None,
+        inventory,
+        tmp_path / "s2",
+        log,
+        clock=lambda: NOW,
+        limits=config,
+        trust=TRUST,
+        container_lister=list,
+    )
+    log.record("allocate", "<b>eve</b>", "0", "a", "lab", at=NOW - timedelta(hours=5))
+    log.record("release", "<b>eve</b>", "0", "a", "lab", at=NOW - timedelta(hours=1))
+    log.record("allocate", "dan", "0", "b", "lab", at=NOW - timedelta(hours=1))
+    rows = report(allocator.fair_share(), config)
+    model = overview(allocator.status(), inventory, log, NOW, fairshare=rows)
+    assert [r["user"] for r in model["fairshare"]] == ["dan", "<b>eve</b>"]
+    assert model["fairshare"][0]["effective"] > model["fairshare"][1]["effective"] > 10
+    page = render_page(model)
+    assert 'id="fairshare"' in page and "&lt;b&gt;eve&lt;/b&gt;" in page
+    assert "Fair share" not in render_page(overview(allocator.status(), inventory, log, NOW))

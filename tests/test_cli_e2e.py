@@ -132,7 +132,7 @@ def test_a_start_waiting_for_a_gpu_shows_progress_and_can_be_cancelled(hub, user
 
             def queued() -> bool:
                 assert waiting.poll() is None, read_all(stderr)
-                return "waiting for a GPU" in read_all(stderr)
+                return "in line for a whole GPU" in read_all(stderr)
 
             wait_until(queued, 120, 0.5, lambda: read_all(stderr) + hub.log())
             assert listed(hub, carol)["waiting"]["state"] == "starting"
@@ -230,7 +230,10 @@ def test_stats_show_use_against_limits(hub, users):
     table = cli(hub, alice, "container-stats").stdout
     assert "thesis" in table and "/ 1.0G" in table
     assert f"{gpu['slot']} (SIMULATED): " in table and "0B / 80G" in table
-    assert "GPUs 1 of 1 held, containers 1 of 2, per container 1 CPU and 1.0G" in table
+    assert (
+        f"GPUs: 1 of 1 GPU in use (slot {gpu['slot']}: NVIDIA A100-SXM4-80GB (SIMULATED))" in table
+    )
+    assert "CPUs per container 1; memory per container 1.0G; containers 2 (1 running" in table
 
 
 def test_stop_holds_the_gpu_then_start_and_remove(hub, users, docker_client):

@@ -14,10 +14,10 @@ from types import SimpleNamespace
 import pytest
 
 from ds01hub import peer
-from ds01hub.actions import operations
+from ds01hub.actions import names, operations
 from ds01hub.cli import output
 from ds01hub.cli.terminal import FrameDecoder
-from ds01hub.cli.user import backends, context, views
+from ds01hub.cli.user import backends, context, remote, views
 from ds01hub.cli.user import commands as user
 from ds01hub.hub.client import hub_error_message, parse_sse, server_path
 from ds01hub.services.broker import app as broker
@@ -61,7 +61,7 @@ def test_bad_names_are_refused_with_the_rule_and_a_suggestion(name):
         operations.validate_name(name)
     assert "lowercase letters, digits, '-' and '_'" in info.value.message
     suggestion = info.value.hint.split("'")[1]
-    assert operations.NAME_RE.match(suggestion)
+    assert names.NAME_RE.match(suggestion)
 
 
 def test_bad_name_on_the_command_line_exits_2_and_says_why(capsys):
@@ -539,7 +539,7 @@ def test_backend_choice_broker_by_default_hub_with_url_and_token(tmp_path):
         backends.connect(env=env)
     token_file.chmod(0o600)
     chosen = backends.connect(env=env)
-    assert isinstance(chosen, backends.HubBackend)
+    assert isinstance(chosen, remote.HubBackend)
     assert chosen.api_url == "http://hub:8000/hub/api" and chosen.token == "secret"
 
 

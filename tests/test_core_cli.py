@@ -281,3 +281,38 @@ def test_usage_reports_gpu_hours_from_the_event_log(tmp_path):
     assert run("usage", "--csv", "--json", "--state-dir", tmp_path).returncode == 2
     missing = run("usage", "--state-dir", tmp_path / "nowhere")
     assert missing.returncode == 1 and "no event log" in missing.stderr
+
+
+def test_fairshare_shows_usage_factor_and_effective_priority(tmp_path):
+    from datetime import UTC, datetime, timedelta
+
+    from ds01hub.gpu.eventlog import EventLog
+
+    limits = tmp_path / "limits.yaml"
+    limits.write_text(
+        "defaults: {priority: 20}\n"
+        "groups:\n  lab: {members: [alice, bob], priority: 30}\n"
+        "gpu_allocation:\n  fairshare: {half_life: 7d, weight: 10}\n"
+    )
+    start = datetime.now(UTC) - timedelta(hours=10)
+    log = EventLog(tmp_path / "events.db")
+    for user, hours in (("alice", 6), ("bob", 1), ("carol", 3)):
+        group = None if user == "carol" else "lab"
+        log.record("allocate", user, slot="0", container=user, group=group, at=start)
+        end = start + timedelta(hours=hours)
+        log.record("release", user, slot="0", container=user, group=group, at=end)
+    result = run("fairshare", "--limits", limits, "--state-dir", tmp_path, "--json")
+    data = json.loads(result.stdout)
+    assert data["enabled"] and data["weight"] == 10
+    users = {row["user"]: row for row in data["users"]}
+    assert [row["user"] for row in data["users"]] == ["bob", "carol", "alice"]  # by factor
+    assert users["alice"]["priority"] == 30 and users["carol"]["priority"] == 20
+    assert users["bob"]["factor"] > users["alice"]["factor"]
+    assert users["alice"]["effective"] == pytest.approx(30 + 10 * users["alice"]["factor"], 1e-3)
+    text = run("fairshare", "--limits", limits, "--state-dir", tmp_path).stdout.splitlines()
+    assert text[0].split()[:2] == ["USER", "GROUP"] and text[1].split()[:2] == ["bob", "lab"]
+    limits.write_text("defaults: {priority: 20}\n")
+    off = run("fairshare", "--limits", limits, "--state-dir", tmp_path)
+    assert off.returncode == 0 and off.stdout.startswith("fair share is off")
+    missing = run("fairshare", "--limits", limits, "--state-dir", tmp_path / "nowhere")
+    assert missing.returncode == 1 and "no event log" in missing.stderr

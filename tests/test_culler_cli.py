@@ -37,10 +37,12 @@ def test_usage_errors_exit_2_and_a_missing_token_says_how_to_fix_it(tmp_path):
 def test_cull_is_the_ops_service_with_its_settings_and_no_copies_of_them():
     """`ds01hub cull` declares only what a shell needs (--once, --json, the hub URL and token);
     every culling setting is the ds01-ops service's, set by the same option."""
+    from traitlets.config import Application
+
     from ds01hub.cli.admin import CullCommand
     from ds01hub.services.ops.app import OpsService
 
-    service = set(OpsService.class_own_traits(config=True))
+    service = set(OpsService.class_traits(config=True)) - set(Application.class_traits(config=True))
     assert set(CullCommand.class_own_traits(config=True)) == {
         "once",
         "json",

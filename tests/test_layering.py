@@ -116,3 +116,23 @@ def test_the_rule_sees_an_upward_import(tmp_path):
         "ds01hub.units (core) imports ds01hub.cli (cli)",
         "ds01hub.units (core) imports ds01hub.cli.output (cli)",
     ]
+
+
+#: The two that run before any venv exists (`python3 -m ds01hub.host.bootstrap` / `.install`,
+#: standard library only) declare their own arguments; `ds01hub` reuses them.
+OWN_ARGUMENTS = {"ds01hub.host.bootstrap", "ds01hub.host.install"}
+
+
+def test_command_line_arguments_are_declared_in_the_cli_only():
+    """argparse `add_argument`/`add_parser` calls live in ds01hub.cli (docs/architecture.md):
+    no service, host or core module knows the command line, but the two stdlib entry points."""
+    declaring = set()
+    for module, path in modules(SOURCES).items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("add_argument", "add_parser", "add_subparsers")
+            ):
+                declaring.add(module)
+    assert {m for m in declaring if not m.startswith("ds01hub.cli")} == OWN_ARGUMENTS

@@ -12,6 +12,7 @@ from ds01hub.limits import LimitsError, LimitsStore, load_limits_or_defaults
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULTS = {"/var/lib/ds01hub", "/etc/ds01hub", "/etc/ds01hub/resource-limits.yaml"}
 DEFAULTS |= {"/run/ds01hub/broker.sock", "/run/ds01hub/docker.sock", "/var/lib/ds01hub/proxy"}
+DEFAULTS |= {"/srv/ds01hub/workspaces", "/var/run/docker.sock"}
 
 
 def test_a_given_path_wins_then_the_environment_then_the_default():

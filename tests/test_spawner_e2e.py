@@ -20,6 +20,7 @@ from harness.ds01_spawner import Ds01Hub
 from prometheus_client.parser import text_string_to_metric_families
 
 from ds01hub import provenance
+from ds01hub.gpu.messages import EVENT_KEY
 
 pytestmark = [pytest.mark.e2e, pytest.mark.docker]
 
@@ -42,24 +43,31 @@ def error_of(response) -> str:
         return response.text
 
 
-def first_progress_message(
+def first_progress_event(
     hub, user: str, containing: str, timeout: float = 30, name: str = ""
-) -> str:
+) -> dict:
     """The first progress event of a pending spawn whose message contains `containing` (the
-    stream itself lasts as long as the spawn)."""
+    stream itself lasts as long as the spawn); {} when none came within `timeout`."""
     path = f"/users/{user}/servers/{name}/progress" if name else f"/users/{user}/server/progress"
     response = hub.api("GET", path, stream=True, timeout=timeout)
     deadline = time.monotonic() + timeout
     for line in response.iter_lines(decode_unicode=True):
         if line and line.startswith("data:"):
-            message = json.loads(line[5:]).get("message", "")
-            if containing in message:
+            event = json.loads(line[5:])
+            if containing in event.get("message", ""):
                 response.close()
-                return message
+                return event
         if time.monotonic() > deadline:
             break
     response.close()
-    return ""
+    return {}
+
+
+def first_progress_message(
+    hub, user: str, containing: str, timeout: float = 30, name: str = ""
+) -> str:
+    """The text of `first_progress_event`."""
+    return first_progress_event(hub, user, containing, timeout, name).get("message", "")
 
 
 def hub_metric(hub, name: str, **labels: str) -> float:
@@ -152,7 +160,7 @@ def test_refusals_over_rest_are_exact(ds01):
     )
     response = hub.start_server(user, "x", {"gpu": 1}, check=False)
     assert response.status_code == 400, response.text
-    assert "unknown option(s) gpu; allowed: profile, image, gpus, mig" in error_of(response)
+    assert "unknown option(s) gpu; allowed: profile, image, gpus, mig, queue" in error_of(response)
     response = hub.start_server(user, "x", {"mig": "3g.40gb"}, check=False)
     assert response.status_code == 400, response.text
     assert "no MIG instances of this profile on this machine; allowed: 2g.20gb" in error_of(
@@ -253,7 +261,7 @@ def test_ten_users_four_slots_queue_in_order_and_never_share(ds01, docker_client
     assert sorted(slots) == ["0", "1", "2", "3"]
     assert all(len(holders_) == 1 for holders_ in slots.values()), slots
     message = first_progress_message(hub, waiting[0], "in line for")
-    assert "in line for a GPU (SIMULATED)" in message and "in use" in message, message
+    assert "in line for a whole GPU (SIMULATED); 2 MIG 2g.20gb slices are free now" in message
 
     def queued() -> float:
         return hub_metric(hub, "ds01_spawn_queue_length", group="students")
@@ -385,8 +393,9 @@ def test_a_gpu_reclaimed_while_stopped_is_replaced_on_restart(ds01, docker_clien
     assert allocator.revoked(stopped.id) == [taken]
 
     hub.start_server(alice, "m", mig)
-    message = first_progress_message(hub, alice, "waiting for a GPU", name="m")
-    assert "position 1 of 1" in message and rita in message
+    event = first_progress_event(hub, alice, "in line for", name="m")
+    details = " ".join(event[EVENT_KEY]["details"])  # the queue and the holders, in detail
+    assert "position 1 of 1" in details and rita in details, event
     hub.delete_server(rita, "m")
     hub.wait_ready(alice, "m", timeout=120)
     again = hub.container_of(alice, "m")

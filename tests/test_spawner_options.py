@@ -101,7 +101,8 @@ def test_user_options_are_typed_and_unknown_keys_named():
     assert normalize_user_options(None) == {}
     error = pytest.raises(OptionsError, normalize_user_options, {"gpu": 1, "cpus": 2}).value
     assert str(error) == (
-        "spawn option 'cpus'=2: unknown option(s) cpus, gpu; allowed: profile, image, gpus, mig"
+        "spawn option 'cpus'=2: unknown option(s) cpus, gpu; "
+        "allowed: profile, image, gpus, mig, queue"
     )
     for bad in (-1, 1.5, True, "two"):
         error = pytest.raises(OptionsError, normalize_user_options, {"gpus": bad}).value
@@ -419,7 +420,13 @@ async def test_queue_serves_priority_then_arrival_and_reports_positions():
             positions.setdefault(key, []).append((status.position, status.waiting))
 
         return queue.acquire(
-            key, priority, pool.attempt_for(key), timeout=30, abandon=pool.abandon, on_wait=on_wait
+            key,
+            priority,
+            pool.attempt_for(key),
+            user=key,
+            timeout=30,
+            abandon=pool.abandon,
+            on_wait=on_wait,
         )
 
     first = asyncio.create_task(waiter("first", 10))
@@ -447,7 +454,7 @@ async def test_queue_fails_fast_on_refusals_that_waiting_cannot_fix():
     async def over_quota() -> Decision:
         return Decision(reason="alice holds 1 of max 1", code="user_limit")
 
-    decision = await queue.acquire("k", 10, over_quota, timeout=5, abandon=None)
+    decision = await queue.acquire("k", 10, over_quota, user="u", timeout=5, abandon=None)
     assert decision.code == "user_limit" and len(queue) == 0
 
 
@@ -455,7 +462,9 @@ async def test_queue_rechecks_periodically_and_times_out_with_the_last_reason():
     queue = GpuQueue(recheck_interval=0.02)
     pool = FakeSlots(free=0)
     with pytest.raises(GpuWaitTimeout) as caught:
-        await queue.acquire("k", 10, pool.attempt_for("k"), timeout=0.1, abandon=pool.abandon)
+        await queue.acquire(
+            "k", 10, pool.attempt_for("k"), user="u", timeout=0.1, abandon=pool.abandon
+        )
     assert caught.value.decision is BUSY and "no free GPU slot" in str(caught.value)
     assert len(queue) == 0
 
@@ -465,7 +474,9 @@ async def test_queue_rechecks_periodically_and_times_out_with_the_last_reason():
         pool.free = 1
 
     asyncio.create_task(free_later())
-    decision = await queue.acquire("k2", 10, pool.attempt_for("k2"), timeout=2, abandon=None)
+    decision = await queue.acquire(
+        "k2", 10, pool.attempt_for("k2"), user="u", timeout=2, abandon=None
+    )
     assert decision.granted == ("k2",)
 
 
@@ -480,7 +491,7 @@ async def test_a_grant_that_arrives_after_giving_up_is_released():
         return await pool.attempt_for("slow")()
 
     task = asyncio.create_task(
-        queue.acquire("slow", 10, slow_attempt, timeout=30, abandon=pool.abandon)
+        queue.acquire("slow", 10, slow_attempt, user="u", timeout=30, abandon=pool.abandon)
     )
     await started.wait()
     task.cancel()  # the hub cancelled the spawn while the allocator was deciding
@@ -512,4 +523,5 @@ def test_every_door_agrees_on_the_keys_and_on_gpus_or_mig(options):
     assert both == (not (options.get("gpus") and options.get("mig")))
     for key in SPAWN_OPTION_KEYS:  # a key one door knows, every door knows
         value = 1 if key == "gpus" else "1g.10gb" if key == "mig" else "x"
+        value = True if key == "queue" else value
         assert spawn_options({key: value}) and normalize_user_options({key: value})

@@ -16,27 +16,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from ds01hub import labels
+from ds01hub.actions.names import OperationError, validate_name
 from ds01hub.errors import Ds01hubError
 from ds01hub.gpu.messages import EVENT_KEY, Message
 from ds01hub.hub.client import HubClient, HubError, HubUnreachable
 from ds01hub.provenance import Provenance
 from ds01hub.spawn_options import GPUS_OR_MIG, SPAWN_OPTION_KEYS, asks_gpus_and_mig
 from ds01hub.units import utcnow
-
-#: Container (project) names the users' commands accept.
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-NAME_RULE = (
-    "use lowercase letters, digits, '-' and '_' (starting with a letter or digit, "
-    "at most 63 characters)"
-)
 
 #: The project name shown for the user's default (unnamed) hub server.
 DEFAULT_PROJECT = labels.DEFAULT_PROJECT
@@ -45,11 +38,6 @@ DEFAULT_PROJECT = labels.DEFAULT_PROJECT
 LOGIN_SHELL = ["/bin/sh", "-c", "if [ -x /bin/bash ]; then exec /bin/bash -l; fi; exec /bin/sh -l"]
 
 #: The spawn `user_options` keys (docs/architecture.md "Spawn options"), as the browser's form.
-
-
-class OperationError(Ds01hubError):
-    """A user action failed: `message` says what, `hint` how to fix it; `status` is HTTP-like
-    (400 bad input, 403 refused, 404 no such container, 409 conflict/over quota, 502 hub)."""
 
 
 # ---- the services behind every action, when they fail --------------------------------------
@@ -146,24 +134,6 @@ def start_failure(project: str, state: str, docker_state: Mapping[str, Any]) -> 
     )
 
 
-def suggest_name(name: str) -> str:
-    """A valid name close to a rejected one (`My Project.v2` -> `my-project-v2`)."""
-    cleaned = re.sub(r"[^a-z0-9_-]+", "-", name.lower()).strip("-_")
-    return cleaned[:63] or "my-project"
-
-
-def validate_name(name: str, what: str = "container name") -> str:
-    """Return `name` if the commands accept it, else raise an OperationError that names the rule
-    and suggests a valid spelling."""
-    if not isinstance(name, str) or not NAME_RE.match(name):
-        raise OperationError(
-            f"bad {what} {name!r}: {NAME_RULE}",
-            hint=f"for example {suggest_name(str(name))!r}",
-            status=400,
-        )
-    return name
-
-
 def project_to_server(project: str) -> str:
     """Hub server name of a project: the default project is the user's unnamed server."""
     return "" if project == DEFAULT_PROJECT else project
@@ -200,6 +170,22 @@ def container_state(docker_status: str | None, hub_pending: str | None) -> str:
     if docker_status in ("running", "restarting", "paused"):
         return "running"
     return "stopped"
+
+
+def queued_view(request: Any, project: str) -> dict[str, Any]:
+    """A queued spawn request (`ds01hub.gpu.queued.QueuedRequest`) in `container-list`:
+    state `queued`, its place in the hub's GPU queue and the estimate (earliest hold expiry)."""
+    estimate = request.estimate
+    return {
+        "project": project,
+        "state": "queued",
+        "image": request.options.get("image"),
+        "gpus": [],
+        "queued_since": isoformat(datetime.fromtimestamp(request.since, UTC)),
+        "queue_position": request.position,
+        "queue_waiting": request.waiting,
+        "queue_estimate": isoformat(datetime.fromtimestamp(estimate, UTC)) if estimate else None,
+    }
 
 
 def container_view(
@@ -336,6 +322,8 @@ class OperationsContext:
     spawn_timeout: float = 900.0
     inspect_workers: int = 8
     docker_url: str = "unix:///var/run/docker.sock"  # where `docker` talks to (for messages)
+    #: The user's queued spawn requests (`ds01hub.gpu.queued.QueuedStore.of_user`), if known.
+    queued_for: Callable[[str], list[Any]] | None = None
 
 
 class UserOperations:
@@ -445,6 +433,11 @@ class UserOperations:
             project = server_to_project(name)
             if project not in views and server.get("pending"):
                 views[project] = container_view(None, server, project, now, hold)
+        queued = self.ctx.queued_for(self.user) if self.ctx.queued_for else []
+        for request in queued:
+            project = server_to_project(request.server)
+            if views.get(project, {}).get("state") in (None, "stopped"):
+                views[project] = {**views.get(project, {}), **queued_view(request, project)}
         rows = [views[p] for p in sorted(views)]
         if not include_stopped:
             rows = [r for r in rows if r["state"] != "stopped"]

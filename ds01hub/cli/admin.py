@@ -106,7 +106,7 @@ def register_proxy(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--upstream",
-        default="/var/run/docker.sock",
+        default=str(paths.DOCKER_SOCKET),
         help="the engine's socket (default %(default)s)",
     )
     parser.add_argument(
@@ -122,8 +122,9 @@ def register_proxy(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--limits",
         metavar="FILE",
-        help="resource-limits YAML applied to containers users create "
-        "(default: none applied; the security policy still is)",
+        help="resource-limits YAML applied to containers users create (default: "
+        "$DS01HUB_LIMITS, else /etc/ds01hub/resource-limits.yaml; with neither, the built-in "
+        "defaults, which limit no container setting; the security policy applies regardless)",
     )
     parser.add_argument(
         "--hub-state-dir",
@@ -226,7 +227,7 @@ def register_demo(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--workspace-root",
         type=Path,
-        default=Path("/srv/ds01hub/workspaces"),
+        default=paths.WORKSPACE_ROOT,
         help="where the users' workspaces live (default %(default)s, as installed)",
     )
     parser.add_argument(

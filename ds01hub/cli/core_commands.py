@@ -5,6 +5,7 @@
     ds01hub gpus [--json]                         the GPU inventory (NVML or simulated)
     ds01hub status [--reconcile] [--all-deployments] [--json]   slots -> holders; conflicts exit 1
     ds01hub usage [--by user|group] [--since DATE] [--json]   GPU-hours from the event log
+    ds01hub fairshare [--json]                    each user's decayed usage, factor, priority
 
 Each takes `--limits FILE` (default: $DS01HUB_LIMITS, else /etc/ds01hub/resource-limits.yaml).
 """
@@ -174,6 +175,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "would run as a formula are quoted with a leading '",
     )
     usage.set_defaults(handler=_guard(cmd_usage))
+
+    fairshare = subparsers.add_parser(
+        "fairshare",
+        parents=[_limits_option()],
+        help="each user's recent GPU usage, fair-share factor and effective priority",
+        description="Fair share (gpu_allocation.fairshare): GPU-hours from the event log decayed "
+        "with the half-life, the normalized usage and share, the factor 2^(-usage/share) and "
+        "the effective priority (configured + weight x factor) that orders the GPU queue and "
+        "decides reclaims. Users without recent GPU use have factor 1.",
+    )
+    fairshare.add_argument(
+        "--state-dir",
+        type=Path,
+        metavar="DIR",
+        help=STATE_DIR_HELP,
+    )
+    fairshare.add_argument("--json", action="store_true", help="print JSON")
+    fairshare.set_defaults(handler=_guard(cmd_fairshare))
 
 
 def _parse_date(text: str) -> datetime:
@@ -498,16 +517,20 @@ def _spreadsheet_safe(text: str) -> str:
     return f"'{text}" if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
 
 
-def cmd_usage(args: argparse.Namespace) -> int:
+def _event_log(state_dir: Path | None) -> Any:
     from ds01hub.gpu.eventlog import EventLog
 
-    path = paths.state_dir(args.state_dir) / "events.db"
+    path = paths.state_dir(state_dir) / "events.db"
     if not path.exists():
         raise CliError(
             f"no event log at {path}",
             hint="the hub writes it on the first GPU allocation; check --state-dir",
         )
-    hours = EventLog(path).gpu_hours(by=args.by, since=args.since)
+    return EventLog(path)
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    hours = _event_log(args.state_dir).gpu_hours(by=args.by, since=args.since)
     ranked = sorted(hours.items(), key=lambda item: (-item[1], item[0]))
     if args.json:
         print_json({"by": args.by, "since": args.since, "gpu_hours": dict(ranked)})
@@ -523,4 +546,61 @@ def cmd_usage(args: argparse.Namespace) -> int:
     rows = [{"who": who, "hours": f"{value:.2f}"} for who, value in ranked]
     columns = [Column(args.by.upper(), "who"), Column("GPU-HOURS", "hours")]
     print(render_table(rows, columns, colour=use_colour(sys.stdout)))
+    return EXIT_OK
+
+
+def cmd_fairshare(args: argparse.Namespace) -> int:
+    from ds01hub.gpu.fairshare import FairShare, relevant_since, report
+    from ds01hub.limits import FairShareConfig
+
+    config = _load_config(args)
+    configured = config.gpu_allocation.fairshare
+    settings = configured or FairShareConfig()
+    now = datetime.now(UTC)
+    since = datetime.fromtimestamp(relevant_since(now.timestamp(), settings.half_life), UTC)
+    intervals = _event_log(args.state_dir).intervals(since=since, until=now)
+    fair = FairShare.compute(settings, intervals, now.timestamp())
+    rows = report(fair if configured else FairShare(0.0, fair.users), config)
+    if args.json:
+        print_json(
+            {
+                "enabled": configured is not None,
+                "half_life_seconds": settings.half_life,
+                "weight": settings.weight if configured else 0,
+                "users": rows,
+            }
+        )
+        return EXIT_OK
+    if configured is None:
+        print(
+            "fair share is off (no gpu_allocation.fairshare in the limits file): the effective "
+            "priority is the configured one; usage shown with the default half-life"
+        )
+    if not rows:
+        print("no GPU time recorded within the half-life's horizon")
+        return EXIT_OK
+    shown = [
+        {
+            **row,
+            "group": row["group"] or "-",
+            "usage": f"{row['usage_gpu_hours']:.2f}",
+            "norm": f"{row['normalized_usage']:.3f}",
+            "share": f"{row['share']:.3f}",
+            "factor": f"{row['factor']:.3f}",
+            "priority": str(row["priority"]),
+            "effective": f"{row['effective']:g}",
+        }
+        for row in rows
+    ]
+    columns = [
+        Column("USER", "user"),
+        Column("GROUP", "group"),
+        Column("USAGE (GPU-H, DECAYED)", "usage"),
+        Column("NORM. USAGE", "norm"),
+        Column("SHARE", "share"),
+        Column("FACTOR", "factor"),
+        Column("PRIORITY", "priority"),
+        Column("EFFECTIVE", "effective"),
+    ]
+    print(render_table(shown, columns, colour=use_colour(sys.stdout)))
     return EXIT_OK

@@ -53,7 +53,13 @@ def paint(text: str, colour: str, enabled: bool) -> str:
     return f"\033[{_COLOURS[colour]}m{text}\033[0m"
 
 
-STATE_COLOURS = {"running": "green", "starting": "yellow", "stopping": "yellow", "stopped": "grey"}
+STATE_COLOURS = {
+    "running": "green",
+    "starting": "yellow",
+    "stopping": "yellow",
+    "stopped": "grey",
+    "queued": "yellow",
+}
 
 
 def format_percent(value: float | None) -> str:

@@ -836,12 +836,13 @@ async def send_error(client: Stream, status: int, message: str, method: str = "G
 
 
 def limits_loader(path: str | None) -> Callable[[Caller], policy.UserLimits | None]:
-    """The caller's limits from the YAML file (re-read when it changes), or none configured."""
-    if not path:
-        return lambda caller: None
+    """The caller's limits from the YAML file (re-read when it changes): `path`, else the
+    host's file, by the one rule for "no limits file" (ds01hub.limits.load_limits_or_defaults:
+    with none named and none at the default path, the built-in defaults, which limit no
+    container setting)."""
     from ds01hub.limits import LimitsStore
 
-    store = LimitsStore(path)
+    store = LimitsStore(path or None)
 
     def limits_for(caller: Caller) -> policy.UserLimits:
         resolved = store.resolve(caller.user, caller.groups)

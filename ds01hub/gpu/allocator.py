@@ -33,6 +33,10 @@ revoked slots of stopped containers (a running one still uses them: it holds the
 stops), `revoked(container)` tells the spawner, whose restart re-validation then asks for new
 slots, and the event log gets a `reclaim` event naming the winner. Entries disappear with their
 container.
+
+Fair share. With `gpu_allocation.fairshare`, priorities in the decision are effective ones
+(`gpu.fairshare`), computed from the event log's intervals at most every `fair_share_refresh`
+seconds of the clock (usage decays over days: seconds of lag change nothing).
 """
 
 from __future__ import annotations
@@ -54,9 +58,16 @@ from ds01hub.engine import engine_unreachable
 from ds01hub.errors import Ds01hubError
 from ds01hub.gpu.decision import Decision, GpuRequest, Holding, decide, describe_holding
 from ds01hub.gpu.eventlog import EventLog, EventLogError, NewEvent
+from ds01hub.gpu.fairshare import FairShare, relevant_since
 from ds01hub.gpu.inventory import Inventory
 from ds01hub.labels import ContainerRecord
-from ds01hub.limits import LimitsConfig, LimitsStore, ResolvedLimits, parse_limits
+from ds01hub.limits import (
+    FairShareConfig,
+    LimitsConfig,
+    LimitsStore,
+    ResolvedLimits,
+    parse_limits,
+)
 from ds01hub.provenance import Provenance
 from ds01hub.units import utcnow
 
@@ -407,6 +418,7 @@ class GpuAllocator:
         self._claims_path = self.state_dir / "reservations.json"
         self._revoked_path = self.state_dir / "revoked.json"
         self._hold_cache: tuple[LimitsConfig | None, dict] = (None, {})
+        self._fair_cache: tuple[float, FairShareConfig, FairShare] | None = None
         self._parsed: dict[tuple, ContainerRecord | None] = {}
 
     # -- configuration ------------------------------------------------------------------------
@@ -419,6 +431,28 @@ class GpuAllocator:
             self._limits.reload(wait=False)
             return self._limits.current
         return self._limits if self._limits is not None else parse_limits({})
+
+    #: Seconds a fair-share computation (the event log read, the decayed usage) is reused.
+    fair_share_refresh = 30.0
+
+    def fair_share(self, now: datetime | None = None) -> FairShare:
+        """Everyone's fair-share factor at `now` (default: the clock); off (no effect) when
+        `gpu_allocation.fairshare` is not configured or there is no event log. Reused for
+        `fair_share_refresh` seconds of the clock: usage decays over days, so a lag of
+        seconds changes no order, and a queue round asks once per waiter."""
+        config = self.config.gpu_allocation.fairshare
+        if config is None or self.eventlog is None:
+            return FairShare()
+        moment = (now or self.clock()).timestamp()
+        cached = self._fair_cache
+        fresh = cached is not None and cached[0] <= moment < cached[0] + self.fair_share_refresh
+        if cached is not None and fresh and cached[1] == config:
+            return cached[2]
+        since = relevant_since(moment, config.half_life)
+        intervals = self.eventlog.intervals(since=_moment(since), until=_moment(moment))
+        fair = FairShare.compute(config, intervals, moment)
+        self._fair_cache = (moment, config, fair)
+        return fair
 
     # -- the lock and the state files ----------------------------------------------------------
 
@@ -736,6 +770,7 @@ class GpuAllocator:
             now = self.clock()
             config = self.config
             view, facts, _ = self._settled_view(now)
+            fair = self.fair_share(now)
             decision = self._someone_elses(view.claims.get(request.container)) or decide(
                 request,
                 self.inventory.slots,
@@ -744,6 +779,7 @@ class GpuAllocator:
                 strategy=config.gpu_allocation.strategy,
                 now=now,
                 preempt_running=config.policies.preempt_running,
+                fair=fair,
             )
             claims = dict(view.claims)
             if decision.ok and decision.granted:
@@ -763,7 +799,8 @@ class GpuAllocator:
             # What existed before this decision is swept first; its own intervals are live.
             self._log_facts(facts + self._sweep_events(view, now))
             changed = claims if claims != view.stored_claims or decision.granted else None
-            self._commit(changed, revoked, self._decision_events(decision, request, limits, now))
+            events = self._decision_events(decision, request, limits, now, fair)
+            self._commit(changed, revoked, events)
         return decision
 
     def _someone_elses(self, claim: Claim | None) -> Decision | None:
@@ -954,17 +991,9 @@ class GpuAllocator:
             entry["slots"] = sorted(set(entry["slots"]) | slots)
             entry.update(reason=reason, at=now.isoformat())
             events = [
-                NewEvent(
-                    "release",
-                    interval.user,
-                    slot=interval.slot,
-                    container=interval.container,
-                    group=interval.group,
-                    reason=reason,
-                    at=now,
-                )
-                for interval in (self.eventlog.open_allocations() if self.eventlog else ())
-                if interval.container == mine[0].container and interval.slot in slots
+                event
+                for event in self._release_events(mine[0].container, reason, now)
+                if event.slot in slots
             ]
             self._commit(None, revoked, events)
         return sorted(slots)
@@ -986,9 +1015,13 @@ class GpuAllocator:
 
     @staticmethod
     def _decision_events(
-        decision: Decision, request: GpuRequest, limits: ResolvedLimits, now: datetime
+        decision: Decision,
+        request: GpuRequest,
+        limits: ResolvedLimits,
+        now: datetime,
+        fair: FairShare,
     ) -> list[NewEvent]:
-        priority = request.priority or limits.priority
+        priority = fair.effective(request.user, request.priority or limits.priority)
         events = [
             NewEvent(
                 "reclaim",
@@ -997,7 +1030,8 @@ class GpuAllocator:
                 container=holding.container,
                 group=holding.group,
                 reason=f"taken by {request.user} ({request.container}, priority "
-                f"{priority} > {holding.priority}) while {holding.state}",
+                f"{priority:g} > {fair.effective(holding.user, holding.priority):g}) "
+                f"while {holding.state}",
                 at=now,
             )
             for holding in decision.reclaimed
@@ -1009,7 +1043,7 @@ class GpuAllocator:
                 slot=slot,
                 container=request.container,
                 group=limits.group,
-                reason=f"priority {priority}",
+                reason=f"priority {priority:g}",
                 at=now,
             )
             for slot in decision.granted

@@ -14,7 +14,8 @@ Rules, in order:
 4. Not enough free: a request of higher priority may take slots that lower-priority users only
    hold (stopped containers), never slots of running containers unless `preempt_running`, and
    never in-flight reservations. Otherwise the reason names who holds what and when the
-   earliest hold expires.
+   earliest hold expires. Priorities compared here are effective ones (`gpu.fairshare`):
+   configured priority + fair-share weight x factor, when fair share is on.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 
+from ds01hub.gpu.fairshare import FairShare
 from ds01hub.gpu.inventory import Slot
 from ds01hub.limits import ResolvedLimits
 
@@ -250,8 +252,10 @@ def decide(
     strategy: str = "spread",
     now: datetime | None = None,
     preempt_running: bool = False,
+    fair: FairShare | None = None,
 ) -> Decision:
-    """Which slots `request` gets (see the module doc for the rules)."""
+    """Which slots `request` gets (see the module doc for the rules); `fair` (default: off)
+    turns the priorities of rule 4 into effective ones."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; use one of {STRATEGIES}")
     if request.count < 0:
@@ -287,7 +291,14 @@ def decide(
             return Decision(granted=tuple(s.id for s in chosen))
         chosen += free
         decision = _reclaim_or_refuse(
-            request, limits, candidates, by_slot, chosen, wanted, preempt_running
+            request,
+            limits,
+            candidates,
+            by_slot,
+            chosen,
+            wanted,
+            preempt_running,
+            fair or FairShare(),
         )
         if decision.ok:
             return decision
@@ -308,8 +319,10 @@ def _reclaim_or_refuse(
     chosen: list[Slot],
     wanted: int,
     preempt_running: bool,
+    fair: FairShare,
 ) -> Decision:
-    priority = request.priority if request.priority is not None else limits.priority
+    configured = request.priority if request.priority is not None else limits.priority
+    priority = fair.effective(request.user, configured)
     chosen_ids = {s.id for s in chosen}
     victims: list[tuple[tuple, Slot, list[Holding]]] = []
     for slot in candidates:
@@ -318,13 +331,13 @@ def _reclaim_or_refuse(
             continue
         takeable = all(
             h.user != request.user
-            and h.priority < priority
+            and fair.effective(h.user, h.priority) < priority
             and (h.state == "stopped" or (h.state == "running" and preempt_running))
             for h in holders
         )
         if takeable:
             running = any(h.state == "running" for h in holders)
-            lowest = min(h.priority for h in holders)
+            lowest = min(fair.effective(h.user, h.priority) for h in holders)
             expiry = min((h.held_until for h in holders if h.held_until), default=None)
             order = (running, lowest, expiry is None, expiry or datetime.max, slot.id)
             victims.append((order, slot, holders))
@@ -340,7 +353,7 @@ def _reclaim_or_refuse(
 
 def _busy(
     request: GpuRequest,
-    priority: int,
+    priority: float,
     candidates: Sequence[Slot],
     by_slot: dict[str, list[Holding]],
     wanted: int,
@@ -351,7 +364,9 @@ def _busy(
     earliest = min(expiries, default=None)
     per_user = Counter(h.user for h in holders)
     listing = "; ".join(describe_holding(h) for h in holders)
-    text = f"no free GPU slot for {request.user} ({wanted} wanted, priority {priority}): {listing}."
+    text = (
+        f"no free GPU slot for {request.user} ({wanted} wanted, priority {priority:g}): {listing}."
+    )
     if earliest is not None:
         first = min((h for h in holders if h.held_until == earliest), key=lambda h: h.slot_id)
         text += (

@@ -28,13 +28,15 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ds01hub.errors import Ds01hubError
-from ds01hub.gpu.decision import Decision, GpuRequest, Holding, describe_holding
-from ds01hub.gpu.inventory import Slot
-from ds01hub.limits import ResolvedLimits
 from ds01hub.units import format_duration, gpu_use
+
+if TYPE_CHECKING:  # the users' commands read messages without the allocator's modules (start-up)
+    from ds01hub.gpu.decision import Decision, GpuRequest, Holding
+    from ds01hub.gpu.inventory import Slot
+    from ds01hub.limits import ResolvedLimits
 
 __all__ = [
     "EVENT_KEY",
@@ -316,6 +318,8 @@ def _source(limits: ResolvedLimits | None, key: str) -> str:
 
 
 def _holder_lines(holders: Iterable[Holding]) -> list[str]:
+    from ds01hub.gpu.decision import describe_holding
+
     return [f"held: {describe_holding(h)}" for h in holders]
 
 

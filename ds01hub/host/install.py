@@ -102,7 +102,7 @@ class Layout:
     etc = property(lambda self: self.at(str(paths.CONFIG_DIR)))
     state = property(lambda self: self.at(str(paths.DEFAULT_STATE_DIR)))
     logs = property(lambda self: self.at("/var/log/ds01hub"))
-    workspaces = property(lambda self: self.at("/srv/ds01hub/workspaces"))
+    workspaces = property(lambda self: self.at(str(paths.WORKSPACE_ROOT)))
     units = property(lambda self: self.at("/etc/systemd/system"))
     logrotate = property(lambda self: self.at("/etc/logrotate.d/ds01hub"))
     dev = property(lambda self: self.at("/dev"))

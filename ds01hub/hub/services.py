@@ -227,3 +227,21 @@ def configure_ops(
     configure_pages(c)
     if announce:
         c.JupyterHub.template_vars.update({"announcement": hub_announcement(state_dir)})
+
+
+QUEUE_SERVICE = "ds01-queue"
+QUEUE_SCOPES = ["servers", "read:users", "read:servers"]
+
+
+def configure_queue(c: Any, state_dir: str | os.PathLike | None = None) -> None:
+    """Let users leave a spawn request queued ("wait for a GPU", the `queue` spawn option):
+    the hub starts such a server itself when its GPU is granted, through its own REST API,
+    with the token of a token-only service (`QUEUE_SCOPES`), kept in the state directory
+    (`queue-token`, mode 0600, made on first use) and given to `DS01Spawner.queue_api_token`."""
+    state_dir = paths.state_dir(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    token = provenance.secret_file(state_dir / "queue-token")
+    replace_named(c.JupyterHub, "services", {"name": QUEUE_SERVICE, "api_token": token})
+    role = {"name": QUEUE_SERVICE, "services": [QUEUE_SERVICE], "scopes": QUEUE_SCOPES}
+    replace_named(c.JupyterHub, "load_roles", role)
+    c.DS01Spawner.queue_api_token = token

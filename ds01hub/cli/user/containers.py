@@ -7,7 +7,7 @@ import argparse
 import os
 from typing import Any
 
-from ds01hub.actions.operations import validate_name
+from ds01hub.actions.names import validate_name
 from ds01hub.cli.output import (
     EXIT_FAILURE,
     EXIT_OK,

@@ -7,10 +7,9 @@ import argparse
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, TextIO, TypeVar
 
-from ds01hub.actions.operations import OperationError, validate_name
+from ds01hub.actions.names import OperationError, validate_name
 from ds01hub.cli.output import (
     EXIT_USAGE,
     CliError,
@@ -21,6 +20,7 @@ from ds01hub.cli.user import backends
 from ds01hub.errors import Ds01hubError
 from ds01hub.gpu.messages import Message
 from ds01hub.spawn_options import SPAWN_OPTION_KEYS
+from ds01hub.units import utcnow
 
 T = TypeVar("T")
 
@@ -190,6 +190,13 @@ def add_spawn_options(parser: argparse.ArgumentParser) -> None:
     gpu.add_argument("--gpus", type=positive_int, metavar="N", help="number of whole GPUs")
     gpu.add_argument("--mig", metavar="PROFILE", help="a MIG slice, e.g. 1g.10gb")
     parser.add_argument("--profile", help="a named profile from the lab's configuration")
+    parser.add_argument(
+        "--queue",
+        action="store_true",
+        default=None,
+        help="if no GPU is free, leave the request queued (no time limit, also across hub "
+        "restarts): the container starts by itself when a GPU is granted",
+    )
 
 
 def spawn_options_from(args: argparse.Namespace) -> dict[str, Any]:
@@ -218,7 +225,7 @@ def follow(
             message = str(event.get("message") or event.get("text") or "")
             said = Message.from_event(event)  # a wait: its headline and a countdown
             if said is not None:
-                countdown = said.countdown(datetime.now(UTC))
+                countdown = said.countdown(utcnow())
                 message = f"{said.headline} ({countdown})" if countdown else said.headline
             if not ctx.json:
                 line.update(event_fraction(event.get("progress"), kind), message)

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ds01hub.actions.operations import OperationError, validate_name
+from ds01hub.actions.names import OperationError, validate_name
 from ds01hub.cli.output import (
     EXIT_OK,
     EXIT_USAGE,

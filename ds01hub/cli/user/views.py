@@ -28,6 +28,8 @@ _EXITED = re.compile(r"Exited \(-?\d+\) (.{1,40})")
 def time_cell(row: dict[str, Any]) -> str:
     """Uptime or time stopped; for a stopped container the listing did not inspect (no
     stop time), Docker's own rough age from its status line (`Exited (0) 3 hours ago`)."""
+    if row.get("state") == "queued":
+        return queue_cell(row)
     if row.get("uptime_s") is not None:
         return f"up {human_duration(row['uptime_s'])}"
     if row.get("stopped_for_s") is not None:
@@ -36,6 +38,14 @@ def time_cell(row: dict[str, Any]) -> str:
     if exited:
         return f"stopped {exited.group(1)}"
     return "-"
+
+
+def queue_cell(row: dict[str, Any]) -> str:
+    """`position 2 of 5, est. 2026-03-01 14:00 UTC` for a queued request."""
+    position, waiting = row.get("queue_position"), row.get("queue_waiting")
+    text = f"position {position} of {waiting}" if position else "queued"
+    estimate = row.get("queue_estimate")
+    return text + (f", est. {estimate.replace('T', ' ')[:16]} UTC" if estimate else ", no est.")
 
 
 def held_cell(row: dict[str, Any]) -> str:

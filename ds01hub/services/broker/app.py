@@ -32,12 +32,12 @@ from traitlets.config import Application
 
 from ds01hub import paths, peer, provenance
 from ds01hub.actions import images
-from ds01hub.actions.builds import MAX_CONCURRENT_BUILDS, BuildManager, docker_builder
 from ds01hub.actions.operations import (
     OperationError,
     OperationsContext,
     docker_unreachable,
 )
+from ds01hub.gpu.queued import QueuedStore
 from ds01hub.hub.client import HubClient
 from ds01hub.peer import Caller
 from ds01hub.services.broker.handlers import (
@@ -63,6 +63,7 @@ from ds01hub.services.broker.protocol import (
     API_PREFIX,
     DEFAULT_SOCKET,
 )
+from ds01hub.services.settings import HostSettings, ImageBuildSettings
 
 log = logging.getLogger("ds01hub.services.broker")
 
@@ -79,16 +80,7 @@ class BrokerImages:
     def __init__(self, broker: Broker, docker_client: Any):
         self.broker = broker
         self.docker = docker_client
-        run_build = docker_builder(
-            docker_client,
-            broker.base_image,
-            broker.ca_bundle,
-            broker.build_memory_limit,
-            who="Broker.base_image",
-        )
-        self.builds = BuildManager(
-            run_build, broker.state_dir, max_concurrent=broker.max_concurrent_builds
-        )
+        self.builds = broker.build_manager(docker_client, broker.state_dir)
 
     def templates(self) -> list[dict[str, Any]]:
         return [t.to_dict() for t in images.list_templates()]
@@ -137,10 +129,10 @@ class BrokerImages:
 def docker_socket_path() -> str:
     """The Docker engine's unix socket from DOCKER_HOST (unix://...), else the default."""
     host = os.environ.get("DOCKER_HOST", "")
-    return host[len("unix://") :] if host.startswith("unix://") else "/var/run/docker.sock"
+    return host[len("unix://") :] if host.startswith("unix://") else str(paths.DOCKER_SOCKET)
 
 
-class Broker(Application):
+class Broker(HostSettings, ImageBuildSettings, Application):
     """Run the ds01 broker as a JupyterHub managed service."""
 
     name = "ds01hub-broker"
@@ -190,50 +182,13 @@ class Broker(Application):
         help="The service's token; JupyterHub gives managed services $JUPYTERHUB_API_TOKEN.",
     ).tag(config=True)
 
-    limits_path = Unicode(
-        "",
-        help="resource-limits.yaml (default: $DS01HUB_LIMITS or "
-        "/etc/ds01hub/resource-limits.yaml); used for GPU hold times, quotas and stats.",
-    ).tag(config=True)
-
     docker_socket = Unicode(
         help="The Docker engine's unix socket (default from $DOCKER_HOST).",
-    ).tag(config=True)
-
-    state_dir = Unicode(
-        help="""The spawner's state directory (default $DS01HUB_STATE_DIR, else
-        /var/lib/ds01hub), where the culler keeps its pending warnings (each command tells
-        its user which of their containers are about to be stopped as idle) and whose label
-        key and deployment id decide which containers are this hub's.""",
     ).tag(config=True)
 
     spawn_timeout = Float(
         900.0,
         help="Longest a start may wait for the hub (e.g. for a GPU) before the command gives up.",
-    ).tag(config=True)
-
-    base_image = Unicode(
-        help="Image that users' images are built FROM (default $DS01HUB_SINGLEUSER_IMAGE), as "
-        "for the ds01 service: the admin's choice, never the user's.",
-    ).tag(config=True)
-
-    ca_bundle = Unicode(
-        "",
-        help="PEM CA bundle trusted inside image builds (sites behind a TLS-intercepting proxy).",
-    ).tag(config=True)
-
-    max_images_per_user = Integer(10, help="Images one user may keep (0 = no limit).").tag(
-        config=True
-    )
-
-    max_concurrent_builds = Integer(
-        MAX_CONCURRENT_BUILDS,
-        help="Image builds running at once on the host, all users and both doors (the broker "
-        "and the ds01 service share the slots through the state directory).",
-    ).tag(config=True)
-
-    build_memory_limit = Integer(
-        4 * 1024**3, help="Memory (bytes) for each build step's container (0 = unlimited)."
     ).tag(config=True)
 
     inspect_workers = Integer(
@@ -263,14 +218,6 @@ class Broker(Application):
     @default("api_token")
     def _api_token_default(self) -> str:
         return os.environ.get("JUPYTERHUB_API_TOKEN", "")
-
-    @default("base_image")
-    def _base_image_default(self) -> str:
-        return os.environ.get("DS01HUB_SINGLEUSER_IMAGE", "")
-
-    @default("state_dir")
-    def _state_dir_default(self) -> str:
-        return str(paths.state_dir())
 
     @default("docker_socket")
     def _docker_socket_default(self) -> str:
@@ -321,6 +268,7 @@ class Broker(Application):
             spawn_timeout=self.spawn_timeout,
             inspect_workers=self.inspect_workers,
             docker_url=self.docker_url,
+            queued_for=QueuedStore(self.state_dir).of_user,
         )
 
     def _limits_and_gpus(self):

@@ -35,16 +35,17 @@ from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler, HubOAuth
 from tornado import web
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop
-from traitlets import Bool, Integer, Unicode, default
+from traitlets import Bool, Unicode, default
 from traitlets.config import Application
 
-from ds01hub import paths, provenance
+from ds01hub import provenance
 from ds01hub.actions import images
-from ds01hub.actions.builds import MAX_CONCURRENT_BUILDS, Build, BuildManager, docker_builder
+from ds01hub.actions.builds import Build
 from ds01hub.actions.operations import OperationError, OperationsContext, UserOperations
 from ds01hub.engine import EngineState, engine_unreachable, engine_url, short_error
 from ds01hub.hub.client import HubClient
 from ds01hub.hub.services import NOTEBOOK_PORT, NOTEBOOK_SERVICE
+from ds01hub.services.settings import HostSettings, ImageBuildSettings
 from ds01hub.services.web import JsonHandler
 
 # ---------------------------------------------------------------- handlers
@@ -191,61 +192,11 @@ class IndexHandler(ServiceHandler):
 # ---------------------------------------------------------------- application
 
 
-class DS01Service(Application):
+class DS01Service(HostSettings, ImageBuildSettings, Application):
     """The ds01 hub-side service (a JupyterHub managed service)."""
 
     name = "ds01hub-service"
     description = "Hub-side ds01 service: quota, containers and image builds for notebooks"
-
-    base_image = Unicode(
-        help="""Image that user images are built FROM: the lab's single-user image.
-
-        Chosen by the admin only; users cannot pick another base.
-        Default: $DS01HUB_SINGLEUSER_IMAGE.
-        """
-    ).tag(config=True)
-
-    @default("base_image")
-    def _default_base_image(self) -> str:
-        return os.environ.get("DS01HUB_SINGLEUSER_IMAGE", "")
-
-    ca_bundle = Unicode(
-        "",
-        help="""PEM CA bundle trusted inside image builds (pip, requests, OpenSSL, apt).
-
-        Set it when the host reaches PyPI/Debian through a TLS-intercepting proxy, e.g.
-        /etc/ssl/certs/ca-certificates.crt. Empty: builds use the image's own CAs.
-        """,
-    ).tag(config=True)
-
-    max_images_per_user = Integer(10, help="How many images one user may keep (0 = no limit).").tag(
-        config=True
-    )
-
-    max_concurrent_builds = Integer(
-        MAX_CONCURRENT_BUILDS,
-        help="Builds running at once on the host, all users and both doors (this service and "
-        "the broker share the slots through the state directory); more wait in a queue.",
-    ).tag(config=True)
-
-    build_memory_limit = Integer(
-        4 * 1024**3, help="Memory (bytes) for each build step's container (0 = unlimited)."
-    ).tag(config=True)
-
-    limits_path = Unicode(
-        "",
-        help="resource-limits.yaml for quota answers. Empty: $DS01HUB_LIMITS or the default path.",
-    ).tag(config=True)
-
-    state_dir = Unicode(
-        help="""The spawner's state directory (default $DS01HUB_STATE_DIR, else
-        /var/lib/ds01hub): its label key and deployment id decide which containers are this
-        hub's (docs/architecture.md, "Trust: labels").""",
-    ).tag(config=True)
-
-    @default("state_dir")
-    def _default_state_dir(self) -> str:
-        return str(paths.state_dir())
 
     hub_api_url = Unicode(help="The hub API URL. Default: $JUPYTERHUB_API_URL.").tag(config=True)
 
@@ -292,16 +243,7 @@ class DS01Service(Application):
             connect=docker.from_env,
             ping_interval=2.0,
         )
-        run_build = docker_builder(
-            self.docker,
-            self.base_image,
-            self.ca_bundle,
-            self.build_memory_limit,
-            who="DS01Service.base_image",
-        )
-        self.builds = BuildManager(
-            run_build, self.state_dir, max_concurrent=self.max_concurrent_builds
-        )
+        self.builds = self.build_manager(self.docker, self.state_dir)
         self._limits_store = None
 
     def limits_for(self, user: str, groups: Iterable[str]):

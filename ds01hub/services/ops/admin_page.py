@@ -143,11 +143,13 @@ def overview(
     pending_culls: Iterable[Any] = (),
     engine: Any = None,
     queue: Iterable[Mapping[str, Any]] = (),
+    fairshare: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Everything the page shows, JSON-ready (also served as `api/overview`).
     `pending_culls`: the culler's standing warnings (`ds01hub.services.ops.warnings.CullWarning`);
     `engine`: the Docker engine's `ds01hub.engine.EngineState` (its current or last outage);
-    `queue`: the starts waiting for a GPU, in the order they are served (`queue_rows`)."""
+    `queue`: the starts waiting for a GPU, in the order they are served (`queue_rows`);
+    `fairshare`: `ds01hub.gpu.fairshare.report`'s rows (None: fair share is off)."""
     since = week_start(now)
     slots = slot_rows(status, inventory)
     usage = {}
@@ -180,6 +182,7 @@ def overview(
         "slots": slots,
         "alerts": alerts(slots, eventlog.health() if eventlog is not None else None),
         "usage": usage,
+        "fairshare": fairshare,
     }
 
 

@@ -32,6 +32,7 @@ from ds01hub import paths, provenance
 from ds01hub.engine import EngineState, engine_unreachable, engine_url
 from ds01hub.hub.services import OPS_PORT, OPS_SERVICE
 from ds01hub.services.ops.culler import Culler
+from ds01hub.services.settings import HostSettings
 from ds01hub.units import utcnow
 
 __all__ = ["OpsService", "build_components"]
@@ -74,7 +75,17 @@ class Components:
             pending_culls=self.culler.warnings.load().values(),
             engine=self.engine,
             queue=queue,
+            fairshare=self._fairshare(),
         )
+
+    def _fairshare(self) -> list[dict[str, Any]] | None:
+        """The fair-share rows (None when `gpu_allocation.fairshare` is off)."""
+        from ds01hub.gpu.fairshare import report
+
+        config = self.limits.current
+        if config.gpu_allocation.fairshare is None:
+            return None
+        return report(self.allocator.fair_share(), config)
 
 
 def build_components(
@@ -144,7 +155,7 @@ def _docker_from_env() -> Any:
     return docker.from_env()
 
 
-class OpsService(Application):
+class OpsService(HostSettings, Application):
     """The ds01-ops managed service: the cull loop, the admin page, the state metrics."""
 
     name = "ds01hub-ops"
@@ -182,15 +193,6 @@ class OpsService(Application):
         help="Run the lifecycle pass: record expired GPU holds, remove containers stopped "
         "longer than container_hold_after_stop (their workspace mounts are kept).",
     ).tag(config=True)
-    limits_path = Unicode(
-        "", help="The resource-limits YAML (default: $DS01HUB_LIMITS, else /etc/ds01hub/...)."
-    ).tag(config=True)
-    state_dir = Unicode(
-        "",
-        help="Allocator state and event log (default: $DS01HUB_STATE_DIR, else "
-        "/var/lib/ds01hub); the same directory as the spawner's.",
-    ).tag(config=True)
-
     extra_labels = List(
         Unicode(),
         help="Only containers with these labels too (`key=value`): one hub of several on an "

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from html import escape
 from pathlib import Path
 from typing import Any
 
 from ds01hub import paths
+from ds01hub.gpu.queued import QueuedRequest, QueuedStore
 
 WARNINGS_FILE = "cull-warnings.json"
 
@@ -86,14 +88,31 @@ def pending_warnings(user: str, state_dir: str | os.PathLike | None = None) -> l
     return sorted((w for w in store.load().values() if w.user == user), key=lambda w: w.cull_at)
 
 
+def queued_line(request: QueuedRequest) -> str:
+    """A queued request on the hub's pages: its place in the GPU queue and the estimate."""
+    name = request.server or "(default)"
+    where = f"position {request.position} of {request.waiting}" if request.position else "queued"
+    if request.estimate:
+        estimate = f"estimate: {datetime.fromtimestamp(request.estimate, UTC):%Y-%m-%d %H:%M} UTC"
+    else:
+        estimate = "no estimate (the GPUs are in use by running servers)"
+    return f"Your server {name} waits for a GPU: {where}, {estimate}. It starts by itself."
+
+
 def hub_announcement(state_dir: str | os.PathLike) -> Callable[[Any], str]:
     """For `c.JupyterHub.template_vars["announcement"]`: the hub calls it with the current user
     on every hub page (home, spawn, token, ...) and shows the result as a banner, so a user
-    who opens the hub sees their pending culls. Escaped: the hub inserts it as HTML."""
+    who opens the hub sees their pending culls, their queued requests (position, estimate)
+    and which queued server started lately. Escaped: the hub inserts it as HTML."""
+
+    queued = QueuedStore(state_dir)
 
     def announcement(user: Any) -> str:
         if user is None:
             return ""
-        return "<br>".join(escape(w.message()) for w in pending_warnings(user.name, state_dir))
+        lines = [w.message() for w in pending_warnings(user.name, state_dir)]
+        lines += queued.notices(user.name, time.time())
+        lines += [queued_line(request) for request in queued.of_user(user.name)]
+        return "<br>".join(escape(line) for line in lines)
 
     return announcement
