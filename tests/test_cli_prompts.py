@@ -23,6 +23,8 @@ TIMEOUT = 20.0
 class Backend:
     """Answers like the broker; records what was asked of it."""
 
+    remote = False
+
     def __init__(self, containers=(), images=(), mig_profiles=None, max_gpus=2):
         self.calls: list[tuple] = []
         self.containers = [dict(c) for c in containers]
@@ -346,3 +348,19 @@ def test_the_status_line_and_its_estimate():
     assert progress.event_fraction(0.5, "step") == 0.5
     assert progress.event_fraction(True, "step") is None
     assert progress.event_fraction("50", "step") is None
+
+
+def test_away_from_the_host_a_heavy_template_is_not_announced():
+    """Remotely no build can start: the command says so at once, without a size to confirm."""
+    from ds01hub.cli.user.backends import host_only
+
+    class Remote(Backend):
+        remote = True
+
+        def build_image(self, request):
+            raise host_only("image builds")
+
+    term = Terminal("image-create", ["x"], Remote())
+    shown = term.expect("on the host")
+    assert "downloads" not in shown and "Build it?" not in shown
+    assert term.finish() == 1

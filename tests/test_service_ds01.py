@@ -89,7 +89,7 @@ def test_quota_containers_and_a_project_container_from_the_wizard(ds01_hub, dock
         # The widgets, run here against alice's real container (through the proxy).
         client = Ds01Client(hub.user_url(alice), alice_token)
         panel = QuotaPanel(client=client)
-        assert "512 MiB" in panel.limits_html.value and "1 running" in panel.limits_html.value
+        assert "512M" in panel.limits_html.value and "1 running" in panel.limits_html.value
         assert "default" in panel.containers_html.value
         wizard = ProjectWizard(client=client)
         wizard.project_name.value = "Has.Upper"

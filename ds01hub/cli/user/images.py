@@ -133,7 +133,8 @@ def confirm_download(ctx: Context, request: dict[str, Any], assume_yes: bool) ->
 def follow_build(ctx: Context, request: dict[str, Any], assume_yes: bool = False) -> dict[str, Any]:
     """Start a build and show it to its end: heavy downloads are confirmed first, Ctrl-C
     offers to cancel it."""
-    confirm_download(ctx, request, assume_yes)
+    if not ctx.backend.remote:  # away from the host no build starts: nothing to confirm
+        confirm_download(ctx, request, assume_yes)
     name = request["name"]
     return follow(
         ctx,

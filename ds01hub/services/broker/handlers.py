@@ -215,7 +215,7 @@ class BuildHandler(BrokerHandler):
     """The caller's running build: DELETE cancels it (`image-cancel`)."""
 
     async def delete(self) -> None:
-        self.reply(await self.broker.images.cancel(self.user))
+        self.write_json(await self.broker.images.cancel(self.user))
 
 
 class ImageHandler(BrokerHandler):
