@@ -299,6 +299,12 @@ def test_a_killed_worker_s_servers_stop_their_slots_free_after_the_hold_and_it_r
     cluster.revive("node2")
     wait_until(lambda: node_state(manager, "node2") == "ready", 120, message="node2 back")
     wait_until(lambda: running_task(manager, services["node2"][1]) is None, 60)
+    # a rejoining node is "ready" before its description (its slots) is seen again
+    wait_until(
+        lambda: "node2" in {s.node for s in inventory_of(cluster).slots},
+        60,
+        message="node2's slots offered again",
+    )
     allocator = allocator_for(cluster, manager, tmp_path, trust, limits)
     allocator.clock = lambda: utcnow() + later
     decision, service_id = spawn(allocator, manager, cluster, trust, "user3")

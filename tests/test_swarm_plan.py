@@ -130,3 +130,15 @@ def test_a_server_whose_slot_node_is_down_is_stopped_whatever_its_tasks_say():
         assert document["State"]["Status"] == "exited", tasks
         assert document["State"]["FinishedAt"] == "2026-01-01T12:30:00Z"
         assert document["Node"] == "n2"
+
+
+def test_a_stopped_service_whose_tasks_swarm_reaped_still_ran():
+    """Scaled up then down, its ended tasks deleted by Swarm's task reaper: stopped (held from
+    its last update), never mistaken for a never-started one."""
+    service = _service(0) | {
+        "PreviousSpec": {"Name": "default--ann"},
+        "UpdatedAt": "2026-01-01T13:00:00Z",
+    }
+    (document,) = service_documents([service], [], READY)
+    assert document["State"]["Status"] == "exited"
+    assert document["State"]["FinishedAt"] == "2026-01-01T13:00:00Z"

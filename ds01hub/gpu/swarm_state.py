@@ -97,6 +97,10 @@ def service_document(
         status, finished = "running", ZERO_TIME
     elif ended:
         status, finished = "exited", max(ended)
+    elif service.get("PreviousSpec"):
+        # updated since its creation at zero replicas, i.e. scaled up (and down again): it ran,
+        # and Swarm has reaped its ended tasks; it stopped when last updated
+        status, finished = "exited", str(service.get("UpdatedAt") or ZERO_TIME)
     else:
         status, finished = "created", ZERO_TIME
     ran = [_task_time(t) for t in tasks if _task_state(t) not in ("new", "pending", "assigned")]

@@ -109,7 +109,7 @@ class SwarmCluster:
         self.token = secrets.token_hex(3)
         self.prefix = f"ds01sw{self.token}"
         self.network = self.prefix
-        self.directory = Path(tempfile.mkdtemp(prefix="ds01sw-", dir="/tmp"))
+        self.directory = Path()  # a temporary directory of its own, made by start()
         self.nodes: dict[str, Node] = {}
         self.containers: list[str] = []
         self._network_made = False
@@ -117,6 +117,7 @@ class SwarmCluster:
     # -- lifecycle -----------------------------------------------------------------------
 
     def start(self) -> SwarmCluster:
+        self.directory = Path(tempfile.mkdtemp(prefix="ds01sw-", dir="/tmp"))
         try:
             image = ensure_node_image()
             _docker("network", "create", "--label", "ds01.test=1", self.network)
@@ -141,7 +142,8 @@ class SwarmCluster:
             _docker("rm", "--force", "--volumes", container, check=False)
         if self._network_made:
             _docker("network", "rm", self.network, check=False)
-        shutil.rmtree(self.directory, ignore_errors=True)
+        if self.directory.name.startswith("ds01sw-"):
+            shutil.rmtree(self.directory, ignore_errors=True)
 
     def _start_registry(self, image: str) -> None:
         config = self.directory / "registry.yml"
