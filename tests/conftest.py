@@ -130,3 +130,35 @@ def chromium():
         browser = launch_chromium(playwright)
         yield browser
         browser.close()
+
+
+# -- swarm: one three-node cluster per run, shared by every `swarm` test file ----------------
+
+
+@pytest.fixture(scope="session")
+def swarm_cluster(docker_client):
+    """Three dind nodes + a registry (tests/harness/swarm.py), started once per run: a cluster
+    takes about a minute to form. `.image` is a tiny busybox image in its registry. Tests
+    leave it as they found it (nodes active, services removed by `swarm_manager`)."""
+    from harness.cli import busybox_image
+    from harness.swarm import SwarmCluster
+
+    swarm = SwarmCluster().start()
+    try:
+        swarm.image = swarm.push_image(busybox_image(docker_client), "ds01test/busybox:1")
+        yield swarm
+    finally:
+        swarm.close()
+
+
+@pytest.fixture
+def swarm_manager(swarm_cluster):
+    """A client of the manager's engine; removes the test's services (label ds01.test=1)."""
+    import contextlib
+
+    client = swarm_cluster.manager.client()
+    yield client
+    for service in client.api.services(filters={"label": "ds01.test=1"}):
+        with contextlib.suppress(Exception):
+            client.api.remove_service(service["ID"])
+    client.close()

@@ -14,20 +14,25 @@ import contextlib
 from datetime import timedelta
 
 import pytest
-from harness.cli import busybox_image
 from harness.hub import Hub
-from harness.swarm import SwarmCluster, node_inventory
+from harness.swarm import (
+    inventory_of,
+    node_inventory,
+    node_state,
+    running_task,
+    spawn_service,
+    swarm_allocator,
+)
 from harness.wait import wait_until
 
-from ds01hub import labels, provenance
-from ds01hub.gpu.allocator import GpuAllocator, utcnow
+from ds01hub import provenance
+from ds01hub.gpu.allocator import utcnow
 from ds01hub.gpu.cluster import cluster_inventory, parse_node, split_slot_id
 from ds01hub.gpu.decision import GpuRequest
 from ds01hub.gpu.swarm_state import (
     create_service,
     scale_service,
     swarm_lister,
-    swarm_remover,
 )
 from ds01hub.limits import parse_limits
 from ds01hub.spawner.swarm_plan import service_name, service_spec
@@ -40,80 +45,22 @@ LIMITS = parse_limits(
 USERS = [f"user{n}" for n in range(8)]
 
 
-@pytest.fixture(scope="module")
-def cluster(docker_client):
-    swarm = SwarmCluster().start()
-    try:
-        swarm.image = swarm.push_image(busybox_image(docker_client), "ds01test/busybox:1")
-        yield swarm
-    finally:
-        swarm.close()
+@pytest.fixture
+def cluster(swarm_cluster):
+    return swarm_cluster
 
 
 @pytest.fixture
-def manager(cluster):
-    client = cluster.manager.client()
-    yield client
-    for service in client.api.services(filters={"label": "ds01.test=1"}):
-        with contextlib.suppress(Exception):
-            client.api.remove_service(service["ID"])
-    client.close()
-
-
-def inventory_of(cluster):
-    return cluster_inventory(parse_node(n, simulated=True) for n in cluster.node_objects())
+def manager(swarm_manager):
+    return swarm_manager
 
 
 def allocator_for(cluster, manager, tmp_path, trust, limits=LIMITS):
-    return GpuAllocator(
-        None,
-        inventory_of(cluster),
-        tmp_path / "state",
-        limits=limits,
-        container_lister=swarm_lister(manager, trust),
-        container_remover=swarm_remover(manager),
-        trust=trust,
-    )
+    return swarm_allocator(cluster, manager, tmp_path / "state", trust, limits)
 
 
 def spawn(allocator, manager, cluster, trust, user):
-    """The swarm spawner's steps: allocate, create the service (zero replicas) with signed
-    labels, confirm the slots under the lock, scale to one. Returns (decision, service id)."""
-    name = service_name(user)
-    decision = allocator.allocate(GpuRequest(user, name, count=1), LIMITS.resolve(user))
-    if not decision.ok:
-        return decision, None
-    slots = [allocator.inventory.slot(s) for s in decision.granted]
-    values = labels.container_labels(
-        user=user,
-        project=None,
-        group=None,
-        priority=10,
-        gpus=decision.granted,
-        gpu_uuids=[s.uuid for s in slots],
-        image=cluster.image,
-    )
-    values[labels.CREATOR] = allocator.creator_label()
-    signed = trust.sign(values, name) | {"ds01.test": "1"}
-    body = service_spec(
-        name=name,
-        image=cluster.image,
-        command=["sleep", "3600"],
-        env={},
-        signed_labels=signed,
-        slots=slots,
-    )
-    service_id = create_service(manager, body)
-    check = allocator.begin_start(name, service_id)
-    assert check.ok, check
-    scale_service(manager, service_id, 1)
-    allocator.commit(name)
-    return decision, service_id
-
-
-def running_task(manager, service_id):
-    tasks = manager.api.tasks(filters={"service": service_id})
-    return next((t for t in tasks if t["Status"]["State"] == "running"), None)
+    return spawn_service(allocator, manager, cluster, trust, user, LIMITS)
 
 
 def test_the_inventory_is_read_from_the_managers_node_objects(cluster):
@@ -311,8 +258,3 @@ def test_a_killed_worker_s_servers_stop_their_slots_free_after_the_hold_and_it_r
     assert split_slot_id(decision.granted[0])[0] == "node2", decision
     task = wait_until(lambda: running_task(manager, service_id), 120, message="user3 on node2")
     assert manager.api.inspect_node(task["NodeID"])["Description"]["Hostname"] == "node2"
-
-
-def node_state(manager, hostname):
-    node = next(n for n in manager.api.nodes() if n["Description"]["Hostname"] == hostname)
-    return node["Status"]["State"]

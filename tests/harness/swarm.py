@@ -284,3 +284,83 @@ class SwarmCluster:
                 if "error" in line:
                     raise RuntimeError(f"push {reference}: {line['error']}")
         return reference
+
+
+# -- what the swarm tests do with a cluster (shared by every `swarm` test file) ----------------
+
+
+def inventory_of(cluster: SwarmCluster) -> Inventory:
+    """The cluster's inventory as the hub reads it: the manager's node objects."""
+    from ds01hub.gpu.cluster import cluster_inventory, parse_node
+
+    return cluster_inventory(parse_node(n, simulated=True) for n in cluster.node_objects())
+
+
+def swarm_allocator(cluster, manager, state_dir: Path, trust, limits):
+    """The real `GpuAllocator` with its holdings read from Swarm's services and tasks."""
+    from ds01hub.gpu.allocator import GpuAllocator
+    from ds01hub.gpu.swarm_state import swarm_lister, swarm_remover
+
+    return GpuAllocator(
+        None,
+        inventory_of(cluster),
+        state_dir,
+        limits=limits,
+        container_lister=swarm_lister(manager, trust),
+        container_remover=swarm_remover(manager),
+        trust=trust,
+    )
+
+
+def spawn_service(
+    allocator, manager, cluster, trust, user: str, limits, *, project: str | None = None
+):
+    """The swarm spawner's steps: allocate, create the service (zero replicas) with signed
+    labels, confirm the slots under the lock, scale to one. Returns (decision, service id)."""
+    from ds01hub import labels
+    from ds01hub.gpu.decision import GpuRequest
+    from ds01hub.gpu.swarm_state import create_service, scale_service
+    from ds01hub.spawner.swarm_plan import service_name, service_spec
+
+    name = service_name(user, project)
+    decision = allocator.allocate(GpuRequest(user, name, count=1), limits.resolve(user))
+    if not decision.ok:
+        return decision, None
+    slots = [allocator.inventory.slot(s) for s in decision.granted]
+    values = labels.container_labels(
+        user=user,
+        project=None,
+        group=None,
+        priority=10,
+        gpus=decision.granted,
+        gpu_uuids=[s.uuid for s in slots],
+        image=cluster.image,
+    )
+    values[labels.CREATOR] = allocator.creator_label()
+    signed = trust.sign(values, name) | {"ds01.test": "1"}
+    body = service_spec(
+        name=name,
+        image=cluster.image,
+        command=["sleep", "3600"],
+        env={},
+        signed_labels=signed,
+        slots=slots,
+    )
+    service_id = create_service(manager, body)
+    check = allocator.begin_start(name, service_id)
+    assert check.ok, check
+    scale_service(manager, service_id, 1)
+    allocator.commit(name)
+    return decision, service_id
+
+
+def running_task(manager, service_id: str):
+    """The service's running task, or None."""
+    tasks = manager.api.tasks(filters={"service": service_id})
+    return next((t for t in tasks if t["Status"]["State"] == "running"), None)
+
+
+def node_state(manager, hostname: str) -> str:
+    """Swarm's state of a node ("ready", "down", ...)."""
+    node = next(n for n in manager.api.nodes() if n["Description"]["Hostname"] == hostname)
+    return node["Status"]["State"]
