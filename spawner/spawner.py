@@ -11,7 +11,9 @@ One spawn, step by step (each step is a progress event):
 5. create the container (or re-create it: device requests and limits are fixed at create) with
    the limits, device requests, GPU env, workspace, uid/gid and the signed `ds01.*` labels
    (`ds01hub.provenance`: only those count, never what an image claims); then, right before
-   `docker start`, `GpuAllocator.begin_start` confirms under the allocator's lock that the
+   `docker start` and under the user's own lock, the user's aggregate caps are checked again
+   from Docker's state (`ds01hub.host.aggregate_gate`: two spawns of one user cannot both
+   pass) and `GpuAllocator.begin_start` confirms under the allocator's lock that the
    slots are still this container's alone. A container whose slots were reclaimed or whose
    claim lapsed never starts on them: the spawn asks for GPUs again (up to `_START_ATTEMPTS`
    times) or fails saying why.
@@ -72,6 +74,12 @@ from ds01hub.gpu.eventlog import EventLog, EventLogError, NewEvent
 from ds01hub.gpu.fairshare import FairShare
 from ds01hub.gpu.inventory import Inventory, Slot, load_inventory
 from ds01hub.gpu.queued import QueuedRequest, QueuedStore, QueueLimitError
+from ds01hub.host.aggregate_gate import (
+    AggregateRefused,
+    UserLockTimeout,
+    counted_uses,
+    start_within_caps,
+)
 from ds01hub.host.cgroups import CgroupError, ensure_parent
 from ds01hub.hub.group_limits import hub_group_limits
 from ds01hub.limits import LimitsError, LimitsStore, ResolvedLimits, record_expired
@@ -597,7 +605,7 @@ class DS01Spawner(DockerSpawner):
         cap = limits.aggregate
         if cap is None:
             return limits
-        running = await self._blocking(self._running_uses)
+        running = await self._blocking(self._counted_uses)
         new = ContainerUse(self.object_name, choice.max_cpus, choice.memory, limits.pids_limit)
         refusal = aggregate_refusal(self.user.name, cap, running, new)
         if refusal:
@@ -620,15 +628,9 @@ class DS01Spawner(DockerSpawner):
         self._emit(11, f"aggregate caps {cap.describe()}: cgroup {parent}")
         return replace(limits, cgroup_parent=parent)
 
-    def _running_uses(self) -> list[ContainerUse]:
-        """The limits of the user's other running containers, as Docker has them."""
-        uses = []
-        for record in self._user_records():
-            if record.name == self.object_name or record.state != "running":
-                continue
-            host = self.context.docker.api.inspect_container(record.id)["HostConfig"]
-            uses.append(ContainerUse.from_host_config(record.name, host))
-        return uses
+    def _counted_uses(self) -> list[ContainerUse]:
+        """The limits of the user's other containers that count against their caps."""
+        return counted_uses(self.context.docker.api, self._user_records(), self.object_name)
 
     def _user_records(self) -> list[labels.ContainerRecord]:
         """The user's containers of this deployment (signatures verified: an image or a build
@@ -1008,9 +1010,29 @@ class DS01Spawner(DockerSpawner):
         self.context.queue.notify()
 
     async def start_object(self):
-        """`docker start`, once the allocator has confirmed under its lock that the
-        container's GPU slots are its own alone (`begin_start`). Docker's answer is awaited
-        even when the spawn is cancelled meanwhile, so the undo never races the start."""
+        """`docker start` under the user's lock, once the user's aggregate caps allow it now
+        (`ds01hub.host.aggregate_gate`: two spawns of one user cannot both pass) and the
+        allocator has confirmed under its lock that the container's GPU slots are its own
+        alone (`begin_start`). Docker's answer is awaited even when the spawn is cancelled
+        meanwhile, so the undo never races the start."""
+        try:
+            await start_within_caps(
+                self.context.allocator.state_dir,
+                self.user.name,
+                self._plan_in_use.limits.aggregate,
+                self.context.docker.api,
+                self._user_records,
+                (self.object_name, self.object_id),
+                self._start_checked,
+                blocking=self._blocking,
+                on_wait=lambda: self._emit(58, "waiting for another start of yours to finish"),
+            )
+        except AggregateRefused as error:
+            raise SpawnException(str(error), reason="aggregate", status_code=409) from None
+        except UserLockTimeout as error:
+            raise SpawnException(str(error), reason="aggregate", status_code=503) from None
+
+    async def _start_checked(self) -> None:
         if self._spawn_slots:
             checking = time.perf_counter()
             await self._confirm_slots()
