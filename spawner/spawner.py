@@ -650,6 +650,7 @@ class DS01Spawner(DockerSpawner):
         self._emit(30, f"asking for {choice.gpu_text()}{sim}, priority {limits.priority}")
         request = choice.gpu_request(self.user.name, self.object_name)
         deadline = utcnow() + timedelta(seconds=self.gpu_wait_timeout)
+        arrival = time.time()  # kept by a queued request: its place across hub restarts
         last_status: list[tuple] = []
 
         def situation(decision: Decision, **queue: Any) -> messages.Situation:
@@ -699,12 +700,13 @@ class DS01Spawner(DockerSpawner):
                     timeout=timeout,
                     abandon=abandon,
                     on_wait=on_wait,
+                    arrival=arrival,
                 )
         except AllocationStateError as error:
             raise self._refusal(messages.state_message(str(error)), 503) from None
         except GpuWaitTimeout as error:
             if choice.queue:
-                raise await self._enqueue(choice, limits, error) from None
+                raise await self._enqueue(choice, limits, error, arrival) from None
             await self._record_failure(str(error))
             last = error.decision or Decision(reason="no attempt finished", code="busy")
             raise self._refusal(messages.timeout_message(situation(last)), 503) from None
@@ -725,10 +727,11 @@ class DS01Spawner(DockerSpawner):
         return slots
 
     async def _enqueue(
-        self, choice: SpawnChoice, limits: ResolvedLimits, waited: GpuWaitTimeout
+        self, choice: SpawnChoice, limits: ResolvedLimits, waited: GpuWaitTimeout, arrival: float
     ) -> SpawnException:
-        """Store the request (the `queue` option) and say so; the hub starts the server when
-        its GPU is granted (`_serve_queued`)."""
+        """Store the request (the `queue` option) with when it first asked (`arrival`: its
+        place in the GPU queue, also after a hub restart) and say so; the hub starts the server
+        when its GPU is granted (`_serve_queued`)."""
         context = self.context
         assert context.queued is not None
         context.hub_api_url = context.hub_api_url or self.hub.api_url
@@ -740,6 +743,7 @@ class DS01Spawner(DockerSpawner):
             options,
             limits.priority,
             tuple(group.name for group in self.user.groups),
+            since=arrival,
         )
         try:
             stored = await self._blocking(
@@ -1356,6 +1360,7 @@ async def _serve_queued(
             timeout=None,
             abandon=release,
             on_wait=on_wait,
+            arrival=request.since,  # its place when it first asked, whatever restarts since
         )
         if not decision.ok:
             failed(f"queued request ended: {decision.reason}")
