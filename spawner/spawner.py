@@ -78,11 +78,18 @@ from ds01hub.host.aggregate_gate import (
     AggregateRefused,
     UserLockTimeout,
     counted_uses,
+    remove_unused_parent,
     start_within_caps,
 )
 from ds01hub.host.cgroups import CgroupError, ensure_parent
 from ds01hub.hub.group_limits import hub_group_limits
-from ds01hub.limits import LimitsError, LimitsStore, ResolvedLimits, record_expired
+from ds01hub.limits import (
+    AggregateLimits,
+    LimitsError,
+    LimitsStore,
+    ResolvedLimits,
+    record_expired,
+)
 from ds01hub.units import utcnow
 
 from . import metrics
@@ -442,6 +449,7 @@ class DS01Spawner(DockerSpawner):
         self._created_in_this_spawn = False
         self._spawn_slots: tuple[Slot, ...] = ()
         self._check_seconds = 0.0  # the check before `docker start`, for the timing log line
+        self._user_parent: tuple[str, AggregateLimits] | None = None  # (cgroup, caps) to write
 
     def _emit(self, progress: int, message: str) -> None:
         self._events.append({"progress": progress, "message": message})
@@ -600,8 +608,10 @@ class DS01Spawner(DockerSpawner):
 
     async def _apply_aggregate(self, limits: ResolvedLimits, choice: SpawnChoice) -> ResolvedLimits:
         """Refuse a spawn beyond the user's aggregate caps (the sum of their running
-        containers' limits and this one's); with `aggregate_cgroup_root`, start it under the
-        user's parent cgroup, which has the caps written into it."""
+        containers' limits and this one's: fail fast; `start_object` checks again under the
+        user's lock); with `aggregate_cgroup_root`, start it under the user's parent cgroup,
+        which `start_object` writes the caps into."""
+        self._user_parent = None
         cap = limits.aggregate
         if cap is None:
             return limits
@@ -621,12 +631,43 @@ class DS01Spawner(DockerSpawner):
             )
             return limits
         parent = user_cgroup_parent(base, self.user.name)
+        self._user_parent = (parent, cap)
+        self._emit(11, f"aggregate caps {cap.describe()}: cgroup {parent}")
+        return replace(limits, cgroup_parent=parent)
+
+    async def _write_user_parent(self) -> None:
+        """The user's parent cgroup with their caps, created if missing (it is removed when
+        their last container is gone): right before `docker start`, under the user's lock."""
+        if self._user_parent is None:
+            return
+        parent, cap = self._user_parent
         try:
             await self._blocking(ensure_parent, self.aggregate_cgroup_root, parent, cap)
         except CgroupError as error:
             raise SpawnException(str(error), reason="aggregate", status_code=500) from None
-        self._emit(11, f"aggregate caps {cap.describe()}: cgroup {parent}")
-        return replace(limits, cgroup_parent=parent)
+
+    async def _remove_user_parent(self, parent: str) -> None:
+        """The user's last container is gone: their parent cgroup goes too (`parent`: the
+        removed container's; only a per-user parent of this user's, under the user's lock)."""
+        if not self.aggregate_cgroup_root or not parent:
+            return
+        base = parent.rstrip("/").rpartition("/")[0]
+        if parent.rstrip("/") != user_cgroup_parent(base, self.user.name):
+            return  # a group's own parent or a systemd slice: not the user's
+        try:
+            removed = await remove_unused_parent(
+                self.context.allocator.state_dir,
+                self.user.name,
+                self._user_records,
+                self.aggregate_cgroup_root,
+                parent,
+                blocking=self._blocking,
+            )
+        except (CgroupError, UserLockTimeout) as error:  # left for the next delete
+            self.log.warning("ds01 %s: cgroup %s kept: %s", self._log_name, parent, error)
+            return
+        if removed:
+            self.log.info("ds01 %s: removed the unused cgroup parent %s", self._log_name, parent)
 
     def _counted_uses(self) -> list[ContainerUse]:
         """The limits of the user's other containers that count against their caps."""
@@ -1037,6 +1078,8 @@ class DS01Spawner(DockerSpawner):
             raise SpawnException(str(error), reason="aggregate", status_code=503) from None
 
     async def _start_checked(self) -> None:
+        """Under the user's lock: their cgroup parent, the GPU check, `docker start`."""
+        await self._write_user_parent()
         if self._spawn_slots:
             checking = time.perf_counter()
             await self._confirm_slots()
@@ -1248,7 +1291,8 @@ class DS01Spawner(DockerSpawner):
 
     async def _remove_if_never_started(self) -> bool:
         """True when the container had never started and is now removed (never forced: a
-        start that lands first wins, and the container is then stopped as usual)."""
+        start that lands first wins, and the container is then stopped as usual); the user's
+        cgroup parent goes too if that was their last container."""
         container = await self.get_object()
         if container is None or container["State"].get("Status") != "created":
             return False
@@ -1263,17 +1307,26 @@ class DS01Spawner(DockerSpawner):
         reason = "removed: never started (its spawn was interrupted); its GPU slots are free"
         self.log.warning("ds01 %s: %s", self._log_name, reason)
         await self._record_event("reconcile", reason)
+        await self._remove_user_parent(_cgroup_parent_of(container))
         return True
 
     async def delete_forever(self):
         """The named server is deleted: remove its container and release its GPUs."""
         await self._cancel_queued()
-        if await self.get_object() is not None:
+        container = await self.get_object()
+        if container is not None:
             await self.remove_object()
         self.object_id = ""
         context = self.context
         await self._blocking(context.allocator.release, self.object_name, "server deleted")
         context.queue.notify()
+        if container is not None:
+            await self._remove_user_parent(_cgroup_parent_of(container))
+
+
+def _cgroup_parent_of(container: dict) -> str:
+    """The cgroup parent an inspected container was made with ("" for Docker's default)."""
+    return str((container.get("HostConfig") or {}).get("CgroupParent") or "")
 
 
 async def _complete_even_if_cancelled(awaitable: Any) -> Any:

@@ -1,13 +1,14 @@
 """Aggregate caps under a real JupyterHub running DS01Spawner: set in a group's properties over
-the REST API, a second server beyond them is refused at spawn, and the first runs under the
-user's parent cgroup that carries the caps (cgroup v1, cgroupfs driver)."""
+the REST API, a second server beyond them is refused at spawn, the first runs under the
+user's parent cgroup that carries the caps (cgroup v1, cgroupfs driver), and the parent goes
+when the user's last container is deleted."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-from harness import unique_name
+from harness import unique_name, wait_until
 from harness.ds01_spawner import Ds01Hub
 
 from ds01hub.aggregate import user_cgroup_parent
@@ -49,6 +50,14 @@ def test_a_spawn_beyond_the_aggregate_is_refused_and_the_parent_cgroup_caps(hub_
         assert f"over the aggregate limits of {user} (3 CPUs, 900m memory, 600 tasks)" in message
         assert "memory: 1g together, over the aggregate 900m" in message
         assert f"Running: one._.{user} (1 CPUs, 512m memory, 256 tasks)" in message
+
+        # deleting the server removes the user's last container, and with it their parent
+        hub.delete_server(user, "one")
+        wait_until(
+            lambda: not memory.exists() and not (CGROUP_ROOT / "pids" / parent.strip("/")).exists(),
+            60,
+            message=lambda: f"the user's parent cgroup is removed\n{hub.log()}",
+        )
     finally:
         hub.stop()
         hub.remove_containers()

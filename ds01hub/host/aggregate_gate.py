@@ -16,8 +16,9 @@ threads stay free for the holder's own Docker calls.
 
 What counts under the lock: `ds01hub.aggregate.counts_toward_caps` (running ones, and created
 ones whose creator died, whose start may still land). The same lock guards the user's cgroup
-parent (`ds01hub.host.cgroups`): it is created and removed under it, so a removal never takes
-the parent from under a start.
+parent (`ds01hub.host.cgroups`): the spawner writes it (creating it if needed) inside `start`,
+and `remove_unused_parent` removes it only when the user has no container left, both under
+the lock, so a removal never takes the parent from under a start.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from ds01hub import labels
 from ds01hub.aggregate import ContainerUse, aggregate_refusal, counts_toward_caps
 from ds01hub.errors import Ds01hubError
 from ds01hub.gpu.allocator import Owner
+from ds01hub.host.cgroups import remove_parent
 from ds01hub.limits import AggregateLimits
 
 __all__ = [
@@ -43,6 +45,7 @@ __all__ = [
     "counted_uses",
     "lock_path",
     "refusal_now",
+    "remove_unused_parent",
     "start_within_caps",
     "user_lock",
 ]
@@ -169,3 +172,22 @@ async def start_within_caps(
         if refusal:
             raise AggregateRefused(refusal)
         return await start()
+
+
+async def remove_unused_parent(
+    state_dir: str | Path,
+    user: str,
+    records: Callable[[], Sequence[labels.ContainerRecord]],
+    root: str | Path,
+    parent: str,
+    *,
+    blocking: Callable[..., Awaitable[Any]] = asyncio.to_thread,
+) -> list[Path]:
+    """Remove the user's cgroup `parent` under `root` when `records()` (the user's containers,
+    any state) is empty: their last container is gone. Under the user's lock, so a start of a
+    container made meanwhile either came first (then it is in `records`) or writes the parent
+    again before its `docker start`. Returns the directories removed."""
+    async with user_lock(state_dir, user):
+        if await blocking(records):
+            return []
+        return await blocking(remove_parent, root, parent)
