@@ -21,12 +21,18 @@ from ds01hub.limits import AggregateLimits
 from ds01hub.units import format_size
 
 __all__ = [
+    "DEFAULT_PARENT_BASE",
     "ContainerUse",
     "aggregate_refusal",
     "cgroup_settings",
     "counts_toward_caps",
+    "is_user_parent",
+    "parent_for",
     "user_cgroup_parent",
 ]
+
+#: The base of the per-user parents when the user's limits name no `cgroup_parent`.
+DEFAULT_PARENT_BASE = "/ds01"
 
 CFS_PERIOD_US = 100_000
 _NANO = 1_000_000_000
@@ -154,3 +160,21 @@ def user_cgroup_parent(base: str, user: str) -> str:
     escaped so that no user name can leave it (`/`, `..`) or clash (`-XX` escapes)."""
     escaped = _UNSAFE.sub(lambda m: "".join(f"-{b:02x}" for b in m[0].encode()), user)
     return f"/{base.strip('/')}/u-{escaped}" if base.strip("/") else f"/u-{escaped}"
+
+
+def parent_for(base: str | None, user: str) -> str | None:
+    """The per-user parent a container of `user` with aggregate caps is created under (`base`:
+    the limits' `cgroup_parent`, else DEFAULT_PARENT_BASE), or None when `base` is a systemd
+    slice (the systemd driver: not enforced by a cgroupfs parent). One rule for every door
+    (the spawner, the Docker proxy)."""
+    base = base or DEFAULT_PARENT_BASE
+    if base.endswith(".slice"):
+        return None
+    return user_cgroup_parent(base, user)
+
+
+def is_user_parent(parent: str, user: str) -> bool:
+    """Whether `parent` (a removed container's CgroupParent) is `user`'s own per-user parent,
+    which may be removed with their last container (not a group's parent, not a slice)."""
+    parent = parent.rstrip("/")
+    return bool(parent) and parent == user_cgroup_parent(parent.rpartition("/")[0], user)

@@ -19,6 +19,7 @@ __all__ = [
     "DEFAULT_STATE_DIR",
     "DOCKER_PROXY_SOCKET",
     "DOCKER_SOCKET",
+    "ENV_AGGREGATE_CGROUP_ROOT",
     "ENV_BROKER_SOCKET",
     "ENV_FILE",
     "ENV_FILE_VARIABLE",
@@ -27,6 +28,7 @@ __all__ = [
     "PROXY_STATE_DIR",
     "RUN_DIR",
     "WORKSPACE_ROOT",
+    "aggregate_cgroup_root",
     "limits_named",
     "limits_path",
     "state_dir",
@@ -45,6 +47,10 @@ ENV_LIMITS = "DS01HUB_LIMITS"
 DEFAULT_LIMITS_PATH = CONFIG_DIR / "resource-limits.yaml"
 ENV_FILE_VARIABLE = "DS01HUB_ENV_FILE"
 ENV_FILE = CONFIG_DIR / "ds01hub.env"
+
+#: Where the cgroup v1 controllers are mounted, for per-user parents enforcing aggregate caps:
+#: one key (in ds01hub.env) that the hub's spawner and the Docker proxy both read.
+ENV_AGGREGATE_CGROUP_ROOT = "DS01HUB_AGGREGATE_CGROUP_ROOT"
 
 #: The users' workspaces (bind-mounted into their containers), as installed.
 WORKSPACE_ROOT = Path("/srv/ds01hub/workspaces")
@@ -81,3 +87,12 @@ def limits_named(
     file must exist; the default one may be absent (ds01hub.limits.load_limits_or_defaults)."""
     environ = os.environ if environ is None else environ
     return bool(given or environ.get(ENV_LIMITS))
+
+
+def aggregate_cgroup_root(
+    given: str | None = None, environ: Mapping[str, str] | None = None
+) -> str:
+    """`given` when set, else `$DS01HUB_AGGREGATE_CGROUP_ROOT`, else "" (no per-user parents:
+    aggregate caps are checked only)."""
+    environ = os.environ if environ is None else environ
+    return given or environ.get(ENV_AGGREGATE_CGROUP_ROOT, "")

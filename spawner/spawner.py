@@ -59,7 +59,7 @@ from traitlets import CaselessStrEnum, Dict, Float, Int, List, Unicode, Union, d
 
 from ds01hub import labels, paths, provenance
 from ds01hub.actions.images import list_user_images
-from ds01hub.aggregate import ContainerUse, aggregate_refusal, user_cgroup_parent
+from ds01hub.aggregate import ContainerUse, aggregate_refusal, is_user_parent, parent_for
 from ds01hub.engine import engine_unreachable, engine_url, short_error
 from ds01hub.gpu import messages
 from ds01hub.gpu.allocator import (
@@ -80,6 +80,7 @@ from ds01hub.host.aggregate_gate import (
     counted_uses,
     remove_unused_parent,
     start_within_caps,
+    user_records,
 )
 from ds01hub.host.cgroups import CgroupError, ensure_parent
 from ds01hub.hub.group_limits import hub_group_limits
@@ -280,7 +281,9 @@ class DS01Spawner(DockerSpawner):
         the cgroupfs driver: a user with `aggregate` limits then gets a parent cgroup
         `<cgroup_parent or /ds01>/u-<user>` there, with their caps written into it (memory,
         cpu, pids), so the kernel caps all their containers together (the hub must run as
-        root). Empty: aggregate limits are checked at spawn only. Not for systemd slices.""",
+        root). Empty: aggregate limits are checked at spawn only. Not for systemd slices.
+        Default: $DS01HUB_AGGREGATE_CGROUP_ROOT (ds01hub.env), which the Docker proxy reads
+        too (`ds01hub proxy --aggregate-cgroup-root`), so both doors place alike.""",
     )
     cgroup_parents = Dict(
         key_trait=Unicode(),
@@ -435,6 +438,10 @@ class DS01Spawner(DockerSpawner):
         return await asyncio.get_running_loop().run_in_executor(executor, function, *args)
 
     # -- naming, progress --------------------------------------------------------------------
+
+    @default("aggregate_cgroup_root")
+    def _aggregate_cgroup_root_default(self) -> str:
+        return paths.aggregate_cgroup_root()
 
     @default("object_name")
     def _object_name_default(self) -> str:
@@ -622,15 +629,14 @@ class DS01Spawner(DockerSpawner):
             raise SpawnException(refusal, reason="aggregate", status_code=409)
         if not self.aggregate_cgroup_root:
             return limits
-        base = limits.cgroup_parent or "/ds01"
-        if base.endswith(".slice"):
+        parent = parent_for(limits.cgroup_parent, self.user.name)
+        if parent is None:
             self.log.warning(
                 "ds01: %s: aggregate caps not enforced by a cgroup: %s is a systemd slice",
                 self._log_name,
-                base,
+                limits.cgroup_parent,
             )
             return limits
-        parent = user_cgroup_parent(base, self.user.name)
         self._user_parent = (parent, cap)
         self._emit(11, f"aggregate caps {cap.describe()}: cgroup {parent}")
         return replace(limits, cgroup_parent=parent)
@@ -651,8 +657,7 @@ class DS01Spawner(DockerSpawner):
         removed container's; only a per-user parent of this user's, under the user's lock)."""
         if not self.aggregate_cgroup_root or not parent:
             return
-        base = parent.rstrip("/").rpartition("/")[0]
-        if parent.rstrip("/") != user_cgroup_parent(base, self.user.name):
+        if not is_user_parent(parent, self.user.name):
             return  # a group's own parent or a systemd slice: not the user's
         try:
             removed = await remove_unused_parent(
@@ -676,12 +681,10 @@ class DS01Spawner(DockerSpawner):
     def _user_records(self) -> list[labels.ContainerRecord]:
         """The user's containers of this deployment (signatures verified: an image or a build
         step that claims the user never counts against their quota)."""
-        trust = self.context.allocator.trust
-        wanted = [f"{labels.USER}={self.user.name}", *self.context.label_filter]
-        filters = {"label": trust.label_filters(wanted)}
-        entries = self.context.docker.api.containers(all=True, filters=filters)
-        parsed = (labels.ContainerRecord.from_docker(entry, trust) for entry in entries)
-        return [r for r in parsed if r is not None and r.user == self.user.name]
+        context = self.context
+        return user_records(
+            context.docker.api, context.allocator.trust, self.user.name, context.label_filter
+        )
 
     async def _allocate(self, choice: SpawnChoice, limits: ResolvedLimits) -> tuple[Slot, ...]:
         if not choice.wants_gpu:

@@ -135,6 +135,17 @@ def register_proxy(subparsers: argparse._SubParsersAction) -> None:
         "hub's, or containers made through the proxy are nobody's to the hub and vice versa",
     )
     parser.add_argument(
+        "--aggregate-cgroup-root",
+        metavar="DIR",
+        default=paths.aggregate_cgroup_root(),
+        help="where the cgroup v1 controllers are mounted (/sys/fs/cgroup, Docker's cgroupfs "
+        "driver): a container of a user with `aggregate` limits is then created under their "
+        "parent cgroup <cgroup_parent or /ds01>/u-<user>, its caps written there before each "
+        "start, as the hub's DS01Spawner.aggregate_cgroup_root does (default: "
+        f"${paths.ENV_AGGREGATE_CGROUP_ROOT}, the same key the hub reads; empty: aggregate "
+        "caps are checked at create and start only)",
+    )
+    parser.add_argument(
         "--bind-root",
         metavar="TEMPLATE",
         action="append",

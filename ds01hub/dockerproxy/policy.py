@@ -56,6 +56,11 @@ The model, for callers who are not admins:
   ``--label``, and the user's memory/CPU limits. (A Dockerfile's own LABEL lines still reach
   the image and the build's step containers: harmless, because they are unsigned.)
 - Renaming is refused: a container's name is part of its signed labels.
+- Aggregate caps (`UserLimits.aggregate`, issue 17): a create or a start that would take the
+  caller's containers together past their caps is refused (409, the hub's message:
+  `check_aggregate`); the edge re-checks a start under the user's lock
+  (`ds01hub.host.aggregate_gate`). With the site's cgroup root set, the container is created
+  under the user's own parent cgroup (`aggregate.parent_for`), never one the caller names.
 """
 
 from __future__ import annotations
@@ -65,7 +70,7 @@ import json
 import posixpath
 import re
 import secrets
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import PurePosixPath
@@ -73,6 +78,7 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode
 
 from ds01hub.actions.images import image_repository
+from ds01hub.aggregate import ContainerUse, aggregate_refusal, parent_for
 from ds01hub.dockerproxy import build_context
 from ds01hub.errors import Ds01hubError
 from ds01hub.labels import (
@@ -92,6 +98,7 @@ from ds01hub.labels import (
     reserved_blanks,
     routing_keys,
 )
+from ds01hub.limits import AggregateLimits
 from ds01hub.peer import Caller
 from ds01hub.provenance import Provenance
 
@@ -196,6 +203,8 @@ class Settings:
     # a classic build's context is read whole (its Dockerfile decides what may be built)
     max_build_context: int = 256 * 1024 * 1024
     trust: Provenance | None = None
+    # where the cgroup v1 controllers are mounted ("": aggregate caps checked, not placed)
+    aggregate_cgroup_root: str = ""
 
     def signer(self) -> Provenance:
         if self.trust is None:
@@ -210,6 +219,14 @@ class UserLimits:
     host_config: Mapping[str, Any] = field(default_factory=dict)
     allowed_images: tuple[str, ...] | None = None
     max_containers: int | None = None
+    aggregate: AggregateLimits | None = None  # caps on all of the user's containers together
+
+    def user_parent(self, user: str, settings: Settings) -> str | None:
+        """The per-user cgroup parent `user`'s containers are created under: with aggregate
+        caps and the site's cgroup root set (else None, as for a systemd slice)."""
+        if self.aggregate is None or not settings.aggregate_cgroup_root:
+            return None
+        return parent_for(self.host_config.get("CgroupParent"), user)
 
 
 @dataclass(frozen=True)
@@ -1142,6 +1159,9 @@ class CreateCheck:
         for key, value in limits.items():
             if key not in ("Memory", "NanoCpus", "PidsLimit", "ShmSize", "MemorySwap"):
                 host[key] = value  # admin-chosen settings (IpcMode, CgroupParent)
+        parent = self.limits.user_parent(self.caller.user, self.settings)
+        if parent is not None:
+            host["CgroupParent"] = parent  # the caller's own parent (their caps), never theirs
         host.setdefault("NetworkMode", "default")
         return host
 
@@ -1390,6 +1410,24 @@ def check_create(
 
 # --------------------------------------------------------------------------------------------
 # Actions on existing containers and exec instances
+
+
+def check_aggregate(
+    caller: Caller,
+    limits: UserLimits | None,
+    running: Sequence[ContainerUse],
+    name: str,
+    host: Mapping[str, Any],
+) -> None:
+    """Refuse (409, the hub's message) a container `name` with `host` (its HostConfig, as
+    checked or as Docker has it) that would take the caller past their aggregate caps beside
+    their `running` containers (`ds01hub.host.aggregate_gate.counted_uses`)."""
+    if limits is None or limits.aggregate is None:
+        return
+    new = ContainerUse.from_host_config(name, host)
+    refusal = aggregate_refusal(caller.user, limits.aggregate, running, new)
+    if refusal:
+        raise Denied(409, refusal)
 
 
 def check_container_action(

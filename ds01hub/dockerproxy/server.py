@@ -40,6 +40,7 @@ import argparse
 import asyncio
 import contextlib
 import fcntl
+import functools
 import grp
 import json
 import logging
@@ -56,7 +57,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from ds01hub import peer, provenance
+import docker
+
+from ds01hub import paths, peer, provenance
+from ds01hub.aggregate import ContainerUse
 from ds01hub.dockerproxy import policy
 from ds01hub.dockerproxy.http import (
     MAX_HEAD,
@@ -87,6 +91,14 @@ from ds01hub.dockerproxy.policy import (
     Target,
     VolumeFacts,
 )
+from ds01hub.host.aggregate_gate import (
+    AggregateRefused,
+    UserLockTimeout,
+    counted_uses,
+    start_within_caps,
+    user_records,
+)
+from ds01hub.host.cgroups import CgroupError, ensure_parent
 from ds01hub.labels import escape_name
 from ds01hub.limits import LimitsStore
 from ds01hub.peer import Caller
@@ -325,6 +337,9 @@ class Proxy:
     limits_for: Callable[[Caller], policy.UserLimits | None] = lambda caller: None
     shared: SharedImages | None = None  # None: only the --shared-image default of run()
     state_dir: Path | None = None  # where the per-user create locks live (flock)
+    # the hub's state directory: the per-user aggregate locks every door takes (None: the
+    # host's, ds01hub.paths.state_dir())
+    hub_state_dir: Path | None = None
     create_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     # asyncio's stream protocol forgets its task when the peer disconnects; keep them alive
     tasks: set[asyncio.Task] = field(default_factory=set)
@@ -334,6 +349,18 @@ class Proxy:
     header_timeout: float = HEADER_TIMEOUT  # seconds for a request head (and a body's pauses)
     max_connections_per_user: int = MAX_CONNECTIONS_PER_USER
     open_connections: dict[int, int] = field(default_factory=dict)  # uid -> connections now
+
+    @functools.cached_property
+    def engine(self) -> docker.APIClient:
+        """docker-py on the upstream socket, for the aggregate gate's reads (the same code the
+        hub's spawner counts a user's containers with)."""
+        return docker.APIClient(base_url=f"unix://{self.upstream.path}", version="auto")
+
+    def counted(self, user: str, exclude: str) -> list[ContainerUse]:
+        """The limits of `user`'s containers that count against their aggregate caps (hub,
+        CLI and proxy ones alike: Docker's state by the signed owner label), but `exclude`."""
+        records = user_records(self.engine, self.settings.signer(), user)
+        return counted_uses(self.engine, records, exclude)
 
     def remember_exec(self, exec_id: str, container_id: str, owner: str) -> None:
         if len(self.exec_owners) >= EXEC_CACHE_SIZE:
@@ -572,6 +599,11 @@ class Proxy:
             raise
         assert facts is not None
         plan = Plan(checked.render(), new_body)
+        if target.method == "POST" and route.action in ("start", "restart"):
+            limits = await self.limits(caller)
+            if limits is not None and limits.aggregate is not None:
+                started = await self.start_within_caps(caller, limits, checked, new_body, fetched)
+                plan.answer = redacted(started).as_response()
         if (target.method, route.action) == ("GET", "json") and not target.query and fetched:
             plan.answer = fetched.as_response()  # the look-up was this very request
         if route.action == "exec":
@@ -691,8 +723,64 @@ class Proxy:
                 existing = await self.upstream.count_containers(caller.user)
             facts = policy.CreateFacts(containers, paths, existing, limits, volumes, image, shared)
             checked, new_body = policy.check_create(caller, target, body, facts, self.settings)
+            await self.check_aggregate_at_create(caller, limits, checked, new_body)
             created = await self.upstream.request("POST", checked.render(), new_body)
         return Plan(checked.render(), new_body, answer=redacted(created).as_response())
+
+    async def check_aggregate_at_create(
+        self, caller: Caller, limits: policy.UserLimits | None, checked: Target, body: bytes
+    ) -> None:
+        """Fail fast, as a hub spawn does: a container that could not start beside the caller's
+        running ones is not made (`docker run` then leaves nothing); its start checks again."""
+        if limits is None or limits.aggregate is None:
+            return
+        name = checked.param("name") or ""
+        running = await asyncio.to_thread(self.counted, caller.user, name)
+        policy.check_aggregate(caller, limits, running, name, json.loads(body)["HostConfig"])
+
+    async def start_within_caps(
+        self,
+        caller: Caller,
+        limits: policy.UserLimits,
+        checked: Target,
+        body: bytes | None,
+        inspected: Fetched | None,
+    ) -> Fetched:
+        """`docker start` (or restart) of the caller's container under their lock, once their
+        aggregate caps allow it now (`ds01hub.host.aggregate_gate.start_within_caps`: the
+        hub's own gate, so a proxy start and a hub spawn of one user cannot both pass), with
+        their parent cgroup's caps written first when the container is under it."""
+        cap = limits.aggregate
+        document = inspected.json() if inspected else None
+        if not isinstance(document, dict):
+            raise Denied(502, "the Docker engine did not describe the container")
+        name = str(document.get("Name") or "").removeprefix("/")
+        host = document.get("HostConfig") or {}
+        parent = limits.user_parent(caller.user, self.settings)
+
+        async def start() -> Fetched:
+            if cap is not None and parent is not None and host.get("CgroupParent") == parent:
+                root = self.settings.aggregate_cgroup_root
+                try:
+                    await asyncio.to_thread(ensure_parent, root, parent, cap)
+                except CgroupError as error:
+                    raise Denied(500, error.message) from None
+            return await self.upstream.request("POST", checked.render(), body)
+
+        try:
+            return await start_within_caps(
+                self.hub_state_dir or paths.state_dir(),
+                caller.user,
+                cap,
+                self.engine,
+                lambda: user_records(self.engine, self.settings.signer(), caller.user),
+                (name, str(document.get("Id"))),
+                start,
+            )
+        except AggregateRefused as error:
+            raise Denied(409, error.message) from None
+        except UserLockTimeout as error:
+            raise Denied(503, f"{error.message}; {error.hint}") from None
 
     @contextlib.asynccontextmanager
     async def create_slot(
@@ -849,6 +937,7 @@ def limits_loader(path: str | None) -> Callable[[Caller], policy.UserLimits | No
             host_config=resolved.api_host_config(),
             allowed_images=resolved.allowed_images,
             max_containers=resolved.max_containers_per_user,
+            aggregate=resolved.aggregate,
         )
 
     return limits_for
@@ -924,7 +1013,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"ds01hub proxy: --hub-state-dir: {error}", file=sys.stderr)
         return 1
     settings = policy.Settings(
-        bind_roots=tuple(args.bind_root or policy.Settings().bind_roots), trust=trust
+        bind_roots=tuple(args.bind_root or policy.Settings().bind_roots),
+        trust=trust,
+        aggregate_cgroup_root=args.aggregate_cgroup_root,
     )
     upstream = Upstream(args.upstream, trust)
     raise_open_files_limit()
@@ -937,6 +1028,7 @@ def run(args: argparse.Namespace) -> int:
         max_connections_per_user=args.max_connections_per_user,
         shared=SharedImages(upstream, tuple(args.shared_image or DEFAULT_SHARED_IMAGES)),
         state_dir=state_dir,
+        hub_state_dir=paths.state_dir(args.hub_state_dir),
     )
 
     async def main() -> None:

@@ -38,6 +38,7 @@ from ds01hub.errors import Ds01hubError
 from ds01hub.gpu.allocator import Owner
 from ds01hub.host.cgroups import remove_parent
 from ds01hub.limits import AggregateLimits
+from ds01hub.provenance import Provenance
 
 __all__ = [
     "AggregateRefused",
@@ -48,6 +49,7 @@ __all__ = [
     "remove_unused_parent",
     "start_within_caps",
     "user_lock",
+    "user_records",
 ]
 
 #: How often a busy lock is tried again, in seconds.
@@ -113,6 +115,19 @@ async def _acquire(fd: int, user: str, timeout: float, on_wait: Callable[[], Non
             on_wait()
         told = True
         await asyncio.sleep(POLL)
+
+
+def user_records(
+    api: Any, trust: Provenance, user: str, extra_labels: Sequence[str] = ()
+) -> list[labels.ContainerRecord]:
+    """`user`'s containers of `trust`'s deployment, any state, from Docker (docker-py's
+    APIClient `api`), signatures verified: an image or a build step that claims the user never
+    counts against their caps. Every door counts with this (hub, CLI and proxy containers
+    alike); `extra_labels` (`key=value`) narrows it (tests)."""
+    wanted = [f"{labels.USER}={user}", *extra_labels]
+    entries = api.containers(all=True, filters={"label": trust.label_filters(wanted)})
+    parsed = (labels.ContainerRecord.from_docker(entry, trust) for entry in entries)
+    return [r for r in parsed if r is not None and r.user == user]
 
 
 def counted_uses(
