@@ -83,6 +83,7 @@ from ds01hub.dockerproxy import build_context
 from ds01hub.errors import Ds01hubError
 from ds01hub.labels import (
     AIME_NAME,
+    CREATOR,
     GPUS,
     NAME_SEPARATOR,
     OWNER,
@@ -205,6 +206,10 @@ class Settings:
     trust: Provenance | None = None
     # where the cgroup v1 controllers are mounted ("": aggregate caps checked, not placed)
     aggregate_cgroup_root: str = ""
+    # the proxy process as `ds01.creator` names it (`Owner.label`): while it lives, a created
+    # container of its making does not count against the user's caps (its start passes the
+    # user's lock here first: `ds01hub.aggregate.counts_toward_caps`)
+    creator: str = ""
 
     def signer(self) -> Provenance:
         if self.trust is None:
@@ -1064,6 +1069,7 @@ class CreateCheck:
             user=self.caller.user, project=None, group=None, priority=0, image=image
         )
         own[PROJECT] = own[AIME_NAME] = kept.get(PROJECT, "")
+        own[CREATOR] = self.settings.creator
         signed = self.settings.signer().sign(own, name)
         return reserved_blanks(image_labels) | kept | signed
 

@@ -91,6 +91,7 @@ from ds01hub.dockerproxy.policy import (
     Target,
     VolumeFacts,
 )
+from ds01hub.gpu.allocator import Owner
 from ds01hub.host.aggregate_gate import (
     AggregateRefused,
     UserLockTimeout,
@@ -1016,6 +1017,7 @@ def run(args: argparse.Namespace) -> int:
         bind_roots=tuple(args.bind_root or policy.Settings().bind_roots),
         trust=trust,
         aggregate_cgroup_root=args.aggregate_cgroup_root,
+        creator=Owner.current().label(),
     )
     upstream = Upstream(args.upstream, trust)
     raise_open_files_limit()
