@@ -132,3 +132,41 @@ async def test_a_removal_waits_for_a_start_under_the_users_lock_and_keeps_its_pa
     assert "memory" in _present(parent)
     await asyncio.to_thread(container.remove, force=True)
     assert CGROUP_ROOT / "memory" / parent.strip("/") in await asyncio.to_thread(setting["remove"])
+
+
+def test_the_lifecycle_pass_removes_the_parent_with_the_users_last_container(
+    setting, docker_client, tmp_path
+):
+    """ds01-ops removes stopped containers past their hold; the last one of the user takes
+    their parent with it, as a delete through the hub does (not before: one still stands)."""
+    from datetime import timedelta
+
+    from ds01hub.gpu.allocator import GpuAllocator, docker_lister
+    from ds01hub.gpu.inventory import discover
+    from ds01hub.gpu.simulated_nvml import SimulatedNvml
+    from ds01hub.limits import parse_limits
+    from ds01hub.services.ops.lifecycle import Lifecycle
+    from ds01hub.units import utcnow
+
+    parent, scope = setting["parent"], f"{RUN_LABEL}={setting['run']}"
+    ensure_parent(CGROUP_ROOT, parent, CAP)
+    one, two = setting["create"]("one"), setting["create"]("two")
+    for container in (one, two):
+        container.start()
+    one.stop(timeout=0)
+    allocator = GpuAllocator(
+        docker_client,
+        discover(SimulatedNvml([]), simulated=True),
+        setting["state_dir"],
+        clock=lambda: utcnow() + timedelta(days=1),
+        container_lister=docker_lister(docker_client, [scope]),
+    )
+    limits = parse_limits({"defaults": {"container_hold_after_stop": "1h"}})
+    lifecycle = Lifecycle(
+        docker_client, allocator, limits, extra_labels=[scope], cgroup_root=str(CGROUP_ROOT)
+    )
+    assert [a.container for a in lifecycle.run_once()] == [one.name]
+    assert "memory" in _present(parent)  # two still runs under it
+    two.stop(timeout=0)
+    assert [a.container for a in lifecycle.run_once()] == [two.name]
+    assert _present(parent) == []

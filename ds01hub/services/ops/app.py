@@ -117,6 +117,7 @@ def build_components(
     inventory: Inventory | None = None,
     extra_labels: Iterable[str] = (),
     clock: Callable[[], datetime] = utcnow,
+    aggregate_cgroup_root: str = "",
     **culler_options: Any,
 ) -> Components:
     """Wire limits (`limits_path` as set, None for the default: reloaded on change, last good
@@ -138,7 +139,14 @@ def build_components(
         trust=trust,
     )
     lifecycle = (
-        Lifecycle(docker_client, allocator, limits, eventlog, extra_labels=extra_labels)
+        Lifecycle(
+            docker_client,
+            allocator,
+            limits,
+            eventlog,
+            extra_labels=extra_labels,
+            cgroup_root=aggregate_cgroup_root,
+        )
         if remove_stopped
         else None
     )
@@ -218,6 +226,16 @@ class OpsService(HostSettings, Application):
         help="Only containers with these labels too (`key=value`): one hub of several on an "
         "engine. Default: every ds01-managed container.",
     ).tag(config=True)
+    aggregate_cgroup_root = Unicode(
+        help="""Where the cgroup v1 controllers are mounted, as DS01Spawner.aggregate_cgroup_root
+        (the same key): a container the lifecycle pass removes takes its user's parent cgroup
+        with it when it was their last. Default: $DS01HUB_AGGREGATE_CGROUP_ROOT; empty: no
+        parents are removed here.""",
+    ).tag(config=True)
+
+    @default("aggregate_cgroup_root")
+    def _default_aggregate_cgroup_root(self) -> str:
+        return paths.aggregate_cgroup_root()
 
     aliases = {
         "interval": "OpsService.interval",
@@ -249,6 +267,7 @@ class OpsService(HostSettings, Application):
             paths.state_dir(self.state_dir),
             remove_stopped=self.remove_stopped,
             extra_labels=self.extra_labels,
+            aggregate_cgroup_root=self.aggregate_cgroup_root,
             warn_before=self.warn_before,
             gpu_threshold=self.gpu_threshold,
             cpu_threshold=self.cpu_threshold,

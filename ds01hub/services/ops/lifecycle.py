@@ -13,10 +13,16 @@ A never-started (`created`) container holds GPUs only through the claim of the s
 it (`ds01hub.gpu.allocator`); once nothing claims it, the pass's `GpuAllocator.reconcile()`
 removes it. For `container_hold_after_stop` it counts as stopped from its creation. Pure
 planning (`expired_holds`, `removals_due`) is separate from the pass that acts (`Lifecycle`).
+
+A removed container that was under its user's own parent cgroup (aggregate caps, with the
+site's cgroup root set) takes the parent with it when it was the user's last container, as a
+delete through the hub does (`ds01hub.host.aggregate_gate.remove_unused_parent`, under the
+user's lock).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Iterable
@@ -27,8 +33,11 @@ from typing import Any
 import docker.errors
 
 from ds01hub import labels
+from ds01hub.aggregate import is_user_parent
 from ds01hub.gpu.allocator import GpuAllocator
 from ds01hub.gpu.eventlog import EventLog
+from ds01hub.host.aggregate_gate import UserLockTimeout, remove_unused_parent, user_records
+from ds01hub.host.cgroups import CgroupError
 from ds01hub.labels import ContainerRecord
 from ds01hub.limits import LimitsConfig, LimitsStore, ResolvedLimits
 from ds01hub.provenance import Provenance
@@ -160,9 +169,11 @@ class Lifecycle:
         eventlog: EventLog | None = None,
         *,
         extra_labels: Iterable[str] = (),
+        cgroup_root: str = "",
     ):
         self.docker = docker_client
         self.extra_labels = list(extra_labels)
+        self.cgroup_root = cgroup_root  # "" : no per-user parents to remove
         self.allocator = allocator
         self.limits = limits
         self.eventlog = eventlog
@@ -217,11 +228,13 @@ class Lifecycle:
 
     def _remove(self, action: LifecycleAction) -> bool:
         try:
+            parent = self._cgroup_parent(action.container_id)
             self.docker.api.remove_container(action.container_id, v=False, force=False)
         except Exception as error:  # running again, or already gone: nothing to do now
             log.info("not removing %s: %s", action.container, error)
             return False
         log.info("removed %s (%s)", action.container, action.reason)
+        self._remove_user_parent(action.user, parent)
         if self.eventlog is not None:
             self.eventlog.record(
                 "release",
@@ -231,3 +244,32 @@ class Lifecycle:
                 reason=action.reason,
             )
         return True
+
+    def _cgroup_parent(self, container_id: str) -> str:
+        """The container's CgroupParent when per-user parents are in use, else ""."""
+        if not self.cgroup_root:
+            return ""
+        host = self.docker.api.inspect_container(container_id).get("HostConfig") or {}
+        return str(host.get("CgroupParent") or "")
+
+    def _remove_user_parent(self, user: str, parent: str) -> None:
+        """`user`'s parent cgroup goes when their last container did (only their own per-user
+        parent: a group's parent or a slice stays). The pass runs in a worker thread: the
+        gate's lock is awaited on a loop of its own there."""
+        if not self.cgroup_root or not is_user_parent(parent, user):
+            return
+        trust, api = self.allocator.trust, self.docker.api
+
+        def records() -> list[ContainerRecord]:
+            return user_records(api, trust, user, self.extra_labels)
+
+        removing = remove_unused_parent(
+            self.allocator.state_dir, user, records, self.cgroup_root, parent
+        )
+        try:
+            removed = asyncio.run(removing)
+        except (CgroupError, UserLockTimeout) as error:  # left for the next removal
+            log.warning("cgroup %s of %s kept: %s", parent, user, error)
+            return
+        if removed:
+            log.info("removed the unused cgroup parent %s of %s", parent, user)
