@@ -12,7 +12,7 @@ one user cannot both pass it; `counts_toward_caps` says which of the user's cont
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,7 +78,8 @@ class ContainerUse:
         )
 
 
-_RESOURCES = (
+#: (ContainerUse field, label, how a value of it is shown: CPUs as a float, the rest whole)
+_RESOURCES: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
     ("cpus", "CPUs", lambda v: f"{v:g}"),
     ("memory", "memory", format_size),
     ("pids", "tasks", str),
