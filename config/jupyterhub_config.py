@@ -17,6 +17,8 @@ Run with ``jupyterhub -f config/jupyterhub_config.py``. Site settings come from 
                           same files over SSH and at /workspace in their containers)
   DS01HUB_ADMIN_TOKEN_FILE the hub API token of the admin commands (`ds01hub cull`)
   DS01HUB_GPU_GROUP       the NVIDIA device nodes' group: containers get it (ds01hub.gpu.access)
+  DS01HUB_AGGREGATE_CGROUP_ROOT  /sys/fs/cgroup: users' aggregate caps enforced by per-user parent
+                          cgroups (DS01Spawner.aggregate_cgroup_root; the proxy reads it too)
 
 `ds01hub install` keeps these in /etc/ds01hub/ds01hub.env and runs this file from its own
 /etc/ds01hub/jupyterhub_config.py (which adds the authenticator). Each part of ds01hub adds its
@@ -119,7 +121,12 @@ configure_ops(
         f"--OpsService.interval={os.environ.get('DS01HUB_CULL_INTERVAL', '300')}",
         f"--OpsService.warn_before={os.environ.get('DS01HUB_CULL_WARN_BEFORE', '600')}",
     ],
-    environment={k: os.environ[k] for k in ("DS01HUB_LIMITS", "DOCKER_HOST") if k in os.environ},
+    # DS01HUB_AGGREGATE_CGROUP_ROOT: the lifecycle pass removes users' unused parent cgroups
+    environment={
+        k: os.environ[k]
+        for k in ("DS01HUB_LIMITS", "DOCKER_HOST", "DS01HUB_AGGREGATE_CGROUP_ROOT")
+        if k in os.environ
+    },
 )
 
 # -- queue: "wait for a GPU" requests (the `queue` spawn option, `container-create --queue`) ---

@@ -136,6 +136,7 @@ def env_settings(layout: Layout) -> tuple[dict[str, str], dict[str, str]]:
         "DS01HUB_CA_BUNDLE": "",
         "DS01HUB_PIP_INDEX_URL": "",
         "DS01HUB_DEBIAN_MIRROR": "",
+        "DS01HUB_AGGREGATE_CGROUP_ROOT": "",
     }
     comments = {
         "DS01HUB_STATE_DIR": "ds01hub site settings: read by ds01hub.service (EnvironmentFile=), "
@@ -163,6 +164,10 @@ def env_settings(layout: Layout) -> tuple[dict[str, str], dict[str, str]]:
         "DS01HUB_CA_BUNDLE": "A CA bundle trusted in image builds (TLS-intercepting proxies)",
         "DS01HUB_PIP_INDEX_URL": "Image builds: a package index or mirror (also for ds01hub "
         "install's images),\nand a Debian mirror for the base image",
+        "DS01HUB_AGGREGATE_CGROUP_ROOT": "Aggregate caps enforced by the kernel (cgroup v1, "
+        "Docker's cgroupfs driver):\n/sys/fs/cgroup puts each capped user's containers under "
+        "their own parent cgroup,\nat every door (hub, Docker proxy; ds01-ops removes unused "
+        "parents); empty: checked only",
     }
     return values, comments
 
