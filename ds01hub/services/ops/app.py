@@ -248,6 +248,7 @@ class OpsService(HostSettings, Application):
         "limits": "OpsService.limits_path",
         "state-dir": "OpsService.state_dir",
         "label": "OpsService.extra_labels",
+        "aggregate-cgroup-root": "OpsService.aggregate_cgroup_root",
     }
     flags = {
         "dry-run": ({"OpsService": {"dry_run": True}}, "decide only, act on nothing"),
