@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import secrets
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from harness.inspect_docs import TRUST
 from hypothesis import given
 from hypothesis import strategies as st
-from test_proxy import IMAGE, admin_docker, docker_as, proxy_process
+from test_proxy import IMAGE, admin_docker, docker_as, proxy_process, spawner_label_args
 from test_proxy import busybox_image as busybox_image  # noqa: F401  (the module's fixture)
 from test_proxy_policy import ALICE, base, create, denied
 
@@ -164,6 +165,33 @@ def test_the_second_container_past_the_cap_is_refused_and_the_first_keeps_runnin
         denials = proxy.log.read_text()
         assert "status=409" in denials and "over the aggregate limits" in denials
         admin_docker("rm", "-f", first, second)
+
+
+@pytest.mark.docker
+@pytest.mark.root
+def test_two_starts_at_once_start_one_and_a_hub_container_counts_too(student, tmp_path):
+    """Two `docker start`s of one user at once, each within the caps alone: the user's lock
+    lets exactly one through, whichever comes first. Then a container the hub made for the
+    user (its signed labels, made on the engine directly) counts against a proxy run."""
+    names = [f"race{i}-{RUN}" for i in (1, 2)]
+    with proxy_process("--limits", str(limits_file(tmp_path, student))) as proxy:
+        for name in names:
+            made = docker_as(proxy, student, "create", "--name", name, IMAGE, "sleep", "300")
+            assert made.returncode == 0, made.stderr
+        with ThreadPoolExecutor(2) as pool:
+            results = list(pool.map(lambda n: docker_as(proxy, student, "start", n), names))
+        assert sorted(r.returncode == 0 for r in results) == [False, True]
+        refused = next(r for r in results if r.returncode != 0)
+        assert "over the aggregate limits" in refused.stderr
+        assert sorted(state_of(n) for n in names) == ["created", "running"]
+        admin_docker("rm", "-f", *names)
+
+        hub_made = f"default._.{student}"
+        signed = spawner_label_args(proxy, student, hub_made)
+        admin_docker("run", "-d", "--name", hub_made, "-m", "64m", *signed, IMAGE, "sleep", "300")
+        late = run_sleeper(proxy, student, f"late-{RUN}")
+        assert late.returncode != 0 and f"Running: {hub_made} (64m memory)" in late.stderr
+        admin_docker("rm", "-f", hub_made)
 
 
 @pytest.mark.docker

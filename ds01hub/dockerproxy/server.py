@@ -768,13 +768,14 @@ class Proxy:
                     raise Denied(500, error.message) from None
             return await self.upstream.request("POST", checked.render(), body)
 
+        engine = await asyncio.to_thread(lambda: self.engine)  # made once: asks the version
         try:
             return await start_within_caps(
                 self.hub_state_dir or paths.state_dir(),
                 caller.user,
                 cap,
-                self.engine,
-                lambda: user_records(self.engine, self.settings.signer(), caller.user),
+                engine,
+                lambda: user_records(engine, self.settings.signer(), caller.user),
                 (name, str(document.get("Id"))),
                 start,
             )
