@@ -91,6 +91,7 @@ from .options import (
     render_form,
     resolve_choice,
 )
+from .progress import ProgressEvents
 from .queued import QueuedStarter
 from .recovery import EngineRecovery
 
@@ -132,7 +133,7 @@ class _HubContext:
     hub_api_url: str = ""
 
 
-class DS01Spawner(DockerSpawner):
+class DS01Spawner(ProgressEvents, DockerSpawner):
     """See the module docstring; every setting below is `c.DS01Spawner.<name>`."""
 
     _contexts: dict[tuple, _HubContext] = {}
@@ -428,30 +429,10 @@ class DS01Spawner(DockerSpawner):
 
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
-        self._events: list[dict] = []  # this spawn's progress events
-        self._event_signal = asyncio.Event()
-        self._spawn_finished = False
+        self._init_progress()
         self._created_in_this_spawn = False
         self._spawn_slots: tuple[Slot, ...] = ()
         self._check_seconds = 0.0  # the check before `docker start`, for the timing log line
-
-    def _emit(self, progress: int, message: str) -> None:
-        self._events.append({"progress": progress, "message": message})
-        self._event_signal.set()
-        self.log.info("ds01 %s: %s", self._log_name, message)
-
-    async def progress(self):
-        """Every step of `start` as it happens (JupyterHub's progress API / spawn page)."""
-        sent = 0
-        while True:
-            while sent < len(self._events):
-                yield self._events[sent]
-                sent += 1
-            if self._spawn_finished:
-                return
-            self._event_signal.clear()
-            if sent == len(self._events):
-                await self._event_signal.wait()
 
     # -- the options form --------------------------------------------------------------------
 
@@ -765,20 +746,6 @@ class DS01Spawner(DockerSpawner):
         """This server's options form (the way back from a wait or a refusal)."""
         return url_path_join(self.hub.base_url, "spawn", self.user.escaped_name, self.name or "")
 
-    def _emit_message(self, progress: int, message: messages.Message) -> None:
-        """A progress event people read (ds01hub.gpu.messages): the headline as the event's
-        text, the whole message as HTML for the spawn page and as data for the CLI."""
-        self._events.append(
-            {
-                "progress": progress,
-                "message": message.headline,
-                "html_message": message.html(),
-                messages.EVENT_KEY: message.to_dict(),
-            }
-        )
-        self._event_signal.set()
-        self.log.info("ds01 %s: %s", self._log_name, message.text())
-
     def _refusal(self, message: messages.Message, status: int) -> SpawnException:
         """A spawn refused with a message for people: plain text for the API and the CLI, HTML
         (details folded, a link back to the form) for the hub's pages."""
@@ -848,8 +815,7 @@ class DS01Spawner(DockerSpawner):
 
     async def start(self):
         """See the module docstring; progress events on every step."""
-        self._events.clear()  # in place: a progress stream may already be waiting on it
-        self._spawn_finished = False
+        self._begin_progress()
         self._began = time.monotonic()
         self.context.recovery.track(self)
         try:
@@ -864,8 +830,7 @@ class DS01Spawner(DockerSpawner):
             metrics.spawn_failed("error")
             raise
         finally:
-            self._spawn_finished = True
-            self._event_signal.set()
+            self._finish_progress()
 
     async def _start(self):
         began = time.perf_counter()
