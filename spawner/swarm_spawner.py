@@ -22,6 +22,7 @@ stopped container; a server whose node died is reported stopped (`poll`) with wh
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -32,23 +33,32 @@ from jupyterhub.spawner import SpawnException
 from traitlets import Float, Int, Unicode, default
 
 from ds01hub import labels, paths, provenance
+from ds01hub.gpu import messages
 from ds01hub.gpu.allocator import GpuAllocator
 from ds01hub.gpu.cluster import cluster_inventory, parse_node
 from ds01hub.gpu.decision import Decision, GpuRequest
 from ds01hub.gpu.swarm_state import (
+    ENDED_TASK_STATES,
     create_service,
+    lost_services,
+    replicas,
     scale_service,
     service_documents,
+    stop_lost_services,
     swarm_lister,
     swarm_remover,
 )
 from ds01hub.limits import LimitsStore
+from ds01hub.spawner.progress import ProgressEvents
 from ds01hub.spawner.swarm_plan import service_name, service_spec
 
 __all__ = ["DS01SwarmSpawner"]
 
+#: the spawner state's key for why the server last stopped under its user (a Message dict)
+STOPPED_KEY = "ds01_stopped"
 
-class DS01SwarmSpawner(SwarmSpawner):
+
+class DS01SwarmSpawner(ProgressEvents, SwarmSpawner):
     """See the module docstring; settings are `c.DS01SwarmSpawner.<name>` (the Docker client
     is the manager's: `c.DS01SwarmSpawner.client_kwargs = {"base_url": ...}` or DOCKER_HOST)."""
 
@@ -91,8 +101,11 @@ class DS01SwarmSpawner(SwarmSpawner):
     def _allocator(self, limits: LimitsStore) -> GpuAllocator:
         """The allocator over the swarm as it is now (nodes read from the manager)."""
         manager = self.client_holder
-        nodes = [parse_node(attrs) for attrs in manager.api.nodes()]
         trust = provenance.load(self._state_path())
+        for lost in stop_lost_services(manager, trust):  # before its slots can be counted
+            why = f"its node {lost.node} left the cluster" if lost.node else lost.ended
+            self.log.warning("ds01: server %s stopped: %s", lost.name, why)
+        nodes = [parse_node(attrs) for attrs in manager.api.nodes()]
         return GpuAllocator(
             None,
             cluster_inventory(nodes),
@@ -130,7 +143,24 @@ class DS01SwarmSpawner(SwarmSpawner):
             self.log.info("%s waits for a GPU slot: %s", self.object_name, decision.reason)
             await asyncio.sleep(self.gpu_wait_interval)
 
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self._init_progress()
+        self._stopped_because: messages.Message | None = None
+
     async def start(self) -> tuple[str, int]:
+        """`_start`, its steps in the progress stream; first, why the last server stopped
+        under its user, if it did (`poll`)."""
+        self._begin_progress()
+        if self._stopped_because is not None:
+            self._emit_message(2, self._stopped_because)
+            self._stopped_because = None
+        try:
+            return await self._start()
+        finally:
+            self._finish_progress()
+
+    async def _start(self) -> tuple[str, int]:
         store = self._limits()
         limits = store.current.resolve(self.user.name)
         allocator = await self._blocking(self._allocator, store)
@@ -142,6 +172,7 @@ class DS01SwarmSpawner(SwarmSpawner):
         slots = [allocator.inventory.slot(slot_id) for slot_id in decision.granted]
         try:
             service_id = await self._service_for(allocator, slots, limits)
+            earlier = frozenset(t["ID"] for t in await self._tasks(service_id))
             check = await self._blocking(allocator.begin_start, self.object_name, service_id)
             if not check.ok:
                 raise SpawnException(
@@ -153,7 +184,7 @@ class DS01SwarmSpawner(SwarmSpawner):
             await self._blocking(allocator.release, self.object_name, "spawn failed")
             raise
         self.object_id = service_id
-        return await self._running_address()
+        return await self._running_address(service_id, earlier)
 
     @property
     def client_holder(self) -> Any:
@@ -167,6 +198,9 @@ class DS01SwarmSpawner(SwarmSpawner):
         if existing is not None:
             held = labels.parse_slot_list((existing["Spec"].get("Labels") or {}).get(labels.GPUS))
             if held == wanted:
+                if replicas(existing):  # left desired to run (its node died under it):
+                    # scaling "to one" would be no change, and Swarm would start nothing
+                    await self._blocking(scale_service, self.client_holder, existing["ID"], 0)
                 return str(existing["ID"])
             await self.docker("remove_service", existing["ID"])
         values = labels.container_labels(
@@ -197,23 +231,43 @@ class DS01SwarmSpawner(SwarmSpawner):
         }
         return await self._blocking(create_service, self.client_holder, body)
 
-    async def _running_address(self) -> tuple[str, int]:
-        """Wait for the task to run; its node's address and the port published there."""
+    async def _running_address(self, service_id: str, earlier: frozenset[str]) -> tuple[str, int]:
+        """Wait for the task this start made to run; its node's address and port there."""
+        task = await self._running_task(service_id, earlier)
+        return await self._task_address(task)
+
+    async def _tasks(self, service_id: str) -> list[dict]:
+        return list(await self.docker("tasks", filters={"service": service_id}))
+
+    async def _running_task(self, service_id: str, earlier: frozenset[str] = frozenset()) -> dict:
+        """The service's newest task but those in `earlier` (a stopped run's, which may still
+        be running while it stops) once it runs; SpawnException when it ended or the service
+        is gone."""
         delay = 0.5
         while True:
-            task = await self.get_task()
-            state = task["Status"]["State"] if task else "gone"
+            tasks = [t for t in await self._tasks(service_id) if t["ID"] not in earlier]
+            task = max(tasks, key=lambda t: str(t.get("CreatedAt") or ""), default=None)
+            state = task["Status"]["State"] if task else "not created yet"
             if state == "running":
-                break
-            if state in ("failed", "rejected", "shutdown", "complete", "orphaned", "gone"):
-                error = task["Status"].get("Err", "") if task else "its service is gone"
+                return task
+            if task is None and await self.get_object() is None:
                 raise SpawnException(
-                    f"server {self.object_name} did not start: {state} {error}",
+                    f"server {self.object_name} did not start: its service is gone",
+                    reason="start_failed",
+                    status_code=500,
+                )
+            if state in ENDED_TASK_STATES:
+                raise SpawnException(
+                    f"server {self.object_name} did not start: {state} "
+                    f"{task['Status'].get('Err', '')}",
                     reason="start_failed",
                     status_code=500,
                 )
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, 5)
+
+    async def _task_address(self, task: dict) -> tuple[str, int]:
+        """A running task's node address and the port its node publishes for the server."""
         node = await self.docker("inspect_node", task["NodeID"])
         ports = (task["Status"].get("PortStatus") or {}).get("Ports") or []
         if not ports:
@@ -227,29 +281,101 @@ class DS01SwarmSpawner(SwarmSpawner):
 
     # -- lifecycle ------------------------------------------------------------------------
 
+    async def get_url(self) -> str:
+        """JupyterHub asks this after its restart for every server `poll` says is running. A
+        hub killed between scaling the service to one and recording the address left a
+        placeholder there: the task's address is returned instead (waiting, up to
+        `start_timeout`, for a task still pulling its image), so JupyterHub adopts the
+        server instead of waiting on an address that never was and then stopping it."""
+        recorded = str(self.server.url)
+        try:
+            service = await self.get_object()
+            if service is None:
+                return recorded
+            task = await asyncio.wait_for(self._running_task(service["ID"]), self.start_timeout)
+            ip, port = await self._task_address(task)
+        except (TimeoutError, SpawnException) as error:
+            self.log.warning("ds01 %s: no running task to adopt: %s", self._log_name, error)
+            return recorded
+        url = f"http://{ip}:{port}{self.server.base_url}"
+        if url != recorded:
+            self.log.warning(
+                "ds01 %s: adopting the running service at %s (the hub had %s)",
+                self._log_name,
+                url,
+                recorded,
+            )
+        return url
+
     async def poll(self) -> int | str | None:
-        """None while its task runs on a ready node; else why it is not running."""
+        """None while its task runs on a ready node; else why it is not running. A server
+        whose task ended while it was desired to run (its node left the cluster, or it exited)
+        is scaled to zero so that it never comes back unasked with its node (Swarm would not
+        restart it, but a later `scale` to one would) and its user is told why at the next
+        start (`node_lost_message`)."""
         service = await self.get_object()
         if service is None:
             return 0
-        tasks = await self.docker("tasks", filters={"service": service["ID"]})
+        tasks = await self._tasks(service["ID"])
         nodes = await self.docker("nodes")
         (document,) = service_documents([service], tasks, nodes)
         if document["State"]["Running"]:
             return None
+        for lost in lost_services([service], tasks, nodes):
+            await self._blocking(scale_service, self.client_holder, lost.id, 0)
+            if not lost.node:
+                return f"its server ended: {lost.ended}"
+            self._stopped_because = messages.node_lost_message(lost.node, lost.ended)
+            self.log.warning("ds01 %s: %s", self._log_name, self._stopped_because.text())
+            return self._stopped_because.headline
         node = next((n for n in nodes if n["ID"] == document["Node"]), None)
         if node is not None and node["Status"]["State"] != "ready":
-            # stopped for good: when the node returns, the server must not come back unasked
-            # (its slots may be someone else's by then)
-            await self._blocking(scale_service, self.client_holder, service["ID"], 0)
             return f"its node {node['Description']['Hostname']} is {node['Status']['State']}"
         return 0
+
+    def get_state(self) -> dict:
+        """DockerSpawner's state, and why the server stopped under its user (told at the next
+        start; kept across hub restarts)."""
+        state = super().get_state()
+        if self._stopped_because is not None:
+            state[STOPPED_KEY] = self._stopped_because.to_dict()
+        return state
+
+    def load_state(self, state: dict) -> None:
+        super().load_state(state)
+        try:
+            self._stopped_because = messages.Message.from_dict(state[STOPPED_KEY])
+        except (KeyError, messages.MessageError):
+            self._stopped_because = None
 
     async def stop(self, now: bool = False) -> None:
         """Scale to zero and keep the service (its hold; a restart on the same slots)."""
         service = await self.get_object()
         if service is not None:
             await self._blocking(scale_service, self.client_holder, service["ID"], 0)
+
+    async def run_post_stop_hook(self) -> None:
+        """After JupyterHub stopped a server, also one it found not running after its own
+        restart: a service that never started (its spawn died between create and scale, e.g.
+        with the hub) is removed. It holds no slot and has nothing to keep; a stopped one (it
+        ran) stays for its hold."""
+        result = super().run_post_stop_hook()
+        if inspect.isawaitable(result):
+            await result
+        service = await self.get_object()
+        if service is None:
+            return
+        tasks = await self.docker("tasks", filters={"service": service["ID"]})
+        (document,) = service_documents([service], tasks, [])
+        if document["State"]["Status"] != "created":
+            return
+        if await self._blocking(swarm_remover(self.client_holder), service["ID"]):
+            self.log.warning(
+                "ds01 %s: removed service %s: never started (its spawn was interrupted)",
+                self._log_name,
+                service["ID"],
+            )
+            self.object_id = ""
 
     async def delete_forever(self) -> None:
         """A deleted server's service goes (and with it its hold), as the container does on

@@ -92,8 +92,23 @@ async def test_poll_says_the_node_is_down_and_stops_the_server_for_good(monkeypa
     )
     assert await spawner(manager=Manager("ready")).poll() is None
     assert scaled == []
-    assert await spawner(manager=Manager("down")).poll() == "its node node2 is down"
+    lost = spawner(manager=Manager("down"))
+    assert await lost.poll() == "Your server stopped: the machine left the cluster (node2)."
     assert scaled == [("s1", 0)]  # it must not come back unasked with its node
+    # its user is told why at the next start, also after a hub restart (the spawner's state)
+    again = spawner(manager=Manager("down"))
+    again.load_state(lost.get_state())
+    assert again._stopped_because == lost._stopped_because
+    again._start = _started
+    assert await again.start() == ("10.0.0.2", 8888)
+    events = [event async for event in again.progress()]
+    assert events[0]["message"] == "Your server stopped: the machine left the cluster (node2)."
+    assert events[0]["ds01_message"]["code"] == "node_lost"
+    assert again._stopped_because is None and "ds01_stopped" not in again.get_state()
+
+
+async def _started():
+    return ("10.0.0.2", 8888)
 
 
 async def test_deleting_the_server_removes_its_service():

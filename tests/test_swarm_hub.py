@@ -1,0 +1,188 @@
+"""The hub's side of swarm mode on a real three-node swarm (the session's `swarm_cluster`), the
+hub on this host (`DS01SwarmSpawner`): a hub killed (SIGKILL) and restarted leaks nothing, and a
+node that dies and comes back is reconciled.
+
+The servers are a busybox stand-in from the cluster's registry (`busybox httpd` answering at the
+server's prefix with its user's name): these tests are about the hub's record, Swarm's services
+and the allocator's slots, not Jupyter (tests/test_swarm.py runs the real single-user image on a
+worker). The hub kills itself at one point of a spawn through a subclass in its own config (the
+only test hook; the production code has none), once per marker file, as in
+tests/test_spawner_reliability_e2e.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+from harness.hub import Hub
+from harness.swarm import running_task, swarm_allocator
+from harness.wait import wait_until
+
+from ds01hub import provenance
+from ds01hub.gpu.cluster import split_slot_id
+from ds01hub.limits import parse_limits
+from ds01hub.spawner.swarm_plan import service_name
+
+pytestmark = pytest.mark.swarm
+
+HOLD = "1h"
+LIMITS = parse_limits({"defaults": {"max_gpus": 1, "gpu_hold_after_stop": HOLD}})
+#: the stand-in server: answers GET {prefix} with its user's name
+STAND_IN = (
+    'd="/tmp/www$JUPYTERHUB_SERVICE_PREFIX"; /bin/busybox mkdir -p "$d"; '
+    'echo "$JUPYTERHUB_USER" > "${d}index.html"; '
+    "exec /bin/busybox httpd -f -p 8888 -h /tmp/www"
+)
+DIES_AT = """
+import os
+import signal
+from pathlib import Path
+
+from ds01hub.spawner.swarm_spawner import DS01SwarmSpawner
+
+MARKERS = Path({markers!r})
+
+
+def die_if(point, user):
+    marker = MARKERS / f"{{point}}-{{user}}"
+    if marker.exists():
+        marker.unlink()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class DyingSwarmSpawner(DS01SwarmSpawner):
+    async def _service_for(self, *args):
+        service_id = await super()._service_for(*args)
+        die_if("created", self.user.name)  # the service exists at zero replicas
+        return service_id
+
+    async def _running_address(self, *args):
+        die_if("scaled", self.user.name)  # scaled to one, the address not recorded
+        return await super()._running_address(*args)
+
+
+c.JupyterHub.spawner_class = DyingSwarmSpawner
+"""
+
+
+def swarm_hub(cluster, tmp_path, extra: str = "") -> Hub:
+    """A hub on this host whose spawner is the manager's, with the stand-in server."""
+    limits_file = tmp_path / "limits.yaml"
+    limits_file.write_text(f"defaults: {{max_gpus: 1, gpu_hold_after_stop: {HOLD}}}\n")
+    return Hub(
+        directory=tmp_path / "hub",
+        hub_ip=cluster.gateway(),
+        image=cluster.image,
+        spawner="ds01hub.spawner.swarm_spawner.DS01SwarmSpawner",
+        extra_config=(
+            f"c.DS01SwarmSpawner.client_kwargs = {{'base_url': {cluster.manager.url!r}}}\n"
+            f"c.DS01SwarmSpawner.limits_path = {str(limits_file)!r}\n"
+            "c.DS01SwarmSpawner.gpu_wait_interval = 0.5\n"
+            f"c.DS01SwarmSpawner.cmd = ['/bin/busybox', 'sh', '-c', {STAND_IN!r}, 'stand-in']\n"
+            + extra
+        ),
+    )
+
+
+def answers(hub: Hub, user: str) -> bool:
+    """The user's server answers through the hub's proxy, as that user's."""
+    response = hub.user_request(hub.token_for(user), "GET", user, "")
+    return response.status_code == 200 and response.text.strip() == user
+
+
+def service_of(manager, user: str):
+    found = manager.api.services(filters={"name": service_name(user)})
+    return next((s for s in found if s["Spec"]["Name"] == service_name(user)), None)
+
+
+def replicas(service) -> int:
+    return service["Spec"]["Mode"]["Replicated"]["Replicas"]
+
+
+def no_leaks(hub: Hub, manager, users) -> None:
+    """Every server the hub runs has a service desired to run, and every service desired to
+    run is a server the hub runs (`ready`); nothing else of these users runs."""
+    for user in users:
+        server = hub.server(user)
+        service = service_of(manager, user)
+        running = bool(server and server.get("ready"))
+        desired = bool(service and replicas(service) > 0)
+        assert running == desired, (user, server, service and service["Spec"]["Mode"])
+        if running:
+            assert running_task(manager, service["ID"]), f"{user}: no running task"
+
+
+def test_a_hub_killed_and_restarted_leaks_nothing(cluster_hub_parts):
+    """ria runs on a worker (a MIG slot: node3 only). The hub dies (SIGKILL) right after
+    creating ben's service: at its restart ria is still running and reachable, ben's service
+    (never started) is removed and holds nothing. ria stops (her slot held); the hub dies right
+    after scaling cai's service to one: at its restart cai's server is adopted (same service,
+    same task), ria's hold is kept and her restart gets her slot back."""
+    cluster, manager, tmp_path = cluster_hub_parts
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    hub = swarm_hub(cluster, tmp_path, DIES_AT.format(markers=str(markers)))
+    users = ("ria", "ben", "cai")
+    hub.start()
+    try:
+        for user in users:
+            hub.create_user(user)
+        hub.start_server("ria", options={"mig": "3g.40gb"})
+        hub.wait_ready("ria", timeout=180)
+        assert answers(hub, "ria")
+        ria = service_of(manager, "ria")
+        ria_slot = ria["Spec"]["Labels"]["ds01.gpus"]
+        assert split_slot_id(ria_slot)[0] == "node3"
+        ria_task = running_task(manager, ria["ID"])["ID"]
+
+        # -- killed between creating ben's service and scaling it
+        (markers / "created-ben").write_text("")
+        hub.start_server("ben", options={"gpus": 1}, check=False)
+        assert hub.process.wait(120) == -9
+        ben = service_of(manager, "ben")
+        assert ben is not None and replicas(ben) == 0  # created, never started
+        trust = provenance.load(hub.state_dir)
+        allocator = swarm_allocator(cluster, manager, hub.state_dir, trust, LIMITS)
+        assert [(h.container, h.state) for h in allocator.holdings()] == [
+            (service_name("ria"), "running")
+        ]
+
+        hub.start()  # JupyterHub stops the server it knew was starting: the ghost goes
+        wait_until(lambda: service_of(manager, "ben") is None, 60, message="ben's ghost removed")
+        assert hub.server("ria")["ready"] and answers(hub, "ria")
+        assert running_task(manager, ria["ID"])["ID"] == ria_task  # the same server, untouched
+        assert not (hub.server("ben") or {}).get("ready")
+        no_leaks(hub, manager, users)
+
+        # -- ria stops (held); killed after scaling cai's service to one
+        hub.stop_server("ria")
+        (markers / "scaled-cai").write_text("")
+        hub.start_server("cai", options={"gpus": 1}, check=False)
+        assert hub.process.wait(120) == -9
+        cai = service_of(manager, "cai")
+        assert replicas(cai) == 1
+        cai_task = wait_until(lambda: running_task(manager, cai["ID"]), 120, message="cai runs")
+
+        hub.start()
+        hub.wait_ready("cai", timeout=180)
+        assert answers(hub, "cai")
+        assert service_of(manager, "cai")["ID"] == cai["ID"]  # adopted, not re-created
+        assert running_task(manager, cai["ID"])["ID"] == cai_task["ID"]
+        assert "adopting the running service" in hub.log(500_000)
+        held = {h.container: h for h in allocator.holdings()}
+        assert held[service_name("ria")].state == "stopped"
+        assert held[service_name("ria")].held_until is not None  # the hold survived
+        assert held[service_name("cai")].state == "running"
+        no_leaks(hub, manager, users)
+
+        hub.start_server("ria", options={"mig": "3g.40gb"})  # back on her held slot
+        hub.wait_ready("ria", timeout=180)
+        assert service_of(manager, "ria")["Spec"]["Labels"]["ds01.gpus"] == ria_slot
+        assert answers(hub, "ria")
+        no_leaks(hub, manager, users)
+    finally:
+        hub.stop()
+
+
+@pytest.fixture
+def cluster_hub_parts(swarm_cluster, swarm_manager, tmp_path):
+    return swarm_cluster, swarm_manager, tmp_path
