@@ -12,11 +12,15 @@ dead node takes no new server), holdings come from Swarm's services and tasks
 on the node of its slot and reserving that slot's generic resource.
 
 A spawn: resolve limits -> allocate (waiting while `busy`, up to `gpu_wait_timeout`, the wait
-shown in the progress) -> create the service at zero replicas (or keep the stopped one when it
-is on the granted slots) -> `begin_start` under the allocator's lock -> scale to one -> wait for
-its task to run -> the hub reaches it on the node's address and the port published there.
+shown in the progress) -> create the service at zero replicas (a stopped one of this server is
+replaced) -> `begin_start` under the allocator's lock -> scale to one -> wait for its task to
+run -> the hub reaches it on the node's address and the port published there.
 Stop scales the service to zero: it stays, holding its slots for `gpu_hold_after_stop` like a
-stopped container; a server whose node died is reported stopped (`poll`) with why.
+stopped container. A server whose task ended while desired to run (its node left the cluster)
+is scaled to zero too, by its `poll` and before every allocation (`stop_lost_services`), and
+its user is told why at the next start. A hub killed mid-spawn leaks nothing: a service it
+never scaled up is removed when JupyterHub stops the server at its restart
+(`run_post_stop_hook`), one it did is adopted (`get_url`).
 """
 
 from __future__ import annotations
@@ -41,7 +45,6 @@ from ds01hub.gpu.swarm_state import (
     ENDED_TASK_STATES,
     create_service,
     lost_services,
-    replicas,
     scale_service,
     service_documents,
     stop_lost_services,
@@ -172,7 +175,6 @@ class DS01SwarmSpawner(ProgressEvents, SwarmSpawner):
         slots = [allocator.inventory.slot(slot_id) for slot_id in decision.granted]
         try:
             service_id = await self._service_for(allocator, slots, limits)
-            earlier = frozenset(t["ID"] for t in await self._tasks(service_id))
             check = await self._blocking(allocator.begin_start, self.object_name, service_id)
             if not check.ok:
                 raise SpawnException(
@@ -184,7 +186,7 @@ class DS01SwarmSpawner(ProgressEvents, SwarmSpawner):
             await self._blocking(allocator.release, self.object_name, "spawn failed")
             raise
         self.object_id = service_id
-        return await self._running_address(service_id, earlier)
+        return await self._running_address(service_id)
 
     @property
     def client_holder(self) -> Any:
@@ -192,17 +194,15 @@ class DS01SwarmSpawner(ProgressEvents, SwarmSpawner):
         return SimpleNamespace(api=self.client)
 
     async def _service_for(self, allocator: GpuAllocator, slots: list, limits: Any) -> str:
-        """The stopped service when it is on the granted slots, else a new one."""
+        """A new service for this start, made at zero replicas; a stopped one of this server
+        is removed first (its hold ends: this start's claim holds the granted slots now).
+        Why not scale the stopped one up again: Swarm makes no new task for a service of
+        restart policy `none` whose slot's last task ended (seen on Docker 20.10: scaled
+        0 -> 1 it stays without a task), and a new service is the path every start tests."""
         existing = await self.get_object()
-        wanted = tuple(slot.id for slot in slots)
         if existing is not None:
-            held = labels.parse_slot_list((existing["Spec"].get("Labels") or {}).get(labels.GPUS))
-            if held == wanted:
-                if replicas(existing):  # left desired to run (its node died under it):
-                    # scaling "to one" would be no change, and Swarm would start nothing
-                    await self._blocking(scale_service, self.client_holder, existing["ID"], 0)
-                return str(existing["ID"])
             await self.docker("remove_service", existing["ID"])
+        wanted = tuple(slot.id for slot in slots)
         values = labels.container_labels(
             user=self.user.name,
             project=self.name or None,
@@ -239,13 +239,12 @@ class DS01SwarmSpawner(ProgressEvents, SwarmSpawner):
     async def _tasks(self, service_id: str) -> list[dict]:
         return list(await self.docker("tasks", filters={"service": service_id}))
 
-    async def _running_task(self, service_id: str, earlier: frozenset[str] = frozenset()) -> dict:
-        """The service's newest task but those in `earlier` (a stopped run's, which may still
-        be running while it stops) once it runs; SpawnException when it ended or the service
-        is gone."""
+    async def _running_task(self, service_id: str) -> dict:
+        """The service's newest task once it runs; SpawnException when it ended or the
+        service is gone."""
         delay = 0.5
         while True:
-            tasks = [t for t in await self._tasks(service_id) if t["ID"] not in earlier]
+            tasks = await self._tasks(service_id)
             task = max(tasks, key=lambda t: str(t.get("CreatedAt") or ""), default=None)
             state = task["Status"]["State"] if task else "not created yet"
             if state == "running":

@@ -12,9 +12,11 @@ tests/test_spawner_reliability_e2e.py.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from harness.hub import Hub
-from harness.swarm import running_task, swarm_allocator
+from harness.swarm import inventory_of, node_state, running_task, swarm_allocator
 from harness.wait import wait_until
 
 from ds01hub import provenance
@@ -64,6 +66,12 @@ c.JupyterHub.spawner_class = DyingSwarmSpawner
 """
 
 
+@pytest.fixture
+def cluster_hub_parts(swarm_cluster, swarm_manager, tmp_path):
+    """The session's cluster, its manager (the test's services removed after it), a directory."""
+    return swarm_cluster, swarm_manager, tmp_path
+
+
 def swarm_hub(cluster, tmp_path, extra: str = "") -> Hub:
     """A hub on this host whose spawner is the manager's, with the stand-in server."""
     limits_file = tmp_path / "limits.yaml"
@@ -87,6 +95,11 @@ def answers(hub: Hub, user: str) -> bool:
     """The user's server answers through the hub's proxy, as that user's."""
     response = hub.user_request(hub.token_for(user), "GET", user, "")
     return response.status_code == 200 and response.text.strip() == user
+
+
+def stopped(hub: Hub, user: str) -> bool:
+    server = hub.server(user)
+    return not server or not (server.get("ready") or server.get("pending"))
 
 
 def service_of(manager, user: str):
@@ -181,8 +194,95 @@ def test_a_hub_killed_and_restarted_leaks_nothing(cluster_hub_parts):
         no_leaks(hub, manager, users)
     finally:
         hub.stop()
+        if node_state(manager, "node2") != "ready":  # leave the cluster as it was
+            cluster.revive("node2")
+            wait_until(lambda: node_state(manager, "node2") == "ready", 120)
 
 
-@pytest.fixture
-def cluster_hub_parts(swarm_cluster, swarm_manager, tmp_path):
-    return swarm_cluster, swarm_manager, tmp_path
+def progress_messages(hub: Hub, user: str, timeout: float = 180) -> list[str]:
+    """Every event's message of the server's spawn, read while it spawns, until it ends."""
+    path = f"/users/{user}/server/progress"
+    response = hub.api("GET", path, stream=True, timeout=timeout)
+    return [
+        json.loads(line[5:]).get("message", "")
+        for line in response.iter_lines(decode_unicode=True)
+        if line and line.startswith("data:")
+    ]
+
+
+def node_of_task(manager, task) -> str:
+    return manager.api.inspect_node(task["NodeID"])["Description"]["Hostname"]
+
+
+def test_a_node_that_leaves_and_comes_back_is_reconciled(cluster_hub_parts):
+    """Two servers on whole GPUs (spread: node1 and node2). node2's power goes: the hub reports
+    its server stopped and scales its service to zero; the other runs on. node2 comes back:
+    its old server does not run again (Swarm starts nothing for it, and it is stopped for good),
+    its slot is held for its hold, its other slot is offered again (a new server gets it), and
+    its user, starting again, is told why it stopped and gets the held slot back."""
+    cluster, manager, tmp_path = cluster_hub_parts
+    hub = swarm_hub(
+        cluster,
+        tmp_path,
+        "c.Spawner.poll_interval = 2\nc.JupyterHub.tornado_settings = {'slow_spawn_timeout': 0}\n",
+    )
+    users = ("ned", "oda", "pia")
+    hub.start()
+    try:
+        for user in users:
+            hub.create_user(user)
+        placed = {}
+        for user in ("ned", "oda"):
+            hub.start_server(user, options={"gpus": 1})
+            hub.wait_ready(user, timeout=180)
+            service = service_of(manager, user)
+            placed[node_of_task(manager, running_task(manager, service["ID"]))] = user
+        assert set(placed) == {"node1", "node2"}, placed
+        lost_user, kept_user = placed["node2"], placed["node1"]
+        lost = service_of(manager, lost_user)
+        lost_slot = lost["Spec"]["Labels"]["ds01.gpus"]
+
+        cluster.kill("node2")
+        wait_until(lambda: stopped(hub, lost_user), 120, message="the hub sees it stopped")
+        assert replicas(service_of(manager, lost_user)) == 0  # stopped for good
+        assert "the machine left the cluster (node2)" in hub.log(500_000)
+        assert hub.server(kept_user)["ready"] and answers(hub, kept_user)
+
+        cluster.revive("node2")
+        wait_until(lambda: node_state(manager, "node2") == "ready", 120, message="node2 back")
+        wait_until(
+            lambda: "node2" in {s.node for s in inventory_of(cluster).slots},
+            60,
+            message="node2's slots offered again",
+        )
+        assert running_task(manager, lost["ID"]) is None
+        trust = provenance.load(hub.state_dir)
+        allocator = swarm_allocator(cluster, manager, hub.state_dir, trust, LIMITS)
+        held = {h.container: h for h in allocator.holdings()}
+        assert held[service_name(lost_user)].state == "stopped"
+        assert held[service_name(lost_user)].slot_id == lost_slot  # held for its user
+
+        hub.start_server("pia", options={"gpus": 1})  # node2's other slot, offered again
+        hub.wait_ready("pia", timeout=180)
+        pia = service_of(manager, "pia")
+        assert node_of_task(manager, running_task(manager, pia["ID"])) == "node2"
+        assert pia["Spec"]["Labels"]["ds01.gpus"] != lost_slot
+
+        hub.start_server(lost_user, options={"gpus": 1})
+        events = progress_messages(hub, lost_user)
+        assert events[0] == "Your server stopped: the machine left the cluster (node2).", events
+        hub.wait_ready(lost_user, timeout=180)
+        again = service_of(manager, lost_user)
+        assert again["Spec"]["Labels"]["ds01.gpus"] == lost_slot
+        assert node_of_task(manager, running_task(manager, again["ID"])) == "node2"
+        assert answers(hub, lost_user)
+        # nobody shares a slot: the allocator's running holders and Swarm's running tasks agree
+        running = [h for h in allocator.holdings() if h.state == "running"]
+        assert sorted(h.slot_id for h in running) == sorted({h.slot_id for h in running})
+        assert {h.container for h in running} == {service_name(u) for u in users}
+        no_leaks(hub, manager, users)
+    finally:
+        hub.stop()
+        if node_state(manager, "node2") != "ready":  # leave the cluster as it was
+            cluster.revive("node2")
+            wait_until(lambda: node_state(manager, "node2") == "ready", 120)
