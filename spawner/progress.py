@@ -1,12 +1,16 @@
-"""A spawner's progress events (JupyterHub's progress API, the spawn page, the CLI), shared by
-DS01Spawner and DS01SwarmSpawner: plain steps (`_emit`) and messages for people
-(`_emit_message`, ds01hub.gpu.messages), streamed from the first as they happen."""
+"""A spawner's progress events (JupyterHub's progress API, the spawn page, the CLI) and its
+refusals, shared by DS01Spawner and DS01SwarmSpawner: plain steps (`_emit`), messages for
+people (`_emit_message`, ds01hub.gpu.messages) streamed from the first as they happen, and a
+refused spawn's exception (`_refusal`)."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
+
+from jupyterhub.spawner import SpawnException
+from jupyterhub.utils import url_path_join
 
 from ds01hub.gpu import messages
 
@@ -19,6 +23,9 @@ class ProgressEvents:
 
     log: Any
     _log_name: str
+    hub: Any
+    user: Any
+    name: str
 
     def _init_progress(self) -> None:
         self._events: list[dict] = []  # this spawn's progress events
@@ -64,3 +71,20 @@ class ProgressEvents:
             self._event_signal.clear()
             if sent == len(self._events):
                 await self._event_signal.wait()
+
+    def _form_url(self) -> str:
+        """This server's options form (the way back from a wait or a refusal)."""
+        return url_path_join(self.hub.base_url, "spawn", self.user.escaped_name, self.name or "")
+
+    def _refusal(self, message: messages.Message, status: int) -> SpawnException:
+        """A spawn refused with a message for people: plain text for the API and the CLI, HTML
+        (details folded, a link back to the form) for the hub's pages."""
+        html = message.html(self._form_url())
+        error = SpawnException(
+            message.text(), reason=message.code, status_code=status, message_html=html
+        )
+        # what the hub's progress stream and its "spawn failed" page show (else str(error):
+        # "503 SpawnException(reason=...)")
+        error.jupyterhub_message = message.text()
+        error.jupyterhub_html_message = html
+        return error

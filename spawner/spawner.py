@@ -52,8 +52,7 @@ from docker.utils import kwargs_from_env
 from dockerspawner import DockerSpawner
 from jupyterhub.spawner import SpawnException
 from jupyterhub.utils import url_path_join, wait_for_http_server
-from traitlets import Callable as CallableTrait
-from traitlets import CaselessStrEnum, Dict, Float, Int, List, Unicode, Union, default, validate
+from traitlets import CaselessStrEnum, Dict, Float, Int, List, Unicode, default
 
 from ds01hub import labels, paths, provenance
 from ds01hub.actions.images import list_user_images
@@ -83,11 +82,11 @@ from .gpu_queue import GpuQueue, GpuWaitTimeout, QueueStatus
 from .options import (
     GpuOffer,
     OptionsError,
+    ProfileList,
     SpawnChoice,
     allowed_images,
+    form_user_options,
     image_allowed,
-    options_from_form,
-    parse_profile_list,
     render_form,
     resolve_choice,
 )
@@ -133,7 +132,7 @@ class _HubContext:
     hub_api_url: str = ""
 
 
-class DS01Spawner(ProgressEvents, DockerSpawner):
+class DS01Spawner(ProgressEvents, ProfileList, DockerSpawner):
     """See the module docstring; every setting below is `c.DS01Spawner.<name>`."""
 
     _contexts: dict[tuple, _HubContext] = {}
@@ -166,25 +165,6 @@ class DS01Spawner(ProgressEvents, DockerSpawner):
         config=True,
         help="""SQLite event log of allocations (GPU-hours). Empty: `state_dir`/events.db.""",
     )
-    profile_list = Union(
-        [List(Dict()), CallableTrait()],
-        default_value=[],
-        config=True,
-        help="""Profiles offered in the options form, in KubeSpawner's shape:
-        [{"display_name": "1 GPU, PyTorch", "slug": "gpu", "description": "...",
-          "default": True, "ds01_override": {"image": "...", "gpus": 1}}, ...].
-        `ds01_override` keys: image, gpus (whole GPUs), mig (a MIG profile), max_cpus and
-        memory (these two can only lower the user's limits). May be a callable(spawner) that
-        returns the list. Users pick one with the `profile` spawn option.""",
-    )
-
-    @validate("profile_list")
-    def _validate_profile_list(self, proposal):
-        """A broken profile list is refused when a spawner is made, naming the entry."""
-        if not callable(proposal.value):
-            parse_profile_list(proposal.value)
-        return proposal.value
-
     gpu_wait_timeout = Float(
         600.0,
         config=True,
@@ -442,13 +422,7 @@ class DS01Spawner(ProgressEvents, DockerSpawner):
 
     @default("options_from_form")
     def _default_options_from_form(self):
-        def from_form(formdata):
-            try:
-                return options_from_form(formdata)
-            except OptionsError as error:
-                raise SpawnException(str(error), reason="options", status_code=400) from None
-
-        return from_form
+        return form_user_options
 
     async def _render_options_form(self) -> str:
         context = self.context
@@ -467,10 +441,6 @@ class DS01Spawner(ProgressEvents, DockerSpawner):
             default_image=self.image,
             previous=self.orm_spawner.user_options if self.orm_spawner else None,
         )
-
-    def _profiles(self):
-        entries = self.profile_list(self) if callable(self.profile_list) else self.profile_list
-        return parse_profile_list(entries)
 
     def _configured_images(self) -> list[str] | str:
         allowed = self._get_allowed_images()
@@ -741,23 +711,6 @@ class DS01Spawner(ProgressEvents, DockerSpawner):
             reason="queued",
             status_code=202,
         )
-
-    def _form_url(self) -> str:
-        """This server's options form (the way back from a wait or a refusal)."""
-        return url_path_join(self.hub.base_url, "spawn", self.user.escaped_name, self.name or "")
-
-    def _refusal(self, message: messages.Message, status: int) -> SpawnException:
-        """A spawn refused with a message for people: plain text for the API and the CLI, HTML
-        (details folded, a link back to the form) for the hub's pages."""
-        html = message.html(self._form_url())
-        error = SpawnException(
-            message.text(), reason=message.code, status_code=status, message_html=html
-        )
-        # what the hub's progress stream and its "spawn failed" page show (else str(error):
-        # "503 SpawnException(reason=...)")
-        error.jupyterhub_message = message.text()
-        error.jupyterhub_html_message = html
-        return error
 
     async def _record_failure(self, reason: str) -> None:
         await self._record_event("spawn-failure", reason)

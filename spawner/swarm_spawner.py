@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import time
+from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, ClassVar
 
 from dockerspawner import SwarmSpawner
 from jupyterhub.spawner import SpawnException
@@ -38,9 +38,9 @@ from traitlets import Float, Int, Unicode, default
 
 from ds01hub import labels, paths, provenance
 from ds01hub.gpu import messages
-from ds01hub.gpu.allocator import GpuAllocator
+from ds01hub.gpu.allocator import AllocationStateError, GpuAllocator
 from ds01hub.gpu.cluster import cluster_inventory, parse_node
-from ds01hub.gpu.decision import Decision, GpuRequest
+from ds01hub.gpu.decision import Decision
 from ds01hub.gpu.swarm_state import (
     ENDED_TASK_STATES,
     create_service,
@@ -52,8 +52,20 @@ from ds01hub.gpu.swarm_state import (
     swarm_remover,
 )
 from ds01hub.limits import LimitsStore
+from ds01hub.spawner.gpu_queue import GpuQueue, GpuWaitTimeout, QueueStatus
+from ds01hub.spawner.options import (
+    GpuOffer,
+    OptionsError,
+    ProfileList,
+    SpawnChoice,
+    allowed_images,
+    form_user_options,
+    render_form,
+    resolve_choice,
+)
 from ds01hub.spawner.progress import ProgressEvents
 from ds01hub.spawner.swarm_plan import service_name, service_spec
+from ds01hub.units import utcnow
 
 __all__ = ["DS01SwarmSpawner"]
 
@@ -61,7 +73,7 @@ __all__ = ["DS01SwarmSpawner"]
 STOPPED_KEY = "ds01_stopped"
 
 
-class DS01SwarmSpawner(ProgressEvents, SwarmSpawner):
+class DS01SwarmSpawner(ProgressEvents, ProfileList, SwarmSpawner):
     """See the module docstring; settings are `c.DS01SwarmSpawner.<name>` (the Docker client
     is the manager's: `c.DS01SwarmSpawner.client_kwargs = {"base_url": ...}` or DOCKER_HOST)."""
 
@@ -85,9 +97,15 @@ class DS01SwarmSpawner(ProgressEvents, SwarmSpawner):
         help="Seconds a spawn waits for a GPU slot while all are busy (the progress shows why).",
     )
     gpu_wait_interval = Float(
-        2.0, config=True, help="Seconds between two allocation attempts while waiting."
+        2.0,
+        config=True,
+        help="While spawns wait for GPUs, the hub's GPU queue retries at least this often "
+        "(holds end by time; servers on any node stop); a stop retries at once.",
     )
     server_port = Int(8888, config=True, help="The port the single-user server listens on.")
+
+    #: the hub's GPU queue per state directory (`_queue`)
+    _queues: ClassVar[dict[str, GpuQueue]] = {}
 
     @default("object_name")
     def _object_name_default(self) -> str:
@@ -124,27 +142,138 @@ class DS01SwarmSpawner(ProgressEvents, SwarmSpawner):
 
     # -- spawn ----------------------------------------------------------------------------
 
-    def _request(self) -> GpuRequest:
-        options = self.user_options or {}
-        gpus = options.get("gpus", 0)
-        mig = options.get("mig")
-        if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 0:
-            raise SpawnException(
-                f"gpus must be a whole number of GPUs, not {gpus!r}", reason="options"
-            )
-        if mig is not None and not isinstance(mig, str):
-            raise SpawnException(f"mig must be a MIG profile name, not {mig!r}", reason="options")
-        return GpuRequest(self.user.name, self.object_name, count=gpus, mig_profile=mig)
+    def _queue(self) -> GpuQueue:
+        """The hub's one GPU queue (per state directory): every spawn's attempts go through
+        it, in priority then arrival order, as on one host."""
+        key = str(self._state_path())
+        if key not in self._queues:
+            self._queues[key] = GpuQueue(self.gpu_wait_interval)
+        return self._queues[key]
 
-    async def _allocate(self, allocator: GpuAllocator, limits: Any) -> Decision:
-        deadline = time.monotonic() + self.gpu_wait_timeout
-        request = self._request()
-        while True:
-            decision = await self._blocking(allocator.allocate, request, limits)
-            if decision.ok or decision.code != "busy" or time.monotonic() >= deadline:
-                return decision
-            self.log.info("%s waits for a GPU slot: %s", self.object_name, decision.reason)
-            await asyncio.sleep(self.gpu_wait_interval)
+    def _offer(self, allocator: GpuAllocator, holdings: Any = ()) -> GpuOffer:
+        """What the cluster has (the slots of every node that takes servers) and what is free."""
+        inventory = allocator.inventory
+        return GpuOffer.from_slots(inventory.slots, holdings, inventory.simulated)
+
+    @default("options_form")
+    def _default_options_form(self) -> Any:
+        return DS01SwarmSpawner._render_options_form
+
+    @default("options_from_form")
+    def _default_options_from_form(self) -> Any:
+        return form_user_options
+
+    async def _render_options_form(self) -> str:
+        """DS01Spawner's form; the free counts (per profile and kind) are the cluster's."""
+        store = self._limits()
+        limits = store.current.resolve(self.user.name)
+        allocator = await self._blocking(self._allocator, store)
+        holdings = await self._blocking(allocator.holdings)
+        profiles = self._profiles()
+        return render_form(
+            profiles=profiles,
+            limits=limits,
+            offer=self._offer(allocator, holdings),
+            images=self._images(limits, profiles),
+            own_images=[],
+            default_image=self.image,
+            previous=self.orm_spawner.user_options if self.orm_spawner else None,
+        )
+
+    def _images(self, limits: Any, profiles: Any) -> list[str] | str:
+        allowed = self._get_allowed_images()
+        configured = allowed if allowed == "*" else list(allowed or {})
+        return allowed_images(limits, configured, self.image, profiles)
+
+    def _choose(self, allocator: GpuAllocator, limits: Any) -> SpawnChoice:
+        """The user's options (a profile, gpus, mig, image) checked against their limits and
+        the cluster, as on one host; the `queue` option (a request kept across hub restarts)
+        is one host's only."""
+        profiles = self._profiles()
+        try:
+            choice = resolve_choice(
+                self.user_options or {},
+                profiles=profiles,
+                limits=limits,
+                default_image=self.image,
+                images=self._images(limits, profiles),
+                own_images=(),
+                offer=self._offer(allocator),
+            )
+        except OptionsError as error:
+            raise SpawnException(str(error), reason="options", status_code=error.status) from None
+        if choice.queue:
+            raise SpawnException(
+                "waiting for a GPU without a time limit (the queue option) is not offered on a "
+                f"swarm yet; start without it (the spawn waits up to {self.gpu_wait_timeout:.0f}s "
+                "in the GPU queue).",
+                reason="options",
+                status_code=400,
+            )
+        return choice
+
+    async def _allocate(
+        self, store: LimitsStore, limits: Any, choice: SpawnChoice
+    ) -> tuple[GpuAllocator, Decision]:
+        """Through the hub's GPU queue; each attempt reads the swarm anew (a node that came
+        back offers its slots, one that left none), so a waiter starts when a slot frees on
+        any node. The wait's place in line is in the progress (`wait_message`)."""
+        request = choice.gpu_request(self.user.name, self.object_name)
+        latest: list[GpuAllocator] = []
+        deadline = utcnow() + timedelta(seconds=self.gpu_wait_timeout)
+        shown: list[tuple] = []
+
+        def situation(decision: Decision, **queue: Any) -> messages.Situation:
+            inventory = latest[-1].inventory
+            return messages.Situation(
+                request,
+                decision,
+                inventory.slots,
+                limits,
+                simulated=inventory.simulated,
+                deadline=deadline,
+                timeout=self.gpu_wait_timeout,
+                **queue,
+            )
+
+        async def attempt() -> Decision:
+            latest.append(await self._blocking(self._allocator, store))
+            del latest[:-1]
+            return await self._blocking(latest[-1].allocate, request, limits)
+
+        async def abandon(decision: Decision) -> None:
+            await self._blocking(latest[-1].release, self.object_name, "spawn gave up")
+
+        def on_wait(status: QueueStatus) -> None:
+            seen = (status.position, status.waiting, status.decision.reason)
+            if shown[-1:] != [seen]:
+                shown.append(seen)
+                where = situation(status.decision, position=status.position, waiting=status.waiting)
+                self._emit_message(35, messages.wait_message(where, utcnow()))
+
+        if choice.wants_gpu:
+            self._emit(30, f"asking for {choice.gpu_text()}, priority {limits.priority}")
+        try:
+            if not choice.wants_gpu:  # no slot to wait for: the allocator's claim only
+                decision = await attempt()
+            else:
+                decision = await self._queue().acquire(
+                    self.object_name,
+                    limits.priority,
+                    attempt,
+                    user=self.user.name,
+                    timeout=self.gpu_wait_timeout,
+                    abandon=abandon,
+                    on_wait=on_wait,
+                )
+        except AllocationStateError as error:
+            raise self._refusal(messages.state_message(str(error)), 503) from None
+        except GpuWaitTimeout as error:
+            last = error.decision or Decision(reason="no attempt finished", code="busy")
+            raise self._refusal(messages.timeout_message(situation(last)), 503) from None
+        if not decision.ok:
+            raise self._refusal(messages.refusal_message(situation(decision)), 409)
+        return latest[-1], decision
 
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
@@ -166,15 +295,15 @@ class DS01SwarmSpawner(ProgressEvents, SwarmSpawner):
     async def _start(self) -> tuple[str, int]:
         store = self._limits()
         limits = store.current.resolve(self.user.name)
-        allocator = await self._blocking(self._allocator, store)
-        decision = await self._allocate(allocator, limits)
-        if not decision.ok:
-            raise SpawnException(
-                decision.reason or "no GPU slot", reason=decision.code, status_code=503
-            )
+        choice = self._choose(await self._blocking(self._allocator, store), limits)
+        for note in choice.notes:
+            self._emit(8, note)
+        allocator, decision = await self._allocate(store, limits, choice)
         slots = [allocator.inventory.slot(slot_id) for slot_id in decision.granted]
+        if slots:
+            self._emit(45, f"GPU slot(s) {', '.join(s.id for s in slots)}")
         try:
-            service_id = await self._service_for(allocator, slots, limits)
+            service_id = await self._service_for(allocator, slots, choice, limits)
             check = await self._blocking(allocator.begin_start, self.object_name, service_id)
             if not check.ok:
                 raise SpawnException(
@@ -184,8 +313,10 @@ class DS01SwarmSpawner(ProgressEvents, SwarmSpawner):
             await self._blocking(allocator.commit, self.object_name)
         except BaseException:
             await self._blocking(allocator.release, self.object_name, "spawn failed")
+            self._queue().notify()
             raise
         self.object_id = service_id
+        self._emit(60, f"service {self.object_name} scaled to one; waiting for its task")
         return await self._running_address(service_id)
 
     @property
@@ -193,7 +324,9 @@ class DS01SwarmSpawner(ProgressEvents, SwarmSpawner):
         """docker-py's high-level shape (`.api`) over DockerSpawner's low-level client."""
         return SimpleNamespace(api=self.client)
 
-    async def _service_for(self, allocator: GpuAllocator, slots: list, limits: Any) -> str:
+    async def _service_for(
+        self, allocator: GpuAllocator, slots: list, choice: SpawnChoice, limits: Any
+    ) -> str:
         """A new service for this start, made at zero replicas; a stopped one of this server
         is removed first (its hold ends: this start's claim holds the granted slots now).
         Why not scale the stopped one up again: Swarm makes no new task for a service of
@@ -210,7 +343,7 @@ class DS01SwarmSpawner(ProgressEvents, SwarmSpawner):
             priority=limits.priority,
             gpus=wanted,
             gpu_uuids=[slot.uuid for slot in slots],
-            image=self.image,
+            image=choice.image,
         )
         values[labels.CREATOR] = allocator.creator_label()
         signed = allocator.trust.sign(values, self.object_name) | dict(
@@ -218,13 +351,13 @@ class DS01SwarmSpawner(ProgressEvents, SwarmSpawner):
         )
         body = service_spec(
             name=self.object_name,
-            image=self.image,
+            image=choice.image,
             command=await self.get_command(),
             env=self.get_env(),
             signed_labels=signed,
             slots=slots,
-            nano_cpus=int(limits.max_cpus * 1e9) if limits.max_cpus else None,
-            memory_bytes=limits.memory,
+            nano_cpus=int(choice.max_cpus * 1e9) if choice.max_cpus else None,
+            memory_bytes=choice.memory,
         )
         body["EndpointSpec"] = {
             "Ports": [{"Protocol": "tcp", "TargetPort": self.server_port, "PublishMode": "host"}]
@@ -352,6 +485,7 @@ class DS01SwarmSpawner(ProgressEvents, SwarmSpawner):
         service = await self.get_object()
         if service is not None:
             await self._blocking(scale_service, self.client_holder, service["ID"], 0)
+        self._queue().notify()  # its slots may be free now (a hold of 0)
 
     async def run_post_stop_hook(self) -> None:
         """After JupyterHub stopped a server, also one it found not running after its own
@@ -382,3 +516,4 @@ class DS01SwarmSpawner(ProgressEvents, SwarmSpawner):
         service = await self.get_object()
         if service is not None:
             await self.docker("remove_service", service["ID"])
+        self._queue().notify()
