@@ -13,6 +13,8 @@ tests/test_spawner_reliability_e2e.py.
 from __future__ import annotations
 
 import json
+import re
+import threading
 
 import pytest
 from harness.hub import Hub
@@ -286,3 +288,68 @@ def test_a_node_that_leaves_and_comes_back_is_reconciled(cluster_hub_parts):
         if node_state(manager, "node2") != "ready":  # leave the cluster as it was
             cluster.revive("node2")
             wait_until(lambda: node_state(manager, "node2") == "ready", 120)
+
+
+PROFILES = """
+c.DS01SwarmSpawner.profile_list = [
+    {"display_name": "A MIG slice", "slug": "slice", "ds01_override": {"mig": "3g.40gb"}},
+    {"display_name": "A whole GPU", "slug": "gpu", "ds01_override": {"gpus": 1}},
+]
+c.DS01SwarmSpawner.gpu_wait_timeout = 150
+c.JupyterHub.tornado_settings = {"slow_spawn_timeout": 0}
+"""
+
+
+def test_the_form_profiles_and_the_gpu_queue_are_the_clusters(cluster_hub_parts):
+    """The form counts the cluster's slots per profile (node3's two slices, four whole GPUs on
+    node1 and node2). amy and bob take both slices (profile "slice"); cal asks for one too and
+    waits in the hub's GPU queue, told his place in line in the progress; amy stops (no hold)
+    and cal's server starts on her slot, on node3."""
+    cluster, manager, tmp_path = cluster_hub_parts
+    hub = swarm_hub(cluster, tmp_path, PROFILES, hold="0s")
+    users = ("amy", "bob", "cal")
+    hub.start()
+    try:
+        for user in users:
+            hub.create_user(user)
+        session = hub.login("cal")
+        form = session.get(f"{hub.hub_url}spawn/cal", timeout=60).text
+        assert free_counts(form) == [("2", "2"), ("4", "4")], form
+        for user in ("amy", "bob"):
+            hub.start_server(user, options={"profile": "slice"})
+            hub.wait_ready(user, timeout=180)
+        slots = {u: service_of(manager, u)["Spec"]["Labels"]["ds01.gpus"] for u in ("amy", "bob")}
+        assert sorted(slots.values()) == ["node3/0:0", "node3/0:1"]
+        form = session.get(f"{hub.hub_url}spawn/cal", timeout=60).text
+        assert free_counts(form) == [("0", "2"), ("4", "4")], form
+
+        hub.start_server("cal", options={"profile": "slice"})
+        events: list[str] = []
+        reader = threading.Thread(
+            target=lambda: events.extend(progress_messages(hub, "cal")), daemon=True
+        )
+        reader.start()
+        wait_until(
+            lambda: (
+                service_of(manager, "cal") is None
+                and hub.log(500_000).count("You are next in line for a MIG 3g.40gb slice")
+            ),
+            60,
+            message="cal waits in line",
+        )
+        hub.stop_server("amy")
+        hub.wait_ready("cal", timeout=120)
+        reader.join(60)
+        assert any(e.startswith("You are next in line for a MIG 3g.40gb slice") for e in events)
+        cal = service_of(manager, "cal")
+        assert cal["Spec"]["Labels"]["ds01.gpus"] == slots["amy"]
+        assert node_of_task(manager, running_task(manager, cal["ID"])) == "node3"
+        assert answers(hub, "cal")
+        no_leaks(hub, manager, users)
+    finally:
+        hub.stop()
+
+
+def free_counts(form: str) -> list[tuple[str, str]]:
+    """The form's "N of M free now" per profile, in the order of the profiles."""
+    return re.findall(r'data-free="(\d+)" data-total="(\d+)"', form)
