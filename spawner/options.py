@@ -260,11 +260,10 @@ def normalize_user_options(raw: Mapping[str, Any] | None) -> dict[str, Any]:
     return options.model_dump(exclude_defaults=True)  # the keys given (queue only when true)
 
 
-class ProfileList(HasTraits):
-    """The `profile_list` setting of a ds01 spawner (one host or a swarm) and its parsed
-    profiles (`_profiles()`)."""
-
-    profile_list = Union(
+def profile_list_trait() -> Union:
+    """The `profile_list` setting, declared by each ds01 spawner class (so each lists it in
+    its own settings: docs/settings.md)."""
+    return Union(
         [List(Dict()), CallableTrait()],
         default_value=[],
         config=True,
@@ -275,6 +274,13 @@ class ProfileList(HasTraits):
         memory (these two can only lower the user's limits). May be a callable(spawner) that
         returns the list. Users pick one with the `profile` spawn option.""",
     )
+
+
+class ProfileList(HasTraits):
+    """A ds01 spawner's profiles: `profile_list` (declared by the spawner class with
+    `profile_list_trait()`) checked when set, parsed by `_profiles()`."""
+
+    profile_list: Any
 
     @validate("profile_list")
     def _validate_profile_list(self, proposal: Any) -> Any:

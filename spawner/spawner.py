@@ -87,6 +87,7 @@ from .options import (
     allowed_images,
     form_user_options,
     image_allowed,
+    profile_list_trait,
     render_form,
     resolve_choice,
 )
@@ -165,6 +166,8 @@ class DS01Spawner(ProgressEvents, ProfileList, DockerSpawner):
         config=True,
         help="""SQLite event log of allocations (GPU-hours). Empty: `state_dir`/events.db.""",
     )
+    profile_list = profile_list_trait()
+
     gpu_wait_timeout = Float(
         600.0,
         config=True,

@@ -60,6 +60,7 @@ from ds01hub.spawner.options import (
     SpawnChoice,
     allowed_images,
     form_user_options,
+    profile_list_trait,
     render_form,
     resolve_choice,
 )
@@ -91,6 +92,8 @@ class DS01SwarmSpawner(ProgressEvents, ProfileList, SwarmSpawner):
         "what is read from Swarm's objects, so a hub restarted on another manager loses nothing "
         "that started.",
     )
+    profile_list = profile_list_trait()
+
     gpu_wait_timeout = Float(
         300.0,
         config=True,
