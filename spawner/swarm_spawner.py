@@ -183,7 +183,8 @@ class DS01SwarmSpawner(ProgressEvents, ProfileList, SwarmSpawner):
             previous=self.orm_spawner.user_options if self.orm_spawner else None,
         )
 
-    def _images(self, limits: Any, profiles: Any) -> list[str] | str:
+    def _images(self, limits: Any, profiles: Any) -> tuple[str, ...] | str:
+        """The images this user may start (`allowed_images`: configured, profiles' own)."""
         allowed = self._get_allowed_images()
         configured = allowed if allowed == "*" else list(allowed or {})
         return allowed_images(limits, configured, self.image, profiles)
@@ -367,9 +368,9 @@ class DS01SwarmSpawner(ProgressEvents, ProfileList, SwarmSpawner):
         }
         return await self._blocking(create_service, self.client_holder, body)
 
-    async def _running_address(self, service_id: str, earlier: frozenset[str]) -> tuple[str, int]:
-        """Wait for the task this start made to run; its node's address and port there."""
-        task = await self._running_task(service_id, earlier)
+    async def _running_address(self, service_id: str) -> tuple[str, int]:
+        """Wait for the service's task to run; its node's address and the port there."""
+        task = await self._running_task(service_id)
         return await self._task_address(task)
 
     async def _tasks(self, service_id: str) -> list[dict]:
@@ -382,15 +383,18 @@ class DS01SwarmSpawner(ProgressEvents, ProfileList, SwarmSpawner):
         while True:
             tasks = await self._tasks(service_id)
             task = max(tasks, key=lambda t: str(t.get("CreatedAt") or ""), default=None)
-            state = task["Status"]["State"] if task else "not created yet"
+            if task is None:
+                if await self.get_object() is None:
+                    raise SpawnException(
+                        f"server {self.object_name} did not start: its service is gone",
+                        reason="start_failed",
+                        status_code=500,
+                    )
+                await asyncio.sleep(delay)
+                continue
+            state = task["Status"]["State"]
             if state == "running":
                 return task
-            if task is None and await self.get_object() is None:
-                raise SpawnException(
-                    f"server {self.object_name} did not start: its service is gone",
-                    reason="start_failed",
-                    status_code=500,
-                )
             if state in ENDED_TASK_STATES:
                 raise SpawnException(
                     f"server {self.object_name} did not start: {state} "
