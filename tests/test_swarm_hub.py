@@ -219,16 +219,17 @@ def node_of_task(manager, task) -> str:
 def test_a_node_that_leaves_and_comes_back_is_reconciled(cluster_hub_parts):
     """Two servers on whole GPUs (spread: node1 and node2). node2's power goes: the hub reports
     its server stopped and scales its service to zero; the other runs on. node2 comes back:
-    its old server does not run again (Swarm starts nothing for it, and it is stopped for good),
-    its slot is held for its hold, its other slot is offered again (a new server gets it), and
-    its user, starting again, is told why it stopped and gets the held slot back."""
+    its old server does not run again (Swarm starts nothing for it, and it is stopped for good)
+    and its slot is held for its hold; its user, starting again, is told why it stopped and
+    gets the held slot back; node2's other slot is offered again (two new servers fill the
+    cluster's last two whole GPUs, one on each node)."""
     cluster, manager, tmp_path = cluster_hub_parts
     hub = swarm_hub(
         cluster,
         tmp_path,
         "c.Spawner.poll_interval = 2\nc.JupyterHub.tornado_settings = {'slow_spawn_timeout': 0}\n",
     )
-    users = ("ned", "oda", "pia")
+    users = ("ned", "oda", "pia", "quy")
     hub.start()
     try:
         for user in users:
@@ -264,20 +265,23 @@ def test_a_node_that_leaves_and_comes_back_is_reconciled(cluster_hub_parts):
         assert held[service_name(lost_user)].state == "stopped"
         assert held[service_name(lost_user)].slot_id == lost_slot  # held for its user
 
-        hub.start_server("pia", options={"gpus": 1})  # node2's other slot, offered again
-        hub.wait_ready("pia", timeout=180)
-        pia = service_of(manager, "pia")
-        assert node_of_task(manager, running_task(manager, pia["ID"])) == "node2"
-        assert pia["Spec"]["Labels"]["ds01.gpus"] != lost_slot
-
         hub.start_server(lost_user, options={"gpus": 1})
         events = progress_messages(hub, lost_user)
         assert events[0] == "Your server stopped: the machine left the cluster (node2).", events
         hub.wait_ready(lost_user, timeout=180)
         again = service_of(manager, lost_user)
-        assert again["Spec"]["Labels"]["ds01.gpus"] == lost_slot
+        assert again["Spec"]["Labels"]["ds01.gpus"] == lost_slot  # its held slot
         assert node_of_task(manager, running_task(manager, again["ID"])) == "node2"
         assert answers(hub, lost_user)
+
+        # the two whole GPUs left, one on each node: node2's is offered again like node1's
+        new_nodes = set()
+        for user in ("pia", "quy"):
+            hub.start_server(user, options={"gpus": 1})
+            hub.wait_ready(user, timeout=180)
+            task = running_task(manager, service_of(manager, user)["ID"])
+            new_nodes.add(node_of_task(manager, task))
+        assert new_nodes == {"node1", "node2"}
         # nobody shares a slot: the allocator's running holders and Swarm's running tasks agree
         running = [h for h in allocator.holdings() if h.state == "running"]
         assert sorted(h.slot_id for h in running) == sorted({h.slot_id for h in running})
