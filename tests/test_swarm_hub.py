@@ -23,8 +23,9 @@ from harness.wait import wait_until
 
 from ds01hub import provenance
 from ds01hub.gpu.cluster import split_slot_id
+from ds01hub.gpu.swarm_state import create_service, scale_service
 from ds01hub.limits import parse_limits
-from ds01hub.spawner.swarm_plan import service_name
+from ds01hub.spawner.swarm_plan import service_name, service_spec
 
 pytestmark = pytest.mark.swarm
 
@@ -244,6 +245,24 @@ def test_a_node_that_leaves_and_comes_back_is_reconciled(cluster_hub_parts):
         lost_user, kept_user = placed["node2"], placed["node1"]
         lost = service_of(manager, lost_user)
         lost_slot = lost["Spec"]["Labels"]["ds01.gpus"]
+        # what Swarm itself does: a service past ds01hub (not signed for this hub, so the hub
+        # leaves it alone) on node2's other slot, restart policy none, left at one replica
+        other = next(
+            s for s in inventory_of(cluster).slots if s.node == "node2" and s.id != lost_slot
+        )
+        bare = create_service(
+            manager,
+            service_spec(
+                name="bare-on-node2",
+                image=cluster.image,
+                command=["sleep", "3600"],
+                env={},
+                signed_labels={"ds01.test": "1"},
+                slots=[other],
+            ),
+        )
+        scale_service(manager, bare, 1)
+        wait_until(lambda: running_task(manager, bare), 60, message="the bare service runs")
 
         cluster.kill("node2")
         wait_until(lambda: stopped(hub, lost_user), 120, message="the hub sees it stopped")
@@ -258,7 +277,18 @@ def test_a_node_that_leaves_and_comes_back_is_reconciled(cluster_hub_parts):
             60,
             message="node2's slots offered again",
         )
-        assert running_task(manager, lost["ID"]) is None
+        # nothing of the lost server is desired to run; what the returned node still reports
+        # of its old task ends
+        tasks = manager.api.tasks(filters={"service": lost["ID"]})
+        assert [t["DesiredState"] for t in tasks] == ["shutdown"], tasks
+        wait_until(lambda: running_task(manager, lost["ID"]) is None, 60, message="old task ends")
+        # Swarm alone (the bare service, still at one replica) makes no new task, neither while
+        # node2 was down nor now that it is back: its one task ended with its node
+        wait_until(lambda: running_task(manager, bare) is None, 60, message="bare task ends")
+        (task,) = manager.api.tasks(filters={"service": bare})
+        assert task["DesiredState"] == "shutdown", task
+        assert replicas(manager.api.inspect_service(bare)) == 1
+        manager.api.remove_service(bare)
         trust = provenance.load(hub.state_dir)
         allocator = swarm_allocator(cluster, manager, hub.state_dir, trust, LIMITS)
         held = {h.container: h for h in allocator.holdings()}
