@@ -75,10 +75,10 @@ def cluster_hub_parts(swarm_cluster, swarm_manager, tmp_path):
     return swarm_cluster, swarm_manager, tmp_path
 
 
-def swarm_hub(cluster, tmp_path, extra: str = "") -> Hub:
+def swarm_hub(cluster, tmp_path, extra: str = "", hold: str = HOLD) -> Hub:
     """A hub on this host whose spawner is the manager's, with the stand-in server."""
     limits_file = tmp_path / "limits.yaml"
-    limits_file.write_text(f"defaults: {{max_gpus: 1, gpu_hold_after_stop: {HOLD}}}\n")
+    limits_file.write_text(f"defaults: {{max_gpus: 1, gpu_hold_after_stop: {hold}}}\n")
     return Hub(
         directory=tmp_path / "hub",
         hub_ip=cluster.gateway(),
