@@ -35,7 +35,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,12 +210,23 @@ class HostBuildLocks:
                 os.close(fd)  # closing the last descriptor drops the flock
 
 
+#: What follows a successful build (`ds01hub.actions.registry.publisher` on a cluster): its
+#: own events, ending with the build's `done` or an `error`.
+Publisher = Callable[[images.ImageSpec, images.BuildEvent], Iterable[images.BuildEvent]]
+
+
 def docker_builder(
-    docker: Any, base_image: str, ca_bundle: str = "", memory_limit: int = 0, who: str = ""
+    docker: Any,
+    base_image: str,
+    ca_bundle: str = "",
+    memory_limit: int = 0,
+    who: str = "",
+    publish: Publisher | None = None,
 ) -> Callable[[images.ImageSpec], Iterable[images.BuildEvent]]:
     """The build both doors run: the admin's base image (never the user's choice), the site's
     CA bundle, a memory cap per build step. `who` names the setting to fix when no base image
-    is configured (e.g. `Broker.base_image`)."""
+    is configured (e.g. `Broker.base_image`). `publish`: the step after a build that
+    succeeded (a cluster's push to its registry); None on one host."""
 
     def run(spec: images.ImageSpec) -> Iterable[images.BuildEvent]:
         if not base_image:
@@ -223,15 +234,27 @@ def docker_builder(
                 "no base image is configured for image builds",
                 hint=f"an admin sets {who or 'base_image'} (the lab's single-user image)",
             )
-        return images.build_image(
+        events = images.build_image(
             docker,
             spec,
             base_image,
             ca_bundle=Path(ca_bundle) if ca_bundle else None,
             memory_limit=memory_limit or None,
         )
+        return events if publish is None else _then(events, spec, publish)
 
     return run
+
+
+def _then(
+    events: Iterable[images.BuildEvent], spec: images.ImageSpec, publish: Publisher
+) -> Iterator[images.BuildEvent]:
+    """The build's events, its `done` replaced by what `publish` makes of it."""
+    for event in events:
+        if event.kind == "done":
+            yield from publish(spec, event)
+            return
+        yield event
 
 
 class BuildManager:

@@ -94,7 +94,10 @@ class BrokerImages:
         return [i.to_dict() for i in found]
 
     async def delete(self, user: str, name: str) -> dict[str, Any]:
-        tag = await asyncio.to_thread(images.delete_user_image, self.docker, user, name)
+        broker = self.broker
+        tag = await asyncio.to_thread(
+            broker.delete_image, self.docker, broker.state_dir, user, name
+        )
         return {"deleted": tag, "tag": tag}
 
     async def build(self, user: str, request: images.BuildRequest):

@@ -139,8 +139,9 @@ class ImagesHandler(ServiceHandler):
 class ImageHandler(ServiceHandler):
     async def delete(self, name: str) -> None:
         images.validate_image_name(name)
+        service = self.service
         tag = await asyncio.to_thread(
-            images.delete_user_image, self.service.docker, self.user, name
+            service.delete_image, service.docker, service.state_dir, self.user, name
         )
         self.write_json({"deleted": tag})
 

@@ -1,0 +1,144 @@
+"""Users' images on a Docker Swarm (tests/harness/swarm.py): `image-create` builds on the
+manager and publishes to the cluster's registry (`ds01hub.actions.registry`); a server on
+another node runs exactly that image, pinned by the digest ds01hub recorded; another user
+cannot run it, a push past ds01hub over its tag changes nothing, `image-delete` removes it from
+the registry too.
+
+The door is the broker's (`BrokerImages`: the request's checks, the host's `BuildManager`,
+the build and the publish step), called in-process with the manager's engine as the hub host's;
+the image is built FROM the cluster's busybox (small and quick). The server is placed on node2
+the way the swarm spawner places a server (a service of `swarm_plan.service_spec`), with the
+image the swarm spawner resolves for the user (`DS01SwarmSpawner._image`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import urllib.error
+import urllib.request
+from types import SimpleNamespace
+
+import pytest
+from harness.swarm import REGISTRY, running_task
+from harness.wait import wait_until
+from jupyterhub.spawner import SpawnException
+from traitlets.config import Config
+
+from ds01hub import provenance
+from ds01hub.actions import images
+from ds01hub.actions.registry import find_record
+from ds01hub.gpu.swarm_state import create_service, scale_service
+from ds01hub.services.broker.app import Broker, BrokerImages
+from ds01hub.spawner.swarm_plan import service_spec
+from ds01hub.spawner.swarm_spawner import DS01SwarmSpawner
+
+pytestmark = pytest.mark.swarm
+
+
+def door(cluster, client, state_dir) -> BrokerImages:
+    config = Config()
+    config.Broker.state_dir = str(state_dir)
+    config.Broker.base_image = cluster.image
+    config.Broker.registry = REGISTRY
+    config.Broker.registry_url = cluster.registry_url()
+    return BrokerImages(Broker(config=config), client)
+
+
+def spawner_of(user: str, image: str, manager, *, admin: bool = False) -> DS01SwarmSpawner:
+    made = DS01SwarmSpawner(
+        user=SimpleNamespace(name=user, id=1, url=f"/user/{user}/", escaped_name=user, admin=admin),
+        hub=SimpleNamespace(url="http://hub/", api_url="http://hub/api", public_host=""),
+        orm_spawner=None,
+    )
+    made.user_options = {"image": image}
+    made.__class__._client = manager.api
+    return made
+
+
+def tags(cluster, path: str) -> list[str]:
+    try:
+        with urllib.request.urlopen(f"{cluster.registry_url()}/v2/{path}/tags/list") as answer:
+            return json.load(answer).get("tags") or []
+    except urllib.error.HTTPError as error:
+        assert error.code == 404, error
+        return []
+
+
+def node_of(manager, task) -> str:
+    return manager.api.inspect_node(task["NodeID"])["Description"]["Hostname"]
+
+
+@pytest.fixture
+def builds(swarm_cluster, swarm_manager, tmp_path):
+    made = door(swarm_cluster, swarm_manager, tmp_path / "state")
+    yield made
+    made.builds.shutdown()
+    trust = provenance.load(tmp_path / "state")
+    for config in swarm_manager.api.configs(
+        filters={"label": f"ds01.deployment={trust.deployment}"}
+    ):
+        with contextlib.suppress(Exception):
+            swarm_manager.api.remove_config(config["ID"])
+
+
+async def test_an_image_built_with_image_create_runs_on_another_node_and_only_for_its_owner(
+    swarm_cluster, swarm_manager, builds, tmp_path
+):
+    cluster, manager = swarm_cluster, swarm_manager
+    events = [e async for e in builds.build("ann", images.BuildRequest(name="hello"))]
+    assert events[-1]["kind"] == "done", events
+    assert any(e["text"].startswith(f"pushing ds01-ann/hello:latest to {REGISTRY}") for e in events)
+    trust = provenance.load(tmp_path / "state")
+    record = find_record(manager, trust, "ann", "hello")
+    assert record is not None and record.reference.startswith(f"{REGISTRY}/ds01-ann/hello@sha256:")
+    assert tags(cluster, "ds01-ann/hello") == ["latest"]
+    built_on = manager.info()["Name"]  # the manager built it (node1)
+
+    # the owner's server runs it on another node, pulled from the registry by its digest
+    pinned = spawner_of("ann", "ds01-ann/hello", manager)._image(trust)
+    assert pinned == record.reference
+    assert spawner_of("ann", f"{REGISTRY}/ds01-ann/hello:latest", manager)._image(trust) == pinned
+    other = next(n for n in ("node2", "node3") if n != built_on)
+    body = service_spec(
+        name="hello--ann",
+        image=pinned,
+        command=["sleep", "3600"],
+        env={},
+        signed_labels={"ds01.test": "1"},
+        slots=[],
+        node=other,
+    )
+    service_id = create_service(manager, body)
+    scale_service(manager, service_id, 1)
+    task = wait_until(lambda: running_task(manager, service_id), 90, message="ann's server")
+    assert node_of(manager, task) == other != built_on
+    with contextlib.closing(cluster.nodes[other].client()) as node:
+        pulled = [i for i in node.images.list() if pinned in (i.attrs.get("RepoDigests") or [])]
+        assert pulled and pulled[0].labels.get("ds01.image.name") == "hello"
+
+    # another user is refused, by name or by digest; an admin may run it
+    for requested in ("ds01-ann/hello", pinned, f"{REGISTRY}/ds01-ann/hello"):
+        with pytest.raises(SpawnException, match="you have no image 'ds01-ann/hello'"):
+            spawner_of("bob", requested, manager)._image(trust)
+    assert spawner_of("dave", "ds01-ann/hello", manager, admin=True)._image(trust) == pinned
+
+    # a push past ds01hub over ann's tag (anyone on the registry's network can) changes nothing
+    with contextlib.closing(cluster.nodes["node3"].client()) as rogue:
+        rogue.images.pull(cluster.image)
+        rogue.api.tag(cluster.image, f"{REGISTRY}/ds01-ann/hello", "latest")
+        for line in rogue.api.push(
+            f"{REGISTRY}/ds01-ann/hello", "latest", stream=True, decode=True
+        ):
+            assert "error" not in line, line
+    assert spawner_of("ann", "ds01-ann/hello", manager)._image(trust) == pinned
+
+    # image-delete: refused while a server uses it; then gone from the registry as well
+    with pytest.raises(images.ImageInUseError):
+        await builds.delete("ann", "hello")
+    manager.api.remove_service(service_id)
+    assert (await builds.delete("ann", "hello"))["deleted"] == "ds01-ann/hello:latest"
+    assert tags(cluster, "ds01-ann/hello") == []
+    assert find_record(manager, trust, "ann", "hello") is None
+    with pytest.raises(SpawnException, match="you have no image"):
+        spawner_of("ann", "ds01-ann/hello", manager)._image(trust)
