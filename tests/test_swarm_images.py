@@ -14,7 +14,9 @@ image the swarm spawner resolves for the user (`DS01SwarmSpawner._image`).
 from __future__ import annotations
 
 import contextlib
+import io
 import json
+import tarfile
 import urllib.error
 import urllib.request
 from types import SimpleNamespace
@@ -36,10 +38,30 @@ from ds01hub.spawner.swarm_spawner import DS01SwarmSpawner
 pytestmark = pytest.mark.swarm
 
 
+def base_image(cluster, client) -> str:
+    """The cluster's busybox with an /etc/passwd (the builds' `USER root` needs one), on the
+    manager: the lab's base image for these builds."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for name, text in (
+            ("Dockerfile", f"FROM {cluster.image}\nCOPY passwd /etc/passwd\n"),
+            ("passwd", "root:x:0:0:root:/root:/bin/sh\n"),
+        ):
+            info = tarfile.TarInfo(name)
+            info.size = len(text.encode())
+            archive.addfile(info, io.BytesIO(text.encode()))
+    tag = "ds01test/busybox-passwd:1"
+    for line in client.api.build(
+        fileobj=io.BytesIO(buffer.getvalue()), custom_context=True, tag=tag, decode=True
+    ):
+        assert "error" not in line, line
+    return tag
+
+
 def door(cluster, client, state_dir) -> BrokerImages:
     config = Config()
     config.Broker.state_dir = str(state_dir)
-    config.Broker.base_image = cluster.image
+    config.Broker.base_image = base_image(cluster, client)
     config.Broker.registry = REGISTRY
     config.Broker.registry_url = cluster.registry_url()
     return BrokerImages(Broker(config=config), client)
@@ -88,7 +110,10 @@ async def test_an_image_built_with_image_create_runs_on_another_node_and_only_fo
     cluster, manager = swarm_cluster, swarm_manager
     events = [e async for e in builds.build("ann", images.BuildRequest(name="hello"))]
     assert events[-1]["kind"] == "done", events
-    assert any(e["text"].startswith(f"pushing ds01-ann/hello:latest to {REGISTRY}") for e in events)
+    assert any(
+        e["text"].startswith(f"pushing ds01-ann/hello:latest to the registry {REGISTRY}")
+        for e in events
+    )
     trust = provenance.load(tmp_path / "state")
     record = find_record(manager, trust, "ann", "hello")
     assert record is not None and record.reference.startswith(f"{REGISTRY}/ds01-ann/hello@sha256:")
@@ -111,7 +136,11 @@ async def test_an_image_built_with_image_create_runs_on_another_node_and_only_fo
     )
     service_id = create_service(manager, body)
     scale_service(manager, service_id, 1)
-    task = wait_until(lambda: running_task(manager, service_id), 90, message="ann's server")
+    task = wait_until(
+        lambda: running_task(manager, service_id),
+        90,
+        message=lambda: f"ann's server: {manager.api.tasks(filters={'service': service_id})}",
+    )
     assert node_of(manager, task) == other != built_on
     with contextlib.closing(cluster.nodes[other].client()) as node:
         pulled = [i for i in node.images.list() if pinned in (i.attrs.get("RepoDigests") or [])]
