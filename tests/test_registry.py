@@ -5,8 +5,11 @@ tests/test_swarm_images.py."""
 
 from __future__ import annotations
 
+import http.server
+import threading
 from types import SimpleNamespace
 
+import docker.errors
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -17,7 +20,9 @@ from ds01hub.actions.builds import docker_builder
 from ds01hub.actions.registry import (
     ImageRecord,
     Registry,
+    delete_published,
     parse_record,
+    publish,
     record_labels,
     records,
     resolve_user_image,
@@ -213,3 +218,124 @@ def test_the_swarm_spawner_runs_the_labs_image_or_the_users_own_pinned():
     assert other.value.status_code == 403
     with pytest.raises(SpawnException, match="only the tag latest"):
         spawner("ann", "ds01-ann/hello:v2", manager)._image(TRUST)
+
+
+# -- publish and delete against a recorded engine and a loopback registry ---------------------
+
+
+class Engine(Configs):
+    """The manager's engine calls `publish` and `delete_published` make: pushes answer
+    `digest` (or `error`), configs are kept, services use `used`."""
+
+    def __init__(self, *held, digest=DIGEST, error=None, used=()):
+        super().__init__(*held)
+        self.digest, self.error, self.used = digest, error, list(used)
+        self.removed: list[str] = []
+        self.images = SimpleNamespace(get=self._no_local_image)  # pruned on the manager
+
+    @staticmethod
+    def _no_local_image(tag):
+        raise docker.errors.ImageNotFound(tag)
+
+    def tag(self, image, repository, tag):
+        assert image == "ds01-ann/hello:latest"
+
+    def push(self, repository, tag, stream, decode):
+        if self.error:
+            return iter([{"status": "Preparing"}, {"error": self.error}])
+        return iter([{"status": "Pushed"}, {"aux": {"Tag": tag, "Digest": self.digest}}])
+
+    def remove_image(self, reference, noprune=False):
+        assert reference == "registry.lab:5000/ds01-ann/hello:latest"
+
+    def create_config(self, name, data, labels):
+        self.held.append(
+            {"ID": name, "CreatedAt": str(len(self.held) + 10), "Spec": {"Labels": labels}}
+        )
+
+    def remove_config(self, config_id):
+        self.removed.append(config_id)
+        self.held = [c for c in self.held if c["ID"] != config_id]
+
+    def services(self):
+        return [{"Spec": {"TaskTemplate": {"ContainerSpec": {"Image": i}}}} for i in self.used]
+
+
+def test_a_rebuild_records_the_new_digest_and_drops_the_old_unless_a_server_uses_it(monkeypatch):
+    deleted = []
+    monkeypatch.setattr(
+        "ds01hub.actions.registry._delete_manifest", lambda registry, record: deleted.append(record)
+    )
+    newer = "sha256:" + "e" * 64
+    engine = Engine(config(), digest=newer)
+    pinned = publish(engine, REGISTRY, TRUST, images.ImageSpec("ann", "hello"))
+    assert pinned == f"registry.lab:5000/ds01-ann/hello@{newer}"
+    assert [r.reference for r in records(engine, TRUST, "ann")] == [pinned]
+    assert [r.reference for r in deleted] == [PINNED]
+    # the same again, while a stopped server still uses the older one: kept in the registry
+    deleted.clear()
+    engine = Engine(config(), digest=newer, used=[PINNED])
+    publish(engine, REGISTRY, TRUST, images.ImageSpec("ann", "hello"))
+    assert deleted == [] and engine.removed == ["c1"]
+
+
+def test_a_failed_push_is_a_named_error_and_records_nothing():
+    engine = Engine(error="connection refused")
+    with pytest.raises(images.ImageError, match="pushing registry.lab:5000/ds01-ann/hello:latest"):
+        publish(engine, REGISTRY, TRUST, images.ImageSpec("ann", "hello"))
+    assert engine.held == []
+
+
+def test_delete_is_refused_while_a_server_uses_the_image():
+    engine = Engine(config(), used=[PINNED])
+    with pytest.raises(images.ImageInUseError, match="used by a server"):
+        delete_published(engine, REGISTRY, TRUST, "ann", "hello")
+    assert engine.removed == []
+
+
+@pytest.fixture
+def registry_answering():
+    """A loopback HTTP server answering every request with the status it is given."""
+    answer = {"status": 202}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_DELETE(self):
+            self.send_response(answer["status"])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_HEAD = do_DELETE
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield answer, Registry.configured("registry.lab:5000", f"http://127.0.0.1:{server.server_port}")
+    server.shutdown()
+
+
+def test_a_registry_that_refuses_deletes_says_how_to_allow_them(registry_answering):
+    answer, registry = registry_answering
+    answer["status"] = 405
+    engine = Engine(config())
+    with pytest.raises(images.ImageError, match="405") as refused:
+        delete_published(engine, registry, TRUST, "ann", "hello")
+    assert "storage.delete.enabled: true" in refused.value.hint
+    assert engine.removed == []  # the record stays: image-delete can be run again
+
+
+def test_an_unreachable_registry_is_named():
+    registry = Registry.configured("registry.lab:5000", "http://127.0.0.1:9")
+    with pytest.raises(images.ImageError, match="cannot reach the registry at http://127.0.0.1:9"):
+        delete_published(Engine(config()), registry, TRUST, "ann", "hello")
+
+
+def test_delete_of_an_image_only_the_registry_has_removes_manifest_and_record(registry_answering):
+    answer, registry = registry_answering
+    engine = Engine(config())
+    assert delete_published(engine, registry, TRUST, "ann", "hello") == "ds01-ann/hello:latest"
+    assert engine.removed == ["c1"] and records(engine, TRUST) == []
+    with pytest.raises(images.ImageNotFoundError, match="no image called 'hello'"):
+        delete_published(engine, registry, TRUST, "ann", "hello")
