@@ -22,6 +22,7 @@ import urllib.request
 from types import SimpleNamespace
 
 import pytest
+from harness.hub import Hub
 from harness.swarm import REGISTRY, running_task
 from harness.wait import wait_until
 from jupyterhub.spawner import SpawnException
@@ -58,10 +59,10 @@ def base_image(cluster, client) -> str:
     return tag
 
 
-def door(cluster, client, state_dir) -> BrokerImages:
+def door(cluster, client, state_dir, base: str) -> BrokerImages:
     config = Config()
     config.Broker.state_dir = str(state_dir)
-    config.Broker.base_image = base_image(cluster, client)
+    config.Broker.base_image = base
     config.Broker.registry = REGISTRY
     config.Broker.registry_url = cluster.registry_url()
     return BrokerImages(Broker(config=config), client)
@@ -91,17 +92,25 @@ def node_of(manager, task) -> str:
     return manager.api.inspect_node(task["NodeID"])["Description"]["Hostname"]
 
 
+@contextlib.contextmanager
+def image_door(cluster, manager, state_dir, base: str):
+    """The broker's image door on the manager; the deployment's image records removed after."""
+    made = door(cluster, manager, state_dir, base)
+    try:
+        yield made
+    finally:
+        made.builds.shutdown()
+        trust = provenance.load(state_dir)
+        for config in manager.api.configs(filters={"label": f"ds01.deployment={trust.deployment}"}):
+            with contextlib.suppress(Exception):
+                manager.api.remove_config(config["ID"])
+
+
 @pytest.fixture
 def builds(swarm_cluster, swarm_manager, tmp_path):
-    made = door(swarm_cluster, swarm_manager, tmp_path / "state")
-    yield made
-    made.builds.shutdown()
-    trust = provenance.load(tmp_path / "state")
-    for config in swarm_manager.api.configs(
-        filters={"label": f"ds01.deployment={trust.deployment}"}
-    ):
-        with contextlib.suppress(Exception):
-            swarm_manager.api.remove_config(config["ID"])
+    base = base_image(swarm_cluster, swarm_manager)
+    with image_door(swarm_cluster, swarm_manager, tmp_path / "state", base) as made:
+        yield made
 
 
 async def test_an_image_built_with_image_create_runs_on_another_node_and_only_for_its_owner(
@@ -171,3 +180,51 @@ async def test_an_image_built_with_image_create_runs_on_another_node_and_only_fo
     assert find_record(manager, trust, "ann", "hello") is None
     with pytest.raises(SpawnException, match="you have no image"):
         spawner_of("ann", "ds01-ann/hello", manager)._image(trust)
+
+
+async def test_a_users_image_serves_jupyter_on_a_worker_through_the_hub(
+    swarm_cluster, swarm_manager, tmp_path, singleuser_image
+):
+    """The whole way: image-create FROM the lab's single-user image (in the cluster's
+    registry), then the hub's DS01SwarmSpawner starts ann's server with it on node3 (a MIG
+    request lands there), pulled by its digest, and Jupyter answers; bob asking for ann's image
+    is refused by the spawn."""
+    cluster, manager = swarm_cluster, swarm_manager
+    lab = cluster.push_image(singleuser_image, "ds01hub/singleuser:swarm-test")
+    limits_file = tmp_path / "limits.yaml"
+    limits_file.write_text("defaults: {max_gpus: 1, gpu_hold_after_stop: 0s}\n")
+    hub = Hub(
+        directory=tmp_path / "hub",
+        hub_ip=cluster.gateway(),
+        image=lab,
+        spawner="ds01hub.spawner.swarm_spawner.DS01SwarmSpawner",
+        extra_config=(
+            f"c.DS01SwarmSpawner.client_kwargs = {{'base_url': {cluster.manager.url!r}}}\n"
+            f"c.DS01SwarmSpawner.limits_path = {str(limits_file)!r}\n"
+        ),
+    )
+    with image_door(cluster, manager, hub.state_dir, lab) as builds:
+        events = [e async for e in builds.build("ann", images.BuildRequest(name="lab"))]
+        assert events[-1]["kind"] == "done", events
+        record = find_record(manager, provenance.load(hub.state_dir), "ann", "lab")
+        assert record is not None
+        hub.start()
+        try:
+            hub.create_user("ann")
+            hub.create_user("bob")
+            hub.start_server("ann", options={"mig": "3g.40gb", "image": "ds01-ann/lab"})
+            hub.wait_ready("ann", timeout=240)
+            token = hub.token_for("ann")
+            assert hub.user_request(token, "GET", "ann", "api/status").status_code == 200
+            (service,) = manager.api.services(filters={"name": "default--ann"})
+            assert service["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"] == record.reference
+            task = running_task(manager, service["ID"])
+            assert node_of(manager, task) == "node3" != manager.info()["Name"]
+
+            hub.start_server("bob", options={"image": "ds01-ann/lab"}, check=False)
+            wait_until(lambda: "you have no image 'ds01-ann/lab'" in hub.log(), 60, message=hub.log)
+            wait_until(lambda: not (hub.server("bob") or {}).get("pending"), 60, message=hub.log)
+            assert not manager.api.services(filters={"name": "default--bob"})
+            hub.stop_server("ann")
+        finally:
+            hub.stop()
