@@ -26,7 +26,7 @@ from ds01hub.server_extension.handlers import DS01Extension
 from ds01hub.services.broker.app import Broker
 from ds01hub.services.notebook.app import DS01Service
 from ds01hub.services.ops.app import OpsService
-from ds01hub.services.settings import HostSettings, ImageBuildSettings
+from ds01hub.services.settings import HostSettings, ImageBuildSettings, RegistrySettings
 from ds01hub.spawner import DS01Spawner
 
 #: Each configurable class with where its settings are set.
@@ -39,6 +39,7 @@ CLASSES: Sequence[tuple[type[Configurable], str]] = (
     (DS01Extension, "`c.DS01Extension.NAME = ...` in the single-user server's jupyter config"),
     (HostSettings, "`--HostSettings.NAME=...` for every service at once, or per service"),
     (ImageBuildSettings, "`--ImageBuildSettings.NAME=...`, or per service"),
+    (RegistrySettings, "`--RegistrySettings.NAME=...` for the broker and ds01 service at once"),
 )
 
 REPO = Path(__file__).resolve().parents[2]
