@@ -339,3 +339,16 @@ def test_delete_of_an_image_only_the_registry_has_removes_manifest_and_record(re
     assert engine.removed == ["c1"] and records(engine, TRUST) == []
     with pytest.raises(images.ImageNotFoundError, match="no image called 'hello'"):
         delete_published(engine, registry, TRUST, "ann", "hello")
+
+
+def test_a_bad_registry_setting_stops_the_service_at_its_start_by_name():
+    from traitlets import TraitError
+
+    from ds01hub.services.broker.app import Broker
+
+    with pytest.raises(TraitError, match=r"Broker.registry 'http://reg' .* give host\[:port\]"):
+        Broker(registry="http://reg")
+    with pytest.raises(TraitError, match="Broker.registry_url 'reg:5000' must be http"):
+        Broker(registry_url="reg:5000")
+    assert Broker(registry="reg:5000").cluster_registry() == Registry("reg:5000", "http://reg:5000")
+    assert Broker().cluster_registry() is None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from traitlets import Integer, Unicode, default
+from traitlets import Integer, TraitError, Unicode, default, validate
 from traitlets.config import Configurable
 
 from ds01hub import paths, provenance
@@ -65,6 +65,22 @@ class RegistrySettings(Configurable):
         help="""Where this host reaches the registry's HTTP API (http(s)://host[:port]), for
         image-delete's DELETE of the manifest. Empty: http://<registry>.""",
     ).tag(config=True)
+
+    @validate("registry", "registry_url")
+    def _usable_registry(self, proposal: Any) -> str:
+        """A bad address stops the service at its start, named (traitlets' config error),
+        rather than at the first build."""
+        value = str(proposal["value"])
+        name = f"{type(self).__name__}.{proposal['trait'].name}"
+        try:
+            if proposal["trait"].name == "registry":
+                Registry.configured(value, setting=name)
+            elif value:
+                Registry.configured("registry", value, setting=name.removesuffix("_url"))
+        except images.ImageError as error:
+            hint = f"; {error.hint}" if error.hint else ""
+            raise TraitError(f"{error.message}{hint}") from None
+        return value
 
     def cluster_registry(self) -> Registry | None:
         """The configured registry, None on one host (ImageError for a bad setting)."""
