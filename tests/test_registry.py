@@ -352,3 +352,23 @@ def test_a_bad_registry_setting_stops_the_service_at_its_start_by_name():
         Broker(registry_url="reg:5000")
     assert Broker(registry="reg:5000").cluster_registry() == Registry("reg:5000", "http://reg:5000")
     assert Broker().cluster_registry() is None
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/v1.41/images/registry.lab:5000/ds01-ann/hello/push"),
+        ("POST", "/v1.41/images/ds01-ann/hello/push"),
+        ("POST", "/v1.41/configs/create"),
+        ("POST", "/v1.41/services/create"),
+        ("GET", "/v1.41/configs"),
+    ],
+)
+def test_no_user_pushes_or_records_an_image_through_the_socket_proxy(method, path):
+    """The other doors to the registry and the records: a user's docker CLI reaches the
+    engine through the socket proxy, which has no push, configs or services."""
+    from ds01hub.dockerproxy.policy import Denied, classify, parse_target
+
+    with pytest.raises(Denied) as refused:
+        classify(parse_target(method, path))
+    assert refused.value.status in (403, 404)
