@@ -26,8 +26,9 @@ from __future__ import annotations
 import math
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from ds01hub.errors import Ds01hubError
 from ds01hub.gpu.inventory import Inventory, Slot
@@ -37,11 +38,13 @@ __all__ = [
     "ENGINE_ACTIVE",
     "FB_USED",
     "GPU_UTIL",
+    "FamiliesCollector",
     "GpuReading",
     "MetricsError",
     "NodeMetrics",
     "SlotUse",
     "fetch_metrics",
+    "metric_families",
     "parse_metrics",
     "render_metrics",
     "slot_use",
@@ -247,12 +250,11 @@ def _use(reading: GpuReading | None, missing: str) -> SlotUse:
 # -- writing (the exporter of a node's NVML, real or simulated) -------------------------------
 
 
-def render_metrics(
+def metric_families(
     inventory: Inventory, hostname: str, cpu_seconds: Mapping[str, float] | None = None
-) -> bytes:
-    """`inventory`'s live use in dcgm-exporter's names (and containers' CPU in cAdvisor's),
-    written by prometheus_client's own writer."""
-    from prometheus_client import CollectorRegistry, generate_latest
+) -> list[Any]:
+    """`inventory`'s live use as prometheus_client metric families in dcgm-exporter's names
+    (and containers' CPU in cAdvisor's, when given): one scrape's worth."""
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
     keys = ["gpu", "UUID", "device", "modelName", "Hostname", "GPU_I_PROFILE", "GPU_I_ID"]
@@ -281,7 +283,7 @@ def render_metrics(
         used = inventory.memory_used_mb(slot.id)
         if used is not None:
             memory.add_metric(values, float(used))
-    families = [util, active, memory]
+    families: list[Any] = [util, active, memory]
     if cpu_seconds is not None:
         cpu = CounterMetricFamily(
             CPU_SECONDS.removesuffix("_total"),
@@ -291,16 +293,25 @@ def render_metrics(
         for container, seconds in sorted(cpu_seconds.items()):
             cpu.add_metric([f"/docker/{container}"], seconds)
         families.append(cpu)
+    return families
+
+
+def render_metrics(
+    inventory: Inventory, hostname: str, cpu_seconds: Mapping[str, float] | None = None
+) -> bytes:
+    """`metric_families` in the text format, by prometheus_client's own writer."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Fixed(families))
+    registry.register(FamiliesCollector(lambda: metric_families(inventory, hostname, cpu_seconds)))
     return generate_latest(registry)
 
 
-class _Fixed:
-    """A collector that yields families built beforehand (one scrape's)."""
+class FamiliesCollector:
+    """A prometheus_client collector whose families `build()` makes afresh at each scrape."""
 
-    def __init__(self, families: list) -> None:
-        self.families = families
+    def __init__(self, build: Callable[[], list[Any]]) -> None:
+        self.build = build
 
-    def collect(self):  # noqa: ANN201 (prometheus_client's protocol)
-        return iter(self.families)
+    def collect(self) -> Iterator[Any]:
+        return iter(self.build())
