@@ -1,0 +1,136 @@
+"""A swarm's per-node metrics for the culler (ds01hub.services.ops.node_metrics): the pure
+part on recorded Swarm objects and endpoint answers; the real cluster is test_swarm_culler.py."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from types import SimpleNamespace
+
+from ds01hub import labels
+from ds01hub.gpu.cluster import parse_node
+from ds01hub.gpu.dcgm import parse_metrics
+from ds01hub.services.ops.culler import CullPolicy, ServerActivity, decide
+from ds01hub.services.ops.node_metrics import (
+    NodeMetricsSource,
+    Placement,
+    Scrape,
+    sampled_activity,
+)
+from ds01hub.units import utcnow
+
+CID = "e1" * 32
+NODE = {
+    "ID": "n2",
+    "Description": {
+        "Hostname": "node2",
+        "Resources": {
+            "GenericResources": [
+                {"NamedResourceSpec": {"Kind": "DS01-GPU-0", "Value": "GPU-aaa"}},
+                {"NamedResourceSpec": {"Kind": "DS01-GPU-1", "Value": "GPU-bbb"}},
+            ]
+        },
+    },
+    "Status": {"State": "ready", "Addr": "10.9.0.3"},
+    "Spec": {"Availability": "active", "Role": "worker"},
+}
+SLOTS = parse_node(NODE).slots
+
+
+def record(gpus=("node2/1",)) -> labels.ContainerRecord:
+    return labels.ContainerRecord(
+        "svc1", "default--mia", "mia", "default", None, 0, gpus, (), "img", "running", None, None
+    )
+
+
+def answer(util_b: float, cpu: float) -> str:
+    return (
+        f'DCGM_FI_DEV_GPU_UTIL{{gpu="0",UUID="GPU-aaa"}} 99\n'
+        f'DCGM_FI_DEV_GPU_UTIL{{gpu="1",UUID="GPU-bbb"}} {util_b}\n'
+        f'container_cpu_usage_seconds_total{{id="/docker/{CID}"}} {cpu}\n'
+    )
+
+
+def scrape(at: float, text: str) -> Scrape:
+    return Scrape(at, {"node2": parse_metrics(text)})
+
+
+PLACEMENT = Placement(record(), "node2", CID)
+
+
+def test_an_idle_server_s_slot_and_container_from_its_node():
+    scrapes = [scrape(0.0, answer(0, 10.0)), scrape(2.0, answer(1, 10.02))]
+    signals = sampled_activity(PLACEMENT, SLOTS, scrapes)
+    assert signals.gpu_samples == {"node2/1": (0, 1)}  # the other GPU's 99% is not its own
+    assert round(signals.cpu_percent, 3) == 1.0
+    assert signals.unknown == ()
+
+
+def test_a_node_whose_endpoint_failed_is_unknown_and_keeps_the_server():
+    failed = Scrape(2.0, {}, {"node2": "http://10.9.0.3:9400/metrics: unreachable (refused)"})
+    signals = sampled_activity(PLACEMENT, SLOTS, [scrape(0.0, answer(0, 10.0)), failed])
+    assert signals.cpu_percent is None
+    assert any("unreachable (refused)" in why for why in signals.unknown)
+    now = utcnow()
+    activity = ServerActivity(
+        "mia",
+        "",
+        "default--mia",
+        started=now - timedelta(hours=3),
+        gpu_samples=signals.gpu_samples,
+        cpu_percent=0.0,
+        unknown=signals.unknown,
+    )
+    verdict = decide(activity, CullPolicy(idle_timeout=3600, warn_before=0), now)
+    assert (verdict.action, verdict.code) == ("keep", "busy")
+    assert "unreachable" in verdict.reason
+
+
+def test_a_slot_missing_from_the_answer_is_unknown():
+    text = f'container_cpu_usage_seconds_total{{id="/docker/{CID}"}} 1\n'
+    signals = sampled_activity(PLACEMENT, SLOTS, [scrape(0, text), scrape(1, text)])
+    assert signals.gpu_samples == {"node2/1": (None, None)}
+    assert signals.unknown and "UUID=GPU-bbb" in signals.unknown[0]
+
+
+def test_a_counter_that_went_back_gives_no_cpu_figure():
+    scrapes = [scrape(0.0, answer(0, 50.0)), scrape(1.0, answer(0, 1.0))]
+    assert sampled_activity(PLACEMENT, SLOTS, scrapes).cpu_percent is None
+
+
+def _manager(tasks, nodes=(NODE,)):
+    api = SimpleNamespace(
+        tasks=lambda filters=None: list(tasks), nodes=lambda: list(nodes), services=lambda **_: []
+    )
+    return SimpleNamespace(api=api)
+
+
+def _task(ports):
+    return {
+        "NodeID": "n2",
+        "ServiceID": "exp",
+        "Status": {"State": "running", "PortStatus": {"Ports": ports}},
+    }
+
+
+def test_endpoints_are_discovered_from_the_global_service_s_tasks():
+    source = NodeMetricsSource(_manager([_task([{"PublishedPort": 9400, "TargetPort": 9400}])]))
+    assert source.endpoints() == {"node2": ["http://10.9.0.3:9400/metrics"]}
+
+
+def test_a_task_without_a_host_mode_port_is_a_named_problem():
+    source = NodeMetricsSource(_manager([_task([])]))
+    assert source.endpoints() == {}
+    assert "host mode" in source.problems["node2"]
+    result = source.scrape(["node2"], 0.0)
+    assert "no metrics endpoint for node node2" in result.problems["node2"]
+
+
+def test_listed_endpoints_win_over_discovery():
+    source = NodeMetricsSource(
+        _manager([_task([{"PublishedPort": 9400}])]),
+        urls={"node2": ["http://gpu2.lab:9400/metrics", "http://gpu2.lab:8080/metrics"]},
+    )
+    assert source.endpoints()["node2"] == [
+        "http://gpu2.lab:9400/metrics",
+        "http://gpu2.lab:8080/metrics",
+    ]
