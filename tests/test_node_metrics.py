@@ -134,3 +134,38 @@ def test_listed_endpoints_win_over_discovery():
         "http://gpu2.lab:9400/metrics",
         "http://gpu2.lab:8080/metrics",
     ]
+
+
+def test_the_admin_page_shows_use_per_node_and_an_endpoint_s_problem():
+    from ds01hub.gpu.inventory import Inventory
+    from ds01hub.services.ops.admin_page import overview, render_page
+
+    rows = [
+        {
+            "node": "node2",
+            "ready": True,
+            "active": True,
+            "endpoints": ["http://10.9.0.3:9400/metrics"],
+            "problem": None,
+            "slots": [
+                {"slot": "node2/0", "kind": "GPU", "percent": 87.0, "memory_used_mb": 1024.0,
+                 "unknown": None},
+                {"slot": "node2/1", "kind": "GPU", "percent": None, "memory_used_mb": None,
+                 "unknown": "DCGM_FI_DEV_GPU_UTIL has no series with UUID=GPU-bbb"},
+            ],
+        },
+        {
+            "node": "node3",
+            "ready": True,
+            "active": True,
+            "endpoints": ["http://10.9.0.4:9400/metrics"],
+            "problem": "http://10.9.0.4:9400/metrics: unreachable (<refused>)",
+            "slots": [],
+        },
+    ]  # fmt: skip
+    model = overview([], Inventory([], [], True), None, utcnow(), nodes=rows)
+    assert "node node3: http://10.9.0.4:9400/metrics: unreachable (<refused>)" in model["alerts"]
+    page = render_page(model)
+    assert 'id="nodes"' in page and "87.0%" in page and "1024 MiB" in page
+    assert "UUID=GPU-bbb" in page and "&lt;refused&gt;" in page and "<refused>" not in page
+    assert 'id="nodes"' not in render_page(overview([], Inventory([], [], True), None, utcnow()))

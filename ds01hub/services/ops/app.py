@@ -31,14 +31,16 @@ from prometheus_client import CollectorRegistry
 from tornado import web
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop
-from traitlets import Bool, Float, Integer, List, Unicode, default
+from traitlets import Bool, Dict, Float, Integer, List, Unicode, default
 from traitlets.config import Application
 
 from ds01hub import paths, provenance
 from ds01hub.engine import EngineState, engine_unreachable, engine_url
 from ds01hub.gpu.allocator import AllocationStateError, GpuAllocator, docker_lister
+from ds01hub.gpu.cluster import cluster_inventory
 from ds01hub.gpu.eventlog import EventLog
 from ds01hub.gpu.inventory import Inventory, load_inventory
+from ds01hub.gpu.swarm_state import swarm_lister, swarm_remover
 from ds01hub.hub.client import HubClient
 from ds01hub.hub.services import OPS_PORT, OPS_SERVICE
 from ds01hub.limits import LimitsStore
@@ -52,6 +54,7 @@ from ds01hub.services.ops.admin_page import (
 from ds01hub.services.ops.culler import Culler
 from ds01hub.services.ops.lifecycle import Lifecycle
 from ds01hub.services.ops.metrics import LimitsCollector, StateCollector
+from ds01hub.services.ops.node_metrics import DEFAULT_SERVICE, NodeMetricsSource
 from ds01hub.services.settings import HostSettings
 from ds01hub.units import utcnow
 
@@ -70,6 +73,7 @@ class Components:
     limits: LimitsStore
     inventory: Inventory
     engine: EngineState
+    cluster: NodeMetricsSource | None = None  # a swarm: the nodes' metrics endpoints
 
     def overview(self, queue: Iterable[dict[str, Any]] = ()) -> dict[str, Any]:
         """The admin page's model (blocking: Docker and SQLite). While the Docker engine is
@@ -95,6 +99,7 @@ class Components:
             queue=queue,
             fairshare=self._fairshare(),
             group_problems=self.culler.group_limits.problems,
+            nodes=self.cluster.overview() if self.cluster is not None else None,
         )
 
     def _fairshare(self) -> list[dict[str, Any]] | None:
@@ -117,24 +122,37 @@ def build_components(
     inventory: Inventory | None = None,
     extra_labels: Iterable[str] = (),
     clock: Callable[[], datetime] = utcnow,
+    cluster: NodeMetricsSource | None = None,
     **culler_options: Any,
 ) -> Components:
     """Wire limits (`limits_path` as set, None for the default: reloaded on change, last good
     kept; ds01hub.limits.load_limits_or_defaults), the GPU inventory, the event log
-    (`state_dir/events.db`, as the spawner's), the allocator, the lifecycle pass and the culler."""
+    (`state_dir/events.db`, as the spawner's), the allocator, the lifecycle pass and the culler.
+    With `cluster` (a swarm; `docker_client` is a manager's) the inventory is the swarm's as at
+    start, holdings are read from Swarm's services, and there is no lifecycle pass (it removes
+    containers)."""
     limits = LimitsStore(limits_path, log=culler_options.get("log"))
-    inventory = inventory or load_inventory(limits.current.gpu_allocation)
     eventlog = EventLog(Path(state_dir) / EVENTLOG_FILE)
     extra_labels = list(extra_labels)
     trust = provenance.load(state_dir)
+    if cluster is not None:
+        inventory = inventory or cluster_inventory(cluster.nodes())
+        lister = swarm_lister(docker_client, trust)
+        remover: Callable[[str], bool] | None = swarm_remover(docker_client)
+        remove_stopped = False
+    else:
+        inventory = inventory or load_inventory(limits.current.gpu_allocation)
+        lister = docker_lister(docker_client, extra_labels, trust=trust)
+        remover = None
     allocator = GpuAllocator(
-        docker_client,
+        None if cluster is not None else docker_client,
         inventory,
         state_dir,
         eventlog,
         clock,
         limits=limits,
-        container_lister=docker_lister(docker_client, extra_labels, trust=trust),
+        container_lister=lister,
+        container_remover=remover,
         trust=trust,
     )
     lifecycle = (
@@ -162,13 +180,14 @@ def build_components(
         clock=clock,
         trust=trust,
         demand=demand,
+        cluster=cluster,
         **culler_options,
     )
     name = f"the Docker engine at {engine_url()}"
     engine = EngineState(
         name, culler_options.get("log"), connect=_docker_from_env, ping_interval=2.0
     )
-    return Components(culler, allocator, eventlog, limits, inventory, engine)
+    return Components(culler, allocator, eventlog, limits, inventory, engine, cluster)
 
 
 def _docker_from_env() -> docker.DockerClient:
@@ -219,6 +238,29 @@ class OpsService(HostSettings, Application):
         "engine. Default: every ds01-managed container.",
     ).tag(config=True)
 
+    swarm = Bool(
+        False,
+        help="The Docker engine (DOCKER_HOST) is a Swarm manager and servers are "
+        "DS01SwarmSpawner's services: the culler reads them from Swarm and their GPU and CPU use "
+        "from each node's metrics endpoint (node_metrics_service, node_metrics_urls); the "
+        "admin page shows the use per node. No lifecycle pass then.",
+    ).tag(config=True)
+    node_metrics_service = Unicode(
+        DEFAULT_SERVICE,
+        help="Swarm mode: the global service whose tasks serve each node's metrics in "
+        "dcgm-exporter's names (dcgm-exporter itself, or `python -m "
+        "ds01hub.services.node_exporter`), its port published in host mode. Empty: only "
+        "node_metrics_urls.",
+    ).tag(config=True)
+    node_metrics_urls = Dict(
+        value_trait=List(Unicode()),
+        help="Swarm mode: node hostname -> its metrics URLs (dcgm-exporter's, cAdvisor's for "
+        "containers' CPU), for endpoints outside Swarm; a listed node wins over discovery.",
+    ).tag(config=True)
+    node_metrics_timeout = Float(
+        5.0, help="Seconds one node's metrics endpoint may take to answer (then: unknown)."
+    ).tag(config=True)
+
     aliases = {
         "interval": "OpsService.interval",
         "warn-before": "OpsService.warn_before",
@@ -242,6 +284,14 @@ class OpsService(HostSettings, Application):
     def components(self, hub: Any, docker_client: Any) -> Components:
         """The culler and its parts with this service's settings (the service's loop and
         `ds01hub cull` alike)."""
+        cluster = None
+        if self.swarm:
+            cluster = NodeMetricsSource(
+                docker_client,
+                urls=self.node_metrics_urls,
+                service=self.node_metrics_service,
+                timeout=self.node_metrics_timeout,
+            )
         return build_components(
             hub,
             docker_client,
@@ -255,6 +305,7 @@ class OpsService(HostSettings, Application):
             gpu_samples=self.gpu_samples,
             gpu_sample_interval=self.gpu_sample_interval,
             cpu_sample_interval=self.cpu_sample_interval,
+            cluster=cluster,
             log=self.log,
         )
 
