@@ -71,8 +71,10 @@ def test_the_control_file_drives_the_simulated_gpus(tmp_path):
 @pytest.mark.parametrize("version", [1, 2])
 def test_containers_cpu_is_read_from_a_cgroup_tree(tmp_path, version):
     if version == 1:
-        base = tmp_path / "cpu,cpuacct"
+        (tmp_path / "cpu,cpuacct").mkdir()  # an empty directory beside the real mount
+        base = tmp_path / "cpuacct"
         (base / "docker" / CID).mkdir(parents=True)
+        (base / "cpuacct.usage").write_text("99\n")
         (base / "docker" / CID / "cpuacct.usage").write_text("2500000000\n")
     else:
         base = tmp_path
@@ -93,6 +95,7 @@ def test_the_exporter_process_serves_the_node(tmp_path):
     control.write_text('{"1": 70}')
     cgroups = tmp_path / "cgroup" / "cpuacct" / "docker" / CID
     cgroups.mkdir(parents=True)
+    (tmp_path / "cgroup" / "cpuacct" / "cpuacct.usage").write_text("5")
     (cgroups / "cpuacct.usage").write_text("1000000000")
     port = free_port()
     command = [

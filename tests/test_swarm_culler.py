@@ -23,6 +23,7 @@ from harness.hub import Hub
 from harness.swarm import NODE_GPUS
 from harness.wait import wait_until
 
+from ds01hub import provenance
 from ds01hub.gpu.cluster import split_slot_id
 from ds01hub.gpu.dcgm import MetricsError, fetch_metrics
 from ds01hub.gpu.swarm_state import create_service
@@ -108,6 +109,18 @@ def _set_availability(manager, hostname: str, availability: str) -> None:
     manager.api.update_node(node["ID"], node["Version"]["Index"], spec)
 
 
+def _cpu_diagnosis(cluster, source, trust) -> str:
+    """What node2's exporter and cgroups show, for a failed CPU assertion."""
+    placement = next(iter(source.running(trust).values()), None)
+    metrics = fetch_metrics(source.endpoints()["node2"][0])
+    listing = subprocess.run(
+        ["docker", "exec", cluster.nodes["node2"].container, "sh", "-c",
+         "ls /sys/fs/cgroup/cpu,cpuacct/ /sys/fs/cgroup/cpu,cpuacct/docker | head -40"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    return f"task: {placement}; exporter: {sorted(metrics.cpu_seconds)[:8]}; {listing.stdout}"
+
+
 def verdict(report, user: str) -> tuple[str, str, str]:
     (line,) = [s for s in report.servers if s.user == user]
     return line.verdict.action, line.verdict.code, line.verdict.reason
@@ -183,7 +196,9 @@ async def test_a_gpu_server_on_a_worker_is_kept_while_busy_and_culled_when_idle(
         (row,) = [r for r in model["nodes"] if r["node"] == "node2"]
         assert {s["slot"]: s["percent"] for s in row["slots"]}[slot] == 90
         assert row["endpoints"] and row["problem"] is None
-        assert "CPU use unknown" not in reason  # the task's CPU is read from node2 too
+        assert "CPU use unknown" not in reason, _cpu_diagnosis(
+            cluster, source, provenance.load(hub.state_dir)
+        )
 
         # idle: 0% and no hub activity for two hours -> culled: the hub stops it (scaled to 0)
         _write_on_node(cluster, "node2", "gpu-util.json", "{}")

@@ -188,7 +188,8 @@ def containers_usage(root: str | os.PathLike) -> dict[str, int]:
     bind-mounted into its metrics exporter): v1's `cpuacct` hierarchy when there is one, else
     v2; containers in the usual places only (`usual_places`). Unreadable ones are left out."""
     root = Path(root)
-    v1 = next((root / n for n in ("cpu,cpuacct", "cpuacct") if (root / n).is_dir()), None)
+    names = ("cpuacct", "cpu,cpuacct", "cpuacct,cpu")  # a host may leave some empty
+    v1 = next((root / n for n in names if (root / n / V1_FILE).is_file()), None)
     base, version = (v1, 1) if v1 is not None else (root, 2)
     usage_file = V1_FILE if version == 1 else V2_FILE
     found: dict[str, int] = {}
