@@ -169,3 +169,17 @@ def test_the_admin_page_shows_use_per_node_and_an_endpoint_s_problem():
     assert 'id="nodes"' in page and "87.0%" in page and "1024 MiB" in page
     assert "UUID=GPU-bbb" in page and "&lt;refused&gt;" in page and "<refused>" not in page
     assert 'id="nodes"' not in render_page(overview([], Inventory([], [], True), None, utcnow()))
+
+
+def test_listed_urls_are_hostname_equals_url_entries():
+    import pytest
+
+    from ds01hub.errors import Ds01hubError
+    from ds01hub.services.ops.app import listed_urls
+
+    assert listed_urls(["gpu2=http://a:9400/metrics", "gpu2=http://a:8080/metrics"]) == {
+        "gpu2": ["http://a:9400/metrics", "http://a:8080/metrics"]
+    }
+    for bad in ["http://a:9400/metrics", "gpu2=ftp://a", "=http://a"]:
+        with pytest.raises(Ds01hubError, match="is not hostname=URL"):
+            listed_urls([bad])

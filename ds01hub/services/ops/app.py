@@ -31,11 +31,12 @@ from prometheus_client import CollectorRegistry
 from tornado import web
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop
-from traitlets import Bool, Dict, Float, Integer, List, Unicode, default
+from traitlets import Bool, Float, Integer, List, Unicode, default
 from traitlets.config import Application
 
 from ds01hub import paths, provenance
 from ds01hub.engine import EngineState, engine_unreachable, engine_url
+from ds01hub.errors import Ds01hubError
 from ds01hub.gpu.allocator import AllocationStateError, GpuAllocator, docker_lister
 from ds01hub.gpu.cluster import cluster_inventory
 from ds01hub.gpu.eventlog import EventLog
@@ -190,6 +191,20 @@ def build_components(
     return Components(culler, allocator, eventlog, limits, inventory, engine, cluster)
 
 
+def listed_urls(entries: Iterable[str]) -> dict[str, list[str]]:
+    """`hostname=URL` entries (`OpsService.node_metrics_urls`) -> hostname -> URLs."""
+    found: dict[str, list[str]] = {}
+    for entry in entries:
+        host, sep, url = entry.partition("=")
+        if not sep or not host or not url.startswith(("http://", "https://")):
+            raise Ds01hubError(
+                f"node_metrics_urls: {entry!r} is not hostname=URL; "
+                "use e.g. gpu2=http://gpu2:9400/metrics"
+            )
+        found.setdefault(host, []).append(url)
+    return found
+
+
 def _docker_from_env() -> docker.DockerClient:
     return docker.from_env()
 
@@ -252,16 +267,20 @@ class OpsService(HostSettings, Application):
         "ds01hub.services.node_exporter`), its port published in host mode. Empty: only "
         "node_metrics_urls.",
     ).tag(config=True)
-    node_metrics_urls = Dict(
-        value_trait=List(Unicode()),
-        help="Swarm mode: node hostname -> its metrics URLs (dcgm-exporter's, cAdvisor's for "
-        "containers' CPU), for endpoints outside Swarm; a listed node wins over discovery.",
+    node_metrics_urls = List(
+        Unicode(),
+        help="Swarm mode: `hostname=URL` entries (repeat for several URLs of a node: "
+        "dcgm-exporter's, cAdvisor's for containers' CPU), for endpoints outside Swarm; a "
+        "listed node wins over discovery.",
     ).tag(config=True)
     node_metrics_timeout = Float(
         5.0, help="Seconds one node's metrics endpoint may take to answer (then: unknown)."
     ).tag(config=True)
 
     aliases = {
+        "node-metrics-service": "OpsService.node_metrics_service",
+        "node-metrics-url": "OpsService.node_metrics_urls",
+        "node-metrics-timeout": "OpsService.node_metrics_timeout",
         "interval": "OpsService.interval",
         "warn-before": "OpsService.warn_before",
         "gpu-threshold": "OpsService.gpu_threshold",
@@ -274,6 +293,10 @@ class OpsService(HostSettings, Application):
         "label": "OpsService.extra_labels",
     }
     flags = {
+        "swarm": (
+            {"OpsService": {"swarm": True}},
+            "the engine is a Swarm manager: servers are services, use per node from endpoints",
+        ),
         "dry-run": ({"OpsService": {"dry_run": True}}, "decide only, act on nothing"),
         "keep-stopped": (
             {"OpsService": {"remove_stopped": False}},
@@ -288,7 +311,7 @@ class OpsService(HostSettings, Application):
         if self.swarm:
             cluster = NodeMetricsSource(
                 docker_client,
-                urls=self.node_metrics_urls,
+                urls=listed_urls(self.node_metrics_urls),
                 service=self.node_metrics_service,
                 timeout=self.node_metrics_timeout,
             )
