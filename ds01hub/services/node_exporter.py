@@ -18,7 +18,7 @@ logged and the last good one kept. Only for simulated inventories.
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import json
 import logging
 import socket
@@ -27,13 +27,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from traitlets import Unicode, default
+from traitlets.config import Application
+
 from ds01hub.errors import Ds01hubError
 from ds01hub.gpu.dcgm import FamiliesCollector, metric_families
 from ds01hub.gpu.inventory import Inventory, load_inventory
 from ds01hub.limits import load_limits_or_defaults
 from ds01hub.services.ops.cgroups import containers_usage
 
-__all__ = ["NodeExporter", "main", "read_simulated_utilization"]
+__all__ = ["NodeExporter", "NodeExporterApp", "main", "read_simulated_utilization"]
 
 DEFAULT_PORT = 9400  # dcgm-exporter's
 MAX_CONTROL_BYTES = 64 << 10
@@ -117,44 +120,88 @@ class NodeExporter:
         self._applied = wanted
 
 
-def _listen(value: str) -> tuple[str, int]:
-    host, _, port = value.rpartition(":")
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise argparse.ArgumentTypeError(f"{value!r}: give ADDRESS:PORT, e.g. 0.0.0.0:9400")
-    return host or "0.0.0.0", int(port)
+class NodeExporterApp(Application):
+    """`python -m ds01hub.services.node_exporter`: serve one node's metrics until stopped."""
+
+    name = "ds01hub-node-exporter"
+    description = __doc__
+
+    limits_path = Unicode(
+        "",
+        help="The resource-limits YAML whose gpu_allocation (simulate) gives the node's "
+        "inventory. Empty: $DS01HUB_LIMITS, else /etc/ds01hub/resource-limits.yaml, else NVML.",
+    ).tag(config=True)
+    listen = Unicode(
+        f"0.0.0.0:{DEFAULT_PORT}", help="ADDRESS:PORT to serve /metrics on (dcgm-exporter's port)."
+    ).tag(config=True)
+    hostname = Unicode(
+        help="The node's name in the `Hostname` label. Default: this host's name (a Swarm "
+        "service sets its container's hostname to `{{.Node.Hostname}}`)."
+    ).tag(config=True)
+    cgroup_root = Unicode(
+        "",
+        help="The node's /sys/fs/cgroup, mounted read-only: containers' CPU in cAdvisor's "
+        "name. Empty: no CPU metrics.",
+    ).tag(config=True)
+    simulated_utilization = Unicode(
+        "",
+        help='Simulated inventories only: a JSON file {"slot": percent} re-read at each scrape.',
+    ).tag(config=True)
+
+    aliases = {
+        "limits": "NodeExporterApp.limits_path",
+        "listen": "NodeExporterApp.listen",
+        "hostname": "NodeExporterApp.hostname",
+        "cgroup-root": "NodeExporterApp.cgroup_root",
+        "simulated-utilization": "NodeExporterApp.simulated_utilization",
+    }
+
+    @default("hostname")
+    def _default_hostname(self) -> str:
+        return socket.gethostname()
+
+    def address(self) -> tuple[str, int]:
+        host, _, port = self.listen.rpartition(":")
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise Ds01hubError(f"listen: {self.listen!r} is not ADDRESS:PORT (e.g. 0.0.0.0:9400)")
+        return host or "0.0.0.0", int(port)
+
+    def start(self) -> None:
+        import time
+
+        from prometheus_client import CollectorRegistry, start_http_server
+
+        host, port = self.address()
+        config = load_limits_or_defaults(self.limits_path or None)
+        inventory = load_inventory(config.gpu_allocation)
+        if inventory.reason:
+            self.log.warning("%s", inventory.reason)
+        exporter = NodeExporter(
+            inventory,
+            self.hostname,
+            Path(self.cgroup_root) if self.cgroup_root else None,
+            Path(self.simulated_utilization) if self.simulated_utilization else None,
+            log=self.log,
+        )
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(FamiliesCollector(exporter.families))
+        start_http_server(port, host, registry)
+        self.log.info(
+            "%s: %d slot(s) on http://%s:%d/metrics",
+            self.hostname,
+            len(inventory.slots),
+            host,
+            port,
+        )
+        while True:
+            time.sleep(3600)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m ds01hub.services.node_exporter`: serve until stopped."""
-    import time
-
-    from prometheus_client import CollectorRegistry, start_http_server
-
-    parser = argparse.ArgumentParser(prog="python -m ds01hub.services.node_exporter")
-    parser.add_argument("--limits", help="the resource-limits YAML (its gpu_allocation)")
-    parser.add_argument(
-        "--listen", type=_listen, default=("0.0.0.0", DEFAULT_PORT), help="ADDRESS:PORT"
-    )
-    parser.add_argument("--hostname", default=socket.gethostname(), help="the node's name")
-    parser.add_argument("--cgroup-root", type=Path, help="the node's /sys/fs/cgroup, mounted")
-    parser.add_argument(
-        "--simulated-utilization", type=Path, help='JSON {"slot": percent}, re-read per scrape'
-    )
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    inventory = load_inventory(load_limits_or_defaults(args.limits).gpu_allocation)
-    if inventory.reason:
-        logging.warning("%s", inventory.reason)
-    exporter = NodeExporter(inventory, args.hostname, args.cgroup_root, args.simulated_utilization)
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(FamiliesCollector(exporter.families))
-    host, port = args.listen
-    start_http_server(port, host, registry)
-    logging.info(
-        "%s: %d slot(s) on http://%s:%d/metrics", args.hostname, len(inventory.slots), host, port
-    )
-    while True:
-        time.sleep(3600)
+    app = NodeExporterApp.instance()
+    app.initialize(argv)
+    with contextlib.suppress(KeyboardInterrupt):
+        app.start()
 
 
 if __name__ == "__main__":
