@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.server
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -169,12 +170,23 @@ def test_the_simulated_exporter_round_trips_through_the_parser():
 
 class _Answer(http.server.BaseHTTPRequestHandler):
     body = b""
+    status = 200
+    headers_out: dict[str, str] = {}
+    drip: float = 0.0  # seconds between bytes (a slow endpoint)
 
     def do_GET(self) -> None:  # noqa: N802
-        self.send_response(200)
+        self.send_response(self.status)
         self.send_header("Content-Type", "text/plain; version=0.0.4")
+        for key, value in self.headers_out.items():
+            self.send_header(key, value)
         self.end_headers()
-        self.wfile.write(self.body)
+        if not self.drip:
+            self.wfile.write(self.body)
+            return
+        for byte in self.body:
+            self.wfile.write(bytes([byte]))
+            self.wfile.flush()
+            time.sleep(self.drip)
 
     def log_message(self, *args) -> None:
         pass
@@ -204,6 +216,27 @@ def test_an_oversized_answer_is_cut_and_refused(endpoint):
     handler.body = b"# " + b"x" * 5000 + b"\n"
     with pytest.raises(MetricsError, match=f"{url}: answer longer than 1000 bytes"):
         fetch_metrics(url, max_bytes=1000)
+
+
+def test_a_redirect_is_not_followed(endpoint):
+    url, handler = endpoint
+    handler.status, handler.headers_out = 302, {"Location": "http://169.254.169.254/"}
+    with pytest.raises(MetricsError, match="answered HTTP 302"):
+        fetch_metrics(url)
+
+
+def test_an_error_status_is_named(endpoint):
+    url, handler = endpoint
+    handler.status = 503
+    with pytest.raises(MetricsError, match=f"{url}: answered HTTP 503"):
+        fetch_metrics(url)
+
+
+def test_a_slow_drip_is_cut_off_at_the_timeout(endpoint):
+    url, handler = endpoint
+    handler.body, handler.drip = DCGM_TEXT.encode()[:40], 0.1  # 4 s in all, 0.1 s apart
+    with pytest.raises(MetricsError, match="took longer than 1 s"):
+        fetch_metrics(url, timeout=1)
 
 
 def test_an_unreachable_endpoint_is_a_named_error():

@@ -24,6 +24,7 @@ bounded by size and sample count; `render_metrics` writes with prometheus_client
 from __future__ import annotations
 
 import math
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -136,7 +137,7 @@ def parse_metrics(text: str, source: str = "the endpoint") -> NodeMetrics:
 
     if len(text) > MAX_BYTES:
         raise MetricsError(f"{source}: answer longer than {MAX_BYTES} bytes")
-    gpus: dict[tuple[int, str, int | None], dict[str, object]] = {}
+    gpus: dict[tuple[int, str, int | None], dict[str, Any]] = {}
     cpu: dict[str, float] = {}
     count = 0
     try:
@@ -153,7 +154,7 @@ def parse_metrics(text: str, source: str = "the endpoint") -> NodeMetrics:
             f"{source}: not Prometheus text format ({error}); is it a dcgm-exporter endpoint?"
         ) from None
     readings = tuple(
-        GpuReading(gpu, uuid, instance, **values)  # type: ignore[arg-type]
+        GpuReading(gpu, uuid, instance, **values)
         for (gpu, uuid, instance), values in sorted(gpus.items(), key=lambda i: str(i[0]))
     )
     return NodeMetrics(readings, cpu)
@@ -163,7 +164,7 @@ def _take(
     name: str,
     labels: Mapping[str, str],
     raw: float,
-    gpus: dict[tuple[int, str, int | None], dict[str, object]],
+    gpus: dict[tuple[int, str, int | None], dict[str, Any]],
     cpu: dict[str, float],
 ) -> None:
     value = _value(float(raw))
@@ -189,19 +190,39 @@ def _take(
     entry[field_name[name]] = value
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """An endpoint is asked once: a redirect is an answer of its own (named), never followed."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
+
+
 def fetch_metrics(url: str, timeout: float = 5.0, max_bytes: int = MAX_BYTES) -> NodeMetrics:
-    """GET one endpoint (http only), at most `max_bytes` within `timeout` seconds, parsed."""
-    if not url.startswith("http://") and not url.startswith("https://"):
+    """GET one endpoint (http(s) only, no redirects): at most `max_bytes`, all of it within
+    `timeout` seconds (a slow drip is cut off too), parsed."""
+    if not url.startswith(("http://", "https://")):
         raise MetricsError(f"{url}: not an http(s) URL")
+    deadline = time.monotonic() + timeout
+    chunks: list[bytes] = []
+    size = 0
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (checked)
-            body = response.read(max_bytes + 1)
+        with _OPENER.open(url, timeout=timeout) as response:
+            while chunk := response.read1(65536):
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > max_bytes:
+                    raise MetricsError(f"{url}: answer longer than {max_bytes} bytes")
+                if time.monotonic() > deadline:
+                    raise MetricsError(f"{url}: the answer took longer than {timeout:g} s")
+    except urllib.error.HTTPError as error:
+        raise MetricsError(f"{url}: answered HTTP {error.code} {error.reason}") from None
     except (urllib.error.URLError, OSError, ValueError) as error:
         reason = getattr(error, "reason", None) or error
         raise MetricsError(f"{url}: unreachable ({reason})") from None
-    if len(body) > max_bytes:
-        raise MetricsError(f"{url}: answer longer than {max_bytes} bytes")
-    return parse_metrics(body.decode("utf-8", errors="replace"), url)
+    return parse_metrics(b"".join(chunks).decode("utf-8", errors="replace"), url)
 
 
 # -- mapping to slots -------------------------------------------------------------------------
