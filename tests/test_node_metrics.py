@@ -183,3 +183,15 @@ def test_listed_urls_are_hostname_equals_url_entries():
     for bad in ["http://a:9400/metrics", "gpu2=ftp://a", "=http://a"]:
         with pytest.raises(Ds01hubError, match="is not hostname=URL"):
             listed_urls([bad])
+
+
+def test_the_ops_inventory_follows_the_swarm_s_nodes():
+    from ds01hub.services.ops.app import refresh_inventory
+
+    nodes = [NODE]
+    source = NodeMetricsSource(_manager([], nodes))
+    allocator = SimpleNamespace(inventory=None)
+    assert [s.id for s in refresh_inventory(allocator, source).slots] == ["node2/0", "node2/1"]
+    nodes[0] = dict(NODE, Spec=dict(NODE["Spec"], Availability="drain"))
+    assert refresh_inventory(allocator, source).slots == []  # drained: offers none
+    assert allocator.inventory.slots == []

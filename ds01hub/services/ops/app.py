@@ -81,6 +81,7 @@ class Components:
         unreachable the page says so (and since when) instead of failing; slot holders are
         unknown until it answers. `queue`: the starts waiting for a GPU (from the hub)."""
         self.limits.reload()
+        self.inventory = refresh_inventory(self.allocator, self.cluster)
         try:
             status = self.allocator.status()
             self.engine.back()
@@ -129,9 +130,9 @@ def build_components(
     """Wire limits (`limits_path` as set, None for the default: reloaded on change, last good
     kept; ds01hub.limits.load_limits_or_defaults), the GPU inventory, the event log
     (`state_dir/events.db`, as the spawner's), the allocator, the lifecycle pass and the culler.
-    With `cluster` (a swarm; `docker_client` is a manager's) the inventory is the swarm's as at
-    start, holdings are read from Swarm's services, and there is no lifecycle pass (it removes
-    containers)."""
+    With `cluster` (a swarm; `docker_client` is a manager's) the inventory is the swarm's
+    (re-read each pass and page: `refresh_inventory`), holdings are read from Swarm's services,
+    and there is no lifecycle pass (it removes containers)."""
     limits = LimitsStore(limits_path, log=culler_options.get("log"))
     eventlog = EventLog(Path(state_dir) / EVENTLOG_FILE)
     extra_labels = list(extra_labels)
@@ -164,10 +165,11 @@ def build_components(
 
     def demand() -> float | None:
         """The share of GPU slots held (running, stopped within its hold, or being started)."""
-        if not inventory.slots:
+        slots = refresh_inventory(allocator, cluster).slots
+        if not slots:
             return None
         held = {h.slot_id for h in allocator.holdings()}
-        return len(held & {s.id for s in inventory.slots}) / len(inventory.slots)
+        return len(held & {s.id for s in slots}) / len(slots)
 
     culler = Culler(
         hub,
@@ -189,6 +191,14 @@ def build_components(
         name, culler_options.get("log"), connect=_docker_from_env, ping_interval=2.0
     )
     return Components(culler, allocator, eventlog, limits, inventory, engine, cluster)
+
+
+def refresh_inventory(allocator: GpuAllocator, cluster: NodeMetricsSource | None) -> Inventory:
+    """The allocator's inventory, re-read from the swarm's nodes first in swarm mode (nodes
+    join, leave and drain while ds01-ops runs), as the spawner reads it at each spawn."""
+    if cluster is not None:
+        allocator.inventory = cluster_inventory(cluster.nodes())
+    return allocator.inventory
 
 
 def listed_urls(entries: Iterable[str]) -> dict[str, list[str]]:
