@@ -195,3 +195,49 @@ def test_the_ops_inventory_follows_the_swarm_s_nodes():
     nodes[0] = dict(NODE, Spec=dict(NODE["Spec"], Availability="drain"))
     assert refresh_inventory(allocator, source).slots == []  # drained: offers none
     assert allocator.inventory.slots == []
+
+
+def test_ops_metrics_say_which_node_answered_and_its_slots_use():
+    import http.server
+    import threading
+
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from ds01hub.services.ops.node_metrics import NodeMetricsCollector
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(answer(42, 1.0).encode())
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    node3 = {
+        "ID": "n3",
+        "Description": {"Hostname": "node3"},
+        "Status": {"State": "ready", "Addr": "10.9.0.4"},
+    }
+    try:
+        source = NodeMetricsSource(
+            _manager([], [NODE, node3]),
+            service="",
+            urls={
+                "node2": [f"http://127.0.0.1:{server.server_address[1]}/metrics"],
+                "node3": ["http://127.0.0.1:9/metrics"],
+            },
+            timeout=2,
+        )
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(NodeMetricsCollector(source))
+        text = generate_latest(registry).decode()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert 'ds01_node_metrics_up{node="node2"} 1.0' in text
+    assert 'ds01_node_metrics_up{node="node3"} 0.0' in text
+    assert 'ds01_node_gpu_utilization_percent{node="node2",slot="node2/1"} 42.0' in text
+    assert 'ds01_node_gpu_utilization_percent{node="node2",slot="node2/0"} 99.0' in text

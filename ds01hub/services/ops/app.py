@@ -55,7 +55,11 @@ from ds01hub.services.ops.admin_page import (
 from ds01hub.services.ops.culler import Culler
 from ds01hub.services.ops.lifecycle import Lifecycle
 from ds01hub.services.ops.metrics import LimitsCollector, StateCollector
-from ds01hub.services.ops.node_metrics import DEFAULT_SERVICE, NodeMetricsSource
+from ds01hub.services.ops.node_metrics import (
+    DEFAULT_SERVICE,
+    NodeMetricsCollector,
+    NodeMetricsSource,
+)
 from ds01hub.services.settings import HostSettings
 from ds01hub.units import utcnow
 
@@ -349,6 +353,8 @@ class OpsService(HostSettings, Application):
         registry = CollectorRegistry()
         registry.register(StateCollector(parts.allocator, parts.eventlog, parts.engine))
         registry.register(LimitsCollector([parts.limits]))
+        if parts.cluster is not None:
+            registry.register(NodeMetricsCollector(parts.cluster))
         app = make_web_app(parts, hub, registry)
         url = os.environ.get("JUPYTERHUB_SERVICE_URL", f"http://127.0.0.1:{OPS_PORT}")
         host, _, port = url.split("://", 1)[-1].split("/", 1)[0].rpartition(":")

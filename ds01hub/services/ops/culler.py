@@ -65,7 +65,7 @@ from ds01hub.limits import LimitsConfig, LimitsError, LimitsStore, record_expire
 from ds01hub.provenance import Provenance
 from ds01hub.services.ops.cgroups import CgroupCpu, cpu_percent_between
 from ds01hub.services.ops.lifecycle import Lifecycle
-from ds01hub.services.ops.node_metrics import NodeMetricsSource
+from ds01hub.services.ops.node_metrics import NodeMetricsSource, Placement
 from ds01hub.services.ops.warnings import CullWarning, WarningStore
 from ds01hub.units import human_duration, utcnow
 
@@ -446,7 +446,7 @@ class Culler:
         self.keep_alive_path = keep_alive_path
         # a swarm: servers are services, their use comes from the nodes' metrics endpoints
         self.cluster = cluster
-        self._placements: dict[str, Any] = {}  # service id -> Placement, as of this pass
+        self._placements: dict[str, Placement] = {}  # service id -> its task, as of this pass
         if cluster is not None:
             self.notify_containers = False  # the task's engine is not this one
 

@@ -22,7 +22,7 @@ counts as busy. `sampled_activity` (pure) turns a pass's scrapes into each serve
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +34,7 @@ from ds01hub.gpu.swarm_state import service_documents
 from ds01hub.provenance import Provenance
 
 __all__ = [
+    "NodeMetricsCollector",
     "NodeMetricsSource",
     "Placement",
     "Scrape",
@@ -282,6 +283,39 @@ class NodeMetricsSource:
                 }
             )
         return rows
+
+
+class NodeMetricsCollector:
+    """ds01-ops' own metrics of a swarm's nodes, per scrape of /services/ds01-ops/metrics:
+    whether each ready node's endpoint answered (`ds01_node_metrics_up`), and each slot's use
+    as read from it (`ds01_node_gpu_utilization_percent`; unknown ones left out)."""
+
+    def __init__(self, source: NodeMetricsSource) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        up = GaugeMetricFamily(
+            "ds01_node_metrics_up",
+            "1 when the node's metrics endpoint(s) answered this scrape, 0 when not (the admin "
+            "page names why)",
+            labels=["node"],
+        )
+        use = GaugeMetricFamily(
+            "ds01_node_gpu_utilization_percent",
+            "GPU use of each slot of a swarm node, from its endpoint in dcgm-exporter's names",
+            labels=["node", "slot"],
+        )
+        for row in self.source.overview():
+            if not row["ready"]:
+                continue
+            up.add_metric([row["node"]], 0 if row["problem"] else 1)
+            for slot in row["slots"]:
+                if slot["percent"] is not None:
+                    use.add_metric([row["node"], slot["slot"]], slot["percent"])
+        yield up
+        yield use
 
 
 def _running_task(tasks: Iterable[Mapping[str, Any]], service_id: str) -> Mapping | None:
