@@ -150,6 +150,7 @@ def overview(
     queue: Iterable[Mapping[str, Any]] = (),
     fairshare: list[dict[str, Any]] | None = None,
     group_problems: Mapping[str, Iterable[Any]] | None = None,
+    nodes: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Everything the page shows, JSON-ready (also served as `api/overview`).
     `pending_culls`: the culler's standing warnings (`ds01hub.services.ops.warnings.CullWarning`);
@@ -157,7 +158,9 @@ def overview(
     `queue`: the starts waiting for a GPU, in the order they are served (`queue_rows`);
     `fairshare`: `ds01hub.gpu.fairshare.report`'s rows (None: fair share is off);
     `group_problems`: hub group -> the problems of its `ds01` properties (its members' spawns
-    are refused until an admin fixes them)."""
+    are refused until an admin fixes them); `nodes`: a swarm's use per node
+    (`ds01hub.services.ops.node_metrics.NodeMetricsSource.overview`; None on one host), whose
+    problems are alerts too."""
     since = week_start(now)
     slots = slot_rows(status, inventory)
     usage = {}
@@ -191,7 +194,9 @@ def overview(
             for w in sorted(pending_culls, key=lambda w: w.cull_at)
         ],
         "slots": slots,
-        "alerts": alerts(slots, eventlog.health() if eventlog is not None else None),
+        "alerts": alerts(slots, eventlog.health() if eventlog is not None else None)
+        + [f"node {row['node']}: {row['problem']}" for row in nodes or () if row["problem"]],
+        "nodes": nodes,
         "usage": usage,
         "fairshare": fairshare,
     }
