@@ -12,7 +12,9 @@ from harness.inspect_docs import TRUST, inspect_doc
 
 from ds01hub.gpu.allocator import GpuAllocator
 from ds01hub.gpu.eventlog import EventLog, Interval, NewEvent
+from ds01hub.gpu.fairshare import FairShare, UserShare
 from ds01hub.gpu.inventory import discover
+from ds01hub.gpu.queued import QueuedRequest
 from ds01hub.gpu.simulated_nvml import SimulatedNvml
 from ds01hub.limits import SimulatedGpuSpec, parse_limits
 from ds01hub.services.ops import charts
@@ -229,10 +231,86 @@ def test_pending_spawns_are_the_queue_oldest_first():
     rows = queue_rows(users)
     assert [(r["user"], r["project"], r["wants"]) for r in rows] == [
         ("a", "p", "MIG 2g.20gb"),
-        ("b", "default", "1 GPU(s)"),
+        ("b", "default", "1 GPU"),
     ]
     page = render_page(overview([], _Inventory(), None, NOW, queue=rows))
     assert re.search(r'<table class="table table-sm" id="queue">.*MIG 2g\.20gb', page, re.S)
+
+
+def _pending(started: str, **options) -> dict:
+    return {"pending": "spawn", "started": started, "user_options": options}
+
+
+def test_the_queue_is_ranked_by_effective_priority_then_arrival_with_stored_requests():
+    """Fair share lowers the heavy user; among equals the earlier arrival goes first; a stored
+    request and the hub's pending spawn of the same server are one row (the stored one)."""
+    users = [
+        {"name": "heavy", "groups": [], "servers": {"": _pending("2026-03-04T09:00:00Z", gpus=1)}},
+        {"name": "a", "groups": [], "servers": {"p": _pending("2026-03-04T10:00:00Z", gpus=2)}},
+        {"name": "b", "groups": ["researchers"], "servers": {"": _pending("2026-03-04T11:00:00Z")}},
+        {"name": "idle", "servers": {"": {"pending": None, "ready": True}}},
+    ]
+    stored = [
+        QueuedRequest(
+            "c", "", "c-x", {"mig": "2g.20gb"}, 10, since=NOW.replace(hour=9, minute=30).timestamp()
+        ),
+        QueuedRequest("a", "p", "a-p", {"gpus": 2}, 10, since=NOW.replace(hour=8).timestamp()),
+    ]
+    fair = FairShare(100.0, {"heavy": UserShare("heavy", None, 9.0, 0.9, 0.25, 0.1)})
+    rows = queue_rows(
+        users, stored, fair, lambda user, groups: 50 if "researchers" in groups else 10
+    )
+    assert [(r["position"], r["user"], r["effective"], r["queued"]) for r in rows] == [
+        (1, "b", 150.0, False),
+        (2, "a", 110.0, True),
+        (3, "c", 110.0, True),
+        (4, "heavy", 20.0, False),
+    ]
+    assert rows[1]["since"] == "2026-03-04T08:00:00+00:00" and rows[1]["wants"] == "2 GPUs"
+    assert rows[2]["wants"] == "MIG 2g.20gb" and rows[0]["wants"] is None
+    assert rows[3]["priority"] == 10 and rows[0]["priority"] == 50
+    page = render_page(overview([], _Inventory(), None, NOW, queue=rows))
+    table = re.search(r'<table class="table table-sm" id="queue">(.*?)</table>', page, re.S)[1]
+    assert re.findall(r"<th[^>]*>([^<]+)</th>", table) == [
+        "Position",
+        "User",
+        "Request",
+        "Waiting since",
+        "Effective priority",
+    ]
+    cells = [
+        [re.sub(r"<[^>]+>", "", c).strip() for c in re.findall(r"<td[^>]*>(.*?)</td>", row)]
+        for row in re.findall(r"<tr>(.*?)</tr>", table, re.S)[1:]
+    ]
+    assert cells[0] == [
+        "1",
+        "b",
+        "a start for default",
+        "2026-03-04 11:00 UTC",
+        "150.0 (50 configured)",
+    ]
+    assert cells[1] == [
+        "2",
+        "a",
+        "2 GPUs for p queued",
+        "2026-03-04 08:00 UTC",
+        "110.0 (10 configured)",
+    ]
+    assert [c[0] for c in cells] == ["1", "2", "3", "4"]
+
+
+def test_a_queue_without_fair_share_is_first_come_first_served_and_odd_times_go_last():
+    users = [
+        {"name": "late", "servers": {"": _pending("2026-03-04T11:00:00Z", gpus=1)}},
+        {"name": "odd", "servers": {"": _pending("not a time", gpus=1)}},
+        {"name": "early", "servers": {"": _pending("2026-03-04T10:00:00+00:00", gpus=1)}},
+    ]
+    rows = queue_rows(users)
+    assert [(r["user"], r["effective"]) for r in rows] == [
+        ("early", 0.0),
+        ("late", 0.0),
+        ("odd", 0.0),
+    ]
 
 
 class _Inventory:

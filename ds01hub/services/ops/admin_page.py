@@ -29,7 +29,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -46,7 +46,9 @@ from tornado import web
 from ds01hub.engine import EngineState
 from ds01hub.gpu.allocator import SlotStatus
 from ds01hub.gpu.eventlog import EventLog
+from ds01hub.gpu.fairshare import FairShare, Waiting, rank
 from ds01hub.gpu.inventory import Inventory
+from ds01hub.gpu.queued import QueuedRequest
 from ds01hub.services.ops import charts
 from ds01hub.services.ops.warnings import CullWarning
 
@@ -215,33 +217,75 @@ def chart_data(eventlog: Any, slots: list[str], now: datetime) -> dict[str, Any]
     }
 
 
-def queue_rows(users: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """The starts waiting for a GPU, from the hub's user models: servers pending `spawn` whose
-    newest progress says they are in line, oldest first. A queue status with positions
-    (fair-sched) replaces this where the hub publishes one."""
-    rows = []
+def queue_rows(
+    users: Iterable[Mapping[str, Any]],
+    stored: Iterable[QueuedRequest] = (),
+    fair: FairShare | None = None,
+    priority_of: Callable[[str, Sequence[str]], int] = lambda user, groups: 0,
+) -> list[dict[str, Any]]:
+    """The starts waiting for a GPU, in the order the hub's GPU queue serves them: the hub's
+    servers pending `spawn` (from its user models) and the requests stored in the queue
+    (`ds01hub.gpu.queued`; one row per server: the stored request where both exist), ranked
+    by `ds01hub.gpu.fairshare.rank` (effective priority = configured priority + fair share,
+    then arrival). Each row: position (1 = next), user, project, request, since (ISO),
+    priority (configured, `priority_of(user, groups)` for live spawns), effective priority,
+    queued (a stored request)."""
+    entries: dict[tuple[str, str], dict[str, Any]] = {}
+    for request in stored:
+        since = datetime.fromtimestamp(request.since, UTC)
+        entries[(request.user, request.server or "default")] = {
+            "user": request.user,
+            "project": request.server or "default",
+            "since": since.isoformat(timespec="seconds"),
+            "wants": _wants(request.options),
+            "priority": request.priority,
+            "queued": True,
+            "_at": since,
+        }
     for user in users:
-        for name, server in (user.get("servers") or {}).items():
-            if server.get("pending") != "spawn":
+        name = str(user.get("name") or "")
+        for server_name, server in (user.get("servers") or {}).items():
+            project = server_name or "default"
+            if server.get("pending") != "spawn" or (name, project) in entries:
                 continue
-            options = server.get("user_options") or {}
-            wants = (
-                f"MIG {options['mig']}"
-                if options.get("mig")
-                else f"{options['gpus']} GPU(s)"
-                if options.get("gpus")
-                else options.get("profile")
-            )
-            rows.append(
-                {
-                    "user": user.get("name"),
-                    "project": name or "default",
-                    "since": server.get("started"),
-                    "wants": wants,
-                    "position": None,
-                }
-            )
-    return sorted(rows, key=lambda r: (r["since"] or "", r["user"] or ""))
+            entries[(name, project)] = {
+                "user": name,
+                "project": project,
+                "since": server.get("started"),
+                "wants": _wants(server.get("user_options") or {}),
+                "priority": priority_of(name, list(user.get("groups") or ())),
+                "queued": False,
+                "_at": _parse_time(server.get("started")),
+            }
+    arrived = sorted(entries.values(), key=lambda e: (e["_at"] is None, e["_at"] or 0, e["user"]))
+    waiting = [Waiting(str(i), e["user"], e["priority"], i) for i, e in enumerate(arrived)]
+    rows = []
+    for position, (entry, effective) in enumerate(rank(waiting, fair or FairShare()), 1):
+        row = {k: v for k, v in arrived[entry.arrival].items() if k != "_at"}
+        rows.append({"position": position, **row, "effective": round(effective, 3)})
+    return rows
+
+
+def _wants(options: Mapping[str, Any]) -> str | None:
+    """What a start asks for, in words: "MIG 2g.20gb", "1 GPU", "2 GPUs", or its profile."""
+    if options.get("mig"):
+        return f"MIG {options['mig']}"
+    gpus = options.get("gpus")
+    if gpus:
+        return f"{gpus} GPU" + ("" if gpus == 1 else "s")
+    profile = options.get("profile")
+    return str(profile) if profile else None
+
+
+def _parse_time(stamp: Any) -> datetime | None:
+    """The hub's ISO time stamps ("2026-03-04T10:00:00.123Z"); None for none or nonsense."""
+    if not isinstance(stamp, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(stamp)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 # -- HTML (pure) ------------------------------------------------------------------------------

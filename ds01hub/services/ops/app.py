@@ -16,10 +16,11 @@ It shares the spawner's state directory (`$DS01HUB_STATE_DIR`: allocator lock, r
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -39,6 +40,7 @@ from ds01hub.engine import EngineState, engine_unreachable, engine_url
 from ds01hub.gpu.allocator import AllocationStateError, GpuAllocator, docker_lister
 from ds01hub.gpu.eventlog import EventLog
 from ds01hub.gpu.inventory import Inventory, load_inventory
+from ds01hub.gpu.queued import QueuedStore, QueueFileError
 from ds01hub.hub.client import HubClient
 from ds01hub.hub.services import OPS_PORT, OPS_SERVICE
 from ds01hub.limits import LimitsStore
@@ -95,6 +97,23 @@ class Components:
             queue=queue,
             fairshare=self._fairshare(),
             group_problems=self.culler.group_limits.problems,
+        )
+
+    def queue(self, users: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """The GPU queue's rows (`queue_rows`), blocking (the queue file, the event log): the
+        hub's pending spawns and the stored requests, ordered by effective priority. An
+        unreadable queue file leaves the stored requests out (the hub logs it too)."""
+        try:
+            stored = QueuedStore(self.allocator.state_dir).load()
+        except QueueFileError as error:
+            self.culler.log.warning("admin page: %s", error)
+            stored = []
+        config = self.limits.current
+        return queue_rows(
+            users,
+            stored,
+            self.allocator.fair_share(),
+            lambda user, groups: config.resolve(user, groups).priority,
         )
 
     def _fairshare(self) -> list[dict[str, Any]] | None:
@@ -298,7 +317,8 @@ def make_web_app(parts: Components, hub: HubClient, registry: CollectorRegistry)
 
     async def queue() -> list[dict[str, Any]]:
         """Starts pending in the hub (only users with a server that is active)."""
-        return queue_rows(await hub.request("GET", "/users", params={"state": "active"}) or [])
+        users = await hub.request("GET", "/users", params={"state": "active"}) or []
+        return await asyncio.to_thread(parts.queue, users)
 
     return web.Application(
         [
