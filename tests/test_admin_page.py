@@ -4,6 +4,7 @@ recorded container list, NVML by the SIMULATED one)."""
 from __future__ import annotations
 
 import functools
+import random
 import re
 from datetime import UTC, datetime, timedelta
 
@@ -19,7 +20,9 @@ from ds01hub.gpu.simulated_nvml import SimulatedNvml
 from ds01hub.limits import SimulatedGpuSpec, parse_limits
 from ds01hub.services.ops import charts
 from ds01hub.services.ops.admin_page import (
+    ChartCache,
     PageContext,
+    chart_data,
     overview,
     page_policy,
     queue_rows,
@@ -177,6 +180,56 @@ def test_charts_show_the_event_logs_hours_per_week_and_each_slots_day(tmp_path):
     cells = re.findall(r'data-slot="1:0" data-label="([^"]*)" data-value="([^"]*)"', page)
     assert cells[-2:] == [("10:00", "0.5"), ("11:00", "1")]
     assert "<title>bob: 1.5 GPU-hours (03-02)</title>" in page
+
+
+def _flat(data: dict) -> dict:
+    """Chart numbers as {(series, name, index): value}, for comparing within rounding."""
+    return {
+        (series, name, i): value
+        for series in ("user", "group", "slots")
+        for name, values in data[series].items()
+        for i, value in enumerate(values)
+    }
+
+
+def _same_charts(cached: dict, fresh: dict) -> None:
+    """Equal up to the last rounding digit (sums added in another order may round apart)."""
+    assert {k: v for k, v in cached.items() if k not in ("user", "group", "slots")} == {
+        k: v for k, v in fresh.items() if k not in ("user", "group", "slots")
+    }
+    a, b = _flat(cached), _flat(fresh)
+    assert set(a) == set(b)
+    assert all(abs(a[k] - b[k]) <= 0.0101 for k in a), [(k, a[k], b[k]) for k in a if a[k] != b[k]]
+
+
+def test_cached_charts_equal_a_fresh_read_and_reread_only_when_the_log_changes(tmp_path):
+    """Between writes the cache reads the log once; held slots still count up to `now`; a
+    write (a release, a new allocation) and a new hour or week give what a fresh read gives."""
+    log = EventLog(tmp_path / "events.sqlite")
+    rng = random.Random(7)
+    for i in range(300):
+        start = NOW - timedelta(hours=rng.uniform(0, 24 * 60))
+        user, slot = f"u{rng.randrange(12)}", rng.choice(["0", "1:0", "1:1"])
+        log.record("allocate", user, slot, f"c{i}", f"g{i % 3}", at=start)
+        end = start + timedelta(hours=rng.expovariate(1 / 5))
+        if i % 50 and end < NOW:  # a few stay open: slots held now
+            log.record("release", user, slot, f"c{i}", f"g{i % 3}", at=end)
+    slots = ["0", "1:0", "1:1"]
+    cache = ChartCache()
+    moments = [NOW, NOW + timedelta(minutes=1), NOW + timedelta(minutes=59)]
+    for now in moments:
+        _same_charts(chart_data(log, slots, now, cache), chart_data(log, slots, now))
+    assert cache.reads == 1
+    later = NOW + timedelta(hours=2)
+    log.record("release", "u1", "0", "c0", "g0", at=NOW + timedelta(hours=1))  # a write
+    log.record("allocate", "new", "1:1", "n1", "g9", at=NOW + timedelta(minutes=90))
+    _same_charts(chart_data(log, slots, later, cache), chart_data(log, slots, later))
+    assert cache.reads == 2
+    for now in (later + timedelta(hours=3), NOW + timedelta(days=5)):  # new hours, a new week
+        _same_charts(chart_data(log, slots, now, cache), chart_data(log, slots, now))
+    assert cache.reads == 2
+    held = chart_data(log, slots, NOW + timedelta(days=5), cache)["slots"]["1:1"]
+    assert held[-1] == 1.0  # "new" still holds 1:1: its hours grow without a write
 
 
 def test_chart_names_are_escaped_and_many_users_share_others():

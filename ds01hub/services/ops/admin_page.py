@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hashlib
 import json
 import os
@@ -152,6 +153,7 @@ def overview(
     queue: Iterable[Mapping[str, Any]] = (),
     fairshare: list[dict[str, Any]] | None = None,
     group_problems: Mapping[str, Iterable[Any]] | None = None,
+    chart_cache: ChartCache | None = None,
 ) -> dict[str, Any]:
     """Everything the page shows, JSON-ready (also served as `api/overview`).
     `pending_culls`: the culler's standing warnings (`ds01hub.services.ops.warnings.CullWarning`);
@@ -159,7 +161,8 @@ def overview(
     `queue`: the starts waiting for a GPU, in the order they are served (`queue_rows`);
     `fairshare`: `ds01hub.gpu.fairshare.report`'s rows (None: fair share is off);
     `group_problems`: hub group -> the problems of its `ds01` properties (its members' spawns
-    are refused until an admin fixes them)."""
+    are refused until an admin fixes them); `chart_cache`: the charts' sums kept between
+    loads (`ChartCache`; None: read and sum the log every time)."""
     since = week_start(now)
     slots = slot_rows(status, inventory)
     usage = {}
@@ -172,7 +175,7 @@ def overview(
         )
     return {
         "queue": [dict(entry) for entry in queue],
-        "charts": chart_data(eventlog, [row["slot"] for row in slots], now),
+        "charts": chart_data(eventlog, [row["slot"] for row in slots], now, chart_cache),
         "at": now.isoformat(),
         "week_start": since.isoformat(),
         "simulated": bool(inventory.simulated),
@@ -199,22 +202,94 @@ def overview(
     }
 
 
-def chart_data(eventlog: Any, slots: list[str], now: datetime) -> dict[str, Any]:
+def chart_data(
+    eventlog: Any, slots: list[str], now: datetime, cache: ChartCache | None = None
+) -> dict[str, Any]:
     """The charts' numbers (JSON-ready, in `api/overview` too): GPU-hours per user and group
     in each of the last CHART_WEEKS weeks, and each slot's share held in each of the last 24
-    hours; from one read of the event log's intervals."""
+    hours; from one read of the event log's intervals, or from `cache` (the ops service's)."""
     starts = charts.week_starts(now, CHART_WEEKS)
-    day_start = now - timedelta(hours=25)
-    intervals = eventlog.intervals(since=min(starts[0], day_start), until=now) if eventlog else []
-    end = now.replace(minute=0, second=0, microsecond=0)
-    end += timedelta(hours=1) if end < now else timedelta(0)
+    hours = charts.hour_starts(now, 24)
+    if eventlog is None:
+        finished, still = (), ()
+    elif cache is None:
+        finished, still = (), eventlog.intervals(since=min(starts[0], hours[0]), until=now)
+    else:
+        finished, still = cache.intervals(eventlog, min(starts[0], hours[0]), now)
+    grid = (tuple(starts), tuple(hours), tuple(slots))
+    done = cache.sums(grid, finished, now) if cache is not None else _sums(finished, grid, now)
+    now_sums = _sums(still, grid, now)
+    user, group, held = (charts.add_sums(a, b) for a, b in zip(done, now_sums, strict=True))
     return {
         "weeks": [f"{start:%m-%d}" for start in starts],
-        "user": charts.weekly_hours(intervals, "user", starts, now),
-        "group": charts.weekly_hours(intervals, "group", starts, now),
-        "hours": [f"{end - timedelta(hours=24 - i):%H}:00" for i in range(24)],
-        "slots": charts.slot_day(intervals, slots, now),
+        "user": charts.top_series(user),
+        "group": charts.top_series(group),
+        "hours": [f"{start:%H}:00" for start in hours],
+        "slots": charts.slot_shares(held),
     }
+
+
+Sums = tuple[dict[str, list[float]], dict[str, list[float]], dict[str, list[float]]]
+
+
+def _sums(intervals: Iterable[Any], grid: tuple, now: datetime) -> Sums:
+    """(hours per user per week, per group per week, seconds per slot per hour) on `grid`
+    (the weeks' starts, the hours' starts, the slots; the last week ends at `now`)."""
+    intervals = list(intervals)
+    starts, hours, slots = grid
+    return (
+        charts.week_sums(intervals, "user", starts, now),
+        charts.week_sums(intervals, "group", starts, now),
+        charts.slot_sums(intervals, slots, hours),
+    )
+
+
+class ChartCache:
+    """The charts' sums over the event log's finished intervals, kept between page loads.
+
+    Reading eight weeks of the log and summing them was most of a page load
+    (bench/admin_charts.py). A finished interval never changes, so its sums are kept, keyed by
+    the log's files (size and mtime of events.db and its WAL: every write changes them; any
+    change re-reads the log) and by the charts' grid (weeks, hours, slots). The
+    intervals still open (slots held now: a handful) are extended to `now` and summed on every
+    load: with no write since, none of them has ended."""
+
+    def __init__(self) -> None:
+        self._read: tuple[Any, datetime, datetime, list[Any], list[Any]] | None = None
+        self._sums: tuple[tuple, Sums] | None = None
+        self.reads = 0  # reads of the log (tests and the benchmark count them)
+
+    def intervals(self, eventlog: Any, since: datetime, now: datetime) -> tuple[list, list]:
+        """(finished intervals, open ones ending at `now`) overlapping [since, now]."""
+        signature = log_signature(Path(eventlog.path))  # before the read: a write in between
+        read = self._read  # then only costs one more read
+        if read is None or read[0] != signature or since < read[1] or now < read[2]:
+            found = eventlog.intervals(since=since, until=now)
+            finished = [i for i in found if i.end < now]
+            still = [i for i in found if i.end >= now]
+            self._read = read = (signature, since, now, finished, still)
+            self._sums = None
+            self.reads += 1
+        return read[3], [dataclasses.replace(i, end=now) for i in read[4]]
+
+    def sums(self, grid: tuple, finished: list[Any], now: datetime) -> Sums:
+        """`_sums` of the finished intervals on `grid`, computed once per read and grid."""
+        if self._sums is None or self._sums[0] != grid:
+            self._sums = (grid, _sums(finished, grid, now))
+        return self._sums[1]
+
+
+def log_signature(path: Path) -> tuple:
+    """(size, mtime) of an SQLite file and of its write-ahead log (None where absent)."""
+
+    def stat(file: Path) -> tuple[int, int] | None:
+        try:
+            info = file.stat()
+        except FileNotFoundError:
+            return None
+        return info.st_size, info.st_mtime_ns
+
+    return stat(path), stat(path.with_name(path.name + "-wal"))
 
 
 def queue_rows(

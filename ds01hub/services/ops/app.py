@@ -21,7 +21,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,7 @@ from ds01hub.limits import LimitsStore
 from ds01hub.services.ops.admin_page import (
     AdminApiHandler,
     AdminPageHandler,
+    ChartCache,
     MetricsHandler,
     overview,
     queue_rows,
@@ -72,6 +73,8 @@ class Components:
     limits: LimitsStore
     inventory: Inventory
     engine: EngineState
+    #: The admin page's chart sums, kept between page loads (re-read when the log changes).
+    charts: ChartCache = field(default_factory=ChartCache)
 
     def overview(self, queue: Iterable[dict[str, Any]] = ()) -> dict[str, Any]:
         """The admin page's model (blocking: Docker and SQLite). While the Docker engine is
@@ -97,6 +100,7 @@ class Components:
             queue=queue,
             fairshare=self._fairshare(),
             group_problems=self.culler.group_limits.problems,
+            chart_cache=self.charts,
         )
 
     def queue(self, users: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
