@@ -10,6 +10,8 @@ from datetime import UTC, datetime, timedelta
 
 from harness.allocation_fakes import fill_event_log
 from harness.inspect_docs import TRUST, inspect_doc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ds01hub.gpu.allocator import GpuAllocator
 from ds01hub.gpu.eventlog import EventLog, Interval, NewEvent
@@ -230,6 +232,38 @@ def test_cached_charts_equal_a_fresh_read_and_reread_only_when_the_log_changes(t
     assert cache.reads == 2
     held = chart_data(log, slots, NOW + timedelta(days=5), cache)["slots"]["1:1"]
     assert held[-1] == 1.0  # "new" still holds 1:1: its hours grow without a write
+
+
+#: A step of the property below: minutes to advance the clock, then maybe one event.
+STEPS = st.lists(
+    st.tuples(
+        st.integers(0, 60 * 24 * 9),
+        st.none() | st.tuples(st.sampled_from(["allocate", "release"]), st.integers(0, 5)),
+    ),
+    min_size=1,
+    max_size=6,
+)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(steps=STEPS)
+def test_cached_charts_always_equal_a_fresh_read(tmp_path_factory, steps):
+    """Whatever is written and whenever the page loads (minutes or days apart, across hours
+    and weeks), the cached charts are the fresh read's."""
+    log = EventLog(tmp_path_factory.mktemp("charts") / "events.sqlite")
+    log.record("allocate", "a", "0", "c0", "g", at=NOW - timedelta(days=10))
+    log.record("allocate", "b", "1:0", "c1", None, at=NOW - timedelta(hours=30))
+    log.record("release", "b", "1:0", "c1", None, at=NOW - timedelta(hours=2))
+    slots, cache, now = ["0", "1:0", "1:1"], ChartCache(), NOW
+    for minutes, event in steps:
+        now += timedelta(minutes=minutes)
+        if event is not None:
+            kind, n = event
+            log.record(kind, f"u{n % 3}", slots[n % 3], f"k{n}", f"g{n % 2}", at=now)
+            now += timedelta(seconds=1)
+        _same_charts(chart_data(log, slots, now, cache), chart_data(log, slots, now))
 
 
 def test_chart_names_are_escaped_and_many_users_share_others():
