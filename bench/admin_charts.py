@@ -1,14 +1,17 @@
-"""Admin-page charts benchmark: the charts' numbers per page load, with and without the cache.
+"""Admin-page history benchmark: the charts and usage tables per page load, with and without
+the cache.
 
     .venv/bin/python bench/admin_charts.py [--events 20000] [--runs 30] [--baseline main]
 
 The event log is a real SQLite file (`EventLog`, WAL) holding `--events` events: GPU intervals
 (allocate + release) of 200 users in 5 groups on 64 slots over the last 8 weeks, 1% still
-open (held now). Rows, each one page load's `chart_data` (GPU-hours per user and group per
-week for 8 weeks, each slot's last 24 hours):
+open (held now). Rows, each one page load's `history` (the charts: GPU-hours per user and
+group per week for 8 weeks, each slot's last 24 hours; the usage tables: GPU-hours per user and
+group this week and in all):
 
 - `--baseline` (a git ref, default main): that ref's code path, side by side in this run:
-  its `ds01hub/services/ops/charts.py` (read from git) on one read of the log per load;
+  its `ds01hub/services/ops/charts.py` (read from git) on one read of the log, and the four
+  `EventLog.gpu_hours` reads of its usage tables;
 - no cache: this checkout's functions, the log read and summed on every load;
 - cache, log unchanged: a reload a minute later with no write since (what most of the
   page's 60-second auto-refreshes are): the finished intervals' sums are kept;
@@ -33,7 +36,7 @@ from pathlib import Path
 from types import ModuleType
 
 from ds01hub.gpu.eventlog import EventLog, NewEvent
-from ds01hub.services.ops.admin_page import CHART_WEEKS, ChartCache, chart_data
+from ds01hub.services.ops.admin_page import CHART_WEEKS, ChartCache, history, week_start
 
 NOW = datetime(2026, 3, 4, 12, 0, tzinfo=UTC)
 USERS = [f"user{u}" for u in range(200)]
@@ -76,13 +79,19 @@ def baseline_charts(ref: str) -> ModuleType | None:
 
 
 def baseline_load(charts: ModuleType, log: EventLog, now: datetime) -> dict:
-    """What `chart_data` did on the baseline ref: one read of the log, then its functions."""
+    """What `overview` did on the baseline ref: one read of the log for the charts (its
+    functions), four for the usage tables."""
     starts = charts.week_starts(now, CHART_WEEKS)
     intervals = log.intervals(since=min(starts[0], now - timedelta(hours=25)), until=now)
+    usage = {
+        by: (log.gpu_hours(by=by, since=week_start(now), until=now), log.gpu_hours(by=by))
+        for by in ("user", "group")
+    }
     return {
         "user": charts.weekly_hours(intervals, "user", starts, now),
         "group": charts.weekly_hours(intervals, "group", starts, now),
         "slots": charts.slot_day(intervals, SLOTS, now),
+        "usage": usage,
     }
 
 
@@ -116,20 +125,20 @@ def main() -> None:
             print(f"(no baseline: git ref {args.baseline!r} not found)", file=sys.stderr)
 
         def fresh(run: int) -> object:
-            return chart_data(log, SLOTS, NOW + run * minute)
+            return history(log, SLOTS, NOW + run * minute)
 
         cache = ChartCache()
-        chart_data(log, SLOTS, NOW, cache)  # the first load after a start reads the log
+        history(log, SLOTS, NOW, cache)  # the first load after a start reads the log
 
         def unchanged(run: int) -> object:
-            return chart_data(log, SLOTS, NOW + (run + 1) * minute, cache)
+            return history(log, SLOTS, NOW + (run + 1) * minute, cache)
 
         writes = ChartCache()
 
         def after_write(run: int) -> object:
             at = NOW + (run + 1) * minute
             log.record("spawn-failure", "user0", at=at)  # any write re-reads the log
-            return chart_data(log, SLOTS, at, writes)
+            return history(log, SLOTS, at, writes)
 
         rows += [
             ("no cache: read + sum every load", measure(args.runs, fresh)),

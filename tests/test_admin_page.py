@@ -25,10 +25,12 @@ from ds01hub.services.ops.admin_page import (
     ChartCache,
     PageContext,
     chart_data,
+    history,
     overview,
     page_policy,
     queue_rows,
     render_page,
+    usage_rows,
     week_start,
 )
 from ds01hub.services.ops.warnings import CullWarning
@@ -204,6 +206,19 @@ def _same_charts(cached: dict, fresh: dict) -> None:
     assert all(abs(a[k] - b[k]) <= 0.0101 for k in a), [(k, a[k], b[k]) for k in a if a[k] != b[k]]
 
 
+def _same_history(log: EventLog, slots: list[str], now: datetime, cache: ChartCache) -> None:
+    """The cached charts are a fresh read's; the usage tables are EventLog.gpu_hours'."""
+    chart, usage = history(log, slots, now, cache)
+    _same_charts(chart, chart_data(log, slots, now))
+    for by in ("user", "group"):
+        week = log.gpu_hours(by=by, since=week_start(now), until=now)
+        total = log.gpu_hours(by=by, until=now)
+        expected = {r["name"]: (r["week"], r["total"]) for r in usage_rows(week, total)}
+        got = {r["name"]: (r["week"], r["total"]) for r in usage[by]}
+        assert set(got) == set(expected)
+        assert all(abs(got[n][i] - expected[n][i]) <= 0.0101 for n in got for i in (0, 1))
+
+
 def test_cached_charts_equal_a_fresh_read_and_reread_only_when_the_log_changes(tmp_path):
     """Between writes the cache reads the log once; held slots still count up to `now`; a
     write (a release, a new allocation) and a new hour or week give what a fresh read gives."""
@@ -220,15 +235,15 @@ def test_cached_charts_equal_a_fresh_read_and_reread_only_when_the_log_changes(t
     cache = ChartCache()
     moments = [NOW, NOW + timedelta(minutes=1), NOW + timedelta(minutes=59)]
     for now in moments:
-        _same_charts(chart_data(log, slots, now, cache), chart_data(log, slots, now))
+        _same_history(log, slots, now, cache)
     assert cache.reads == 1
     later = NOW + timedelta(hours=2)
     log.record("release", "u1", "0", "c0", "g0", at=NOW + timedelta(hours=1))  # a write
     log.record("allocate", "new", "1:1", "n1", "g9", at=NOW + timedelta(minutes=90))
-    _same_charts(chart_data(log, slots, later, cache), chart_data(log, slots, later))
+    _same_history(log, slots, later, cache)
     assert cache.reads == 2
     for now in (later + timedelta(hours=3), NOW + timedelta(days=5)):  # new hours, a new week
-        _same_charts(chart_data(log, slots, now, cache), chart_data(log, slots, now))
+        _same_history(log, slots, now, cache)
     assert cache.reads == 2
     held = chart_data(log, slots, NOW + timedelta(days=5), cache)["slots"]["1:1"]
     assert held[-1] == 1.0  # "new" still holds 1:1: its hours grow without a write
@@ -263,7 +278,7 @@ def test_cached_charts_always_equal_a_fresh_read(tmp_path_factory, steps):
             kind, n = event
             log.record(kind, f"u{n % 3}", slots[n % 3], f"k{n}", f"g{n % 2}", at=now)
             now += timedelta(seconds=1)
-        _same_charts(chart_data(log, slots, now, cache), chart_data(log, slots, now))
+        _same_history(log, slots, now, cache)
 
 
 def test_chart_names_are_escaped_and_many_users_share_others():

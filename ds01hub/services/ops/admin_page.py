@@ -165,17 +165,10 @@ def overview(
     loads (`ChartCache`; None: read and sum the log every time)."""
     since = week_start(now)
     slots = slot_rows(status, inventory)
-    usage = {}
-    for by in ("user", "group"):
-        if eventlog is None:
-            usage[by] = []
-            continue
-        usage[by] = usage_rows(
-            eventlog.gpu_hours(by=by, since=since, until=now), eventlog.gpu_hours(by=by, until=now)
-        )
+    chart, usage = history(eventlog, [row["slot"] for row in slots], now, chart_cache)
     return {
         "queue": [dict(entry) for entry in queue],
-        "charts": chart_data(eventlog, [row["slot"] for row in slots], now, chart_cache),
+        "charts": chart,
         "at": now.isoformat(),
         "week_start": since.isoformat(),
         "simulated": bool(inventory.simulated),
@@ -207,70 +200,93 @@ def chart_data(
 ) -> dict[str, Any]:
     """The charts' numbers (JSON-ready, in `api/overview` too): GPU-hours per user and group
     in each of the last CHART_WEEKS weeks, and each slot's share held in each of the last 24
-    hours; from one read of the event log's intervals, or from `cache` (the ops service's)."""
+    hours (`history`'s first half)."""
+    return history(eventlog, slots, now, cache)[0]
+
+
+def history(
+    eventlog: Any, slots: list[str], now: datetime, cache: ChartCache | None = None
+) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """(the charts' numbers, the usage tables: GPU-hours per user and per group this week and
+    in all) from one read of the event log's intervals, or from `cache` (the ops service's,
+    which keeps the finished intervals' sums between loads)."""
     starts = charts.week_starts(now, CHART_WEEKS)
     hours = charts.hour_starts(now, 24)
     if eventlog is None:
-        finished, still = (), ()
+        finished, still = [], []
     elif cache is None:
-        finished, still = (), eventlog.intervals(since=min(starts[0], hours[0]), until=now)
+        finished, still = [], eventlog.intervals(until=now)
     else:
-        finished, still = cache.intervals(eventlog, min(starts[0], hours[0]), now)
+        finished, still = cache.intervals(eventlog, now)
     grid = (tuple(starts), tuple(hours), tuple(slots))
     done = cache.sums(grid, finished, now) if cache is not None else _sums(finished, grid, now)
-    now_sums = _sums(still, grid, now)
-    user, group, held = (charts.add_sums(a, b) for a, b in zip(done, now_sums, strict=True))
-    return {
+    user, group, held, user_total, group_total = (
+        charts.add_sums(a, b) for a, b in zip(done, _sums(still, grid, now), strict=True)
+    )
+    chart = {
         "weeks": [f"{start:%m-%d}" for start in starts],
         "user": charts.top_series(user),
         "group": charts.top_series(group),
         "hours": [f"{start:%H}:00" for start in hours],
         "slots": charts.slot_shares(held),
     }
+    usage = {
+        by: usage_rows({n: w[-1] for n, w in weeks.items()}, {n: t[0] for n, t in total.items()})
+        for by, weeks, total in (("user", user, user_total), ("group", group, group_total))
+    }
+    return chart, usage
 
 
-Sums = tuple[dict[str, list[float]], dict[str, list[float]], dict[str, list[float]]]
+#: (hours per user per week, per group per week, seconds per slot per hour, hours per user
+#: in all, per group in all); each {name: [numbers]}, so that sums of parts add (add_sums).
+Sums = tuple[dict[str, list[float]], ...]
 
 
 def _sums(intervals: Iterable[Any], grid: tuple, now: datetime) -> Sums:
-    """(hours per user per week, per group per week, seconds per slot per hour) on `grid`
-    (the weeks' starts, the hours' starts, the slots; the last week ends at `now`)."""
+    """`Sums` of `intervals` on `grid` (the weeks' starts, the hours' starts, the slots; the
+    last week ends at `now`)."""
     intervals = list(intervals)
     starts, hours, slots = grid
+    totals: dict[str, dict[str, list[float]]] = {"user": {}, "group": {}}
+    for by, total in totals.items():
+        for interval in intervals:
+            total.setdefault(interval.key(by), [0.0])[0] += interval.hours
     return (
         charts.week_sums(intervals, "user", starts, now),
         charts.week_sums(intervals, "group", starts, now),
         charts.slot_sums(intervals, slots, hours),
+        totals["user"],
+        totals["group"],
     )
 
 
 class ChartCache:
-    """The charts' sums over the event log's finished intervals, kept between page loads.
+    """The admin page's sums over the event log's finished intervals, kept between loads.
 
-    Reading eight weeks of the log and summing them was most of a page load
+    Reading the log and summing it (charts and usage tables) was most of a page load
     (bench/admin_charts.py). A finished interval never changes, so its sums are kept, keyed by
     the log's files (size and mtime of events.db and its WAL: every write changes them; any
-    change re-reads the log) and by the charts' grid (weeks, hours, slots). The
-    intervals still open (slots held now: a handful) are extended to `now` and summed on every
-    load: with no write since, none of them has ended."""
+    change re-reads the log) and by the charts' grid (weeks, hours, slots). The intervals
+    still open (slots held now: a handful) are extended to `now` and summed on every load:
+    with no write since, none of them has ended."""
 
     def __init__(self) -> None:
-        self._read: tuple[Any, datetime, datetime, list[Any], list[Any]] | None = None
+        self._read: tuple[Any, datetime, list[Any], list[Any]] | None = None
         self._sums: tuple[tuple, Sums] | None = None
         self.reads = 0  # reads of the log (tests and the benchmark count them)
 
-    def intervals(self, eventlog: Any, since: datetime, now: datetime) -> tuple[list, list]:
-        """(finished intervals, open ones ending at `now`) overlapping [since, now]."""
+    def intervals(self, eventlog: Any, now: datetime) -> tuple[list, list]:
+        """(finished intervals, open ones ending at `now`), all up to `now`."""
         signature = log_signature(Path(eventlog.path))  # before the read: a write in between
         read = self._read  # then only costs one more read
-        if read is None or read[0] != signature or since < read[1] or now < read[2]:
-            found = eventlog.intervals(since=since, until=now)
+        if read is None or read[0] != signature or now < read[1]:
+            found = eventlog.intervals(until=now)
             finished = [i for i in found if i.end < now]
             still = [i for i in found if i.end >= now]
-            self._read = read = (signature, since, now, finished, still)
+            self._read = read = (signature, now, finished, still)
             self._sums = None
             self.reads += 1
-        return read[3], [dataclasses.replace(i, end=now) for i in read[4]]
+        return read[2], [dataclasses.replace(i, end=now) for i in read[3]]
 
     def sums(self, grid: tuple, finished: list[Any], now: datetime) -> Sums:
         """`_sums` of the finished intervals on `grid`, computed once per read and grid."""
