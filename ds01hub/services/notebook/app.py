@@ -308,15 +308,19 @@ class DS01Service(HostSettings, ImageBuildSettings, Application):
             store = self.limits_store()
             if store is None:
                 return None
-            self._allocator = GpuAllocator(
-                self.docker,
-                load_inventory(store.current.gpu_allocation),
-                self.state_dir,
-                None,
-                limits=store,
-                container_lister=docker_lister(self.docker, trust=self.trust),
-                trust=self.trust,
-            )
+            try:
+                self._allocator = GpuAllocator(
+                    self.docker,
+                    load_inventory(store.current.gpu_allocation),
+                    self.state_dir,
+                    None,
+                    limits=store,
+                    container_lister=docker_lister(self.docker, trust=self.trust),
+                    trust=self.trust,
+                )
+            except OSError as error:  # the state directory: quotas still answer, without GPUs
+                self.log.warning("GPU allocation state unreadable (%s): no GPU counts", error)
+                return None
         return self._allocator
 
     def gpus_free(self) -> dict | None:
