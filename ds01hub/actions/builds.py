@@ -297,6 +297,25 @@ class BuildManager:
         loop.run_in_executor(self._pool, self._work, build, user_lock, loop)
         return build
 
+    async def cancel(self, user: str, wait: float = 30.0) -> dict[str, Any]:
+        """Stop the user's build, whichever door (process) started it; wait (up to `wait`
+        seconds) until it has ended: ``{image, stopped}``. A build stops at its next line of
+        output or within a slot poll. OperationError 404 when no build of the user runs."""
+        name = await asyncio.to_thread(self.locks.request_cancel, user)
+        if name is None:
+            raise OperationError(
+                "no build of yours is running",
+                hint="image-list shows your images; image-create starts a build",
+                status=404,
+            )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while await asyncio.to_thread(self.locks.building, user):
+            if loop.time() > deadline:
+                return {"image": name, "stopped": False}
+            await asyncio.sleep(0.1)
+        return {"image": name, "stopped": True}
+
     def _forget_old(self, user: str) -> None:
         """Forget all but the newest finished builds of ``user``: memory stays bounded."""
         finished = [b for b in self.for_user(user) if b.finished]

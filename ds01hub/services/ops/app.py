@@ -16,11 +16,12 @@ It shares the spawner's state directory (`$DS01HUB_STATE_DIR`: allocator lock, r
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from ds01hub.gpu.allocator import AllocationStateError, GpuAllocator, docker_lis
 from ds01hub.gpu.cluster import cluster_inventory
 from ds01hub.gpu.eventlog import EventLog
 from ds01hub.gpu.inventory import Inventory, load_inventory
+from ds01hub.gpu.queued import QueuedStore, QueueFileError
 from ds01hub.gpu.swarm_state import swarm_lister, swarm_remover
 from ds01hub.hub.client import HubClient
 from ds01hub.hub.services import OPS_PORT, OPS_SERVICE
@@ -48,6 +50,7 @@ from ds01hub.limits import LimitsStore
 from ds01hub.services.ops.admin_page import (
     AdminApiHandler,
     AdminPageHandler,
+    ChartCache,
     MetricsHandler,
     overview,
     queue_rows,
@@ -79,6 +82,8 @@ class Components:
     inventory: Inventory
     engine: EngineState
     cluster: NodeMetricsSource | None = None  # a swarm: the nodes' metrics endpoints
+    #: The admin page's chart sums, kept between page loads (re-read when the log changes).
+    charts: ChartCache = field(default_factory=ChartCache)
 
     def overview(self, queue: Iterable[dict[str, Any]] = ()) -> dict[str, Any]:
         """The admin page's model (blocking: Docker and SQLite). While the Docker engine is
@@ -106,6 +111,24 @@ class Components:
             fairshare=self._fairshare(),
             group_problems=self.culler.group_limits.problems,
             nodes=self.cluster.overview() if self.cluster is not None else None,
+            chart_cache=self.charts,
+        )
+
+    def queue(self, users: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """The GPU queue's rows (`queue_rows`), blocking (the queue file, the event log): the
+        hub's pending spawns and the stored requests, ordered by effective priority. An
+        unreadable queue file leaves the stored requests out (the hub logs it too)."""
+        try:
+            stored = QueuedStore(self.allocator.state_dir).load()
+        except QueueFileError as error:
+            self.culler.log.warning("admin page: %s", error)
+            stored = []
+        config = self.limits.current
+        return queue_rows(
+            users,
+            stored,
+            self.allocator.fair_share(),
+            lambda user, groups: config.resolve(user, groups).priority,
         )
 
     def _fairshare(self) -> list[dict[str, Any]] | None:
@@ -388,7 +411,8 @@ def make_web_app(parts: Components, hub: HubClient, registry: CollectorRegistry)
 
     async def queue() -> list[dict[str, Any]]:
         """Starts pending in the hub (only users with a server that is active)."""
-        return queue_rows(await hub.request("GET", "/users", params={"state": "active"}) or [])
+        users = await hub.request("GET", "/users", params={"state": "active"}) or []
+        return await asyncio.to_thread(parts.queue, users)
 
     return web.Application(
         [
