@@ -37,6 +37,8 @@ from jupyterhub.spawner import SpawnException
 from traitlets import Float, Int, Unicode, default
 
 from ds01hub import labels, paths, provenance
+from ds01hub.actions.images import ImageError
+from ds01hub.actions.registry import records, resolve_user_image
 from ds01hub.gpu import messages
 from ds01hub.gpu.allocator import AllocationStateError, GpuAllocator
 from ds01hub.gpu.cluster import cluster_inventory, parse_node
@@ -60,6 +62,7 @@ from ds01hub.spawner.options import (
     SpawnChoice,
     allowed_images,
     form_user_options,
+    normalize_image,
     profile_list_trait,
     render_form,
     resolve_choice,
@@ -194,9 +197,11 @@ class DS01SwarmSpawner(ProgressEvents, ProfileList, SwarmSpawner):
         the cluster, as on one host; the `queue` option (a request kept across hub restarts)
         is one host's only."""
         profiles = self._profiles()
+        options = dict(self.user_options or {})
+        options.pop("image", None)  # the image is `_image`'s: the lab's or one in the registry
         try:
             choice = resolve_choice(
-                self.user_options or {},
+                options,
                 profiles=profiles,
                 limits=limits,
                 default_image=self.image,
@@ -307,7 +312,8 @@ class DS01SwarmSpawner(ProgressEvents, ProfileList, SwarmSpawner):
         if slots:
             self._emit(45, f"GPU slot(s) {', '.join(s.id for s in slots)}")
         try:
-            service_id = await self._service_for(allocator, slots, choice, limits)
+            image = await self._blocking(self._image, allocator.trust, choice.image)
+            service_id = await self._service_for(allocator, slots, choice, limits, image)
             check = await self._blocking(allocator.begin_start, self.object_name, service_id)
             if not check.ok:
                 raise SpawnException(
@@ -328,8 +334,32 @@ class DS01SwarmSpawner(ProgressEvents, ProfileList, SwarmSpawner):
         """docker-py's high-level shape (`.api`) over DockerSpawner's low-level client."""
         return SimpleNamespace(api=self.client)
 
+    def _image(self, trust: provenance.Provenance, default: str | None = None) -> str:
+        """The image the server runs: `default` (its profile's; None: the lab's `image`), or
+        one of the user's own images (an admin's: anyone's) as published to the cluster's
+        registry, pinned to the digest ds01hub recorded (`ds01hub.actions.registry`); any
+        other is refused by name."""
+        default = default or self.image
+        requested = str((self.user_options or {}).get("image") or "")
+        if not requested or normalize_image(requested) == normalize_image(default):
+            return default
+        admin = bool(getattr(self.user, "admin", False))
+        try:
+            found = records(self.client_holder, trust)
+            pinned = resolve_user_image(found, requested, self.user.name, admin=admin)
+        except ImageError as error:
+            raise SpawnException(str(error), reason="image", status_code=error.status) from None
+        if pinned is None:
+            raise SpawnException(
+                f"image {requested[:120]!r} is not available on the cluster: use the lab's "
+                f"image ({default}) or one of your own (image-list)",
+                reason="image",
+                status_code=403,
+            )
+        return pinned
+
     async def _service_for(
-        self, allocator: GpuAllocator, slots: list, choice: SpawnChoice, limits: Any
+        self, allocator: GpuAllocator, slots: list, choice: SpawnChoice, limits: Any, image: str
     ) -> str:
         """A new service for this start, made at zero replicas; a stopped one of this server
         is removed first (its hold ends: this start's claim holds the granted slots now).
@@ -347,7 +377,7 @@ class DS01SwarmSpawner(ProgressEvents, ProfileList, SwarmSpawner):
             priority=limits.priority,
             gpus=wanted,
             gpu_uuids=[slot.uuid for slot in slots],
-            image=choice.image,
+            image=image,
         )
         values[labels.CREATOR] = allocator.creator_label()
         signed = allocator.trust.sign(values, self.object_name) | dict(
@@ -355,7 +385,7 @@ class DS01SwarmSpawner(ProgressEvents, ProfileList, SwarmSpawner):
         )
         body = service_spec(
             name=self.object_name,
-            image=choice.image,
+            image=image,
             command=await self.get_command(),
             env=self.get_env(),
             signed_labels=signed,
