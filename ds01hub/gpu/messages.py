@@ -17,6 +17,7 @@ same `Message` as the spawn page.
     refusal_message(situation) -> Message             # the allocator said no for good
     timeout_message(situation) -> Message             # no slot within the wait limit
     lost_message(reason, attempts) -> Message         # slots taken before the start, N times
+    node_lost_message(node, ended) -> Message         # a swarm node left under a server
     state_message(error) -> Message                   # the allocation state is not writable
     gpu_use(held, max_gpus) -> "1 of 2 GPUs in use (slot 0: NVIDIA A100)"
 """
@@ -46,6 +47,7 @@ __all__ = [
     "Situation",
     "gpu_use",
     "lost_message",
+    "node_lost_message",
     "ordinal",
     "refusal_message",
     "state_message",
@@ -56,8 +58,9 @@ __all__ = [
 
 #: The key of a progress event (the hub's event stream) that carries a `Message.to_dict()`.
 EVENT_KEY = "ds01_message"
-#: `Message.kind`: still waiting, or refused (the spawn ends).
-KINDS = ("wait", "refused")
+#: `Message.kind`: still waiting, refused (the spawn ends), or a running server stopped under
+#: its user (said at its next start).
+KINDS = ("wait", "refused", "stopped")
 #: The configuration key that bounds a wait, named in the details.
 WAIT_TIMEOUT_KEY = "c.DS01Spawner.gpu_wait_timeout"
 #: Bounds on a message that arrives from another process (`from_dict`).
@@ -493,6 +496,23 @@ def lost_message(reason: str, attempts: int) -> Message:
         + (f", {attempts} times in a row." if attempts > 1 else "."),
         "Start your server again.",
         (f"last check before docker start: {reason}",),
+    )
+
+
+def node_lost_message(node: str, ended: str = "") -> Message:
+    """A server of a swarm stopped because the machine it ran on left the cluster (it died or
+    lost its network: Swarm marked its node down). Its service is stopped for good (a start
+    makes a new one), so nothing of it comes back with the machine."""
+    details = [f"machine {node}: its Docker Swarm node went down while your server ran there"]
+    if ended:
+        details.append(f"its task: {ended}")
+    return Message(
+        "stopped",
+        "node_lost",
+        f"Your server stopped: the machine left the cluster ({node}).",
+        "Start it again: it starts on a machine of the cluster that is up. What it had in "
+        "memory is lost.",
+        tuple(details),
     )
 
 
