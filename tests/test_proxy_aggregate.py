@@ -81,6 +81,14 @@ def test_a_proxy_made_container_names_the_proxy_as_its_creator(monkeypatch):
     assert record is not None and counted_uses(None, [record], exclude="other") == []
 
 
+def test_restart_always_is_refused_with_caps_and_unless_stopped_kept():
+    always = base(RestartPolicy={"Name": "always"})
+    assert "--restart unless-stopped" in denied(create, always, limits=CAPPED)
+    assert create(always, limits=UserLimits())["HostConfig"]["RestartPolicy"]["Name"] == "always"
+    kept = create(base(RestartPolicy={"Name": "unless-stopped"}), limits=CAPPED)
+    assert kept["HostConfig"]["RestartPolicy"] == {"Name": "unless-stopped"}
+
+
 def test_without_the_cgroup_root_the_caps_are_checked_but_not_placed():
     assert "CgroupParent" not in create(base(), limits=CAPPED)["HostConfig"]
     assert CAPPED.user_parent("alice", policy.Settings(trust=TRUST)) is None

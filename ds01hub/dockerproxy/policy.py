@@ -1360,7 +1360,7 @@ class CreateCheck:
         return value
 
     def restart_policy(self, value: Any) -> Any:
-        return strict_object(
+        out = strict_object(
             "RestartPolicy",
             value,
             {
@@ -1368,6 +1368,15 @@ class CreateCheck:
                 "MaximumRetryCount": int_range("MaximumRetryCount", 0),
             },
         )
+        if self.limits.aggregate is not None and out.get("Name") == "always":
+            # the engine starts such a container again when dockerd restarts, even one the
+            # user stopped: past the aggregate check (unless-stopped leaves stopped ones)
+            raise forbid(
+                "Permission denied: --restart always is not available with aggregate limits "
+                "(the engine would start a stopped container again, past your caps); use "
+                "--restart unless-stopped"
+            )
+        return out
 
     def log_config(self, value: Any) -> Any:
         out = strict_object(
