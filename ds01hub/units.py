@@ -196,7 +196,7 @@ def quota_rows(quota: Mapping[str, Any]) -> list[tuple[str, str, str]]:
 
     hold = limits.get("gpu_hold_after_stop")
     idle = limits.get("idle_timeout")
-    return [
+    rows = [
         ("GPUs", gpu_use(held, limits.get("max_gpus")), ""),
         ("GPUs per container", "", cap(limits.get("max_gpus_per_container"))),
         ("CPUs per container", "", cap(limits.get("max_cpus"))),
@@ -213,6 +213,33 @@ def quota_rows(quota: Mapping[str, Any]) -> list[tuple[str, str, str]]:
             "until the container is removed" if hold is None else format_duration(hold),
         ),
     ]
+    return _with_sources(rows, quota.get("sources") or {})
+
+
+#: quota_rows' rows in order, by the limit field each shows
+QUOTA_FIELDS = (
+    "max_gpus",
+    "max_gpus_per_container",
+    "max_cpus",
+    "memory",
+    "max_containers_per_user",
+    "idle_timeout",
+    "gpu_hold_after_stop",
+)
+
+
+def _with_sources(
+    rows: list[tuple[str, str, str]], sources: Mapping[str, Any]
+) -> list[tuple[str, str, str]]:
+    """Each limit followed by where it came from (`(hub_groups.students)`, as `ds01hub
+    limits` shows it) when the quota says (`UserOperations.quota()`'s `sources`)."""
+    if not sources:
+        return rows
+    out = []
+    for (what, use, limit), name in zip(rows, QUOTA_FIELDS, strict=True):
+        where = f" ({sources[name]})" if sources.get(name) else ""
+        out.append((what, use + where, limit) if not limit else (what, use, limit + where))
+    return out
 
 
 def utcnow() -> datetime:

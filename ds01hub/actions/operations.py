@@ -29,7 +29,7 @@ from ds01hub.errors import Ds01hubError
 from ds01hub.gpu.inventory import Inventory
 from ds01hub.gpu.messages import EVENT_KEY, Message
 from ds01hub.hub.client import HubClient, HubError, HubUnreachable
-from ds01hub.limits import ResolvedLimits
+from ds01hub.limits import LimitsError, ResolvedLimits
 from ds01hub.provenance import Provenance
 from ds01hub.spawn_options import GPUS_OR_MIG, SPAWN_OPTION_KEYS, asks_gpus_and_mig
 from ds01hub.units import utcnow
@@ -426,11 +426,26 @@ class UserOperations:
             return None
 
     def _hold_after_stop(self, groups: Iterable[str]) -> float | None:
-        limits = self.limits(groups)
+        try:
+            limits = self.limits(groups)
+        except Ds01hubError:  # the listing still works; quota and starts say what is wrong
+            return None
         return getattr(limits, "gpu_hold_after_stop", None) if limits else None
 
     def limits(self, groups: Iterable[str] = ()) -> Any:
-        return self.ctx.limits_for(self.user, tuple(groups)) if self.ctx.limits_for else None
+        """The user's effective limits (None without a resolver). A bad property of one of
+        their hub groups is an OperationError naming it; an unbelievable hub-groups snapshot
+        its SnapshotError: never the looser file-only limits."""
+        if not self.ctx.limits_for:
+            return None
+        try:
+            return self.ctx.limits_for(self.user, tuple(groups))
+        except LimitsError as error:
+            raise OperationError(
+                f"{error.summary()} (a JupyterHub group of yours): " + "; ".join(error.lines()),
+                hint="an admin fixes the group's properties (hub admin panel: Groups)",
+                status=409,
+            ) from None
 
     async def list_containers(self, include_stopped: bool = True) -> list[dict[str, Any]]:
         """This user's containers (and servers still spawning), sorted by project."""
@@ -826,6 +841,7 @@ class UserOperations:
             "user": self.user,
             "groups": model.get("groups") or [],
             "limits": {k: getattr(limits, k, None) for k in keys} if limits else None,
+            "sources": {k: limits.sources.get(k) for k in keys} if limits else {},
             "notices": limits.notices() if limits else [],
             "containers": len(rows),
             "running": sum(1 for r in rows if r["state"] != "stopped"),

@@ -210,6 +210,13 @@ class UserLimits:
     host_config: Mapping[str, Any] = field(default_factory=dict)
     allowed_images: tuple[str, ...] | None = None
     max_containers: int | None = None
+    #: limit field -> where it came from (`hub_groups.G`, `groups.G`, ...: ResolvedLimits)
+    sources: Mapping[str, str] = field(default_factory=dict)
+
+    def source(self, name: str) -> str:
+        """' from SOURCE' for a refusal's message, so users know whom to ask."""
+        where = self.sources.get(name)
+        return f" from {where}" if where else ""
 
 
 @dataclass(frozen=True)
@@ -985,7 +992,8 @@ class CreateCheck:
         if limit is not None and self.facts.existing_containers >= limit:
             raise forbid(
                 f"Permission denied: you already have {self.facts.existing_containers} "
-                f"containers (max_containers_per_user: {limit}); remove one first "
+                f"containers (max_containers_per_user: {limit}"
+                f"{self.limits.source('max_containers_per_user')}); remove one first "
                 "(docker rm NAME)"
             )
         later = ("Image", "Env", "Labels", "User", "HostConfig")
@@ -1016,7 +1024,7 @@ class CreateCheck:
         if allowed is not None and not any(fnmatch.fnmatchcase(value, p) for p in allowed):
             raise forbid(
                 f"Permission denied: image {value!r} is not in your allowed images "
-                f"({', '.join(allowed)})"
+                f"({', '.join(allowed)}{self.limits.source('allowed_images')})"
             )
         return value
 

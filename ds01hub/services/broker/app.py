@@ -42,6 +42,7 @@ from ds01hub.actions.operations import (
 from ds01hub.gpu.inventory import load_inventory
 from ds01hub.gpu.queued import QueuedStore
 from ds01hub.hub.client import HubClient
+from ds01hub.hub.group_snapshot import SnapshotReader
 from ds01hub.limits import LimitsStore
 from ds01hub.peer import Caller
 from ds01hub.services.broker.handlers import (
@@ -282,9 +283,12 @@ class Broker(HostSettings, ImageBuildSettings, Application):
             self.log.warning("limits unavailable (%s): no hold times or quotas shown", e)
             return None, None
 
+        hub_groups = SnapshotReader(paths.hub_groups_snapshot(self.state_dir))
+
         def limits_for(user: str, groups) -> Any:
             store.reload(wait=False)  # called on the event loop: a changed file is read aside
-            return store.current.resolve(user, groups)
+            # the hub groups' properties as the proxy sees them (ds01hub.hub.group_snapshot)
+            return hub_groups.resolve(store.current, user, groups)
 
         try:
             inventory = load_inventory(store.current.gpu_allocation)

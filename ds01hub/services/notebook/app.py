@@ -40,13 +40,14 @@ from tornado.ioloop import IOLoop
 from traitlets import Bool, Unicode, default
 from traitlets.config import Application
 
-from ds01hub import provenance
+from ds01hub import paths, provenance
 from ds01hub.actions import images
 from ds01hub.actions.builds import Build
 from ds01hub.actions.operations import OperationError, OperationsContext, UserOperations
 from ds01hub.bodies import Body, shown
 from ds01hub.engine import EngineState, engine_unreachable, engine_url, short_error
 from ds01hub.hub.client import HubClient
+from ds01hub.hub.group_snapshot import SnapshotReader
 from ds01hub.hub.services import NOTEBOOK_PORT, NOTEBOOK_SERVICE
 from ds01hub.limits import LimitsError, LimitsStore
 from ds01hub.services.settings import HostSettings, ImageBuildSettings
@@ -262,6 +263,8 @@ class DS01Service(HostSettings, ImageBuildSettings, Application):
         )
         self.builds = self.build_manager(self.docker, self.state_dir)
         self._limits_store = None
+        # the hub groups' properties as the proxy sees them (ds01hub.hub.group_snapshot)
+        self._hub_groups = SnapshotReader(paths.hub_groups_snapshot(self.state_dir))
 
     def limits_for(self, user: str, groups: Iterable[str]):
         """The user's resolved limits, or None when no limits file can be read (called on the
@@ -274,7 +277,7 @@ class DS01Service(HostSettings, ImageBuildSettings, Application):
                 self.log.error("%s:\n%s", error.summary(), "\n".join(error.lines()))
                 return None
         self._limits_store.reload(wait=False)
-        return self._limits_store.current.resolve(user, groups)
+        return self._hub_groups.resolve(self._limits_store.current, user, groups)
 
     def operations_context(self) -> OperationsContext:
         token = os.environ.get("JUPYTERHUB_API_TOKEN", "")

@@ -150,6 +150,7 @@ def overview(
     queue: Iterable[Mapping[str, Any]] = (),
     fairshare: list[dict[str, Any]] | None = None,
     group_problems: Mapping[str, Iterable[Any]] | None = None,
+    hub_groups: str | None = None,
 ) -> dict[str, Any]:
     """Everything the page shows, JSON-ready (also served as `api/overview`).
     `pending_culls`: the culler's standing warnings (`ds01hub.services.ops.warnings.CullWarning`);
@@ -157,7 +158,8 @@ def overview(
     `queue`: the starts waiting for a GPU, in the order they are served (`queue_rows`);
     `fairshare`: `ds01hub.gpu.fairshare.report`'s rows (None: fair share is off);
     `group_problems`: hub group -> the problems of its `ds01` properties (its members' spawns
-    are refused until an admin fixes them)."""
+    are refused until an admin fixes them); `hub_groups`: the hub-groups snapshot's state, as
+    the proxy and the broker see it (`ds01hub.hub.group_snapshot.SnapshotReader.status`)."""
     since = week_start(now)
     slots = slot_rows(status, inventory)
     usage = {}
@@ -179,6 +181,7 @@ def overview(
         "group_problems": {
             name: [str(p) for p in problems] for name, problems in (group_problems or {}).items()
         },
+        "hub_groups": hub_groups,
         "engine": engine.to_dict() if engine is not None else None,
         "engine_note": engine.note() if engine is not None else None,
         "pending_culls": [

@@ -40,6 +40,7 @@ from ds01hub.gpu.allocator import AllocationStateError, GpuAllocator, docker_lis
 from ds01hub.gpu.eventlog import EventLog
 from ds01hub.gpu.inventory import Inventory, load_inventory
 from ds01hub.hub.client import HubClient
+from ds01hub.hub.group_snapshot import SnapshotReader
 from ds01hub.hub.services import OPS_PORT, OPS_SERVICE
 from ds01hub.limits import LimitsStore
 from ds01hub.services.ops.admin_page import (
@@ -95,6 +96,7 @@ class Components:
             queue=queue,
             fairshare=self._fairshare(),
             group_problems=self.culler.group_limits.problems,
+            hub_groups=SnapshotReader(self.culler.snapshot_path).status(self.culler.clock()),
         )
 
     def _fairshare(self) -> list[dict[str, Any]] | None:
