@@ -628,8 +628,15 @@ def cmd_fairshare(args: argparse.Namespace) -> int:
     now = datetime.now(UTC)
     since = datetime.fromtimestamp(relevant_since(now.timestamp(), settings.half_life), UTC)
     intervals = _event_log(args.state_dir).intervals(since=since, until=now)
-    fair = FairShare.compute(settings, intervals, now.timestamp())
-    rows = report(fair if configured else FairShare(0.0, fair.users), config)
+    reader = SnapshotReader(paths.hub_groups_snapshot(args.state_dir))
+    try:  # each user's group and priority now, from the hub's groups (as the proxy reads them)
+        resolve = reader.reporter(config)
+    except SnapshotError as error:
+        raise CliError(error.message, hint=error.hint) from None
+    fair = FairShare.compute(
+        settings, intervals, now.timestamp(), lambda user, logged: resolve(user, logged).group
+    )
+    rows = report(fair if configured else FairShare(0.0, fair.users), config, resolve)
     if args.json:
         print_json(
             {
@@ -637,6 +644,7 @@ def cmd_fairshare(args: argparse.Namespace) -> int:
                 "half_life_seconds": settings.half_life,
                 "weight": settings.weight if configured else 0,
                 "users": rows,
+                "hub_groups": reader.status(now),
             }
         )
         return EXIT_OK
@@ -672,4 +680,5 @@ def cmd_fairshare(args: argparse.Namespace) -> int:
         Column("EFFECTIVE", "effective"),
     ]
     print(render_table(shown, columns, colour=use_colour(sys.stdout)))
+    print(paint(f"groups: {reader.status(now)}", "dim", use_colour(sys.stdout)))
     return EXIT_OK

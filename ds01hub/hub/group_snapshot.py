@@ -25,7 +25,7 @@ import os
 import secrets
 import stat
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,7 +33,13 @@ from typing import Any
 
 from ds01hub.errors import Ds01hubError
 from ds01hub.hub.group_limits import GroupLimits
-from ds01hub.limits import HUB_PROPERTY, HubGroupLimits, LimitsConfig, ResolvedLimits
+from ds01hub.limits import (
+    HUB_PROPERTY,
+    HubGroupLimits,
+    LimitsConfig,
+    LimitsError,
+    ResolvedLimits,
+)
 from ds01hub.strict_yaml import short_repr
 
 __all__ = [
@@ -322,6 +328,23 @@ class SnapshotReader:
         if snapshot is None:
             return config.resolve(user, groups, now)
         return snapshot.resolve(config, user, groups, now)
+
+    def reporter(self, config: LimitsConfig) -> Callable[[str, str | None], ResolvedLimits]:
+        """For reports over the event log (`ds01hub fairshare`, the admin page): a user's
+        limits now, with their hub groups from the snapshot; without a snapshot, in the group
+        the log recorded (`logged`). A bad property of one of their groups shows the file's
+        (a report, not a grant: their spawns and creates are refused meanwhile)."""
+        snapshot = self.current()
+
+        def resolve(user: str, logged: str | None) -> ResolvedLimits:
+            if snapshot is None:
+                return config.resolve(user, [logged] if logged else [])
+            try:
+                return snapshot.resolve(config, user)
+            except LimitsError:
+                return config.resolve(user, snapshot.groups_of(user))
+
+        return resolve
 
     def status(self, now: datetime) -> str:
         """One line for the CLI and the admin page: as of when, none yet, or what is wrong."""

@@ -106,7 +106,8 @@ class Components:
         config = self.limits.current
         if config.gpu_allocation.fairshare is None:
             return None
-        return report(self.allocator.fair_share(), config)
+        resolve = SnapshotReader(self.culler.snapshot_path).reporter(config)
+        return report(self.allocator.fair_share(), config, resolve)
 
 
 def build_components(
