@@ -74,6 +74,7 @@ from ds01hub.gpu.inventory import Inventory, Slot, load_inventory
 from ds01hub.gpu.queued import QueuedRequest, QueuedStore, QueueLimitError
 from ds01hub.host.cgroups import CgroupError, ensure_parent
 from ds01hub.hub.group_limits import hub_group_limits
+from ds01hub.hub.group_snapshot import SnapshotError, SnapshotReader
 from ds01hub.limits import LimitsError, LimitsStore, ResolvedLimits, record_expired
 from ds01hub.units import utcnow
 
@@ -1295,7 +1296,6 @@ async def _serve_queued(
     from ds01hub.hub.client import HubClient, HubError, HubUnreachable
 
     loop = asyncio.get_running_loop()
-    limits = context.limits.current.resolve(request.user, request.groups)
     options = request.options
     choice = SpawnChoice(image=str(options.get("image", "")), gpus=int(options.get("gpus", 0)))
     choice = replace(choice, mig=options.get("mig"))
@@ -1313,6 +1313,15 @@ async def _serve_queued(
     def failed(reason: str) -> None:
         event = NewEvent("spawn-failure", request.user, container=request.container, reason=reason)
         context.eventlog.record_many([event], defer=True)
+
+    # no ORM user here: the hub groups' properties as the other doors see them (the snapshot
+    # of the last ds01-ops pass); the spawn it leads to resolves them live again
+    snapshot = SnapshotReader(paths.hub_groups_snapshot(context.allocator.state_dir))
+    try:
+        limits = snapshot.resolve(context.limits.current, request.user, request.groups)
+    except (LimitsError, SnapshotError) as error:
+        failed(f"queued request ended: {error}")
+        return
 
     noted: list[tuple] = []
 
