@@ -276,3 +276,35 @@ def test_an_unbelievable_snapshot_is_a_named_error_everywhere(tmp_path, limits_f
     with pytest.raises(SnapshotError) as caught:
         reader.resolve(parse_limits({}), "alice")
     assert caught.value.status == 503 and caught.value.hint
+
+
+# ------------------------------------------------------------------------------- hold times
+
+
+def test_hold_times_follow_the_hub_groups_and_a_bad_snapshot_keeps_the_files(tmp_path):
+    """The allocator's gpu_hold_after_stop (and the lifecycle's, through the same resolver)."""
+    from types import SimpleNamespace
+
+    from ds01hub.gpu.allocator import GpuAllocator
+    from ds01hub.gpu.inventory import discover
+    from ds01hub.gpu.simulated_nvml import SimulatedNvml
+    from ds01hub.limits import SimulatedGpuSpec
+
+    config = parse_limits({"defaults": {"gpu_hold_after_stop": "1h"}})
+    allocator = GpuAllocator(
+        None,
+        discover(SimulatedNvml([SimulatedGpuSpec()]), simulated=True),
+        tmp_path,
+        None,
+        limits=config,
+        container_lister=list,
+        trust=provenance.load(tmp_path),
+    )
+    record = SimpleNamespace(user="alice", group="students")
+    assert allocator._hold_of(record, config) == 3600
+    path = snapshot_of(tmp_path, students=(["alice"], {"gpu_hold_after_stop": "5m"}))
+    assert allocator._hold_of(record, config) == 300
+    snapshot_of(tmp_path, students=(["alice"], {"gpu_hold_after_stop": "5m", "memory": 0}))
+    assert allocator._hold_of(record, config) == 3600  # a bad property: the file's
+    path.write_text("{")
+    assert allocator._hold_of(record, config) == 3600  # not believed: the file's

@@ -47,6 +47,7 @@ __all__ = [
     "GroupSnapshot",
     "SnapshotError",
     "SnapshotReader",
+    "lenient_resolver",
     "parse_snapshot",
     "read_snapshot",
     "snapshot_document",
@@ -120,6 +121,27 @@ class GroupSnapshot:
             f"hub group properties as of the ds01-ops pass at {self.written_at:%Y-%m-%d %H:%M} "
             f"UTC ({minutes} min ago; {self.path})"
         )
+
+
+def lenient_resolver(
+    config: LimitsConfig, snapshot: GroupSnapshot | None
+) -> Callable[[str, str | None], ResolvedLimits]:
+    """For what is computed from containers and the event log rather than granted (`ds01hub
+    fairshare`, the admin page, GPU and container hold times): `resolve(user, recorded group)`
+    gives the user's limits now, with their hub groups from `snapshot` beside the group the
+    label or log recorded. A bad property of one of their groups gives the file's (not a
+    grant: their spawns and creates are refused meanwhile)."""
+
+    def resolve(user: str, recorded: str | None) -> ResolvedLimits:
+        groups = [recorded] if recorded else []
+        if snapshot is None:
+            return config.resolve(user, groups)
+        try:
+            return snapshot.resolve(config, user, groups)
+        except LimitsError:
+            return config.resolve(user, [*groups, *snapshot.groups_of(user)])
+
+    return resolve
 
 
 # -------------------------------------------------------------------------------- writing
@@ -330,21 +352,8 @@ class SnapshotReader:
         return snapshot.resolve(config, user, groups, now)
 
     def reporter(self, config: LimitsConfig) -> Callable[[str, str | None], ResolvedLimits]:
-        """For reports over the event log (`ds01hub fairshare`, the admin page): a user's
-        limits now, with their hub groups from the snapshot; without a snapshot, in the group
-        the log recorded (`logged`). A bad property of one of their groups shows the file's
-        (a report, not a grant: their spawns and creates are refused meanwhile)."""
-        snapshot = self.current()
-
-        def resolve(user: str, logged: str | None) -> ResolvedLimits:
-            if snapshot is None:
-                return config.resolve(user, [logged] if logged else [])
-            try:
-                return snapshot.resolve(config, user)
-            except LimitsError:
-                return config.resolve(user, snapshot.groups_of(user))
-
-        return resolve
+        """`lenient_resolver` with the snapshot now (SnapshotError when not believed)."""
+        return lenient_resolver(config, self.current())
 
     def status(self, now: datetime) -> str:
         """One line for the CLI and the admin page: as of when, none yet, or what is wrong."""
