@@ -308,3 +308,18 @@ def test_hold_times_follow_the_hub_groups_and_a_bad_snapshot_keeps_the_files(tmp
     assert allocator._hold_of(record, config) == 3600  # a bad property: the file's
     path.write_text("{")
     assert allocator._hold_of(record, config) == 3600  # not believed: the file's
+
+
+def test_the_admin_page_says_how_fresh_the_other_doors_groups_are(tmp_path):
+    from types import SimpleNamespace
+
+    from ds01hub.services.ops.admin_page import overview, render_page
+
+    inventory = SimpleNamespace(simulated=False, reason=None, slots=[])
+    reader = SnapshotReader(paths.hub_groups_snapshot(tmp_path))
+    page = render_page(overview([], inventory, None, NOW, hub_groups=reader.status(NOW)))
+    assert "no hub group snapshot yet" in page
+    snapshot_of(tmp_path, students=(["alice"], {"memory": "1g"}))
+    later = NOW + timedelta(minutes=7)
+    page = render_page(overview([], inventory, None, later, hub_groups=reader.status(later)))
+    assert "as of the ds01-ops pass at 2026-12-07 16:00 UTC (7 min ago" in page
