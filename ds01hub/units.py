@@ -216,6 +216,8 @@ def quota_rows(quota: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     return _with_sources(rows, quota.get("sources") or {})
 
 
+#: Sources every user shares (ds01hub.limits.ResolvedLimits.sources): not named in quotas.
+SITE_WIDE_SOURCES = frozenset({"defaults", "built-in", "policies"})
 #: quota_rows' rows in order, by the limit field each shows
 QUOTA_FIELDS = (
     "max_gpus",
@@ -231,13 +233,14 @@ QUOTA_FIELDS = (
 def _with_sources(
     rows: list[tuple[str, str, str]], sources: Mapping[str, Any]
 ) -> list[tuple[str, str, str]]:
-    """Each limit followed by where it came from (`(hub_groups.students)`, as `ds01hub
-    limits` shows it) when the quota says (`UserOperations.quota()`'s `sources`)."""
-    if not sources:
-        return rows
+    """Each limit set for the user (an override, their group, their hub group's properties)
+    followed by where it came from (`(hub_groups.students)`, as `ds01hub limits` shows it),
+    when the quota says (`UserOperations.quota()`'s `sources`); the site's defaults stay
+    plain, so the line names only what differs from everyone's."""
     out = []
     for (what, use, limit), name in zip(rows, QUOTA_FIELDS, strict=True):
-        where = f" ({sources[name]})" if sources.get(name) else ""
+        source = sources.get(name)
+        where = f" ({source})" if source and source not in SITE_WIDE_SOURCES else ""
         out.append((what, use + where, limit) if not limit else (what, use, limit + where))
     return out
 

@@ -178,7 +178,7 @@ def test_the_quota_view_names_each_limits_source():
     }
     rows = {what: (use, limit) for what, use, limit in quota_rows(quota)}
     assert rows["Memory per container"][1] == "1.0G (hub_groups.students)"
-    assert rows["GPUs"][0].endswith("(defaults)")
+    assert rows["GPUs"][0] == "0 of 1 GPU in use"  # the site's defaults stay plain
     assert rows["Containers"][1] == "1"  # no source given: as before
     del quota["sources"]
     assert quota_rows(quota)[3][2] == "1.0G"
