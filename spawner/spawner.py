@@ -73,7 +73,7 @@ from ds01hub.gpu.fairshare import FairShare
 from ds01hub.gpu.inventory import Inventory, Slot, load_inventory
 from ds01hub.gpu.queued import QueuedRequest, QueuedStore, QueueLimitError
 from ds01hub.host.cgroups import CgroupError, ensure_parent
-from ds01hub.hub.group_limits import hub_group_limits
+from ds01hub.hub.group_limits import group_refusal, orm_user_limits
 from ds01hub.hub.group_snapshot import SnapshotError, SnapshotReader
 from ds01hub.limits import LimitsError, LimitsStore, ResolvedLimits, record_expired
 from ds01hub.units import utcnow
@@ -515,19 +515,12 @@ class DS01Spawner(DockerSpawner):
                 self._log_name,
                 len(store.last_problems),
             )
-        groups = [group.name for group in self.user.groups]
         try:  # the groups' properties as the hub has them now: an edit applies at once
-            hub_groups = hub_group_limits((g.name, g.properties) for g in self.user.groups)
+            limits = orm_user_limits(store.current, self.user.name, self.user.groups)
         except LimitsError as error:
             raise SpawnException(
-                f"{error.summary()} (a group of {self.user.name}):\n"
-                + "\n".join(error.lines())
-                + "\nAn admin fixes the group's properties (hub admin panel, or PUT "
-                "/hub/api/groups/NAME/properties); until then its members cannot start servers.",
-                reason="limits",
-                status_code=409,
+                group_refusal(self.user.name, error), reason="limits", status_code=409
             ) from None
-        limits = store.current.resolve(self.user.name, groups, hub_groups=hub_groups)
         cgroup = self.cgroup_parents.get(limits.group or "")
         if cgroup:
             limits = replace(limits, cgroup_parent=cgroup)

@@ -42,7 +42,8 @@ from ds01hub.gpu.swarm_state import (
     swarm_lister,
     swarm_remover,
 )
-from ds01hub.limits import LimitsStore
+from ds01hub.hub.group_limits import group_refusal, orm_user_limits
+from ds01hub.limits import LimitsError, LimitsStore, ResolvedLimits
 from ds01hub.spawner.swarm_plan import service_name, service_spec
 
 __all__ = ["DS01SwarmSpawner"]
@@ -130,9 +131,19 @@ class DS01SwarmSpawner(SwarmSpawner):
             self.log.info("%s waits for a GPU slot: %s", self.object_name, decision.reason)
             await asyncio.sleep(self.gpu_wait_interval)
 
+    def _resolve_limits(self, store: LimitsStore) -> ResolvedLimits:
+        """The user's limits with their hub groups' properties, as DS01Spawner's (from the
+        hub's database, every spawn); a bad property refuses the spawn (409)."""
+        try:
+            return orm_user_limits(store.current, self.user.name, self.user.groups)
+        except LimitsError as error:
+            raise SpawnException(
+                group_refusal(self.user.name, error), reason="limits", status_code=409
+            ) from None
+
     async def start(self) -> tuple[str, int]:
         store = self._limits()
-        limits = store.current.resolve(self.user.name)
+        limits = self._resolve_limits(store)
         allocator = await self._blocking(self._allocator, store)
         decision = await self._allocate(allocator, limits)
         if not decision.ok:

@@ -19,12 +19,21 @@ from urllib.parse import quote
 from ds01hub.limits import (
     HUB_PROPERTY,
     HubGroupLimits,
+    LimitsConfig,
     LimitsError,
     Problem,
+    ResolvedLimits,
     parse_group_properties,
 )
 
-__all__ = ["GroupLimits", "fetch_group_limits", "hub_group_limits", "user_group_limits"]
+__all__ = [
+    "GroupLimits",
+    "fetch_group_limits",
+    "group_refusal",
+    "hub_group_limits",
+    "orm_user_limits",
+    "user_group_limits",
+]
 
 
 def hub_group_limits(groups: Iterable[tuple[str, Any]]) -> list[HubGroupLimits]:
@@ -43,6 +52,26 @@ def hub_group_limits(groups: Iterable[tuple[str, Any]]) -> list[HubGroupLimits]:
     if problems:
         raise LimitsError(problems)
     return layers
+
+
+def orm_user_limits(config: LimitsConfig, user: str, orm_groups: Iterable[Any]) -> ResolvedLimits:
+    """A hub user's limits with their groups (`user.groups`: ORM objects with `name` and
+    `properties`) as the hub's database has them now: the spawners, on every spawn, so an edit
+    applies at once. LimitsError when a property of one of the groups is bad."""
+    groups = list(orm_groups)
+    hub_groups = hub_group_limits((g.name, g.properties) for g in groups)
+    return config.resolve(user, [g.name for g in groups], hub_groups=hub_groups)
+
+
+def group_refusal(user: str, error: LimitsError) -> str:
+    """What a spawn refused for a bad group property says (409): the problems and who fixes
+    them."""
+    return (
+        f"{error.summary()} (a group of {user}):\n"
+        + "\n".join(error.lines())
+        + "\nAn admin fixes the group's properties (hub admin panel, or PUT "
+        "/hub/api/groups/NAME/properties); until then its members cannot start servers."
+    )
 
 
 @dataclass
