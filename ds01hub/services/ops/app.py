@@ -40,7 +40,7 @@ from ds01hub.gpu.allocator import AllocationStateError, GpuAllocator, docker_lis
 from ds01hub.gpu.eventlog import EventLog
 from ds01hub.gpu.inventory import Inventory, load_inventory
 from ds01hub.hub.client import HubClient
-from ds01hub.hub.group_snapshot import SnapshotReader
+from ds01hub.hub.group_snapshot import SnapshotError
 from ds01hub.hub.services import OPS_PORT, OPS_SERVICE
 from ds01hub.limits import LimitsStore
 from ds01hub.services.ops.admin_page import (
@@ -96,7 +96,7 @@ class Components:
             queue=queue,
             fairshare=self._fairshare(),
             group_problems=self.culler.group_limits.problems,
-            hub_groups=SnapshotReader(self.culler.snapshot_path).status(self.culler.clock()),
+            hub_groups=self.culler.snapshot.status(self.culler.clock()),
         )
 
     def _fairshare(self) -> list[dict[str, Any]] | None:
@@ -106,7 +106,10 @@ class Components:
         config = self.limits.current
         if config.gpu_allocation.fairshare is None:
             return None
-        resolve = SnapshotReader(self.culler.snapshot_path).reporter(config)
+        try:
+            resolve = self.culler.snapshot.reporter(config)
+        except SnapshotError:  # the page says so (its hub groups line); the log's groups here
+            resolve = None
         return report(self.allocator.fair_share(), config, resolve)
 
 

@@ -61,7 +61,7 @@ from ds01hub.gpu.eventlog import EventLog
 from ds01hub.gpu.inventory import Inventory
 from ds01hub.hub.client import HubClient
 from ds01hub.hub.group_limits import GroupLimits, fetch_group_limits
-from ds01hub.hub.group_snapshot import write_snapshot
+from ds01hub.hub.group_snapshot import SnapshotReader, write_snapshot
 from ds01hub.limits import LimitsConfig, LimitsError, LimitsStore, record_expired
 from ds01hub.provenance import Provenance
 from ds01hub.services.ops.cgroups import CgroupCpu, cpu_percent_between
@@ -423,6 +423,7 @@ class Culler:
         state_dir = paths.state_dir(state_dir)
         self.warnings = WarningStore(state_dir)
         self.snapshot_path = paths.hub_groups_snapshot(state_dir)
+        self.snapshot = SnapshotReader(self.snapshot_path)  # as the other doors read it
         self.trust = trust or provenance.load(state_dir)
         self.lifecycle = lifecycle
         self.warn_before = warn_before
