@@ -146,6 +146,8 @@ class _HubContext:
     queued: QueuedStarter | None = None
     #: The hub's REST API root, for starting a queued request's server.
     hub_api_url: str = ""
+    #: The hub groups as the ds01-ops pass saw them, for queued starts (no ORM user there).
+    hub_groups: SnapshotReader | None = None
 
 
 class DS01Spawner(DockerSpawner):
@@ -415,6 +417,7 @@ class DS01Spawner(DockerSpawner):
         context = _HubContext(
             store, inventory, allocator, eventlog, queue, client, label_filter, executor, recovery
         )
+        context.hub_groups = SnapshotReader(paths.hub_groups_snapshot(state_dir))
         if self.queue_api_token:
             token = self.queue_api_token
             context.queued = QueuedStarter(
@@ -1388,9 +1391,13 @@ async def _serve_queued(
 
     # no ORM user here: the hub groups' properties as the other doors see them (the snapshot
     # of the last ds01-ops pass); the spawn it leads to resolves them live again
-    snapshot = SnapshotReader(paths.hub_groups_snapshot(context.allocator.state_dir))
+    hub_groups = context.hub_groups
     try:
-        limits = snapshot.resolve(context.limits.current, request.user, request.groups)
+        limits = (
+            hub_groups.resolve(context.limits.current, request.user, request.groups)
+            if hub_groups is not None
+            else context.limits.current.resolve(request.user, request.groups)
+        )
     except (LimitsError, SnapshotError) as error:
         failed(f"queued request ended: {error}")
         return
