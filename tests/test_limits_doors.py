@@ -323,3 +323,15 @@ def test_the_admin_page_says_how_fresh_the_other_doors_groups_are(tmp_path):
     later = NOW + timedelta(minutes=7)
     page = render_page(overview([], inventory, None, later, hub_groups=reader.status(later)))
     assert "as of the ds01-ops pass at 2026-12-07 16:00 UTC (7 min ago" in page
+
+
+def test_the_notebooks_quota_panel_names_the_property():
+    from ds01hub.widgets.quota_panel import limits_table
+
+    quota = {
+        "limits": {"group": "students", "memory": 64 << 20, "max_containers_per_user": 1},
+        "sources": {"memory": "hub_groups.students", "max_containers_per_user": "defaults"},
+        "gpus": [],
+    }
+    html = limits_table(quota)
+    assert "64M (hub_groups.students)" in html and "(defaults)" not in html
