@@ -177,6 +177,24 @@ def gpu_use(held: Sequence[tuple[str, str]], max_gpus: int | None) -> str:
     return f"{len(held)} of {max_gpus} {noun} in use{suffix}"
 
 
+def gpus_free_text(free: Mapping[str, Any]) -> str:
+    """'3 of 4 whole GPUs; 1 of 2 MIG 2g.20gb slices (SIMULATED)': the GPU slots free on the
+    host now, as the spawn form counts them (`GpuOffer.to_dict()`)."""
+
+    def count(entry: Mapping[str, Any], noun: str) -> str:
+        total = int(entry.get("total", 0))
+        return f"{int(entry.get('free', 0))} of {total} {noun}{'' if total == 1 else 's'}"
+
+    parts = []
+    whole = free.get("whole") or {}
+    if whole.get("total"):
+        parts.append(count(whole, "whole GPU"))
+    for profile, entry in (free.get("mig") or {}).items():
+        parts.append(count(entry, f"MIG {profile} slice"))
+    text = "; ".join(parts) or "none (this machine has no GPUs)"
+    return text + (" (SIMULATED)" if free.get("simulated") else "")
+
+
 def quota_rows(quota: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     """(what, in use, limit) for a user's quota (`UserOperations.quota()`): the one rendering
     of it (`container-stats`, `user-setup`, the notebook's QuotaPanel). An absent limit reads
@@ -196,8 +214,10 @@ def quota_rows(quota: Mapping[str, Any]) -> list[tuple[str, str, str]]:
 
     hold = limits.get("gpu_hold_after_stop")
     idle = limits.get("idle_timeout")
+    free = quota.get("gpus_free")
     rows = [
         ("GPUs", gpu_use(held, limits.get("max_gpus")), ""),
+        *([("GPUs free now", gpus_free_text(free), "")] if free else []),
         ("GPUs per container", "", cap(limits.get("max_gpus_per_container"))),
         ("CPUs per container", "", cap(limits.get("max_cpus"))),
         ("Memory per container", "", human_size(limits.get("memory"), none="unlimited")),
@@ -218,16 +238,16 @@ def quota_rows(quota: Mapping[str, Any]) -> list[tuple[str, str, str]]:
 
 #: Sources every user shares (ds01hub.limits.ResolvedLimits.sources): not named in quotas.
 SITE_WIDE_SOURCES = frozenset({"defaults", "built-in", "policies"})
-#: quota_rows' rows in order, by the limit field each shows
-QUOTA_FIELDS = (
-    "max_gpus",
-    "max_gpus_per_container",
-    "max_cpus",
-    "memory",
-    "max_containers_per_user",
-    "idle_timeout",
-    "gpu_hold_after_stop",
-)
+#: quota_rows' rows by label -> the limit field each shows (rows of use only have none)
+QUOTA_FIELDS = {
+    "GPUs": "max_gpus",
+    "GPUs per container": "max_gpus_per_container",
+    "CPUs per container": "max_cpus",
+    "Memory per container": "memory",
+    "Containers": "max_containers_per_user",
+    "Idle containers stopped after": "idle_timeout",
+    "GPUs kept after a stop": "gpu_hold_after_stop",
+}
 
 
 def _with_sources(
@@ -238,8 +258,8 @@ def _with_sources(
     when the quota says (`UserOperations.quota()`'s `sources`); the site's defaults stay
     plain, so the line names only what differs from everyone's."""
     out = []
-    for (what, use, limit), name in zip(rows, QUOTA_FIELDS, strict=True):
-        source = sources.get(name)
+    for what, use, limit in rows:
+        source = sources.get(QUOTA_FIELDS.get(what, ""))
         where = f" ({source})" if source and source not in SITE_WIDE_SOURCES else ""
         out.append((what, use + where, limit) if not limit else (what, use, limit + where))
     return out
