@@ -43,6 +43,8 @@ from ds01hub.gpu import messages
 from ds01hub.gpu.allocator import AllocationStateError, GpuAllocator
 from ds01hub.gpu.cluster import cluster_inventory, parse_node
 from ds01hub.gpu.decision import Decision
+from ds01hub.gpu.eventlog import EventLog
+from ds01hub.gpu.fairshare import FairShare
 from ds01hub.gpu.swarm_state import (
     ENDED_TASK_STATES,
     create_service,
@@ -95,6 +97,12 @@ class DS01SwarmSpawner(ProgressEvents, ProfileList, SwarmSpawner):
         "what is read from Swarm's objects, so a hub restarted on another manager loses nothing "
         "that started.",
     )
+    event_log_path = Unicode(
+        "",
+        config=True,
+        help="SQLite event log of allocations (GPU-hours: fair share, usage reports). Empty: "
+        "`state_dir`/events.db (as DS01Spawner).",
+    )
     profile_list = profile_list_trait()
 
     gpu_wait_timeout = Float(
@@ -112,6 +120,8 @@ class DS01SwarmSpawner(ProgressEvents, ProfileList, SwarmSpawner):
 
     #: the hub's GPU queue per state directory (`_queue`)
     _queues: ClassVar[dict[str, GpuQueue]] = {}
+    #: the hub's event log per path (`_eventlog`)
+    _eventlogs: ClassVar[dict[str, EventLog]] = {}
 
     @default("object_name")
     def _object_name_default(self) -> str:
@@ -121,6 +131,13 @@ class DS01SwarmSpawner(ProgressEvents, ProfileList, SwarmSpawner):
 
     def _state_path(self) -> Path:
         return paths.state_dir(self.state_dir)
+
+    def _eventlog(self) -> EventLog:
+        """The hub's one event log (on the manager's disk: history, not who holds what)."""
+        path = str(self.event_log_path or self._state_path() / "events.db")
+        if path not in self._eventlogs:
+            self._eventlogs[path] = EventLog(path)
+        return self._eventlogs[path]
 
     def _limits(self) -> LimitsStore:
         return LimitsStore(self.limits_path or None, log=self.log)
@@ -137,6 +154,7 @@ class DS01SwarmSpawner(ProgressEvents, ProfileList, SwarmSpawner):
             None,
             cluster_inventory(nodes),
             self._state_path(),
+            self._eventlog(),
             limits=limits,
             container_lister=swarm_lister(manager, trust),
             container_remover=swarm_remover(manager),
@@ -150,11 +168,28 @@ class DS01SwarmSpawner(ProgressEvents, ProfileList, SwarmSpawner):
 
     def _queue(self) -> GpuQueue:
         """The hub's one GPU queue (per state directory): every spawn's attempts go through
-        it, in priority then arrival order, as on one host."""
+        it, by effective priority (fair share) then arrival, as on one host."""
         key = str(self._state_path())
         if key not in self._queues:
-            self._queues[key] = GpuQueue(self.gpu_wait_interval)
+            self._queues[key] = GpuQueue(self.gpu_wait_interval, self._fair_share)
         return self._queues[key]
+
+    async def _fair_share(self) -> FairShare:
+        """Everyone's fair-share factor now: the allocator's (`GpuAllocator.fair_share`, from
+        the event log and `gpu_allocation.fairshare`); no node needs asking for it."""
+
+        def now() -> FairShare:
+            allocator = GpuAllocator(
+                None,
+                cluster_inventory(()),
+                self._state_path(),
+                self._eventlog(),
+                limits=self._limits(),
+                container_lister=list,
+            )
+            return allocator.fair_share()
+
+        return await self._blocking(now)
 
     def _offer(self, allocator: GpuAllocator, holdings: Any = ()) -> GpuOffer:
         """What the cluster has (the slots of every node that takes servers) and what is free."""
