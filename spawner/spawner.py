@@ -106,18 +106,12 @@ from .options import (
     render_form,
     resolve_choice,
 )
-from .progress import ProgressEvents
+from .progress import ProgressEvents, refusal_status
 from .queued import QueuedStarter
 from .recovery import EngineRecovery
 
 __all__ = ["DS01Spawner"]
 
-_STATUS_OF_CODE = {
-    "per_container_limit": 403,
-    "user_limit": 409,
-    "equivalents_limit": 409,
-    "not_available": 400,
-}
 #: How often one spawn asks for GPUs when the check before `docker start` finds its slots gone.
 _START_ATTEMPTS = 3
 
@@ -657,6 +651,7 @@ class DS01Spawner(ProgressEvents, ProfileList, DockerSpawner):
                 simulated=context.inventory.simulated,
                 deadline=deadline,
                 timeout=self.gpu_wait_timeout,
+                timeout_key=self._setting("gpu_wait_timeout"),
                 **queue,
             )
 
@@ -707,7 +702,7 @@ class DS01Spawner(ProgressEvents, ProfileList, DockerSpawner):
             raise self._refusal(messages.timeout_message(situation(last)), 503) from None
         if not decision.ok:
             await self._record_failure(decision.reason or "")
-            status = _STATUS_OF_CODE.get(decision.code, 400)
+            status = refusal_status(decision.code)
             raise self._refusal(messages.refusal_message(situation(decision)), status)
         slots = tuple(context.inventory.slot(slot_id) for slot_id in decision.granted)
         taken = "".join(

@@ -69,7 +69,7 @@ from ds01hub.spawner.options import (
     render_form,
     resolve_choice,
 )
-from ds01hub.spawner.progress import ProgressEvents
+from ds01hub.spawner.progress import ProgressEvents, refusal_status
 from ds01hub.spawner.swarm_plan import service_name, service_spec
 from ds01hub.units import utcnow
 
@@ -277,6 +277,7 @@ class DS01SwarmSpawner(ProgressEvents, ProfileList, SwarmSpawner):
                 simulated=inventory.simulated,
                 deadline=deadline,
                 timeout=self.gpu_wait_timeout,
+                timeout_key=self._setting("gpu_wait_timeout"),
                 **queue,
             )
 
@@ -316,7 +317,8 @@ class DS01SwarmSpawner(ProgressEvents, ProfileList, SwarmSpawner):
             last = error.decision or Decision(reason="no attempt finished", code="busy")
             raise self._refusal(messages.timeout_message(situation(last)), 503) from None
         if not decision.ok:
-            raise self._refusal(messages.refusal_message(situation(decision)), 409)
+            status = refusal_status(decision.code)
+            raise self._refusal(messages.refusal_message(situation(decision)), status)
         return latest[-1], decision
 
     def __init__(self, **kwargs: Any):

@@ -10,8 +10,14 @@ from types import SimpleNamespace
 
 import pytest
 from harness import wait_until_async
+from jupyterhub.spawner import SpawnException
 
+from ds01hub.gpu.cluster import cluster_inventory, parse_node
 from ds01hub.gpu.decision import Decision
+from ds01hub.gpu.messages import EVENT_KEY
+from ds01hub.limits import LimitsStore, parse_limits
+from ds01hub.spawner.options import SpawnChoice
+from ds01hub.spawner.progress import refusal_status
 from ds01hub.spawner.swarm_spawner import DS01SwarmSpawner
 from ds01hub.units import utcnow
 
@@ -103,3 +109,55 @@ async def test_the_swarm_queue_orders_by_fair_share_then_arrival(tmp_path):
     finally:
         for wait in waits:
             wait.cancel()
+
+
+class Refusing:
+    """An allocator over one node that answers every request with `decision`."""
+
+    def __init__(self, decision: Decision):
+        self.decision = decision
+        self.inventory = cluster_inventory([parse_node(NODE)])
+        self.released: list[str] = []
+
+    def allocate(self, request, limits) -> Decision:
+        return self.decision
+
+    def release(self, container: str, reason: str) -> None:
+        self.released.append(container)
+
+
+async def refused(tmp_path, decision: Decision, **settings) -> tuple[DS01SwarmSpawner, Exception]:
+    made = spawner(tmp_path, gpu_wait_interval=0.05, **settings)
+    made._allocator = lambda store: Refusing(decision)
+    store = LimitsStore(str(tmp_path / "limits.yaml"))
+    limits = parse_limits({"defaults": {"max_gpus": 1, "max_gpu_equivalents": 1}}).resolve("ann")
+    with pytest.raises(SpawnException) as raised:
+        await made._allocate(store, limits, SpawnChoice(image="img", gpus=1))
+    return made, raised.value
+
+
+@pytest.mark.parametrize(
+    ("code", "status"),
+    [
+        ("user_limit", 409),
+        ("equivalents_limit", 409),
+        ("per_container_limit", 403),
+        ("not_available", 400),
+        ("bad_request", 400),
+    ],
+)
+async def test_each_refusal_has_its_own_status_as_on_one_host(tmp_path, code, status):
+    assert refusal_status(code) == status  # the one mapping DS01Spawner uses too
+    _, error = await refused(tmp_path, Decision(reason="no", code=code))
+    assert error.status_code == status and error.reason == code
+
+
+async def test_a_wait_names_the_swarm_spawners_setting(tmp_path):
+    busy = Decision(reason="all slots are taken", code="busy")
+    made, error = await refused(tmp_path, busy, gpu_wait_timeout=0.3)
+    assert error.status_code == 503
+    waits = [e[EVENT_KEY] for e in made._events if e.get(EVENT_KEY, {}).get("kind") == "wait"]
+    assert waits, made._events
+    for said in (" ".join(waits[-1]["details"]), str(error)):
+        assert "c.DS01SwarmSpawner.gpu_wait_timeout" in said
+        assert "c.DS01Spawner." not in said
