@@ -219,6 +219,7 @@ class DS01SwarmSpawner(ProgressEvents, ProfileList, SwarmSpawner):
             own_images=[],
             default_image=self.image,
             previous=self.orm_spawner.user_options if self.orm_spawner else None,
+            queue_offered=False,  # `_choose` refuses it: README "More than one machine"
         )
 
     def _images(self, limits: Any, profiles: Any) -> tuple[str, ...] | str:
@@ -249,8 +250,8 @@ class DS01SwarmSpawner(ProgressEvents, ProfileList, SwarmSpawner):
         if choice.queue:
             raise SpawnException(
                 "waiting for a GPU without a time limit (the queue option) is not offered on a "
-                f"swarm yet; start without it (the spawn waits up to {self.gpu_wait_timeout:.0f}s "
-                "in the GPU queue).",
+                f"swarm; start without it (the spawn waits up to {self.gpu_wait_timeout:.0f}s in "
+                f"the GPU queue, {self._setting('gpu_wait_timeout')}).",
                 reason="options",
                 status_code=400,
             )

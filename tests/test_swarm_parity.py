@@ -161,3 +161,18 @@ async def test_a_wait_names_the_swarm_spawners_setting(tmp_path):
     for said in (" ".join(waits[-1]["details"]), str(error)):
         assert "c.DS01SwarmSpawner.gpu_wait_timeout" in said
         assert "c.DS01Spawner." not in said
+
+
+async def test_the_swarm_form_offers_no_queue_option_and_a_spawn_with_it_is_refused(tmp_path):
+    made = spawner(tmp_path)
+    cluster = Refusing(Decision())
+    cluster.holdings = list
+    made._allocator = lambda store: cluster
+    form = await made._render_options_form()
+    assert 'name="gpu"' in form and 'name="queue"' not in form
+    made.user_options = {"gpus": 1, "queue": True}
+    limits = parse_limits({"defaults": {"max_gpus": 1}}).resolve("ann")
+    with pytest.raises(SpawnException) as raised:
+        made._choose(cluster, limits)
+    assert raised.value.status_code == 400
+    assert "c.DS01SwarmSpawner.gpu_wait_timeout" in str(raised.value)
