@@ -51,6 +51,9 @@ __all__ = [
 
 #: Docker's client certificate layout (`DOCKER_CERT_PATH`, `docker --tlsverify`)
 TLS_FILES = ("ca.pem", "cert.pem", "key.pem")
+#: the Engine API version spoken to a node (Docker 20.10's, the oldest engine ds01hub runs on;
+#: later engines serve it too)
+ENGINE_API_VERSION = "1.41"
 #: what the hint of an error says to do
 MAP_HINT = (
     "list every swarm node in the nodes file (`nodes: {HOST: {url: tcp://ADDR:2376, tls: DIR}}`;"
@@ -109,15 +112,24 @@ class NodeEndpoint:
 
     def docker_client(self, timeout: float = 60) -> Any:
         """A docker-py client of this engine: mutual TLS (docker-py's `TLSConfig`, the CA's
-        certificate verified, ours presented) for TCP, the socket itself for unix."""
+        certificate verified, ours presented) for TCP, the socket itself for unix.
+
+        The environment is not trusted (`trust_env = False`): requests would otherwise put
+        `$REQUESTS_CA_BUNDLE` (common where a site CA intercepts TLS) in place of the cluster's
+        CA, and send the engine's API through `$HTTPS_PROXY`. Hence also a fixed API version
+        (no negotiation before the setting applies)."""
         import docker
         from docker.tls import TLSConfig
 
-        if self.tls is None:
-            return docker.DockerClient(base_url=self.url, timeout=timeout)
-        ca, cert, key = self.tls_files()
-        tls = TLSConfig(client_cert=(str(cert), str(key)), ca_cert=str(ca), verify=True)
-        return docker.DockerClient(base_url=self.url, tls=tls, timeout=timeout)
+        tls = None
+        if self.tls is not None:
+            ca, cert, key = self.tls_files()
+            tls = TLSConfig(client_cert=(str(cert), str(key)), ca_cert=str(ca), verify=True)
+        client = docker.DockerClient(
+            base_url=self.url, tls=tls, timeout=timeout, version=ENGINE_API_VERSION
+        )
+        client.api.trust_env = False
+        return client
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """The same mutual TLS for a raw connection (the broker's exec stream); None: unix."""
