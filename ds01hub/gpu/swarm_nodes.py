@@ -38,7 +38,7 @@ from pydantic import Field
 
 from ds01hub.bodies import Body, BodyError, parse_data
 from ds01hub.errors import Ds01hubError
-from ds01hub.strict_yaml import read_yaml_file
+from ds01hub.strict_yaml import StrictYamlError, read_yaml_file
 
 __all__ = [
     "TLS_FILES",
@@ -194,6 +194,10 @@ def load_node_endpoints(path: str | os.PathLike) -> dict[str, NodeEndpoint]:
     except OSError as e:
         raise NodeEngineError(
             f"cannot read the swarm nodes file {path}: {e.strerror}", hint=MAP_HINT
+        ) from None
+    except StrictYamlError as e:
+        raise NodeEngineError(
+            f"the swarm nodes file {path}: {e.message}", hint=MAP_HINT, status=400
         ) from None
     try:
         return parse_node_endpoints(document.data, f"the swarm nodes file {path}")
