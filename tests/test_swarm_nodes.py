@@ -174,7 +174,7 @@ class Engines:
 def test_a_service_reads_as_its_container_with_the_limits_of_its_spec():
     manager = SimpleNamespace(api=Api([task("running")]))
     swarm = SwarmContainers(manager, Engines(None))
-    (entry,) = swarm.list(["ds01.managed=true"])
+    (entry,) = swarm.summaries(["ds01.managed=true"])
     assert entry["State"] == "running" and entry["Labels"] == {"ds01.user": "ann"}
     assert entry["Names"] == ["/thesis--ann"] and entry["Id"] == "svc1"
     document = swarm.inspect("svc1")

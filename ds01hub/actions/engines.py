@@ -61,7 +61,7 @@ class LocalContainers:
         self.docker = docker
         self.url = url
 
-    def list(self, label_filters: list[str]) -> list[dict[str, Any]]:
+    def summaries(self, label_filters: list[str]) -> list[dict[str, Any]]:
         return self.docker.api.containers(all=True, filters={"label": label_filters})
 
     def inspect(self, container_id: str) -> dict[str, Any]:
@@ -142,7 +142,7 @@ class SwarmContainers:
 
     # -- the manager's word ---------------------------------------------------------------
 
-    def list(self, label_filters: list[str]) -> list[dict[str, Any]]:
+    def summaries(self, label_filters: list[str]) -> list[dict[str, Any]]:
         services = self.manager.api.services(filters={"label": label_filters})
         if not services:
             return []

@@ -386,7 +386,7 @@ class UserOperations:
         if project is not None:
             wanted.append(f"{labels.PROJECT}={project}")
         found = []
-        for summary in self.ctx.engine.list(wanted):
+        for summary in self.ctx.engine.summaries(wanted):
             # the label filter only pre-selects: a label set that anyone can copy into an
             # image proves nothing until its signature verifies for this very container
             record = labels.ContainerRecord.from_docker(summary, self.ctx.trust)

@@ -110,7 +110,7 @@ class NodeEndpoint:
         ca, cert, key = files
         return ca, cert, key
 
-    def docker_client(self, timeout: float = 60) -> Any:
+    def docker_client(self, timeout: int = 60) -> Any:
         """A docker-py client of this engine: mutual TLS (docker-py's `TLSConfig`, the CA's
         certificate verified, ours presented) for TCP, the socket itself for unix.
 
@@ -121,7 +121,7 @@ class NodeEndpoint:
         import docker
         from docker.tls import TLSConfig
 
-        tls = None
+        tls: TLSConfig | bool = False
         if self.tls is not None:
             ca, cert, key = self.tls_files()
             tls = TLSConfig(client_cert=(str(cert), str(key)), ca_cert=str(ca), verify=True)
