@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from types import SimpleNamespace
 
 import docker
 import pytest
 import requests
 from docker.tls import TLSConfig
+from harness.cli import busybox_image
 from harness.engine import PrivateEngine
 from harness.net import free_port
 
+from ds01hub.actions.engines import ExecTarget
 from ds01hub.gpu.swarm_nodes import parse_node_endpoints
 from ds01hub.host import swarm_tls
 from ds01hub.services.broker.app import Broker
@@ -129,3 +132,35 @@ def test_the_broker_s_raw_connection_speaks_mutual_tls(engine, certificates):
 
     answer = asyncio.run(ping())
     assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"OK")
+
+
+def test_a_shell_s_output_comes_back_over_mutual_tls(engine, certificates, docker_client):
+    """`container-run`'s exec stream (`Broker.open_exec_stream`) to a container on a node
+    reached over TLS: the exec starts on that engine and its output comes back."""
+    image = busybox_image(docker_client)
+    engine.load_image(image)
+    node = endpoint(engine, certificates)
+    client = node.docker_client()
+    container = client.containers.run(
+        image, ["sleep", "600"], detach=True, network_mode="host", labels={"ds01.test": "1"}
+    )
+    try:
+        exec_id = client.api.exec_create(
+            container.id, ["sh", "-c", "echo over-$((6*7))"], tty=True
+        )["Id"]
+        broker = Broker()
+        target = ExecTarget(node, client.api.api_version)
+        broker.context = SimpleNamespace(engine=SimpleNamespace(exec_target=lambda _: target))
+
+        async def run() -> bytes:
+            stream = await broker.open_exec_stream(exec_id, tty=True)
+            try:
+                return await stream.read_until_close()
+            finally:
+                stream.close()
+
+        assert b"over-42" in asyncio.run(run())
+        assert client.api.exec_inspect(exec_id)["ExitCode"] == 0
+    finally:
+        container.remove(force=True)
+        client.close()
