@@ -4,9 +4,9 @@ parent where the host allows it (`ds01hub.host.cgroups` writes what `cgroup_sett
 
 The check sums the containers' configured limits, not their current use: a container's limit is
 what it may take at any moment. A container without a limit on a capped resource makes the cap
-impossible to keep, so the spawn is refused and says which one. The check alone cannot see two
-spawns of one user racing; the cgroup parent can (the kernel caps the parent, whatever starts
-under it).
+impossible to keep, so the spawn is refused and says which one. The check is made again right
+before `docker start`, under a per-user lock (`ds01hub.host.aggregate_gate`), so two spawns of
+one user cannot both pass it; `counts_toward_caps` says which of the user's containers count.
 """
 
 from __future__ import annotations
@@ -16,12 +16,32 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ds01hub.labels import RUNNING_STATES
 from ds01hub.limits import AggregateLimits
 from ds01hub.units import format_size
 
-__all__ = ["ContainerUse", "aggregate_refusal", "cgroup_settings", "user_cgroup_parent"]
+__all__ = [
+    "ContainerUse",
+    "aggregate_refusal",
+    "cgroup_settings",
+    "counts_toward_caps",
+    "user_cgroup_parent",
+]
 
 CFS_PERIOD_US = 100_000
+_NANO = 1_000_000_000
+
+
+def counts_toward_caps(state: str, creator_alive: bool | None) -> bool:
+    """Whether a container in Docker `state` counts against its user's caps at a start made
+    under the user's lock. Running (or paused, restarting) ones do; a `created` one counts
+    unless the process that created it is known to live: a live creator's start passes the
+    same lock first, but a dead one's `docker start` may still land (it was sent before the
+    kill), so it counts until the container is removed (the hub's reconcile at start removes
+    those). A stopped one uses nothing."""
+    if state in RUNNING_STATES:
+        return True
+    return state == "created" and creator_alive is not True
 
 
 @dataclass(frozen=True)
@@ -76,9 +96,10 @@ def aggregate_refusal(
                 f"{show(limit)} cannot be kept"
             )
             continue
-        total = sum(getattr(c, key) for c in running) + getattr(new, key)
-        if total > limit:
-            problems.append(f"{label}: {show(total)} together, over the aggregate {show(limit)}")
+        total = sum(_exact(key, getattr(c, key)) for c in (*running, new))
+        if total > _exact(key, limit):
+            together = show(total / _NANO if key == "cpus" else total)
+            problems.append(f"{label}: {together} together, over the aggregate {show(limit)}")
     if not problems:
         return None
     listing = "; ".join(f"{c.name} ({_limits_text(c)})" for c in running)
@@ -87,6 +108,12 @@ def aggregate_refusal(
         + "; ".join(problems)
         + f". Running: {listing or 'none'}. Stop a container first, or pick a smaller profile"
     )
+
+
+def _exact(key: str, value: float) -> int:
+    """CPUs in nano-CPUs (Docker's own unit), the rest as they are: sums of fractions of a CPU
+    compare exactly (0.1 + 0.2 CPUs fit a cap of 0.3)."""
+    return round(value * _NANO) if key == "cpus" else int(value)
 
 
 def _limits_text(use: ContainerUse) -> str:

@@ -38,7 +38,13 @@ from typing import Any, TypeVar
 
 from ds01hub import paths
 from ds01hub.errors import Ds01hubError
-from ds01hub.mig import COMPUTE_SLICES, PROFILE_FORM, is_profile, parse_profile
+from ds01hub.mig import (
+    COMPUTE_SLICES,
+    PROFILE_FORM,
+    is_profile,
+    model_compute_slices,
+    parse_profile,
+)
 from ds01hub.strict_yaml import (
     Document,
     KeyPath,
@@ -1021,7 +1027,7 @@ def _read_simulated_gpu(
         memory_mb = _read_gpu_memory(gpu["memory"], path + ("memory",), out) or memory_mb
     profiles = _read_mig(gpu.get("mig"), path + ("mig",), default_profile, out)
     if profiles:
-        _check_mig_capacity(profiles, memory_mb, path + ("mig",), out)
+        _check_mig_capacity(profiles, memory_mb, model_compute_slices(name), path + ("mig",), out)
     count = gpu.get("count", 1)
     if not _whole(count) or not 1 <= count <= MAX_SIMULATED_GPUS:
         out.problem(
@@ -1094,10 +1100,10 @@ def _read_mig(
 
 
 def _check_mig_capacity(
-    profiles: tuple[str, ...], memory_mb: int, path: KeyPath, out: _Collector
+    profiles: tuple[str, ...], memory_mb: int, slices_of_gpu: int, path: KeyPath, out: _Collector
 ) -> None:
-    """What a MIG-capable GPU can hold: 7 compute slices, its memory in 8 slices; a profile's
-    memory (its name's GB, rounded as NVIDIA rounds it) fits in the GPU's."""
+    """What a MIG-capable GPU can hold: its compute slices (7; an A30 4), its memory in 8
+    slices; a profile's memory (its name's GB, rounded as NVIDIA rounds it) fits in the GPU's."""
     compute = memory_slices = 0
     for profile in profiles:
         parsed = parse_profile(profile)
@@ -1114,14 +1120,15 @@ def _check_mig_capacity(
             return
         compute += slices
         memory_slices += max(1, round(gigabytes * 1024 * MIG_MEMORY_SLICES / memory_mb))
-    if compute > MIG_COMPUTE_SLICES or memory_slices > MIG_MEMORY_SLICES:
+    if compute > slices_of_gpu or memory_slices > MIG_MEMORY_SLICES:
         out.problem(
             path,
             list(profiles),
-            f"these MIG instances need {compute} of a GPU's {MIG_COMPUTE_SLICES} compute slices "
+            f"these MIG instances need {compute} of this GPU's {slices_of_gpu} compute slices "
             f"and {memory_slices} of its {MIG_MEMORY_SLICES} memory slices",
             "use fewer or smaller instances (on an 80 GB GPU: 7 x 1g.10gb, 3 x 2g.20gb, "
-            "2 x 3g.40gb or 1 x 7g.80gb)",
+            "2 x 3g.40gb or 1 x 7g.80gb; on a 24 GB A30: 4 x 1g.6gb, 2 x 2g.12gb or 1 x "
+            "4g.24gb)",
             "mig-capacity",
         )
 

@@ -16,6 +16,10 @@ from fractions import Fraction
 #: Compute slices of a MIG-capable GPU (A100, H100, H200, B200: 7; a `7g` profile is the whole GPU).
 COMPUTE_SLICES = 7
 
+#: The MIG-capable models with fewer compute slices (NVIDIA's MIG user guide: the A30 has 4,
+#: its whole-GPU profile is `4g.24gb`), by a word of the model's name.
+_MODEL_SLICES = {"A30": 4}
+
 #: What a profile name looks like, for error messages.
 PROFILE_FORM = "<1|2|3|4|7>g.<GB>gb[+me], e.g. 1g.10gb, 2g.20gb, 3g.40gb"
 
@@ -60,14 +64,22 @@ def profile_in_device_name(name: str) -> MigProfile | None:
     return _profile(match) if match else None
 
 
-def gpu_share(profile: str | None) -> Fraction:
+def model_compute_slices(name: str) -> int:
+    """A GPU's compute slices from its model name (`NVIDIA A30` -> 4), COMPUTE_SLICES for
+    every other model: what the inventory uses where NVML's MIG profile info says nothing."""
+    words = set(re.findall(r"[A-Z0-9]+", name.upper()))
+    return next((n for model, n in _MODEL_SLICES.items() if model in words), COMPUTE_SLICES)
+
+
+def gpu_share(profile: str | None, slices: int = COMPUTE_SLICES) -> Fraction:
     """The share of a GPU's compute that a slot is (GPU equivalents): a whole GPU (`None`) is 1,
-    a MIG instance its compute slices of COMPUTE_SLICES (`2g.20gb` = 2/7). A name that is not a
-    profile counts as a whole GPU: a quota never undercounts what it cannot read."""
+    a MIG instance its compute slices of its GPU's `slices` (`2g.20gb` of a 7-slice A100 = 2/7,
+    `2g.12gb` of a 4-slice A30 = 1/2). A name that is not a profile counts as a whole GPU: a
+    quota never undercounts what it cannot read."""
     parsed = parse_profile(profile) if profile is not None else None
-    if parsed is None:
+    if parsed is None or slices < 1:
         return Fraction(1)
-    return Fraction(min(parsed.slices, COMPUTE_SLICES), COMPUTE_SLICES)
+    return Fraction(min(parsed.slices, slices), slices)
 
 
 def format_share(share: Fraction) -> str:

@@ -5,6 +5,11 @@ fair-share term when `gpu_allocation.fairshare` is on, recomputed at the start o
 (usage decays and grants change it), so a user who used little recently goes before one of
 the same configured priority who used much.
 
+Arrival is when a request first asked (seconds since the epoch, `acquire(arrival=...)`): a
+spawn that waited `queue_first_wait`, was stored as a queued request and is served again (by
+the same hub or after its restart) keeps its place before everyone who asked later. Equal
+arrivals keep the order in which they joined.
+
 All spawns of one hub run in one process (one asyncio loop), so one `GpuQueue` per hub orders
 them. Every attempt to allocate goes through the queue, also the first one, so a newcomer never
 overtakes someone who waits: a dispatcher runs *rounds* in which each waiter, highest priority
@@ -20,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -81,7 +86,6 @@ class GpuQueue:
         self._fair_share = fair_share
         self._fair = FairShare()
         self._waiters: list[_Waiter] = []
-        self._arrivals = itertools.count()
         self._wake = asyncio.Event()
         self._dispatcher: asyncio.Task | None = None
 
@@ -111,13 +115,15 @@ class GpuQueue:
         timeout: float | None,
         abandon: Callable[[Decision], Awaitable[None]],
         on_wait: Callable[[QueueStatus], None] = lambda status: None,
+        arrival: float | None = None,
     ) -> Decision:
         """Wait for a decision that is not `busy`; `attempt` runs the allocator once.
         `user`'s fair share adjusts `priority`. Raises GpuWaitTimeout after `timeout` seconds
         (None: wait until granted or cancelled); `abandon` undoes a grant that arrives after
-        the waiter gave up (timeout or cancellation)."""
+        the waiter gave up (timeout or cancellation). `arrival`: when the request first asked
+        (epoch seconds; default now), which orders it among equal priorities."""
         waiter = _Waiter(
-            Waiting(key, user, priority, next(self._arrivals)),
+            Waiting(key, user, priority, time.time() if arrival is None else arrival),
             attempt,
             abandon,
             on_wait,

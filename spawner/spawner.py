@@ -11,7 +11,9 @@ One spawn, step by step (each step is a progress event):
 5. create the container (or re-create it: device requests and limits are fixed at create) with
    the limits, device requests, GPU env, workspace, uid/gid and the signed `ds01.*` labels
    (`ds01hub.provenance`: only those count, never what an image claims); then, right before
-   `docker start`, `GpuAllocator.begin_start` confirms under the allocator's lock that the
+   `docker start` and under the user's own lock, the user's aggregate caps are checked again
+   from Docker's state (`ds01hub.host.aggregate_gate`: two spawns of one user cannot both
+   pass) and `GpuAllocator.begin_start` confirms under the allocator's lock that the
    slots are still this container's alone. A container whose slots were reclaimed or whose
    claim lapsed never starts on them: the spawn asks for GPUs again (up to `_START_ATTEMPTS`
    times) or fails saying why.
@@ -72,9 +74,22 @@ from ds01hub.gpu.eventlog import EventLog, EventLogError, NewEvent
 from ds01hub.gpu.fairshare import FairShare
 from ds01hub.gpu.inventory import Inventory, Slot, load_inventory
 from ds01hub.gpu.queued import QueuedRequest, QueuedStore, QueueLimitError
+from ds01hub.host.aggregate_gate import (
+    AggregateRefused,
+    UserLockTimeout,
+    counted_uses,
+    remove_unused_parent,
+    start_within_caps,
+)
 from ds01hub.host.cgroups import CgroupError, ensure_parent
 from ds01hub.hub.group_limits import hub_group_limits
-from ds01hub.limits import LimitsError, LimitsStore, ResolvedLimits, record_expired
+from ds01hub.limits import (
+    AggregateLimits,
+    LimitsError,
+    LimitsStore,
+    ResolvedLimits,
+    record_expired,
+)
 from ds01hub.units import utcnow
 
 from . import metrics
@@ -434,6 +449,7 @@ class DS01Spawner(DockerSpawner):
         self._created_in_this_spawn = False
         self._spawn_slots: tuple[Slot, ...] = ()
         self._check_seconds = 0.0  # the check before `docker start`, for the timing log line
+        self._user_parent: tuple[str, AggregateLimits] | None = None  # (cgroup, caps) to write
 
     def _emit(self, progress: int, message: str) -> None:
         self._events.append({"progress": progress, "message": message})
@@ -592,12 +608,14 @@ class DS01Spawner(DockerSpawner):
 
     async def _apply_aggregate(self, limits: ResolvedLimits, choice: SpawnChoice) -> ResolvedLimits:
         """Refuse a spawn beyond the user's aggregate caps (the sum of their running
-        containers' limits and this one's); with `aggregate_cgroup_root`, start it under the
-        user's parent cgroup, which has the caps written into it."""
+        containers' limits and this one's: fail fast; `start_object` checks again under the
+        user's lock); with `aggregate_cgroup_root`, start it under the user's parent cgroup,
+        which `start_object` writes the caps into."""
+        self._user_parent = None
         cap = limits.aggregate
         if cap is None:
             return limits
-        running = await self._blocking(self._running_uses)
+        running = await self._blocking(self._counted_uses)
         new = ContainerUse(self.object_name, choice.max_cpus, choice.memory, limits.pids_limit)
         refusal = aggregate_refusal(self.user.name, cap, running, new)
         if refusal:
@@ -613,22 +631,47 @@ class DS01Spawner(DockerSpawner):
             )
             return limits
         parent = user_cgroup_parent(base, self.user.name)
+        self._user_parent = (parent, cap)
+        self._emit(11, f"aggregate caps {cap.describe()}: cgroup {parent}")
+        return replace(limits, cgroup_parent=parent)
+
+    async def _write_user_parent(self) -> None:
+        """The user's parent cgroup with their caps, created if missing (it is removed when
+        their last container is gone): right before `docker start`, under the user's lock."""
+        if self._user_parent is None:
+            return
+        parent, cap = self._user_parent
         try:
             await self._blocking(ensure_parent, self.aggregate_cgroup_root, parent, cap)
         except CgroupError as error:
             raise SpawnException(str(error), reason="aggregate", status_code=500) from None
-        self._emit(11, f"aggregate caps {cap.describe()}: cgroup {parent}")
-        return replace(limits, cgroup_parent=parent)
 
-    def _running_uses(self) -> list[ContainerUse]:
-        """The limits of the user's other running containers, as Docker has them."""
-        uses = []
-        for record in self._user_records():
-            if record.name == self.object_name or record.state != "running":
-                continue
-            host = self.context.docker.api.inspect_container(record.id)["HostConfig"]
-            uses.append(ContainerUse.from_host_config(record.name, host))
-        return uses
+    async def _remove_user_parent(self, parent: str) -> None:
+        """The user's last container is gone: their parent cgroup goes too (`parent`: the
+        removed container's; only a per-user parent of this user's, under the user's lock)."""
+        if not self.aggregate_cgroup_root or not parent:
+            return
+        base = parent.rstrip("/").rpartition("/")[0]
+        if parent.rstrip("/") != user_cgroup_parent(base, self.user.name):
+            return  # a group's own parent or a systemd slice: not the user's
+        try:
+            removed = await remove_unused_parent(
+                self.context.allocator.state_dir,
+                self.user.name,
+                self._user_records,
+                self.aggregate_cgroup_root,
+                parent,
+                blocking=self._blocking,
+            )
+        except (CgroupError, UserLockTimeout) as error:  # left for the next delete
+            self.log.warning("ds01 %s: cgroup %s kept: %s", self._log_name, parent, error)
+            return
+        if removed:
+            self.log.info("ds01 %s: removed the unused cgroup parent %s", self._log_name, parent)
+
+    def _counted_uses(self) -> list[ContainerUse]:
+        """The limits of the user's other containers that count against their caps."""
+        return counted_uses(self.context.docker.api, self._user_records(), self.object_name)
 
     def _user_records(self) -> list[labels.ContainerRecord]:
         """The user's containers of this deployment (signatures verified: an image or a build
@@ -648,6 +691,7 @@ class DS01Spawner(DockerSpawner):
         self._emit(30, f"asking for {choice.gpu_text()}{sim}, priority {limits.priority}")
         request = choice.gpu_request(self.user.name, self.object_name)
         deadline = utcnow() + timedelta(seconds=self.gpu_wait_timeout)
+        arrival = time.time()  # kept by a queued request: its place across hub restarts
         last_status: list[tuple] = []
 
         def situation(decision: Decision, **queue: Any) -> messages.Situation:
@@ -697,12 +741,13 @@ class DS01Spawner(DockerSpawner):
                     timeout=timeout,
                     abandon=abandon,
                     on_wait=on_wait,
+                    arrival=arrival,
                 )
         except AllocationStateError as error:
             raise self._refusal(messages.state_message(str(error)), 503) from None
         except GpuWaitTimeout as error:
             if choice.queue:
-                raise await self._enqueue(choice, limits, error) from None
+                raise await self._enqueue(choice, limits, error, arrival) from None
             await self._record_failure(str(error))
             last = error.decision or Decision(reason="no attempt finished", code="busy")
             raise self._refusal(messages.timeout_message(situation(last)), 503) from None
@@ -723,10 +768,11 @@ class DS01Spawner(DockerSpawner):
         return slots
 
     async def _enqueue(
-        self, choice: SpawnChoice, limits: ResolvedLimits, waited: GpuWaitTimeout
+        self, choice: SpawnChoice, limits: ResolvedLimits, waited: GpuWaitTimeout, arrival: float
     ) -> SpawnException:
-        """Store the request (the `queue` option) and say so; the hub starts the server when
-        its GPU is granted (`_serve_queued`)."""
+        """Store the request (the `queue` option) with when it first asked (`arrival`: its
+        place in the GPU queue, also after a hub restart) and say so; the hub starts the server
+        when its GPU is granted (`_serve_queued`)."""
         context = self.context
         assert context.queued is not None
         context.hub_api_url = context.hub_api_url or self.hub.api_url
@@ -738,6 +784,7 @@ class DS01Spawner(DockerSpawner):
             options,
             limits.priority,
             tuple(group.name for group in self.user.groups),
+            since=arrival,
         )
         try:
             stored = await self._blocking(
@@ -1008,9 +1055,31 @@ class DS01Spawner(DockerSpawner):
         self.context.queue.notify()
 
     async def start_object(self):
-        """`docker start`, once the allocator has confirmed under its lock that the
-        container's GPU slots are its own alone (`begin_start`). Docker's answer is awaited
-        even when the spawn is cancelled meanwhile, so the undo never races the start."""
+        """`docker start` under the user's lock, once the user's aggregate caps allow it now
+        (`ds01hub.host.aggregate_gate`: two spawns of one user cannot both pass) and the
+        allocator has confirmed under its lock that the container's GPU slots are its own
+        alone (`begin_start`). Docker's answer is awaited even when the spawn is cancelled
+        meanwhile, so the undo never races the start."""
+        try:
+            await start_within_caps(
+                self.context.allocator.state_dir,
+                self.user.name,
+                self._plan_in_use.limits.aggregate,
+                self.context.docker.api,
+                self._user_records,
+                (self.object_name, self.object_id),
+                self._start_checked,
+                blocking=self._blocking,
+                on_wait=lambda: self._emit(58, "waiting for another start of yours to finish"),
+            )
+        except AggregateRefused as error:
+            raise SpawnException(str(error), reason="aggregate", status_code=409) from None
+        except UserLockTimeout as error:
+            raise SpawnException(str(error), reason="aggregate", status_code=503) from None
+
+    async def _start_checked(self) -> None:
+        """Under the user's lock: their cgroup parent, the GPU check, `docker start`."""
+        await self._write_user_parent()
         if self._spawn_slots:
             checking = time.perf_counter()
             await self._confirm_slots()
@@ -1222,7 +1291,8 @@ class DS01Spawner(DockerSpawner):
 
     async def _remove_if_never_started(self) -> bool:
         """True when the container had never started and is now removed (never forced: a
-        start that lands first wins, and the container is then stopped as usual)."""
+        start that lands first wins, and the container is then stopped as usual); the user's
+        cgroup parent goes too if that was their last container."""
         container = await self.get_object()
         if container is None or container["State"].get("Status") != "created":
             return False
@@ -1237,17 +1307,26 @@ class DS01Spawner(DockerSpawner):
         reason = "removed: never started (its spawn was interrupted); its GPU slots are free"
         self.log.warning("ds01 %s: %s", self._log_name, reason)
         await self._record_event("reconcile", reason)
+        await self._remove_user_parent(_cgroup_parent_of(container))
         return True
 
     async def delete_forever(self):
         """The named server is deleted: remove its container and release its GPUs."""
         await self._cancel_queued()
-        if await self.get_object() is not None:
+        container = await self.get_object()
+        if container is not None:
             await self.remove_object()
         self.object_id = ""
         context = self.context
         await self._blocking(context.allocator.release, self.object_name, "server deleted")
         context.queue.notify()
+        if container is not None:
+            await self._remove_user_parent(_cgroup_parent_of(container))
+
+
+def _cgroup_parent_of(container: dict) -> str:
+    """The cgroup parent an inspected container was made with ("" for Docker's default)."""
+    return str((container.get("HostConfig") or {}).get("CgroupParent") or "")
 
 
 async def _complete_even_if_cancelled(awaitable: Any) -> Any:
@@ -1334,6 +1413,7 @@ async def _serve_queued(
             timeout=None,
             abandon=release,
             on_wait=on_wait,
+            arrival=request.since,  # its place when it first asked, whatever restarts since
         )
         if not decision.ok:
             failed(f"queued request ended: {decision.reason}")

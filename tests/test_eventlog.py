@@ -75,15 +75,18 @@ def _writer(path: str, worker: int, count: int) -> None:
 
 
 def test_several_processes_write_at_once_without_losing_events(tmp_path):
+    """Fresh processes ("spawn"), not forks: a fork of the test process copies whatever lock
+    another thread of it holds at that moment (threads left by earlier tests: an executor in
+    SQLite, a logging handler), and the child then waits on it for ever."""
     path = str(tmp_path / "events.db")
     EventLog(path)
-    context = multiprocessing.get_context("fork")
+    context = multiprocessing.get_context("spawn")
     workers = [context.Process(target=_writer, args=(path, w, 50)) for w in range(4)]
     for worker in workers:
         worker.start()
     for worker in workers:
-        worker.join(60)
-        assert worker.exitcode == 0
+        worker.join(120)
+        assert worker.exitcode == 0, f"writer {worker.name}: exit code {worker.exitcode}"
     log = EventLog(path)
     assert len(log.events()) == 200
     assert len(log.open_allocations()) == 200

@@ -5,13 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from types import SimpleNamespace
 
 import pytest
 from harness import wait_until_async
 
+from ds01hub.gpu.decision import Decision
 from ds01hub.gpu.queued import QueuedRequest, QueuedStore, QueueFileError, QueueLimitError
+from ds01hub.hub.client import HubClient
+from ds01hub.limits import parse_limits
+from ds01hub.spawner.gpu_queue import GpuQueue
 from ds01hub.spawner.options import OptionsError, normalize_user_options, options_from_form
 from ds01hub.spawner.queued import QueuedStarter
+from ds01hub.spawner.spawner import _serve_queued
 
 
 def request(user="alice", server="q", priority=10, since=1000.0) -> QueuedRequest:
@@ -165,3 +174,86 @@ def test_hub_pages_show_queued_requests_and_recent_starts(tmp_path):
         SimpleNamespace(name="bob")
     )
     assert "<b>" not in announce(SimpleNamespace(name="<b>al</b>"))
+
+
+class _OneSlotAtATime:
+    """The allocator as the queue sees it: `free` identical slots, granted in turn."""
+
+    def __init__(self) -> None:
+        self.free = 0
+        self.granted: list[str] = []
+
+    def allocate(self, request, limits) -> Decision:
+        if self.free <= 0:
+            return Decision(reason="no free GPU slot", code="busy")
+        self.free -= 1
+        self.granted.append(request.container)
+        return Decision(granted=(request.container,))
+
+    def release(self, container: str, reason: str) -> None:
+        raise AssertionError(f"nothing is released here: {container} {reason}")
+
+
+async def test_after_a_hub_restart_a_queued_request_keeps_its_place_and_starts_in_order(
+    tmp_path, monkeypatch
+):
+    """alice and bob were queued (in that order) before the hub restarted; after it, carol's
+    live spawn asks first. The resumed requests (the hub's own `_serve_queued`) still stand
+    before carol, alice before bob, the positions noted for `container-list` are theirs, and
+    the servers start in that order as slots free."""
+    store = QueuedStore(tmp_path)
+    now = time.time()
+    store.add(request("alice", since=now - 600), limit=None)
+    store.add(request("bob", since=now - 300), limit=None)
+
+    started: list[str] = []
+
+    async def start_server(self, user, server="", options=None):
+        started.append(user)
+        return 202
+
+    monkeypatch.setattr(HubClient, "start_server", start_server)
+    allocator = _OneSlotAtATime()
+    executor = ThreadPoolExecutor(2)
+    context = SimpleNamespace(
+        limits=SimpleNamespace(current=parse_limits({})),
+        allocator=allocator,
+        executor=executor,
+        queue=GpuQueue(recheck_interval=60),  # the restarted hub's queue: empty
+        queued=SimpleNamespace(store=store),
+        hub_api_url="http://127.0.0.1:1/hub/api",
+        eventlog=None,
+    )
+
+    async def attempt() -> Decision:
+        return allocator.allocate(SimpleNamespace(container="q._.carol"), None)
+
+    carol = asyncio.create_task(
+        context.queue.acquire("q._.carol", 10, attempt, user="carol", timeout=None, abandon=None)
+    )
+    await wait_until_async(lambda: len(context.queue) == 1, 10, message="carol waits")
+    starter = QueuedStarter(store, partial(_serve_queued, context, "token", 0.01), None)
+    try:
+        assert starter.resume() == 2
+        await wait_until_async(lambda: len(context.queue) == 3, 10, message="all three wait")
+        context.queue.notify()  # a round: every waiter's position is noted
+        await wait_until_async(
+            lambda: [r.position for r in store.load()] == [1, 2], 10, message="positions noted"
+        )
+        assert context.queue.keys() == ["q._.alice", "q._.bob", "q._.carol"]
+        assert [r.waiting for r in store.load()] == [3, 3]
+        for served in (["alice"], ["alice", "bob"]):
+            allocator.free += 1
+            context.queue.notify()
+            await wait_until_async(lambda s=served: started == s, 10, message=f"{served} start")
+            await wait_until_async(
+                lambda s=served: not {r.user for r in store.load()} & set(s), 10, message="gone"
+            )
+        assert not carol.done()
+        allocator.free += 1
+        context.queue.notify()
+        assert (await asyncio.wait_for(carol, 10)).granted == ("q._.carol",)
+        assert allocator.granted == ["q._.alice", "q._.bob", "q._.carol"]
+    finally:
+        carol.cancel()
+        executor.shutdown(wait=True)

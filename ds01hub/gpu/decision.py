@@ -282,7 +282,7 @@ def _within_equivalents(
     other containers leave, then the sum of what was granted checked."""
     assert limits.max_gpu_equivalents is not None
     cap = Fraction(str(limits.max_gpu_equivalents))  # 0.5 is 1/2 exactly
-    share = {slot.id: gpu_share(slot.profile) for slot in slots}
+    share = {slot.id: gpu_share(slot.profile, slot.compute_slices) for slot in slots}
     live = holdings if now is None else [h for h in holdings if h.live(now)]
     others = {
         h.slot_id: h for h in live if h.user == request.user and h.container != request.container
@@ -308,14 +308,18 @@ def _within_equivalents(
     if decision.ok:
         asked = format_share(granted)
     elif request.mig_profile or request.whole_gpu:
-        asked = format_share(request.wanted * gpu_share(request.mig_profile))
+        slices = next(
+            (s.compute_slices for s in slots if s.profile == request.mig_profile), COMPUTE_SLICES
+        )
+        asked = format_share(request.wanted * gpu_share(request.mig_profile, slices))
     else:
         asked = f"{request.wanted} slot(s), each at least {format_share(min(share.values()))}"
     return _refuse(
         "equivalents_limit",
         f"{request.user} holds {format_share(used)} of max {format_share(cap)} GPU "
-        f"equivalents (max_gpu_equivalents; a whole GPU is 1, a MIG instance its compute "
-        f"slices of {COMPUTE_SLICES}: 2g.20gb = 2/7) and asked for {asked} more; held: "
+        f"equivalents (max_gpu_equivalents; a whole GPU is 1, a MIG instance its share of its "
+        f"GPU's compute slices: on a 7-slice GPU 2g.20gb = 2/7, on a 4-slice A30 2g.12gb = 1/2) "
+        f"and asked for {asked} more; held: "
         f"{listing or 'none'}. Ask for a smaller MIG instance or fewer GPUs, or stop or remove "
         "a container (a stopped one keeps its GPU until its hold expires)",
         holders=tuple(others.values()),

@@ -146,12 +146,14 @@ def _shares(
 
 @dataclass(frozen=True)
 class Waiting:
-    """A request in the GPU queue: `arrival` orders equals (first come, first served)."""
+    """A request in the GPU queue: `arrival` orders equals (first come, first served): when it
+    first asked, in seconds since the epoch, so that a stored request keeps its place across hub
+    restarts (`ds01hub.gpu.queued`)."""
 
     key: str
     user: str
     priority: int
-    arrival: int
+    arrival: float
 
 
 def rank(waiting: Sequence[Waiting], fair: FairShare) -> list[tuple[Waiting, float]]:

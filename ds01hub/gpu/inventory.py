@@ -16,7 +16,7 @@ from typing import Any
 
 from ds01hub.errors import Ds01hubError
 from ds01hub.limits import GpuAllocationConfig
-from ds01hub.mig import profile_in_device_name
+from ds01hub.mig import COMPUTE_SLICES, model_compute_slices, profile_in_device_name
 
 __all__ = ["Gpu", "Inventory", "InventoryError", "Slot", "discover", "load_inventory"]
 
@@ -31,7 +31,9 @@ class InventoryError(Ds01hubError, KeyError):
 @dataclass(frozen=True)
 class Slot:
     """What the allocator hands out: a whole GPU or one MIG instance. `node` is the Swarm node's
-    hostname in a cluster (ds01hub/gpu/cluster.py; the id is then `node/slot`), "" on one host."""
+    hostname in a cluster (ds01hub/gpu/cluster.py; the id is then `node/slot`), "" on one host.
+    `compute_slices`: how many compute slices the slot's GPU has (a MIG instance is its profile's
+    share of them: `ds01hub.mig.gpu_share`)."""
 
     id: str
     gpu_index: int
@@ -41,6 +43,7 @@ class Slot:
     memory_mb: int
     simulated: bool
     node: str = ""
+    compute_slices: int = COMPUTE_SLICES
 
     @property
     def is_mig(self) -> bool:
@@ -54,6 +57,7 @@ class Gpu:
     name: str
     memory_mb: int
     mig_enabled: bool
+    compute_slices: int = COMPUTE_SLICES
 
 
 @dataclass
@@ -154,6 +158,35 @@ def _mig_devices(nvml: Any, gpu_handle: Any) -> Iterable[tuple[int, Any]]:
             continue
 
 
+#: pynvml's GPU instance profile constants, by the compute slices each one is.
+_GPU_INSTANCE_PROFILES = {
+    "NVML_GPU_INSTANCE_PROFILE_1_SLICE": 1,
+    "NVML_GPU_INSTANCE_PROFILE_2_SLICE": 2,
+    "NVML_GPU_INSTANCE_PROFILE_3_SLICE": 3,
+    "NVML_GPU_INSTANCE_PROFILE_4_SLICE": 4,
+    "NVML_GPU_INSTANCE_PROFILE_6_SLICE": 6,
+    "NVML_GPU_INSTANCE_PROFILE_7_SLICE": 7,
+    "NVML_GPU_INSTANCE_PROFILE_8_SLICE": 8,
+}
+
+
+def _compute_slices(nvml: Any, handle: Any, name: str) -> int:
+    """The GPU's compute slices: the largest GPU instance profile NVML's MIG profile info says
+    it supports (the whole-GPU profile: 7 on an A100 or H100, 4 on an A30); the model's number
+    (`ds01hub.mig.model_compute_slices`) where NVML has no such info (an old driver or pynvml)."""
+    info = getattr(nvml, "nvmlDeviceGetGpuInstanceProfileInfo", None)
+    found = []
+    for constant in _GPU_INSTANCE_PROFILES:
+        profile = getattr(nvml, constant, None)
+        if info is None or profile is None:
+            continue
+        try:
+            found.append(int(info(handle, profile).sliceCount))
+        except nvml.NVMLError:  # NotSupported: not a profile of this GPU
+            continue
+    return max(found) if found else model_compute_slices(name)
+
+
 def _mig_enabled(nvml: Any, handle: Any) -> bool:
     try:
         current, _pending = nvml.nvmlDeviceGetMigMode(handle)
@@ -192,7 +225,8 @@ def _walk(nvml: Any, *, enable_mig: bool, simulated: bool) -> Inventory:
         uuid = _text(nvml.nvmlDeviceGetUUID(handle))
         memory_mb = int(nvml.nvmlDeviceGetMemoryInfo(handle).total) >> 20
         mig = _mig_enabled(nvml, handle)
-        gpus.append(Gpu(index, uuid, name, memory_mb, mig))
+        slices = _compute_slices(nvml, handle, name) if mig else COMPUTE_SLICES
+        gpus.append(Gpu(index, uuid, name, memory_mb, mig, slices))
         if not mig:
             slot_id = str(index)
             slots.append(Slot(slot_id, index, uuid, name, None, memory_mb, simulated))
@@ -214,6 +248,7 @@ def _walk(nvml: Any, *, enable_mig: bool, simulated: bool) -> Inventory:
                     profile=profile.name if profile else "mig",
                     memory_mb=int(nvml.nvmlDeviceGetMemoryInfo(mig_handle).total) >> 20,
                     simulated=simulated,
+                    compute_slices=slices,
                 )
             )
             handles[slot_id] = mig_handle

@@ -61,6 +61,8 @@ class QueuedRequest:
     options: dict[str, Any]  # user_options to start with (without `queue`)
     priority: int
     groups: tuple[str, ...] = ()
+    # When the spawn first asked for a GPU: its place in the hub's GPU queue (by priority, then
+    # this), kept across hub restarts.
     since: float = field(default_factory=time.time)
     # Where it stands, as the hub's GPU queue last said (None until it did): `container-list`.
     position: int | None = None

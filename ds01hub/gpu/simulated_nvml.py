@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import pynvml
 
 from ds01hub.limits import SimulateConfig, SimulatedGpuSpec
-from ds01hub.mig import parse_profile
+from ds01hub.mig import COMPUTE_SLICES, model_compute_slices, parse_profile
 
 __all__ = ["SimulatedNvml", "mig_profile_memory_mb", "simulated_uuid"]
 
@@ -79,6 +79,26 @@ class _Process:
     usedGpuMemory: int | None  # noqa: N815 (pynvml's field name)
     gpuInstanceId: int = 0xFFFFFFFF  # noqa: N815
     computeInstanceId: int = 0xFFFFFFFF  # noqa: N815
+
+
+@dataclass
+class _ProfileInfo:
+    """pynvml's `c_nvmlGpuInstanceProfileInfo_t`, the fields ds01hub reads."""
+
+    id: int
+    sliceCount: int  # noqa: N815 (pynvml's field name)
+    instanceCount: int  # noqa: N815
+    memorySizeMB: int  # noqa: N815
+
+
+#: pynvml's GPU instance profile constants by compute slices (those the simulated GPUs offer).
+_PROFILE_OF_SLICES = {
+    1: pynvml.NVML_GPU_INSTANCE_PROFILE_1_SLICE,
+    2: pynvml.NVML_GPU_INSTANCE_PROFILE_2_SLICE,
+    3: pynvml.NVML_GPU_INSTANCE_PROFILE_3_SLICE,
+    4: pynvml.NVML_GPU_INSTANCE_PROFILE_4_SLICE,
+    7: pynvml.NVML_GPU_INSTANCE_PROFILE_7_SLICE,
+}
 
 
 @dataclass
@@ -262,8 +282,23 @@ class SimulatedNvml:
         return [mode, mode]
 
     def nvmlDeviceGetMaxMigDeviceCount(self, handle: _Handle) -> int:  # noqa: N802
-        self._gpu(handle)
-        return 7
+        return model_compute_slices(self._gpu(handle).spec.name)
+
+    def nvmlDeviceGetGpuInstanceProfileInfo(  # noqa: N802
+        self, handle: _Handle, profile: int, version: int | None = None
+    ) -> _ProfileInfo:
+        """The GPU instance profiles of the spec's model (`ds01hub.mig.model_compute_slices`):
+        1, 2, 3, 4 and 7 slices on a 7-slice GPU, 1, 2 and 4 on a 4-slice A30; NotSupported
+        for any other profile and on a MIG device, as NVML answers."""
+        gpu = self._gpu(handle)
+        if handle.mig is not None:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        total = model_compute_slices(gpu.spec.name)
+        offered = (1, 2, 3, 4, 7) if total == COMPUTE_SLICES else (1, 2, total)
+        slices = next((n for n, p in _PROFILE_OF_SLICES.items() if p == profile), None)
+        if slices is None or slices not in offered:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        return _ProfileInfo(profile, slices, total // slices, gpu.spec.memory_mb * slices // total)
 
     def nvmlDeviceGetMigDeviceHandleByIndex(self, handle: _Handle, index: int) -> _Handle:  # noqa: N802
         gpu = self._gpu(handle)

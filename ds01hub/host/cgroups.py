@@ -6,6 +6,12 @@ missing and leaving it as it is when it exists. So DS01Spawner (root) creates th
 and writes the user's caps into it (`ds01hub.aggregate.cgroup_settings`): the kernel then caps
 the sum of everything under it, with `memory.use_hierarchy` (on by default under Docker) for
 memory. A systemd slice (the systemd driver, cgroup v2) is the other way and not this module.
+
+Docker (runc) also makes the parent under every other controller it uses. When the user's last
+container is gone, `remove_parent` removes the parent's directory under each controller
+(`ds01hub.host.aggregate_gate.remove_unused_parent` decides when, under the user's lock, so
+that a start never loses its parent). The kernel refuses to remove a cgroup that still has a
+process or a child cgroup (EBUSY): such a directory is left, never emptied by force.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from ds01hub.aggregate import cgroup_settings
 from ds01hub.errors import Ds01hubError
 from ds01hub.limits import AggregateLimits
 
-__all__ = ["CgroupError", "ensure_parent"]
+__all__ = ["CgroupError", "ensure_parent", "remove_parent"]
 
 
 class CgroupError(Ds01hubError):
@@ -66,3 +72,24 @@ def _write_all(pending: list[tuple[Path, str]]) -> list[Path]:
                 "it using more already?)"
             ) from None
     return [path for path, _ in pending]
+
+
+def remove_parent(root: str | Path, parent: str) -> list[Path]:
+    """Remove `parent`'s directory (only its own last level, not the base above it) under each
+    cgroup v1 controller of `root`; returns those removed. One still in use (a process or a
+    child cgroup in it: the kernel says EBUSY or ENOTEMPTY) is left."""
+    if ".." in Path(parent).parts or not parent.strip("/"):
+        raise CgroupError(f"cgroup parent {parent!r} leaves {root}")
+    removed = []
+    for controller in sorted(Path(root).iterdir()):
+        directory = controller / parent.strip("/")
+        if controller.is_symlink() or not directory.is_dir():
+            continue  # `cpu` -> `cpu,cpuacct`: the same directory, once
+        try:
+            directory.rmdir()
+        except OSError as error:
+            if error.errno in (errno.EBUSY, errno.ENOTEMPTY, errno.ENOENT):
+                continue
+            raise CgroupError(f"cannot remove the cgroup {directory}: {error.strerror}") from None
+        removed.append(directory)
+    return removed
