@@ -22,7 +22,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from harness.cli import PtySession, broker_socket_path, run_as, unix_user, wait_for_socket
+from harness.cli import (
+    BrokerProcess,
+    PtySession,
+    broker_socket_path,
+    run_as,
+    unix_user,
+    wait_for_socket,
+)
 from harness.hub import Hub
 from harness.swarm import running_task
 from harness.wait import wait_until
@@ -264,6 +271,32 @@ def test_no_node_s_socket_proxy_shows_another_user_s_container(
                 assert result.returncode != 0, (hostname, action, result.stdout)
                 assert service["Spec"]["Name"] not in result.stdout
     assert where_it_runs(manager, alice)[0] == "node3"
+
+
+def test_a_node_missing_from_the_nodes_file_is_named_never_another_engine(
+    swarm_hub, users, swarm_cluster, tmp_path
+):
+    """A broker whose nodes file lacks node3 still lists the server (the manager's word) but
+    reaches into it nowhere else: the error names the node and the file."""
+    alice, _ = users
+    partial = tmp_path / "nodes.yaml"
+    partial.write_text(f"nodes:\n  node1: {{url: {json.dumps(swarm_cluster.manager.url)}}}\n")
+    broker = BrokerProcess(
+        f"{swarm_hub.url}/hub/api",
+        swarm_hub.admin_token,
+        f"--Broker.state_dir={swarm_hub.state_dir}",
+        f"--Broker.docker_socket={swarm_cluster.manager.socket}",
+        f"--Broker.swarm_nodes_file={partial}",
+    )
+    try:
+        listing = run_as(alice, broker.socket_path, "container-list", "--json")
+        assert listing.returncode == 0, listing.stderr + broker.log()
+        assert [row["project"] for row in json.loads(listing.stdout)] == [PROJECT]
+        result = run_as(alice, broker.socket_path, "container-run", PROJECT, "--", "hostname")
+        assert result.returncode == 1, result.stdout
+        assert "swarm node 'node3' has no engine endpoint in the nodes file" in result.stderr
+    finally:
+        broker.stop()
 
 
 def test_container_stop_scales_the_service_to_zero_and_keeps_the_hold(swarm_hub, users, manager):
