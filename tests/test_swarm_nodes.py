@@ -199,3 +199,18 @@ def test_a_service_without_a_running_task_is_gone_for_its_inside():
     with pytest.raises(Gone) as gone:
         swarm.stats("svc1")
     assert gone.value.status_code == 404
+
+
+def test_a_server_scaled_to_zero_is_running_until_its_container_stops():
+    """`container-stop` must not say "stopped" while Swarm still stops the container."""
+    scaled_down = SERVICE | {
+        "PreviousSpec": {},
+        "Spec": SERVICE["Spec"] | {"Mode": {"Replicated": {"Replicas": 0}}},
+    }
+    api = Api([task("running")])
+    api.inspect_service = lambda _: scaled_down
+    swarm = SwarmContainers(SimpleNamespace(api=api), Engines(None))
+    assert swarm.inspect("svc1")["State"]["Running"] is True
+    api._tasks = [task("shutdown", when="2026-01-01T00:00:09Z")]
+    state = swarm.inspect("svc1")["State"]
+    assert state["Running"] is False and state["FinishedAt"] == "2026-01-01T00:00:09Z"

@@ -31,7 +31,7 @@ from typing import Any
 
 from ds01hub.errors import Ds01hubError
 from ds01hub.gpu.swarm_nodes import NodeEndpoint, NodeEngines
-from ds01hub.gpu.swarm_state import service_documents
+from ds01hub.gpu.swarm_state import ZERO_TIME, service_documents
 
 __all__ = ["ExecTarget", "Gone", "LocalContainers", "SwarmContainers"]
 
@@ -130,6 +130,29 @@ def with_container_fields(document: dict[str, Any], service: Mapping[str, Any]) 
     return document
 
 
+def with_live_tasks(
+    documents: list[dict[str, Any]],
+    tasks: list[Mapping[str, Any]],
+    nodes: list[Mapping[str, Any]],
+) -> list[dict[str, Any]]:
+    """Documents as the user must see them: a server scaled to zero whose container is still
+    running on a ready node (Swarm stops it within the stop grace period) is `running`, not
+    yet stopped, so `container-stop` waits for it and says "stopped" only when it is. (The
+    allocator's view, `service_documents`, counts it as stopped from the scale-down on: its
+    slot is held, and Swarm keeps the slot's generic resource until the task ends.)"""
+    ready = {str(n.get("ID")) for n in nodes if (n.get("Status") or {}).get("State") == "ready"}
+    live = {
+        str(t.get("ServiceID"))
+        for t in tasks
+        if (t.get("Status") or {}).get("State") == "running" and str(t.get("NodeID")) in ready
+    }
+    for document in documents:
+        state = document["State"]
+        if document["Id"] in live and not state["Running"]:
+            state.update(Status="running", Running=True, FinishedAt=ZERO_TIME)
+    return documents
+
+
 class SwarmContainers:
     """A Docker Swarm (see the module doc): `manager` is a docker-py client of a manager's
     engine, `nodes` the nodes' own engines."""
@@ -146,14 +169,16 @@ class SwarmContainers:
         services = self.manager.api.services(filters={"label": label_filters})
         if not services:
             return []
-        documents = service_documents(services, self.manager.api.tasks(), self.manager.api.nodes())
+        tasks, nodes = self.manager.api.tasks(), self.manager.api.nodes()
+        documents = with_live_tasks(service_documents(services, tasks, nodes), tasks, nodes)
         return [list_entry(d) for d in documents]
 
     def inspect(self, service_id: str) -> dict[str, Any]:
         """The service as a container inspect document (docker-py's NotFound when gone)."""
         service = self.manager.api.inspect_service(service_id)
         tasks = self.manager.api.tasks(filters={"service": service["ID"]})
-        (document,) = service_documents([service], tasks, self.manager.api.nodes())
+        nodes = self.manager.api.nodes()
+        (document,) = with_live_tasks(service_documents([service], tasks, nodes), tasks, nodes)
         return with_container_fields(document, service)
 
     def _container(self, service_id: str) -> tuple[str, str]:
