@@ -16,11 +16,11 @@ from __future__ import annotations
 import reprlib
 from typing import TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ds01hub.errors import Ds01hubError
 
-__all__ = ["Body", "BodyError", "parse_body", "parse_data", "shown"]
+__all__ = ["Body", "BodyError", "BuildCancel", "parse_body", "parse_data", "shown"]
 
 #: At most this many characters of a refused value are shown back.
 MAX_SHOWN = 80
@@ -37,6 +37,18 @@ class Body(BaseModel):
     """Base of every request body: unknown keys refused, exact JSON types, no NaN/Infinity."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
+
+
+class BuildCancel(Body):
+    """``POST api/builds/{id}/cancel`` (the notebook service, the widget's Cancel button):
+    how long to wait for the build to stop before answering."""
+
+    wait: float = Field(
+        0.0,
+        ge=0,
+        le=60,
+        description="seconds (0..60) to wait until the build has stopped; 0: answer at once",
+    )
 
 
 class BodyError(Ds01hubError, ValueError):

@@ -112,6 +112,22 @@ class Provenance:
         message = json.dumps([SCHEME, "owner", self.deployment, user]).encode()
         return hmac.new(self.key, message, hashlib.sha256).hexdigest()[:32]
 
+    def record_signature(self, kind: str, fields: Iterable[str]) -> str:
+        """A signature over a record ds01hub keeps outside container labels (`kind` names
+        what it is, e.g. "image": `ds01hub.actions.registry`), for this deployment: the same
+        fields under another kind or deployment never verify."""
+        message = json.dumps(
+            [SCHEME, kind, self.deployment, list(fields)], ensure_ascii=True, separators=(",", ":")
+        ).encode()
+        return f"{SCHEME}:{hmac.new(self.key, message, hashlib.sha256).hexdigest()}"
+
+    def verify_record(self, kind: str, fields: Iterable[str], given: object) -> bool:
+        """Whether `given` is `record_signature(kind, fields)`."""
+        if not isinstance(given, str):
+            return False
+        expected = self.record_signature(kind, fields)
+        return hmac.compare_digest(given.encode(), expected.encode())
+
     def label_filters(self, extra: Iterable[str] = ()) -> list[str]:
         """Engine-side ``label`` filters for this deployment's managed containers (a
         pre-selection only: what the engine returns is still verified)."""

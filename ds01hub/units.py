@@ -177,6 +177,24 @@ def gpu_use(held: Sequence[tuple[str, str]], max_gpus: int | None) -> str:
     return f"{len(held)} of {max_gpus} {noun} in use{suffix}"
 
 
+def gpus_free_text(free: Mapping[str, Any]) -> str:
+    """'3 of 4 whole GPUs; 1 of 2 MIG 2g.20gb slices (SIMULATED)': the GPU slots free on the
+    host now, as the spawn form counts them (`GpuOffer.to_dict()`)."""
+
+    def count(entry: Mapping[str, Any], noun: str) -> str:
+        total = int(entry.get("total", 0))
+        return f"{int(entry.get('free', 0))} of {total} {noun}{'' if total == 1 else 's'}"
+
+    parts = []
+    whole = free.get("whole") or {}
+    if whole.get("total"):
+        parts.append(count(whole, "whole GPU"))
+    for profile, entry in (free.get("mig") or {}).items():
+        parts.append(count(entry, f"MIG {profile} slice"))
+    text = "; ".join(parts) or "none (this machine has no GPUs)"
+    return text + (" (SIMULATED)" if free.get("simulated") else "")
+
+
 def quota_rows(quota: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     """(what, in use, limit) for a user's quota (`UserOperations.quota()`): the one rendering
     of it (`container-stats`, `user-setup`, the notebook's QuotaPanel). An absent limit reads
@@ -196,8 +214,10 @@ def quota_rows(quota: Mapping[str, Any]) -> list[tuple[str, str, str]]:
 
     hold = limits.get("gpu_hold_after_stop")
     idle = limits.get("idle_timeout")
+    free = quota.get("gpus_free")
     return [
         ("GPUs", gpu_use(held, limits.get("max_gpus")), ""),
+        *([("GPUs free now", gpus_free_text(free), "")] if free else []),
         ("GPUs per container", "", cap(limits.get("max_gpus_per_container"))),
         ("CPUs per container", "", cap(limits.get("max_cpus"))),
         ("Memory per container", "", human_size(limits.get("memory"), none="unlimited")),

@@ -40,6 +40,7 @@ FORWARDED = {
     r"images/[a-z0-9._-]+": ("DELETE",),
     r"builds": ("GET", "POST"),
     r"builds/[0-9a-f]{32}": ("GET",),
+    r"builds/[0-9a-f]{32}/cancel": ("POST",),
     r"projects/[A-Za-z0-9._-]+/server": ("POST",),
 }
 

@@ -343,6 +343,17 @@ class GpuOffer:
             simulated=simulated,
         )
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON for the notebook's QuotaPanel (`ds01hub.units.gpus_free_text` reads it)."""
+        return {
+            "whole": {"free": self.whole_free, "total": self.whole_total},
+            "mig": {
+                profile: {"free": self.mig_free[profile], "total": total}
+                for profile, total in sorted(self.mig_total.items())
+            },
+            "simulated": self.simulated,
+        }
+
 
 @dataclass(frozen=True)
 class SpawnChoice:

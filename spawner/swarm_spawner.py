@@ -32,6 +32,8 @@ from jupyterhub.spawner import SpawnException
 from traitlets import Float, Int, Unicode, default
 
 from ds01hub import labels, paths, provenance
+from ds01hub.actions.images import ImageError
+from ds01hub.actions.registry import records, resolve_user_image
 from ds01hub.gpu.allocator import GpuAllocator
 from ds01hub.gpu.cluster import cluster_inventory, parse_node
 from ds01hub.gpu.decision import Decision, GpuRequest
@@ -43,6 +45,7 @@ from ds01hub.gpu.swarm_state import (
     swarm_remover,
 )
 from ds01hub.limits import LimitsStore
+from ds01hub.spawner.options import normalize_image
 from ds01hub.spawner.swarm_plan import service_name, service_spec
 
 __all__ = ["DS01SwarmSpawner"]
@@ -141,7 +144,8 @@ class DS01SwarmSpawner(SwarmSpawner):
             )
         slots = [allocator.inventory.slot(slot_id) for slot_id in decision.granted]
         try:
-            service_id = await self._service_for(allocator, slots, limits)
+            image = await self._blocking(self._image, allocator.trust)
+            service_id = await self._service_for(allocator, slots, limits, image)
             check = await self._blocking(allocator.begin_start, self.object_name, service_id)
             if not check.ok:
                 raise SpawnException(
@@ -160,13 +164,39 @@ class DS01SwarmSpawner(SwarmSpawner):
         """docker-py's high-level shape (`.api`) over DockerSpawner's low-level client."""
         return SimpleNamespace(api=self.client)
 
-    async def _service_for(self, allocator: GpuAllocator, slots: list, limits: Any) -> str:
-        """The stopped service when it is on the granted slots, else a new one."""
+    def _image(self, trust: provenance.Provenance) -> str:
+        """The image the server runs: the lab's (`image`), or one of the user's own images
+        (an admin's: anyone's) as published to the cluster's registry, pinned to the digest
+        ds01hub recorded (`ds01hub.actions.registry`); any other is refused by name."""
+        requested = str((self.user_options or {}).get("image") or "")
+        if not requested or normalize_image(requested) == normalize_image(self.image):
+            return self.image
+        admin = bool(getattr(self.user, "admin", False))
+        try:
+            found = records(self.client_holder, trust)
+            pinned = resolve_user_image(found, requested, self.user.name, admin=admin)
+        except ImageError as error:
+            raise SpawnException(str(error), reason="image", status_code=error.status) from None
+        if pinned is None:
+            raise SpawnException(
+                f"image {requested[:120]!r} is not available on the cluster: use the lab's "
+                f"image ({self.image}) or one of your own (image-list)",
+                reason="image",
+                status_code=403,
+            )
+        return pinned
+
+    async def _service_for(
+        self, allocator: GpuAllocator, slots: list, limits: Any, image: str
+    ) -> str:
+        """The stopped service when it is on the granted slots with the same image, else a
+        new one."""
         existing = await self.get_object()
         wanted = tuple(slot.id for slot in slots)
         if existing is not None:
             held = labels.parse_slot_list((existing["Spec"].get("Labels") or {}).get(labels.GPUS))
-            if held == wanted:
+            container = existing["Spec"].get("TaskTemplate", {}).get("ContainerSpec", {})
+            if held == wanted and container.get("Image") == image:
                 return str(existing["ID"])
             await self.docker("remove_service", existing["ID"])
         values = labels.container_labels(
@@ -176,7 +206,7 @@ class DS01SwarmSpawner(SwarmSpawner):
             priority=limits.priority,
             gpus=wanted,
             gpu_uuids=[slot.uuid for slot in slots],
-            image=self.image,
+            image=image,
         )
         values[labels.CREATOR] = allocator.creator_label()
         signed = allocator.trust.sign(values, self.object_name) | dict(
@@ -184,7 +214,7 @@ class DS01SwarmSpawner(SwarmSpawner):
         )
         body = service_spec(
             name=self.object_name,
-            image=self.image,
+            image=image,
             command=await self.get_command(),
             env=self.get_env(),
             signed_labels=signed,

@@ -4,24 +4,33 @@ recorded container list, NVML by the SIMULATED one)."""
 from __future__ import annotations
 
 import functools
+import random
 import re
 from datetime import UTC, datetime, timedelta
 
 from harness.allocation_fakes import fill_event_log
 from harness.inspect_docs import TRUST, inspect_doc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ds01hub.gpu.allocator import GpuAllocator
 from ds01hub.gpu.eventlog import EventLog, Interval, NewEvent
+from ds01hub.gpu.fairshare import FairShare, UserShare
 from ds01hub.gpu.inventory import discover
+from ds01hub.gpu.queued import QueuedRequest
 from ds01hub.gpu.simulated_nvml import SimulatedNvml
 from ds01hub.limits import SimulatedGpuSpec, parse_limits
 from ds01hub.services.ops import charts
 from ds01hub.services.ops.admin_page import (
+    ChartCache,
     PageContext,
+    chart_data,
+    history,
     overview,
     page_policy,
     queue_rows,
     render_page,
+    usage_rows,
     week_start,
 )
 from ds01hub.services.ops.warnings import CullWarning
@@ -177,6 +186,101 @@ def test_charts_show_the_event_logs_hours_per_week_and_each_slots_day(tmp_path):
     assert "<title>bob: 1.5 GPU-hours (03-02)</title>" in page
 
 
+def _flat(data: dict) -> dict:
+    """Chart numbers as {(series, name, index): value}, for comparing within rounding."""
+    return {
+        (series, name, i): value
+        for series in ("user", "group", "slots")
+        for name, values in data[series].items()
+        for i, value in enumerate(values)
+    }
+
+
+def _same_charts(cached: dict, fresh: dict) -> None:
+    """Equal up to the last rounding digit (sums added in another order may round apart)."""
+    assert {k: v for k, v in cached.items() if k not in ("user", "group", "slots")} == {
+        k: v for k, v in fresh.items() if k not in ("user", "group", "slots")
+    }
+    a, b = _flat(cached), _flat(fresh)
+    assert set(a) == set(b)
+    assert all(abs(a[k] - b[k]) <= 0.0101 for k in a), [(k, a[k], b[k]) for k in a if a[k] != b[k]]
+
+
+def _same_history(log: EventLog, slots: list[str], now: datetime, cache: ChartCache) -> None:
+    """The cached charts are a fresh read's; the usage tables are EventLog.gpu_hours'."""
+    chart, usage = history(log, slots, now, cache)
+    _same_charts(chart, chart_data(log, slots, now))
+    for by in ("user", "group"):
+        week = log.gpu_hours(by=by, since=week_start(now), until=now)
+        total = log.gpu_hours(by=by, until=now)
+        expected = {r["name"]: (r["week"], r["total"]) for r in usage_rows(week, total)}
+        got = {r["name"]: (r["week"], r["total"]) for r in usage[by]}
+        assert set(got) == set(expected)
+        assert all(abs(got[n][i] - expected[n][i]) <= 0.0101 for n in got for i in (0, 1))
+
+
+def test_cached_charts_equal_a_fresh_read_and_reread_only_when_the_log_changes(tmp_path):
+    """Between writes the cache reads the log once; held slots still count up to `now`; a
+    write (a release, a new allocation) and a new hour or week give what a fresh read gives."""
+    log = EventLog(tmp_path / "events.sqlite")
+    rng = random.Random(7)
+    for i in range(300):
+        start = NOW - timedelta(hours=rng.uniform(0, 24 * 60))
+        user, slot = f"u{rng.randrange(12)}", rng.choice(["0", "1:0", "1:1"])
+        log.record("allocate", user, slot, f"c{i}", f"g{i % 3}", at=start)
+        end = start + timedelta(hours=rng.expovariate(1 / 5))
+        if i % 50 and end < NOW:  # a few stay open: slots held now
+            log.record("release", user, slot, f"c{i}", f"g{i % 3}", at=end)
+    slots = ["0", "1:0", "1:1"]
+    cache = ChartCache()
+    moments = [NOW, NOW + timedelta(minutes=1), NOW + timedelta(minutes=59)]
+    for now in moments:
+        _same_history(log, slots, now, cache)
+    assert cache.reads == 1
+    later = NOW + timedelta(hours=2)
+    log.record("release", "u1", "0", "c0", "g0", at=NOW + timedelta(hours=1))  # a write
+    log.record("allocate", "new", "1:1", "n1", "g9", at=NOW + timedelta(minutes=90))
+    _same_history(log, slots, later, cache)
+    assert cache.reads == 2
+    for now in (later + timedelta(hours=3), NOW + timedelta(days=5)):  # new hours, a new week
+        _same_history(log, slots, now, cache)
+    assert cache.reads == 2
+    held = chart_data(log, slots, NOW + timedelta(days=5), cache)["slots"]["1:1"]
+    assert held[-1] == 1.0  # "new" still holds 1:1: its hours grow without a write
+
+
+#: A step of the property below: minutes to advance the clock, then maybe one event.
+STEPS = st.lists(
+    st.tuples(
+        st.integers(0, 60 * 24 * 9),
+        st.none() | st.tuples(st.sampled_from(["allocate", "release"]), st.integers(0, 5)),
+    ),
+    min_size=1,
+    max_size=6,
+)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(steps=STEPS)
+def test_cached_charts_always_equal_a_fresh_read(tmp_path_factory, steps):
+    """Whatever is written and whenever the page loads (minutes or days apart, across hours
+    and weeks), the cached charts are the fresh read's."""
+    log = EventLog(tmp_path_factory.mktemp("charts") / "events.sqlite")
+    log.record("allocate", "a", "0", "c0", "g", at=NOW - timedelta(days=10))
+    log.record("allocate", "b", "1:0", "c1", None, at=NOW - timedelta(hours=30))
+    log.record("release", "b", "1:0", "c1", None, at=NOW - timedelta(hours=2))
+    slots, cache, now = ["0", "1:0", "1:1"], ChartCache(), NOW
+    for minutes, event in steps:
+        now += timedelta(minutes=minutes)
+        if event is not None:
+            kind, n = event
+            log.record(kind, f"u{n % 3}", slots[n % 3], f"k{n}", f"g{n % 2}", at=now)
+            now += timedelta(seconds=1)
+        _same_history(log, slots, now, cache)
+
+
 def test_chart_names_are_escaped_and_many_users_share_others():
     series = {f"<u{i}>": [float(i)] for i in range(10)}
     intervals = [
@@ -229,10 +333,86 @@ def test_pending_spawns_are_the_queue_oldest_first():
     rows = queue_rows(users)
     assert [(r["user"], r["project"], r["wants"]) for r in rows] == [
         ("a", "p", "MIG 2g.20gb"),
-        ("b", "default", "1 GPU(s)"),
+        ("b", "default", "1 GPU"),
     ]
     page = render_page(overview([], _Inventory(), None, NOW, queue=rows))
     assert re.search(r'<table class="table table-sm" id="queue">.*MIG 2g\.20gb', page, re.S)
+
+
+def _pending(started: str, **options) -> dict:
+    return {"pending": "spawn", "started": started, "user_options": options}
+
+
+def test_the_queue_is_ranked_by_effective_priority_then_arrival_with_stored_requests():
+    """Fair share lowers the heavy user; among equals the earlier arrival goes first; a stored
+    request and the hub's pending spawn of the same server are one row (the stored one)."""
+    users = [
+        {"name": "heavy", "groups": [], "servers": {"": _pending("2026-03-04T09:00:00Z", gpus=1)}},
+        {"name": "a", "groups": [], "servers": {"p": _pending("2026-03-04T10:00:00Z", gpus=2)}},
+        {"name": "b", "groups": ["researchers"], "servers": {"": _pending("2026-03-04T11:00:00Z")}},
+        {"name": "idle", "servers": {"": {"pending": None, "ready": True}}},
+    ]
+    stored = [
+        QueuedRequest(
+            "c", "", "c-x", {"mig": "2g.20gb"}, 10, since=NOW.replace(hour=9, minute=30).timestamp()
+        ),
+        QueuedRequest("a", "p", "a-p", {"gpus": 2}, 10, since=NOW.replace(hour=8).timestamp()),
+    ]
+    fair = FairShare(100.0, {"heavy": UserShare("heavy", None, 9.0, 0.9, 0.25, 0.1)})
+    rows = queue_rows(
+        users, stored, fair, lambda user, groups: 50 if "researchers" in groups else 10
+    )
+    assert [(r["position"], r["user"], r["effective"], r["queued"]) for r in rows] == [
+        (1, "b", 150.0, False),
+        (2, "a", 110.0, True),
+        (3, "c", 110.0, True),
+        (4, "heavy", 20.0, False),
+    ]
+    assert rows[1]["since"] == "2026-03-04T08:00:00+00:00" and rows[1]["wants"] == "2 GPUs"
+    assert rows[2]["wants"] == "MIG 2g.20gb" and rows[0]["wants"] is None
+    assert rows[3]["priority"] == 10 and rows[0]["priority"] == 50
+    page = render_page(overview([], _Inventory(), None, NOW, queue=rows))
+    table = re.search(r'<table class="table table-sm" id="queue">(.*?)</table>', page, re.S)[1]
+    assert re.findall(r"<th[^>]*>([^<]+)</th>", table) == [
+        "Position",
+        "User",
+        "Request",
+        "Waiting since",
+        "Effective priority",
+    ]
+    cells = [
+        [re.sub(r"<[^>]+>", "", c).strip() for c in re.findall(r"<td[^>]*>(.*?)</td>", row)]
+        for row in re.findall(r"<tr>(.*?)</tr>", table, re.S)[1:]
+    ]
+    assert cells[0] == [
+        "1",
+        "b",
+        "a start for default",
+        "2026-03-04 11:00 UTC",
+        "150.0 (50 configured)",
+    ]
+    assert cells[1] == [
+        "2",
+        "a",
+        "2 GPUs for p queued",
+        "2026-03-04 08:00 UTC",
+        "110.0 (10 configured)",
+    ]
+    assert [c[0] for c in cells] == ["1", "2", "3", "4"]
+
+
+def test_a_queue_without_fair_share_is_first_come_first_served_and_odd_times_go_last():
+    users = [
+        {"name": "late", "servers": {"": _pending("2026-03-04T11:00:00Z", gpus=1)}},
+        {"name": "odd", "servers": {"": _pending("not a time", gpus=1)}},
+        {"name": "early", "servers": {"": _pending("2026-03-04T10:00:00+00:00", gpus=1)}},
+    ]
+    rows = queue_rows(users)
+    assert [(r["user"], r["effective"]) for r in rows] == [
+        ("early", 0.0),
+        ("late", 0.0),
+        ("odd", 0.0),
+    ]
 
 
 class _Inventory:

@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ds01hub import labels, provenance
 from ds01hub.gpu.eventlog import EventLog
+from ds01hub.gpu.queued import QueuedRequest, QueuedStore
 from ds01hub.hub.services import OPS_SERVICE
 from ds01hub.services.ops.admin_page import week_start
 from ds01hub.services.ops.app import EVENTLOG_FILE
@@ -94,6 +95,17 @@ def ops(hub_factory, docker_client, base_image, tmp_path_factory):
         alice, "", "default._.x", "idle", "idle for 2h", now, now, now + timedelta(minutes=7)
     )
     WarningStore(state).save([warned])  # as the culler leaves it
+    queued = [  # two starts waiting in the GPU queue, as the spawner stores them
+        QueuedRequest(
+            user, "", f"default._.{user}", options, priority, since=(now - ago).timestamp()
+        )
+        for user, options, priority, ago in [
+            (unique_name("car"), {"gpus": 1}, 10, timedelta(minutes=20)),
+            (unique_name("dav"), {"mig": "2g.20gb"}, 50, timedelta(minutes=10)),
+        ]
+    ]
+    for request in queued:
+        QueuedStore(state).add(request, None)
 
     port = free_port()
     args = [
@@ -130,6 +142,7 @@ def ops(hub_factory, docker_client, base_image, tmp_path_factory):
         student=student,
         held_until=finished + timedelta(hours=1),
         alice_week=hours_between(*this_week, week_start(now)),
+        queued=queued,
     )
     yield info
     for container in docker_client.containers.list(all=True, filters={"label": run}):
@@ -294,6 +307,22 @@ def test_an_admin_sees_the_slot_table_in_chromium(ops, chromium):
         assert drawn == pytest.approx(sum(model["charts"]["user"][ops["alice"]]), abs=0.01)
         assert drawn == pytest.approx(6 + ops["alice_week"], abs=0.05)  # the event log's
         assert page.locator("#chart-slots rect.ds01-cell").count() == 4 * 24
+        # the GPU queue in the order it is served: the higher priority first (fair share off:
+        # the effective priority is the configured one), each with its place and request
+        # (the admin's own start, made by logging in, waits behind them: later, not higher)
+        rows = page.locator("#queue tbody tr")
+        table = [rows.nth(i).locator("td").all_inner_texts() for i in range(rows.count())]
+        assert [row[0] for row in table] == [str(i) for i in range(1, len(table) + 1)]
+        served = sorted(ops["queued"], key=lambda r: (-r.priority, r.since))
+        mine = [row for row in table if row[1] in {r.user for r in served}]
+        assert [row[1] for row in mine] == [r.user for r in served]
+        for cells, request in zip(mine, served, strict=True):
+            wants = f"MIG {request.options['mig']}" if "mig" in request.options else "1 GPU"
+            assert cells[2] == f"{wants} for default queued"
+            assert cells[3] == datetime.fromtimestamp(request.since, UTC).strftime(
+                "%Y-%m-%d %H:%M UTC"
+            )
+            assert float(cells[4]) == request.priority
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(SCREENSHOTS / "admin-page.png"), full_page=True)
         # the hub's own pages have the entry for admins only

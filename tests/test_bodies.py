@@ -30,7 +30,7 @@ from tornado.netutil import bind_sockets, bind_unix_socket
 
 from ds01hub.actions.images import BuildRequest
 from ds01hub.actions.operations import OperationError
-from ds01hub.bodies import MAX_SHOWN, BodyError, parse_body
+from ds01hub.bodies import MAX_SHOWN, BodyError, BuildCancel, parse_body
 from ds01hub.cli.user.backends import UnixHTTPConnection
 from ds01hub.peer import Caller
 from ds01hub.server_extension.handlers import ProjectRequest
@@ -51,6 +51,7 @@ MODELS: list[type[BaseModel]] = [
     ProjectRequest,
     SpawnOptions,
     notebook_app.ProjectServerBody,
+    BuildCancel,
 ]
 
 SCALARS = (
@@ -200,6 +201,8 @@ class SimulatedDocker:
 
 
 class SimulatedBuild:
+    finished = False
+
     def to_dict(self, since: int = 0) -> dict:
         return {"since": since}
 
@@ -212,6 +215,9 @@ class SimulatedBuilds:
 
     def get(self, user: str, build_id: str) -> SimulatedBuild:
         return SimulatedBuild()
+
+    async def cancel(self, user: str, wait: float) -> dict:
+        return {"image": "x", "stopped": True, "wait": wait}
 
 
 @pytest.fixture(scope="module")
@@ -259,7 +265,7 @@ BROKER_POSTS = [
     "/cleanup",
     "/images",
 ]
-SERVICE_POSTS = ["builds", "projects/work/server"]
+SERVICE_POSTS = ["builds", "projects/work/server", "builds/" + "0" * 32 + "/cancel"]
 
 
 def answer(connection: http.client.HTTPConnection, path: str, body: bytes, **headers: str):
@@ -297,7 +303,9 @@ def test_the_broker_answers_any_body_with_2xx_or_a_named_4xx(servers, data):
 @given(data=st.data())
 def test_the_notebook_service_answers_any_body_with_2xx_or_a_named_4xx(servers, data):
     path = data.draw(st.sampled_from(SERVICE_POSTS))
-    raw = data.draw(bodies(BuildRequest) | bodies(notebook_app.ProjectServerBody))
+    raw = data.draw(
+        bodies(BuildRequest) | bodies(notebook_app.ProjectServerBody) | bodies(BuildCancel)
+    )
     connection = http.client.HTTPConnection("127.0.0.1", servers[1], timeout=30)
     try:
         status, reply = answer(

@@ -251,3 +251,17 @@ async def test_a_queued_build_is_cancelled_before_it_takes_a_slot(tmp_path):
     assert (await _finish(running)).status == "done"
     broker.shutdown()
     service.shutdown()
+
+
+async def test_cancel_stops_the_users_build_and_says_when_there_is_none(tmp_path):
+    chatty = Chatty()
+    manager = BuildManager(chatty.run, tmp_path)
+    with pytest.raises(OperationError) as none:
+        await manager.cancel("ann")
+    assert none.value.status == 404 and "no build of yours" in none.value.message
+    build = manager.start(ImageSpec("ann", "torch"))
+    await wait_until_async(lambda: build.events, 10, message="the build runs")
+    assert await manager.cancel("ann", wait=30) == {"image": "torch", "stopped": True}
+    await _finish(build)
+    assert build.events[-1]["text"] == CANCELLED and chatty.closed.is_set()
+    manager.shutdown()

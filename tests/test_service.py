@@ -2,11 +2,13 @@
 managed service, and real user tokens (made by the hub) are used against it."""
 
 import json
+import threading
 import uuid
 
 import pytest
 from harness.service_hub import service_get, service_request, start_service_hub
 
+from ds01hub.actions.builds import CANCELLED, MAX_CONCURRENT_BUILDS, HostBuildLocks
 from ds01hub.hub.services import configure_notebook
 
 
@@ -175,3 +177,30 @@ def test_build_stream_list_and_only_the_owner_sees_or_deletes(
         service_hub.stop()
         for image in docker_client.images.list(filters={"label": f"ds01.image.user={alice}"}):
             docker_client.images.remove(image.id, force=True)
+
+
+@pytest.mark.docker
+@pytest.mark.e2e
+def test_only_the_owner_cancels_a_build_and_an_ended_one_is_a_conflict(service_hub, users):
+    """The widget's Cancel: the host's build slots are all taken (here), so the build waits in
+    line, deterministically, until its owner cancels it."""
+    (_, alice), (_, bob) = users.items()
+    locks = HostBuildLocks(service_hub.directory / "state", MAX_CONCURRENT_BUILDS)
+    slots = [locks.take_slot(threading.Event(), lambda: None) for _ in range(MAX_CONCURRENT_BUILDS)]
+    try:
+        started = service_request(service_hub, "POST", "api/builds", alice, json={"name": "q"})
+        assert started.status_code == 202, started.text
+        cancel = f"api/builds/{started.json()['id']}/cancel"
+        assert service_request(service_hub, "POST", cancel, bob, json={}).status_code == 404
+        bad = service_request(service_hub, "POST", cancel, alice, json={"wait": "soon"})
+        assert bad.status_code == 400 and "'wait'" in bad.json()["error"]
+        done = service_request(service_hub, "POST", cancel, alice, json={"wait": 30})
+        assert done.status_code == 200, done.text
+        assert done.json() == {"image": "q", "stopped": True}
+        state = service_get(service_hub, f"api/builds/{started.json()['id']}", alice).json()
+        assert state["status"] == "error" and state["events"][-1]["text"] == CANCELLED
+        again = service_request(service_hub, "POST", cancel, alice, json={})
+        assert again.status_code == 409 and "already ended" in again.json()["error"]
+    finally:
+        for slot in slots:
+            HostBuildLocks.release(slot)

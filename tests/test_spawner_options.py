@@ -527,3 +527,11 @@ def test_every_door_agrees_on_the_keys_and_on_gpus_or_mig(options):
         value = 1 if key == "gpus" else "1g.10gb" if key == "mig" else "x"
         value = True if key == "queue" else value
         assert spawn_options({key: value}) and normalize_user_options({key: value})
+
+
+def test_the_offer_as_json_counts_what_the_form_counts():
+    assert OFFER.to_dict() == {
+        "whole": {"free": 1, "total": 2},
+        "mig": {"2g.20gb": {"free": 2, "total": 2}},
+        "simulated": True,
+    }

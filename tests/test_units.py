@@ -6,6 +6,7 @@ from ds01hub.units import (
     UnitError,
     format_duration,
     format_size,
+    gpus_free_text,
     human_duration,
     human_size,
     parse_duration,
@@ -107,3 +108,24 @@ def test_quota_rows_say_unlimited_and_until_removed_never_none():
     assert ("GPUs kept after a stop", "", "until the container is removed") in rows
     assert ("Idle containers stopped after", "", "never") in rows
     assert not any("None" in cell for row in rows for cell in row)
+
+
+def test_free_gpu_slots_read_as_counts_per_kind_and_only_when_known():
+    free = {
+        "whole": {"free": 3, "total": 4},
+        "mig": {"2g.20gb": {"free": 1, "total": 2}, "7g.80gb": {"free": 0, "total": 1}},
+        "simulated": True,
+    }
+    assert gpus_free_text(free) == (
+        "3 of 4 whole GPUs; 1 of 2 MIG 2g.20gb slices; 0 of 1 MIG 7g.80gb slice (SIMULATED)"
+    )
+    assert gpus_free_text({"whole": {"free": 0, "total": 0}, "mig": {}}) == (
+        "none (this machine has no GPUs)"
+    )
+    quota = {"limits": {"max_gpus": 2}, "gpus": []}
+    assert (
+        "GPUs free now",
+        "3 of 4 whole GPUs; 1 of 2 MIG 2g.20gb slices; 0 of 1 MIG 7g.80gb slice (SIMULATED)",
+        "",
+    ) in quota_rows(quota | {"gpus_free": free})
+    assert not any(row[0] == "GPUs free now" for row in quota_rows(quota | {"gpus_free": None}))

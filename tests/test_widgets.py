@@ -149,3 +149,31 @@ def test_widgets_say_when_the_hub_service_is_down(hub):
         client.get("api/quota")
     assert raised.value.unreachable
     hub.stop_server(name)
+
+
+@pytest.mark.docker
+@pytest.mark.e2e
+def test_the_builders_cancel_stops_its_build(hub):
+    """The host's build slots are all taken (here), so the build waits in line until Cancel."""
+    import threading
+
+    from ds01hub.actions.builds import CANCELLED, MAX_CONCURRENT_BUILDS, HostBuildLocks
+
+    name, client = _user_client(hub, prefix="can")
+    locks = HostBuildLocks(hub.directory / "state", MAX_CONCURRENT_BUILDS)
+    slots = [locks.take_slot(threading.Event(), lambda: None) for _ in range(MAX_CONCURRENT_BUILDS)]
+    try:
+        builder = ImageBuilder(client=client, poll_interval=0.2)
+        assert builder.cancel_button.disabled and builder.cancel_build() is None  # no build
+        builder.image_name.value = "waits"
+        assert builder.start_build() is not None
+        assert not builder.cancel_button.disabled and builder.build_button.disabled
+        assert builder.cancel_build()["image"] == "waits"  # stopping: the follower sees it end
+        state = builder.wait(30)
+        assert state["status"] == "error" and builder.log_lines[-1] == CANCELLED
+        assert "Build cancelled" in builder.status.value
+        assert builder.cancel_button.disabled and not builder.build_button.disabled
+    finally:
+        for slot in slots:
+            HostBuildLocks.release(slot)
+        hub.stop_server(name)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 from harness import free_port, unique_name
-from harness.browser import log_in
+from harness.browser import log_in, notebook_of, run_all_cells
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e, pytest.mark.docker]
 
@@ -27,26 +27,6 @@ NOTEBOOK_CELLS = [
     "from ds01hub.widgets import ImageBuilder\nImageBuilder(poll_interval=0.5)",
     "from ds01hub.widgets import QuotaPanel\nQuotaPanel()",
 ]
-
-
-def _notebook() -> dict:
-    return {
-        "cells": [
-            {
-                "cell_type": "code",
-                "metadata": {},
-                "source": src,
-                "outputs": [],
-                "execution_count": None,
-            }
-            for src in NOTEBOOK_CELLS
-        ],
-        "metadata": {
-            "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}
-        },
-        "nbformat": 4,
-        "nbformat_minor": 5,
-    }
 
 
 @pytest.fixture(scope="module")
@@ -96,12 +76,12 @@ def test_wizard_and_image_builder_in_jupyterlab(wizard_hub, chromium, docker_cli
             "PUT",
             user,
             "api/contents/ds01-wizards.ipynb",
-            json={"type": "notebook", "format": "json", "content": _notebook()},
+            json={"type": "notebook", "format": "json", "content": notebook_of(NOTEBOOK_CELLS)},
         )
         assert put.status_code in (200, 201), put.text
         page.goto(hub.user_url(user, path="lab/tree/ds01-wizards.ipynb"))
         page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
-        _run_all_cells(page, ".ds01-project-wizard")
+        run_all_cells(page, ".ds01-project-wizard")
 
         # ProjectWizard: name, next x3 (guided explanations shown), create.
         wizard = page.locator(".ds01-project-wizard")
@@ -151,7 +131,7 @@ def test_wizard_and_image_builder_in_jupyterlab(wizard_hub, chromium, docker_cli
         # The same notebook in the plain notebook interface (Notebook 7).
         page.goto(hub.user_url(user, path="notebooks/ds01-wizards.ipynb"))
         page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
-        _run_all_cells(page, ".ds01-quota-panel")
+        run_all_cells(page, ".ds01-quota-panel")
         assert "Build a custom image" in page.locator(".ds01-image-builder").inner_text()
         page.locator(".ds01-project-wizard .ds01-project-name").wait_for()
         page.screenshot(path=str(SCREENSHOTS / "plain-notebook.png"), full_page=True)
@@ -163,32 +143,6 @@ def test_wizard_and_image_builder_in_jupyterlab(wizard_hub, chromium, docker_cli
         for image in docker_client.images.list(filters={"label": f"ds01.image.user={user}"}):
             docker_client.images.remove(image.id, force=True)
         hub.stop_server(user)
-
-
-def _run_all_cells(page, until: str, attempts: int = 6) -> None:
-    """Run > Run All Cells, as a person would, until ``until`` shows up. A kernel that is still
-    starting may ignore the request, and JupyterLab may first ask which kernel to start: accept
-    the proposal and ask again, as a person would."""
-    from playwright.sync_api import TimeoutError as PlaywrightTimeout
-
-    for _ in range(attempts):
-        try:
-            _accept_kernel_dialog(page)
-            page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click(timeout=10_000)
-            page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click(timeout=10_000)
-            page.locator(until).first.wait_for(timeout=20_000)
-            return
-        except PlaywrightTimeout:
-            page.keyboard.press("Escape")  # close a menu left open
-    raise AssertionError(f"{until} never appeared after running all cells")
-
-
-def _accept_kernel_dialog(page) -> None:
-    """JupyterLab sometimes asks which kernel to start; a person takes the proposed one."""
-    select = page.locator(".jp-Dialog button", has_text="Select")
-    if select.count() and select.first.is_visible():
-        select.first.click()
-        page.locator(".jp-Dialog").first.wait_for(state="detached", timeout=30_000)
 
 
 def _service_images(hub, token: str) -> list[dict]:

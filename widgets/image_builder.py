@@ -2,8 +2,9 @@
 
 The build runs on the hub side (the ds01 service, the only part that talks to Docker); this
 widget sends the request through the server extension and follows the build's log, showing it
-live with a progress bar. Input is checked in the kernel first (the same strict rules the
-service applies again) so mistakes are reported before anything is sent.
+live with a progress bar; ``Cancel`` stops it (the same cancel as ``image-cancel``). Input is
+checked in the kernel first (the same strict rules the service applies again) so mistakes are
+reported before anything is sent.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 import ipywidgets as w
 
 from ds01hub.actions import images
+from ds01hub.actions.builds import CANCELLED
 from ds01hub.units import human_size
 
 from .client import Ds01Client, Ds01Error
@@ -39,6 +41,9 @@ class ImageBuilder(w.VBox):
         self.pip_packages = w.Textarea(description="pip", placeholder="six\ntransformers==4.44.0")
         self.apt_packages = w.Textarea(description="apt", placeholder="ffmpeg")
         self.build_button = w.Button(description="Build image", button_style="success", icon="cogs")
+        self.cancel_button = w.Button(
+            description="Cancel build", button_style="warning", icon="stop", disabled=True
+        )
         self.progress = w.FloatProgress(value=0.0, min=0.0, max=1.0, description="Progress")
         self.status = w.HTML()
         self.build_log = w.HTML()
@@ -48,12 +53,14 @@ class ImageBuilder(w.VBox):
             description="Refresh my images", icon="refresh", layout=w.Layout(width="180px")
         )
         self.build_button.on_click(lambda _: self.start_build())
+        self.cancel_button.on_click(lambda _: self.cancel_build())
         self.refresh_button.on_click(lambda _: self.refresh_images())
         self.template.observe(lambda _: self._show_template(), names="value")
         for widget, name in [
             (self.image_name, "ds01-image-name"),
             (self.pip_packages, "ds01-pip"),
             (self.build_button, "ds01-build"),
+            (self.cancel_button, "ds01-cancel"),
             (self.status, "ds01-build-status"),
             (self.result, "ds01-build-result"),
             (self.images_html, "ds01-my-images"),
@@ -67,7 +74,7 @@ class ImageBuilder(w.VBox):
                 self.image_name,
                 self.pip_packages,
                 self.apt_packages,
-                self.build_button,
+                w.HBox([self.build_button, self.cancel_button]),
                 self.progress,
                 self.status,
                 self.build_log,
@@ -134,7 +141,7 @@ class ImageBuilder(w.VBox):
         except Ds01Error as error:
             self.status.value = error_box(error)
             return None
-        self.build_button.disabled = True
+        self.build_button.disabled, self.cancel_button.disabled = True, False
         self.progress.value, self.progress.bar_style = 0.0, "info"
         self.log_lines = []
         self.result.value = ""
@@ -142,6 +149,20 @@ class ImageBuilder(w.VBox):
         self._thread = threading.Thread(target=self._follow, args=(self.build["id"],), daemon=True)
         self._thread.start()
         return self.build
+
+    def cancel_build(self) -> dict | None:
+        """Ask the service to stop the running build; the log follower then sees it end."""
+        if self.build is None or self.build.get("status") in ("done", "error"):
+            return None
+        self.cancel_button.disabled = True
+        try:
+            answer = self.client.post(f"api/builds/{self.build['id']}/cancel", {"wait": 0})
+        except Ds01Error as error:
+            self.cancel_button.disabled = False
+            self.status.value = error_box(error)
+            return None
+        self.status.value = box("info", f"Cancelling the build of {answer['image']} ...")
+        return answer
 
     def wait(self, timeout: float | None = None) -> dict | None:
         """Block until the running build ends (for scripts and tests); returns its state."""
@@ -179,7 +200,7 @@ class ImageBuilder(w.VBox):
         self.progress.value = float(state.get("progress") or 0.0)
 
     def _finish(self, state: dict | None, error: Ds01Error | None) -> None:
-        self.build_button.disabled = False
+        self.build_button.disabled, self.cancel_button.disabled = False, True
         if state is not None:
             self.build = state
         if error is not None:
@@ -194,6 +215,9 @@ class ImageBuilder(w.VBox):
                 "choose it in the hub's server options (image) for your next container",
             )
             self.refresh_images()
+        elif (state.get("events") or [{}])[-1].get("text") == CANCELLED:
+            self.progress.bar_style = "warning"
+            self.status.value = box("info", "Build cancelled", "nothing was kept; build again")
         else:
             self.progress.bar_style = "danger"
             last = self.log_lines[-1] if self.log_lines else "no details"

@@ -35,7 +35,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,12 +210,23 @@ class HostBuildLocks:
                 os.close(fd)  # closing the last descriptor drops the flock
 
 
+#: What follows a successful build (`ds01hub.actions.registry.publisher` on a cluster): its
+#: own events, ending with the build's `done` or an `error`.
+Publisher = Callable[[images.ImageSpec, images.BuildEvent], Iterable[images.BuildEvent]]
+
+
 def docker_builder(
-    docker: Any, base_image: str, ca_bundle: str = "", memory_limit: int = 0, who: str = ""
+    docker: Any,
+    base_image: str,
+    ca_bundle: str = "",
+    memory_limit: int = 0,
+    who: str = "",
+    publish: Publisher | None = None,
 ) -> Callable[[images.ImageSpec], Iterable[images.BuildEvent]]:
     """The build both doors run: the admin's base image (never the user's choice), the site's
     CA bundle, a memory cap per build step. `who` names the setting to fix when no base image
-    is configured (e.g. `Broker.base_image`)."""
+    is configured (e.g. `Broker.base_image`). `publish`: the step after a build that
+    succeeded (a cluster's push to its registry); None on one host."""
 
     def run(spec: images.ImageSpec) -> Iterable[images.BuildEvent]:
         if not base_image:
@@ -223,15 +234,27 @@ def docker_builder(
                 "no base image is configured for image builds",
                 hint=f"an admin sets {who or 'base_image'} (the lab's single-user image)",
             )
-        return images.build_image(
+        events = images.build_image(
             docker,
             spec,
             base_image,
             ca_bundle=Path(ca_bundle) if ca_bundle else None,
             memory_limit=memory_limit or None,
         )
+        return events if publish is None else _then(events, spec, publish)
 
     return run
+
+
+def _then(
+    events: Iterable[images.BuildEvent], spec: images.ImageSpec, publish: Publisher
+) -> Iterator[images.BuildEvent]:
+    """The build's events, its `done` replaced by what `publish` makes of it."""
+    for event in events:
+        if event.kind == "done":
+            yield from publish(spec, event)
+            return
+        yield event
 
 
 class BuildManager:
@@ -273,6 +296,25 @@ class BuildManager:
         loop = asyncio.get_running_loop()
         loop.run_in_executor(self._pool, self._work, build, user_lock, loop)
         return build
+
+    async def cancel(self, user: str, wait: float = 30.0) -> dict[str, Any]:
+        """Stop the user's build, whichever door (process) started it; wait (up to `wait`
+        seconds) until it has ended: ``{image, stopped}``. A build stops at its next line of
+        output or within a slot poll. OperationError 404 when no build of the user runs."""
+        name = await asyncio.to_thread(self.locks.request_cancel, user)
+        if name is None:
+            raise OperationError(
+                "no build of yours is running",
+                hint="image-list shows your images; image-create starts a build",
+                status=404,
+            )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while await asyncio.to_thread(self.locks.building, user):
+            if loop.time() > deadline:
+                return {"image": name, "stopped": False}
+            await asyncio.sleep(0.1)
+        return {"image": name, "stopped": True}
 
     def _forget_old(self, user: str) -> None:
         """Forget all but the newest finished builds of ``user``: memory stays bounded."""

@@ -24,9 +24,10 @@ from traitlets.config import Configurable
 from ds01hub.cli.admin import CullCommand
 from ds01hub.server_extension.handlers import DS01Extension
 from ds01hub.services.broker.app import Broker
+from ds01hub.services.node_exporter import NodeExporterApp
 from ds01hub.services.notebook.app import DS01Service
 from ds01hub.services.ops.app import OpsService
-from ds01hub.services.settings import HostSettings, ImageBuildSettings
+from ds01hub.services.settings import HostSettings, ImageBuildSettings, RegistrySettings
 from ds01hub.spawner import DS01Spawner
 
 #: Each configurable class with where its settings are set.
@@ -36,9 +37,11 @@ CLASSES: Sequence[tuple[type[Configurable], str]] = (
     (DS01Service, "`--DS01Service.NAME=...` in the ds01 service's command"),
     (OpsService, "`--OpsService.NAME=...` in the ops service's command (also `ds01hub cull`)"),
     (CullCommand, "`ds01hub cull --CullCommand.NAME=...` (its own flags: see --help)"),
+    (NodeExporterApp, "`python -m ds01hub.services.node_exporter --NAME=...` on each node"),
     (DS01Extension, "`c.DS01Extension.NAME = ...` in the single-user server's jupyter config"),
     (HostSettings, "`--HostSettings.NAME=...` for every service at once, or per service"),
     (ImageBuildSettings, "`--ImageBuildSettings.NAME=...`, or per service"),
+    (RegistrySettings, "`--RegistrySettings.NAME=...` for the broker and ds01 service at once"),
 )
 
 REPO = Path(__file__).resolve().parents[2]

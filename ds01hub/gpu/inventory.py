@@ -110,6 +110,11 @@ class Inventory:
             slot_id, lambda h: int(self.nvml.nvmlDeviceGetMemoryInfo(h).used) >> 20, None
         )
 
+    def gpu_instance_id(self, slot_id: str) -> int | None:
+        """A MIG slot's GPU instance id (what dcgm-exporter calls `GPU_I_ID`); None for a whole
+        GPU or on errors."""
+        return self._query(slot_id, lambda h: int(self.nvml.nvmlDeviceGetGpuInstanceId(h)), None)
+
     def processes(self, slot_id: str) -> list[int]:
         """PIDs (host namespace) computing on the slot; [] when none or not visible."""
         return self._query(

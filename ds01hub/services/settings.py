@@ -11,13 +11,15 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from traitlets import Integer, Unicode, default
+from traitlets import Integer, TraitError, Unicode, default, validate
 from traitlets.config import Configurable
 
-from ds01hub import paths
+from ds01hub import paths, provenance
+from ds01hub.actions import images
 from ds01hub.actions.builds import MAX_CONCURRENT_BUILDS, BuildManager, docker_builder
+from ds01hub.actions.registry import Registry, delete_published, publisher
 
-__all__ = ["HostSettings", "ImageBuildSettings"]
+__all__ = ["HostSettings", "ImageBuildSettings", "RegistrySettings"]
 
 
 class HostSettings(Configurable):
@@ -44,7 +46,50 @@ class HostSettings(Configurable):
         return str(paths.state_dir())
 
 
-class ImageBuildSettings(Configurable):
+class RegistrySettings(Configurable):
+    """The cluster's image registry (ds01hub.actions.registry): where `image-create` publishes
+    users' images so that every node can pull them. Unset on one host."""
+
+    registry = Unicode(
+        "",
+        help="""A Docker Swarm's registry as its nodes name it in image references
+        (host[:port], e.g. registry.lab:5000; README "More than one machine"). Set: each
+        image a user builds is pushed there as <registry>/ds01-<user>/<name>, and its digest
+        recorded (signed, as a Swarm config on the manager) so that servers run exactly that
+        image on any node, and only its owner's (and admins'). Empty (one host): images stay
+        local.""",
+    ).tag(config=True)
+
+    registry_url = Unicode(
+        "",
+        help="""Where this host reaches the registry's HTTP API (http(s)://host[:port]), for
+        image-delete's DELETE of the manifest. Empty: http://<registry>.""",
+    ).tag(config=True)
+
+    @validate("registry", "registry_url")
+    def _usable_registry(self, proposal: Any) -> str:
+        """A bad address stops the service at its start, named (traitlets' config error),
+        rather than at the first build."""
+        value = str(proposal["value"])
+        name = f"{type(self).__name__}.{proposal['trait'].name}"
+        try:
+            if proposal["trait"].name == "registry":
+                Registry.configured(value, setting=name)
+            elif value:
+                Registry.configured("registry", value, setting=name.removesuffix("_url"))
+        except images.ImageError as error:
+            hint = f"; {error.hint}" if error.hint else ""
+            raise TraitError(f"{error.message}{hint}") from None
+        return value
+
+    def cluster_registry(self) -> Registry | None:
+        """The configured registry, None on one host (ImageError for a bad setting)."""
+        return Registry.configured(
+            self.registry, self.registry_url, f"{type(self).__name__}.registry"
+        )
+
+
+class ImageBuildSettings(RegistrySettings):
     """How users' images are built (ds01hub.actions.builds): the same through every door."""
 
     base_image = Unicode(
@@ -81,11 +126,26 @@ class ImageBuildSettings(Configurable):
     def build_manager(self, docker_client: Any, state_dir: str | os.PathLike) -> BuildManager:
         """The door's build manager with these settings; its slots are the host's (in
         `state_dir`), shared with the other door."""
+        registry = self.cluster_registry()
         run_build = docker_builder(
             docker_client,
             self.base_image,
             self.ca_bundle,
             self.build_memory_limit,
             who=f"{type(self).__name__}.base_image",
+            publish=None
+            if registry is None
+            else publisher(docker_client, registry, provenance.load(state_dir)),
         )
         return BuildManager(run_build, state_dir, max_concurrent=self.max_concurrent_builds)
+
+    def delete_image(
+        self, docker_client: Any, state_dir: str | os.PathLike, user: str, name: str
+    ) -> str:
+        """Remove `user`'s image `name` (the removed tag): the local tag on one host; on a
+        cluster also its manifests in the registry and its records."""
+        registry = self.cluster_registry()
+        if registry is None:
+            return images.delete_user_image(docker_client, user, name)
+        trust = provenance.load(state_dir)
+        return delete_published(docker_client, registry, trust, user, name)

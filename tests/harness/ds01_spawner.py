@@ -53,11 +53,13 @@ class Ds01Hub:
     """A test hub running DS01Spawner on its own limits file, state directory and label, so
     that it counts only its own containers on the shared engine."""
 
-    def __init__(self, hub_factory, directory: Path, extra_config: str = ""):
+    def __init__(
+        self, hub_factory, directory: Path, extra_config: str = "", limits_yaml: str = LIMITS_YAML
+    ):
         self.tag = unique_name("sp")
         self.directory = directory
         self.limits_path = directory / "limits.yaml"
-        self.limits_path.write_text(LIMITS_YAML.format(seed=self.tag))
+        self.limits_path.write_text(limits_yaml.format(seed=self.tag))
         self.state_dir = directory / "state"
         config = f"""
 c.DS01Spawner.limits_path = {str(self.limits_path)!r}

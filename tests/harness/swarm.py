@@ -263,6 +263,12 @@ class SwarmCluster:
         inspect = json.loads(_docker("network", "inspect", self.network).stdout)[0]
         return inspect["IPAM"]["Config"][0]["Gateway"]
 
+    def registry_url(self) -> str:
+        """Where this host reaches the registry's HTTP API (its address on the network)."""
+        inspect = json.loads(_docker("inspect", f"{self.prefix}-registry").stdout)[0]
+        address = inspect["NetworkSettings"]["Networks"][self.network]["IPAddress"]
+        return f"http://{address}:5000"
+
     def kill(self, hostname: str) -> None:
         """The node's power goes: its dind container is killed (its engine with it)."""
         _docker("kill", self.nodes[hostname].container)

@@ -97,7 +97,10 @@ class BrokerImages:
         return [i.to_dict() for i in found]
 
     async def delete(self, user: str, name: str) -> dict[str, Any]:
-        tag = await asyncio.to_thread(images.delete_user_image, self.docker, user, name)
+        broker = self.broker
+        tag = await asyncio.to_thread(
+            broker.delete_image, self.docker, broker.state_dir, user, name
+        )
         return {"deleted": tag, "tag": tag}
 
     async def build(self, user: str, request: images.BuildRequest):
@@ -116,21 +119,8 @@ class BrokerImages:
             yield event
 
     async def cancel(self, user: str, wait: float = 30.0) -> dict[str, Any]:
-        """Stop the user's build, whichever door started it; wait (up to `wait` seconds) until
-        it has ended. A build stops at its next line of output or within a slot poll."""
-        name = await asyncio.to_thread(self.builds.locks.request_cancel, user)
-        if name is None:
-            raise OperationError(
-                "no build of yours is running",
-                hint="image-list shows your images; image-create starts a build",
-                status=404,
-            )
-        deadline = asyncio.get_running_loop().time() + wait
-        while await asyncio.to_thread(self.builds.locks.building, user):
-            if asyncio.get_running_loop().time() > deadline:
-                return {"image": name, "stopped": False}
-            await asyncio.sleep(0.1)
-        return {"image": name, "stopped": True}
+        """Stop the user's build, whichever door started it (`BuildManager.cancel`)."""
+        return await self.builds.cancel(user, wait)
 
 
 def docker_socket_path() -> str:

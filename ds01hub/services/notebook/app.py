@@ -9,7 +9,7 @@ only one that talks to Docker on a notebook's behalf; user containers never get 
 Endpoints (under the service prefix, ``/services/ds01/``)::
 
     GET    api/me                  who the token belongs to
-    GET    api/quota               limits and current usage
+    GET    api/quota               limits, current usage and the GPU slots free now
     GET    api/containers          the user's containers
     GET    api/templates           image use-case templates
     GET    api/images              the user's images
@@ -18,6 +18,7 @@ Endpoints (under the service prefix, ``/services/ds01/``)::
     GET    api/builds              the user's builds (this service run)
     GET    api/builds/{id}?since=N status and log events from N on
     GET    api/builds/{id}/stream  the same, streamed as NDJSON until the build ends
+    POST   api/builds/{id}/cancel  stop that build of yours {wait} -> {image, stopped}
     POST   api/projects/{name}/server  start a container (named server) for a project
 
 Requests without a valid token get 403 (JSON); a browser is redirected to the hub login for
@@ -44,14 +45,16 @@ from ds01hub import provenance
 from ds01hub.actions import images
 from ds01hub.actions.builds import Build
 from ds01hub.actions.operations import OperationError, OperationsContext, UserOperations
-from ds01hub.bodies import Body, shown
+from ds01hub.bodies import Body, BuildCancel, shown
 from ds01hub.engine import EngineState, engine_unreachable, engine_url, short_error
+from ds01hub.gpu.allocator import GpuAllocator, docker_lister
+from ds01hub.gpu.inventory import Inventory, load_inventory
 from ds01hub.hub.client import HubClient
 from ds01hub.hub.services import NOTEBOOK_PORT, NOTEBOOK_SERVICE
 from ds01hub.limits import LimitsError, LimitsStore
 from ds01hub.services.settings import HostSettings, ImageBuildSettings
 from ds01hub.services.web import JsonHandler
-from ds01hub.spawner.options import SpawnOptions
+from ds01hub.spawner.options import GpuOffer, SpawnOptions
 
 # ---------------------------------------------------------------- handlers
 
@@ -117,7 +120,9 @@ class MeHandler(ServiceHandler):
 
 class QuotaHandler(ServiceHandler):
     async def get(self) -> None:
-        self.write_json(await self.operations().quota())
+        quota = await self.operations().quota()
+        quota["gpus_free"] = await asyncio.to_thread(self.service.gpus_free)
+        self.write_json(quota)
 
 
 class ContainersHandler(ServiceHandler):
@@ -139,8 +144,9 @@ class ImagesHandler(ServiceHandler):
 class ImageHandler(ServiceHandler):
     async def delete(self, name: str) -> None:
         images.validate_image_name(name)
+        service = self.service
         tag = await asyncio.to_thread(
-            images.delete_user_image, self.service.docker, self.user, name
+            service.delete_image, service.docker, service.state_dir, self.user, name
         )
         self.write_json({"deleted": tag})
 
@@ -168,6 +174,22 @@ class BuildHandler(ServiceHandler):
 
     def get(self, build_id: str) -> None:
         self.write_json(self._build(build_id).to_dict(since=self.since()))
+
+
+class BuildCancelHandler(BuildHandler):
+    """Stop one of the user's own builds (the id is looked up among the user's builds only: a
+    stranger's id answers 404, like one that never existed); an ended build is a 409."""
+
+    async def post(self, build_id: str) -> None:
+        body = self.body(BuildCancel)
+        build = self._build(build_id)
+        if build.finished:
+            raise OperationError(
+                f"the build of {build.spec.tag} has already ended ({build.status})",
+                "nothing to cancel; start a new build if you need one",
+                status=409,
+            )
+        self.write_json(await self.service.builds.cancel(self.user, body.wait))
 
 
 class BuildStreamHandler(BuildHandler):
@@ -261,20 +283,67 @@ class DS01Service(HostSettings, ImageBuildSettings, Application):
             ping_interval=2.0,
         )
         self.builds = self.build_manager(self.docker, self.state_dir)
-        self._limits_store = None
+        self._limits_store: LimitsStore | None = None
+        self._allocator: GpuAllocator | None = None
 
-    def limits_for(self, user: str, groups: Iterable[str]):
-        """The user's resolved limits, or None when no limits file can be read (called on the
-        event loop: a changed file is re-read on the store's thread, the last good one used
-        meanwhile)."""
+    def limits_store(self) -> LimitsStore | None:
+        """The host's limits (read once, then re-read on change), or None when unreadable."""
         if self._limits_store is None:
             try:
                 self._limits_store = LimitsStore(self.limits_path or None, log=self.log)
             except LimitsError as error:
                 self.log.error("%s:\n%s", error.summary(), "\n".join(error.lines()))
                 return None
-        self._limits_store.reload(wait=False)
-        return self._limits_store.current.resolve(user, groups)
+        return self._limits_store
+
+    def inventory(self) -> Inventory | None:
+        """The host's GPU slots (from the limits' `gpu_allocation`: NVML or SIMULATED), so the
+        notebook names a held slot ("slot 0: NVIDIA A100") and counts the free ones."""
+        allocator = self.allocator()
+        return allocator.inventory if allocator else None
+
+    def allocator(self) -> GpuAllocator | None:
+        """A read-only view of the host's GPU allocation (the spawner's state directory and
+        deployment): the same holdings `ds01hub status` and the spawn form count."""
+        if self._allocator is None:
+            store = self.limits_store()
+            if store is None:
+                return None
+            try:
+                self._allocator = GpuAllocator(
+                    self.docker,
+                    load_inventory(store.current.gpu_allocation),
+                    self.state_dir,
+                    None,
+                    limits=store,
+                    container_lister=docker_lister(self.docker, trust=self.trust),
+                    trust=self.trust,
+                )
+            except OSError as error:  # the state directory: quotas still answer, without GPUs
+                self.log.warning("GPU allocation state unreadable (%s): no GPU counts", error)
+                return None
+        return self._allocator
+
+    def gpus_free(self) -> dict | None:
+        """The GPU slots free now, as the spawn form counts them (blocking: lists containers);
+        None when this host has no GPU inventory."""
+        allocator = self.allocator()
+        if allocator is None or not allocator.inventory.slots:
+            return None
+        inventory = allocator.inventory
+        return GpuOffer.from_slots(
+            inventory.slots, allocator.holdings(), inventory.simulated
+        ).to_dict()
+
+    def limits_for(self, user: str, groups: Iterable[str]):
+        """The user's resolved limits, or None when no limits file can be read (called on the
+        event loop: a changed file is re-read on the store's thread, the last good one used
+        meanwhile)."""
+        store = self.limits_store()
+        if store is None:
+            return None
+        store.reload(wait=False)
+        return store.current.resolve(user, groups)
 
     def operations_context(self) -> OperationsContext:
         token = os.environ.get("JUPYTERHUB_API_TOKEN", "")
@@ -283,6 +352,7 @@ class DS01Service(HostSettings, ImageBuildSettings, Application):
             docker=self.docker,
             trust=self.trust,
             limits_for=self.limits_for,
+            inventory=self.inventory(),
             auto_create_users=False,
         )
 
@@ -301,6 +371,7 @@ class DS01Service(HostSettings, ImageBuildSettings, Application):
             (api + "builds", BuildsHandler),
             (api + r"builds/([0-9a-f]{32})", BuildHandler),
             (api + r"builds/([0-9a-f]{32})/stream", BuildStreamHandler),
+            (api + r"builds/([0-9a-f]{32})/cancel", BuildCancelHandler),
         ]
         if self.allow_project_servers:
             routes.append((api + r"projects/([^/]+)/server", ProjectServerHandler))

@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -46,7 +47,9 @@ from tornado import web
 from ds01hub.engine import EngineState
 from ds01hub.gpu.allocator import SlotStatus
 from ds01hub.gpu.eventlog import EventLog
+from ds01hub.gpu.fairshare import FairShare, Waiting, rank
 from ds01hub.gpu.inventory import Inventory
+from ds01hub.gpu.queued import QueuedRequest
 from ds01hub.services.ops import charts
 from ds01hub.services.ops.warnings import CullWarning
 
@@ -150,6 +153,8 @@ def overview(
     queue: Iterable[Mapping[str, Any]] = (),
     fairshare: list[dict[str, Any]] | None = None,
     group_problems: Mapping[str, Iterable[Any]] | None = None,
+    nodes: list[dict[str, Any]] | None = None,
+    chart_cache: ChartCache | None = None,
 ) -> dict[str, Any]:
     """Everything the page shows, JSON-ready (also served as `api/overview`).
     `pending_culls`: the culler's standing warnings (`ds01hub.services.ops.warnings.CullWarning`);
@@ -157,20 +162,16 @@ def overview(
     `queue`: the starts waiting for a GPU, in the order they are served (`queue_rows`);
     `fairshare`: `ds01hub.gpu.fairshare.report`'s rows (None: fair share is off);
     `group_problems`: hub group -> the problems of its `ds01` properties (its members' spawns
-    are refused until an admin fixes them)."""
+    are refused until an admin fixes them); `nodes`: a swarm's use per node
+    (`ds01hub.services.ops.node_metrics.NodeMetricsSource.overview`; None on one host), whose
+    problems are alerts too; `chart_cache`: the charts' sums kept between loads
+    (`ChartCache`; None: read and sum the log every time)."""
     since = week_start(now)
     slots = slot_rows(status, inventory)
-    usage = {}
-    for by in ("user", "group"):
-        if eventlog is None:
-            usage[by] = []
-            continue
-        usage[by] = usage_rows(
-            eventlog.gpu_hours(by=by, since=since, until=now), eventlog.gpu_hours(by=by, until=now)
-        )
+    chart, usage = history(eventlog, [row["slot"] for row in slots], now, chart_cache)
     return {
         "queue": [dict(entry) for entry in queue],
-        "charts": chart_data(eventlog, [row["slot"] for row in slots], now),
+        "charts": chart,
         "at": now.isoformat(),
         "week_start": since.isoformat(),
         "simulated": bool(inventory.simulated),
@@ -191,57 +192,196 @@ def overview(
             for w in sorted(pending_culls, key=lambda w: w.cull_at)
         ],
         "slots": slots,
-        "alerts": alerts(slots, eventlog.health() if eventlog is not None else None),
+        "alerts": alerts(slots, eventlog.health() if eventlog is not None else None)
+        + [f"node {row['node']}: {row['problem']}" for row in nodes or () if row["problem"]],
+        "nodes": nodes,
         "usage": usage,
         "fairshare": fairshare,
     }
 
 
-def chart_data(eventlog: Any, slots: list[str], now: datetime) -> dict[str, Any]:
+def chart_data(
+    eventlog: Any, slots: list[str], now: datetime, cache: ChartCache | None = None
+) -> dict[str, Any]:
     """The charts' numbers (JSON-ready, in `api/overview` too): GPU-hours per user and group
     in each of the last CHART_WEEKS weeks, and each slot's share held in each of the last 24
-    hours; from one read of the event log's intervals."""
+    hours (`history`'s first half)."""
+    return history(eventlog, slots, now, cache)[0]
+
+
+def history(
+    eventlog: Any, slots: list[str], now: datetime, cache: ChartCache | None = None
+) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """(the charts' numbers, the usage tables: GPU-hours per user and per group this week and
+    in all) from one read of the event log's intervals, or from `cache` (the ops service's,
+    which keeps the finished intervals' sums between loads)."""
     starts = charts.week_starts(now, CHART_WEEKS)
-    day_start = now - timedelta(hours=25)
-    intervals = eventlog.intervals(since=min(starts[0], day_start), until=now) if eventlog else []
-    end = now.replace(minute=0, second=0, microsecond=0)
-    end += timedelta(hours=1) if end < now else timedelta(0)
-    return {
+    hours = charts.hour_starts(now, 24)
+    if eventlog is None:
+        finished, still = [], []
+    elif cache is None:
+        finished, still = [], eventlog.intervals(until=now)
+    else:
+        finished, still = cache.intervals(eventlog, now)
+    grid = (tuple(starts), tuple(hours), tuple(slots))
+    done = cache.sums(grid, finished, now) if cache is not None else _sums(finished, grid, now)
+    user, group, held, user_total, group_total = (
+        charts.add_sums(a, b) for a, b in zip(done, _sums(still, grid, now), strict=True)
+    )
+    chart = {
         "weeks": [f"{start:%m-%d}" for start in starts],
-        "user": charts.weekly_hours(intervals, "user", starts, now),
-        "group": charts.weekly_hours(intervals, "group", starts, now),
-        "hours": [f"{end - timedelta(hours=24 - i):%H}:00" for i in range(24)],
-        "slots": charts.slot_day(intervals, slots, now),
+        "user": charts.top_series(user),
+        "group": charts.top_series(group),
+        "hours": [f"{start:%H}:00" for start in hours],
+        "slots": charts.slot_shares(held),
     }
+    usage = {
+        by: usage_rows({n: w[-1] for n, w in weeks.items()}, {n: t[0] for n, t in total.items()})
+        for by, weeks, total in (("user", user, user_total), ("group", group, group_total))
+    }
+    return chart, usage
 
 
-def queue_rows(users: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """The starts waiting for a GPU, from the hub's user models: servers pending `spawn` whose
-    newest progress says they are in line, oldest first. A queue status with positions
-    (fair-sched) replaces this where the hub publishes one."""
-    rows = []
+#: (hours per user per week, per group per week, seconds per slot per hour, hours per user
+#: in all, per group in all); each {name: [numbers]}, so that sums of parts add (add_sums).
+Sums = tuple[dict[str, list[float]], ...]
+
+
+def _sums(intervals: Iterable[Any], grid: tuple, now: datetime) -> Sums:
+    """`Sums` of `intervals` on `grid` (the weeks' starts, the hours' starts, the slots; the
+    last week ends at `now`)."""
+    intervals = list(intervals)
+    starts, hours, slots = grid
+    totals: dict[str, dict[str, list[float]]] = {"user": {}, "group": {}}
+    for by, total in totals.items():
+        for interval in intervals:
+            total.setdefault(interval.key(by), [0.0])[0] += interval.hours
+    return (
+        charts.week_sums(intervals, "user", starts, now),
+        charts.week_sums(intervals, "group", starts, now),
+        charts.slot_sums(intervals, slots, hours),
+        totals["user"],
+        totals["group"],
+    )
+
+
+class ChartCache:
+    """The admin page's sums over the event log's finished intervals, kept between loads.
+
+    Reading the log and summing it (charts and usage tables) was most of a page load
+    (bench/admin_charts.py). A finished interval never changes, so its sums are kept, keyed by
+    the log's files (size and mtime of events.db and its WAL: every write changes them; any
+    change re-reads the log) and by the charts' grid (weeks, hours, slots). The intervals
+    still open (slots held now: a handful) are extended to `now` and summed on every load:
+    with no write since, none of them has ended."""
+
+    def __init__(self) -> None:
+        self._read: tuple[Any, datetime, list[Any], list[Any]] | None = None
+        self._sums: tuple[tuple, Sums] | None = None
+        self.reads = 0  # reads of the log (tests and the benchmark count them)
+
+    def intervals(self, eventlog: Any, now: datetime) -> tuple[list, list]:
+        """(finished intervals, open ones ending at `now`), all up to `now`."""
+        signature = log_signature(Path(eventlog.path))  # before the read: a write in between
+        read = self._read  # then only costs one more read
+        if read is None or read[0] != signature or now < read[1]:
+            found = eventlog.intervals(until=now)
+            finished = [i for i in found if i.end < now]
+            still = [i for i in found if i.end >= now]
+            self._read = read = (signature, now, finished, still)
+            self._sums = None
+            self.reads += 1
+        return read[2], [dataclasses.replace(i, end=now) for i in read[3]]
+
+    def sums(self, grid: tuple, finished: list[Any], now: datetime) -> Sums:
+        """`_sums` of the finished intervals on `grid`, computed once per read and grid."""
+        if self._sums is None or self._sums[0] != grid:
+            self._sums = (grid, _sums(finished, grid, now))
+        return self._sums[1]
+
+
+def log_signature(path: Path) -> tuple:
+    """(size, mtime) of an SQLite file and of its write-ahead log (None where absent)."""
+
+    def stat(file: Path) -> tuple[int, int] | None:
+        try:
+            info = file.stat()
+        except FileNotFoundError:
+            return None
+        return info.st_size, info.st_mtime_ns
+
+    return stat(path), stat(path.with_name(path.name + "-wal"))
+
+
+def queue_rows(
+    users: Iterable[Mapping[str, Any]],
+    stored: Iterable[QueuedRequest] = (),
+    fair: FairShare | None = None,
+    priority_of: Callable[[str, Sequence[str]], int] = lambda user, groups: 0,
+) -> list[dict[str, Any]]:
+    """The starts waiting for a GPU, in the order the hub's GPU queue serves them: the hub's
+    servers pending `spawn` (from its user models) and the requests stored in the queue
+    (`ds01hub.gpu.queued`; one row per server: the stored request where both exist), ranked
+    by `ds01hub.gpu.fairshare.rank` (effective priority = configured priority + fair share,
+    then arrival). Each row: position (1 = next), user, project, request, since (ISO),
+    priority (configured, `priority_of(user, groups)` for live spawns), effective priority,
+    queued (a stored request)."""
+    entries: dict[tuple[str, str], dict[str, Any]] = {}
+    for request in stored:
+        since = datetime.fromtimestamp(request.since, UTC)
+        entries[(request.user, request.server or "default")] = {
+            "user": request.user,
+            "project": request.server or "default",
+            "since": since.isoformat(timespec="seconds"),
+            "wants": _wants(request.options),
+            "priority": request.priority,
+            "queued": True,
+            "_at": since,
+        }
     for user in users:
-        for name, server in (user.get("servers") or {}).items():
-            if server.get("pending") != "spawn":
+        name = str(user.get("name") or "")
+        for server_name, server in (user.get("servers") or {}).items():
+            project = server_name or "default"
+            if server.get("pending") != "spawn" or (name, project) in entries:
                 continue
-            options = server.get("user_options") or {}
-            wants = (
-                f"MIG {options['mig']}"
-                if options.get("mig")
-                else f"{options['gpus']} GPU(s)"
-                if options.get("gpus")
-                else options.get("profile")
-            )
-            rows.append(
-                {
-                    "user": user.get("name"),
-                    "project": name or "default",
-                    "since": server.get("started"),
-                    "wants": wants,
-                    "position": None,
-                }
-            )
-    return sorted(rows, key=lambda r: (r["since"] or "", r["user"] or ""))
+            entries[(name, project)] = {
+                "user": name,
+                "project": project,
+                "since": server.get("started"),
+                "wants": _wants(server.get("user_options") or {}),
+                "priority": priority_of(name, list(user.get("groups") or ())),
+                "queued": False,
+                "_at": _parse_time(server.get("started")),
+            }
+    arrived = sorted(entries.values(), key=lambda e: (e["_at"] is None, e["_at"] or 0, e["user"]))
+    waiting = [Waiting(str(i), e["user"], e["priority"], i) for i, e in enumerate(arrived)]
+    rows = []
+    for position, (entry, effective) in enumerate(rank(waiting, fair or FairShare()), 1):
+        row = {k: v for k, v in arrived[entry.arrival].items() if k != "_at"}
+        rows.append({"position": position, **row, "effective": round(effective, 3)})
+    return rows
+
+
+def _wants(options: Mapping[str, Any]) -> str | None:
+    """What a start asks for, in words: "MIG 2g.20gb", "1 GPU", "2 GPUs", or its profile."""
+    if options.get("mig"):
+        return f"MIG {options['mig']}"
+    gpus = options.get("gpus")
+    if gpus:
+        return f"{gpus} GPU" + ("" if gpus == 1 else "s")
+    profile = options.get("profile")
+    return str(profile) if profile else None
+
+
+def _parse_time(stamp: Any) -> datetime | None:
+    """The hub's ISO time stamps ("2026-03-04T10:00:00.123Z"); None for none or nonsense."""
+    if not isinstance(stamp, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(stamp)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 # -- HTML (pure) ------------------------------------------------------------------------------

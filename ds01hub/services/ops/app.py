@@ -16,11 +16,12 @@ It shares the spawner's state directory (`$DS01HUB_STATE_DIR`: allocator lock, r
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -36,15 +37,20 @@ from traitlets.config import Application
 
 from ds01hub import paths, provenance
 from ds01hub.engine import EngineState, engine_unreachable, engine_url
+from ds01hub.errors import Ds01hubError
 from ds01hub.gpu.allocator import AllocationStateError, GpuAllocator, docker_lister
+from ds01hub.gpu.cluster import cluster_inventory
 from ds01hub.gpu.eventlog import EventLog
 from ds01hub.gpu.inventory import Inventory, load_inventory
+from ds01hub.gpu.queued import QueuedStore, QueueFileError
+from ds01hub.gpu.swarm_state import swarm_lister, swarm_remover
 from ds01hub.hub.client import HubClient
 from ds01hub.hub.services import OPS_PORT, OPS_SERVICE
 from ds01hub.limits import LimitsStore
 from ds01hub.services.ops.admin_page import (
     AdminApiHandler,
     AdminPageHandler,
+    ChartCache,
     MetricsHandler,
     overview,
     queue_rows,
@@ -52,6 +58,11 @@ from ds01hub.services.ops.admin_page import (
 from ds01hub.services.ops.culler import Culler
 from ds01hub.services.ops.lifecycle import Lifecycle
 from ds01hub.services.ops.metrics import LimitsCollector, StateCollector
+from ds01hub.services.ops.node_metrics import (
+    DEFAULT_SERVICE,
+    NodeMetricsCollector,
+    NodeMetricsSource,
+)
 from ds01hub.services.settings import HostSettings
 from ds01hub.units import utcnow
 
@@ -70,12 +81,16 @@ class Components:
     limits: LimitsStore
     inventory: Inventory
     engine: EngineState
+    cluster: NodeMetricsSource | None = None  # a swarm: the nodes' metrics endpoints
+    #: The admin page's chart sums, kept between page loads (re-read when the log changes).
+    charts: ChartCache = field(default_factory=ChartCache)
 
     def overview(self, queue: Iterable[dict[str, Any]] = ()) -> dict[str, Any]:
         """The admin page's model (blocking: Docker and SQLite). While the Docker engine is
         unreachable the page says so (and since when) instead of failing; slot holders are
         unknown until it answers. `queue`: the starts waiting for a GPU (from the hub)."""
         self.limits.reload()
+        self.inventory = refresh_inventory(self.allocator, self.cluster)
         try:
             status = self.allocator.status()
             self.engine.back()
@@ -95,6 +110,25 @@ class Components:
             queue=queue,
             fairshare=self._fairshare(),
             group_problems=self.culler.group_limits.problems,
+            nodes=self.cluster.overview() if self.cluster is not None else None,
+            chart_cache=self.charts,
+        )
+
+    def queue(self, users: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """The GPU queue's rows (`queue_rows`), blocking (the queue file, the event log): the
+        hub's pending spawns and the stored requests, ordered by effective priority. An
+        unreadable queue file leaves the stored requests out (the hub logs it too)."""
+        try:
+            stored = QueuedStore(self.allocator.state_dir).load()
+        except QueueFileError as error:
+            self.culler.log.warning("admin page: %s", error)
+            stored = []
+        config = self.limits.current
+        return queue_rows(
+            users,
+            stored,
+            self.allocator.fair_share(),
+            lambda user, groups: config.resolve(user, groups).priority,
         )
 
     def _fairshare(self) -> list[dict[str, Any]] | None:
@@ -117,24 +151,37 @@ def build_components(
     inventory: Inventory | None = None,
     extra_labels: Iterable[str] = (),
     clock: Callable[[], datetime] = utcnow,
+    cluster: NodeMetricsSource | None = None,
     **culler_options: Any,
 ) -> Components:
     """Wire limits (`limits_path` as set, None for the default: reloaded on change, last good
     kept; ds01hub.limits.load_limits_or_defaults), the GPU inventory, the event log
-    (`state_dir/events.db`, as the spawner's), the allocator, the lifecycle pass and the culler."""
+    (`state_dir/events.db`, as the spawner's), the allocator, the lifecycle pass and the culler.
+    With `cluster` (a swarm; `docker_client` is a manager's) the inventory is the swarm's
+    (re-read each pass and page: `refresh_inventory`), holdings are read from Swarm's services,
+    and there is no lifecycle pass (it removes containers)."""
     limits = LimitsStore(limits_path, log=culler_options.get("log"))
-    inventory = inventory or load_inventory(limits.current.gpu_allocation)
     eventlog = EventLog(Path(state_dir) / EVENTLOG_FILE)
     extra_labels = list(extra_labels)
     trust = provenance.load(state_dir)
+    if cluster is not None:
+        inventory = inventory or cluster_inventory(cluster.nodes())
+        lister = swarm_lister(docker_client, trust)
+        remover: Callable[[str], bool] | None = swarm_remover(docker_client)
+        remove_stopped = False
+    else:
+        inventory = inventory or load_inventory(limits.current.gpu_allocation)
+        lister = docker_lister(docker_client, extra_labels, trust=trust)
+        remover = None
     allocator = GpuAllocator(
-        docker_client,
+        None if cluster is not None else docker_client,
         inventory,
         state_dir,
         eventlog,
         clock,
         limits=limits,
-        container_lister=docker_lister(docker_client, extra_labels, trust=trust),
+        container_lister=lister,
+        container_remover=remover,
         trust=trust,
     )
     lifecycle = (
@@ -145,10 +192,11 @@ def build_components(
 
     def demand() -> float | None:
         """The share of GPU slots held (running, stopped within its hold, or being started)."""
-        if not inventory.slots:
+        slots = refresh_inventory(allocator, cluster).slots
+        if not slots:
             return None
         held = {h.slot_id for h in allocator.holdings()}
-        return len(held & {s.id for s in inventory.slots}) / len(inventory.slots)
+        return len(held & {s.id for s in slots}) / len(slots)
 
     culler = Culler(
         hub,
@@ -162,13 +210,36 @@ def build_components(
         clock=clock,
         trust=trust,
         demand=demand,
+        cluster=cluster,
         **culler_options,
     )
     name = f"the Docker engine at {engine_url()}"
     engine = EngineState(
         name, culler_options.get("log"), connect=_docker_from_env, ping_interval=2.0
     )
-    return Components(culler, allocator, eventlog, limits, inventory, engine)
+    return Components(culler, allocator, eventlog, limits, inventory, engine, cluster)
+
+
+def refresh_inventory(allocator: GpuAllocator, cluster: NodeMetricsSource | None) -> Inventory:
+    """The allocator's inventory, re-read from the swarm's nodes first in swarm mode (nodes
+    join, leave and drain while ds01-ops runs), as the spawner reads it at each spawn."""
+    if cluster is not None:
+        allocator.inventory = cluster_inventory(cluster.nodes())
+    return allocator.inventory
+
+
+def listed_urls(entries: Iterable[str]) -> dict[str, list[str]]:
+    """`hostname=URL` entries (`OpsService.node_metrics_urls`) -> hostname -> URLs."""
+    found: dict[str, list[str]] = {}
+    for entry in entries:
+        host, sep, url = entry.partition("=")
+        if not sep or not host or not url.startswith(("http://", "https://")):
+            raise Ds01hubError(
+                f"node_metrics_urls: {entry!r} is not hostname=URL; "
+                "use e.g. gpu2=http://gpu2:9400/metrics"
+            )
+        found.setdefault(host, []).append(url)
+    return found
 
 
 def _docker_from_env() -> docker.DockerClient:
@@ -219,7 +290,34 @@ class OpsService(HostSettings, Application):
         "engine. Default: every ds01-managed container.",
     ).tag(config=True)
 
+    swarm = Bool(
+        False,
+        help="The Docker engine (DOCKER_HOST) is a Swarm manager and servers are "
+        "DS01SwarmSpawner's services: the culler reads them from Swarm and their GPU and CPU use "
+        "from each node's metrics endpoint (node_metrics_service, node_metrics_urls); the "
+        "admin page shows the use per node. No lifecycle pass then.",
+    ).tag(config=True)
+    node_metrics_service = Unicode(
+        DEFAULT_SERVICE,
+        help="Swarm mode: the global service whose tasks serve each node's metrics in "
+        "dcgm-exporter's names (dcgm-exporter itself, or `python -m "
+        "ds01hub.services.node_exporter`), its port published in host mode. Empty: only "
+        "node_metrics_urls.",
+    ).tag(config=True)
+    node_metrics_urls = List(
+        Unicode(),
+        help="Swarm mode: `hostname=URL` entries (repeat for several URLs of a node: "
+        "dcgm-exporter's, cAdvisor's for containers' CPU), for endpoints outside Swarm; a "
+        "listed node wins over discovery.",
+    ).tag(config=True)
+    node_metrics_timeout = Float(
+        5.0, help="Seconds one node's metrics endpoint may take to answer (then: unknown)."
+    ).tag(config=True)
+
     aliases = {
+        "node-metrics-service": "OpsService.node_metrics_service",
+        "node-metrics-url": "OpsService.node_metrics_urls",
+        "node-metrics-timeout": "OpsService.node_metrics_timeout",
         "interval": "OpsService.interval",
         "warn-before": "OpsService.warn_before",
         "gpu-threshold": "OpsService.gpu_threshold",
@@ -232,6 +330,10 @@ class OpsService(HostSettings, Application):
         "label": "OpsService.extra_labels",
     }
     flags = {
+        "swarm": (
+            {"OpsService": {"swarm": True}},
+            "the engine is a Swarm manager: servers are services, use per node from endpoints",
+        ),
         "dry-run": ({"OpsService": {"dry_run": True}}, "decide only, act on nothing"),
         "keep-stopped": (
             {"OpsService": {"remove_stopped": False}},
@@ -242,6 +344,14 @@ class OpsService(HostSettings, Application):
     def components(self, hub: Any, docker_client: Any) -> Components:
         """The culler and its parts with this service's settings (the service's loop and
         `ds01hub cull` alike)."""
+        cluster = None
+        if self.swarm:
+            cluster = NodeMetricsSource(
+                docker_client,
+                urls=listed_urls(self.node_metrics_urls),
+                service=self.node_metrics_service,
+                timeout=self.node_metrics_timeout,
+            )
         return build_components(
             hub,
             docker_client,
@@ -255,6 +365,7 @@ class OpsService(HostSettings, Application):
             gpu_samples=self.gpu_samples,
             gpu_sample_interval=self.gpu_sample_interval,
             cpu_sample_interval=self.cpu_sample_interval,
+            cluster=cluster,
             log=self.log,
         )
 
@@ -265,6 +376,8 @@ class OpsService(HostSettings, Application):
         registry = CollectorRegistry()
         registry.register(StateCollector(parts.allocator, parts.eventlog, parts.engine))
         registry.register(LimitsCollector([parts.limits]))
+        if parts.cluster is not None:
+            registry.register(NodeMetricsCollector(parts.cluster))
         app = make_web_app(parts, hub, registry)
         url = os.environ.get("JUPYTERHUB_SERVICE_URL", f"http://127.0.0.1:{OPS_PORT}")
         host, _, port = url.split("://", 1)[-1].split("/", 1)[0].rpartition(":")
@@ -298,7 +411,8 @@ def make_web_app(parts: Components, hub: HubClient, registry: CollectorRegistry)
 
     async def queue() -> list[dict[str, Any]]:
         """Starts pending in the hub (only users with a server that is active)."""
-        return queue_rows(await hub.request("GET", "/users", params={"state": "active"}) or [])
+        users = await hub.request("GET", "/users", params={"state": "active"}) or []
+        return await asyncio.to_thread(parts.queue, users)
 
     return web.Application(
         [

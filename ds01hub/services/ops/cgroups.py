@@ -183,5 +183,29 @@ class CgroupCpu:
             del self._found[cid]
 
 
+def containers_usage(root: str | os.PathLike) -> dict[str, int]:
+    """Every container's CPU time (ns) under a cgroup mount `root` (a node's /sys/fs/cgroup,
+    bind-mounted into its metrics exporter): v1's `cpuacct` hierarchy when there is one, else
+    v2; containers in the usual places only (`usual_places`). Unreadable ones are left out."""
+    root = Path(root)
+    names = ("cpuacct", "cpu,cpuacct", "cpuacct,cpu")  # a host may leave some empty
+    v1 = next((root / n for n in names if (root / n / V1_FILE).is_file()), None)
+    base, version = (v1, 1) if v1 is not None else (root, 2)
+    usage_file = V1_FILE if version == 1 else V2_FILE
+    found: dict[str, int] = {}
+    for pattern in ("docker/*", "system.slice/docker-*.scope"):
+        for directory in base.glob(pattern):
+            container = directory.name.removeprefix("docker-").removesuffix(".scope")
+            if not _is_container_id(container):
+                continue
+            try:
+                value = usage_ns((directory / usage_file).read_text(), version)
+            except OSError:  # stopped meanwhile
+                continue
+            if value is not None:
+                found[container] = value
+    return found
+
+
 def _is_container_id(value: str) -> bool:
     return len(value) == 64 and all(c in "0123456789abcdef" for c in value)

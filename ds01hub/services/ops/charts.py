@@ -9,7 +9,9 @@ page see the same figure the event log gives.
 
     week_starts(now, weeks) -> [Monday 00:00 UTC, ...]        oldest first, `now`'s week last
     weekly_hours(intervals, by, starts, now) -> {name: [hours per week]}
+        = top_series(week_sums(...)); sums of disjoint interval sets add up (add_sums)
     slot_day(intervals, slots, until, hours=24) -> {slot: [share of each hour held, 0..1]}
+        = slot_shares(slot_sums(intervals, slots, hour_starts(until, hours)))
     stacked_bars(series, labels, unit, title) -> "<svg ...>"
     heatmap(rows, labels, title) -> "<svg ...>"
 """
@@ -21,7 +23,19 @@ from datetime import datetime, timedelta
 from html import escape
 from typing import Any
 
-__all__ = ["heatmap", "slot_day", "stacked_bars", "week_starts", "weekly_hours"]
+__all__ = [
+    "add_sums",
+    "heatmap",
+    "hour_starts",
+    "slot_day",
+    "slot_shares",
+    "slot_sums",
+    "stacked_bars",
+    "top_series",
+    "week_starts",
+    "week_sums",
+    "weekly_hours",
+]
 
 #: Colour-blind-safe palette (Okabe-Ito), one per series; the rest share "others".
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442")
@@ -47,12 +61,26 @@ def weekly_hours(
 ) -> dict[str, list[float]]:
     """GPU-hours per user (or group) in each week that begins at `starts` (the last one ends
     at `now`), biggest total first; past `len(PALETTE)` names the rest are summed as 'others'."""
+    return top_series(week_sums(intervals, by, starts, now))
+
+
+def week_sums(
+    intervals: Iterable[Any], by: str, starts: Sequence[datetime], now: datetime
+) -> dict[str, list[float]]:
+    """`weekly_hours` before ranking and rounding: sums of disjoint sets of intervals add up
+    (`add_sums`), so a cache keeps the finished intervals' sums and adds the open ones."""
     ends = [*starts[1:], now]
     totals: dict[str, list[float]] = {}
     for interval in intervals:
         row = totals.setdefault(interval.key(by), [0.0] * len(starts))
         for index, (start, stop) in enumerate(zip(starts, ends, strict=True)):
             row[index] += _overlap(interval.begin, interval.end, start, stop) / 3600.0
+    return totals
+
+
+def top_series(totals: Mapping[str, Sequence[float]]) -> dict[str, list[float]]:
+    """Hours per name -> the chart's series: biggest total first, the names past
+    `len(PALETTE)` summed as 'others', rounded, all-zero series left out."""
     ranked = sorted(totals.items(), key=lambda item: (-sum(item[1]), item[0]))
     shown = dict(ranked[: len(PALETTE)])
     rest = ranked[len(PALETTE) :]
@@ -61,22 +89,57 @@ def weekly_hours(
     return {name: [round(h, 2) for h in hours] for name, hours in shown.items() if any(hours)}
 
 
+def add_sums(*parts: Mapping[str, Sequence[float]]) -> dict[str, list[float]]:
+    """Row-wise sums of `week_sums`/`slot_sums` results (of disjoint sets of intervals)."""
+    total: dict[str, list[float]] = {}
+    for part in parts:
+        for name, values in part.items():
+            row = total.setdefault(name, [0.0] * len(values))
+            for index, value in enumerate(values):
+                row[index] += value
+    return total
+
+
+def hour_starts(until: datetime, hours: int = 24) -> list[datetime]:
+    """The starts of the last `hours` whole hours before `until` rounded up to the hour."""
+    end = until.replace(minute=0, second=0, microsecond=0)
+    if end < until:
+        end += timedelta(hours=1)
+    return [end - timedelta(hours=hours - i) for i in range(hours)]
+
+
 def slot_day(
     intervals: Iterable[Any], slots: Sequence[str], until: datetime, hours: int = 24
 ) -> dict[str, list[float]]:
     """For each slot, the share (0..1) of each of the last `hours` whole hours before `until`
     (rounded up to the hour) that some container held it."""
-    end = until.replace(minute=0, second=0, microsecond=0)
-    if end < until:
-        end += timedelta(hours=1)
-    starts = [end - timedelta(hours=hours - i) for i in range(hours)]
-    held: dict[str, list[float]] = {slot: [0.0] * hours for slot in slots}
+    return slot_shares(slot_sums(intervals, slots, hour_starts(until, hours)))
+
+
+def slot_sums(
+    intervals: Iterable[Any], slots: Sequence[str], starts: Sequence[datetime]
+) -> dict[str, list[float]]:
+    """Seconds each slot was held in each hour beginning at `starts` (consecutive hours); an
+    interval outside them costs one comparison, one inside only the hours it touches."""
+    held: dict[str, list[float]] = {slot: [0.0] * len(starts) for slot in slots}
+    if not starts:
+        return held
+    first, hour = starts[0], timedelta(hours=1)
+    last = starts[-1] + hour
     for interval in intervals:
         row = held.get(interval.slot)
-        if row is None:
-            continue  # a slot this machine no longer has
-        for index, start in enumerate(starts):
-            row[index] += _overlap(interval.begin, interval.end, start, start + timedelta(hours=1))
+        if row is None or interval.end <= first or interval.begin >= last:
+            continue  # a slot this machine no longer has, or outside the day
+        begin = max(0, int((interval.begin - first) / hour))
+        stop = min(len(starts), int((interval.end - first) / hour) + 1)
+        for index in range(begin, stop):
+            start = starts[index]
+            row[index] += _overlap(interval.begin, interval.end, start, start + hour)
+    return held
+
+
+def slot_shares(held: Mapping[str, Sequence[float]]) -> dict[str, list[float]]:
+    """`slot_sums` seconds -> the share (0..1, rounded) of each hour."""
     return {slot: [round(min(1.0, s / 3600.0), 3) for s in row] for slot, row in held.items()}
 
 

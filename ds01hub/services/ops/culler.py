@@ -65,6 +65,7 @@ from ds01hub.limits import LimitsConfig, LimitsError, LimitsStore, record_expire
 from ds01hub.provenance import Provenance
 from ds01hub.services.ops.cgroups import CgroupCpu, cpu_percent_between
 from ds01hub.services.ops.lifecycle import Lifecycle
+from ds01hub.services.ops.node_metrics import NodeMetricsSource, Placement
 from ds01hub.services.ops.warnings import CullWarning, WarningStore
 from ds01hub.units import human_duration, utcnow
 
@@ -163,6 +164,7 @@ class ServerActivity:
     gpu_processes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     cpu_percent: float | None = None
     keep_alive: bool = False  # a `.keep-alive` file is in its workspace
+    unknown: tuple[str, ...] = ()  # signals that could not be read (a node's endpoint): busy
 
     @property
     def idle_since(self) -> datetime | None:
@@ -192,7 +194,7 @@ class Verdict:
 
 def busy_signals(activity: ServerActivity, policy: CullPolicy) -> list[str]:
     """Why the container is not idle, from its GPU and CPU signals ([] = idle)."""
-    signals = []
+    signals = list(activity.unknown)
     for slot, samples in sorted(activity.gpu_samples.items()):
         known = [s for s in samples if s is not None]
         if known and max(known) >= policy.gpu_threshold:
@@ -413,6 +415,7 @@ class Culler:
         trust: Provenance | None = None,
         demand: Callable[[], float | None] | None = None,
         keep_alive_path: str = KEEP_ALIVE_PATH,
+        cluster: NodeMetricsSource | None = None,
     ):
         self.hub = hub
         self.docker = docker_client
@@ -441,6 +444,11 @@ class Culler:
         self.group_limits = GroupLimits()
         self.demand = demand
         self.keep_alive_path = keep_alive_path
+        # a swarm: servers are services, their use comes from the nodes' metrics endpoints
+        self.cluster = cluster
+        self._placements: dict[str, Placement] = {}  # service id -> its task, as of this pass
+        if cluster is not None:
+            self.notify_containers = False  # the task's engine is not this one
 
     # -- gathering ----------------------------------------------------------------------------
 
@@ -457,7 +465,11 @@ class Culler:
             offset += page
 
     def running_records(self) -> dict[tuple[str, str], labels.ContainerRecord]:
-        """(user, hub server name) -> the running managed container."""
+        """(user, hub server name) -> the running managed container (in a swarm: service)."""
+        if self.cluster is not None:
+            placements = self.cluster.running(self.trust, self.extra_labels)
+            self._placements = {p.record.id: p for p in placements.values()}
+            return {key: placement.record for key, placement in placements.items()}
         filters = {"label": self.trust.label_filters(self.extra_labels), "status": "running"}
         records = {}
         for entry in self.docker.api.containers(filters=filters):
@@ -666,6 +678,8 @@ class Culler:
         """Look for `.keep-alive` only where it could matter: servers that would be sampled
         without one."""
         result = list(candidates)
+        if self.cluster is not None:  # the workspace is on the task's node: not seen from here
+            return result
         for i, (activity, policy) in enumerate(candidates):
             if policy.keep_alive_max and needs_sampling(activity, policy, now, demand):
                 found = await asyncio.to_thread(self.has_keep_alive, activity.container_id)
@@ -683,6 +697,8 @@ class Culler:
         if not due:
             return candidates
         targets = {candidates[i][0].container_id: candidates[i][0] for i in due}
+        if self.cluster is not None:
+            return await self._sample_nodes(candidates, due)
         gpu_slots = {
             cid: tuple(s for s in activity.slots if self.inventory.has_slot(s))
             for cid, activity in targets.items()
@@ -700,6 +716,42 @@ class Culler:
                     gpu_samples=samples.get(cid, {}),
                     gpu_processes=processes.get(cid, {}),
                     cpu_percent=cpu[cid],
+                ),
+                policy,
+            )
+        return sampled
+
+    async def _sample_nodes(
+        self, candidates: list[tuple[ServerActivity, CullPolicy]], due: list[int]
+    ) -> list[tuple[ServerActivity, CullPolicy]]:
+        """A swarm's servers: their nodes' endpoints scraped `gpu_samples` times (at least
+        twice, for CPU) `gpu_sample_interval` apart (`cpu_sample_interval` for two)."""
+        from ds01hub.services.ops.node_metrics import sampled_activity
+
+        assert self.cluster is not None
+        placements = {i: self._placements.get(candidates[i][0].container_id) for i in due}
+        hosts = {p.node for p in placements.values() if p is not None}
+        rounds = max(self.gpu_samples, 2)
+        gap = self.gpu_sample_interval if self.gpu_samples > 1 else self.cpu_sample_interval
+        scrapes = []
+        for index in range(rounds):
+            if index:
+                await asyncio.sleep(gap)
+            scrapes.append(await asyncio.to_thread(self.cluster.scrape, hosts, time.monotonic()))
+        slots = {n.hostname: n.slots for n in await asyncio.to_thread(self.cluster.nodes)}
+        sampled = list(candidates)
+        for i, placement in placements.items():
+            activity, policy = candidates[i]
+            if placement is None:  # stopped since the pass began
+                sampled[i] = (replace(activity, unknown=("its task is gone",)), policy)
+                continue
+            signals = sampled_activity(placement, slots.get(placement.node, ()), scrapes)
+            sampled[i] = (
+                replace(
+                    activity,
+                    gpu_samples=signals.gpu_samples,
+                    cpu_percent=signals.cpu_percent,
+                    unknown=signals.unknown,
                 ),
                 policy,
             )
