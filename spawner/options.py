@@ -18,7 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+from jupyterhub.spawner import SpawnException
 from pydantic import Field, ValidationInfo, field_validator
+from traitlets import Callable as CallableTrait
+from traitlets import Dict, HasTraits, List, Union, validate
 
 from ds01hub.bodies import Body, BodyError, parse_data, shown
 from ds01hub.errors import Ds01hubError
@@ -255,6 +258,48 @@ def normalize_user_options(raw: Mapping[str, Any] | None) -> dict[str, Any]:
         allowed = error.hint if error.field and error.reason != "unknown field" else known
         raise OptionsError(key, error.value, error.reason, allowed) from None
     return options.model_dump(exclude_defaults=True)  # the keys given (queue only when true)
+
+
+def profile_list_trait() -> Union:
+    """The `profile_list` setting, declared by each ds01 spawner class (so each lists it in
+    its own settings: docs/settings.md)."""
+    return Union(
+        [List(Dict()), CallableTrait()],
+        default_value=[],
+        config=True,
+        help="""Profiles offered in the options form, in KubeSpawner's shape:
+        [{"display_name": "1 GPU, PyTorch", "slug": "gpu", "description": "...",
+          "default": True, "ds01_override": {"image": "...", "gpus": 1}}, ...].
+        `ds01_override` keys: image, gpus (whole GPUs), mig (a MIG profile), max_cpus and
+        memory (these two can only lower the user's limits). May be a callable(spawner) that
+        returns the list. Users pick one with the `profile` spawn option.""",
+    )
+
+
+class ProfileList(HasTraits):
+    """A ds01 spawner's profiles: `profile_list` (declared by the spawner class with
+    `profile_list_trait()`) checked when set, parsed by `_profiles()`."""
+
+    profile_list: Any
+
+    @validate("profile_list")
+    def _validate_profile_list(self, proposal: Any) -> Any:
+        """A broken profile list is refused when a spawner is made, naming the entry."""
+        if not callable(proposal.value):
+            parse_profile_list(proposal.value)
+        return proposal.value
+
+    def _profiles(self) -> tuple[Profile, ...]:
+        entries = self.profile_list(self) if callable(self.profile_list) else self.profile_list
+        return parse_profile_list(entries)
+
+
+def form_user_options(formdata: Mapping[str, Sequence[str]]) -> dict[str, Any]:
+    """`Spawner.options_from_form` of the ds01 spawners: a bad form is refused (400)."""
+    try:
+        return options_from_form(formdata)
+    except OptionsError as error:
+        raise SpawnException(str(error), reason="options", status_code=400) from None
 
 
 def options_from_form(formdata: Mapping[str, Sequence[str]]) -> dict[str, Any]:
@@ -650,10 +695,13 @@ def render_form(
     own_images: Sequence[str],
     default_image: str,
     previous: Mapping[str, Any] | None = None,
+    queue_offered: bool = True,
 ) -> str:
     """The options form's HTML (Jinja2, autoescaped; Bootstrap 5 like the hub's pages): one
     choice of GPU: a profile (what it gives, how many such slots are free now), or "choose the
-    GPU yourself" with a select bounded by the user's limits; then the image."""
+    GPU yourself" with a select bounded by the user's limits; then the image. The "wait for a
+    GPU without a time limit" box (the `queue` option) only where the spawner serves it
+    (`queue_offered`: not on a swarm)."""
     environment = jinja2.Environment(
         loader=jinja2.FileSystemLoader(_TEMPLATES),
         autoescape=True,
@@ -679,6 +727,7 @@ def render_form(
         limits=limits,
         offer=offer,
         format_size=format_size,
+        queue_offered=queue_offered,
     )
 
 

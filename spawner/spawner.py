@@ -54,8 +54,7 @@ from docker.utils import kwargs_from_env
 from dockerspawner import DockerSpawner
 from jupyterhub.spawner import SpawnException
 from jupyterhub.utils import url_path_join, wait_for_http_server
-from traitlets import Callable as CallableTrait
-from traitlets import CaselessStrEnum, Dict, Float, Int, List, Unicode, Union, default, validate
+from traitlets import CaselessStrEnum, Dict, Float, Int, List, Unicode, default
 
 from ds01hub import labels, paths, provenance
 from ds01hub.actions.images import list_user_images
@@ -99,25 +98,21 @@ from .gpu_queue import GpuQueue, GpuWaitTimeout, QueueStatus
 from .options import (
     GpuOffer,
     OptionsError,
+    ProfileList,
     SpawnChoice,
     allowed_images,
+    form_user_options,
     image_allowed,
-    options_from_form,
-    parse_profile_list,
+    profile_list_trait,
     render_form,
     resolve_choice,
 )
+from .progress import ProgressEvents, refusal_status
 from .queued import QueuedStarter
 from .recovery import EngineRecovery
 
 __all__ = ["DS01Spawner"]
 
-_STATUS_OF_CODE = {
-    "per_container_limit": 403,
-    "user_limit": 409,
-    "equivalents_limit": 409,
-    "not_available": 400,
-}
 #: How often one spawn asks for GPUs when the check before `docker start` finds its slots gone.
 _START_ATTEMPTS = 3
 
@@ -150,7 +145,7 @@ class _HubContext:
     hub_groups: SnapshotReader | None = None
 
 
-class DS01Spawner(DockerSpawner):
+class DS01Spawner(ProgressEvents, ProfileList, DockerSpawner):
     """See the module docstring; every setting below is `c.DS01Spawner.<name>`."""
 
     _contexts: dict[tuple, _HubContext] = {}
@@ -183,24 +178,7 @@ class DS01Spawner(DockerSpawner):
         config=True,
         help="""SQLite event log of allocations (GPU-hours). Empty: `state_dir`/events.db.""",
     )
-    profile_list = Union(
-        [List(Dict()), CallableTrait()],
-        default_value=[],
-        config=True,
-        help="""Profiles offered in the options form, in KubeSpawner's shape:
-        [{"display_name": "1 GPU, PyTorch", "slug": "gpu", "description": "...",
-          "default": True, "ds01_override": {"image": "...", "gpus": 1}}, ...].
-        `ds01_override` keys: image, gpus (whole GPUs), mig (a MIG profile), max_cpus and
-        memory (these two can only lower the user's limits). May be a callable(spawner) that
-        returns the list. Users pick one with the `profile` spawn option.""",
-    )
-
-    @validate("profile_list")
-    def _validate_profile_list(self, proposal):
-        """A broken profile list is refused when a spawner is made, naming the entry."""
-        if not callable(proposal.value):
-            parse_profile_list(proposal.value)
-        return proposal.value
+    profile_list = profile_list_trait()
 
     gpu_wait_timeout = Float(
         600.0,
@@ -447,31 +425,11 @@ class DS01Spawner(DockerSpawner):
 
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
-        self._events: list[dict] = []  # this spawn's progress events
-        self._event_signal = asyncio.Event()
-        self._spawn_finished = False
+        self._init_progress()
         self._created_in_this_spawn = False
         self._spawn_slots: tuple[Slot, ...] = ()
         self._check_seconds = 0.0  # the check before `docker start`, for the timing log line
         self._user_parent: tuple[str, AggregateLimits] | None = None  # (cgroup, caps) to write
-
-    def _emit(self, progress: int, message: str) -> None:
-        self._events.append({"progress": progress, "message": message})
-        self._event_signal.set()
-        self.log.info("ds01 %s: %s", self._log_name, message)
-
-    async def progress(self):
-        """Every step of `start` as it happens (JupyterHub's progress API / spawn page)."""
-        sent = 0
-        while True:
-            while sent < len(self._events):
-                yield self._events[sent]
-                sent += 1
-            if self._spawn_finished:
-                return
-            self._event_signal.clear()
-            if sent == len(self._events):
-                await self._event_signal.wait()
 
     # -- the options form --------------------------------------------------------------------
 
@@ -481,13 +439,7 @@ class DS01Spawner(DockerSpawner):
 
     @default("options_from_form")
     def _default_options_from_form(self):
-        def from_form(formdata):
-            try:
-                return options_from_form(formdata)
-            except OptionsError as error:
-                raise SpawnException(str(error), reason="options", status_code=400) from None
-
-        return from_form
+        return form_user_options
 
     async def _render_options_form(self) -> str:
         context = self.context
@@ -506,10 +458,6 @@ class DS01Spawner(DockerSpawner):
             default_image=self.image,
             previous=self.orm_spawner.user_options if self.orm_spawner else None,
         )
-
-    def _profiles(self):
-        entries = self.profile_list(self) if callable(self.profile_list) else self.profile_list
-        return parse_profile_list(entries)
 
     def _configured_images(self) -> list[str] | str:
         allowed = self._get_allowed_images()
@@ -700,6 +648,7 @@ class DS01Spawner(DockerSpawner):
                 simulated=context.inventory.simulated,
                 deadline=deadline,
                 timeout=self.gpu_wait_timeout,
+                timeout_key=self._setting("gpu_wait_timeout"),
                 **queue,
             )
 
@@ -750,7 +699,7 @@ class DS01Spawner(DockerSpawner):
             raise self._refusal(messages.timeout_message(situation(last)), 503) from None
         if not decision.ok:
             await self._record_failure(decision.reason or "")
-            status = _STATUS_OF_CODE.get(decision.code, 400)
+            status = refusal_status(decision.code)
             raise self._refusal(messages.refusal_message(situation(decision)), status)
         slots = tuple(context.inventory.slot(slot_id) for slot_id in decision.granted)
         taken = "".join(
@@ -804,37 +753,6 @@ class DS01Spawner(DockerSpawner):
             reason="queued",
             status_code=202,
         )
-
-    def _form_url(self) -> str:
-        """This server's options form (the way back from a wait or a refusal)."""
-        return url_path_join(self.hub.base_url, "spawn", self.user.escaped_name, self.name or "")
-
-    def _emit_message(self, progress: int, message: messages.Message) -> None:
-        """A progress event people read (ds01hub.gpu.messages): the headline as the event's
-        text, the whole message as HTML for the spawn page and as data for the CLI."""
-        self._events.append(
-            {
-                "progress": progress,
-                "message": message.headline,
-                "html_message": message.html(),
-                messages.EVENT_KEY: message.to_dict(),
-            }
-        )
-        self._event_signal.set()
-        self.log.info("ds01 %s: %s", self._log_name, message.text())
-
-    def _refusal(self, message: messages.Message, status: int) -> SpawnException:
-        """A spawn refused with a message for people: plain text for the API and the CLI, HTML
-        (details folded, a link back to the form) for the hub's pages."""
-        html = message.html(self._form_url())
-        error = SpawnException(
-            message.text(), reason=message.code, status_code=status, message_html=html
-        )
-        # what the hub's progress stream and its "spawn failed" page show (else str(error):
-        # "503 SpawnException(reason=...)")
-        error.jupyterhub_message = message.text()
-        error.jupyterhub_html_message = html
-        return error
 
     async def _record_failure(self, reason: str) -> None:
         await self._record_event("spawn-failure", reason)
@@ -892,8 +810,7 @@ class DS01Spawner(DockerSpawner):
 
     async def start(self):
         """See the module docstring; progress events on every step."""
-        self._events.clear()  # in place: a progress stream may already be waiting on it
-        self._spawn_finished = False
+        self._begin_progress()
         self._began = time.monotonic()
         self.context.recovery.track(self)
         try:
@@ -908,8 +825,7 @@ class DS01Spawner(DockerSpawner):
             metrics.spawn_failed("error")
             raise
         finally:
-            self._spawn_finished = True
-            self._event_signal.set()
+            self._finish_progress()
 
     async def _start(self):
         began = time.perf_counter()

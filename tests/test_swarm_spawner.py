@@ -9,6 +9,8 @@ from types import SimpleNamespace
 import pytest
 from jupyterhub.spawner import SpawnException
 
+from ds01hub.gpu.cluster import cluster_inventory, parse_node
+from ds01hub.limits import parse_limits
 from ds01hub.spawner import swarm_spawner
 from ds01hub.spawner.swarm_spawner import DS01SwarmSpawner
 
@@ -49,7 +51,7 @@ class Manager:
 
 def spawner(options=None, manager=None) -> DS01SwarmSpawner:
     made = DS01SwarmSpawner(
-        user=SimpleNamespace(name="ann", id=1, url="/user/ann/", escaped_name="ann"),
+        user=SimpleNamespace(name="ann", id=1, url="/user/ann/", escaped_name="ann", groups=[]),
         hub=SimpleNamespace(url="http://hub/", api_url="http://hub/api", public_host=""),
         orm_spawner=None,
     )
@@ -69,20 +71,58 @@ def test_the_server_is_a_service_named_as_a_dns_label():
     assert spawner().object_name == "default--ann"
 
 
+#: a node of whole GPUs and a MIG slice, as the manager's node object has it
+NODE3 = {
+    "ID": "n3",
+    "Description": {
+        "Hostname": "node3",
+        "Resources": {
+            "GenericResources": [
+                {"NamedResourceSpec": {"Kind": kind, "Value": uuid}}
+                for kind, uuid in (
+                    ("DS01-GPU-0", "GPU-aaaa"),
+                    ("DS01-GPU-1", "GPU-bbbb"),
+                    ("DS01-MIG-2:0-3g.40gb", "MIG-cccc"),
+                )
+            ]
+        },
+    },
+    "Spec": {"Availability": "active"},
+    "Status": {"State": "ready"},
+}
+CLUSTER = SimpleNamespace(inventory=cluster_inventory([parse_node(NODE3)]))
+LIMITS = parse_limits({"defaults": {"max_gpus": 2, "max_gpus_per_container": 2}}).resolve("ann")
+
+
 @pytest.mark.parametrize(
     ("options", "count", "mig"),
-    [({}, 0, None), ({"gpus": 2}, 2, None), ({"mig": "3g.40gb"}, 0, "3g.40gb")],
+    [({}, 0, None), ({"gpus": 2}, 2, None), ({"mig": "3g.40gb"}, 1, "3g.40gb")],
 )
 def test_user_options_become_the_allocators_request(options, count, mig):
-    request = spawner(options)._request()
+    choice = spawner(options)._choose(CLUSTER, LIMITS)
+    request = choice.gpu_request("ann", "default--ann")
     assert (request.user, request.container, request.count) == ("ann", "default--ann", count)
     assert request.mig_profile == mig
 
 
-@pytest.mark.parametrize("options", [{"gpus": -1}, {"gpus": "2"}, {"gpus": True}, {"mig": 3}])
-def test_bad_user_options_are_refused_by_name(options):
-    with pytest.raises(SpawnException, match="gpus must|mig must"):
-        spawner(options)._request()
+@pytest.mark.parametrize(
+    "options",
+    [{"gpus": -1}, {"gpus": "many"}, {"mig": 3}, {"gpus": 3}, {"mig": "1g.10gb"}, {"queue": True}],
+)
+def test_bad_or_impossible_user_options_are_refused_by_name(options):
+    """Checked against the user's limits and the cluster's slots, as on one host."""
+    with pytest.raises(SpawnException) as refused:
+        spawner(options)._choose(CLUSTER, LIMITS)
+    assert refused.value.reason == "options"
+    assert refused.value.status_code in (400, 403, 409)
+
+
+def test_profiles_choose_the_request():
+    made = spawner({"profile": "slice"})
+    made.profile_list = [
+        {"display_name": "A slice", "slug": "slice", "ds01_override": {"mig": "3g.40gb"}}
+    ]
+    assert made._choose(CLUSTER, LIMITS).mig == "3g.40gb"
 
 
 async def test_poll_says_the_node_is_down_and_stops_the_server_for_good(monkeypatch):
@@ -92,8 +132,23 @@ async def test_poll_says_the_node_is_down_and_stops_the_server_for_good(monkeypa
     )
     assert await spawner(manager=Manager("ready")).poll() is None
     assert scaled == []
-    assert await spawner(manager=Manager("down")).poll() == "its node node2 is down"
+    lost = spawner(manager=Manager("down"))
+    assert await lost.poll() == "Your server stopped: the machine left the cluster (node2)."
     assert scaled == [("s1", 0)]  # it must not come back unasked with its node
+    # its user is told why at the next start, also after a hub restart (the spawner's state)
+    again = spawner(manager=Manager("down"))
+    again.load_state(lost.get_state())
+    assert again._stopped_because == lost._stopped_because
+    again._start = _started
+    assert await again.start() == ("10.0.0.2", 8888)
+    events = [event async for event in again.progress()]
+    assert events[0]["message"] == "Your server stopped: the machine left the cluster (node2)."
+    assert events[0]["ds01_message"]["code"] == "node_lost"
+    assert again._stopped_because is None and "ds01_stopped" not in again.get_state()
+
+
+async def _started():
+    return ("10.0.0.2", 8888)
 
 
 async def test_deleting_the_server_removes_its_service():

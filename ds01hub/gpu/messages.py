@@ -17,6 +17,7 @@ same `Message` as the spawn page.
     refusal_message(situation) -> Message             # the allocator said no for good
     timeout_message(situation) -> Message             # no slot within the wait limit
     lost_message(reason, attempts) -> Message         # slots taken before the start, N times
+    node_lost_message(node, ended) -> Message         # a swarm node left under a server
     state_message(error) -> Message                   # the allocation state is not writable
     gpu_use(held, max_gpus) -> "1 of 2 GPUs in use (slot 0: NVIDIA A100)"
 """
@@ -46,6 +47,7 @@ __all__ = [
     "Situation",
     "gpu_use",
     "lost_message",
+    "node_lost_message",
     "ordinal",
     "refusal_message",
     "state_message",
@@ -56,9 +58,11 @@ __all__ = [
 
 #: The key of a progress event (the hub's event stream) that carries a `Message.to_dict()`.
 EVENT_KEY = "ds01_message"
-#: `Message.kind`: still waiting, or refused (the spawn ends).
-KINDS = ("wait", "refused")
-#: The configuration key that bounds a wait, named in the details.
+#: `Message.kind`: still waiting, refused (the spawn ends), or a running server stopped under
+#: its user (said at its next start).
+KINDS = ("wait", "refused", "stopped")
+#: The configuration key that bounds a wait, named in the details (a spawner names its own:
+#: `Situation.timeout_key`).
 WAIT_TIMEOUT_KEY = "c.DS01Spawner.gpu_wait_timeout"
 #: Bounds on a message that arrives from another process (`from_dict`).
 _MAX_TEXT = 2000
@@ -241,6 +245,8 @@ class Situation:
     deadline: datetime | None = None
     #: the wait limit in seconds (named in the details with its configuration key)
     timeout: float | None = None
+    #: the setting that bounds the wait, as the hub's configuration names it
+    timeout_key: str = WAIT_TIMEOUT_KEY
     #: when a slot is expected, if the queue can estimate it
     expected: datetime | None = None
     notes: tuple[str, ...] = field(default=(), compare=False)
@@ -364,7 +370,8 @@ def wait_message(situation: Situation, now: datetime) -> Message:
         details.append("running containers are never preempted unless policies.preempt_running")
     if situation.timeout is not None:
         details.append(
-            f"the wait gives up after {format_duration(situation.timeout)} ({WAIT_TIMEOUT_KEY})"
+            f"the wait gives up after {format_duration(situation.timeout)} "
+            f"({situation.timeout_key})"
         )
     details.extend(situation.notes)
     return Message(
@@ -410,7 +417,7 @@ def timeout_message(situation: Situation) -> Message:
             f"earliest hold expiry: {situation.decision.earliest_expiry:%Y-%m-%d %H:%M} UTC"
         )
     if situation.timeout is not None:
-        details.append(f"waited {format_duration(situation.timeout)} ({WAIT_TIMEOUT_KEY})")
+        details.append(f"waited {format_duration(situation.timeout)} ({situation.timeout_key})")
     details.extend(situation.notes)
     return Message("refused", "gpu_wait", headline, action, tuple(details))
 
@@ -493,6 +500,23 @@ def lost_message(reason: str, attempts: int) -> Message:
         + (f", {attempts} times in a row." if attempts > 1 else "."),
         "Start your server again.",
         (f"last check before docker start: {reason}",),
+    )
+
+
+def node_lost_message(node: str, ended: str = "") -> Message:
+    """A server of a swarm stopped because the machine it ran on left the cluster (it died or
+    lost its network: Swarm marked its node down). Its service is stopped for good (a start
+    makes a new one), so nothing of it comes back with the machine."""
+    details = [f"machine {node}: its Docker Swarm node went down while your server ran there"]
+    if ended:
+        details.append(f"its task: {ended}")
+    return Message(
+        "stopped",
+        "node_lost",
+        f"Your server stopped: the machine left the cluster ({node}).",
+        "Start it again: it starts on a machine of the cluster that is up. What it had in "
+        "memory is lost.",
+        tuple(details),
     )
 
 

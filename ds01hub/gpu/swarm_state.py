@@ -22,25 +22,33 @@ loses nothing (nothing is on the hub's disk but in-flight claims):
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from ds01hub import labels
 from ds01hub.provenance import Provenance
 
 __all__ = [
+    "ENDED_TASK_STATES",
+    "LostService",
     "create_service",
+    "lost_services",
+    "replicas",
     "scale_service",
     "service_documents",
+    "stop_lost_services",
     "swarm_lister",
     "swarm_remover",
 ]
 
 ZERO_TIME = "0001-01-01T00:00:00Z"
 #: task states that end a task (Swarm *orphans* the tasks of a node the moment it is marked down)
-_ENDED = {"complete", "shutdown", "failed", "rejected", "orphaned", "remove"}
+ENDED_TASK_STATES = frozenset({"complete", "shutdown", "failed", "rejected", "orphaned", "remove"})
 
 
-def _replicas(service: Mapping[str, Any]) -> int:
+def replicas(service: Mapping[str, Any]) -> int:
+    """The replicas a service is desired to run (0: stopped)."""
     mode = (service.get("Spec") or {}).get("Mode") or {}
     return int((mode.get("Replicated") or {}).get("Replicas") or 0)
 
@@ -84,7 +92,7 @@ def service_document(
     live = []
     for task in tasks:
         node = lost.get(str(task.get("NodeID")))
-        if _task_state(task) in _ENDED:
+        if _task_state(task) in ENDED_TASK_STATES:
             ended.append(_task_time(task))
         elif node is not None:
             ended.append(node[1])
@@ -93,7 +101,7 @@ def service_document(
     placed = _placed_on(service)
     if placed in lost_hosts:
         status, finished = "exited", max(ended, default=lost_hosts[placed])
-    elif _replicas(service) and (live or not tasks):
+    elif replicas(service) and (live or not tasks):
         status, finished = "running", ZERO_TIME
     elif ended:
         status, finished = "exited", max(ended)
@@ -144,6 +152,102 @@ def service_documents(
     for task in tasks:
         by_service.setdefault(str(task.get("ServiceID")), []).append(task)
     return [service_document(s, by_service.get(s["ID"], []), lost) for s in services]
+
+
+@dataclass(frozen=True)
+class LostService:
+    """A service desired to run whose task ended after its last start: `node` is the hostname
+    of the machine that left the cluster under it ('' when the task ended by itself, `ended`
+    then says how)."""
+
+    id: str
+    name: str
+    node: str
+    ended: str
+
+
+#: how Swarm ends the task of a node that left (marked down: the constraint enforcer rejects
+#: it; or orphaned): such a task never comes back, and no new one is made (restart: none)
+_NODE_GONE_MARKS = ("no longer meets constraints", "orphaned")
+
+
+def _name(service: Mapping[str, Any]) -> str:
+    return str((service.get("Spec") or {}).get("Name", ""))
+
+
+def _time(value: Any) -> datetime:
+    return labels.parse_docker_time(value) or datetime.min.replace(tzinfo=UTC)
+
+
+def lost_services(
+    services: Iterable[Mapping[str, Any]],
+    tasks: Iterable[Mapping[str, Any]],
+    nodes: Iterable[Mapping[str, Any]],
+) -> list[LostService]:
+    """The services desired to run (replicas > 0) that run nothing any more: their task ended,
+    or its node is down, *after* the service was last updated (scaled to one), so a start in
+    flight (scaled, its new task not made yet) is never one. Swarm leaves such a service as it
+    is (restart policy none: no new task, also when the node comes back), but it is still
+    "desired": the hub must scale it to zero so that it never runs again unasked, and tell its
+    user why (`node`: the machine left the cluster)."""
+    nodes = list(nodes)
+    hostname = {
+        str(n.get("ID")): str((n.get("Description") or {}).get("Hostname", "")) for n in nodes
+    }
+    down = {
+        str(n["ID"]): _time(n.get("UpdatedAt"))
+        for n in nodes
+        if (n.get("Status") or {}).get("State") != "ready"
+    }
+    by_service: dict[str, list[Mapping[str, Any]]] = {}
+    for task in tasks:
+        by_service.setdefault(str(task.get("ServiceID")), []).append(task)
+    lost = []
+    for service in services:
+        mine = by_service.get(str(service.get("ID")), [])
+        if not replicas(service) or not mine:
+            continue
+        node_id = ""
+        ended_at = None
+        how = ""
+        for task in sorted(mine, key=lambda t: _time(t.get("CreatedAt"))):
+            state = _task_state(task)
+            task_node = str(task.get("NodeID") or "")
+            if state in ENDED_TASK_STATES:
+                when = _time(_task_time(task))
+                status = task.get("Status") or {}
+                how = f"{state}: {status.get('Err') or status.get('Message') or ''}".strip(": ")
+            elif task_node in down:
+                when, how = down[task_node], ""
+            else:
+                break  # a task that still runs (or is about to)
+            if ended_at is None or when >= ended_at:
+                ended_at, node_id = when, task_node
+        else:
+            if ended_at is None or ended_at <= _time(service.get("UpdatedAt")):
+                continue
+            gone = node_id in down or any(mark in how for mark in _NODE_GONE_MARKS)
+            node = hostname.get(node_id, node_id) if gone else ""
+            lost.append(LostService(str(service["ID"]), _name(service), node, how))
+    return lost
+
+
+def stop_lost_services(client: Any, trust: Provenance | None = None) -> list[LostService]:
+    """Scale this deployment's `lost_services` to zero (each is then a stopped server with
+    its hold, as on one host). Run before each allocation and by the hub's poll, so a node
+    that comes back never runs, nor has its slots counted for, a server the hub stopped."""
+    scope = trust.label_filters() if trust else [f"{labels.MANAGED}=true"]
+    services = [
+        s
+        for s in client.api.services(filters={"label": scope})
+        if trust is None or trust.verify((s.get("Spec") or {}).get("Labels"), _name(s))
+    ]
+    if not any(replicas(s) for s in services):
+        return []
+    lost = lost_services(services, client.api.tasks(), client.api.nodes())
+    for service in lost:
+        scale_service(client, service.id, 0)
+    return lost
 
 
 def swarm_lister(client: Any, trust: Provenance | None = None) -> Callable[[], list[dict]]:
