@@ -25,10 +25,12 @@ __all__ = [
     "ENV_FILE_VARIABLE",
     "ENV_LIMITS",
     "ENV_STATE_DIR",
+    "HUB_GROUPS_FILE",
     "PROXY_STATE_DIR",
     "RUN_DIR",
     "WORKSPACE_ROOT",
     "aggregate_cgroup_root",
+    "hub_groups_snapshot",
     "limits_named",
     "limits_path",
     "state_dir",
@@ -38,6 +40,9 @@ __all__ = [
 #: event log, label key, deployment id, build slots, the culler's warnings.
 ENV_STATE_DIR = "DS01HUB_STATE_DIR"
 DEFAULT_STATE_DIR = Path("/var/lib/ds01hub")
+#: The ds01-ops service's snapshot of the hub's groups (their `ds01` properties and members),
+#: in the state directory: how the doors without the hub's database see group properties.
+HUB_GROUPS_FILE = "hub-groups.json"
 #: The Docker socket proxy's own state (its signing key copy, its lock).
 PROXY_STATE_DIR = DEFAULT_STATE_DIR / "proxy"
 
@@ -96,3 +101,10 @@ def aggregate_cgroup_root(
     aggregate caps are checked only)."""
     environ = os.environ if environ is None else environ
     return given or environ.get(ENV_AGGREGATE_CGROUP_ROOT, "")
+
+
+def hub_groups_snapshot(
+    given: str | os.PathLike | None = None, environ: Mapping[str, str] | None = None
+) -> Path:
+    """The hub-groups snapshot in the state directory `given` (ds01hub.hub.group_snapshot)."""
+    return state_dir(given, environ) / HUB_GROUPS_FILE

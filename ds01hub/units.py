@@ -215,7 +215,7 @@ def quota_rows(quota: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     hold = limits.get("gpu_hold_after_stop")
     idle = limits.get("idle_timeout")
     free = quota.get("gpus_free")
-    return [
+    rows = [
         ("GPUs", gpu_use(held, limits.get("max_gpus")), ""),
         *([("GPUs free now", gpus_free_text(free), "")] if free else []),
         ("GPUs per container", "", cap(limits.get("max_gpus_per_container"))),
@@ -233,6 +233,36 @@ def quota_rows(quota: Mapping[str, Any]) -> list[tuple[str, str, str]]:
             "until the container is removed" if hold is None else format_duration(hold),
         ),
     ]
+    return _with_sources(rows, quota.get("sources") or {})
+
+
+#: Sources every user shares (ds01hub.limits.ResolvedLimits.sources): not named in quotas.
+SITE_WIDE_SOURCES = frozenset({"defaults", "built-in", "policies"})
+#: quota_rows' rows by label -> the limit field each shows (rows of use only have none)
+QUOTA_FIELDS = {
+    "GPUs": "max_gpus",
+    "GPUs per container": "max_gpus_per_container",
+    "CPUs per container": "max_cpus",
+    "Memory per container": "memory",
+    "Containers": "max_containers_per_user",
+    "Idle containers stopped after": "idle_timeout",
+    "GPUs kept after a stop": "gpu_hold_after_stop",
+}
+
+
+def _with_sources(
+    rows: list[tuple[str, str, str]], sources: Mapping[str, Any]
+) -> list[tuple[str, str, str]]:
+    """Each limit set for the user (an override, their group, their hub group's properties)
+    followed by where it came from (`(hub_groups.students)`, as `ds01hub limits` shows it),
+    when the quota says (`UserOperations.quota()`'s `sources`); the site's defaults stay
+    plain, so the line names only what differs from everyone's."""
+    out = []
+    for what, use, limit in rows:
+        source = sources.get(QUOTA_FIELDS.get(what, ""))
+        where = f" ({source})" if source and source not in SITE_WIDE_SOURCES else ""
+        out.append((what, use + where, limit) if not limit else (what, use, limit + where))
+    return out
 
 
 def utcnow() -> datetime:

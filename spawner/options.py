@@ -695,10 +695,13 @@ def render_form(
     own_images: Sequence[str],
     default_image: str,
     previous: Mapping[str, Any] | None = None,
+    queue_offered: bool = True,
 ) -> str:
     """The options form's HTML (Jinja2, autoescaped; Bootstrap 5 like the hub's pages): one
     choice of GPU: a profile (what it gives, how many such slots are free now), or "choose the
-    GPU yourself" with a select bounded by the user's limits; then the image."""
+    GPU yourself" with a select bounded by the user's limits; then the image. The "wait for a
+    GPU without a time limit" box (the `queue` option) only where the spawner serves it
+    (`queue_offered`: not on a swarm)."""
     environment = jinja2.Environment(
         loader=jinja2.FileSystemLoader(_TEMPLATES),
         autoescape=True,
@@ -724,6 +727,7 @@ def render_form(
         limits=limits,
         offer=offer,
         format_size=format_size,
+        queue_offered=queue_offered,
     )
 
 

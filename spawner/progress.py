@@ -1,7 +1,8 @@
 """A spawner's progress events (JupyterHub's progress API, the spawn page, the CLI) and its
 refusals, shared by DS01Spawner and DS01SwarmSpawner: plain steps (`_emit`), messages for
 people (`_emit_message`, ds01hub.gpu.messages) streamed from the first as they happen, and a
-refused spawn's exception (`_refusal`)."""
+refused spawn's exception (`_refusal`, its HTTP status for an allocator's refusal from
+`refusal_status`)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,22 @@ from jupyterhub.utils import url_path_join
 
 from ds01hub.gpu import messages
 
-__all__ = ["ProgressEvents"]
+__all__ = ["ProgressEvents", "refusal_status"]
+
+#: The HTTP status of a spawn the allocator refused, per `Decision.code` (others: 400): the
+#: user's own limits (409: they conflict with what the user runs), a request no slot could ever
+#: meet on this deployment (403: over the per-container limit), a kind it lacks (400).
+_STATUS_OF_CODE = {
+    "per_container_limit": 403,
+    "user_limit": 409,
+    "equivalents_limit": 409,
+    "not_available": 400,
+}
+
+
+def refusal_status(code: str | None) -> int:
+    """The status a refused spawn answers with, the same on one host and on a swarm."""
+    return _STATUS_OF_CODE.get(code or "", 400)
 
 
 class ProgressEvents:
@@ -75,6 +91,11 @@ class ProgressEvents:
     def _form_url(self) -> str:
         """This server's options form (the way back from a wait or a refusal)."""
         return url_path_join(self.hub.base_url, "spawn", self.user.escaped_name, self.name or "")
+
+    def _setting(self, name: str) -> str:
+        """A setting as the hub's configuration names it, for this spawner's class
+        (`c.DS01Spawner.gpu_wait_timeout`, `c.DS01SwarmSpawner.gpu_wait_timeout`)."""
+        return f"c.{type(self).__name__}.{name}"
 
     def _refusal(self, message: messages.Message, status: int) -> SpawnException:
         """A spawn refused with a message for people: plain text for the API and the CLI, HTML

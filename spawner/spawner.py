@@ -82,7 +82,8 @@ from ds01hub.host.aggregate_gate import (
     user_records,
 )
 from ds01hub.host.cgroups import CgroupError, ensure_parent
-from ds01hub.hub.group_limits import hub_group_limits
+from ds01hub.hub.group_limits import group_refusal, orm_user_limits
+from ds01hub.hub.group_snapshot import SnapshotError, SnapshotReader
 from ds01hub.limits import (
     AggregateLimits,
     LimitsError,
@@ -107,18 +108,12 @@ from .options import (
     render_form,
     resolve_choice,
 )
-from .progress import ProgressEvents
+from .progress import ProgressEvents, refusal_status
 from .queued import QueuedStarter
 from .recovery import EngineRecovery
 
 __all__ = ["DS01Spawner"]
 
-_STATUS_OF_CODE = {
-    "per_container_limit": 403,
-    "user_limit": 409,
-    "equivalents_limit": 409,
-    "not_available": 400,
-}
 #: How often one spawn asks for GPUs when the check before `docker start` finds its slots gone.
 _START_ATTEMPTS = 3
 
@@ -147,6 +142,8 @@ class _HubContext:
     queued: QueuedStarter | None = None
     #: The hub's REST API root, for starting a queued request's server.
     hub_api_url: str = ""
+    #: The hub groups as the ds01-ops pass saw them, for queued starts (no ORM user there).
+    hub_groups: SnapshotReader | None = None
 
 
 class DS01Spawner(ProgressEvents, ProfileList, DockerSpawner):
@@ -401,6 +398,7 @@ class DS01Spawner(ProgressEvents, ProfileList, DockerSpawner):
         context = _HubContext(
             store, inventory, allocator, eventlog, queue, client, label_filter, executor, recovery
         )
+        context.hub_groups = SnapshotReader(paths.hub_groups_snapshot(state_dir))
         if self.queue_api_token:
             token = self.queue_api_token
             context.queued = QueuedStarter(
@@ -491,19 +489,12 @@ class DS01Spawner(ProgressEvents, ProfileList, DockerSpawner):
                 self._log_name,
                 len(store.last_problems),
             )
-        groups = [group.name for group in self.user.groups]
         try:  # the groups' properties as the hub has them now: an edit applies at once
-            hub_groups = hub_group_limits((g.name, g.properties) for g in self.user.groups)
+            limits = orm_user_limits(store.current, self.user.name, self.user.groups)
         except LimitsError as error:
             raise SpawnException(
-                f"{error.summary()} (a group of {self.user.name}):\n"
-                + "\n".join(error.lines())
-                + "\nAn admin fixes the group's properties (hub admin panel, or PUT "
-                "/hub/api/groups/NAME/properties); until then its members cannot start servers.",
-                reason="limits",
-                status_code=409,
+                group_refusal(self.user.name, error), reason="limits", status_code=409
             ) from None
-        limits = store.current.resolve(self.user.name, groups, hub_groups=hub_groups)
         cgroup = self.cgroup_parents.get(limits.group or "")
         if cgroup:
             limits = replace(limits, cgroup_parent=cgroup)
@@ -660,6 +651,7 @@ class DS01Spawner(ProgressEvents, ProfileList, DockerSpawner):
                 simulated=context.inventory.simulated,
                 deadline=deadline,
                 timeout=self.gpu_wait_timeout,
+                timeout_key=self._setting("gpu_wait_timeout"),
                 **queue,
             )
 
@@ -710,7 +702,7 @@ class DS01Spawner(ProgressEvents, ProfileList, DockerSpawner):
             raise self._refusal(messages.timeout_message(situation(last)), 503) from None
         if not decision.ok:
             await self._record_failure(decision.reason or "")
-            status = _STATUS_OF_CODE.get(decision.code, 400)
+            status = refusal_status(decision.code)
             raise self._refusal(messages.refusal_message(situation(decision)), status)
         slots = tuple(context.inventory.slot(slot_id) for slot_id in decision.granted)
         taken = "".join(
@@ -1298,7 +1290,6 @@ async def _serve_queued(
     from ds01hub.hub.client import HubClient, HubError, HubUnreachable
 
     loop = asyncio.get_running_loop()
-    limits = context.limits.current.resolve(request.user, request.groups)
     options = request.options
     choice = SpawnChoice(image=str(options.get("image", "")), gpus=int(options.get("gpus", 0)))
     choice = replace(choice, mig=options.get("mig"))
@@ -1316,6 +1307,19 @@ async def _serve_queued(
     def failed(reason: str) -> None:
         event = NewEvent("spawn-failure", request.user, container=request.container, reason=reason)
         context.eventlog.record_many([event], defer=True)
+
+    # no ORM user here: the hub groups' properties as the other doors see them (the snapshot
+    # of the last ds01-ops pass); the spawn it leads to resolves them live again
+    hub_groups = context.hub_groups
+    try:
+        limits = (
+            hub_groups.resolve(context.limits.current, request.user, request.groups)
+            if hub_groups is not None
+            else context.limits.current.resolve(request.user, request.groups)
+        )
+    except (LimitsError, SnapshotError) as error:
+        failed(f"queued request ended: {error}")
+        return
 
     noted: list[tuple] = []
 

@@ -43,6 +43,8 @@ from ds01hub.gpu import messages
 from ds01hub.gpu.allocator import AllocationStateError, GpuAllocator
 from ds01hub.gpu.cluster import cluster_inventory, parse_node
 from ds01hub.gpu.decision import Decision
+from ds01hub.gpu.eventlog import EventLog
+from ds01hub.gpu.fairshare import FairShare
 from ds01hub.gpu.swarm_state import (
     ENDED_TASK_STATES,
     create_service,
@@ -53,7 +55,8 @@ from ds01hub.gpu.swarm_state import (
     swarm_lister,
     swarm_remover,
 )
-from ds01hub.limits import LimitsStore
+from ds01hub.hub.group_limits import group_refusal, orm_user_limits
+from ds01hub.limits import LimitsError, LimitsStore, ResolvedLimits
 from ds01hub.spawner.gpu_queue import GpuQueue, GpuWaitTimeout, QueueStatus
 from ds01hub.spawner.options import (
     GpuOffer,
@@ -67,7 +70,7 @@ from ds01hub.spawner.options import (
     render_form,
     resolve_choice,
 )
-from ds01hub.spawner.progress import ProgressEvents
+from ds01hub.spawner.progress import ProgressEvents, refusal_status
 from ds01hub.spawner.swarm_plan import service_name, service_spec
 from ds01hub.units import utcnow
 
@@ -95,6 +98,12 @@ class DS01SwarmSpawner(ProgressEvents, ProfileList, SwarmSpawner):
         "what is read from Swarm's objects, so a hub restarted on another manager loses nothing "
         "that started.",
     )
+    event_log_path = Unicode(
+        "",
+        config=True,
+        help="SQLite event log of allocations (GPU-hours: fair share, usage reports). Empty: "
+        "`state_dir`/events.db (as DS01Spawner).",
+    )
     profile_list = profile_list_trait()
 
     gpu_wait_timeout = Float(
@@ -112,6 +121,8 @@ class DS01SwarmSpawner(ProgressEvents, ProfileList, SwarmSpawner):
 
     #: the hub's GPU queue per state directory (`_queue`)
     _queues: ClassVar[dict[str, GpuQueue]] = {}
+    #: the hub's event log per path (`_eventlog`)
+    _eventlogs: ClassVar[dict[str, EventLog]] = {}
 
     @default("object_name")
     def _object_name_default(self) -> str:
@@ -121,6 +132,13 @@ class DS01SwarmSpawner(ProgressEvents, ProfileList, SwarmSpawner):
 
     def _state_path(self) -> Path:
         return paths.state_dir(self.state_dir)
+
+    def _eventlog(self) -> EventLog:
+        """The hub's one event log (on the manager's disk: history, not who holds what)."""
+        path = str(self.event_log_path or self._state_path() / "events.db")
+        if path not in self._eventlogs:
+            self._eventlogs[path] = EventLog(path)
+        return self._eventlogs[path]
 
     def _limits(self) -> LimitsStore:
         return LimitsStore(self.limits_path or None, log=self.log)
@@ -137,6 +155,7 @@ class DS01SwarmSpawner(ProgressEvents, ProfileList, SwarmSpawner):
             None,
             cluster_inventory(nodes),
             self._state_path(),
+            self._eventlog(),
             limits=limits,
             container_lister=swarm_lister(manager, trust),
             container_remover=swarm_remover(manager),
@@ -150,11 +169,38 @@ class DS01SwarmSpawner(ProgressEvents, ProfileList, SwarmSpawner):
 
     def _queue(self) -> GpuQueue:
         """The hub's one GPU queue (per state directory): every spawn's attempts go through
-        it, in priority then arrival order, as on one host."""
+        it, by effective priority (fair share) then arrival, as on one host."""
         key = str(self._state_path())
         if key not in self._queues:
-            self._queues[key] = GpuQueue(self.gpu_wait_interval)
+            self._queues[key] = GpuQueue(self.gpu_wait_interval, self._fair_share)
         return self._queues[key]
+
+    async def _fair_share(self) -> FairShare:
+        """Everyone's fair-share factor now: the allocator's (`GpuAllocator.fair_share`, from
+        the event log and `gpu_allocation.fairshare`); no node needs asking for it."""
+
+        def now() -> FairShare:
+            allocator = GpuAllocator(
+                None,
+                cluster_inventory(()),
+                self._state_path(),
+                self._eventlog(),
+                limits=self._limits(),
+                container_lister=list,
+            )
+            return allocator.fair_share()
+
+        return await self._blocking(now)
+
+    def _resolve_limits(self, store: LimitsStore) -> ResolvedLimits:
+        """The user's limits with their hub groups' properties, as DS01Spawner's (from the
+        hub's database, every spawn); a bad property refuses the spawn (409)."""
+        try:
+            return orm_user_limits(store.current, self.user.name, self.user.groups)
+        except LimitsError as error:
+            raise SpawnException(
+                group_refusal(self.user.name, error), reason="limits", status_code=409
+            ) from None
 
     def _offer(self, allocator: GpuAllocator, holdings: Any = ()) -> GpuOffer:
         """What the cluster has (the slots of every node that takes servers) and what is free."""
@@ -172,7 +218,7 @@ class DS01SwarmSpawner(ProgressEvents, ProfileList, SwarmSpawner):
     async def _render_options_form(self) -> str:
         """DS01Spawner's form; the free counts (per profile and kind) are the cluster's."""
         store = self._limits()
-        limits = store.current.resolve(self.user.name)
+        limits = self._resolve_limits(store)
         allocator = await self._blocking(self._allocator, store)
         holdings = await self._blocking(allocator.holdings)
         profiles = self._profiles()
@@ -184,6 +230,7 @@ class DS01SwarmSpawner(ProgressEvents, ProfileList, SwarmSpawner):
             own_images=[],
             default_image=self.image,
             previous=self.orm_spawner.user_options if self.orm_spawner else None,
+            queue_offered=False,  # `_choose` refuses it: README "More than one machine"
         )
 
     def _images(self, limits: Any, profiles: Any) -> tuple[str, ...] | str:
@@ -214,8 +261,8 @@ class DS01SwarmSpawner(ProgressEvents, ProfileList, SwarmSpawner):
         if choice.queue:
             raise SpawnException(
                 "waiting for a GPU without a time limit (the queue option) is not offered on a "
-                f"swarm yet; start without it (the spawn waits up to {self.gpu_wait_timeout:.0f}s "
-                "in the GPU queue).",
+                f"swarm; start without it (the spawn waits up to {self.gpu_wait_timeout:.0f}s in "
+                f"the GPU queue, {self._setting('gpu_wait_timeout')}).",
                 reason="options",
                 status_code=400,
             )
@@ -242,6 +289,7 @@ class DS01SwarmSpawner(ProgressEvents, ProfileList, SwarmSpawner):
                 simulated=inventory.simulated,
                 deadline=deadline,
                 timeout=self.gpu_wait_timeout,
+                timeout_key=self._setting("gpu_wait_timeout"),
                 **queue,
             )
 
@@ -281,7 +329,8 @@ class DS01SwarmSpawner(ProgressEvents, ProfileList, SwarmSpawner):
             last = error.decision or Decision(reason="no attempt finished", code="busy")
             raise self._refusal(messages.timeout_message(situation(last)), 503) from None
         if not decision.ok:
-            raise self._refusal(messages.refusal_message(situation(decision)), 409)
+            status = refusal_status(decision.code)
+            raise self._refusal(messages.refusal_message(situation(decision)), status)
         return latest[-1], decision
 
     def __init__(self, **kwargs: Any):
@@ -303,7 +352,7 @@ class DS01SwarmSpawner(ProgressEvents, ProfileList, SwarmSpawner):
 
     async def _start(self) -> tuple[str, int]:
         store = self._limits()
-        limits = store.current.resolve(self.user.name)
+        limits = self._resolve_limits(store)
         choice = self._choose(await self._blocking(self._allocator, store), limits)
         for note in choice.notes:
             self._emit(8, note)

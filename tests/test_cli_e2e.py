@@ -70,6 +70,9 @@ from ds01hub.hub.services import configure_broker
 c.DS01Spawner.limits_path = {str(limits)!r}
 c.DS01Spawner.state_dir = {str(directory / "state")!r}
 c.DS01Spawner.container_label_filter = [{test_label!r}]
+# the hub must not notice a `docker stop` on its own mid-test: its periodic poll would race
+# test_a_start_after_a_stop_behind_the_hubs_back_is_truthful (no test here relies on it)
+c.DS01Spawner.poll_interval = 3600
 configure_broker(c, socket_path={socket_path!r}, broker_args={broker_args!r})
 """
         with hub_factory(spawner="ds01", extra_config=extra, labels={key: value}) as hub:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from dataclasses import replace
 
 import pytest
 from harness.inspect_docs import TRUST
@@ -823,6 +824,16 @@ def test_container_count_and_image_limits():
     body = base()
     body["Image"] = "evil/miner"
     assert "allowed images" in denied(create, body, limits=LIMITS)
+
+
+def test_a_refusal_names_where_the_limit_came_from():
+    sources = {"max_containers_per_user": "hub_groups.students", "allowed_images": "defaults"}
+    limits = replace(LIMITS, sources=sources)
+    message = denied(create, base(), limits=limits, existing=3)
+    assert "(max_containers_per_user: 3 from hub_groups.students)" in message
+    body = base()
+    body["Image"] = "evil/miner"
+    assert "(busybox, ds01-* from defaults)" in denied(create, body, limits=limits)
 
 
 # --------------------------------------------------------------------------- images, builds

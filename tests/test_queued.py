@@ -223,6 +223,7 @@ async def test_after_a_hub_restart_a_queued_request_keeps_its_place_and_starts_i
         queued=SimpleNamespace(store=store),
         hub_api_url="http://127.0.0.1:1/hub/api",
         eventlog=None,
+        hub_groups=None,  # no hub-groups snapshot: the file's limits
     )
 
     async def attempt() -> Decision:

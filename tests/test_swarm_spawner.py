@@ -51,7 +51,7 @@ class Manager:
 
 def spawner(options=None, manager=None) -> DS01SwarmSpawner:
     made = DS01SwarmSpawner(
-        user=SimpleNamespace(name="ann", id=1, url="/user/ann/", escaped_name="ann"),
+        user=SimpleNamespace(name="ann", id=1, url="/user/ann/", escaped_name="ann", groups=[]),
         hub=SimpleNamespace(url="http://hub/", api_url="http://hub/api", public_host=""),
         orm_spawner=None,
     )
@@ -155,3 +155,22 @@ async def test_deleting_the_server_removes_its_service():
     manager = Manager()
     await spawner(manager=manager).delete_forever()
     assert manager.removed == ["s1"]
+
+
+def test_a_swarm_spawn_resolves_the_users_hub_group_properties(tmp_path):
+    """As DS01Spawner: the group's properties from the hub's database bind; a bad one refuses
+    the spawn (409) with the file's message."""
+    from ds01hub.limits import LimitsStore
+
+    limits = tmp_path / "limits.yaml"
+    limits.write_text("defaults: {memory: 4g}\n")
+    made = spawner()
+    group = SimpleNamespace(name="students", properties={"ds01": {"memory": "1g"}})
+    made.user.groups = [group]
+    resolved = made._resolve_limits(LimitsStore(limits))
+    assert resolved.memory == 1 << 30 and resolved.sources["memory"] == "hub_groups.students"
+    group.properties = {"ds01": {"memory": "1k"}}
+    with pytest.raises(SpawnException) as refused:
+        made._resolve_limits(LimitsStore(limits))
+    assert refused.value.status_code == 409
+    assert "JupyterHub group 'students' properties: ds01.memory" in str(refused.value)

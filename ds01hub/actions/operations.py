@@ -24,12 +24,13 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from ds01hub import labels
+from ds01hub.actions.engines import LocalContainers, SwarmContainers
 from ds01hub.actions.names import OperationError, validate_name
 from ds01hub.errors import Ds01hubError
 from ds01hub.gpu.inventory import Inventory
 from ds01hub.gpu.messages import EVENT_KEY, Message
 from ds01hub.hub.client import HubClient, HubError, HubUnreachable
-from ds01hub.limits import ResolvedLimits
+from ds01hub.limits import LimitsError, ResolvedLimits
 from ds01hub.provenance import Provenance
 from ds01hub.spawn_options import GPUS_OR_MIG, SPAWN_OPTION_KEYS, asks_gpus_and_mig
 from ds01hub.units import utcnow
@@ -338,6 +339,15 @@ class OperationsContext:
     docker_url: str = "unix:///var/run/docker.sock"  # where `docker` talks to (for messages)
     #: The user's queued spawn requests (`ds01hub.gpu.queued.QueuedStore.of_user`), if known.
     queued_for: Callable[[str], list[Any]] | None = None
+    #: Where the containers are (`ds01hub.actions.engines`): None = the one engine `docker`;
+    #: `SwarmContainers` for a swarm (the manager's services, the nodes' engines).
+    containers: LocalContainers | SwarmContainers | None = None
+
+    @property
+    def engine(self) -> LocalContainers | SwarmContainers:
+        if self.containers is None:
+            self.containers = LocalContainers(self.docker, self.docker_url)
+        return self.containers
 
 
 class UserOperations:
@@ -376,7 +386,7 @@ class UserOperations:
         if project is not None:
             wanted.append(f"{labels.PROJECT}={project}")
         found = []
-        for summary in self.ctx.docker.api.containers(all=True, filters={"label": wanted}):
+        for summary in self.ctx.engine.summaries(wanted):
             # the label filter only pre-selects: a label set that anyone can copy into an
             # image proves nothing until its signature verifies for this very container
             record = labels.ContainerRecord.from_docker(summary, self.ctx.trust)
@@ -419,18 +429,33 @@ class UserOperations:
     def _inspect(self, container_id: str) -> dict[str, Any] | None:
         """Inspect data, or None when the container is gone (removed since it was listed)."""
         try:
-            return self.ctx.docker.api.inspect_container(container_id)
+            return self.ctx.engine.inspect(container_id)
         except Exception as e:
             if not is_gone(e):
                 raise
             return None
 
     def _hold_after_stop(self, groups: Iterable[str]) -> float | None:
-        limits = self.limits(groups)
+        try:
+            limits = self.limits(groups)
+        except Ds01hubError:  # the listing still works; quota and starts say what is wrong
+            return None
         return getattr(limits, "gpu_hold_after_stop", None) if limits else None
 
     def limits(self, groups: Iterable[str] = ()) -> Any:
-        return self.ctx.limits_for(self.user, tuple(groups)) if self.ctx.limits_for else None
+        """The user's effective limits (None without a resolver). A bad property of one of
+        their hub groups is an OperationError naming it; an unbelievable hub-groups snapshot
+        its SnapshotError: never the looser file-only limits."""
+        if not self.ctx.limits_for:
+            return None
+        try:
+            return self.ctx.limits_for(self.user, tuple(groups))
+        except LimitsError as error:
+            raise OperationError(
+                f"{error.summary()} (a JupyterHub group of yours): " + "; ".join(error.lines()),
+                hint="an admin fixes the group's properties (hub admin panel: Groups)",
+                status=409,
+            ) from None
 
     async def list_containers(self, include_stopped: bool = True) -> list[dict[str, Any]]:
         """This user's containers (and servers still spawning), sorted by project."""
@@ -478,7 +503,7 @@ class UserOperations:
 
     def _process_count(self, container_id: str) -> int | None:
         try:
-            top = self.ctx.docker.api.top(container_id, ps_args="-e")
+            top = self.ctx.engine.top(container_id)
         except Exception:
             return None
         return len(top.get("Processes") or [])
@@ -640,10 +665,10 @@ class UserOperations:
         return {"project": project, "state": "stopped", "cancelled": True, "held_until": None}
 
     def _docker_call(self, action: str, container_id: str, **kwargs: Any) -> bool:
-        """`kill`, `stop` or `remove_container` on one of the user's containers; False when it
-        is gone already (404), and a kill of one that is not running (409) is no failure."""
+        """`kill`, `stop` or `remove` on one of the user's containers; False when it is gone
+        already (404), and a kill of one that is not running (409) is no failure."""
         try:
-            getattr(self.ctx.docker.api, action)(container_id, **kwargs)
+            getattr(self.ctx.engine, action)(container_id, **kwargs)
         except Exception as e:
             if is_gone(e):
                 return False
@@ -682,9 +707,7 @@ class UserOperations:
         model = await self._hub_user()
         if server_name and server_name in (model.get("servers") or {}):
             await self._hub(self.ctx.hub.delete_server(self.user, server_name))
-        removed_here = await asyncio.to_thread(
-            self._docker_call, "remove_container", attrs["Id"], v=False, force=False
-        )
+        removed_here = await asyncio.to_thread(self._docker_call, "remove", attrs["Id"])
         return {
             "project": project,
             "container": attrs["Name"].lstrip("/"),
@@ -737,8 +760,8 @@ class UserOperations:
             )
         config = attrs.get("Config") or {}
         shell = command or LOGIN_SHELL
-        created = await asyncio.to_thread(
-            self.ctx.docker.api.exec_create,
+        exec_id = await asyncio.to_thread(
+            self.ctx.engine.exec_create,
             attrs["Id"],
             shell,
             stdin=True,
@@ -747,7 +770,7 @@ class UserOperations:
             environment={k: v for k, v in env.items() if k in ("TERM", "LANG", "COLORTERM")},
             workdir=config.get("WorkingDir") or None,
         )
-        return {"exec_id": created["Id"], "container_id": attrs["Id"]}
+        return {"exec_id": exec_id, "container_id": attrs["Id"]}
 
     async def record_activity(self, project: str) -> None:
         """A shell in the container is in use: keep the idle culler off it (best effort)."""
@@ -759,7 +782,7 @@ class UserOperations:
     async def owns_exec(self, exec_id: str) -> dict[str, Any]:
         """The exec's inspect data if it runs in one of this user's containers, else 404."""
         try:
-            info = await asyncio.to_thread(self.ctx.docker.api.exec_inspect, exec_id)
+            info = await asyncio.to_thread(self.ctx.engine.exec_inspect, exec_id)
         except Exception:
             info = None
         owned = {a["Id"] for a in await asyncio.to_thread(self._containers)}
@@ -799,7 +822,7 @@ class UserOperations:
     def _sample(self, container_id: str) -> dict[str, Any] | None:
         """One `docker stats` sample, or None when the container is gone."""
         try:
-            return self.ctx.docker.api.stats(container_id, stream=False)
+            return self.ctx.engine.stats(container_id)
         except Exception as e:
             if is_gone(e):
                 return None
@@ -826,6 +849,7 @@ class UserOperations:
             "user": self.user,
             "groups": model.get("groups") or [],
             "limits": {k: getattr(limits, k, None) for k in keys} if limits else None,
+            "sources": {k: limits.sources.get(k) for k in keys} if limits else {},
             "notices": limits.notices() if limits else [],
             "containers": len(rows),
             "running": sum(1 for r in rows if r["state"] != "stopped"),

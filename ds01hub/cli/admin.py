@@ -33,7 +33,7 @@ from ds01hub.cli.output import (
 )
 from ds01hub.dockerproxy import server
 from ds01hub.gpu import access
-from ds01hub.host import backup, bootstrap, demo, install, siteenv
+from ds01hub.host import backup, bootstrap, demo, install, siteenv, swarm_tls
 from ds01hub.host.bootstrap import BootstrapError
 from ds01hub.hub.services import OPS_SCOPES
 from ds01hub.services.ops.app import Components, OpsService
@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     install.add_commands(subparsers)  # live: ds01hub install / uninstall
     register_gpu_access(subparsers)  # live: ds01hub grant-gpu-access
     register_backup(subparsers)  # live: ds01hub backup / restore
+    register_swarm_tls(subparsers)  # swarm: ds01hub swarm-tls ca / node / client
     return parser
 
 
@@ -454,6 +455,27 @@ def register_gpu_access(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--state-dir", help="default: $DS01HUB_STATE_DIR, else /var/lib/ds01hub")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.set_defaults(handler=access.run_command)
+
+
+def register_swarm_tls(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "swarm-tls",
+        help="make the swarm's CA and the certificates for mutual TLS to each node's engine",
+        description=swarm_tls.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("what", choices=("ca", "node", "client"))
+    parser.add_argument("hostname", nargs="?", help="the node's swarm hostname (node only)")
+    parser.add_argument(
+        "--address",
+        action="append",
+        default=[],
+        help="an IP or DNS name the hub reaches the node by (node only; repeat for several)",
+    )
+    parser.add_argument(
+        "--dir", type=Path, default=swarm_tls.DEFAULT_DIR, help=f"default {swarm_tls.DEFAULT_DIR}"
+    )
+    parser.set_defaults(handler=swarm_tls.run_command)
 
 
 def register_backup(subparsers: argparse._SubParsersAction) -> None:

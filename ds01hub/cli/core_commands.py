@@ -1,6 +1,6 @@
 """Admin sub-commands over the core library: `limits`, `check-config`, `gpus`, `status`.
 
-    ds01hub limits USER [--group G ...] [--json | --docker-args]
+    ds01hub limits USER [--group G ...] [--hub URL] [--json | --docker-args]
     ds01hub check-config [FILE] [--json]          exit 0 valid, 1 invalid
     ds01hub gpus [--json]                         the GPU inventory (NVML or simulated)
     ds01hub status [--reconcile] [--all-deployments] [--json]   slots -> holders; conflicts exit 1
@@ -34,12 +34,15 @@ from ds01hub.cli.output import (
     use_colour,
 )
 from ds01hub.errors import Ds01hubError
+from ds01hub.hub.group_snapshot import SnapshotError, SnapshotReader
 from ds01hub.limits import (
     LimitsConfig,
     LimitsError,
+    ResolvedLimits,
     load_limits,
     load_limits_or_defaults,
 )
+from ds01hub.units import utcnow
 
 __all__ = ["register"]
 
@@ -69,8 +72,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "limits",
         parents=[common],
         help="show a user's resolved limits",
-        description="Resolve a user's limits: user_overrides > JupyterHub group properties "
-        "(with --hub) > YAML group > defaults; each value shows where it came from.",
+        description="Resolve a user's limits as every door does: user_overrides > JupyterHub "
+        "group properties > YAML group > defaults; each value shows where it came from. The "
+        "user's hub groups and their properties come from the ds01-ops service's snapshot "
+        "(STATE_DIR/hub-groups.json, as the Docker proxy and the broker read them), or live "
+        "from the hub with --hub.",
     )
     limits.add_argument("user", metavar="USER")
     limits.add_argument(
@@ -87,6 +93,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(e.g. http://127.0.0.1:8081/hub/api; a token that may read users and groups in "
         "$JUPYTERHUB_API_TOKEN)",
     )
+    limits.add_argument("--state-dir", metavar="DIR", help=STATE_DIR_HELP)
     form = limits.add_mutually_exclusive_group()
     form.add_argument("--json", action="store_true", help="print JSON")
     form.add_argument("--docker-args", action="store_true", help="print docker run arguments")
@@ -260,15 +267,32 @@ def _hub_groups(api_url: str, user: str) -> tuple[list[str], list[Any]]:
         raise CliError(f"the hub at {api_url} answered {error}") from None
 
 
-def cmd_limits(args: argparse.Namespace) -> int:
-    config = _load_config(args)
-    groups, hub_groups = list(args.group), []
+def _resolved(args: argparse.Namespace, config: LimitsConfig) -> tuple[ResolvedLimits, str]:
+    """The user's limits and where their hub groups came from: live (--hub), else the
+    snapshot the Docker proxy and the broker read (ds01hub.hub.group_snapshot)."""
     if args.hub:
         names, hub_groups = _hub_groups(args.hub, args.user)
-        groups += names
-    resolved = config.resolve(args.user, groups, hub_groups=hub_groups)
+        resolved = config.resolve(args.user, [*args.group, *names], hub_groups=hub_groups)
+        return resolved, f"hub groups live from {args.hub}"
+    reader = SnapshotReader(paths.hub_groups_snapshot(args.state_dir))
+    try:
+        resolved = reader.resolve(config, args.user, args.group)
+    except SnapshotError as error:
+        raise CliError(error.message, hint=error.hint) from None
+    except LimitsError as error:
+        raise CliError(
+            f"{error.summary()} (a JupyterHub group of {args.user}):\n" + "\n".join(error.lines()),
+            hint="fix the group's properties in the hub's admin panel; until then the "
+            "user's spawns and docker creates are refused",
+        ) from None
+    return resolved, reader.status(utcnow())
+
+
+def cmd_limits(args: argparse.Namespace) -> int:
+    config = _load_config(args)
+    resolved, hub_groups = _resolved(args, config)
     if args.json:
-        print_json(resolved.to_dict())
+        print_json({**resolved.to_dict(), "hub_groups": hub_groups})
     elif args.docker_args:
         print(" ".join(resolved.docker_args()))
     else:
@@ -285,6 +309,7 @@ def cmd_limits(args: argparse.Namespace) -> int:
             print(line.rstrip())
         for notice in resolved.notices():
             print(f"{paint('note:', 'yellow', colour)} {notice}")
+        print(paint(hub_groups, "dim", colour))
     return EXIT_OK
 
 
@@ -603,8 +628,15 @@ def cmd_fairshare(args: argparse.Namespace) -> int:
     now = datetime.now(UTC)
     since = datetime.fromtimestamp(relevant_since(now.timestamp(), settings.half_life), UTC)
     intervals = _event_log(args.state_dir).intervals(since=since, until=now)
-    fair = FairShare.compute(settings, intervals, now.timestamp())
-    rows = report(fair if configured else FairShare(0.0, fair.users), config)
+    reader = SnapshotReader(paths.hub_groups_snapshot(args.state_dir))
+    try:  # each user's group and priority now, from the hub's groups (as the proxy reads them)
+        resolve = reader.reporter(config)
+    except SnapshotError as error:
+        raise CliError(error.message, hint=error.hint) from None
+    fair = FairShare.compute(
+        settings, intervals, now.timestamp(), lambda user, logged: resolve(user, logged).group
+    )
+    rows = report(fair if configured else FairShare(0.0, fair.users), config, resolve)
     if args.json:
         print_json(
             {
@@ -612,6 +644,7 @@ def cmd_fairshare(args: argparse.Namespace) -> int:
                 "half_life_seconds": settings.half_life,
                 "weight": settings.weight if configured else 0,
                 "users": rows,
+                "hub_groups": reader.status(now),
             }
         )
         return EXIT_OK
@@ -647,4 +680,5 @@ def cmd_fairshare(args: argparse.Namespace) -> int:
         Column("EFFECTIVE", "effective"),
     ]
     print(render_table(shown, columns, colour=use_colour(sys.stdout)))
+    print(paint(f"groups: {reader.status(now)}", "dim", use_colour(sys.stdout)))
     return EXIT_OK

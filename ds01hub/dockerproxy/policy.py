@@ -225,6 +225,8 @@ class UserLimits:
     allowed_images: tuple[str, ...] | None = None
     max_containers: int | None = None
     aggregate: AggregateLimits | None = None  # caps on all of the user's containers together
+    #: limit field -> where it came from (`hub_groups.G`, `groups.G`, ...: ResolvedLimits)
+    sources: Mapping[str, str] = field(default_factory=dict)
 
     def user_parent(self, user: str, settings: Settings) -> str | None:
         """The per-user cgroup parent `user`'s containers are created under: with aggregate
@@ -232,6 +234,11 @@ class UserLimits:
         if self.aggregate is None or not settings.aggregate_cgroup_root:
             return None
         return parent_for(self.host_config.get("CgroupParent"), user)
+
+    def source(self, name: str) -> str:
+        """' from SOURCE' for a refusal's message, so users know whom to ask."""
+        where = self.sources.get(name)
+        return f" from {where}" if where else ""
 
 
 @dataclass(frozen=True)
@@ -1007,7 +1014,8 @@ class CreateCheck:
         if limit is not None and self.facts.existing_containers >= limit:
             raise forbid(
                 f"Permission denied: you already have {self.facts.existing_containers} "
-                f"containers (max_containers_per_user: {limit}); remove one first "
+                f"containers (max_containers_per_user: {limit}"
+                f"{self.limits.source('max_containers_per_user')}); remove one first "
                 "(docker rm NAME)"
             )
         later = ("Image", "Env", "Labels", "User", "HostConfig")
@@ -1038,7 +1046,7 @@ class CreateCheck:
         if allowed is not None and not any(fnmatch.fnmatchcase(value, p) for p in allowed):
             raise forbid(
                 f"Permission denied: image {value!r} is not in your allowed images "
-                f"({', '.join(allowed)})"
+                f"({', '.join(allowed)}{self.limits.source('allowed_images')})"
             )
         return value
 

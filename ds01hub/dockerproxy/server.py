@@ -100,8 +100,9 @@ from ds01hub.host.aggregate_gate import (
     user_records,
 )
 from ds01hub.host.cgroups import CgroupError, ensure_parent
+from ds01hub.hub.group_snapshot import SnapshotError, SnapshotReader
 from ds01hub.labels import escape_name
-from ds01hub.limits import LimitsStore
+from ds01hub.limits import LimitsError, LimitsStore
 from ds01hub.peer import Caller
 from ds01hub.provenance import Provenance
 
@@ -926,20 +927,43 @@ async def send_error(client: Stream, status: int, message: str, method: str = "G
 # Limits and the command
 
 
-def limits_loader(path: str | None) -> Callable[[Caller], policy.UserLimits | None]:
+def limits_loader(
+    path: str | None, snapshot: str | os.PathLike | None = None
+) -> Callable[[Caller], policy.UserLimits | None]:
     """The caller's limits from the YAML file (re-read when it changes): `path`, else the
     host's file, by the one rule for "no limits file" (ds01hub.limits.load_limits_or_defaults:
     with none named and none at the default path, the built-in defaults, which limit no
-    container setting)."""
+    container setting); with the hub's group properties and members from the ds01-ops
+    service's `snapshot` (ds01hub.hub.group_snapshot), as a hub spawn resolves them. A
+    snapshot that cannot be believed, or a bad property of one of the caller's groups,
+    refuses what needs limits (never the looser file-only limits)."""
     store = LimitsStore(path or None)
+    groups = SnapshotReader(snapshot) if snapshot is not None else None
 
     def limits_for(caller: Caller) -> policy.UserLimits:
-        resolved = store.resolve(caller.user, caller.groups)
+        store.reload()
+        try:
+            resolved = (
+                groups.resolve(store.current, caller.user, caller.groups)
+                if groups is not None
+                else store.current.resolve(caller.user, caller.groups)
+            )
+        except SnapshotError as error:
+            raise Denied(503, f"{error.message} ({error.hint})") from None
+        except LimitsError as error:
+            raise Denied(
+                409,
+                f"Permission denied: {error.summary()} (a JupyterHub group of yours): "
+                + "; ".join(error.lines())
+                + ". An admin fixes the group's properties; until then you cannot create "
+                "containers",
+            ) from None
         return policy.UserLimits(
             host_config=resolved.api_host_config(),
             allowed_images=resolved.allowed_images,
             max_containers=resolved.max_containers_per_user,
             aggregate=resolved.aggregate,
+            sources=dict(resolved.sources),
         )
 
     return limits_for
@@ -993,7 +1017,8 @@ def run(args: argparse.Namespace) -> int:
             )
             return 2
     try:
-        limits = limits_loader(args.limits)
+        snapshot = paths.hub_groups_snapshot(args.hub_state_dir)
+        limits = limits_loader(args.limits, snapshot)
     except Exception as error:  # LimitsError names the key and the fix
         print(f"ds01hub proxy: --limits {args.limits}: {error}", file=sys.stderr)
         return 1

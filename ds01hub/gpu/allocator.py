@@ -55,13 +55,19 @@ from typing import Any
 
 import docker.errors
 
-from ds01hub import labels, provenance
+from ds01hub import labels, paths, provenance
 from ds01hub.engine import engine_unreachable
 from ds01hub.errors import Ds01hubError
 from ds01hub.gpu.decision import Decision, GpuRequest, Holding, decide, describe_holding
 from ds01hub.gpu.eventlog import EventLog, EventLogError, NewEvent
 from ds01hub.gpu.fairshare import FairShare, relevant_since
 from ds01hub.gpu.inventory import Inventory
+from ds01hub.hub.group_snapshot import (
+    GroupSnapshot,
+    SnapshotError,
+    SnapshotReader,
+    lenient_resolver,
+)
 from ds01hub.labels import ContainerRecord
 from ds01hub.limits import (
     FairShareConfig,
@@ -415,7 +421,9 @@ class GpuAllocator:
         self._lock_path = self.state_dir / "allocator.lock"
         self._claims_path = self.state_dir / "reservations.json"
         self._revoked_path = self.state_dir / "revoked.json"
-        self._hold_cache: tuple[LimitsConfig | None, dict] = (None, {})
+        self._hold_cache: tuple[LimitsConfig | None, GroupSnapshot | None, dict] = (None, None, {})
+        # hold times with the hub groups' properties (ds01hub.hub.group_snapshot)
+        self.hub_groups = SnapshotReader(paths.hub_groups_snapshot(self.state_dir))
         self._fair_cache: tuple[float, FairShareConfig, FairShare] | None = None
         self._parsed: dict[tuple, ContainerRecord | None] = {}
 
@@ -583,14 +591,20 @@ class GpuAllocator:
         return records
 
     def _hold_of(self, record: ContainerRecord, config: LimitsConfig) -> float | None:
-        """The user's gpu_hold_after_stop, cached per (user, group) while `config` is in force."""
-        if self._hold_cache[0] is not config:
-            self._hold_cache = (config, {})
-        cache = self._hold_cache[1]
+        """The user's gpu_hold_after_stop (with their hub groups' properties), cached per
+        (user, group) while `config` and the hub-groups snapshot are in force. A snapshot
+        that cannot be believed gives the file's hold times (the doors refuse meanwhile)."""
+        try:
+            snapshot = self.hub_groups.current()
+        except SnapshotError:
+            snapshot = None
+        if self._hold_cache[0] is not config or self._hold_cache[1] is not snapshot:
+            self._hold_cache = (config, snapshot, {})
+        cache = self._hold_cache[2]
         key = (record.user, record.group)
         if key not in cache:
-            groups = [record.group] if record.group else []
-            cache[key] = config.resolve(record.user, groups).gpu_hold_after_stop
+            resolve = lenient_resolver(config, snapshot)
+            cache[key] = resolve(record.user, record.group).gpu_hold_after_stop
         return cache[key]
 
     def _label_holdings(

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ds01hub.gpu.eventlog import Interval
-from ds01hub.limits import FairShareConfig, LimitsConfig
+from ds01hub.limits import FairShareConfig, LimitsConfig, ResolvedLimits
 
 __all__ = [
     "FairShare",
@@ -93,8 +93,11 @@ class FairShare:
         config: FairShareConfig | None,
         intervals: Iterable[Interval],
         now: float,
+        group_of: Callable[[str, str | None], str | None] | None = None,
     ) -> FairShare:
-        """`config` None: fair share is off (everyone's effective priority is their own)."""
+        """`config` None: fair share is off (everyone's effective priority is their own).
+        A user's group is the one of their latest interval, or `group_of(user, that group)`
+        when given (their group now, from the hub's groups: `ds01hub fairshare`)."""
         if config is None:
             return cls()
         intervals = list(intervals)
@@ -105,6 +108,8 @@ class FairShare:
             if interval.user not in latest or begin >= latest[interval.user][0]:
                 latest[interval.user] = (begin, interval.group)
         groups = {user: latest[user][1] for user in usage}
+        if group_of is not None:
+            groups = {user: group_of(user, group) for user, group in groups.items()}
         return cls(config.weight, _shares(config, usage, groups), config.half_life)
 
     def factor(self, user: str) -> float:
@@ -116,13 +121,21 @@ class FairShare:
         return priority + self.weight * self.factor(user) if self.weight else float(priority)
 
 
-def report(fair: FairShare, config: LimitsConfig) -> list[dict]:
+def report(
+    fair: FairShare,
+    config: LimitsConfig,
+    resolve: Callable[[str, str | None], ResolvedLimits] | None = None,
+) -> list[dict]:
     """`ds01hub fairshare`'s and the admin page's rows, highest factor first: each user's
-    `UserShare` with their configured priority (resolved in their logged group) and the
-    effective one."""
+    `UserShare` with their configured priority and the effective one. The priority is
+    `resolve(user, logged group)`'s (their limits now, with the hub's group properties: the
+    caller's), else the file's in the group the event log recorded."""
     rows = []
     for entry in sorted(fair.users.values(), key=lambda e: (-e.factor, e.user)):
-        priority = config.resolve(entry.user, [entry.group] if entry.group else []).priority
+        if resolve is not None:
+            priority = resolve(entry.user, entry.group).priority
+        else:
+            priority = config.resolve(entry.user, [entry.group] if entry.group else []).priority
         effective = round(fair.effective(entry.user, priority), 3)
         rows.append({**entry.to_dict(), "priority": priority, "effective": effective})
     return rows

@@ -61,7 +61,8 @@ EVENT_KEY = "ds01_message"
 #: `Message.kind`: still waiting, refused (the spawn ends), or a running server stopped under
 #: its user (said at its next start).
 KINDS = ("wait", "refused", "stopped")
-#: The configuration key that bounds a wait, named in the details.
+#: The configuration key that bounds a wait, named in the details (a spawner names its own:
+#: `Situation.timeout_key`).
 WAIT_TIMEOUT_KEY = "c.DS01Spawner.gpu_wait_timeout"
 #: Bounds on a message that arrives from another process (`from_dict`).
 _MAX_TEXT = 2000
@@ -244,6 +245,8 @@ class Situation:
     deadline: datetime | None = None
     #: the wait limit in seconds (named in the details with its configuration key)
     timeout: float | None = None
+    #: the setting that bounds the wait, as the hub's configuration names it
+    timeout_key: str = WAIT_TIMEOUT_KEY
     #: when a slot is expected, if the queue can estimate it
     expected: datetime | None = None
     notes: tuple[str, ...] = field(default=(), compare=False)
@@ -367,7 +370,8 @@ def wait_message(situation: Situation, now: datetime) -> Message:
         details.append("running containers are never preempted unless policies.preempt_running")
     if situation.timeout is not None:
         details.append(
-            f"the wait gives up after {format_duration(situation.timeout)} ({WAIT_TIMEOUT_KEY})"
+            f"the wait gives up after {format_duration(situation.timeout)} "
+            f"({situation.timeout_key})"
         )
     details.extend(situation.notes)
     return Message(
@@ -413,7 +417,7 @@ def timeout_message(situation: Situation) -> Message:
             f"earliest hold expiry: {situation.decision.earliest_expiry:%Y-%m-%d %H:%M} UTC"
         )
     if situation.timeout is not None:
-        details.append(f"waited {format_duration(situation.timeout)} ({WAIT_TIMEOUT_KEY})")
+        details.append(f"waited {format_duration(situation.timeout)} ({situation.timeout_key})")
     details.extend(situation.notes)
     return Message("refused", "gpu_wait", headline, action, tuple(details))
 

@@ -16,9 +16,24 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
-from ds01hub.limits import HubGroupLimits, LimitsError, Problem, parse_group_properties
+from ds01hub.limits import (
+    HUB_PROPERTY,
+    HubGroupLimits,
+    LimitsConfig,
+    LimitsError,
+    Problem,
+    ResolvedLimits,
+    parse_group_properties,
+)
 
-__all__ = ["GroupLimits", "fetch_group_limits", "hub_group_limits", "user_group_limits"]
+__all__ = [
+    "GroupLimits",
+    "fetch_group_limits",
+    "group_refusal",
+    "hub_group_limits",
+    "orm_user_limits",
+    "user_group_limits",
+]
 
 
 def hub_group_limits(groups: Iterable[tuple[str, Any]]) -> list[HubGroupLimits]:
@@ -39,13 +54,50 @@ def hub_group_limits(groups: Iterable[tuple[str, Any]]) -> list[HubGroupLimits]:
     return layers
 
 
+def orm_user_limits(config: LimitsConfig, user: str, orm_groups: Iterable[Any]) -> ResolvedLimits:
+    """A hub user's limits with their groups (`user.groups`: ORM objects with `name` and
+    `properties`) as the hub's database has them now: the spawners, on every spawn, so an edit
+    applies at once. LimitsError when a property of one of the groups is bad."""
+    groups = list(orm_groups)
+    hub_groups = hub_group_limits((g.name, g.properties) for g in groups)
+    return config.resolve(user, [g.name for g in groups], hub_groups=hub_groups)
+
+
+def group_refusal(user: str, error: LimitsError) -> str:
+    """What a spawn refused for a bad group property says (409): the problems and who fixes
+    them."""
+    return (
+        f"{error.summary()} (a group of {user}):\n"
+        + "\n".join(error.lines())
+        + "\nAn admin fixes the group's properties (hub admin panel, or PUT "
+        "/hub/api/groups/NAME/properties); until then its members cannot start servers."
+    )
+
+
 @dataclass
 class GroupLimits:
     """Every hub group's limits as the REST API gives them: `layers` of the good groups,
-    `problems` of the bad ones (by group), for the admin page, the CLI and the culler."""
+    `problems` of the bad ones (by group), for the admin page, the CLI and the culler; with
+    each group's `members` and its `ds01` property as given (`properties`), which the ds01-ops
+    pass writes to the snapshot the other doors read (ds01hub.hub.group_snapshot)."""
 
     layers: dict[str, HubGroupLimits] = field(default_factory=dict)
     problems: dict[str, list[Problem]] = field(default_factory=dict)
+    members: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    properties: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, name: str, properties: Any, users: Iterable[str] = ()) -> None:
+        """One group: its members, and its `ds01` property checked by the YAML's readers."""
+        self.members[name] = tuple(users)
+        if isinstance(properties, Mapping) and HUB_PROPERTY in properties:
+            self.properties[name] = properties[HUB_PROPERTY]
+        try:
+            layer = parse_group_properties(name, properties)
+        except LimitsError as error:
+            self.problems[name] = error.problems
+            return
+        if layer is not None:
+            self.layers[name] = layer
 
     def for_groups(self, names: Iterable[str]) -> list[HubGroupLimits]:
         """The layers of these groups (a user's), in name order; LimitsError when one of them
@@ -58,8 +110,8 @@ class GroupLimits:
 
 
 async def fetch_group_limits(hub: Any, page: int = 200) -> GroupLimits:
-    """All groups' limits from the hub REST API (`hub`: a `ds01hub.hub.client.HubClient`
-    whose token may read groups: `read:groups`)."""
+    """All groups' limits and members from the hub REST API (`hub`: a
+    `ds01hub.hub.client.HubClient` whose token may read groups: `read:groups`)."""
     found = GroupLimits()
     offset = 0
     while True:
@@ -69,13 +121,8 @@ async def fetch_group_limits(hub: Any, page: int = 200) -> GroupLimits:
             name = model.get("name")
             if not isinstance(name, str):
                 continue
-            try:
-                layer = parse_group_properties(name, model.get("properties"))
-            except LimitsError as error:
-                found.problems[name] = error.problems
-                continue
-            if layer is not None:
-                found.layers[name] = layer
+            users = [u for u in model.get("users") or () if isinstance(u, str)]
+            found.add(name, model.get("properties"), users)
         if len(batch) < page:
             return found
         offset += page

@@ -29,11 +29,13 @@ from docker import DockerClient
 from tornado import web
 from tornado.httpserver import HTTPServer
 from tornado.iostream import IOStream, StreamClosedError
+from tornado.tcpclient import TCPClient
 from traitlets import Bool, Float, Integer, List, Unicode, default
 from traitlets.config import Application
 
 from ds01hub import paths, peer, provenance
 from ds01hub.actions import images
+from ds01hub.actions.engines import SwarmContainers
 from ds01hub.actions.operations import (
     OperationError,
     OperationsContext,
@@ -41,7 +43,9 @@ from ds01hub.actions.operations import (
 )
 from ds01hub.gpu.inventory import load_inventory
 from ds01hub.gpu.queued import QueuedStore
+from ds01hub.gpu.swarm_nodes import NodeEndpoint, NodeEngineError, NodeEngines, load_node_endpoints
 from ds01hub.hub.client import HubClient
+from ds01hub.hub.group_snapshot import SnapshotReader
 from ds01hub.limits import LimitsStore
 from ds01hub.peer import Caller
 from ds01hub.services.broker.handlers import (
@@ -191,6 +195,14 @@ class Broker(HostSettings, ImageBuildSettings, Application):
         "times); see bench/container_list.py.",
     ).tag(config=True)
 
+    swarm_nodes_file = Unicode(
+        "",
+        help="""Swarm mode: the nodes file (node hostname -> its engine's URL and TLS
+        directory; ds01hub.gpu.swarm_nodes). Then `docker_socket` is a manager's engine, the
+        users' containers are the swarm spawner's services, and exec, stats and a forced stop
+        reach the container on its node's engine (mutual TLS). Empty: one host.""",
+    ).tag(config=True)
+
     activity_interval = Float(
         300.0,
         help="While a `container-run` shell is in use, report activity to the hub this often "
@@ -251,6 +263,7 @@ class Broker(HostSettings, ImageBuildSettings, Application):
         self.docker = self.connect_docker()
         limits_for, inventory = self._limits_and_gpus()
         return OperationsContext(
+            containers=self.containers(),
             hub=HubClient(self.hub_api_url, self.api_token),
             docker=self.docker,
             trust=provenance.load(self.state_dir),
@@ -263,6 +276,20 @@ class Broker(HostSettings, ImageBuildSettings, Application):
             queued_for=QueuedStore(self.state_dir).of_user,
         )
 
+    def containers(self) -> SwarmContainers | None:
+        """Where the users' containers are: the swarm (manager + nodes' engines) when a nodes
+        file is set, else None (the one engine). A broken nodes file stops the broker at start
+        with the file's problem: serving a swarm as one host would find no containers."""
+        if not self.swarm_nodes_file:
+            return None
+        try:
+            endpoints = load_node_endpoints(self.swarm_nodes_file)
+        except NodeEngineError as e:
+            self.log.critical("%s (%s)", e.message, e.hint)
+            sys.exit(1)
+        self.log.info("swarm mode: nodes %s", ", ".join(sorted(endpoints)) or "none")
+        return SwarmContainers(self.docker, NodeEngines(endpoints))
+
     def _limits_and_gpus(self):
         """Limits and GPU utilisation from the lab's YAML; the broker still lists, starts and
         stops without them (the spawner enforces limits), so a missing file only logs."""
@@ -272,9 +299,12 @@ class Broker(HostSettings, ImageBuildSettings, Application):
             self.log.warning("limits unavailable (%s): no hold times or quotas shown", e)
             return None, None
 
+        hub_groups = SnapshotReader(paths.hub_groups_snapshot(self.state_dir))
+
         def limits_for(user: str, groups) -> Any:
             store.reload(wait=False)  # called on the event loop: a changed file is read aside
-            return store.current.resolve(user, groups)
+            # the hub groups' properties as the proxy sees them (ds01hub.hub.group_snapshot)
+            return hub_groups.resolve(store.current, user, groups)
 
         try:
             inventory = load_inventory(store.current.gpu_allocation)
@@ -286,23 +316,18 @@ class Broker(HostSettings, ImageBuildSettings, Application):
     async def open_exec_stream(self, exec_id: str, tty: bool) -> IOStream:
         """Start a docker exec and hijack its connection (the Engine API's documented
         `POST /exec/{id}/start` with `Upgrade: tcp`), so its bytes can be relayed; any bytes
-        after the response head stay in the stream's buffer.
+        after the response head stay in the stream's buffer. The engine is the exec's: this
+        host's, or in a swarm its node's (over mutual TLS: `ds01hub.gpu.swarm_nodes`).
 
         Not docker-py's `exec_start(socket=True)`: that reads the response head through
         http.client's buffered reader and hands back the raw socket behind it, so output that
         arrives in the same read as the head (a quick command on a loaded host) would be lost,
         and it blocks a thread. The API version is docker-py's negotiated `api_version`."""
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        stream = IOStream(sock)
-        try:
-            await stream.connect(self.docker_socket)
-        except (StreamClosedError, OSError) as e:
-            stream.close()
-            raise docker_unreachable(self.docker_url, getattr(e, "real_error", None) or e) from None
+        target = await asyncio.to_thread(self.context.engine.exec_target, exec_id)
+        stream = await self._connect_engine(target.endpoint)
         body = json.dumps({"Detach": False, "Tty": tty}).encode()
-        version = self.docker.api.api_version
         head = (
-            f"POST /v{version}/exec/{exec_id}/start HTTP/1.1\r\nHost: docker\r\n"
+            f"POST /v{target.api_version}/exec/{exec_id}/start HTTP/1.1\r\nHost: docker\r\n"
             "Content-Type: application/json\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n"
             f"Content-Length: {len(body)}\r\n\r\n"
         ).encode()
@@ -316,9 +341,27 @@ class Broker(HostSettings, ImageBuildSettings, Application):
             )
         return stream
 
+    async def _connect_engine(self, endpoint: NodeEndpoint) -> IOStream:
+        """A connection to an engine: its unix socket, or TCP with mutual TLS."""
+        address = endpoint.address
+        try:
+            if isinstance(address, str):
+                stream = IOStream(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+                try:
+                    await stream.connect(address)
+                except BaseException:
+                    stream.close()
+                    raise
+                return stream
+            context = await asyncio.to_thread(endpoint.ssl_context)
+            host, port = address
+            return await TCPClient().connect(host, port, ssl_options=context, timeout=30)
+        except (StreamClosedError, OSError, TimeoutError) as e:
+            raise docker_unreachable(endpoint.url, getattr(e, "real_error", None) or e) from None
+
     async def resize_exec(self, exec_id: str, rows: int, cols: int) -> None:
         try:
-            await asyncio.to_thread(self.docker.api.exec_resize, exec_id, height=rows, width=cols)
+            await asyncio.to_thread(self.context.engine.exec_resize, exec_id, rows, cols)
         except Exception as e:  # the shell may have just exited
             self.log.debug("resize of %s failed: %s", exec_id, e)
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
-from tornado.iostream import IOStream, StreamClosedError
+from tornado.iostream import IOStream, SSLIOStream, StreamClosedError
 
 from ds01hub import peer
 from ds01hub.actions import images
@@ -340,7 +340,7 @@ async def pump_input(
                 await container.write(payload)
                 touch()
             elif kind == INPUT_EOF:
-                _close_input(container)
+                _close_input(container, hang_up=False)
             elif kind == INPUT_RESIZE and size == 4:
                 await resize(*struct.unpack(">HH", payload))
     except StreamClosedError:
@@ -349,12 +349,21 @@ async def pump_input(
     _close_input(container)
 
 
-def _close_input(container: IOStream) -> None:
-    if not container.closed():
-        try:
-            container.socket.shutdown(socket.SHUT_WR)
-        except OSError:
+def _close_input(container: IOStream, hang_up: bool = True) -> None:
+    """End the input of `container`: a half-close of its socket, so its output can still be
+    read. A TLS connection (a swarm node's engine) cannot be half-closed from Python (`ssl`
+    has no close_notify without a full shutdown, after which nothing more can be read): there
+    the end of input is not passed on, and a hang-up (`hang_up`) closes it."""
+    if container.closed():
+        return
+    if isinstance(container, SSLIOStream):
+        if hang_up:
             container.close()
+        return
+    try:
+        container.socket.shutdown(socket.SHUT_WR)
+    except OSError:
+        container.close()
 
 
 async def relay(

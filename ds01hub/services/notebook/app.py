@@ -41,7 +41,7 @@ from tornado.ioloop import IOLoop
 from traitlets import Bool, Unicode, default
 from traitlets.config import Application
 
-from ds01hub import provenance
+from ds01hub import paths, provenance
 from ds01hub.actions import images
 from ds01hub.actions.builds import Build
 from ds01hub.actions.operations import OperationError, OperationsContext, UserOperations
@@ -50,6 +50,7 @@ from ds01hub.engine import EngineState, engine_unreachable, engine_url, short_er
 from ds01hub.gpu.allocator import GpuAllocator, docker_lister
 from ds01hub.gpu.inventory import Inventory, load_inventory
 from ds01hub.hub.client import HubClient
+from ds01hub.hub.group_snapshot import SnapshotReader
 from ds01hub.hub.services import NOTEBOOK_PORT, NOTEBOOK_SERVICE
 from ds01hub.limits import LimitsError, LimitsStore
 from ds01hub.services.settings import HostSettings, ImageBuildSettings
@@ -285,6 +286,8 @@ class DS01Service(HostSettings, ImageBuildSettings, Application):
         self.builds = self.build_manager(self.docker, self.state_dir)
         self._limits_store: LimitsStore | None = None
         self._allocator: GpuAllocator | None = None
+        # the hub groups' properties as the proxy sees them (ds01hub.hub.group_snapshot)
+        self._hub_groups = SnapshotReader(paths.hub_groups_snapshot(self.state_dir))
 
     def limits_store(self) -> LimitsStore | None:
         """The host's limits (read once, then re-read on change), or None when unreadable."""
@@ -343,7 +346,7 @@ class DS01Service(HostSettings, ImageBuildSettings, Application):
         if store is None:
             return None
         store.reload(wait=False)
-        return store.current.resolve(user, groups)
+        return self._hub_groups.resolve(store.current, user, groups)
 
     def operations_context(self) -> OperationsContext:
         token = os.environ.get("JUPYTERHUB_API_TOKEN", "")

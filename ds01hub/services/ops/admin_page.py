@@ -155,6 +155,7 @@ def overview(
     group_problems: Mapping[str, Iterable[Any]] | None = None,
     nodes: list[dict[str, Any]] | None = None,
     chart_cache: ChartCache | None = None,
+    hub_groups: str | None = None,
 ) -> dict[str, Any]:
     """Everything the page shows, JSON-ready (also served as `api/overview`).
     `pending_culls`: the culler's standing warnings (`ds01hub.services.ops.warnings.CullWarning`);
@@ -165,7 +166,9 @@ def overview(
     are refused until an admin fixes them); `nodes`: a swarm's use per node
     (`ds01hub.services.ops.node_metrics.NodeMetricsSource.overview`; None on one host), whose
     problems are alerts too; `chart_cache`: the charts' sums kept between loads
-    (`ChartCache`; None: read and sum the log every time)."""
+    (`ChartCache`; None: read and sum the log every time); `hub_groups`: the hub-groups
+    snapshot's state, as the proxy and the broker see it
+    (`ds01hub.hub.group_snapshot.SnapshotReader.status`)."""
     since = week_start(now)
     slots = slot_rows(status, inventory)
     chart, usage = history(eventlog, [row["slot"] for row in slots], now, chart_cache)
@@ -180,6 +183,7 @@ def overview(
         "group_problems": {
             name: [str(p) for p in problems] for name, problems in (group_problems or {}).items()
         },
+        "hub_groups": hub_groups,
         "engine": engine.to_dict() if engine is not None else None,
         "engine_note": engine.note() if engine is not None else None,
         "pending_culls": [

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -45,8 +45,9 @@ from ds01hub.gpu.inventory import Inventory, load_inventory
 from ds01hub.gpu.queued import QueuedStore, QueueFileError
 from ds01hub.gpu.swarm_state import swarm_lister, swarm_remover
 from ds01hub.hub.client import HubClient
+from ds01hub.hub.group_snapshot import SnapshotError
 from ds01hub.hub.services import OPS_PORT, OPS_SERVICE
-from ds01hub.limits import LimitsStore
+from ds01hub.limits import LimitsError, LimitsStore
 from ds01hub.services.ops.admin_page import (
     AdminApiHandler,
     AdminPageHandler,
@@ -112,6 +113,7 @@ class Components:
             group_problems=self.culler.group_limits.problems,
             nodes=self.cluster.overview() if self.cluster is not None else None,
             chart_cache=self.charts,
+            hub_groups=self.culler.snapshot.status(self.culler.clock()),
         )
 
     def queue(self, users: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -124,12 +126,15 @@ class Components:
             self.culler.log.warning("admin page: %s", error)
             stored = []
         config = self.limits.current
-        return queue_rows(
-            users,
-            stored,
-            self.allocator.fair_share(),
-            lambda user, groups: config.resolve(user, groups).priority,
-        )
+
+        def priority(user: str, groups: Sequence[str]) -> int:
+            """With the user's hub groups' properties (the snapshot), else the file's."""
+            try:
+                return self.culler.snapshot.resolve(config, user, groups).priority
+            except (SnapshotError, LimitsError):  # the page names the problem elsewhere
+                return config.resolve(user, groups).priority
+
+        return queue_rows(users, stored, self.allocator.fair_share(), priority)
 
     def _fairshare(self) -> list[dict[str, Any]] | None:
         """The fair-share rows (None when `gpu_allocation.fairshare` is off)."""
@@ -138,7 +143,11 @@ class Components:
         config = self.limits.current
         if config.gpu_allocation.fairshare is None:
             return None
-        return report(self.allocator.fair_share(), config)
+        try:
+            resolve = self.culler.snapshot.reporter(config)
+        except SnapshotError:  # the page says so (its hub groups line); the log's groups here
+            resolve = None
+        return report(self.allocator.fair_share(), config, resolve)
 
 
 def build_components(

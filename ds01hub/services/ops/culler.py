@@ -61,6 +61,7 @@ from ds01hub.gpu.eventlog import EventLog
 from ds01hub.gpu.inventory import Inventory
 from ds01hub.hub.client import HubClient
 from ds01hub.hub.group_limits import GroupLimits, fetch_group_limits
+from ds01hub.hub.group_snapshot import SnapshotReader, write_snapshot
 from ds01hub.limits import LimitsConfig, LimitsError, LimitsStore, record_expired
 from ds01hub.provenance import Provenance
 from ds01hub.services.ops.cgroups import CgroupCpu, cpu_percent_between
@@ -424,6 +425,8 @@ class Culler:
         self.eventlog = eventlog
         state_dir = paths.state_dir(state_dir)
         self.warnings = WarningStore(state_dir)
+        self.snapshot_path = paths.hub_groups_snapshot(state_dir)
+        self.snapshot = SnapshotReader(self.snapshot_path)  # as the other doors read it
         self.trust = trust or provenance.load(state_dir)
         self.lifecycle = lifecycle
         self.warn_before = warn_before
@@ -478,12 +481,39 @@ class Culler:
                 records[(record.user, project_to_server(record.project))] = record
         return records
 
-    async def refresh_group_limits(self) -> None:
-        """The hub groups' limits for this pass; on failure the last ones stay (logged)."""
+    async def refresh_group_limits(self, now: datetime, write: bool = True) -> None:
+        """The hub groups' limits for this pass, written (with `write`: not in a dry run) to
+        the snapshot the doors without the hub's database read (ds01hub.hub.group_snapshot);
+        on failure the last ones stay, in memory and in the file (logged)."""
         try:
             self.group_limits = await fetch_group_limits(self.hub)
         except Exception as error:
             self.log.warning("group properties not read (keeping the last): %s", error)
+            return
+        if not write:
+            return
+        try:
+            await asyncio.to_thread(write_snapshot, self.snapshot_path, self.group_limits, now)
+        except OSError as error:
+            self.log.warning("hub group snapshot %s not written: %s", self.snapshot_path, error)
+
+    def record_expired_groups(self, now: datetime) -> int:
+        """Put every group property's expiry that has passed in the event log, once for each
+        member (as a spawn of theirs would), so the log says when their limits changed."""
+        if self.eventlog is None:
+            return 0
+        new = 0
+        for name, layer in self.group_limits.layers.items():
+            expiry = layer.expiry
+            if expiry is None or not expiry.expired(now):
+                continue
+            for user in self.group_limits.members.get(name, ()):
+                try:
+                    new += record_expired(self.eventlog, user, name, [expiry])
+                except Exception as error:  # a full disk must not stop the culling
+                    self.log.warning("expiry of %s not recorded: %s", expiry.source, error)
+                    return new
+        return new
 
     def policy_for(self, user: str, groups: Iterable[str]) -> CullPolicy:
         limits = getattr(self.limits, "current", self.limits)  # a store: refreshed per pass
@@ -621,7 +651,9 @@ class Culler:
             await self.limits.refresh()
         if not dry_run:
             await asyncio.to_thread(self.record_expired_limits, now)
-        await self.refresh_group_limits()
+        await self.refresh_group_limits(now, write=not dry_run)
+        if not dry_run:
+            await asyncio.to_thread(self.record_expired_groups, now)
         users = await self.hub_users()
         records = await asyncio.to_thread(self.running_records)
         previous = self.warnings.load()

@@ -38,6 +38,7 @@ from ds01hub.gpu.allocator import GpuAllocator
 from ds01hub.gpu.eventlog import EventLog
 from ds01hub.host.aggregate_gate import UserLockTimeout, remove_unused_parent, user_records
 from ds01hub.host.cgroups import CgroupError
+from ds01hub.hub.group_snapshot import SnapshotError, lenient_resolver
 from ds01hub.labels import ContainerRecord
 from ds01hub.limits import LimitsConfig, LimitsStore, ResolvedLimits
 from ds01hub.provenance import Provenance
@@ -185,11 +186,16 @@ class Lifecycle:
         else:
             config = self.limits
         cache: dict[tuple, ResolvedLimits] = {}
+        try:  # with the hub groups' properties, as the allocator's hold times
+            snapshot = self.allocator.hub_groups.current()
+        except SnapshotError:
+            snapshot = None
+        limits_of = lenient_resolver(config, snapshot)
 
         def resolve(record: ContainerRecord) -> ResolvedLimits:
             key = (record.user, record.group)
             if key not in cache:
-                cache[key] = config.resolve(record.user, [record.group] if record.group else [])
+                cache[key] = limits_of(record.user, record.group)
             return cache[key]
 
         return resolve
