@@ -70,9 +70,6 @@ from ds01hub.hub.services import configure_broker
 c.DS01Spawner.limits_path = {str(limits)!r}
 c.DS01Spawner.state_dir = {str(directory / "state")!r}
 c.DS01Spawner.container_label_filter = [{test_label!r}]
-# the hub must not notice a `docker stop` on its own mid-test: its periodic poll would race
-# test_a_start_after_a_stop_behind_the_hubs_back_is_truthful (no test here relies on it)
-c.DS01Spawner.poll_interval = 3600
 configure_broker(c, socket_path={socket_path!r}, broker_args={broker_args!r})
 """
         with hub_factory(spawner="ds01", extra_config=extra, labels={key: value}) as hub:
@@ -281,13 +278,13 @@ def test_guided_create_in_a_terminal(hub, users):
 
 
 def test_a_start_after_a_stop_behind_the_hubs_back_is_truthful(hub, users, docker_client):
-    """A plain `docker stop` of one's own container: the hub still thinks it is ready. The
-    start must start it (or fail): "running" only when Docker says it runs."""
+    """A plain `docker stop` of one's own container: the hub may still think it is ready (until
+    its engine watcher or poll notices: a race this test does not control, so both cases pass
+    through here). The start must start it (or fail): "running" only when Docker says it runs."""
     alice, _ = users
     row = listed(hub, alice)["guided"]
     container = docker_client.containers.get(row["id"])
     container.stop(timeout=1)
-    assert hub.api("GET", f"/users/{alice.name}").json()["servers"]["guided"]["ready"]
     result = cli(hub, alice, "container-start", "guided")
     assert result.returncode == 0, result.stderr + hub.log()
     assert "guided running" in result.stdout
