@@ -298,31 +298,28 @@ def _count_reader(low: int, high: int, zero_means: str = "") -> Callable[[Any], 
     return read
 
 
-def _read_cpus(value: Any) -> float | None:
-    fix = f"use a number of CPU cores from {MIN_CPUS} to {MAX_CPUS:g} such as 4 or 0.5, or null"
+def _read_bounded_number(value: Any, low: float, high: float, fix: str) -> float | None:
+    """A finite int or float within low..high (null: None), as a float; bools are refused."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise _Bad("not a number", fix, "wrong-type")
     if isinstance(value, float) and not math.isfinite(value):
         raise _Bad("not a finite number", fix, "out-of-range")
-    if not MIN_CPUS <= value <= MAX_CPUS:  # compared before float(): a huge int stays an int
-        raise _Bad(f"outside {MIN_CPUS}..{MAX_CPUS:g}", fix, "out-of-range")
+    if not low <= value <= high:  # compared before float(): a huge int stays an int
+        raise _Bad(f"outside {low:g}..{high:g}", fix, "out-of-range")
     return float(value)
+
+
+def _read_cpus(value: Any) -> float | None:
+    fix = f"use a number of CPU cores from {MIN_CPUS} to {MAX_CPUS:g} such as 4 or 0.5, or null"
+    return _read_bounded_number(value, MIN_CPUS, MAX_CPUS, fix)
 
 
 def _read_equivalents(value: Any) -> float | None:
     """GPU equivalents: a whole GPU is 1, a MIG instance its share (2g.20gb = 2/7)."""
     fix = f"use a number of GPUs from 0 to {MAX_GPU_COUNT} such as 1.5 or 0.5, or null"
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _Bad("not a number", fix, "wrong-type")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise _Bad("not a finite number", fix, "out-of-range")
-    if not 0 <= value <= MAX_GPU_COUNT:
-        raise _Bad(f"outside 0..{MAX_GPU_COUNT}", fix, "out-of-range")
-    return float(value)
+    return _read_bounded_number(value, 0, MAX_GPU_COUNT, fix)
 
 
 def _size_reader(low: int, zero_means: str) -> Callable[[Any], int | None]:
